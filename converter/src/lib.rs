@@ -1,0 +1,2 @@
+//! meo-converter: Hugging Face MoE checkpoints → `.meo` files.
+pub mod writer;

@@ -1,0 +1,472 @@
+//! The canonical model description stored in a file's `model.*` and `routing.*` metadata.
+//!
+//! The converter fills a [`ModelConfig`] from a checkpoint's `config.json` and writes it with
+//! [`ModelConfig::to_metadata`]; the runtime reads it back with [`ModelConfig::from_metadata`].
+//! A family is data here (a router spec and a layer recipe), not a branch in the code.
+
+use crate::format::{MetaArray, MetaValue, Metadata};
+use alloc::borrow::ToOwned;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// A missing, mistyped or out-of-range metadata value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("metadata key {key:?} is missing")]
+    Missing { key: &'static str },
+    #[error("metadata key {key:?} has type {found}, expected {expected}")]
+    WrongType { key: &'static str, expected: &'static str, found: &'static str },
+    #[error("metadata key {key:?} has invalid value {value}")]
+    Invalid { key: &'static str, value: String },
+}
+
+/// How router logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// softmax over all experts, then top-k of the probabilities (Mixtral, Qwen-MoE, OLMoE, Switch).
+    Softmax,
+    /// top-k of the logits, then softmax over the k selected (GPT-OSS).
+    SoftmaxAfterTopK,
+    /// element-wise sigmoid (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// Gate applied to the shared expert's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedGate {
+    /// Shared experts added unweighted (DeepSeek).
+    None,
+    /// `sigmoid(w · x)` with a `[1, hidden]` weight (Qwen2-MoE).
+    Sigmoid,
+}
+
+/// Normalisation applied to q and k before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head's `head_dim` values (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the whole projection, before splitting into heads (OLMoE).
+    Full,
+}
+
+/// The feed-forward block of one decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnKind {
+    Dense,
+    Moe,
+}
+
+/// Everything that defines one family's routing (see `docs/ROUTING.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSpec {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub scoring: Scoring,
+    /// Divide the selected weights by their sum (`norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// Added to the denominator of that renormalisation (0 for the families here).
+    pub norm_eps: f32,
+    /// Multiplies the final weights (`routed_scaling_factor`).
+    pub scaling_factor: f32,
+    /// The router linear has a bias (`layers.L.router.bias`).
+    pub router_bias: bool,
+    /// A per-expert bias added to scores for selection only (`layers.L.router.selection_bias`).
+    pub selection_bias: bool,
+    /// Group-limited selection: experts in `n_group` groups, only `topk_group` groups eligible.
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub num_shared_experts: usize,
+    pub shared_gate: SharedGate,
+    /// Tokens per expert = ceil(capacity_factor · tokens / experts); 0 = unlimited.
+    pub capacity_factor: f32,
+}
+
+/// The canonical model description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Family name (`general.architecture`), e.g. `mixtral`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    /// q, k and v projections have biases.
+    pub attention_bias: bool,
+    pub qk_norm: QkNorm,
+    /// Clamp q, k, v to ±clip after projection (OLMoE `clip_qkv`); `None` = no clamp.
+    pub clip_qkv: Option<f32>,
+    pub tie_word_embeddings: bool,
+    /// Dense FFN intermediate size (dense layers).
+    pub intermediate_size: usize,
+    /// Routed expert intermediate size.
+    pub expert_intermediate_size: usize,
+    /// Shared expert intermediate size (0 = no shared expert).
+    pub shared_expert_intermediate_size: usize,
+    /// Per layer: dense FFN or MoE.
+    pub layer_ffn: Vec<FfnKind>,
+    /// Per layer: sliding attention window in tokens, 0 = full attention.
+    pub layer_window: Vec<usize>,
+    pub eos_token_ids: Vec<u64>,
+    pub router: RouterSpec,
+}
+
+fn get<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m MetaValue<'m>, ConfigError> {
+    m.get(key).ok_or(ConfigError::Missing { key })
+}
+
+fn wrong(key: &'static str, expected: &'static str, v: &MetaValue<'_>) -> ConfigError {
+    ConfigError::WrongType { key, expected, found: v.type_name() }
+}
+
+fn usize_of(m: &Metadata<'_>, key: &'static str) -> Result<usize, ConfigError> {
+    match get(m, key)? {
+        MetaValue::U64(x) => usize::try_from(*x).map_err(|_| ConfigError::Invalid { key, value: x.to_string() }),
+        v => Err(wrong(key, "u64", v)),
+    }
+}
+
+fn f32_of(m: &Metadata<'_>, key: &'static str) -> Result<f32, ConfigError> {
+    match get(m, key)? {
+        MetaValue::F64(x) if x.is_finite() => Ok(*x as f32),
+        MetaValue::F64(x) => Err(ConfigError::Invalid { key, value: x.to_string() }),
+        v => Err(wrong(key, "f64", v)),
+    }
+}
+
+fn bool_of(m: &Metadata<'_>, key: &'static str) -> Result<bool, ConfigError> {
+    match get(m, key)? {
+        MetaValue::Bool(x) => Ok(*x),
+        v => Err(wrong(key, "bool", v)),
+    }
+}
+
+fn str_of<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m str, ConfigError> {
+    match get(m, key)? {
+        MetaValue::Str(s) => Ok(s),
+        v => Err(wrong(key, "string", v)),
+    }
+}
+
+fn u64s_of(m: &Metadata<'_>, key: &'static str) -> Result<Vec<u64>, ConfigError> {
+    match get(m, key)? {
+        MetaValue::Array(MetaArray::U64(v)) => Ok(v.clone()),
+        v => Err(wrong(key, "array of u64", v)),
+    }
+}
+
+fn strs_of<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m [&'m str], ConfigError> {
+    match get(m, key)? {
+        MetaValue::Array(MetaArray::Str(v)) => Ok(v),
+        v => Err(wrong(key, "array of string", v)),
+    }
+}
+
+fn invalid(key: &'static str, value: impl ToString) -> ConfigError {
+    ConfigError::Invalid { key, value: value.to_string() }
+}
+
+impl Scoring {
+    /// Metadata spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::SoftmaxAfterTopK => "softmax_after_topk",
+            Self::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+impl QkNorm {
+    /// Metadata spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::PerHead => "per_head",
+            Self::Full => "full",
+        }
+    }
+}
+
+impl RouterSpec {
+    /// Reads `routing.*`.
+    ///
+    /// # Errors
+    /// A missing, mistyped or inconsistent key.
+    pub fn from_metadata(m: &Metadata<'_>) -> Result<Self, ConfigError> {
+        let scoring = match str_of(m, "routing.scoring")? {
+            "softmax" => Scoring::Softmax,
+            "softmax_after_topk" => Scoring::SoftmaxAfterTopK,
+            "sigmoid" => Scoring::Sigmoid,
+            s => return Err(invalid("routing.scoring", s)),
+        };
+        let shared_gate = match str_of(m, "routing.shared_gate")? {
+            "none" => SharedGate::None,
+            "sigmoid" => SharedGate::Sigmoid,
+            s => return Err(invalid("routing.shared_gate", s)),
+        };
+        let r = Self {
+            num_experts: usize_of(m, "routing.num_experts")?,
+            top_k: usize_of(m, "routing.top_k")?,
+            scoring,
+            norm_topk_prob: bool_of(m, "routing.norm_topk_prob")?,
+            norm_eps: f32_of(m, "routing.norm_eps")?,
+            scaling_factor: f32_of(m, "routing.scaling_factor")?,
+            router_bias: bool_of(m, "routing.router_bias")?,
+            selection_bias: bool_of(m, "routing.selection_bias")?,
+            n_group: usize_of(m, "routing.n_group")?,
+            topk_group: usize_of(m, "routing.topk_group")?,
+            num_shared_experts: usize_of(m, "routing.num_shared_experts")?,
+            shared_gate,
+            capacity_factor: f32_of(m, "routing.capacity_factor")?,
+        };
+        if r.num_experts == 0 || r.top_k == 0 || r.top_k > r.num_experts {
+            return Err(invalid("routing.top_k", r.top_k));
+        }
+        if r.n_group == 0 || r.num_experts % r.n_group != 0 || r.topk_group == 0 || r.topk_group > r.n_group {
+            return Err(invalid("routing.n_group", r.n_group));
+        }
+        if r.capacity_factor < 0.0 {
+            return Err(invalid("routing.capacity_factor", r.capacity_factor));
+        }
+        Ok(r)
+    }
+
+    /// The `routing.*` entries.
+    pub fn to_metadata(&self) -> Vec<(&'static str, MetaValue<'static>)> {
+        let u = |x: usize| MetaValue::U64(x as u64);
+        let f = |x: f32| MetaValue::F64(f64::from(x));
+        vec_of([
+            ("routing.num_experts", u(self.num_experts)),
+            ("routing.top_k", u(self.top_k)),
+            ("routing.scoring", MetaValue::Str(self.scoring.name())),
+            ("routing.norm_topk_prob", MetaValue::Bool(self.norm_topk_prob)),
+            ("routing.norm_eps", f(self.norm_eps)),
+            ("routing.scaling_factor", f(self.scaling_factor)),
+            ("routing.router_bias", MetaValue::Bool(self.router_bias)),
+            ("routing.selection_bias", MetaValue::Bool(self.selection_bias)),
+            ("routing.n_group", u(self.n_group)),
+            ("routing.topk_group", u(self.topk_group)),
+            ("routing.num_shared_experts", u(self.num_shared_experts)),
+            (
+                "routing.shared_gate",
+                MetaValue::Str(match self.shared_gate {
+                    SharedGate::None => "none",
+                    SharedGate::Sigmoid => "sigmoid",
+                }),
+            ),
+            ("routing.capacity_factor", f(self.capacity_factor)),
+        ])
+    }
+}
+
+fn vec_of<const N: usize>(a: [(&'static str, MetaValue<'static>); N]) -> Vec<(&'static str, MetaValue<'static>)> {
+    a.into_iter().collect()
+}
+
+impl ModelConfig {
+    /// Reads `general.architecture`, `model.*` and `routing.*`, and checks they agree.
+    ///
+    /// # Errors
+    /// A missing, mistyped or inconsistent key.
+    pub fn from_metadata(m: &Metadata<'_>) -> Result<Self, ConfigError> {
+        let qk_norm = match str_of(m, "model.qk_norm")? {
+            "none" => QkNorm::None,
+            "per_head" => QkNorm::PerHead,
+            "full" => QkNorm::Full,
+            s => return Err(invalid("model.qk_norm", s)),
+        };
+        let layer_ffn = strs_of(m, "model.layer_ffn")?
+            .iter()
+            .map(|s| match *s {
+                "dense" => Ok(FfnKind::Dense),
+                "moe" => Ok(FfnKind::Moe),
+                other => Err(invalid("model.layer_ffn", other)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let layer_window = u64s_of(m, "model.layer_window")?
+            .into_iter()
+            .map(|w| usize::try_from(w).map_err(|_| invalid("model.layer_window", w)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let clip = f32_of(m, "model.clip_qkv")?;
+        let c = Self {
+            architecture: str_of(m, "general.architecture")?.to_owned(),
+            vocab_size: usize_of(m, "model.vocab_size")?,
+            hidden_size: usize_of(m, "model.hidden_size")?,
+            num_layers: usize_of(m, "model.num_layers")?,
+            num_heads: usize_of(m, "model.num_heads")?,
+            num_kv_heads: usize_of(m, "model.num_kv_heads")?,
+            head_dim: usize_of(m, "model.head_dim")?,
+            rms_norm_eps: f32_of(m, "model.rms_norm_eps")?,
+            rope_theta: f32_of(m, "model.rope_theta")?,
+            max_position_embeddings: usize_of(m, "model.max_position_embeddings")?,
+            attention_bias: bool_of(m, "model.attention_bias")?,
+            qk_norm,
+            clip_qkv: (clip > 0.0).then_some(clip),
+            tie_word_embeddings: bool_of(m, "model.tie_word_embeddings")?,
+            intermediate_size: usize_of(m, "model.intermediate_size")?,
+            expert_intermediate_size: usize_of(m, "model.expert_intermediate_size")?,
+            shared_expert_intermediate_size: usize_of(m, "model.shared_expert_intermediate_size")?,
+            layer_ffn,
+            layer_window,
+            eos_token_ids: u64s_of(m, "model.eos_token_ids")?,
+            router: RouterSpec::from_metadata(m)?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the relations between fields (non-zero sizes, per-layer lists, head grouping).
+    ///
+    /// # Errors
+    /// The first inconsistent field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let nonzero = [
+            ("model.vocab_size", self.vocab_size),
+            ("model.hidden_size", self.hidden_size),
+            ("model.num_layers", self.num_layers),
+            ("model.num_heads", self.num_heads),
+            ("model.num_kv_heads", self.num_kv_heads),
+            ("model.head_dim", self.head_dim),
+        ];
+        for (k, v) in nonzero {
+            if v == 0 {
+                return Err(invalid(k, 0));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(invalid("model.num_kv_heads", self.num_kv_heads));
+        }
+        if self.layer_ffn.len() != self.num_layers {
+            return Err(invalid(
+                "model.layer_ffn",
+                alloc::format!("{} entries for {} layers", self.layer_ffn.len(), self.num_layers),
+            ));
+        }
+        if self.layer_window.len() != self.num_layers {
+            return Err(invalid(
+                "model.layer_window",
+                alloc::format!("{} entries for {} layers", self.layer_window.len(), self.num_layers),
+            ));
+        }
+        if self.layer_ffn.contains(&FfnKind::Moe) && self.expert_intermediate_size == 0 {
+            return Err(invalid("model.expert_intermediate_size", 0));
+        }
+        if self.layer_ffn.contains(&FfnKind::Dense) && self.intermediate_size == 0 {
+            return Err(invalid("model.intermediate_size", 0));
+        }
+        if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+            return Err(invalid("model.rope_theta", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// The `general.architecture`, `model.*` and `routing.*` entries.
+    pub fn to_metadata(&self) -> Vec<(&str, MetaValue<'_>)> {
+        let u = |x: usize| MetaValue::U64(x as u64);
+        let f = |x: f32| MetaValue::F64(f64::from(x));
+        let mut v: Vec<(&str, MetaValue<'_>)> = vec_of([
+            ("model.vocab_size", u(self.vocab_size)),
+            ("model.hidden_size", u(self.hidden_size)),
+            ("model.num_layers", u(self.num_layers)),
+            ("model.num_heads", u(self.num_heads)),
+            ("model.num_kv_heads", u(self.num_kv_heads)),
+            ("model.head_dim", u(self.head_dim)),
+            ("model.rms_norm_eps", f(self.rms_norm_eps)),
+            ("model.rope_theta", f(self.rope_theta)),
+            ("model.max_position_embeddings", u(self.max_position_embeddings)),
+            ("model.attention_bias", MetaValue::Bool(self.attention_bias)),
+            ("model.qk_norm", MetaValue::Str(self.qk_norm.name())),
+            ("model.clip_qkv", f(self.clip_qkv.unwrap_or(0.0))),
+            ("model.tie_word_embeddings", MetaValue::Bool(self.tie_word_embeddings)),
+            ("model.intermediate_size", u(self.intermediate_size)),
+            ("model.expert_intermediate_size", u(self.expert_intermediate_size)),
+            ("model.shared_expert_intermediate_size", u(self.shared_expert_intermediate_size)),
+        ])
+        .into_iter()
+        .map(|(k, v)| (k, v))
+        .collect();
+        v.push(("general.architecture", MetaValue::Str(&self.architecture)));
+        let ffn = self
+            .layer_ffn
+            .iter()
+            .map(|k| match k {
+                FfnKind::Dense => "dense",
+                FfnKind::Moe => "moe",
+            })
+            .collect();
+        v.push(("model.layer_ffn", MetaValue::Array(MetaArray::Str(ffn))));
+        let win = self.layer_window.iter().map(|&w| w as u64).collect();
+        v.push(("model.layer_window", MetaValue::Array(MetaArray::U64(win))));
+        v.push(("model.eos_token_ids", MetaValue::Array(MetaArray::U64(self.eos_token_ids.clone()))));
+        v.extend(self.router.to_metadata());
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> ModelConfig {
+        ModelConfig {
+            architecture: "mixtral".into(),
+            vocab_size: 256,
+            hidden_size: 64,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            max_position_embeddings: 512,
+            attention_bias: false,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
+            tie_word_embeddings: false,
+            intermediate_size: 0,
+            expert_intermediate_size: 16,
+            shared_expert_intermediate_size: 0,
+            layer_ffn: alloc::vec![FfnKind::Moe; 2],
+            layer_window: alloc::vec![0; 2],
+            eos_token_ids: alloc::vec![2],
+            router: RouterSpec {
+                num_experts: 8,
+                top_k: 2,
+                scoring: Scoring::Softmax,
+                norm_topk_prob: true,
+                norm_eps: 0.0,
+                scaling_factor: 1.0,
+                router_bias: false,
+                selection_bias: false,
+                n_group: 1,
+                topk_group: 1,
+                num_shared_experts: 0,
+                shared_gate: SharedGate::None,
+                capacity_factor: 0.0,
+            },
+        }
+    }
+
+    #[test]
+    fn metadata_round_trip() {
+        let c = sample();
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+    }
+
+    #[test]
+    fn inconsistent_layers_rejected() {
+        let mut c = sample();
+        c.layer_ffn.pop();
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert!(matches!(ModelConfig::from_metadata(&m), Err(ConfigError::Invalid { key: "model.layer_ffn", .. })));
+    }
+}

@@ -1,0 +1,55 @@
+//! Opening `.meo` files from disk by memory mapping (feature `std`).
+
+use crate::format::{FormatError, MeoFile};
+use std::path::{Path, PathBuf};
+
+/// Failure to open a `.meo` file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: FormatError },
+}
+
+/// A read-only memory mapping of a whole file. Mapping reads nothing; pages fault in on use.
+pub struct Mapped {
+    map: memmap2::Mmap,
+    path: PathBuf,
+}
+
+impl Mapped {
+    /// Maps `path` read-only.
+    ///
+    /// # Errors
+    /// The file cannot be opened or mapped.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| OpenError::Io { path: path.clone(), source };
+        let f = std::fs::File::open(&path).map_err(io)?;
+        // SAFETY: the mapping is read-only. meo writers never modify a file in place (they
+        // write a temporary file and rename it over), so the bytes under a live mapping do
+        // not change; a user truncating the file under us is outside what any mmap reader
+        // (safetensors, llama.cpp) can defend against.
+        let map = unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io)?;
+        Ok(Self { map, path })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The path this was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses the mapped bytes (header, metadata and table only).
+    ///
+    /// # Errors
+    /// The file is not a valid `.meo` file.
+    pub fn parse(&self) -> Result<MeoFile<'_>, OpenError> {
+        MeoFile::parse(&self.map).map_err(|source| OpenError::Format { path: self.path.clone(), source })
+    }
+}
