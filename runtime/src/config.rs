@@ -20,6 +20,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, value: String },
 }
 
+/// Largest `top_k` the runtime supports (real models use ≤ 8; keeps routing allocation-free).
+pub const MAX_TOP_K: usize = 64;
+
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scoring {
@@ -78,8 +81,9 @@ pub struct RouterSpec {
     pub topk_group: usize,
     pub num_shared_experts: usize,
     pub shared_gate: SharedGate,
-    /// Tokens per expert = ceil(capacity_factor · tokens / experts); 0 = unlimited.
-    pub capacity_factor: f32,
+    /// Most tokens of one sequence an expert takes, first come first served; later tokens
+    /// routed to a full expert are dropped (Switch `expert_capacity`). 0 = unlimited.
+    pub expert_capacity: usize,
 }
 
 /// The canonical model description.
@@ -223,16 +227,13 @@ impl RouterSpec {
             topk_group: usize_of(m, "routing.topk_group")?,
             num_shared_experts: usize_of(m, "routing.num_shared_experts")?,
             shared_gate,
-            capacity_factor: f32_of(m, "routing.capacity_factor")?,
+            expert_capacity: usize_of(m, "routing.expert_capacity")?,
         };
-        if r.num_experts == 0 || r.top_k == 0 || r.top_k > r.num_experts {
+        if r.num_experts == 0 || r.top_k == 0 || r.top_k > r.num_experts || r.top_k > MAX_TOP_K {
             return Err(invalid("routing.top_k", r.top_k));
         }
         if r.n_group == 0 || r.num_experts % r.n_group != 0 || r.topk_group == 0 || r.topk_group > r.n_group {
             return Err(invalid("routing.n_group", r.n_group));
-        }
-        if r.capacity_factor < 0.0 {
-            return Err(invalid("routing.capacity_factor", r.capacity_factor));
         }
         Ok(r)
     }
@@ -260,7 +261,7 @@ impl RouterSpec {
                     SharedGate::Sigmoid => "sigmoid",
                 }),
             ),
-            ("routing.capacity_factor", f(self.capacity_factor)),
+            ("routing.expert_capacity", u(self.expert_capacity)),
         ])
     }
 }
@@ -448,7 +449,7 @@ mod tests {
                 topk_group: 1,
                 num_shared_experts: 0,
                 shared_gate: SharedGate::None,
-                capacity_factor: 0.0,
+                expert_capacity: 0,
             },
         }
     }

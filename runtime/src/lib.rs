@@ -11,6 +11,7 @@ pub mod config;
 pub mod format;
 pub mod names;
 pub mod quant;
+pub mod route;
 
 #[cfg(feature = "std")]
 pub mod file;
