@@ -47,25 +47,39 @@ pub struct Plan {
 /// boundary, with the tensor after a slab also moved to the next `alignment` boundary.
 ///
 /// # Errors
-/// Empty or overflowing shapes, ranks above 4, or a slab whose tensors are not consecutive.
+/// An alignment the reader refuses, empty or overflowing shapes, ranks above 4, empty,
+/// over-long or duplicate names, or a slab whose tensors are not consecutive.
 pub fn plan(specs: &[TensorSpec], alignment: u32) -> Result<Plan, WriteError> {
+    if !alignment.is_power_of_two() || !(format::MIN_ALIGNMENT..=format::MAX_ALIGNMENT).contains(&alignment) {
+        return Err(WriteError::BadTensor {
+            name: String::new(),
+            reason: format!("alignment {alignment} is not a power of two in [4096, 1048576]"),
+        });
+    }
     let align = u64::from(alignment);
     let (mut offsets, mut lens) = (Vec::with_capacity(specs.len()), Vec::with_capacity(specs.len()));
     let mut pos = 0u64;
     let mut prev_key: Option<&str> = None;
     let mut seen = std::collections::HashSet::new();
+    let mut names = std::collections::HashSet::new();
     for s in specs {
         let bad = |reason: &str| WriteError::BadTensor { name: s.name.clone(), reason: reason.into() };
+        if s.name.is_empty() || s.name.len() > format::MAX_NAME_LEN as usize {
+            return Err(bad("name must be 1..=1024 bytes"));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(bad("duplicate tensor name"));
+        }
         if s.shape.is_empty() || s.shape.len() > format::MAX_RANK || s.shape.contains(&0) {
             return Err(bad("rank must be 1..=4 with non-zero dimensions"));
         }
         let len = s.dtype.byte_len(&s.shape).ok_or_else(|| bad("size overflows"))?;
         let key = slab_key(&s.name);
         let boundary = if key != prev_key && (key.is_some() || prev_key.is_some()) {
-            if let Some(k) = key {
-                if !seen.insert(k) {
-                    return Err(bad("expert slab tensors must be consecutive"));
-                }
+            if let Some(k) = key
+                && !seen.insert(k)
+            {
+                return Err(bad("expert slab tensors must be consecutive"));
             }
             align
         } else {

@@ -232,7 +232,7 @@ impl RouterSpec {
         if r.num_experts == 0 || r.top_k == 0 || r.top_k > r.num_experts || r.top_k > MAX_TOP_K {
             return Err(invalid("routing.top_k", r.top_k));
         }
-        if r.n_group == 0 || r.num_experts % r.n_group != 0 || r.topk_group == 0 || r.topk_group > r.n_group {
+        if r.n_group == 0 || !r.num_experts.is_multiple_of(r.n_group) || r.topk_group == 0 || r.topk_group > r.n_group {
             return Err(invalid("routing.n_group", r.n_group));
         }
         Ok(r)
@@ -241,7 +241,7 @@ impl RouterSpec {
     /// The `routing.*` entries.
     pub fn to_metadata(&self) -> Vec<(&'static str, MetaValue<'static>)> {
         let u = |x: usize| MetaValue::U64(x as u64);
-        let f = |x: f32| MetaValue::F64(f64::from(x));
+        let f = |x: f32| MetaValue::F64(f32_to_f64_decimal(x));
         vec_of([
             ("routing.num_experts", u(self.num_experts)),
             ("routing.top_k", u(self.top_k)),
@@ -264,6 +264,12 @@ impl RouterSpec {
             ("routing.expert_capacity", u(self.expert_capacity)),
         ])
     }
+}
+
+/// Widens `x` to the f64 with the same shortest decimal form (1e-5f32 → 1e-5, not
+/// 9.99999974e-6), so stored values read back as the numbers the checkpoint's config wrote.
+fn f32_to_f64_decimal(x: f32) -> f64 {
+    alloc::format!("{x}").parse().unwrap_or(f64::from(x))
 }
 
 fn vec_of<const N: usize>(a: [(&'static str, MetaValue<'static>); N]) -> Vec<(&'static str, MetaValue<'static>)> {
@@ -340,7 +346,7 @@ impl ModelConfig {
                 return Err(invalid(k, 0));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid("model.num_kv_heads", self.num_kv_heads));
         }
         if self.layer_ffn.len() != self.num_layers {
@@ -370,7 +376,7 @@ impl ModelConfig {
     /// The `general.architecture`, `model.*` and `routing.*` entries.
     pub fn to_metadata(&self) -> Vec<(&str, MetaValue<'_>)> {
         let u = |x: usize| MetaValue::U64(x as u64);
-        let f = |x: f32| MetaValue::F64(f64::from(x));
+        let f = |x: f32| MetaValue::F64(f32_to_f64_decimal(x));
         let mut v: Vec<(&str, MetaValue<'_>)> = vec_of([
             ("model.vocab_size", u(self.vocab_size)),
             ("model.hidden_size", u(self.hidden_size)),
@@ -390,7 +396,6 @@ impl ModelConfig {
             ("model.shared_expert_intermediate_size", u(self.shared_expert_intermediate_size)),
         ])
         .into_iter()
-        .map(|(k, v)| (k, v))
         .collect();
         v.push(("general.architecture", MetaValue::Str(&self.architecture)));
         let ffn = self

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 /// Failure to open a `.meo` file.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Format { path: PathBuf, source: FormatError },
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{}: {cause}", path.display())]
+    Format { path: PathBuf, cause: FormatError },
 }
 
 /// A read-only memory mapping of a whole file. Mapping reads nothing; pages fault in on use.
@@ -25,7 +25,7 @@ impl Mapped {
     /// The file cannot be opened or mapped.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| OpenError::Io { path: path.clone(), source };
+        let io = |cause| OpenError::Io { path: path.clone(), cause };
         let f = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only. meo writers never modify a file in place (they
         // write a temporary file and rename it over), so the bytes under a live mapping do
@@ -50,6 +50,6 @@ impl Mapped {
     /// # Errors
     /// The file is not a valid `.meo` file.
     pub fn parse(&self) -> Result<MeoFile<'_>, OpenError> {
-        MeoFile::parse(&self.map).map_err(|source| OpenError::Format { path: self.path.clone(), source })
+        MeoFile::parse(&self.map).map_err(|cause| OpenError::Format { path: self.path.clone(), cause })
     }
 }

@@ -61,6 +61,9 @@ impl Entry {
     }
 }
 
+/// Converts little-endian raw elements to f32.
+type Conv = fn(&[u8], &mut [f32]);
+
 /// All tensors of a checkpoint, by name.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -82,7 +85,7 @@ struct Index {
 
 /// Parses one file's header (8-byte little-endian length, then a JSON object) and checks
 /// every entry's dtype, shape and byte range against the file.
-fn read_header(path: &Path, f: &File, file: usize) -> Result<Vec<(String, Entry)>> {
+fn read_header(f: &File, file: usize) -> Result<Vec<(String, Entry)>> {
     let file_len = f.metadata()?.len();
     ensure!(file_len >= 8, "file is {file_len} bytes, too short for a safetensors header");
     let mut n = [0u8; 8];
@@ -112,7 +115,7 @@ fn read_header(path: &Path, f: &File, file: usize) -> Result<Vec<(String, Entry)
         let abs_end = data_start.checked_add(end);
         ensure!(
             abs_end.is_some_and(|x| x <= file_len),
-            "tensor {name:?}: bytes [{begin}, {end}) of the data section run past the end of the {file_len}-byte file"
+            "tensor {name:?}: bytes [{begin}, {end}) of the data section run past the end of the {file_len}-byte file (truncated?)"
         );
         let expect = e.shape.iter().try_fold(bits, |a, &d| a.checked_mul(d)).map(|b| b.div_ceil(8));
         ensure!(
@@ -170,8 +173,7 @@ impl Checkpoint {
     fn add_file(&mut self, path: PathBuf) -> Result<()> {
         let f = File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
         let idx = self.files.len();
-        let entries =
-            read_header(&path, &f, idx).with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
+        let entries = read_header(&f, idx).with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
         for (name, e) in entries {
             if let Some(prev) = self.tensors.get(&name) {
                 bail!(
@@ -214,11 +216,19 @@ impl Checkpoint {
     pub fn read_f32(&self, name: &str, first: u64, count: u64) -> Result<Vec<f32>> {
         let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
         let path = &self.files[e.file].0;
-        let (width, conv): (usize, fn(&[u8], &mut [f32])) = match e.dtype.as_str() {
-            "F32" => (4, |b, o| o.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            "F16" => (2, |b, o| o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32())),
-            "BF16" => (2, |b, o| o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-            d => bail!("{}: tensor {name:?} has dtype {d}; only F32, F16 and BF16 weights are supported", path.display()),
+        let (width, conv): (usize, Conv) = match e.dtype.as_str() {
+            "F32" => (4, |b, o| {
+                o.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }),
+            "F16" => (2, |b, o| {
+                o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32())
+            }),
+            "BF16" => (2, |b, o| {
+                o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            }),
+            d => {
+                bail!("{}: tensor {name:?} has dtype {d}; only F32, F16 and BF16 weights are supported", path.display())
+            }
         };
         ensure!(
             first.checked_add(count).is_some_and(|end| end <= e.numel()),
@@ -250,4 +260,111 @@ pub fn summarize(names: &[&str], max: usize) -> String {
         s.push_str(&format!(" and {} more", names.len() - max));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file from a header JSON and a data section.
+    fn st(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn open_one(bytes: &[u8]) -> Result<Checkpoint> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        Checkpoint::open(dir.path())
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        format!("{:#}", open_one(bytes).unwrap_err())
+    }
+
+    #[test]
+    fn reads_every_float_dtype_and_slices() {
+        let mut data = Vec::new();
+        for x in [1.0f32, -2.0, 3.5, 0.25] {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        for x in [1.0f32, -2.0, 3.5, 0.25] {
+            data.extend_from_slice(&f16::from_f32(x).to_le_bytes());
+        }
+        for x in [1.0f32, -2.0, 3.5, 0.25] {
+            data.extend_from_slice(&bf16::from_f32(x).to_le_bytes());
+        }
+        let h = r#"{"__metadata__":{"format":"pt"},
+            "a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},
+            "b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]},
+            "c":{"dtype":"BF16","shape":[2,2],"data_offsets":[24,32]}}"#;
+        let ck = open_one(&st(h, &data)).unwrap();
+        for n in ["a", "b", "c"] {
+            assert_eq!(ck.read_f32(n, 0, 4).unwrap(), vec![1.0, -2.0, 3.5, 0.25], "{n}");
+            assert_eq!(ck.read_f32(n, 1, 2).unwrap(), vec![-2.0, 3.5], "{n}");
+        }
+        assert!(ck.read_f32("a", 3, 2).is_err());
+        assert_eq!(ck.data_bytes(), 32);
+    }
+
+    #[test]
+    fn corrupt_headers_are_named() {
+        let path_named = |e: String| assert!(e.contains("model.safetensors"), "{e}");
+        let e = err(b"abc");
+        assert!(e.contains("too short"), "{e}");
+        path_named(e);
+        let e = err(&st("{not json", b""));
+        assert!(e.contains("JSON"), "{e}");
+        path_named(e);
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(err(&huge).contains("exceeds"));
+        let mut long = 1000u64.to_le_bytes().to_vec();
+        long.extend_from_slice(b"{}");
+        assert!(err(&long).contains("past the end"));
+        let e = err(&st(r#"{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]));
+        assert!(e.contains("unknown dtype") && e.contains("Q9"), "{e}");
+        let e = err(&st(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]));
+        assert!(e.contains("truncated"), "{e}");
+        let e = err(&st(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]));
+        assert!(e.contains("needs 12"), "{e}");
+        let e = err(&st(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}"#, &[0; 8]));
+        assert!(e.contains("reversed"), "{e}");
+        let e = err(&st(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, &[0; 8]));
+        assert!(e.contains("2^64"), "{e}");
+        let e = err(&st(r#"{"a":{"dtype":"F32","shape":"x","data_offsets":[0,8]}}"#, &[0; 8]));
+        assert!(e.contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_dtype_fails_on_read() {
+        let ck = open_one(&st(r#"{"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, &[0; 8])).unwrap();
+        let e = format!("{:#}", ck.read_f32("a", 0, 1).unwrap_err());
+        assert!(e.contains("I64") && e.contains("model.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn sharded_index_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let one = st(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &1f32.to_le_bytes());
+        let two = st(r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &2f32.to_le_bytes());
+        std::fs::write(p.join("s1.safetensors"), one).unwrap();
+        std::fs::write(p.join("s2.safetensors"), &two).unwrap();
+        let index = |m: &str| std::fs::write(p.join("model.safetensors.index.json"), m).unwrap();
+        index(r#"{"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#);
+        let ck = Checkpoint::open(p).unwrap();
+        assert_eq!(ck.read_f32("b", 0, 1).unwrap(), vec![2.0]);
+        index(r#"{"weight_map":{"a":"s2.safetensors","b":"s2.safetensors"}}"#);
+        assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("does not hold"));
+        index(r#"{"weight_map":{"a":"../s1.safetensors"}}"#);
+        assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("plain file name"));
+        std::fs::write(p.join("s1.safetensors"), &two).unwrap();
+        index(r#"{"weight_map":{"b":"s1.safetensors","c":"s2.safetensors"}}"#);
+        assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("stored twice"));
+        std::fs::remove_file(p.join("model.safetensors.index.json")).unwrap();
+        assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("no model.safetensors"));
+    }
 }

@@ -147,8 +147,10 @@ impl<'a> Metadata<'a> {
                     .filter(|t| !matches!(t, MetaType::Array | MetaType::Bytes))
                     .ok_or_else(|| FormatError::BadValueType { key: key.to_string(), ty: ecode })?;
                 let n = c.u64("array length")?;
-                // Every element takes at least one byte: bounds the allocation.
-                if n > c.left() {
+                // Every element takes at least its minimum encoded size (bool 1, string 8
+                // for its length, others 8): bounds the allocation by the section size.
+                let min_elem = if ety == MetaType::Bool { 1 } else { 8 };
+                if n > c.left() / min_elem {
                     return Err(FormatError::MetadataTruncated { what: "array elements" });
                 }
                 MetaValue::Array(array(&mut c, ety, n as usize, key)?)

@@ -168,7 +168,7 @@ fn section(name: &'static str, offset: u64, len: u64, file_len: u64) -> Result<R
     if end > file_len {
         return Err(oob);
     }
-    if offset % 8 != 0 {
+    if !offset.is_multiple_of(8) {
         return Err(FormatError::SectionMisaligned { section: name, offset, align: 8 });
     }
     // end <= file_len, which came from a usize, so both fit.
@@ -187,6 +187,12 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     if bytes[..8] != MAGIC {
         return Err(FormatError::BadMagic);
     }
+    // The byte-order mark first: a big-endian file would otherwise be reported as a
+    // (nonsensical) unsupported version.
+    let bom = rd_u32(bytes, 16);
+    if bom != BYTE_ORDER_MARK {
+        return Err(FormatError::BadByteOrder { found: bom });
+    }
     let format_version = rd_u32(bytes, 8);
     if format_version != FORMAT_VERSION {
         return Err(FormatError::UnsupportedVersion { found: format_version, supported: FORMAT_VERSION });
@@ -194,10 +200,6 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     let quant_version = rd_u32(bytes, 12);
     if quant_version != QUANT_VERSION {
         return Err(FormatError::UnsupportedQuantVersion { found: quant_version, supported: QUANT_VERSION });
-    }
-    let bom = rd_u32(bytes, 16);
-    if bom != BYTE_ORDER_MARK {
-        return Err(FormatError::BadByteOrder { found: bom });
     }
     let header_len = rd_u32(bytes, 20);
     if u64::from(header_len) != HEADER_LEN {
@@ -350,6 +352,7 @@ impl<'a> MeoFile<'a> {
             }
         };
         let h = &self.header;
+        zero(HEADER_LEN as usize..h.metadata.0 as usize)?;
         zero(h.metadata.0 as usize + h.metadata.1 as usize..h.names.0 as usize)?;
         zero(h.names.0 as usize + h.names.1 as usize..h.table_offset as usize)?;
         zero((h.table_offset + h.tensor_count * RECORD_LEN) as usize..h.data_offset as usize)?;
@@ -418,7 +421,7 @@ fn parse_record<'a>(r: &[u8], index: u64, names: &'a [u8], data_len: u64) -> Res
     if offset.checked_add(len).is_none_or(|e| e > data_len) {
         return Err(FormatError::TensorOutOfBounds { name: err_name(), offset, len, data_len });
     }
-    if offset % TENSOR_ALIGN != 0 {
+    if !offset.is_multiple_of(TENSOR_ALIGN) {
         return Err(FormatError::TensorMisaligned { name: err_name(), offset, align: TENSOR_ALIGN });
     }
     Ok(TensorInfo { name, dtype, ndim, dims, offset, len, crc32 })

@@ -1,0 +1,137 @@
+//! The tensors a `.meo` file holds for a [`ModelConfig`]: canonical names (see
+//! `meo::names`), shapes, and the role that decides each one's dtype, in file order.
+
+use meo::config::SharedGate;
+use meo::names::{self, EXPERT_PARTS};
+use meo::{DType, FfnKind, ModelConfig, QkNorm};
+
+/// What a tensor is, which decides its dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// RMSNorm weight: f32.
+    Norm,
+    /// Projection bias: f32.
+    Bias,
+    /// Router (and shared-expert gate) weights: f32, never quantized.
+    Router,
+    /// Embedding, attention, dense FFN, shared expert, LM head: `--dense`.
+    Dense,
+    /// Routed expert matrix: `--experts`.
+    Expert,
+}
+
+/// Where a tensor sits in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Outside the decoder layers (`embed.weight`, `output_norm.weight`, `output.weight`).
+    Global,
+    /// `layers.{layer}.{suffix}`.
+    Layer { layer: usize, suffix: &'static str },
+    /// `layers.{layer}.experts.{expert}.{EXPERT_PARTS[part]}`.
+    Expert { layer: usize, expert: usize, part: usize },
+}
+
+/// One tensor of the output file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canon {
+    pub name: String,
+    /// Outermost dimension first (`[out, in]` for matrices).
+    pub shape: Vec<u64>,
+    pub role: Role,
+    pub place: Place,
+}
+
+impl Canon {
+    /// The dtype this tensor is stored in.
+    pub fn dtype(&self, dense: DType, experts: DType) -> DType {
+        match self.role {
+            Role::Norm | Role::Bias | Role::Router => DType::F32,
+            Role::Dense => dense,
+            Role::Expert => experts,
+        }
+    }
+}
+
+/// Every tensor of a model with config `c`, in file order: embeddings; per layer the
+/// attention norm, q/k/v weights, their biases, o, q/k norms, FFN norm, then either the
+/// dense FFN or the router, shared expert, shared gate and the expert slabs (expert order,
+/// each gate, up, down); then the output norm and (unless tied) the LM head.
+pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
+    let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    let (q, kv) = ((c.num_heads * c.head_dim) as u64, (c.num_kv_heads * c.head_dim) as u64);
+    let mut out = Vec::new();
+    let global = |name: &str, shape: Vec<u64>, role| Canon { name: name.into(), shape, role, place: Place::Global };
+    out.push(global(names::EMBED, vec![v, h], Role::Dense));
+    for l in 0..c.num_layers {
+        let mut push = |suffix: &'static str, shape: Vec<u64>, role| {
+            out.push(Canon { name: names::layer(l, suffix), shape, role, place: Place::Layer { layer: l, suffix } });
+        };
+        push("attn_norm.weight", vec![h], Role::Norm);
+        push("attn.q.weight", vec![q, h], Role::Dense);
+        push("attn.k.weight", vec![kv, h], Role::Dense);
+        push("attn.v.weight", vec![kv, h], Role::Dense);
+        if c.attention_bias {
+            push("attn.q.bias", vec![q], Role::Bias);
+            push("attn.k.bias", vec![kv], Role::Bias);
+            push("attn.v.bias", vec![kv], Role::Bias);
+        }
+        push("attn.o.weight", vec![h, q], Role::Dense);
+        match c.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => {
+                push("attn.q_norm.weight", vec![c.head_dim as u64], Role::Norm);
+                push("attn.k_norm.weight", vec![c.head_dim as u64], Role::Norm);
+            }
+            QkNorm::Full => {
+                push("attn.q_norm.weight", vec![q], Role::Norm);
+                push("attn.k_norm.weight", vec![kv], Role::Norm);
+            }
+        }
+        push("ffn_norm.weight", vec![h], Role::Norm);
+        match c.layer_ffn[l] {
+            FfnKind::Dense => {
+                let i = c.intermediate_size as u64;
+                push("ffn.gate.weight", vec![i, h], Role::Dense);
+                push("ffn.up.weight", vec![i, h], Role::Dense);
+                push("ffn.down.weight", vec![h, i], Role::Dense);
+            }
+            FfnKind::Moe => {
+                let r = &c.router;
+                let e = r.num_experts as u64;
+                push("router.weight", vec![e, h], Role::Router);
+                if r.router_bias {
+                    push("router.bias", vec![e], Role::Router);
+                }
+                if r.selection_bias {
+                    push("router.selection_bias", vec![e], Role::Router);
+                }
+                if r.num_shared_experts > 0 {
+                    let s = c.shared_expert_intermediate_size as u64;
+                    push("shared.gate.weight", vec![s, h], Role::Dense);
+                    push("shared.up.weight", vec![s, h], Role::Dense);
+                    push("shared.down.weight", vec![h, s], Role::Dense);
+                    if r.shared_gate == SharedGate::Sigmoid {
+                        push("shared_gate.weight", vec![1, h], Role::Router);
+                    }
+                }
+                let i = c.expert_intermediate_size as u64;
+                for x in 0..r.num_experts {
+                    for (p, part) in EXPERT_PARTS.iter().enumerate() {
+                        let shape = if *part == "down" { vec![h, i] } else { vec![i, h] };
+                        out.push(Canon {
+                            name: names::expert(l, x, part),
+                            shape,
+                            role: Role::Expert,
+                            place: Place::Expert { layer: l, expert: x, part: p },
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out.push(global(names::OUTPUT_NORM, vec![h], Role::Norm));
+    if !c.tie_word_embeddings {
+        out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
+    }
+    out
+}

@@ -1,0 +1,93 @@
+//! `meo convert HF_DIR -o OUT.meo [--experts int8|f16|f32] [--dense f16|f32]`
+
+use crate::convert::{Event, Options, convert};
+use anyhow::Result;
+use meo::DType;
+use std::path::PathBuf;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Storage of the routed experts.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertType {
+    /// Symmetric int8, blocks of 32 along the input dimension, f16 scales (Q8_0).
+    Int8,
+    F16,
+    F32,
+}
+
+/// Storage of the dense matrices (embeddings, attention, dense/shared FFN, LM head).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseType {
+    F16,
+    F32,
+}
+
+/// Convert a Hugging Face MoE checkpoint directory into one .meo file.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Checkpoint directory: config.json, model.safetensors or model.safetensors.index.json
+    /// with its shards, and (optionally) tokenizer.json.
+    pub hf_dir: PathBuf,
+    /// Output file (written to a temporary file beside it, renamed when complete).
+    #[arg(short, long, value_name = "OUT.meo")]
+    pub output: PathBuf,
+    /// Routed expert storage.
+    #[arg(long, value_enum, default_value_t = ExpertType::Int8)]
+    pub experts: ExpertType,
+    /// Dense matrix storage (norms, biases and routers are always f32).
+    #[arg(long, value_enum, default_value_t = DenseType::F16)]
+    pub dense: DenseType,
+}
+
+impl Args {
+    /// The conversion options these flags select.
+    pub fn options(&self) -> Options {
+        Options {
+            experts: match self.experts {
+                ExpertType::Int8 => DType::Q8_0,
+                ExpertType::F16 => DType::F16,
+                ExpertType::F32 => DType::F32,
+            },
+            dense: match self.dense {
+                DenseType::F16 => DType::F16,
+                DenseType::F32 => DType::F32,
+            },
+        }
+    }
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Makes Ctrl-C set [`CANCEL`] (checked between tensors) instead of killing the process, so
+/// the temporary output file is removed on the way out.
+fn install_ctrlc() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // If a handler cannot be installed, Ctrl-C keeps its default action; the temporary
+        // file is then left behind, but no partial output under the target name.
+        let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+    });
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    install_ctrlc();
+    let bar = super::byte_bar(0);
+    let result = convert(&args.hf_dir, &args.output, args.options(), &CANCEL, |e| match e {
+        Event::Start { bytes, .. } => bar.set_length(bytes),
+        Event::Tensor { name, bytes } => {
+            bar.inc(bytes);
+            bar.set_message(name.to_string());
+        }
+    });
+    bar.finish_and_clear();
+    let s = result?;
+    super::print_stdout(&format!(
+        "wrote {}: {} ({} tensors, {} bytes; checkpoint tensor data {} bytes)\n",
+        args.output.display(),
+        s.architecture,
+        s.tensors,
+        s.file_bytes,
+        s.checkpoint_bytes
+    ))
+}

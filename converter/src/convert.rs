@@ -1,0 +1,177 @@
+//! Checkpoint directory → `.meo` file, one tensor at a time.
+//!
+//! Everything is resolved and checked (config, tensor names, shapes, unused tensors) before
+//! the output is created. Then each tensor is read, converted and written before the next is
+//! read, so peak memory is one tensor (as f32, plus its encoded bytes) and a constant. The
+//! output is written to a temporary file beside the target and renamed over it only when
+//! complete: an error or a cancellation leaves nothing behind.
+
+use crate::canonical::{self, Canon};
+use crate::hf::HfModel;
+use crate::hf::checkpoint::summarize;
+use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
+use anyhow::{Context, Result, bail};
+use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
+use meo::{DType, quant};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Metadata key of the embedded `tokenizer.json`.
+pub const TOKENIZER_KEY: &str = "tokenizer.huggingface.json";
+
+/// Output dtypes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Routed expert matrices: `Q8_0`, `F16` or `F32`.
+    pub experts: DType,
+    /// Embeddings, attention, dense and shared FFN, LM head: `F16` or `F32`.
+    pub dense: DType,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { experts: DType::Q8_0, dense: DType::F16 }
+    }
+}
+
+/// Progress reports.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// About to write `tensors` tensors holding `bytes` bytes of data.
+    Start { tensors: usize, bytes: u64 },
+    /// Tensor `name` (`bytes` bytes) was written.
+    Tensor { name: &'a str, bytes: u64 },
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub architecture: String,
+    pub tensors: usize,
+    pub file_bytes: u64,
+    /// Bytes of tensor data in the checkpoint.
+    pub checkpoint_bytes: u64,
+}
+
+/// A resolved plan: metadata, tensor specs and where each tensor comes from.
+pub struct Plan {
+    pub model: HfModel,
+    pub canon: Vec<Canon>,
+    pub sources: Vec<crate::hf::Source>,
+    pub specs: Vec<TensorSpec>,
+}
+
+/// Opens `dir` and resolves every output tensor to its source.
+///
+/// # Errors
+/// Anything wrong with the checkpoint: unsupported family, bad config, missing or
+/// mis-shaped tensors, tensors the family does not use.
+pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
+    if !matches!(opts.experts, DType::Q8_0 | DType::F16 | DType::F32) {
+        bail!("expert dtype {} is not supported (q8_0, f16 or f32)", opts.experts.name());
+    }
+    if !matches!(opts.dense, DType::F16 | DType::F32) {
+        bail!("dense dtype {} is not supported (f16 or f32)", opts.dense.name());
+    }
+    let model = HfModel::open(dir)?;
+    let canon = canonical::tensors(&model.config);
+    let sources = canon.iter().map(|c| model.source(c)).collect::<Result<Vec<_>>>()?;
+    let used: BTreeSet<&str> = sources.iter().map(|s| s.tensor.as_str()).collect();
+    let unused = model.unused(&used);
+    if !unused.is_empty() {
+        bail!(
+            "{} checkpoint tensor(s) have no place in a {} model as configured: {}",
+            unused.len(),
+            model.family.name,
+            summarize(&unused, 5)
+        );
+    }
+    let specs = canon
+        .iter()
+        .map(|c| TensorSpec { name: c.name.clone(), dtype: c.dtype(opts.dense, opts.experts), shape: c.shape.clone() })
+        .collect();
+    Ok(Plan { model, canon, sources, specs })
+}
+
+/// The file's metadata: model config, quantization, tokenizer. Nothing about the source
+/// layout, paths or time, so equal weights give equal files.
+pub fn metadata<'a>(model: &'a HfModel, opts: Options) -> Metadata<'a> {
+    let mut m = model.config.to_metadata();
+    m.push(("quant.experts", MetaValue::Str(opts.experts.name())));
+    m.push(("quant.dense", MetaValue::Str(opts.dense.name())));
+    m.push(("quant.block_size", MetaValue::U64(quant::QK as u64)));
+    if let Some(t) = &model.tokenizer {
+        m.push((TOKENIZER_KEY, MetaValue::Str(t)));
+    }
+    Metadata::from_entries(m)
+}
+
+/// Encodes `w` (a row-major tensor of `shape`) as `dtype`.
+pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
+    match dtype {
+        DType::F32 if cfg!(target_endian = "little") => Cow::Borrowed(bytemuck::cast_slice(w)),
+        DType::F32 => Cow::Owned(w.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        DType::F16 => {
+            let mut out = vec![0u8; w.len() * 2];
+            let mut h = [half::f16::ZERO; 1024];
+            for (o, x) in out.chunks_mut(2 * h.len()).zip(w.chunks(h.len())) {
+                let h = &mut h[..x.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(h, x);
+                for (o, v) in o.chunks_exact_mut(2).zip(h.iter()) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            Cow::Owned(out)
+        }
+        DType::BF16 => Cow::Owned(w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()),
+        DType::Q8_0 => {
+            let cols = *shape.last().expect("non-empty shape") as usize;
+            Cow::Owned(quant::quantize(w, w.len() / cols, cols))
+        }
+    }
+}
+
+/// Converts the checkpoint in `dir` to `out`. `cancel` is checked between tensors; when it
+/// is set the conversion stops with an error and no output is left.
+///
+/// # Errors
+/// See [`plan`]; I/O; cancellation.
+pub fn convert(
+    dir: &Path,
+    out: &Path,
+    opts: Options,
+    cancel: &AtomicBool,
+    mut progress: impl FnMut(Event<'_>),
+) -> Result<Summary> {
+    let Plan { model, canon, sources, specs } = plan(dir, opts)?;
+    let meta = metadata(&model, opts);
+    let data_bytes: u64 = specs.iter().map(|s| s.dtype.byte_len(&s.shape).unwrap_or(0)).sum();
+    let (atomic, file) =
+        AtomicFile::create(out).with_context(|| format!("{}: cannot create the output file", out.display()))?;
+    let tmp = atomic.tmp_path().display().to_string();
+    let io = |e: WriteError| anyhow::Error::new(e).context(format!("writing {tmp}"));
+    let mut w =
+        MeoWriter::new(BufWriter::with_capacity(1 << 20, file), &meta, specs.clone(), DEFAULT_ALIGNMENT).map_err(io)?;
+    progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
+    for ((c, src), spec) in canon.iter().zip(&sources).zip(&specs) {
+        if cancel.load(Ordering::Relaxed) {
+            bail!("interrupted; {} was not written", out.display());
+        }
+        let values = model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        let bytes = encode(&values, &c.shape, spec.dtype);
+        w.write_tensor(&bytes).map_err(io)?;
+        progress(Event::Tensor { name: &c.name, bytes: bytes.len() as u64 });
+    }
+    let file = w.finish().map_err(io)?.into_inner().map_err(|e| io(WriteError::Io(e.into_error())))?;
+    let file_bytes = file.metadata().map_err(|e| io(e.into()))?.len();
+    atomic.commit(file).with_context(|| format!("{}: cannot move the finished file into place", out.display()))?;
+    Ok(Summary {
+        architecture: model.config.architecture.clone(),
+        tensors: specs.len(),
+        file_bytes,
+        checkpoint_bytes: model.checkpoint.data_bytes(),
+    })
+}

@@ -1,0 +1,106 @@
+//! The `meo` binary: convert, inspect --json, verify, and its error reporting.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn meo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meo")).args(args).output().expect("run meo")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    assert!(p.join("config.json").is_file(), "fixture {} is missing", p.display());
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn convert_inspect_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q2.meo");
+    let o = meo(&["convert", s(&fixture("qwen2_moe")), "-o", s(&out), "--experts", "int8", "--dense", "f16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = meo(&["verify", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("OK"));
+
+    let o = meo(&["inspect", "--json", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["format_version"], 1);
+    assert_eq!(r["quant_version"], 1);
+    assert_eq!(r["file_bytes"], std::fs::metadata(&out).unwrap().len());
+    assert_eq!(r["architecture"], "qwen2_moe");
+    assert_eq!(r["config"]["model.num_layers"], 3);
+    assert_eq!(r["config"]["routing.num_experts"], 8);
+    assert_eq!(r["quant"]["experts"], "q8_0");
+    assert_eq!(r["quant"]["dense"], "f16");
+    assert_eq!(r["quant"]["block_size"], 32);
+    assert_eq!(r["tokenizer"], true);
+    assert_eq!(r["tensors"], 91);
+    assert!(r["dense_bytes"].as_u64().unwrap() > 0);
+    let layers = r["layers"].as_array().unwrap();
+    let ffn: Vec<&str> = layers.iter().map(|l| l["ffn"].as_str().unwrap()).collect();
+    assert_eq!(ffn, ["moe", "dense", "moe"]);
+    let mut slab_bytes = 0;
+    for l in layers {
+        let experts = l["experts"].as_array().unwrap();
+        assert_eq!(experts.len(), if l["ffn"] == "moe" { 8 } else { 0 });
+        for (i, e) in experts.iter().enumerate() {
+            assert_eq!(e["expert"], i);
+            assert!(e["alignment"].as_u64().unwrap() >= 16384, "{e}");
+            assert_eq!(e["offset"].as_u64().unwrap() % 16384, 0);
+            assert_eq!(e["bytes"], r["bytes_per_expert"]);
+            slab_bytes += e["bytes"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(r["expert_bytes"], slab_bytes);
+    assert_eq!(r["expert_count"], 16);
+
+    let o = meo(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("architecture    qwen2_moe") && text.contains("layer 2 (moe):"), "{text}");
+}
+
+#[test]
+fn errors_are_one_line_with_nonzero_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("config.json"), r#"{"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}"#)
+        .unwrap();
+    let out = tmp.path().join("x.meo");
+    let o = meo(&["convert", s(&src), "-o", s(&out)]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.starts_with("error: ") && e.trim_end().lines().count() == 1, "{e}");
+    assert!(e.contains("GptOssForCausalLM") && e.contains("supported: MixtralForCausalLM"), "{e}");
+    assert!(!out.exists());
+
+    // verify: a corrupted byte in the data section fails with exit code 1.
+    let good = tmp.path().join("good.meo");
+    assert!(meo(&["convert", s(&fixture("olmoe")), "-o", s(&good)]).status.success());
+    let mut bytes = std::fs::read(&good).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x55;
+    let bad = tmp.path().join("bad.meo");
+    std::fs::write(&bad, bytes).unwrap();
+    let o = meo(&["verify", s(&bad)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.starts_with("error: ") && e.contains("checksum"), "{e}");
+
+    let o = meo(&["inspect", s(&src.join("config.json"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("config.json"));
+}
