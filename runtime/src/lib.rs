@@ -9,12 +9,21 @@ extern crate alloc;
 
 pub mod config;
 pub mod format;
+pub mod kernels;
+pub mod model;
 pub mod names;
 pub mod quant;
 pub mod route;
+pub mod sample;
 
 #[cfg(feature = "std")]
 pub mod file;
+#[cfg(feature = "std")]
+pub mod residency;
+#[cfg(feature = "tokenizer")]
+pub mod tokenizer;
 
 pub use config::{ConfigError, FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
+pub use model::{ForwardError, Logits, Model, ModelError, NoTrace, Session, SessionError, SessionOptions, Trace};
+pub use route::Choice;

@@ -4,6 +4,8 @@
 //! Field offsets come from `docs/FORMAT.md`; they are written out here (not taken from the
 //! reader) so the tests check the reader against the spec, not against itself.
 
+pub mod conformance;
+
 use meo::format::{self, DType, Header, MetaArray, MetaValue, Metadata};
 use meo_converter::writer::{MeoWriter, TensorSpec};
 

@@ -1,0 +1,466 @@
+//! CPU kernels: the matrix product for every weight dtype, and the small element-wise ops
+//! (RMSNorm, RoPE, softmax, SiLU).
+//!
+//! # Interface
+//!
+//! Everything heavy goes through [`matmul`]: `y[T, out] = x[T, in] · W[out, in]ᵀ` with `W` a
+//! [`MatRef`] in f32, f16, bf16 or Q8_0, borrowed straight from the mapped file. Work is split
+//! across threads by a [`Parallel`] implementation ([`Serial`] without `std`; a per-session
+//! thread pool with it), always by *rows of W*, so a thread streams its own part of the
+//! weights and the result does not depend on the number of threads.
+//!
+//! Inside one thread the product is blocked: a tile of [`TILE_ROWS`] rows × [`TILE_COLS`]
+//! columns of `W` is decoded to f32 (≈ 16 KiB, stays in L1) and then used against every
+//! token's matching slice of `x`, so in prompt processing each weight byte is read from
+//! memory once per tile and reused across all `T` tokens. The per-dtype part is only
+//! [`decode`] (bytes → f32 tile) and [`dot`]: a SIMD variant replaces those two.
+//!
+//! # Numerics
+//!
+//! Weights are *dequantized on the fly* into f32 tiles and all products and sums are f32
+//! (Q8_0: `q · d` with the block's f16 scale `d`, exactly as [`crate::quant::dequantize_row`]).
+//! Activations are never quantized, so a Q8_0 matmul equals the f32 matmul of the dequantized
+//! weights up to f32 rounding; the only int8 error is the weights' own quantization error.
+//! Each output element is `Σ_tiles dot(tile_row, x_slice)` with `dot` summing 8 interleaved
+//! partial sums: the order depends only on `in`, never on `T`, the thread count or the row
+//! split, so prompt processing and token-by-token decoding give bitwise identical results.
+
+mod ops;
+
+pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, silu, softmax_in_place};
+
+use crate::format::DType;
+use crate::quant::QK;
+use alloc::vec;
+use alloc::vec::Vec;
+use half::f16;
+
+/// Rows of `W` decoded together.
+pub const TILE_ROWS: usize = 16;
+/// Columns of `W` decoded together (a multiple of the Q8_0 block, 32).
+pub const TILE_COLS: usize = 256;
+/// Below this many multiply-adds a matmul runs on the calling thread.
+pub const PARALLEL_MIN_MACS: usize = 1 << 15;
+
+/// Runs independent pieces of work, possibly on several threads.
+///
+/// Implementations must call `f` exactly once for every chunk; the order and the thread
+/// are free. Results must not depend on them (the kernels guarantee this by writing each
+/// output element from exactly one chunk).
+pub trait Parallel: Sync {
+    /// How many threads work at once (1 for [`Serial`]).
+    fn threads(&self) -> usize;
+    /// Splits `out` into consecutive chunks of `chunk` values (the last may be shorter) and
+    /// calls `f(chunk_index, chunk)` for each.
+    fn for_each_chunk(&self, out: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync));
+}
+
+/// Everything on the calling thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Serial;
+
+impl Parallel for Serial {
+    fn threads(&self) -> usize {
+        1
+    }
+    fn for_each_chunk(&self, out: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        for (i, c) in out.chunks_mut(chunk.max(1)).enumerate() {
+            f(i, c);
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+mod pool;
+#[cfg(feature = "std")]
+pub use pool::{ThreadPool, default_threads};
+
+/// A weight matrix `[rows, cols]` (row-major, `[out, in]`) in one of the file's dtypes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatRef<'a> {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+}
+
+impl<'a> MatRef<'a> {
+    /// Wraps `data` as a `[rows, cols]` matrix of `dtype`, or `None` if the length does not
+    /// match exactly (or the shape is empty).
+    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
+        if rows == 0 || cols == 0 {
+            return None;
+        }
+        let len = dtype.byte_len(&[rows as u64, cols as u64])?;
+        (len == data.len() as u64).then_some(Self { dtype, rows, cols, data })
+    }
+    /// A matrix whose length was checked by [`MatRef::new`] before (at model open).
+    pub(crate) fn validated(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Self {
+        debug_assert!(Self::new(dtype, rows, cols, data).is_some());
+        Self { dtype, rows, cols, data }
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The raw bytes (touching them pages them in).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Decodes row `r` into `out` (`cols` values). Used for embedding lookup.
+    ///
+    /// # Panics
+    /// If `r >= rows` or `out.len() != cols` (caller bug; token ids are checked before).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "MatRef::row: out of range");
+        decode(self, r, 1, 0, self.cols, out);
+    }
+}
+
+#[inline]
+fn f32_le(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Reads a little-endian f32 vector (norm weights, biases) into `out`.
+///
+/// # Panics
+/// If `bytes.len() != 4 * out.len()` (caller bug: shapes are validated at open).
+pub fn read_f32s(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len(), out.len() * 4, "read_f32s: length mismatch");
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32_le(b);
+    }
+}
+
+/// The weight bytes as f32 values, when they can be used in place (little-endian target,
+/// 4-byte aligned: always so for a memory-mapped file, whose tensors start at 64-byte offsets).
+fn as_f32s(data: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "little") { bytemuck::try_cast_slice(data).ok() } else { None }
+}
+
+/// The bytes as f16 values, under the same conditions.
+fn as_f16s(data: &[u8]) -> Option<&[f16]> {
+    if cfg!(target_endian = "little") { bytemuck::try_cast_slice(data).ok() } else { None }
+}
+
+/// Decodes rows `r0..r0+nr`, columns `c0..c0+nc` of `w` into `out` (`nr × nc`, row-major).
+/// `c0` must be a multiple of 32 for Q8_0.
+pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &mut [f32]) {
+    let cols = w.cols;
+    debug_assert!(r0 + nr <= w.rows && c0 + nc <= cols && out.len() >= nr * nc);
+    match w.dtype {
+        DType::F32 => {
+            for r in 0..nr {
+                let src = &w.data[((r0 + r) * cols + c0) * 4..][..nc * 4];
+                for (o, b) in out[r * nc..][..nc].iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32_le(b);
+                }
+            }
+        }
+        DType::F16 => {
+            let all = as_f16s(w.data);
+            for r in 0..nr {
+                let at = (r0 + r) * cols + c0;
+                let o = &mut out[r * nc..][..nc];
+                match all {
+                    // Vectorised (F16C / NEON) when the CPU has it.
+                    Some(h) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&h[at..at + nc], o),
+                    None => {
+                        for (o, b) in o.iter_mut().zip(w.data[at * 2..][..nc * 2].chunks_exact(2)) {
+                            *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        }
+                    }
+                }
+            }
+        }
+        DType::BF16 => {
+            for r in 0..nr {
+                let src = &w.data[((r0 + r) * cols + c0) * 2..][..nc * 2];
+                for (o, b) in out[r * nc..][..nc].iter_mut().zip(src.chunks_exact(2)) {
+                    // bf16 is the high half of an f32.
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                }
+            }
+        }
+        DType::Q8_0 => {
+            debug_assert!(c0.is_multiple_of(QK));
+            let nb = cols.div_ceil(QK);
+            let stride = nb * QK;
+            let soff = (w.rows * stride).div_ceil(64) * 64;
+            for r in 0..nr {
+                let row = r0 + r;
+                let q = &w.data[row * stride + c0..][..nc];
+                let s = &w.data[soff + row * nb * 2..][..nb * 2];
+                let o = &mut out[r * nc..][..nc];
+                for (bi, (ob, qb)) in o.chunks_mut(QK).zip(q.chunks(QK)).enumerate() {
+                    let b = c0 / QK + bi;
+                    let d = f16::from_le_bytes([s[2 * b], s[2 * b + 1]]).to_f32();
+                    if let (Ok(ob), Ok(qb)) = (<&mut [f32; QK]>::try_from(&mut *ob), <&[u8; QK]>::try_from(qb)) {
+                        // Whole block: fixed length, so the loop vectorises.
+                        for i in 0..QK {
+                            ob[i] = f32::from(qb[i] as i8) * d;
+                        }
+                    } else {
+                        for (x, &v) in ob.iter_mut().zip(qb) {
+                            *x = f32::from(v as i8) * d;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A tile of `w` (rows `r0..r0+nr`, columns `c0..c0+nc`) as f32: `(values, row stride)`,
+/// row `r` being `values[r * stride..][..nc]`. f32 weights are used in place when possible,
+/// everything else is decoded into `buf`.
+fn tile<'t>(w: &MatRef<'t>, r0: usize, nr: usize, c0: usize, nc: usize, buf: &'t mut [f32]) -> (&'t [f32], usize) {
+    if w.dtype == DType::F32
+        && let Some(all) = as_f32s(w.data)
+    {
+        return (&all[r0 * w.cols + c0..], w.cols);
+    }
+    decode(w, r0, nr, c0, nc, buf);
+    (buf, nc)
+}
+
+/// `Σ a[i]·b[i]` over 8 interleaved f32 partial sums (vectorises; fixed order).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Rows of `W` one parallel task takes (a multiple of [`TILE_ROWS`], ≈ 4 tasks per thread).
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    let want = rows.div_ceil(threads.max(1) * 4);
+    want.div_ceil(TILE_ROWS).max(1) * TILE_ROWS
+}
+
+/// Computes `yt[r - r0][t]` for rows `r0..r0 + yt.len() / t` of `w` (transposed output).
+fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
+    let k = w.cols;
+    let nrows = yt.len() / t;
+    yt.fill(0.0);
+    let mut buf = [0.0f32; TILE_ROWS * TILE_COLS];
+    let mut c0 = 0;
+    while c0 < k {
+        let nc = TILE_COLS.min(k - c0);
+        let mut rr = 0;
+        while rr < nrows {
+            let nr = TILE_ROWS.min(nrows - rr);
+            let (vals, stride) = tile(w, r0 + rr, nr, c0, nc, &mut buf);
+            for tok in 0..t {
+                let xs = &x[tok * k + c0..][..nc];
+                for r in 0..nr {
+                    yt[(rr + r) * t + tok] += dot(&vals[r * stride..][..nc], xs);
+                }
+            }
+            rr += nr;
+        }
+        c0 += nc;
+    }
+}
+
+/// `y[T, rows] = x[T, cols] · Wᵀ`, split over rows of `W` by `par`.
+///
+/// # Panics
+/// If `x.len() != t * w.cols()` or `y.len() != t * w.rows()` (caller bug).
+pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() == t * k && y.len() == t * n, "matmul: shapes do not match");
+    if t == 0 {
+        return;
+    }
+    let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
+    let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
+    let task = |i: usize, out: &mut [f32]| matmul_rows(x, t, w, i * chunk_rows, out);
+    if t == 1 {
+        // Transposed output is the output.
+        if serial {
+            task(0, y)
+        } else {
+            par.for_each_chunk(y, chunk_rows, &task)
+        }
+        return;
+    }
+    let mut yt = vec![0.0f32; n * t];
+    if serial {
+        task(0, &mut yt);
+    } else {
+        par.for_each_chunk(&mut yt, chunk_rows * t, &task);
+    }
+    transpose(&yt, n, t, y);
+}
+
+/// `out[j][i] = a[i][j]` for `a` of `[rows, cols]`.
+pub fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const B: usize = 32;
+    for i0 in (0..rows).step_by(B) {
+        for j0 in (0..cols).step_by(B) {
+            for i in i0..(i0 + B).min(rows) {
+                for j in j0..(j0 + B).min(cols) {
+                    out[j * rows + i] = a[i * cols + j];
+                }
+            }
+        }
+    }
+}
+
+/// Reference product for tests: dequantize every row, f64 dot products.
+pub fn matmul_reference(x: &[f32], t: usize, w: &MatRef<'_>) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let mut row = vec![0.0f32; k];
+    let mut y = vec![0.0f32; t * n];
+    for r in 0..n {
+        decode(w, r, 1, 0, k, &mut row);
+        for tok in 0..t {
+            let s: f64 = row.iter().zip(&x[tok * k..][..k]).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            y[tok * n + r] = s as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        }
+    }
+
+    fn encode(vals: &[f32], dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+        match dtype {
+            DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+            DType::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            DType::Q8_0 => crate::quant::quantize(vals, rows, cols),
+        }
+    }
+
+    /// A fake pool: chunks run in reverse order, to show order does not matter.
+    struct Reversed(usize);
+    impl Parallel for Reversed {
+        fn threads(&self) -> usize {
+            self.0
+        }
+        fn for_each_chunk(&self, out: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+            let mut v: Vec<_> = out.chunks_mut(chunk).enumerate().collect();
+            v.reverse();
+            for (i, c) in v {
+                f(i, c);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_for_every_dtype_and_shape() {
+        for &(n, k, t) in &[(1, 1, 1), (3, 5, 2), (17, 40, 3), (40, 300, 5), (70, 520, 1), (33, 257, 9)] {
+            let mut r = rng((n * 1000 + k * 10 + t) as u64);
+            let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+            let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
+                let bytes = encode(&w, dtype, n, k);
+                let m = MatRef::new(dtype, n, k, &bytes).unwrap();
+                let want = matmul_reference(&x, t, &m);
+                for par in [&Serial as &dyn Parallel, &Reversed(3)] {
+                    let mut y = vec![0.0; t * n];
+                    matmul(par, &x, t, &m, &mut y);
+                    for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt(),
+                            "{dtype:?} {n}x{k} t{t} [{i}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn result_independent_of_batch_and_threads() {
+        let (n, k, t) = (100, 700, 6);
+        let mut r = rng(7);
+        let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
+        let bytes = encode(&w, DType::Q8_0, n, k);
+        let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
+        let mut batched = vec![0.0; t * n];
+        matmul(&Reversed(4), &x, t, &m, &mut batched);
+        for tok in 0..t {
+            let mut one = vec![0.0; n];
+            matmul(&Serial, &x[tok * k..][..k], 1, &m, &mut one);
+            assert_eq!(one, batched[tok * n..][..n]);
+        }
+    }
+
+    #[test]
+    fn q8_0_error_is_within_quantization_error() {
+        let (n, k) = (8, 96);
+        let mut r = rng(3);
+        let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let x: Vec<f32> = (0..k).map(|_| r()).collect();
+        let bytes = encode(&w, DType::Q8_0, n, k);
+        let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
+        let mut y = vec![0.0; n];
+        matmul(&Serial, &x, 1, &m, &mut y);
+        for (row, &got) in y.iter().enumerate() {
+            let exact: f32 = (0..k).map(|c| w[row * k + c] * x[c]).sum();
+            // |Δw| ≤ d/2 per element, d ≤ 1/127.
+            let bound: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.5 / 127.0 + 1e-5;
+            assert!((got - exact).abs() <= bound, "{got} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn unaligned_weights_take_the_portable_path_with_the_same_result() {
+        let (n, k) = (5, 70);
+        let mut r = rng(11);
+        let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let x: Vec<f32> = (0..2 * k).map(|_| r()).collect();
+        for dtype in [DType::F32, DType::F16] {
+            let bytes = encode(&w, dtype, n, k);
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let (a, b) = (MatRef::new(dtype, n, k, &bytes).unwrap(), MatRef::new(dtype, n, k, &shifted[1..]).unwrap());
+            let (mut ya, mut yb) = (vec![0.0; 2 * n], vec![0.0; 2 * n]);
+            matmul(&Serial, &x, 2, &a, &mut ya);
+            matmul(&Serial, &x, 2, &b, &mut yb);
+            assert_eq!(ya, yb, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_are_rejected() {
+        assert!(MatRef::new(DType::F32, 2, 3, &[0; 23]).is_none());
+        assert!(MatRef::new(DType::F32, 0, 3, &[]).is_none());
+        assert!(MatRef::new(DType::Q8_0, 2, 40, &[0; 200]).is_none());
+    }
+}

@@ -1,0 +1,178 @@
+//! Feed-forward blocks: the SiLU-gated MLP (dense layers, shared experts, routed experts)
+//! and the mixture-of-experts block around it.
+
+use super::plan::{Mlp, MoePlan};
+use super::session::Trace;
+use crate::config::{RouterSpec, SharedGate};
+use crate::kernels::{Parallel, matmul, silu};
+use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
+use alloc::vec::Vec;
+
+/// Reusable buffers of the feed-forward blocks.
+#[derive(Debug, Default)]
+pub(crate) struct FfnScratch {
+    mlp: MlpScratch,
+    logits: Vec<f32>,
+    bias: Vec<f32>,
+    sel_bias: Vec<f32>,
+    choices: Vec<Choice>,
+    dropped: Vec<bool>,
+    counts: Vec<usize>,
+    route: RouteScratch,
+    /// Per expert, the start of its entries in `assign` (counting sort by expert).
+    starts: Vec<usize>,
+    /// (token, weight) pairs grouped by expert, tokens ascending within an expert.
+    assign: Vec<(usize, f32)>,
+    selected: Vec<u32>,
+    xs: Vec<f32>,
+    ys: Vec<f32>,
+    shared: Vec<f32>,
+    shared_gate: Vec<f32>,
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// The intermediate activations of an MLP, `[T, intermediate]`.
+#[derive(Debug, Default)]
+pub(crate) struct MlpScratch {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+/// `out[T, H] = down(silu(gate(x)) ⊙ up(x))` with matrices read from `bytes`.
+pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize, s: &mut MlpScratch, out: &mut [f32]) {
+    let MlpScratch { gate, up } = s;
+    let (g, u, d) = (m.gate.view(bytes), m.up.view(bytes), m.down.view(bytes));
+    let inter = g.rows();
+    resize(gate, t * inter);
+    resize(up, t * inter);
+    matmul(par, x, t, &g, gate);
+    matmul(par, x, t, &u, up);
+    for (a, &b) in gate.iter_mut().zip(up.iter()) {
+        *a = silu(*a) * b;
+    }
+    matmul(par, gate, t, &d, out);
+}
+
+/// A dense layer's FFN.
+pub(crate) fn dense(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    m: &Mlp,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) {
+    mlp(par, bytes, m, x, t, &mut s.mlp, out);
+}
+
+/// The MoE block on `t` tokens at absolute positions `pos0..pos0 + t`:
+/// router (f32) → [`route_token`] per token → (capacity) → each selected expert once over
+/// all of its tokens → weighted scatter-add in ascending expert order (as transformers sums)
+/// → plus the (gated) shared expert. Unselected experts' bytes are never read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &RouterSpec,
+    layer: usize,
+    pos0: usize,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    trace: &mut dyn Trace,
+    out: &mut [f32],
+) {
+    let (e, k) = (spec.num_experts, spec.top_k);
+    let h = x.len() / t.max(1);
+
+    // Router logits [T, E] in f32.
+    resize(&mut s.logits, t * e);
+    matmul(par, x, t, &p.router.view(bytes), &mut s.logits);
+    if let Some(b) = &p.router_bias {
+        b.read(bytes, &mut s.bias);
+        for row in s.logits.chunks_mut(e) {
+            crate::kernels::add_into(row, &s.bias);
+        }
+    }
+    let sel = p.selection_bias.as_ref().map(|b| {
+        b.read(bytes, &mut s.sel_bias);
+        &s.sel_bias[..]
+    });
+    s.choices.clear();
+    s.choices.resize(t * k, Choice { expert: 0, weight: 0.0 });
+    for (row, ch) in s.logits.chunks(e).zip(s.choices.chunks_mut(k)) {
+        route_token(spec, row, sel, &mut s.route, ch);
+    }
+    s.dropped.clear();
+    s.dropped.resize(t * k, false);
+    apply_capacity(spec, &mut s.choices, &mut s.dropped, &mut s.counts);
+    for (i, ch) in s.choices.chunks(k).enumerate() {
+        trace.on_route(layer, pos0 + i, ch);
+    }
+
+    // Group (token, weight) by expert: counting sort, tokens stay in order.
+    s.starts.clear();
+    s.starts.resize(e + 1, 0);
+    for (c, &d) in s.choices.iter().zip(&s.dropped) {
+        if !d {
+            s.starts[c.expert as usize + 1] += 1;
+        }
+    }
+    for i in 0..e {
+        s.starts[i + 1] += s.starts[i];
+    }
+    s.assign.clear();
+    s.assign.resize(s.starts[e], (0, 0.0));
+    let mut fill = s.starts.clone();
+    for (i, (c, &d)) in s.choices.iter().zip(&s.dropped).enumerate() {
+        if !d {
+            let slot = &mut fill[c.expert as usize];
+            s.assign[*slot] = (i / k, c.weight);
+            *slot += 1;
+        }
+    }
+    s.selected.clear();
+    s.selected.extend((0..e).filter(|&i| s.starts[i + 1] > s.starts[i]).map(|i| i as u32));
+    trace.on_experts_selected(layer, &s.selected);
+
+    out.fill(0.0);
+    for &ei in &s.selected {
+        let ei = ei as usize;
+        let group = &s.assign[s.starts[ei]..s.starts[ei + 1]];
+        let n = group.len();
+        resize(&mut s.xs, n * h);
+        for (row, &(tok, _)) in s.xs.chunks_mut(h).zip(group) {
+            row.copy_from_slice(&x[tok * h..][..h]);
+        }
+        resize(&mut s.ys, n * h);
+        let ex = &p.experts[ei];
+        // The expert's matrices are read only through its slab.
+        let slab = &bytes[ex.slab.clone()];
+        mlp(par, slab, &ex.mlp, &s.xs, n, &mut s.mlp, &mut s.ys);
+        for (row, &(tok, w)) in s.ys.chunks(h).zip(group) {
+            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
+                *o += v * w;
+            }
+        }
+    }
+
+    if let Some(m) = &p.shared {
+        resize(&mut s.shared, t * h);
+        mlp(par, bytes, m, x, t, &mut s.mlp, &mut s.shared);
+        if let (Some(g), SharedGate::Sigmoid) = (&p.shared_gate, spec.shared_gate) {
+            resize(&mut s.shared_gate, t);
+            matmul(par, x, t, &g.view(bytes), &mut s.shared_gate);
+            for (row, &gl) in s.shared.chunks_mut(h).zip(&s.shared_gate) {
+                let gate = 1.0 / (1.0 + libm::expf(-gl));
+                row.iter_mut().for_each(|v| *v *= gate);
+            }
+        }
+        crate::kernels::add_into(out, &s.shared);
+    }
+}

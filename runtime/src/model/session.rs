@@ -1,0 +1,286 @@
+//! A [`Session`]: one sequence's KV cache and scratch over a shared [`Model`].
+
+use super::Model;
+use super::attention::{AttnScratch, LayerCache, attention};
+use super::ffn::{FfnScratch, dense, moe};
+use super::plan::FfnPlan;
+use crate::kernels::{Parallel, Serial, add_into, matmul, rmsnorm};
+use crate::route::Choice;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Observes routing as it happens, without the model knowing what is done with it
+/// (dumps, prefetch, residency statistics). Both methods default to doing nothing.
+pub trait Trace {
+    /// Routing of MoE layer `layer` is known for every token of the current call: `experts`
+    /// are the distinct experts selected (ascending). Called before any of them runs, so an
+    /// implementation can prefetch their slabs ([`Model::expert_slab`]).
+    fn on_experts_selected(&mut self, _layer: usize, _experts: &[u32]) {}
+    /// The choices of the token at absolute position `pos` (0 = first token since
+    /// [`Session::reset`]) in MoE layer `layer`: `top_k` experts in ascending order with the
+    /// weights their outputs are multiplied by (0 for a token dropped by capacity).
+    fn on_route(&mut self, _layer: usize, _pos: usize, _choices: &[Choice]) {}
+}
+
+/// A [`Trace`] that does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTrace;
+
+impl Trace for NoTrace {}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Logits {
+    /// Every position fed: `[T, vocab]`.
+    #[default]
+    All,
+    /// Only the last position: `[vocab]` (skips the LM head for the others).
+    Last,
+}
+
+/// Options of a [`Session`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionOptions {
+    /// Worker threads for the kernels; 0 = [`crate::kernels::default_threads`] (1 without `std`).
+    pub threads: usize,
+    /// Most positions the session holds; 0 = the model's `max_position_embeddings`.
+    pub max_context: usize,
+}
+
+/// Why a session could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("could not start {threads} worker threads: {reason}")]
+    Threads { threads: usize, reason: String },
+}
+
+/// Why a forward pass was refused (nothing was changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {token} at index {index} is out of range (vocabulary has {vocab} tokens)")]
+    TokenOutOfRange { index: usize, token: u32, vocab: usize },
+    #[error("context overflow: {cached} positions cached + {tokens} new > maximum {max}")]
+    ContextOverflow { cached: usize, tokens: usize, max: usize },
+}
+
+enum Pool {
+    Serial(Serial),
+    #[cfg(feature = "std")]
+    Threads(crate::kernels::ThreadPool),
+}
+
+impl Pool {
+    fn par(&self) -> &dyn Parallel {
+        match self {
+            Self::Serial(s) => s,
+            #[cfg(feature = "std")]
+            Self::Threads(p) => p,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// Residual stream `[T, H]`.
+    x: Vec<f32>,
+    /// Normalised input of the current block `[T, H]`.
+    h: Vec<f32>,
+    /// Output of the current block `[T, H]`.
+    y: Vec<f32>,
+    norm_w: Vec<f32>,
+    attn: AttnScratch,
+    ffn: FfnScratch,
+}
+
+/// One sequence being run: KV cache, scratch buffers, thread pool. Create as many as needed
+/// over one [`Model`]; each is used from one thread at a time.
+pub struct Session<'m> {
+    model: &'m Model,
+    pool: Pool,
+    max_context: usize,
+    pos: usize,
+    cache: Vec<LayerCache>,
+    buf: Buffers,
+    logits: Vec<f32>,
+}
+
+impl core::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Session")
+            .field("threads", &self.pool.par().threads())
+            .field("pos", &self.pos)
+            .field("max_context", &self.max_context)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> Session<'m> {
+    /// A fresh session over `model`.
+    ///
+    /// # Errors
+    /// The worker threads could not be started.
+    pub fn new(model: &'m Model, opts: SessionOptions) -> Result<Self, SessionError> {
+        let pool = make_pool(opts.threads)?;
+        let max = model.config().max_position_embeddings;
+        let max_context = match (opts.max_context, max) {
+            (0, m) => m,
+            (o, 0) => o,
+            (o, m) => o.min(m),
+        };
+        Ok(Self {
+            model,
+            pool,
+            max_context,
+            pos: 0,
+            cache: (0..model.layers.len()).map(|_| LayerCache::default()).collect(),
+            buf: Buffers::default(),
+            logits: Vec::new(),
+        })
+    }
+
+    /// The model this session runs.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Positions in the KV cache (tokens fed since the last reset).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Most positions this session holds.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Worker threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.par().threads()
+    }
+
+    /// Forgets the sequence (keeps the buffers' memory).
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keeps only the first `len` positions of the cache (no-op if `len >= position()`).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.pos {
+            return;
+        }
+        let kvd = self.model.config().num_kv_heads * self.model.config().head_dim;
+        for c in &mut self.cache {
+            c.k.truncate(len * kvd);
+            c.v.truncate(len * kvd);
+        }
+        self.pos = len;
+    }
+
+    /// Feeds `tokens` after the cached ones and returns the logits of every one of them,
+    /// `[T, vocab]` row-major. `T > 1` is prompt processing, `T = 1` a decoding step.
+    ///
+    /// # Errors
+    /// A token id ≥ vocabulary size, or more positions than the context holds.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], ForwardError> {
+        self.forward_with(tokens, Logits::All, &mut NoTrace)
+    }
+
+    /// [`forward`](Self::forward), reporting routing to `trace`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_traced(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], ForwardError> {
+        self.forward_with(tokens, Logits::All, trace)
+    }
+
+    /// The general form: choose which logits to compute (`[T, vocab]` or `[vocab]`).
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward). On error the session is unchanged.
+    pub fn forward_with(
+        &mut self,
+        tokens: &[u32],
+        which: Logits,
+        trace: &mut dyn Trace,
+    ) -> Result<&[f32], ForwardError> {
+        let m = self.model;
+        let c = m.config();
+        let vocab = c.vocab_size;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
+            return Err(ForwardError::TokenOutOfRange { index, token, vocab });
+        }
+        let t = tokens.len();
+        if self.pos.checked_add(t).is_none_or(|end| end > self.max_context) {
+            return Err(ForwardError::ContextOverflow { cached: self.pos, tokens: t, max: self.max_context });
+        }
+        self.logits.clear();
+        if t == 0 {
+            return Ok(&self.logits);
+        }
+        let bytes = m.bytes();
+        let par = self.pool.par();
+        let h = c.hidden_size;
+        let eps = c.rms_norm_eps;
+        let b = &mut self.buf;
+        for v in [&mut b.x, &mut b.h, &mut b.y] {
+            v.clear();
+            v.resize(t * h, 0.0);
+        }
+        let embed = m.embed.view(bytes);
+        for (row, &tok) in b.x.chunks_mut(h).zip(tokens) {
+            embed.row(tok as usize, row);
+        }
+        for (l, (layer, cache)) in m.layers.iter().zip(&mut self.cache).enumerate() {
+            layer.attn.norm.read(bytes, &mut b.norm_w);
+            for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
+                rmsnorm(i, &b.norm_w, eps, o);
+            }
+            attention(par, bytes, &layer.attn, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y);
+            add_into(&mut b.x, &b.y);
+
+            layer.ffn_norm.read(bytes, &mut b.norm_w);
+            for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
+                rmsnorm(i, &b.norm_w, eps, o);
+            }
+            match &layer.ffn {
+                FfnPlan::Dense(mlp) => dense(par, bytes, mlp, &b.h, t, &mut b.ffn, &mut b.y),
+                FfnPlan::Moe(p) => moe(par, bytes, p, &c.router, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
+            }
+            add_into(&mut b.x, &b.y);
+        }
+        let (rows, first) = match which {
+            Logits::All => (t, 0),
+            Logits::Last => (1, t - 1),
+        };
+        m.output_norm.read(bytes, &mut b.norm_w);
+        b.h.truncate(rows * h);
+        for (o, i) in b.h.chunks_mut(h).zip(b.x[first * h..].chunks(h)) {
+            rmsnorm(i, &b.norm_w, eps, o);
+        }
+        self.logits.resize(rows * vocab, 0.0);
+        matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
+        self.pos += t;
+        Ok(&self.logits)
+    }
+
+    /// The logits of the last call (empty before the first).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
+#[cfg(feature = "std")]
+fn make_pool(threads: usize) -> Result<Pool, SessionError> {
+    let n = if threads == 0 { crate::kernels::default_threads() } else { threads };
+    if n <= 1 {
+        return Ok(Pool::Serial(Serial));
+    }
+    crate::kernels::ThreadPool::new(n)
+        .map(Pool::Threads)
+        .map_err(|e| SessionError::Threads { threads: n, reason: alloc::string::ToString::to_string(&e) })
+}
+
+#[cfg(not(feature = "std"))]
+fn make_pool(_threads: usize) -> Result<Pool, SessionError> {
+    Ok(Pool::Serial(Serial))
+}

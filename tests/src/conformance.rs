@@ -1,0 +1,442 @@
+//! The conformance suite every target runs: convert each golden fixture, run it through a
+//! [`Runner`], and compare with what transformers computed (`reference.safetensors`).
+//!
+//! A target provides one function `&Path -> Box<dyn Runner>` (open a `.meo` file) and
+//! expands [`conformance_suite!`](crate::conformance_suite) with it; the test bodies are here.
+//!
+//! - [`check_exact`]: `--experts f32 --dense f32`: max |Δlogit| ≤ [`LOGIT_TOL`] at every prompt
+//!   position, identical top-k sets and weights (|Δ| ≤ [`WEIGHT_TOL`]) at every position and
+//!   MoE layer, and the same greedy 16-token continuation.
+//! - [`measure_int8`]: `--experts int8 --dense f16`: routing agreement and top-1 next-token
+//!   agreement, against the reference on the prompt and against the f32 conversion (itself
+//!   checked exact) on the prompt followed by the greedy continuation (teacher forcing).
+
+use meo::DType;
+use meo_converter::convert::{self, Options};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+/// Largest |Δlogit| allowed for f32 conversions.
+pub const LOGIT_TOL: f32 = 1e-4;
+/// Largest |Δ| of a routing weight allowed for f32 conversions.
+pub const WEIGHT_TOL: f32 = 1e-5;
+
+/// Every fixture directory under `tests/fixtures/`.
+pub const FIXTURES: [&str; 9] = [
+    "mixtral",
+    "mixtral-fused",
+    "mixtral-bf16-sharded",
+    "qwen2_moe",
+    "qwen2_moe-fused",
+    "qwen3_moe",
+    "qwen3_moe-fused",
+    "olmoe",
+    "olmoe-fused",
+];
+
+/// One token's routing in one MoE layer, as a target reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub layer: usize,
+    /// Absolute position in the sequence.
+    pub pos: usize,
+    /// Selected experts, ascending.
+    pub experts: Vec<u32>,
+    /// Their weights, same order.
+    pub weights: Vec<f32>,
+}
+
+/// What one call of [`Runner::forward`] produced.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    /// `[T, vocab]`.
+    pub logits: Vec<f32>,
+    pub routes: Vec<Route>,
+}
+
+/// A model opened on some target.
+pub trait Runner {
+    /// Feeds `tokens` after the ones already fed; logits of all of them and their routing.
+    fn forward(&mut self, tokens: &[u32]) -> Step;
+    /// Forgets the sequence.
+    fn reset(&mut self);
+}
+
+/// Opens a `.meo` file on the target under test.
+pub type Open<'a> = &'a dyn Fn(&Path) -> Box<dyn Runner>;
+
+/// The directory of fixture `name`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// What transformers computed for a fixture.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub input_ids: Vec<u32>,
+    pub vocab: usize,
+    /// `[T, vocab]`.
+    pub logits: Vec<f32>,
+    /// MoE layer → (`[T, k]` indices ascending, `[T, k]` weights).
+    pub routing: BTreeMap<usize, (Vec<u32>, Vec<f32>)>,
+    pub top_k: usize,
+    pub greedy: Vec<u32>,
+}
+
+fn f32s(st: &SafeTensors<'_>, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("reference has no {name}: {e}"));
+    assert_eq!(t.dtype(), Dtype::F32, "{name}");
+    (t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), t.shape().to_vec())
+}
+
+fn ids(st: &SafeTensors<'_>, name: &str) -> (Vec<u32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("reference has no {name}: {e}"));
+    assert_eq!(t.dtype(), Dtype::I64, "{name}");
+    let v = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).map(|x| x as u32).collect();
+    (v, t.shape().to_vec())
+}
+
+/// Reads `reference.safetensors` of fixture `name`.
+pub fn reference(name: &str) -> Reference {
+    let bytes = std::fs::read(fixture_dir(name).join("reference.safetensors")).expect("reference.safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let (input_ids, _) = ids(&st, "input_ids");
+    let (logits, shape) = f32s(&st, "logits");
+    let vocab = shape[1];
+    let mut routing = BTreeMap::new();
+    let mut top_k = 0;
+    for n in st.names() {
+        let Some(l) = n.strip_prefix("layers.").and_then(|r| r.strip_suffix(".topk_indices")) else { continue };
+        let l: usize = l.parse().expect("layer index");
+        let (idx, shape) = ids(&st, n);
+        let (w, _) = f32s(&st, &format!("layers.{l}.topk_weights"));
+        top_k = shape[1];
+        routing.insert(l, (idx, w));
+    }
+    let (greedy, _) = ids(&st, "greedy_tokens");
+    Reference { input_ids, vocab, logits, routing, top_k, greedy }
+}
+
+/// Converts fixture `name` into `dir` with the given dtypes; returns the file's path.
+pub fn convert_fixture(name: &str, experts: DType, dense: DType, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{name}-{}-{}.meo", experts.name(), dense.name()));
+    convert::convert(&fixture_dir(name), &out, Options { experts, dense }, &AtomicBool::new(false), |_| {})
+        .unwrap_or_else(|e| panic!("converting {name}: {e:#}"));
+    out
+}
+
+fn argmax(row: &[f32]) -> usize {
+    // Lowest index wins ties.
+    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
+
+/// Greedy decoding: feed `prompt`, then `n` times the argmax of the last logits.
+pub fn greedy(r: &mut dyn Runner, prompt: &[u32], n: usize, vocab: usize) -> Vec<u32> {
+    r.reset();
+    let mut logits = r.forward(prompt).logits;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let next = argmax(&logits[logits.len() - vocab..]) as u32;
+        out.push(next);
+        logits = r.forward(&[next]).logits;
+    }
+    out
+}
+
+/// One position's routing: (experts ascending, weights).
+type Choices = (Vec<u32>, Vec<f32>);
+
+/// `routes` as layer → per-position choices for positions `0..t`.
+fn by_layer(routes: &[Route], t: usize) -> BTreeMap<usize, Vec<Option<Choices>>> {
+    let mut m: BTreeMap<usize, Vec<Option<Choices>>> = BTreeMap::new();
+    for r in routes {
+        let v = m.entry(r.layer).or_insert_with(|| vec![None; t]);
+        assert!(r.pos < t, "route at position {} of a {t}-token sequence", r.pos);
+        assert!(v[r.pos].is_none(), "layer {} position {} routed twice", r.layer, r.pos);
+        v[r.pos] = Some((r.experts.clone(), r.weights.clone()));
+    }
+    m
+}
+
+/// What [`check_exact`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExactReport {
+    pub max_dlogit: f32,
+    pub max_dweight: f32,
+}
+
+/// The f32 conformance check of one fixture (panics with a description on failure).
+pub fn check_exact(name: &str, open: Open<'_>) -> ExactReport {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+    let rf = reference(name);
+    let mut r = open(&path);
+    let t = rf.input_ids.len();
+    let step = r.forward(&rf.input_ids);
+    assert_eq!(step.logits.len(), t * rf.vocab, "{name}: logits shape");
+    let mut max_dlogit = 0.0f32;
+    for (i, (a, b)) in step.logits.iter().zip(&rf.logits).enumerate() {
+        let d = (a - b).abs();
+        assert!(d <= LOGIT_TOL, "{name}: position {} token {}: logit {a} vs reference {b}", i / rf.vocab, i % rf.vocab);
+        max_dlogit = max_dlogit.max(d);
+    }
+    let got = by_layer(&step.routes, t);
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        rf.routing.keys().copied().collect::<Vec<_>>(),
+        "{name}: MoE layers"
+    );
+    let mut max_dweight = 0.0f32;
+    for (l, (idx, w)) in &rf.routing {
+        for p in 0..t {
+            let (e, gw) = got[l][p].as_ref().unwrap_or_else(|| panic!("{name}: layer {l} position {p} not routed"));
+            let (re, rw) = (&idx[p * rf.top_k..][..rf.top_k], &w[p * rf.top_k..][..rf.top_k]);
+            assert_eq!(&e[..], re, "{name}: layer {l} position {p}: experts");
+            for (a, b) in gw.iter().zip(rw) {
+                let d = (a - b).abs();
+                assert!(d <= WEIGHT_TOL, "{name}: layer {l} position {p}: weight {a} vs reference {b}");
+                max_dweight = max_dweight.max(d);
+            }
+        }
+    }
+    let g = greedy(&mut *r, &rf.input_ids, rf.greedy.len(), rf.vocab);
+    assert_eq!(g, rf.greedy, "{name}: greedy continuation");
+    ExactReport { max_dlogit, max_dweight }
+}
+
+/// What [`measure_int8`] measured: fractions in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agreement {
+    /// (position, layer) top-k sets equal to transformers', prompt positions.
+    pub routing_vs_reference: f64,
+    /// Argmax of the logits equal to transformers', prompt positions.
+    pub top1_vs_reference: f64,
+    /// Same against the f32 conversion on prompt + greedy continuation (teacher forced).
+    pub routing_vs_f32: f64,
+    pub top1_vs_f32: f64,
+    /// Largest |Δlogit| against transformers on the prompt.
+    pub max_dlogit: f32,
+}
+
+fn agreement(
+    a: &Step,
+    b_logits: &[f32],
+    b_routes: &BTreeMap<usize, Vec<Choices>>,
+    t: usize,
+    vocab: usize,
+) -> (f64, f64) {
+    let got = by_layer(&a.routes, t);
+    let (mut same, mut total) = (0usize, 0usize);
+    for (l, rows) in b_routes {
+        for (p, (e, _)) in rows.iter().enumerate().take(t) {
+            total += 1;
+            if got.get(l).and_then(|v| v[p].as_ref()).is_some_and(|(ge, _)| ge == e) {
+                same += 1;
+            }
+        }
+    }
+    let top1 =
+        (0..t).filter(|&p| argmax(&a.logits[p * vocab..][..vocab]) == argmax(&b_logits[p * vocab..][..vocab])).count();
+    (same as f64 / total.max(1) as f64, top1 as f64 / t as f64)
+}
+
+/// Routing and top-1 agreement of the int8 conversion of one fixture.
+pub fn measure_int8(name: &str, open: Open<'_>) -> Agreement {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let q8 = convert_fixture(name, DType::Q8_0, DType::F16, tmp.path());
+    let f32 = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+    let rf = reference(name);
+    let t = rf.input_ids.len();
+    let mut rq = open(&q8);
+    let step = rq.forward(&rf.input_ids);
+    let ref_routes = rf
+        .routing
+        .iter()
+        .map(|(&l, (idx, w))| {
+            let rows = (0..t)
+                .map(|p| (idx[p * rf.top_k..][..rf.top_k].to_vec(), w[p * rf.top_k..][..rf.top_k].to_vec()))
+                .collect();
+            (l, rows)
+        })
+        .collect();
+    let (routing_vs_reference, top1_vs_reference) = agreement(&step, &rf.logits, &ref_routes, t, rf.vocab);
+    let max_dlogit = step.logits.iter().zip(&rf.logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+
+    let seq: Vec<u32> = rf.input_ids.iter().chain(&rf.greedy).copied().collect();
+    let n = seq.len();
+    let mut rf32 = open(&f32);
+    let base = rf32.forward(&seq);
+    let base_routes = by_layer(&base.routes, n)
+        .into_iter()
+        .map(|(l, v)| (l, v.into_iter().map(|x| x.expect("every position routed")).collect()))
+        .collect();
+    rq.reset();
+    let step = rq.forward(&seq);
+    let (routing_vs_f32, top1_vs_f32) = agreement(&step, &base.logits, &base_routes, n, rf.vocab);
+    Agreement { routing_vs_reference, top1_vs_reference, routing_vs_f32, top1_vs_f32, max_dlogit }
+}
+
+/// Bounds for [`measure_int8`] per fixture: (name, routing agreement floor, top-1 agreement
+/// floor, max |Δlogit| ceiling vs transformers). Measured on the CPU target (routing and top-1
+/// agreement 1.0 everywhere; max |Δlogit| 6.2e-3 (OLMoE, Qwen2-MoE) to 1.5e-2 (Mixtral,
+/// Qwen3-MoE)); agreement floors sit one disagreement below 1 so a tie-level change in
+/// summation order (SIMD kernels) passes and a real regression fails.
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 9] = [
+    ("mixtral", 0.95, 0.95, 2.5e-2),
+    ("mixtral-fused", 0.95, 0.95, 2.5e-2),
+    ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
+    ("qwen2_moe", 0.95, 0.95, 1.0e-2),
+    ("qwen2_moe-fused", 0.95, 0.95, 1.0e-2),
+    ("qwen3_moe", 0.95, 0.95, 2.5e-2),
+    ("qwen3_moe-fused", 0.95, 0.95, 2.5e-2),
+    ("olmoe", 0.95, 0.95, 1.0e-2),
+    ("olmoe-fused", 0.95, 0.95, 1.0e-2),
+];
+
+/// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
+pub fn check_int8(name: &str, open: Open<'_>) -> Agreement {
+    let a = measure_int8(name, open);
+    println!(
+        "{name}: int8 routing agreement {:.4} (vs transformers, prompt) {:.4} (vs f32, prompt+greedy); \
+         top-1 agreement {:.4} / {:.4}; max |Δlogit| {:.3e}",
+        a.routing_vs_reference, a.routing_vs_f32, a.top1_vs_reference, a.top1_vs_f32, a.max_dlogit
+    );
+    let &(_, routing, top1, dlogit) = INT8_BOUNDS.iter().find(|f| f.0 == name).expect("bounds for every fixture");
+    for (what, got, floor) in [
+        ("routing agreement vs transformers", a.routing_vs_reference, routing),
+        ("routing agreement vs f32", a.routing_vs_f32, routing),
+        ("top-1 agreement vs transformers", a.top1_vs_reference, top1),
+        ("top-1 agreement vs f32", a.top1_vs_f32, top1),
+    ] {
+        assert!(got >= floor, "{name}: int8 {what} {got:.4} < floor {floor}");
+    }
+    assert!(a.max_dlogit <= dlogit, "{name}: int8 max |Δlogit| {} > ceiling {dlogit}", a.max_dlogit);
+    a
+}
+
+/// Expands to one `#[test]` per fixture and mode, running the bodies above with `$open`
+/// (an expression of type `&dyn Fn(&Path) -> Box<dyn Runner>`).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::conformance_suite!(@tests $open;
+            mixtral => "mixtral",
+            mixtral_fused => "mixtral-fused",
+            mixtral_bf16_sharded => "mixtral-bf16-sharded",
+            qwen2_moe => "qwen2_moe",
+            qwen2_moe_fused => "qwen2_moe-fused",
+            qwen3_moe => "qwen3_moe",
+            qwen3_moe_fused => "qwen3_moe-fused",
+            olmoe => "olmoe",
+            olmoe_fused => "olmoe-fused",
+        );
+    };
+    (@tests $open:expr; $($id:ident => $name:literal,)*) => {
+        mod exact_f32 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $id() {
+                    let r = $crate::conformance::check_exact($name, $open);
+                    println!("{}: f32 max |Δlogit| {:.3e}, max |Δweight| {:.3e}", $name, r.max_dlogit, r.max_dweight);
+                }
+            )*
+        }
+        mod int8 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $id() {
+                    $crate::conformance::check_int8($name, $open);
+                }
+            )*
+        }
+    };
+}
+
+/// A small model config exercising every recipe option: q/k/v biases, full-width q/k norm,
+/// clipping, a sliding-window layer, a dense layer, a gated shared expert, tied embeddings.
+pub fn synthetic_config() -> meo::ModelConfig {
+    use meo::config::{RouterSpec, Scoring, SharedGate};
+    meo::ModelConfig {
+        architecture: "synthetic".into(),
+        vocab_size: 96,
+        hidden_size: 64,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e4,
+        max_position_embeddings: 64,
+        attention_bias: true,
+        qk_norm: meo::QkNorm::Full,
+        clip_qkv: Some(4.0),
+        tie_word_embeddings: true,
+        intermediate_size: 48,
+        expert_intermediate_size: 40,
+        shared_expert_intermediate_size: 32,
+        layer_ffn: vec![meo::FfnKind::Moe, meo::FfnKind::Dense, meo::FfnKind::Moe],
+        layer_window: vec![0, 5, 0],
+        eos_token_ids: vec![0],
+        router: RouterSpec {
+            num_experts: 6,
+            top_k: 2,
+            scoring: Scoring::Softmax,
+            norm_topk_prob: true,
+            norm_eps: 0.0,
+            scaling_factor: 1.0,
+            router_bias: false,
+            selection_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            num_shared_experts: 1,
+            shared_gate: SharedGate::Sigmoid,
+            expert_capacity: 0,
+        },
+    }
+}
+
+/// Builds a `.meo` file for `config` with random weights (deterministic in `seed`): matrices
+/// ~ U(-1, 1)/√cols, norms ~ U(0.5, 1.5), biases ~ U(-0.1, 0.1). Tensors for which `nan`
+/// returns true are filled with NaN; `extra` metadata entries are added.
+pub fn synthetic_model(
+    config: &meo::ModelConfig,
+    dense: DType,
+    experts: DType,
+    seed: u64,
+    nan: &dyn Fn(&meo_converter::canonical::Canon) -> bool,
+    extra: &[(&'static str, meo::MetaValue<'static>)],
+) -> Vec<u8> {
+    use meo_converter::canonical::{self, Role};
+    let mut meta = config.to_metadata();
+    meta.extend(extra.iter().cloned());
+    let meta = meo::Metadata::from_entries(meta);
+    let mut rng = crate::Rng::new(seed);
+    let tensors: Vec<_> = canonical::tensors(config)
+        .into_iter()
+        .map(|c| {
+            let n: u64 = c.shape.iter().product();
+            let cols = *c.shape.last().unwrap() as f32;
+            let vals: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = rng.f32();
+                    match c.role {
+                        _ if nan(&c) => f32::NAN,
+                        Role::Norm => 1.0 + 0.5 * r,
+                        Role::Bias => 0.1 * r,
+                        _ => r / cols.sqrt(),
+                    }
+                })
+                .collect();
+            let dtype = c.dtype(dense, experts);
+            let bytes = convert::encode(&vals, &c.shape, dtype).into_owned();
+            (crate::spec(&c.name, dtype, &c.shape), bytes)
+        })
+        .collect();
+    crate::write_file(&meta, &tensors, meo::format::MIN_ALIGNMENT)
+}

@@ -1,0 +1,274 @@
+//! Conformance of the CPU target: the shared suite (`meo_tests::conformance`) with a
+//! [`Runner`] over [`meo::Session`].
+
+use meo::route::Choice;
+use meo::{Model, Session, SessionOptions, Trace};
+use meo_tests::conformance::{Route, Runner, Step};
+use std::path::Path;
+
+struct Cpu {
+    session: Session<'static>,
+}
+
+struct Collect(Vec<Route>);
+
+impl Trace for Collect {
+    fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
+        self.0.push(Route {
+            layer,
+            pos,
+            experts: choices.iter().map(|c| c.expert).collect(),
+            weights: choices.iter().map(|c| c.weight).collect(),
+        });
+    }
+}
+
+impl Runner for Cpu {
+    fn forward(&mut self, tokens: &[u32]) -> Step {
+        let mut trace = Collect(Vec::new());
+        let logits = self.session.forward_traced(tokens, &mut trace).expect("forward").to_vec();
+        Step { logits, routes: trace.0 }
+    }
+    fn reset(&mut self) {
+        self.session.reset();
+    }
+}
+
+/// Opens `path` on the CPU with 2 threads (so the threaded kernels are what is checked).
+fn open_cpu(path: &Path) -> Box<dyn Runner> {
+    // Tests open a handful of tiny models: leaking them gives the session a 'static model.
+    let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+    Box::new(Cpu {
+        session: Session::new(model, SessionOptions { threads: 2, ..Default::default() }).expect("session"),
+    })
+}
+
+meo_tests::conformance_suite!(&open_cpu);
+
+/// Behaviour of the model runtime beyond the fixtures, on synthetic models.
+mod model {
+    use meo::config::{FfnKind, QkNorm};
+    use meo::route::Choice;
+    use meo::{DType, ForwardError, MetaValue, Model, ModelError, Session, SessionOptions, Trace};
+    use meo_converter::canonical::{Canon, Place};
+    use meo_tests::conformance::{synthetic_config, synthetic_model};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn model(bytes: Vec<u8>) -> Model {
+        Model::from_vec(bytes).expect("synthetic model opens")
+    }
+
+    fn session(m: &Model, threads: usize) -> Session<'_> {
+        Session::new(m, SessionOptions { threads, ..Default::default() }).unwrap()
+    }
+
+    fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+        (0..n).map(|i| ((i * 37 + 11) % vocab) as u32).collect()
+    }
+
+    #[derive(Default)]
+    struct Record {
+        /// (layer, pos) → experts.
+        routes: BTreeMap<(usize, usize), Vec<u32>>,
+        /// (layer, experts) in call order, and how many routes had been seen then.
+        selected: Vec<(usize, Vec<u32>, usize)>,
+    }
+
+    impl Trace for Record {
+        fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
+            self.selected.push((layer, experts.to_vec(), self.routes.len()));
+        }
+        fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
+            assert!(choices.windows(2).all(|w| w[0].expert < w[1].expert), "ascending experts");
+            self.routes.insert((layer, pos), choices.iter().map(|c| c.expert).collect());
+        }
+    }
+
+    #[test]
+    fn model_is_send_sync_and_session_is_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Model>();
+        send::<Session<'static>>();
+    }
+
+    #[test]
+    fn prompt_decode_chunks_and_threads_give_identical_logits() {
+        let c = synthetic_config();
+        for (dense, experts) in [(DType::F32, DType::F32), (DType::F16, DType::Q8_0)] {
+            let m = model(synthetic_model(&c, dense, experts, 1, &|_| false, &[]));
+            let toks = tokens(23, c.vocab_size);
+            let all = session(&m, 1).forward(&toks).unwrap().to_vec();
+            assert!(all.iter().all(|v| v.is_finite()));
+            // Token by token, on 2 threads.
+            let mut s = session(&m, 2);
+            let mut one = Vec::new();
+            for &t in &toks {
+                one.extend_from_slice(s.forward(&[t]).unwrap());
+            }
+            assert_eq!(one, all, "{dense:?}/{experts:?}: decode vs prompt");
+            // Two chunks, then reset and again.
+            let mut s = session(&m, 3);
+            for _ in 0..2 {
+                s.reset();
+                let mut chunks = s.forward(&toks[..9]).unwrap().to_vec();
+                chunks.extend_from_slice(s.forward(&toks[9..]).unwrap());
+                assert_eq!(chunks, all, "{dense:?}/{experts:?}: chunks vs prompt");
+            }
+            // Last-position logits only.
+            let mut s = session(&m, 2);
+            let last = s.forward_with(&toks, meo::Logits::Last, &mut meo::NoTrace).unwrap().to_vec();
+            assert_eq!(last, all[all.len() - c.vocab_size..]);
+        }
+    }
+
+    #[test]
+    fn sliding_window_bounds_what_a_position_sees() {
+        // One layer: position i sees tokens i-w+1..=i only.
+        let mut c = synthetic_config();
+        c.num_layers = 1;
+        c.layer_ffn = vec![FfnKind::Dense];
+        for (window, should_differ) in [(4, false), (0, true)] {
+            c.layer_window = vec![window];
+            let m = model(synthetic_model(&c, DType::F32, DType::F32, 2, &|_| false, &[]));
+            let a = tokens(10, c.vocab_size);
+            let mut b = a.clone();
+            b[2] = (b[2] + 1) % c.vocab_size as u32;
+            let la = session(&m, 1).forward(&a).unwrap().to_vec();
+            let lb = session(&m, 1).forward(&b).unwrap().to_vec();
+            let v = c.vocab_size;
+            assert_ne!(la[2 * v..3 * v], lb[2 * v..3 * v]);
+            assert_eq!(la[9 * v..] != lb[9 * v..], should_differ, "window {window}");
+        }
+    }
+
+    #[test]
+    fn unselected_experts_are_never_read() {
+        let c = synthetic_config();
+        let toks = tokens(17, c.vocab_size);
+        let m = model(synthetic_model(&c, DType::F16, DType::Q8_0, 3, &|_| false, &[]));
+        let mut rec = Record::default();
+        let want = session(&m, 2).forward_traced(&toks, &mut rec).unwrap().to_vec();
+        let used: BTreeSet<(usize, usize)> =
+            rec.routes.iter().flat_map(|(&(l, _), e)| e.iter().map(move |&x| (l, x as usize))).collect();
+        assert!(used.len() < c.router.num_experts * 2, "some expert must stay unselected");
+        // Same weights, every unselected expert's matrices NaN: nothing changes.
+        let poisoned =
+            |t: &Canon| matches!(t.place, Place::Expert { layer, expert, .. } if !used.contains(&(layer, expert)));
+        let m2 = model(synthetic_model(&c, DType::F16, DType::Q8_0, 3, &poisoned, &[]));
+        let got = session(&m2, 2).forward(&toks).unwrap().to_vec();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn trace_reports_every_route_and_selection_before_use() {
+        let c = synthetic_config();
+        let m = model(synthetic_model(&c, DType::F32, DType::F32, 4, &|_| false, &[]));
+        let toks = tokens(6, c.vocab_size);
+        let mut s = session(&m, 1);
+        let mut rec = Record::default();
+        s.forward_traced(&toks[..4], &mut rec).unwrap();
+        s.forward_traced(&toks[4..], &mut rec).unwrap();
+        let moe: Vec<usize> = m.moe_layers().collect();
+        assert_eq!(moe, [0, 2]);
+        assert_eq!(rec.routes.len(), moe.len() * toks.len());
+        assert_eq!(rec.selected.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 2, 0, 2]);
+        for (i, (layer, experts, seen)) in rec.selected.iter().enumerate() {
+            let (lo, hi) = if i < 2 { (0, 4) } else { (4, 6) };
+            let union: BTreeSet<u32> = (lo..hi).flat_map(|p| rec.routes[&(*layer, p)].clone()).collect();
+            assert_eq!(experts, &union.into_iter().collect::<Vec<_>>());
+            // All routes of this layer and call were reported before the selection.
+            assert_eq!(*seen, i / 2 * 8 + (i % 2 + 1) * (hi - lo));
+        }
+        for l in moe {
+            for e in 0..c.router.num_experts {
+                let r = m.expert_slab(l, e).unwrap();
+                assert_eq!(r.start % meo::format::MIN_ALIGNMENT as usize, 0);
+            }
+        }
+        assert!(m.expert_slab(1, 0).is_none() && m.expert_slab(0, 6).is_none());
+    }
+
+    #[test]
+    fn bad_tokens_and_context_overflow_are_typed_errors_and_change_nothing() {
+        let c = synthetic_config();
+        let m = model(synthetic_model(&c, DType::F32, DType::F32, 5, &|_| false, &[]));
+        let mut s = Session::new(&m, SessionOptions { threads: 1, max_context: 8 }).unwrap();
+        assert_eq!(s.max_context(), 8);
+        let err = s.forward(&[1, 2, c.vocab_size as u32]).unwrap_err();
+        assert_eq!(err, ForwardError::TokenOutOfRange { index: 2, token: c.vocab_size as u32, vocab: c.vocab_size });
+        assert_eq!(s.position(), 0);
+        let first = s.forward(&tokens(6, c.vocab_size)).unwrap().to_vec();
+        assert_eq!(s.forward(&[1, 2, 3]).unwrap_err(), ForwardError::ContextOverflow { cached: 6, tokens: 3, max: 8 });
+        assert_eq!(s.position(), 6);
+        s.forward(&[1, 2]).unwrap();
+        assert!(matches!(s.forward(&[1]), Err(ForwardError::ContextOverflow { .. })));
+        s.reset();
+        assert_eq!(s.forward(&tokens(6, c.vocab_size)).unwrap(), &first[..]);
+        assert_eq!(s.forward(&[]).unwrap().len(), 0);
+    }
+
+    fn open_err(bytes: Vec<u8>) -> ModelError {
+        Model::from_vec(bytes).expect_err("model must be refused")
+    }
+
+    #[test]
+    fn structural_problems_are_typed_errors_at_open() {
+        let c = synthetic_config();
+        let ok = |extra: &[(&'static str, MetaValue<'static>)]| {
+            synthetic_model(&c, DType::F32, DType::F32, 6, &|_| false, extra)
+        };
+        // Unsupported RoPE.
+        let e = open_err(ok(&[("model.rope_type", MetaValue::Str("yarn"))]));
+        assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("yarn")), "{e}");
+        assert!(Model::from_vec(ok(&[("model.rope_type", MetaValue::Str("default"))])).is_ok());
+        // The file says one thing, the config another: missing, mis-shaped, mistyped tensors.
+        let mut wants_bias = c.clone();
+        wants_bias.router.router_bias = true;
+        let bytes = synthetic_model(&c, DType::F32, DType::F32, 6, &|_| false, &[]);
+        let with_cfg = |cfg: &meo::ModelConfig| {
+            // Re-label the same tensors with another config's metadata.
+            let file = meo::MeoFile::parse(&bytes).unwrap();
+            let meta = meo::Metadata::from_entries(cfg.to_metadata());
+            let tensors: Vec<_> = file
+                .tensors()
+                .iter()
+                .map(|t| (meo_tests::spec(t.name, t.dtype, t.shape()), file.data(t).to_vec()))
+                .collect();
+            meo_tests::write_file(&meta, &tensors, meo::format::MIN_ALIGNMENT)
+        };
+        let e = open_err(with_cfg(&wants_bias));
+        assert!(matches!(&e, ModelError::MissingTensor { name } if name == "layers.0.router.bias"), "{e}");
+        let mut wider = c.clone();
+        wider.expert_intermediate_size = 41;
+        let e = open_err(with_cfg(&wider));
+        assert!(matches!(&e, ModelError::WrongShape { name, .. } if name == "layers.0.experts.0.gate"), "{e}");
+        let mut per_head = c.clone();
+        per_head.qk_norm = QkNorm::PerHead;
+        let e = open_err(with_cfg(&per_head));
+        assert!(matches!(&e, ModelError::WrongShape { name, .. } if name == "layers.0.attn.q_norm.weight"), "{e}");
+        // A norm weight stored f16 (the runtime reads norms and biases as f32 only).
+        let f16_norms = synthetic_model(&c, DType::F16, DType::F32, 6, &|_| false, &[]);
+        let file = meo::MeoFile::parse(&f16_norms).unwrap();
+        let tensors: Vec<_> = file
+            .tensors()
+            .iter()
+            .map(|t| {
+                if t.name == "output_norm.weight" {
+                    let v = vec![0u8; t.len as usize / 2];
+                    (meo_tests::spec(t.name, DType::F16, t.shape()), v)
+                } else {
+                    (meo_tests::spec(t.name, t.dtype, t.shape()), file.data(t).to_vec())
+                }
+            })
+            .collect();
+        let meta = meo::Metadata::from_entries(c.to_metadata());
+        let e = open_err(meo_tests::write_file(&meta, &tensors, meo::format::MIN_ALIGNMENT));
+        assert!(matches!(&e, ModelError::WrongDType { name, .. } if name == "output_norm.weight"), "{e}");
+        // Not a .meo file at all.
+        assert!(matches!(open_err(vec![0; 200]), ModelError::Format(_)));
+        // A file with no model metadata.
+        let e = open_err(meo_tests::write_file(&meo::Metadata::default(), &[], meo::format::MIN_ALIGNMENT));
+        assert!(matches!(e, ModelError::Config(_)), "{e}");
+    }
+}
