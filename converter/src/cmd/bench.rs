@@ -1,0 +1,158 @@
+//! `meo bench FILE [--prompt-len N] [--gen N] [--threads N] [--json]`: prompt-processing and
+//! decoding speed, expert traffic and memory on random (seeded) prompt tokens with greedy
+//! decoding. End-of-sequence ids do not stop it. The JSON object is documented in `docs/CLI.md`.
+
+use super::run::{Tee, human_bytes, open_model, parse_bytes, print_residency};
+use anyhow::{Result, bail};
+use meo::residency::{self, ExpertTracker, TrackerOptions};
+use meo::sample::{Pcg32, argmax};
+use meo::{Logits, Session, SessionOptions};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Measure prompt and decode speed, expert traffic and memory.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The .meo file.
+    pub file: PathBuf,
+    /// Prompt tokens (random ids, seeded).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Tokens to decode greedily after the prompt.
+    #[arg(long = "gen", value_name = "N", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Worker threads (0 = one per physical core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the random prompt.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Drop the file from the page cache first (a cold start: experts are read from disk).
+    #[arg(long)]
+    pub cold: bool,
+    /// Keep at most this many bytes of expert weights mapped (as `meo run --memory-budget`).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub mode: super::mode::ModeArgs,
+}
+
+/// Counts the bytes of merged experts read (a merged layer reads one merged expert per token
+/// instead of its selected experts' slabs).
+#[derive(Default)]
+struct MergedBytes(u64);
+
+impl meo::Trace for MergedBytes {
+    fn on_merged(&mut self, _layer: usize, tokens: usize, expert: &meo::MergedUse) {
+        self.0 += (expert.bytes() * tokens) as u64;
+    }
+}
+
+/// Runs `meo bench`.
+///
+/// # Errors
+/// Bad arguments, an unreadable model, or a residency query failing.
+pub fn run(a: &Args) -> Result<()> {
+    if a.prompt_len == 0 {
+        bail!("--prompt-len must be at least 1");
+    }
+    if a.cold {
+        residency::drop_page_cache(&a.file)?;
+    }
+    let t_open = Instant::now();
+    let model = open_model(&a.file)?;
+    let open_time = t_open.elapsed();
+    let cfg = model.config().clone();
+    let file_bytes = model.bytes().len() as u64;
+    let mut session = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
+    let merged_layers = a.mode.apply(&mut session)?;
+    if a.prompt_len + a.gen_tokens > session.max_context() {
+        bail!(
+            "--prompt-len + --gen = {} exceeds the context of {}",
+            a.prompt_len + a.gen_tokens,
+            session.max_context()
+        );
+    }
+    let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
+    let mut tracker = ExpertTracker::for_model(&model, opts)?;
+    let mut rng = Pcg32::seed_from_u64(a.seed);
+    let vocab = cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
+
+    let mut merged = MergedBytes::default();
+    let t0 = Instant::now();
+    let logits = session.forward_with(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+    let prompt_time = t0.elapsed();
+    let prompt_expert_bytes = tracker.take_step_bytes() + std::mem::take(&mut merged.0);
+    let mut next = argmax(logits);
+    let mut decode_time = Duration::ZERO;
+    let mut step_bytes = Vec::with_capacity(a.gen_tokens);
+    for _ in 0..a.gen_tokens {
+        let t1 = Instant::now();
+        let logits = session.forward_with(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+        next = argmax(logits);
+        decode_time += t1.elapsed();
+        step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
+    }
+    let stats = tracker.stats()?;
+    let peak_rss = residency::peak_rss_bytes().ok();
+    let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+    let prompt_tps = rate(a.prompt_len, prompt_time);
+    let decode_tps = rate(a.gen_tokens, decode_time);
+    let bytes_per_token =
+        if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
+    if a.json {
+        let v = json!({
+            "file": a.file.display().to_string(),
+            "file_bytes": file_bytes,
+            "architecture": cfg.architecture,
+            "num_layers": cfg.num_layers,
+            "num_experts": cfg.router.num_experts,
+            "top_k": cfg.router.top_k,
+            "mode": a.mode.options()?.mode.spelling(),
+            "merged_layers": merged_layers,
+            "threads": session.threads(),
+            "cold": a.cold,
+            "memory_budget": a.memory_budget,
+            "open_seconds": open_time.as_secs_f64(),
+            "prompt_tokens": a.prompt_len,
+            "prompt_seconds": prompt_time.as_secs_f64(),
+            "prompt_tokens_per_s": prompt_tps,
+            "prompt_expert_bytes": prompt_expert_bytes,
+            "decode_tokens": a.gen_tokens,
+            "decode_seconds": decode_time.as_secs_f64(),
+            "decode_tokens_per_s": decode_tps,
+            "expert_bytes_per_token": bytes_per_token,
+            "experts_touched": stats.experts_touched,
+            "experts_total": stats.experts_per_layer.iter().sum::<usize>(),
+            "experts_touched_per_layer": stats.experts_touched_per_layer,
+            "expert_bytes_resident": stats.expert_bytes_resident,
+            "expert_bytes_mapped": stats.expert_bytes_mapped,
+            "expert_bytes_in_file": stats.expert_bytes_in_file,
+            "released_slabs": stats.released_slabs,
+            "peak_rss_bytes": peak_rss,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {} ({} layers, {} experts, top-{}), {}, {} threads",
+            a.file.display(),
+            cfg.architecture,
+            cfg.num_layers,
+            cfg.router.num_experts,
+            cfg.router.top_k,
+            human_bytes(file_bytes),
+            session.threads()
+        );
+        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling());
+        println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
+        println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
+        println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
+        print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,846 @@
+//! Expert residency: which expert slabs are in memory, prefetching the ones routing selects,
+//! and releasing cold ones under a memory budget (feature `std`; Unix).
+//!
+//! Expert slabs are page-aligned and alone on their pages (see `docs/FORMAT.md`), so the OS
+//! calls here act on exactly one expert:
+//!
+//! - [`prefetch`]: `madvise(MADV_WILLNEED)` — start reading the slab in the background.
+//! - [`release`]: `madvise(MADV_DONTNEED)` — drop the slab's pages from this process. The
+//!   mapping is a read-only file mapping that is never written, so the pages hold exactly the
+//!   file's bytes and fault back in from the file (or page cache) on the next read.
+//! - [`evict`]: [`release`], then `posix_fadvise(POSIX_FADV_DONTNEED)` on the slab's file range,
+//!   so the kernel also drops it from the page cache (unless another process maps it).
+//! - [`resident_bytes`]: `mincore`. On Linux ≥ 5.0 it reports page-cache residency for files
+//!   the caller owns or may write, and otherwise only the pages mapped into this process.
+//! - [`drop_page_cache`]: `posix_fadvise(POSIX_FADV_DONTNEED)` on a whole file (cold start).
+//!
+//! [`ExpertTracker`] ties them together for a model: it records the experts each layer
+//! selects, prefetches their slabs, and with a byte budget evicts the least recently used
+//! slabs when the selected set grows past it.
+
+use crate::file::Mapped;
+use crate::format::MeoFile;
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::vec::Vec;
+
+/// A residency query or advice that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResidencyError {
+    #[error("{call} failed: {source}")]
+    Os { call: &'static str, source: io::Error },
+    #[error("{path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{what} is not supported on this platform")]
+    Unsupported { what: &'static str },
+    #[error("byte range {start}..{end} is outside the mapping of {len} bytes")]
+    OutOfBounds { start: usize, end: usize, len: usize },
+    #[error("the model was not opened from a file (no mapping to query)")]
+    NotMapped,
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+    #[error(transparent)]
+    Map(#[from] crate::file::OpenError),
+}
+
+fn os_err(call: &'static str) -> ResidencyError {
+    ResidencyError::Os { call, source: io::Error::last_os_error() }
+}
+
+/// The OS page size (4096 unless the OS says otherwise).
+pub fn page_size() -> usize {
+    static PS: OnceLock<usize> = OnceLock::new();
+    *PS.get_or_init(|| {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions; it returns -1 on error.
+            let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if v > 0 && (v as usize).is_power_of_two() {
+                return v as usize;
+            }
+        }
+        4096
+    })
+}
+
+/// `range` of `map`, widened to whole pages: (first page address, length in bytes).
+fn page_span(map: &Mapped, range: &Range<usize>) -> Result<(usize, usize), ResidencyError> {
+    let bytes = map.bytes();
+    if range.start > range.end || range.end > bytes.len() {
+        return Err(ResidencyError::OutOfBounds { start: range.start, end: range.end, len: bytes.len() });
+    }
+    let ps = page_size();
+    let base = bytes.as_ptr() as usize;
+    // The mapping starts on a page boundary (mmap), so the widened span stays inside its pages.
+    debug_assert_eq!(base % ps, 0);
+    let start = (base + range.start) & !(ps - 1);
+    let end = (base + range.end).next_multiple_of(ps);
+    Ok((start, end - start))
+}
+
+#[cfg(unix)]
+fn madvise(map: &Mapped, range: &Range<usize>, advice: libc::c_int, call: &'static str) -> Result<(), ResidencyError> {
+    let (addr, len) = page_span(map, range)?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: [addr, addr + len) is whole pages of `map`'s live read-only file mapping (checked
+    // above; `map` is borrowed, so it stays mapped during the call). WILLNEED only starts
+    // reads. DONTNEED drops the pages of this process: the mapping is read-only and never
+    // written, so every page holds exactly the file's bytes and the next access faults the
+    // same bytes back in from the file — no reference into the mapping observes a change.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if r != 0 { Err(os_err(call)) } else { Ok(()) }
+}
+
+/// Asks the OS to start reading `range` of the mapping (`madvise(MADV_WILLNEED)`).
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn prefetch(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError> {
+    #[cfg(unix)]
+    return madvise(map, &range, libc::MADV_WILLNEED, "madvise(MADV_WILLNEED)");
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range);
+        Err(ResidencyError::Unsupported { what: "madvise" })
+    }
+}
+
+/// Drops the pages of `range` (widened to whole pages) from this process
+/// (`madvise(MADV_DONTNEED)`); they fault back from the file on the next read.
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn release(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError> {
+    #[cfg(unix)]
+    return madvise(map, &range, libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)");
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range);
+        Err(ResidencyError::Unsupported { what: "madvise" })
+    }
+}
+
+/// Turns off read-ahead for `range` of the mapping (`madvise(MADV_RANDOM)`): a page fault
+/// there reads only the faulting page, not the ±64 KiB around it that the kernel reads by
+/// default (which would pull in the neighbours of a selected expert).
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn advise_random(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError> {
+    #[cfg(unix)]
+    return madvise(map, &range, libc::MADV_RANDOM, "madvise(MADV_RANDOM)");
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range);
+        Err(ResidencyError::Unsupported { what: "madvise" })
+    }
+}
+
+/// Maps `path` for lazy use: read-ahead off before any byte is read ([`advise_random`]), then
+/// the header, metadata, names and tensor table prefetched. Give the result to
+/// [`Model::from_mapped`](crate::model::Model::from_mapped).
+///
+/// A plain [`Mapped::open`] followed by parsing faults in the header page, and the kernel then
+/// reads around it (`read_ahead_kb`: 128 KiB, or MiBs on some machines) — into the first
+/// expert slabs of a small model.
+///
+/// # Errors
+/// The file cannot be mapped, its header is invalid, or the OS refuses the advice.
+pub fn map_lazy(path: impl AsRef<Path>) -> Result<Mapped, ResidencyError> {
+    let map = Mapped::open(path)?;
+    let len = map.bytes().len();
+    advise_random(&map, 0..len)?;
+    let h = crate::format::parse_header(map.bytes())?;
+    if let Ok(end) = usize::try_from(h.data_offset) {
+        prefetch(&map, 0..end.min(len))?;
+    }
+    Ok(map)
+}
+
+/// The file's data split for residency advice: maximal runs of consecutive expert slabs, and
+/// runs of the other tensors that every token uses (everything but the token embedding
+/// when a separate LM head exists: embedding rows are read one token at a time).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataLayout {
+    /// Absolute byte ranges of runs of consecutive expert slabs.
+    pub expert_runs: Vec<Range<usize>>,
+    /// Absolute byte ranges of runs of consecutive always-used tensors.
+    pub dense_runs: Vec<Range<usize>>,
+}
+
+impl DataLayout {
+    /// Computes the runs from the tensor table.
+    pub fn new(file: &MeoFile<'_>) -> Self {
+        #[derive(PartialEq)]
+        enum Kind {
+            Expert,
+            Dense,
+            Skip,
+        }
+        let base = file.header.data_offset as usize;
+        let tied = file.tensor(crate::names::OUTPUT).is_none();
+        let mut out = Self::default();
+        let mut prev = Kind::Skip;
+        for t in file.tensors() {
+            let kind = if crate::format::slab_key(t.name).is_some() {
+                Kind::Expert
+            } else if t.name == crate::names::EMBED && !tied {
+                Kind::Skip
+            } else {
+                Kind::Dense
+            };
+            let r = base + t.offset as usize..base + (t.offset + t.len) as usize;
+            let runs = match kind {
+                Kind::Expert => &mut out.expert_runs,
+                Kind::Dense => &mut out.dense_runs,
+                Kind::Skip => {
+                    prev = Kind::Skip;
+                    continue;
+                }
+            };
+            match runs.last_mut() {
+                Some(last) if prev == kind => last.end = r.end,
+                _ => runs.push(r),
+            }
+            prev = kind;
+        }
+        out
+    }
+}
+
+/// Makes reads of the mapping exact: read-ahead off for the whole mapping
+/// ([`advise_random`]), then the tensors every token uses ([`DataLayout::dense_runs`])
+/// prefetched. Afterwards a page fault reads only its own page, so an expert's bytes are read
+/// only when it is used or [`prefetch`]ed, and embedding rows one at a time. Without this the
+/// kernel reads around every faulting page (`read_ahead_kb`, often 128 KiB and on some
+/// machines 8 MiB), pulling in unselected experts next to the bytes being read.
+///
+/// # Errors
+/// `file` does not describe `map`, or the OS refuses.
+pub fn advise_lazy(map: &Mapped, file: &MeoFile<'_>) -> Result<(), ResidencyError> {
+    let len = map.bytes().len();
+    if file.bytes().len() != len {
+        return Err(ResidencyError::OutOfBounds { start: 0, end: file.bytes().len(), len });
+    }
+    advise_random(map, 0..len)?;
+    for r in DataLayout::new(file).dense_runs {
+        prefetch(map, r)?;
+    }
+    Ok(())
+}
+
+/// `posix_fadvise(fd, offset, len, POSIX_FADV_DONTNEED)`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn fadvise_dontneed(f: &std::fs::File, offset: u64, len: u64) -> Result<(), ResidencyError> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(ResidencyError::OutOfBounds { start: offset as usize, end: (offset + len) as usize, len: 0 });
+    };
+    // SAFETY: plain syscall on a file descriptor `f` keeps open; it only advises the kernel.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    // posix_fadvise returns the error number instead of setting errno.
+    if r != 0 {
+        Err(ResidencyError::Os { call: "posix_fadvise(POSIX_FADV_DONTNEED)", source: io::Error::from_raw_os_error(r) })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn fadvise_dontneed(_f: &std::fs::File, _offset: u64, _len: u64) -> Result<(), ResidencyError> {
+    Err(ResidencyError::Unsupported { what: "posix_fadvise" })
+}
+
+/// [`release`]s `range`, then asks the kernel to drop those file pages from the page cache too
+/// (`posix_fadvise(POSIX_FADV_DONTNEED)` through `file`, which must be the mapped file). Pages
+/// another process maps stay cached.
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn evict(map: &Mapped, file: &std::fs::File, range: Range<usize>) -> Result<(), ResidencyError> {
+    release(map, range.clone())?;
+    let ps = page_size();
+    let start = range.start & !(ps - 1);
+    let end = range.end.next_multiple_of(ps);
+    fadvise_dontneed(file, start as u64, (end - start) as u64)
+}
+
+/// Drops a whole file from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`), e.g. to
+/// measure a cold start. Dirty pages are written back first (`fdatasync`), since the kernel
+/// does not drop those; pages mapped by a live mapping (ours included) stay.
+///
+/// # Errors
+/// The file cannot be opened or synced, or the platform has no `posix_fadvise`.
+pub fn drop_page_cache(path: impl AsRef<Path>) -> Result<(), ResidencyError> {
+    let path = path.as_ref();
+    let open = |source| ResidencyError::Open { path: path.to_path_buf(), source };
+    let f = std::fs::File::open(path).map_err(open)?;
+    f.sync_data().map_err(open)?;
+    fadvise_dontneed(&f, 0, 0) // len 0 = to the end of the file
+}
+
+/// Bytes of `range` of the mapping whose pages are resident (`mincore`).
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn resident_bytes(map: &Mapped, range: Range<usize>) -> Result<u64, ResidencyError> {
+    #[cfg(unix)]
+    {
+        let (addr, len) = page_span(map, &range)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let ps = page_size();
+        let mut vec = vec![0u8; len / ps];
+        // SAFETY: [addr, addr + len) is whole pages of a live mapping (checked above) and `vec`
+        // has one byte per page, as mincore requires. mincore only writes `vec`.
+        let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr().cast()) };
+        if r != 0 {
+            return Err(os_err("mincore"));
+        }
+        let base = map.bytes().as_ptr() as usize;
+        let (lo, hi) = (base + range.start, base + range.end);
+        let mut n = 0u64;
+        for (i, &v) in vec.iter().enumerate() {
+            if v & 1 != 0 {
+                let p = addr + i * ps;
+                n += (hi.min(p + ps) - lo.max(p)) as u64;
+            }
+        }
+        Ok(n)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range);
+        Err(ResidencyError::Unsupported { what: "mincore" })
+    }
+}
+
+/// Bytes of `range` of the mapping that are mapped into this process's page tables (the
+/// pages that count toward its RSS), from `/proc/self/pagemap` (Linux and Android).
+///
+/// Unlike [`resident_bytes`], this does not count pages that are only in the page cache: after
+/// [`release`] a slab's pages are no longer mapped here even if the kernel keeps them cached.
+///
+/// # Errors
+/// `range` is outside the mapping, or pagemap cannot be read (other platforms).
+pub fn mapped_bytes(map: &Mapped, range: Range<usize>) -> Result<u64, ResidencyError> {
+    let (addr, len) = page_span(map, &range)?;
+    if len == 0 {
+        return Ok(0);
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::unix::fs::FileExt;
+        static PAGEMAP: OnceLock<Result<std::fs::File, String>> = OnceLock::new();
+        let f = PAGEMAP
+            .get_or_init(|| std::fs::File::open("/proc/self/pagemap").map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ResidencyError::Os {
+            call: "open(/proc/self/pagemap)",
+            source: io::Error::other(e.clone()),
+        })?;
+        let ps = page_size();
+        let pages = len / ps;
+        let mut buf = vec![0u8; pages * 8];
+        f.read_exact_at(&mut buf, (addr / ps * 8) as u64)
+            .map_err(|source| ResidencyError::Os { call: "read(/proc/self/pagemap)", source })?;
+        let base = map.bytes().as_ptr() as usize;
+        let (lo, hi) = (base + range.start, base + range.end);
+        let mut n = 0u64;
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            // Bit 63: page present in RAM and mapped here.
+            if u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 1 {
+                let p = addr + i * ps;
+                n += (hi.min(p + ps) - lo.max(p)) as u64;
+            }
+        }
+        Ok(n)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = addr;
+        Err(ResidencyError::Unsupported { what: "/proc/self/pagemap" })
+    }
+}
+
+/// Peak resident set size of this process in bytes (`getrusage(RUSAGE_SELF).ru_maxrss`).
+///
+/// # Errors
+/// Not available on this platform.
+pub fn peak_rss_bytes() -> Result<u64, ResidencyError> {
+    #[cfg(unix)]
+    {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: `ru` is a valid, writable rusage; getrusage fills it.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+        if r != 0 {
+            return Err(os_err("getrusage"));
+        }
+        // SAFETY: getrusage succeeded, so `ru` is initialised (it was zeroed anyway).
+        let max = unsafe { ru.assume_init() }.ru_maxrss.max(0) as u64;
+        // Linux and the BSDs report KiB, Apple platforms bytes.
+        Ok(if cfg!(target_vendor = "apple") { max } else { max * 1024 })
+    }
+    #[cfg(not(unix))]
+    Err(ResidencyError::Unsupported { what: "getrusage" })
+}
+
+/// Where each expert's slab lies in the file: `[layer][expert]` → absolute byte range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlabIndex {
+    layers: Vec<Vec<Option<Range<usize>>>>,
+    bytes_in_file: u64,
+    count: usize,
+}
+
+/// `layers.L.experts.E` → (L, E).
+fn parse_slab_key(key: &str) -> Option<(usize, usize)> {
+    let rest = key.strip_prefix("layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let e = rest.strip_prefix("experts.")?;
+    Some((l.parse().ok()?, e.parse().ok()?))
+}
+
+impl SlabIndex {
+    /// The slabs of a model's routed experts, as the model resolved them.
+    pub fn from_model(model: &crate::model::Model) -> Self {
+        let mut ix = Self::default();
+        for l in model.moe_layers() {
+            if ix.layers.len() <= l {
+                ix.layers.resize(l + 1, Vec::new());
+            }
+            for e in 0..model.config().router.num_experts {
+                let r = model.expert_slab(l, e);
+                if let Some(r) = &r {
+                    ix.bytes_in_file += r.len() as u64;
+                    ix.count += 1;
+                }
+                ix.layers[l].push(r);
+            }
+        }
+        ix
+    }
+
+    /// Indexes the slabs named `layers.L.experts.E` (others, if any, are ignored).
+    pub fn new(file: &MeoFile<'_>) -> Self {
+        let mut ix = Self::default();
+        for s in file.slabs() {
+            let Some((l, e)) = parse_slab_key(s.key) else { continue };
+            if ix.layers.len() <= l {
+                ix.layers.resize(l + 1, Vec::new());
+            }
+            let row = &mut ix.layers[l];
+            if row.len() <= e {
+                row.resize(e + 1, None);
+            }
+            row[e] = Some(file.slab_range(s));
+            ix.bytes_in_file += s.len;
+            ix.count += 1;
+        }
+        ix
+    }
+
+    /// The slab of expert `e` of layer `l`.
+    pub fn get(&self, l: usize, e: usize) -> Option<Range<usize>> {
+        self.layers.get(l)?.get(e)?.clone()
+    }
+
+    /// Number of layers (the highest layer with experts, plus one).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Number of expert slots of layer `l` (0 for a dense layer).
+    pub fn num_experts(&self, l: usize) -> usize {
+        self.layers.get(l).map_or(0, Vec::len)
+    }
+
+    /// Number of expert slabs.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when the file has no expert slabs.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Sum of all slab lengths.
+    pub fn bytes_in_file(&self) -> u64 {
+        self.bytes_in_file
+    }
+
+    /// Every slab: (layer, expert, range).
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, row)| row.iter().enumerate().filter_map(move |(e, r)| Some((l, e, r.clone()?))))
+    }
+}
+
+/// [`ExpertTracker`] settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerOptions {
+    /// `madvise(WILLNEED)` each selected slab as soon as routing reports it.
+    pub prefetch: bool,
+    /// At creation, [`advise_lazy`]: read-ahead off, the tensors every token uses prefetched,
+    /// so page faults never pull in bytes of unselected experts: an expert is read only when
+    /// routing selects it.
+    pub precise: bool,
+    /// Most bytes of expert slabs to keep; when the slabs selected since their last release
+    /// exceed it, the least recently selected ones (never those of the current call) are
+    /// evicted. `None` = no limit.
+    pub budget: Option<u64>,
+    /// Evicted slabs are also dropped from the page cache (see [`evict`]), not only from this
+    /// process ([`release`]). Makes the budget hold for the machine's memory, not just RSS
+    /// (Linux and Android; elsewhere releases are `madvise` only).
+    pub drop_page_cache: bool,
+}
+
+impl Default for TrackerOptions {
+    fn default() -> Self {
+        Self { prefetch: true, precise: true, budget: None, drop_page_cache: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SlabState {
+    touched: bool,
+    /// LRU key while held (selected and not released since).
+    held_tick: Option<u64>,
+    /// The step in which it was last counted toward [`ExpertTracker::take_step_bytes`].
+    step_seen: u64,
+}
+
+/// Residency figures for a model's expert slabs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResidencyStats {
+    /// Per layer, distinct experts selected so far (0 for dense layers).
+    pub experts_touched_per_layer: Vec<usize>,
+    /// Per layer, number of experts (0 for dense layers).
+    pub experts_per_layer: Vec<usize>,
+    /// Distinct (layer, expert) pairs selected so far.
+    pub experts_touched: usize,
+    /// Bytes of expert slabs resident now (`mincore` over every slab; see [`resident_bytes`]).
+    pub expert_bytes_resident: u64,
+    /// Bytes of expert slabs mapped into this process now ([`mapped_bytes`]); `None` where
+    /// `/proc/self/pagemap` is not available.
+    pub expert_bytes_mapped: Option<u64>,
+    /// Bytes of all expert slabs in the file.
+    pub expert_bytes_in_file: u64,
+    /// Slabs evicted under the budget, and their bytes.
+    pub released_slabs: u64,
+    pub released_bytes: u64,
+}
+
+/// Records routing, prefetches selected slabs and enforces a memory budget.
+///
+/// Feed it each MoE layer's selected experts through [`on_selected`](Self::on_selected) (the
+/// model's routing observer does this); call [`take_step_bytes`](Self::take_step_bytes) after
+/// each forward call for the bytes of the distinct slabs that call selected.
+pub struct ExpertTracker<'m> {
+    map: &'m Mapped,
+    file: Option<std::fs::File>,
+    index: SlabIndex,
+    /// Start of each layer's run in `state`.
+    layer_base: Vec<usize>,
+    state: Vec<SlabState>,
+    opts: TrackerOptions,
+    lru: BTreeMap<u64, (usize, usize)>,
+    held_bytes: u64,
+    tick: u64,
+    step: u64,
+    step_bytes: u64,
+    released_slabs: u64,
+    released_bytes: u64,
+    last_error: Option<ResidencyError>,
+}
+
+impl core::fmt::Debug for ExpertTracker<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ExpertTracker")
+            .field("path", &self.map.path())
+            .field("slabs", &self.index.len())
+            .field("opts", &self.opts)
+            .field("held_bytes", &self.held_bytes)
+            .field("released_slabs", &self.released_slabs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> ExpertTracker<'m> {
+    /// A tracker for the slabs of `file`, which must be parsed from `map`'s bytes.
+    ///
+    /// # Errors
+    /// `file` does not describe `map` (a slab lies outside it), or opening the file for
+    /// page-cache advice fails.
+    pub fn new(map: &'m Mapped, file: &MeoFile<'_>, opts: TrackerOptions) -> Result<Self, ResidencyError> {
+        Self::with_index(map, SlabIndex::new(file), file, opts)
+    }
+
+    /// A tracker for a model opened from a file ([`Model::open`](crate::model::Model::open)).
+    ///
+    /// # Errors
+    /// The model has no mapping (opened from bytes in memory), or opening the file for
+    /// page-cache advice fails.
+    pub fn for_model(model: &'m crate::model::Model, opts: TrackerOptions) -> Result<Self, ResidencyError> {
+        let map = model.mapped().ok_or(ResidencyError::NotMapped)?;
+        Self::with_index(map, SlabIndex::from_model(model), &model.file()?, opts)
+    }
+
+    fn with_index(
+        map: &'m Mapped,
+        index: SlabIndex,
+        file: &MeoFile<'_>,
+        opts: TrackerOptions,
+    ) -> Result<Self, ResidencyError> {
+        let len = map.bytes().len();
+        if let Some((_, _, r)) = index.iter().find(|(_, _, r)| r.end > len) {
+            return Err(ResidencyError::OutOfBounds { start: r.start, end: r.end, len });
+        }
+        if opts.precise {
+            advise_lazy(map, file)?;
+        }
+        // posix_fadvise exists on Linux and Android only; elsewhere a release is madvise alone.
+        let can_fadvise = cfg!(any(target_os = "linux", target_os = "android"));
+        let fd = if opts.drop_page_cache && opts.budget.is_some() && can_fadvise {
+            let path = map.path();
+            Some(
+                std::fs::File::open(path)
+                    .map_err(|source| ResidencyError::Open { path: path.to_path_buf(), source })?,
+            )
+        } else {
+            None
+        };
+        let mut layer_base = Vec::with_capacity(index.num_layers());
+        let mut n = 0;
+        for l in 0..index.num_layers() {
+            layer_base.push(n);
+            n += index.num_experts(l);
+        }
+        Ok(Self {
+            map,
+            file: fd,
+            index,
+            layer_base,
+            state: vec![SlabState::default(); n],
+            opts,
+            lru: BTreeMap::new(),
+            held_bytes: 0,
+            tick: 0,
+            step: 1,
+            step_bytes: 0,
+            released_slabs: 0,
+            released_bytes: 0,
+            last_error: None,
+        })
+    }
+
+    /// The slab index.
+    pub fn index(&self) -> &SlabIndex {
+        &self.index
+    }
+
+    /// The settings.
+    pub fn options(&self) -> &TrackerOptions {
+        &self.opts
+    }
+
+    fn slot(&self, l: usize, e: usize) -> Option<usize> {
+        (e < self.index.num_experts(l)).then(|| self.layer_base[l] + e)
+    }
+
+    /// Layer `layer` selected `experts` (any order, duplicates allowed) for the tokens of the
+    /// current forward call: records them, prefetches their slabs, and enforces the budget.
+    /// Unknown layers or experts are ignored. OS failures are kept (see
+    /// [`take_error`](Self::take_error)), never fatal: residency advice is only advice.
+    pub fn on_selected(&mut self, layer: usize, experts: &[u32]) {
+        let call_start = self.tick + 1;
+        for &e in experts {
+            let e = e as usize;
+            let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
+            let len = range.len() as u64;
+            let st = &mut self.state[i];
+            st.touched = true;
+            if st.step_seen != self.step {
+                st.step_seen = self.step;
+                self.step_bytes += len;
+            }
+            let was_held = st.held_tick.is_some();
+            if let Some(t) = st.held_tick.take() {
+                if t >= call_start {
+                    // Duplicate within this call.
+                    st.held_tick = Some(t);
+                    continue;
+                }
+                self.lru.remove(&t);
+            }
+            self.tick += 1;
+            self.state[i].held_tick = Some(self.tick);
+            self.lru.insert(self.tick, (layer, e));
+            if !was_held {
+                self.held_bytes += len;
+                if self.opts.prefetch
+                    && let Err(err) = prefetch(self.map, range)
+                {
+                    self.last_error = Some(err);
+                }
+            }
+        }
+        self.enforce_budget(call_start);
+    }
+
+    fn enforce_budget(&mut self, call_start: u64) {
+        let Some(budget) = self.opts.budget else { return };
+        while self.held_bytes > budget {
+            let Some((&t, &(l, e))) = self.lru.first_key_value() else { break };
+            if t >= call_start {
+                break; // only this call's slabs are left: they are about to be used
+            }
+            self.lru.remove(&t);
+            let i = self.layer_base[l] + e;
+            self.state[i].held_tick = None;
+            let range = self.index.get(l, e).expect("held slabs exist");
+            self.held_bytes -= range.len() as u64;
+            self.released_slabs += 1;
+            self.released_bytes += range.len() as u64;
+            let r = match &self.file {
+                Some(f) => evict(self.map, f, range),
+                None => release(self.map, range),
+            };
+            if let Err(err) = r {
+                self.last_error = Some(err);
+            }
+        }
+    }
+
+    /// Bytes of the distinct slabs selected since the previous call (one forward call = one
+    /// step), and starts a new step.
+    pub fn take_step_bytes(&mut self) -> u64 {
+        self.step += 1;
+        std::mem::take(&mut self.step_bytes)
+    }
+
+    /// Bytes of the slabs selected and not released since (what the budget counts).
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    /// Whether expert `e` of layer `l` has been selected.
+    pub fn touched(&self, l: usize, e: usize) -> bool {
+        self.slot(l, e).is_some_and(|i| self.state[i].touched)
+    }
+
+    /// The last OS failure seen while prefetching or releasing, if any (and forgets it).
+    pub fn take_error(&mut self) -> Option<ResidencyError> {
+        self.last_error.take()
+    }
+
+    /// Counts and `mincore` residency of every slab.
+    ///
+    /// # Errors
+    /// `mincore` fails.
+    pub fn stats(&self) -> Result<ResidencyStats, ResidencyError> {
+        let mut s = ResidencyStats {
+            experts_touched_per_layer: vec![0; self.index.num_layers()],
+            experts_per_layer: (0..self.index.num_layers()).map(|l| self.index.num_experts(l)).collect(),
+            expert_bytes_in_file: self.index.bytes_in_file(),
+            released_slabs: self.released_slabs,
+            released_bytes: self.released_bytes,
+            ..ResidencyStats::default()
+        };
+        let mut mapped = Some(0u64);
+        for (l, e, range) in self.index.iter() {
+            if self.touched(l, e) {
+                s.experts_touched_per_layer[l] += 1;
+                s.experts_touched += 1;
+            }
+            s.expert_bytes_resident += resident_bytes(self.map, range.clone())?;
+            mapped = match (mapped, mapped_bytes(self.map, range)) {
+                (Some(m), Ok(b)) => Some(m + b),
+                _ => None,
+            };
+        }
+        s.expert_bytes_mapped = mapped;
+        Ok(s)
+    }
+}
+
+impl crate::model::Trace for ExpertTracker<'_> {
+    fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
+        self.on_selected(layer, experts);
+    }
+}
+
+/// `mincore` residency of every expert slab of `file` (mapped by `map`): (resident, in file).
+///
+/// # Errors
+/// `mincore` fails or `file` does not describe `map`.
+pub fn expert_residency(map: &Mapped, file: &MeoFile<'_>) -> Result<(u64, u64), ResidencyError> {
+    let ix = SlabIndex::new(file);
+    let mut resident = 0;
+    for (_, _, r) in ix.iter() {
+        resident += resident_bytes(map, r)?;
+    }
+    Ok((resident, ix.bytes_in_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_keys_parse() {
+        assert_eq!(parse_slab_key("layers.3.experts.17"), Some((3, 17)));
+        assert_eq!(parse_slab_key("layers.3.shared.experts.1"), None);
+        assert_eq!(parse_slab_key("blocks.3.experts.1"), None);
+    }
+
+    #[test]
+    fn resident_bytes_of_a_touched_file() {
+        let dir = std::env::temp_dir().join(format!("meo-residency-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.bin");
+        let ps = page_size();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&p).unwrap();
+            f.write_all(&vec![1u8; 8 * ps]).unwrap();
+            f.sync_all().unwrap(); // dirty pages cannot be dropped from the page cache
+        }
+        let m = Mapped::open(&p).unwrap();
+        // Reading a page makes it resident.
+        let sum: u32 = m.bytes()[3 * ps..3 * ps + 10].iter().map(|&b| u32::from(b)).sum();
+        assert_eq!(sum, 10);
+        assert_eq!(resident_bytes(&m, 3 * ps + 5..3 * ps + 15).unwrap(), 10);
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(mapped_bytes(&m, 3 * ps + 5..3 * ps + 15).unwrap(), 10);
+            release(&m, 3 * ps..4 * ps).unwrap();
+            assert_eq!(mapped_bytes(&m, 3 * ps..4 * ps).unwrap(), 0);
+        }
+        assert!(resident_bytes(&m, 0..8 * ps).unwrap() >= ps as u64);
+        prefetch(&m, 0..8 * ps).unwrap();
+        release(&m, 0..8 * ps).unwrap();
+        assert!(matches!(resident_bytes(&m, 0..8 * ps + 1), Err(ResidencyError::OutOfBounds { .. })));
+        // After release the bytes still read back from the file.
+        assert_eq!(m.bytes()[7 * ps], 1);
+        #[cfg(target_os = "linux")]
+        {
+            let f = std::fs::File::open(&p).unwrap();
+            evict(&m, &f, 0..8 * ps).unwrap();
+            assert_eq!(resident_bytes(&m, 0..8 * ps).unwrap(), 0);
+            drop_page_cache(&p).unwrap();
+        }
+        assert!(peak_rss_bytes().unwrap() > 0);
+        drop(m);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

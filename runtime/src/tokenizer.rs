@@ -1,0 +1,226 @@
+//! Text ↔ token ids with the tokenizer embedded in a `.meo` file (feature `tokenizer`).
+//!
+//! The converter copies the checkpoint's `tokenizer.json` into the metadata string
+//! [`METADATA_KEY`]. It is loaded with the pure-Rust `tokenizers` crate (no C dependencies,
+//! `fancy-regex` instead of Oniguruma), which gives the same ids as Python `tokenizers`.
+
+use crate::format::{MetaValue, Metadata};
+use std::string::String;
+use std::vec::Vec;
+
+/// Metadata key holding the Hugging Face `tokenizer.json` text.
+pub const METADATA_KEY: &str = "tokenizer.huggingface.json";
+
+/// Why text could not be turned into ids or back.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(
+        "this file has no embedded tokenizer (metadata key {METADATA_KEY:?} is missing); \
+         pass token ids with --tokens instead of text"
+    )]
+    Missing,
+    #[error("metadata key {METADATA_KEY:?} has type {found}, expected a string")]
+    WrongType { found: &'static str },
+    #[error("the embedded tokenizer cannot be loaded: {0}")]
+    Load(String),
+    #[error("cannot encode the text: {0}")]
+    Encode(String),
+    #[error("cannot decode token ids: {0}")]
+    Decode(String),
+    #[error("token id {id} is outside the tokenizer's vocabulary of {vocab} entries")]
+    UnknownId { id: u32, vocab: usize },
+}
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl core::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads a Hugging Face `tokenizer.json` document.
+    ///
+    /// # Errors
+    /// The JSON is not a tokenizer `tokenizers` can load.
+    pub fn from_json(json: &str) -> Result<Self, TokenizerError> {
+        let inner = json.parse::<tokenizers::Tokenizer>().map_err(|e| TokenizerError::Load(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
+    /// Loads the tokenizer embedded in a file's metadata.
+    ///
+    /// # Errors
+    /// [`TokenizerError::Missing`] when the file has none (the message tells the user to pass
+    /// `--tokens`), or the value is not a loadable tokenizer.
+    pub fn from_metadata(m: &Metadata<'_>) -> Result<Self, TokenizerError> {
+        match m.get(METADATA_KEY) {
+            None => Err(TokenizerError::Missing),
+            Some(MetaValue::Str(s)) => Self::from_json(s),
+            Some(MetaValue::Bytes(b)) => match core::str::from_utf8(b) {
+                Ok(s) => Self::from_json(s),
+                Err(e) => Err(TokenizerError::Load(e.to_string())),
+            },
+            Some(v) => Err(TokenizerError::WrongType { found: v.type_name() }),
+        }
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (BOS
+    /// for Llama-style tokenizers; none for the fixtures'), as `tokenizer(text)` does in Python.
+    ///
+    /// # Errors
+    /// The tokenizer fails on this text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode(text, true).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    ///
+    /// # Errors
+    /// An id outside the vocabulary or a decoder failure.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.check_ids(ids)?;
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token string (`"<|endoftext|>"`), if it exists.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// An incremental decoder: feed generated ids one at a time, get the text they complete
+    /// (byte-level tokens that end inside a UTF-8 character wait for the next one).
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream { tok: self, ids: Vec::new(), prefix: String::new(), prefix_len: 0 }
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
+        let vocab = self.vocab_size();
+        match ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            Some(&id) => Err(TokenizerError::UnknownId { id, vocab }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// See [`Tokenizer::stream`]. The same algorithm as `tokenizers`' `DecodeStream`: only a
+/// short window of ids is decoded per step (the ids of the last emitted piece and the new ones),
+/// since decoders such as byte-level or SentencePiece's leading-space rule depend on context.
+#[derive(Debug)]
+pub struct TextStream<'t> {
+    tok: &'t Tokenizer,
+    /// The window: the ids of the last emitted piece, then those not emitted yet.
+    ids: Vec<u32>,
+    /// Text of the first `prefix_len` ids of the window (already emitted).
+    prefix: String,
+    prefix_len: usize,
+}
+
+impl TextStream<'_> {
+    /// Adds one id; returns the new text, if any is complete (a trailing U+FFFD, which a
+    /// later byte may complete, is held back).
+    ///
+    /// # Errors
+    /// An unknown id or a decoder failure.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids)?;
+        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let Some(new) = text.strip_prefix(self.prefix.as_str()) else {
+            return Err(TokenizerError::Decode("the decoded text no longer starts with what was emitted".into()));
+        };
+        let new = new.to_string();
+        self.ids.drain(..self.prefix_len);
+        self.prefix = self.tok.decode(&self.ids)?;
+        self.prefix_len = self.ids.len();
+        Ok(Some(new))
+    }
+
+    /// Whatever is still held back (at the end of generation).
+    ///
+    /// # Errors
+    /// A decoder failure.
+    pub fn finish(self) -> Result<Option<String>, TokenizerError> {
+        let text = self.tok.decode(&self.ids)?;
+        Ok(text.strip_prefix(self.prefix.as_str()).filter(|rest| !rest.is_empty()).map(str::to_string))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> Tokenizer {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mixtral/tokenizer.json");
+        Tokenizer::from_json(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fixture_prompt_ids_match_python_tokenizers() {
+        let t = fixture();
+        assert_eq!(t.vocab_size(), 256);
+        let ids = t.encode("The value of the object is returned.").unwrap();
+        assert_eq!(ids, [193, 255, 160, 120, 222, 144, 165, 83, 207, 77, 177, 14]);
+        assert_eq!(t.decode(&ids).unwrap(), "The value of the object is returned.");
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(0));
+    }
+
+    #[test]
+    fn stream_reassembles_the_text() {
+        let t = fixture();
+        let text = "The value of the object is returned. Ünïcode too";
+        let ids = t.encode(text).unwrap();
+        let mut s = t.stream();
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(piece) = s.push(id).unwrap() {
+                out.push_str(&piece);
+            }
+        }
+        if let Some(rest) = s.finish().unwrap() {
+            out.push_str(&rest);
+        }
+        assert_eq!(out, t.decode(&ids).unwrap());
+    }
+
+    #[test]
+    fn stream_of_arbitrary_ids_matches_whole_decode() {
+        let t = fixture();
+        let mut state = 12345u64;
+        for _ in 0..20 {
+            let ids: Vec<u32> = (0..64).map(|_| (crate::sample::splitmix64(&mut state) % 256) as u32).collect();
+            let mut s = t.stream();
+            let mut out = String::new();
+            for &id in &ids {
+                out.push_str(&s.push(id).unwrap().unwrap_or_default());
+            }
+            out.push_str(&s.finish().unwrap().unwrap_or_default());
+            assert_eq!(out, t.decode(&ids).unwrap(), "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn missing_and_bad_tokenizers_are_typed_errors() {
+        let m = Metadata::from_entries(vec![("general.architecture", MetaValue::Str("x"))]);
+        let e = Tokenizer::from_metadata(&m).unwrap_err();
+        assert!(matches!(e, TokenizerError::Missing));
+        assert!(e.to_string().contains("--tokens"));
+        let m = Metadata::from_entries(vec![(METADATA_KEY, MetaValue::U64(3))]);
+        assert!(matches!(Tokenizer::from_metadata(&m), Err(TokenizerError::WrongType { .. })));
+        let m = Metadata::from_entries(vec![(METADATA_KEY, MetaValue::Str("{not json"))]);
+        assert!(matches!(Tokenizer::from_metadata(&m), Err(TokenizerError::Load(_))));
+        assert!(matches!(fixture().decode(&[999]), Err(TokenizerError::UnknownId { id: 999, vocab: 256 })));
+    }
+}
