@@ -22,19 +22,105 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Metadata key of the embedded `tokenizer.json`.
 pub const TOKENIZER_KEY: &str = "tokenizer.huggingface.json";
 
-/// Output dtypes.
+/// Output dtypes and expert layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Routed expert matrices: `Q8_0`, `F16` or `F32`.
     pub experts: DType,
     /// Embeddings, attention, dense and shared FFN, LM head: `F16` or `F32`.
     pub dense: DType,
+    /// Store every expert with its intermediate units aligned to expert 0 of its layer
+    /// ([`crate::align`]; the model's function is unchanged).
+    pub align: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { experts: DType::Q8_0, dense: DType::F16 }
+        Self { experts: DType::Q8_0, dense: DType::F16, align: true }
     }
+}
+
+/// An owned metadata value (borrowed into [`MetaValue`] when the file is written).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Owned {
+    Bool(bool),
+    U64(u64),
+    Str(String),
+    Bytes(Vec<u8>),
+    U64s(Vec<u64>),
+    F64s(Vec<f64>),
+    Strs(Vec<String>),
+}
+
+impl Owned {
+    /// The borrowed value.
+    pub fn value(&self) -> MetaValue<'_> {
+        use meo::format::MetaArray;
+        match self {
+            Self::Bool(b) => MetaValue::Bool(*b),
+            Self::U64(x) => MetaValue::U64(*x),
+            Self::Str(s) => MetaValue::Str(s),
+            Self::Bytes(b) => MetaValue::Bytes(b),
+            Self::U64s(v) => MetaValue::Array(MetaArray::U64(v.clone())),
+            Self::F64s(v) => MetaValue::Array(MetaArray::F64(v.clone())),
+            Self::Strs(v) => MetaValue::Array(MetaArray::Str(v.iter().map(String::as_str).collect())),
+        }
+    }
+}
+
+/// Per MoE layer, per expert: the order its units are stored in (see [`crate::align`]).
+pub type Orders = std::collections::BTreeMap<usize, Vec<Vec<u32>>>;
+
+/// Computes the alignment of every MoE layer's experts to its expert 0 (reads every expert
+/// once; keeps only the orders).
+///
+/// # Errors
+/// Reading the checkpoint; cancellation.
+pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
+    use crate::canonical::Place;
+    let c = &p.model.config;
+    let (h, i) = (c.hidden_size, c.expert_intermediate_size);
+    let mut parts: std::collections::BTreeMap<(usize, usize), [Vec<f32>; 3]> = Default::default();
+    let mut orders = Orders::new();
+    let mut reference: Option<(usize, [Vec<f32>; 3])> = None;
+    for (canon, src) in p.canon.iter().zip(&p.sources) {
+        let Place::Expert { layer, expert, part } = canon.place else { continue };
+        if cancel.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let v = p.model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        let e = parts.entry((layer, expert)).or_default();
+        e[part] = v;
+        if part + 1 < 3 {
+            continue;
+        }
+        let [g, u, d] = parts.remove(&(layer, expert)).expect("just filled");
+        let order = match &reference {
+            Some((l, r)) if *l == layer => crate::align::align_order(
+                crate::align::ExpertF32 { gate: &r[0], up: &r[1], down: &r[2] },
+                crate::align::ExpertF32 { gate: &g, up: &u, down: &d },
+                i,
+                h,
+            ),
+            _ => {
+                // Expert 0 (the first of its layer) is the reference: identity.
+                reference = Some((layer, [g, u, d]));
+                (0..i as u32).collect()
+            }
+        };
+        orders.entry(layer).or_default().push(order);
+    }
+    Ok(orders)
+}
+
+/// The `merge.aligned` and `merge.align.layer.<l>.order` entries.
+pub fn alignment_metadata(orders: Option<&Orders>) -> Vec<(String, Owned)> {
+    let mut v = vec![(meo::names::merge_keys::ALIGNED.to_string(), Owned::Bool(orders.is_some()))];
+    for (l, per_expert) in orders.into_iter().flatten() {
+        let bytes = per_expert.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+        v.push((meo::names::merge_keys::align_order(*l), Owned::Bytes(bytes)));
+    }
+    v
 }
 
 /// Progress reports.
@@ -96,9 +182,10 @@ pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
     Ok(Plan { model, canon, sources, specs })
 }
 
-/// The file's metadata: model config, quantization, tokenizer. Nothing about the source
-/// layout, paths or time, so equal weights give equal files.
-pub fn metadata<'a>(model: &'a HfModel, opts: Options) -> Metadata<'a> {
+/// The file's metadata: model config, quantization, tokenizer, and `extra` (alignment and
+/// merge entries). Nothing about the source layout, paths or time, so equal weights give
+/// equal files.
+pub fn metadata<'a>(model: &'a HfModel, opts: Options, extra: &'a [(String, Owned)]) -> Metadata<'a> {
     let mut m = model.config.to_metadata();
     m.push(("quant.experts", MetaValue::Str(opts.experts.name())));
     m.push(("quant.dense", MetaValue::Str(opts.dense.name())));
@@ -106,7 +193,12 @@ pub fn metadata<'a>(model: &'a HfModel, opts: Options) -> Metadata<'a> {
     if let Some(t) = &model.tokenizer {
         m.push((TOKENIZER_KEY, MetaValue::Str(t)));
     }
+    m.extend(extra.iter().map(|(k, v)| (k.as_str(), v.value())));
     Metadata::from_entries(m)
+}
+
+fn interrupted(e: anyhow::Error, out: &Path) -> anyhow::Error {
+    if e.to_string() == "interrupted" { anyhow::anyhow!("interrupted; {} was not written", out.display()) } else { e }
 }
 
 /// Encodes `w` (a row-major tensor of `shape`) as `dtype`.
@@ -144,10 +236,46 @@ pub fn convert(
     out: &Path,
     opts: Options,
     cancel: &AtomicBool,
+    progress: impl FnMut(Event<'_>),
+) -> Result<Summary> {
+    convert_with(dir, out, opts, &crate::merges::MergeSpec::default(), cancel, progress)
+}
+
+/// [`convert`], plus precomputed task merges from calibration text (see [`crate::merges`]).
+///
+/// Without tasks the conversion is one streaming pass. With tasks it is two: an f32
+/// conversion to a temporary file beside `out` (the calibration model), then the final file,
+/// transcoded from it, with each task's merged experts appended. Both temporary files are
+/// removed on success, error and cancellation.
+///
+/// # Errors
+/// See [`plan`]; a missing tokenizer or unreadable calibration text; I/O; cancellation.
+pub fn convert_with(
+    dir: &Path,
+    out: &Path,
+    opts: Options,
+    merges: &crate::merges::MergeSpec,
+    cancel: &AtomicBool,
+    progress: impl FnMut(Event<'_>),
+) -> Result<Summary> {
+    if merges.tasks.is_empty() {
+        return convert_single(dir, out, opts, cancel, progress);
+    }
+    crate::merges::convert_with_tasks(dir, out, opts, merges, cancel, progress)
+}
+
+pub(crate) fn convert_single(
+    dir: &Path,
+    out: &Path,
+    opts: Options,
+    cancel: &AtomicBool,
     mut progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
-    let Plan { model, canon, sources, specs } = plan(dir, opts)?;
-    let meta = metadata(&model, opts);
+    let p = plan(dir, opts)?;
+    let orders = if opts.align { Some(alignment_orders(&p, cancel).map_err(|e| interrupted(e, out))?) } else { None };
+    let extra = alignment_metadata(orders.as_ref());
+    let Plan { model, canon, sources, specs } = p;
+    let meta = metadata(&model, opts, &extra);
     let data_bytes: u64 = specs.iter().map(|s| s.dtype.byte_len(&s.shape).unwrap_or(0)).sum();
     let (atomic, file) =
         AtomicFile::create(out).with_context(|| format!("{}: cannot create the output file", out.display()))?;
@@ -160,7 +288,11 @@ pub fn convert(
         if cancel.load(Ordering::Relaxed) {
             bail!("interrupted; {} was not written", out.display());
         }
-        let values = model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        let mut values = model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        if let (Some(o), crate::canonical::Place::Expert { layer, expert, part }) = (&orders, c.place) {
+            let (h, i) = (model.config.hidden_size, model.config.expert_intermediate_size);
+            values = crate::align::permute(&values, &o[&layer][expert], i, h, part == 2);
+        }
         let bytes = encode(&values, &c.shape, spec.dtype);
         w.write_tensor(&bytes).map_err(io)?;
         progress(Event::Tensor { name: &c.name, bytes: bytes.len() as u64 });

@@ -1,1 +1,42 @@
-fn main() {}
+//! The `meo` command: parses arguments and dispatches to `meo_converter::cmd::*`.
+
+use clap::{Parser, Subcommand};
+use meo_converter::cmd;
+use std::process::ExitCode;
+
+/// meo: Mixture-of-Experts models in one lazily mapped, int8, page-aligned file.
+#[derive(Parser, Debug)]
+#[command(name = "meo", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Convert(cmd::convert::Args),
+    Inspect(cmd::inspect::Args),
+    Verify(cmd::verify::Args),
+    Run(cmd::run::Args),
+    Bench(cmd::bench::Args),
+    Eval(cmd::eval::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

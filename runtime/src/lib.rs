@@ -10,6 +10,7 @@ extern crate alloc;
 pub mod config;
 pub mod format;
 pub mod kernels;
+pub mod merge;
 pub mod model;
 pub mod names;
 pub mod quant;
@@ -18,6 +19,8 @@ pub mod sample;
 
 #[cfg(feature = "std")]
 pub mod file;
+#[cfg(all(feature = "std", unix))]
+pub mod platform;
 #[cfg(feature = "std")]
 pub mod residency;
 #[cfg(feature = "tokenizer")]
@@ -25,5 +28,8 @@ pub mod tokenizer;
 
 pub use config::{ConfigError, FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
-pub use model::{ForwardError, Logits, Model, ModelError, NoTrace, Session, SessionError, SessionOptions, Trace};
+pub use model::{
+    Execution, ForwardError, Granularity, LayerSelect, Logits, MergeOptions, MergedUse, Mode, ModeError, Model,
+    ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
+};
 pub use route::Choice;

@@ -33,3 +33,47 @@ pub fn expert(l: usize, e: usize, part: &str) -> String {
 
 /// Order of an expert's matrices inside its slab.
 pub const EXPERT_PARTS: [&str; 3] = ["gate", "up", "down"];
+
+/// Longest task name, in bytes (keeps metadata keys and tensor names short).
+pub const MAX_TASK_NAME: usize = 64;
+
+/// Whether `name` may name a task: 1–64 bytes of `[A-Za-z0-9_-]`.
+pub fn valid_task_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TASK_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A precomputed (task) merged expert's matrix: `tasks.<task>.layers.<l>.experts.merged.<part>`,
+/// shapes as [`expert`]. Its slab key is `tasks.<task>.layers.<l>.experts.merged`.
+pub fn task_expert(task: &str, l: usize, part: &str) -> String {
+    format!("tasks.{task}.layers.{l}.experts.merged.{part}")
+}
+
+/// Metadata keys of MEO merges (see `docs/FORMAT.md` §6 and `docs/MEO.md`).
+pub mod merge_keys {
+    use alloc::format;
+    use alloc::string::String;
+
+    /// array of str: the task names, in file order.
+    pub const TASKS: &str = "merge.tasks";
+    /// bool: experts are stored with their intermediate units aligned to expert 0.
+    pub const ALIGNED: &str = "merge.aligned";
+    /// array of u64: MoE layers with a measured prompt-mode merge error.
+    pub const PROMPT_LAYERS: &str = "merge.prompt.layers";
+    /// array of f64: their errors, same order.
+    pub const PROMPT_ERRORS: &str = "merge.prompt.errors";
+
+    /// `merge.task.<task>.<field>`; fields: `layers` (array u64), `weights` (array f64,
+    /// `layers × experts`), `errors` and `errors_unaligned` (array f64 per layer), `tokens`
+    /// (u64), `weighting` (str).
+    pub fn task(task: &str, field: &str) -> String {
+        format!("merge.task.{task}.{field}")
+    }
+
+    /// `merge.align.layer.<l>.order`: bytes, `experts × intermediate` u32 little-endian; row
+    /// `e` lists, for each stored unit of expert `e`, its index in the checkpoint.
+    pub fn align_order(l: usize) -> String {
+        format!("merge.align.layer.{l}.order")
+    }
+}

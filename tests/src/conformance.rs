@@ -122,8 +122,15 @@ pub fn reference(name: &str) -> Reference {
 /// Converts fixture `name` into `dir` with the given dtypes; returns the file's path.
 pub fn convert_fixture(name: &str, experts: DType, dense: DType, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{}-{}.meo", experts.name(), dense.name()));
-    convert::convert(&fixture_dir(name), &out, Options { experts, dense }, &AtomicBool::new(false), |_| {})
-        .unwrap_or_else(|e| panic!("converting {name}: {e:#}"));
+    // Experts aligned (the default): alignment permutes units and must leave the model exact.
+    convert::convert(
+        &fixture_dir(name),
+        &out,
+        Options { experts, dense, align: true },
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap_or_else(|e| panic!("converting {name}: {e:#}"));
     out
 }
 

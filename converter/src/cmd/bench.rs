@@ -41,14 +41,15 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
 }
 
-/// Counts the bytes of merged experts read (a merged layer reads one merged expert per token
-/// instead of its selected experts' slabs).
+/// Counts the bytes of the merged experts a forward call read, once per call and layer (as the
+/// tracker counts distinct slabs per step): a merged layer reads its merged expert instead of
+/// the selected experts' slabs.
 #[derive(Default)]
 struct MergedBytes(u64);
 
 impl meo::Trace for MergedBytes {
-    fn on_merged(&mut self, _layer: usize, tokens: usize, expert: &meo::MergedUse) {
-        self.0 += (expert.bytes() * tokens) as u64;
+    fn on_merged(&mut self, _layer: usize, _tokens: usize, expert: &meo::MergedUse) {
+        self.0 += expert.bytes() as u64;
     }
 }
 

@@ -1,6 +1,6 @@
 //! `meo convert HF_DIR -o OUT.meo [--experts int8|f16|f32] [--dense f16|f32]`
 
-use crate::convert::{Event, Options, convert};
+use crate::convert::{Event, Options, convert_with};
 use anyhow::Result;
 use meo::DType;
 use std::path::PathBuf;
@@ -38,6 +38,24 @@ pub struct Args {
     /// Dense matrix storage (norms, biases and routers are always f32).
     #[arg(long, value_enum, default_value_t = DenseType::F16)]
     pub dense: DenseType,
+    /// Store each expert's intermediate units aligned to expert 0 of its layer (the model's
+    /// function is unchanged; merges then average matching units).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub align_experts: OnOff,
+    /// Precompute the MEO merge of task NAME from the calibration text in FILE (repeatable);
+    /// run it with `meo run --mode task:NAME`.
+    #[arg(long = "task", value_name = "NAME=FILE")]
+    pub tasks: Vec<crate::merges::TaskSpec>,
+    /// How task merge weights are computed from the calibration routing.
+    #[arg(long, value_enum, default_value_t = crate::merges::Weighting::MeanGate)]
+    pub merge_weighting: crate::merges::Weighting,
+}
+
+/// A switch.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 impl Args {
@@ -53,7 +71,13 @@ impl Args {
                 DenseType::F16 => DType::F16,
                 DenseType::F32 => DType::F32,
             },
+            align: self.align_experts == OnOff::On,
         }
+    }
+
+    /// The task merges these flags ask for.
+    pub fn merges(&self) -> crate::merges::MergeSpec {
+        crate::merges::MergeSpec { tasks: self.tasks.clone(), weighting: self.merge_weighting }
     }
 }
 
@@ -73,7 +97,7 @@ fn install_ctrlc() {
 pub fn run(args: &Args) -> Result<()> {
     install_ctrlc();
     let bar = super::byte_bar(0);
-    let result = convert(&args.hf_dir, &args.output, args.options(), &CANCEL, |e| match e {
+    let result = convert_with(&args.hf_dir, &args.output, args.options(), &args.merges(), &CANCEL, |e| match e {
         Event::Start { bytes, .. } => bar.set_length(bytes),
         Event::Tensor { name, bytes } => {
             bar.inc(bytes);

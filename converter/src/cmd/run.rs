@@ -143,6 +143,16 @@ impl Trace for Tee<'_> {
             t.on_route(layer, pos, choices);
         }
     }
+    fn on_moe_input(&mut self, layer: usize, pos0: usize, x: &[f32]) {
+        for t in &mut self.0 {
+            t.on_moe_input(layer, pos0, x);
+        }
+    }
+    fn on_merged(&mut self, layer: usize, tokens: usize, expert: &meo::MergedUse) {
+        for t in &mut self.0 {
+            t.on_merged(layer, tokens, expert);
+        }
+    }
 }
 
 /// Records each MoE layer's choices for the positions `0..len` (the prompt).

@@ -91,15 +91,7 @@ pub(crate) fn moe(
     let (e, k) = (spec.num_experts, spec.top_k);
     let h = x.len() / t.max(1);
 
-    // Router logits [T, E] in f32.
-    resize(&mut s.logits, t * e);
-    matmul(par, x, t, &p.router.view(bytes), &mut s.logits);
-    if let Some(b) = &p.router_bias {
-        b.read(bytes, &mut s.bias);
-        for row in s.logits.chunks_mut(e) {
-            crate::kernels::add_into(row, &s.bias);
-        }
-    }
+    router_logits(par, bytes, p, x, t, e, s);
     let sel = p.selection_bias.as_ref().map(|b| {
         b.read(bytes, &mut s.sel_bias);
         &s.sel_bias[..]
@@ -162,6 +154,34 @@ pub(crate) fn moe(
         }
     }
 
+    shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// Router logits `[t, E]` (f32, plus the router bias) into `s.logits`.
+fn router_logits(par: &dyn Parallel, bytes: &[u8], p: &MoePlan, x: &[f32], t: usize, e: usize, s: &mut FfnScratch) {
+    resize(&mut s.logits, t * e);
+    matmul(par, x, t, &p.router.view(bytes), &mut s.logits);
+    if let Some(b) = &p.router_bias {
+        b.read(bytes, &mut s.bias);
+        for row in s.logits.chunks_mut(e) {
+            crate::kernels::add_into(row, &s.bias);
+        }
+    }
+}
+
+/// Adds the (gated) shared expert's output to `out`.
+#[allow(clippy::too_many_arguments)]
+fn shared(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &RouterSpec,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) {
+    let h = x.len() / t.max(1);
     if let Some(m) = &p.shared {
         resize(&mut s.shared, t * h);
         mlp(par, bytes, m, x, t, &mut s.mlp, &mut s.shared);
@@ -175,4 +195,48 @@ pub(crate) fn moe(
         }
         crate::kernels::add_into(out, &s.shared);
     }
+}
+
+/// A merged MoE block: one merged expert (`expert` over `expert_bytes`) applied to every
+/// token, plus the shared expert. No routing, no per-expert slab.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merged(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    expert_bytes: &[u8],
+    expert: &Mlp,
+    p: &MoePlan,
+    spec: &RouterSpec,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) {
+    mlp(par, expert_bytes, expert, x, t, &mut s.mlp, out);
+    shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// The choices of the last [`moe`] call, `[t, top_k]` (weight 0 for dropped choices).
+pub(crate) fn last_choices(s: &FfnScratch) -> &[Choice] {
+    &s.choices
+}
+
+/// Routes one pooled router input `x` (`[hidden]`) as a token: its `top_k` choices.
+pub(crate) fn route_one(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &RouterSpec,
+    x: &[f32],
+    s: &mut FfnScratch,
+) -> Vec<Choice> {
+    let e = spec.num_experts;
+    router_logits(par, bytes, p, x, 1, e, s);
+    let sel = p.selection_bias.as_ref().map(|b| {
+        b.read(bytes, &mut s.sel_bias);
+        &s.sel_bias[..]
+    });
+    let mut out = alloc::vec![Choice { expert: 0, weight: 0.0 }; spec.top_k];
+    route_token(spec, &s.logits, sel, &mut s.route, &mut out);
+    out
 }

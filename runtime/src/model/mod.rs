@@ -12,10 +12,12 @@
 //! routing selects it, and only through its slab.
 
 mod attention;
+pub mod bank;
 mod ffn;
 pub mod plan;
 mod session;
 
+pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use session::{ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -45,6 +47,8 @@ pub enum ModelError {
     NotInSlab { name: String },
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    #[error("invalid MEO merge data: {0}")]
+    Merge(String),
 }
 
 /// Where the bytes live.
@@ -77,6 +81,10 @@ pub struct Model {
     pub(crate) output: Mat,
     pub(crate) layers: Vec<LayerPlan>,
     pub(crate) rope: Rope,
+    /// Precomputed task merges stored in the file.
+    pub(crate) tasks: Vec<plan::TaskMerge>,
+    /// Measured prompt-mode merge error per MoE layer (converter calibration).
+    pub(crate) prompt_errors: Vec<(usize, f64)>,
 }
 
 impl core::fmt::Debug for Model {
@@ -125,7 +133,7 @@ impl Model {
     }
 
     fn from_storage(storage: Storage) -> Result<Self, ModelError> {
-        let (config, embed, output_norm, output, layers, rope) = {
+        let (config, embed, output_norm, output, layers, rope, (tasks, prompt_errors)) = {
             let file = MeoFile::parse(storage.bytes())?;
             let config = ModelConfig::from_metadata(&file.metadata)?;
             check_rope_type(&file)?;
@@ -133,9 +141,10 @@ impl Model {
             let (embed, output_norm, output) = b.globals()?;
             let layers = (0..config.num_layers).map(|l| b.layer(l)).collect::<Result<Vec<_>, _>>()?;
             let rope = Rope::new(&config);
-            (config, embed, output_norm, output, layers, rope)
+            let merges = b.merges()?;
+            (config, embed, output_norm, output, layers, rope, merges)
         };
-        Ok(Self { storage, config, embed, output_norm, output, layers, rope })
+        Ok(Self { storage, config, embed, output_norm, output, layers, rope, tasks, prompt_errors })
     }
 
     /// The model description from the file's metadata.
@@ -178,6 +187,112 @@ impl Model {
     /// Indices of the MoE layers.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.layers.iter().enumerate().filter(|(_, l)| matches!(l.ffn, plan::FfnPlan::Moe(_))).map(|(i, _)| i)
+    }
+
+    /// The task merges stored in the file (`meo convert --task`), in file order.
+    pub fn tasks(&self) -> &[plan::TaskMerge] {
+        &self.tasks
+    }
+
+    /// The task named `name`.
+    ///
+    /// # Errors
+    /// [`ModeError::UnknownTask`] listing the tasks the file has.
+    pub fn task(&self, name: &str) -> Result<&plan::TaskMerge, ModeError> {
+        self.tasks.iter().find(|t| t.name == name).ok_or_else(|| ModeError::UnknownTask {
+            name: name.into(),
+            available: self.tasks.iter().map(|t| t.name.clone()).collect(),
+        })
+    }
+
+    /// Prompt-mode merge error per MoE layer as measured by the converter (may be empty).
+    pub fn prompt_errors(&self) -> &[(usize, f64)] {
+        &self.prompt_errors
+    }
+
+    /// Routed expert `expert` of MoE layer `layer`: its slab's bytes and matrices (using the
+    /// view reads those bytes).
+    pub fn expert(&self, layer: usize, expert: usize) -> Option<crate::merge::ExpertRef<'_>> {
+        match &self.layers.get(layer)?.ffn {
+            plan::FfnPlan::Moe(m) => {
+                let e = m.experts.get(expert)?;
+                Some(crate::merge::ExpertRef { bytes: &self.bytes()[e.slab.clone()], mlp: &e.mlp })
+            }
+            plan::FfnPlan::Dense(_) => None,
+        }
+    }
+
+    /// The stored merged expert of task `task`, layer `layer`.
+    pub fn task_expert(&self, task: &str, layer: usize) -> Option<crate::merge::ExpertRef<'_>> {
+        let task = self.tasks.iter().find(|t| t.name == task)?;
+        let tl = task.layers.iter().find(|t| t.layer == layer)?;
+        Some(crate::merge::ExpertRef { bytes: self.bytes().get(tl.expert.slab.clone())?, mlp: &tl.expert.mlp })
+    }
+
+    /// Merges the routed experts of MoE layer `layer` with weights `w` (one per expert; see
+    /// [`crate::merge`]) in f32 and stores the result as `dtype` (default: the dtype the
+    /// file stores the layer's experts in). Experts with weight 0 are not read.
+    ///
+    /// # Errors
+    /// `layer` is not an MoE layer or `w` has the wrong length.
+    pub fn merge_layer(
+        &self,
+        layer: usize,
+        w: &[f32],
+        dtype: Option<crate::DType>,
+    ) -> Result<crate::merge::MergedExpert, ModeError> {
+        let e = self.config.router.num_experts;
+        let experts: Vec<_> = (0..e).map_while(|x| self.expert(layer, x)).collect();
+        if experts.len() != e || experts.is_empty() {
+            return Err(ModeError::NotMoe { layer });
+        }
+        if w.len() != e || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(ModeError::BadWeights { layer, expected: e });
+        }
+        let dtype = dtype.unwrap_or(experts[0].mlp.gate.dtype);
+        Ok(crate::merge::merge_expert(&experts, w, dtype))
+    }
+
+    /// Runs one expert on `x` (`[t, hidden]`) into `out` (`[t, hidden]`), on this thread.
+    pub fn run_expert(&self, expert: crate::merge::ExpertRef<'_>, x: &[f32], t: usize, out: &mut [f32]) {
+        let mut s = ffn::MlpScratch::default();
+        ffn::mlp(&crate::kernels::Serial, expert.bytes, expert.mlp, x, t, &mut s, out);
+    }
+
+    /// The routed mixture `Σ_i w_i E_i(x_t)` of MoE layer `layer` for `t` tokens with the
+    /// given choices (`[t, top_k]`, as [`Trace::on_route`] reports them; shared experts not
+    /// included), into `out` (`[t, hidden]`), on this thread.
+    ///
+    /// # Errors
+    /// `layer` is not an MoE layer, or the choices do not fit.
+    pub fn mixture(
+        &self,
+        layer: usize,
+        x: &[f32],
+        t: usize,
+        choices: &[crate::route::Choice],
+        out: &mut [f32],
+    ) -> Result<(), ModeError> {
+        let h = self.config.hidden_size;
+        let k = self.config.router.top_k;
+        if choices.len() != t * k || x.len() != t * h || out.len() != t * h {
+            return Err(ModeError::BadShape { layer });
+        }
+        out.fill(0.0);
+        let mut y = alloc::vec![0.0f32; h];
+        for (tok, ch) in choices.chunks(k).enumerate() {
+            for c in ch {
+                if c.weight == 0.0 {
+                    continue;
+                }
+                let ex = self.expert(layer, c.expert as usize).ok_or(ModeError::NotMoe { layer })?;
+                self.run_expert(ex, &x[tok * h..][..h], 1, &mut y);
+                for (o, &v) in out[tok * h..][..h].iter_mut().zip(&y) {
+                    *o += c.weight * v;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A new session (KV cache and scratch) over this model.

@@ -311,12 +311,16 @@ impl<'f, 'a> Builder<'f, 'a> {
     }
 
     fn expert(&self, l: usize, x: usize) -> Result<Expert, ModelError> {
+        self.slab_expert(&alloc::format!("layers.{l}.experts.{x}"), &|p| names::expert(l, x, p))
+    }
+
+    /// The expert whose matrices are `name(part)` and whose slab is `key`.
+    fn slab_expert(&self, key: &str, name: &dyn Fn(&str) -> alloc::string::String) -> Result<Expert, ModelError> {
         let (h, i) = (self.h, self.c.expert_intermediate_size);
-        let key = alloc::format!("layers.{l}.experts.{x}");
-        let first = names::expert(l, x, names::EXPERT_PARTS[0]);
-        let slab = self.slabs.get(key.as_str()).cloned().ok_or(ModelError::NotInSlab { name: first })?;
+        let first = name(names::EXPERT_PARTS[0]);
+        let slab = self.slabs.get(key).cloned().ok_or(ModelError::NotInSlab { name: first })?;
         let part = |p: &str, rows, cols| -> Result<Mat, ModelError> {
-            let name = names::expert(l, x, p);
+            let name = name(p);
             let m = self.mat(&name, rows, cols)?;
             if m.range.start < slab.start || m.range.end > slab.end {
                 return Err(ModelError::NotInSlab { name });
@@ -327,4 +331,135 @@ impl<'f, 'a> Builder<'f, 'a> {
         let mlp = Mlp { gate: part("gate", i, h)?, up: part("up", i, h)?, down: part("down", h, i)? };
         Ok(Expert { slab, mlp })
     }
+
+    /// The precomputed task merges (`merge.tasks`) and the measured prompt-mode merge errors
+    /// (`merge.prompt.*`), validated against the layers: every listed layer is an MoE layer,
+    /// listed once, with its merged expert's tensors in their slab and arrays of the right
+    /// lengths. A file without `merge.*` keys has neither.
+    pub(crate) fn merges(&self) -> Result<Merges, ModelError> {
+        use crate::format::{MetaArray, MetaValue};
+        use names::merge_keys as k;
+        let m = &self.file.metadata;
+        let bad = |key: &str, what: &str| ModelError::Merge(alloc::format!("metadata {key:?}: {what}"));
+        let u64s = |key: &str| -> Result<Option<Vec<u64>>, ModelError> {
+            match m.get(key) {
+                None => Ok(None),
+                Some(MetaValue::Array(MetaArray::U64(v))) => Ok(Some(v.clone())),
+                Some(v) => Err(bad(key, &alloc::format!("is {}, expected array of u64", v.type_name()))),
+            }
+        };
+        let f64s = |key: &str| -> Result<Option<Vec<f64>>, ModelError> {
+            match m.get(key) {
+                None => Ok(None),
+                Some(MetaValue::Array(MetaArray::F64(v))) => Ok(Some(v.clone())),
+                // An empty array is written with some element type; accept any.
+                Some(MetaValue::Array(MetaArray::U64(v))) if v.is_empty() => Ok(Some(Vec::new())),
+                Some(v) => Err(bad(key, &alloc::format!("is {}, expected array of f64", v.type_name()))),
+            }
+        };
+        let moe_layers = |key: &str, v: &[u64]| -> Result<Vec<usize>, ModelError> {
+            let mut seen = alloc::collections::BTreeSet::new();
+            v.iter()
+                .map(|&l| {
+                    let l = usize::try_from(l).map_err(|_| bad(key, "layer out of range"))?;
+                    if self.c.layer_ffn.get(l) != Some(&FfnKind::Moe) {
+                        return Err(bad(key, &alloc::format!("layer {l} is not an MoE layer")));
+                    }
+                    if !seen.insert(l) {
+                        return Err(bad(key, &alloc::format!("layer {l} listed twice")));
+                    }
+                    Ok(l)
+                })
+                .collect()
+        };
+        let prompt = match (u64s(k::PROMPT_LAYERS)?, f64s(k::PROMPT_ERRORS)?) {
+            (None, None) => Vec::new(),
+            (Some(l), Some(e)) if l.len() == e.len() => moe_layers(k::PROMPT_LAYERS, &l)?.into_iter().zip(e).collect(),
+            _ => return Err(bad(k::PROMPT_ERRORS, "needs merge.prompt.layers of the same length")),
+        };
+        let names: Vec<&str> = match m.get(k::TASKS) {
+            None => Vec::new(),
+            Some(MetaValue::Array(MetaArray::Str(v))) => v.clone(),
+            Some(MetaValue::Array(MetaArray::U64(v))) if v.is_empty() => Vec::new(),
+            Some(v) => return Err(bad(k::TASKS, &alloc::format!("is {}, expected array of str", v.type_name()))),
+        };
+        let e = self.c.router.num_experts;
+        let mut tasks: Vec<TaskMerge> = Vec::with_capacity(names.len());
+        for name in names {
+            if !names::valid_task_name(name) {
+                return Err(bad(k::TASKS, &alloc::format!("invalid task name {name:?} (use 1-64 of [A-Za-z0-9_-])")));
+            }
+            if tasks.iter().any(|t| t.name == name) {
+                return Err(bad(k::TASKS, &alloc::format!("task {name:?} listed twice")));
+            }
+            let key = |f: &str| k::task(name, f);
+            let lk = key("layers");
+            let layers = moe_layers(&lk, &u64s(&lk)?.ok_or_else(|| bad(&lk, "missing"))?)?;
+            let wk = key("weights");
+            let weights = f64s(&wk)?.ok_or_else(|| bad(&wk, "missing"))?;
+            if Some(weights.len()) != layers.len().checked_mul(e) {
+                return Err(bad(&wk, "needs one weight per expert of every listed layer"));
+            }
+            let per_layer = |f: &str| -> Result<Option<Vec<f64>>, ModelError> {
+                let kk = key(f);
+                match f64s(&kk)? {
+                    Some(v) if v.len() != layers.len() => Err(bad(&kk, "needs one value per listed layer")),
+                    v => Ok(v),
+                }
+            };
+            let errors = per_layer("errors")?;
+            let unaligned = per_layer("errors_unaligned")?;
+            let tokens = match m.get(&key("tokens")) {
+                Some(MetaValue::U64(x)) => *x,
+                _ => 0,
+            };
+            let weighting = match m.get(&key("weighting")) {
+                Some(MetaValue::Str(s)) => (*s).to_string(),
+                _ => alloc::string::String::new(),
+            };
+            let mut tl = Vec::with_capacity(layers.len());
+            for (j, &l) in layers.iter().enumerate() {
+                let slab = alloc::format!("tasks.{name}.layers.{l}.experts.merged");
+                let expert = self.slab_expert(&slab, &|p| names::task_expert(name, l, p))?;
+                tl.push(TaskLayer {
+                    layer: l,
+                    expert,
+                    weights: weights[j * e..(j + 1) * e].to_vec(),
+                    error: errors.as_ref().map(|v| v[j]),
+                    error_unaligned: unaligned.as_ref().map(|v| v[j]),
+                });
+            }
+            tasks.push(TaskMerge { name: name.to_string(), tokens, weighting, layers: tl });
+        }
+        Ok((tasks, prompt))
+    }
+}
+
+/// A file's task merges and its measured prompt-mode errors `(layer, error)`.
+pub(crate) type Merges = (Vec<TaskMerge>, Vec<(usize, f64)>);
+
+/// One layer of a task merge stored in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskLayer {
+    pub layer: usize,
+    /// The merged expert's slab (absolute) and matrices (relative to the slab).
+    pub expert: Expert,
+    /// Merge weights `w` per expert (see [`crate::merge`]).
+    pub weights: Vec<f64>,
+    /// Relative merge error measured by the converter on the calibration tokens.
+    pub error: Option<f64>,
+    /// The same, had the experts not been aligned.
+    pub error_unaligned: Option<f64>,
+}
+
+/// A task's precomputed merged experts (`merge.task.<name>.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMerge {
+    pub name: alloc::string::String,
+    /// Calibration tokens the merge weights were measured on.
+    pub tokens: u64,
+    /// How the weights were computed (`mean_gate` or `frequency`).
+    pub weighting: alloc::string::String,
+    /// Ascending by layer is not required; one entry per merged layer.
+    pub layers: Vec<TaskLayer>,
 }

@@ -2,9 +2,11 @@
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
-use super::ffn::{FfnScratch, dense, moe};
+use super::bank::{LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+use super::ffn::{FfnScratch, dense, last_choices, merged, moe, route_one};
 use super::plan::FfnPlan;
 use crate::kernels::{Parallel, Serial, add_into, matmul, rmsnorm};
+use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -20,6 +22,12 @@ pub trait Trace {
     /// [`Session::reset`]) in MoE layer `layer`: `top_k` experts in ascending order with the
     /// weights their outputs are multiplied by (0 for a token dropped by capacity).
     fn on_route(&mut self, _layer: usize, _pos: usize, _choices: &[Choice]) {}
+    /// The input of MoE layer `layer` (the normalised hidden states, `[T, hidden]`, the
+    /// router's input) for the tokens at positions `pos0..pos0 + T`, before the layer runs.
+    fn on_moe_input(&mut self, _layer: usize, _pos0: usize, _x: &[f32]) {}
+    /// MoE layer `layer` ran merged for `tokens` tokens, reading `expert` (no routing, no
+    /// per-expert slab).
+    fn on_merged(&mut self, _layer: usize, _tokens: usize, _expert: &MergedUse) {}
 }
 
 /// A [`Trace`] that does nothing.
@@ -102,6 +110,27 @@ pub struct Session<'m> {
     cache: Vec<LayerCache>,
     buf: Buffers,
     logits: Vec<f32>,
+    bank: BankState,
+}
+
+/// How one MoE layer runs in this session.
+#[derive(Debug)]
+enum Exec {
+    /// Per-token mixture (vanilla).
+    Mixture,
+    /// Task merge `layers[index]` of task `task` of the model.
+    Stored { task: usize, index: usize },
+    /// Prompt mode before the prompt: run vanilla and pool the routing.
+    Pending,
+    /// Prompt mode after the prompt: the merged expert.
+    Cached(MergedExpert),
+}
+
+#[derive(Debug, Default)]
+struct BankState {
+    opts: MergeOptions,
+    /// Per layer (dense layers `Mixture`, never used).
+    exec: Vec<Exec>,
 }
 
 impl core::fmt::Debug for Session<'_> {
@@ -135,7 +164,112 @@ impl<'m> Session<'m> {
             cache: (0..model.layers.len()).map(|_| LayerCache::default()).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
+            bank: BankState {
+                opts: MergeOptions::default(),
+                exec: model.layers.iter().map(|_| Exec::Mixture).collect(),
+            },
         })
+    }
+
+    /// Sets the routing mode and merge policy, and resets the sequence. Returns the layers
+    /// that will run merged (ascending; in prompt mode, once the prompt has run).
+    ///
+    /// # Errors
+    /// An unknown task (the error lists the file's tasks), a listed layer that is not an MoE
+    /// layer or has no stored merge for the task, or `auto` without measured errors. On error
+    /// the session is unchanged.
+    pub fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, ModeError> {
+        let m = self.model;
+        let moe: Vec<usize> = m.moe_layers().collect();
+        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| -> Result<Vec<usize>, ModeError> {
+            match &opts.layers {
+                LayerSelect::All => Ok(candidates.iter().map(|c| c.0).collect()),
+                LayerSelect::Layers(ls) => ls
+                    .iter()
+                    .map(|&l| {
+                        if !moe.contains(&l) {
+                            return Err(ModeError::NotMoe { layer: l });
+                        }
+                        if !candidates.iter().any(|c| c.0 == l) {
+                            let Mode::Task(task) = &opts.mode else { return Err(ModeError::NotMoe { layer: l }) };
+                            let stored = candidates.iter().map(|c| c.0).collect();
+                            return Err(ModeError::NotStored { task: task.clone(), layer: l, stored });
+                        }
+                        Ok(l)
+                    })
+                    .collect(),
+                LayerSelect::Auto { budget } => {
+                    if candidates.iter().all(|c| c.1.is_none()) {
+                        return Err(ModeError::NoErrors { mode: what });
+                    }
+                    // A layer without a measured error, or whose error exceeds the budget,
+                    // (NaN included) stays vanilla.
+                    Ok(candidates.iter().filter(|c| c.1.is_some_and(|e| e <= *budget)).map(|c| c.0).collect())
+                }
+            }
+        };
+        let mut exec: Vec<Exec> = m.layers.iter().map(|_| Exec::Mixture).collect();
+        let mut layers = match &opts.mode {
+            Mode::Vanilla => Vec::new(),
+            Mode::Task(name) => {
+                let task = m.task(name)?;
+                let ti = m.tasks.iter().position(|t| t.name == *name).unwrap_or(0);
+                let cands: Vec<(usize, Option<f64>)> = task.layers.iter().map(|tl| (tl.layer, tl.error)).collect();
+                let layers = pick(&cands, "task")?;
+                for &l in &layers {
+                    let index = task.layers.iter().position(|tl| tl.layer == l).unwrap_or(0);
+                    exec[l] = Exec::Stored { task: ti, index };
+                }
+                layers
+            }
+            Mode::Prompt(_) => {
+                let cands: Vec<(usize, Option<f64>)> =
+                    moe.iter().map(|&l| (l, m.prompt_errors.iter().find(|e| e.0 == l).map(|e| e.1))).collect();
+                let layers = pick(&cands, "prompt")?;
+                for &l in &layers {
+                    exec[l] = Exec::Pending;
+                }
+                layers
+            }
+        };
+        layers.sort_unstable();
+        layers.dedup();
+        self.bank = BankState { opts, exec };
+        self.truncate(0);
+        Ok(layers)
+    }
+
+    /// The routing mode and merge policy.
+    pub fn mode(&self) -> &MergeOptions {
+        &self.bank.opts
+    }
+
+    /// The layers that run merged now (prompt mode: empty until the prompt has run).
+    pub fn merged_layers(&self) -> Vec<usize> {
+        (0..self.bank.exec.len()).filter(|&l| self.merged_expert(l).is_some()).collect()
+    }
+
+    /// The merged expert layer `layer` runs now, if it runs merged.
+    pub fn merged_expert(&self, layer: usize) -> Option<ExpertRef<'_>> {
+        match self.bank.exec.get(layer)? {
+            Exec::Stored { task, index } => {
+                let tl = &self.model.tasks[*task].layers[*index];
+                Some(ExpertRef { bytes: &self.model.bytes()[tl.expert.slab.clone()], mlp: &tl.expert.mlp })
+            }
+            Exec::Cached(me) => Some(me.as_ref()),
+            Exec::Mixture | Exec::Pending => None,
+        }
+    }
+
+    /// The merge weights of a merged layer (per expert).
+    pub fn merge_weights(&self, layer: usize) -> Option<Vec<f32>> {
+        match self.bank.exec.get(layer)? {
+            Exec::Stored { task, index } => {
+                Some(self.model.tasks[*task].layers[*index].weights.iter().map(|&w| w as f32).collect())
+            }
+            Exec::Cached(me) => Some(me.weights.clone()),
+            Exec::Mixture | Exec::Pending => None,
+        }
     }
 
     /// The model this session runs.
@@ -164,6 +298,8 @@ impl<'m> Session<'m> {
     }
 
     /// Keeps only the first `len` positions of the cache (no-op if `len >= position()`).
+    /// Truncating to 0 is a reset: prompt-mode merges are dropped and redone from the next
+    /// call.
     pub fn truncate(&mut self, len: usize) {
         if len >= self.pos {
             return;
@@ -174,6 +310,14 @@ impl<'m> Session<'m> {
             c.v.truncate(len * kvd);
         }
         self.pos = len;
+        if len == 0 {
+            // A new sequence: prompt merges are redone from its prompt.
+            for e in &mut self.bank.exec {
+                if matches!(e, Exec::Cached(_)) {
+                    *e = Exec::Pending;
+                }
+            }
+        }
     }
 
     /// Feeds `tokens` after the cached ones and returns the logits of every one of them,
@@ -244,7 +388,38 @@ impl<'m> Session<'m> {
             }
             match &layer.ffn {
                 FfnPlan::Dense(mlp) => dense(par, bytes, mlp, &b.h, t, &mut b.ffn, &mut b.y),
-                FfnPlan::Moe(p) => moe(par, bytes, p, &c.router, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
+                FfnPlan::Moe(p) => {
+                    trace.on_moe_input(l, self.pos, &b.h);
+                    let spec = &c.router;
+                    match &mut self.bank.exec[l] {
+                        Exec::Mixture => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
+                        Exec::Stored { task, index } => {
+                            let ex = &m.tasks[*task].layers[*index].expert;
+                            let eb = &bytes[ex.slab.clone()];
+                            merged(par, bytes, eb, &ex.mlp, p, spec, &b.h, t, &mut b.ffn, &mut b.y);
+                            trace.on_merged(l, t, &MergedUse::File(ex.slab.clone()));
+                        }
+                        Exec::Cached(me) => {
+                            merged(par, bytes, &me.bytes, &me.mlp, p, spec, &b.h, t, &mut b.ffn, &mut b.y);
+                            trace.on_merged(l, t, &MergedUse::Session(me.bytes.len()));
+                        }
+                        exec @ Exec::Pending => {
+                            // The prompt: vanilla, then merge this layer once from its routing.
+                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y);
+                            let pool = match &self.bank.opts.mode {
+                                Mode::Prompt(pool) => *pool,
+                                _ => PromptPool::default(),
+                            };
+                            let w = pooled_weights(pool, par, bytes, p, spec, &b.h, t, &mut b.ffn);
+                            // Shapes were validated at open and the weights are finite: the
+                            // merge cannot fail; if it did, the layer would stay vanilla.
+                            *exec = match m.merge_layer(l, &w, None) {
+                                Ok(me) => Exec::Cached(me),
+                                Err(_) => Exec::Mixture,
+                            };
+                        }
+                    }
+                }
             }
             add_into(&mut b.x, &b.y);
         }
@@ -267,6 +442,45 @@ impl<'m> Session<'m> {
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
+}
+
+/// Prompt-mode merge weights of one layer from its prompt `x` (`[t, hidden]`) and the
+/// choices the vanilla pass just made (in `s`).
+#[allow(clippy::too_many_arguments)]
+fn pooled_weights(
+    pool: PromptPool,
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &super::plan::MoePlan,
+    spec: &crate::RouterSpec,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+) -> Vec<f32> {
+    let e = spec.num_experts;
+    let mut w = alloc::vec![0.0f64; e];
+    let n = t.max(1) as f64;
+    match pool {
+        PromptPool::MeanGate => {
+            for c in last_choices(s) {
+                w[c.expert as usize] += f64::from(c.weight);
+            }
+        }
+        PromptPool::PooledInput => {
+            let h = x.len() / t.max(1);
+            let mut mean = alloc::vec![0.0f64; h];
+            for row in x.chunks(h) {
+                for (m, &v) in mean.iter_mut().zip(row) {
+                    *m += f64::from(v);
+                }
+            }
+            let mean: Vec<f32> = mean.iter().map(|&v| (v / n) as f32).collect();
+            for c in route_one(par, bytes, p, spec, &mean, s) {
+                w[c.expert as usize] += f64::from(c.weight) * n;
+            }
+        }
+    }
+    w.iter().map(|&v| (v / n) as f32).collect()
 }
 
 #[cfg(feature = "std")]

@@ -1,0 +1,209 @@
+//! MEO merging ("Merging Experts into One"): `θ̂ = Σ g_i θ_i`, computed in f32 from the
+//! dequantized weights and re-encoded to the experts' storage dtype. `no_std` + `alloc`.
+//!
+//! # SwiGLU experts and weights that do not sum to 1
+//!
+//! A routed MoE layer computes `y = Σ_i w_i · E_i(x)` with `E_i(x) = D_i(silu(G_i x) ⊙ U_i x)`.
+//! The merge weights `w` (one per expert, ≥ 0) need not sum to 1: OLMoE and Qwen-MoE without
+//! `norm_topk_prob` keep the top-k softmax mass, DeepSeek scales by `routed_scaling_factor`.
+//! meo merges with the **normalised** weights `ḡ = w / Σw` inside the nonlinearity and keeps
+//! the mass `s = Σw` outside it:
+//!
+//! ```text
+//! Ĝ = Σ ḡ_i G_i     Û = Σ ḡ_i U_i     D̂ = Σ w_i D_i  (= s · Σ ḡ_i D_i)
+//! y ≈ D̂(silu(Ĝ x) ⊙ Û x) = s · E_{θ̄}(x)
+//! ```
+//!
+//! So the merged gate and up projections are convex combinations (their pre-activations keep
+//! the experts' scale, whatever the routing mass), the output carries the mass the mixture
+//! had, and a merge of one expert (`w = p·e_i`) is exactly `p · E_i(x)`: the vanilla output.
+//! The scale is folded into the down projection, so a merged expert is one ordinary SwiGLU
+//! expert and needs no extra runtime parameter. For a single linear map (`D̂` alone) the
+//! merge is exact: `D̂ x = Σ w_i D_i x`.
+
+use crate::format::DType;
+use crate::kernels::{MatRef, decode};
+use crate::model::plan::{Mat, Mlp};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+/// `out[rows × cols] = Σ w_i · W_i` over `parts` (`(matrix, weight)`), in f32 from the
+/// dequantized values; parts with weight 0 are not read.
+///
+/// # Panics
+/// If the parts' shapes differ or `out` has the wrong length (caller bug).
+pub fn merge_matrices(parts: &[(MatRef<'_>, f32)], out: &mut [f32]) {
+    out.fill(0.0);
+    let Some((first, _)) = parts.first() else { return };
+    let (rows, cols) = (first.rows(), first.cols());
+    assert!(out.len() == rows * cols, "merge_matrices: output length");
+    let mut row = vec![0.0f32; cols];
+    for (m, w) in parts {
+        assert!(m.rows() == rows && m.cols() == cols, "merge_matrices: shapes differ");
+        if *w == 0.0 {
+            continue;
+        }
+        for r in 0..rows {
+            decode(m, r, 1, 0, cols, &mut row);
+            for (o, &v) in out[r * cols..][..cols].iter_mut().zip(&row) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// Encodes a row-major `[rows, cols]` f32 matrix as `dtype` (Q8_0 through
+/// [`crate::quant::quantize`], f16/bf16 rounding to nearest even).
+pub fn encode(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Vec<u8> {
+    debug_assert_eq!(values.len(), rows * cols);
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        DType::Q8_0 => crate::quant::quantize(values, rows, cols),
+    }
+}
+
+/// Splits merge weights `w` into the normalised weights `ḡ = w / Σw` and the mass `s = Σw`
+/// (all zero and 0 when `Σw = 0`).
+pub fn normalise(w: &[f32]) -> (Vec<f32>, f32) {
+    let s: f32 = w.iter().sum();
+    if s > 0.0 && s.is_finite() { (w.iter().map(|&x| x / s).collect(), s) } else { (vec![0.0; w.len()], 0.0) }
+}
+
+/// One expert's matrices: the bytes they live in (a slab, or a merged buffer) and where.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertRef<'a> {
+    pub bytes: &'a [u8],
+    pub mlp: &'a Mlp,
+}
+
+/// A merged SwiGLU expert owned in memory: gate, up and down back to back (each at a 64-byte
+/// offset), with the merge weights it was made from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedExpert {
+    pub bytes: Vec<u8>,
+    /// Ranges relative to `bytes`.
+    pub mlp: Mlp,
+    /// The merge weights `w` per expert (unnormalised; see the module docs).
+    pub weights: Vec<f32>,
+}
+
+impl MergedExpert {
+    /// A view for running it.
+    pub fn as_ref(&self) -> ExpertRef<'_> {
+        ExpertRef { bytes: &self.bytes, mlp: &self.mlp }
+    }
+}
+
+/// The three merged matrices in f32, `(gate [i·h], up [i·h], down [h·i])`, following the
+/// module's rule (gate/up with `ḡ`, down with `w`). `experts[i]` pairs with `w[i]`.
+///
+/// # Panics
+/// If `experts.len() != w.len()`, or the experts' shapes differ (caller bug).
+pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(experts.len(), w.len(), "merge_f32: one weight per expert");
+    let (gbar, _) = normalise(w);
+    let m0 = experts.first().expect("at least one expert").mlp;
+    let (i, h) = (m0.gate.rows, m0.gate.cols);
+    let mut gate = vec![0.0; i * h];
+    let mut up = vec![0.0; i * h];
+    let mut down = vec![0.0; h * i];
+    let gp: Vec<(MatRef<'_>, f32)> = experts.iter().zip(&gbar).map(|(e, &x)| (e.mlp.gate.view(e.bytes), x)).collect();
+    merge_matrices(&gp, &mut gate);
+    let up_p: Vec<(MatRef<'_>, f32)> = experts.iter().zip(&gbar).map(|(e, &x)| (e.mlp.up.view(e.bytes), x)).collect();
+    merge_matrices(&up_p, &mut up);
+    let dp: Vec<(MatRef<'_>, f32)> = experts.iter().zip(w).map(|(e, &x)| (e.mlp.down.view(e.bytes), x)).collect();
+    merge_matrices(&dp, &mut down);
+    (gate, up, down)
+}
+
+/// Packs gate, up and down (f32) into one buffer in `dtype`, each part at a 64-byte offset.
+pub fn pack(gate: &[f32], up: &[f32], down: &[f32], i: usize, h: usize, dtype: DType) -> (Vec<u8>, Mlp) {
+    let mut bytes = Vec::new();
+    let mut put = |v: &[f32], rows: usize, cols: usize| -> Mat {
+        let start = bytes.len().next_multiple_of(64);
+        bytes.resize(start, 0);
+        bytes.extend_from_slice(&encode(v, rows, cols, dtype));
+        Mat { dtype, rows, cols, range: Range { start, end: bytes.len() } }
+    };
+    let gate = put(gate, i, h);
+    let up = put(up, i, h);
+    let down = put(down, h, i);
+    (bytes, Mlp { gate, up, down })
+}
+
+/// Merges `experts` with weights `w` and stores the result in `dtype`.
+///
+/// # Panics
+/// As [`merge_f32`].
+pub fn merge_expert(experts: &[ExpertRef<'_>], w: &[f32], dtype: DType) -> MergedExpert {
+    let m0 = experts[0].mlp;
+    let (i, h) = (m0.gate.rows, m0.gate.cols);
+    let (g, u, d) = merge_f32(experts, w);
+    let (bytes, mlp) = pack(&g, &u, &d, i, h, dtype);
+    MergedExpert { bytes, mlp, weights: w.to_vec() }
+}
+
+/// `‖a − b‖_F / ‖b‖_F` in f64 (0 when both are zero, ∞ when only `b` is).
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = f64::from(x) - f64::from(y);
+        num += d * d;
+        den += f64::from(y) * f64::from(y);
+    }
+    if den == 0.0 { if num == 0.0 { 0.0 } else { f64::INFINITY } } else { libm::sqrt(num / den) }
+}
+
+/// Sums of squares for a relative error accumulated over several batches:
+/// `(Σ‖a − b‖², Σ‖b‖²)`.
+pub fn error_sums(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let mut s = (0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = f64::from(x) - f64::from(y);
+        s.0 += d * d;
+        s.1 += f64::from(y) * f64::from(y);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mat(vals: &[f32], rows: usize, cols: usize, dtype: DType) -> Vec<u8> {
+        encode(vals, rows, cols, dtype)
+    }
+
+    #[test]
+    fn merging_a_linear_map_is_exact_in_f32() {
+        let (rows, cols) = (3, 5);
+        let a: Vec<f32> = (0..15).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let b: Vec<f32> = (0..15).map(|i| (i as f32 * 0.7).sin()).collect();
+        let (ba, bb) = (mat(&a, rows, cols, DType::F32), mat(&b, rows, cols, DType::F32));
+        let ma = MatRef::new(DType::F32, rows, cols, &ba).unwrap();
+        let mb = MatRef::new(DType::F32, rows, cols, &bb).unwrap();
+        let mut out = vec![0.0; 15];
+        merge_matrices(&[(ma, 0.3), (mb, 0.7)], &mut out);
+        for k in 0..15 {
+            assert!((out[k] - (0.3 * a[k] + 0.7 * b[k])).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn normalise_splits_mass() {
+        let (g, s) = normalise(&[0.2, 0.0, 0.2]);
+        assert_eq!(g, [0.5, 0.0, 0.5]);
+        assert!((s - 0.4).abs() < 1e-7);
+        assert_eq!(normalise(&[0.0, 0.0]), (vec![0.0, 0.0], 0.0));
+    }
+
+    #[test]
+    fn relative_error_basics() {
+        assert_eq!(relative_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((relative_error(&[0.0, 0.0], &[3.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert_eq!(relative_error(&[0.0], &[0.0]), 0.0);
+    }
+}

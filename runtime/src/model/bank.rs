@@ -1,0 +1,218 @@
+//! Expert banks: how a session runs each MoE layer.
+//!
+//! An MoE feed-forward block is an *expert bank*: a router ([`crate::RouterSpec`]), a gate
+//! [`Granularity`] (what the gate is computed from) and an [`Execution`] (how the selected
+//! experts are applied). All of it is data chosen per session and per layer; the code that
+//! runs a layer has one arm per execution, none per family.
+//!
+//! | [`Mode`] | granularity | execution | per-expert slabs read |
+//! |---|---|---|---|
+//! | `Vanilla` (default for standard MoEs) | token | per-token mixture `Σ g_i E_i(x)` | the selected ones, every token |
+//! | `Prompt` | sequence (the prompt) | merged once per layer after the prompt, cached in the session | during the prompt only |
+//! | `Task(name)` | task | merged at conversion time, stored in the file | never |
+//!
+//! For a standard token-routed MoE (Mixtral, Qwen-MoE, OLMoE) merged execution is an
+//! approximation (SwiGLU is not linear): opt-in, per layer ([`LayerSelect`]), and measured
+//! (`meo eval`, `docs/MEO.md`).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+/// What a bank's gate is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    /// Each token's own hidden state (standard MoEs).
+    Token,
+    /// The sequence (prompt): pooled over its tokens.
+    Sequence,
+    /// A task, fixed before the sequence is seen.
+    Task,
+}
+
+/// How a bank applies its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Execution {
+    /// `y = Σ_i g_i E_i(x)` per token over the selected experts.
+    Mixture,
+    /// `y = E_θ̂(x)` with `θ̂ = Σ_i g_i θ_i` merged once (see [`crate::merge`]).
+    Merged,
+}
+
+/// How prompt mode pools the prompt's routing into one gate per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptPool {
+    /// The mean over the prompt tokens of each token's gate weights (0 where an expert was
+    /// not selected): the merge weights are the average mixture the prompt actually used.
+    #[default]
+    MeanGate,
+    /// The router applied to the mean of the prompt's router inputs (the MEO paper's
+    /// sequence-level gate): top-k experts of the pooled state, with their weights.
+    PooledInput,
+}
+
+impl PromptPool {
+    /// CLI / JSON spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MeanGate => "mean-gate",
+            Self::PooledInput => "pooled-input",
+        }
+    }
+}
+
+/// The routing mode of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The model as trained: token gate, per-token mixture.
+    #[default]
+    Vanilla,
+    /// The prompt (the first forward call after a reset) runs vanilla while its routing is
+    /// pooled per layer; then each selected layer's experts are merged once, cached in the
+    /// session, and used for every later token.
+    Prompt(PromptPool),
+    /// The merged experts the converter stored for this task; per-expert slabs are not read
+    /// in the merged layers.
+    Task(String),
+}
+
+impl Mode {
+    /// The gate granularity of the merged layers.
+    pub fn granularity(&self) -> Granularity {
+        match self {
+            Self::Vanilla => Granularity::Token,
+            Self::Prompt(_) => Granularity::Sequence,
+            Self::Task(_) => Granularity::Task,
+        }
+    }
+
+    /// The execution of the merged layers.
+    pub fn execution(&self) -> Execution {
+        match self {
+            Self::Vanilla => Execution::Mixture,
+            _ => Execution::Merged,
+        }
+    }
+
+    /// Parses `vanilla`, `prompt` or `task:NAME` (the task name is checked against a model
+    /// when the mode is set).
+    ///
+    /// # Errors
+    /// Any other spelling.
+    pub fn parse(s: &str) -> Result<Self, ModeError> {
+        match s {
+            "vanilla" => Ok(Self::Vanilla),
+            "prompt" => Ok(Self::Prompt(PromptPool::default())),
+            _ => match s.strip_prefix("task:") {
+                Some(name) if !name.is_empty() => Ok(Self::Task(name.into())),
+                _ => Err(ModeError::BadSpelling {
+                    what: "mode",
+                    value: s.into(),
+                    expected: "vanilla, prompt or task:NAME",
+                }),
+            },
+        }
+    }
+
+    /// `vanilla`, `prompt` or `task:NAME`.
+    pub fn spelling(&self) -> String {
+        match self {
+            Self::Vanilla => "vanilla".into(),
+            Self::Prompt(_) => "prompt".into(),
+            Self::Task(n) => alloc::format!("task:{n}"),
+        }
+    }
+}
+
+/// Which MoE layers run merged (the others stay vanilla).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum LayerSelect {
+    /// Every MoE layer (every layer the task stores a merge for, in task mode).
+    #[default]
+    All,
+    /// These layers (each must be an MoE layer; in task mode, one the task stores).
+    Layers(Vec<usize>),
+    /// The layers whose measured merge error is at most `budget`: the converter's per-layer
+    /// error for the task (task mode) or its measured prompt-mode error (prompt mode). A
+    /// layer without a measured error is never merged.
+    Auto { budget: f64 },
+}
+
+impl LayerSelect {
+    /// Parses `all`, `auto` (with `budget`) or a comma-separated list of layer indices.
+    ///
+    /// # Errors
+    /// Any other spelling.
+    pub fn parse(s: &str, budget: f64) -> Result<Self, ModeError> {
+        match s {
+            "all" => Ok(Self::All),
+            "auto" => Ok(Self::Auto { budget }),
+            _ => s
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Layers)
+                .map_err(|_| ModeError::BadSpelling {
+                    what: "merge layers",
+                    value: s.into(),
+                    expected: "all, auto or a comma-separated list of layer indices",
+                }),
+        }
+    }
+}
+
+/// A session's routing mode and merge policy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MergeOptions {
+    pub mode: Mode,
+    pub layers: LayerSelect,
+}
+
+/// How a merged layer's expert was read (reported by [`crate::Trace::on_merged`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergedUse {
+    /// A task merge: this slab of the file (absolute byte range).
+    File(Range<usize>),
+    /// A prompt merge cached in the session: this many bytes of memory.
+    Session(usize),
+}
+
+impl MergedUse {
+    /// Bytes of the merged expert.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::File(r) => r.len(),
+            Self::Session(n) => *n,
+        }
+    }
+}
+
+/// Why a mode or merge could not be set up (the session is unchanged).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModeError {
+    #[error("{}", unknown_task(name, available))]
+    UnknownTask { name: String, available: Vec<String> },
+    #[error("invalid {what} {value:?} (expected {expected})")]
+    BadSpelling { what: &'static str, value: String, expected: &'static str },
+    #[error("layer {layer} is not an MoE layer")]
+    NotMoe { layer: usize },
+    #[error("merge weights of layer {layer}: need {expected} finite values >= 0")]
+    BadWeights { layer: usize, expected: usize },
+    #[error("layer {layer}: inputs or choices do not match the layer's shapes")]
+    BadShape { layer: usize },
+    #[error("task {task:?} stores no merged expert for layer {layer} (it has layers {stored:?})")]
+    NotStored { task: String, layer: usize, stored: Vec<usize> },
+    #[error(
+        "--merge-layers auto needs measured per-layer merge errors, and this file has none for {mode} mode \
+         (convert with --task NAME=calibration.txt, or list the layers)"
+    )]
+    NoErrors { mode: &'static str },
+}
+
+fn unknown_task(name: &str, available: &[String]) -> String {
+    if available.is_empty() {
+        alloc::format!("unknown task {name:?}: this file has no task merges (convert with --task NAME=calibration.txt)")
+    } else {
+        alloc::format!("unknown task {name:?}; the file has: {}", available.join(", "))
+    }
+}
