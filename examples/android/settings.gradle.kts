@@ -1,0 +1,2 @@
+rootProject.name = "meo-android"
+include(":meo")

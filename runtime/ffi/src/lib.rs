@@ -1,0 +1,1042 @@
+//! The C API of meo. The header `include/meo.h` is generated from this file by cbindgen
+//! (`cargo test -p meo-ffi --test header` checks it; `MEO_BLESS=1` rewrites it).
+//!
+//! Conventions, for every function:
+//! - The return value is a [`MeoStatus`]; on anything but `MEO_STATUS_OK` a message is kept
+//!   for the calling thread ([`meo_last_error`]) and no out-parameter is written except where
+//!   a function documents otherwise (`MEO_STATUS_BUFFER_TOO_SMALL` reports the size needed).
+//! - Every pointer is checked for NULL; handles are checked against the live handles of this
+//!   library (a freed or made-up handle gives `MEO_STATUS_INVALID_HANDLE`, it is never read).
+//! - No Rust panic crosses the boundary: one becomes `MEO_STATUS_PANIC`.
+//! - A `MeoModel` may be used from many threads at once. A `MeoSession` must be used by one
+//!   thread at a time. A session keeps its model alive: `meo_model_free` may come first.
+#![allow(clippy::missing_safety_doc)] // every function's safety contract is in the header docs
+
+use meo::model::Mode;
+use meo::residency::{ExpertTracker, TrackerOptions};
+use meo::sample::{Sampler, SamplerConfig};
+use meo::tokenizer::Tokenizer;
+use meo::{LayerSelect, Logits, MergeOptions, Model, Session, SessionOptions};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// Result of every call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeoStatus {
+    /// Success.
+    Ok = 0,
+    /// A required pointer argument was NULL.
+    NullPointer = 1,
+    /// A handle that is not a live handle of this library (freed, or never created).
+    InvalidHandle = 2,
+    /// An argument is out of range or misspelt (the message says which).
+    InvalidArgument = 3,
+    /// A string argument is not valid UTF-8.
+    InvalidUtf8 = 4,
+    /// The file or file descriptor cannot be opened, read or mapped.
+    Io = 5,
+    /// The bytes are not a `.meo` model this runtime can run.
+    InvalidModel = 6,
+    /// The request is valid but not supported (by this build, platform or model).
+    Unsupported = 7,
+    /// An output buffer is too small; the size needed was written to the length argument.
+    BufferTooSmall = 8,
+    /// A token id is outside the model's vocabulary.
+    TokenOutOfRange = 9,
+    /// The tokens do not fit in the session's context.
+    ContextFull = 10,
+    /// The model file has no embedded tokenizer.
+    NoTokenizer = 11,
+    /// Generation stopped because the cancel flag was set or the callback asked to stop.
+    Cancelled = 12,
+    /// The call is not valid in the session's current state (e.g. sampling before feeding).
+    BadState = 13,
+    /// A bug: the library panicked. The handle involved should be freed.
+    Panic = 14,
+}
+
+/// Token id passed to a [`MeoTokenCallback`] for the final flush of held-back text.
+pub const MEO_TOKEN_NONE: u32 = u32::MAX;
+
+type Res<T> = Result<T, (MeoStatus, String)>;
+
+fn err<T>(status: MeoStatus, msg: impl Into<String>) -> Res<T> {
+    Err((status, msg.into()))
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f` with every failure (error or panic) turned into a status and a message.
+fn guard(f: impl FnOnce() -> Res<()>) -> MeoStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => MeoStatus::Ok,
+        Ok(Err((status, msg))) => {
+            set_error(&msg);
+            status
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(&format!("internal error (panic): {what}"));
+            MeoStatus::Panic
+        }
+    }
+}
+
+fn check_ptr<T>(p: *const T, name: &str) -> Res<()> {
+    if p.is_null() { err(MeoStatus::NullPointer, format!("{name} is NULL")) } else { Ok(()) }
+}
+
+/// Writes `v` to the out-pointer `p` (checked for NULL by the caller first).
+unsafe fn put<T>(p: *mut T, v: T) {
+    // SAFETY: the caller checked `p` for NULL; the C contract says it points to a `T`.
+    unsafe { p.write(v) }
+}
+
+/// `p` as a UTF-8 string (NULL-terminated C string).
+unsafe fn c_str<'a>(p: *const c_char, name: &str) -> Res<&'a str> {
+    check_ptr(p, name)?;
+    // SAFETY: non-NULL; the C contract says it is NUL-terminated and lives for the call.
+    let c = unsafe { CStr::from_ptr(p) };
+    c.to_str().map_err(|e| (MeoStatus::InvalidUtf8, format!("{name} is not valid UTF-8: {e}")))
+}
+
+/// `n` elements at `p` (`p` may be NULL when `n` is 0).
+unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Res<&'a [T]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    check_ptr(p, name)?;
+    if n.checked_mul(size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
+        return err(MeoStatus::InvalidArgument, format!("{name}: length {n} is too large"));
+    }
+    // SAFETY: non-NULL, length bounded; the C contract says `n` elements are readable.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+// ---------------------------------------------------------------------------------------
+// Handles
+
+/// Where a model's bytes live.
+enum Holder {
+    Plain(Model),
+    #[cfg(unix)]
+    Fd(meo::platform::FdModel),
+}
+
+/// An opened model (opaque). Shareable across threads.
+pub struct MeoModel {
+    holder: Holder,
+    tokenizer: OnceLock<Result<Tokenizer, String>>,
+}
+
+impl MeoModel {
+    fn model(&self) -> &Model {
+        match &self.holder {
+            Holder::Plain(m) => m,
+            #[cfg(unix)]
+            Holder::Fd(f) => f.model(),
+        }
+    }
+
+    fn tokenizer(&self) -> Res<&Tokenizer> {
+        let t = self.tokenizer.get_or_init(|| {
+            let file = self.model().file().map_err(|e| e.to_string())?;
+            Tokenizer::from_metadata(&file.metadata).map_err(|e| e.to_string())
+        });
+        match t {
+            Ok(t) => Ok(t),
+            Err(e) if e.contains("no embedded tokenizer") => err(MeoStatus::NoTokenizer, e.clone()),
+            Err(e) => err(MeoStatus::InvalidModel, e.clone()),
+        }
+    }
+
+    fn trim(&self) -> Res<u64> {
+        let r = match &self.holder {
+            Holder::Plain(m) if m.mapped().is_none() => {
+                return err(
+                    MeoStatus::Unsupported,
+                    "this model was opened from bytes in memory: there are no file-backed pages to release",
+                );
+            }
+            #[cfg(unix)]
+            Holder::Plain(m) => meo::platform::release_expert_slabs(m),
+            #[cfg(not(unix))]
+            Holder::Plain(_) => return err(MeoStatus::Unsupported, "releasing pages needs a Unix platform"),
+            #[cfg(unix)]
+            Holder::Fd(f) => f.release_expert_slabs(),
+        };
+        r.map_err(|e| (MeoStatus::Io, e.to_string()))
+    }
+}
+
+/// Options of a new session. Zero-initialise for the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeoSessionOptions {
+    /// Worker threads; 0 = one per physical core.
+    pub threads: u32,
+    /// Most positions the session holds; 0 = the model's maximum.
+    pub max_context: u32,
+}
+
+/// Sampling settings. `{0, 0, 1.0, 0}` (temperature 0) is greedy decoding, the default.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MeoSamplerOptions {
+    /// 0 = greedy; otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 = no limit.
+    pub top_k: u32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 = no limit.
+    pub top_p: f32,
+    /// Random seed (same seed, same output).
+    pub seed: u64,
+}
+
+/// Facts about a model.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeoModelInfo {
+    pub vocab_size: u32,
+    pub num_layers: u32,
+    /// Experts per MoE layer.
+    pub num_experts: u32,
+    /// Experts each token is routed to.
+    pub top_k: u32,
+    /// The model's maximum context (positions).
+    pub max_context: u32,
+    /// First end-of-sequence id, or `MEO_TOKEN_NONE`.
+    pub eos_token: u32,
+    /// Size of the model's bytes.
+    pub file_bytes: u64,
+    /// 1 if the file embeds a tokenizer (`meo_tokenize` works), else 0.
+    pub has_tokenizer: u32,
+    /// 1 if the model is file-backed (`meo_session_trim` and the memory budget work), else 0.
+    pub file_backed: u32,
+}
+
+/// Speed and expert-residency figures of a session.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeoStats {
+    /// Tokens fed in calls of more than one token (prompts) and their time.
+    pub prompt_tokens: u64,
+    pub prompt_seconds: f64,
+    /// Tokens fed one at a time (decoding) and their time.
+    pub decode_tokens: u64,
+    pub decode_seconds: f64,
+    /// 1 if the residency fields below are measured (the session tracks experts: the model
+    /// was opened from a path), else 0 and they are 0.
+    pub residency_available: u32,
+    /// Distinct (layer, expert) pairs routed to so far, and how many exist.
+    pub experts_touched: u64,
+    pub experts_total: u64,
+    /// Bytes of expert slabs resident in memory now (mincore), and in the file.
+    pub expert_bytes_resident: u64,
+    pub expert_bytes_in_file: u64,
+    /// Slabs released under the memory budget or by `meo_session_trim`, and their bytes.
+    pub released_slabs: u64,
+    pub released_bytes: u64,
+    /// Peak resident set size of the process (0 where unavailable).
+    pub peak_rss_bytes: u64,
+}
+
+/// A sequence being run over a model (opaque). One thread at a time.
+pub struct MeoSession {
+    // Field order is drop order: everything borrowing the model comes before `model`.
+    tracker: Option<ExpertTracker<'static>>,
+    session: Session<'static>,
+    sampler: Sampler,
+    options: MeoSessionOptions,
+    budget: Option<u64>,
+    has_logits: bool,
+    stats: MeoStats,
+    trimmed_slabs: u64,
+    trimmed_bytes: u64,
+    model: Arc<MeoModel>,
+}
+
+/// Live handles (addresses), so a stale or made-up handle is refused without being read.
+static MODELS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+static SESSIONS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+fn registry(r: &Mutex<Option<HashSet<usize>>>) -> std::sync::MutexGuard<'_, Option<HashSet<usize>>> {
+    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn register(r: &Mutex<Option<HashSet<usize>>>, p: usize) {
+    registry(r).get_or_insert_with(HashSet::new).insert(p);
+}
+
+fn is_live(r: &Mutex<Option<HashSet<usize>>>, p: usize) -> bool {
+    registry(r).as_ref().is_some_and(|s| s.contains(&p))
+}
+
+fn unregister(r: &Mutex<Option<HashSet<usize>>>, p: usize) -> bool {
+    registry(r).as_mut().is_some_and(|s| s.remove(&p))
+}
+
+/// A new reference to the model behind a live handle.
+fn model_ref(p: *const MeoModel) -> Res<Arc<MeoModel>> {
+    check_ptr(p, "model")?;
+    let guard = registry(&MODELS);
+    if !guard.as_ref().is_some_and(|s| s.contains(&(p as usize))) {
+        return err(MeoStatus::InvalidHandle, "model is not a live MeoModel handle (freed, or never opened)");
+    }
+    // SAFETY: `p` came from `Arc::into_raw` and is still registered, so that reference is
+    // alive; the registry lock keeps `meo_model_free` from releasing it meanwhile.
+    unsafe { Arc::increment_strong_count(p) };
+    // SAFETY: the count was just incremented for this new `Arc`.
+    Ok(unsafe { Arc::from_raw(p) })
+}
+
+fn session_mut<'a>(p: *mut MeoSession) -> Res<&'a mut MeoSession> {
+    check_ptr(p, "session")?;
+    if !is_live(&SESSIONS, p as usize) {
+        return err(MeoStatus::InvalidHandle, "session is not a live MeoSession handle (freed, or never created)");
+    }
+    // SAFETY: registered, so it is a live `Box<MeoSession>`; the C contract says one thread
+    // at a time uses a session, so this is the only reference.
+    Ok(unsafe { &mut *p })
+}
+
+fn new_model(holder: Holder, out: *mut *mut MeoModel) {
+    let p = Arc::into_raw(Arc::new(MeoModel { holder, tokenizer: OnceLock::new() })) as *mut MeoModel;
+    register(&MODELS, p as usize);
+    // SAFETY: checked for NULL by the caller.
+    unsafe { put(out, p) };
+}
+
+fn model_error(e: meo::ModelError) -> (MeoStatus, String) {
+    let status = match &e {
+        meo::ModelError::Open(meo::file::OpenError::Io { .. }) => MeoStatus::Io,
+        _ => MeoStatus::InvalidModel,
+    };
+    (status, e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors and version
+
+/// The message of the last failed call on this thread ("" if none). The string stays valid
+/// until the next failing call on this thread; copy it to keep it. Never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn meo_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// A static description of a status code. Never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn meo_status_string(status: MeoStatus) -> *const c_char {
+    let s: &'static CStr = match status {
+        MeoStatus::Ok => c"ok",
+        MeoStatus::NullPointer => c"null pointer argument",
+        MeoStatus::InvalidHandle => c"invalid handle",
+        MeoStatus::InvalidArgument => c"invalid argument",
+        MeoStatus::InvalidUtf8 => c"invalid UTF-8",
+        MeoStatus::Io => c"I/O error",
+        MeoStatus::InvalidModel => c"invalid model",
+        MeoStatus::Unsupported => c"unsupported",
+        MeoStatus::BufferTooSmall => c"buffer too small",
+        MeoStatus::TokenOutOfRange => c"token id out of range",
+        MeoStatus::ContextFull => c"context full",
+        MeoStatus::NoTokenizer => c"no tokenizer in the model file",
+        MeoStatus::Cancelled => c"cancelled",
+        MeoStatus::BadState => c"invalid in the current state",
+        MeoStatus::Panic => c"internal error (panic)",
+    };
+    s.as_ptr()
+}
+
+/// The library version ("0.1.0"). Never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn meo_version() -> *const c_char {
+    static V: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => c"unknown",
+    };
+    V.as_ptr()
+}
+
+// ---------------------------------------------------------------------------------------
+// Models
+
+/// Opens the `.meo` file at `path` (UTF-8), memory-mapped lazily: only the experts that
+/// routing selects are ever read. On success `*out` is a new handle for `meo_model_free`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_open(path: *const c_char, out: *mut *mut MeoModel) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        // SAFETY: C contract (NUL-terminated string).
+        let path = unsafe { c_str(path, "path") }?;
+        let map = meo::residency::map_lazy(path).map_err(|e| {
+            let status = match &e {
+                meo::residency::ResidencyError::Map(meo::file::OpenError::Io { .. }) => MeoStatus::Io,
+                meo::residency::ResidencyError::Format(_) | meo::residency::ResidencyError::Map(_) => {
+                    MeoStatus::InvalidModel
+                }
+                _ => MeoStatus::Io,
+            };
+            (status, format!("cannot open {path}: {e}"))
+        })?;
+        let model = Model::from_mapped(map).map_err(model_error)?;
+        new_model(Holder::Plain(model), out);
+        Ok(())
+    })
+}
+
+/// Opens a model from `len` bytes at `data`, which are copied (the caller may free them when
+/// this returns). Costs the model's size in memory; prefer `meo_model_open` or
+/// `meo_model_open_fd`, which map the file lazily.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_open_bytes(data: *const u8, len: usize, out: *mut *mut MeoModel) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        check_ptr(data, "data")?;
+        // SAFETY: C contract (`len` readable bytes).
+        let bytes = unsafe { slice(data, len, "data") }?;
+        let model = Model::from_vec(bytes.to_vec()).map_err(model_error)?;
+        new_model(Holder::Plain(model), out);
+        Ok(())
+    })
+}
+
+/// Opens a model stored as `len` bytes at `offset` of the open file descriptor `fd`
+/// (`len` 0 = to the end of the file): an uncompressed Android asset
+/// (`AAsset_openFileDescriptor64` / `AssetFileDescriptor`), or a file from a picker. The
+/// range is memory-mapped lazily; `fd` is duplicated, so the caller may close it at once.
+/// Keep `offset` a multiple of 16 KiB for slab-precise memory release (docs/EMBEDDING.md).
+/// Unix only (`MEO_STATUS_UNSUPPORTED` elsewhere).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_open_fd(fd: i32, offset: u64, len: u64, out: *mut *mut MeoModel) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        #[cfg(unix)]
+        {
+            use meo::platform::{FdModel, FdOpenError};
+            let m = FdModel::open(fd, offset, len).map_err(|e| match e {
+                FdOpenError::Model(m) => model_error(m),
+                FdOpenError::OutOfRange { .. } | FdOpenError::Empty => (MeoStatus::InvalidArgument, e.to_string()),
+                _ => (MeoStatus::Io, e.to_string()),
+            })?;
+            new_model(Holder::Fd(m), out);
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (fd, offset, len);
+            err(MeoStatus::Unsupported, "opening from a file descriptor needs a Unix platform")
+        }
+    })
+}
+
+/// Releases the caller's reference to a model. Sessions over it keep it alive until they are
+/// freed. NULL is a no-op (returns `MEO_STATUS_OK`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_free(model: *mut MeoModel) -> MeoStatus {
+    guard(|| {
+        if model.is_null() {
+            return Ok(());
+        }
+        if !unregister(&MODELS, model as usize) {
+            return err(MeoStatus::InvalidHandle, "model is not a live MeoModel handle (freed twice?)");
+        }
+        // SAFETY: it was registered, so it is the reference `Arc::into_raw` gave out.
+        drop(unsafe { Arc::from_raw(model as *const MeoModel) });
+        Ok(())
+    })
+}
+
+/// Fills `*out` with facts about the model.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_info(model: *const MeoModel, out: *mut MeoModelInfo) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        let m = model_ref(model)?;
+        let c = m.model().config();
+        let u32c = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let info = MeoModelInfo {
+            vocab_size: u32c(c.vocab_size),
+            num_layers: u32c(c.num_layers),
+            num_experts: u32c(c.router.num_experts),
+            top_k: u32c(c.router.top_k),
+            max_context: u32c(c.max_position_embeddings),
+            eos_token: c.eos_token_ids.iter().find_map(|&e| u32::try_from(e).ok()).unwrap_or(MEO_TOKEN_NONE),
+            file_bytes: m.model().bytes().len() as u64,
+            has_tokenizer: u32::from(m.tokenizer().is_ok()),
+            file_backed: u32::from(match &m.holder {
+                Holder::Plain(p) => p.mapped().is_some(),
+                #[cfg(unix)]
+                Holder::Fd(_) => true,
+            }),
+        };
+        // SAFETY: checked above.
+        unsafe { put(out, info) };
+        Ok(())
+    })
+}
+
+/// Encodes the UTF-8, NUL-terminated `text` with the model's embedded tokenizer into
+/// `ids[0..capacity]`; `*n_ids` receives the number of ids. If `capacity` is too small,
+/// returns `MEO_STATUS_BUFFER_TOO_SMALL` with the number needed in `*n_ids` (call with
+/// `ids` NULL and `capacity` 0 to ask for the size).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_tokenize(
+    model: *const MeoModel,
+    text: *const c_char,
+    ids: *mut u32,
+    capacity: usize,
+    n_ids: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(n_ids, "n_ids")?;
+        // SAFETY: C contract.
+        let text = unsafe { c_str(text, "text") }?;
+        let m = model_ref(model)?;
+        let enc = m.tokenizer()?.encode(text).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        // SAFETY: checked above.
+        unsafe { put(n_ids, enc.len()) };
+        if enc.len() > capacity {
+            return err(
+                MeoStatus::BufferTooSmall,
+                format!("the text has {} tokens, the buffer holds {capacity}", enc.len()),
+            );
+        }
+        if !enc.is_empty() {
+            check_ptr(ids, "ids")?;
+            // SAFETY: non-NULL, `capacity >= enc.len()` writable ids (C contract).
+            unsafe { std::ptr::copy_nonoverlapping(enc.as_ptr(), ids, enc.len()) };
+        }
+        Ok(())
+    })
+}
+
+/// Decodes `n_ids` ids into UTF-8 text written NUL-terminated to `text[0..capacity]`;
+/// `*len` receives the text's length in bytes (without the NUL). If `capacity` is less than
+/// that plus one, returns `MEO_STATUS_BUFFER_TOO_SMALL` with the length in `*len`.
+/// Special tokens are left out. An id outside the vocabulary gives
+/// `MEO_STATUS_TOKEN_OUT_OF_RANGE`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_detokenize(
+    model: *const MeoModel,
+    ids: *const u32,
+    n_ids: usize,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(len, "len")?;
+        // SAFETY: C contract.
+        let ids = unsafe { slice(ids, n_ids, "ids") }?;
+        let m = model_ref(model)?;
+        let s = m.tokenizer()?.decode(ids).map_err(|e| match e {
+            meo::tokenizer::TokenizerError::UnknownId { .. } => (MeoStatus::TokenOutOfRange, e.to_string()),
+            _ => (MeoStatus::InvalidArgument, e.to_string()),
+        })?;
+        // SAFETY: checked above.
+        unsafe { put(len, s.len()) };
+        if s.len() >= capacity {
+            return err(
+                MeoStatus::BufferTooSmall,
+                format!("the text has {} bytes, the buffer holds {capacity} (one is for the NUL)", s.len()),
+            );
+        }
+        check_ptr(text, "text")?;
+        // SAFETY: non-NULL, `capacity > s.len()` writable bytes (C contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast::<u8>(), s.len());
+            text.add(s.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Sessions
+
+fn make_session(model: &Arc<MeoModel>, opts: MeoSessionOptions) -> Res<Session<'static>> {
+    // SAFETY (lifetime): the session borrows the model inside an `Arc` that the `MeoSession`
+    // owns and drops after the session (field order); the `Arc`'s contents never move.
+    let m: &'static Model = unsafe { &*std::ptr::from_ref(model.model()) };
+    Session::new(m, SessionOptions { threads: opts.threads as usize, max_context: opts.max_context as usize })
+        .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))
+}
+
+fn make_tracker(model: &Arc<MeoModel>, budget: Option<u64>) -> Res<Option<ExpertTracker<'static>>> {
+    // SAFETY (lifetime): as in `make_session`.
+    let m: &'static Model = unsafe { &*std::ptr::from_ref(model.model()) };
+    if m.mapped().is_none() {
+        return Ok(None);
+    }
+    let opts = TrackerOptions { budget, ..TrackerOptions::default() };
+    ExpertTracker::for_model(m, opts).map(Some).map_err(|e| (MeoStatus::Io, e.to_string()))
+}
+
+/// Creates a session over `model` (`options` may be NULL for the defaults). The session runs
+/// vanilla routing on the CPU with greedy sampling until told otherwise. On success `*out`
+/// is a new handle for `meo_session_free`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_new(
+    model: *const MeoModel,
+    options: *const MeoSessionOptions,
+    out: *mut *mut MeoSession,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        let model = model_ref(model)?;
+        // SAFETY: NULL or a readable `MeoSessionOptions` (C contract).
+        let options = if options.is_null() { MeoSessionOptions::default() } else { unsafe { *options } };
+        let session = make_session(&model, options)?;
+        let tracker = make_tracker(&model, None)?;
+        let s = Box::new(MeoSession {
+            tracker,
+            session,
+            sampler: Sampler::new(SamplerConfig::default()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
+            options,
+            budget: None,
+            has_logits: false,
+            stats: MeoStats::default(),
+            trimmed_slabs: 0,
+            trimmed_bytes: 0,
+            model,
+        });
+        let p = Box::into_raw(s);
+        register(&SESSIONS, p as usize);
+        // SAFETY: checked above.
+        unsafe { put(out, p) };
+        Ok(())
+    })
+}
+
+/// Frees a session. NULL is a no-op (returns `MEO_STATUS_OK`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_free(session: *mut MeoSession) -> MeoStatus {
+    guard(|| {
+        if session.is_null() {
+            return Ok(());
+        }
+        if !unregister(&SESSIONS, session as usize) {
+            return err(MeoStatus::InvalidHandle, "session is not a live MeoSession handle (freed twice?)");
+        }
+        // SAFETY: it was registered, so it is the `Box` `meo_session_new` gave out.
+        drop(unsafe { Box::from_raw(session) });
+        Ok(())
+    })
+}
+
+/// Sets the worker thread count (0 = one per physical core). Only before anything is fed or
+/// right after `meo_session_reset` (`MEO_STATUS_BAD_STATE` otherwise); keeps the mode.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_threads(session: *mut MeoSession, threads: u32) -> MeoStatus {
+    guard(|| {
+        let s = session_mut(session)?;
+        if s.session.position() != 0 {
+            return err(MeoStatus::BadState, "threads can only change before feeding (call meo_session_reset first)");
+        }
+        let opts = MeoSessionOptions { threads, ..s.options };
+        let mut new = make_session(&s.model, opts)?;
+        new.set_mode(s.session.mode().clone()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        s.session = new;
+        s.options = opts;
+        Ok(())
+    })
+}
+
+/// Sets the routing mode, and resets the sequence. `mode`: `"vanilla"` (the model as
+/// trained), `"prompt"` (experts merged once per layer from the prompt's routing) or
+/// `"task:NAME"` (merges stored by `meo convert --task`). `layers` (NULL = `"all"`): `"all"`,
+/// a list `"0,2,5"`, or `"auto"` (layers whose measured merge error is at most
+/// `merge_budget`). Merged modes approximate a standard MoE: see docs/MEO.md.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_mode(
+    session: *mut MeoSession,
+    mode: *const c_char,
+    layers: *const c_char,
+    merge_budget: f64,
+) -> MeoStatus {
+    guard(|| {
+        // SAFETY: C contract.
+        let mode = unsafe { c_str(mode, "mode") }?;
+        // SAFETY: C contract.
+        let layers = if layers.is_null() { "all" } else { unsafe { c_str(layers, "layers") }? };
+        let s = session_mut(session)?;
+        if !(merge_budget.is_finite() && merge_budget >= 0.0) {
+            return err(MeoStatus::InvalidArgument, format!("merge_budget must be a number >= 0, got {merge_budget}"));
+        }
+        let bad = |e: meo::ModeError| (MeoStatus::InvalidArgument, e.to_string());
+        let opts = MergeOptions {
+            mode: Mode::parse(mode).map_err(bad)?,
+            layers: LayerSelect::parse(layers, merge_budget).map_err(bad)?,
+        };
+        s.session.set_mode(opts).map_err(bad)?;
+        s.has_logits = false;
+        Ok(())
+    })
+}
+
+/// Selects the compute target. This build runs on the CPU only: `"cpu"` succeeds, anything
+/// else returns `MEO_STATUS_UNSUPPORTED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_target(session: *mut MeoSession, target: *const c_char) -> MeoStatus {
+    guard(|| {
+        // SAFETY: C contract.
+        let target = unsafe { c_str(target, "target") }?;
+        session_mut(session)?;
+        match target {
+            "cpu" => Ok(()),
+            other => {
+                err(MeoStatus::Unsupported, format!("target {other:?} is not available in this build (only \"cpu\")"))
+            }
+        }
+    })
+}
+
+/// Keeps at most `bytes` of expert weights mapped (0 = no limit): the least recently used
+/// experts are released after each forward call and re-read from the file when needed.
+/// Needs a model opened with `meo_model_open` (`MEO_STATUS_UNSUPPORTED` otherwise; use
+/// `meo_session_trim` on memory warnings instead).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_memory_budget(session: *mut MeoSession, bytes: u64) -> MeoStatus {
+    guard(|| {
+        let s = session_mut(session)?;
+        if s.tracker.is_none() {
+            return err(
+                MeoStatus::Unsupported,
+                "a memory budget needs a model opened from a path (meo_model_open); call meo_session_trim on memory warnings",
+            );
+        }
+        let budget = (bytes > 0).then_some(bytes);
+        let old = s.tracker.take();
+        match make_tracker(&s.model, budget) {
+            Ok(t) => {
+                s.tracker = t;
+                s.budget = budget;
+                // The old tracker's released counts carry over into the stats.
+                if let Some(o) = old.and_then(|o| o.stats().ok()) {
+                    s.trimmed_slabs += o.released_slabs;
+                    s.trimmed_bytes += o.released_bytes;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                s.tracker = old;
+                Err(e)
+            }
+        }
+    })
+}
+
+/// Sets the sampler (and reseeds it). NULL `options` restores greedy decoding.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_sampler(
+    session: *mut MeoSession,
+    options: *const MeoSamplerOptions,
+) -> MeoStatus {
+    guard(|| {
+        let s = session_mut(session)?;
+        let cfg = if options.is_null() {
+            SamplerConfig::default()
+        } else {
+            // SAFETY: readable (C contract).
+            let o = unsafe { *options };
+            SamplerConfig { temperature: o.temperature, top_k: o.top_k as usize, top_p: o.top_p, seed: o.seed }
+        };
+        s.sampler = Sampler::new(cfg).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        Ok(())
+    })
+}
+
+impl MeoSession {
+    /// Runs `tokens` after those already fed; keeps the last position's logits.
+    fn feed(&mut self, tokens: &[u32]) -> Res<()> {
+        if tokens.is_empty() {
+            return err(MeoStatus::InvalidArgument, "no tokens to feed");
+        }
+        let t0 = Instant::now();
+        let r = match self.tracker.as_mut() {
+            Some(t) => {
+                let r = self.session.forward_with(tokens, Logits::Last, t).map(|_| ());
+                t.take_step_bytes();
+                r
+            }
+            None => self.session.forward_with(tokens, Logits::Last, &mut meo::NoTrace).map(|_| ()),
+        };
+        r.map_err(|e| match e {
+            meo::ForwardError::TokenOutOfRange { .. } => (MeoStatus::TokenOutOfRange, e.to_string()),
+            meo::ForwardError::ContextOverflow { .. } => (MeoStatus::ContextFull, e.to_string()),
+        })?;
+        let dt = t0.elapsed().as_secs_f64();
+        if tokens.len() == 1 {
+            self.stats.decode_tokens += 1;
+            self.stats.decode_seconds += dt;
+        } else {
+            self.stats.prompt_tokens += tokens.len() as u64;
+            self.stats.prompt_seconds += dt;
+        }
+        self.has_logits = true;
+        Ok(())
+    }
+
+    fn sample(&mut self) -> Res<u32> {
+        if !self.has_logits {
+            return err(MeoStatus::BadState, "nothing has been fed since the session started or was reset");
+        }
+        self.sampler.sample(self.session.logits()).map_err(|e| (MeoStatus::BadState, e.to_string()))
+    }
+}
+
+/// Runs `tokens[0..n_tokens]` after the tokens already fed (the prompt, or one generated
+/// token); the logits of the last one are kept for `meo_session_sample` and
+/// `meo_session_logits`. An out-of-range id gives `MEO_STATUS_TOKEN_OUT_OF_RANGE`, too many
+/// tokens `MEO_STATUS_CONTEXT_FULL`; the session is unchanged then.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_feed(session: *mut MeoSession, tokens: *const u32, n_tokens: usize) -> MeoStatus {
+    guard(|| {
+        check_ptr(tokens, "tokens")?;
+        // SAFETY: C contract.
+        let tokens = unsafe { slice(tokens, n_tokens, "tokens") }?;
+        session_mut(session)?.feed(tokens)
+    })
+}
+
+/// The logits of the last position fed: `*logits` points to `*n` floats (the vocabulary
+/// size), valid until the next call on this session.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_logits(
+    session: *mut MeoSession,
+    logits: *mut *const f32,
+    n: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(logits, "logits")?;
+        check_ptr(n, "n")?;
+        let s = session_mut(session)?;
+        if !s.has_logits {
+            return err(MeoStatus::BadState, "nothing has been fed since the session started or was reset");
+        }
+        let l = s.session.logits();
+        // SAFETY: checked above.
+        unsafe {
+            put(logits, l.as_ptr());
+            put(n, l.len());
+        }
+        Ok(())
+    })
+}
+
+/// Draws the next token from the last logits with the session's sampler.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_sample(session: *mut MeoSession, token: *mut u32) -> MeoStatus {
+    guard(|| {
+        check_ptr(token, "token")?;
+        let t = session_mut(session)?.sample()?;
+        // SAFETY: checked above.
+        unsafe { put(token, t) };
+        Ok(())
+    })
+}
+
+/// Forgets the sequence (keeps mode, sampler, budget and stats).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_reset(session: *mut MeoSession) -> MeoStatus {
+    guard(|| {
+        let s = session_mut(session)?;
+        s.session.reset();
+        s.has_logits = false;
+        Ok(())
+    })
+}
+
+/// Number of positions fed since the session started or was reset.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_position(session: *mut MeoSession, position: *mut usize) -> MeoStatus {
+    guard(|| {
+        check_ptr(position, "position")?;
+        let p = session_mut(session)?.session.position();
+        // SAFETY: checked above.
+        unsafe { put(position, p) };
+        Ok(())
+    })
+}
+
+/// Called once per generated token with the text it completes (UTF-8, not NUL-terminated,
+/// `text_len` bytes; `text_len` 0 when the token completes no character yet, and always for an
+/// end-of-sequence token or a model without tokenizer). After the last token one more call
+/// with `token == MEO_TOKEN_NONE` flushes text held back, if any. Return 0 to continue,
+/// anything else to stop (`meo_session_generate` then returns `MEO_STATUS_CANCELLED`).
+pub type MeoTokenCallback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, token: u32, text: *const c_char, text_len: usize) -> i32>;
+
+/// Generates up to `max_new_tokens` tokens, exactly as `meo run` does: feeds the prompt
+/// (`prompt` may be NULL with `n_prompt` 0 to continue from the last logits), then samples,
+/// stops after an end-of-sequence token (which is counted and reported, its text is not),
+/// and feeds each token back. Each token goes to `callback` (may be NULL) and to
+/// `tokens[0..capacity]` (may be NULL with `capacity` 0; tokens beyond it are dropped);
+/// `*n_generated` (may be NULL) receives the count. `cancel` (may be NULL) is read before
+/// every step: set `*cancel` to non-zero from any thread to stop
+/// (`MEO_STATUS_CANCELLED`; the tokens so far are reported). Stops with `MEO_STATUS_OK` when
+/// the context is full.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_generate(
+    session: *mut MeoSession,
+    prompt: *const u32,
+    n_prompt: usize,
+    max_new_tokens: usize,
+    callback: MeoTokenCallback,
+    user_data: *mut c_void,
+    cancel: *const i32,
+    tokens: *mut u32,
+    capacity: usize,
+    n_generated: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        // SAFETY: C contract.
+        let prompt = unsafe { slice(prompt, n_prompt, "prompt") }?;
+        if capacity > 0 {
+            check_ptr(tokens, "tokens")?;
+        }
+        if !cancel.is_null() && !(cancel as usize).is_multiple_of(align_of::<AtomicI32>()) {
+            return err(MeoStatus::InvalidArgument, "cancel is not aligned for an int32_t");
+        }
+        let s = session_mut(session)?;
+        let model = s.model.clone();
+        let cancelled = || {
+            // SAFETY: non-NULL, aligned, and the C contract says it stays valid for the call;
+            // other threads write it, so it is read atomically.
+            !cancel.is_null() && unsafe { AtomicI32::from_ptr(cancel.cast_mut()) }.load(Ordering::Relaxed) != 0
+        };
+        let eos: Vec<u32> =
+            model.model().config().eos_token_ids.iter().filter_map(|&e| u32::try_from(e).ok()).collect();
+        let tok = model.tokenizer().ok();
+        let mut stream = tok.map(Tokenizer::stream);
+        let mut count = 0usize;
+        let report = |count: usize| {
+            if !n_generated.is_null() {
+                // SAFETY: non-NULL (C contract: writable).
+                unsafe { put(n_generated, count) };
+            }
+        };
+        let emit = |token: u32, text: &str| -> bool {
+            match callback {
+                // SAFETY: a C function pointer given by the caller; `text` lives for the call.
+                Some(cb) => unsafe { cb(user_data, token, text.as_ptr().cast(), text.len()) == 0 },
+                None => true,
+            }
+        };
+        report(0);
+        if cancelled() {
+            return err(MeoStatus::Cancelled, "cancelled before the prompt");
+        }
+        if !prompt.is_empty() {
+            s.feed(prompt)?;
+        }
+        let mut result = Ok(());
+        for i in 0..max_new_tokens {
+            let next = s.sample()?;
+            if count < capacity {
+                // SAFETY: `count < capacity` writable ids (checked non-NULL above).
+                unsafe { tokens.add(count).write(next) };
+            }
+            count += 1;
+            report(count);
+            let is_eos = eos.contains(&next);
+            let piece = match stream.as_mut() {
+                Some(st) if !is_eos => st.push(next).map_err(|e| (MeoStatus::TokenOutOfRange, e.to_string()))?,
+                _ => None,
+            };
+            if !emit(next, piece.as_deref().unwrap_or("")) {
+                result = err(MeoStatus::Cancelled, "the callback asked to stop");
+                break;
+            }
+            if is_eos || i + 1 == max_new_tokens {
+                break;
+            }
+            if cancelled() {
+                result = err(MeoStatus::Cancelled, "cancelled by the cancel flag");
+                break;
+            }
+            if s.session.position() >= s.session.max_context() {
+                break;
+            }
+            s.feed(&[next])?;
+        }
+        if let Some(st) = stream
+            && let Some(rest) = st.finish().map_err(|e| (MeoStatus::InvalidModel, e.to_string()))?
+        {
+            emit(MEO_TOKEN_NONE, &rest);
+        }
+        result
+    })
+}
+
+/// Fills `*out` with the session's speed and residency figures.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_stats(session: *mut MeoSession, out: *mut MeoStats) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        let s = session_mut(session)?;
+        let mut st = s.stats;
+        st.released_slabs = s.trimmed_slabs;
+        st.released_bytes = s.trimmed_bytes;
+        if let Some(t) = &s.tracker {
+            let r = t.stats().map_err(|e| (MeoStatus::Io, e.to_string()))?;
+            st.residency_available = 1;
+            st.experts_touched = r.experts_touched as u64;
+            st.experts_total = r.experts_per_layer.iter().sum::<usize>() as u64;
+            st.expert_bytes_resident = r.expert_bytes_resident;
+            st.expert_bytes_in_file = r.expert_bytes_in_file;
+            st.released_slabs += r.released_slabs;
+            st.released_bytes += r.released_bytes;
+        }
+        st.peak_rss_bytes = meo::residency::peak_rss_bytes().unwrap_or(0);
+        // SAFETY: checked above.
+        unsafe { put(out, st) };
+        Ok(())
+    })
+}
+
+/// Releases the pages of every expert of the session's model from memory
+/// (`madvise(MADV_DONTNEED)` on the read-only file mapping); they are read back from the file
+/// when routing selects them again. Call it on a memory warning (iOS
+/// `didReceiveMemoryWarning`, Android `onTrimMemory`), between calls on the model's
+/// sessions. `*released` (may be NULL) receives the bytes of the slabs released.
+/// `MEO_STATUS_UNSUPPORTED` for a model opened from bytes (its memory cannot be re-read).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_trim(session: *mut MeoSession, released: *mut u64) -> MeoStatus {
+    guard(|| {
+        let s = session_mut(session)?;
+        let bytes = s.model.trim()?;
+        let slabs = meo::residency::SlabIndex::from_model(s.model.model()).len() as u64;
+        s.trimmed_slabs += slabs;
+        s.trimmed_bytes += bytes;
+        if !released.is_null() {
+            // SAFETY: non-NULL (C contract: writable).
+            unsafe { put(released, bytes) };
+        }
+        Ok(())
+    })
+}
+
+/// `MeoModel` is shared across threads: it must stay `Send + Sync`.
+const _: () = {
+    const fn both<T: Send + Sync>() {}
+    both::<MeoModel>();
+};
