@@ -2,7 +2,8 @@
 //! `meo::names`), shapes, and the role that decides each one's dtype, in file order.
 
 use meo::config::SharedGate;
-use meo::names::{self, EXPERT_PARTS};
+use meo::config::{NormKind, Positions};
+use meo::names::{self, BANK_EXPERT_PARTS, EXPERT_PARTS, MEO_BANKS};
 use meo::{DType, FfnKind, ModelConfig, QkNorm};
 
 /// What a tensor is, which decides its dtype.
@@ -29,6 +30,45 @@ pub enum Place {
     Layer { layer: usize, suffix: &'static str },
     /// `layers.{layer}.experts.{expert}.{EXPERT_PARTS[part]}`.
     Expert { layer: usize, expert: usize, part: usize },
+    /// `layers.{layer}.{MEO_BANKS[bank]}.experts.{expert}.{BANK_EXPERT_PARTS[part]}`.
+    BankExpert { layer: usize, bank: usize, expert: usize, part: usize },
+    /// A task's merged MEO bank, computed by the converter:
+    /// `tasks.{task}.layers.{layer}.{MEO_BANKS[bank]}.experts.merged.{BANK_EXPERT_PARTS[part]}`
+    /// (`task` indexes the model's task list).
+    TaskBank { task: usize, layer: usize, bank: usize, part: usize },
+}
+
+/// Static `{bank}.{rest}` layer suffixes of the MEO banks (canonical names are `&'static`).
+const BANK_SUFFIXES: [[&str; 5]; 2] = [
+    ["fc1.router.weight", "fc1.token.down.weight", "fc1.token.down.bias", "fc1.token.up.weight", "fc1.token.up.bias"],
+    ["fc2.router.weight", "fc2.token.down.weight", "fc2.token.down.bias", "fc2.token.up.weight", "fc2.token.up.bias"],
+];
+
+fn lay(l: usize, suffix: &'static str, shape: Vec<u64>, role: Role) -> Canon {
+    Canon { name: names::layer(l, suffix), shape, role, place: Place::Layer { layer: l, suffix } }
+}
+
+/// The merged banks of each of `tasks` (MEO-native models), in file order after [`tensors`]:
+/// per task, per MEO layer, per bank, weight then bias (one slab per bank).
+pub fn task_tensors(c: &ModelConfig, tasks: &[String]) -> Vec<Canon> {
+    let mut out = Vec::new();
+    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    for (ti, task) in tasks.iter().enumerate() {
+        for l in (0..c.num_layers).filter(|&l| c.layer_ffn[l] == FfnKind::MeoBank) {
+            for (b, bank) in MEO_BANKS.iter().enumerate() {
+                let (inp, o) = if b == 0 { (h, i) } else { (i, h) };
+                for (p, part) in BANK_EXPERT_PARTS.iter().enumerate() {
+                    out.push(Canon {
+                        name: names::task_bank_expert(task, l, bank, part),
+                        shape: if p == 0 { vec![o, inp] } else { vec![o] },
+                        role: if p == 0 { Role::Expert } else { Role::Bias },
+                        place: Place::TaskBank { task: ti, layer: l, bank: b, part: p },
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One tensor of the output file.
@@ -62,11 +102,18 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
     let mut out = Vec::new();
     let global = |name: &str, shape: Vec<u64>, role| Canon { name: name.into(), shape, role, place: Place::Global };
     out.push(global(names::EMBED, vec![v, h], Role::Dense));
+    let layer_norm = c.recipe.norm == NormKind::Layer;
+    if c.recipe.positions == Positions::Learned {
+        out.push(global(names::POS_EMBED, vec![c.max_position_embeddings as u64, h], Role::Dense));
+    }
     for l in 0..c.num_layers {
         let mut push = |suffix: &'static str, shape: Vec<u64>, role| {
             out.push(Canon { name: names::layer(l, suffix), shape, role, place: Place::Layer { layer: l, suffix } });
         };
         push("attn_norm.weight", vec![h], Role::Norm);
+        if layer_norm {
+            push("attn_norm.bias", vec![h], Role::Bias);
+        }
         push("attn.q.weight", vec![q, h], Role::Dense);
         push("attn.k.weight", vec![kv, h], Role::Dense);
         push("attn.v.weight", vec![kv, h], Role::Dense);
@@ -76,6 +123,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
             push("attn.v.bias", vec![kv], Role::Bias);
         }
         push("attn.o.weight", vec![h, q], Role::Dense);
+        if c.recipe.attention_out_bias {
+            push("attn.o.bias", vec![h], Role::Bias);
+        }
         match c.qk_norm {
             QkNorm::None => {}
             QkNorm::PerHead => {
@@ -88,7 +138,34 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
             }
         }
         push("ffn_norm.weight", vec![h], Role::Norm);
+        if layer_norm {
+            push("ffn_norm.bias", vec![h], Role::Bias);
+        }
         match c.layer_ffn[l] {
+            FfnKind::MeoBank => {
+                let (e, i, r) =
+                    (c.router.num_experts, c.intermediate_size as u64, c.recipe.meo_token_bottleneck as u64);
+                for (b, sfx) in BANK_SUFFIXES.iter().enumerate() {
+                    let (inp, o) = if b == 0 { (h, i) } else { (i, h) };
+                    out.push(lay(l, sfx[0], vec![e as u64, inp], Role::Router));
+                    if r > 0 {
+                        out.push(lay(l, sfx[1], vec![r, inp], Role::Dense));
+                        out.push(lay(l, sfx[2], vec![r], Role::Bias));
+                        out.push(lay(l, sfx[3], vec![inp, r], Role::Dense));
+                        out.push(lay(l, sfx[4], vec![inp], Role::Bias));
+                    }
+                    for x in 0..e {
+                        for (p, part) in BANK_EXPERT_PARTS.iter().enumerate() {
+                            out.push(Canon {
+                                name: names::bank_expert(l, MEO_BANKS[b], x, part),
+                                shape: if p == 0 { vec![o, inp] } else { vec![o] },
+                                role: if p == 0 { Role::Expert } else { Role::Bias },
+                                place: Place::BankExpert { layer: l, bank: b, expert: x, part: p },
+                            });
+                        }
+                    }
+                }
+            }
             FfnKind::Dense => {
                 let i = c.intermediate_size as u64;
                 push("ffn.gate.weight", vec![i, h], Role::Dense);
@@ -130,6 +207,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
         }
     }
     out.push(global(names::OUTPUT_NORM, vec![h], Role::Norm));
+    if layer_norm {
+        out.push(global(names::OUTPUT_NORM_BIAS, vec![h], Role::Bias));
+    }
     if !c.tie_word_embeddings {
         out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
     }

@@ -163,7 +163,8 @@ pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
         bail!("dense dtype {} is not supported (f16 or f32)", opts.dense.name());
     }
     let model = HfModel::open(dir)?;
-    let canon = canonical::tensors(&model.config);
+    let mut canon = canonical::tensors(&model.config);
+    canon.extend(canonical::task_tensors(&model.config, &model.tasks));
     let sources = canon.iter().map(|c| model.source(c)).collect::<Result<Vec<_>>>()?;
     let used: BTreeSet<&str> = sources.iter().map(|s| s.tensor.as_str()).collect();
     let unused = model.unused(&used);
@@ -261,6 +262,12 @@ pub fn convert_with(
     if merges.tasks.is_empty() {
         return convert_single(dir, out, opts, cancel, progress);
     }
+    if crate::hf::HfModel::open(dir)?.family.kind == crate::hf::Kind::MeoNative {
+        bail!(
+            "--task is for standard MoEs (merges from calibration text); an MEO-native model's task merges \
+             come from its own task gate and are always stored"
+        );
+    }
     crate::merges::convert_with_tasks(dir, out, opts, merges, cancel, progress)
 }
 
@@ -272,8 +279,20 @@ pub(crate) fn convert_single(
     mut progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
     let p = plan(dir, opts)?;
-    let orders = if opts.align { Some(alignment_orders(&p, cancel).map_err(|e| interrupted(e, out))?) } else { None };
-    let extra = alignment_metadata(orders.as_ref());
+    let has_experts = p.canon.iter().any(|c| matches!(c.place, crate::canonical::Place::Expert { .. }));
+    let orders = if opts.align && has_experts {
+        Some(alignment_orders(&p, cancel).map_err(|e| interrupted(e, out))?)
+    } else {
+        None
+    };
+    let mut extra = alignment_metadata(orders.as_ref());
+    // MEO-native task merges: the gates (cheap) now, the merged banks when they are written.
+    let gates = if p.model.tasks.is_empty() {
+        Vec::new()
+    } else {
+        crate::hf::meo_gpt2::task_gates(&p.model.checkpoint, &p.model.config, &p.model.tasks)?
+    };
+    extra.extend(crate::hf::meo_gpt2::merge_metadata(&p.model.tasks, &gates));
     let Plan { model, canon, sources, specs } = p;
     let meta = metadata(&model, opts, &extra);
     let data_bytes: u64 = specs.iter().map(|s| s.dtype.byte_len(&s.shape).unwrap_or(0)).sum();
@@ -288,7 +307,12 @@ pub(crate) fn convert_single(
         if cancel.load(Ordering::Relaxed) {
             bail!("interrupted; {} was not written", out.display());
         }
-        let mut values = model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        let mut values = match c.place {
+            crate::canonical::Place::TaskBank { task, layer, bank, part } => {
+                crate::hf::meo_gpt2::task_bank_values(&model.checkpoint, layer, bank, part, &gates[task][layer][bank])?
+            }
+            _ => model.checkpoint.read_f32(&src.tensor, src.first, src.count)?,
+        };
         if let (Some(o), crate::canonical::Place::Expert { layer, expert, part }) = (&orders, c.place) {
             let (h, i) = (model.config.hidden_size, model.config.expert_intermediate_size);
             values = crate::align::permute(&values, &o[&layer][expert], i, h, part == 2);

@@ -58,6 +58,58 @@ pub enum QkNorm {
 pub enum FfnKind {
     Dense,
     Moe,
+    /// MEO-native (`docs/MEO.md` §2.1): `fc2(act(fc1(x)))` where fc1 and fc2 are each a bank
+    /// of linear experts (weight + bias) with its own router, gated from a pooled vector
+    /// (sequence or task, never per token) and executed merged.
+    MeoBank,
+}
+
+/// The normalisation layers (attention, FFN, final).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormKind {
+    /// `x / rms(x) · w` (Llama-style families).
+    #[default]
+    Rms,
+    /// `(x − mean) / sqrt(var + eps) · w + b` (GPT-2): every norm has a bias.
+    Layer,
+}
+
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Positions {
+    /// Rotary embedding of q and k.
+    #[default]
+    Rope,
+    /// A learned `[max_positions, hidden]` table added to the token embedding
+    /// (`pos_embed.weight`).
+    Learned,
+}
+
+/// The activation between an FFN's input and output projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// SiLU-gated (`silu(gate x) ⊙ up x`).
+    #[default]
+    Silu,
+    /// GPT-2's `gelu_new` (tanh approximation), ungated.
+    GeluTanh,
+}
+
+/// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
+/// standard families' choice, and its metadata key is written only when it differs, so
+/// files of standard families are unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recipe {
+    /// `model.norm`: `rms` | `layer`.
+    pub norm: NormKind,
+    /// `model.positions`: `rope` | `learned`.
+    pub positions: Positions,
+    /// `model.attention_out_bias`: the attention output projection has a bias (`attn.o.bias`).
+    pub attention_out_bias: bool,
+    /// `model.ffn_activation`: `silu` | `gelu_tanh` (MEO banks).
+    pub ffn_activation: Activation,
+    /// `model.meo_token_bottleneck`: width `r` of the MEO token block (0 = none).
+    pub meo_token_bottleneck: usize,
 }
 
 /// Everything that defines one family's routing (see `docs/ROUTING.md`).
@@ -118,6 +170,8 @@ pub struct ModelConfig {
     pub layer_window: Vec<usize>,
     pub eos_token_ids: Vec<u64>,
     pub router: RouterSpec,
+    /// Norm, positions, biases and activation choices (defaults: the Llama-style recipe).
+    pub recipe: Recipe,
 }
 
 fn get<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m MetaValue<'m>, ConfigError> {
@@ -168,6 +222,57 @@ fn strs_of<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m [&'m str], 
     match get(m, key)? {
         MetaValue::Array(MetaArray::Str(v)) => Ok(v),
         v => Err(wrong(key, "array of string", v)),
+    }
+}
+
+/// `key`'s string, or `default` when absent.
+fn opt_str<'m>(m: &'m Metadata<'_>, key: &'static str, default: &'m str) -> Result<&'m str, ConfigError> {
+    if m.get(key).is_none() { Ok(default) } else { str_of(m, key) }
+}
+
+impl Recipe {
+    fn from_metadata(m: &Metadata<'_>) -> Result<Self, ConfigError> {
+        let norm = match opt_str(m, "model.norm", "rms")? {
+            "rms" => NormKind::Rms,
+            "layer" => NormKind::Layer,
+            s => return Err(invalid("model.norm", s)),
+        };
+        let positions = match opt_str(m, "model.positions", "rope")? {
+            "rope" => Positions::Rope,
+            "learned" => Positions::Learned,
+            s => return Err(invalid("model.positions", s)),
+        };
+        let ffn_activation = match opt_str(m, "model.ffn_activation", "silu")? {
+            "silu" => Activation::Silu,
+            "gelu_tanh" => Activation::GeluTanh,
+            s => return Err(invalid("model.ffn_activation", s)),
+        };
+        let attention_out_bias =
+            if m.get("model.attention_out_bias").is_some() { bool_of(m, "model.attention_out_bias")? } else { false };
+        let meo_token_bottleneck =
+            if m.get("model.meo_token_bottleneck").is_some() { usize_of(m, "model.meo_token_bottleneck")? } else { 0 };
+        Ok(Self { norm, positions, attention_out_bias, ffn_activation, meo_token_bottleneck })
+    }
+
+    /// The entries that differ from the defaults.
+    fn to_metadata(&self) -> Vec<(&'static str, MetaValue<'static>)> {
+        let mut v = Vec::new();
+        if self.norm == NormKind::Layer {
+            v.push(("model.norm", MetaValue::Str("layer")));
+        }
+        if self.positions == Positions::Learned {
+            v.push(("model.positions", MetaValue::Str("learned")));
+        }
+        if self.attention_out_bias {
+            v.push(("model.attention_out_bias", MetaValue::Bool(true)));
+        }
+        if self.ffn_activation == Activation::GeluTanh {
+            v.push(("model.ffn_activation", MetaValue::Str("gelu_tanh")));
+        }
+        if self.meo_token_bottleneck > 0 {
+            v.push(("model.meo_token_bottleneck", MetaValue::U64(self.meo_token_bottleneck as u64)));
+        }
+        v
     }
 }
 
@@ -293,6 +398,7 @@ impl ModelConfig {
             .map(|s| match *s {
                 "dense" => Ok(FfnKind::Dense),
                 "moe" => Ok(FfnKind::Moe),
+                "meo_bank" => Ok(FfnKind::MeoBank),
                 other => Err(invalid("model.layer_ffn", other)),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -323,6 +429,7 @@ impl ModelConfig {
             layer_window,
             eos_token_ids: u64s_of(m, "model.eos_token_ids")?,
             router: RouterSpec::from_metadata(m)?,
+            recipe: Recipe::from_metadata(m)?,
         };
         c.validate()?;
         Ok(c)
@@ -360,6 +467,9 @@ impl ModelConfig {
                 "model.layer_window",
                 alloc::format!("{} entries for {} layers", self.layer_window.len(), self.num_layers),
             ));
+        }
+        if self.layer_ffn.contains(&FfnKind::MeoBank) && self.intermediate_size == 0 {
+            return Err(invalid("model.intermediate_size", 0));
         }
         if self.layer_ffn.contains(&FfnKind::Moe) && self.expert_intermediate_size == 0 {
             return Err(invalid("model.expert_intermediate_size", 0));
@@ -404,6 +514,7 @@ impl ModelConfig {
             .map(|k| match k {
                 FfnKind::Dense => "dense",
                 FfnKind::Moe => "moe",
+                FfnKind::MeoBank => "meo_bank",
             })
             .collect();
         v.push(("model.layer_ffn", MetaValue::Array(MetaArray::Str(ffn))));
@@ -411,6 +522,7 @@ impl ModelConfig {
         v.push(("model.layer_window", MetaValue::Array(MetaArray::U64(win))));
         v.push(("model.eos_token_ids", MetaValue::Array(MetaArray::U64(self.eos_token_ids.clone()))));
         v.extend(self.router.to_metadata());
+        v.extend(self.recipe.to_metadata());
         v
     }
 }
@@ -456,12 +568,32 @@ mod tests {
                 shared_gate: SharedGate::None,
                 expert_capacity: 0,
             },
+            recipe: Recipe::default(),
         }
     }
 
     #[test]
     fn metadata_round_trip() {
         let c = sample();
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+    }
+
+    #[test]
+    fn recipe_round_trips_and_defaults_write_nothing() {
+        let c = sample();
+        assert!(c.to_metadata().iter().all(|(k, _)| !k.starts_with("model.norm") && *k != "model.positions"));
+        let mut c = sample();
+        c.layer_ffn = alloc::vec![FfnKind::MeoBank; 2];
+        c.intermediate_size = 32;
+        c.recipe = Recipe {
+            norm: NormKind::Layer,
+            positions: Positions::Learned,
+            attention_out_bias: true,
+            ffn_activation: Activation::GeluTanh,
+            meo_token_bottleneck: 8,
+        };
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);

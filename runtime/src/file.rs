@@ -32,6 +32,11 @@ impl Mapped {
         // not change; a user truncating the file under us is outside what any mmap reader
         // (safetensors, llama.cpp) can defend against.
         let map = unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io)?;
+        // Kernel read-ahead (often 128 KiB to 8 MiB) would page in the experts next to every
+        // page we touch, starting with the header's: turn it off before the first read, so
+        // only the experts routing selects are ever read. Advice only; failure is harmless.
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Random);
         Ok(Self { map, path })
     }
 

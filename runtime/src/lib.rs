@@ -26,7 +26,9 @@ pub mod residency;
 #[cfg(feature = "tokenizer")]
 pub mod tokenizer;
 
-pub use config::{ConfigError, FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
+pub use config::{
+    Activation, ConfigError, FfnKind, ModelConfig, NormKind, Positions, QkNorm, Recipe, RouterSpec, Scoring,
+};
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
     Execution, ForwardError, Granularity, LayerSelect, Logits, MergeOptions, MergedUse, Mode, ModeError, Model,

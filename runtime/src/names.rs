@@ -13,6 +13,28 @@ pub const EMBED: &str = "embed.weight";
 pub const OUTPUT_NORM: &str = "output_norm.weight";
 /// `[vocab, hidden]` LM head (absent when `model.tie_word_embeddings`).
 pub const OUTPUT: &str = "output.weight";
+/// `[hidden]` final norm bias (`model.norm = layer`).
+pub const OUTPUT_NORM_BIAS: &str = "output_norm.bias";
+/// `[max_position_embeddings, hidden]` learned positions (`model.positions = learned`).
+pub const POS_EMBED: &str = "pos_embed.weight";
+
+/// The two expert banks of an MEO-native layer (`model.layer_ffn = meo_bank`), in order.
+pub const MEO_BANKS: [&str; 2] = ["fc1", "fc2"];
+/// Order of a bank expert's tensors inside its slab: `weight` `[out, in]` (`--experts` dtype),
+/// then `bias` `[out]` (f32).
+pub const BANK_EXPERT_PARTS: [&str; 2] = ["weight", "bias"];
+
+/// Expert `e` of MEO bank `bank` (`fc1`/`fc2`) of layer `l`:
+/// `layers.{l}.{bank}.experts.{e}.{weight|bias}`, one slab per expert.
+pub fn bank_expert(l: usize, bank: &str, e: usize, part: &str) -> String {
+    format!("layers.{l}.{bank}.experts.{e}.{part}")
+}
+
+/// A task's precomputed merged MEO bank: `tasks.{task}.layers.{l}.{bank}.experts.merged.{part}`
+/// (slab `tasks.{task}.layers.{l}.{bank}.experts.merged`), shapes as [`bank_expert`].
+pub fn task_bank_expert(task: &str, l: usize, bank: &str, part: &str) -> String {
+    format!("tasks.{task}.layers.{l}.{bank}.experts.merged.{part}")
+}
 
 /// `layers.{l}.{suffix}`, e.g. `layer(3, "attn.q.weight")`.
 ///
@@ -22,6 +44,13 @@ pub const OUTPUT: &str = "output.weight";
 /// dense FFN `ffn.{gate,up}.weight` `[i, h]`, `ffn.down.weight` `[h, i]`; MoE
 /// `router.weight` `[experts, h]` (+ `router.bias`, `router.selection_bias` `[experts]`);
 /// shared expert `shared.{gate,up,down}.weight` and `shared_gate.weight` `[1, h]`.
+///
+/// With `model.norm = layer`: `attn_norm.bias`, `ffn_norm.bias` `[h]`. With
+/// `model.attention_out_bias`: `attn.o.bias` `[h]`. MEO banks (`{bank}` = `fc1` `[h → i]`,
+/// `fc2` `[i → h]`): `{bank}.router.weight` `[experts, in]` (f32) and, when
+/// `model.meo_token_bottleneck` r > 0, `{bank}.token.down.weight` `[r, in]`,
+/// `{bank}.token.down.bias` `[r]`, `{bank}.token.up.weight` `[in, r]`, `{bank}.token.up.bias`
+/// `[in]`; experts as [`bank_expert`].
 pub fn layer(l: usize, suffix: &str) -> String {
     format!("layers.{l}.{suffix}")
 }

@@ -405,6 +405,7 @@ pub fn synthetic_config() -> meo::ModelConfig {
             shared_gate: SharedGate::Sigmoid,
             expert_capacity: 0,
         },
+        recipe: meo::config::Recipe::default(),
     }
 }
 

@@ -100,6 +100,7 @@ impl SynthSpec {
                 shared_gate: SharedGate::None,
                 expert_capacity: 0,
             },
+            recipe: meo::config::Recipe::default(),
         }
     }
 

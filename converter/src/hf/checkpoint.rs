@@ -213,6 +213,19 @@ impl Checkpoint {
     ///
     /// # Errors
     /// Unknown tensor, a range outside it, a dtype other than F32/F16/BF16, or I/O.
+    /// All elements of tensor `name`, as f32.
+    ///
+    /// # Errors
+    /// As [`Self::read_f32`].
+    pub fn read_all(&self, name: &str) -> Result<Vec<f32>> {
+        let n = self.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?.numel();
+        self.read_f32(name, 0, n)
+    }
+
+    /// `count` elements of tensor `name` from element `first`, as f32.
+    ///
+    /// # Errors
+    /// Unknown tensor, range out of bounds, unsupported dtype, I/O.
     pub fn read_f32(&self, name: &str, first: u64, count: u64) -> Result<Vec<f32>> {
         let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
         let path = &self.files[e.file].0;

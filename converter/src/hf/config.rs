@@ -272,6 +272,7 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
             shared_gate: if shared > 0 { SharedGate::Sigmoid } else { SharedGate::None },
             expert_capacity: 0,
         },
+        recipe: meo::config::Recipe::default(),
     };
     ensure!(
         cfg.num_heads.is_multiple_of(cfg.num_kv_heads),

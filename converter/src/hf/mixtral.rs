@@ -4,7 +4,7 @@
 //! Checkpoints name the MoE block `block_sparse_moe` (the Hub's per-expert `w1`/`w3`/`w2`)
 //! or `mlp` (transformers 5 `save_pretrained`, fused `gate_up_proj`/`down_proj`).
 
-use super::{Family, Flag, Window};
+use super::{Family, Flag, Kind, Window};
 use meo::QkNorm;
 
 pub const FAMILY: Family = Family {
@@ -22,4 +22,5 @@ pub const FAMILY: Family = Family {
     window: Window::AllLayers { enabled_by: None },
     norm_topk_prob: Flag::Fixed(true),
     tensors: &[],
+    kind: Kind::Standard,
 };

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -70,10 +71,22 @@ pub struct Family {
     /// Family-specific canonical layer suffix → HF name under `model.layers.L.`
     /// (`{moe}` stands for the layer's MoE prefix); looked up before [`COMMON`].
     pub tensors: &'static [(&'static str, &'static str)],
+    /// Which layout the rest of the table describes.
+    pub kind: Kind,
+}
+
+/// The overall layout of a family's checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Llama-style decoder with standard token-routed MoE layers (the fields above).
+    Standard,
+    /// An MEO-native GPT-2 ([`meo_gpt2`]): its own config keys and tensor names.
+    MeoNative,
 }
 
 /// Every supported family.
-pub const FAMILIES: &[&Family] = &[&mixtral::FAMILY, &qwen2_moe::FAMILY, &qwen3_moe::FAMILY, &olmoe::FAMILY];
+pub const FAMILIES: &[&Family] =
+    &[&mixtral::FAMILY, &qwen2_moe::FAMILY, &qwen3_moe::FAMILY, &olmoe::FAMILY, &meo_gpt2::FAMILY];
 
 /// Tensors outside the layers: canonical name → HF name.
 const GLOBAL: &[(&str, &str)] = &[
@@ -131,6 +144,8 @@ pub struct HfModel {
     pub tokenizer: Option<String>,
     /// Per layer: the expert layout (MoE layers only).
     experts: Vec<Option<Experts>>,
+    /// MEO-native models: the task names (task-gate merges are precomputed for each).
+    pub tasks: Vec<String>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -156,8 +171,16 @@ impl HfModel {
         } else {
             Vec::new()
         };
-        let config = config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect())
-            .with_context(|| cfg_path.display().to_string())?;
+        let (config, tasks) = match family.kind {
+            Kind::Standard => {
+                (config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect()), vec![])
+            }
+            Kind::MeoNative => match meo_gpt2::model_config(&j) {
+                Ok((c, t)) => (Ok(c), t),
+                Err(e) => (Err(e), vec![]),
+            },
+        };
+        let config = config.with_context(|| cfg_path.display().to_string())?;
         let checkpoint = Checkpoint::open(dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() {
@@ -165,7 +188,7 @@ impl HfModel {
         } else {
             None
         };
-        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new() };
+        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks };
         m.experts = (0..m.config.num_layers)
             .map(|l| (m.config.layer_ffn[l] == FfnKind::Moe).then(|| m.detect_experts(l)).transpose())
             .collect::<Result<_>>()?;
@@ -223,6 +246,34 @@ impl HfModel {
     /// The tensor is missing or has the wrong shape.
     pub fn source(&self, c: &Canon) -> Result<Source> {
         let numel: u64 = c.shape.iter().product();
+        if self.family.kind == Kind::MeoNative {
+            return match meo_gpt2::to_source(c, &self.config)? {
+                Some(src) => {
+                    let e = self.checkpoint.get(&src.tensor).with_context(|| {
+                        format!("checkpoint has no tensor {:?} (needed for {})", src.tensor, c.name)
+                    })?;
+                    ensure!(
+                        src.first + src.count <= e.numel() && (src.first > 0 || e.numel() % numel == 0),
+                        "{}: shape {:?} does not hold {} (shape {:?})",
+                        src.tensor,
+                        e.shape,
+                        c.name,
+                        c.shape
+                    );
+                    Ok(src)
+                }
+                // Computed (task merge): marks the bank's experts as used, reads nothing.
+                None => {
+                    let Place::TaskBank { layer, bank, part, .. } = c.place else { bail!("no source for {}", c.name) };
+                    let part = meo::names::BANK_EXPERT_PARTS[part];
+                    Ok(Source {
+                        tensor: format!("h.{layer}.mlp.{}.experts.{part}", meo::names::MEO_BANKS[bank]),
+                        first: 0,
+                        count: 0,
+                    })
+                }
+            };
+        }
         let whole = |name: String| -> Result<Source> {
             let e = self
                 .checkpoint
@@ -237,6 +288,7 @@ impl HfModel {
                 whole(hf.with_context(|| format!("no source for {}", c.name))?.to_string())
             }
             Place::Layer { layer, suffix } => whole(self.layer_name(layer, suffix)?),
+            Place::BankExpert { .. } | Place::TaskBank { .. } => bail!("{}: not an MEO-native family", c.name),
             Place::Expert { layer, expert, part } => match self.experts[layer].as_ref() {
                 Some(Experts::PerExpert { prefix }) => {
                     whole(format!("{prefix}.experts.{expert}.{}.weight", self.family.expert_names[part]))
@@ -258,11 +310,13 @@ impl HfModel {
 
     /// Checkpoint tensors that none of `used` reads and that are not known to be ignorable.
     pub fn unused<'a>(&'a self, used: &BTreeSet<&str>) -> Vec<&'a str> {
+        let consumed = meo_gpt2::consumed(&self.config, &self.tasks);
         self.checkpoint
             .names()
             .filter(|n| !used.contains(n))
             .filter(|n| !IGNORED_SUFFIXES.iter().any(|s| n.ends_with(s)))
             .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
+            .filter(|n| !consumed.iter().any(|c| c == n))
             .collect()
     }
 }

@@ -1,7 +1,7 @@
 //! OLMoE (`OlmoeForCausalLM`, e.g. OLMoE-1B-7B): RMSNorm over the whole q and k projections
 //! (before splitting into heads), optional `clip_qkv` clamp, 64 small experts per layer.
 
-use super::{Family, Flag, Window};
+use super::{Family, Flag, Kind, Window};
 use meo::QkNorm;
 
 pub const FAMILY: Family = Family {
@@ -20,4 +20,5 @@ pub const FAMILY: Family = Family {
     window: Window::None,
     norm_topk_prob: Flag::Key("norm_topk_prob", false),
     tensors: &[("attn.q_norm.weight", "self_attn.q_norm.weight"), ("attn.k_norm.weight", "self_attn.k_norm.weight")],
+    kind: Kind::Standard,
 };

@@ -2,7 +2,7 @@
 //! scaled by `sigmoid(shared_expert_gate · x)`, dense MLP layers chosen by `mlp_only_layers`
 //! and `decoder_sparse_step`, sliding-window layers chosen by `layer_types`.
 
-use super::{Family, Flag, Window};
+use super::{Family, Flag, Kind, Window};
 use meo::QkNorm;
 
 pub const FAMILY: Family = Family {
@@ -32,4 +32,5 @@ pub const FAMILY: Family = Family {
         ("shared.down.weight", "{moe}.shared_expert.down_proj.weight"),
         ("shared_gate.weight", "{moe}.shared_expert_gate.weight"),
     ],
+    kind: Kind::Standard,
 };

@@ -1,7 +1,7 @@
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`, e.g. Qwen3-30B-A3B): RMSNorm on each q/k head, no
 //! biases, optional dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`).
 
-use super::{Family, Flag, Window};
+use super::{Family, Flag, Kind, Window};
 use meo::QkNorm;
 
 pub const FAMILY: Family = Family {
@@ -26,4 +26,5 @@ pub const FAMILY: Family = Family {
         ("ffn.up.weight", "mlp.up_proj.weight"),
         ("ffn.down.weight", "mlp.down_proj.weight"),
     ],
+    kind: Kind::Standard,
 };

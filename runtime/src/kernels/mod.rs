@@ -9,23 +9,42 @@
 //! thread pool with it), always by *rows of W*, so a thread streams its own part of the
 //! weights and the result does not depend on the number of threads.
 //!
-//! Inside one thread the product is blocked: a tile of [`TILE_ROWS`] rows × [`TILE_COLS`]
-//! columns of `W` is decoded to f32 (≈ 16 KiB, stays in L1) and then used against every
-//! token's matching slice of `x`, so in prompt processing each weight byte is read from
-//! memory once per tile and reused across all `T` tokens. The per-dtype part is only
-//! [`decode`] (bytes → f32 tile) and [`dot`]: a SIMD variant replaces those two.
+//! f32 / f16 / bf16: inside one thread the product is blocked: a tile of [`TILE_ROWS`] rows ×
+//! [`TILE_COLS`] columns of `W` is decoded to f32 (≈ 16 KiB, stays in L1) and then used
+//! against every token's matching slice of `x`, so in prompt processing each weight byte is
+//! read from memory once per tile and reused across all `T` tokens.
+//!
+//! Q8_0: the weights are never decoded. The activations are quantized once per matmul to
+//! int8 per 32-block (see *Numerics*), and each output is a sum of int8·int8 block dot
+//! products (int32, exact) scaled by the two block scales, like ggml's `q8_0 × q8_0`
+//! `vec_dot`. The inner loop is chosen once per matmul by CPU feature detection: AVX2
+//! (`maddubs`/`madd`, F16C for the scales) on x86-64, `sdot` or plain NEON on aarch64, and a
+//! portable scalar loop everywhere else (and without `std`, unless the target enables AVX2 /
+//! NEON at compile time). Tiles are [`TILE_ROWS`] rows × 32 blocks (1024 columns, 16 KiB of
+//! int8), reused across the tokens of a prompt; one token (decode) streams each row whole.
 //!
 //! # Numerics
 //!
-//! Weights are *dequantized on the fly* into f32 tiles and all products and sums are f32
-//! (Q8_0: `q · d` with the block's f16 scale `d`, exactly as [`crate::quant::dequantize_row`]).
-//! Activations are never quantized, so a Q8_0 matmul equals the f32 matmul of the dequantized
-//! weights up to f32 rounding; the only int8 error is the weights' own quantization error.
+//! f32 / f16 / bf16 weights are converted to f32 and all products and sums are f32.
 //! Each output element is `Σ_tiles dot(tile_row, x_slice)` with `dot` summing 8 interleaved
-//! partial sums: the order depends only on `in`, never on `T`, the thread count or the row
-//! split, so prompt processing and token-by-token decoding give bitwise identical results.
+//! partial sums.
+//!
+//! Q8_0 weights multiply *quantized activations*: each 32-block of `x` becomes
+//! `q = round(x / dx)` (half away from zero, |q| ≤ 127) with `dx = max|x_block| / 127` kept in
+//! f32, and a block contributes `(dw · dx) · Σ q_w·q_x`. So besides the weights' own
+//! quantization error there is now an activation error of at most `dx/2` per element
+//! (relative ≈ 0.4 % of the block's largest |x|), as in llama.cpp's Q8_0 CPU path; the
+//! result is no longer the f32 product of the dequantized weights. The file format is
+//! unchanged. The block sums are exact in every implementation; the SIMD versions keep
+//! lane-wise f32 partial sums, so they differ from the portable loop by f32 rounding only.
+//! One machine always runs the same implementation.
+//!
+//! In every dtype the summation order depends only on `in`, never on `T`, the thread count
+//! or the row split, so prompt processing and token-by-token decoding give bitwise
+//! identical results.
 
 mod ops;
+mod q8;
 
 pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, silu, softmax_in_place};
 
@@ -170,8 +189,8 @@ pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &
                 let at = (r0 + r) * cols + c0;
                 let o = &mut out[r * nc..][..nc];
                 match all {
-                    // Vectorised (F16C / NEON) when the CPU has it.
-                    Some(h) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&h[at..at + nc], o),
+                    // Vectorised (F16C) when the CPU has it; exact either way.
+                    Some(h) => q8::f16_to_f32(&h[at..at + nc], o),
                     None => {
                         for (o, b) in o.iter_mut().zip(w.data[at * 2..][..nc * 2].chunks_exact(2)) {
                             *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -263,6 +282,20 @@ fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
     let nrows = yt.len() / t;
     yt.fill(0.0);
     let mut buf = [0.0f32; TILE_ROWS * TILE_COLS];
+    if t == 1 {
+        // Decode: stream each row whole (one sequential read per row instead of 16
+        // interleaved ones); same per-tile dots, added in the same order as below.
+        for (r, y) in yt.iter_mut().enumerate() {
+            let mut c0 = 0;
+            while c0 < k {
+                let nc = TILE_COLS.min(k - c0);
+                let (vals, _) = tile(w, r0 + r, 1, c0, nc, &mut buf);
+                *y += dot(&vals[..nc], &x[c0..][..nc]);
+                c0 += nc;
+            }
+        }
+        return;
+    }
     let mut c0 = 0;
     while c0 < k {
         let nc = TILE_COLS.min(k - c0);
@@ -282,6 +315,45 @@ fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
     }
 }
 
+/// Q8_0 version of [`matmul_rows`]: `xq` are the quantized activations, `kern` the dot.
+fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32], kern: q8::Kernel) {
+    let nb = xq.nb;
+    let stride = nb * QK;
+    let soff = (w.rows * stride).div_ceil(64) * 64;
+    let nrows = yt.len() / t;
+    // Row `row`, blocks `b0..b0 + nbt`, against token `tok`.
+    let dot = |row: usize, tok: usize, b0: usize, nbt: usize| {
+        let wq = &w.data[row * stride + b0 * QK..][..nbt * QK];
+        let ws = &w.data[soff + (row * nb + b0) * 2..][..nbt * 2];
+        let xs = &xq.q[tok * stride + b0 * QK..][..nbt * QK];
+        let xd = &xq.d[tok * nb + b0..][..nbt];
+        kern.dot(wq, ws, xs, xd)
+    };
+    if t == 1 {
+        // Decode: stream each row whole; same per-tile sums in the same order as below.
+        for (r, y) in yt.iter_mut().enumerate() {
+            let mut s = 0.0f32;
+            for b0 in (0..nb).step_by(q8::TILE_BLOCKS) {
+                s += dot(r0 + r, 0, b0, q8::TILE_BLOCKS.min(nb - b0));
+            }
+            *y = s;
+        }
+        return;
+    }
+    yt.fill(0.0);
+    for b0 in (0..nb).step_by(q8::TILE_BLOCKS) {
+        let nbt = q8::TILE_BLOCKS.min(nb - b0);
+        for rr in (0..nrows).step_by(TILE_ROWS) {
+            let nr = TILE_ROWS.min(nrows - rr);
+            for tok in 0..t {
+                for r in 0..nr {
+                    yt[(rr + r) * t + tok] += dot(r0 + rr + r, tok, b0, nbt);
+                }
+            }
+        }
+    }
+}
+
 /// `y[T, rows] = x[T, cols] · Wᵀ`, split over rows of `W` by `par`.
 ///
 /// # Panics
@@ -294,7 +366,11 @@ pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [
     }
     let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
     let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
-    let task = |i: usize, out: &mut [f32]| matmul_rows(x, t, w, i * chunk_rows, out);
+    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), q8::Kernel::detect()));
+    let task = |i: usize, out: &mut [f32]| match &q8 {
+        Some((xq, kern)) => matmul_rows_q8(xq, t, w, i * chunk_rows, out, *kern),
+        None => matmul_rows(x, t, w, i * chunk_rows, out),
+    };
     if t == 1 {
         // Transposed output is the output.
         if serial {
@@ -390,12 +466,21 @@ mod tests {
                 let bytes = encode(&w, dtype, n, k);
                 let m = MatRef::new(dtype, n, k, &bytes).unwrap();
                 let want = matmul_reference(&x, t, &m);
+                // Q8_0 also quantizes the activations: ≤ dx/2 per element, dx ≤ 1/127 here.
+                let act_err = |i: usize| {
+                    if dtype != DType::Q8_0 {
+                        return 0.0;
+                    }
+                    let mut row = vec![0.0; k];
+                    decode(&m, i % n, 1, 0, k, &mut row);
+                    row.iter().map(|v| v.abs()).sum::<f32>() * 0.5 / 127.0
+                };
                 for par in [&Serial as &dyn Parallel, &Reversed(3)] {
                     let mut y = vec![0.0; t * n];
                     matmul(par, &x, t, &m, &mut y);
                     for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                         assert!(
-                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt(),
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt() + act_err(i),
                             "{dtype:?} {n}x{k} t{t} [{i}]: {a} vs {b}"
                         );
                     }
@@ -433,8 +518,9 @@ mod tests {
         matmul(&Serial, &x, 1, &m, &mut y);
         for (row, &got) in y.iter().enumerate() {
             let exact: f32 = (0..k).map(|c| w[row * k + c] * x[c]).sum();
-            // |Δw| ≤ d/2 per element, d ≤ 1/127.
-            let bound: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.5 / 127.0 + 1e-5;
+            // |Δw| ≤ d/2 per element, d ≤ 1/127; the same for the quantized activations.
+            let wsum: f32 = w[row * k..][..k].iter().map(|v| v.abs()).sum();
+            let bound: f32 = (x.iter().map(|v| v.abs()).sum::<f32>() + wsum) * 0.5 / 127.0 + 1e-5;
             assert!((got - exact).abs() <= bound, "{got} vs {exact}");
         }
     }
@@ -454,6 +540,34 @@ mod tests {
             matmul(&Serial, &x, 2, &a, &mut ya);
             matmul(&Serial, &x, 2, &b, &mut yb);
             assert_eq!(ya, yb, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn q8_0_simd_matches_portable_on_ragged_shapes() {
+        // cols not a multiple of 32 (or of a 32-block tile), rows not a multiple of TILE_ROWS.
+        for &(n, k, t) in &[(1, 1, 1), (17, 40, 1), (17, 40, 3), (33, 1000, 1), (35, 1057, 4), (5, 2080, 2)] {
+            let mut r = rng((n * 31 + k * 7 + t) as u64);
+            let w: Vec<f32> = (0..n * k).map(|_| r() * 3.0).collect();
+            let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
+            let bytes = encode(&w, DType::Q8_0, n, k);
+            let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
+            let xq = q8::QActs::new(&x, t, k);
+            let mut want = vec![0.0; n * t];
+            matmul_rows_q8(&xq, t, &m, 0, &mut want, q8::Kernel::Portable);
+            for kern in q8::Kernel::available() {
+                // Whole and in row chunks of 7 (not a tile multiple).
+                let mut got = vec![0.0; n * t];
+                matmul_rows_q8(&xq, t, &m, 0, &mut got, kern);
+                let mut chunked = vec![0.0; n * t];
+                for (i, c) in chunked.chunks_mut(7 * t).enumerate() {
+                    matmul_rows_q8(&xq, t, &m, i * 7, c, kern);
+                }
+                assert_eq!(got, chunked, "{kern:?}");
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{kern:?} {n}x{k} t{t} [{i}]: {a} vs {b}");
+                }
+            }
         }
     }
 

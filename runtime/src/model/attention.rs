@@ -91,7 +91,7 @@ pub(crate) fn attention(
     }
     resize(&mut s.cos, hd / 2);
     resize(&mut s.sin, hd / 2);
-    for tok in 0..t {
+    for tok in (0..t).filter(|_| a.rope) {
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {
             rope_rotate_half(head, &s.cos, &s.sin);
@@ -139,4 +139,10 @@ pub(crate) fn attention(
         }
     }
     matmul(par, &s.ctx, t, &a.o.view(bytes), out);
+    if let Some(b) = &a.o_bias {
+        b.read(bytes, &mut s.w);
+        for row in out.chunks_mut(s.w.len()) {
+            crate::kernels::add_into(row, &s.w);
+        }
+    }
 }

@@ -14,10 +14,12 @@
 mod attention;
 pub mod bank;
 mod ffn;
+mod meo;
 pub mod plan;
 mod session;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+pub use meo::topk_softmax;
 pub use session::{ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -81,6 +83,12 @@ pub struct Model {
     pub(crate) output: Mat,
     pub(crate) layers: Vec<LayerPlan>,
     pub(crate) rope: Rope,
+    /// Learned absolute positions (`model.positions = learned`).
+    pub(crate) pos_embed: Option<Mat>,
+    /// Final LayerNorm bias (`model.norm = layer`).
+    pub(crate) output_norm_bias: Option<Vector>,
+    /// Precomputed task merges of an MEO-native model's banks.
+    pub(crate) meo_tasks: Vec<plan::MeoTask>,
     /// Precomputed task merges stored in the file.
     pub(crate) tasks: Vec<plan::TaskMerge>,
     /// Measured prompt-mode merge error per MoE layer (converter calibration).
@@ -104,7 +112,13 @@ impl Model {
     /// this runtime can run.
     #[cfg(feature = "std")]
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, ModelError> {
-        Self::from_mapped(crate::file::Mapped::open(path)?)
+        let model = Self::from_mapped(crate::file::Mapped::open(path)?)?;
+        // Prefetch the tensors every token uses (norms, attention, routers), never the
+        // experts. Advice only: if the OS refuses it, pages still fault in on first use.
+        if let (Some(map), Ok(file)) = (model.mapped(), model.file()) {
+            let _ = crate::residency::advise_lazy(map, &file);
+        }
+        Ok(model)
     }
 
     /// A model over an existing mapping.
@@ -133,7 +147,17 @@ impl Model {
     }
 
     fn from_storage(storage: Storage) -> Result<Self, ModelError> {
-        let (config, embed, output_norm, output, layers, rope, (tasks, prompt_errors)) = {
+        let (
+            config,
+            embed,
+            output_norm,
+            output,
+            layers,
+            rope,
+            (tasks, prompt_errors),
+            (pos_embed, output_norm_bias),
+            meo_tasks,
+        ) = {
             let file = MeoFile::parse(storage.bytes())?;
             let config = ModelConfig::from_metadata(&file.metadata)?;
             check_rope_type(&file)?;
@@ -142,9 +166,25 @@ impl Model {
             let layers = (0..config.num_layers).map(|l| b.layer(l)).collect::<Result<Vec<_>, _>>()?;
             let rope = Rope::new(&config);
             let merges = b.merges()?;
-            (config, embed, output_norm, output, layers, rope, merges)
+            let extras = b.extras()?;
+            let meo_tasks =
+                if config.layer_ffn.contains(&crate::FfnKind::MeoBank) { b.meo_tasks()? } else { Vec::new() };
+            (config, embed, output_norm, output, layers, rope, merges, extras, meo_tasks)
         };
-        Ok(Self { storage, config, embed, output_norm, output, layers, rope, tasks, prompt_errors })
+        Ok(Self {
+            storage,
+            config,
+            embed,
+            output_norm,
+            output,
+            layers,
+            rope,
+            pos_embed,
+            output_norm_bias,
+            meo_tasks,
+            tasks,
+            prompt_errors,
+        })
     }
 
     /// The model description from the file's metadata.
@@ -180,8 +220,27 @@ impl Model {
     pub fn expert_slab(&self, layer: usize, expert: usize) -> Option<Range<usize>> {
         match &self.layers.get(layer)?.ffn {
             plan::FfnPlan::Moe(m) => m.experts.get(expert).map(|e| e.slab.clone()),
-            plan::FfnPlan::Dense(_) => None,
+            plan::FfnPlan::Dense(_) | plan::FfnPlan::Meo(_) => None,
         }
+    }
+
+    /// Absolute byte range of expert `expert`'s slab in bank `bank` (0 = fc1, 1 = fc2) of MEO
+    /// layer `layer`.
+    pub fn bank_expert_slab(&self, layer: usize, bank: usize, expert: usize) -> Option<Range<usize>> {
+        match &self.layers.get(layer)?.ffn {
+            plan::FfnPlan::Meo(m) => m.banks.get(bank)?.experts.get(expert).map(|e| e.slab.clone()),
+            _ => None,
+        }
+    }
+
+    /// Indices of the MEO-native layers (expert banks, always merged).
+    pub fn meo_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().enumerate().filter(|(_, l)| matches!(l.ffn, plan::FfnPlan::Meo(_))).map(|(i, _)| i)
+    }
+
+    /// The task merges of an MEO-native model stored in the file, in file order.
+    pub fn meo_tasks(&self) -> &[plan::MeoTask] {
+        &self.meo_tasks
     }
 
     /// Indices of the MoE layers.
@@ -218,7 +277,7 @@ impl Model {
                 let e = m.experts.get(expert)?;
                 Some(crate::merge::ExpertRef { bytes: &self.bytes()[e.slab.clone()], mlp: &e.mlp })
             }
-            plan::FfnPlan::Dense(_) => None,
+            plan::FfnPlan::Dense(_) | plan::FfnPlan::Meo(_) => None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! activation, RoPE scaling) and the matching arm in the runner; nothing tests a family name.
 
 use super::ModelError;
-use crate::config::{FfnKind, ModelConfig, QkNorm, SharedGate};
+use crate::config::{FfnKind, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
 use crate::format::{DType, MeoFile, TensorInfo};
 use crate::kernels::MatRef;
 use crate::names;
@@ -80,6 +80,12 @@ impl Rope {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnPlan {
     pub norm: Vector,
+    /// LayerNorm bias (`model.norm = layer`).
+    pub norm_bias: Option<Vector>,
+    /// Output projection bias.
+    pub o_bias: Option<Vector>,
+    /// Rotate q and k (RoPE); false with learned absolute positions.
+    pub rope: bool,
     pub q: Mat,
     pub k: Mat,
     pub v: Mat,
@@ -134,6 +140,56 @@ pub struct MoePlan {
 pub enum FfnPlan {
     Dense(Mlp),
     Moe(MoePlan),
+    /// MEO-native: `fc2(act(fc1(x)))`, each a bank (`docs/MEO.md` §2.1).
+    Meo(MeoFfn),
+}
+
+/// One linear expert of an MEO bank: its slab (absolute) and its weight `[out, in]` and f32
+/// bias `[out]` (ranges relative to the slab).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BankExpert {
+    pub slab: Range<usize>,
+    pub weight: Mat,
+    pub bias: Vector,
+}
+
+/// The MEO token block `x + up(relu(down x + b_down)) + b_up`, applied before the merged matmul.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBlock {
+    pub down: Mat,
+    pub down_bias: Vector,
+    pub up: Mat,
+    pub up_bias: Vector,
+}
+
+/// One MEO bank `in → out`: E linear experts, a router `[E, in]` (f32, no bias) and an
+/// optional token block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bank {
+    pub router: Mat,
+    pub experts: Vec<BankExpert>,
+    pub token: Option<TokenBlock>,
+}
+
+/// An MEO-native feed-forward block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeoFfn {
+    pub banks: [Bank; 2],
+}
+
+/// One layer of a task's stored MEO merge: per bank the merged expert (its slab, weight and
+/// bias relative to it) and the task gate `w` per expert (0 for unselected ones).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeoTaskLayer {
+    pub layer: usize,
+    pub banks: [(BankExpert, Vec<f32>); 2],
+}
+
+/// A task's precomputed MEO merges (`merge.task.<name>.*`, weighting `task_gate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeoTask {
+    pub name: alloc::string::String,
+    pub layers: Vec<MeoTaskLayer>,
 }
 
 /// One decoder layer: `x += attn(norm(x)); x += ffn(norm(x))`.
@@ -141,6 +197,8 @@ pub enum FfnPlan {
 pub struct LayerPlan {
     pub attn: AttnPlan,
     pub ffn_norm: Vector,
+    /// LayerNorm bias (`model.norm = layer`).
+    pub ffn_norm_bias: Option<Vector>,
     pub ffn: FfnPlan,
 }
 
@@ -160,7 +218,7 @@ fn dims_overflow(key: &'static str) -> ModelError {
 
 impl<'f, 'a> Builder<'f, 'a> {
     pub(crate) fn new(file: &'f MeoFile<'a>, c: &'f ModelConfig) -> Result<Self, ModelError> {
-        if !c.head_dim.is_multiple_of(2) {
+        if c.recipe.positions == Positions::Rope && !c.head_dim.is_multiple_of(2) {
             return Err(ModelError::Unsupported(alloc::format!("odd head_dim {} (RoPE needs pairs)", c.head_dim)));
         }
         let q_dim = c.num_heads.checked_mul(c.head_dim).ok_or_else(|| dims_overflow("model.num_heads"))?;
@@ -230,6 +288,145 @@ impl<'f, 'a> Builder<'f, 'a> {
         Ok((embed, norm, output))
     }
 
+    /// Learned positions and the final norm's bias, when the recipe has them.
+    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>), ModelError> {
+        let c = self.c;
+        let pos = match c.recipe.positions {
+            Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),
+            Positions::Rope => None,
+        };
+        let bias = match c.recipe.norm {
+            NormKind::Layer => Some(self.vector(names::OUTPUT_NORM_BIAS, self.h)?),
+            NormKind::Rms => None,
+        };
+        Ok((pos, bias))
+    }
+
+    fn norm_bias(&self, l: usize, which: &str) -> Result<Option<Vector>, ModelError> {
+        match self.c.recipe.norm {
+            NormKind::Layer => Ok(Some(self.layer_vec(l, &alloc::format!("{which}.bias"), self.h)?)),
+            NormKind::Rms => Ok(None),
+        }
+    }
+
+    /// A bank expert whose tensors are `name(part)` and whose slab is `key`.
+    fn bank_expert(
+        &self,
+        key: &str,
+        name: &dyn Fn(&str) -> alloc::string::String,
+        out: usize,
+        inp: usize,
+    ) -> Result<BankExpert, ModelError> {
+        let first = name(names::BANK_EXPERT_PARTS[0]);
+        let slab = self.slabs.get(key).cloned().ok_or(ModelError::NotInSlab { name: first })?;
+        let rel = |n: alloc::string::String, r: &Range<usize>| -> Result<Range<usize>, ModelError> {
+            if r.start < slab.start || r.end > slab.end {
+                return Err(ModelError::NotInSlab { name: n });
+            }
+            Ok(r.start - slab.start..r.end - slab.start)
+        };
+        let w = self.mat(&name("weight"), out, inp)?;
+        let b = self.vector(&name("bias"), out)?;
+        Ok(BankExpert {
+            weight: Mat { range: rel(name("weight"), &w.range)?, ..w },
+            bias: Vector { range: rel(name("bias"), &b.range)?, ..b },
+            slab,
+        })
+    }
+
+    fn meo(&self, l: usize) -> Result<MeoFfn, ModelError> {
+        let c = self.c;
+        let (h, i, e, r) = (self.h, c.intermediate_size, c.router.num_experts, c.recipe.meo_token_bottleneck);
+        let bank = |b: usize| -> Result<Bank, ModelError> {
+            let name = names::MEO_BANKS[b];
+            let (inp, out) = if b == 0 { (h, i) } else { (i, h) };
+            let sfx = |s: &str| alloc::format!("{name}.{s}");
+            let router = self.layer_mat(l, &sfx("router.weight"), e, inp)?;
+            let token = if r > 0 {
+                Some(TokenBlock {
+                    down: self.layer_mat(l, &sfx("token.down.weight"), r, inp)?,
+                    down_bias: self.layer_vec(l, &sfx("token.down.bias"), r)?,
+                    up: self.layer_mat(l, &sfx("token.up.weight"), inp, r)?,
+                    up_bias: self.layer_vec(l, &sfx("token.up.bias"), inp)?,
+                })
+            } else {
+                None
+            };
+            let experts = (0..e)
+                .map(|x| {
+                    self.bank_expert(
+                        &alloc::format!("layers.{l}.{name}.experts.{x}"),
+                        &|p| names::bank_expert(l, name, x, p),
+                        out,
+                        inp,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Bank { router, experts, token })
+        };
+        Ok(MeoFfn { banks: [bank(0)?, bank(1)?] })
+    }
+
+    /// The precomputed task merges of an MEO-native model: `merge.tasks`, and per task
+    /// `merge.task.<t>.layers` (every MEO layer once) and `merge.task.<t>.weights`
+    /// (`layers × 2 banks × experts`, bank order fc1, fc2), with the merged banks' slabs.
+    pub(crate) fn meo_tasks(&self) -> Result<Vec<MeoTask>, ModelError> {
+        use crate::format::{MetaArray, MetaValue};
+        use names::merge_keys as k;
+        let m = &self.file.metadata;
+        let c = self.c;
+        let bad = |key: &str, what: &str| ModelError::Merge(alloc::format!("metadata {key:?}: {what}"));
+        let names: Vec<&str> = match m.get(k::TASKS) {
+            None => Vec::new(),
+            Some(MetaValue::Array(MetaArray::Str(v))) => v.clone(),
+            Some(MetaValue::Array(MetaArray::U64(v))) if v.is_empty() => Vec::new(),
+            Some(v) => return Err(bad(k::TASKS, &alloc::format!("is {}, expected array of str", v.type_name()))),
+        };
+        let (h, i, e) = (self.h, c.intermediate_size, c.router.num_experts);
+        let mut tasks: Vec<MeoTask> = Vec::new();
+        for name in names {
+            if !names::valid_task_name(name) || tasks.iter().any(|t| t.name == name) {
+                return Err(bad(k::TASKS, &alloc::format!("invalid or repeated task name {name:?}")));
+            }
+            let lk = k::task(name, "layers");
+            let layers = match m.get(&lk) {
+                Some(MetaValue::Array(MetaArray::U64(v))) => v.clone(),
+                _ => return Err(bad(&lk, "missing or not an array of u64")),
+            };
+            let wk = k::task(name, "weights");
+            let weights = match m.get(&wk) {
+                Some(MetaValue::Array(MetaArray::F64(v))) => v.clone(),
+                _ => return Err(bad(&wk, "missing or not an array of f64")),
+            };
+            if Some(weights.len()) != layers.len().checked_mul(2 * e) {
+                return Err(bad(&wk, "needs layers × 2 banks × experts values"));
+            }
+            let mut seen = alloc::collections::BTreeSet::new();
+            let mut tl = Vec::with_capacity(layers.len());
+            for (j, &l) in layers.iter().enumerate() {
+                let l = usize::try_from(l).map_err(|_| bad(&lk, "layer out of range"))?;
+                if c.layer_ffn.get(l) != Some(&FfnKind::MeoBank) || !seen.insert(l) {
+                    return Err(bad(&lk, &alloc::format!("layer {l} is not an MEO layer, or is listed twice")));
+                }
+                let bank = |b: usize| -> Result<(BankExpert, Vec<f32>), ModelError> {
+                    let bn = names::MEO_BANKS[b];
+                    let (inp, out) = if b == 0 { (h, i) } else { (i, h) };
+                    let key = alloc::format!("tasks.{name}.layers.{l}.{bn}.experts.merged");
+                    let ex = self.bank_expert(&key, &|p| names::task_bank_expert(name, l, bn, p), out, inp)?;
+                    let w = weights[(j * 2 + b) * e..][..e].iter().map(|&x| x as f32).collect();
+                    Ok((ex, w))
+                };
+                tl.push(MeoTaskLayer { layer: l, banks: [bank(0)?, bank(1)?] });
+            }
+            let meo_layers = c.layer_ffn.iter().filter(|f| **f == FfnKind::MeoBank).count();
+            if tl.len() != meo_layers {
+                return Err(bad(&lk, "an MEO task must store every MEO layer"));
+            }
+            tasks.push(MeoTask { name: name.to_string(), layers: tl });
+        }
+        Ok(tasks)
+    }
+
     pub(crate) fn layer(&self, l: usize) -> Result<LayerPlan, ModelError> {
         let c = self.c;
         let (h, qd, kvd, hd) = (self.h, self.q_dim, self.kv_dim, c.head_dim);
@@ -254,6 +451,9 @@ impl<'f, 'a> Builder<'f, 'a> {
         };
         let attn = AttnPlan {
             norm: self.layer_vec(l, "attn_norm.weight", h)?,
+            norm_bias: self.norm_bias(l, "attn_norm")?,
+            o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
+            rope: c.recipe.positions == Positions::Rope,
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
             v: self.layer_mat(l, "attn.v.weight", kvd, h)?,
@@ -272,8 +472,14 @@ impl<'f, 'a> Builder<'f, 'a> {
         let ffn = match c.layer_ffn[l] {
             FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
             FfnKind::Moe => FfnPlan::Moe(self.moe(l)?),
+            FfnKind::MeoBank => FfnPlan::Meo(self.meo(l)?),
         };
-        Ok(LayerPlan { attn, ffn_norm: self.layer_vec(l, "ffn_norm.weight", h)?, ffn })
+        Ok(LayerPlan {
+            attn,
+            ffn_norm: self.layer_vec(l, "ffn_norm.weight", h)?,
+            ffn_norm_bias: self.norm_bias(l, "ffn_norm")?,
+            ffn,
+        })
     }
 
     fn moe(&self, l: usize) -> Result<MoePlan, ModelError> {
@@ -339,6 +545,10 @@ impl<'f, 'a> Builder<'f, 'a> {
     pub(crate) fn merges(&self) -> Result<Merges, ModelError> {
         use crate::format::{MetaArray, MetaValue};
         use names::merge_keys as k;
+        if self.c.layer_ffn.contains(&FfnKind::MeoBank) {
+            // An MEO-native model's task merges are banks: see `meo_tasks`.
+            return Ok((Vec::new(), Vec::new()));
+        }
         let m = &self.file.metadata;
         let bad = |key: &str, what: &str| ModelError::Merge(alloc::format!("metadata {key:?}: {what}"));
         let u64s = |key: &str| -> Result<Option<Vec<u64>>, ModelError> {

@@ -4,8 +4,9 @@ use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
 use super::bank::{LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe, route_one};
+use super::meo::{self, BankSrc, MergedBank};
 use super::plan::FfnPlan;
-use crate::kernels::{Parallel, Serial, add_into, matmul, rmsnorm};
+use crate::kernels::{Parallel, Serial, add_into, matmul};
 use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
 use alloc::string::String;
@@ -96,6 +97,8 @@ struct Buffers {
     /// Output of the current block `[T, H]`.
     y: Vec<f32>,
     norm_w: Vec<f32>,
+    norm_b: Vec<f32>,
+    meo: meo::MeoScratch,
     attn: AttnScratch,
     ffn: FfnScratch,
 }
@@ -124,6 +127,13 @@ enum Exec {
     Pending,
     /// Prompt mode after the prompt: the merged expert.
     Cached(MergedExpert),
+    /// MEO-native layer, sequence level, before the prompt: the next forward call pools each
+    /// bank's gate from its input and merges it.
+    MeoPending,
+    /// MEO-native layer, sequence level, after the prompt: fc1 and fc2 merged.
+    MeoCached(alloc::boxed::Box<[MergedBank; 2]>),
+    /// MEO-native layer, task level: `layers[index]` of the model's MEO task `task`.
+    MeoStored { task: usize, index: usize },
 }
 
 #[derive(Debug, Default)]
@@ -164,10 +174,7 @@ impl<'m> Session<'m> {
             cache: (0..model.layers.len()).map(|_| LayerCache::default()).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
-            bank: BankState {
-                opts: MergeOptions::default(),
-                exec: model.layers.iter().map(|_| Exec::Mixture).collect(),
-            },
+            bank: BankState { opts: MergeOptions::default(), exec: default_exec(model) },
         })
     }
 
@@ -208,8 +215,22 @@ impl<'m> Session<'m> {
                 }
             }
         };
-        let mut exec: Vec<Exec> = m.layers.iter().map(|_| Exec::Mixture).collect();
+        let mut exec = default_exec(m);
+        let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {
+            // An MEO-native model has no per-token mixture: its own (sequence) gate is the
+            // model as trained, so vanilla and prompt both run it (`default_exec`).
+            Mode::Vanilla | Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
+            Mode::Task(name) if !meo_layers.is_empty() => {
+                let ti = m.meo_tasks.iter().position(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
+                    name: name.clone(),
+                    available: m.meo_tasks.iter().map(|t| t.name.clone()).collect(),
+                })?;
+                for (index, tl) in m.meo_tasks[ti].layers.iter().enumerate() {
+                    exec[tl.layer] = Exec::MeoStored { task: ti, index };
+                }
+                meo_layers
+            }
             Mode::Vanilla => Vec::new(),
             Mode::Task(name) => {
                 let task = m.task(name)?;
@@ -246,7 +267,28 @@ impl<'m> Session<'m> {
 
     /// The layers that run merged now (prompt mode: empty until the prompt has run).
     pub fn merged_layers(&self) -> Vec<usize> {
-        (0..self.bank.exec.len()).filter(|&l| self.merged_expert(l).is_some()).collect()
+        (0..self.bank.exec.len()).filter(|&l| self.merged_expert(l).is_some() || self.bank_gates(l).is_some()).collect()
+    }
+
+    /// The gates of MEO-native layer `layer`'s banks (fc1, fc2): the selected experts,
+    /// ascending, with their weights. `None` for other layers, and in sequence mode until the
+    /// prompt has run.
+    pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
+        match self.bank.exec.get(layer)? {
+            Exec::MeoCached(b) => Some([b[0].gate.clone(), b[1].gate.clone()]),
+            Exec::MeoStored { task, index } => {
+                let tl = &self.model.meo_tasks[*task].layers[*index];
+                let g = |w: &[f32]| {
+                    w.iter()
+                        .enumerate()
+                        .filter(|(_, w)| **w != 0.0)
+                        .map(|(e, &weight)| Choice { expert: e as u32, weight })
+                        .collect()
+                };
+                Some([g(&tl.banks[0].1), g(&tl.banks[1].1)])
+            }
+            _ => None,
+        }
     }
 
     /// The merged expert layer `layer` runs now, if it runs merged.
@@ -257,7 +299,7 @@ impl<'m> Session<'m> {
                 Some(ExpertRef { bytes: &self.model.bytes()[tl.expert.slab.clone()], mlp: &tl.expert.mlp })
             }
             Exec::Cached(me) => Some(me.as_ref()),
-            Exec::Mixture | Exec::Pending => None,
+            _ => None,
         }
     }
 
@@ -268,7 +310,7 @@ impl<'m> Session<'m> {
                 Some(self.model.tasks[*task].layers[*index].weights.iter().map(|&w| w as f32).collect())
             }
             Exec::Cached(me) => Some(me.weights.clone()),
-            Exec::Mixture | Exec::Pending => None,
+            _ => None,
         }
     }
 
@@ -315,6 +357,9 @@ impl<'m> Session<'m> {
             for e in &mut self.bank.exec {
                 if matches!(e, Exec::Cached(_)) {
                     *e = Exec::Pending;
+                }
+                if matches!(e, Exec::MeoCached(_)) {
+                    *e = Exec::MeoPending;
                 }
             }
         }
@@ -365,6 +410,7 @@ impl<'m> Session<'m> {
         let par = self.pool.par();
         let h = c.hidden_size;
         let eps = c.rms_norm_eps;
+        let kind = c.recipe.norm;
         let b = &mut self.buf;
         for v in [&mut b.x, &mut b.h, &mut b.y] {
             v.clear();
@@ -374,19 +420,59 @@ impl<'m> Session<'m> {
         for (row, &tok) in b.x.chunks_mut(h).zip(tokens) {
             embed.row(tok as usize, row);
         }
+        if let Some(pe) = &m.pos_embed {
+            let pe = pe.view(bytes);
+            b.norm_w.clear();
+            b.norm_w.resize(h, 0.0);
+            for (i, row) in b.x.chunks_mut(h).enumerate() {
+                pe.row(self.pos + i, &mut b.norm_w);
+                add_into(row, &b.norm_w);
+            }
+        }
         for (l, (layer, cache)) in m.layers.iter().zip(&mut self.cache).enumerate() {
             layer.attn.norm.read(bytes, &mut b.norm_w);
+            read_bias(layer.attn.norm_bias.as_ref(), bytes, h, &mut b.norm_b);
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
-                rmsnorm(i, &b.norm_w, eps, o);
+                meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
             attention(par, bytes, &layer.attn, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y);
             add_into(&mut b.x, &b.y);
 
             layer.ffn_norm.read(bytes, &mut b.norm_w);
+            read_bias(layer.ffn_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
-                rmsnorm(i, &b.norm_w, eps, o);
+                meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
             match &layer.ffn {
+                FfnPlan::Meo(p) => {
+                    let (act, k) = (c.recipe.ffn_activation, c.router.top_k);
+                    let exec = &mut self.bank.exec[l];
+                    let src = match &*exec {
+                        Exec::MeoCached(mb) => Some([BankSrc::Session(&mb[0]), BankSrc::Session(&mb[1])]),
+                        Exec::MeoStored { task, index } => {
+                            let tl = &m.meo_tasks[*task].layers[*index];
+                            let f = |i: usize| BankSrc::File(&bytes[tl.banks[i].0.slab.clone()], &tl.banks[i].0);
+                            Some([f(0), f(1)])
+                        }
+                        _ => None,
+                    };
+                    let stored = matches!(exec, Exec::MeoStored { .. });
+                    let made = meo::ffn(par, bytes, p, act, k, src, &b.h, t, &mut b.meo, &mut b.y);
+                    if let Some(mb) = made {
+                        *exec = Exec::MeoCached(alloc::boxed::Box::new(mb));
+                    }
+                    match &*exec {
+                        Exec::MeoStored { task, index } if stored => {
+                            for (bank, _) in &m.meo_tasks[*task].layers[*index].banks {
+                                trace.on_merged(l, t, &MergedUse::File(bank.slab.clone()));
+                            }
+                        }
+                        Exec::MeoCached(mb) => {
+                            trace.on_merged(l, t, &MergedUse::Session(mb[0].bytes.len() + mb[1].bytes.len()));
+                        }
+                        _ => {}
+                    }
+                }
                 FfnPlan::Dense(mlp) => dense(par, bytes, mlp, &b.h, t, &mut b.ffn, &mut b.y),
                 FfnPlan::Moe(p) => {
                     trace.on_moe_input(l, self.pos, &b.h);
@@ -418,6 +504,10 @@ impl<'m> Session<'m> {
                                 Err(_) => Exec::Mixture,
                             };
                         }
+                        // MEO states only ever sit on MEO layers (set by `default_exec`/`set_mode`).
+                        Exec::MeoPending | Exec::MeoCached(_) | Exec::MeoStored { .. } => {
+                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y)
+                        }
                     }
                 }
             }
@@ -428,9 +518,10 @@ impl<'m> Session<'m> {
             Logits::Last => (1, t - 1),
         };
         m.output_norm.read(bytes, &mut b.norm_w);
+        read_bias(m.output_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
         b.h.truncate(rows * h);
         for (o, i) in b.h.chunks_mut(h).zip(b.x[first * h..].chunks(h)) {
-            rmsnorm(i, &b.norm_w, eps, o);
+            meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
         }
         self.logits.resize(rows * vocab, 0.0);
         matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
@@ -441,6 +532,27 @@ impl<'m> Session<'m> {
     /// The logits of the last call (empty before the first).
     pub fn logits(&self) -> &[f32] {
         &self.logits
+    }
+}
+
+/// The default execution of every layer: MEO-native layers at their own (sequence) level,
+/// MoE layers as a per-token mixture.
+fn default_exec(model: &Model) -> Vec<Exec> {
+    model
+        .layers
+        .iter()
+        .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
+        .collect()
+}
+
+/// A norm's bias into `out` (zeros when it has none; RMSNorm ignores it).
+fn read_bias(v: Option<&super::plan::Vector>, bytes: &[u8], h: usize, out: &mut Vec<f32>) {
+    match v {
+        Some(v) => v.read(bytes, out),
+        None => {
+            out.clear();
+            out.resize(h, 0.0);
+        }
     }
 }
 

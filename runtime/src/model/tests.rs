@@ -41,6 +41,7 @@ fn config(head_dim: usize, theta: f32) -> ModelConfig {
             shared_gate: SharedGate::None,
             expert_capacity: 0,
         },
+        recipe: crate::config::Recipe::default(),
     }
 }
 
