@@ -303,6 +303,26 @@ impl QkNorm {
 }
 
 impl RouterSpec {
+    /// `top_k` of `num_experts` scored by `scoring`, and nothing else: no renormalisation,
+    /// bias, groups, shared experts or capacity. Start here and set what a family adds.
+    pub fn plain(num_experts: usize, top_k: usize, scoring: Scoring) -> Self {
+        Self {
+            num_experts,
+            top_k,
+            scoring,
+            norm_topk_prob: false,
+            norm_eps: 0.0,
+            scaling_factor: 1.0,
+            router_bias: false,
+            selection_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            num_shared_experts: 0,
+            shared_gate: SharedGate::None,
+            expert_capacity: 0,
+        }
+    }
+
     /// Reads `routing.*`.
     ///
     /// # Errors
@@ -553,21 +573,7 @@ mod tests {
             layer_ffn: alloc::vec![FfnKind::Moe; 2],
             layer_window: alloc::vec![0; 2],
             eos_token_ids: alloc::vec![2],
-            router: RouterSpec {
-                num_experts: 8,
-                top_k: 2,
-                scoring: Scoring::Softmax,
-                norm_topk_prob: true,
-                norm_eps: 0.0,
-                scaling_factor: 1.0,
-                router_bias: false,
-                selection_bias: false,
-                n_group: 1,
-                topk_group: 1,
-                num_shared_experts: 0,
-                shared_gate: SharedGate::None,
-                expert_capacity: 0,
-            },
+            router: RouterSpec { norm_topk_prob: true, ..RouterSpec::plain(8, 2, Scoring::Softmax) },
             recipe: Recipe::default(),
         }
     }

@@ -171,24 +171,9 @@ pub fn apply_capacity(spec: &RouterSpec, choices: &mut [Choice], dropped: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SharedGate;
 
     fn spec(e: usize, k: usize, scoring: Scoring, norm: bool) -> RouterSpec {
-        RouterSpec {
-            num_experts: e,
-            top_k: k,
-            scoring,
-            norm_topk_prob: norm,
-            norm_eps: 0.0,
-            scaling_factor: 1.0,
-            router_bias: false,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
-            num_shared_experts: 0,
-            shared_gate: SharedGate::None,
-            expert_capacity: 0,
-        }
+        RouterSpec { norm_topk_prob: norm, ..RouterSpec::plain(e, k, scoring) }
     }
 
     fn run(sp: &RouterSpec, logits: &[f32], bias: Option<&[f32]>) -> Vec<Choice> {

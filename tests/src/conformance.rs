@@ -391,19 +391,10 @@ pub fn synthetic_config() -> meo::ModelConfig {
         layer_window: vec![0, 5, 0],
         eos_token_ids: vec![0],
         router: RouterSpec {
-            num_experts: 6,
-            top_k: 2,
-            scoring: Scoring::Softmax,
             norm_topk_prob: true,
-            norm_eps: 0.0,
-            scaling_factor: 1.0,
-            router_bias: false,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
             num_shared_experts: 1,
             shared_gate: SharedGate::Sigmoid,
-            expert_capacity: 0,
+            ..RouterSpec::plain(6, 2, Scoring::Softmax)
         },
         recipe: meo::config::Recipe::default(),
     }

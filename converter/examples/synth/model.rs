@@ -11,7 +11,6 @@
 
 #![allow(dead_code)] // each includer uses a part
 
-use meo::config::SharedGate;
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
 use meo::sample::{Pcg32, splitmix64};
 use meo::{DType, FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring, quant};
@@ -86,19 +85,8 @@ impl SynthSpec {
             layer_window: vec![0; self.layers],
             eos_token_ids: vec![2],
             router: RouterSpec {
-                num_experts: self.experts,
-                top_k: self.top_k,
-                scoring: Scoring::Softmax,
                 norm_topk_prob: true,
-                norm_eps: 0.0,
-                scaling_factor: 1.0,
-                router_bias: false,
-                selection_bias: false,
-                n_group: 1,
-                topk_group: 1,
-                num_shared_experts: 0,
-                shared_gate: SharedGate::None,
-                expert_capacity: 0,
+                ..RouterSpec::plain(self.experts, self.top_k, Scoring::Softmax)
             },
             recipe: meo::config::Recipe::default(),
         }

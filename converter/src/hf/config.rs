@@ -258,19 +258,10 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         layer_ffn,
         eos_token_ids: eos,
         router: RouterSpec {
-            num_experts: experts,
-            top_k,
-            scoring: Scoring::Softmax,
             norm_topk_prob: j.flag(f.norm_topk_prob)?,
-            norm_eps: 0.0,
-            scaling_factor: 1.0,
-            router_bias: false,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
             num_shared_experts: usize::from(shared > 0),
             shared_gate: if shared > 0 { SharedGate::Sigmoid } else { SharedGate::None },
-            expert_capacity: 0,
+            ..RouterSpec::plain(experts, top_k, Scoring::Softmax)
         },
         recipe: meo::config::Recipe::default(),
     };

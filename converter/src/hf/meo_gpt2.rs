@@ -13,7 +13,7 @@ use super::config::Json;
 use super::{Family, Flag, Kind, Source, Window};
 use crate::canonical::{Canon, Place};
 use anyhow::{Context, Result, bail, ensure};
-use meo::config::{Activation, NormKind, Positions, Recipe, SharedGate};
+use meo::config::{Activation, NormKind, Positions, Recipe};
 use meo::names::MEO_BANKS;
 use meo::{FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
 
@@ -94,21 +94,7 @@ pub fn model_config(j: &Json<'_>) -> Result<(ModelConfig, Vec<String>)> {
         layer_ffn: vec![FfnKind::MeoBank; layers],
         layer_window: vec![0; layers],
         eos_token_ids: j.usizes("eos_token_id")?.into_iter().map(|x| x as u64).collect(),
-        router: RouterSpec {
-            num_experts: experts,
-            top_k,
-            scoring: Scoring::SoftmaxAfterTopK,
-            norm_topk_prob: false,
-            norm_eps: 0.0,
-            scaling_factor: 1.0,
-            router_bias: false,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
-            num_shared_experts: 0,
-            shared_gate: SharedGate::None,
-            expert_capacity: 0,
-        },
+        router: RouterSpec::plain(experts, top_k, Scoring::SoftmaxAfterTopK),
         recipe: Recipe {
             norm: NormKind::Layer,
             positions: Positions::Learned,

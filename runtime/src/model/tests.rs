@@ -2,7 +2,7 @@
 //! `conformance_cpu.rs` checks the whole model against transformers and synthetic models).
 
 use super::plan::Rope;
-use crate::config::{FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring, SharedGate};
+use crate::config::{FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
 
 fn config(head_dim: usize, theta: f32) -> ModelConfig {
     ModelConfig {
@@ -26,21 +26,7 @@ fn config(head_dim: usize, theta: f32) -> ModelConfig {
         layer_ffn: alloc::vec![FfnKind::Dense],
         layer_window: alloc::vec![0],
         eos_token_ids: alloc::vec![],
-        router: RouterSpec {
-            num_experts: 1,
-            top_k: 1,
-            scoring: Scoring::Softmax,
-            norm_topk_prob: false,
-            norm_eps: 0.0,
-            scaling_factor: 1.0,
-            router_bias: false,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
-            num_shared_experts: 0,
-            shared_gate: SharedGate::None,
-            expert_capacity: 0,
-        },
+        router: RouterSpec::plain(1, 1, Scoring::Softmax),
         recipe: crate::config::Recipe::default(),
     }
 }
