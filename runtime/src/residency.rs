@@ -141,20 +141,20 @@ pub fn advise_random(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyE
     }
 }
 
-/// Maps `path` for lazy use: read-ahead off before any byte is read ([`advise_random`]), then
-/// the header, metadata, names and tensor table prefetched. Give the result to
+/// Maps `path` for lazy use ([`Mapped::open`] turns read-ahead off before any byte is read),
+/// then prefetches the header, metadata, names and tensor table. Give the result to
 /// [`Model::from_mapped`](crate::model::Model::from_mapped).
 ///
-/// A plain [`Mapped::open`] followed by parsing faults in the header page, and the kernel then
-/// reads around it (`read_ahead_kb`: 128 KiB, or MiBs on some machines) — into the first
-/// expert slabs of a small model.
+/// Without read-ahead off, faulting in the header page makes the kernel read around it
+/// (`read_ahead_kb`: 128 KiB, or MiBs on some machines) — into the first expert slabs of a
+/// small model.
 ///
 /// # Errors
 /// The file cannot be mapped, its header is invalid, or the OS refuses the advice.
 pub fn map_lazy(path: impl AsRef<Path>) -> Result<Mapped, ResidencyError> {
+    // Mapped::open has already turned read-ahead off (MADV_RANDOM) before any read.
     let map = Mapped::open(path)?;
     let len = map.bytes().len();
-    advise_random(&map, 0..len)?;
     let h = crate::format::parse_header(map.bytes())?;
     if let Ok(end) = usize::try_from(h.data_offset) {
         prefetch(&map, 0..end.min(len))?;

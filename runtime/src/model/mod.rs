@@ -112,13 +112,7 @@ impl Model {
     /// this runtime can run.
     #[cfg(feature = "std")]
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, ModelError> {
-        let model = Self::from_mapped(crate::file::Mapped::open(path)?)?;
-        // Prefetch the tensors every token uses (norms, attention, routers), never the
-        // experts. Advice only: if the OS refuses it, pages still fault in on first use.
-        if let (Some(map), Ok(file)) = (model.mapped(), model.file()) {
-            let _ = crate::residency::advise_lazy(map, &file);
-        }
-        Ok(model)
+        Self::from_mapped(crate::file::Mapped::open(path)?)
     }
 
     /// A model over an existing mapping.
@@ -159,6 +153,13 @@ impl Model {
             meo_tasks,
         ) = {
             let file = MeoFile::parse(storage.bytes())?;
+            // A mapped file: prefetch the tensors every token uses (norms, attention,
+            // routers), never the experts. Advice only: if the OS refuses it, pages still
+            // fault in on first use.
+            #[cfg(feature = "std")]
+            if let Storage::Mapped(map) = &storage {
+                let _ = crate::residency::advise_lazy(map, &file);
+            }
             let config = ModelConfig::from_metadata(&file.metadata)?;
             check_rope_type(&file)?;
             let b = plan::Builder::new(&file, &config)?;
