@@ -16,6 +16,7 @@ pub mod names;
 pub mod quant;
 pub mod route;
 pub mod sample;
+pub mod target;
 
 #[cfg(feature = "std")]
 pub mod file;
@@ -35,3 +36,4 @@ pub use model::{
     ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
 };
 pub use route::Choice;
+pub use target::{Target, TargetError};

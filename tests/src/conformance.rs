@@ -64,6 +64,37 @@ pub trait Runner {
     fn reset(&mut self);
 }
 
+/// Any [`meo::Target`] as a [`Runner`]: routing collected from the [`meo::Trace`] hooks.
+pub struct TargetRunner<T: meo::Target>(pub T);
+
+struct CollectRoutes(Vec<Route>);
+
+impl meo::Trace for CollectRoutes {
+    fn on_route(&mut self, layer: usize, pos: usize, choices: &[meo::Choice]) {
+        self.0.push(Route {
+            layer,
+            pos,
+            experts: choices.iter().map(|c| c.expert).collect(),
+            weights: choices.iter().map(|c| c.weight).collect(),
+        });
+    }
+}
+
+impl<T: meo::Target> Runner for TargetRunner<T> {
+    fn forward(&mut self, tokens: &[u32]) -> Step {
+        let mut trace = CollectRoutes(Vec::new());
+        let name = self.0.name().to_string();
+        let logits = match self.0.forward(tokens, meo::Logits::All, &mut trace) {
+            Ok(l) => l.to_vec(),
+            Err(e) => panic!("{name}: forward: {e}"),
+        };
+        Step { logits, routes: trace.0 }
+    }
+    fn reset(&mut self) {
+        self.0.reset();
+    }
+}
+
 /// Opens a `.meo` file on the target under test.
 pub type Open<'a> = &'a dyn Fn(&Path) -> Box<dyn Runner>;
 

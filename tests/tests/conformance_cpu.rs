@@ -1,46 +1,15 @@
 //! Conformance of the CPU target: the shared suite (`meo_tests::conformance`) with a
-//! [`Runner`] over [`meo::Session`].
+//! [`Runner`] over [`meo::Session`], the CPU [`meo::Target`].
 
-use meo::route::Choice;
-use meo::{Model, Session, SessionOptions, Trace};
-use meo_tests::conformance::{Route, Runner, Step};
+use meo::{Model, Session, SessionOptions};
+use meo_tests::conformance::{Runner, TargetRunner};
 use std::path::Path;
-
-struct Cpu {
-    session: Session<'static>,
-}
-
-struct Collect(Vec<Route>);
-
-impl Trace for Collect {
-    fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
-        self.0.push(Route {
-            layer,
-            pos,
-            experts: choices.iter().map(|c| c.expert).collect(),
-            weights: choices.iter().map(|c| c.weight).collect(),
-        });
-    }
-}
-
-impl Runner for Cpu {
-    fn forward(&mut self, tokens: &[u32]) -> Step {
-        let mut trace = Collect(Vec::new());
-        let logits = self.session.forward_traced(tokens, &mut trace).expect("forward").to_vec();
-        Step { logits, routes: trace.0 }
-    }
-    fn reset(&mut self) {
-        self.session.reset();
-    }
-}
 
 /// Opens `path` on the CPU with 2 threads (so the threaded kernels are what is checked).
 fn open_cpu(path: &Path) -> Box<dyn Runner> {
     // Tests open a handful of tiny models: leaking them gives the session a 'static model.
     let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
-    Box::new(Cpu {
-        session: Session::new(model, SessionOptions { threads: 2, ..Default::default() }).expect("session"),
-    })
+    Box::new(TargetRunner(Session::new(model, SessionOptions { threads: 2, ..Default::default() }).expect("session")))
 }
 
 meo_tests::conformance_suite!(&open_cpu);

@@ -1,0 +1,84 @@
+//! The seam between a model and the hardware that runs it.
+//!
+//! A [`Target`] runs one sequence of one model: the CPU [`Session`] is the reference
+//! implementation; GPU (`meo-wgpu`) and ONNX Runtime (`meo-ort`) targets implement the same
+//! trait in their own crates. Every target passes the one conformance suite against the CPU
+//! (`meo-tests`), so callers (the CLI, apps) treat them alike.
+//!
+//! Contract:
+//! - [`Target::forward`] feeds tokens after the ones already fed and returns logits
+//!   (`[T, vocab]` for [`Logits::All`], `[vocab]` for [`Logits::Last`]); on error nothing changed.
+//! - Routing is reported through [`Trace`] exactly as the CPU reports it, when the target routes
+//!   (a graph with routing compiled in, or a task-merged graph, may report none: say so in
+//!   [`Target::describe`]).
+//! - An op or mode the target cannot run is a [`TargetError::Unsupported`], never a panic or a
+//!   silent fallback.
+
+use crate::model::{ForwardError, Logits, MergeOptions, ModeError, Session, Trace};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Why a target could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The input was refused (token out of range, context full); nothing changed.
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    /// The routing mode could not be set.
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    /// The target cannot run this model, op or mode (names which).
+    #[error("{target}: unsupported: {what}")]
+    Unsupported { target: String, what: String },
+    /// The device or its runtime failed (lost device, driver or library error).
+    #[error("{target}: device error: {reason}")]
+    Device { target: String, reason: String },
+}
+
+/// A backend running one sequence of a model. See the module docs for the contract.
+pub trait Target {
+    /// Short name of the target kind: `cpu`, `wgpu`, `ort`, `tract`.
+    fn name(&self) -> &str;
+    /// What it runs on, in words (adapter, execution providers, threads).
+    fn describe(&self) -> String;
+    /// Feeds `tokens` after those already fed; see the module docs.
+    ///
+    /// # Errors
+    /// Refused input, or a device failure.
+    fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError>;
+    /// Forgets the sequence (keeps the mode).
+    fn reset(&mut self);
+    /// Tokens fed since the last reset.
+    fn position(&self) -> usize;
+    /// Sets the routing mode (and resets the sequence); returns the layers that run merged.
+    ///
+    /// # Errors
+    /// An invalid mode for this model, or one the target does not run.
+    fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError>;
+}
+
+impl Target for Session<'_> {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn describe(&self) -> String {
+        alloc::format!("cpu, {} threads", self.threads())
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        Ok(self.forward_with(tokens, which, trace)?)
+    }
+
+    fn reset(&mut self) {
+        Session::reset(self);
+    }
+
+    fn position(&self) -> usize {
+        Session::position(self)
+    }
+
+    fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
+        Ok(Session::set_mode(self, opts)?)
+    }
+}
