@@ -408,15 +408,21 @@ fn parse_slab_key(key: &str) -> Option<(usize, usize)> {
 }
 
 impl SlabIndex {
-    /// The slabs of a model's routed experts, as the model resolved them.
+    /// The slabs of a model's routed experts, as the model resolved them. In an MEO-native
+    /// layer, slot `b·E + e` is expert `e` of bank `b` (0 = fc1, 1 = fc2), the numbering the
+    /// session reports selections in.
     pub fn from_model(model: &crate::model::Model) -> Self {
         let mut ix = Self::default();
-        for l in model.moe_layers() {
+        let n = model.config().router.num_experts;
+        let moe = model.moe_layers().map(|l| (l, 1));
+        let meo = model.meo_layers().map(|l| (l, 2));
+        for (l, banks) in moe.chain(meo) {
             if ix.layers.len() <= l {
                 ix.layers.resize(l + 1, Vec::new());
             }
-            for e in 0..model.config().router.num_experts {
-                let r = model.expert_slab(l, e);
+            for slot in 0..banks * n {
+                let r =
+                    if banks == 1 { model.expert_slab(l, slot) } else { model.bank_expert_slab(l, slot / n, slot % n) };
                 if let Some(r) = &r {
                     ix.bytes_in_file += r.len() as u64;
                     ix.count += 1;

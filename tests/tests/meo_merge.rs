@@ -430,7 +430,7 @@ fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
     let args = |mode: &str| Args {
         file: path.clone(),
         data: data.clone(),
-        mode: ModeArgs { mode: mode.into(), ..ModeArgs::default() },
+        mode: ModeArgs { mode: Some(mode.into()), ..ModeArgs::default() },
         window: 64,
         prompt_len: 16,
         max_windows: 0,

@@ -151,3 +151,129 @@ fn int8_conversion_keeps_gates_and_top1() {
 
 const GATE_FLOOR: f64 = 1.0;
 const TOP1_FLOOR: f64 = 0.97;
+
+fn docs_prompt(st: &SafeTensors<'_>) -> Vec<u32> {
+    i64s(st, "docs.input_ids").iter().map(|&x| x as u32).collect()
+}
+
+fn reference() -> Vec<u8> {
+    std::fs::read(fixture().join("reference.safetensors")).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// `vanilla` on an MEO-native model runs the same sequence gates unmerged (k experts per bank
+/// per token): the same function as the merged model, up to float rounding.
+#[test]
+fn vanilla_runs_the_same_gates_unmerged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(convert(dir.path(), DType::F32, DType::F32)).unwrap();
+    let st_bytes = reference();
+    let ids = docs_prompt(&SafeTensors::deserialize(&st_bytes).unwrap());
+    let merged = run(&model, &ids, mode("sequence", "docs"));
+    let mixture = run(&model, &ids, MergeOptions { mode: Mode::Vanilla, layers: LayerSelect::All });
+    let d = max_diff(&merged.logits, &mixture.logits);
+    eprintln!("vanilla (unmerged) vs sequence (merged): max |Δlogit| = {d:.3e}");
+    assert!(d <= 1e-4, "max |Δlogit| {d}");
+    for (a, b) in merged.gates.iter().flatten().zip(mixture.gates.iter().flatten()) {
+        // Same experts; weights equal up to rounding (fc2's gate pools fc1's output).
+        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+        assert!(a.iter().zip(b).all(|(x, y)| (x.1 - y.1).abs() <= 1e-6), "{a:?} vs {b:?}");
+    }
+    assert_eq!(merged.greedy, mixture.greedy);
+    let mut s = Session::new(&model, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    assert!(s.set_mode(MergeOptions { mode: Mode::Vanilla, layers: LayerSelect::All }).unwrap().is_empty());
+    s.forward(&ids).unwrap();
+    assert!(s.merged_layers().is_empty(), "vanilla reports no merged layer");
+}
+
+/// The first forward call after a reset is the prompt: a prompt fed in two calls gates on the
+/// first part alone, and the second part runs with that gate.
+#[test]
+fn prompt_in_chunks_gates_on_the_first_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(convert(dir.path(), DType::F32, DType::F32)).unwrap();
+    let st_bytes = reference();
+    let ids = docs_prompt(&SafeTensors::deserialize(&st_bytes).unwrap());
+    let n = ids.len() / 2;
+    let new = || {
+        let mut s = Session::new(&model, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        s.set_mode(mode("sequence", "docs")).unwrap();
+        s
+    };
+    let gates = |s: &Session<'_>| (0..4).map(|l| s.bank_gates(l).unwrap()).collect::<Vec<_>>();
+    let mut chunked = new();
+    chunked.forward(&ids[..n]).unwrap();
+    let first = gates(&chunked);
+    let tail = chunked.forward(&ids[n..]).unwrap().to_vec();
+    assert_eq!(gates(&chunked), first, "a later call changed the gate");
+    let mut whole = new();
+    let all = whole.forward(&ids).unwrap().to_vec();
+    assert_ne!(gates(&whole), first, "the two prompts should pool to different gates");
+    let v = model.config().vocab_size;
+    assert!(max_diff(&tail, &all[n * v..]) > 1e-3, "the chunked prompt should differ from the whole one");
+}
+
+/// Residency of MEO-native banks: task mode selects no per-expert slab (and reads none: the
+/// per-expert slabs poisoned with NaN give the same logits); prompt mode selects k per bank
+/// during the prompt only; vanilla (unmerged) selects k per bank at every step.
+#[test]
+fn task_mode_touches_no_bank_expert_slab() {
+    use meo::residency::{ExpertTracker, TrackerOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert(dir.path(), DType::Q8_0, DType::F16);
+    let model = Model::open(&path).unwrap();
+    let (layers, e, k) = (4, model.config().router.num_experts, model.config().router.top_k);
+    let st_bytes = reference();
+    let ids = docs_prompt(&SafeTensors::deserialize(&st_bytes).unwrap());
+    let opts = TrackerOptions { prefetch: false, precise: false, ..TrackerOptions::default() };
+    let steps = |m: MergeOptions| {
+        let mut tracker = ExpertTracker::for_model(&model, opts).unwrap();
+        assert_eq!(tracker.index().len(), layers * 2 * e, "bank expert slabs indexed");
+        let mut s = Session::new(&model, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        s.set_mode(m).unwrap();
+        let mut logits = s.forward_traced(&ids, &mut tracker).unwrap().to_vec();
+        let mut bytes = vec![tracker.take_step_bytes()];
+        for _ in 0..3 {
+            let next = meo::sample::argmax(&logits[logits.len() - model.config().vocab_size..]);
+            logits = s.forward_traced(&[next], &mut tracker).unwrap().to_vec();
+            bytes.push(tracker.take_step_bytes());
+        }
+        (bytes, tracker.stats().unwrap().experts_touched, logits)
+    };
+    let (task, touched, want) = steps(mode("task", "docs"));
+    assert_eq!(touched, 0, "task mode selected a per-expert slab");
+    assert!(task.iter().all(|&b| b == 0));
+    let (prompt, touched, _) = steps(mode("sequence", "docs"));
+    assert_eq!(touched, layers * 2 * k);
+    assert!(prompt[0] > 0 && prompt[1..].iter().all(|&b| b == 0), "{prompt:?}");
+    let (vanilla, touched, _) = steps(MergeOptions { mode: Mode::Vanilla, layers: LayerSelect::All });
+    assert_eq!(touched, layers * 2 * k);
+    assert!(vanilla.iter().all(|&b| b == prompt[0]), "{vanilla:?} vs {prompt:?}");
+
+    // Poison every per-expert bank slab: task mode is unchanged, so it read none of them.
+    let bytes = std::fs::read(&path).unwrap();
+    let f = meo::MeoFile::parse(&bytes).unwrap();
+    let mut bad = bytes.clone();
+    let mut n = 0;
+    for s in f.slabs().iter().filter(|s| s.key.starts_with("layers.")) {
+        bad[f.slab_range(s)].fill(0xFF);
+        n += 1;
+    }
+    assert_eq!(n, layers * 2 * e);
+    let bad = Model::from_vec(bad).unwrap();
+    let mut s = Session::new(&bad, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    s.set_mode(mode("task", "docs")).unwrap();
+    let mut logits = s.forward(&ids).unwrap().to_vec();
+    for _ in 0..3 {
+        let next = meo::sample::argmax(&logits[logits.len() - bad.config().vocab_size..]);
+        logits = s.forward(&[next]).unwrap().to_vec();
+    }
+    assert_eq!(logits, want, "task mode read a per-expert slab");
+    let mut v = Session::new(&bad, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    v.set_mode(mode("sequence", "docs")).unwrap();
+    assert!(v.forward(&ids).unwrap().iter().any(|x| x.is_nan()), "the poison is real");
+}

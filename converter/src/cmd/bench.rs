@@ -114,7 +114,7 @@ pub fn run(a: &Args) -> Result<()> {
             "num_layers": cfg.num_layers,
             "num_experts": cfg.router.num_experts,
             "top_k": cfg.router.top_k,
-            "mode": a.mode.options()?.mode.spelling(),
+            "mode": a.mode.options(session.model())?.mode.spelling(),
             "merged_layers": merged_layers,
             "threads": session.threads(),
             "cold": a.cold,
@@ -149,7 +149,7 @@ pub fn run(a: &Args) -> Result<()> {
             human_bytes(file_bytes),
             session.threads()
         );
-        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling());
+        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options(session.model())?.mode.spelling());
         println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
         println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));

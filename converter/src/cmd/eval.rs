@@ -225,7 +225,7 @@ pub fn evaluate(a: &Args) -> Result<Report> {
     let nf = n.max(1) as f64;
     let bt = bytes_tokens.max(1) as f64;
     Ok(Report {
-        mode: a.mode.options()?.mode.spelling(),
+        mode: a.mode.options(ses.model())?.mode.spelling(),
         merged_layers,
         windows: windows.len(),
         scored_tokens: n,

@@ -18,9 +18,10 @@ pub struct ModeArgs {
     /// Routing mode: `vanilla` (the model as trained), `prompt` (merge the experts once per
     /// layer from the prompt's routing, reuse for every generated token) or `task:NAME` (the
     /// merged experts `meo convert --task NAME=...` stored). Merged modes approximate a
-    /// standard MoE: see docs/MEO.md.
-    #[arg(long, value_name = "MODE", default_value = "vanilla")]
-    pub mode: String,
+    /// standard MoE: see docs/MEO.md. Default: `vanilla`, or for an MEO-native model its own
+    /// granularity, `prompt` (its vanilla runs the same gates unmerged).
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
     /// MoE layers that run merged: `all`, a list (`0,2,5`), or `auto` (the layers whose
     /// measured merge error is at most --merge-budget; the others stay vanilla).
     #[arg(long, value_name = "all|LIST|auto", default_value = "all")]
@@ -35,20 +36,21 @@ pub struct ModeArgs {
 
 impl Default for ModeArgs {
     fn default() -> Self {
-        Self { mode: "vanilla".into(), merge_layers: "all".into(), merge_budget: 0.25, prompt_pool: PoolArg::MeanGate }
+        Self { mode: None, merge_layers: "all".into(), merge_budget: 0.25, prompt_pool: PoolArg::MeanGate }
     }
 }
 
 impl ModeArgs {
-    /// The session options these flags select.
+    /// The session options these flags select for `model`.
     ///
     /// # Errors
     /// A misspelt mode or layer list, or a budget that is not a finite number ≥ 0.
-    pub fn options(&self) -> Result<MergeOptions> {
+    pub fn options(&self, model: &meo::Model) -> Result<MergeOptions> {
         if !(self.merge_budget.is_finite() && self.merge_budget >= 0.0) {
             anyhow::bail!("--merge-budget must be a number >= 0, got {}", self.merge_budget);
         }
-        let mut mode = Mode::parse(&self.mode)?;
+        let default = if model.meo_layers().next().is_some() { "prompt" } else { "vanilla" };
+        let mut mode = Mode::parse(self.mode.as_deref().unwrap_or(default))?;
         if let Mode::Prompt(pool) = &mut mode {
             *pool = match self.prompt_pool {
                 PoolArg::MeanGate => PromptPool::MeanGate,
@@ -64,6 +66,7 @@ impl ModeArgs {
     /// As [`options`](Self::options), or the model refuses the mode (unknown task: the message
     /// lists the file's tasks).
     pub fn apply(&self, session: &mut meo::Session<'_>) -> Result<Vec<usize>> {
-        Ok(session.set_mode(self.options()?)?)
+        let opts = self.options(session.model())?;
+        Ok(session.set_mode(opts)?)
     }
 }

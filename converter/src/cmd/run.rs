@@ -327,7 +327,11 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
             session.threads(),
             t_open.elapsed().as_secs_f64() * 1e3
         )?;
-        writeln!(stderr, "mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling())?;
+        writeln!(
+            stderr,
+            "mode: {} (merged layers: {merged_layers:?})",
+            a.mode.options(session.model())?.mode.spelling()
+        )?;
     }
 
     // Prompt.

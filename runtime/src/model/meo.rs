@@ -44,6 +44,7 @@ pub(crate) struct MeoScratch {
     mid: Vec<f32>,
     vec: Vec<f32>,
     bias: Vec<f32>,
+    mix: Vec<f32>,
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) {
@@ -149,12 +150,16 @@ pub(crate) fn merge_bank(bytes: &[u8], bank: &Bank, gate: Vec<Choice>) -> Merged
     MergedBank { bytes: crate::merge::encode(&w, rows, cols, dtype), dtype, rows, cols, bias, gate }
 }
 
-/// Where one bank's merged expert is for a forward pass.
+/// How one bank runs in a forward pass.
 pub(crate) enum BankSrc<'a> {
     /// Merged in the session.
     Session(&'a MergedBank),
     /// Stored in the file (task merge): the slab's bytes and its tensors.
     File(&'a [u8], &'a BankExpert),
+    /// Not merged: `Σ g_i (W_i X' + b_i)` over the gate's experts (the same function as the
+    /// merge, since a bank is linear; k times the bytes and MACs). The baseline merged
+    /// execution is measured against.
+    Mixture(&'a [Choice]),
 }
 
 /// `out = Ŵ X' + b̂` for the `t` rows of `x`, with the token block when the bank has one.
@@ -178,6 +183,26 @@ fn run_bank(
         None => x,
     };
     let (w, bias): (MatRef<'_>, &[f32]) = match src {
+        BankSrc::Mixture(gate) => {
+            let rows = bank.experts[0].weight.rows;
+            out.iter_mut().for_each(|v| *v = 0.0);
+            let mut y = core::mem::take(&mut s.mix);
+            resize(&mut y, t * rows);
+            for c in gate.iter() {
+                let ex = &bank.experts[c.expert as usize];
+                let slab = &bytes[ex.slab.clone()];
+                matmul(par, xin, t, &ex.weight.view(slab), &mut y);
+                resize(&mut s.bias, ex.bias.len);
+                read_f32s(&slab[ex.bias.range.clone()], &mut s.bias);
+                for (o_row, y_row) in out.chunks_mut(rows).zip(y.chunks(rows)) {
+                    for ((o, &v), &b) in o_row.iter_mut().zip(y_row).zip(&s.bias) {
+                        *o += c.weight * (v + b);
+                    }
+                }
+            }
+            s.mix = y;
+            return;
+        }
         BankSrc::Session(m) => (m.view(), &m.bias),
         BankSrc::File(slab, ex) => {
             resize(&mut s.bias, ex.bias.len);
@@ -212,9 +237,17 @@ fn token_block(par: &dyn Parallel, bytes: &[u8], tb: &TokenBlock, x: &[f32], t: 
     }
 }
 
-/// The MEO block on `x` (`[t, hidden]`) into `out` (`[t, hidden]`). `merged` gives each bank's
-/// merged expert; when it is `None` (the prompt of a sequence-level session) each bank's
-/// gate is pooled from its own input here, the bank merged, and both merges are returned.
+/// What the first forward call of a sequence-level session made: each bank's gate, pooled
+/// from the bank's own input, and (merged execution) the merged bank.
+pub(crate) enum Made {
+    Merged([MergedBank; 2]),
+    Gates([Vec<Choice>; 2]),
+}
+
+/// The MEO block on `x` (`[t, hidden]`) into `out` (`[t, hidden]`). `src` says how each bank
+/// runs; when it is `None` (the prompt of a sequence-level session) each bank's gate is pooled
+/// from its own input here, reported to `on_gate(bank, gate)` before any expert of that bank
+/// is read, and the bank is merged (`merge`) or run as a mixture; the result is returned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ffn(
     par: &dyn Parallel,
@@ -222,29 +255,45 @@ pub(crate) fn ffn(
     p: &MeoFfn,
     act: Activation,
     top_k: usize,
-    merged: Option<[BankSrc<'_>; 2]>,
+    src: Option<[BankSrc<'_>; 2]>,
+    merge: bool,
+    on_gate: &mut dyn FnMut(usize, &[Choice]),
     x: &[f32],
     t: usize,
     s: &mut MeoScratch,
     out: &mut [f32],
-) -> Option<[MergedBank; 2]> {
+) -> Option<Made> {
     let inter = p.banks[0].experts[0].weight.rows;
     let mut mid = core::mem::take(&mut s.mid);
     resize(&mut mid, t * inter);
-    let made = match merged {
+    let made = match src {
         Some([a, b]) => {
             run_bank(par, bytes, &p.banks[0], &a, x, t, s, &mut mid);
             activate(act, &mut mid);
             run_bank(par, bytes, &p.banks[1], &b, &mid, t, s, out);
             None
         }
-        None => {
-            let m1 = merge_bank(bytes, &p.banks[0], sequence_gate(par, bytes, &p.banks[0], x, t, top_k));
+        None if merge => {
+            let g1 = sequence_gate(par, bytes, &p.banks[0], x, t, top_k);
+            on_gate(0, &g1);
+            let m1 = merge_bank(bytes, &p.banks[0], g1);
             run_bank(par, bytes, &p.banks[0], &BankSrc::Session(&m1), x, t, s, &mut mid);
             activate(act, &mut mid);
-            let m2 = merge_bank(bytes, &p.banks[1], sequence_gate(par, bytes, &p.banks[1], &mid, t, top_k));
+            let g2 = sequence_gate(par, bytes, &p.banks[1], &mid, t, top_k);
+            on_gate(1, &g2);
+            let m2 = merge_bank(bytes, &p.banks[1], g2);
             run_bank(par, bytes, &p.banks[1], &BankSrc::Session(&m2), &mid, t, s, out);
-            Some([m1, m2])
+            Some(Made::Merged([m1, m2]))
+        }
+        None => {
+            let g1 = sequence_gate(par, bytes, &p.banks[0], x, t, top_k);
+            on_gate(0, &g1);
+            run_bank(par, bytes, &p.banks[0], &BankSrc::Mixture(&g1), x, t, s, &mut mid);
+            activate(act, &mut mid);
+            let g2 = sequence_gate(par, bytes, &p.banks[1], &mid, t, top_k);
+            on_gate(1, &g2);
+            run_bank(par, bytes, &p.banks[1], &BankSrc::Mixture(&g2), &mid, t, s, out);
+            Some(Made::Gates([g1, g2]))
         }
     };
     s.mid = mid;

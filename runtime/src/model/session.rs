@@ -17,7 +17,9 @@ use alloc::vec::Vec;
 pub trait Trace {
     /// Routing of MoE layer `layer` is known for every token of the current call: `experts`
     /// are the distinct experts selected (ascending). Called before any of them runs, so an
-    /// implementation can prefetch their slabs ([`Model::expert_slab`]).
+    /// implementation can prefetch their slabs ([`Model::expert_slab`]). In an MEO-native layer
+    /// `b·E + e` stands for expert `e` of bank `b` ([`Model::bank_expert_slab`]), reported when a
+    /// bank's experts are about to be merged or run unmerged.
     fn on_experts_selected(&mut self, _layer: usize, _experts: &[u32]) {}
     /// The choices of the token at absolute position `pos` (0 = first token since
     /// [`Session::reset`]) in MoE layer `layer`: `top_k` experts in ascending order with the
@@ -134,6 +136,9 @@ enum Exec {
     MeoCached(alloc::boxed::Box<[MergedBank; 2]>),
     /// MEO-native layer, task level: `layers[index]` of the model's MEO task `task`.
     MeoStored { task: usize, index: usize },
+    /// MEO-native layer run unmerged (`Mode::Vanilla`): the gates pooled from the prompt
+    /// (`None` until it has run), then each bank as `Σ g_i (W_i x + b_i)`.
+    MeoMixture(Option<alloc::boxed::Box<[Vec<Choice>; 2]>>),
 }
 
 #[derive(Debug, Default)]
@@ -218,9 +223,17 @@ impl<'m> Session<'m> {
         let mut exec = default_exec(m);
         let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {
-            // An MEO-native model has no per-token mixture: its own (sequence) gate is the
-            // model as trained, so vanilla and prompt both run it (`default_exec`).
-            Mode::Vanilla | Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
+            // An MEO-native model's gate is its own (sequence) gate in every mode: prompt merges
+            // each bank once (the model as defined, `default_exec`); vanilla runs the same gates
+            // unmerged (same function, k× the expert bytes: the baseline merging is measured
+            // against).
+            Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
+            Mode::Vanilla if !meo_layers.is_empty() => {
+                for &l in &meo_layers {
+                    exec[l] = Exec::MeoMixture(None);
+                }
+                Vec::new()
+            }
             Mode::Task(name) if !meo_layers.is_empty() => {
                 let ti = m.meo_tasks.iter().position(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
                     name: name.clone(),
@@ -267,7 +280,12 @@ impl<'m> Session<'m> {
 
     /// The layers that run merged now (prompt mode: empty until the prompt has run).
     pub fn merged_layers(&self) -> Vec<usize> {
-        (0..self.bank.exec.len()).filter(|&l| self.merged_expert(l).is_some() || self.bank_gates(l).is_some()).collect()
+        (0..self.bank.exec.len())
+            .filter(|&l| {
+                let mixture = matches!(self.bank.exec[l], Exec::MeoMixture(_));
+                self.merged_expert(l).is_some() || (!mixture && self.bank_gates(l).is_some())
+            })
+            .collect()
     }
 
     /// The gates of MEO-native layer `layer`'s banks (fc1, fc2): the selected experts,
@@ -276,6 +294,7 @@ impl<'m> Session<'m> {
     pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
         match self.bank.exec.get(layer)? {
             Exec::MeoCached(b) => Some([b[0].gate.clone(), b[1].gate.clone()]),
+            Exec::MeoMixture(Some(g)) => Some((**g).clone()),
             Exec::MeoStored { task, index } => {
                 let tl = &self.model.meo_tasks[*task].layers[*index];
                 let g = |w: &[f32]| {
@@ -360,6 +379,9 @@ impl<'m> Session<'m> {
                 }
                 if matches!(e, Exec::MeoCached(_)) {
                     *e = Exec::MeoPending;
+                }
+                if matches!(e, Exec::MeoMixture(Some(_))) {
+                    *e = Exec::MeoMixture(None);
                 }
             }
         }
@@ -447,8 +469,16 @@ impl<'m> Session<'m> {
                 FfnPlan::Meo(p) => {
                     let (act, k) = (c.recipe.ffn_activation, c.router.top_k);
                     let exec = &mut self.bank.exec[l];
+                    let ne = p.banks[0].experts.len();
                     let src = match &*exec {
                         Exec::MeoCached(mb) => Some([BankSrc::Session(&mb[0]), BankSrc::Session(&mb[1])]),
+                        Exec::MeoMixture(Some(g)) => {
+                            // Slot of expert e of bank b in the residency index: b·E + e.
+                            let slots: Vec<u32> =
+                                (0..2).flat_map(|bk| g[bk].iter().map(move |c| (bk * ne) as u32 + c.expert)).collect();
+                            trace.on_experts_selected(l, &slots);
+                            Some([BankSrc::Mixture(&g[0]), BankSrc::Mixture(&g[1])])
+                        }
                         Exec::MeoStored { task, index } => {
                             let tl = &m.meo_tasks[*task].layers[*index];
                             let f = |i: usize| BankSrc::File(&bytes[tl.banks[i].0.slab.clone()], &tl.banks[i].0);
@@ -457,9 +487,16 @@ impl<'m> Session<'m> {
                         _ => None,
                     };
                     let stored = matches!(exec, Exec::MeoStored { .. });
-                    let made = meo::ffn(par, bytes, p, act, k, src, &b.h, t, &mut b.meo, &mut b.y);
-                    if let Some(mb) = made {
-                        *exec = Exec::MeoCached(alloc::boxed::Box::new(mb));
+                    let merge = !matches!(exec, Exec::MeoMixture(_));
+                    let mut on_gate = |bk: usize, g: &[Choice]| {
+                        let slots: Vec<u32> = g.iter().map(|c| (bk * ne) as u32 + c.expert).collect();
+                        trace.on_experts_selected(l, &slots);
+                    };
+                    let made = meo::ffn(par, bytes, p, act, k, src, merge, &mut on_gate, &b.h, t, &mut b.meo, &mut b.y);
+                    match made {
+                        Some(meo::Made::Merged(mb)) => *exec = Exec::MeoCached(alloc::boxed::Box::new(mb)),
+                        Some(meo::Made::Gates(g)) => *exec = Exec::MeoMixture(Some(alloc::boxed::Box::new(g))),
+                        None => {}
                     }
                     match &*exec {
                         Exec::MeoStored { task, index } if stored => {
@@ -505,7 +542,7 @@ impl<'m> Session<'m> {
                             };
                         }
                         // MEO states only ever sit on MEO layers (set by `default_exec`/`set_mode`).
-                        Exec::MeoPending | Exec::MeoCached(_) | Exec::MeoStored { .. } => {
+                        Exec::MeoPending | Exec::MeoCached(_) | Exec::MeoStored { .. } | Exec::MeoMixture(_) => {
                             moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y)
                         }
                     }
