@@ -79,9 +79,31 @@ impl Trace for Capture {
 struct Bytes<'m> {
     model: &'m Model,
     total: u64,
+    /// MEO-native layers (their unmerged banks report selections per call, not routes).
+    meo: Vec<usize>,
+    /// Tokens of the current call.
+    tokens: usize,
+}
+
+impl<'m> Bytes<'m> {
+    fn new(model: &'m Model, tokens: usize) -> Self {
+        Self { model, total: 0, meo: model.meo_layers().collect(), tokens }
+    }
 }
 
 impl Trace for Bytes<'_> {
+    fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
+        // An MEO bank run unmerged reads its k experts for every token; slot b·E + e.
+        if self.meo.contains(&layer) {
+            let n = self.model.config().router.num_experts;
+            for &s in experts {
+                let s = s as usize;
+                if let Some(r) = self.model.bank_expert_slab(layer, s / n, s % n) {
+                    self.total += (r.len() * self.tokens) as u64;
+                }
+            }
+        }
+    }
     fn on_route(&mut self, layer: usize, _pos: usize, choices: &[Choice]) {
         for c in choices {
             if c.weight != 0.0
@@ -155,6 +177,8 @@ pub fn evaluate(a: &Args) -> Result<Report> {
     let ids = tok.encode(&text)?;
     let opts = SessionOptions { threads: a.threads, max_context: 0 };
     let mut van = Session::new(&model, opts)?;
+    // Explicitly vanilla: for an MEO-native model that is its gates run unmerged.
+    van.set_mode(meo::MergeOptions::default())?;
     let mut ses = Session::new(&model, opts)?;
     let merged_layers = a.mode.apply(&mut ses)?;
     let win = a.window.min(van.max_context());
@@ -180,13 +204,13 @@ pub fn evaluate(a: &Args) -> Result<Report> {
         // Vanilla, capturing each MoE layer's input and routing on the continuation.
         van.reset();
         let mut cap = Capture { from: p, h, ..Default::default() };
-        let mut bv = Bytes { model: &model, total: 0 };
+        let mut bv = Bytes::new(&model, t - p);
         van.forward_with(&w[..p], Logits::Last, &mut cap)?;
         let lv = van.forward_with(&w[p..], Logits::All, &mut Both(&mut cap, &mut bv))?.to_vec();
         // The mode.
         ses.reset();
         ses.forward_with(&w[..p], Logits::Last, &mut meo::NoTrace)?;
-        let mut bm = Bytes { model: &model, total: 0 };
+        let mut bm = Bytes::new(&model, t - p);
         let lm = ses.forward_with(&w[p..], Logits::All, &mut bm)?.to_vec();
         bytes += bm.total;
         bytes_v += bv.total;
