@@ -27,7 +27,7 @@ pub const TOKENIZER_KEY: &str = "tokenizer.huggingface.json";
 pub struct Options {
     /// Routed expert matrices: `Q8_0`, `F16` or `F32`.
     pub experts: DType,
-    /// Embeddings, attention, dense and shared FFN, LM head: `F16` or `F32`.
+    /// Embeddings, attention, dense and shared FFN, LM head: `Q8_0`, `F16` or `F32`.
     pub dense: DType,
     /// Store every expert with its intermediate units aligned to expert 0 of its layer
     /// ([`crate::align`]; the model's function is unchanged).
@@ -159,8 +159,8 @@ pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
     if !matches!(opts.experts, DType::Q8_0 | DType::F16 | DType::F32) {
         bail!("expert dtype {} is not supported (q8_0, f16 or f32)", opts.experts.name());
     }
-    if !matches!(opts.dense, DType::F16 | DType::F32) {
-        bail!("dense dtype {} is not supported (f16 or f32)", opts.dense.name());
+    if !matches!(opts.dense, DType::Q8_0 | DType::F16 | DType::F32) {
+        bail!("dense dtype {} is not supported (q8_0, f16 or f32)", opts.dense.name());
     }
     let model = HfModel::open(dir)?;
     let mut canon = canonical::tensors(&model.config);
