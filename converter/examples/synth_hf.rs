@@ -29,6 +29,9 @@ struct Args {
     experts: usize,
     #[arg(long, default_value_t = 32000)]
     vocab: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
     /// Write the transformers-5 fused expert tensors instead of per-expert ones.
     #[arg(long)]
     fused: bool,
@@ -136,7 +139,7 @@ fn main() -> std::io::Result<()> {
     let config = serde_json::json!({
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h,
         "intermediate_size": i, "num_hidden_layers": a.layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "num_local_experts": e, "num_experts_per_tok": 2,
+        "num_key_value_heads": kv, "num_local_experts": e, "num_experts_per_tok": a.top_k,
         "vocab_size": v, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
         "rope_theta": 1e6, "sliding_window": null, "tie_word_embeddings": false,
         "hidden_act": "silu", "torch_dtype": "bfloat16", "eos_token_id": 2, "bos_token_id": 1

@@ -100,6 +100,7 @@ pub fn run(a: &Args) -> Result<()> {
         step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
     }
     let stats = tracker.stats()?;
+    let dense_bytes = dense_bytes_per_token(&model)?;
     let peak_rss = residency::peak_rss_bytes().ok();
     let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
     let prompt_tps = rate(a.prompt_len, prompt_time);
@@ -128,6 +129,8 @@ pub fn run(a: &Args) -> Result<()> {
             "decode_seconds": decode_time.as_secs_f64(),
             "decode_tokens_per_s": decode_tps,
             "expert_bytes_per_token": bytes_per_token,
+            "dense_bytes_per_token": dense_bytes,
+            "bytes_per_token": dense_bytes as f64 + bytes_per_token,
             "experts_touched": stats.experts_touched,
             "experts_total": stats.experts_per_layer.iter().sum::<usize>(),
             "experts_touched_per_layer": stats.experts_touched_per_layer,
@@ -153,7 +156,26 @@ pub fn run(a: &Args) -> Result<()> {
         println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
         println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
+        println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
         print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
     }
     Ok(())
+}
+
+/// Bytes of the non-expert tensors one decode step reads: every tensor outside expert and
+/// merged-expert slabs (those are counted per step from routing), except that an untied
+/// embedding table (and a learned position table) contributes one row.
+fn dense_bytes_per_token(model: &meo::Model) -> Result<u64> {
+    let file = model.file()?;
+    let tied = model.config().tie_word_embeddings;
+    let mut total = 0u64;
+    for t in file.tensors() {
+        if meo::format::slab_key(t.name).is_some() {
+            continue;
+        }
+        let one_row = (t.name == meo::names::EMBED && !tied) || t.name == meo::names::POS_EMBED;
+        let rows = t.shape().first().copied().unwrap_or(1).max(1);
+        total += if one_row { t.len / rows } else { t.len };
+    }
+    Ok(total)
 }
