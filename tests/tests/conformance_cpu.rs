@@ -241,3 +241,19 @@ mod model {
         assert!(matches!(e, ModelError::Config(_)), "{e}");
     }
 }
+
+meo_tests::encoder_suite!(&open_cpu);
+
+/// The relative position buckets match transformers' `_relative_position_bucket` (recorded in
+/// the Switch fixture for −300..=300, covering the exact, logarithmic and clamped ranges).
+#[test]
+fn relative_buckets_match_transformers() {
+    let rf = meo_tests::conformance::encoder_reference("switch_transformers");
+    let r = rf.relative_buckets.len() as i64 / 2;
+    assert!(r >= 256, "the fixture records relative positions beyond max_distance");
+    for (i, &want) in rf.relative_buckets.iter().enumerate() {
+        let rel = i as i64 - r;
+        // The fixture's config: 32 buckets, max distance 128 (switch-base-8's).
+        assert_eq!(meo::model::plan::relative_bucket(rel, true, 32, 128), want, "relative position {rel}");
+    }
+}
