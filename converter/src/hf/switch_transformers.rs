@@ -215,8 +215,13 @@ mod tests {
         let mut v = base();
         v["encoder_sparse_step"] = json!(1);
         assert_eq!(cfg(v).unwrap().layer_ffn, vec![Moe; 6]);
+        // 0 sparse layers gives step = num_layers, and layer 1 is still sparse in
+        // transformers (its documented edge case): follow it.
         let mut v = base();
         v["num_sparse_encoder_layers"] = json!(0);
+        assert_eq!(cfg(v).unwrap().layer_ffn, vec![Dense, Moe, Dense, Dense, Dense, Dense]);
+        let mut v = base();
+        v["encoder_sparse_step"] = json!(0);
         assert_eq!(cfg(v).unwrap().layer_ffn, vec![Dense; 6]);
     }
 
