@@ -533,7 +533,7 @@ pub fn encoder_reference(name: &str) -> EncoderReference {
         routing.insert(l, (idx, w));
         dropped.insert(l, bools(&st, &format!("layers.{l}.dropped")));
     }
-    let relative_buckets = if st.names().iter().any(|n| *n == "relative_buckets") {
+    let relative_buckets = if st.names().contains(&"relative_buckets") {
         ids(&st, "relative_buckets").0.into_iter().map(|b| b as usize).collect()
     } else {
         Vec::new()
