@@ -20,7 +20,8 @@ use meo::kernels::{MatRef, Serial, matmul};
 /// Largest intermediate size solved with the exact assignment.
 pub const EXACT_MAX: usize = 2048;
 
-/// One expert's matrices in f32: gate `[i, h]`, up `[i, h]`, down `[h, i]`.
+/// One expert's matrices in f32: gate `[i, h]` (empty for ungated experts), up `[i, h]`,
+/// down `[h, i]`.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertF32<'a> {
     pub gate: &'a [f32],
@@ -33,7 +34,10 @@ fn features(e: ExpertF32<'_>, i: usize, h: usize) -> Vec<f32> {
     let mut f = vec![0.0f32; i * 3 * h];
     for u in 0..i {
         let row = &mut f[u * 3 * h..][..3 * h];
-        row[..h].copy_from_slice(&e.gate[u * h..][..h]);
+        // Ungated (ReLU) experts have no gate: that third of the features stays zero.
+        if !e.gate.is_empty() {
+            row[..h].copy_from_slice(&e.gate[u * h..][..h]);
+        }
         row[h..2 * h].copy_from_slice(&e.up[u * h..][..h]);
         for (c, o) in row[2 * h..].iter_mut().enumerate() {
             *o = e.down[c * i + u];

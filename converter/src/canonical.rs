@@ -106,6 +106,13 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
     if c.recipe.positions == Positions::Learned {
         out.push(global(names::POS_EMBED, vec![c.max_position_embeddings as u64, h], Role::Dense));
     }
+    if c.recipe.positions == Positions::Relative {
+        // Added to attention scores: kept f32 like a bias.
+        let (b, heads) = (c.recipe.relative_buckets as u64, c.num_heads as u64);
+        out.push(global(names::REL_BIAS, vec![b, heads], Role::Bias));
+    }
+    // Dense FFNs and experts: SiLU-gated unless ReLU (MEO banks' GELU is not an FFN kind here).
+    let gated = c.recipe.ffn_activation != meo::config::Activation::Relu;
     for l in 0..c.num_layers {
         let mut push = |suffix: &'static str, shape: Vec<u64>, role| {
             out.push(Canon { name: names::layer(l, suffix), shape, role, place: Place::Layer { layer: l, suffix } });
@@ -168,7 +175,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
             }
             FfnKind::Dense => {
                 let i = c.intermediate_size as u64;
-                push("ffn.gate.weight", vec![i, h], Role::Dense);
+                if gated {
+                    push("ffn.gate.weight", vec![i, h], Role::Dense);
+                }
                 push("ffn.up.weight", vec![i, h], Role::Dense);
                 push("ffn.down.weight", vec![h, i], Role::Dense);
             }
@@ -193,7 +202,7 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
                 }
                 let i = c.expert_intermediate_size as u64;
                 for x in 0..r.num_experts {
-                    for (p, part) in EXPERT_PARTS.iter().enumerate() {
+                    for (p, part) in EXPERT_PARTS.iter().enumerate().filter(|(_, p)| gated || **p != "gate") {
                         let shape = if *part == "down" { vec![h, i] } else { vec![i, h] };
                         out.push(Canon {
                             name: names::expert(l, x, part),
@@ -210,7 +219,8 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
     if layer_norm {
         out.push(global(names::OUTPUT_NORM_BIAS, vec![h], Role::Bias));
     }
-    if !c.tie_word_embeddings {
+    // An encoder has no LM head.
+    if !c.tie_word_embeddings && !c.recipe.encoder_only {
         out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
     }
     out

@@ -218,10 +218,10 @@ fn unaligned_experts(model: &Model, layer: usize, orders: &[Vec<u32>]) -> Vec<(V
                 v
             };
             let o = &orders[e];
-            let g = unpermute(&f32s(&ex.mlp.gate), o, i, h, false);
+            let g = ex.mlp.gate.as_ref().map(|g| unpermute(&f32s(g), o, i, h, false)).unwrap_or_default();
             let u = unpermute(&f32s(&ex.mlp.up), o, i, h, false);
             let d = unpermute(&f32s(&ex.mlp.down), o, i, h, true);
-            pack(&g, &u, &d, i, h, DType::F32)
+            meo::merge::pack_act(&g, &u, &d, i, h, DType::F32, ex.mlp.act)
         })
         .collect()
 }
@@ -407,6 +407,12 @@ pub fn convert_with_tasks(
         }
     })?;
     let model = Model::open(&first.0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Stored task merges are SiLU-gated experts (the task tensors name gate, up, down).
+    ensure!(
+        model.config().recipe.ffn_activation.gated() || model.moe_layers().next().is_none(),
+        "--task: task merges of ungated ({:?}) experts are not supported",
+        model.config().recipe.ffn_activation
+    );
     let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
         Some(MetaValue::Str(s)) => (*s).to_string(),
         _ => bail!(
@@ -495,7 +501,7 @@ pub fn convert_with_tasks(
     for t in &tasks {
         for lm in &t.layers {
             let m = &lm.merged;
-            for r in [&m.mlp.gate.range, &m.mlp.up.range, &m.mlp.down.range] {
+            for r in m.mlp.gate.iter().chain([&m.mlp.up, &m.mlp.down]).map(|m| &m.range) {
                 let s = spec_iter.next().expect("one spec per task tensor");
                 w.write_tensor(&m.bytes[r.clone()]).map_err(io)?;
                 progress(Event::Tensor { name: &s.name, bytes: r.len() as u64 });

@@ -394,3 +394,33 @@ fn tensor_order_follows_the_layout_spec() {
         assert_eq!(t.dtype, want, "{}", t.name);
     }
 }
+
+#[test]
+fn switch_seq2seq_checkpoint_converts_its_encoder() {
+    // The encoder fixture as a ForConditionalGeneration checkpoint: plus decoder and LM head
+    // tensors, which the encoder conversion leaves out; the file is the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("switch_transformers", &src);
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let cfg = cfg.replace("SwitchTransformersEncoderModel", "SwitchTransformersForConditionalGeneration");
+    std::fs::write(src.join("config.json"), cfg).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let shared = st.tensor("shared.weight").unwrap();
+    let q = st.tensor("encoder.block.0.layer.0.SelfAttention.q.weight").unwrap();
+    tensors.push(("lm_head.weight".into(), shared.clone()));
+    tensors.push(("decoder.block.0.layer.0.SelfAttention.q.weight".into(), q));
+    tensors.push(("decoder.embed_tokens.weight".into(), shared));
+    safetensors::serialize_to_file(tensors, None, &src.join("model.safetensors")).unwrap();
+    let out = tmp.path().join("seq2seq.meo");
+    run(&src, &out, F32).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(std::fs::read(&out).unwrap(), convert_bytes("switch_transformers", F32));
+    let f = std::fs::read(&out).unwrap();
+    let f = MeoFile::parse(&f).unwrap();
+    assert!(f.tensor("output.weight").is_none() && f.tensor("rel_bias.weight").is_some());
+    // Experts are ungated: two matrices per slab.
+    assert!(f.slabs().iter().all(|s| s.tensors.len() == 2));
+}

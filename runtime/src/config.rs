@@ -83,6 +83,10 @@ pub enum Positions {
     /// A learned `[max_positions, hidden]` table added to the token embedding
     /// (`pos_embed.weight`).
     Learned,
+    /// T5-style relative position bias added to every attention score: a learned
+    /// `[buckets, heads]` table (`rel_bias.weight`) indexed by the bucket of `key − query`
+    /// (see `meo::model::relative_bucket`), shared by all layers. No RoPE.
+    Relative,
 }
 
 /// The activation between an FFN's input and output projections.
@@ -93,6 +97,17 @@ pub enum Activation {
     Silu,
     /// GPT-2's `gelu_new` (tanh approximation), ungated.
     GeluTanh,
+    /// `down(relu(up x))`, ungated, for dense FFNs and experts (T5 / Switch `wo(relu(wi x))`):
+    /// no `gate` matrices are stored.
+    Relu,
+}
+
+impl Activation {
+    /// Whether FFNs with this activation have a gate projection (`gate`, `up`, `down`) or
+    /// only `up`, `down`.
+    pub fn gated(self) -> bool {
+        self == Self::Silu
+    }
 }
 
 /// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
@@ -110,6 +125,18 @@ pub struct Recipe {
     pub ffn_activation: Activation,
     /// `model.meo_token_bottleneck`: width `r` of the MEO token block (0 = none).
     pub meo_token_bottleneck: usize,
+    /// `model.relative_buckets`, `model.relative_max_distance`: the relative position bias
+    /// buckets and the distance from which all positions share the last bucket
+    /// (`positions = relative`; 0 otherwise).
+    pub relative_buckets: usize,
+    pub relative_max_distance: usize,
+    /// `model.attention_unscaled`: q·k is not multiplied by `head_dim^-0.5` (T5/Switch fold
+    /// the scale into the weights).
+    pub attention_unscaled: bool,
+    /// `model.encoder_only`: a bidirectional encoder stack (every token attends to every
+    /// token, no KV cache, no LM head): run with `Session::encode`, which returns the final
+    /// normalised hidden states; `forward` refuses it.
+    pub encoder_only: bool,
 }
 
 /// Everything that defines one family's routing (see `docs/ROUTING.md`).
@@ -240,18 +267,37 @@ impl Recipe {
         let positions = match opt_str(m, "model.positions", "rope")? {
             "rope" => Positions::Rope,
             "learned" => Positions::Learned,
+            "relative" => Positions::Relative,
             s => return Err(invalid("model.positions", s)),
         };
         let ffn_activation = match opt_str(m, "model.ffn_activation", "silu")? {
             "silu" => Activation::Silu,
             "gelu_tanh" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
             s => return Err(invalid("model.ffn_activation", s)),
         };
         let attention_out_bias =
             if m.get("model.attention_out_bias").is_some() { bool_of(m, "model.attention_out_bias")? } else { false };
         let meo_token_bottleneck =
             if m.get("model.meo_token_bottleneck").is_some() { usize_of(m, "model.meo_token_bottleneck")? } else { 0 };
-        Ok(Self { norm, positions, attention_out_bias, ffn_activation, meo_token_bottleneck })
+        let opt_usize = |key| if m.get(key).is_some() { usize_of(m, key) } else { Ok(0) };
+        let opt_bool = |key| if m.get(key).is_some() { bool_of(m, key) } else { Ok(false) };
+        let (relative_buckets, relative_max_distance) = if positions == Positions::Relative {
+            (usize_of(m, "model.relative_buckets")?, usize_of(m, "model.relative_max_distance")?)
+        } else {
+            (opt_usize("model.relative_buckets")?, opt_usize("model.relative_max_distance")?)
+        };
+        Ok(Self {
+            norm,
+            positions,
+            attention_out_bias,
+            ffn_activation,
+            meo_token_bottleneck,
+            relative_buckets,
+            relative_max_distance,
+            attention_unscaled: opt_bool("model.attention_unscaled")?,
+            encoder_only: opt_bool("model.encoder_only")?,
+        })
     }
 
     /// The entries that differ from the defaults.
@@ -263,11 +309,25 @@ impl Recipe {
         if self.positions == Positions::Learned {
             v.push(("model.positions", MetaValue::Str("learned")));
         }
+        if self.positions == Positions::Relative {
+            v.push(("model.positions", MetaValue::Str("relative")));
+            v.push(("model.relative_buckets", MetaValue::U64(self.relative_buckets as u64)));
+            v.push(("model.relative_max_distance", MetaValue::U64(self.relative_max_distance as u64)));
+        }
+        if self.attention_unscaled {
+            v.push(("model.attention_unscaled", MetaValue::Bool(true)));
+        }
+        if self.encoder_only {
+            v.push(("model.encoder_only", MetaValue::Bool(true)));
+        }
         if self.attention_out_bias {
             v.push(("model.attention_out_bias", MetaValue::Bool(true)));
         }
         if self.ffn_activation == Activation::GeluTanh {
             v.push(("model.ffn_activation", MetaValue::Str("gelu_tanh")));
+        }
+        if self.ffn_activation == Activation::Relu {
+            v.push(("model.ffn_activation", MetaValue::Str("relu")));
         }
         if self.meo_token_bottleneck > 0 {
             v.push(("model.meo_token_bottleneck", MetaValue::U64(self.meo_token_bottleneck as u64)));
@@ -497,6 +557,17 @@ impl ModelConfig {
         if self.layer_ffn.contains(&FfnKind::Dense) && self.intermediate_size == 0 {
             return Err(invalid("model.intermediate_size", 0));
         }
+        if self.recipe.positions == Positions::Relative {
+            // Bidirectional bucketing halves the buckets and keeps an exact range of half of
+            // those (≥ 1); the logarithmic range needs max_distance beyond the exact range.
+            let (b, d) = (self.recipe.relative_buckets, self.recipe.relative_max_distance);
+            if b < 4 {
+                return Err(invalid("model.relative_buckets", b));
+            }
+            if d <= b / 2 {
+                return Err(invalid("model.relative_max_distance", d));
+            }
+        }
         if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
             return Err(invalid("model.rope_theta", self.rope_theta));
         }
@@ -599,6 +670,24 @@ mod tests {
             attention_out_bias: true,
             ffn_activation: Activation::GeluTanh,
             meo_token_bottleneck: 8,
+            ..Recipe::default()
+        };
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+        // The Switch encoder's recipe.
+        let mut c = sample();
+        c.layer_ffn = alloc::vec![FfnKind::Dense, FfnKind::Moe];
+        c.intermediate_size = 32;
+        c.router.expert_capacity = 3;
+        c.recipe = Recipe {
+            positions: Positions::Relative,
+            ffn_activation: Activation::Relu,
+            relative_buckets: 32,
+            relative_max_distance: 128,
+            attention_unscaled: true,
+            encoder_only: true,
+            ..Recipe::default()
         };
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();

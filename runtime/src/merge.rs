@@ -98,7 +98,8 @@ impl MergedExpert {
 }
 
 /// The three merged matrices in f32, `(gate [i·h], up [i·h], down [h·i])`, following the
-/// module's rule (gate/up with `ḡ`, down with `w`). `experts[i]` pairs with `w[i]`.
+/// module's rule (gate/up with `ḡ`, down with `w`). `experts[i]` pairs with `w[i]`. Ungated
+/// experts (no `gate`) give an empty `gate`.
 ///
 /// # Panics
 /// If `experts.len() != w.len()`, or the experts' shapes differ (caller bug).
@@ -106,12 +107,16 @@ pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32]) -> (Vec<f32>, Vec<f32>, V
     assert_eq!(experts.len(), w.len(), "merge_f32: one weight per expert");
     let (gbar, _) = normalise(w);
     let m0 = experts.first().expect("at least one expert").mlp;
-    let (i, h) = (m0.gate.rows, m0.gate.cols);
-    let mut gate = vec![0.0; i * h];
+    let (i, h) = (m0.up.rows, m0.up.cols);
+    let gated = experts.iter().all(|e| e.mlp.gate.is_some());
+    let mut gate = vec![0.0; if gated { i * h } else { 0 }];
     let mut up = vec![0.0; i * h];
     let mut down = vec![0.0; h * i];
-    let gp: Vec<(MatRef<'_>, f32)> = experts.iter().zip(&gbar).map(|(e, &x)| (e.mlp.gate.view(e.bytes), x)).collect();
-    merge_matrices(&gp, &mut gate);
+    if gated {
+        let gp: Vec<(MatRef<'_>, f32)> =
+            experts.iter().zip(&gbar).filter_map(|(e, &x)| Some((e.mlp.gate.as_ref()?.view(e.bytes), x))).collect();
+        merge_matrices(&gp, &mut gate);
+    }
     let up_p: Vec<(MatRef<'_>, f32)> = experts.iter().zip(&gbar).map(|(e, &x)| (e.mlp.up.view(e.bytes), x)).collect();
     merge_matrices(&up_p, &mut up);
     let dp: Vec<(MatRef<'_>, f32)> = experts.iter().zip(w).map(|(e, &x)| (e.mlp.down.view(e.bytes), x)).collect();
@@ -120,7 +125,22 @@ pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32]) -> (Vec<f32>, Vec<f32>, V
 }
 
 /// Packs gate, up and down (f32) into one buffer in `dtype`, each part at a 64-byte offset.
+/// An empty `gate` packs an ungated expert with activation `act`; a non-empty one a
+/// SiLU-gated expert.
 pub fn pack(gate: &[f32], up: &[f32], down: &[f32], i: usize, h: usize, dtype: DType) -> (Vec<u8>, Mlp) {
+    pack_act(gate, up, down, i, h, dtype, crate::config::Activation::Silu)
+}
+
+/// [`pack`] with the activation of an ungated expert.
+pub fn pack_act(
+    gate: &[f32],
+    up: &[f32],
+    down: &[f32],
+    i: usize,
+    h: usize,
+    dtype: DType,
+    act: crate::config::Activation,
+) -> (Vec<u8>, Mlp) {
     let mut bytes = Vec::new();
     let mut put = |v: &[f32], rows: usize, cols: usize| -> Mat {
         let start = bytes.len().next_multiple_of(64);
@@ -128,10 +148,11 @@ pub fn pack(gate: &[f32], up: &[f32], down: &[f32], i: usize, h: usize, dtype: D
         bytes.extend_from_slice(&encode(v, rows, cols, dtype));
         Mat { dtype, rows, cols, range: Range { start, end: bytes.len() } }
     };
-    let gate = put(gate, i, h);
+    let (gate, act) =
+        if gate.is_empty() { (None, act) } else { (Some(put(gate, i, h)), crate::config::Activation::Silu) };
     let up = put(up, i, h);
     let down = put(down, h, i);
-    (bytes, Mlp { gate, up, down })
+    (bytes, Mlp { gate, up, down, act })
 }
 
 /// Merges `experts` with weights `w` and stores the result in `dtype`.
@@ -140,9 +161,9 @@ pub fn pack(gate: &[f32], up: &[f32], down: &[f32], i: usize, h: usize, dtype: D
 /// As [`merge_f32`].
 pub fn merge_expert(experts: &[ExpertRef<'_>], w: &[f32], dtype: DType) -> MergedExpert {
     let m0 = experts[0].mlp;
-    let (i, h) = (m0.gate.rows, m0.gate.cols);
+    let (i, h) = (m0.up.rows, m0.up.cols);
     let (g, u, d) = merge_f32(experts, w);
-    let (bytes, mlp) = pack(&g, &u, &d, i, h, dtype);
+    let (bytes, mlp) = pack_act(&g, &u, &d, i, h, dtype, m0.act);
     MergedExpert { bytes, mlp, weights: w.to_vec() }
 }
 

@@ -17,6 +17,9 @@ pub const OUTPUT: &str = "output.weight";
 pub const OUTPUT_NORM_BIAS: &str = "output_norm.bias";
 /// `[max_position_embeddings, hidden]` learned positions (`model.positions = learned`).
 pub const POS_EMBED: &str = "pos_embed.weight";
+/// `[buckets, heads]` relative position bias (`model.positions = relative`), f32, shared by
+/// every layer (T5/Switch keep it in the first layer).
+pub const REL_BIAS: &str = "rel_bias.weight";
 
 /// The two expert banks of an MEO-native layer (`model.layer_ffn = meo_bank`), in order.
 pub const MEO_BANKS: [&str; 2] = ["fc1", "fc2"];
@@ -60,7 +63,8 @@ pub fn expert(l: usize, e: usize, part: &str) -> String {
     format!("layers.{l}.experts.{e}.{part}")
 }
 
-/// Order of an expert's matrices inside its slab.
+/// Order of an expert's matrices inside its slab (ungated experts, `model.ffn_activation =
+/// relu`, have no `gate`).
 pub const EXPERT_PARTS: [&str; 3] = ["gate", "up", "down"];
 
 /// Longest task name, in bytes (keeps metadata keys and tensor names short).

@@ -55,6 +55,16 @@ pub trait Target {
     /// # Errors
     /// An invalid mode for this model, or one the target does not run.
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError>;
+    /// Runs `tokens` as one whole new sequence (resetting it) and returns the final
+    /// normalised hidden states `[T, hidden]` (an encoder's output; see [`Session::encode`]).
+    /// Targets that do not implement it return [`TargetError::Unsupported`].
+    ///
+    /// # Errors
+    /// Refused input, a device failure, or not implemented by this target.
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let _ = (tokens, trace);
+        Err(TargetError::Unsupported { target: self.name().into(), what: "encode (encoder models)".into() })
+    }
 }
 
 impl Target for Session<'_> {
@@ -80,5 +90,9 @@ impl Target for Session<'_> {
 
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         Ok(Session::set_mode(self, opts)?)
+    }
+
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        Ok(Session::encode(self, tokens, trace)?)
     }
 }

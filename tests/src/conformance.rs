@@ -10,6 +10,11 @@
 //! - [`measure_int8`]: `--experts int8 --dense f16`: routing agreement and top-1 next-token
 //!   agreement, against the reference on the prompt and against the f32 conversion (itself
 //!   checked exact) on the prompt followed by the greedy continuation (teacher forcing).
+//! - Encoders ([`ENCODER_FIXTURES`], [`encoder_suite!`](crate::encoder_suite)):
+//!   [`check_encoder_exact`] (f32: max |Δ| of the encoder's last hidden state ≤ [`LOGIT_TOL`],
+//!   identical top-k experts, weights within [`WEIGHT_TOL`], identical tokens dropped by expert
+//!   capacity) and [`check_encoder_int8`] (routing and dropped-token agreement, hidden-state
+//!   error), through [`Runner::encode`].
 
 use meo::DType;
 use meo_converter::convert::{self, Options};
@@ -62,6 +67,13 @@ pub trait Runner {
     fn forward(&mut self, tokens: &[u32]) -> Step;
     /// Forgets the sequence.
     fn reset(&mut self);
+    /// Runs `tokens` through an encoder as one whole sequence: the final hidden states
+    /// `[T, hidden]` (in [`Step::logits`]) and the routing (weight 0 = dropped by capacity).
+    /// `None`: the target has no encoder path (the encoder suite then fails, naming it).
+    fn encode(&mut self, tokens: &[u32]) -> Option<Step> {
+        let _ = tokens;
+        None
+    }
 }
 
 /// Any [`meo::Target`] as a [`Runner`]: routing collected from the [`meo::Trace`] hooks.
@@ -92,6 +104,15 @@ impl<T: meo::Target> Runner for TargetRunner<T> {
     }
     fn reset(&mut self) {
         self.0.reset();
+    }
+    fn encode(&mut self, tokens: &[u32]) -> Option<Step> {
+        let mut trace = CollectRoutes(Vec::new());
+        let name = self.0.name().to_string();
+        let hidden = match self.0.encode(tokens, &mut trace) {
+            Ok(h) => h.to_vec(),
+            Err(e) => panic!("{name}: encode: {e}"),
+        };
+        Some(Step { logits: hidden, routes: trace.0 })
     }
 }
 
@@ -469,4 +490,235 @@ pub fn synthetic_model(
         })
         .collect();
     crate::write_file(&meta, &tensors, meo::format::MIN_ALIGNMENT)
+}
+
+/// Every encoder fixture (reference holds `last_hidden_state` instead of logits).
+pub const ENCODER_FIXTURES: [&str; 1] = ["switch_transformers"];
+
+/// What transformers computed for an encoder fixture.
+#[derive(Debug, Clone)]
+pub struct EncoderReference {
+    pub input_ids: Vec<u32>,
+    pub hidden_size: usize,
+    /// `[T, hidden]`, after the final norm.
+    pub hidden: Vec<f32>,
+    /// MoE layer → (`[T, k]` indices ascending, `[T, k]` weights, 0 where dropped).
+    pub routing: BTreeMap<usize, (Vec<u32>, Vec<f32>)>,
+    /// MoE layer → `[T]`: the token was dropped by expert capacity.
+    pub dropped: BTreeMap<usize, Vec<bool>>,
+    pub top_k: usize,
+    /// Bucket of each relative position `−R..=R` (`relative_buckets`), when recorded.
+    pub relative_buckets: Vec<usize>,
+}
+
+fn bools(st: &SafeTensors<'_>, name: &str) -> Vec<bool> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("reference has no {name}: {e}"));
+    assert_eq!(t.dtype(), Dtype::BOOL, "{name}");
+    t.data().iter().map(|&b| b != 0).collect()
+}
+
+/// Reads `reference.safetensors` of encoder fixture `name`.
+pub fn encoder_reference(name: &str) -> EncoderReference {
+    let bytes = std::fs::read(fixture_dir(name).join("reference.safetensors")).expect("reference.safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let (input_ids, _) = ids(&st, "input_ids");
+    let (hidden, shape) = f32s(&st, "last_hidden_state");
+    let (mut routing, mut dropped, mut top_k) = (BTreeMap::new(), BTreeMap::new(), 0);
+    for n in st.names() {
+        let Some(l) = n.strip_prefix("layers.").and_then(|r| r.strip_suffix(".topk_indices")) else { continue };
+        let l: usize = l.parse().expect("layer index");
+        let (idx, shape) = ids(&st, n);
+        let (w, _) = f32s(&st, &format!("layers.{l}.topk_weights"));
+        top_k = shape[1];
+        routing.insert(l, (idx, w));
+        dropped.insert(l, bools(&st, &format!("layers.{l}.dropped")));
+    }
+    let relative_buckets = if st.names().contains(&"relative_buckets") {
+        ids(&st, "relative_buckets").0.into_iter().map(|b| b as usize).collect()
+    } else {
+        Vec::new()
+    };
+    EncoderReference { input_ids, hidden_size: shape[1], hidden, routing, dropped, top_k, relative_buckets }
+}
+
+/// What [`check_encoder_exact`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderReport {
+    pub max_dhidden: f32,
+    pub max_dweight: f32,
+    /// Tokens dropped by capacity, summed over MoE layers (equal to the reference's).
+    pub dropped: usize,
+}
+
+/// A target's encoder output for `tokens` (panics naming the target's gap if it has none).
+fn encode(r: &mut dyn Runner, name: &str, tokens: &[u32]) -> Step {
+    r.encode(tokens).unwrap_or_else(|| panic!("{name}: this target does not run encoders (Runner::encode)"))
+}
+
+/// Per MoE layer, per position: dropped iff every choice has weight 0.
+fn dropped_of(got: &BTreeMap<usize, Vec<Option<Choices>>>) -> BTreeMap<usize, Vec<bool>> {
+    got.iter()
+        .map(|(&l, v)| (l, v.iter().map(|c| c.as_ref().is_some_and(|(_, w)| w.iter().all(|&x| x == 0.0))).collect()))
+        .collect()
+}
+
+/// The f32 conformance check of an encoder fixture (panics with a description on failure).
+pub fn check_encoder_exact(name: &str, open: Open<'_>) -> EncoderReport {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+    let rf = encoder_reference(name);
+    let mut r = open(&path);
+    let t = rf.input_ids.len();
+    let step = encode(&mut *r, name, &rf.input_ids);
+    assert_eq!(step.logits.len(), t * rf.hidden_size, "{name}: hidden state shape");
+    let mut max_dhidden = 0.0f32;
+    for (i, (a, b)) in step.logits.iter().zip(&rf.hidden).enumerate() {
+        let d = (a - b).abs();
+        let (p, c) = (i / rf.hidden_size, i % rf.hidden_size);
+        assert!(d <= LOGIT_TOL, "{name}: position {p} channel {c}: hidden {a} vs reference {b}");
+        max_dhidden = max_dhidden.max(d);
+    }
+    let got = by_layer(&step.routes, t);
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        rf.routing.keys().copied().collect::<Vec<_>>(),
+        "{name}: MoE layers"
+    );
+    let mut max_dweight = 0.0f32;
+    for (l, (idx, w)) in &rf.routing {
+        for p in 0..t {
+            let (e, gw) = got[l][p].as_ref().unwrap_or_else(|| panic!("{name}: layer {l} position {p} not routed"));
+            let (re, rw) = (&idx[p * rf.top_k..][..rf.top_k], &w[p * rf.top_k..][..rf.top_k]);
+            assert_eq!(&e[..], re, "{name}: layer {l} position {p}: experts");
+            for (a, b) in gw.iter().zip(rw) {
+                let d = (a - b).abs();
+                assert!(d <= WEIGHT_TOL, "{name}: layer {l} position {p}: weight {a} vs reference {b}");
+                max_dweight = max_dweight.max(d);
+            }
+        }
+    }
+    let dropped = dropped_of(&got);
+    assert_eq!(dropped, rf.dropped, "{name}: tokens dropped by expert capacity (layer → per position)");
+    let n = dropped.values().flatten().filter(|&&d| d).count();
+    EncoderReport { max_dhidden, max_dweight, dropped: n }
+}
+
+/// What [`measure_encoder_int8`] measured: fractions in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderAgreement {
+    /// (position, layer) expert sets equal to transformers'.
+    pub routing_vs_reference: f64,
+    /// (position, layer) dropped flags equal to transformers'.
+    pub dropped_vs_reference: f64,
+    /// The same against the f32 conversion.
+    pub routing_vs_f32: f64,
+    pub dropped_vs_f32: f64,
+    /// Largest |Δ| of the hidden state against transformers.
+    pub max_dhidden: f32,
+}
+
+fn fraction_equal<T: PartialEq>(a: &BTreeMap<usize, Vec<T>>, b: &BTreeMap<usize, Vec<T>>) -> f64 {
+    let (mut same, mut total) = (0usize, 0usize);
+    for (l, rows) in b {
+        for (p, x) in rows.iter().enumerate() {
+            total += 1;
+            if a.get(l).and_then(|v| v.get(p)) == Some(x) {
+                same += 1;
+            }
+        }
+    }
+    same as f64 / total.max(1) as f64
+}
+
+/// Routing, dropped-token and hidden-state agreement of the int8 conversion of an encoder.
+pub fn measure_encoder_int8(name: &str, open: Open<'_>) -> EncoderAgreement {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let q8 = convert_fixture(name, DType::Q8_0, DType::F16, tmp.path());
+    let f32 = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+    let rf = encoder_reference(name);
+    let t = rf.input_ids.len();
+    let experts = |routes: &[Route]| -> BTreeMap<usize, Vec<Vec<u32>>> {
+        by_layer(routes, t)
+            .into_iter()
+            .map(|(l, v)| (l, v.into_iter().map(|c| c.map(|c| c.0).unwrap_or_default()).collect()))
+            .collect()
+    };
+    let q = encode(&mut *open(&q8), name, &rf.input_ids);
+    let base = encode(&mut *open(&f32), name, &rf.input_ids);
+    let ref_experts: BTreeMap<usize, Vec<Vec<u32>>> =
+        rf.routing.iter().map(|(&l, (idx, _))| (l, idx.chunks(rf.top_k).map(<[u32]>::to_vec).collect())).collect();
+    let (q_exp, base_exp) = (experts(&q.routes), experts(&base.routes));
+    let (q_drop, base_drop) = (dropped_of(&by_layer(&q.routes, t)), dropped_of(&by_layer(&base.routes, t)));
+    let max_dhidden = q.logits.iter().zip(&rf.hidden).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    EncoderAgreement {
+        routing_vs_reference: fraction_equal(&q_exp, &ref_experts),
+        dropped_vs_reference: fraction_equal(&q_drop, &rf.dropped),
+        routing_vs_f32: fraction_equal(&q_exp, &base_exp),
+        dropped_vs_f32: fraction_equal(&q_drop, &base_drop),
+        max_dhidden,
+    }
+}
+
+/// Bounds for [`measure_encoder_int8`]: (name, routing and dropped agreement floor, max
+/// |Δhidden| ceiling vs transformers). Measured on the CPU target (`--experts int8 --dense
+/// f16`): agreement 1.0 (24 routed (position, layer) pairs, 8 of them dropped), max |Δhidden|
+/// 2.3e-2 (hidden states after the final norm are O(1)); the floors sit one disagreement
+/// below 1.
+pub const ENCODER_INT8_BOUNDS: [(&str, f64, f32); 1] = [("switch_transformers", 0.95, 5e-2)];
+
+/// [`measure_encoder_int8`], printed, and checked against [`ENCODER_INT8_BOUNDS`].
+pub fn check_encoder_int8(name: &str, open: Open<'_>) -> EncoderAgreement {
+    let a = measure_encoder_int8(name, open);
+    println!(
+        "{name}: int8 routing agreement {:.4} (vs transformers) {:.4} (vs f32); dropped-token agreement \
+         {:.4} / {:.4}; max |Δhidden| {:.3e}",
+        a.routing_vs_reference, a.routing_vs_f32, a.dropped_vs_reference, a.dropped_vs_f32, a.max_dhidden
+    );
+    let &(_, floor, ceiling) = ENCODER_INT8_BOUNDS.iter().find(|f| f.0 == name).expect("bounds for every fixture");
+    for (what, got) in [
+        ("routing agreement vs transformers", a.routing_vs_reference),
+        ("routing agreement vs f32", a.routing_vs_f32),
+        ("dropped-token agreement vs transformers", a.dropped_vs_reference),
+        ("dropped-token agreement vs f32", a.dropped_vs_f32),
+    ] {
+        assert!(got >= floor, "{name}: int8 {what} {got:.4} < floor {floor}");
+    }
+    assert!(a.max_dhidden <= ceiling, "{name}: int8 max |Δhidden| {} > ceiling {ceiling}", a.max_dhidden);
+    a
+}
+
+/// Expands to one `#[test]` per encoder fixture and mode (f32 exact, int8 agreement), running
+/// the bodies above with `$open` (as [`conformance_suite!`](crate::conformance_suite)). A target
+/// expands it once it implements [`meo::Target::encode`].
+#[macro_export]
+macro_rules! encoder_suite {
+    ($open:expr) => {
+        $crate::encoder_suite!(@tests $open; switch_transformers => "switch_transformers",);
+    };
+    (@tests $open:expr; $($id:ident => $name:literal,)*) => {
+        mod encoder_exact_f32 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $id() {
+                    let r = $crate::conformance::check_encoder_exact($name, $open);
+                    println!(
+                        "{}: f32 max |Δhidden| {:.3e}, max |Δweight| {:.3e}, {} dropped tokens identical",
+                        $name, r.max_dhidden, r.max_dweight, r.dropped
+                    );
+                }
+            )*
+        }
+        mod encoder_int8 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $id() {
+                    $crate::conformance::check_encoder_int8($name, $open);
+                }
+            )*
+        }
+    };
 }

@@ -241,3 +241,114 @@ mod model {
         assert!(matches!(e, ModelError::Config(_)), "{e}");
     }
 }
+
+meo_tests::encoder_suite!(&open_cpu);
+
+/// The relative position buckets match transformers' `_relative_position_bucket` (recorded in
+/// the Switch fixture for −300..=300, covering the exact, logarithmic and clamped ranges).
+#[test]
+fn relative_buckets_match_transformers() {
+    let rf = meo_tests::conformance::encoder_reference("switch_transformers");
+    let r = rf.relative_buckets.len() as i64 / 2;
+    assert!(r >= 256, "the fixture records relative positions beyond max_distance");
+    for (i, &want) in rf.relative_buckets.iter().enumerate() {
+        let rel = i as i64 - r;
+        // The fixture's config: 32 buckets, max distance 128 (switch-base-8's).
+        assert_eq!(meo::model::plan::relative_bucket(rel, true, 32, 128), want, "relative position {rel}");
+    }
+}
+
+/// Encoder models (`model.encoder_only`) beyond the fixture, on a synthetic Switch-style model.
+mod encoder {
+    use meo::config::{Activation, FfnKind, Positions, Recipe, RouterSpec, Scoring};
+    use meo::route::Choice;
+    use meo::{DType, ForwardError, Model, Session, SessionOptions, Trace};
+    use meo_tests::conformance::{synthetic_config, synthetic_model};
+    use std::collections::BTreeMap;
+
+    const CAPACITY: usize = 2;
+
+    fn switch_like() -> Model {
+        let mut c = synthetic_config();
+        c.architecture = "switch_transformers".into();
+        c.attention_bias = false;
+        c.qk_norm = meo::QkNorm::None;
+        c.clip_qkv = None;
+        c.num_kv_heads = c.num_heads;
+        c.shared_expert_intermediate_size = 0;
+        c.layer_ffn = vec![FfnKind::Dense, FfnKind::Moe, FfnKind::Moe];
+        c.layer_window = vec![0; 3];
+        c.router = RouterSpec { expert_capacity: CAPACITY, ..RouterSpec::plain(4, 1, Scoring::Softmax) };
+        c.recipe = Recipe {
+            positions: Positions::Relative,
+            ffn_activation: Activation::Relu,
+            relative_buckets: 8,
+            relative_max_distance: 16,
+            attention_unscaled: true,
+            encoder_only: true,
+            ..Recipe::default()
+        };
+        let bytes = synthetic_model(&c, DType::F32, DType::F32, 7, &|_| false, &[]);
+        Model::from_vec(bytes).expect("synthetic encoder opens")
+    }
+
+    #[derive(Default)]
+    struct Routes(BTreeMap<(usize, usize), Vec<Choice>>);
+
+    impl Trace for Routes {
+        fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
+            self.0.insert((layer, pos), choices.to_vec());
+        }
+    }
+
+    fn tokens(n: usize) -> Vec<u32> {
+        (0..n).map(|i| ((i * 29 + 5) % 96) as u32).collect()
+    }
+
+    #[test]
+    fn forward_is_refused_and_encode_is_bidirectional_and_repeatable() {
+        let m = switch_like();
+        let mut s = Session::new(&m, SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        assert_eq!(s.forward(&[1, 2]).unwrap_err(), ForwardError::EncoderOnly);
+        let toks = tokens(10);
+        let a = s.encode(&toks, &mut meo::NoTrace).unwrap().to_vec();
+        assert_eq!(a.len(), 10 * m.config().hidden_size);
+        // encode starts a new sequence each time.
+        assert_eq!(s.encode(&toks, &mut meo::NoTrace).unwrap(), &a[..]);
+        // The first token sees the last one.
+        let mut changed = toks.clone();
+        changed[9] = (changed[9] + 1) % 96;
+        let b = s.encode(&changed, &mut meo::NoTrace).unwrap();
+        let h = m.config().hidden_size;
+        assert_ne!(&a[..h], &b[..h], "position 0 must depend on a later token");
+        // Out-of-range input is refused and changes nothing.
+        assert!(matches!(s.encode(&[96], &mut meo::NoTrace), Err(ForwardError::TokenOutOfRange { .. })));
+    }
+
+    #[test]
+    fn capacity_keeps_the_first_tokens_of_each_expert() {
+        let m = switch_like();
+        let mut s = Session::new(&m, SessionOptions { threads: 2, ..Default::default() }).unwrap();
+        let t = 24;
+        let mut r = Routes::default();
+        s.encode(&tokens(t), &mut r).unwrap();
+        let mut dropped = 0;
+        for layer in [1, 2] {
+            let mut taken = [0usize; 4];
+            for pos in 0..t {
+                let c = &r.0[&(layer, pos)];
+                assert_eq!(c.len(), 1);
+                let e = c[0].expert as usize;
+                if taken[e] < CAPACITY {
+                    taken[e] += 1;
+                    assert!(c[0].weight > 0.0, "layer {layer} position {pos}: kept token has weight 0");
+                } else {
+                    assert_eq!(c[0].weight, 0.0, "layer {layer} position {pos}: over capacity but not dropped");
+                    dropped += 1;
+                }
+            }
+        }
+        // 24 tokens over 4 experts of capacity 2: at least 16 per layer are dropped.
+        assert!(dropped >= 32, "{dropped}");
+    }
+}

@@ -337,7 +337,7 @@ fn stored_merge_weights_reproduce_the_merged_tensors() {
                 let again = mf.merge_layer(tl.layer, &w, Some(dtype)).unwrap();
                 let stored = model.task_expert("docs", tl.layer).unwrap();
                 for (a, b) in [
-                    (&again.mlp.gate, &stored.mlp.gate),
+                    (again.mlp.gate.as_ref().expect("gated"), stored.mlp.gate.as_ref().expect("gated")),
                     (&again.mlp.up, &stored.mlp.up),
                     (&again.mlp.down, &stored.mlp.down),
                 ] {
@@ -379,7 +379,7 @@ fn alignment_keeps_vanilla_and_stores_the_order() {
                 let (ea, eb) = (a.expert(l, e).unwrap(), b.expert(l, e).unwrap());
                 for (part, is_down) in [(0, false), (1, false), (2, true)] {
                     let m = |x: ExpertRef<'_>| {
-                        let mm = [&x.mlp.gate, &x.mlp.up, &x.mlp.down][part];
+                        let mm = [x.mlp.gate.as_ref().expect("gated"), &x.mlp.up, &x.mlp.down][part];
                         x.bytes[mm.range.clone()]
                             .chunks_exact(4)
                             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))

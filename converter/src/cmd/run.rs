@@ -196,9 +196,31 @@ fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
 /// # Errors
 /// I/O.
 pub fn write_dump(path: &Path, logits: &[f32], t: usize, vocab: usize, rec: &RouteRecorder) -> Result<()> {
+    write_dump_as(path, "logits", logits, [t, vocab], rec, false)
+}
+
+/// Writes `values` `[T, width]` as tensor `name` (`logits`, or `last_hidden_state` for an
+/// encoder), each layer's `topk_indices` / `topk_weights` `[T, k]` and, with `dropped`, each
+/// layer's `layers.L.dropped` `[T]` bool (every choice of the token dropped by capacity:
+/// weight 0).
+///
+/// # Errors
+/// I/O.
+pub fn write_dump_as(
+    path: &Path,
+    name: &str,
+    values: &[f32],
+    [t, width]: [usize; 2],
+    rec: &RouteRecorder,
+    dropped: bool,
+) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
-        vec![("logits".into(), Dtype::F32, vec![t, vocab], le_bytes(logits, f32::to_le_bytes))];
+        vec![(name.into(), Dtype::F32, vec![t, width], le_bytes(values, f32::to_le_bytes))];
+    for (l, (_, w)) in rec.layers.iter().filter(|_| dropped) {
+        let d = w.chunks(rec.top_k.max(1)).map(|c| u8::from(c.iter().all(|&x| x == 0.0))).collect();
+        owned.push((format!("layers.{l}.dropped"), Dtype::BOOL, vec![t], d));
+    }
     for (l, (idx, w)) in &rec.layers {
         owned.push((
             format!("layers.{l}.topk_indices"),
@@ -214,6 +236,57 @@ pub fn write_dump(path: &Path, logits: &[f32], t: usize, vocab: usize, rec: &Rou
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let info = std::collections::HashMap::from([("producer".to_string(), "meo run --dump".to_string())]);
     safetensors::serialize_to_file(views, Some(info), path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `meo run` on an encoder (`model.encoder_only`): one bidirectional pass over the prompt, no
+/// generation. Prints a summary (tokens, hidden size, dropped tokens per MoE layer); `--dump`
+/// writes `last_hidden_state` `[T, H]`, the routing and `layers.L.dropped`.
+fn encode_to(
+    a: &Args,
+    session: &mut Session<'_>,
+    prompt: &[u32],
+    mut recorder: Option<&mut RouteRecorder>,
+    tracker: &mut ExpertTracker,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<()> {
+    let cfg = session.model().config().clone();
+    let (t, h) = (prompt.len(), cfg.hidden_size);
+    let mut counted = RouteRecorder::new(t, cfg.router.top_k);
+    let t0 = Instant::now();
+    let hidden = {
+        let mut tee = Tee(vec![tracker, &mut counted]);
+        if let Some(r) = recorder.as_mut() {
+            tee.0.push(&mut **r);
+        }
+        session.encode(prompt, &mut tee)?
+    };
+    let elapsed = t0.elapsed();
+    if let (Some(path), Some(rec)) = (&a.dump, &recorder) {
+        write_dump_as(path, "last_hidden_state", hidden, [t, h], rec, true)?;
+    }
+    let dropped: Vec<String> = counted
+        .layers
+        .iter()
+        .map(|(l, (_, w))| {
+            let n = w.chunks(cfg.router.top_k.max(1)).filter(|c| c.iter().all(|&x| x == 0.0)).count();
+            format!("{l}: {n}")
+        })
+        .collect();
+    writeln!(
+        stdout,
+        "encoded {t} tokens -> [{t}, {h}] hidden states; tokens dropped by expert capacity per MoE layer: {}",
+        if dropped.is_empty() { "none (no MoE layer)".to_string() } else { dropped.join(", ") }
+    )?;
+    if a.stats {
+        writeln!(
+            stderr,
+            "encode: {t} tokens in {:.1} ms ({:.1} tok/s)",
+            elapsed.as_secs_f64() * 1e3,
+            rate(t, elapsed)
+        )?;
+    }
+    Ok(())
 }
 
 /// Human-readable bytes (binary units).
@@ -337,6 +410,9 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     // Prompt.
     let t = prompt.len();
     let mut recorder = a.dump.as_ref().map(|_| RouteRecorder::new(t, cfg.router.top_k));
+    if cfg.recipe.encoder_only {
+        return encode_to(a, &mut session, &prompt, recorder.as_mut(), &mut tracker, stdout, stderr);
+    }
     let which = if a.dump.is_some() { Logits::All } else { Logits::Last };
     let t0 = Instant::now();
     let logits = {

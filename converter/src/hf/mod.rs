@@ -11,6 +11,7 @@ mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+pub mod switch_transformers;
 
 use crate::canonical::{Canon, Place};
 use anyhow::{Context, Result, bail, ensure};
@@ -82,11 +83,22 @@ pub enum Kind {
     Standard,
     /// An MEO-native GPT-2 ([`meo_gpt2`]): its own config keys and tensor names.
     MeoNative,
+    /// A Switch Transformers encoder ([`switch_transformers`]): its own config keys and
+    /// tensor names.
+    Switch,
 }
 
 /// Every supported family.
-pub const FAMILIES: &[&Family] =
-    &[&mixtral::FAMILY, &qwen2_moe::FAMILY, &qwen3_moe::FAMILY, &olmoe::FAMILY, &meo_gpt2::FAMILY];
+pub const FAMILIES: &[&Family] = &[
+    &mixtral::FAMILY,
+    &qwen2_moe::FAMILY,
+    &qwen3_moe::FAMILY,
+    &olmoe::FAMILY,
+    &meo_gpt2::FAMILY,
+    &switch_transformers::FAMILY,
+    &switch_transformers::FAMILY_MODEL,
+    &switch_transformers::FAMILY_GENERATION,
+];
 
 /// Tensors outside the layers: canonical name → HF name.
 const GLOBAL: &[(&str, &str)] = &[
@@ -179,6 +191,7 @@ impl HfModel {
                 Ok((c, t)) => (Ok(c), t),
                 Err(e) => (Err(e), vec![]),
             },
+            Kind::Switch => (switch_transformers::model_config(&j), vec![]),
         };
         let config = config.with_context(|| cfg_path.display().to_string())?;
         let checkpoint = Checkpoint::open(dir)?;
@@ -190,7 +203,11 @@ impl HfModel {
         };
         let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks };
         m.experts = (0..m.config.num_layers)
-            .map(|l| (m.config.layer_ffn[l] == FfnKind::Moe).then(|| m.detect_experts(l)).transpose())
+            .map(|l| {
+                (m.config.layer_ffn[l] == FfnKind::Moe && family.kind == Kind::Standard)
+                    .then(|| m.detect_experts(l))
+                    .transpose()
+            })
             .collect::<Result<_>>()?;
         Ok(m)
     }
@@ -282,6 +299,9 @@ impl HfModel {
             ensure!(e.shape == c.shape, "{name}: shape {:?}, expected {:?} (for {})", e.shape, c.shape, c.name);
             Ok(Source { tensor: name, first: 0, count: numel })
         };
+        if self.family.kind == Kind::Switch {
+            return whole(switch_transformers::source_name(c, &|n| self.checkpoint.get(n).is_some())?);
+        }
         match c.place {
             Place::Global => {
                 let hf = GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf);
@@ -317,6 +337,7 @@ impl HfModel {
             .filter(|n| !IGNORED_SUFFIXES.iter().any(|s| n.ends_with(s)))
             .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
             .filter(|n| !consumed.iter().any(|c| c == n))
+            .filter(|n| !(self.family.kind == Kind::Switch && switch_transformers::not_converted(n)))
             .collect()
     }
 }

@@ -782,6 +782,7 @@ impl MeoSession {
         r.map_err(|e| match e {
             meo::ForwardError::TokenOutOfRange { .. } => (MeoStatus::TokenOutOfRange, e.to_string()),
             meo::ForwardError::ContextOverflow { .. } => (MeoStatus::ContextFull, e.to_string()),
+            meo::ForwardError::EncoderOnly => (MeoStatus::Unsupported, e.to_string()),
         })?;
         let dt = t0.elapsed().as_secs_f64();
         if tokens.len() == 1 {

@@ -1,7 +1,8 @@
 //! Grouped-query self-attention with a KV cache: projections (+ biases), q/k norm (per head
-//! or full width), clipping, RoPE, causal (optionally sliding-window) softmax attention.
+//! or full width), clipping, RoPE, causal (optionally sliding-window) or bidirectional
+//! softmax attention, optionally with a T5-style relative position bias.
 
-use super::plan::{AttnPlan, Rope};
+use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
 use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, rope_rotate_half, softmax_in_place};
 use alloc::vec::Vec;
@@ -26,6 +27,10 @@ pub(crate) struct AttnScratch {
     heads: Vec<f32>,
     /// Head outputs re-interleaved, `[T, heads · head_dim]`.
     ctx: Vec<f32>,
+    /// Relative position bias table `[buckets, heads]`, and the bucket of every relative
+    /// position `key − query` from `−(total − 1)` on.
+    rel_table: Vec<f32>,
+    rel_bucket: Vec<usize>,
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) {
@@ -103,22 +108,48 @@ pub(crate) fn attention(
     // Scores and weighted values, one head per task.
     let group = nh / nkv;
     let total = pos0 + t;
+    if let Some(rb) = &a.rel_bias {
+        s.rel_table.clear();
+        s.rel_table.resize(rb.buckets * nh, 0.0);
+        let tv = rb.table.view(bytes);
+        for (b, row) in s.rel_table.chunks_mut(nh).enumerate() {
+            tv.row(b, row);
+        }
+        s.rel_bucket.clear();
+        // `total` is bounded by the context length, far below i64::MAX.
+        let span = total as i64 - 1;
+        s.rel_bucket.extend((-span..=span).map(|r| relative_bucket(r, rb.bidirectional, rb.buckets, rb.max_distance)));
+    }
     resize(&mut s.heads, nh * t * hd);
     let (q, kc, vc) = (&s.q[..], &cache.k[..], &cache.v[..]);
-    let (window, scale) = (a.window, a.scale);
+    let (window, scale, causal) = (a.window, a.scale, a.causal);
+    let rel = a.rel_bias.as_ref().map(|_| (&s.rel_table[..], &s.rel_bucket[..]));
     let head_task = |head: usize, o: &mut [f32]| {
         let kvh = head / group;
         let mut scores = Vec::with_capacity(if window > 0 { window.min(total) } else { total });
         for tok in 0..t {
             let i = pos0 + tok;
-            let lo = if window > 0 { (i + 1).saturating_sub(window) } else { 0 };
+            // Bidirectional (encoder): every key; causal: keys up to the query, in the window.
+            let (lo, hi) = if !causal {
+                (0, total - 1)
+            } else if window > 0 {
+                ((i + 1).saturating_sub(window), i)
+            } else {
+                (0, i)
+            };
             let qv = &q[tok * qd + head * hd..][..hd];
             scores.clear();
-            scores.extend((lo..=i).map(|j| dot(qv, &kc[j * kvd + kvh * hd..][..hd]) * scale));
+            scores.extend((lo..=hi).map(|j| dot(qv, &kc[j * kvd + kvh * hd..][..hd]) * scale));
+            if let Some((table, bucket)) = rel {
+                // bucket[r + total − 1] is the bucket of relative position r = j − i.
+                for (sc, j) in scores.iter_mut().zip(lo..=hi) {
+                    *sc += table[bucket[j + total - 1 - i] * nh + head];
+                }
+            }
             softmax_in_place(&mut scores);
             let ov = &mut o[tok * hd..][..hd];
             ov.fill(0.0);
-            for (j, &p) in (lo..=i).zip(&scores) {
+            for (j, &p) in (lo..=hi).zip(&scores) {
                 for (acc, &v) in ov.iter_mut().zip(&vc[j * kvd + kvh * hd..][..hd]) {
                     *acc += p * v;
                 }

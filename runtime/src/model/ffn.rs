@@ -3,7 +3,7 @@
 
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
-use crate::config::{RouterSpec, SharedGate};
+use crate::config::{Activation, RouterSpec, SharedGate};
 use crate::kernels::{Parallel, matmul, silu};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
@@ -42,19 +42,34 @@ pub(crate) struct MlpScratch {
     up: Vec<f32>,
 }
 
-/// `out[T, H] = down(silu(gate(x)) ⊙ up(x))` with matrices read from `bytes`.
+/// `out[T, H] = down(silu(gate(x)) ⊙ up(x))`, or `down(act(up(x)))` for an ungated MLP,
+/// with matrices read from `bytes`.
 pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize, s: &mut MlpScratch, out: &mut [f32]) {
     let MlpScratch { gate, up } = s;
-    let (g, u, d) = (m.gate.view(bytes), m.up.view(bytes), m.down.view(bytes));
-    let inter = g.rows();
-    resize(gate, t * inter);
+    let (u, d) = (m.up.view(bytes), m.down.view(bytes));
+    let inter = u.rows();
     resize(up, t * inter);
-    matmul(par, x, t, &g, gate);
     matmul(par, x, t, &u, up);
-    for (a, &b) in gate.iter_mut().zip(up.iter()) {
-        *a = silu(*a) * b;
+    match &m.gate {
+        Some(g) => {
+            resize(gate, t * inter);
+            matmul(par, x, t, &g.view(bytes), gate);
+            for (a, &b) in gate.iter_mut().zip(up.iter()) {
+                *a = silu(*a) * b;
+            }
+            matmul(par, gate, t, &d, out);
+        }
+        None => {
+            for v in up.iter_mut() {
+                *v = match m.act {
+                    Activation::Relu => v.max(0.0),
+                    Activation::GeluTanh => super::meo::gelu_tanh(*v),
+                    Activation::Silu => silu(*v),
+                };
+            }
+            matmul(par, up, t, &d, out);
+        }
     }
-    matmul(par, gate, t, &d, out);
 }
 
 /// A dense layer's FFN.

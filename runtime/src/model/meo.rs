@@ -79,6 +79,7 @@ fn activate(act: Activation, v: &mut [f32]) {
     match act {
         Activation::GeluTanh => v.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
         Activation::Silu => v.iter_mut().for_each(|x| *x = silu(*x)),
+        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
     }
 }
 

@@ -309,7 +309,7 @@ impl Model {
         if w.len() != e || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
             return Err(ModeError::BadWeights { layer, expected: e });
         }
-        let dtype = dtype.unwrap_or(experts[0].mlp.gate.dtype);
+        let dtype = dtype.unwrap_or(experts[0].mlp.up.dtype);
         Ok(crate::merge::merge_expert(&experts, w, dtype))
     }
 

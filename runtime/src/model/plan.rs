@@ -5,7 +5,7 @@
 //! activation, RoPE scaling) and the matching arm in the runner; nothing tests a family name.
 
 use super::ModelError;
-use crate::config::{FfnKind, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
+use crate::config::{Activation, FfnKind, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
 use crate::format::{DType, MeoFile, TensorInfo};
 use crate::kernels::MatRef;
 use crate::names;
@@ -103,16 +103,63 @@ pub struct AttnPlan {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Multiplies q·k (`head_dim^-0.5`).
+    /// Multiplies q·k (`head_dim^-0.5`, or 1 with `model.attention_unscaled`).
     pub scale: f32,
+    /// Each query attends to the keys up to itself (decoder); false: to every key (encoder).
+    pub causal: bool,
+    /// Relative position bias added to the scores (`model.positions = relative`).
+    pub rel_bias: Option<RelBias>,
 }
 
-/// A SiLU-gated MLP: `down(silu(gate(x)) ⊙ up(x))`.
+/// T5-style relative position bias: `score(q, k) += table[bucket(k − q), head]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelBias {
+    /// `[buckets, heads]`, f32.
+    pub table: Mat,
+    pub buckets: usize,
+    pub max_distance: usize,
+    /// Separate buckets for keys before and after the query (encoder).
+    pub bidirectional: bool,
+}
+
+/// The bucket of relative position `rel = key − query` (T5's `_relative_position_bucket`,
+/// computed in f32 as transformers does): half of the buckets (of each direction, when
+/// `bidirectional`) hold exact distances, the others logarithmically wider ranges up to
+/// `max_distance`, beyond which all distances share the last bucket. Unidirectional: keys
+/// after the query (rel > 0) fall in bucket 0. Needs `buckets ≥ 4` and
+/// `max_distance > buckets / 2` (checked when the config is read).
+pub fn relative_bucket(rel: i64, bidirectional: bool, buckets: usize, max_distance: usize) -> usize {
+    let (mut n, mut base) = (buckets, 0usize);
+    let dist = if bidirectional {
+        n /= 2;
+        if rel > 0 {
+            base = n;
+        }
+        rel.unsigned_abs()
+    } else {
+        // Only keys before the query are distinct.
+        if rel < 0 { rel.unsigned_abs() } else { 0 }
+    };
+    let max_exact = (n / 2) as u64;
+    if dist < max_exact {
+        return base + dist as usize;
+    }
+    // Same f32 operations as torch: log(d / e) / ln(max_d / e) · (n − e), truncated.
+    let e = max_exact as f32;
+    let scale = libm::log(max_distance as f64 / max_exact as f64) as f32;
+    let large = (libm::logf(dist as f32 / e) / scale * (n as f32 - e)) as usize;
+    base + (max_exact as usize).saturating_add(large).min(n - 1)
+}
+
+/// A feed-forward MLP: SiLU-gated `down(silu(gate(x)) ⊙ up(x))` when `gate` is present,
+/// else `down(act(up(x)))` (ReLU for T5/Switch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mlp {
-    pub gate: Mat,
+    pub gate: Option<Mat>,
     pub up: Mat,
     pub down: Mat,
+    /// The activation between `up` (times `gate`) and `down`.
+    pub act: Activation,
 }
 
 /// One routed expert: its slab (absolute) and its matrices (ranges relative to the slab).
@@ -272,11 +319,50 @@ impl<'f, 'a> Builder<'f, 'a> {
 
     fn mlp(&self, l: usize, prefix: &str, inter: usize) -> Result<Mlp, ModelError> {
         let h = self.h;
+        let act = self.ffn_act();
+        let gate = if act.gated() {
+            Some(self.layer_mat(l, &alloc::format!("{prefix}.gate.weight"), inter, h)?)
+        } else {
+            None
+        };
         Ok(Mlp {
-            gate: self.layer_mat(l, &alloc::format!("{prefix}.gate.weight"), inter, h)?,
+            gate,
             up: self.layer_mat(l, &alloc::format!("{prefix}.up.weight"), inter, h)?,
             down: self.layer_mat(l, &alloc::format!("{prefix}.down.weight"), h, inter)?,
+            act,
         })
+    }
+
+    /// The activation of dense FFNs and experts: SiLU-gated unless the recipe says ReLU
+    /// (`gelu_tanh` is the MEO banks' activation; their dense/expert FFNs stay SiLU-gated).
+    fn ffn_act(&self) -> Activation {
+        match self.c.recipe.ffn_activation {
+            Activation::Relu => Activation::Relu,
+            Activation::Silu | Activation::GeluTanh => Activation::Silu,
+        }
+    }
+
+    /// The relative position bias table every layer shares (`positions = relative`).
+    fn rel_bias(&self) -> Result<Option<RelBias>, ModelError> {
+        let c = self.c;
+        if c.recipe.positions != Positions::Relative {
+            return Ok(None);
+        }
+        let buckets = c.recipe.relative_buckets;
+        let table = self.mat(names::REL_BIAS, buckets, c.num_heads)?;
+        if table.dtype != DType::F32 {
+            return Err(ModelError::WrongDType {
+                name: names::REL_BIAS.to_string(),
+                found: table.dtype.name(),
+                expected: "f32",
+            });
+        }
+        Ok(Some(RelBias {
+            table,
+            buckets,
+            max_distance: c.recipe.relative_max_distance,
+            bidirectional: c.recipe.encoder_only,
+        }))
     }
 
     /// Embedding, final norm, LM head.
@@ -284,7 +370,12 @@ impl<'f, 'a> Builder<'f, 'a> {
         let (v, h) = (self.c.vocab_size, self.h);
         let embed = self.mat(names::EMBED, v, h)?;
         let norm = self.vector(names::OUTPUT_NORM, h)?;
-        let output = if self.c.tie_word_embeddings { embed.clone() } else { self.mat(names::OUTPUT, v, h)? };
+        // An encoder has no LM head (its `forward` is refused); the embedding stands in.
+        let output = if self.c.tie_word_embeddings || self.c.recipe.encoder_only {
+            embed.clone()
+        } else {
+            self.mat(names::OUTPUT, v, h)?
+        };
         Ok((embed, norm, output))
     }
 
@@ -293,7 +384,7 @@ impl<'f, 'a> Builder<'f, 'a> {
         let c = self.c;
         let pos = match c.recipe.positions {
             Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),
-            Positions::Rope => None,
+            Positions::Rope | Positions::Relative => None,
         };
         let bias = match c.recipe.norm {
             NormKind::Layer => Some(self.vector(names::OUTPUT_NORM_BIAS, self.h)?),
@@ -467,7 +558,9 @@ impl<'f, 'a> Builder<'f, 'a> {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
-            scale: 1.0 / libm::sqrtf(hd as f32),
+            scale: if c.recipe.attention_unscaled { 1.0 } else { 1.0 / libm::sqrtf(hd as f32) },
+            causal: !c.recipe.encoder_only,
+            rel_bias: self.rel_bias()?,
         };
         let ffn = match c.layer_ffn[l] {
             FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
@@ -523,7 +616,7 @@ impl<'f, 'a> Builder<'f, 'a> {
     /// The expert whose matrices are `name(part)` and whose slab is `key`.
     fn slab_expert(&self, key: &str, name: &dyn Fn(&str) -> alloc::string::String) -> Result<Expert, ModelError> {
         let (h, i) = (self.h, self.c.expert_intermediate_size);
-        let first = name(names::EXPERT_PARTS[0]);
+        let first = name(if self.ffn_act().gated() { "gate" } else { "up" });
         let slab = self.slabs.get(key).cloned().ok_or(ModelError::NotInSlab { name: first })?;
         let part = |p: &str, rows, cols| -> Result<Mat, ModelError> {
             let name = name(p);
@@ -534,7 +627,9 @@ impl<'f, 'a> Builder<'f, 'a> {
             let rel = m.range.start - slab.start..m.range.end - slab.start;
             Ok(Mat { range: rel, ..m })
         };
-        let mlp = Mlp { gate: part("gate", i, h)?, up: part("up", i, h)?, down: part("down", h, i)? };
+        let act = self.ffn_act();
+        let gate = if act.gated() { Some(part("gate", i, h)?) } else { None };
+        let mlp = Mlp { gate, up: part("up", i, h)?, down: part("down", h, i)?, act };
         Ok(Expert { slab, mlp })
     }
 

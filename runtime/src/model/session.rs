@@ -72,6 +72,8 @@ pub enum ForwardError {
     TokenOutOfRange { index: usize, token: u32, vocab: usize },
     #[error("context overflow: {cached} positions cached + {tokens} new > maximum {max}")]
     ContextOverflow { cached: usize, tokens: usize, max: usize },
+    #[error("this model is an encoder (bidirectional, no LM head): run it with encode, not forward")]
+    EncoderOnly,
 }
 
 enum Pool {
@@ -115,6 +117,8 @@ pub struct Session<'m> {
     cache: Vec<LayerCache>,
     buf: Buffers,
     logits: Vec<f32>,
+    /// Output of the last [`Session::encode`], `[T, hidden]`.
+    hidden: Vec<f32>,
     bank: BankState,
 }
 
@@ -179,6 +183,7 @@ impl<'m> Session<'m> {
             cache: (0..model.layers.len()).map(|_| LayerCache::default()).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
+            hidden: Vec::new(),
             bank: BankState { opts: MergeOptions::default(), exec: default_exec(model) },
         })
     }
@@ -416,18 +421,90 @@ impl<'m> Session<'m> {
     ) -> Result<&[f32], ForwardError> {
         let m = self.model;
         let c = m.config();
+        if c.recipe.encoder_only {
+            return Err(ForwardError::EncoderOnly);
+        }
         let vocab = c.vocab_size;
-        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
-            return Err(ForwardError::TokenOutOfRange { index, token, vocab });
-        }
+        self.check(tokens, self.pos)?;
         let t = tokens.len();
-        if self.pos.checked_add(t).is_none_or(|end| end > self.max_context) {
-            return Err(ForwardError::ContextOverflow { cached: self.pos, tokens: t, max: self.max_context });
-        }
         self.logits.clear();
         if t == 0 {
             return Ok(&self.logits);
         }
+        self.run_stack(tokens, trace);
+        let bytes = m.bytes();
+        let par = self.pool.par();
+        let h = c.hidden_size;
+        let eps = c.rms_norm_eps;
+        let kind = c.recipe.norm;
+        let b = &mut self.buf;
+        let (rows, first) = match which {
+            Logits::All => (t, 0),
+            Logits::Last => (1, t - 1),
+        };
+        m.output_norm.read(bytes, &mut b.norm_w);
+        read_bias(m.output_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
+        b.h.truncate(rows * h);
+        for (o, i) in b.h.chunks_mut(h).zip(b.x[first * h..].chunks(h)) {
+            meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
+        }
+        self.logits.resize(rows * vocab, 0.0);
+        matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
+        self.pos += t;
+        Ok(&self.logits)
+    }
+
+    /// Runs `tokens` as one whole new sequence (the session is reset first) and returns the
+    /// final normalised hidden states, `[T, hidden]` row-major: the output of an encoder
+    /// (`model.encoder_only`: every token attends to every token), or of a decoder's last
+    /// norm before its LM head. Routing is reported to `trace` as in
+    /// [`forward_traced`](Self::forward_traced) (weight 0 for a token dropped by capacity).
+    ///
+    /// # Errors
+    /// A token id ≥ vocabulary size, or more tokens than the context holds. On error the
+    /// session is unchanged.
+    pub fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], ForwardError> {
+        self.check(tokens, 0)?;
+        self.truncate(0);
+        let m = self.model;
+        let c = m.config();
+        let (h, eps, kind) = (c.hidden_size, c.rms_norm_eps, c.recipe.norm);
+        self.hidden.clear();
+        if tokens.is_empty() {
+            return Ok(&self.hidden);
+        }
+        self.run_stack(tokens, trace);
+        let bytes = m.bytes();
+        let b = &mut self.buf;
+        m.output_norm.read(bytes, &mut b.norm_w);
+        read_bias(m.output_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
+        self.hidden.resize(tokens.len() * h, 0.0);
+        for (o, i) in self.hidden.chunks_mut(h).zip(b.x.chunks(h)) {
+            meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
+        }
+        self.pos += tokens.len();
+        Ok(&self.hidden)
+    }
+
+    /// Refuses out-of-vocabulary tokens and more than the context holds after `cached`.
+    fn check(&self, tokens: &[u32], cached: usize) -> Result<(), ForwardError> {
+        let vocab = self.model.config().vocab_size;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
+            return Err(ForwardError::TokenOutOfRange { index, token, vocab });
+        }
+        let t = tokens.len();
+        if cached.checked_add(t).is_none_or(|end| end > self.max_context) {
+            return Err(ForwardError::ContextOverflow { cached, tokens: t, max: self.max_context });
+        }
+        Ok(())
+    }
+
+    /// Embeds `tokens` (checked, non-empty) at positions `pos..pos + T` and runs every layer,
+    /// leaving the residual stream `[T, hidden]` in `buf.x`.
+    fn run_stack(&mut self, tokens: &[u32], trace: &mut dyn Trace) {
+        let m = self.model;
+        let c = m.config();
+        let t = tokens.len();
         let bytes = m.bytes();
         let par = self.pool.par();
         let h = c.hidden_size;
@@ -550,20 +627,6 @@ impl<'m> Session<'m> {
             }
             add_into(&mut b.x, &b.y);
         }
-        let (rows, first) = match which {
-            Logits::All => (t, 0),
-            Logits::Last => (1, t - 1),
-        };
-        m.output_norm.read(bytes, &mut b.norm_w);
-        read_bias(m.output_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
-        b.h.truncate(rows * h);
-        for (o, i) in b.h.chunks_mut(h).zip(b.x[first * h..].chunks(h)) {
-            meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
-        }
-        self.logits.resize(rows * vocab, 0.0);
-        matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
-        self.pos += t;
-        Ok(&self.logits)
     }
 
     /// The logits of the last call (empty before the first).
