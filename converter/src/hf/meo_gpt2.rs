@@ -101,6 +101,7 @@ pub fn model_config(j: &Json<'_>) -> Result<(ModelConfig, Vec<String>)> {
             attention_out_bias: true,
             ffn_activation: Activation::GeluTanh,
             meo_token_bottleneck: j.opt_usize("token_bottleneck")?.unwrap_or(0),
+            ..Recipe::default()
         },
     };
     cfg.validate().context("inconsistent config")?;

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod deepseek_v3;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
@@ -82,11 +83,20 @@ pub enum Kind {
     Standard,
     /// An MEO-native GPT-2 ([`meo_gpt2`]): its own config keys and tensor names.
     MeoNative,
+    /// A DeepSeek-style decoder ([`deepseek_v3`]): MLA attention, its own config keys;
+    /// tensors named through the table above like [`Kind::Standard`].
+    DeepSeek,
 }
 
 /// Every supported family.
-pub const FAMILIES: &[&Family] =
-    &[&mixtral::FAMILY, &qwen2_moe::FAMILY, &qwen3_moe::FAMILY, &olmoe::FAMILY, &meo_gpt2::FAMILY];
+pub const FAMILIES: &[&Family] = &[
+    &mixtral::FAMILY,
+    &qwen2_moe::FAMILY,
+    &qwen3_moe::FAMILY,
+    &olmoe::FAMILY,
+    &meo_gpt2::FAMILY,
+    &deepseek_v3::FAMILY,
+];
 
 /// Tensors outside the layers: canonical name → HF name.
 const GLOBAL: &[(&str, &str)] = &[
@@ -146,6 +156,9 @@ pub struct HfModel {
     experts: Vec<Option<Experts>>,
     /// MEO-native models: the task names (task-gate merges are precomputed for each).
     pub tasks: Vec<String>,
+    /// Checkpoint layers past the decoder's that are known to be unused (DeepSeek-V3's
+    /// multi-token-prediction modules): their tensors are not reported as unused.
+    pub extra_layers: std::ops::Range<usize>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -171,6 +184,7 @@ impl HfModel {
         } else {
             Vec::new()
         };
+        let mut extra_layers = 0..0;
         let (config, tasks) = match family.kind {
             Kind::Standard => {
                 (config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect()), vec![])
@@ -179,6 +193,11 @@ impl HfModel {
                 Ok((c, t)) => (Ok(c), t),
                 Err(e) => (Err(e), vec![]),
             },
+            Kind::DeepSeek => {
+                extra_layers = deepseek_v3::mtp_layers(&j).with_context(|| cfg_path.display().to_string())?;
+                let eos = gen_eos.into_iter().map(|x| x as u64).collect();
+                (deepseek_v3::model_config(&j, family, &deepseek_v3::V3, eos).map(|(c, _)| c), vec![])
+            }
         };
         let config = config.with_context(|| cfg_path.display().to_string())?;
         let checkpoint = Checkpoint::open(dir)?;
@@ -188,7 +207,7 @@ impl HfModel {
         } else {
             None
         };
-        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks };
+        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks, extra_layers };
         m.experts = (0..m.config.num_layers)
             .map(|l| (m.config.layer_ffn[l] == FfnKind::Moe).then(|| m.detect_experts(l)).transpose())
             .collect::<Result<_>>()?;
@@ -317,6 +336,7 @@ impl HfModel {
             .filter(|n| !IGNORED_SUFFIXES.iter().any(|s| n.ends_with(s)))
             .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
             .filter(|n| !consumed.iter().any(|c| c == n))
+            .filter(|n| !self.extra_layers.clone().any(|l| n.starts_with(&format!("model.layers.{l}."))))
             .collect()
     }
 }
