@@ -631,8 +631,20 @@ impl ModelConfig {
             if self.num_kv_heads != self.num_heads {
                 return Err(invalid("model.num_kv_heads", "must equal model.num_heads with MLA"));
             }
-            if !(a.latent_norm_eps >= 0.0) {
+            if a.latent_norm_eps.is_nan() || a.latent_norm_eps < 0.0 {
                 return Err(invalid("model.mla.latent_norm_eps", a.latent_norm_eps));
+            }
+            // Options of the q/k/v path that MLA has no place for: refused, not ignored.
+            let unused = [
+                ("model.attention_bias", self.attention_bias),
+                ("model.qk_norm", self.qk_norm != QkNorm::None),
+                ("model.clip_qkv", self.clip_qkv.is_some()),
+                ("model.attention_out_bias", r.attention_out_bias),
+                ("model.norm", r.norm != NormKind::Rms),
+                ("model.positions", r.positions != Positions::Rope),
+            ];
+            if let Some((key, _)) = unused.iter().find(|u| u.1) {
+                return Err(invalid(key, "not supported with MLA"));
             }
         }
         if let Some(f) = &r.rope_inv_freq
@@ -756,6 +768,45 @@ mod tests {
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+    }
+
+    #[test]
+    fn mla_rope_and_group_keys_round_trip_and_mla_refuses_qkv_options() {
+        let mut c = sample();
+        c.num_kv_heads = c.num_heads;
+        c.head_dim = 8;
+        c.router.n_group = 4;
+        c.router.topk_group = 2;
+        c.router.group_score = GroupScore::Max;
+        c.recipe = Recipe {
+            mla: Some(Mla {
+                q_lora_rank: 0,
+                kv_lora_rank: 12,
+                qk_nope_head_dim: 6,
+                v_head_dim: 5,
+                latent_norm_eps: 1e-6,
+            }),
+            rope_interleave: true,
+            rope_inv_freq: Some(alloc::vec![1.0, 0.1, 0.01, 1e-3 / 3.0]),
+            rope_attention_factor: Some(1.25),
+            attention_scale: Some(0.3),
+            ..Recipe::default()
+        };
+        let entries = c.to_metadata();
+        assert!(entries.iter().any(|(k, v)| *k == "routing.group_score" && *v == MetaValue::Str("max")));
+        let bytes = Metadata::from_entries(entries).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // Without groups the key is not written, and reads back as the top-2 sum.
+        assert!(sample().to_metadata().iter().all(|(k, _)| *k != "routing.group_score"));
+        let mut bad = c.clone();
+        bad.qk_norm = QkNorm::PerHead;
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.qk_norm", .. })));
+        let mut bad = c.clone();
+        bad.num_kv_heads = 2;
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.num_kv_heads", .. })));
+        let mut bad = c;
+        bad.recipe.rope_inv_freq = Some(alloc::vec![1.0; 3]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_inv_freq", .. })));
     }
 
     #[test]
