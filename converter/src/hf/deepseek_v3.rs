@@ -275,6 +275,12 @@ pub(crate) fn model_config(
         n_group > 0 && experts % n_group == 0 && (1..=n_group).contains(&topk_group),
         "n_group {n_group} / topk_group {topk_group} do not divide {experts} experts"
     );
+    // With fewer eligible experts than top_k, transformers picks masked ones (V3: weight
+    // p, V2: weight 0) in an unspecified order: refused.
+    ensure!(
+        topk_group * (experts / n_group) >= top_k,
+        "topk_group {topk_group} of n_group {n_group} leaves fewer than num_experts_per_tok {top_k} experts eligible"
+    );
     let norm = match v.renormalise {
         Some(_) => j.bool_or("norm_topk_prob", true)?,
         None => {
@@ -451,6 +457,31 @@ mod tests {
             let e = format!("{:#}", cfg(v).unwrap_err());
             assert!(e.contains(needle), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn v2_config_gives_softmax_max_groups_and_no_renormalisation() {
+        let mut v = v3();
+        let o = v.as_object_mut().unwrap();
+        for k in ["scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor"] {
+            o.remove(k);
+        }
+        o.insert("architectures".into(), json!(["DeepseekV2ForCausalLM"]));
+        o.insert("topk_method".into(), json!("group_limited_greedy"));
+        o.insert("routed_scaling_factor".into(), json!(16.0));
+        let f = &super::super::deepseek_v2::FAMILY;
+        let read = |v: &Value| model_config(&Json(v.as_object().unwrap()), f, &super::super::deepseek_v2::V2, vec![]);
+        let c = read(&v).unwrap().0;
+        let r = &c.router;
+        assert_eq!((r.scoring, r.group_score, r.n_group, r.topk_group), (Scoring::Softmax, GroupScore::Max, 4, 2));
+        assert!(!r.norm_topk_prob && !r.selection_bias && r.scaling_factor == 16.0);
+        assert_eq!(c.shared_expert_intermediate_size, 16);
+        assert!(c.recipe.rope_interleave);
+        // greedy: no groups, whatever n_group says; norm_topk_prob true is ambiguous.
+        v["topk_method"] = json!("greedy");
+        assert_eq!(read(&v).unwrap().0.router.n_group, 1);
+        v["norm_topk_prob"] = json!(true);
+        assert!(format!("{:#}", read(&v).unwrap_err()).contains("norm_topk_prob"));
     }
 
     #[test]

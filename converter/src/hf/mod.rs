@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod deepseek_v2;
 mod deepseek_v3;
 pub mod meo_gpt2;
 mod mixtral;
@@ -96,6 +97,7 @@ pub const FAMILIES: &[&Family] = &[
     &olmoe::FAMILY,
     &meo_gpt2::FAMILY,
     &deepseek_v3::FAMILY,
+    &deepseek_v2::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -196,7 +198,8 @@ impl HfModel {
             Kind::DeepSeek => {
                 extra_layers = deepseek_v3::mtp_layers(&j).with_context(|| cfg_path.display().to_string())?;
                 let eos = gen_eos.into_iter().map(|x| x as u64).collect();
-                (deepseek_v3::model_config(&j, family, &deepseek_v3::V3, eos).map(|(c, _)| c), vec![])
+                let variant = if family.name == deepseek_v2::FAMILY.name { &deepseek_v2::V2 } else { &deepseek_v3::V3 };
+                (deepseek_v3::model_config(&j, family, variant, eos).map(|(c, _)| c), vec![])
             }
         };
         let config = config.with_context(|| cfg_path.display().to_string())?;
