@@ -121,27 +121,46 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
         if layer_norm {
             push("attn_norm.bias", vec![h], Role::Bias);
         }
-        push("attn.q.weight", vec![q, h], Role::Dense);
-        push("attn.k.weight", vec![kv, h], Role::Dense);
-        push("attn.v.weight", vec![kv, h], Role::Dense);
-        if c.attention_bias {
-            push("attn.q.bias", vec![q], Role::Bias);
-            push("attn.k.bias", vec![kv], Role::Bias);
-            push("attn.v.bias", vec![kv], Role::Bias);
-        }
-        push("attn.o.weight", vec![h, q], Role::Dense);
-        if c.recipe.attention_out_bias {
-            push("attn.o.bias", vec![h], Role::Bias);
-        }
-        match c.qk_norm {
-            QkNorm::None => {}
-            QkNorm::PerHead => {
-                push("attn.q_norm.weight", vec![c.head_dim as u64], Role::Norm);
-                push("attn.k_norm.weight", vec![c.head_dim as u64], Role::Norm);
+        if let Some(a) = &c.recipe.mla {
+            // MLA (DeepSeek): low-rank q (or a plain q), the kv latent with the shared rotary
+            // key, its decompression, and o. `model.head_dim` is the rotary width.
+            let (nh, rope) = (c.num_heads as u64, c.head_dim as u64);
+            let (nope, vd) = (a.qk_nope_head_dim as u64, a.v_head_dim as u64);
+            let (qr, kvr) = (a.q_lora_rank as u64, a.kv_lora_rank as u64);
+            if qr > 0 {
+                push("attn.q_a.weight", vec![qr, h], Role::Dense);
+                push("attn.q_a_norm.weight", vec![qr], Role::Norm);
+                push("attn.q_b.weight", vec![nh * (nope + rope), qr], Role::Dense);
+            } else {
+                push("attn.q.weight", vec![nh * (nope + rope), h], Role::Dense);
             }
-            QkNorm::Full => {
-                push("attn.q_norm.weight", vec![q], Role::Norm);
-                push("attn.k_norm.weight", vec![kv], Role::Norm);
+            push("attn.kv_a.weight", vec![kvr + rope, h], Role::Dense);
+            push("attn.kv_a_norm.weight", vec![kvr], Role::Norm);
+            push("attn.kv_b.weight", vec![nh * (nope + vd), kvr], Role::Dense);
+            push("attn.o.weight", vec![h, nh * vd], Role::Dense);
+        } else {
+            push("attn.q.weight", vec![q, h], Role::Dense);
+            push("attn.k.weight", vec![kv, h], Role::Dense);
+            push("attn.v.weight", vec![kv, h], Role::Dense);
+            if c.attention_bias {
+                push("attn.q.bias", vec![q], Role::Bias);
+                push("attn.k.bias", vec![kv], Role::Bias);
+                push("attn.v.bias", vec![kv], Role::Bias);
+            }
+            push("attn.o.weight", vec![h, q], Role::Dense);
+            if c.recipe.attention_out_bias {
+                push("attn.o.bias", vec![h], Role::Bias);
+            }
+            match c.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    push("attn.q_norm.weight", vec![c.head_dim as u64], Role::Norm);
+                    push("attn.k_norm.weight", vec![c.head_dim as u64], Role::Norm);
+                }
+                QkNorm::Full => {
+                    push("attn.q_norm.weight", vec![q], Role::Norm);
+                    push("attn.k_norm.weight", vec![kv], Role::Norm);
+                }
             }
         }
         push("ffn_norm.weight", vec![h], Role::Norm);

@@ -265,13 +265,20 @@ fn unsupported_architecture_is_named_and_leaves_nothing() {
     let src = tmp.path().join("src");
     copy_fixture("mixtral", &src);
     let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
-    let cfg = cfg.replace("MixtralForCausalLM", "DeepseekV3ForCausalLM").replace("\"mixtral\"", "\"deepseek_v3\"");
+    let cfg = cfg.replace("MixtralForCausalLM", "JambaForCausalLM").replace("\"mixtral\"", "\"jamba\"");
     std::fs::write(src.join("config.json"), cfg).unwrap();
     let out_dir = tmp.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let e = format!("{:#}", run(&src, &out_dir.join("m.meo"), Options::default()).unwrap_err());
-    assert!(e.contains("DeepseekV3ForCausalLM"), "{e}");
-    for supported in ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"] {
+    assert!(e.contains("JambaForCausalLM"), "{e}");
+    for supported in [
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "OlmoeForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV2ForCausalLM",
+    ] {
         assert!(e.contains(supported), "{e}");
     }
     assert_only(&out_dir, &[]);
@@ -323,6 +330,26 @@ fn unused_checkpoint_tensors_are_an_error() {
     std::fs::write(src.join("config.json"), cfg).unwrap();
     let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err());
     assert!(e.contains("no place") && e.contains("model.layers.1"), "{e}");
+}
+
+#[test]
+fn deepseek_multi_token_prediction_layers_are_skipped_and_only_those() {
+    // With num_hidden_layers 2, the fixture's layer 2 plays DeepSeek-V3's MTP module (layer 61
+    // of the real checkpoint): skipped when num_nextn_predict_layers covers it, else unused.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("deepseek_v3", &src);
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    assert!(cfg.contains("\"num_nextn_predict_layers\": 1"), "{cfg}");
+    let cfg = cfg.replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 2");
+    std::fs::write(src.join("config.json"), &cfg).unwrap();
+    run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap();
+    let f = std::fs::read(tmp.path().join("m.meo")).unwrap();
+    assert_eq!(check_model(&MeoFile::parse(&f).unwrap()).unwrap().unwrap().num_layers, 2);
+    let cfg = cfg.replace("\"num_nextn_predict_layers\": 1", "\"num_nextn_predict_layers\": 0");
+    std::fs::write(src.join("config.json"), cfg).unwrap();
+    let e = format!("{:#}", run(&src, &tmp.path().join("m2.meo"), Options::default()).unwrap_err());
+    assert!(e.contains("no place") && e.contains("model.layers.2"), "{e}");
 }
 
 #[test]

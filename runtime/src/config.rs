@@ -34,6 +34,43 @@ pub enum Scoring {
     Sigmoid,
 }
 
+/// How group-limited selection scores a group of experts (from the selection scores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupScore {
+    /// Sum of the group's two best scores (DeepSeek-V3 `noaux_tc`).
+    #[default]
+    TopTwoSum,
+    /// The group's best score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+}
+
+impl GroupScore {
+    /// Metadata spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TopTwoSum => "top2_sum",
+            Self::Max => "max",
+        }
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3, `model.mla.*`): q from a plain or low-rank
+/// projection; keys and values decompressed per head from one shared latent; a rotary part
+/// (`model.head_dim` wide) shared by all heads' keys. See `docs/FORMAT.md` for the tensors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mla {
+    /// Width of q's low-rank bottleneck (`q_a` → norm → `q_b`); 0 = one plain q projection.
+    pub q_lora_rank: usize,
+    /// Width of the compressed key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per head: q/k dimensions without position (the rotary ones are `model.head_dim`).
+    pub qk_nope_head_dim: usize,
+    /// Per head: value dimensions.
+    pub v_head_dim: usize,
+    /// Epsilon of the RMSNorms on the q and kv latents.
+    pub latent_norm_eps: f32,
+}
+
 /// Gate applied to the shared expert's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SharedGate {
@@ -113,7 +150,7 @@ impl Activation {
 /// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
 /// standard families' choice, and its metadata key is written only when it differs, so
 /// files of standard families are unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Recipe {
     /// `model.norm`: `rms` | `layer`.
     pub norm: NormKind,
@@ -137,6 +174,18 @@ pub struct Recipe {
     /// token, no KV cache, no LM head): run with `Session::encode`, which returns the final
     /// normalised hidden states; `forward` refuses it.
     pub encoder_only: bool,
+    /// `model.mla.*`: multi-head latent attention instead of q/k/v projections.
+    pub mla: Option<Mla>,
+    /// `model.rope_interleave`: RoPE rotates adjacent pairs `(2i, 2i+1)` instead of the
+    /// halves `(i, i + d/2)` (DeepSeek).
+    pub rope_interleave: bool,
+    /// `model.rope_inv_freq`: the RoPE frequencies, precomputed by the converter for a scaled
+    /// RoPE (YaRN); `None` = `rope_theta^(-2i/d)`.
+    pub rope_inv_freq: Option<Vec<f32>>,
+    /// `model.rope_attention_factor`: multiplies RoPE's cos and sin (YaRN); `None` = 1.
+    pub rope_attention_factor: Option<f32>,
+    /// `model.attention_scale`: multiplies q·k; `None` = `1/sqrt(q·k width per head)`.
+    pub attention_scale: Option<f32>,
 }
 
 /// Everything that defines one family's routing (see `docs/ROUTING.md`).
@@ -158,6 +207,8 @@ pub struct RouterSpec {
     /// Group-limited selection: experts in `n_group` groups, only `topk_group` groups eligible.
     pub n_group: usize,
     pub topk_group: usize,
+    /// How a group is scored for that limit.
+    pub group_score: GroupScore,
     pub num_shared_experts: usize,
     pub shared_gate: SharedGate,
     /// Most tokens of one sequence an expert takes, first come first served; later tokens
@@ -287,6 +338,23 @@ impl Recipe {
         } else {
             (opt_usize("model.relative_buckets")?, opt_usize("model.relative_max_distance")?)
         };
+        let mla = if m.get("model.mla.kv_lora_rank").is_some() {
+            Some(Mla {
+                q_lora_rank: usize_of(m, "model.mla.q_lora_rank")?,
+                kv_lora_rank: usize_of(m, "model.mla.kv_lora_rank")?,
+                qk_nope_head_dim: usize_of(m, "model.mla.qk_nope_head_dim")?,
+                v_head_dim: usize_of(m, "model.mla.v_head_dim")?,
+                latent_norm_eps: f32_of(m, "model.mla.latent_norm_eps")?,
+            })
+        } else {
+            None
+        };
+        let opt_f32 = |key| if m.get(key).is_some() { f32_of(m, key).map(Some) } else { Ok(None) };
+        let rope_inv_freq = match m.get("model.rope_inv_freq") {
+            None => None,
+            Some(MetaValue::Array(MetaArray::F64(v))) => Some(v.iter().map(|&x| x as f32).collect()),
+            Some(v) => return Err(wrong("model.rope_inv_freq", "array of f64", v)),
+        };
         Ok(Self {
             norm,
             positions,
@@ -297,6 +365,15 @@ impl Recipe {
             relative_max_distance,
             attention_unscaled: opt_bool("model.attention_unscaled")?,
             encoder_only: opt_bool("model.encoder_only")?,
+            mla,
+            rope_interleave: if m.get("model.rope_interleave").is_some() {
+                bool_of(m, "model.rope_interleave")?
+            } else {
+                false
+            },
+            rope_inv_freq,
+            rope_attention_factor: opt_f32("model.rope_attention_factor")?,
+            attention_scale: opt_f32("model.attention_scale")?,
         })
     }
 
@@ -331,6 +408,28 @@ impl Recipe {
         }
         if self.meo_token_bottleneck > 0 {
             v.push(("model.meo_token_bottleneck", MetaValue::U64(self.meo_token_bottleneck as u64)));
+        }
+        let f = |x: f32| MetaValue::F64(f32_to_f64_decimal(x));
+        if let Some(a) = &self.mla {
+            v.push(("model.mla.q_lora_rank", MetaValue::U64(a.q_lora_rank as u64)));
+            v.push(("model.mla.kv_lora_rank", MetaValue::U64(a.kv_lora_rank as u64)));
+            v.push(("model.mla.qk_nope_head_dim", MetaValue::U64(a.qk_nope_head_dim as u64)));
+            v.push(("model.mla.v_head_dim", MetaValue::U64(a.v_head_dim as u64)));
+            v.push(("model.mla.latent_norm_eps", f(a.latent_norm_eps)));
+        }
+        if self.rope_interleave {
+            v.push(("model.rope_interleave", MetaValue::Bool(true)));
+        }
+        if let Some(freq) = &self.rope_inv_freq {
+            // Exact: every f32 is an f64.
+            let freq = freq.iter().map(|&x| f64::from(x)).collect();
+            v.push(("model.rope_inv_freq", MetaValue::Array(MetaArray::F64(freq))));
+        }
+        if let Some(a) = self.rope_attention_factor {
+            v.push(("model.rope_attention_factor", f(a)));
+        }
+        if let Some(s) = self.attention_scale {
+            v.push(("model.attention_scale", f(s)));
         }
         v
     }
@@ -377,6 +476,7 @@ impl RouterSpec {
             selection_bias: false,
             n_group: 1,
             topk_group: 1,
+            group_score: GroupScore::TopTwoSum,
             num_shared_experts: 0,
             shared_gate: SharedGate::None,
             expert_capacity: 0,
@@ -399,6 +499,12 @@ impl RouterSpec {
             "sigmoid" => SharedGate::Sigmoid,
             s => return Err(invalid("routing.shared_gate", s)),
         };
+        // Optional: files from before group scoring was a setting used the top-2 sum.
+        let group_score = match opt_str(m, "routing.group_score", "top2_sum")? {
+            "top2_sum" => GroupScore::TopTwoSum,
+            "max" => GroupScore::Max,
+            s => return Err(invalid("routing.group_score", s)),
+        };
         let r = Self {
             num_experts: usize_of(m, "routing.num_experts")?,
             top_k: usize_of(m, "routing.top_k")?,
@@ -410,6 +516,7 @@ impl RouterSpec {
             selection_bias: bool_of(m, "routing.selection_bias")?,
             n_group: usize_of(m, "routing.n_group")?,
             topk_group: usize_of(m, "routing.topk_group")?,
+            group_score,
             num_shared_experts: usize_of(m, "routing.num_shared_experts")?,
             shared_gate,
             expert_capacity: usize_of(m, "routing.expert_capacity")?,
@@ -423,11 +530,11 @@ impl RouterSpec {
         Ok(r)
     }
 
-    /// The `routing.*` entries.
+    /// The `routing.*` entries (`routing.group_score` only with groups).
     pub fn to_metadata(&self) -> Vec<(&'static str, MetaValue<'static>)> {
         let u = |x: usize| MetaValue::U64(x as u64);
         let f = |x: f32| MetaValue::F64(f32_to_f64_decimal(x));
-        vec_of([
+        let mut v = vec_of([
             ("routing.num_experts", u(self.num_experts)),
             ("routing.top_k", u(self.top_k)),
             ("routing.scoring", MetaValue::Str(self.scoring.name())),
@@ -447,7 +554,11 @@ impl RouterSpec {
                 }),
             ),
             ("routing.expert_capacity", u(self.expert_capacity)),
-        ])
+        ]);
+        if self.n_group > 1 {
+            v.push(("routing.group_score", MetaValue::Str(self.group_score.name())));
+        }
+        v
     }
 }
 
@@ -571,6 +682,53 @@ impl ModelConfig {
         if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
             return Err(invalid("model.rope_theta", self.rope_theta));
         }
+        self.validate_attention()
+    }
+
+    /// The MLA and RoPE settings of the recipe against the sizes.
+    fn validate_attention(&self) -> Result<(), ConfigError> {
+        let r = &self.recipe;
+        if let Some(a) = &r.mla {
+            if a.kv_lora_rank == 0 || a.v_head_dim == 0 {
+                return Err(invalid("model.mla.kv_lora_rank", alloc::format!("{a:?}")));
+            }
+            // Every head decompresses its own keys and values from the shared latent.
+            if self.num_kv_heads != self.num_heads {
+                return Err(invalid("model.num_kv_heads", "must equal model.num_heads with MLA"));
+            }
+            if a.latent_norm_eps.is_nan() || a.latent_norm_eps < 0.0 {
+                return Err(invalid("model.mla.latent_norm_eps", a.latent_norm_eps));
+            }
+            // Options of the q/k/v path that MLA has no place for: refused, not ignored.
+            let unused = [
+                ("model.attention_bias", self.attention_bias),
+                ("model.qk_norm", self.qk_norm != QkNorm::None),
+                ("model.clip_qkv", self.clip_qkv.is_some()),
+                ("model.attention_out_bias", r.attention_out_bias),
+                ("model.norm", r.norm != NormKind::Rms),
+                ("model.positions", r.positions != Positions::Rope),
+            ];
+            if let Some((key, _)) = unused.iter().find(|u| u.1) {
+                return Err(invalid(key, "not supported with MLA"));
+            }
+        }
+        if let Some(f) = &r.rope_inv_freq
+            && (f.len() != self.head_dim / 2 || f.iter().any(|x| !x.is_finite()))
+        {
+            return Err(invalid(
+                "model.rope_inv_freq",
+                alloc::format!("{} values for head_dim {}", f.len(), self.head_dim),
+            ));
+        }
+        for (key, v) in
+            [("model.rope_attention_factor", r.rope_attention_factor), ("model.attention_scale", r.attention_scale)]
+        {
+            if let Some(x) = v
+                && !(x.is_finite() && x > 0.0)
+            {
+                return Err(invalid(key, x));
+            }
+        }
         Ok(())
     }
 
@@ -692,6 +850,45 @@ mod tests {
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+    }
+
+    #[test]
+    fn mla_rope_and_group_keys_round_trip_and_mla_refuses_qkv_options() {
+        let mut c = sample();
+        c.num_kv_heads = c.num_heads;
+        c.head_dim = 8;
+        c.router.n_group = 4;
+        c.router.topk_group = 2;
+        c.router.group_score = GroupScore::Max;
+        c.recipe = Recipe {
+            mla: Some(Mla {
+                q_lora_rank: 0,
+                kv_lora_rank: 12,
+                qk_nope_head_dim: 6,
+                v_head_dim: 5,
+                latent_norm_eps: 1e-6,
+            }),
+            rope_interleave: true,
+            rope_inv_freq: Some(alloc::vec![1.0, 0.1, 0.01, 1e-3 / 3.0]),
+            rope_attention_factor: Some(1.25),
+            attention_scale: Some(0.3),
+            ..Recipe::default()
+        };
+        let entries = c.to_metadata();
+        assert!(entries.iter().any(|(k, v)| *k == "routing.group_score" && *v == MetaValue::Str("max")));
+        let bytes = Metadata::from_entries(entries).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // Without groups the key is not written, and reads back as the top-2 sum.
+        assert!(sample().to_metadata().iter().all(|(k, _)| *k != "routing.group_score"));
+        let mut bad = c.clone();
+        bad.qk_norm = QkNorm::PerHead;
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.qk_norm", .. })));
+        let mut bad = c.clone();
+        bad.num_kv_heads = 2;
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.num_kv_heads", .. })));
+        let mut bad = c;
+        bad.recipe.rope_inv_freq = Some(alloc::vec![1.0; 3]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_inv_freq", .. })));
     }
 
     #[test]

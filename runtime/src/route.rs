@@ -4,7 +4,7 @@
 //! scores → (+ selection-only bias) → (group limit) → top-k → weights → renormalise → scale.
 //! Ties are broken towards the lowest expert index, so selection is deterministic.
 
-use crate::config::{MAX_TOP_K, RouterSpec, Scoring};
+use crate::config::{GroupScore, MAX_TOP_K, RouterSpec, Scoring};
 use alloc::vec::Vec;
 
 /// One selected expert and the weight its output is multiplied by.
@@ -98,8 +98,9 @@ pub fn route_token(
         }
     }
     if spec.n_group > 1 && spec.topk_group < spec.n_group {
-        // Group score = sum of the group's two best selection scores (DeepSeek-V3); experts
-        // outside the best `topk_group` groups cannot be selected.
+        // Group score = sum of the group's two best selection scores (DeepSeek-V3) or its
+        // best one (DeepSeek-V2); experts outside the best `topk_group` groups cannot be
+        // selected.
         let per = e / spec.n_group;
         s.groups.clear();
         for g in 0..spec.n_group {
@@ -111,7 +112,10 @@ pub fn route_token(
                     best[1] = v;
                 }
             }
-            let score = if per >= 2 { best[0] + best[1] } else { best[0] };
+            let score = match spec.group_score {
+                GroupScore::TopTwoSum if per >= 2 => best[0] + best[1],
+                GroupScore::TopTwoSum | GroupScore::Max => best[0],
+            };
             s.groups.push((score, g as u32));
         }
         let group_scores: Vec<f32> = s.groups.iter().map(|g| g.0).collect();
@@ -224,6 +228,57 @@ mod tests {
         sp.topk_group = 1;
         let out = run(&sp, &[3.0, -5.0, 2.0, 2.0], None);
         assert_eq!(out[0].expert, 2);
+    }
+
+    #[test]
+    fn group_score_rule_decides_the_group() {
+        // Groups {0,1}, {2,3}, {4,5}. Sum of the top two: σ(3)+σ(-5) ≈ 0.959 < 2σ(2) ≈ 1.762,
+        // so group 1 wins and its tie goes to expert 2; the best single score is σ(3), so
+        // by the max rule group 0 wins.
+        let logits = [3.0, -5.0, 2.0, 2.0, 1.0, 1.0];
+        let mut sp = spec(6, 1, Scoring::Sigmoid, false);
+        sp.n_group = 3;
+        sp.topk_group = 1;
+        assert_eq!(run(&sp, &logits, None)[0].expert, 2);
+        sp.group_score = GroupScore::Max;
+        assert_eq!(run(&sp, &logits, None)[0].expert, 0);
+        // Two eligible groups: top-2 may take one expert from each.
+        sp.topk_group = 2;
+        sp.top_k = 2;
+        let out = run(&sp, &logits, None);
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [0, 2]);
+        // All groups eligible: the limit is off and selection is plain top-k.
+        sp.topk_group = 3;
+        sp.group_score = GroupScore::TopTwoSum;
+        let plain = run(&RouterSpec { n_group: 1, topk_group: 1, ..sp.clone() }, &logits, None);
+        assert_eq!(run(&sp, &logits, None), plain);
+    }
+
+    #[test]
+    fn deepseek_v3_pipeline_bias_picks_the_group_weights_stay_unbiased() {
+        // Equal logits: every score is σ(0) = 0.5. The bias lifts group {2,3} (0.6 + 0.7 >
+        // 0.5 + 0.5), so experts 2 and 3 are chosen; their weights are the unbiased 0.5,
+        // renormalised (0.5 / (1.0 + 1e-20)) and scaled by 2.5: 1.25 each.
+        let mut sp = spec(4, 2, Scoring::Sigmoid, true);
+        sp.n_group = 2;
+        sp.topk_group = 1;
+        sp.norm_eps = 1e-20;
+        sp.scaling_factor = 2.5;
+        sp.selection_bias = true;
+        let out = run(&sp, &[0.0; 4], Some(&[0.0, 0.0, 0.1, 0.2]));
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [2, 3]);
+        assert!(out.iter().all(|c| (c.weight - 1.25).abs() < 1e-6), "{out:?}");
+        // Without the bias the groups tie and the lower one wins.
+        let out = run(&sp, &[0.0; 4], None);
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [0, 1]);
+        // Expert 1 has the best biased score (0.5 + 0.45 = 0.95 > σ(1) ≈ 0.731) but its group
+        // sums to 1.45 < 2σ(1) ≈ 1.462: it is masked, and plain top-2 would have taken it.
+        let (logits, bias) = ([0.0, 0.0, 1.0, 1.0], [0.0, 0.45, 0.0, 0.0]);
+        let out = run(&sp, &logits, Some(&bias));
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [2, 3]);
+        let ungrouped = RouterSpec { n_group: 1, topk_group: 1, ..sp.clone() };
+        let out = run(&ungrouped, &logits, Some(&bias));
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

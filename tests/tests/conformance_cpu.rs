@@ -91,6 +91,58 @@ mod model {
         }
     }
 
+    /// The synthetic config with MLA attention (low-rank q, interleaved and scaled RoPE, an
+    /// explicit softmax scale) instead of q/k/v projections.
+    fn mla_config(q_lora_rank: usize) -> meo::ModelConfig {
+        let mut c = synthetic_config();
+        (c.attention_bias, c.qk_norm, c.clip_qkv) = (false, QkNorm::None, None);
+        (c.num_kv_heads, c.head_dim) = (c.num_heads, 8);
+        c.recipe.mla = Some(meo::config::Mla {
+            q_lora_rank,
+            kv_lora_rank: 10,
+            qk_nope_head_dim: 6,
+            v_head_dim: 5,
+            latent_norm_eps: 1e-6,
+        });
+        c.recipe.rope_interleave = true;
+        c.recipe.rope_inv_freq = Some(vec![1.0, 0.3, 0.05, 0.002]);
+        c.recipe.rope_attention_factor = Some(1.1);
+        c.recipe.attention_scale = Some(0.3);
+        c
+    }
+
+    #[test]
+    fn mla_prompt_decode_chunks_and_truncate_give_identical_logits() {
+        for q_lora in [0, 12] {
+            let c = mla_config(q_lora);
+            let m = model(synthetic_model(&c, DType::F32, DType::Q8_0, 7, &|_| false, &[]));
+            let toks = tokens(13, c.vocab_size);
+            let all = session(&m, 1).forward(&toks).unwrap().to_vec();
+            assert!(all.iter().all(|v| v.is_finite()));
+            let mut s = session(&m, 2);
+            let mut one = Vec::new();
+            for &t in &toks {
+                one.extend_from_slice(s.forward(&[t]).unwrap());
+            }
+            assert_eq!(one, all, "q_lora {q_lora}: decode vs prompt");
+            // Truncating drops exactly the cached keys and values of the dropped positions.
+            s.truncate(5);
+            let rest = s.forward(&toks[5..]).unwrap().to_vec();
+            assert_eq!(rest, all[5 * c.vocab_size..], "q_lora {q_lora}: after truncate");
+        }
+        // The layer window bounds MLA too: one layer of window 4, position 9 cannot see token 2.
+        let mut c = mla_config(12);
+        (c.num_layers, c.layer_ffn, c.layer_window) = (1, vec![FfnKind::Dense], vec![4]);
+        let m = model(synthetic_model(&c, DType::F32, DType::F32, 8, &|_| false, &[]));
+        let a = tokens(10, c.vocab_size);
+        let mut b = a.clone();
+        b[2] = (b[2] + 1) % c.vocab_size as u32;
+        let (la, lb) = (session(&m, 1).forward(&a).unwrap().to_vec(), session(&m, 1).forward(&b).unwrap().to_vec());
+        let v = c.vocab_size;
+        assert_ne!(la[2 * v..3 * v], lb[2 * v..3 * v]);
+        assert_eq!(la[9 * v..], lb[9 * v..]);
+    }
+
     #[test]
     fn sliding_window_bounds_what_a_position_sees() {
         // One layer: position i sees tokens i-w+1..=i only.

@@ -6,6 +6,8 @@
 
 pub mod checkpoint;
 pub mod config;
+mod deepseek_v2;
+mod deepseek_v3;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
@@ -86,6 +88,9 @@ pub enum Kind {
     /// A Switch Transformers encoder ([`switch_transformers`]): its own config keys and
     /// tensor names.
     Switch,
+    /// A DeepSeek-style decoder ([`deepseek_v3`]): MLA attention, its own config keys;
+    /// tensors named through the table above like [`Kind::Standard`].
+    DeepSeek,
 }
 
 /// Every supported family.
@@ -98,6 +103,8 @@ pub const FAMILIES: &[&Family] = &[
     &switch_transformers::FAMILY,
     &switch_transformers::FAMILY_MODEL,
     &switch_transformers::FAMILY_GENERATION,
+    &deepseek_v3::FAMILY,
+    &deepseek_v2::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -158,6 +165,9 @@ pub struct HfModel {
     experts: Vec<Option<Experts>>,
     /// MEO-native models: the task names (task-gate merges are precomputed for each).
     pub tasks: Vec<String>,
+    /// Checkpoint layers past the decoder's that are known to be unused (DeepSeek-V3's
+    /// multi-token-prediction modules): their tensors are not reported as unused.
+    pub extra_layers: std::ops::Range<usize>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -183,6 +193,7 @@ impl HfModel {
         } else {
             Vec::new()
         };
+        let mut extra_layers = 0..0;
         let (config, tasks) = match family.kind {
             Kind::Standard => {
                 (config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect()), vec![])
@@ -192,6 +203,12 @@ impl HfModel {
                 Err(e) => (Err(e), vec![]),
             },
             Kind::Switch => (switch_transformers::model_config(&j), vec![]),
+            Kind::DeepSeek => {
+                extra_layers = deepseek_v3::mtp_layers(&j).with_context(|| cfg_path.display().to_string())?;
+                let eos = gen_eos.into_iter().map(|x| x as u64).collect();
+                let variant = if family.name == deepseek_v2::FAMILY.name { &deepseek_v2::V2 } else { &deepseek_v3::V3 };
+                (deepseek_v3::model_config(&j, family, variant, eos).map(|(c, _)| c), vec![])
+            }
         };
         let config = config.with_context(|| cfg_path.display().to_string())?;
         let checkpoint = Checkpoint::open(dir)?;
@@ -201,10 +218,10 @@ impl HfModel {
         } else {
             None
         };
-        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks };
+        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks, extra_layers };
         m.experts = (0..m.config.num_layers)
             .map(|l| {
-                (m.config.layer_ffn[l] == FfnKind::Moe && family.kind == Kind::Standard)
+                (m.config.layer_ffn[l] == FfnKind::Moe && family.kind != Kind::Switch)
                     .then(|| m.detect_experts(l))
                     .transpose()
             })
@@ -338,6 +355,7 @@ impl HfModel {
             .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
             .filter(|n| !consumed.iter().any(|c| c == n))
             .filter(|n| !(self.family.kind == Kind::Switch && switch_transformers::not_converted(n)))
+            .filter(|n| !self.extra_layers.clone().any(|l| n.starts_with(&format!("model.layers.{l}."))))
             .collect()
     }
 }

@@ -46,7 +46,7 @@
 mod ops;
 mod q8;
 
-pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, silu, softmax_in_place};
+pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, rope_rotate_pairs, silu, softmax_in_place};
 
 use crate::format::DType;
 use crate::quant::QK;

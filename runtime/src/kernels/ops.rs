@@ -73,6 +73,19 @@ pub fn rope_rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Rotary embedding, interleaved convention (DeepSeek), on one head vector `x`: for
+/// `i < d/2`, with `c = cos[i]`, `s = sin[i]`, `x[2i] ← x[2i]·c − x[2i+1]·s` and
+/// `x[2i+1] ← x[2i+1]·c + x[2i]·s`. transformers' `apply_rotary_pos_emb_interleave` writes the
+/// same values de-interleaved (evens, then odds) into q and k alike, which leaves every q·k
+/// unchanged.
+pub fn rope_rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (p, (&c, &s)) in x.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+        let (x1, x2) = (p[0], p[1]);
+        p[0] = x1 * c - x2 * s;
+        p[1] = x2 * c + x1 * s;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +119,16 @@ mod tests {
         assert!((x[0] - (c - 3.0 * s)).abs() < 1e-6 && (x[2] - (3.0 * c + s)).abs() < 1e-6);
         let n: f32 = x.iter().map(|v| v * v).sum();
         assert!((n - 30.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rope_pairs_rotate_adjacent_dimensions() {
+        // Pair 0 = (x0, x1) by 0.7, pair 1 = (x2, x3) by angle 0: a plain 2-D rotation each.
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        let (c, s) = (libm::cosf(0.7), libm::sinf(0.7));
+        rope_rotate_pairs(&mut x, &[c, 1.0], &[s, 0.0]);
+        assert!((x[0] - (c - 2.0 * s)).abs() < 1e-6 && (x[1] - (2.0 * c + s)).abs() < 1e-6);
+        assert_eq!(x[2..], [3.0, 4.0]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
-use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, rope_rotate_half, softmax_in_place};
+use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, softmax_in_place};
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far, `[positions, kv_heads · head_dim]` each.
@@ -99,7 +99,7 @@ pub(crate) fn attention(
     for tok in (0..t).filter(|_| a.rope) {
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {
-            rope_rotate_half(head, &s.cos, &s.sin);
+            rope.rotate(head, &s.cos, &s.sin);
         }
     }
     cache.k.extend_from_slice(&s.k);

@@ -15,6 +15,7 @@ mod attention;
 pub mod bank;
 mod ffn;
 mod meo;
+mod mla;
 pub mod plan;
 mod session;
 
@@ -161,7 +162,7 @@ impl Model {
                 let _ = crate::residency::advise_lazy(map, &file);
             }
             let config = ModelConfig::from_metadata(&file.metadata)?;
-            check_rope_type(&file)?;
+            check_rope_type(&file, config.recipe.rope_inv_freq.is_some())?;
             let b = plan::Builder::new(&file, &config)?;
             let (embed, output_norm, output) = b.globals()?;
             let layers = (0..config.num_layers).map(|l| b.layer(l)).collect::<Result<Vec<_>, _>>()?;
@@ -364,14 +365,15 @@ impl Model {
     }
 }
 
-/// Only the default RoPE is implemented; a file that asks for another is refused at open.
-fn check_rope_type(file: &MeoFile<'_>) -> Result<(), ModelError> {
+/// RoPE is the default one, or any scaled one whose frequencies the file precomputes
+/// (`model.rope_inv_freq`, `model.rope_attention_factor`); anything else is refused at open.
+fn check_rope_type(file: &MeoFile<'_>, has_table: bool) -> Result<(), ModelError> {
     match file.metadata.get("model.rope_type") {
         None => Ok(()),
-        Some(MetaValue::Str(s)) if *s == "default" => Ok(()),
-        Some(MetaValue::Str(other)) => {
-            Err(ModelError::Unsupported(alloc::format!("RoPE type {other:?} (only \"default\" is implemented)")))
-        }
+        Some(MetaValue::Str(s)) if *s == "default" || has_table => Ok(()),
+        Some(MetaValue::Str(other)) => Err(ModelError::Unsupported(alloc::format!(
+            "RoPE type {other:?} without model.rope_inv_freq (only \"default\" is computed at run time)"
+        ))),
         Some(v) => {
             Err(ConfigError::WrongType { key: "model.rope_type", expected: "string", found: v.type_name() }.into())
         }

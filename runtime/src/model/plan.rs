@@ -5,7 +5,7 @@
 //! activation, RoPE scaling) and the matching arm in the runner; nothing tests a family name.
 
 use super::ModelError;
-use crate::config::{Activation, FfnKind, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
+use crate::config::{Activation, FfnKind, Mla, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
 use crate::format::{DType, MeoFile, TensorInfo};
 use crate::kernels::MatRef;
 use crate::names;
@@ -53,25 +53,46 @@ impl Vector {
 /// Rotary position embedding: the frequencies of each pair of a head's dimensions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
-    /// `theta^(-2i/d)` for `i < d/2`, computed in f32 as transformers does.
+    /// `theta^(-2i/d)` for `i < d/2`, computed in f32 as transformers does, or the file's
+    /// precomputed table (`model.rope_inv_freq`, scaled RoPE).
     pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_factor: f32,
+    /// Pairs are adjacent dimensions `(2i, 2i+1)`, not halves `(i, i + d/2)`.
+    pub interleave: bool,
 }
 
 impl Rope {
     pub fn new(c: &ModelConfig) -> Self {
         let d = c.head_dim;
-        let inv_freq =
-            (0..d / 2).map(|i| 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d as f32)).collect::<Vec<f32>>();
-        Self { inv_freq }
+        let inv_freq = match &c.recipe.rope_inv_freq {
+            Some(f) => f.clone(),
+            None => (0..d / 2).map(|i| 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d as f32)).collect(),
+        };
+        Self {
+            inv_freq,
+            attention_factor: c.recipe.rope_attention_factor.unwrap_or(1.0),
+            interleave: c.recipe.rope_interleave,
+        }
     }
 
-    /// cos and sin of every frequency at position `pos` (`d/2` values each).
+    /// cos and sin of every frequency at position `pos` (`d/2` values each), times the
+    /// attention factor.
     pub fn angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
         let p = pos as f32;
         for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&self.inv_freq) {
             let a = p * f;
-            *c = libm::cosf(a);
-            *s = libm::sinf(a);
+            *c = libm::cosf(a) * self.attention_factor;
+            *s = libm::sinf(a) * self.attention_factor;
+        }
+    }
+
+    /// Rotates one head vector (`d` values) by the angles of [`angles`](Self::angles).
+    pub fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        if self.interleave {
+            crate::kernels::rope_rotate_pairs(x, cos, sin);
+        } else {
+            crate::kernels::rope_rotate_half(x, cos, sin);
         }
     }
 }
@@ -109,6 +130,68 @@ pub struct AttnPlan {
     pub causal: bool,
     /// Relative position bias added to the scores (`model.positions = relative`).
     pub rel_bias: Option<RelBias>,
+}
+
+/// Multi-head latent attention of one layer (DeepSeek-V2/V3; `docs/FORMAT.md`, MLA).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaPlan {
+    pub norm: Vector,
+    /// The low-rank q path: `q_a` `[q_lora, h]` and its RMSNorm; `None` = `q` is `[H·qk, h]`.
+    pub q_a: Option<(Mat, Vector)>,
+    /// `[H·(nope + rope), h or q_lora]`.
+    pub q: Mat,
+    /// `[kv_lora + rope, h]`: the latent, then the shared rotary key.
+    pub kv_a: Mat,
+    pub kv_norm: Vector,
+    /// `[H·(nope + v), kv_lora]`: per head its non-rotary key, then its value.
+    pub kv_b: Mat,
+    /// `[h, H·v]`.
+    pub o: Mat,
+    pub num_heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v_dim: usize,
+    pub kv_lora: usize,
+    pub latent_eps: f32,
+    /// Attend to the last `window` positions (the query's own included); 0 = all.
+    pub window: usize,
+    /// Multiplies q·k.
+    pub scale: f32,
+}
+
+/// The attention block of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attention {
+    /// q/k/v projections, grouped-query attention.
+    Gqa(AttnPlan),
+    /// Multi-head latent attention.
+    Mla(MlaPlan),
+}
+
+impl Attention {
+    /// The norm before the block.
+    pub fn norm(&self) -> &Vector {
+        match self {
+            Self::Gqa(a) => &a.norm,
+            Self::Mla(a) => &a.norm,
+        }
+    }
+
+    /// That norm's bias (LayerNorm only).
+    pub fn norm_bias(&self) -> Option<&Vector> {
+        match self {
+            Self::Gqa(a) => a.norm_bias.as_ref(),
+            Self::Mla(_) => None,
+        }
+    }
+
+    /// Floats per position of the cached keys and of the cached values.
+    pub fn cache_widths(&self) -> (usize, usize) {
+        match self {
+            Self::Gqa(a) => (a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim),
+            Self::Mla(a) => (a.num_heads * (a.nope + a.rope), a.num_heads * a.v_dim),
+        }
+    }
 }
 
 /// T5-style relative position bias: `score(q, k) += table[bucket(k − q), head]`.
@@ -242,7 +325,7 @@ pub struct MeoTask {
 /// One decoder layer: `x += attn(norm(x)); x += ffn(norm(x))`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerPlan {
-    pub attn: AttnPlan,
+    pub attn: Attention,
     pub ffn_norm: Vector,
     /// LayerNorm bias (`model.norm = layer`).
     pub ffn_norm_bias: Option<Vector>,
@@ -520,6 +603,62 @@ impl<'f, 'a> Builder<'f, 'a> {
 
     pub(crate) fn layer(&self, l: usize) -> Result<LayerPlan, ModelError> {
         let c = self.c;
+        let attn = match &c.recipe.mla {
+            Some(a) => Attention::Mla(self.mla(l, a)?),
+            None => Attention::Gqa(self.gqa(l)?),
+        };
+        let ffn = match c.layer_ffn[l] {
+            FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
+            FfnKind::Moe => FfnPlan::Moe(self.moe(l)?),
+            FfnKind::MeoBank => FfnPlan::Meo(self.meo(l)?),
+        };
+        Ok(LayerPlan {
+            attn,
+            ffn_norm: self.layer_vec(l, "ffn_norm.weight", self.h)?,
+            ffn_norm_bias: self.norm_bias(l, "ffn_norm")?,
+            ffn,
+        })
+    }
+
+    /// The MLA block of layer `l`; sizes overflowing `usize` are errors, not panics.
+    fn mla(&self, l: usize, a: &Mla) -> Result<MlaPlan, ModelError> {
+        let (c, h) = (self.c, self.h);
+        let (nh, rope) = (c.num_heads, c.head_dim);
+        let sum = |x: usize, y: usize, key| x.checked_add(y).ok_or_else(|| dims_overflow(key));
+        let mul = |x: usize, y: usize, key| x.checked_mul(y).ok_or_else(|| dims_overflow(key));
+        let qk = sum(a.qk_nope_head_dim, rope, "model.mla.qk_nope_head_dim")?;
+        let q_rows = mul(nh, qk, "model.mla.qk_nope_head_dim")?;
+        let kv_rows = mul(nh, sum(a.qk_nope_head_dim, a.v_head_dim, "model.mla.v_head_dim")?, "model.mla.v_head_dim")?;
+        let o_cols = mul(nh, a.v_head_dim, "model.mla.v_head_dim")?;
+        let (q_a, q) = if a.q_lora_rank > 0 {
+            let qa = self.layer_mat(l, "attn.q_a.weight", a.q_lora_rank, h)?;
+            let norm = self.layer_vec(l, "attn.q_a_norm.weight", a.q_lora_rank)?;
+            (Some((qa, norm)), self.layer_mat(l, "attn.q_b.weight", q_rows, a.q_lora_rank)?)
+        } else {
+            (None, self.layer_mat(l, "attn.q.weight", q_rows, h)?)
+        };
+        Ok(MlaPlan {
+            norm: self.layer_vec(l, "attn_norm.weight", h)?,
+            q_a,
+            q,
+            kv_a: self.layer_mat(l, "attn.kv_a.weight", sum(a.kv_lora_rank, rope, "model.mla.kv_lora_rank")?, h)?,
+            kv_norm: self.layer_vec(l, "attn.kv_a_norm.weight", a.kv_lora_rank)?,
+            kv_b: self.layer_mat(l, "attn.kv_b.weight", kv_rows, a.kv_lora_rank)?,
+            o: self.layer_mat(l, "attn.o.weight", h, o_cols)?,
+            num_heads: nh,
+            nope: a.qk_nope_head_dim,
+            rope,
+            v_dim: a.v_head_dim,
+            kv_lora: a.kv_lora_rank,
+            latent_eps: a.latent_norm_eps,
+            window: c.layer_window[l],
+            scale: c.recipe.attention_scale.unwrap_or(1.0 / libm::sqrtf(qk as f32)),
+        })
+    }
+
+    /// The q/k/v attention block of layer `l`.
+    fn gqa(&self, l: usize) -> Result<AttnPlan, ModelError> {
+        let c = self.c;
         let (h, qd, kvd, hd) = (self.h, self.q_dim, self.kv_dim, c.head_dim);
         let bias = if c.attention_bias {
             Some([
@@ -558,21 +697,15 @@ impl<'f, 'a> Builder<'f, 'a> {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
-            scale: if c.recipe.attention_unscaled { 1.0 } else { 1.0 / libm::sqrtf(hd as f32) },
+            scale: if c.recipe.attention_unscaled {
+                1.0
+            } else {
+                c.recipe.attention_scale.unwrap_or(1.0 / libm::sqrtf(hd as f32))
+            },
             causal: !c.recipe.encoder_only,
             rel_bias: self.rel_bias()?,
         };
-        let ffn = match c.layer_ffn[l] {
-            FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
-            FfnKind::Moe => FfnPlan::Moe(self.moe(l)?),
-            FfnKind::MeoBank => FfnPlan::Meo(self.meo(l)?),
-        };
-        Ok(LayerPlan {
-            attn,
-            ffn_norm: self.layer_vec(l, "ffn_norm.weight", h)?,
-            ffn_norm_bias: self.norm_bias(l, "ffn_norm")?,
-            ffn,
-        })
+        Ok(attn)
     }
 
     fn moe(&self, l: usize) -> Result<MoePlan, ModelError> {

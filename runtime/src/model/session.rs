@@ -5,7 +5,8 @@ use super::attention::{AttnScratch, LayerCache, attention};
 use super::bank::{LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe, route_one};
 use super::meo::{self, BankSrc, MergedBank};
-use super::plan::FfnPlan;
+use super::mla::{self, MlaScratch};
+use super::plan::{Attention, FfnPlan};
 use crate::kernels::{Parallel, Serial, add_into, matmul};
 use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
@@ -104,6 +105,7 @@ struct Buffers {
     norm_b: Vec<f32>,
     meo: meo::MeoScratch,
     attn: AttnScratch,
+    mla: MlaScratch,
     ffn: FfnScratch,
 }
 
@@ -370,10 +372,10 @@ impl<'m> Session<'m> {
         if len >= self.pos {
             return;
         }
-        let kvd = self.model.config().num_kv_heads * self.model.config().head_dim;
-        for c in &mut self.cache {
-            c.k.truncate(len * kvd);
-            c.v.truncate(len * kvd);
+        for (c, layer) in self.cache.iter_mut().zip(&self.model.layers) {
+            let (kw, vw) = layer.attn.cache_widths();
+            c.k.truncate(len * kw);
+            c.v.truncate(len * vw);
         }
         self.pos = len;
         if len == 0 {
@@ -529,12 +531,19 @@ impl<'m> Session<'m> {
             }
         }
         for (l, (layer, cache)) in m.layers.iter().zip(&mut self.cache).enumerate() {
-            layer.attn.norm.read(bytes, &mut b.norm_w);
-            read_bias(layer.attn.norm_bias.as_ref(), bytes, h, &mut b.norm_b);
+            layer.attn.norm().read(bytes, &mut b.norm_w);
+            read_bias(layer.attn.norm_bias(), bytes, h, &mut b.norm_b);
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
                 meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
-            attention(par, bytes, &layer.attn, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y);
+            match &layer.attn {
+                Attention::Gqa(a) => {
+                    attention(par, bytes, a, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y)
+                }
+                Attention::Mla(a) => {
+                    mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
+                }
+            }
             add_into(&mut b.x, &b.y);
 
             layer.ffn_norm.read(bytes, &mut b.norm_w);

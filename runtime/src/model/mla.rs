@@ -1,0 +1,154 @@
+//! Multi-head latent attention (DeepSeek-V2/V3), as transformers' `DeepseekV3Attention`:
+//!
+//! ```text
+//! q       = q_b(rms(q_a x))                     (or q_proj x)      [H, nope + rope]
+//! latent  = kv_a x = [c | k_rot]                c: kv_lora, k_rot: rope (one for all heads)
+//! [k_nope | v] = kv_b(rms(c))                                      [H, nope + v]
+//! k       = [k_nope | RoPE(k_rot)],  q = [q_nope | RoPE(q_rot)]
+//! out     = o(softmax(q·k · scale) v)
+//! ```
+//!
+//! The cache holds the decompressed keys and values (`H·(nope + rope)` and `H·v` floats per
+//! position): the simplest exact form. Caching the latent (`kv_lora + rope` floats, what
+//! DeepSeek's `absorb` mode does) is smaller and is left for later (`docs/ROUTING.md`).
+
+use super::attention::LayerCache;
+use super::plan::{MlaPlan, Rope};
+use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, softmax_in_place};
+use alloc::vec::Vec;
+
+/// Reusable buffers of the MLA block.
+#[derive(Debug, Default)]
+pub(crate) struct MlaScratch {
+    q_lat: Vec<f32>,
+    q: Vec<f32>,
+    kv_a: Vec<f32>,
+    latent: Vec<f32>,
+    kv: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    w: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Per-head outputs, `[heads, T, v]`.
+    heads: Vec<f32>,
+    /// Head outputs re-interleaved, `[T, heads · v]`.
+    ctx: Vec<f32>,
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// Below this many multiply-adds the heads run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 14;
+
+/// MLA for `t` tokens at positions `pos0..pos0 + t` on normalised input `x` `[T, H]`; appends
+/// their keys and values to `cache` and writes the output projection to `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    a: &MlaPlan,
+    rope: &Rope,
+    cache: &mut LayerCache,
+    pos0: usize,
+    x: &[f32],
+    t: usize,
+    s: &mut MlaScratch,
+    out: &mut [f32],
+) {
+    let (nh, nope, rd, vd, r) = (a.num_heads, a.nope, a.rope, a.v_dim, a.kv_lora);
+    let qk = nope + rd;
+    let (kd, vdim) = (nh * qk, nh * vd);
+
+    // Queries.
+    resize(&mut s.q, t * kd);
+    match &a.q_a {
+        Some((q_a, norm)) => {
+            let q_a = q_a.view(bytes);
+            resize(&mut s.q_lat, t * q_a.rows());
+            matmul(par, x, t, &q_a, &mut s.q_lat);
+            norm.read(bytes, &mut s.w);
+            for row in s.q_lat.chunks_mut(s.w.len()) {
+                rmsnorm_in_place(row, &s.w, a.latent_eps);
+            }
+            matmul(par, &s.q_lat, t, &a.q.view(bytes), &mut s.q);
+        }
+        None => matmul(par, x, t, &a.q.view(bytes), &mut s.q),
+    }
+
+    // The latent and the shared rotary key; keys and values decompressed from the latent.
+    resize(&mut s.kv_a, t * (r + rd));
+    matmul(par, x, t, &a.kv_a.view(bytes), &mut s.kv_a);
+    a.kv_norm.read(bytes, &mut s.w);
+    resize(&mut s.latent, t * r);
+    for (lat, row) in s.latent.chunks_mut(r).zip(s.kv_a.chunks(r + rd)) {
+        lat.copy_from_slice(&row[..r]);
+        rmsnorm_in_place(lat, &s.w, a.latent_eps);
+    }
+    resize(&mut s.kv, t * nh * (nope + vd));
+    matmul(par, &s.latent, t, &a.kv_b.view(bytes), &mut s.kv);
+
+    // RoPE on each head's q_rot and on the shared k_rot, then the full keys and values.
+    resize(&mut s.cos, rd / 2);
+    resize(&mut s.sin, rd / 2);
+    resize(&mut s.k, t * kd);
+    resize(&mut s.v, t * vdim);
+    for tok in 0..t {
+        rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
+        for head in s.q[tok * kd..][..kd].chunks_mut(qk) {
+            rope.rotate(&mut head[nope..], &s.cos, &s.sin);
+        }
+        let k_rot = &mut s.kv_a[tok * (r + rd) + r..][..rd];
+        rope.rotate(k_rot, &s.cos, &s.sin);
+        let kv_row = &s.kv[tok * nh * (nope + vd)..][..nh * (nope + vd)];
+        for (head, src) in kv_row.chunks(nope + vd).enumerate() {
+            let k = &mut s.k[tok * kd + head * qk..][..qk];
+            k[..nope].copy_from_slice(&src[..nope]);
+            k[nope..].copy_from_slice(k_rot);
+            s.v[tok * vdim + head * vd..][..vd].copy_from_slice(&src[nope..]);
+        }
+    }
+    cache.k.extend_from_slice(&s.k);
+    cache.v.extend_from_slice(&s.v);
+
+    // Scores and weighted values, one head per task.
+    let total = pos0 + t;
+    resize(&mut s.heads, nh * t * vd);
+    let (q, kc, vc) = (&s.q[..], &cache.k[..], &cache.v[..]);
+    let (window, scale) = (a.window, a.scale);
+    let head_task = |head: usize, o: &mut [f32]| {
+        let mut scores = Vec::with_capacity(if window > 0 { window.min(total) } else { total });
+        for tok in 0..t {
+            let i = pos0 + tok;
+            let lo = if window > 0 { (i + 1).saturating_sub(window) } else { 0 };
+            let qv = &q[tok * kd + head * qk..][..qk];
+            scores.clear();
+            scores.extend((lo..=i).map(|j| dot(qv, &kc[j * kd + head * qk..][..qk]) * scale));
+            softmax_in_place(&mut scores);
+            let ov = &mut o[tok * vd..][..vd];
+            ov.fill(0.0);
+            for (j, &p) in (lo..=i).zip(&scores) {
+                for (acc, &v) in ov.iter_mut().zip(&vc[j * vdim + head * vd..][..vd]) {
+                    *acc += p * v;
+                }
+            }
+        }
+    };
+    if par.threads() > 1 && nh * t * total * qk >= PARALLEL_MIN_MACS {
+        par.for_each_chunk(&mut s.heads, t * vd, &head_task);
+    } else {
+        for (head, o) in s.heads.chunks_mut(t * vd).enumerate() {
+            head_task(head, o);
+        }
+    }
+    resize(&mut s.ctx, t * vdim);
+    for head in 0..nh {
+        for tok in 0..t {
+            s.ctx[tok * vdim + head * vd..][..vd].copy_from_slice(&s.heads[(head * t + tok) * vd..][..vd]);
+        }
+    }
+    matmul(par, &s.ctx, t, &a.o.view(bytes), out);
+}
