@@ -4,9 +4,9 @@
 
 use super::run::{Tee, human_bytes, open_model, parse_bytes, print_residency};
 use anyhow::{Result, bail};
+use meo::Logits;
 use meo::residency::{self, ExpertTracker, TrackerOptions};
 use meo::sample::{Pcg32, argmax};
-use meo::{Logits, Session, SessionOptions};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub struct Args {
     pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
+    #[command(flatten)]
+    pub target: super::gpu::TargetArgs,
 }
 
 /// Counts the bytes of the merged experts a forward call read, once per call and layer (as the
@@ -69,13 +71,13 @@ pub fn run(a: &Args) -> Result<()> {
     let open_time = t_open.elapsed();
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let mut session = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
-    let merged_layers = a.mode.apply(&mut session)?;
-    if a.prompt_len + a.gen_tokens > session.max_context() {
+    let mut session = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let merged_layers = session.set_mode(a.mode.options()?)?;
+    if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
             "--prompt-len + --gen = {} exceeds the context of {}",
             a.prompt_len + a.gen_tokens,
-            session.max_context()
+            cfg.max_position_embeddings
         );
     }
     let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
@@ -86,7 +88,7 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut merged = MergedBytes::default();
     let t0 = Instant::now();
-    let logits = session.forward_with(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+    let logits = session.forward(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
     let prompt_time = t0.elapsed();
     let prompt_expert_bytes = tracker.take_step_bytes() + std::mem::take(&mut merged.0);
     let mut next = argmax(logits);
@@ -94,7 +96,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut step_bytes = Vec::with_capacity(a.gen_tokens);
     for _ in 0..a.gen_tokens {
         let t1 = Instant::now();
-        let logits = session.forward_with(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+        let logits = session.forward(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
         next = argmax(logits);
         decode_time += t1.elapsed();
         step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
@@ -116,7 +118,8 @@ pub fn run(a: &Args) -> Result<()> {
             "top_k": cfg.router.top_k,
             "mode": a.mode.options()?.mode.spelling(),
             "merged_layers": merged_layers,
-            "threads": session.threads(),
+            "threads": a.threads,
+            "target": session.describe(),
             "cold": a.cold,
             "memory_budget": a.memory_budget,
             "open_seconds": open_time.as_secs_f64(),
@@ -140,14 +143,14 @@ pub fn run(a: &Args) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{}: {} ({} layers, {} experts, top-{}), {}, {} threads",
+            "{}: {} ({} layers, {} experts, top-{}), {}, on {}",
             a.file.display(),
             cfg.architecture,
             cfg.num_layers,
             cfg.router.num_experts,
             cfg.router.top_k,
             human_bytes(file_bytes),
-            session.threads()
+            session.describe()
         );
         println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling());
         println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());

@@ -11,7 +11,7 @@ use meo::residency::{self, ExpertTracker, ResidencyStats, TrackerOptions};
 use meo::route::Choice;
 use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
-use meo::{Logits, Model, Session, SessionOptions, Trace};
+use meo::{Logits, Model, Trace};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,8 @@ pub struct Args {
     pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
+    #[command(flatten)]
+    pub target: super::gpu::TargetArgs,
 }
 
 /// `meo run`'s arguments alone, for parsing them outside the `meo` command.
@@ -309,22 +311,23 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     if prompt.is_empty() {
         bail!("the prompt is empty (no tokens)");
     }
-    let mut session = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
-    let merged_layers = a.mode.apply(&mut session)?;
-    if prompt.len() > session.max_context() {
-        bail!("the prompt has {} tokens, the context holds {}", prompt.len(), session.max_context());
+    let mut session = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let merged_layers = session.set_mode(a.mode.options()?)?;
+    let max_context = cfg.max_position_embeddings;
+    if prompt.len() > max_context {
+        bail!("the prompt has {} tokens, the context holds {}", prompt.len(), max_context);
     }
     let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     if a.stats {
         writeln!(
             stderr,
-            "model: {} ({} layers, {} experts, top-{}), {} threads, opened in {:.1} ms",
+            "model: {} ({} layers, {} experts, top-{}), on {}, opened in {:.1} ms",
             cfg.architecture,
             cfg.num_layers,
             cfg.router.num_experts,
             cfg.router.top_k,
-            session.threads(),
+            session.describe(),
             t_open.elapsed().as_secs_f64() * 1e3
         )?;
         writeln!(stderr, "mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling())?;
@@ -340,7 +343,7 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         if let Some(r) = recorder.as_mut() {
             tee.0.push(r);
         }
-        session.forward_with(&prompt, which, &mut tee)?
+        session.forward(&prompt, which, &mut tee)?
     };
     let prompt_time = t0.elapsed();
     tracker.take_step_bytes();
@@ -370,12 +373,12 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         if is_eos || i + 1 == a.max_new_tokens {
             break;
         }
-        if session.position() >= session.max_context() {
-            writeln!(stderr, "warning: context full ({} positions); stopping", session.max_context())?;
+        if session.position() >= max_context {
+            writeln!(stderr, "warning: context full ({max_context} positions); stopping")?;
             break;
         }
         let t1 = Instant::now();
-        let logits = session.forward_with(&[next], Logits::Last, &mut tracker)?;
+        let logits = session.forward(&[next], Logits::Last, &mut tracker)?;
         next = sampler.sample(logits)?;
         decode_time += t1.elapsed();
         decode_steps += 1;
