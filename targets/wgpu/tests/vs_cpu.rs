@@ -73,11 +73,14 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Error budgets: (MoE-layer input, logits), absolute.
+/// Error budgets: (MoE-layer input, logits), absolute. Measured on lavapipe: ≤ 2.1e-6 and
+/// ≤ 1.2e-5 in every case (f32 summation order only: the int8 kernels quantize activations
+/// exactly as the CPU does). int8 leaves room for an activation landing on the other side of
+/// a rounding boundary on another adapter (one quantization step of one block).
 fn budget(experts: DType) -> (f32, f32) {
     match experts {
-        DType::F32 => (2e-4, 5e-4),
-        _ => (2e-2, 5e-2),
+        DType::F32 => (2e-5, 1e-4),
+        _ => (5e-4, 2e-3),
     }
 }
 
@@ -187,7 +190,25 @@ fn meo_native_banks_match_cpu() {
         assert!(modes.len() > 1, "the MEO-native fixture stores task merges");
         for (label, mode) in modes {
             let opts = MergeOptions { mode, layers: LayerSelect::All };
-            compare(&out, &format!("meo-gpt2 {} {label}", experts.name()), &opts, experts);
+            let what = format!("meo-gpt2 {} {label}", experts.name());
+            compare(&out, &what, &opts, experts);
+            // MEO-native routing is the banks' gates: the same experts and weights.
+            let mut c = cpu(&model);
+            c.set_mode(opts.clone()).unwrap();
+            c.forward(&PROMPT).unwrap();
+            let mut g = wgpu(&model, 0);
+            g.set_mode(opts).unwrap();
+            g.forward(&PROMPT, meo::Logits::Last, &mut meo::NoTrace).unwrap();
+            for l in 0..model.config().num_layers {
+                let (cg, gg) = (c.bank_gates(l).expect("cpu gates"), g.bank_gates(l).expect("gpu gates"));
+                for (a, b) in cg.iter().zip(&gg) {
+                    let ids = |v: &[Choice]| v.iter().map(|c| c.expert).collect::<Vec<_>>();
+                    assert_eq!(ids(a), ids(b), "{what}: layer {l}: gate experts");
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x.weight - y.weight).abs() <= 1e-5, "{what}: layer {l}: gate weights");
+                    }
+                }
+            }
         }
     }
 }
