@@ -122,11 +122,12 @@ const STORAGE: wgpu::BufferUsages =
 
 impl Gpu {
     /// Opens the adapter named by `wanted` (an index into [`list_adapters`], or a
-    /// case-insensitive part of its name), or the first one.
+    /// case-insensitive part of its name), or the first one. `portable_dot` compiles the
+    /// portable int8 dot product even where `dot4I8Packed` is available.
     ///
     /// # Errors
     /// No adapter, none matching, or the device could not be opened.
-    pub fn open(wanted: Option<&str>) -> Result<Self, GpuError> {
+    pub fn open(wanted: Option<&str>, portable_dot: bool) -> Result<Self, GpuError> {
         let inst = instance();
         let all = adapters(&inst);
         if all.is_empty() {
@@ -168,7 +169,8 @@ impl Gpu {
                 g.get_or_insert_with(|| e.to_string());
             }
         }));
-        let packed_dot = inst.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
+        let packed_dot = !portable_dot
+            && inst.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
         let mut kernels = HashMap::new();
         for (name, body, ro, rw) in shaders::KERNELS {
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

@@ -45,6 +45,9 @@ pub struct WgpuOptions {
     pub expert_budget: usize,
     /// Most positions the target holds; 0 = the model's `max_position_embeddings`.
     pub max_context: usize,
+    /// Use the portable int8 dot product even where the adapter has `dot4I8Packed` (to test
+    /// the fallback on any adapter).
+    pub portable_dot: bool,
 }
 
 /// Default byte budget of the expert cache.
@@ -274,7 +277,7 @@ impl<'m> WgpuTarget<'m> {
     /// # Errors
     /// No (matching) adapter, a device failure, or a model this target cannot run.
     pub fn new(model: &'m Model, opts: WgpuOptions) -> Result<Self, TargetError> {
-        let gpu = Gpu::open(opts.adapter.as_deref()).map_err(dev)?;
+        let gpu = Gpu::open(opts.adapter.as_deref(), opts.portable_dot).map_err(dev)?;
         let c = model.config();
         let b = model.bytes();
         let mut layers = Vec::with_capacity(model.layer_plans().len());

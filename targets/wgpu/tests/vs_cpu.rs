@@ -214,6 +214,24 @@ fn meo_native_banks_match_cpu() {
 }
 
 #[test]
+fn portable_int8_dot_gives_the_packed_results() {
+    // Int8 block sums are exact integers either way: the two implementations agree bitwise.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = convert_fixture("qwen2_moe", DType::Q8_0, DType::F16, false, tmp.path());
+    let model = Model::open(&p).unwrap();
+    let toks: Vec<u32> = PROMPT.to_vec();
+    let mut runs = Vec::new();
+    for portable_dot in [false, true] {
+        let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), portable_dot, ..Default::default() };
+        let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+        println!("adapter: {} (portable requested: {portable_dot})", t.describe());
+        assert!(!portable_dot || !t.packed_dot());
+        runs.push(t.forward(&toks, meo::Logits::All, &mut meo::NoTrace).unwrap().to_vec());
+    }
+    assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
 fn expert_cache_respects_its_budget_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let p = convert_fixture("mixtral", DType::Q8_0, DType::F16, false, tmp.path());
