@@ -71,7 +71,8 @@ pub fn run(a: &Args) -> Result<()> {
     let open_time = t_open.elapsed();
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let mut session = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let session = opened.target();
     let merged_layers = session.set_mode(a.mode.options()?)?;
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
@@ -102,6 +103,8 @@ pub fn run(a: &Args) -> Result<()> {
         step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
     }
     let stats = tracker.stats()?;
+    let target = session.describe();
+    let gpu_stats = opened.gpu_expert_stats();
     let peak_rss = residency::peak_rss_bytes().ok();
     let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
     let prompt_tps = rate(a.prompt_len, prompt_time);
@@ -119,7 +122,8 @@ pub fn run(a: &Args) -> Result<()> {
             "mode": a.mode.options()?.mode.spelling(),
             "merged_layers": merged_layers,
             "threads": a.threads,
-            "target": session.describe(),
+            "target": target,
+            "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "memory_budget": a.memory_budget,
             "open_seconds": open_time.as_secs_f64(),
@@ -150,13 +154,16 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.router.num_experts,
             cfg.router.top_k,
             human_bytes(file_bytes),
-            session.describe()
+            target
         );
         println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options()?.mode.spelling());
         println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
         println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
         print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
+        if let Some(g) = gpu_stats {
+            println!("gpu expert cache: {g}");
+        }
     }
     Ok(())
 }

@@ -19,17 +19,54 @@ pub struct TargetArgs {
     pub gpu_expert_budget: Option<u64>,
 }
 
+/// A model opened on the selected target.
+pub enum Opened<'m> {
+    Cpu(Box<Session<'m>>),
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<meo_wgpu::WgpuTarget<'m>>),
+}
+
+impl<'m> Opened<'m> {
+    /// The target, to run.
+    pub fn target(&mut self) -> &mut (dyn Target + 'm) {
+        match self {
+            Self::Cpu(s) => &mut **s,
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(w) => &mut **w,
+        }
+    }
+
+    /// The GPU expert cache's counters (`None` on the CPU).
+    pub fn gpu_expert_stats(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Cpu(_) => None,
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(w) => {
+                let s = w.expert_stats();
+                Some(serde_json::json!({
+                    "uploads": s.uploads,
+                    "hits": s.hits,
+                    "evictions": s.evictions,
+                    "bytes_uploaded": s.bytes_uploaded,
+                    "resident_bytes": s.resident_bytes,
+                    "budget": s.budget,
+                }))
+            }
+        }
+    }
+}
+
 /// Opens `model` on the selected target (`threads` for the CPU).
 ///
 /// # Errors
 /// An unknown target, no (matching) GPU adapter, or a model the target cannot run.
-pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, threads: usize) -> Result<Box<dyn Target + 'm>> {
+pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, threads: usize) -> Result<Opened<'m>> {
     match t.target.as_str() {
         "cpu" => {
             if t.adapter.is_some() {
                 bail!("--adapter needs --target wgpu");
             }
-            Ok(Box::new(Session::new(model, SessionOptions { threads, ..SessionOptions::default() })?))
+            Ok(Opened::Cpu(Box::new(Session::new(model, SessionOptions { threads, ..SessionOptions::default() })?)))
         }
         #[cfg(feature = "wgpu")]
         "wgpu" => {
@@ -38,7 +75,7 @@ pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, threads: usize) -> Resu
                 expert_budget: t.gpu_expert_budget.map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX)),
                 ..Default::default()
             };
-            Ok(Box::new(meo_wgpu::WgpuTarget::new(model, opts)?))
+            Ok(Opened::Wgpu(Box::new(meo_wgpu::WgpuTarget::new(model, opts)?)))
         }
         #[cfg(not(feature = "wgpu"))]
         "wgpu" => bail!("this meo was built without the `wgpu` feature (the GPU target)"),

@@ -311,7 +311,8 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     if prompt.is_empty() {
         bail!("the prompt is empty (no tokens)");
     }
-    let mut session = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let session = opened.target();
     let merged_layers = session.set_mode(a.mode.options()?)?;
     let max_context = cfg.max_position_embeddings;
     if prompt.len() > max_context {
@@ -415,6 +416,9 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
             generated.len()
         )?;
         print_residency(stderr, &tracker.stats()?, file_bytes)?;
+        if let Some(g) = opened.gpu_expert_stats() {
+            writeln!(stderr, "gpu expert cache: {g}")?;
+        }
     }
     Ok(())
 }
