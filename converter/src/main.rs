@@ -20,6 +20,8 @@ enum Command {
     Run(cmd::run::Args),
     Bench(cmd::bench::Args),
     Eval(cmd::eval::Args),
+    /// List the devices models can run on (`--target`, `--adapter`).
+    Devices(cmd::gpu::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Devices(a) => cmd::gpu::devices(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,9 +4,9 @@
 
 use super::run::{Tee, human_bytes, open_model, parse_bytes, print_residency};
 use anyhow::{Result, bail};
+use meo::Logits;
 use meo::residency::{self, ExpertTracker, TrackerOptions};
 use meo::sample::{Pcg32, argmax};
-use meo::{Logits, Session, SessionOptions};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub struct Args {
     pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
+    #[command(flatten)]
+    pub target: super::gpu::TargetArgs,
 }
 
 /// Counts the bytes of the merged experts a forward call read, once per call and layer (as the
@@ -69,13 +71,14 @@ pub fn run(a: &Args) -> Result<()> {
     let open_time = t_open.elapsed();
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let mut session = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
-    let merged_layers = a.mode.apply(&mut session)?;
-    if a.prompt_len + a.gen_tokens > session.max_context() {
+    let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let session = opened.target();
+    let merged_layers = session.set_mode(a.mode.options(&model)?)?;
+    if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
             "--prompt-len + --gen = {} exceeds the context of {}",
             a.prompt_len + a.gen_tokens,
-            session.max_context()
+            cfg.max_position_embeddings
         );
     }
     let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
@@ -86,7 +89,7 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut merged = MergedBytes::default();
     let t0 = Instant::now();
-    let logits = session.forward_with(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+    let logits = session.forward(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
     let prompt_time = t0.elapsed();
     let prompt_expert_bytes = tracker.take_step_bytes() + std::mem::take(&mut merged.0);
     let mut next = argmax(logits);
@@ -94,13 +97,15 @@ pub fn run(a: &Args) -> Result<()> {
     let mut step_bytes = Vec::with_capacity(a.gen_tokens);
     for _ in 0..a.gen_tokens {
         let t1 = Instant::now();
-        let logits = session.forward_with(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
+        let logits = session.forward(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
         next = argmax(logits);
         decode_time += t1.elapsed();
         step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
     }
     let stats = tracker.stats()?;
     let dense_bytes = dense_bytes_per_token(&model)?;
+    let target = session.describe();
+    let gpu_stats = opened.gpu_expert_stats();
     let peak_rss = residency::peak_rss_bytes().ok();
     let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
     let prompt_tps = rate(a.prompt_len, prompt_time);
@@ -115,9 +120,11 @@ pub fn run(a: &Args) -> Result<()> {
             "num_layers": cfg.num_layers,
             "num_experts": cfg.router.num_experts,
             "top_k": cfg.router.top_k,
-            "mode": a.mode.options(session.model())?.mode.spelling(),
+            "mode": a.mode.options(&model)?.mode.spelling(),
             "merged_layers": merged_layers,
-            "threads": session.threads(),
+            "threads": a.threads,
+            "target": target,
+            "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "memory_budget": a.memory_budget,
             "open_seconds": open_time.as_secs_f64(),
@@ -143,21 +150,24 @@ pub fn run(a: &Args) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{}: {} ({} layers, {} experts, top-{}), {}, {} threads",
+            "{}: {} ({} layers, {} experts, top-{}), {}, on {}",
             a.file.display(),
             cfg.architecture,
             cfg.num_layers,
             cfg.router.num_experts,
             cfg.router.top_k,
             human_bytes(file_bytes),
-            session.threads()
+            target
         );
-        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options(session.model())?.mode.spelling());
+        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options(&model)?.mode.spelling());
         println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
         println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
         println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
         print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
+        if let Some(g) = gpu_stats {
+            println!("gpu expert cache: {g}");
+        }
     }
     Ok(())
 }

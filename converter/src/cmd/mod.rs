@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod gpu;
 pub mod inspect;
 pub mod mode;
 pub mod run;

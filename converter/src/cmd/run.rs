@@ -11,7 +11,7 @@ use meo::residency::{self, ExpertTracker, ResidencyStats, TrackerOptions};
 use meo::route::Choice;
 use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
-use meo::{Logits, Model, Session, SessionOptions, Trace};
+use meo::{Logits, Model, Trace};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,8 @@ pub struct Args {
     pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
+    #[command(flatten)]
+    pub target: super::gpu::TargetArgs,
 }
 
 /// `meo run`'s arguments alone, for parsing them outside the `meo` command.
@@ -241,16 +243,17 @@ pub fn write_dump_as(
 /// `meo run` on an encoder (`model.encoder_only`): one bidirectional pass over the prompt, no
 /// generation. Prints a summary (tokens, hidden size, dropped tokens per MoE layer); `--dump`
 /// writes `last_hidden_state` `[T, H]`, the routing and `layers.L.dropped`.
+#[allow(clippy::too_many_arguments)]
 fn encode_to(
     a: &Args,
-    session: &mut Session<'_>,
+    cfg: &meo::ModelConfig,
+    session: &mut dyn meo::Target,
     prompt: &[u32],
     mut recorder: Option<&mut RouteRecorder>,
     tracker: &mut ExpertTracker,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<()> {
-    let cfg = session.model().config().clone();
     let (t, h) = (prompt.len(), cfg.hidden_size);
     let mut counted = RouteRecorder::new(t, cfg.router.top_k);
     let t0 = Instant::now();
@@ -382,36 +385,34 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     if prompt.is_empty() {
         bail!("the prompt is empty (no tokens)");
     }
-    let mut session = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
-    let merged_layers = a.mode.apply(&mut session)?;
-    if prompt.len() > session.max_context() {
-        bail!("the prompt has {} tokens, the context holds {}", prompt.len(), session.max_context());
+    let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let session = opened.target();
+    let merged_layers = session.set_mode(a.mode.options(&model)?)?;
+    let max_context = cfg.max_position_embeddings;
+    if prompt.len() > max_context {
+        bail!("the prompt has {} tokens, the context holds {}", prompt.len(), max_context);
     }
     let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     if a.stats {
         writeln!(
             stderr,
-            "model: {} ({} layers, {} experts, top-{}), {} threads, opened in {:.1} ms",
+            "model: {} ({} layers, {} experts, top-{}), on {}, opened in {:.1} ms",
             cfg.architecture,
             cfg.num_layers,
             cfg.router.num_experts,
             cfg.router.top_k,
-            session.threads(),
+            session.describe(),
             t_open.elapsed().as_secs_f64() * 1e3
         )?;
-        writeln!(
-            stderr,
-            "mode: {} (merged layers: {merged_layers:?})",
-            a.mode.options(session.model())?.mode.spelling()
-        )?;
+        writeln!(stderr, "mode: {} (merged layers: {merged_layers:?})", a.mode.options(&model)?.mode.spelling())?;
     }
 
     // Prompt.
     let t = prompt.len();
     let mut recorder = a.dump.as_ref().map(|_| RouteRecorder::new(t, cfg.router.top_k));
     if cfg.recipe.encoder_only {
-        return encode_to(a, &mut session, &prompt, recorder.as_mut(), &mut tracker, stdout, stderr);
+        return encode_to(a, &cfg, session, &prompt, recorder.as_mut(), &mut tracker, stdout, stderr);
     }
     let which = if a.dump.is_some() { Logits::All } else { Logits::Last };
     let t0 = Instant::now();
@@ -420,7 +421,7 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         if let Some(r) = recorder.as_mut() {
             tee.0.push(r);
         }
-        session.forward_with(&prompt, which, &mut tee)?
+        session.forward(&prompt, which, &mut tee)?
     };
     let prompt_time = t0.elapsed();
     tracker.take_step_bytes();
@@ -450,12 +451,12 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         if is_eos || i + 1 == a.max_new_tokens {
             break;
         }
-        if session.position() >= session.max_context() {
-            writeln!(stderr, "warning: context full ({} positions); stopping", session.max_context())?;
+        if session.position() >= max_context {
+            writeln!(stderr, "warning: context full ({max_context} positions); stopping")?;
             break;
         }
         let t1 = Instant::now();
-        let logits = session.forward_with(&[next], Logits::Last, &mut tracker)?;
+        let logits = session.forward(&[next], Logits::Last, &mut tracker)?;
         next = sampler.sample(logits)?;
         decode_time += t1.elapsed();
         decode_steps += 1;
@@ -492,6 +493,9 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
             generated.len()
         )?;
         print_residency(stderr, &tracker.stats()?, file_bytes)?;
+        if let Some(g) = opened.gpu_expert_stats() {
+            writeln!(stderr, "gpu expert cache: {g}")?;
+        }
     }
     Ok(())
 }

@@ -382,3 +382,37 @@ fn check_rope_type(file: &MeoFile<'_>, has_table: bool) -> Result<(), ModelError
 
 #[cfg(test)]
 mod tests;
+
+/// The validated recipe as data, for targets outside this crate (`meo-wgpu`, `meo-ort`) that
+/// run the same graph on other hardware.
+impl Model {
+    /// The layer recipes, in order.
+    pub fn layer_plans(&self) -> &[LayerPlan] {
+        &self.layers
+    }
+
+    /// The token embedding `[vocab, hidden]`.
+    pub fn embedding(&self) -> &Mat {
+        &self.embed
+    }
+
+    /// Learned absolute positions `[max_positions, hidden]` (`model.positions = learned`).
+    pub fn position_embedding(&self) -> Option<&Mat> {
+        self.pos_embed.as_ref()
+    }
+
+    /// The final norm's weight and (LayerNorm) bias.
+    pub fn output_norm(&self) -> (&Vector, Option<&Vector>) {
+        (&self.output_norm, self.output_norm_bias.as_ref())
+    }
+
+    /// The LM head `[vocab, hidden]` (the embedding when tied).
+    pub fn output_head(&self) -> &Mat {
+        &self.output
+    }
+
+    /// The RoPE frequencies.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+}

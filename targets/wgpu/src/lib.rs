@@ -1,0 +1,1134 @@
+//! meo's GPU target: the model's layer recipe run by WGSL compute kernels through wgpu
+//! (Vulkan, Metal, DX12, GL), implementing [`meo::Target`].
+//!
+//! - Weights: dense tensors (attention, norms, routers, shared experts, dense MLPs, the LM
+//!   head) are uploaded once when the target opens, each straight from the mapped `.meo` file.
+//!   Routed experts are uploaded only when routing selects them, into an LRU cache with a
+//!   byte budget ([`ExpertStats`]).
+//! - The residual stream, activations and the KV cache stay on the GPU. Per MoE layer the
+//!   normalised input and the router logits (`[T, experts]`, small) are read back and routed
+//!   on the host with the runtime's own router ([`meo::route::route_token`]), so this target
+//!   selects exactly what the CPU target selects from the same logits (same code, same tie
+//!   rule), and reports routing through [`meo::Trace`] as the CPU does.
+//! - Int8 (Q8_0) weights stay int8 on the GPU: activations are quantized per 32-block as the
+//!   CPU does and multiplied with `dot4I8Packed` where the adapter has it (a portable shift
+//!   and multiply otherwise). f16/bf16 weights are decoded to f32 in the kernel.
+//! - MEO modes: merged experts (task merges stored in the file, prompt merges made from the
+//!   prompt's routing, MEO-native banks) are merged on the host with the runtime's merge code
+//!   and uploaded once per task / prompt.
+
+mod gpu;
+mod shaders;
+
+pub use gpu::{AdapterSummary, GpuError, list_adapters};
+
+use gpu::{Enc, Gpu};
+use meo::config::{FfnKind, NormKind, SharedGate};
+use meo::model::plan::{Attention, Bank, BankExpert, FfnPlan, LayerPlan, Mat, Mlp, MoePlan, Vector};
+use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
+use meo::{
+    Activation, DType, ForwardError, LayerSelect, Logits, MergeOptions, MergedUse, Mode, ModeError, Model, PromptPool,
+    Target, TargetError, Trace,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const NAME: &str = "wgpu";
+
+/// Options of a [`WgpuTarget`].
+#[derive(Debug, Clone, Default)]
+pub struct WgpuOptions {
+    /// Adapter by index (as [`list_adapters`] numbers them) or part of its name; `None`: the
+    /// first (real GPUs before software ones).
+    pub adapter: Option<String>,
+    /// Bytes of routed experts kept on the GPU; 0 = [`DEFAULT_EXPERT_BUDGET`].
+    pub expert_budget: usize,
+    /// Most positions the target holds; 0 = the model's `max_position_embeddings`.
+    pub max_context: usize,
+    /// Use the portable int8 dot product even where the adapter has `dot4I8Packed` (to test
+    /// the fallback on any adapter).
+    pub portable_dot: bool,
+}
+
+/// Default byte budget of the expert cache.
+pub const DEFAULT_EXPERT_BUDGET: usize = 1 << 30;
+
+/// Expert residency counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertStats {
+    /// Experts uploaded (cache misses).
+    pub uploads: u64,
+    /// Selections served from the cache.
+    pub hits: u64,
+    /// Experts dropped to stay within the budget.
+    pub evictions: u64,
+    pub bytes_uploaded: u64,
+    /// Bytes of experts resident now.
+    pub resident_bytes: u64,
+    pub budget: u64,
+}
+
+fn dev(e: GpuError) -> TargetError {
+    TargetError::Device { target: NAME.into(), reason: e.to_string() }
+}
+
+fn unsupported(what: impl Into<String>) -> TargetError {
+    TargetError::Unsupported { target: NAME.into(), what: what.into() }
+}
+
+/// A matrix on the GPU.
+struct GMat {
+    buf: wgpu::Buffer,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+}
+
+struct GMlp {
+    gate: GMat,
+    up: GMat,
+    down: GMat,
+}
+
+impl GMlp {
+    fn bytes(&self) -> u64 {
+        self.gate.buf.size() + self.up.buf.size() + self.down.buf.size()
+    }
+}
+
+struct GAttn {
+    norm: wgpu::Buffer,
+    norm_b: Option<wgpu::Buffer>,
+    q: GMat,
+    k: GMat,
+    v: GMat,
+    o: GMat,
+    bias: Option<[wgpu::Buffer; 3]>,
+    q_norm: Option<wgpu::Buffer>,
+    k_norm: Option<wgpu::Buffer>,
+    o_bias: Option<wgpu::Buffer>,
+}
+
+struct GToken {
+    down: GMat,
+    down_b: wgpu::Buffer,
+    up: GMat,
+    up_b: wgpu::Buffer,
+}
+
+enum GFfn {
+    Dense(GMlp),
+    Moe {
+        router: GMat,
+        router_bias: Option<wgpu::Buffer>,
+        /// Selection bias on the host (the router runs there).
+        selection_bias: Option<Vec<f32>>,
+        shared: Option<GMlp>,
+        shared_gate: Option<GMat>,
+    },
+    Meo {
+        tokens: [Option<GToken>; 2],
+    },
+}
+
+struct GLayer {
+    attn: GAttn,
+    ffn_norm: wgpu::Buffer,
+    ffn_norm_b: Option<wgpu::Buffer>,
+    ffn: GFfn,
+}
+
+/// A merged bank on the GPU: weight, bias, and the gate it came from.
+struct GBank {
+    w: GMat,
+    bias: wgpu::Buffer,
+    gate: Vec<Choice>,
+}
+
+/// How one layer's feed-forward block runs (mirrors the CPU session's states).
+enum Exec {
+    Mixture,
+    /// A merged expert on the GPU (task merge from the file, or a prompt merge).
+    Merged {
+        mlp: GMlp,
+        used: MergedUse,
+    },
+    /// Prompt mode before the prompt.
+    Pending,
+    MeoPending,
+    /// MEO-native merged banks; `stored` ones come from the file's task merge.
+    Meo {
+        banks: Box<[GBank; 2]>,
+        used: [MergedUse; 2],
+        stored: bool,
+    },
+}
+
+/// The LRU expert cache.
+struct ExpertCache {
+    budget: u64,
+    clock: u64,
+    map: HashMap<(usize, usize), (Arc<GMlp>, u64)>,
+    stats: ExpertStats,
+}
+
+impl ExpertCache {
+    fn get(
+        &mut self,
+        gpu: &Gpu,
+        bytes: &[u8],
+        layer: usize,
+        expert: usize,
+        ex: &meo::model::plan::Expert,
+    ) -> Result<Arc<GMlp>, TargetError> {
+        self.clock += 1;
+        if let Some((m, used)) = self.map.get_mut(&(layer, expert)) {
+            *used = self.clock;
+            self.stats.hits += 1;
+            return Ok(m.clone());
+        }
+        let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("expert slab outside the file"))?;
+        let m = Arc::new(upload_mlp(gpu, slab, &ex.mlp, "expert")?);
+        let size = m.bytes();
+        self.stats.uploads += 1;
+        self.stats.bytes_uploaded += size;
+        self.stats.resident_bytes += size;
+        // Least recently used first; an expert evicted while this layer still uses it stays
+        // alive (the layer holds its own reference) until the layer's commands are done.
+        while self.stats.resident_bytes > self.budget {
+            let Some((&key, _)) = self.map.iter().min_by_key(|(_, (_, used))| *used) else { break };
+            if let Some((old, _)) = self.map.remove(&key) {
+                self.stats.resident_bytes -= old.bytes();
+                self.stats.evictions += 1;
+            }
+        }
+        self.map.insert((layer, expert), (m.clone(), self.clock));
+        Ok(m)
+    }
+}
+
+fn upload_mat(gpu: &Gpu, bytes: &[u8], m: &Mat, label: &str) -> Result<GMat, TargetError> {
+    let data = bytes.get(m.range.clone()).ok_or_else(|| unsupported(format!("{label}: outside the file")))?;
+    Ok(GMat { buf: gpu.upload(label, data).map_err(dev)?, dtype: m.dtype, rows: m.rows, cols: m.cols })
+}
+
+fn upload_vec(gpu: &Gpu, bytes: &[u8], v: &Vector, label: &str) -> Result<wgpu::Buffer, TargetError> {
+    let data = bytes.get(v.range.clone()).ok_or_else(|| unsupported(format!("{label}: outside the file")))?;
+    gpu.upload(label, data).map_err(dev)
+}
+
+fn upload_mlp(gpu: &Gpu, bytes: &[u8], m: &Mlp, label: &str) -> Result<GMlp, TargetError> {
+    Ok(GMlp {
+        gate: match &m.gate {
+            Some(g) => upload_mat(gpu, bytes, g, label)?,
+            None => return Err(unsupported(format!("{label}: ungated MLP (ReLU experts)"))),
+        },
+        up: upload_mat(gpu, bytes, &m.up, label)?,
+        down: upload_mat(gpu, bytes, &m.down, label)?,
+    })
+}
+
+fn read_vec(bytes: &[u8], v: &Vector) -> Vec<f32> {
+    bytes
+        .get(v.range.clone())
+        .map_or_else(Vec::new, |b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn mat_ref<'a>(bytes: &'a [u8], m: &Mat) -> Result<meo::kernels::MatRef<'a>, TargetError> {
+    bytes
+        .get(m.range.clone())
+        .and_then(|b| meo::kernels::MatRef::new(m.dtype, m.rows, m.cols, b))
+        .ok_or_else(|| unsupported("matrix does not fit its range"))
+}
+
+/// The model on a GPU, one sequence at a time.
+pub struct WgpuTarget<'m> {
+    model: &'m Model,
+    gpu: Gpu,
+    layers: Vec<GLayer>,
+    out_norm: wgpu::Buffer,
+    out_norm_b: Option<wgpu::Buffer>,
+    head: GMat,
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    kv_cap: usize,
+    experts: ExpertCache,
+    exec: Vec<Exec>,
+    opts: MergeOptions,
+    pos: usize,
+    max_context: usize,
+    logits: Vec<f32>,
+}
+
+impl std::fmt::Debug for WgpuTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuTarget").field("adapter", &self.gpu.info.name).field("pos", &self.pos).finish()
+    }
+}
+
+fn act_code(a: Activation) -> Result<u32, TargetError> {
+    match a {
+        Activation::Silu => Ok(0),
+        Activation::GeluTanh => Ok(1),
+        #[allow(unreachable_patterns)]
+        other => Err(unsupported(format!("activation {other:?}"))),
+    }
+}
+
+impl<'m> WgpuTarget<'m> {
+    /// Opens the adapter and uploads the model's dense weights.
+    ///
+    /// # Errors
+    /// No (matching) adapter, a device failure, or a model this target cannot run.
+    pub fn new(model: &'m Model, opts: WgpuOptions) -> Result<Self, TargetError> {
+        let c = model.config();
+        // Recipe features the WGSL kernels do not implement yet: refused before any upload.
+        if c.recipe.encoder_only || c.recipe.positions == meo::Positions::Relative {
+            return Err(unsupported("encoder-only models with relative position bias (Switch Transformers)"));
+        }
+        if model.rope().interleave {
+            return Err(unsupported("RoPE on interleaved pairs (DeepSeek)"));
+        }
+        let gpu = Gpu::open(opts.adapter.as_deref(), opts.portable_dot).map_err(dev)?;
+        let b = model.bytes();
+        let mut layers = Vec::with_capacity(model.layer_plans().len());
+        for (l, lp) in model.layer_plans().iter().enumerate() {
+            layers.push(Self::upload_layer(&gpu, b, lp, l)?);
+        }
+        let (on, onb) = model.output_norm();
+        let out_norm = upload_vec(&gpu, b, on, "output_norm")?;
+        let out_norm_b = onb.map(|v| upload_vec(&gpu, b, v, "output_norm.bias")).transpose()?;
+        let head = upload_mat(&gpu, b, model.output_head(), "output")?;
+        let max = c.max_position_embeddings;
+        let max_context = match (opts.max_context, max) {
+            (0, m) => m,
+            (o, 0) => o,
+            (o, m) => o.min(m),
+        };
+        let budget = if opts.expert_budget == 0 { DEFAULT_EXPERT_BUDGET } else { opts.expert_budget } as u64;
+        let mut t = Self {
+            model,
+            layers,
+            out_norm,
+            out_norm_b,
+            head,
+            kv: Vec::new(),
+            kv_cap: 0,
+            experts: ExpertCache {
+                budget,
+                clock: 0,
+                map: HashMap::new(),
+                stats: ExpertStats { budget, ..Default::default() },
+            },
+            exec: Vec::new(),
+            opts: MergeOptions::default(),
+            pos: 0,
+            max_context,
+            logits: Vec::new(),
+            gpu,
+        };
+        t.exec = t.default_exec();
+        t.gpu.check().map_err(dev)?;
+        Ok(t)
+    }
+
+    fn upload_layer(gpu: &Gpu, b: &[u8], lp: &LayerPlan, l: usize) -> Result<GLayer, TargetError> {
+        let Attention::Gqa(a) = &lp.attn else {
+            return Err(unsupported(format!("layer {l}: multi-head latent attention (MLA)")));
+        };
+        let lbl = |s: &str| format!("layers.{l}.{s}");
+        let attn = GAttn {
+            norm: upload_vec(gpu, b, &a.norm, &lbl("attn_norm"))?,
+            norm_b: a.norm_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("attn_norm.bias"))).transpose()?,
+            q: upload_mat(gpu, b, &a.q, &lbl("q"))?,
+            k: upload_mat(gpu, b, &a.k, &lbl("k"))?,
+            v: upload_mat(gpu, b, &a.v, &lbl("v"))?,
+            o: upload_mat(gpu, b, &a.o, &lbl("o"))?,
+            bias: match &a.bias {
+                Some([q, k, v]) => Some([
+                    upload_vec(gpu, b, q, &lbl("q.bias"))?,
+                    upload_vec(gpu, b, k, &lbl("k.bias"))?,
+                    upload_vec(gpu, b, v, &lbl("v.bias"))?,
+                ]),
+                None => None,
+            },
+            q_norm: a.q_norm.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("q_norm"))).transpose()?,
+            k_norm: a.k_norm.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("k_norm"))).transpose()?,
+            o_bias: a.o_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("o.bias"))).transpose()?,
+        };
+        let ffn = match &lp.ffn {
+            FfnPlan::Dense(m) => GFfn::Dense(upload_mlp(gpu, b, m, &lbl("ffn"))?),
+            FfnPlan::Moe(p) => GFfn::Moe {
+                router: upload_mat(gpu, b, &p.router, &lbl("router"))?,
+                router_bias: p.router_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("router.bias"))).transpose()?,
+                selection_bias: p.selection_bias.as_ref().map(|v| read_vec(b, v)),
+                shared: p.shared.as_ref().map(|m| upload_mlp(gpu, b, m, &lbl("shared"))).transpose()?,
+                shared_gate: p.shared_gate.as_ref().map(|m| upload_mat(gpu, b, m, &lbl("shared_gate"))).transpose()?,
+            },
+            FfnPlan::Meo(p) => {
+                let tok = |bank: &Bank| -> Result<Option<GToken>, TargetError> {
+                    bank.token
+                        .as_ref()
+                        .map(|tb| {
+                            Ok(GToken {
+                                down: upload_mat(gpu, b, &tb.down, &lbl("token.down"))?,
+                                down_b: upload_vec(gpu, b, &tb.down_bias, &lbl("token.down.bias"))?,
+                                up: upload_mat(gpu, b, &tb.up, &lbl("token.up"))?,
+                                up_b: upload_vec(gpu, b, &tb.up_bias, &lbl("token.up.bias"))?,
+                            })
+                        })
+                        .transpose()
+                };
+                GFfn::Meo { tokens: [tok(&p.banks[0])?, tok(&p.banks[1])?] }
+            }
+        };
+        Ok(GLayer {
+            attn,
+            ffn_norm: upload_vec(gpu, b, &lp.ffn_norm, &lbl("ffn_norm"))?,
+            ffn_norm_b: lp.ffn_norm_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("ffn_norm.bias"))).transpose()?,
+            ffn,
+        })
+    }
+
+    fn default_exec(&self) -> Vec<Exec> {
+        self.model
+            .layer_plans()
+            .iter()
+            .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
+            .collect()
+    }
+
+    /// The adapter this target runs on.
+    pub fn adapter(&self) -> &wgpu::AdapterInfo {
+        &self.gpu.info
+    }
+
+    /// Whether the int8 kernels use the adapter's packed dot product (`dot4I8Packed`).
+    pub fn packed_dot(&self) -> bool {
+        self.gpu.packed_dot
+    }
+
+    /// Expert residency counters.
+    pub fn expert_stats(&self) -> ExpertStats {
+        self.experts.stats
+    }
+
+    /// The routing mode.
+    pub fn mode(&self) -> &MergeOptions {
+        &self.opts
+    }
+
+    /// Sets the mode as the CPU session does (see `meo::Session::set_mode`); merged experts
+    /// stored in the file are uploaded now, once per task.
+    fn set_mode_inner(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
+        let m = self.model;
+        let b = m.bytes();
+        let moe: Vec<usize> = m.moe_layers().collect();
+        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| -> Result<Vec<usize>, ModeError> {
+            match &opts.layers {
+                LayerSelect::All => Ok(candidates.iter().map(|c| c.0).collect()),
+                LayerSelect::Layers(ls) => ls
+                    .iter()
+                    .map(|&l| {
+                        if !moe.contains(&l) {
+                            return Err(ModeError::NotMoe { layer: l });
+                        }
+                        if !candidates.iter().any(|c| c.0 == l) {
+                            let Mode::Task(task) = &opts.mode else { return Err(ModeError::NotMoe { layer: l }) };
+                            let stored = candidates.iter().map(|c| c.0).collect();
+                            return Err(ModeError::NotStored { task: task.clone(), layer: l, stored });
+                        }
+                        Ok(l)
+                    })
+                    .collect(),
+                LayerSelect::Auto { budget } => {
+                    if candidates.iter().all(|c| c.1.is_none()) {
+                        return Err(ModeError::NoErrors { mode: what });
+                    }
+                    Ok(candidates.iter().filter(|c| c.1.is_some_and(|e| e <= *budget)).map(|c| c.0).collect())
+                }
+            }
+        };
+        let mut exec = self.default_exec();
+        let meo_layers: Vec<usize> = m.meo_layers().collect();
+        let mut layers = match &opts.mode {
+            Mode::Vanilla | Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
+            Mode::Task(name) if !meo_layers.is_empty() => {
+                let task = m.meo_tasks().iter().find(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
+                    name: name.clone(),
+                    available: m.meo_tasks().iter().map(|t| t.name.clone()).collect(),
+                })?;
+                for tl in &task.layers {
+                    let up = |i: usize| -> Result<GBank, TargetError> {
+                        let (ex, w) = &tl.banks[i];
+                        let slab = b.get(ex.slab.clone()).ok_or_else(|| unsupported("merged bank outside the file"))?;
+                        let gate = w
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, w)| **w != 0.0)
+                            .map(|(e, &weight)| Choice { expert: e as u32, weight })
+                            .collect();
+                        Ok(GBank {
+                            w: upload_mat(&self.gpu, slab, &ex.weight, "merged bank")?,
+                            bias: upload_vec(&self.gpu, slab, &ex.bias, "merged bank bias")?,
+                            gate,
+                        })
+                    };
+                    exec[tl.layer] = Exec::Meo {
+                        banks: Box::new([up(0)?, up(1)?]),
+                        used: [
+                            MergedUse::File(tl.banks[0].0.slab.clone()),
+                            MergedUse::File(tl.banks[1].0.slab.clone()),
+                        ],
+                        stored: true,
+                    };
+                }
+                meo_layers
+            }
+            Mode::Vanilla => Vec::new(),
+            Mode::Task(name) => {
+                let task = m.task(name)?;
+                let cands: Vec<(usize, Option<f64>)> = task.layers.iter().map(|tl| (tl.layer, tl.error)).collect();
+                let layers = pick(&cands, "task")?;
+                for &l in &layers {
+                    let Some(tl) = task.layers.iter().find(|tl| tl.layer == l) else { continue };
+                    let slab =
+                        b.get(tl.expert.slab.clone()).ok_or_else(|| unsupported("merged expert outside the file"))?;
+                    let mlp = upload_mlp(&self.gpu, slab, &tl.expert.mlp, "merged expert")?;
+                    exec[l] = Exec::Merged { mlp, used: MergedUse::File(tl.expert.slab.clone()) };
+                }
+                layers
+            }
+            Mode::Prompt(_) => {
+                let cands: Vec<(usize, Option<f64>)> =
+                    moe.iter().map(|&l| (l, m.prompt_errors().iter().find(|e| e.0 == l).map(|e| e.1))).collect();
+                let layers = pick(&cands, "prompt")?;
+                for &l in &layers {
+                    exec[l] = Exec::Pending;
+                }
+                layers
+            }
+        };
+        layers.sort_unstable();
+        layers.dedup();
+        self.exec = exec;
+        self.opts = opts;
+        self.reset_inner();
+        Ok(layers)
+    }
+
+    fn reset_inner(&mut self) {
+        self.pos = 0;
+        for e in &mut self.exec {
+            match e {
+                Exec::Merged { used: MergedUse::Session(_), .. } => *e = Exec::Pending,
+                Exec::Meo { stored: false, .. } => *e = Exec::MeoPending,
+                _ => {}
+            }
+        }
+    }
+
+    /// The gates of MEO-native layer `layer`'s merged banks (fc1, fc2), as
+    /// `meo::Session::bank_gates` reports them; `None` before the prompt and for other layers.
+    pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
+        match self.exec.get(layer)? {
+            Exec::Meo { banks, .. } => Some([banks[0].gate.clone(), banks[1].gate.clone()]),
+            _ => None,
+        }
+    }
+
+    /// The layers that run merged now.
+    pub fn merged_layers(&self) -> Vec<usize> {
+        self.exec
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Exec::Merged { .. } | Exec::Meo { .. }))
+            .map(|(l, _)| l)
+            .collect()
+    }
+
+    fn forward_inner(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<(), TargetError> {
+        let m = self.model;
+        let c = m.config();
+        let bytes = m.bytes();
+        let (t, h, vocab) = (tokens.len(), c.hidden_size, c.vocab_size);
+        let eps = c.rms_norm_eps;
+        let norm_kind = match c.recipe.norm {
+            NormKind::Rms => 0u32,
+            NormKind::Layer => 1,
+        };
+        if t > 65535 {
+            return Err(unsupported(format!("{t} tokens in one call (at most 65535)")));
+        }
+        // Embedding (and learned positions) on the host: T rows, uploaded once.
+        let mut x0 = vec![0.0f32; t * h];
+        let embed = mat_ref(bytes, m.embedding())?;
+        let mut row = vec![0.0f32; h];
+        let pe = m.position_embedding().map(|p| mat_ref(bytes, p)).transpose()?;
+        for (i, (o, &tok)) in x0.chunks_mut(h).zip(tokens).enumerate() {
+            embed.row(tok as usize, o);
+            if let Some(pe) = &pe {
+                pe.row(self.pos + i, &mut row);
+                o.iter_mut().zip(&row).for_each(|(a, b)| *a += b);
+            }
+        }
+        // RoPE angles on the host, as the CPU computes them: `[T, 2, hd/2]`.
+        let hd = c.head_dim;
+        let mut cs = vec![0.0f32; t * hd.max(2)];
+        for (i, r) in cs.chunks_mut(hd.max(2)).enumerate() {
+            let (co, si) = r.split_at_mut(hd / 2);
+            m.rope().angles(self.pos + i, co, &mut si[..hd / 2]);
+        }
+        let gpu = &self.gpu;
+        let mut enc = gpu.encoder();
+        let need = self.pos + t;
+        // Split borrow: `reserve_kv` needs `&mut self` but `enc` borrows `self.gpu`.
+        {
+            let kvd = (c.num_kv_heads * hd) as u64 * 4;
+            if need > self.kv_cap {
+                let cap = need.next_power_of_two().max(16).min(self.max_context.max(need));
+                let mut kv = Vec::with_capacity(self.layers.len());
+                for l in 0..self.layers.len() {
+                    let (k, v) = (gpu.buffer("kcache", cap as u64 * kvd), gpu.buffer("vcache", cap as u64 * kvd));
+                    if let Some((ok, ov)) = self.kv.get(l) {
+                        enc.copy(ok, 0, &k, 0, self.pos as u64 * kvd);
+                        enc.copy(ov, 0, &v, 0, self.pos as u64 * kvd);
+                    }
+                    kv.push((k, v));
+                }
+                self.kv = kv;
+                self.kv_cap = cap;
+            }
+        }
+        let x = enc.data("x", bytemuck::cast_slice(&x0));
+        let csb = enc.data("rope", bytemuck::cast_slice(&cs));
+        let f4 = |n: usize| n as u64 * 4;
+        let hbuf = gpu.scratch("h", f4(t * h)).map_err(dev)?;
+        let ybuf = gpu.scratch("y", f4(t * h)).map_err(dev)?;
+        let ops = Ops { gpu, t };
+        for (l, (gl, lp)) in self.layers.iter().zip(m.layer_plans()).enumerate() {
+            // Attention.
+            ops.norm(&mut enc, &x, t, h, &gl.attn.norm, gl.attn.norm_b.as_ref(), eps, norm_kind, &hbuf);
+            ops.attention(&mut enc, gl, lp, &self.kv[l], self.pos, &hbuf, &csb, eps, &ybuf)?;
+            ops.ew(&mut enc, 0, &ybuf, &x, t * h, 0, 0.0);
+            // Feed-forward.
+            ops.norm(&mut enc, &x, t, h, &gl.ffn_norm, gl.ffn_norm_b.as_ref(), eps, norm_kind, &hbuf);
+            match (&gl.ffn, &lp.ffn) {
+                (GFfn::Dense(mlp), _) => ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf, "ffn")?,
+                (GFfn::Moe { router, router_bias, selection_bias, shared, shared_gate }, FfnPlan::Moe(p)) => {
+                    let e = c.router.num_experts;
+                    let rl = gpu.scratch("router", f4(t * e)).map_err(dev)?;
+                    ops.mm(&mut enc, &hbuf, t, router, &rl)?;
+                    if let Some(b) = router_bias {
+                        ops.ew(&mut enc, 1, b, &rl, t * e, e as u32, 0.0);
+                    }
+                    let back = enc.read(&[(&hbuf, t * h), (&rl, t * e)]).map_err(dev)?;
+                    let (hx, logits) = (&back[0], &back[1]);
+                    trace.on_moe_input(l, self.pos, hx);
+                    let spec = &c.router;
+                    let exec = &mut self.exec[l];
+                    match exec {
+                        Exec::Merged { mlp, used } => {
+                            ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf, "ffn")?;
+                            trace.on_merged(l, t, used);
+                        }
+                        _ => {
+                            let choices = ops.mixture(
+                                &mut enc,
+                                &mut self.experts,
+                                bytes,
+                                p,
+                                spec,
+                                l,
+                                self.pos,
+                                logits,
+                                selection_bias.as_deref(),
+                                &hbuf,
+                                &ybuf,
+                                trace,
+                            )?;
+                            if matches!(exec, Exec::Pending) {
+                                let pool = match &self.opts.mode {
+                                    Mode::Prompt(pool) => *pool,
+                                    _ => PromptPool::default(),
+                                };
+                                let w =
+                                    pooled_weights(pool, bytes, p, spec, selection_bias.as_deref(), hx, t, &choices)?;
+                                // As on the CPU: weights are finite, so the merge cannot fail;
+                                // if it did the layer would stay vanilla.
+                                *exec = match m.merge_layer(l, &w, None) {
+                                    Ok(me) => {
+                                        let mlp = upload_mlp(gpu, &me.bytes, &me.mlp, "prompt merge")?;
+                                        Exec::Merged { mlp, used: MergedUse::Session(me.bytes.len()) }
+                                    }
+                                    Err(_) => Exec::Mixture,
+                                };
+                            }
+                        }
+                    }
+                    if let Some(sm) = shared {
+                        let sh = gpu.scratch("shared", f4(t * h)).map_err(dev)?;
+                        ops.mlp(&mut enc, sm, &hbuf, t, &sh, "shared")?;
+                        if let (Some(g), SharedGate::Sigmoid) = (shared_gate, spec.shared_gate) {
+                            let sg = gpu.scratch("shared_gate", f4(t)).map_err(dev)?;
+                            ops.mm(&mut enc, &hbuf, t, g, &sg)?;
+                            ops.ew(&mut enc, 5, &sg, &sh, t * h, h as u32, 0.0);
+                        }
+                        ops.ew(&mut enc, 0, &sh, &ybuf, t * h, 0, 0.0);
+                    }
+                }
+                (GFfn::Meo { tokens: tb }, FfnPlan::Meo(p)) => {
+                    let (act, k) = (c.recipe.ffn_activation, c.router.top_k);
+                    let inter = p.banks[0].experts.first().map_or(0, |e| e.weight.rows);
+                    let mid = gpu.scratch("mid", f4(t * inter)).map_err(dev)?;
+                    let exec = &mut self.exec[l];
+                    if matches!(exec, Exec::MeoPending) {
+                        // The prompt: pool each bank's gate from its input, merge, upload.
+                        let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
+                        let b0 = merge_bank(gpu, bytes, &p.banks[0], sequence_gate(bytes, &p.banks[0], &hx, t, k)?)?;
+                        ops.bank(&mut enc, tb[0].as_ref(), &b0.0, &hbuf, t, &mid)?;
+                        ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act)?, 0.0);
+                        let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
+                        let b1 = merge_bank(gpu, bytes, &p.banks[1], sequence_gate(bytes, &p.banks[1], &mx, t, k)?)?;
+                        ops.bank(&mut enc, tb[1].as_ref(), &b1.0, &mid, t, &ybuf)?;
+                        let used = [MergedUse::Session(b0.1), MergedUse::Session(b1.1)];
+                        *exec = Exec::Meo { banks: Box::new([b0.0, b1.0]), used, stored: false };
+                    } else if let Exec::Meo { banks, .. } = exec {
+                        ops.bank(&mut enc, tb[0].as_ref(), &banks[0], &hbuf, t, &mid)?;
+                        ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act)?, 0.0);
+                        ops.bank(&mut enc, tb[1].as_ref(), &banks[1], &mid, t, &ybuf)?;
+                    } else {
+                        return Err(unsupported("an MEO layer in a per-token mixture state"));
+                    }
+                    match &*exec {
+                        Exec::Meo { used, stored: true, .. } => {
+                            for u in used {
+                                trace.on_merged(l, t, u);
+                            }
+                        }
+                        Exec::Meo { used: [MergedUse::Session(a), MergedUse::Session(b)], .. } => {
+                            trace.on_merged(l, t, &MergedUse::Session(a + b));
+                        }
+                        _ => {}
+                    }
+                }
+                _ => return Err(unsupported(format!("layer {l}: feed-forward kind does not match its plan"))),
+            }
+            ops.ew(&mut enc, 0, &ybuf, &x, t * h, 0, 0.0);
+        }
+        let (rows, first) = match which {
+            Logits::All => (t, 0),
+            Logits::Last => (1, t - 1),
+        };
+        let last = gpu.scratch("last", f4(rows * h)).map_err(dev)?;
+        enc.copy(&x, f4(first * h), &last, 0, f4(rows * h));
+        let hn = gpu.scratch("final", f4(rows * h)).map_err(dev)?;
+        ops.norm(&mut enc, &last, rows, h, &self.out_norm, self.out_norm_b.as_ref(), eps, norm_kind, &hn);
+        let lg = gpu.scratch("logits", f4(rows * vocab)).map_err(dev)?;
+        ops.mm(&mut enc, &hn, rows, &self.head, &lg)?;
+        self.logits = enc.read(&[(&lg, rows * vocab)]).map_err(dev)?.remove(0);
+        Ok(())
+    }
+}
+
+/// Records kernels for `t` tokens.
+struct Ops<'g> {
+    gpu: &'g Gpu,
+    t: usize,
+}
+
+/// `Σ gate_i W_i` and `Σ gate_i b_i` of a bank's selected experts, stored in the experts'
+/// dtype (as the CPU session merges), uploaded; with the merged weight's size in bytes.
+fn merge_bank(gpu: &Gpu, bytes: &[u8], bank: &Bank, gate: Vec<Choice>) -> Result<(GBank, usize), TargetError> {
+    let e0: &BankExpert = bank.experts.first().ok_or_else(|| unsupported("an MEO bank without experts"))?;
+    let (rows, cols, dtype) = (e0.weight.rows, e0.weight.cols, e0.weight.dtype);
+    let mut parts = Vec::with_capacity(gate.len());
+    let mut bias = vec![0.0f32; rows];
+    for ch in &gate {
+        let ex = bank.experts.get(ch.expert as usize).ok_or_else(|| unsupported("gate selects a missing expert"))?;
+        let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("bank expert outside the file"))?;
+        parts.push((mat_ref(slab, &ex.weight)?, ch.weight));
+        for (o, v) in bias.iter_mut().zip(read_vec(slab, &ex.bias)) {
+            *o += ch.weight * v;
+        }
+    }
+    let mut w = vec![0.0f32; rows * cols];
+    meo::merge::merge_matrices(&parts, &mut w);
+    let enc = meo::merge::encode(&w, rows, cols, dtype);
+    let size = enc.len();
+    let w = GMat { buf: gpu.upload("merged bank", &enc).map_err(dev)?, dtype, rows, cols };
+    let bias = gpu.upload_f32("merged bank bias", &bias).map_err(dev)?;
+    Ok((GBank { w, bias, gate }, size))
+}
+
+/// The sequence-level gate of a bank from its input rows (as the CPU: router logits of the
+/// plain mean, top-k softmax).
+fn sequence_gate(bytes: &[u8], bank: &Bank, x: &[f32], t: usize, k: usize) -> Result<Vec<Choice>, TargetError> {
+    let d = x.len() / t.max(1);
+    let mut mean = vec![0.0f32; d];
+    for r in x.chunks(d.max(1)) {
+        meo::kernels::add_into(&mut mean, r);
+    }
+    mean.iter_mut().for_each(|v| *v /= t.max(1) as f32);
+    let router = mat_ref(bytes, &bank.router)?;
+    let mut logits = vec![0.0f32; router.rows()];
+    meo::kernels::matmul(&meo::kernels::Serial, &mean, 1, &router, &mut logits);
+    Ok(meo::model::topk_softmax(&logits, k))
+}
+
+/// Prompt-mode merge weights from the prompt's routing (as the CPU session computes them).
+#[allow(clippy::too_many_arguments)]
+fn pooled_weights(
+    pool: PromptPool,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &meo::RouterSpec,
+    sel: Option<&[f32]>,
+    x: &[f32],
+    t: usize,
+    choices: &[Choice],
+) -> Result<Vec<f32>, TargetError> {
+    let e = spec.num_experts;
+    let mut w = vec![0.0f64; e];
+    let n = t.max(1) as f64;
+    match pool {
+        PromptPool::MeanGate => {
+            for c in choices {
+                w[c.expert as usize] += f64::from(c.weight);
+            }
+        }
+        PromptPool::PooledInput => {
+            let h = x.len() / t.max(1);
+            let mut mean = vec![0.0f64; h];
+            for row in x.chunks(h.max(1)) {
+                for (m, &v) in mean.iter_mut().zip(row) {
+                    *m += f64::from(v);
+                }
+            }
+            let mean: Vec<f32> = mean.iter().map(|&v| (v / n) as f32).collect();
+            let mut logits = vec![0.0f32; e];
+            meo::kernels::matmul(&meo::kernels::Serial, &mean, 1, &mat_ref(bytes, &p.router)?, &mut logits);
+            if let Some(b) = &p.router_bias {
+                meo::kernels::add_into(&mut logits, &read_vec(bytes, b));
+            }
+            let mut out = vec![Choice { expert: 0, weight: 0.0 }; spec.top_k];
+            route_token(spec, &logits, sel, &mut RouteScratch::default(), &mut out);
+            for c in out {
+                w[c.expert as usize] += f64::from(c.weight) * n;
+            }
+        }
+    }
+    Ok(w.iter().map(|&v| (v / n) as f32).collect())
+}
+
+impl Ops<'_> {
+    fn scratch(&self, name: &'static str, floats: usize) -> Result<wgpu::Buffer, TargetError> {
+        self.gpu.scratch(name, floats as u64 * 4).map_err(dev)
+    }
+
+    /// `y[t, rows] = x[t, cols] · Wᵀ`.
+    fn mm(&self, enc: &mut Enc<'_>, x: &wgpu::Buffer, t: usize, w: &GMat, y: &wgpu::Buffer) -> Result<(), TargetError> {
+        let (n, k) = (w.rows as u32, w.cols as u32);
+        let code = match w.dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            DType::Q8_0 => {
+                let nb = w.cols.div_ceil(32);
+                let xq = self.scratch("q8x", t * nb * 8)?;
+                let xd = self.scratch("q8d", t * nb)?;
+                enc.dispatch_1d("quant_q8", &[k, t as u32, nb as u32], &[x, &xq, &xd], t * nb);
+                let soff = (w.rows * nb * 32).div_ceil(64) * 64;
+                enc.dispatch_rows(
+                    "matmul_q8",
+                    &[n, k, t as u32, nb as u32, soff as u32],
+                    &[&xq, &xd, &w.buf, y],
+                    w.rows,
+                    t as u32,
+                );
+                return Ok(());
+            }
+        };
+        enc.dispatch_rows("matmul", &[n, k, t as u32, code], &[x, &w.buf, y], w.rows, t as u32);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        enc: &mut Enc<'_>,
+        x: &wgpu::Buffer,
+        rows: usize,
+        width: usize,
+        w: &wgpu::Buffer,
+        b: Option<&wgpu::Buffer>,
+        eps: f32,
+        kind: u32,
+        y: &wgpu::Buffer,
+    ) {
+        let b = b.unwrap_or(w);
+        enc.dispatch_rows("norm", &[width as u32, eps.to_bits(), kind], &[x, w, b, y], rows, 1);
+    }
+
+    /// Element-wise op `op` (see the `ew` kernel) on `y` with operand `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn ew(&self, enc: &mut Enc<'_>, op: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, n: usize, a: u32, b: f32) {
+        enc.dispatch_1d("ew", &[n as u32, op, a, b.to_bits()], &[x, y], n);
+    }
+
+    /// `out = down(act(gate x) ⊙ up x)` (SiLU, as the CPU's MLP).
+    fn mlp(
+        &self,
+        enc: &mut Enc<'_>,
+        m: &GMlp,
+        x: &wgpu::Buffer,
+        t: usize,
+        out: &wgpu::Buffer,
+        _what: &str,
+    ) -> Result<(), TargetError> {
+        let i = m.gate.rows;
+        let g = self.scratch("mlp_gate", t * i)?;
+        let u = self.scratch("mlp_up", t * i)?;
+        self.mm(enc, x, t, &m.gate, &g)?;
+        self.mm(enc, x, t, &m.up, &u)?;
+        self.ew(enc, 4, &u, &g, t * i, 0, 0.0);
+        self.mm(enc, &g, t, &m.down, out)
+    }
+
+    /// One MEO bank: optional token block, merged matmul, merged bias.
+    fn bank(
+        &self,
+        enc: &mut Enc<'_>,
+        tb: Option<&GToken>,
+        b: &GBank,
+        x: &wgpu::Buffer,
+        t: usize,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let d = b.w.cols;
+        let xin = match tb {
+            Some(tb) => {
+                let r = tb.down.rows;
+                let dn = self.scratch("tb_down", t * r)?;
+                self.mm(enc, x, t, &tb.down, &dn)?;
+                self.ew(enc, 1, &tb.down_b, &dn, t * r, r as u32, 0.0);
+                self.ew(enc, 3, self.gpu.dummy(), &dn, t * r, 2, 0.0);
+                let xt = self.scratch("tb_x", t * d)?;
+                self.mm(enc, &dn, t, &tb.up, &xt)?;
+                self.ew(enc, 1, &tb.up_b, &xt, t * d, d as u32, 0.0);
+                self.ew(enc, 0, x, &xt, t * d, 0, 0.0);
+                xt
+            }
+            None => x.clone(),
+        };
+        self.mm(enc, &xin, t, &b.w, out)?;
+        self.ew(enc, 1, &b.bias, out, t * b.w.rows, b.w.rows as u32, 0.0);
+        Ok(())
+    }
+
+    /// Self-attention of one layer on normalised `x`, appending to the KV cache; into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        enc: &mut Enc<'_>,
+        gl: &GLayer,
+        lp: &LayerPlan,
+        kv: &(wgpu::Buffer, wgpu::Buffer),
+        pos0: usize,
+        x: &wgpu::Buffer,
+        cs: &wgpu::Buffer,
+        eps: f32,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let t = self.t;
+        let Attention::Gqa(a) = &lp.attn else {
+            return Err(unsupported("multi-head latent attention (MLA)"));
+        };
+        let ga = &gl.attn;
+        let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        if nkv == 0 || nh % nkv != 0 {
+            return Err(unsupported(format!("{nh} heads over {nkv} KV heads")));
+        }
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let q = self.scratch("q", t * qd)?;
+        let k = self.scratch("k", t * kvd)?;
+        let v = self.scratch("v", t * kvd)?;
+        self.mm(enc, x, t, &ga.q, &q)?;
+        self.mm(enc, x, t, &ga.k, &k)?;
+        self.mm(enc, x, t, &ga.v, &v)?;
+        if let Some([bq, bk, bv]) = &ga.bias {
+            self.ew(enc, 1, bq, &q, t * qd, qd as u32, 0.0);
+            self.ew(enc, 1, bk, &k, t * kvd, kvd as u32, 0.0);
+            self.ew(enc, 1, bv, &v, t * kvd, kvd as u32, 0.0);
+        }
+        let (q, k) = match a.qk_norm {
+            meo::QkNorm::None => (q, k),
+            kind => {
+                let (q2, k2) = (self.scratch("q_normed", t * qd)?, self.scratch("k_normed", t * kvd)?);
+                let (wq, wk) = match (&ga.q_norm, &ga.k_norm) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => return Err(unsupported("q/k norm without weights")),
+                };
+                let (qw, kw) = if kind == meo::QkNorm::PerHead { (hd, hd) } else { (qd, kvd) };
+                self.norm(enc, &q, t * qd / qw, qw, wq, None, eps, 0, &q2);
+                self.norm(enc, &k, t * kvd / kw, kw, wk, None, eps, 0, &k2);
+                (q2, k2)
+            }
+        };
+        if let Some(clip) = a.clip {
+            for (b, n) in [(&q, qd), (&k, kvd), (&v, kvd)] {
+                self.ew(enc, 2, self.gpu.dummy(), b, t * n, 0, clip);
+            }
+        }
+        if a.rope {
+            let groups = |heads: usize| t * heads * hd / 2;
+            enc.dispatch_1d("rope", &[nh as u32, hd as u32, t as u32], &[cs, &q], groups(nh));
+            enc.dispatch_1d("rope", &[nkv as u32, hd as u32, t as u32], &[cs, &k], groups(nkv));
+        }
+        let row = kvd as u64 * 4;
+        enc.copy(&k, 0, &kv.0, pos0 as u64 * row, t as u64 * row);
+        enc.copy(&v, 0, &kv.1, pos0 as u64 * row, t as u64 * row);
+        let total = pos0 + t;
+        let sc = self.scratch("scores", nh * t * total)?;
+        let ctx = self.scratch("ctx", t * qd)?;
+        enc.dispatch(
+            "attn",
+            &[
+                nh as u32,
+                nkv as u32,
+                hd as u32,
+                pos0 as u32,
+                t as u32,
+                a.window as u32,
+                a.scale.to_bits(),
+                total as u32,
+            ],
+            &[&q, &kv.0, &kv.1, &sc, &ctx],
+            [nh as u32, t as u32, 1],
+        );
+        self.mm(enc, &ctx, t, &ga.o, out)?;
+        if let Some(b) = &ga.o_bias {
+            let hsz = ga.o.rows;
+            self.ew(enc, 1, b, out, t * hsz, hsz as u32, 0.0);
+        }
+        Ok(())
+    }
+
+    /// The routed mixture of one MoE layer into `out` (shared expert not included): routes
+    /// every token on the host from the GPU's router logits, reports it, then runs each
+    /// selected expert once over its tokens in ascending expert order. Returns the choices.
+    #[allow(clippy::too_many_arguments)]
+    fn mixture(
+        &self,
+        enc: &mut Enc<'_>,
+        cache: &mut ExpertCache,
+        bytes: &[u8],
+        p: &MoePlan,
+        spec: &meo::RouterSpec,
+        layer: usize,
+        pos0: usize,
+        logits: &[f32],
+        sel: Option<&[f32]>,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        trace: &mut dyn Trace,
+    ) -> Result<Vec<Choice>, TargetError> {
+        let t = self.t;
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let h = p.experts.first().map_or(0, |x| x.mlp.down.rows);
+        let mut choices = vec![Choice { expert: 0, weight: 0.0 }; t * k];
+        let mut rs = RouteScratch::default();
+        for (row, ch) in logits.chunks(e).zip(choices.chunks_mut(k)) {
+            route_token(spec, row, sel, &mut rs, ch);
+        }
+        let mut dropped = vec![false; t * k];
+        apply_capacity(spec, &mut choices, &mut dropped, &mut Vec::new());
+        for (i, ch) in choices.chunks(k).enumerate() {
+            trace.on_route(layer, pos0 + i, ch);
+        }
+        // Tokens per expert, in token order.
+        let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e];
+        for (i, (c, &d)) in choices.iter().zip(&dropped).enumerate() {
+            if !d && let Some(g) = groups.get_mut(c.expert as usize) {
+                g.push(((i / k) as u32, c.weight));
+            }
+        }
+        let selected: Vec<u32> = (0..e).filter(|&i| !groups[i].is_empty()).map(|i| i as u32).collect();
+        trace.on_experts_selected(layer, &selected);
+        enc.clear(out, t as u64 * h as u64 * 4);
+        for &ei in &selected {
+            let g = &groups[ei as usize];
+            let n = g.len();
+            let mut iw: Vec<u32> = g.iter().map(|p| p.0).collect();
+            iw.extend(g.iter().map(|p| p.1.to_bits()));
+            let iwb = enc.data("routes", bytemuck::cast_slice(&iw));
+            let plan = p.experts.get(ei as usize).ok_or_else(|| unsupported("router selects a missing expert"))?;
+            let ex = cache.get(self.gpu, bytes, layer, ei as usize, plan)?;
+            let xs = self.scratch("expert_in", n * h)?;
+            let ys = self.scratch("expert_out", n * h)?;
+            enc.dispatch_1d("gather", &[h as u32, n as u32], &[&iwb, x, &xs], n * h);
+            self.mlp(enc, &ex, &xs, n, &ys, "expert")?;
+            enc.dispatch_1d("scatter", &[h as u32, n as u32], &[&iwb, &ys, out], n * h);
+        }
+        Ok(choices)
+    }
+}
+
+impl Target for WgpuTarget<'_> {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn describe(&self) -> String {
+        let i = &self.gpu.info;
+        format!(
+            "wgpu, {} ({:?}, {:?}), int8 dot: {}",
+            i.name,
+            i.backend,
+            i.device_type,
+            if self.gpu.packed_dot { "dot4I8Packed" } else { "portable" }
+        )
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let vocab = self.model.config().vocab_size;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
+            return Err(ForwardError::TokenOutOfRange { index, token, vocab }.into());
+        }
+        let t = tokens.len();
+        if self.pos.checked_add(t).is_none_or(|end| end > self.max_context) {
+            return Err(ForwardError::ContextOverflow { cached: self.pos, tokens: t, max: self.max_context }.into());
+        }
+        self.logits.clear();
+        if t == 0 {
+            return Ok(&self.logits);
+        }
+        self.forward_inner(tokens, which, trace)?;
+        self.gpu.check().map_err(dev)?;
+        self.pos += t;
+        Ok(&self.logits)
+    }
+
+    fn reset(&mut self) {
+        self.reset_inner();
+    }
+
+    fn position(&self) -> usize {
+        self.pos
+    }
+
+    fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
+        self.set_mode_inner(opts)
+    }
+}
+
+/// Whether `model` has only layer kinds this target runs (every kind the CPU runs, today).
+pub fn supports(model: &Model) -> Result<(), TargetError> {
+    for (l, k) in model.config().layer_ffn.iter().enumerate() {
+        match k {
+            FfnKind::Dense | FfnKind::Moe | FfnKind::MeoBank => {}
+            #[allow(unreachable_patterns)]
+            other => return Err(unsupported(format!("layer {l}: feed-forward kind {other:?}"))),
+        }
+    }
+    Ok(())
+}

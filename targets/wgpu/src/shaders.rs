@@ -1,0 +1,335 @@
+//! WGSL compute kernels, one module per kernel.
+//!
+//! Binding convention (shared with `gpu.rs`): binding 0 is the kernel's parameters (a uniform
+//! of 16 words at a dynamic offset), then the read-only storage buffers, then the read-write
+//! ones. Large dispatches are 2-D (`x` at most 32768 groups), linearised with `nwg.x`.
+
+/// Parameters and helpers every kernel starts with.
+const PRELUDE: &str = r"
+struct Params { v: array<vec4<u32>, 4> }
+@group(0) @binding(0) var<uniform> P: Params;
+fn pu(i: u32) -> u32 { return P.v[i / 4u][i % 4u]; }
+fn pf(i: u32) -> f32 { return bitcast<f32>(pu(i)); }
+const WG: u32 = 64u;
+var<workgroup> red: array<f32, 64>;
+// Tree reduction over the 64 lanes of a workgroup (sum); every lane gets the result.
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+fn reduce_max(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+";
+
+/// `y[t, n] = x[t, k] · W[n, k]ᵀ` for f32/f16/bf16 weights (decoded to f32, f32 sums).
+/// Params: n, k, t, dtype (0 f32, 1 f16, 2 bf16). Workgroup per (row, token).
+const MATMUL: &str = r"
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+fn weight(e: u32, dtype: u32) -> f32 {
+    if (dtype == 0u) { return bitcast<f32>(w[e]); }
+    let word = w[e >> 1u];
+    let hw = select(word & 0xffffu, word >> 16u, (e & 1u) == 1u);
+    if (dtype == 1u) { return unpack2x16float(hw).x; }
+    return bitcast<f32>(hw << 16u);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let n = pu(0u); let k = pu(1u); let dtype = pu(3u);
+    let row = wid.x + wid.y * nwg.x;
+    let tok = wid.z;
+    let lid = lid3.x;
+    let valid = row < n;
+    let r = min(row, n - 1u);
+    var acc = 0.0;
+    for (var c = lid; c < k; c += WG) {
+        acc += weight(r * k + c, dtype) * x[tok * k + c];
+    }
+    let s = reduce_sum(lid, acc);
+    if (lid == 0u && valid) { y[tok * n + row] = s; }
+}
+";
+
+/// Q8_0 weights times activations quantized per 32-block (`quant_q8`): each block is an exact
+/// int32 sum of int8 products (`dot4I8Packed`, or the portable `DOT4` fallback), scaled by
+/// both block scales, as the CPU's Q8_0 kernels compute it.
+/// Params: n, k, t, nb (blocks per row), soff (byte offset of the scale plane).
+const MATMUL_Q8: &str = r"
+@group(0) @binding(1) var<storage, read> xq: array<u32>;
+@group(0) @binding(2) var<storage, read> xd: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+DOT4
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let n = pu(0u); let nb = pu(3u); let soff = pu(4u);
+    let row = wid.x + wid.y * nwg.x;
+    let tok = wid.z;
+    let lid = lid3.x;
+    let valid = row < n;
+    let r = min(row, n - 1u);
+    var acc = 0.0;
+    for (var b = lid; b < nb; b += WG) {
+        let wo = (r * nb + b) * 8u;
+        let xo = (tok * nb + b) * 8u;
+        var s = 0;
+        for (var i = 0u; i < 8u; i++) { s += dot4(w[wo + i], xq[xo + i]); }
+        let sb = soff + (r * nb + b) * 2u;
+        let word = w[sb >> 2u];
+        let dw = unpack2x16float(select(word & 0xffffu, word >> 16u, (sb & 2u) == 2u)).x;
+        acc += (dw * xd[tok * nb + b]) * f32(s);
+    }
+    let s = reduce_sum(lid, acc);
+    if (lid == 0u && valid) { y[tok * n + row] = s; }
+}
+";
+
+/// The portable int8x4 dot product (for adapters without the packed-dot language feature).
+pub const DOT4_PORTABLE: &str = r"
+fn dot4(a: u32, b: u32) -> i32 {
+    let x = vec4<i32>(bitcast<i32>(a << 24u) >> 24u, bitcast<i32>(a << 16u) >> 24u,
+                      bitcast<i32>(a << 8u) >> 24u, bitcast<i32>(a) >> 24u);
+    let y = vec4<i32>(bitcast<i32>(b << 24u) >> 24u, bitcast<i32>(b << 16u) >> 24u,
+                      bitcast<i32>(b << 8u) >> 24u, bitcast<i32>(b) >> 24u);
+    return dot(x, y);
+}
+";
+
+/// The packed int8x4 dot product of WGSL's `packed_4x8_integer_dot_product` extension.
+pub const DOT4_PACKED: &str = "fn dot4(a: u32, b: u32) -> i32 { return dot4I8Packed(a, b); }\n";
+
+/// Quantizes `x[t, k]` per 32-block: `d = max|x| / 127`, `q = round(x / d)` half away from
+/// zero, clamped to ±127; `q` packed four to a word (rows padded with zeros to whole blocks).
+/// Params: k, t, nb. One invocation per (token, block).
+const QUANT_Q8: &str = r"
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> xq: array<u32>;
+@group(0) @binding(3) var<storage, read_write> xd: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = pu(0u); let t = pu(1u); let nb = pu(2u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= t * nb) { return; }
+    let tok = i / nb; let b = i % nb;
+    let c0 = b * 32u;
+    var amax = 0.0;
+    for (var c = c0; c < min(c0 + 32u, k); c++) { amax = max(amax, abs(x[tok * k + c])); }
+    let d = amax / 127.0;
+    var id = 0.0;
+    if (d > 0.0) { id = 1.0 / d; }
+    xd[i] = d;
+    for (var wd = 0u; wd < 8u; wd++) {
+        var packed = 0u;
+        for (var j = 0u; j < 4u; j++) {
+            let c = c0 + wd * 4u + j;
+            var q = 0.0;
+            if (c < k) {
+                let v = x[tok * k + c] * id;
+                q = clamp(sign(v) * floor(abs(v) + 0.5), -127.0, 127.0);
+            }
+            packed |= (bitcast<u32>(i32(q)) & 0xffu) << (8u * j);
+        }
+        xq[i * 8u + wd] = packed;
+    }
+}
+";
+
+/// RMSNorm or LayerNorm of each row of `width` values: `out = norm(x) · w (+ b)`.
+/// Params: width, eps, kind (0 rms, 1 layer). Workgroup per row.
+const NORM: &str = r"
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> wt: array<f32>;
+@group(0) @binding(3) var<storage, read> bs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let width = pu(0u); let eps = pf(1u); let kind = pu(2u);
+    let row = wid.x + wid.y * nwg.x;
+    let lid = lid3.x;
+    let base = row * width;
+    if (kind == 0u) {
+        var ss = 0.0;
+        for (var c = lid; c < width; c += WG) { let v = x[base + c]; ss += v * v; }
+        let inv = 1.0 / sqrt(reduce_sum(lid, ss) / f32(width) + eps);
+        for (var c = lid; c < width; c += WG) { y[base + c] = wt[c] * (x[base + c] * inv); }
+    } else {
+        var s = 0.0;
+        for (var c = lid; c < width; c += WG) { s += x[base + c]; }
+        let mean = reduce_sum(lid, s) / f32(width);
+        var v2 = 0.0;
+        for (var c = lid; c < width; c += WG) { let d = x[base + c] - mean; v2 += d * d; }
+        let inv = 1.0 / sqrt(reduce_sum(lid, v2) / f32(width) + eps);
+        for (var c = lid; c < width; c += WG) { y[base + c] = (x[base + c] - mean) * inv * wt[c] + bs[c]; }
+    }
+}
+";
+
+/// Element-wise ops on `y` (`n` values) with a second operand `x`. Params: n, op, a (u32),
+/// b (f32). Ops: 0 `y += x`; 1 `y += x[i % a]` (bias); 2 `y = clamp(y, ±b)`; 3 `y = act_a(y)`;
+/// 4 `y = act_a(y) · x` (gated); 5 `y *= sigmoid(x[i / a])` (row gate); 6 `y = x`.
+/// Activations: 0 SiLU, 1 GELU (tanh), 2 ReLU.
+const EW: &str = r"
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+fn act(kind: u32, v: f32) -> f32 {
+    if (kind == 0u) { return v / (1.0 + exp(-v)); }
+    if (kind == 1u) { return 0.5 * v * (1.0 + tanh(0.7978846 * (v + 0.044715 * v * v * v))); }
+    return max(v, 0.0);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = pu(0u); let op = pu(1u); let a = pu(2u); let b = pf(3u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= n) { return; }
+    switch op {
+        case 0u: { y[i] = y[i] + x[i]; }
+        case 1u: { y[i] = y[i] + x[i % a]; }
+        case 2u: { y[i] = clamp(y[i], -b, b); }
+        case 3u: { y[i] = act(a, y[i]); }
+        case 4u: { y[i] = act(a, y[i]) * x[i]; }
+        case 5u: { y[i] = y[i] * (1.0 / (1.0 + exp(-x[i / a]))); }
+        default: { y[i] = x[i]; }
+    }
+}
+";
+
+/// RoPE (rotate-half) on `y[t, heads · hd]` with the host's cos/sin table `cs[t, 2, hd/2]`.
+/// Params: heads, hd, t.
+const ROPE: &str = r"
+@group(0) @binding(1) var<storage, read> cs: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let heads = pu(0u); let hd = pu(1u); let t = pu(2u);
+    let hh = hd / 2u;
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= t * heads * hh) { return; }
+    let tok = i / (heads * hh);
+    let rem = i % (heads * hh);
+    let head = rem / hh; let j = rem % hh;
+    let c = cs[tok * hd + j]; let s = cs[tok * hd + hh + j];
+    let o = tok * heads * hd + head * hd;
+    let x1 = y[o + j]; let x2 = y[o + hh + j];
+    y[o + j] = x1 * c - x2 * s;
+    y[o + hh + j] = x2 * c + x1 * s;
+}
+";
+
+/// Causal (optionally windowed) grouped-query attention over the KV cache. Workgroup per
+/// (head, token); scores go through the `sc` scratch (`[heads · t, total]`).
+/// Params: nh, nkv, hd, pos0, t, window, scale, total.
+const ATTN: &str = r"
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> o: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let nh = pu(0u); let nkv = pu(1u); let hd = pu(2u); let pos0 = pu(3u); let t = pu(4u);
+    let window = pu(5u); let scale = pf(6u); let total = pu(7u);
+    let head = wid.x; let tok = wid.y; let lid = lid3.x;
+    let kvh = head / (nh / nkv);
+    let qd = nh * hd; let kvd = nkv * hd;
+    let i = pos0 + tok;
+    var lo = 0u;
+    if (window > 0u && i + 1u > window) { lo = i + 1u - window; }
+    let base = (head * t + tok) * total;
+    let qo = tok * qd + head * hd;
+    var m = -3.4e38;
+    for (var j = lo + lid; j <= i; j += WG) {
+        var d = 0.0;
+        for (var c = 0u; c < hd; c++) { d += q[qo + c] * kc[j * kvd + kvh * hd + c]; }
+        d = d * scale;
+        sc[base + j] = d;
+        m = max(m, d);
+    }
+    m = reduce_max(lid, m);
+    var s = 0.0;
+    for (var j = lo + lid; j <= i; j += WG) {
+        let e = exp(sc[base + j] - m);
+        sc[base + j] = e;
+        s += e;
+    }
+    s = reduce_sum(lid, s);
+    storageBarrier();
+    workgroupBarrier();
+    let inv = 1.0 / s;
+    for (var c = lid; c < hd; c += WG) {
+        var acc = 0.0;
+        for (var j = lo; j <= i; j++) { acc += (sc[base + j] * inv) * vc[j * kvd + kvh * hd + c]; }
+        o[qo + c] = acc;
+    }
+}
+";
+
+/// `xs[i, :] = x[idx[i], :]`. Params: width, rows.
+const GATHER: &str = r"
+@group(0) @binding(1) var<storage, read> idx: array<u32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read_write> xs: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let width = pu(0u); let rows = pu(1u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= width * rows) { return; }
+    let r = i / width; let c = i % width;
+    xs[i] = x[idx[r] * width + c];
+}
+";
+
+/// `out[idx[i], :] += w[i] · ys[i, :]` (`iw` = rows indices, then rows f32 weights as bits;
+/// a token appears once per expert, so rows never collide). Params: width, rows.
+const SCATTER: &str = r"
+@group(0) @binding(1) var<storage, read> iw: array<u32>;
+@group(0) @binding(2) var<storage, read> ys: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let width = pu(0u); let rows = pu(1u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= width * rows) { return; }
+    let r = i / width; let c = i % width;
+    let o = iw[r] * width + c;
+    out[o] = out[o] + ys[i] * bitcast<f32>(iw[rows + r]);
+}
+";
+
+/// Every kernel: (name, source without the prelude, read-only buffers, read-write buffers).
+pub const KERNELS: [(&str, &str, u32, u32); 9] = [
+    ("matmul", MATMUL, 2, 1),
+    ("matmul_q8", MATMUL_Q8, 3, 1),
+    ("quant_q8", QUANT_Q8, 1, 2),
+    ("norm", NORM, 3, 1),
+    ("ew", EW, 1, 1),
+    ("rope", ROPE, 1, 1),
+    ("attn", ATTN, 3, 2),
+    ("gather", GATHER, 2, 1),
+    ("scatter", SCATTER, 2, 1),
+];
+
+/// The full source of a kernel, with the int8 dot product chosen for the adapter.
+pub fn source(body: &str, packed_dot: bool) -> String {
+    let dot = if packed_dot { DOT4_PACKED } else { DOT4_PORTABLE };
+    format!("{PRELUDE}\n{}", body.replace("DOT4", dot))
+}

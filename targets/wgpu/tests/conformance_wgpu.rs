@@ -1,0 +1,19 @@
+//! Conformance of the GPU target: the shared suite (`meo_tests::conformance`) run on
+//! [`meo_wgpu::WgpuTarget`]. There is no skip: without an adapter every test fails, naming
+//! the problem (CI installs lavapipe through ci/setup). `MEO_WGPU_ADAPTER` picks the adapter.
+
+use meo::{Model, Target};
+use meo_tests::conformance::{Runner, TargetRunner};
+use meo_wgpu::{WgpuOptions, WgpuTarget};
+use std::path::Path;
+
+fn open_wgpu(path: &Path) -> Box<dyn Runner> {
+    // Tests open a handful of tiny models: leaking them gives the target a 'static model.
+    let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+    let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
+    let t = WgpuTarget::new(model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+    println!("adapter: {}", t.describe());
+    Box::new(TargetRunner(t))
+}
+
+meo_tests::conformance_suite!(&open_wgpu);
