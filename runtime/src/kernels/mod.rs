@@ -52,6 +52,7 @@ pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, silu, softm
 
 use crate::format::DType;
 use crate::quant::QK;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use half::f16;
@@ -317,14 +318,15 @@ fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
     }
 }
 
-/// Q8_0 version of [`matmul_rows`]: `xq` are the quantized activations, `kern` the
-/// micro-kernel (register-blocked over rows and tokens; see `q8`).
-fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32], kern: q8::Kernel) {
+/// Q8_0 version of [`matmul_rows`], but token-major: `out[tok][r - r0]` for rows
+/// `r0..r0 + out.len() / t`. `xq` are the quantized activations, `kern` the micro-kernel
+/// (register-blocked over rows and tokens; see `q8`).
+fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, out: &mut [f32], kern: q8::Kernel) {
     let nb = xq.nb;
     let stride = nb * QK;
     let soff = (w.rows * stride).div_ceil(64) * 64;
     let qw = q8::QWeights { q: &w.data[..w.rows * stride], s: &w.data[soff..][..w.rows * nb * 2], nb };
-    kern.gemm(&qw, r0, yt.len() / t, xq, t, yt);
+    kern.gemm(&qw, r0, out.len() / t, xq, t, out);
 }
 
 /// `y[T, rows] = x[T, cols] · Wᵀ`, split over rows of `W` by `par`.
@@ -332,6 +334,33 @@ fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, yt: &mut 
 /// # Panics
 /// If `x.len() != t * w.cols()` or `y.len() != t * w.rows()` (caller bug).
 pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) {
+    matmul_with(par, x, t, w, y, None);
+}
+
+/// The Q8_0 micro-kernels this CPU runs, by name, best last (benchmarks compare them).
+#[doc(hidden)]
+pub fn q8_kernel_names() -> Vec<String> {
+    q8::Kernel::candidates().iter().map(|k| alloc::format!("{k:?}")).collect()
+}
+
+/// [`matmul`] with the Q8_0 micro-kernel named `kernel` (one of [`q8_kernel_names`]) instead
+/// of the detected one; `false` (and nothing computed) if this CPU has no such kernel.
+///
+/// # Panics
+/// As [`matmul`].
+#[doc(hidden)]
+pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) -> bool {
+    match q8::Kernel::candidates().into_iter().find(|k| alloc::format!("{k:?}") == kernel) {
+        Some(k) => {
+            matmul_with(par, x, t, w, y, Some(k));
+            true
+        }
+        None => false,
+    }
+}
+
+/// [`matmul`] with the given Q8_0 kernel (`None`: the detected one).
+fn matmul_with(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32], kern: Option<q8::Kernel>) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() == t * k && y.len() == t * n, "matmul: shapes do not match");
     if t == 0 {
@@ -339,7 +368,7 @@ pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [
     }
     let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
     let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
-    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), q8::Kernel::detect()));
+    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), kern.unwrap_or_else(q8::Kernel::detect)));
     let task = |i: usize, out: &mut [f32]| match &q8 {
         Some((xq, kern)) => matmul_rows_q8(xq, t, w, i * chunk_rows, out, *kern),
         None => matmul_rows(x, t, w, i * chunk_rows, out),
@@ -353,13 +382,28 @@ pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [
         }
         return;
     }
+    if q8.is_some() && serial {
+        // One task over every row, token-major: the output itself.
+        task(0, y);
+        return;
+    }
     let mut yt = vec![0.0f32; n * t];
     if serial {
         task(0, &mut yt);
     } else {
         par.for_each_chunk(&mut yt, chunk_rows * t, &task);
     }
-    transpose(&yt, n, t, y);
+    if q8.is_some() {
+        // Each task's rows, token-major: copy them into place run by run.
+        for (c, part) in yt.chunks(chunk_rows * t).enumerate() {
+            let nr = part.len() / t;
+            for (tok, run) in part.chunks_exact(nr).enumerate() {
+                y[tok * n + c * chunk_rows..][..nr].copy_from_slice(run);
+            }
+        }
+    } else {
+        transpose(&yt, n, t, y);
+    }
 }
 
 /// `out[j][i] = a[i][j]` for `a` of `[rows, cols]`.
@@ -543,8 +587,13 @@ mod tests {
                 let mut got = vec![0.0; n * t];
                 matmul_rows_q8(&xq, t, &m, 0, &mut got, kern);
                 let mut chunked = vec![0.0; n * t];
-                for (i, c) in chunked.chunks_mut(7 * t).enumerate() {
-                    matmul_rows_q8(&xq, t, &m, i * 7, c, kern);
+                for r0 in (0..n).step_by(7) {
+                    let nr = 7.min(n - r0);
+                    let mut c = vec![0.0; nr * t];
+                    matmul_rows_q8(&xq, t, &m, r0, &mut c, kern);
+                    for tok in 0..t {
+                        chunked[tok * n + r0..][..nr].copy_from_slice(&c[tok * nr..][..nr]);
+                    }
                 }
                 assert_eq!(got, chunked, "{kern:?}");
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {

@@ -40,19 +40,34 @@ impl QActs {
         let mut d = vec![0.0f32; t * nb];
         for tok in 0..t {
             let xr = &x[tok * cols..][..cols];
-            for b in 0..nb {
-                let xb = &xr[b * QK..cols.min((b + 1) * QK)];
+            for (b, (qb, db)) in
+                q[tok * nb * QK..][..nb * QK].chunks_exact_mut(QK).zip(&mut d[tok * nb..][..nb]).enumerate()
+            {
+                // A whole block of fixed length (the last one zero padded), so the loops vectorise.
+                let mut xb = [0.0f32; QK];
+                let src = &xr[b * QK..cols.min((b + 1) * QK)];
+                xb[..src.len()].copy_from_slice(src);
                 let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let db = amax / 127.0;
-                let id = if db > 0.0 { 1.0 / db } else { 0.0 };
-                d[tok * nb + b] = db;
-                for (o, &v) in q[(tok * nb + b) * QK..][..xb.len()].iter_mut().zip(xb) {
-                    *o = libm::roundf(v * id).clamp(-127.0, 127.0) as i8;
+                *db = amax / 127.0;
+                let id = if *db > 0.0 { 1.0 / *db } else { 0.0 };
+                for (o, &v) in qb.iter_mut().zip(&xb) {
+                    *o = round_i8(v * id);
                 }
             }
         }
         Self { q, d, nb }
     }
+}
+
+/// `round(y)` (half away from zero, as `libm::roundf`) clamped to ±127; NaN gives 0.
+/// Branch-free so that it vectorises: `y - trunc(y)` is exact for |y| < 2²³, and larger
+/// values clamp anyway (the `as` casts saturate).
+#[inline]
+fn round_i8(y: f32) -> i8 {
+    let y = y.clamp(-128.0, 128.0);
+    let t = y as i32;
+    let f = y - t as f32;
+    (t + i32::from(f >= 0.5) - i32::from(f <= -0.5)).clamp(-127, 127) as i8
 }
 
 /// Q8_0 weights in the file's planar layout: `q` holds rows of `nb·32` int8 values, `s`
@@ -89,7 +104,7 @@ impl Kernel {
     }
 
     /// Every implementation this CPU runs, best last.
-    fn candidates() -> Vec<Self> {
+    pub(crate) fn candidates() -> Vec<Self> {
         #[allow(unused_mut)]
         let mut v = vec![Self::Portable];
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -136,8 +151,8 @@ impl Kernel {
         Self::candidates()
     }
 
-    /// `out[i·t + j] = Σ_b (dw[r0+i][b] · dx[j][b]) · Σ_k wq[r0+i][b][k]·xq[j][b][k]` for rows
-    /// `r0..r0 + nr` of `w` and all `t` tokens of `x`.
+    /// `out[j·nr + i] = Σ_b (dw[r0+i][b] · dx[j][b]) · Σ_k wq[r0+i][b][k]·xq[j][b][k]` for rows
+    /// `r0..r0 + nr` of `w` and all `t` tokens of `x` (token-major, like the matmul output).
     ///
     /// # Panics
     /// If the shapes do not fit (caller bug): `x.nb != w.nb`, fewer than `r0 + nr` rows in
@@ -179,7 +194,7 @@ impl Kernel {
 
 /// A register-blocked micro-kernel.
 trait Micro {
-    /// Writes `out[i·os + j]` for the `MR × NR` outputs of rows `r..r + MR` of `w` and tokens
+    /// Writes `out[i + j·os]` for the `MR × NR` outputs of rows `r..r + MR` of `w` and tokens
     /// `tok..tok + NR` of `x`.
     ///
     /// # Safety
@@ -199,10 +214,10 @@ trait Micro {
 const ACTS_L2_BYTES: usize = 256 << 10;
 
 /// Drives `K`'s micro-kernel over rows `r0..r0 + nr` and tokens `0..t`: `MR × NR` tiles, then
-/// `1 × NR` for the last rows and `· × 1` for the last tokens. `out` is `nr × t`.
+/// `1 × NR` for the last rows and `· × 1` for the last tokens. `out` is `t × nr`.
 ///
 /// # Safety
-/// As [`Micro::tile`] for every row `r0..r0 + nr` and token `0..t`; `out.len() == nr · t`.
+/// As [`Micro::tile`] for every row `r0..r0 + nr` and token `0..t`; `out.len() == t · nr`.
 unsafe fn run<K: Micro, const MR: usize, const NR: usize>(
     w: &QWeights<'_>,
     r0: usize,
@@ -221,15 +236,15 @@ unsafe fn run<K: Micro, const MR: usize, const NR: usize>(
             let mut tok = t0;
             while tok < t1 {
                 let n = if tok + NR <= t1 { NR } else { 1 };
-                let o = &mut out[r * t + tok..];
+                let o = &mut out[tok * nr + r..];
                 // SAFETY: rows r0 + r.. r0 + r + m ≤ r0 + nr and tokens tok..tok + n ≤ t exist
-                // (caller); `tile` writes o[i·t + j], i < m, j < n: within `out` (nr × t).
+                // (caller); `tile` writes o[i + j·nr], i < m, j < n: within `out` (t × nr).
                 unsafe {
                     match (m == MR, n == NR) {
-                        (true, true) => K::tile::<MR, NR>(w, r0 + r, x, tok, o, t),
-                        (true, false) => K::tile::<MR, 1>(w, r0 + r, x, tok, o, t),
-                        (false, true) => K::tile::<1, NR>(w, r0 + r, x, tok, o, t),
-                        (false, false) => K::tile::<1, 1>(w, r0 + r, x, tok, o, t),
+                        (true, true) => K::tile::<MR, NR>(w, r0 + r, x, tok, o, nr),
+                        (true, false) => K::tile::<MR, 1>(w, r0 + r, x, tok, o, nr),
+                        (false, true) => K::tile::<1, NR>(w, r0 + r, x, tok, o, nr),
+                        (false, false) => K::tile::<1, 1>(w, r0 + r, x, tok, o, nr),
                     }
                 }
                 tok += n;
@@ -263,7 +278,7 @@ impl Micro for Portable {
             for j in 0..NR {
                 let xq = &x.q[(tok + j) * nb * QK..][..nb * QK];
                 let xd = &x.d[(tok + j) * nb..][..nb];
-                out[i * os + j] = dot_portable(wq, ws, xq, xd);
+                out[i + j * os] = dot_portable(wq, ws, xq, xd);
             }
         }
     }
@@ -407,6 +422,7 @@ mod x86 {
             /// # Safety
             /// As [`Micro::tile`], with the CPU features enabled here.
             #[target_feature(enable = $feat)]
+            #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
             unsafe fn $name<const MR: usize, const NR: usize>(
                 w: &QWeights<'_>,
                 r: usize,
@@ -460,7 +476,7 @@ mod x86 {
                 }
                 for i in 0..MR {
                     for j in 0..NR {
-                        out[i * os + j] = hsum8(acc[i][j]);
+                        out[i + j * os] = hsum8(acc[i][j]);
                     }
                 }
             }
@@ -534,6 +550,7 @@ mod x86 {
     /// # Safety
     /// As [`Micro::tile`], with avx512f, avx512bw, avx512vnni, fma, f16c.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
     unsafe fn tile_avx512vnni<const MR: usize, const NR: usize>(
         w: &QWeights<'_>,
         r: usize,
@@ -612,7 +629,7 @@ mod x86 {
             for j in 0..NR {
                 let a = acc[i][j];
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-                out[i * os + j] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
+                out[i + j * os] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
             }
         }
     }
@@ -682,6 +699,7 @@ mod arm {
             /// # Safety
             /// As [`Micro::tile`], with the CPU features enabled here.
             #[target_feature(enable = $feat)]
+            #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
             unsafe fn $name<const MR: usize, const NR: usize>(
                 w: &QWeights<'_>,
                 r: usize,
@@ -717,7 +735,7 @@ mod arm {
                 }
                 for i in 0..MR {
                     for j in 0..NR {
-                        out[i * os + j] = vaddvq_f32(acc[i][j]);
+                        out[i + j * os] = vaddvq_f32(acc[i][j]);
                     }
                 }
             }
@@ -798,7 +816,7 @@ mod tests {
                     for j in 0..t {
                         let (wr, sr) = (&wq[i * nb * QK..][..nb * QK], &ws[i * nb * 2..][..nb * 2]);
                         let (xr, dr) = (&x.q[j * nb * QK..][..nb * QK], &x.d[j * nb..][..nb]);
-                        assert_eq!(want[i * t + j], dot_portable(wr, sr, xr, dr));
+                        assert_eq!(want[j * rows + i], dot_portable(wr, sr, xr, dr));
                     }
                 }
                 let mut results = Vec::new();
@@ -806,7 +824,7 @@ mod tests {
                     let mut got = vec![0.0; rows * t];
                     k.gemm(&w, 0, rows, &x, t, &mut got);
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        let (row, j) = (i / t, i % t);
+                        let (row, j) = (i % rows, i / rows);
                         let mag: f32 = (0..nb)
                             .map(|b| (scale(&ws[row * nb * 2..], b) * x.d[j * nb + b]).abs() * 32.0 * 128.0 * 127.0)
                             .sum();
@@ -838,14 +856,14 @@ mod tests {
             for row in 0..rows {
                 let mut one = vec![0.0; t];
                 k.gemm(&w, row, 1, &x, t, &mut one);
-                assert_eq!(one, all[row * t..][..t], "{k:?} row {row}");
+                let col: Vec<f32> = (0..t).map(|j| all[j * rows + row]).collect();
+                assert_eq!(one, col, "{k:?} row {row}");
             }
             for j in 0..t {
                 let xj = QActs { q: x.q[j * nb * QK..][..nb * QK].to_vec(), d: x.d[j * nb..][..nb].to_vec(), nb };
                 let mut one = vec![0.0; rows];
                 k.gemm(&w, 0, rows, &xj, 1, &mut one);
-                let col: Vec<f32> = (0..rows).map(|i| all[i * t + j]).collect();
-                assert_eq!(one, col, "{k:?} token {j}");
+                assert_eq!(one, all[j * rows..][..rows], "{k:?} token {j}");
             }
         }
     }
@@ -864,6 +882,16 @@ mod tests {
                 k.gemm(&w, 0, rows, &x, t, &mut got);
                 assert!(got.iter().all(|&v| v == nb as f32 * 32.0 * 128.0 * 127.0), "{k:?} nb{nb}: {got:?}");
             }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_libm() {
+        let mut r = rng(21);
+        let special = [0.0, -0.0, 0.5, -0.5, 1.5, -2.5, 0.499_999_97, -0.499_999_97, 126.5, 127.49, -127.5, 1e9, -1e9];
+        let random = (0..10_000).map(|_| (r() % 2_000_001) as f32 / 7_800.0 - 128.0);
+        for y in special.into_iter().chain(random).chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]) {
+            assert_eq!(round_i8(y), libm::roundf(y).clamp(-127.0, 127.0) as i8, "{y}");
         }
     }
 
