@@ -61,11 +61,13 @@ impl QActs {
 
 /// `round(y)` (half away from zero, as `libm::roundf`) clamped to ±127; NaN gives 0.
 /// Branch-free so that it vectorises: `y - trunc(y)` is exact for |y| < 2²³, and larger
-/// values clamp anyway (the `as` casts saturate).
+/// values clamp anyway.
 #[inline]
 fn round_i8(y: f32) -> i8 {
-    let y = y.clamp(-128.0, 128.0);
-    let t = y as i32;
+    let y = if y.is_nan() { 0.0 } else { y.clamp(-128.0, 128.0) };
+    // SAFETY: `y` is finite and within ±128, so truncating it fits an i32. (The checked
+    // `as` cast handles NaN and overflow one value at a time, which stops vectorisation.)
+    let t: i32 = unsafe { y.to_int_unchecked() };
     let f = y - t as f32;
     (t + i32::from(f >= 0.5) - i32::from(f <= -0.5)).clamp(-127, 127) as i8
 }
