@@ -1,41 +1,54 @@
 //! Matmul kernel throughput: `cargo bench -p meo-runtime --bench kernels`.
 //!
 //! - `decode/*`: one token (`T = 1`), memory bound: throughput is weight bytes/s (GB/s).
-//! - `prompt/*`: 64 tokens, compute bound: throughput "elements" are floating-point
-//!   operations (2·out·in·T), so criterion's `Kelem/s` reads as kFLOP/s (GFLOP/s = Gelem/s).
+//! - `prompt/*`: 64 tokens, compute bound: throughput "elements" are operations
+//!   (2·out·in·T, a multiply-add counting two), so criterion's `Gelem/s` reads as GOP/s.
+//! - `q8_decode/<kernel>/*` and `q8_gemm_t128/<kernel>/*`: Q8_0 with each micro-kernel this
+//!   CPU runs (AVX2, AVX-VNNI, AVX-512 VNNI, NEON, …): decode in GB/s of weights, 128
+//!   tokens in GOP/s; `q8_expert_t16/*`: the shape of one expert of a small MoE in prompt
+//!   processing (1280 × 1024, 16 tokens routed to it).
+//!
+//! `1t` is one thread, `ntN` a pool of N threads.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use meo::DType;
-use meo::kernels::{MatRef, Parallel, Serial, ThreadPool, default_threads, matmul};
+use meo::kernels::{MatRef, Parallel, Serial, ThreadPool, default_threads, matmul, matmul_q8_kernel, q8_kernel_names};
 use std::hint::black_box;
+use std::time::Duration;
 
 const OUT: usize = 2048;
 const IN: usize = 2048;
 const PROMPT: usize = 64;
+const GEMM_T: usize = 128;
 
-fn weights(dtype: DType) -> Vec<u8> {
-    let vals: Vec<f32> = (0..OUT * IN).map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5).collect();
+fn weights(dtype: DType, out: usize, inp: usize) -> Vec<u8> {
+    let vals: Vec<f32> = (0..out * inp).map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5).collect();
     match dtype {
         DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         DType::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        DType::Q8_0 => meo::quant::quantize(&vals, OUT, IN),
+        DType::Q8_0 => meo::quant::quantize(&vals, out, inp),
     }
+}
+
+fn acts(t: usize, inp: usize) -> Vec<f32> {
+    (0..t * inp).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect()
 }
 
 fn bench(c: &mut Criterion) {
     let threads = default_threads();
     let pool = ThreadPool::new(threads).expect("thread pool");
-    let pars: [(&str, &dyn Parallel); 2] = [("1t", &Serial), ("nt", &pool)];
-    let x: Vec<f32> = (0..PROMPT * IN).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let nt = format!("nt{threads}");
+    let pars: [(&str, &dyn Parallel); 2] = [("1t", &Serial), (&nt, &pool)];
+    let x = acts(GEMM_T, IN);
     for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
-        let bytes = weights(dtype);
+        let bytes = weights(dtype, OUT, IN);
         let w = MatRef::new(dtype, OUT, IN, &bytes).expect("shape");
         let mut g = c.benchmark_group("decode");
         g.throughput(Throughput::Bytes(bytes.len() as u64));
         for (name, par) in pars {
             let mut y = vec![0.0; OUT];
-            g.bench_function(BenchmarkId::new(dtype.name(), format!("{name}{threads}")), |b| {
+            g.bench_function(BenchmarkId::new(dtype.name(), name), |b| {
                 b.iter(|| matmul(par, black_box(&x[..IN]), 1, &w, &mut y))
             });
         }
@@ -45,8 +58,48 @@ fn bench(c: &mut Criterion) {
         g.sample_size(10);
         for (name, par) in pars {
             let mut y = vec![0.0; OUT * PROMPT];
-            g.bench_function(BenchmarkId::new(dtype.name(), format!("{name}{threads}")), |b| {
-                b.iter(|| matmul(par, black_box(&x), PROMPT, &w, &mut y))
+            g.bench_function(BenchmarkId::new(dtype.name(), name), |b| {
+                b.iter(|| matmul(par, black_box(&x[..PROMPT * IN]), PROMPT, &w, &mut y))
+            });
+        }
+        g.finish();
+    }
+
+    // Q8_0, every micro-kernel this CPU runs.
+    let bytes = weights(DType::Q8_0, OUT, IN);
+    let w = MatRef::new(DType::Q8_0, OUT, IN, &bytes).expect("shape");
+    let (eo, ei, et) = (1280, 1024, 16);
+    let ebytes = weights(DType::Q8_0, eo, ei);
+    let ew = MatRef::new(DType::Q8_0, eo, ei, &ebytes).expect("shape");
+    let ex = acts(et, ei);
+    for kern in q8_kernel_names() {
+        let mut g = c.benchmark_group("q8_decode");
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        g.measurement_time(Duration::from_secs(3));
+        for (name, par) in pars {
+            let mut y = vec![0.0; OUT];
+            g.bench_function(BenchmarkId::new(&kern, name), |b| {
+                b.iter(|| assert!(matmul_q8_kernel(&kern, par, black_box(&x[..IN]), 1, &w, &mut y)))
+            });
+        }
+        g.finish();
+        let mut g = c.benchmark_group("q8_gemm_t128");
+        g.throughput(Throughput::Elements((2 * OUT * IN * GEMM_T) as u64));
+        g.sample_size(10);
+        for (name, par) in pars {
+            let mut y = vec![0.0; OUT * GEMM_T];
+            g.bench_function(BenchmarkId::new(&kern, name), |b| {
+                b.iter(|| assert!(matmul_q8_kernel(&kern, par, black_box(&x), GEMM_T, &w, &mut y)))
+            });
+        }
+        g.finish();
+        let mut g = c.benchmark_group("q8_expert_t16");
+        g.throughput(Throughput::Elements((2 * eo * ei * et) as u64));
+        g.measurement_time(Duration::from_secs(3));
+        for (name, par) in pars {
+            let mut y = vec![0.0; eo * et];
+            g.bench_function(BenchmarkId::new(&kern, name), |b| {
+                b.iter(|| assert!(matmul_q8_kernel(&kern, par, black_box(&ex), et, &ew, &mut y)))
             });
         }
         g.finish();

@@ -17,11 +17,13 @@
 //! Q8_0: the weights are never decoded. The activations are quantized once per matmul to
 //! int8 per 32-block (see *Numerics*), and each output is a sum of int8·int8 block dot
 //! products (int32, exact) scaled by the two block scales, like ggml's `q8_0 × q8_0`
-//! `vec_dot`. The inner loop is chosen once per matmul by CPU feature detection: AVX2
-//! (`maddubs`/`madd`, F16C for the scales) on x86-64, `sdot` or plain NEON on aarch64, and a
-//! portable scalar loop everywhere else (and without `std`, unless the target enables AVX2 /
-//! NEON at compile time). Tiles are [`TILE_ROWS`] rows × 32 blocks (1024 columns, 16 KiB of
-//! int8), reused across the tokens of a prompt; one token (decode) streams each row whole.
+//! `vec_dot`. A register-blocked micro-kernel computes 4 weight rows × 2–4 tokens at once
+//! (each loaded block reused across them, one horizontal sum per output at the end); decode
+//! (`T = 1`) is the same kernel over 4 rows × 1 token. It is chosen once per matmul by CPU
+//! feature detection: AVX-512 VNNI, AVX-VNNI or AVX2 (F16C for the scales) on x86-64, `sdot`
+//! or plain NEON on aarch64, and a portable scalar loop everywhere else (and without `std`,
+//! unless the target enables them at compile time). A pass over the rows keeps ≤ 256 KiB
+//! of activations in L2.
 //!
 //! # Numerics
 //!
@@ -36,8 +38,8 @@
 //! (relative ≈ 0.4 % of the block's largest |x|), as in llama.cpp's Q8_0 CPU path; the
 //! result is no longer the f32 product of the dequantized weights. The file format is
 //! unchanged. The block sums are exact in every implementation; the SIMD versions keep
-//! lane-wise f32 partial sums, so they differ from the portable loop by f32 rounding only.
-//! One machine always runs the same implementation.
+//! lane-wise f32 partial sums over the whole row, so they differ from the portable loop by
+//! f32 rounding only. One machine always runs the same implementation.
 //!
 //! In every dtype the summation order depends only on `in`, never on `T`, the thread count
 //! or the row split, so prompt processing and token-by-token decoding give bitwise
@@ -50,6 +52,7 @@ pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, rope_rotate
 
 use crate::format::DType;
 use crate::quant::QK;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use half::f16;
@@ -315,43 +318,15 @@ fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
     }
 }
 
-/// Q8_0 version of [`matmul_rows`]: `xq` are the quantized activations, `kern` the dot.
-fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32], kern: q8::Kernel) {
+/// Q8_0 version of [`matmul_rows`], but token-major: `out[tok][r - r0]` for rows
+/// `r0..r0 + out.len() / t`. `xq` are the quantized activations, `kern` the micro-kernel
+/// (register-blocked over rows and tokens; see `q8`).
+fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, out: &mut [f32], kern: q8::Kernel) {
     let nb = xq.nb;
     let stride = nb * QK;
     let soff = (w.rows * stride).div_ceil(64) * 64;
-    let nrows = yt.len() / t;
-    // Row `row`, blocks `b0..b0 + nbt`, against token `tok`.
-    let dot = |row: usize, tok: usize, b0: usize, nbt: usize| {
-        let wq = &w.data[row * stride + b0 * QK..][..nbt * QK];
-        let ws = &w.data[soff + (row * nb + b0) * 2..][..nbt * 2];
-        let xs = &xq.q[tok * stride + b0 * QK..][..nbt * QK];
-        let xd = &xq.d[tok * nb + b0..][..nbt];
-        kern.dot(wq, ws, xs, xd)
-    };
-    if t == 1 {
-        // Decode: stream each row whole; same per-tile sums in the same order as below.
-        for (r, y) in yt.iter_mut().enumerate() {
-            let mut s = 0.0f32;
-            for b0 in (0..nb).step_by(q8::TILE_BLOCKS) {
-                s += dot(r0 + r, 0, b0, q8::TILE_BLOCKS.min(nb - b0));
-            }
-            *y = s;
-        }
-        return;
-    }
-    yt.fill(0.0);
-    for b0 in (0..nb).step_by(q8::TILE_BLOCKS) {
-        let nbt = q8::TILE_BLOCKS.min(nb - b0);
-        for rr in (0..nrows).step_by(TILE_ROWS) {
-            let nr = TILE_ROWS.min(nrows - rr);
-            for tok in 0..t {
-                for r in 0..nr {
-                    yt[(rr + r) * t + tok] += dot(r0 + rr + r, tok, b0, nbt);
-                }
-            }
-        }
-    }
+    let qw = q8::QWeights { q: &w.data[..w.rows * stride], s: &w.data[soff..][..w.rows * nb * 2], nb };
+    kern.gemm(&qw, r0, out.len() / t, xq, t, out);
 }
 
 /// `y[T, rows] = x[T, cols] · Wᵀ`, split over rows of `W` by `par`.
@@ -359,6 +334,33 @@ fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, yt: &mut 
 /// # Panics
 /// If `x.len() != t * w.cols()` or `y.len() != t * w.rows()` (caller bug).
 pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) {
+    matmul_with(par, x, t, w, y, None);
+}
+
+/// The Q8_0 micro-kernels this CPU runs, by name, best last (benchmarks compare them).
+#[doc(hidden)]
+pub fn q8_kernel_names() -> Vec<String> {
+    q8::Kernel::candidates().iter().map(|k| alloc::format!("{k:?}")).collect()
+}
+
+/// [`matmul`] with the Q8_0 micro-kernel named `kernel` (one of [`q8_kernel_names`]) instead
+/// of the detected one; `false` (and nothing computed) if this CPU has no such kernel.
+///
+/// # Panics
+/// As [`matmul`].
+#[doc(hidden)]
+pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) -> bool {
+    match q8::Kernel::candidates().into_iter().find(|k| alloc::format!("{k:?}") == kernel) {
+        Some(k) => {
+            matmul_with(par, x, t, w, y, Some(k));
+            true
+        }
+        None => false,
+    }
+}
+
+/// [`matmul`] with the given Q8_0 kernel (`None`: the detected one).
+fn matmul_with(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32], kern: Option<q8::Kernel>) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() == t * k && y.len() == t * n, "matmul: shapes do not match");
     if t == 0 {
@@ -366,7 +368,7 @@ pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [
     }
     let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
     let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
-    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), q8::Kernel::detect()));
+    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), kern.unwrap_or_else(q8::Kernel::detect)));
     let task = |i: usize, out: &mut [f32]| match &q8 {
         Some((xq, kern)) => matmul_rows_q8(xq, t, w, i * chunk_rows, out, *kern),
         None => matmul_rows(x, t, w, i * chunk_rows, out),
@@ -380,13 +382,28 @@ pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [
         }
         return;
     }
+    if q8.is_some() && serial {
+        // One task over every row, token-major: the output itself.
+        task(0, y);
+        return;
+    }
     let mut yt = vec![0.0f32; n * t];
     if serial {
         task(0, &mut yt);
     } else {
         par.for_each_chunk(&mut yt, chunk_rows * t, &task);
     }
-    transpose(&yt, n, t, y);
+    if q8.is_some() {
+        // Each task's rows, token-major: copy them into place run by run.
+        for (c, part) in yt.chunks(chunk_rows * t).enumerate() {
+            let nr = part.len() / t;
+            for (tok, run) in part.chunks_exact(nr).enumerate() {
+                y[tok * n + c * chunk_rows..][..nr].copy_from_slice(run);
+            }
+        }
+    } else {
+        transpose(&yt, n, t, y);
+    }
 }
 
 /// `out[j][i] = a[i][j]` for `a` of `[rows, cols]`.
@@ -546,7 +563,17 @@ mod tests {
     #[test]
     fn q8_0_simd_matches_portable_on_ragged_shapes() {
         // cols not a multiple of 32 (or of a 32-block tile), rows not a multiple of TILE_ROWS.
-        for &(n, k, t) in &[(1, 1, 1), (17, 40, 1), (17, 40, 3), (33, 1000, 1), (35, 1057, 4), (5, 2080, 2)] {
+        for &(n, k, t) in &[
+            (1, 1, 1),
+            (17, 40, 1),
+            (17, 40, 3),
+            (33, 1000, 1),
+            (35, 1057, 4),
+            (5, 2080, 2),
+            (19, 1057, 17),
+            (9, 1000, 64),
+            (6, 2080, 5),
+        ] {
             let mut r = rng((n * 31 + k * 7 + t) as u64);
             let w: Vec<f32> = (0..n * k).map(|_| r() * 3.0).collect();
             let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
@@ -560,8 +587,13 @@ mod tests {
                 let mut got = vec![0.0; n * t];
                 matmul_rows_q8(&xq, t, &m, 0, &mut got, kern);
                 let mut chunked = vec![0.0; n * t];
-                for (i, c) in chunked.chunks_mut(7 * t).enumerate() {
-                    matmul_rows_q8(&xq, t, &m, i * 7, c, kern);
+                for r0 in (0..n).step_by(7) {
+                    let nr = 7.min(n - r0);
+                    let mut c = vec![0.0; nr * t];
+                    matmul_rows_q8(&xq, t, &m, r0, &mut c, kern);
+                    for tok in 0..t {
+                        chunked[tok * n + r0..][..nr].copy_from_slice(&c[tok * nr..][..nr]);
+                    }
                 }
                 assert_eq!(got, chunked, "{kern:?}");
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {

@@ -1,21 +1,26 @@
 //! Q8_0 × Q8_0 products: activations quantized per 32-block to int8, exact int32 block
 //! dot products, scaled by the weight's f16 scale times the activation's f32 scale.
 //!
-//! [`Kernel`] picks the implementation once per matmul: AVX2 (+FMA, F16C) on x86-64, `sdot`
-//! (`dotprod`) or plain NEON on aarch64, and the portable scalar loop everywhere. All of them
-//! compute the same int32 block sums exactly; they differ only in the order of the f32
-//! accumulation inside one tile (the SIMD versions keep lane-wise partial sums), so the
-//! results agree to f32 rounding (tested in `tests` below).
+//! [`Kernel::gemm`] computes a block of outputs `rows × tokens` with a register-blocked
+//! micro-kernel: `MR` weight rows × `NR` tokens at a time, every loaded weight block used
+//! against `NR` tokens and every activation block against `MR` rows, each output kept in a
+//! vector of f32 lane sums across the whole row and reduced once at the end. Decode (one
+//! token) is the same micro-kernel with `NR = 1` (four rows streamed together).
+//!
+//! [`Kernel`] picks the implementation once per matmul: on x86-64 AVX-512 VNNI (`vpdpbusd`
+//! on 512 bits, two blocks per register), AVX-VNNI (`vpdpbusd` on 256 bits) or AVX2
+//! (`maddubs`/`madd`), all with F16C for the scales; `sdot` (`dotprod`) or plain NEON on
+//! aarch64; the portable scalar loop everywhere. All of them compute the same int32 block
+//! sums exactly; they differ only in the order of the f32 accumulation (lane-wise partial
+//! sums), so they agree to f32 rounding (tested below). For one implementation the
+//! sequence of f32 operations that produces an output depends only on the row and the
+//! token's activations — never on `MR`/`NR`, the number of tokens or the row split — so a
+//! prompt and token-by-token decoding give bitwise identical results.
 
 use crate::quant::QK;
 use alloc::vec;
 use alloc::vec::Vec;
 use half::f16;
-
-/// Blocks of 32 columns per tile: a row's dot product is summed tile by tile, in order.
-/// 32 blocks × [`super::TILE_ROWS`] rows = 16 KiB of int8 weights, reused from L1 across the
-/// tokens of a prompt.
-pub(crate) const TILE_BLOCKS: usize = 32;
 
 /// Activations `x[T, cols]` quantized per 32-block: `q` is `T × blocks·32` int8 values (zero
 /// padded like the weights' rows), `d` the `T × blocks` f32 scales.
@@ -35,14 +40,18 @@ impl QActs {
         let mut d = vec![0.0f32; t * nb];
         for tok in 0..t {
             let xr = &x[tok * cols..][..cols];
-            for b in 0..nb {
-                let xb = &xr[b * QK..cols.min((b + 1) * QK)];
+            for (b, (qb, db)) in
+                q[tok * nb * QK..][..nb * QK].chunks_exact_mut(QK).zip(&mut d[tok * nb..][..nb]).enumerate()
+            {
+                // A whole block of fixed length (the last one zero padded), so the loops vectorise.
+                let mut xb = [0.0f32; QK];
+                let src = &xr[b * QK..cols.min((b + 1) * QK)];
+                xb[..src.len()].copy_from_slice(src);
                 let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let db = amax / 127.0;
-                let id = if db > 0.0 { 1.0 / db } else { 0.0 };
-                d[tok * nb + b] = db;
-                for (o, &v) in q[(tok * nb + b) * QK..][..xb.len()].iter_mut().zip(xb) {
-                    *o = libm::roundf(v * id).clamp(-127.0, 127.0) as i8;
+                *db = amax / 127.0;
+                let id = if *db > 0.0 { 1.0 / *db } else { 0.0 };
+                for (o, &v) in qb.iter_mut().zip(&xb) {
+                    *o = round_i8(v * id);
                 }
             }
         }
@@ -50,7 +59,28 @@ impl QActs {
     }
 }
 
-/// Which implementation of [`Kernel::dot`] runs.
+/// `round(y)` (half away from zero, as `libm::roundf`) clamped to ±127; NaN gives 0.
+/// Branch-free so that it vectorises: `y - trunc(y)` is exact for |y| < 2²³, and larger
+/// values clamp anyway.
+#[inline]
+fn round_i8(y: f32) -> i8 {
+    let y = if y.is_nan() { 0.0 } else { y.clamp(-128.0, 128.0) };
+    // SAFETY: `y` is finite and within ±128, so truncating it fits an i32. (The checked
+    // `as` cast handles NaN and overflow one value at a time, which stops vectorisation.)
+    let t: i32 = unsafe { y.to_int_unchecked() };
+    let f = y - t as f32;
+    (t + i32::from(f >= 0.5) - i32::from(f <= -0.5)).clamp(-127, 127) as i8
+}
+
+/// Q8_0 weights in the file's planar layout: `q` holds rows of `nb·32` int8 values, `s`
+/// rows of `nb` little-endian f16 scales.
+pub(crate) struct QWeights<'a> {
+    pub(crate) q: &'a [u8],
+    pub(crate) s: &'a [u8],
+    pub(crate) nb: usize,
+}
+
+/// Which implementation of [`Kernel::gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 // Without std, variants the target does not enable at compile time are never built.
 #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -58,6 +88,10 @@ pub(crate) enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     #[cfg(target_arch = "aarch64")]
     Neon,
     #[cfg(target_arch = "aarch64")]
@@ -68,12 +102,25 @@ impl Kernel {
     /// The best implementation this CPU runs (with `std`: detected at run time; without:
     /// what the target enables at compile time).
     pub(crate) fn detect() -> Self {
+        Self::candidates().last().copied().unwrap_or(Self::Portable)
+    }
+
+    /// Every implementation this CPU runs, best last.
+    pub(crate) fn candidates() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut v = vec![Self::Portable];
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
         {
-            return Self::Avx2;
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                v.push(Self::Avx2);
+                if has!("avxvnni") {
+                    v.push(Self::AvxVnni);
+                }
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    v.push(Self::Avx512Vnni);
+                }
+            }
         }
         #[cfg(all(
             not(feature = "std"),
@@ -82,53 +129,129 @@ impl Kernel {
             target_feature = "fma",
             target_feature = "f16c"
         ))]
-        return Self::Avx2;
+        {
+            v.push(Self::Avx2);
+            #[cfg(target_feature = "avxvnni")]
+            v.push(Self::AvxVnni);
+            #[cfg(all(target_feature = "avx512f", target_feature = "avx512bw", target_feature = "avx512vnni"))]
+            v.push(Self::Avx512Vnni);
+        }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        v.push(Self::Neon);
         #[cfg(all(feature = "std", target_arch = "aarch64"))]
         if std::arch::is_aarch64_feature_detected!("dotprod") {
-            return Self::NeonDot;
+            v.push(Self::NeonDot);
         }
         #[cfg(all(not(feature = "std"), target_arch = "aarch64", target_feature = "dotprod"))]
-        return Self::NeonDot;
-        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-        return Self::Neon;
-        #[allow(unreachable_code)]
-        Self::Portable
+        v.push(Self::NeonDot);
+        v
     }
 
     /// Every implementation this CPU runs (tests compare them).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Self> {
-        let mut v = vec![Self::Portable];
-        let best = Self::detect();
-        #[cfg(target_arch = "aarch64")]
-        if best == Self::NeonDot {
-            v.push(Self::Neon);
-        }
-        if best != Self::Portable {
-            v.push(best);
-        }
-        v
+        Self::candidates()
     }
 
-    /// `Σ_b (dw_b · dx_b) · Σ_i wq[b][i]·xq[b][i]` over `xd.len()` (≤ [`TILE_BLOCKS`]) blocks:
-    /// `wq` the weights' int8 values, `ws` their little-endian f16 scales (2 bytes a block),
-    /// `xq`, `xd` the quantized activations.
-    #[inline]
-    pub(crate) fn dot(self, wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let nb = xd.len();
-        assert!(nb <= TILE_BLOCKS && wq.len() >= nb * QK && xq.len() >= nb * QK && ws.len() >= nb * 2);
+    /// `out[j·nr + i] = Σ_b (dw[r0+i][b] · dx[j][b]) · Σ_k wq[r0+i][b][k]·xq[j][b][k]` for rows
+    /// `r0..r0 + nr` of `w` and all `t` tokens of `x` (token-major, like the matmul output).
+    ///
+    /// # Panics
+    /// If the shapes do not fit (caller bug): `x.nb != w.nb`, fewer than `r0 + nr` rows in
+    /// `w`, fewer than `t` tokens in `x`, or `out` shorter than `nr · t`.
+    pub(crate) fn gemm(self, w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
+        let nb = w.nb;
+        assert!(
+            x.nb == nb
+                && w.q.len() >= (r0 + nr) * nb * QK
+                && w.s.len() >= (r0 + nr) * nb * 2
+                && x.q.len() >= t * nb * QK
+                && x.d.len() >= t * nb
+                && out.len() >= nr * t,
+            "Kernel::gemm: shapes do not match"
+        );
+        if nr == 0 || t == 0 {
+            return;
+        }
+        let out = &mut out[..nr * t];
         match self {
-            Self::Portable => dot_portable(wq, ws, xq, xd),
-            // SAFETY: `Avx2` is only constructed by `detect` after checking avx2, fma and f16c
-            // (at run time, or at compile time without std); the lengths were asserted above.
+            // SAFETY (every arm): a SIMD variant is only in `candidates` after its CPU
+            // features were detected (at run time, or at compile time without std), the
+            // portable one needs none; `run` only reads rows `r0..r0 + nr` and tokens `..t`,
+            // in bounds per the assertion above, and `out` is `nr × t`.
+            Self::Portable => unsafe { run::<Portable, 1, 1>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::dot_avx2(wq, ws, xq, xd) },
-            // SAFETY: `Neon` is only constructed when the target enables neon; lengths asserted.
+            Self::Avx2 => unsafe { run::<x86::Avx2, 4, 2>(w, r0, nr, x, t, out) },
+            #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni => unsafe { run::<x86::AvxVnni, 4, 2>(w, r0, nr, x, t, out) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => unsafe { run::<x86::Avx512Vnni, 4, 4>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "aarch64")]
-            Self::Neon => unsafe { arm::dot_neon(wq, ws, xq, xd) },
-            // SAFETY: `NeonDot` is only constructed after detecting `dotprod`; lengths asserted.
+            Self::Neon => unsafe { run::<arm::Neon, 4, 2>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "aarch64")]
-            Self::NeonDot => unsafe { arm::dot_neon_dotprod(wq, ws, xq, xd) },
+            Self::NeonDot => unsafe { run::<arm::NeonDot, 4, 2>(w, r0, nr, x, t, out) },
+        }
+    }
+}
+
+/// A register-blocked micro-kernel.
+trait Micro {
+    /// Writes `out[i + j·os]` for the `MR × NR` outputs of rows `r..r + MR` of `w` and tokens
+    /// `tok..tok + NR` of `x`.
+    ///
+    /// # Safety
+    /// The CPU supports the implementation's features; rows `r..r + MR` and tokens
+    /// `tok..tok + NR` exist (`w.q`, `w.s`, `x.q`, `x.d` long enough for them, `x.nb == w.nb`).
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    );
+}
+
+/// Activations kept in L2 while the weight rows of a pass stream past them.
+const ACTS_L2_BYTES: usize = 256 << 10;
+
+/// Drives `K`'s micro-kernel over rows `r0..r0 + nr` and tokens `0..t`: `MR × NR` tiles, then
+/// `1 × NR` for the last rows and `· × 1` for the last tokens. `out` is `t × nr`.
+///
+/// # Safety
+/// As [`Micro::tile`] for every row `r0..r0 + nr` and token `0..t`; `out.len() == t · nr`.
+unsafe fn run<K: Micro, const MR: usize, const NR: usize>(
+    w: &QWeights<'_>,
+    r0: usize,
+    nr: usize,
+    x: &QActs,
+    t: usize,
+    out: &mut [f32],
+) {
+    // Tokens per pass, so that one pass's activations stay in L2 (a multiple of NR).
+    let pass = (ACTS_L2_BYTES / (w.nb * QK).max(1)).max(NR) / NR * NR;
+    for t0 in (0..t).step_by(pass) {
+        let t1 = (t0 + pass).min(t);
+        let mut r = 0;
+        while r < nr {
+            let m = if r + MR <= nr { MR } else { 1 };
+            let mut tok = t0;
+            while tok < t1 {
+                let n = if tok + NR <= t1 { NR } else { 1 };
+                let o = &mut out[tok * nr + r..];
+                // SAFETY: rows r0 + r.. r0 + r + m ≤ r0 + nr and tokens tok..tok + n ≤ t exist
+                // (caller); `tile` writes o[i + j·nr], i < m, j < n: within `out` (t × nr).
+                unsafe {
+                    match (m == MR, n == NR) {
+                        (true, true) => K::tile::<MR, NR>(w, r0 + r, x, tok, o, nr),
+                        (true, false) => K::tile::<MR, 1>(w, r0 + r, x, tok, o, nr),
+                        (false, true) => K::tile::<1, NR>(w, r0 + r, x, tok, o, nr),
+                        (false, false) => K::tile::<1, 1>(w, r0 + r, x, tok, o, nr),
+                    }
+                }
+                tok += n;
+            }
+            r += m;
         }
     }
 }
@@ -139,6 +262,30 @@ fn scale(ws: &[u8], b: usize) -> f32 {
 }
 
 /// The portable loop: exact i32 per block, then `acc += (dw·dx) · sum` in block order.
+struct Portable;
+
+impl Micro for Portable {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        let nb = w.nb;
+        for i in 0..MR {
+            let wq = &w.q[(r + i) * nb * QK..][..nb * QK];
+            let ws = &w.s[(r + i) * nb * 2..][..nb * 2];
+            for j in 0..NR {
+                let xq = &x.q[(tok + j) * nb * QK..][..nb * QK];
+                let xd = &x.d[(tok + j) * nb..][..nb];
+                out[i + j * os] = dot_portable(wq, ws, xq, xd);
+            }
+        }
+    }
+}
+
 fn dot_portable(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
     let mut acc = 0.0f32;
     for (b, (w, x)) in wq.chunks_exact(QK).zip(xq.chunks_exact(QK)).take(xd.len()).enumerate() {
@@ -154,20 +301,8 @@ fn dot_portable(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(feature = "std"), allow(dead_code))]
 mod x86 {
-    use super::{QK, scale};
+    use super::{Micro, QActs, QK, QWeights};
     use core::arch::x86_64::*;
-
-    /// Eight i32 partial sums of one block: `|w| ·u8 sign(x, w)` with `maddubs`, then pairs
-    /// with `madd`. `w` goes through `abs` (so −128 reads as 128 unsigned, exact) and the
-    /// activation, within ±127, takes `w`'s sign, so nothing wraps; pair sums ≤ 2·128·127
-    /// fit in i16.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn block(w: __m256i, x: __m256i) -> __m256i {
-        let aw = _mm256_sign_epi8(w, w);
-        let sx = _mm256_sign_epi8(x, w);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
-    }
 
     /// F16C conversion of `h` into `out` (lengths must match).
     ///
@@ -191,55 +326,314 @@ mod x86 {
         }
     }
 
-    /// AVX2 version of [`super::dot_portable`].
+    /// `g ≤ 8` f16 scales at `p` as f32, zero beyond `g`.
     ///
     /// # Safety
-    /// The CPU must support avx2, fma and f16c; `wq`, `xq` must hold `32·xd.len()` values and
-    /// `ws` `2·xd.len()` bytes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let nb = xd.len();
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut d = [0.0f32; 8];
-        let mut b = 0;
-        while b + 8 <= nb {
-            // SAFETY: blocks b..b+8 are in bounds (b + 8 <= nb, lengths per the contract);
-            // all loads are unaligned loads.
-            unsafe {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(ws.as_ptr().add(2 * b).cast()));
-                let dx = _mm256_loadu_ps(xd.as_ptr().add(b));
-                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_mul_ps(dw, dx));
-                for i in (0..8).step_by(2) {
-                    let p = (b + i) * QK;
-                    let s0 = block(
-                        _mm256_loadu_si256(wq.as_ptr().add(p).cast()),
-                        _mm256_loadu_si256(xq.as_ptr().add(p).cast()),
-                    );
-                    let s1 = block(
-                        _mm256_loadu_si256(wq.as_ptr().add(p + QK).cast()),
-                        _mm256_loadu_si256(xq.as_ptr().add(p + QK).cast()),
-                    );
-                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d[i]), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d[i + 1]), acc1);
-                }
+    /// f16c and avx; `p` valid for `2·g` bytes.
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
+    unsafe fn scales8(p: *const u8, g: usize) -> __m256 {
+        let mut buf = [0u8; 16];
+        // SAFETY: `p` holds 2·g bytes (caller), `buf` 16 ≥ 2·g.
+        unsafe {
+            if g == 8 {
+                return _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             }
-            b += 8;
+            core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), 2 * g);
+            _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr().cast()))
         }
-        while b < nb {
-            let p = b * QK;
-            // SAFETY: block b < nb is in bounds.
-            unsafe {
-                let s =
-                    block(_mm256_loadu_si256(wq.as_ptr().add(p).cast()), _mm256_loadu_si256(xq.as_ptr().add(p).cast()));
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale(ws, b) * xd[b]), acc0);
+    }
+
+    /// `g ≤ 8` f32 values at `p`, zero beyond `g`.
+    ///
+    /// # Safety
+    /// avx; `p` valid for `g` values.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn f32x8(p: *const f32, g: usize) -> __m256 {
+        let mut buf = [0.0f32; 8];
+        // SAFETY: `p` holds g values (caller), `buf` 8 ≥ g.
+        unsafe {
+            if g == 8 {
+                return _mm256_loadu_ps(p);
             }
-            b += 1;
+            core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), g);
+            _mm256_loadu_ps(buf.as_ptr())
         }
-        let acc = _mm256_add_ps(acc0, acc1);
+    }
+
+    /// The sum of the 8 lanes, in a fixed order.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn hsum8(acc: __m256) -> f32 {
         let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_movehdup_ps(h));
         _mm_cvtss_f32(h)
+    }
+
+    // The 256-bit integer part, in two flavours producing the *same* eight i32 lanes per
+    // block (lane k = Σ of the products of bytes 4k..4k+3), so AVX2 and AVX-VNNI give
+    // bitwise equal results. Both instructions multiply an unsigned byte by a signed one:
+    //
+    // - AVX2 `maddubs`: `|w|` (−128 reads as 128 unsigned, exact) times `x` with `w`'s sign
+    //   (|x| ≤ 127, so nothing wraps); pair sums ≤ 2·128·127 fit in i16, then `madd` adds
+    //   pairs into i32. (`w + 128` would overflow maddubs' saturating i16 pair sums.)
+    // - VNNI `vpdpbusd` (i32 accumulation, no saturation): `w + 128` (= `w ^ 0x80`, in
+    //   0..=255) times `x`, which adds `128·Σx` to each lane; the lane starts from
+    //   `−128·Σx` (computed once per token block with a `vpdpbusd` of 128s by `x`), so the
+    //   result is exactly `Σ w·x`. Lane magnitudes stay below 4·255·127 — no overflow.
+
+    /// Per-row preparation of a weight block: `(w, |w|)` or `(w ^ 0x80, _)`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prep_w_avx2(w: __m256i) -> (__m256i, __m256i) {
+        (w, _mm256_sign_epi8(w, w))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prep_x_avx2(x: __m256i) -> (__m256i, __m256i) {
+        (x, x)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_avx2(w: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w.1, _mm256_sign_epi8(x.0, w.0)), _mm256_set1_epi16(1))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn prep_w_vnni(w: __m256i) -> (__m256i, __m256i) {
+        (_mm256_xor_si256(w, _mm256_set1_epi8(-128)), w)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn prep_x_vnni(x: __m256i) -> (__m256i, __m256i) {
+        let z = _mm256_setzero_si256();
+        (x, _mm256_sub_epi32(z, _mm256_dpbusd_avx_epi32(z, _mm256_set1_epi8(-128), x)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn dot_vnni(w: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
+        _mm256_dpbusd_avx_epi32(x.1, w.0, x.0)
+    }
+
+    /// The 256-bit micro-kernel: per output one 8-lane f32 accumulator over every block of
+    /// the row, `acc = fma(f32(lanes_b), dw_b·dx_b, acc)`, summed once at the end.
+    macro_rules! tile256 {
+        ($name:ident, $feat:literal, $prep_w:ident, $prep_x:ident, $dot:ident) => {
+            /// # Safety
+            /// As [`Micro::tile`], with the CPU features enabled here.
+            #[target_feature(enable = $feat)]
+            #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+            unsafe fn $name<const MR: usize, const NR: usize>(
+                w: &QWeights<'_>,
+                r: usize,
+                x: &QActs,
+                tok: usize,
+                out: &mut [f32],
+                os: usize,
+            ) {
+                let nb = w.nb;
+                let row = nb * QK;
+                let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+                // Scale products dw_b·dx_b of the current 8 blocks, per (row, token).
+                let mut p = [[[0.0f32; 8]; NR]; MR];
+                // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer
+                // below addresses block b + k < nb of one of them; loads are unaligned.
+                unsafe {
+                    let wq = w.q.as_ptr().add(r * row);
+                    let ws = w.s.as_ptr().add(r * nb * 2);
+                    let xq = x.q.as_ptr().add(tok * row);
+                    let xd = x.d.as_ptr().add(tok * nb);
+                    let mut b = 0;
+                    while b < nb {
+                        let g = (nb - b).min(8);
+                        let mut dw = [_mm256_setzero_ps(); MR];
+                        for (i, d) in dw.iter_mut().enumerate() {
+                            *d = scales8(ws.add(i * nb * 2 + 2 * b), g);
+                        }
+                        for j in 0..NR {
+                            let dx = f32x8(xd.add(j * nb + b), g);
+                            for i in 0..MR {
+                                _mm256_storeu_ps(p[i][j].as_mut_ptr(), _mm256_mul_ps(dw[i], dx));
+                            }
+                        }
+                        for k in 0..g {
+                            let off = (b + k) * QK;
+                            let mut xv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); NR];
+                            for (j, v) in xv.iter_mut().enumerate() {
+                                *v = $prep_x(_mm256_loadu_si256(xq.add(j * row + off).cast()));
+                            }
+                            for i in 0..MR {
+                                let wv = $prep_w(_mm256_loadu_si256(wq.add(i * row + off).cast()));
+                                for j in 0..NR {
+                                    let s = $dot(wv, xv[j]);
+                                    acc[i][j] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(p[i][j][k]), acc[i][j]);
+                                }
+                            }
+                        }
+                        b += g;
+                    }
+                }
+                for i in 0..MR {
+                    for j in 0..NR {
+                        out[i + j * os] = hsum8(acc[i][j]);
+                    }
+                }
+            }
+        };
+    }
+    tile256!(tile_avx2, "avx2,fma,f16c", prep_w_avx2, prep_x_avx2, dot_avx2);
+    tile256!(tile_avxvnni, "avx2,fma,f16c,avxvnni", prep_w_vnni, prep_x_vnni, dot_vnni);
+
+    /// AVX2 `maddubs`/`madd`.
+    pub(super) struct Avx2;
+    impl Micro for Avx2 {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds).
+            unsafe { tile_avx2::<MR, NR>(w, r, x, tok, out, os) }
+        }
+    }
+
+    /// AVX-VNNI `vpdpbusd` on 256 bits.
+    pub(super) struct AvxVnni;
+    impl Micro for AvxVnni {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds).
+            unsafe { tile_avxvnni::<MR, NR>(w, r, x, tok, out, os) }
+        }
+    }
+
+    /// AVX-512 VNNI: `vpdpbusd` on 512 bits, blocks `2k` and `2k + 1` in the low and high
+    /// halves of one register (same integer trick as AVX-VNNI above). Per output one 16-lane
+    /// f32 accumulator; an odd last block runs with a zero high half (zero data, zero scale:
+    /// adds exact zeros).
+    pub(super) struct Avx512Vnni;
+    impl Micro for Avx512Vnni {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds).
+            unsafe { tile_avx512vnni::<MR, NR>(w, r, x, tok, out, os) }
+        }
+    }
+
+    /// Blocks `b`, `b + 1` (only `b` when `two` is false; the high half is then zero).
+    ///
+    /// # Safety
+    /// avx512f; `p` valid for 64 bytes (32 when `!two`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load2(p: *const u8, two: bool) -> __m512i {
+        // SAFETY: per the contract.
+        unsafe { if two { _mm512_loadu_si512(p.cast()) } else { _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast())) } }
+    }
+
+    /// # Safety
+    /// As [`Micro::tile`], with avx512f, avx512bw, avx512vnni, fma, f16c.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+    unsafe fn tile_avx512vnni<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        let nb = w.nb;
+        let row = nb * QK;
+        let k80 = _mm512_set1_epi8(-128);
+        let zero = _mm512_setzero_si512();
+        // Lane l of pair k reads scale product 2k + l / 8.
+        let idx: [__m512i; 8] = core::array::from_fn(|k| {
+            _mm512_inserti64x4::<1>(_mm512_set1_epi32(2 * k as i32), _mm256_set1_epi32(2 * k as i32 + 1))
+        });
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        // Scale products dw_b·dx_b of the current 16 blocks, per (row, token).
+        let mut p = [[_mm512_setzero_ps(); NR]; MR];
+        // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer below
+        // addresses blocks < nb of one of them (the second block of a pair only when
+        // 2k + 1 < g); loads are unaligned.
+        unsafe {
+            let wq = w.q.as_ptr().add(r * row);
+            let ws = w.s.as_ptr().add(r * nb * 2);
+            let xq = x.q.as_ptr().add(tok * row);
+            let xd = x.d.as_ptr().add(tok * nb);
+            let mut b = 0;
+            while b < nb {
+                let g = (nb - b).min(16);
+                let mut dw = [_mm512_setzero_ps(); MR];
+                for (i, d) in dw.iter_mut().enumerate() {
+                    let s = ws.add(i * nb * 2 + 2 * b);
+                    *d = if g == 16 {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(s.cast()))
+                    } else {
+                        let mut buf = [0u8; 32];
+                        core::ptr::copy_nonoverlapping(s, buf.as_mut_ptr(), 2 * g);
+                        _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr().cast()))
+                    };
+                }
+                for j in 0..NR {
+                    let s = xd.add(j * nb + b);
+                    let dx = if g == 16 {
+                        _mm512_loadu_ps(s)
+                    } else {
+                        let mut buf = [0.0f32; 16];
+                        core::ptr::copy_nonoverlapping(s, buf.as_mut_ptr(), g);
+                        _mm512_loadu_ps(buf.as_ptr())
+                    };
+                    for i in 0..MR {
+                        p[i][j] = _mm512_mul_ps(dw[i], dx);
+                    }
+                }
+                for (k, ix) in idx.iter().enumerate().take(g.div_ceil(2)) {
+                    let off = (b + 2 * k) * QK;
+                    let two = 2 * k + 1 < g;
+                    let mut xv = [(zero, zero); NR];
+                    for (j, v) in xv.iter_mut().enumerate() {
+                        let xx = load2(xq.add(j * row + off).cast(), two);
+                        *v = (xx, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k80, xx)));
+                    }
+                    for i in 0..MR {
+                        let wu = _mm512_xor_si512(load2(wq.add(i * row + off), two), k80);
+                        for j in 0..NR {
+                            let s = _mm512_dpbusd_epi32(xv[j].1, wu, xv[j].0);
+                            let d = _mm512_permutexvar_ps(*ix, p[i][j]);
+                            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[i][j]);
+                        }
+                    }
+                }
+                b += g;
+            }
+        }
+        for i in 0..MR {
+            for j in 0..NR {
+                let a = acc[i][j];
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                out[i + j * os] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
+            }
+        }
     }
 }
 
@@ -264,66 +658,124 @@ pub(crate) fn f16_to_f32(h: &[f16], out: &mut [f32]) {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{QK, scale};
+    use super::{Micro, QActs, QK, QWeights, scale};
     use core::arch::aarch64::*;
 
-    /// Plain NEON: widening multiplies, pairwise accumulation to i32.
-    ///
-    /// # Safety
-    /// The CPU must support neon; lengths as for [`super::Kernel::dot`].
+    /// Four i32 lane sums of one block with plain NEON: widening multiplies, pairwise
+    /// accumulation.
+    #[inline]
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn dot_neon(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let mut acc = vdupq_n_f32(0.0);
-        for (b, &dx) in xd.iter().enumerate() {
-            let p = b * QK;
-            // SAFETY: block b is in bounds (contract); unaligned loads.
-            let s = unsafe {
-                let w0 = vld1q_s8(wq.as_ptr().add(p).cast());
-                let w1 = vld1q_s8(wq.as_ptr().add(p + 16).cast());
-                let x0 = vld1q_s8(xq.as_ptr().add(p));
-                let x1 = vld1q_s8(xq.as_ptr().add(p + 16));
-                let mut s = vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
-                s = vpadalq_s16(s, vmull_high_s8(w0, x0));
-                s = vpadalq_s16(s, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
-                vpadalq_s16(s, vmull_high_s8(w1, x1))
-            };
-            acc = vfmaq_n_f32(acc, vcvtq_f32_s32(s), scale(ws, b) * dx);
+    fn block_neon(w: (int8x16_t, int8x16_t), x: (int8x16_t, int8x16_t)) -> int32x4_t {
+        let mut s = vpaddlq_s16(vmull_s8(vget_low_s8(w.0), vget_low_s8(x.0)));
+        s = vpadalq_s16(s, vmull_high_s8(w.0, x.0));
+        s = vpadalq_s16(s, vmull_s8(vget_low_s8(w.1), vget_low_s8(x.1)));
+        vpadalq_s16(s, vmull_high_s8(w.1, x.1))
+    }
+
+    /// The same with `sdot` (different lanes, exact block sum).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    fn block_dot(w: (int8x16_t, int8x16_t), x: (int8x16_t, int8x16_t)) -> int32x4_t {
+        let mut s = vdupq_n_s32(0);
+        // SAFETY: pure register arithmetic; the CPU has dotprod (target feature).
+        // `vdotq_s32` is still unstable (stdarch_neon_dotprod): `sdot` by hand.
+        unsafe {
+            core::arch::asm!(
+                "sdot {s:v}.4s, {w0:v}.16b, {x0:v}.16b",
+                "sdot {s:v}.4s, {w1:v}.16b, {x1:v}.16b",
+                s = inout(vreg) s,
+                w0 = in(vreg) w.0,
+                x0 = in(vreg) x.0,
+                w1 = in(vreg) w.1,
+                x1 = in(vreg) x.1,
+                options(pure, nomem, nostack),
+            );
         }
-        vaddvq_f32(acc)
+        s
+    }
+
+    /// The NEON micro-kernel: per output one 4-lane f32 accumulator over every block of the
+    /// row, `acc += f32(lanes_b) · (dw_b·dx_b)`, summed once at the end.
+    macro_rules! tile_neon {
+        ($name:ident, $feat:literal, $block:ident) => {
+            /// # Safety
+            /// As [`Micro::tile`], with the CPU features enabled here.
+            #[target_feature(enable = $feat)]
+            #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+            unsafe fn $name<const MR: usize, const NR: usize>(
+                w: &QWeights<'_>,
+                r: usize,
+                x: &QActs,
+                tok: usize,
+                out: &mut [f32],
+                os: usize,
+            ) {
+                let nb = w.nb;
+                let row = nb * QK;
+                let mut acc = [[vdupq_n_f32(0.0); NR]; MR];
+                let ws: [&[u8]; MR] = core::array::from_fn(|i| &w.s[(r + i) * nb * 2..][..nb * 2]);
+                let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * nb..][..nb]);
+                for b in 0..nb {
+                    let dw: [f32; MR] = core::array::from_fn(|i| scale(ws[i], b));
+                    // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller); block
+                    // b < nb of each; unaligned loads.
+                    unsafe {
+                        let off = b * QK;
+                        let xv: [(int8x16_t, int8x16_t); NR] = core::array::from_fn(|j| {
+                            let p = x.q.as_ptr().add((tok + j) * row + off);
+                            (vld1q_s8(p), vld1q_s8(p.add(16)))
+                        });
+                        for i in 0..MR {
+                            let p = w.q.as_ptr().add((r + i) * row + off).cast::<i8>();
+                            let wv = (vld1q_s8(p), vld1q_s8(p.add(16)));
+                            for j in 0..NR {
+                                let s = $block(wv, xv[j]);
+                                acc[i][j] = vfmaq_n_f32(acc[i][j], vcvtq_f32_s32(s), dw[i] * xd[j][b]);
+                            }
+                        }
+                    }
+                }
+                for i in 0..MR {
+                    for j in 0..NR {
+                        out[i + j * os] = vaddvq_f32(acc[i][j]);
+                    }
+                }
+            }
+        };
+    }
+    tile_neon!(tile_neon, "neon", block_neon);
+    tile_neon!(tile_neon_dot, "neon,dotprod", block_dot);
+
+    /// Plain NEON.
+    pub(super) struct Neon;
+    impl Micro for Neon {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds).
+            unsafe { tile_neon::<MR, NR>(w, r, x, tok, out, os) }
+        }
     }
 
     /// NEON with `sdot`.
-    ///
-    /// # Safety
-    /// The CPU must support neon and dotprod; lengths as for [`super::Kernel::dot`].
-    #[target_feature(enable = "neon,dotprod")]
-    pub(super) unsafe fn dot_neon_dotprod(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let mut acc = vdupq_n_f32(0.0);
-        for (b, &dx) in xd.iter().enumerate() {
-            let p = b * QK;
-            // SAFETY: block b is in bounds (contract); unaligned loads.
-            let s = unsafe {
-                let w0 = vld1q_s8(wq.as_ptr().add(p).cast());
-                let w1 = vld1q_s8(wq.as_ptr().add(p + 16).cast());
-                let x0 = vld1q_s8(xq.as_ptr().add(p));
-                let x1 = vld1q_s8(xq.as_ptr().add(p + 16));
-                // `vdotq_s32` is still unstable (stdarch_neon_dotprod): `sdot` by hand.
-                let mut s = vdupq_n_s32(0);
-                core::arch::asm!(
-                    "sdot {s:v}.4s, {w0:v}.16b, {x0:v}.16b",
-                    "sdot {s:v}.4s, {w1:v}.16b, {x1:v}.16b",
-                    s = inout(vreg) s,
-                    w0 = in(vreg) w0,
-                    x0 = in(vreg) x0,
-                    w1 = in(vreg) w1,
-                    x1 = in(vreg) x1,
-                    options(pure, nomem, nostack),
-                );
-                s
-            };
-            acc = vfmaq_n_f32(acc, vcvtq_f32_s32(s), scale(ws, b) * dx);
+    pub(super) struct NeonDot;
+    impl Micro for NeonDot {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds).
+            unsafe { tile_neon_dot::<MR, NR>(w, r, x, tok, out, os) }
         }
-        vaddvq_f32(acc)
     }
 }
 
@@ -341,32 +793,107 @@ mod tests {
         }
     }
 
+    /// Random weights (full int8 range, −128 included) in the planar layout and random
+    /// activations (±127), `rows × nb` blocks and `t` tokens.
+    fn case(r: &mut impl FnMut() -> u64, rows: usize, nb: usize, t: usize) -> (Vec<u8>, Vec<u8>, QActs) {
+        let wq: Vec<u8> = (0..rows * nb * QK).map(|_| r() as u8).collect();
+        let ws: Vec<u8> = (0..rows * nb).flat_map(|_| f16::from_f32((r() % 1000) as f32 / 1e5).to_le_bytes()).collect();
+        let q: Vec<i8> = (0..t * nb * QK).map(|_| ((r() % 255) as i32 - 127) as i8).collect();
+        let d: Vec<f32> = (0..t * nb).map(|_| (r() % 1000) as f32 / 1e4).collect();
+        (wq, ws, QActs { q, d, nb })
+    }
+
     #[test]
     fn every_kernel_matches_the_portable_one() {
         let mut r = rng(5);
-        for nb in [0, 1, 3, 7, 8, 9, 16, 31, 32] {
-            for _ in 0..20 {
-                // Full int8 range in the weights (−128 included), ±127 in the activations.
-                let wq: Vec<u8> = (0..nb * QK).map(|_| r() as u8).collect();
-                let xq: Vec<i8> = (0..nb * QK).map(|_| ((r() % 255) as i32 - 127) as i8).collect();
-                let ws: Vec<u8> =
-                    (0..nb).flat_map(|_| f16::from_f32((r() % 1000) as f32 / 1e5).to_le_bytes()).collect();
-                let xd: Vec<f32> = (0..nb).map(|_| (r() % 1000) as f32 / 1e4).collect();
-                let want = dot_portable(&wq, &ws, &xq, &xd);
-                let mag: f32 = (0..nb).map(|b| (scale(&ws, b) * xd[b]).abs() * 32.0 * 128.0 * 127.0).sum();
+        // Block counts around the 8- and 16-block scale groups and the 2-block pairs; row
+        // counts around the 4-row tiles; token counts around the 2- and 4-token tiles.
+        for nb in [1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 66] {
+            for (rows, t) in [(1, 1), (3, 1), (4, 1), (9, 1), (5, 2), (7, 3), (8, 4), (6, 5), (9, 17), (5, 64)] {
+                let (wq, ws, x) = case(&mut r, rows, nb, t);
+                let w = QWeights { q: &wq, s: &ws, nb };
+                let mut want = vec![0.0; rows * t];
+                Kernel::Portable.gemm(&w, 0, rows, &x, t, &mut want);
+                for i in 0..rows {
+                    for j in 0..t {
+                        let (wr, sr) = (&wq[i * nb * QK..][..nb * QK], &ws[i * nb * 2..][..nb * 2]);
+                        let (xr, dr) = (&x.q[j * nb * QK..][..nb * QK], &x.d[j * nb..][..nb]);
+                        assert_eq!(want[j * rows + i], dot_portable(wr, sr, xr, dr));
+                    }
+                }
+                let mut results = Vec::new();
                 for k in Kernel::available() {
-                    let got = k.dot(&wq, &ws, &xq, &xd);
-                    assert!((got - want).abs() <= 1e-6 * (mag + 1.0), "{k:?} nb{nb}: {got} vs {want}");
+                    let mut got = vec![0.0; rows * t];
+                    k.gemm(&w, 0, rows, &x, t, &mut got);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        let (row, j) = (i % rows, i / rows);
+                        let mag: f32 = (0..nb)
+                            .map(|b| (scale(&ws[row * nb * 2..], b) * x.d[j * nb + b]).abs() * 32.0 * 128.0 * 127.0)
+                            .sum();
+                        assert!((a - b).abs() <= 1e-6 * (mag + 1.0), "{k:?} nb{nb} {rows}x{t} [{i}]: {a} vs {b}");
+                    }
+                    results.push((k, got));
+                }
+                // AVX-VNNI computes the same i32 lanes and f32 operations as AVX2 (see the x86
+                // module), so the two agree bitwise; `candidates` never lists it without AVX2.
+                #[cfg(target_arch = "x86_64")]
+                if let Some((_, vnni)) = results.iter().find(|(k, _)| *k == Kernel::AvxVnni) {
+                    let avx2 = &results.iter().find(|(k, _)| *k == Kernel::Avx2).expect("AVX2 listed").1;
+                    assert_eq!(avx2, vnni, "nb{nb} {rows}x{t}");
                 }
             }
         }
-        // Extremes: every product at its largest, exact in every kernel.
-        let wq = vec![0x80u8; 8 * QK];
-        let xq = vec![-127i8; 8 * QK];
-        let ws: Vec<u8> = (0..8).flat_map(|_| f16::from_f32(1.0).to_le_bytes()).collect();
-        let xd = vec![1.0f32; 8];
+    }
+
+    #[test]
+    fn every_kernel_is_independent_of_tiling_and_batch() {
+        let mut r = rng(8);
+        let (rows, nb, t) = (11, 37, 13);
+        let (wq, ws, x) = case(&mut r, rows, nb, t);
+        let w = QWeights { q: &wq, s: &ws, nb };
         for k in Kernel::available() {
-            assert_eq!(k.dot(&wq, &ws, &xq, &xd), 8.0 * 32.0 * 128.0 * 127.0, "{k:?}");
+            let mut all = vec![0.0; rows * t];
+            k.gemm(&w, 0, rows, &x, t, &mut all);
+            // Row by row (1 × NR tiles) and token by token (MR × 1 tiles): bitwise equal.
+            for row in 0..rows {
+                let mut one = vec![0.0; t];
+                k.gemm(&w, row, 1, &x, t, &mut one);
+                let col: Vec<f32> = (0..t).map(|j| all[j * rows + row]).collect();
+                assert_eq!(one, col, "{k:?} row {row}");
+            }
+            for j in 0..t {
+                let xj = QActs { q: x.q[j * nb * QK..][..nb * QK].to_vec(), d: x.d[j * nb..][..nb].to_vec(), nb };
+                let mut one = vec![0.0; rows];
+                k.gemm(&w, 0, rows, &xj, 1, &mut one);
+                assert_eq!(one, all[j * rows..][..rows], "{k:?} token {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_products_are_exact_in_every_kernel() {
+        // Every product at its largest (−128 · −127), every sum exact in f32.
+        for nb in [1, 8, 9, 17] {
+            let (rows, t) = (5, 3);
+            let wq = vec![0x80u8; rows * nb * QK];
+            let ws: Vec<u8> = (0..rows * nb).flat_map(|_| f16::from_f32(1.0).to_le_bytes()).collect();
+            let x = QActs { q: vec![-127i8; t * nb * QK], d: vec![1.0f32; t * nb], nb };
+            let w = QWeights { q: &wq, s: &ws, nb };
+            for k in Kernel::available() {
+                let mut got = vec![0.0; rows * t];
+                k.gemm(&w, 0, rows, &x, t, &mut got);
+                assert!(got.iter().all(|&v| v == nb as f32 * 32.0 * 128.0 * 127.0), "{k:?} nb{nb}: {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_libm() {
+        let mut r = rng(21);
+        let special = [0.0, -0.0, 0.5, -0.5, 1.5, -2.5, 0.499_999_97, -0.499_999_97, 126.5, 127.49, -127.5, 1e9, -1e9];
+        let random = (0..10_000).map(|_| (r() % 2_000_001) as f32 / 7_800.0 - 128.0);
+        for y in special.into_iter().chain(random).chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]) {
+            assert_eq!(round_i8(y), libm::roundf(y).clamp(-127.0, 127.0) as i8, "{y}");
         }
     }
 
