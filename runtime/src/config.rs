@@ -95,10 +95,36 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// The activation of the gated MLPs (dense, shared and routed experts).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum GatedActivation {
+    /// `silu(gate) ⊙ up`.
+    #[default]
+    Silu,
+    /// GPT-OSS: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`,
+    /// `(u + 1) ⊙ g ⊙ σ(alpha · g)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+/// YaRN RoPE scaling (transformers `rope_type = "yarn"`): per-frequency blend of interpolated
+/// and extrapolated frequencies, and cos/sin multiplied by `attention_factor`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    pub factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    pub original_max_positions: usize,
+    /// Round the correction range outward to whole dimensions.
+    pub truncate: bool,
+    /// Multiplies cos and sin (computed by the converter from `factor`/`mscale` when the
+    /// checkpoint names none).
+    pub attention_factor: f32,
+}
+
 /// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
 /// standard families' choice, and its metadata key is written only when it differs, so
 /// files of standard families are unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
     /// `model.norm`: `rms` | `layer`.
     pub norm: NormKind,
@@ -110,6 +136,46 @@ pub struct Recipe {
     pub ffn_activation: Activation,
     /// `model.meo_token_bottleneck`: width `r` of the MEO token block (0 = none).
     pub meo_token_bottleneck: usize,
+    /// `model.embedding_multiplier`: token embeddings are multiplied by it (Granite).
+    pub embedding_multiplier: f32,
+    /// `model.residual_multiplier`: each block's output is multiplied by it before it is added
+    /// to the residual stream (Granite).
+    pub residual_multiplier: f32,
+    /// `model.attention_scale`: multiplies q·k; `None` = `head_dim^-0.5` (Granite's
+    /// `attention_multiplier`).
+    pub attention_scale: Option<f32>,
+    /// `model.logits_scaling`: the logits are divided by it (Granite).
+    pub logits_scaling: f32,
+    /// `model.attention_sinks`: each head has a learned sink logit (`attn.sinks`, `[heads]`)
+    /// that joins the attention softmax and takes no value (GPT-OSS).
+    pub attention_sinks: bool,
+    /// `model.rope_type = yarn` and `model.rope_yarn.*`: YaRN RoPE scaling.
+    pub yarn: Option<Yarn>,
+    /// `model.mlp_activation`: `silu` | `clamped_swiglu` (+ `model.swiglu_alpha`,
+    /// `model.swiglu_limit`).
+    pub mlp_activation: GatedActivation,
+    /// `model.expert_bias`: routed experts have biases (`experts.X.{gate,up,down}_bias`).
+    pub expert_bias: bool,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            norm: NormKind::Rms,
+            positions: Positions::Rope,
+            attention_out_bias: false,
+            ffn_activation: Activation::Silu,
+            meo_token_bottleneck: 0,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_scale: None,
+            logits_scaling: 1.0,
+            attention_sinks: false,
+            yarn: None,
+            mlp_activation: GatedActivation::Silu,
+            expert_bias: false,
+        }
+    }
 }
 
 /// Everything that defines one family's routing (see `docs/ROUTING.md`).
@@ -225,6 +291,16 @@ fn strs_of<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m [&'m str], 
     }
 }
 
+/// `key`'s number, or `default` when absent.
+fn opt_f32(m: &Metadata<'_>, key: &'static str, default: f32) -> Result<f32, ConfigError> {
+    if m.get(key).is_none() { Ok(default) } else { f32_of(m, key) }
+}
+
+/// `key`'s flag, `false` when absent.
+fn opt_bool(m: &Metadata<'_>, key: &'static str) -> Result<bool, ConfigError> {
+    if m.get(key).is_none() { Ok(false) } else { bool_of(m, key) }
+}
+
 /// `key`'s string, or `default` when absent.
 fn opt_str<'m>(m: &'m Metadata<'_>, key: &'static str, default: &'m str) -> Result<&'m str, ConfigError> {
     if m.get(key).is_none() { Ok(default) } else { str_of(m, key) }
@@ -251,7 +327,54 @@ impl Recipe {
             if m.get("model.attention_out_bias").is_some() { bool_of(m, "model.attention_out_bias")? } else { false };
         let meo_token_bottleneck =
             if m.get("model.meo_token_bottleneck").is_some() { usize_of(m, "model.meo_token_bottleneck")? } else { 0 };
-        Ok(Self { norm, positions, attention_out_bias, ffn_activation, meo_token_bottleneck })
+        let positive = |key: &'static str, v: f32| if v > 0.0 { Ok(v) } else { Err(invalid(key, v)) };
+        let attention_scale = match m.get("model.attention_scale") {
+            None => None,
+            Some(_) => Some(positive("model.attention_scale", f32_of(m, "model.attention_scale")?)?),
+        };
+        // Other RoPE types are refused when the model is opened (`Model::open`).
+        let yarn = if opt_str(m, "model.rope_type", "default")? == "yarn" {
+            let original_max_positions = usize_of(m, "model.rope_yarn.original_max_positions")?;
+            if original_max_positions == 0 {
+                return Err(invalid("model.rope_yarn.original_max_positions", 0));
+            }
+            Some(Yarn {
+                factor: positive("model.rope_yarn.factor", f32_of(m, "model.rope_yarn.factor")?)?,
+                beta_fast: positive("model.rope_yarn.beta_fast", f32_of(m, "model.rope_yarn.beta_fast")?)?,
+                beta_slow: positive("model.rope_yarn.beta_slow", f32_of(m, "model.rope_yarn.beta_slow")?)?,
+                original_max_positions,
+                truncate: bool_of(m, "model.rope_yarn.truncate")?,
+                attention_factor: positive(
+                    "model.rope_yarn.attention_factor",
+                    f32_of(m, "model.rope_yarn.attention_factor")?,
+                )?,
+            })
+        } else {
+            None
+        };
+        let mlp_activation = match opt_str(m, "model.mlp_activation", "silu")? {
+            "silu" => GatedActivation::Silu,
+            "clamped_swiglu" => GatedActivation::ClampedSwiglu {
+                alpha: f32_of(m, "model.swiglu_alpha")?,
+                limit: positive("model.swiglu_limit", f32_of(m, "model.swiglu_limit")?)?,
+            },
+            s => return Err(invalid("model.mlp_activation", s)),
+        };
+        Ok(Self {
+            norm,
+            positions,
+            attention_out_bias,
+            ffn_activation,
+            meo_token_bottleneck,
+            embedding_multiplier: opt_f32(m, "model.embedding_multiplier", 1.0)?,
+            residual_multiplier: opt_f32(m, "model.residual_multiplier", 1.0)?,
+            attention_scale,
+            logits_scaling: positive("model.logits_scaling", opt_f32(m, "model.logits_scaling", 1.0)?)?,
+            attention_sinks: opt_bool(m, "model.attention_sinks")?,
+            yarn,
+            mlp_activation,
+            expert_bias: opt_bool(m, "model.expert_bias")?,
+        })
     }
 
     /// The entries that differ from the defaults.
@@ -271,6 +394,39 @@ impl Recipe {
         }
         if self.meo_token_bottleneck > 0 {
             v.push(("model.meo_token_bottleneck", MetaValue::U64(self.meo_token_bottleneck as u64)));
+        }
+        let f = |x: f32| MetaValue::F64(f32_to_f64_decimal(x));
+        for (key, x) in [
+            ("model.embedding_multiplier", self.embedding_multiplier),
+            ("model.residual_multiplier", self.residual_multiplier),
+            ("model.logits_scaling", self.logits_scaling),
+        ] {
+            if x != 1.0 {
+                v.push((key, f(x)));
+            }
+        }
+        if let Some(s) = self.attention_scale {
+            v.push(("model.attention_scale", f(s)));
+        }
+        if self.attention_sinks {
+            v.push(("model.attention_sinks", MetaValue::Bool(true)));
+        }
+        if let Some(y) = &self.yarn {
+            v.push(("model.rope_type", MetaValue::Str("yarn")));
+            v.push(("model.rope_yarn.factor", f(y.factor)));
+            v.push(("model.rope_yarn.beta_fast", f(y.beta_fast)));
+            v.push(("model.rope_yarn.beta_slow", f(y.beta_slow)));
+            v.push(("model.rope_yarn.original_max_positions", MetaValue::U64(y.original_max_positions as u64)));
+            v.push(("model.rope_yarn.truncate", MetaValue::Bool(y.truncate)));
+            v.push(("model.rope_yarn.attention_factor", f(y.attention_factor)));
+        }
+        if let GatedActivation::ClampedSwiglu { alpha, limit } = self.mlp_activation {
+            v.push(("model.mlp_activation", MetaValue::Str("clamped_swiglu")));
+            v.push(("model.swiglu_alpha", f(alpha)));
+            v.push(("model.swiglu_limit", f(limit)));
+        }
+        if self.expert_bias {
+            v.push(("model.expert_bias", MetaValue::Bool(true)));
         }
         v
     }
@@ -599,10 +755,44 @@ mod tests {
             attention_out_bias: true,
             ffn_activation: Activation::GeluTanh,
             meo_token_bottleneck: 8,
+            ..Recipe::default()
         };
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+    }
+
+    #[test]
+    fn granite_and_gpt_oss_recipe_round_trips() {
+        let mut c = sample();
+        c.recipe = Recipe {
+            embedding_multiplier: 12.0,
+            residual_multiplier: 0.22,
+            attention_scale: Some(0.015625),
+            logits_scaling: 6.0,
+            attention_sinks: true,
+            yarn: Some(Yarn {
+                factor: 32.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                original_max_positions: 4096,
+                truncate: false,
+                attention_factor: 1.3465736,
+            }),
+            mlp_activation: GatedActivation::ClampedSwiglu { alpha: 1.702, limit: 7.0 },
+            expert_bias: true,
+            ..Recipe::default()
+        };
+        let meta = c.to_metadata();
+        assert!(meta.iter().any(|(k, v)| *k == "model.rope_type" && *v == MetaValue::Str("yarn")));
+        let bytes = Metadata::from_entries(meta).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+        // A yarn file missing one of its parameters is refused, naming the key.
+        let partial: Vec<_> = c.to_metadata().into_iter().filter(|(k, _)| *k != "model.rope_yarn.beta_slow").collect();
+        let bytes = Metadata::from_entries(partial).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m), Err(ConfigError::Missing { key: "model.rope_yarn.beta_slow" }));
     }
 
     #[test]

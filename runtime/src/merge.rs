@@ -131,7 +131,7 @@ pub fn pack(gate: &[f32], up: &[f32], down: &[f32], i: usize, h: usize, dtype: D
     let gate = put(gate, i, h);
     let up = put(up, i, h);
     let down = put(down, h, i);
-    (bytes, Mlp { gate, up, down })
+    (bytes, Mlp { gate, up, down, bias: None, act: crate::config::GatedActivation::Silu })
 }
 
 /// Merges `experts` with weights `w` and stores the result in `dtype`.
@@ -142,7 +142,8 @@ pub fn merge_expert(experts: &[ExpertRef<'_>], w: &[f32], dtype: DType) -> Merge
     let m0 = experts[0].mlp;
     let (i, h) = (m0.gate.rows, m0.gate.cols);
     let (g, u, d) = merge_f32(experts, w);
-    let (bytes, mlp) = pack(&g, &u, &d, i, h, dtype);
+    let (bytes, mut mlp) = pack(&g, &u, &d, i, h, dtype);
+    mlp.act = m0.act;
     MergedExpert { bytes, mlp, weights: w.to_vec() }
 }
 

@@ -24,7 +24,7 @@ pub const LOGIT_TOL: f32 = 1e-4;
 pub const WEIGHT_TOL: f32 = 1e-5;
 
 /// Every fixture directory under `tests/fixtures/`.
-pub const FIXTURES: [&str; 9] = [
+pub const FIXTURES: [&str; 12] = [
     "mixtral",
     "mixtral-fused",
     "mixtral-bf16-sharded",
@@ -34,6 +34,9 @@ pub const FIXTURES: [&str; 9] = [
     "qwen3_moe-fused",
     "olmoe",
     "olmoe-fused",
+    "granitemoe",
+    "granitemoe-fused",
+    "gpt_oss",
 ];
 
 /// One token's routing in one MoE layer, as a target reports it.
@@ -321,7 +324,7 @@ pub fn measure_int8(name: &str, open: Open<'_>) -> Agreement {
 /// agreement 1.0 everywhere; max |Δlogit| 6.2e-3 (OLMoE, Qwen2-MoE) to 1.5e-2 (Mixtral,
 /// Qwen3-MoE)); agreement floors sit one disagreement below 1 so a tie-level change in
 /// summation order (SIMD kernels) passes and a real regression fails.
-pub const INT8_BOUNDS: [(&str, f64, f64, f32); 9] = [
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 12] = [
     ("mixtral", 0.95, 0.95, 2.5e-2),
     ("mixtral-fused", 0.95, 0.95, 2.5e-2),
     ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
@@ -331,6 +334,9 @@ pub const INT8_BOUNDS: [(&str, f64, f64, f32); 9] = [
     ("qwen3_moe-fused", 0.95, 0.95, 2.5e-2),
     ("olmoe", 0.95, 0.95, 1.0e-2),
     ("olmoe-fused", 0.95, 0.95, 1.0e-2),
+    ("granitemoe", 0.95, 0.95, 1.0e-2),
+    ("granitemoe-fused", 0.95, 0.95, 1.0e-2),
+    ("gpt_oss", 0.95, 0.95, 5.0e-2),
 ];
 
 /// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
@@ -369,6 +375,9 @@ macro_rules! conformance_suite {
             qwen3_moe_fused => "qwen3_moe-fused",
             olmoe => "olmoe",
             olmoe_fused => "olmoe-fused",
+            granitemoe => "granitemoe",
+            granitemoe_fused => "granitemoe-fused",
+            gpt_oss => "gpt_oss",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {

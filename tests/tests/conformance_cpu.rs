@@ -188,8 +188,11 @@ mod model {
             synthetic_model(&c, DType::F32, DType::F32, 6, &|_| false, extra)
         };
         // Unsupported RoPE.
+        let e = open_err(ok(&[("model.rope_type", MetaValue::Str("longrope"))]));
+        assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("longrope")), "{e}");
+        // YaRN is implemented, but only with its parameters.
         let e = open_err(ok(&[("model.rope_type", MetaValue::Str("yarn"))]));
-        assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("yarn")), "{e}");
+        assert!(matches!(&e, ModelError::Config(meo::ConfigError::Missing { .. })), "{e}");
         assert!(Model::from_vec(ok(&[("model.rope_type", MetaValue::Str("default"))])).is_ok());
         // The file says one thing, the config another: missing, mis-shaped, mistyped tensors.
         let mut wants_bias = c.clone();

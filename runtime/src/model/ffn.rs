@@ -3,7 +3,7 @@
 
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
-use crate::config::{RouterSpec, SharedGate};
+use crate::config::{GatedActivation, RouterSpec, SharedGate};
 use crate::kernels::{Parallel, matmul, silu};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
@@ -40,21 +40,56 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 pub(crate) struct MlpScratch {
     gate: Vec<f32>,
     up: Vec<f32>,
+    bias: Vec<f32>,
 }
 
-/// `out[T, H] = down(silu(gate(x)) ⊙ up(x))` with matrices read from `bytes`.
+/// Adds `bias` (read from `bytes` into `tmp`) to every row of `rows`.
+fn add_bias(bytes: &[u8], bias: &super::plan::Vector, tmp: &mut Vec<f32>, rows: &mut [f32]) {
+    bias.read(bytes, tmp);
+    for row in rows.chunks_mut(tmp.len().max(1)) {
+        crate::kernels::add_into(row, tmp);
+    }
+}
+
+/// `out[T, H] = down(act(gate(x), up(x)))` (plus the biases, when the MLP has them) with
+/// matrices read from `bytes`.
 pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize, s: &mut MlpScratch, out: &mut [f32]) {
-    let MlpScratch { gate, up } = s;
+    let MlpScratch { gate, up, bias } = s;
     let (g, u, d) = (m.gate.view(bytes), m.up.view(bytes), m.down.view(bytes));
     let inter = g.rows();
     resize(gate, t * inter);
     resize(up, t * inter);
     matmul(par, x, t, &g, gate);
     matmul(par, x, t, &u, up);
-    for (a, &b) in gate.iter_mut().zip(up.iter()) {
-        *a = silu(*a) * b;
+    if let Some([bg, bu, _]) = &m.bias {
+        add_bias(bytes, bg, bias, gate);
+        add_bias(bytes, bu, bias, up);
+    }
+    match m.act {
+        GatedActivation::Silu => {
+            for (a, &b) in gate.iter_mut().zip(up.iter()) {
+                *a = silu(*a) * b;
+            }
+        }
+        GatedActivation::ClampedSwiglu { alpha, limit } => {
+            for (a, &b) in gate.iter_mut().zip(up.iter()) {
+                *a = clamped_swiglu(*a, b, alpha, limit);
+            }
+        }
     }
     matmul(par, gate, t, &d, out);
+    if let Some([_, _, bd]) = &m.bias {
+        add_bias(bytes, bd, bias, out);
+    }
+}
+
+/// GPT-OSS's gated activation, in transformers' order of operations:
+/// `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`, `(u + 1) · (g · σ(alpha · g))`.
+pub(crate) fn clamped_swiglu(gate: f32, up: f32, alpha: f32, limit: f32) -> f32 {
+    let g = gate.min(limit);
+    let u = up.clamp(-limit, limit);
+    let glu = g * (1.0 / (1.0 + libm::expf(-(g * alpha))));
+    (u + 1.0) * glu
 }
 
 /// A dense layer's FFN.

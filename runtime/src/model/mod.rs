@@ -309,6 +309,10 @@ impl Model {
         if w.len() != e || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
             return Err(ModeError::BadWeights { layer, expected: e });
         }
+        if experts[0].mlp.bias.is_some() {
+            // The merge rule (`crate::merge`) covers the three matrices only.
+            return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
+        }
         let dtype = dtype.unwrap_or(experts[0].mlp.gate.dtype);
         Ok(crate::merge::merge_expert(&experts, w, dtype))
     }
@@ -364,14 +368,14 @@ impl Model {
     }
 }
 
-/// Only the default RoPE is implemented; a file that asks for another is refused at open.
+/// The default RoPE and YaRN are implemented; a file that asks for another is refused at open.
 fn check_rope_type(file: &MeoFile<'_>) -> Result<(), ModelError> {
     match file.metadata.get("model.rope_type") {
         None => Ok(()),
-        Some(MetaValue::Str(s)) if *s == "default" => Ok(()),
-        Some(MetaValue::Str(other)) => {
-            Err(ModelError::Unsupported(alloc::format!("RoPE type {other:?} (only \"default\" is implemented)")))
-        }
+        Some(MetaValue::Str(s)) if *s == "default" || *s == "yarn" => Ok(()),
+        Some(MetaValue::Str(other)) => Err(ModelError::Unsupported(alloc::format!(
+            "RoPE type {other:?} (only \"default\" and \"yarn\" are implemented)"
+        ))),
         Some(v) => {
             Err(ConfigError::WrongType { key: "model.rope_type", expected: "string", found: v.type_name() }.into())
         }

@@ -5,7 +5,7 @@
 //! activation, RoPE scaling) and the matching arm in the runner; nothing tests a family name.
 
 use super::ModelError;
-use crate::config::{FfnKind, ModelConfig, NormKind, Positions, QkNorm, SharedGate};
+use crate::config::{FfnKind, GatedActivation, ModelConfig, NormKind, Positions, QkNorm, SharedGate, Yarn};
 use crate::format::{DType, MeoFile, TensorInfo};
 use crate::kernels::MatRef;
 use crate::names;
@@ -53,16 +53,23 @@ impl Vector {
 /// Rotary position embedding: the frequencies of each pair of a head's dimensions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
-    /// `theta^(-2i/d)` for `i < d/2`, computed in f32 as transformers does.
+    /// `theta^(-2i/d)` for `i < d/2`, computed in f32 as transformers does (YaRN-blended when
+    /// the recipe says so).
     pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_factor: f32,
 }
 
 impl Rope {
     pub fn new(c: &ModelConfig) -> Self {
         let d = c.head_dim;
-        let inv_freq =
-            (0..d / 2).map(|i| 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d as f32)).collect::<Vec<f32>>();
-        Self { inv_freq }
+        let pos_freq = (0..d / 2).map(|i| libm::powf(c.rope_theta, (2 * i) as f32 / d as f32));
+        match &c.recipe.yarn {
+            None => Self { inv_freq: pos_freq.map(|p| 1.0 / p).collect(), attention_factor: 1.0 },
+            Some(y) => {
+                Self { inv_freq: yarn_inv_freq(y, c.rope_theta, d, pos_freq), attention_factor: y.attention_factor }
+            }
+        }
     }
 
     /// cos and sin of every frequency at position `pos` (`d/2` values each).
@@ -73,7 +80,41 @@ impl Rope {
             *c = libm::cosf(a);
             *s = libm::sinf(a);
         }
+        if self.attention_factor != 1.0 {
+            for v in cos.iter_mut().chain(sin.iter_mut()) {
+                *v *= self.attention_factor;
+            }
+        }
     }
+}
+
+/// YaRN frequencies as transformers' `_compute_yarn_parameters` computes them: the correction
+/// range in f64, the ramp and the blend in f32.
+fn yarn_inv_freq(y: &Yarn, theta: f32, d: usize, pos_freq: impl Iterator<Item = f32>) -> Vec<f32> {
+    let (base, dim) = (f64::from(theta), d as f64);
+    let orig = y.original_max_positions as f64;
+    let correction_dim =
+        |rot: f64| dim * libm::log(orig / (rot * 2.0 * core::f64::consts::PI)) / (2.0 * libm::log(base));
+    let (mut low, mut high) = (correction_dim(f64::from(y.beta_fast)), correction_dim(f64::from(y.beta_slow)));
+    if y.truncate {
+        low = libm::floor(low);
+        high = libm::ceil(high);
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001; // transformers: prevents a division by zero
+    }
+    let (low32, span32) = (low as f32, (high - low) as f32);
+    pos_freq
+        .enumerate()
+        .map(|(i, p)| {
+            let extrapolation = 1.0 / p;
+            let interpolation = 1.0 / (y.factor * p);
+            let ramp = ((i as f32 - low32) / span32).clamp(0.0, 1.0);
+            let extrapolation_factor = 1.0 - ramp;
+            interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+        })
+        .collect()
 }
 
 /// Self-attention of one layer.
@@ -103,27 +144,33 @@ pub struct AttnPlan {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Multiplies q·k (`head_dim^-0.5`).
+    /// Multiplies q·k (`head_dim^-0.5`, or the recipe's `attention_scale`).
     pub scale: f32,
+    /// Per-head sink logits `[num_heads]` that join each softmax (`model.attention_sinks`).
+    pub sinks: Option<Vector>,
 }
 
-/// A SiLU-gated MLP: `down(silu(gate(x)) ⊙ up(x))`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A gated MLP: `down(act(gate(x) + b_gate, up(x) + b_up)) + b_down` (biases optional).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Mlp {
     pub gate: Mat,
     pub up: Mat,
     pub down: Mat,
+    /// Gate, up and down biases (`[i]`, `[i]`, `[h]`; routed experts with `model.expert_bias`,
+    /// ranges relative to the slab).
+    pub bias: Option<[Vector; 3]>,
+    pub act: GatedActivation,
 }
 
 /// One routed expert: its slab (absolute) and its matrices (ranges relative to the slab).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Expert {
     pub slab: Range<usize>,
     pub mlp: Mlp,
 }
 
 /// A mixture-of-experts block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MoePlan {
     /// `[experts, hidden]`, run in f32.
     pub router: Mat,
@@ -136,7 +183,7 @@ pub struct MoePlan {
 }
 
 /// The feed-forward block of one layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FfnPlan {
     Dense(Mlp),
     Moe(MoePlan),
@@ -276,6 +323,8 @@ impl<'f, 'a> Builder<'f, 'a> {
             gate: self.layer_mat(l, &alloc::format!("{prefix}.gate.weight"), inter, h)?,
             up: self.layer_mat(l, &alloc::format!("{prefix}.up.weight"), inter, h)?,
             down: self.layer_mat(l, &alloc::format!("{prefix}.down.weight"), h, inter)?,
+            bias: None,
+            act: self.c.recipe.mlp_activation,
         })
     }
 
@@ -467,7 +516,8 @@ impl<'f, 'a> Builder<'f, 'a> {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
-            scale: 1.0 / libm::sqrtf(hd as f32),
+            scale: c.recipe.attention_scale.unwrap_or_else(|| 1.0 / libm::sqrtf(hd as f32)),
+            sinks: if c.recipe.attention_sinks { Some(self.layer_vec(l, "attn.sinks", c.num_heads)?) } else { None },
         };
         let ffn = match c.layer_ffn[l] {
             FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
@@ -534,7 +584,27 @@ impl<'f, 'a> Builder<'f, 'a> {
             let rel = m.range.start - slab.start..m.range.end - slab.start;
             Ok(Mat { range: rel, ..m })
         };
-        let mlp = Mlp { gate: part("gate", i, h)?, up: part("up", i, h)?, down: part("down", h, i)? };
+        let bias = if self.c.recipe.expert_bias {
+            let vec = |p: &str, len: usize| -> Result<Vector, ModelError> {
+                let name = name(p);
+                let v = self.vector(&name, len)?;
+                if v.range.start < slab.start || v.range.end > slab.end {
+                    return Err(ModelError::NotInSlab { name });
+                }
+                Ok(Vector { len, range: v.range.start - slab.start..v.range.end - slab.start })
+            };
+            let [g, u, d] = names::EXPERT_BIAS_PARTS;
+            Some([vec(g, i)?, vec(u, i)?, vec(d, h)?])
+        } else {
+            None
+        };
+        let mlp = Mlp {
+            gate: part("gate", i, h)?,
+            up: part("up", i, h)?,
+            down: part("down", h, i)?,
+            bias,
+            act: self.c.recipe.mlp_activation,
+        };
         Ok(Expert { slab, mlp })
     }
 

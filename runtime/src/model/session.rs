@@ -420,6 +420,10 @@ impl<'m> Session<'m> {
         for (row, &tok) in b.x.chunks_mut(h).zip(tokens) {
             embed.row(tok as usize, row);
         }
+        let recipe = &c.recipe;
+        if recipe.embedding_multiplier != 1.0 {
+            b.x.iter_mut().for_each(|v| *v *= recipe.embedding_multiplier);
+        }
         if let Some(pe) = &m.pos_embed {
             let pe = pe.view(bytes);
             b.norm_w.clear();
@@ -436,7 +440,7 @@ impl<'m> Session<'m> {
                 meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
             attention(par, bytes, &layer.attn, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y);
-            add_into(&mut b.x, &b.y);
+            add_residual(&mut b.x, &mut b.y, recipe.residual_multiplier);
 
             layer.ffn_norm.read(bytes, &mut b.norm_w);
             read_bias(layer.ffn_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
@@ -511,7 +515,7 @@ impl<'m> Session<'m> {
                     }
                 }
             }
-            add_into(&mut b.x, &b.y);
+            add_residual(&mut b.x, &mut b.y, recipe.residual_multiplier);
         }
         let (rows, first) = match which {
             Logits::All => (t, 0),
@@ -525,6 +529,10 @@ impl<'m> Session<'m> {
         }
         self.logits.resize(rows * vocab, 0.0);
         matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
+        if recipe.logits_scaling != 1.0 {
+            // Divided, not multiplied by the reciprocal, as transformers does.
+            self.logits.iter_mut().for_each(|v| *v /= recipe.logits_scaling);
+        }
         self.pos += t;
         Ok(&self.logits)
     }
@@ -543,6 +551,14 @@ fn default_exec(model: &Model) -> Vec<Exec> {
         .iter()
         .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
         .collect()
+}
+
+/// `x += y · multiplier` (the residual connection; `y` is scratch and is scaled in place).
+fn add_residual(x: &mut [f32], y: &mut [f32], multiplier: f32) {
+    if multiplier != 1.0 {
+        y.iter_mut().for_each(|v| *v *= multiplier);
+    }
+    add_into(x, y);
 }
 
 /// A norm's bias into `out` (zeros when it has none; RMSNorm ignores it).
