@@ -49,3 +49,73 @@ fn rope_angles_are_position_times_frequency() {
     r.angles(3, &mut c, &mut s);
     assert!((c[0] - libm::cosf(3.0)).abs() < 1e-7 && (s[1] - libm::sinf(0.3)).abs() < 1e-7);
 }
+
+#[test]
+fn yarn_keeps_fast_frequencies_and_interpolates_slow_ones() {
+    use crate::config::Yarn;
+    let mut c = config(16, 150_000.0);
+    let plain = Rope::new(&c);
+    let y = Yarn {
+        factor: 32.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        original_max_positions: 4096,
+        truncate: false,
+        attention_factor: 1.5,
+    };
+    c.recipe.yarn = Some(y);
+    let r = Rope::new(&c);
+    assert_eq!(r.attention_factor, 1.5);
+    // The correction range is dimensions [2.02, 4.35] here: below it extrapolation (the plain
+    // frequency), above it interpolation (plain / factor), a blend in between.
+    assert_eq!(r.inv_freq[..3], plain.inv_freq[..3]);
+    for i in 5..8 {
+        assert!((r.inv_freq[i] - plain.inv_freq[i] / 32.0).abs() <= 1e-6 * plain.inv_freq[i], "{i}");
+    }
+    for i in 3..5 {
+        assert!(r.inv_freq[i] < plain.inv_freq[i] && r.inv_freq[i] > plain.inv_freq[i] / 32.0, "{i}");
+    }
+    // cos and sin carry the attention factor.
+    let (mut co, mut si) = ([0.0; 8], [0.0; 8]);
+    r.angles(0, &mut co, &mut si);
+    assert_eq!(co, [1.5; 8]);
+    // Truncation widens the range to [2, 5]: dimension 3 keeps more of its plain frequency.
+    c.recipe.yarn = Some(Yarn { truncate: true, ..y });
+    let t = Rope::new(&c);
+    assert_eq!(t.inv_freq[..3], plain.inv_freq[..3]);
+    assert!(t.inv_freq[3] > r.inv_freq[3]);
+}
+
+#[test]
+fn clamped_swiglu_clamps_gate_above_and_up_both_sides() {
+    use super::ffn::clamped_swiglu;
+    let f = |g: f32, u: f32| clamped_swiglu(g, u, 1.702, 7.0);
+    let reference = |g: f64, u: f64| (u + 1.0) * g / (1.0 + (-1.702 * g).exp());
+    let close =
+        |got: f32, want: f64| assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs().max(1.0), "{got} vs {want}");
+    close(f(0.5, -0.25), reference(0.5, -0.25));
+    // gate is clamped above only, up on both sides.
+    close(f(10.0, 0.5), reference(7.0, 0.5));
+    close(f(-10.0, 0.5), reference(-10.0, 0.5));
+    close(f(1.0, 100.0), reference(1.0, 7.0));
+    close(f(1.0, -100.0), reference(1.0, -7.0));
+}
+
+#[test]
+fn attention_sink_takes_probability_mass() {
+    use super::attention::softmax_with_sink;
+    let mut p = [1.0f32, 2.0, 3.0];
+    softmax_with_sink(&mut p, 2.5);
+    let z = libm::expf(1.0) + libm::expf(2.0) + libm::expf(3.0) + libm::expf(2.5);
+    for (got, x) in p.iter().zip([1.0f32, 2.0, 3.0]) {
+        assert!((got - libm::expf(x) / z).abs() < 1e-6);
+    }
+    let sum: f32 = p.iter().sum();
+    assert!((sum - (1.0 - libm::expf(2.5) / z)).abs() < 1e-6 && sum < 1.0);
+    // A very negative sink changes nothing measurable; a dominant one takes almost all.
+    let mut q = [1.0f32, 2.0];
+    softmax_with_sink(&mut q, -1e4);
+    assert!((q[0] + q[1] - 1.0).abs() < 1e-6);
+    softmax_with_sink(&mut q, 1e4);
+    assert!(q.iter().all(|&v| v < 1e-6));
+}
