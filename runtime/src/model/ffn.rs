@@ -61,7 +61,7 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
     resize(up, t * inter);
     matmul(par, x, t, &g, gate);
     matmul(par, x, t, &u, up);
-    if let Some([bg, bu, _]) = &m.bias {
+    if let Some([bg, bu, _]) = m.bias.as_deref() {
         add_bias(bytes, bg, bias, gate);
         add_bias(bytes, bu, bias, up);
     }
@@ -78,7 +78,7 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
         }
     }
     matmul(par, gate, t, &d, out);
-    if let Some([_, _, bd]) = &m.bias {
+    if let Some([_, _, bd]) = m.bias.as_deref() {
         add_bias(bytes, bd, bias, out);
     }
 }

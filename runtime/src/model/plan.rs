@@ -157,8 +157,9 @@ pub struct Mlp {
     pub up: Mat,
     pub down: Mat,
     /// Gate, up and down biases (`[i]`, `[i]`, `[h]`; routed experts with `model.expert_bias`,
-    /// ranges relative to the slab).
-    pub bias: Option<[Vector; 3]>,
+    /// ranges relative to the slab). Boxed: most MLPs have none, and an `Mlp` is held by value
+    /// in session state.
+    pub bias: Option<alloc::boxed::Box<[Vector; 3]>>,
     pub act: GatedActivation,
 }
 
@@ -594,7 +595,7 @@ impl<'f, 'a> Builder<'f, 'a> {
                 Ok(Vector { len, range: v.range.start - slab.start..v.range.end - slab.start })
             };
             let [g, u, d] = names::EXPERT_BIAS_PARTS;
-            Some([vec(g, i)?, vec(u, i)?, vec(d, h)?])
+            Some(alloc::boxed::Box::new([vec(g, i)?, vec(u, i)?, vec(d, h)?]))
         } else {
             None
         };
