@@ -244,6 +244,14 @@ impl<'m> Session<'m> {
                 layers
             }
             Mode::Prompt(_) => {
+                // Experts with biases have no merge rule (`Model::merge_layer` refuses them).
+                let biased = m
+                    .layers
+                    .iter()
+                    .position(|l| matches!(&l.ffn, FfnPlan::Moe(p) if p.experts.iter().any(|e| e.mlp.bias.is_some())));
+                if let Some(layer) = biased {
+                    return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
+                }
                 let cands: Vec<(usize, Option<f64>)> =
                     moe.iter().map(|&l| (l, m.prompt_errors.iter().find(|e| e.0 == l).map(|e| e.1))).collect();
                 let layers = pick(&cands, "prompt")?;
