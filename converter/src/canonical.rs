@@ -3,7 +3,7 @@
 
 use meo::config::SharedGate;
 use meo::config::{NormKind, Positions};
-use meo::names::{self, BANK_EXPERT_PARTS, EXPERT_PARTS, MEO_BANKS};
+use meo::names::{self, BANK_EXPERT_PARTS, EXPERT_BIAS_PARTS, EXPERT_PARTS, MEO_BANKS};
 use meo::{DType, FfnKind, ModelConfig, QkNorm};
 
 /// What a tensor is, which decides its dtype.
@@ -30,6 +30,8 @@ pub enum Place {
     Layer { layer: usize, suffix: &'static str },
     /// `layers.{layer}.experts.{expert}.{EXPERT_PARTS[part]}`.
     Expert { layer: usize, expert: usize, part: usize },
+    /// `layers.{layer}.experts.{expert}.{EXPERT_BIAS_PARTS[part]}` (`model.expert_bias`).
+    ExpertBias { layer: usize, expert: usize, part: usize },
     /// `layers.{layer}.{MEO_BANKS[bank]}.experts.{expert}.{BANK_EXPERT_PARTS[part]}`.
     BankExpert { layer: usize, bank: usize, expert: usize, part: usize },
     /// A task's merged MEO bank, computed by the converter:
@@ -151,6 +153,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
             if c.recipe.attention_out_bias {
                 push("attn.o.bias", vec![h], Role::Bias);
             }
+            if c.recipe.attention_sinks {
+                push("attn.sinks", vec![c.num_heads as u64], Role::Bias);
+            }
             match c.qk_norm {
                 QkNorm::None => {}
                 QkNorm::PerHead => {
@@ -228,6 +233,15 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
                             shape,
                             role: Role::Expert,
                             place: Place::Expert { layer: l, expert: x, part: p },
+                        });
+                    }
+                    // Biases in the same slab, after the matrices.
+                    for (p, part) in EXPERT_BIAS_PARTS.iter().enumerate().filter(|_| c.recipe.expert_bias) {
+                        out.push(Canon {
+                            name: names::expert(l, x, part),
+                            shape: vec![if p == 2 { h } else { i }],
+                            role: Role::Bias,
+                            place: Place::ExpertBias { layer: l, expert: x, part: p },
                         });
                     }
                 }

@@ -88,7 +88,7 @@ pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
         if cancel.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
-        let v = p.model.checkpoint.read_f32(&src.tensor, src.first, src.count)?;
+        let v = src.read(&p.model.checkpoint)?;
         let e = parts.entry((layer, expert)).or_default();
         e[part] = v;
         if part + 1 < 3 {
@@ -262,11 +262,16 @@ pub fn convert_with(
     if merges.tasks.is_empty() {
         return convert_single(dir, out, opts, cancel, progress);
     }
-    if crate::hf::HfModel::open(dir)?.family.kind == crate::hf::Kind::MeoNative {
+    let hf = crate::hf::HfModel::open(dir)?;
+    if hf.family.kind == crate::hf::Kind::MeoNative {
         bail!(
             "--task is for standard MoEs (merges from calibration text); an MEO-native model's task merges \
              come from its own task gate and are always stored"
         );
+    }
+    let recipe = &hf.config.recipe;
+    if recipe.expert_bias || recipe.mlp_activation != meo::config::Activation::Silu {
+        bail!("--task merges need bias-free SiLU experts; this model's experts have biases or another activation");
     }
     crate::merges::convert_with_tasks(dir, out, opts, merges, cancel, progress)
 }
@@ -311,11 +316,16 @@ pub(crate) fn convert_single(
             crate::canonical::Place::TaskBank { task, layer, bank, part } => {
                 crate::hf::meo_gpt2::task_bank_values(&model.checkpoint, layer, bank, part, &gates[task][layer][bank])?
             }
-            _ => model.checkpoint.read_f32(&src.tensor, src.first, src.count)?,
+            _ => src.read(&model.checkpoint)?,
         };
         if let (Some(o), crate::canonical::Place::Expert { layer, expert, part }) = (&orders, c.place) {
             let (h, i) = (model.config.hidden_size, model.config.expert_intermediate_size);
             values = crate::align::permute(&values, &o[&layer][expert], i, h, part == 2);
+        }
+        // Gate and up biases follow their rows; the down bias is per output, unpermuted.
+        if let (Some(o), crate::canonical::Place::ExpertBias { layer, expert, part: 0 | 1 }) = (&orders, c.place) {
+            values =
+                crate::align::permute(&values, &o[&layer][expert], model.config.expert_intermediate_size, 1, false);
         }
         let bytes = encode(&values, &c.shape, spec.dtype);
         w.write_tensor(&bytes).map_err(io)?;

@@ -77,14 +77,14 @@ fn errors_are_one_line_with_nonzero_exit() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("config.json"), r#"{"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}"#)
+    std::fs::write(src.join("config.json"), r#"{"architectures": ["JambaForCausalLM"], "model_type": "jamba"}"#)
         .unwrap();
     let out = tmp.path().join("x.meo");
     let o = meo(&["convert", s(&src), "-o", s(&out)]);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.starts_with("error: ") && e.trim_end().lines().count() == 1, "{e}");
-    assert!(e.contains("GptOssForCausalLM") && e.contains("supported: MixtralForCausalLM"), "{e}");
+    assert!(e.contains("JambaForCausalLM") && e.contains("supported: MixtralForCausalLM"), "{e}");
     assert!(!out.exists());
 
     // verify: a corrupted byte in the data section fails with exit code 1.

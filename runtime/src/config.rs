@@ -127,7 +127,7 @@ pub enum Positions {
 }
 
 /// The activation between an FFN's input and output projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Activation {
     /// SiLU-gated (`silu(gate x) ⊙ up x`).
     #[default]
@@ -137,20 +137,23 @@ pub enum Activation {
     /// `down(relu(up x))`, ungated, for dense FFNs and experts (T5 / Switch `wo(relu(wi x))`):
     /// no `gate` matrices are stored.
     Relu,
+    /// GPT-OSS's gated activation: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`,
+    /// `(u + 1) ⊙ g ⊙ σ(alpha · g)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
 }
 
 impl Activation {
     /// Whether FFNs with this activation have a gate projection (`gate`, `up`, `down`) or
     /// only `up`, `down`.
     pub fn gated(self) -> bool {
-        self == Self::Silu
+        matches!(self, Self::Silu | Self::ClampedSwiglu { .. })
     }
 }
 
 /// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
 /// standard families' choice, and its metadata key is written only when it differs, so
 /// files of standard families are unchanged.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
     /// `model.norm`: `rms` | `layer`.
     pub norm: NormKind,
@@ -184,8 +187,51 @@ pub struct Recipe {
     pub rope_inv_freq: Option<Vec<f32>>,
     /// `model.rope_attention_factor`: multiplies RoPE's cos and sin (YaRN); `None` = 1.
     pub rope_attention_factor: Option<f32>,
-    /// `model.attention_scale`: multiplies q·k; `None` = `1/sqrt(q·k width per head)`.
+    /// `model.embedding_multiplier`: token embeddings are multiplied by it (Granite).
+    pub embedding_multiplier: f32,
+    /// `model.residual_multiplier`: each block's output is multiplied by it before it is added
+    /// to the residual stream (Granite).
+    pub residual_multiplier: f32,
+    /// `model.attention_scale`: multiplies q·k; `None` = `1/sqrt(q·k width per head)`
+    /// (DeepSeek's YaRN-corrected scale, Granite's `attention_multiplier`).
     pub attention_scale: Option<f32>,
+    /// `model.logits_scaling`: the logits are divided by it (Granite).
+    pub logits_scaling: f32,
+    /// `model.attention_sinks`: each head has a learned sink logit (`attn.sinks`, `[heads]`)
+    /// that joins the attention softmax and takes no value (GPT-OSS).
+    pub attention_sinks: bool,
+    /// `model.mlp_activation`: the gated MLPs' activation, `silu` | `clamped_swiglu`
+    /// (+ `model.swiglu_alpha`, `model.swiglu_limit`).
+    pub mlp_activation: Activation,
+    /// `model.expert_bias`: routed experts have biases (`experts.X.{gate,up,down}_bias`).
+    pub expert_bias: bool,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            norm: NormKind::Rms,
+            positions: Positions::Rope,
+            attention_out_bias: false,
+            ffn_activation: Activation::Silu,
+            meo_token_bottleneck: 0,
+            relative_buckets: 0,
+            relative_max_distance: 0,
+            attention_unscaled: false,
+            encoder_only: false,
+            mla: None,
+            rope_interleave: false,
+            rope_inv_freq: None,
+            rope_attention_factor: None,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_scale: None,
+            logits_scaling: 1.0,
+            attention_sinks: false,
+            mlp_activation: Activation::Silu,
+            expert_bias: false,
+        }
+    }
 }
 
 /// Everything that defines one family's routing (see `docs/ROUTING.md`).
@@ -303,6 +349,16 @@ fn strs_of<'m>(m: &'m Metadata<'_>, key: &'static str) -> Result<&'m [&'m str], 
     }
 }
 
+/// `key`'s number, or `default` when absent.
+fn opt_f32(m: &Metadata<'_>, key: &'static str, default: f32) -> Result<f32, ConfigError> {
+    if m.get(key).is_none() { Ok(default) } else { f32_of(m, key) }
+}
+
+/// `key`'s flag, `false` when absent.
+fn opt_bool(m: &Metadata<'_>, key: &'static str) -> Result<bool, ConfigError> {
+    if m.get(key).is_none() { Ok(false) } else { bool_of(m, key) }
+}
+
 /// `key`'s string, or `default` when absent.
 fn opt_str<'m>(m: &'m Metadata<'_>, key: &'static str, default: &'m str) -> Result<&'m str, ConfigError> {
     if m.get(key).is_none() { Ok(default) } else { str_of(m, key) }
@@ -332,7 +388,6 @@ impl Recipe {
         let meo_token_bottleneck =
             if m.get("model.meo_token_bottleneck").is_some() { usize_of(m, "model.meo_token_bottleneck")? } else { 0 };
         let opt_usize = |key| if m.get(key).is_some() { usize_of(m, key) } else { Ok(0) };
-        let opt_bool = |key| if m.get(key).is_some() { bool_of(m, key) } else { Ok(false) };
         let (relative_buckets, relative_max_distance) = if positions == Positions::Relative {
             (usize_of(m, "model.relative_buckets")?, usize_of(m, "model.relative_max_distance")?)
         } else {
@@ -349,11 +404,24 @@ impl Recipe {
         } else {
             None
         };
-        let opt_f32 = |key| if m.get(key).is_some() { f32_of(m, key).map(Some) } else { Ok(None) };
+        let opt_f32_some = |key| if m.get(key).is_some() { f32_of(m, key).map(Some) } else { Ok(None) };
         let rope_inv_freq = match m.get("model.rope_inv_freq") {
             None => None,
             Some(MetaValue::Array(MetaArray::F64(v))) => Some(v.iter().map(|&x| x as f32).collect()),
             Some(v) => return Err(wrong("model.rope_inv_freq", "array of f64", v)),
+        };
+        let positive = |key: &'static str, v: f32| if v > 0.0 { Ok(v) } else { Err(invalid(key, v)) };
+        let attention_scale = match m.get("model.attention_scale") {
+            None => None,
+            Some(_) => Some(positive("model.attention_scale", f32_of(m, "model.attention_scale")?)?),
+        };
+        let mlp_activation = match opt_str(m, "model.mlp_activation", "silu")? {
+            "silu" => Activation::Silu,
+            "clamped_swiglu" => Activation::ClampedSwiglu {
+                alpha: f32_of(m, "model.swiglu_alpha")?,
+                limit: positive("model.swiglu_limit", f32_of(m, "model.swiglu_limit")?)?,
+            },
+            s => return Err(invalid("model.mlp_activation", s)),
         };
         Ok(Self {
             norm,
@@ -363,8 +431,8 @@ impl Recipe {
             meo_token_bottleneck,
             relative_buckets,
             relative_max_distance,
-            attention_unscaled: opt_bool("model.attention_unscaled")?,
-            encoder_only: opt_bool("model.encoder_only")?,
+            attention_unscaled: opt_bool(m, "model.attention_unscaled")?,
+            encoder_only: opt_bool(m, "model.encoder_only")?,
             mla,
             rope_interleave: if m.get("model.rope_interleave").is_some() {
                 bool_of(m, "model.rope_interleave")?
@@ -372,8 +440,14 @@ impl Recipe {
                 false
             },
             rope_inv_freq,
-            rope_attention_factor: opt_f32("model.rope_attention_factor")?,
-            attention_scale: opt_f32("model.attention_scale")?,
+            rope_attention_factor: opt_f32_some("model.rope_attention_factor")?,
+            embedding_multiplier: opt_f32(m, "model.embedding_multiplier", 1.0)?,
+            residual_multiplier: opt_f32(m, "model.residual_multiplier", 1.0)?,
+            attention_scale,
+            logits_scaling: positive("model.logits_scaling", opt_f32(m, "model.logits_scaling", 1.0)?)?,
+            attention_sinks: opt_bool(m, "model.attention_sinks")?,
+            mlp_activation,
+            expert_bias: opt_bool(m, "model.expert_bias")?,
         })
     }
 
@@ -428,8 +502,28 @@ impl Recipe {
         if let Some(a) = self.rope_attention_factor {
             v.push(("model.rope_attention_factor", f(a)));
         }
+        for (key, x) in [
+            ("model.embedding_multiplier", self.embedding_multiplier),
+            ("model.residual_multiplier", self.residual_multiplier),
+            ("model.logits_scaling", self.logits_scaling),
+        ] {
+            if x != 1.0 {
+                v.push((key, f(x)));
+            }
+        }
         if let Some(s) = self.attention_scale {
             v.push(("model.attention_scale", f(s)));
+        }
+        if self.attention_sinks {
+            v.push(("model.attention_sinks", MetaValue::Bool(true)));
+        }
+        if let Activation::ClampedSwiglu { alpha, limit } = self.mlp_activation {
+            v.push(("model.mlp_activation", MetaValue::Str("clamped_swiglu")));
+            v.push(("model.swiglu_alpha", f(alpha)));
+            v.push(("model.swiglu_limit", f(limit)));
+        }
+        if self.expert_bias {
+            v.push(("model.expert_bias", MetaValue::Bool(true)));
         }
         v
     }
@@ -889,6 +983,33 @@ mod tests {
         let mut bad = c;
         bad.recipe.rope_inv_freq = Some(alloc::vec![1.0; 3]);
         assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_inv_freq", .. })));
+    }
+
+    #[test]
+    fn granite_and_gpt_oss_recipe_round_trips() {
+        let mut c = sample();
+        c.recipe = Recipe {
+            embedding_multiplier: 12.0,
+            residual_multiplier: 0.22,
+            attention_scale: Some(0.015625),
+            logits_scaling: 6.0,
+            attention_sinks: true,
+            // YaRN, as the converter stores it: 16/2 frequencies and the cos/sin factor.
+            rope_inv_freq: Some((0..8).map(|i| 1.0 / (1 << i) as f32 / 32.0).collect()),
+            rope_attention_factor: Some(1.3465736),
+            mlp_activation: Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 },
+            expert_bias: true,
+            ..Recipe::default()
+        };
+        let meta = c.to_metadata();
+        let bytes = Metadata::from_entries(meta).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m).unwrap(), c);
+        // A clamped SwiGLU missing its limit is refused, naming the key.
+        let partial: Vec<_> = c.to_metadata().into_iter().filter(|(k, _)| *k != "model.swiglu_limit").collect();
+        let bytes = Metadata::from_entries(partial).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m), Err(ConfigError::Missing { key: "model.swiglu_limit" }));
     }
 
     #[test]

@@ -148,11 +148,15 @@ pub fn pack_act(
         bytes.extend_from_slice(&encode(v, rows, cols, dtype));
         Mat { dtype, rows, cols, range: Range { start, end: bytes.len() } }
     };
-    let (gate, act) =
-        if gate.is_empty() { (None, act) } else { (Some(put(gate, i, h)), crate::config::Activation::Silu) };
+    // A gated MLP keeps a gated activation (SiLU, clamped SwiGLU); any other becomes SiLU.
+    let (gate, act) = if gate.is_empty() {
+        (None, act)
+    } else {
+        (Some(put(gate, i, h)), if act.gated() { act } else { crate::config::Activation::Silu })
+    };
     let up = put(up, i, h);
     let down = put(down, h, i);
-    (bytes, Mlp { gate, up, down, act })
+    (bytes, Mlp { gate, up, down, bias: None, act })
 }
 
 /// Merges `experts` with weights `w` and stores the result in `dtype`.

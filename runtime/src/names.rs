@@ -46,7 +46,8 @@ pub fn task_bank_expert(task: &str, l: usize, bank: &str, part: &str) -> String 
 /// `attn.{q,k}_norm.weight` (`[hd]` per-head or `[heads·hd]` full); `ffn_norm.weight` `[h]`;
 /// dense FFN `ffn.{gate,up}.weight` `[i, h]`, `ffn.down.weight` `[h, i]`; MoE
 /// `router.weight` `[experts, h]` (+ `router.bias`, `router.selection_bias` `[experts]`);
-/// shared expert `shared.{gate,up,down}.weight` and `shared_gate.weight` `[1, h]`.
+/// shared expert `shared.{gate,up,down}.weight` and `shared_gate.weight` `[1, h]`;
+/// `attn.sinks` `[heads]` (when `model.attention_sinks`).
 ///
 /// With `model.norm = layer`: `attn_norm.bias`, `ffn_norm.bias` `[h]`. With
 /// `model.attention_out_bias`: `attn.o.bias` `[h]`. MEO banks (`{bank}` = `fc1` `[h → i]`,
@@ -66,6 +67,10 @@ pub fn expert(l: usize, e: usize, part: &str) -> String {
 /// Order of an expert's matrices inside its slab (ungated experts, `model.ffn_activation =
 /// relu`, have no `gate`).
 pub const EXPERT_PARTS: [&str; 3] = ["gate", "up", "down"];
+
+/// An expert's biases (`model.expert_bias`; f32, `[i]`, `[i]`, `[h]`), in its slab after its
+/// matrices, in this order.
+pub const EXPERT_BIAS_PARTS: [&str; 3] = ["gate_bias", "up_bias", "down_bias"];
 
 /// Longest task name, in bytes (keeps metadata keys and tensor names short).
 pub const MAX_TASK_NAME: usize = 64;

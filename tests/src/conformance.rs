@@ -29,7 +29,7 @@ pub const LOGIT_TOL: f32 = 1e-4;
 pub const WEIGHT_TOL: f32 = 1e-5;
 
 /// Every fixture directory under `tests/fixtures/`.
-pub const FIXTURES: [&str; 11] = [
+pub const FIXTURES: [&str; 14] = [
     "mixtral",
     "mixtral-fused",
     "mixtral-bf16-sharded",
@@ -41,6 +41,9 @@ pub const FIXTURES: [&str; 11] = [
     "olmoe-fused",
     "deepseek_v3",
     "deepseek_v2",
+    "granitemoe",
+    "granitemoe-fused",
+    "gpt_oss",
 ];
 
 /// One token's routing in one MoE layer, as a target reports it.
@@ -345,7 +348,7 @@ pub fn measure_int8(name: &str, open: Open<'_>) -> Agreement {
 /// Qwen3-MoE); DeepSeek-V3 2.9e-2 and DeepSeek-V2 4.6e-2 — its weights are scaled by
 /// `routed_scaling_factor` 16 — with top-1 agreement vs f32 27/28); agreement floors sit one disagreement below 1 so a tie-level change in
 /// summation order (SIMD kernels) passes and a real regression fails.
-pub const INT8_BOUNDS: [(&str, f64, f64, f32); 11] = [
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 14] = [
     ("mixtral", 0.95, 0.95, 2.5e-2),
     ("mixtral-fused", 0.95, 0.95, 2.5e-2),
     ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
@@ -357,6 +360,9 @@ pub const INT8_BOUNDS: [(&str, f64, f64, f32); 11] = [
     ("olmoe-fused", 0.95, 0.95, 1.0e-2),
     ("deepseek_v3", 0.95, 0.95, 5.0e-2),
     ("deepseek_v2", 0.95, 0.95, 7.5e-2),
+    ("granitemoe", 0.95, 0.95, 1.0e-2),
+    ("granitemoe-fused", 0.95, 0.95, 1.0e-2),
+    ("gpt_oss", 0.95, 0.95, 5.0e-2),
 ];
 
 /// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
@@ -397,6 +403,9 @@ macro_rules! conformance_suite {
             olmoe_fused => "olmoe-fused",
             deepseek_v3 => "deepseek_v3",
             deepseek_v2 => "deepseek_v2",
+            granitemoe => "granitemoe",
+            granitemoe_fused => "granitemoe-fused",
+            gpt_oss => "gpt_oss",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {

@@ -229,6 +229,34 @@ mod model {
         assert_eq!(s.forward(&[]).unwrap().len(), 0);
     }
 
+    #[test]
+    fn expert_biases_and_clamped_swiglu_run_and_refuse_merging() {
+        use meo::config::Activation;
+        use meo::{LayerSelect, MergeOptions, Mode, ModeError, PromptPool};
+        let mut c = synthetic_config();
+        c.recipe.expert_bias = true;
+        c.recipe.mlp_activation = Activation::ClampedSwiglu { alpha: 1.702, limit: 0.5 };
+        let m = model(synthetic_model(&c, DType::F32, DType::F32, 7, &|_| false, &[]));
+        let toks = tokens(9, c.vocab_size);
+        let with = session(&m, 2).forward(&toks).unwrap().to_vec();
+        assert!(with.iter().all(|v| v.is_finite()));
+        // The biases are read: poisoning one selected expert's down bias changes the logits.
+        let mut rec = Record::default();
+        session(&m, 1).forward_traced(&toks, &mut rec).unwrap();
+        let (&(layer, _), experts) = rec.routes.iter().next().unwrap();
+        let expert = experts[0] as usize;
+        let poisoned = |t: &Canon| matches!(t.place, Place::ExpertBias { layer: l, expert: x, part: 2 } if l == layer && x == expert);
+        let m2 = model(synthetic_model(&c, DType::F32, DType::F32, 7, &poisoned, &[]));
+        assert!(session(&m2, 1).forward(&toks).unwrap().iter().any(|v| v.is_nan()));
+        // Prompt-mode merges have no rule for biases: refused, the session unchanged.
+        let mut s = session(&m, 1);
+        let e = s
+            .set_mode(MergeOptions { mode: Mode::Prompt(PromptPool::MeanGate), layers: LayerSelect::All })
+            .unwrap_err();
+        assert!(matches!(e, ModeError::NotMergeable { layer: 0, .. }), "{e}");
+        assert_eq!(s.forward(&toks).unwrap(), &with[..]);
+    }
+
     fn open_err(bytes: Vec<u8>) -> ModelError {
         Model::from_vec(bytes).expect_err("model must be refused")
     }
@@ -240,6 +268,9 @@ mod model {
             synthetic_model(&c, DType::F32, DType::F32, 6, &|_| false, extra)
         };
         // Unsupported RoPE.
+        let e = open_err(ok(&[("model.rope_type", MetaValue::Str("longrope"))]));
+        assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("longrope")), "{e}");
+        // A scaled RoPE (YaRN) only with its precomputed frequencies (`model.rope_inv_freq`).
         let e = open_err(ok(&[("model.rope_type", MetaValue::Str("yarn"))]));
         assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("yarn")), "{e}");
         assert!(Model::from_vec(ok(&[("model.rope_type", MetaValue::Str("default"))])).is_ok());

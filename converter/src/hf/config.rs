@@ -3,10 +3,10 @@
 //! the transformers-5 form (`dtype`, `rope_parameters {rope_theta, rope_type}`, `layer_types`).
 //! Both forms of one model give the same `ModelConfig`.
 
-use super::{FAMILIES, Family, Flag, Window};
+use super::{FAMILIES, Family, Flag, FusedLayout, Window};
 use anyhow::{Context, Result, bail, ensure};
-use meo::config::SharedGate;
-use meo::{FfnKind, ModelConfig, RouterSpec, Scoring};
+use meo::config::{Activation, SharedGate};
+use meo::{FfnKind, ModelConfig, RouterSpec};
 use serde_json::{Map, Value};
 
 /// A `config.json` object with typed, error-reporting accessors. `null` counts as absent.
@@ -121,8 +121,8 @@ fn rope_theta(j: &Json<'_>, f: &Family) -> Result<f32> {
             Some(t) => Some(t),
             None => p.opt_str("type")?,
         };
-        if let Some(k) = kind.filter(|k| *k != "default") {
-            bail!("{key}: RoPE scaling type {k:?} is not supported yet (only \"default\")");
+        if let Some(k) = kind.filter(|k| *k != "default" && *k != "yarn") {
+            bail!("{key}: RoPE scaling type {k:?} is not supported yet (only \"default\" and \"yarn\")");
         }
         if let Some(p) = p.opt_f64("partial_rotary_factor")? {
             ensure!(p == 1.0, "{key}: partial_rotary_factor {p} is not supported (only 1.0)");
@@ -134,6 +134,64 @@ fn rope_theta(j: &Json<'_>, f: &Family) -> Result<f32> {
     let theta = theta.unwrap_or(f64::from(f.default_rope_theta));
     ensure!(theta > 0.0, "rope_theta {theta} must be positive");
     Ok(theta as f32)
+}
+
+/// YaRN RoPE scaling parameters (transformers `rope_type = "yarn"`), as the config gives them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Yarn {
+    factor: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+    original_max_positions: usize,
+    /// Round the correction range outward to whole dimensions.
+    truncate: bool,
+    /// Multiplies cos and sin.
+    attention_factor: f64,
+}
+
+/// YaRN parameters when `rope_parameters` (v5) or `rope_scaling` (Hub) says `yarn`, as
+/// transformers' `_compute_yarn_parameters` reads them: `factor` (null: max positions /
+/// original), `beta_fast` (32) and `beta_slow` (1) when absent or 0, `truncate` (true), and the
+/// attention factor given, or `0.1 ln(factor) + 1` (with `mscale`/`mscale_all_dim`, their ratio).
+fn yarn(j: &Json<'_>, max_positions: usize) -> Result<Option<Yarn>> {
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(v) = j.raw(key) else { continue };
+        let Some(obj) = v.as_object() else { continue };
+        let p = Json(obj);
+        let kind = match p.opt_str("rope_type")? {
+            Some(t) => Some(t),
+            None => p.opt_str("type")?,
+        };
+        if kind != Some("yarn") {
+            continue;
+        }
+        let original = p
+            .opt_usize("original_max_position_embeddings")?
+            .filter(|&o| o > 0)
+            .with_context(|| format!("{key}: yarn needs a positive \"original_max_position_embeddings\""))?;
+        let factor = p.opt_f64("factor")?.unwrap_or(max_positions as f64 / original as f64);
+        ensure!(factor > 0.0, "{key}: yarn factor {factor} must be positive");
+        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let attention_factor =
+            match (p.opt_f64("attention_factor")?, p.opt_f64("mscale")?, p.opt_f64("mscale_all_dim")?) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+                _ => mscale(factor, 1.0),
+            };
+        let nonzero_or = |k: &str, d: f64| -> Result<f64> { Ok(p.opt_f64(k)?.filter(|&x| x != 0.0).unwrap_or(d)) };
+        let (beta_fast, beta_slow) = (nonzero_or("beta_fast", 32.0)?, nonzero_or("beta_slow", 1.0)?);
+        ensure!(beta_fast > 0.0 && beta_slow > 0.0, "{key}: yarn beta_fast/beta_slow must be positive");
+        ensure!(attention_factor > 0.0, "{key}: yarn attention factor {attention_factor} must be positive");
+        return Ok(Some(Yarn {
+            factor,
+            beta_fast,
+            beta_slow,
+            original_max_positions: original,
+            truncate: p.bool_or("truncate", true)?,
+            attention_factor,
+        }));
+    }
+    Ok(None)
 }
 
 /// Per layer: dense FFN or MoE.
@@ -161,13 +219,18 @@ fn layer_window(j: &Json<'_>, f: &Family, layers: usize) -> Result<Vec<usize>> {
             let on = enabled_by.map_or(Ok(true), |k| j.bool_or(k, false))?;
             Ok(vec![if on { window } else { 0 }; layers])
         }
-        Window::LayerTypes => {
+        Window::LayerTypes | Window::Alternating => {
             // transformers: sliding_window only counts with use_sliding_window; without
-            // `layer_types`, odd-numbered layers below max_window_layers slide.
-            let use_sw = j.bool_or("use_sliding_window", false)?;
+            // `layer_types`, odd-numbered layers below max_window_layers slide. GPT-OSS:
+            // no switch, and even-numbered layers slide.
+            let alternating = matches!(f.window, Window::Alternating);
+            let use_sw = alternating || j.bool_or("use_sliding_window", false)?;
             let window = if use_sw { window } else { 0 };
             let types: Vec<String> = match j.raw("layer_types") {
                 Some(v) => serde_json::from_value(v.clone()).context("layer_types must be a list of strings")?,
+                None if alternating => (0..layers)
+                    .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string())
+                    .collect(),
                 None => {
                     let max = j.opt_usize("max_window_layers")?.unwrap_or(28);
                     (0..layers)
@@ -232,6 +295,47 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
     if eos.is_empty() {
         eos = generation_eos;
     }
+    let x = f.kind.features();
+    let attention_bias = j.flag(f.attention_bias)?;
+    let max_positions = j.usize("max_position_embeddings")?;
+    let multiplier = |key: &str| -> Result<f32> {
+        // transformers' defaults are 1.0 for each of them (attention_multiplier included).
+        let v = if x.multipliers { j.opt_f64(key)?.unwrap_or(1.0) } else { 1.0 };
+        ensure!(v.is_finite() && v != 0.0, "{key} {v} must be a non-zero number");
+        Ok(v as f32)
+    };
+    let rope_theta = rope_theta(j, f)?;
+    let yarn = yarn(j, max_positions)?;
+    let recipe = meo::config::Recipe {
+        attention_out_bias: x.out_bias_with_qkv_bias && attention_bias,
+        embedding_multiplier: multiplier("embedding_multiplier")?,
+        residual_multiplier: multiplier("residual_multiplier")?,
+        attention_scale: if x.multipliers { Some(multiplier("attention_multiplier")?) } else { None },
+        logits_scaling: multiplier("logits_scaling")?,
+        attention_sinks: x.attention_sinks,
+        // YaRN becomes the precomputed frequency table and cos/sin factor, as for DeepSeek.
+        rope_inv_freq: yarn.map(|y| {
+            super::deepseek_v3::yarn_inv_freq(
+                f64::from(rope_theta),
+                head_dim,
+                y.factor,
+                y.original_max_positions as f64,
+                y.beta_fast,
+                y.beta_slow,
+                y.truncate,
+            )
+        }),
+        rope_attention_factor: yarn.map(|y| y.attention_factor as f32),
+        mlp_activation: if x.clamped_swiglu {
+            let limit = j.opt_f64("swiglu_limit")?.unwrap_or(7.0);
+            ensure!(limit > 0.0, "swiglu_limit {limit} must be positive");
+            Activation::ClampedSwiglu { alpha: j.opt_f64("swiglu_alpha")?.unwrap_or(1.702) as f32, limit: limit as f32 }
+        } else {
+            Activation::Silu
+        },
+        expert_bias: x.fused_layout == FusedLayout::TransposedInterleaved,
+        ..meo::config::Recipe::default()
+    };
     let cfg = ModelConfig {
         architecture: f.name.to_string(),
         vocab_size: j.usize("vocab_size")?,
@@ -241,9 +345,9 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         num_kv_heads: kv_heads,
         head_dim,
         rms_norm_eps: j.opt_f64("rms_norm_eps")?.context("key \"rms_norm_eps\" is missing")? as f32,
-        rope_theta: rope_theta(j, f)?,
-        max_position_embeddings: j.usize("max_position_embeddings")?,
-        attention_bias: j.flag(f.attention_bias)?,
+        rope_theta,
+        max_position_embeddings: max_positions,
+        attention_bias,
         qk_norm: f.qk_norm,
         clip_qkv,
         tie_word_embeddings: j.bool_or("tie_word_embeddings", false)?,
@@ -261,9 +365,10 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
             norm_topk_prob: j.flag(f.norm_topk_prob)?,
             num_shared_experts: usize::from(shared > 0),
             shared_gate: if shared > 0 { SharedGate::Sigmoid } else { SharedGate::None },
-            ..RouterSpec::plain(experts, top_k, Scoring::Softmax)
+            router_bias: x.router_bias,
+            ..RouterSpec::plain(experts, top_k, x.scoring)
         },
-        recipe: meo::config::Recipe::default(),
+        recipe,
     };
     ensure!(
         cfg.num_heads.is_multiple_of(cfg.num_kv_heads),
@@ -321,9 +426,14 @@ mod tests {
     #[test]
     fn rope_scaling_is_rejected() {
         let mut v = mixtral();
+        v["rope_scaling"] = json!({"type": "longrope", "factor": 4.0});
+        let e = format!("{:#}", cfg(v).unwrap_err());
+        assert!(e.contains("longrope"), "{e}");
+        // YaRN is supported, but needs its original context length.
+        let mut v = mixtral();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
         let e = format!("{:#}", cfg(v).unwrap_err());
-        assert!(e.contains("yarn"), "{e}");
+        assert!(e.contains("original_max_position_embeddings"), "{e}");
         let mut v = mixtral();
         v["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4});
         assert!(format!("{:#}", cfg(v).unwrap_err()).contains("linear"));
@@ -371,5 +481,96 @@ mod tests {
             "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "attention_bias": true
         });
         assert!(cfg(v).unwrap_err().to_string().contains("attention_bias"));
+    }
+
+    fn gpt_oss_hub() -> Value {
+        json!({
+            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": true,
+            "head_dim": 16, "hidden_size": 64, "intermediate_size": 16, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+            "num_experts_per_tok": 2, "vocab_size": 256, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 512, "sliding_window": 4, "swiglu_limit": 7.0,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "rope_theta": 150000,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                             "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false}
+        })
+    }
+
+    #[test]
+    fn gpt_oss_recipe_and_both_config_forms() {
+        let hub = cfg(gpt_oss_hub()).unwrap();
+        assert_eq!(hub.architecture, "gpt_oss");
+        assert_eq!(hub.router.scoring, meo::Scoring::SoftmaxAfterTopK);
+        assert!(hub.router.router_bias && !hub.router.norm_topk_prob);
+        assert!(hub.attention_bias && hub.recipe.attention_out_bias && hub.recipe.attention_sinks);
+        assert!(hub.recipe.expert_bias);
+        assert_eq!(hub.recipe.mlp_activation, Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 });
+        assert_eq!(hub.layer_window, vec![4, 0, 4, 0]);
+        // YaRN: the frequency table (factor 32, original 4096, betas 32/1, no truncation) and,
+        // as transformers, attention_factor = 0.1 ln(factor) + 1.
+        let freq = hub.recipe.rope_inv_freq.as_ref().expect("YaRN frequencies");
+        let af = hub.recipe.rope_attention_factor.expect("YaRN attention factor");
+        assert!((f64::from(af) - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-6);
+        // The correction range is dimensions [2.02, 4.35] here: below it extrapolation (the plain
+        // frequency), above it interpolation (plain / factor), a blend in between.
+        let plain: Vec<f32> = (0..8).map(|i| 1.0 / 150000f32.powf((2 * i) as f32 / 16.0)).collect();
+        assert_eq!(freq.len(), 8);
+        assert_eq!(freq[..3], plain[..3]);
+        for i in 5..8 {
+            assert!((freq[i] - plain[i] / 32.0).abs() <= 1e-6 * plain[i], "{i}");
+        }
+        for i in 3..5 {
+            assert!(freq[i] < plain[i] && freq[i] > plain[i] / 32.0, "{i}");
+        }
+        // Truncation widens the range to [2, 5]: dimension 3 keeps more of its plain frequency.
+        let mut t = gpt_oss_hub();
+        t["rope_scaling"]["truncate"] = json!(true);
+        let t = cfg(t).unwrap().recipe.rope_inv_freq.unwrap();
+        assert_eq!(t[..3], plain[..3]);
+        assert!(t[3] > freq[3]);
+        assert_eq!(hub.rope_theta, 150000.0);
+        // The transformers-5 form: rope_parameters, no layer_types (even layers slide).
+        let mut v5 = gpt_oss_hub();
+        let o = v5.as_object_mut().unwrap();
+        let mut rp = o.remove("rope_scaling").unwrap();
+        rp["rope_theta"] = o.remove("rope_theta").unwrap();
+        o.insert("rope_parameters".into(), rp);
+        o.remove("layer_types");
+        o.insert("swiglu_alpha".into(), json!(1.702));
+        assert_eq!(cfg(v5).unwrap(), hub);
+    }
+
+    #[test]
+    fn granite_multipliers_and_defaults() {
+        let v = json!({
+            "architectures": ["GraniteMoeForCausalLM"], "model_type": "granitemoe", "hidden_size": 64,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 256, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 512, "rope_theta": 10000, "tie_word_embeddings": true,
+            "embedding_multiplier": 12.0, "attention_multiplier": 0.015625, "residual_multiplier": 0.22,
+            "logits_scaling": 6.0
+        });
+        let c = cfg(v.clone()).unwrap();
+        assert_eq!(c.router.scoring, meo::Scoring::SoftmaxAfterTopK);
+        assert!(c.tie_word_embeddings && !c.attention_bias && !c.recipe.attention_out_bias);
+        let r = &c.recipe;
+        assert_eq!(
+            (r.embedding_multiplier, r.attention_scale, r.residual_multiplier, r.logits_scaling),
+            (12.0, Some(0.015625), 0.22, 6.0)
+        );
+        // Absent multipliers are transformers' defaults, 1.0 (the attention scale included).
+        let mut bare = v;
+        for k in ["embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"] {
+            bare.as_object_mut().unwrap().remove(k);
+        }
+        bare["attention_bias"] = json!(true);
+        let c = cfg(bare).unwrap();
+        assert_eq!(c.recipe.attention_scale, Some(1.0));
+        assert!(c.attention_bias && c.recipe.attention_out_bias);
+        // Other families never read these keys.
+        let mut m = mixtral();
+        m["embedding_multiplier"] = json!(12.0);
+        assert_eq!(cfg(m).unwrap().recipe, meo::config::Recipe::default());
     }
 }

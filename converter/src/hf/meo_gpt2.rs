@@ -153,7 +153,7 @@ pub fn source(c: &Canon, cfg: &ModelConfig) -> Result<Option<(String, u64, u64)>
             Ok(Some((format!("h.{layer}.mlp.{}.experts.{part_name}", MEO_BANKS[bank]), expert as u64 * numel, numel)))
         }
         Place::TaskBank { .. } => Ok(None),
-        Place::Expert { .. } => bail!("{} has no standard experts", FAMILY.name),
+        Place::Expert { .. } | Place::ExpertBias { .. } => bail!("{} has no standard experts", FAMILY.name),
     }
 }
 
@@ -258,5 +258,5 @@ pub fn merge_metadata(tasks: &[String], gates: &[Vec<[Vec<f32>; 2]>]) -> Vec<(St
 
 /// A checkpoint's source for `c` as a [`Source`] (`None` for computed tensors).
 pub(super) fn to_source(c: &Canon, cfg: &ModelConfig) -> Result<Option<Source>> {
-    Ok(source(c, cfg)?.map(|(tensor, first, count)| Source { tensor, first, count }))
+    Ok(source(c, cfg)?.map(|(tensor, first, count)| Source { tensor, first, count, pick: super::Pick::Whole }))
 }

@@ -8,6 +8,8 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod gpt_oss;
+mod granitemoe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
@@ -18,7 +20,7 @@ pub mod switch_transformers;
 use crate::canonical::{Canon, Place};
 use anyhow::{Context, Result, bail, ensure};
 use checkpoint::Checkpoint;
-use meo::{FfnKind, ModelConfig, QkNorm};
+use meo::{FfnKind, ModelConfig, QkNorm, Scoring};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -42,6 +44,9 @@ pub enum Window {
     AllLayers { enabled_by: Option<&'static str> },
     /// Per `layer_types` (or transformers' rule for it), when `use_sliding_window`.
     LayerTypes,
+    /// Per `layer_types`; without it every even-numbered layer slides (GPT-OSS). No
+    /// `use_sliding_window` switch.
+    Alternating,
 }
 
 /// Everything that distinguishes one supported checkpoint family.
@@ -91,6 +96,74 @@ pub enum Kind {
     /// A DeepSeek-style decoder ([`deepseek_v3`]): MLA attention, its own config keys;
     /// tensors named through the table above like [`Kind::Standard`].
     DeepSeek,
+    /// A standard decoder plus the [`Features`] given (Granite-MoE, GPT-OSS).
+    Extended(&'static Features),
+}
+
+impl Kind {
+    /// The recipe features of a standard-layout family ([`Features::STANDARD`] for `Standard`).
+    pub fn features(self) -> &'static Features {
+        match self {
+            Self::Extended(f) => f,
+            Self::Standard | Self::MeoNative | Self::Switch | Self::DeepSeek => &Features::STANDARD,
+        }
+    }
+}
+
+/// How a fused expert layout stores one layer's experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedLayout {
+    /// `gate_up [E, 2I, H]` (gate rows first, then up) and `down [E, H, I]`.
+    GateUpRows,
+    /// GPT-OSS: transposed, `gate_up [E, H, 2I]` with gate at even and up at odd columns,
+    /// `down [E, I, H]`, plus `<gate_up>_bias [E, 2I]` (interleaved alike) and `<down>_bias [E, H]`.
+    TransposedInterleaved,
+}
+
+/// Recipe features beyond the Llama-style decoder, as data (`Kind::Extended`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// How router logits become weights.
+    pub scoring: Scoring,
+    /// The router has a bias (`{moe}.router.bias` style, from [`Family::tensors`]).
+    pub router_bias: bool,
+    /// `o_proj` has a bias whenever q/k/v have one (`attention_bias` covers all four).
+    pub out_bias_with_qkv_bias: bool,
+    /// `embedding_multiplier`, `residual_multiplier`, `attention_multiplier` (the attention
+    /// scale) and `logits_scaling` from the config (Granite).
+    pub multipliers: bool,
+    /// Per-head attention sink logits (`attn.sinks`, from [`Family::tensors`]).
+    pub attention_sinks: bool,
+    /// Clamped SwiGLU experts (`swiglu_limit`, `swiglu_alpha`; GPT-OSS).
+    pub clamped_swiglu: bool,
+    pub fused_layout: FusedLayout,
+    /// Fused expert tensor names `(gate_up, down)` under the MoE prefix, tried in order.
+    pub fused_names: &'static [(&'static str, &'static str)],
+}
+
+impl Features {
+    /// The Llama-style families' choices.
+    pub const STANDARD: Self = Self {
+        scoring: Scoring::Softmax,
+        router_bias: false,
+        out_bias_with_qkv_bias: false,
+        multipliers: false,
+        attention_sinks: false,
+        clamped_swiglu: false,
+        fused_layout: FusedLayout::GateUpRows,
+        fused_names: &[("experts.gate_up_proj", "experts.down_proj")],
+    };
+}
+
+/// A checkpoint layout the converter recognises but cannot convert.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsupportedLayout {
+    /// The original OpenAI GPT-OSS release: experts quantized to MXFP4 (`*_blocks`, `*_scales`).
+    #[error(
+        "unsupported: MXFP4 experts ({tensor}); convert a bf16/f32 checkpoint (transformers' save_pretrained \
+         of the dequantized model) instead"
+    )]
+    Mxfp4Experts { tensor: String },
 }
 
 /// Every supported family.
@@ -105,6 +178,8 @@ pub const FAMILIES: &[&Family] = &[
     &switch_transformers::FAMILY_GENERATION,
     &deepseek_v3::FAMILY,
     &deepseek_v2::FAMILY,
+    &granitemoe::FAMILY,
+    &gpt_oss::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -128,12 +203,59 @@ const COMMON: &[(&str, &str)] = &[
 /// Checkpoint tensors that carry no weights (recomputed buffers some exporters save).
 const IGNORED_SUFFIXES: &[&str] = &[".rotary_emb.inv_freq"];
 
-/// Where a canonical tensor's values are: `count` elements of `tensor` from element `first`.
+/// Where a canonical tensor's values are: `count` elements of `tensor` from element `first`,
+/// rearranged by `pick`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     pub tensor: String,
     pub first: u64,
     pub count: u64,
+    pub pick: Pick,
+}
+
+/// How a [`Source`]'s elements become the canonical tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pick {
+    /// As stored.
+    #[default]
+    Whole,
+    /// The elements are a row-major `[rows, cols]` matrix; the canonical tensor is its
+    /// columns `start, start + step, …` as rows: `[cols / step, rows]` (a transpose, of every
+    /// `step`-th column).
+    Columns { rows: u64, cols: u64, start: u64, step: u64 },
+}
+
+impl Source {
+    fn whole(tensor: String, first: u64, count: u64) -> Self {
+        Self { tensor, first, count, pick: Pick::Whole }
+    }
+
+    /// Reads the canonical tensor's values (f32) from `ck`.
+    ///
+    /// # Errors
+    /// Reading the checkpoint; a pick that does not fit the elements read.
+    pub fn read(&self, ck: &Checkpoint) -> Result<Vec<f32>> {
+        let v = ck.read_f32(&self.tensor, self.first, self.count)?;
+        match self.pick {
+            Pick::Whole => Ok(v),
+            Pick::Columns { rows, cols, start, step } => {
+                let (rows, cols, start, step) = (rows as usize, cols as usize, start as usize, step as usize);
+                ensure!(
+                    step > 0 && start < step && cols % step == 0 && rows.checked_mul(cols) == Some(v.len()),
+                    "{}: cannot take every {step}th column from {start} of a [{rows}, {cols}] block",
+                    self.tensor
+                );
+                let out_rows = cols / step;
+                let mut out = vec![0.0f32; out_rows * rows];
+                for (r, row) in v.chunks_exact(cols).enumerate() {
+                    for (j, &x) in row[start..].iter().step_by(step).enumerate() {
+                        out[j * rows + r] = x;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// How one MoE layer stores its experts.
@@ -141,15 +263,14 @@ pub struct Source {
 enum Experts {
     /// `<prefix>.experts.N.<name>.weight`, one tensor per expert and projection.
     PerExpert { prefix: String },
-    /// `<prefix>.experts.gate_up_proj [E, 2I, H]` (gate rows first) and
-    /// `<prefix>.experts.down_proj [E, H, I]`.
-    Fused { prefix: String },
+    /// Two 3-D tensors (full names) holding every expert, laid out as `layout` says.
+    Fused { prefix: String, gate_up: String, down: String, layout: FusedLayout },
 }
 
 impl Experts {
     fn prefix(&self) -> &str {
         match self {
-            Self::PerExpert { prefix } | Self::Fused { prefix } => prefix,
+            Self::PerExpert { prefix } | Self::Fused { prefix, .. } => prefix,
         }
     }
 }
@@ -195,7 +316,7 @@ impl HfModel {
         };
         let mut extra_layers = 0..0;
         let (config, tasks) = match family.kind {
-            Kind::Standard => {
+            Kind::Standard | Kind::Extended(_) => {
                 (config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect()), vec![])
             }
             Kind::MeoNative => match meo_gpt2::model_config(&j) {
@@ -237,22 +358,40 @@ impl HfModel {
             self.config.hidden_size as u64,
             self.config.expert_intermediate_size as u64,
         );
+        let features = self.family.kind.features();
         let mut tried = Vec::new();
         for p in self.family.moe_prefixes {
             let prefix = format!("model.layers.{l}.{p}");
-            let gate_up = format!("{prefix}.experts.gate_up_proj");
-            if let Some(t) = ck.get(&gate_up) {
-                let down = format!("{prefix}.experts.down_proj");
+            for (gu, dn) in features.fused_names {
+                let (gate_up, down) = (format!("{prefix}.{gu}"), format!("{prefix}.{dn}"));
+                if ck.get(&format!("{gate_up}_blocks")).is_some() {
+                    return Err(UnsupportedLayout::Mxfp4Experts { tensor: format!("{gate_up}_blocks") }.into());
+                }
+                let Some(t) = ck.get(&gate_up) else {
+                    tried.push(gate_up);
+                    continue;
+                };
                 let d = ck.get(&down).with_context(|| format!("checkpoint has {gate_up} but no {down}"))?;
-                ensure!(t.shape == [e, 2 * i, h], "{gate_up}: shape {:?}, expected {:?}", t.shape, [e, 2 * i, h]);
-                ensure!(d.shape == [e, h, i], "{down}: shape {:?}, expected {:?}", d.shape, [e, h, i]);
-                return Ok(Experts::Fused { prefix });
+                let (gu_shape, d_shape) = match features.fused_layout {
+                    FusedLayout::GateUpRows => ([e, 2 * i, h], [e, h, i]),
+                    FusedLayout::TransposedInterleaved => ([e, h, 2 * i], [e, i, h]),
+                };
+                ensure!(t.shape == gu_shape, "{gate_up}: shape {:?}, expected {gu_shape:?}", t.shape);
+                ensure!(d.shape == d_shape, "{down}: shape {:?}, expected {d_shape:?}", d.shape);
+                if features.fused_layout == FusedLayout::TransposedInterleaved {
+                    for (name, shape) in
+                        [(format!("{gate_up}_bias"), vec![e, 2 * i]), (format!("{down}_bias"), vec![e, h])]
+                    {
+                        let b = ck.get(&name).with_context(|| format!("checkpoint has {gate_up} but no {name}"))?;
+                        ensure!(b.shape == shape, "{name}: shape {:?}, expected {shape:?}", b.shape);
+                    }
+                }
+                return Ok(Experts::Fused { prefix, gate_up, down, layout: features.fused_layout });
             }
             let first = format!("{prefix}.experts.0.{}.weight", self.family.expert_names[0]);
             if ck.get(&first).is_some() {
                 return Ok(Experts::PerExpert { prefix });
             }
-            tried.push(gate_up);
             tried.push(first);
         }
         bail!("layer {l}: no experts found in the checkpoint (looked for {})", tried.join(", "))
@@ -271,7 +410,9 @@ impl HfModel {
         } else {
             hf.to_string()
         };
-        Ok(format!("model.layers.{l}.{hf}"))
+        // `a|b`: the checkpoint names it one way or the other (Hub vs transformers-5 names).
+        let names: Vec<String> = hf.split('|').map(|n| format!("model.layers.{l}.{n}")).collect();
+        Ok(names.iter().find(|n| self.checkpoint.get(n).is_some()).unwrap_or(&names[0]).clone())
     }
 
     /// Where the values of canonical tensor `c` are, checking shapes against the checkpoint.
@@ -300,11 +441,7 @@ impl HfModel {
                 None => {
                     let Place::TaskBank { layer, bank, part, .. } = c.place else { bail!("no source for {}", c.name) };
                     let part = meo::names::BANK_EXPERT_PARTS[part];
-                    Ok(Source {
-                        tensor: format!("h.{layer}.mlp.{}.experts.{part}", meo::names::MEO_BANKS[bank]),
-                        first: 0,
-                        count: 0,
-                    })
+                    Ok(Source::whole(format!("h.{layer}.mlp.{}.experts.{part}", meo::names::MEO_BANKS[bank]), 0, 0))
                 }
             };
         }
@@ -314,7 +451,7 @@ impl HfModel {
                 .get(&name)
                 .with_context(|| format!("checkpoint has no tensor {name:?} (needed for {})", c.name))?;
             ensure!(e.shape == c.shape, "{name}: shape {:?}, expected {:?} (for {})", e.shape, c.shape, c.name);
-            Ok(Source { tensor: name, first: 0, count: numel })
+            Ok(Source::whole(name, 0, numel))
         };
         if self.family.kind == Kind::Switch {
             return whole(switch_transformers::source_name(c, &|n| self.checkpoint.get(n).is_some())?);
@@ -330,17 +467,53 @@ impl HfModel {
                 Some(Experts::PerExpert { prefix }) => {
                     whole(format!("{prefix}.experts.{expert}.{}.weight", self.family.expert_names[part]))
                 }
-                Some(Experts::Fused { prefix }) => {
+                Some(Experts::Fused { gate_up, down, layout: FusedLayout::GateUpRows, .. }) => {
                     // gate_up_proj[e] is [2I, H]: rows [0, I) gate, [I, 2I) up (transformers
                     // concatenates w1 then w3, and chunks gate, up in that order).
                     // down_proj[e] is [H, I].
-                    let (tensor, first) = match part {
-                        0 | 1 => ("gate_up_proj", (2 * expert as u64 + part as u64) * numel),
-                        _ => ("down_proj", expert as u64 * numel),
-                    };
-                    Ok(Source { tensor: format!("{prefix}.experts.{tensor}"), first, count: numel })
+                    Ok(match part {
+                        0 | 1 => Source::whole(gate_up.clone(), (2 * expert as u64 + part as u64) * numel, numel),
+                        _ => Source::whole(down.clone(), expert as u64 * numel, numel),
+                    })
+                }
+                Some(Experts::Fused { gate_up, down, layout: FusedLayout::TransposedInterleaved, .. }) => {
+                    // gate_up_proj[e] is [H, 2I]: gate = even columns, up = odd columns;
+                    // down_proj[e] is [I, H]. Both transposed into the canonical [out, in].
+                    let (h, i) = (self.config.hidden_size as u64, self.config.expert_intermediate_size as u64);
+                    let x = expert as u64;
+                    Ok(match part {
+                        0 | 1 => Source {
+                            tensor: gate_up.clone(),
+                            first: x * h * 2 * i,
+                            count: h * 2 * i,
+                            pick: Pick::Columns { rows: h, cols: 2 * i, start: part as u64, step: 2 },
+                        },
+                        _ => Source {
+                            tensor: down.clone(),
+                            first: x * i * h,
+                            count: i * h,
+                            pick: Pick::Columns { rows: i, cols: h, start: 0, step: 1 },
+                        },
+                    })
                 }
                 None => bail!("layer {layer} has no experts"),
+            },
+            Place::ExpertBias { layer, expert, part } => match self.experts[layer].as_ref() {
+                Some(Experts::Fused { gate_up, down, layout: FusedLayout::TransposedInterleaved, .. }) => {
+                    let (h, i) = (self.config.hidden_size as u64, self.config.expert_intermediate_size as u64);
+                    let x = expert as u64;
+                    Ok(match part {
+                        // `<gate_up>_bias[e]` is [2I], interleaved like the matrix's columns.
+                        0 | 1 => Source {
+                            tensor: format!("{gate_up}_bias"),
+                            first: x * 2 * i,
+                            count: 2 * i,
+                            pick: Pick::Columns { rows: 1, cols: 2 * i, start: part as u64, step: 2 },
+                        },
+                        _ => Source::whole(format!("{down}_bias"), x * h, h),
+                    })
+                }
+                _ => bail!("layer {layer}: the checkpoint's experts have no biases (needed for {})", c.name),
             },
         }
     }
@@ -357,5 +530,77 @@ impl HfModel {
             .filter(|n| !(self.family.kind == Kind::Switch && switch_transformers::not_converted(n)))
             .filter(|n| !self.extra_layers.clone().any(|l| n.starts_with(&format!("model.layers.{l}."))))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint directory with one safetensors file of f32 tensors `(name, shape, values)`.
+    fn checkpoint_dir(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> tempfile::TempDir {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, shape, values) in tensors {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                (*name).into(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let h = serde_json::Value::Object(header).to_string();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(h.as_bytes());
+        bytes.extend_from_slice(&data);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        dir
+    }
+
+    #[test]
+    fn columns_pick_deinterleaves_and_transposes() {
+        // Two blocks [2, 4]; the second block's even columns, as rows: [2, 2].
+        let v: Vec<f32> = (0..16).map(|x| x as f32).collect();
+        let dir = checkpoint_dir(&[("t", vec![2, 2, 4], v)]);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let pick = |start, step| Source {
+            tensor: "t".into(),
+            first: 8,
+            count: 8,
+            pick: Pick::Columns { rows: 2, cols: 4, start, step },
+        };
+        // Block [[8, 9, 10, 11], [12, 13, 14, 15]]: even columns 8,10 / 12,14 → [[8, 12], [10, 14]].
+        assert_eq!(pick(0, 2).read(&ck).unwrap(), vec![8.0, 12.0, 10.0, 14.0]);
+        assert_eq!(pick(1, 2).read(&ck).unwrap(), vec![9.0, 13.0, 11.0, 15.0]);
+        // Step 1 is a plain transpose.
+        assert_eq!(pick(0, 1).read(&ck).unwrap(), vec![8.0, 12.0, 9.0, 13.0, 10.0, 14.0, 11.0, 15.0]);
+        // A pick that does not fit the block is an error, not a panic.
+        assert!(pick(0, 3).read(&ck).is_err());
+    }
+
+    #[test]
+    fn mxfp4_experts_are_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": 16, "hidden_size": 64,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_local_experts": 2, "num_experts_per_tok": 1, "vocab_size": 8, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 64, "sliding_window": 4, "layer_types": ["full_attention"],
+            "quantization_config": {"quant_method": "mxfp4"}
+        });
+        let ck = checkpoint_dir(&[
+            ("model.layers.0.mlp.experts.gate_up_proj_blocks", vec![2, 32, 2], vec![0.0; 128]),
+            ("model.layers.0.mlp.experts.gate_up_proj_scales", vec![2, 32], vec![0.0; 64]),
+        ]);
+        std::fs::copy(ck.path().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let e = HfModel::open(dir.path()).err().expect("MXFP4 must be refused");
+        assert!(
+            matches!(e.downcast_ref::<UnsupportedLayout>(), Some(UnsupportedLayout::Mxfp4Experts { tensor })
+                if tensor == "model.layers.0.mlp.experts.gate_up_proj_blocks"),
+            "{e:#}"
+        );
+        assert!(e.to_string().contains("unsupported: MXFP4 experts"), "{e:#}");
     }
 }

@@ -174,6 +174,7 @@ pub fn source_name(c: &Canon, has: &dyn Fn(&str) -> bool) -> Result<String> {
             block(layer, &format!("layer.1.mlp.experts.expert_{expert}.{name}.weight"))
         }
         Place::BankExpert { .. } | Place::TaskBank { .. } => bail!("{}: not an MEO-native family", c.name),
+        Place::ExpertBias { .. } => bail!("{}: Switch experts have no biases", c.name),
     })
 }
 

@@ -38,6 +38,20 @@ fn resize(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
+/// Softmax of `x` with one more logit `sink` in the denominator (its probability is dropped):
+/// GPT-OSS attention sinks, max-subtracted over the scores and the sink as transformers does.
+pub(crate) fn softmax_with_sink(x: &mut [f32], sink: f32) {
+    let m = x.iter().fold(sink, |a, &b| a.max(b));
+    let mut sum = libm::expf(sink - m);
+    for v in x.iter_mut() {
+        *v = libm::expf(*v - m);
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
 /// Below this many multiply-adds the heads run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 14;
 
@@ -124,6 +138,10 @@ pub(crate) fn attention(
     let (q, kc, vc) = (&s.q[..], &cache.k[..], &cache.v[..]);
     let (window, scale, causal) = (a.window, a.scale, a.causal);
     let rel = a.rel_bias.as_ref().map(|_| (&s.rel_table[..], &s.rel_bucket[..]));
+    if let Some(sinks) = &a.sinks {
+        sinks.read(bytes, &mut s.w);
+    }
+    let sinks = a.sinks.as_ref().map(|_| &s.w[..]);
     let head_task = |head: usize, o: &mut [f32]| {
         let kvh = head / group;
         let mut scores = Vec::with_capacity(if window > 0 { window.min(total) } else { total });
@@ -146,7 +164,10 @@ pub(crate) fn attention(
                     *sc += table[bucket[j + total - 1 - i] * nh + head];
                 }
             }
-            softmax_in_place(&mut scores);
+            match sinks {
+                Some(sk) => softmax_with_sink(&mut scores, sk[head]),
+                None => softmax_in_place(&mut scores),
+            }
             let ov = &mut o[tok * hd..][..hd];
             ov.fill(0.0);
             for (j, &p) in (lo..=hi).zip(&scores) {

@@ -207,6 +207,8 @@ pub enum ModeError {
          (convert with --task NAME=calibration.txt, or list the layers)"
     )]
     NoErrors { mode: &'static str },
+    #[error("layer {layer}: {what} cannot be merged (MEO merges need bias-free experts)")]
+    NotMergeable { layer: usize, what: &'static str },
 }
 
 fn unknown_task(name: &str, available: &[String]) -> String {

@@ -40,22 +40,47 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 pub(crate) struct MlpScratch {
     gate: Vec<f32>,
     up: Vec<f32>,
+    bias: Vec<f32>,
 }
 
-/// `out[T, H] = down(silu(gate(x)) ⊙ up(x))`, or `down(act(up(x)))` for an ungated MLP,
-/// with matrices read from `bytes`.
+/// Adds `bias` (read from `bytes` into `tmp`) to every row of `rows`.
+fn add_bias(bytes: &[u8], bias: &super::plan::Vector, tmp: &mut Vec<f32>, rows: &mut [f32]) {
+    bias.read(bytes, tmp);
+    for row in rows.chunks_mut(tmp.len().max(1)) {
+        crate::kernels::add_into(row, tmp);
+    }
+}
+
+/// `out[T, H] = down(act(gate(x), up(x)))`, or `down(act(up(x)))` for an ungated MLP (plus
+/// the biases, when the MLP has them), with matrices read from `bytes`.
 pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize, s: &mut MlpScratch, out: &mut [f32]) {
-    let MlpScratch { gate, up } = s;
+    let MlpScratch { gate, up, bias } = s;
     let (u, d) = (m.up.view(bytes), m.down.view(bytes));
     let inter = u.rows();
     resize(up, t * inter);
     matmul(par, x, t, &u, up);
+    if let Some([_, bu, _]) = m.bias.as_deref() {
+        add_bias(bytes, bu, bias, up);
+    }
     match &m.gate {
         Some(g) => {
             resize(gate, t * inter);
             matmul(par, x, t, &g.view(bytes), gate);
-            for (a, &b) in gate.iter_mut().zip(up.iter()) {
-                *a = silu(*a) * b;
+            if let Some([bg, _, _]) = m.bias.as_deref() {
+                add_bias(bytes, bg, bias, gate);
+            }
+            match m.act {
+                Activation::ClampedSwiglu { alpha, limit } => {
+                    for (a, &b) in gate.iter_mut().zip(up.iter()) {
+                        *a = clamped_swiglu(*a, b, alpha, limit);
+                    }
+                }
+                // A gated MLP is SiLU-gated unless it says otherwise.
+                _ => {
+                    for (a, &b) in gate.iter_mut().zip(up.iter()) {
+                        *a = silu(*a) * b;
+                    }
+                }
             }
             matmul(par, gate, t, &d, out);
         }
@@ -64,12 +89,25 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
                 *v = match m.act {
                     Activation::Relu => v.max(0.0),
                     Activation::GeluTanh => super::meo::gelu_tanh(*v),
-                    Activation::Silu => silu(*v),
+                    // Ungated SwiGLU variants have no meaning; SiLU alone.
+                    Activation::Silu | Activation::ClampedSwiglu { .. } => silu(*v),
                 };
             }
             matmul(par, up, t, &d, out);
         }
     }
+    if let Some([_, _, bd]) = m.bias.as_deref() {
+        add_bias(bytes, bd, bias, out);
+    }
+}
+
+/// GPT-OSS's gated activation, in transformers' order of operations:
+/// `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`, `(u + 1) · (g · σ(alpha · g))`.
+pub(crate) fn clamped_swiglu(gate: f32, up: f32, alpha: f32, limit: f32) -> f32 {
+    let g = gate.min(limit);
+    let u = up.clamp(-limit, limit);
+    let glu = g * (1.0 / (1.0 + libm::expf(-(g * alpha))));
+    (u + 1.0) * glu
 }
 
 /// A dense layer's FFN.

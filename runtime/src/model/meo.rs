@@ -78,7 +78,8 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
 fn activate(act: Activation, v: &mut [f32]) {
     match act {
         Activation::GeluTanh => v.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
-        Activation::Silu => v.iter_mut().for_each(|x| *x = silu(*x)),
+        // `model.ffn_activation` is never clamped SwiGLU (that is `model.mlp_activation`).
+        Activation::Silu | Activation::ClampedSwiglu { .. } => v.iter_mut().for_each(|x| *x = silu(*x)),
         Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
     }
 }

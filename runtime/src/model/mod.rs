@@ -310,6 +310,10 @@ impl Model {
         if w.len() != e || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
             return Err(ModeError::BadWeights { layer, expected: e });
         }
+        if experts[0].mlp.bias.is_some() {
+            // The merge rule (`crate::merge`) covers the three matrices only.
+            return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
+        }
         let dtype = dtype.unwrap_or(experts[0].mlp.up.dtype);
         Ok(crate::merge::merge_expert(&experts, w, dtype))
     }

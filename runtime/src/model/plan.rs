@@ -124,12 +124,15 @@ pub struct AttnPlan {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Multiplies q·k (`head_dim^-0.5`, or 1 with `model.attention_unscaled`).
+    /// Multiplies q·k (`head_dim^-0.5`, the recipe's `attention_scale`, or 1 with
+    /// `model.attention_unscaled`).
     pub scale: f32,
     /// Each query attends to the keys up to itself (decoder); false: to every key (encoder).
     pub causal: bool,
     /// Relative position bias added to the scores (`model.positions = relative`).
     pub rel_bias: Option<RelBias>,
+    /// Per-head sink logits `[num_heads]` that join each softmax (`model.attention_sinks`).
+    pub sinks: Option<Vector>,
 }
 
 /// Multi-head latent attention of one layer (DeepSeek-V2/V3; `docs/FORMAT.md`, MLA).
@@ -161,6 +164,8 @@ pub struct MlaPlan {
 
 /// The attention block of one layer.
 #[derive(Debug, Clone, PartialEq)]
+// One per layer, built once at open: the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Attention {
     /// q/k/v projections, grouped-query attention.
     Gqa(AttnPlan),
@@ -234,26 +239,31 @@ pub fn relative_bucket(rel: i64, bidirectional: bool, buckets: usize, max_distan
     base + (max_exact as usize).saturating_add(large).min(n - 1)
 }
 
-/// A feed-forward MLP: SiLU-gated `down(silu(gate(x)) ⊙ up(x))` when `gate` is present,
-/// else `down(act(up(x)))` (ReLU for T5/Switch).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A feed-forward MLP: gated `down(act(gate(x) + b_gate, up(x) + b_up)) + b_down` when `gate`
+/// is present (SiLU, or GPT-OSS's clamped SwiGLU), else `down(act(up(x)))` (ReLU for
+/// T5/Switch); biases optional.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Mlp {
     pub gate: Option<Mat>,
     pub up: Mat,
     pub down: Mat,
-    /// The activation between `up` (times `gate`) and `down`.
+    /// Gate, up and down biases (`[i]`, `[i]`, `[h]`; routed experts with `model.expert_bias`,
+    /// ranges relative to the slab). Boxed: most MLPs have none, and an `Mlp` is held by value
+    /// in session state.
+    pub bias: Option<alloc::boxed::Box<[Vector; 3]>>,
+    /// The activation between `up` (with `gate`) and `down`.
     pub act: Activation,
 }
 
 /// One routed expert: its slab (absolute) and its matrices (ranges relative to the slab).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Expert {
     pub slab: Range<usize>,
     pub mlp: Mlp,
 }
 
 /// A mixture-of-experts block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MoePlan {
     /// `[experts, hidden]`, run in f32.
     pub router: Mat,
@@ -266,7 +276,7 @@ pub struct MoePlan {
 }
 
 /// The feed-forward block of one layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FfnPlan {
     Dense(Mlp),
     Moe(MoePlan),
@@ -412,6 +422,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             gate,
             up: self.layer_mat(l, &alloc::format!("{prefix}.up.weight"), inter, h)?,
             down: self.layer_mat(l, &alloc::format!("{prefix}.down.weight"), h, inter)?,
+            bias: None,
             act,
         })
     }
@@ -421,7 +432,8 @@ impl<'f, 'a> Builder<'f, 'a> {
     fn ffn_act(&self) -> Activation {
         match self.c.recipe.ffn_activation {
             Activation::Relu => Activation::Relu,
-            Activation::Silu | Activation::GeluTanh => Activation::Silu,
+            // Gated: SiLU or the recipe's `mlp_activation` (clamped SwiGLU).
+            _ => self.c.recipe.mlp_activation,
         }
     }
 
@@ -704,6 +716,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             },
             causal: !c.recipe.encoder_only,
             rel_bias: self.rel_bias()?,
+            sinks: if c.recipe.attention_sinks { Some(self.layer_vec(l, "attn.sinks", c.num_heads)?) } else { None },
         };
         Ok(attn)
     }
@@ -760,9 +773,23 @@ impl<'f, 'a> Builder<'f, 'a> {
             let rel = m.range.start - slab.start..m.range.end - slab.start;
             Ok(Mat { range: rel, ..m })
         };
+        let bias = if self.c.recipe.expert_bias {
+            let vec = |p: &str, len: usize| -> Result<Vector, ModelError> {
+                let name = name(p);
+                let v = self.vector(&name, len)?;
+                if v.range.start < slab.start || v.range.end > slab.end {
+                    return Err(ModelError::NotInSlab { name });
+                }
+                Ok(Vector { len, range: v.range.start - slab.start..v.range.end - slab.start })
+            };
+            let [g, u, d] = names::EXPERT_BIAS_PARTS;
+            Some(alloc::boxed::Box::new([vec(g, i)?, vec(u, i)?, vec(d, h)?]))
+        } else {
+            None
+        };
         let act = self.ffn_act();
         let gate = if act.gated() { Some(part("gate", i, h)?) } else { None };
-        let mlp = Mlp { gate, up: part("up", i, h)?, down: part("down", h, i)?, act };
+        let mlp = Mlp { gate, up: part("up", i, h)?, down: part("down", h, i)?, bias, act };
         Ok(Expert { slab, mlp })
     }
 

@@ -264,6 +264,14 @@ impl<'m> Session<'m> {
                 layers
             }
             Mode::Prompt(_) => {
+                // Experts with biases have no merge rule (`Model::merge_layer` refuses them).
+                let biased = m
+                    .layers
+                    .iter()
+                    .position(|l| matches!(&l.ffn, FfnPlan::Moe(p) if p.experts.iter().any(|e| e.mlp.bias.is_some())));
+                if let Some(layer) = biased {
+                    return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
+                }
                 let cands: Vec<(usize, Option<f64>)> =
                     moe.iter().map(|&l| (l, m.prompt_errors.iter().find(|e| e.0 == l).map(|e| e.1))).collect();
                 let layers = pick(&cands, "prompt")?;
@@ -452,6 +460,11 @@ impl<'m> Session<'m> {
         }
         self.logits.resize(rows * vocab, 0.0);
         matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
+        let scaling = c.recipe.logits_scaling;
+        if scaling != 1.0 {
+            // Divided, not multiplied by the reciprocal, as transformers does.
+            self.logits.iter_mut().for_each(|v| *v /= scaling);
+        }
         self.pos += t;
         Ok(&self.logits)
     }
@@ -521,6 +534,10 @@ impl<'m> Session<'m> {
         for (row, &tok) in b.x.chunks_mut(h).zip(tokens) {
             embed.row(tok as usize, row);
         }
+        let recipe = &c.recipe;
+        if recipe.embedding_multiplier != 1.0 {
+            b.x.iter_mut().for_each(|v| *v *= recipe.embedding_multiplier);
+        }
         if let Some(pe) = &m.pos_embed {
             let pe = pe.view(bytes);
             b.norm_w.clear();
@@ -544,7 +561,7 @@ impl<'m> Session<'m> {
                     mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
                 }
             }
-            add_into(&mut b.x, &b.y);
+            add_residual(&mut b.x, &mut b.y, recipe.residual_multiplier);
 
             layer.ffn_norm.read(bytes, &mut b.norm_w);
             read_bias(layer.ffn_norm_bias.as_ref(), bytes, h, &mut b.norm_b);
@@ -634,7 +651,7 @@ impl<'m> Session<'m> {
                     }
                 }
             }
-            add_into(&mut b.x, &b.y);
+            add_residual(&mut b.x, &mut b.y, recipe.residual_multiplier);
         }
     }
 
@@ -652,6 +669,14 @@ fn default_exec(model: &Model) -> Vec<Exec> {
         .iter()
         .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
         .collect()
+}
+
+/// `x += y · multiplier` (the residual connection; `y` is scratch and is scaled in place).
+fn add_residual(x: &mut [f32], y: &mut [f32], multiplier: f32) {
+    if multiplier != 1.0 {
+        y.iter_mut().for_each(|v| *v *= multiplier);
+    }
+    add_into(x, y);
 }
 
 /// A norm's bias into `out` (zeros when it has none; RMSNorm ignores it).

@@ -49,3 +49,37 @@ fn rope_angles_are_position_times_frequency() {
     r.angles(3, &mut c, &mut s);
     assert!((c[0] - libm::cosf(3.0)).abs() < 1e-7 && (s[1] - libm::sinf(0.3)).abs() < 1e-7);
 }
+
+#[test]
+fn clamped_swiglu_clamps_gate_above_and_up_both_sides() {
+    use super::ffn::clamped_swiglu;
+    let f = |g: f32, u: f32| clamped_swiglu(g, u, 1.702, 7.0);
+    let reference = |g: f64, u: f64| (u + 1.0) * g / (1.0 + (-1.702 * g).exp());
+    let close =
+        |got: f32, want: f64| assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs().max(1.0), "{got} vs {want}");
+    close(f(0.5, -0.25), reference(0.5, -0.25));
+    // gate is clamped above only, up on both sides.
+    close(f(10.0, 0.5), reference(7.0, 0.5));
+    close(f(-10.0, 0.5), reference(-10.0, 0.5));
+    close(f(1.0, 100.0), reference(1.0, 7.0));
+    close(f(1.0, -100.0), reference(1.0, -7.0));
+}
+
+#[test]
+fn attention_sink_takes_probability_mass() {
+    use super::attention::softmax_with_sink;
+    let mut p = [1.0f32, 2.0, 3.0];
+    softmax_with_sink(&mut p, 2.5);
+    let z = libm::expf(1.0) + libm::expf(2.0) + libm::expf(3.0) + libm::expf(2.5);
+    for (got, x) in p.iter().zip([1.0f32, 2.0, 3.0]) {
+        assert!((got - libm::expf(x) / z).abs() < 1e-6);
+    }
+    let sum: f32 = p.iter().sum();
+    assert!((sum - (1.0 - libm::expf(2.5) / z)).abs() < 1e-6 && sum < 1.0);
+    // A very negative sink changes nothing measurable; a dominant one takes almost all.
+    let mut q = [1.0f32, 2.0];
+    softmax_with_sink(&mut q, -1e4);
+    assert!((q[0] + q[1] - 1.0).abs() < 1e-6);
+    softmax_with_sink(&mut q, 1e4);
+    assert!(q.iter().all(|&v| v < 1e-6));
+}
