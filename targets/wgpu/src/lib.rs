@@ -288,6 +288,16 @@ impl<'m> WgpuTarget<'m> {
         if model.rope().interleave {
             return Err(unsupported("RoPE on interleaved pairs (DeepSeek)"));
         }
+        let r = &c.recipe;
+        if r.embedding_multiplier != 1.0 || r.residual_multiplier != 1.0 || r.logits_scaling != 1.0 {
+            return Err(unsupported("embedding/residual multipliers and logits scaling (Granite-MoE)"));
+        }
+        if r.attention_sinks {
+            return Err(unsupported("attention sinks (GPT-OSS)"));
+        }
+        if r.expert_bias || !matches!(r.mlp_activation, Activation::Silu) {
+            return Err(unsupported(format!("expert biases or MLP activation {:?} (GPT-OSS)", r.mlp_activation)));
+        }
         let gpu = Gpu::open(opts.adapter.as_deref(), opts.portable_dot).map_err(dev)?;
         let b = model.bytes();
         let mut layers = Vec::with_capacity(model.layer_plans().len());
@@ -451,7 +461,12 @@ impl<'m> WgpuTarget<'m> {
         let mut exec = self.default_exec();
         let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {
-            Mode::Vanilla | Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
+            // The CPU runs an MEO-native model's vanilla as its gates unmerged (the baseline of
+            // the merge); the GPU runs banks merged only.
+            Mode::Vanilla if !meo_layers.is_empty() => {
+                return Err(unsupported("vanilla (unmerged banks) on an MEO-native model: use prompt or task mode"));
+            }
+            Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
             Mode::Task(name) if !meo_layers.is_empty() => {
                 let task = m.meo_tasks().iter().find(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
                     name: name.clone(),

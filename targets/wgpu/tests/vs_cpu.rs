@@ -151,7 +151,9 @@ fn vanilla() -> MergeOptions {
 #[test]
 fn every_fixture_vanilla_matches_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
+    // The families the GPU kernels implement (conformance_wgpu.rs lists the refused ones).
+    let refused = ["deepseek_v3", "deepseek_v2", "granitemoe", "granitemoe-fused", "gpt_oss"];
+    for name in FIXTURES.into_iter().filter(|n| !refused.contains(n)) {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, false, tmp.path());
             compare(&p, &format!("{name} {}/{} vanilla", experts.name(), dense.name()), &vanilla(), experts);
@@ -185,7 +187,7 @@ fn meo_native_banks_match_cpu() {
         let out = tmp.path().join(format!("gpt2-{}.meo", experts.name()));
         convert::convert(&dir, &out, Options { experts, dense, align: true }, &AtomicBool::new(false), |_| {}).unwrap();
         let model = Model::open(&out).unwrap();
-        let mut modes = vec![("sequence", Mode::Vanilla)];
+        let mut modes = vec![("sequence", Mode::Prompt(PromptPool::default()))];
         modes.extend(model.meo_tasks().iter().map(|t| ("task", Mode::Task(t.name.clone()))));
         assert!(modes.len() > 1, "the MEO-native fixture stores task merges");
         for (label, mode) in modes {
