@@ -20,6 +20,8 @@ enum Command {
     Run(cmd::run::Args),
     Bench(cmd::bench::Args),
     Eval(cmd::eval::Args),
+    #[cfg(feature = "onnx")]
+    ExportOnnx(cmd::export_onnx::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,8 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        #[cfg(feature = "onnx")]
+        Command::ExportOnnx(a) => cmd::export_onnx::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,6 +39,8 @@ pub struct Args {
     pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
+    #[command(flatten)]
+    pub target: super::target::TargetArgs,
 }
 
 /// Counts the bytes of the merged experts a forward call read, once per call and layer (as the
@@ -58,6 +60,9 @@ impl meo::Trace for MergedBytes {
 /// # Errors
 /// Bad arguments, an unreadable model, or a residency query failing.
 pub fn run(a: &Args) -> Result<()> {
+    if a.target.is_ort()? {
+        return super::target::bench_ort(a);
+    }
     if a.prompt_len == 0 {
         bail!("--prompt-len must be at least 1");
     }
