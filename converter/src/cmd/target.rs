@@ -54,8 +54,7 @@ impl TargetArgs {
 }
 
 #[cfg(not(feature = "ort"))]
-const NO_ORT: &str =
-    "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-converter --features ort`";
+const NO_ORT: &str = "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-converter --features ort`";
 
 /// `meo run --target ort`.
 ///
@@ -91,7 +90,12 @@ mod with_ort {
     use std::io::Write;
     use std::time::{Duration, Instant};
 
-    fn open<'m>(model: &'m meo::Model, a: &TargetArgs, threads: usize, mode: meo::MergeOptions) -> Result<OrtTarget<'m>> {
+    fn open<'m>(
+        model: &'m meo::Model,
+        a: &TargetArgs,
+        threads: usize,
+        mode: meo::MergeOptions,
+    ) -> Result<OrtTarget<'m>> {
         let eps = EpChoice::parse_list(&a.ep)?;
         let weights = WeightFormat::parse(&a.onnx_weights)
             .with_context(|| format!("--onnx-weights {:?}: use block, channel or f32", a.onnx_weights))?;
@@ -149,7 +153,12 @@ mod with_ort {
         let t_open = Instant::now();
         let mut t = open(&model, &a.target, a.threads, a.mode.options()?)?;
         if a.stats {
-            writeln!(stderr, "target: {} (exported and opened in {:.1} ms)", t.describe(), t_open.elapsed().as_secs_f64() * 1e3)?;
+            writeln!(
+                stderr,
+                "target: {} (exported and opened in {:.1} ms)",
+                t.describe(),
+                t_open.elapsed().as_secs_f64() * 1e3
+            )?;
         }
         let t0 = Instant::now();
         let mut next = sampler.sample(t.forward(&prompt, Logits::Last, &mut NoTrace)?)?;
@@ -190,8 +199,18 @@ mod with_ort {
         }
         if a.stats {
             let n = prompt.len();
-            writeln!(stderr, "prompt: {n} tokens in {:.3} s ({:.1} tokens/s)", prompt_time.as_secs_f64(), rate(n, prompt_time))?;
-            writeln!(stderr, "decode: {steps} tokens in {:.3} s ({:.1} tokens/s)", decode_time.as_secs_f64(), rate(steps, decode_time))?;
+            writeln!(
+                stderr,
+                "prompt: {n} tokens in {:.3} s ({:.1} tokens/s)",
+                prompt_time.as_secs_f64(),
+                rate(n, prompt_time)
+            )?;
+            writeln!(
+                stderr,
+                "decode: {steps} tokens in {:.3} s ({:.1} tokens/s)",
+                decode_time.as_secs_f64(),
+                rate(steps, decode_time)
+            )?;
         }
         if a.target.ep_report {
             placement(&mut t, stderr)?;
@@ -210,7 +229,11 @@ mod with_ort {
         let model = open_model(&a.file)?;
         let cfg = model.config().clone();
         if cfg.max_position_embeddings > 0 && a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
-            bail!("--prompt-len + --gen = {} exceeds the context of {}", a.prompt_len + a.gen_tokens, cfg.max_position_embeddings);
+            bail!(
+                "--prompt-len + --gen = {} exceeds the context of {}",
+                a.prompt_len + a.gen_tokens,
+                cfg.max_position_embeddings
+            );
         }
         // The same seeded prompt as `meo bench` on the CPU.
         let mut rng = Pcg32::seed_from_u64(a.seed);
@@ -251,10 +274,26 @@ mod with_ort {
             }
             println!("{v}");
         } else {
-            println!("{}: {} ({} layers), mode {}", a.file.display(), cfg.architecture, cfg.num_layers, mode_spelling(&a.mode)?);
+            println!(
+                "{}: {} ({} layers), mode {}",
+                a.file.display(),
+                cfg.architecture,
+                cfg.num_layers,
+                mode_spelling(&a.mode)?
+            );
             println!("target: {}", ort.describe());
-            println!("ort prompt: {} tokens in {:.3} s = {:.1} tokens/s", a.prompt_len, op.as_secs_f64(), rate(a.prompt_len, op));
-            println!("ort decode: {} tokens in {:.3} s = {:.1} tokens/s", a.gen_tokens, od.as_secs_f64(), rate(a.gen_tokens, od));
+            println!(
+                "ort prompt: {} tokens in {:.3} s = {:.1} tokens/s",
+                a.prompt_len,
+                op.as_secs_f64(),
+                rate(a.prompt_len, op)
+            );
+            println!(
+                "ort decode: {} tokens in {:.3} s = {:.1} tokens/s",
+                a.gen_tokens,
+                od.as_secs_f64(),
+                rate(a.gen_tokens, od)
+            );
             if let Some((cp, cd, _, threads)) = &cpu {
                 println!("cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, *cp));
                 println!("cpu ({threads} threads) decode: {:.1} tokens/s", rate(a.gen_tokens, *cd));

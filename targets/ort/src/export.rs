@@ -368,12 +368,9 @@ fn merged_layers<'m>(model: &'m Model, m: &MergeOptions) -> Result<BTreeMap<usiz
             let layers: Vec<usize> = match &m.layers {
                 LayerSelect::All => task.layers.iter().map(|t| t.layer).collect(),
                 LayerSelect::Layers(ls) => ls.clone(),
-                LayerSelect::Auto { budget } => task
-                    .layers
-                    .iter()
-                    .filter(|t| t.error.is_some_and(|e| e <= *budget))
-                    .map(|t| t.layer)
-                    .collect(),
+                LayerSelect::Auto { budget } => {
+                    task.layers.iter().filter(|t| t.error.is_some_and(|e| e <= *budget)).map(|t| t.layer).collect()
+                }
             };
             for l in layers {
                 let tl = task.layers.iter().find(|t| t.layer == l).ok_or_else(|| meo::ModeError::NotStored {
@@ -710,7 +707,8 @@ impl<'m> Builder<'m> {
             k = self.rms(&k, &kn, eps);
         }
         if let Some(c) = a.clip {
-            let (lo, hi) = (self.const_f32(&format!("clip.-{c}"), &[], &[-c]), self.const_f32(&format!("clip.{c}"), &[], &[c]));
+            let (lo, hi) =
+                (self.const_f32(&format!("clip.-{c}"), &[], &[-c]), self.const_f32(&format!("clip.{c}"), &[], &[c]));
             q = self.op("Clip", &[&q, &lo, &hi], &[]);
             k = self.op("Clip", &[&k, &lo, &hi], &[]);
             v = self.op("Clip", &[&v, &lo, &hi], &[]);

@@ -116,7 +116,12 @@ pub struct OrtOptions {
 
 impl Default for OrtOptions {
     fn default() -> Self {
-        Self { eps: vec![EpChoice { ep: Ep::Cpu, required: false }], threads: 0, weights: WeightFormat::Block, profile: false }
+        Self {
+            eps: vec![EpChoice { ep: Ep::Cpu, required: false }],
+            threads: 0,
+            weights: WeightFormat::Block,
+            profile: false,
+        }
     }
 }
 
@@ -426,13 +431,14 @@ impl Target for OrtTarget<'_> {
     }
 
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
-        let (session, info, registered, skipped, profile_dir) = open(self.model, &self.opts, &opts).map_err(|e| match e {
-            OrtError::Export(export::ExportError::Mode(m)) => TargetError::Mode(m),
-            OrtError::Export(export::ExportError::Unsupported(what)) => {
-                TargetError::Unsupported { target: "ort".into(), what }
-            }
-            e => TargetError::Device { target: "ort".into(), reason: e.to_string() },
-        })?;
+        let (session, info, registered, skipped, profile_dir) =
+            open(self.model, &self.opts, &opts).map_err(|e| match e {
+                OrtError::Export(export::ExportError::Mode(m)) => TargetError::Mode(m),
+                OrtError::Export(export::ExportError::Unsupported(what)) => {
+                    TargetError::Unsupported { target: "ort".into(), what }
+                }
+                e => TargetError::Device { target: "ort".into(), reason: e.to_string() },
+            })?;
         self.kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
         (self.session, self.info, self.registered, self.skipped, self.profile_dir) =
             (session, info, registered, skipped, profile_dir);
