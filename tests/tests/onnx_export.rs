@@ -335,3 +335,37 @@ fn ep_selection_skips_absent_optional_eps_and_fails_loudly_for_required_ones() {
     assert!(err.to_string().contains(absent.ort_name()) && err.to_string().contains("cpu"), "{err}");
     assert!(EpChoice::parse_list("cpu,npu").is_err());
 }
+
+#[test]
+fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
+    use meo_converter::cmd::{export_onnx, run};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = upcycled(tmp.path(), DType::F32);
+    let out = tmp.path().join("docs.onnx");
+    let a = export_onnx::Args {
+        file: path.clone(),
+        task: Some("docs".into()),
+        merge_layers: "all".into(),
+        weights: "channel".into(),
+        external_data: false,
+        output: out.clone(),
+    };
+    export_onnx::run(&a).unwrap();
+    assert!(std::fs::metadata(&out).unwrap().len() > 1000);
+    let bad = export_onnx::Args { task: Some("nope".into()), ..a };
+    assert!(export_onnx::run(&bad).unwrap_err().to_string().contains("nope"));
+    let gen_ids = |target: &str| {
+        let p = path.display().to_string();
+        let args = ["--tokens", "5,17,42,9", "--max-new-tokens", "8", "--mode", "task:docs", "--target", target];
+        let a = run::Args::parse_from(std::iter::once(p.as_str()).chain(args)).unwrap();
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        run::run_to(&a, &mut o, &mut e).unwrap_or_else(|err| panic!("{target}: {err:#}"));
+        String::from_utf8(o).unwrap()
+    };
+    let (cpu_ids, ort_ids) = (gen_ids("cpu"), gen_ids("ort"));
+    assert_eq!(ort_ids, cpu_ids);
+    assert_eq!(cpu_ids.split_whitespace().count(), 8);
+    let p = path.display().to_string();
+    let a = run::Args::parse_from([p.as_str(), "--tokens", "1", "--target", "npu"]).unwrap();
+    assert!(run::run_to(&a, &mut Vec::new(), &mut Vec::new()).unwrap_err().to_string().contains("npu"));
+}

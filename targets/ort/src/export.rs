@@ -745,10 +745,7 @@ impl<'m> Builder<'m> {
         let os = self.shape(&format!("shape.o.{}", nh * hd), &[-1, (nh * hd) as i64]);
         let o = self.op("Reshape", &[&o, &os], &[]);
         let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
-        let ob = match &a.o_bias {
-            Some(b) => Some(self.vector(&format!("{p}.o.bias"), b)),
-            None => None,
-        };
+        let ob = a.o_bias.as_ref().map(|b| self.vector(&format!("{p}.o.bias"), b));
         Ok(self.gemm(&o, &ow, ob.as_deref()))
     }
 
@@ -818,10 +815,7 @@ impl<'m> Builder<'m> {
         }
         let (e, k) = (spec.num_experts, spec.top_k);
         let rw = self.matrix(&format!("{p}.router"), &moe.router)?;
-        let rb = match &moe.router_bias {
-            Some(b) => Some(self.vector(&format!("{p}.router.bias"), b)),
-            None => None,
-        };
+        let rb = moe.router_bias.as_ref().map(|b| self.vector(&format!("{p}.router.bias"), b));
         let logits = self.gemm(x, &rw, rb.as_deref());
         let scores = match spec.scoring {
             Scoring::Softmax => self.op("Softmax", &[&logits], &[int("axis", -1)]),

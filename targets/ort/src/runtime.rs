@@ -260,7 +260,7 @@ impl<'m> OrtTarget<'m> {
         placement_from_profile(&text)
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>, Vec<i64>)>, OrtError> {
+    fn run(&mut self, tokens: &[u32]) -> Result<Outputs, OrtError> {
         let (nkv, hd) = (self.info.kv_heads, self.info.head_dim);
         let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
@@ -287,6 +287,9 @@ impl<'m> OrtTarget<'m> {
         Ok(out)
     }
 }
+
+/// Graph outputs by name: (shape, f32 data, i64 data).
+type Outputs = BTreeMap<String, (Vec<usize>, Vec<f32>, Vec<i64>)>;
 
 type Opened = (Session, GraphInfo, Vec<Ep>, Vec<Ep>, Option<tempfile_dir::Dir>);
 
@@ -386,7 +389,7 @@ impl Target for OrtTarget<'_> {
         let device = |e: OrtError| TargetError::Device { target: "ort".into(), reason: e.to_string() };
         let mut out = self.run(tokens).map_err(device)?;
         let t = tokens.len();
-        let take = |out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>, Vec<i64>)>, n: &str| {
+        let take = |out: &mut Outputs, n: &str| {
             out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
         };
         for l in 0..self.info.num_layers {
