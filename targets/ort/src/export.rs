@@ -950,3 +950,16 @@ impl<'m> Builder<'m> {
         self.op("Mul", &[&hx, &t], &[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_formats_parse() {
+        assert_eq!(WeightFormat::parse("block"), Some(WeightFormat::Block));
+        assert_eq!(WeightFormat::parse("channel"), Some(WeightFormat::Channel));
+        assert_eq!(WeightFormat::parse("f32"), Some(WeightFormat::F32));
+        assert_eq!(WeightFormat::parse("int4"), None);
+    }
+}

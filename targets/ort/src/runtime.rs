@@ -462,3 +462,36 @@ pub fn report_routes(trace: &mut dyn Trace, l: usize, pos0: usize, t: usize, k: 
         trace.on_route(l, pos0 + i, &ch);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ep_lists_parse_in_order_with_required_marks() {
+        let l = EpChoice::parse_list("qnn!, xnnpack,cpu").unwrap();
+        let got: Vec<(Ep, bool)> = l.iter().map(|c| (c.ep, c.required)).collect();
+        assert_eq!(got, [(Ep::Qnn, true), (Ep::Xnnpack, false), (Ep::Cpu, false)]);
+        let e = EpChoice::parse_list("cpu,npu").unwrap_err().to_string();
+        assert!(e.contains("\"npu\"") && e.contains("coreml"), "{e}");
+        for ep in Ep::ALL {
+            assert_eq!(Ep::parse(ep.name()), Some(ep));
+            assert!(ep.ort_name().ends_with("ExecutionProvider"), "{}", ep.ort_name());
+        }
+    }
+
+    #[test]
+    fn placement_reads_node_events_once_per_node() {
+        let profile = r#"[
+            {"cat":"Session","name":"model_run","args":{}},
+            {"cat":"Node","name":"Gemm_3_kernel_time","args":{"op_name":"Gemm","provider":"XnnpackExecutionProvider"}},
+            {"cat":"Node","name":"Gemm_3_kernel_time","args":{"op_name":"Gemm","provider":"XnnpackExecutionProvider"}},
+            {"cat":"Node","name":"TopK_9_fence_before","args":{"op_name":"TopK"}},
+            {"cat":"Node","name":"TopK_9_kernel_time","args":{"op_name":"TopK","provider":"CPUExecutionProvider"}}
+        ]"#;
+        let p = placement_from_profile(profile).unwrap();
+        assert_eq!(p["XnnpackExecutionProvider"], ["Gemm_3"]);
+        assert_eq!(p["CPUExecutionProvider"], ["TopK_9"]);
+        assert!(placement_from_profile("not json").is_err());
+    }
+}
