@@ -22,6 +22,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// List the devices models can run on (`--target`, `--adapter`).
     Devices(cmd::gpu::DevicesArgs),
+    #[cfg(feature = "onnx")]
+    ExportOnnx(cmd::export_onnx::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Devices(a) => cmd::gpu::devices(a),
+        #[cfg(feature = "onnx")]
+        Command::ExportOnnx(a) => cmd::export_onnx::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

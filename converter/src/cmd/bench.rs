@@ -60,6 +60,9 @@ impl meo::Trace for MergedBytes {
 /// # Errors
 /// Bad arguments, an unreadable model, or a residency query failing.
 pub fn run(a: &Args) -> Result<()> {
+    if a.target.is_ort()? {
+        return super::target::bench_ort(a);
+    }
     if a.prompt_len == 0 {
         bail!("--prompt-len must be at least 1");
     }

@@ -8,7 +8,8 @@ use meo::{Model, Session, SessionOptions, Target};
 /// Target selection flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TargetArgs {
-    /// Where to run: `cpu`, or `wgpu` (the GPU through Vulkan/Metal/DX12/GL; see `meo devices`).
+    /// Where to run: `cpu`, `wgpu` (the GPU through Vulkan/Metal/DX12/GL; see `meo devices`) or
+    /// `ort` (the model exported to ONNX, run by ONNX Runtime; build with `--features ort`).
     #[arg(long, value_name = "TARGET", default_value = "cpu")]
     pub target: String,
     /// GPU adapter for `--target wgpu`: its index in `meo devices`, or part of its name.
@@ -17,6 +18,36 @@ pub struct TargetArgs {
     /// Bytes of routed experts kept in GPU memory (LRU) with `--target wgpu` (default 1 GiB).
     #[arg(long, value_name = "BYTES", value_parser = super::run::parse_bytes)]
     pub gpu_expert_budget: Option<u64>,
+    /// With --target ort: execution providers in order of preference, comma-separated (`cpu`,
+    /// `xnnpack`, `nnapi`, `coreml`, `qnn`, `cuda`, `tensorrt`); `NAME!` fails if that EP is
+    /// absent, others are skipped when absent. ONNX Runtime falls back to CPU per node.
+    #[arg(long = "ep", value_name = "LIST", default_value = "cpu")]
+    pub ep: String,
+    /// With --target ort: how int8 weights go into the graph (`block`, `channel`, `f32`).
+    #[arg(long = "onnx-weights", value_name = "block|channel|f32", default_value = "block")]
+    pub onnx_weights: String,
+    /// With --target ort: print which EP ran the graph's nodes (from ONNX Runtime's profile).
+    #[arg(long = "ep-report")]
+    pub ep_report: bool,
+    /// With `meo bench --target ort`: also run meo's CPU target on the same prompt, in the
+    /// same process, and report both.
+    #[arg(long = "compare-cpu")]
+    pub compare_cpu: bool,
+}
+
+impl TargetArgs {
+    /// True for `--target ort` (the ONNX Runtime path, `cmd::target`); `cpu` and `wgpu` go
+    /// through [`open_target`].
+    ///
+    /// # Errors
+    /// An unknown target name.
+    pub fn is_ort(&self) -> Result<bool> {
+        match self.target.as_str() {
+            "cpu" | "wgpu" => Ok(false),
+            "ort" => Ok(true),
+            t => anyhow::bail!("unknown --target {t:?} (use cpu, wgpu or ort)"),
+        }
+    }
 }
 
 /// A model opened on the selected target.

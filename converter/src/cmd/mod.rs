@@ -4,10 +4,13 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+#[cfg(feature = "onnx")]
+pub mod export_onnx;
 pub mod gpu;
 pub mod inspect;
 pub mod mode;
 pub mod run;
+pub mod target;
 pub mod verify;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};

@@ -367,6 +367,9 @@ pub fn run(a: &Args) -> Result<()> {
 /// # Errors
 /// Bad arguments, an unreadable model, a missing tokenizer with `-p`, or I/O.
 pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
+    if a.target.is_ort()? {
+        return super::target::run_ort(a, stdout, stderr);
+    }
     let sampling = SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let mut sampler = Sampler::new(sampling)?;
     let t_open = Instant::now();

@@ -235,6 +235,19 @@ impl Model {
         }
     }
 
+    /// The global tensors' plans: embedding, final norm (and its LayerNorm bias), LM head
+    /// (the embedding when tied), learned positions, and the RoPE frequencies.
+    pub fn global_plans(&self) -> GlobalPlans<'_> {
+        GlobalPlans {
+            embed: &self.embed,
+            output_norm: &self.output_norm,
+            output_norm_bias: self.output_norm_bias.as_ref(),
+            output: &self.output,
+            pos_embed: self.pos_embed.as_ref(),
+            rope: &self.rope,
+        }
+    }
+
     /// Indices of the MEO-native layers (expert banks, always merged).
     pub fn meo_layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.layers.iter().enumerate().filter(|(_, l)| matches!(l.ffn, plan::FfnPlan::Meo(_))).map(|(i, _)| i)
@@ -367,6 +380,17 @@ impl Model {
     pub fn session(&self, opts: SessionOptions) -> Result<Session<'_>, SessionError> {
         Session::new(self, opts)
     }
+}
+
+/// The global tensors of a [`Model`] (see [`Model::global_plans`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalPlans<'m> {
+    pub embed: &'m Mat,
+    pub output_norm: &'m Vector,
+    pub output_norm_bias: Option<&'m Vector>,
+    pub output: &'m Mat,
+    pub pos_embed: Option<&'m Mat>,
+    pub rope: &'m Rope,
 }
 
 /// RoPE is the default one, or any scaled one whose frequencies the file precomputes

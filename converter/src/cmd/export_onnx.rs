@@ -1,0 +1,62 @@
+//! `meo export-onnx FILE [--task NAME] -o model.onnx`: the model as a static ONNX graph
+//! (task-merged: a dense decoder of single-expert cost; vanilla: routing in the graph). See
+//! docs/ONNX.md.
+
+use super::run::{human_bytes, open_model};
+use anyhow::{Context, Result};
+use meo::{LayerSelect, MergeOptions, Mode};
+use meo_ort::export::{self, ExportOptions, WeightFormat};
+use std::path::PathBuf;
+
+/// Export a .meo model to ONNX (opset 17, KV cache as explicit inputs/outputs).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The .meo file.
+    pub file: PathBuf,
+    /// Export the task merge `NAME` (stored by `meo convert --task NAME=...`); without it the
+    /// graph routes every MoE layer (vanilla, every expert as a subgraph).
+    #[arg(long, value_name = "NAME")]
+    pub task: Option<String>,
+    /// With --task: the MoE layers that run merged (`all` or a list `0,2,5`); the others route.
+    #[arg(long, value_name = "all|LIST", default_value = "all")]
+    pub merge_layers: String,
+    /// How int8 matrices are written: `block` (exact: the file's 32-wide blocks, per-axis
+    /// DequantizeLinear), `channel` (requantised per output row: the QDQ form NPU EPs fold),
+    /// `f32` (dequantised).
+    #[arg(long, value_name = "block|channel|f32", default_value = "block")]
+    pub weights: String,
+    /// Write the weights to `<OUT>.data` (ONNX external data); automatic above 1 GiB.
+    #[arg(long)]
+    pub external_data: bool,
+    /// Output file.
+    #[arg(short = 'o', long = "output", value_name = "OUT.onnx")]
+    pub output: PathBuf,
+}
+
+/// Runs `meo export-onnx`.
+///
+/// # Errors
+/// An unreadable model, an unknown task or layer, a recipe feature the exporter does not
+/// write yet ("unsupported in export: …"), or I/O.
+pub fn run(a: &Args) -> Result<()> {
+    let model = open_model(&a.file)?;
+    let weights = WeightFormat::parse(&a.weights)
+        .with_context(|| format!("--weights {:?}: use block, channel or f32", a.weights))?;
+    let merge = match &a.task {
+        Some(t) => MergeOptions { mode: Mode::Task(t.clone()), layers: LayerSelect::parse(&a.merge_layers, 0.0)? },
+        None => MergeOptions::default(),
+    };
+    let e = export::export(&model, &ExportOptions { merge, weights })?;
+    let external = export::write(&e, &a.output, a.external_data)?;
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({}{}): {} nodes, merged layers {:?}, routed layers {:?}",
+        a.output.display(),
+        human_bytes(size),
+        if external { ", weights in .data beside it" } else { "" },
+        e.model.graph.node.len(),
+        e.info.merged,
+        e.info.routed
+    );
+    Ok(())
+}

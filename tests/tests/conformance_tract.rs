@@ -1,0 +1,113 @@
+//! Conformance of the exported ONNX graphs in pure Rust (tract): the shared suite over the
+//! vanilla export, so the export is checked on machines without ONNX Runtime. The tract
+//! target is test-only (tract is a dev-dependency: slow to build, not shipped).
+
+use meo::{Logits, MergeOptions, Model, Target, TargetError, Trace};
+use meo_ort::export::{self, ExportOptions, GraphInfo, WeightFormat};
+use meo_tests::conformance::{Runner, TargetRunner};
+use std::path::Path;
+use tract_onnx::prelude::*;
+
+type Plan = std::sync::Arc<TypedRunnableModel>;
+
+/// An exported graph run by tract, one sequence at a time.
+pub struct TractTarget<'m> {
+    model: &'m Model,
+    weights: WeightFormat,
+    plan: Plan,
+    info: GraphInfo,
+    kv: Vec<(Vec<f32>, Vec<f32>)>,
+    pos: usize,
+    logits: Vec<f32>,
+}
+
+fn device(e: impl std::fmt::Display) -> TargetError {
+    TargetError::Device { target: "tract".into(), reason: format!("{e:#}") }
+}
+
+fn compile(model: &Model, mode: &MergeOptions, weights: WeightFormat) -> Result<(Plan, GraphInfo), TargetError> {
+    let e = export::export(model, &ExportOptions { merge: mode.clone(), weights })
+        .map_err(|e| TargetError::Unsupported { target: "tract".into(), what: e.to_string() })?;
+    let bytes = e.to_bytes().map_err(device)?;
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(device)?;
+    Ok((plan, e.info))
+}
+
+impl<'m> TractTarget<'m> {
+    pub fn new(model: &'m Model, mode: MergeOptions, weights: WeightFormat) -> Result<Self, TargetError> {
+        let (plan, info) = compile(model, &mode, weights)?;
+        let kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        Ok(Self { model, weights, plan, info, kv, pos: 0, logits: Vec::new() })
+    }
+}
+
+impl Target for TractTarget<'_> {
+    fn name(&self) -> &str {
+        "tract"
+    }
+    fn describe(&self) -> String {
+        format!("tract {} (pure Rust), merged layers {:?}", env!("CARGO_PKG_VERSION"), self.info.merged)
+    }
+    fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let vocab = self.info.vocab;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
+        }
+        let t = tokens.len();
+        let (nkv, hd) = (self.info.kv_heads, self.info.head_dim);
+        let ids: Vec<i64> = tokens.iter().map(|&x| i64::from(x)).collect();
+        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[t], &ids).map_err(device)?.into()];
+        for (k, v) in &self.kv {
+            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], k).map_err(device)?.into());
+            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], v).map_err(device)?.into());
+        }
+        let out = self.plan.run(inputs).map_err(device)?;
+        let f32s = |i: usize| -> Result<Vec<f32>, TargetError> {
+            Ok(out[i].to_plain_array_view::<f32>().map_err(device)?.iter().copied().collect())
+        };
+        // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
+        let logits = f32s(0)?;
+        for l in 0..self.info.num_layers {
+            self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
+        }
+        let base = 1 + 2 * self.info.num_layers;
+        for (j, &l) in self.info.routed.iter().enumerate() {
+            let idx: Vec<i64> =
+                out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
+            let w = f32s(base + 2 * j + 1)?;
+            meo_ort::report_routes(trace, l, self.pos, t, self.info.top_k, &idx, &w);
+        }
+        self.pos += t;
+        self.logits = match which {
+            Logits::All => logits,
+            Logits::Last => logits[(t - 1) * vocab..].to_vec(),
+        };
+        Ok(&self.logits)
+    }
+    fn reset(&mut self) {
+        self.pos = 0;
+        self.kv.iter_mut().for_each(|(k, v)| (k.clear(), v.clear()).1);
+    }
+    fn position(&self) -> usize {
+        self.pos
+    }
+    fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
+        let (plan, info) = compile(self.model, &opts, self.weights)?;
+        self.kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        (self.plan, self.info, self.pos) = (plan, info, 0);
+        Ok(self.info.merged.clone())
+    }
+}
+
+fn open_tract(path: &Path) -> Box<dyn Runner> {
+    let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+    let t = TractTarget::new(model, MergeOptions::default(), WeightFormat::Block)
+        .unwrap_or_else(|e| panic!("tract target: {e}"));
+    Box::new(TargetRunner(t))
+}
+
+meo_tests::conformance_suite!(&open_tract);
