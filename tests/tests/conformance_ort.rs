@@ -13,4 +13,20 @@ fn open_ort(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(OrtTarget::new(model, opts).unwrap_or_else(|e| panic!("ort target: {e}"))))
 }
 
-meo_tests::conformance_suite!(&open_ort);
+meo_tests::conformance_suite!(@standard &open_ort);
+
+#[test]
+fn newer_recipes_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, what) in meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS {
+        let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
+        let model = Model::open(&path).unwrap();
+        match OrtTarget::new(&model, OrtOptions { threads: 2, ..Default::default() })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        {
+            Err(e) => assert!(e.contains(what), "{name}: {e}"),
+            Ok(()) => panic!("{name}: accepted a recipe it does not implement"),
+        }
+    }
+}

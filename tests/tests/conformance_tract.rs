@@ -110,4 +110,20 @@ fn open_tract(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(t))
 }
 
-meo_tests::conformance_suite!(&open_tract);
+meo_tests::conformance_suite!(@standard &open_tract);
+
+#[test]
+fn newer_recipes_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, what) in meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS {
+        let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
+        let model = Model::open(&path).unwrap();
+        match TractTarget::new(&model, MergeOptions::default(), WeightFormat::Block)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        {
+            Err(e) => assert!(e.contains(what), "{name}: {e}"),
+            Ok(()) => panic!("{name}: accepted a recipe it does not implement"),
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! [`meo_wgpu::WgpuTarget`]. There is no skip: without an adapter every test fails, naming
 //! the problem (CI installs lavapipe through ci/setup). `MEO_WGPU_ADAPTER` picks the adapter.
 //!
-//! The GPU kernels do not cover every family yet: [`UNSUPPORTED`] lists the fixtures this target
+//! The GPU kernels do not cover every family yet: `REFUSED_BY_PORTABLE_TARGETS` lists the fixtures this target
 //! refuses, and `unsupported_families_are_typed_errors` proves each is refused with
 //! `TargetError::Unsupported` naming the feature (never a panic or a silent wrong answer).
 
@@ -20,27 +20,9 @@ fn open_wgpu(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(t))
 }
 
-meo_tests::conformance_suite!(@tests &open_wgpu;
-    mixtral => "mixtral",
-    mixtral_fused => "mixtral-fused",
-    mixtral_bf16_sharded => "mixtral-bf16-sharded",
-    qwen2_moe => "qwen2_moe",
-    qwen2_moe_fused => "qwen2_moe-fused",
-    qwen3_moe => "qwen3_moe",
-    qwen3_moe_fused => "qwen3_moe-fused",
-    olmoe => "olmoe",
-    olmoe_fused => "olmoe-fused",
-);
+meo_tests::conformance_suite!(@standard &open_wgpu);
 
-/// Fixtures whose recipe the WGSL kernels do not implement yet, with the feature named in the
-/// error: MLA + interleaved RoPE (DeepSeek), multipliers (Granite), sinks (GPT-OSS).
-pub const UNSUPPORTED: [(&str, &str); 5] = [
-    ("deepseek_v3", "interleaved"),
-    ("deepseek_v2", "interleaved"),
-    ("granitemoe", "multipliers"),
-    ("granitemoe-fused", "multipliers"),
-    ("gpt_oss", "sinks"),
-];
+use meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS as UNSUPPORTED;
 
 #[test]
 fn every_fixture_is_run_or_refused() {
