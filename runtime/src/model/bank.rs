@@ -168,6 +168,48 @@ pub struct MergeOptions {
     pub layers: LayerSelect,
 }
 
+impl MergeOptions {
+    /// The layers to merge among `candidates` (layer, measured merge error) of a model whose MoE
+    /// layers are `moe`, per [`LayerSelect`]; `what` names the mode in errors. Shared by every
+    /// target so they select alike.
+    ///
+    /// # Errors
+    /// A listed layer that is not an MoE layer or has no stored merge for the task, or `auto`
+    /// without measured errors.
+    pub fn pick_layers(
+        &self,
+        moe: &[usize],
+        candidates: &[(usize, Option<f64>)],
+        what: &'static str,
+    ) -> Result<Vec<usize>, ModeError> {
+        match &self.layers {
+            LayerSelect::All => Ok(candidates.iter().map(|c| c.0).collect()),
+            LayerSelect::Layers(ls) => ls
+                .iter()
+                .map(|&l| {
+                    if !moe.contains(&l) {
+                        return Err(ModeError::NotMoe { layer: l });
+                    }
+                    if !candidates.iter().any(|c| c.0 == l) {
+                        let Mode::Task(task) = &self.mode else { return Err(ModeError::NotMoe { layer: l }) };
+                        let stored = candidates.iter().map(|c| c.0).collect();
+                        return Err(ModeError::NotStored { task: task.clone(), layer: l, stored });
+                    }
+                    Ok(l)
+                })
+                .collect(),
+            LayerSelect::Auto { budget } => {
+                if candidates.iter().all(|c| c.1.is_none()) {
+                    return Err(ModeError::NoErrors { mode: what });
+                }
+                // A layer without a measured error, or whose error exceeds the budget (NaN
+                // included), stays vanilla.
+                Ok(candidates.iter().filter(|c| c.1.is_some_and(|e| e <= *budget)).map(|c| c.0).collect())
+            }
+        }
+    }
+}
+
 /// How a merged layer's expert was read (reported by [`crate::Trace::on_merged`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MergedUse {

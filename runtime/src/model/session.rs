@@ -2,7 +2,7 @@
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
-use super::bank::{LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+use super::bank::{MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe, route_one};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
@@ -200,33 +200,7 @@ impl<'m> Session<'m> {
     pub fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, ModeError> {
         let m = self.model;
         let moe: Vec<usize> = m.moe_layers().collect();
-        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| -> Result<Vec<usize>, ModeError> {
-            match &opts.layers {
-                LayerSelect::All => Ok(candidates.iter().map(|c| c.0).collect()),
-                LayerSelect::Layers(ls) => ls
-                    .iter()
-                    .map(|&l| {
-                        if !moe.contains(&l) {
-                            return Err(ModeError::NotMoe { layer: l });
-                        }
-                        if !candidates.iter().any(|c| c.0 == l) {
-                            let Mode::Task(task) = &opts.mode else { return Err(ModeError::NotMoe { layer: l }) };
-                            let stored = candidates.iter().map(|c| c.0).collect();
-                            return Err(ModeError::NotStored { task: task.clone(), layer: l, stored });
-                        }
-                        Ok(l)
-                    })
-                    .collect(),
-                LayerSelect::Auto { budget } => {
-                    if candidates.iter().all(|c| c.1.is_none()) {
-                        return Err(ModeError::NoErrors { mode: what });
-                    }
-                    // A layer without a measured error, or whose error exceeds the budget,
-                    // (NaN included) stays vanilla.
-                    Ok(candidates.iter().filter(|c| c.1.is_some_and(|e| e <= *budget)).map(|c| c.0).collect())
-                }
-            }
-        };
+        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| opts.pick_layers(&moe, candidates, what);
         let mut exec = default_exec(m);
         let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {

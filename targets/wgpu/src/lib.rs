@@ -27,8 +27,8 @@ use meo::config::{FfnKind, NormKind, SharedGate};
 use meo::model::plan::{Attention, Bank, BankExpert, FfnPlan, LayerPlan, Mat, Mlp, MoePlan, Vector};
 use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
 use meo::{
-    Activation, DType, ForwardError, LayerSelect, Logits, MergeOptions, MergedUse, Mode, ModeError, Model, PromptPool,
-    Target, TargetError, Trace,
+    Activation, DType, ForwardError, Logits, MergeOptions, MergedUse, Mode, ModeError, Model, PromptPool, Target,
+    TargetError, Trace,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -433,31 +433,7 @@ impl<'m> WgpuTarget<'m> {
         let m = self.model;
         let b = m.bytes();
         let moe: Vec<usize> = m.moe_layers().collect();
-        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| -> Result<Vec<usize>, ModeError> {
-            match &opts.layers {
-                LayerSelect::All => Ok(candidates.iter().map(|c| c.0).collect()),
-                LayerSelect::Layers(ls) => ls
-                    .iter()
-                    .map(|&l| {
-                        if !moe.contains(&l) {
-                            return Err(ModeError::NotMoe { layer: l });
-                        }
-                        if !candidates.iter().any(|c| c.0 == l) {
-                            let Mode::Task(task) = &opts.mode else { return Err(ModeError::NotMoe { layer: l }) };
-                            let stored = candidates.iter().map(|c| c.0).collect();
-                            return Err(ModeError::NotStored { task: task.clone(), layer: l, stored });
-                        }
-                        Ok(l)
-                    })
-                    .collect(),
-                LayerSelect::Auto { budget } => {
-                    if candidates.iter().all(|c| c.1.is_none()) {
-                        return Err(ModeError::NoErrors { mode: what });
-                    }
-                    Ok(candidates.iter().filter(|c| c.1.is_some_and(|e| e <= *budget)).map(|c| c.0).collect())
-                }
-            }
-        };
+        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| opts.pick_layers(&moe, candidates, what);
         let mut exec = self.default_exec();
         let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {
