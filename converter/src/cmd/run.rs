@@ -292,6 +292,27 @@ fn encode_to(
     Ok(())
 }
 
+/// The prompt of `a` as token ids (`-p TEXT` through the file's tokenizer, which is returned
+/// for decoding the output, or `--tokens`).
+///
+/// # Errors
+/// Neither given, no tokenizer in the file, or an empty prompt.
+pub fn prompt_tokens(a: &Args, model: &Model) -> Result<(Option<Tokenizer>, Vec<u32>)> {
+    let tokenizer = match &a.prompt {
+        Some(_) => Some(Tokenizer::from_metadata(&model.file()?.metadata)?),
+        None => None,
+    };
+    let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tokenizer) {
+        (Some(text), _, Some(tok)) => tok.encode(text)?,
+        (None, Some(ids), _) => ids.clone(),
+        _ => bail!("give a prompt with -p TEXT or --tokens 1,2,3"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty (no tokens)");
+    }
+    Ok((tokenizer, prompt))
+}
+
 /// Human-readable bytes (binary units).
 pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
@@ -376,18 +397,7 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let tokenizer = match &a.prompt {
-        Some(_) => Some(Tokenizer::from_metadata(&model.file()?.metadata)?),
-        None => None,
-    };
-    let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tokenizer) {
-        (Some(text), _, Some(tok)) => tok.encode(text)?,
-        (None, Some(ids), _) => ids.clone(),
-        _ => bail!("give a prompt with -p TEXT or --tokens 1,2,3"),
-    };
-    if prompt.is_empty() {
-        bail!("the prompt is empty (no tokens)");
-    }
+    let (tokenizer, prompt) = prompt_tokens(a, &model)?;
     let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
     let session = opened.target();
     let merged_layers = session.set_mode(a.mode.options(&model)?)?;

@@ -92,18 +92,7 @@ mod with_ort {
         let mut sampler = Sampler::new(sampling)?;
         let model = open_model(&a.file)?;
         let cfg = model.config().clone();
-        let tokenizer = match &a.prompt {
-            Some(_) => Some(Tokenizer::from_metadata(&model.file()?.metadata)?),
-            None => None,
-        };
-        let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tokenizer) {
-            (Some(text), _, Some(tok)) => tok.encode(text)?,
-            (None, Some(ids), _) => ids.clone(),
-            _ => bail!("give a prompt with -p TEXT or --tokens 1,2,3"),
-        };
-        if prompt.is_empty() {
-            bail!("the prompt is empty (no tokens)");
-        }
+        let (tokenizer, prompt) = super::super::run::prompt_tokens(a, &model)?;
         let t_open = Instant::now();
         let mut t = open(&model, &a.target, a.threads, a.mode.options(&model)?)?;
         if a.stats {
