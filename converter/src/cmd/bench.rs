@@ -32,8 +32,14 @@ pub struct Args {
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
     /// Drop the file from the page cache first (a cold start: experts are read from disk).
+    /// No warm-up pass runs then (nor with `--memory-budget`).
     #[arg(long)]
     pub cold: bool,
+    /// Untimed warm-up passes first (a prompt of the same length, other tokens, and one
+    /// decode step, then a reset), as llama-bench does: the timed prompt then pays no
+    /// first-touch page faults of the mapping. 0 times a fresh process's first call.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warmup: usize,
     /// Keep at most this many bytes of expert weights mapped (as `meo run --memory-budget`).
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
@@ -90,6 +96,15 @@ pub fn run(a: &Args) -> Result<()> {
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
 
+    let warmup = if a.cold || a.memory_budget.is_some() { 0 } else { a.warmup };
+    for w in 0..warmup {
+        let other: Vec<u32> = prompt.iter().map(|&t| ((u64::from(t) + 1 + w as u64) % vocab) as u32).collect();
+        let logits = session.forward(&other, Logits::Last, &mut meo::NoTrace)?;
+        let next = argmax(logits);
+        session.forward(&[next], Logits::Last, &mut meo::NoTrace)?;
+        session.reset();
+    }
+
     let mut merged = MergedBytes::default();
     let t0 = Instant::now();
     let logits = session.forward(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
@@ -129,6 +144,7 @@ pub fn run(a: &Args) -> Result<()> {
             "target": target,
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
+            "warmup": warmup,
             "memory_budget": a.memory_budget,
             "open_seconds": open_time.as_secs_f64(),
             "prompt_tokens": a.prompt_len,

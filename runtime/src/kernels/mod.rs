@@ -334,7 +334,33 @@ fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, out: &mut
 /// # Panics
 /// If `x.len() != t * w.cols()` or `y.len() != t * w.rows()` (caller bug).
 pub fn matmul(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) {
-    matmul_with(par, x, t, w, y, None);
+    matmul_with(par, &Acts::new(x, t), w, y, None);
+}
+
+/// Activations `x[T, in]` for several [`matmul_acts`] calls with the same input (q/k/v, an
+/// MLP's gate and up): the Q8_0 kernels quantize them once, on first use, not per matrix.
+pub struct Acts<'a> {
+    x: &'a [f32],
+    t: usize,
+    q8: core::cell::OnceCell<q8::QActs>,
+}
+
+impl<'a> Acts<'a> {
+    /// Wraps `t` rows of `x`.
+    pub fn new(x: &'a [f32], t: usize) -> Self {
+        Self { x, t, q8: core::cell::OnceCell::new() }
+    }
+    fn quantized(&self, cols: usize) -> &q8::QActs {
+        self.q8.get_or_init(|| q8::QActs::new(self.x, self.t, cols))
+    }
+}
+
+/// [`matmul`] of prepared activations.
+///
+/// # Panics
+/// As [`matmul`]; also if one `Acts` is used with matrices of different widths.
+pub fn matmul_acts(par: &dyn Parallel, x: &Acts<'_>, w: &MatRef<'_>, y: &mut [f32]) {
+    matmul_with(par, x, w, y, None);
 }
 
 /// The Q8_0 micro-kernels this CPU runs, by name, best last (benchmarks compare them).
@@ -352,7 +378,7 @@ pub fn q8_kernel_names() -> Vec<String> {
 pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) -> bool {
     match q8::Kernel::candidates().into_iter().find(|k| alloc::format!("{k:?}") == kernel) {
         Some(k) => {
-            matmul_with(par, x, t, w, y, Some(k));
+            matmul_with(par, &Acts::new(x, t), w, y, Some(k));
             true
         }
         None => false,
@@ -360,18 +386,56 @@ pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w
 }
 
 /// [`matmul`] with the given Q8_0 kernel (`None`: the detected one).
-fn matmul_with(par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32], kern: Option<q8::Kernel>) {
-    let (n, k) = (w.rows, w.cols);
+fn matmul_with(par: &dyn Parallel, xa: &Acts<'_>, w: &MatRef<'_>, y: &mut [f32], kern: Option<q8::Kernel>) {
+    matmul_impl(par, xa, w, None, y, kern);
+}
+
+/// A gated activation `act(gate, up)` applied element-wise (SiLU-gated: `silu(g) · u`).
+pub type Glu<'a> = &'a (dyn Fn(f32, f32) -> f32 + Sync);
+
+/// Fused gate/up projection of a gated MLP: `y[T, rows] = act(x · Gᵀ, x · Uᵀ)` element-wise,
+/// in one parallel pass (each task computes its rows of both products and combines them), so
+/// the activation is threaded too and the MLP needs one fork/join less. The same values as two
+/// [`matmul_acts`] calls followed by `act`.
+///
+/// # Panics
+/// As [`matmul`]; also if `g` and `u` differ in shape or dtype.
+pub fn matmul_glu(par: &dyn Parallel, x: &Acts<'_>, g: &MatRef<'_>, u: &MatRef<'_>, act: Glu<'_>, y: &mut [f32]) {
+    assert!(g.rows == u.rows && g.cols == u.cols && g.dtype == u.dtype, "matmul_glu: gate and up differ");
+    matmul_impl(par, x, g, Some((u, act)), y, None);
+}
+
+fn matmul_impl(
+    par: &dyn Parallel,
+    xa: &Acts<'_>,
+    w: &MatRef<'_>,
+    glu: Option<(&MatRef<'_>, Glu<'_>)>,
+    y: &mut [f32],
+    kern: Option<q8::Kernel>,
+) {
+    let (n, k, x, t) = (w.rows, w.cols, xa.x, xa.t);
     assert!(x.len() == t * k && y.len() == t * n, "matmul: shapes do not match");
     if t == 0 {
         return;
     }
     let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
     let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
-    let q8 = (w.dtype == DType::Q8_0).then(|| (q8::QActs::new(x, t, k), kern.unwrap_or_else(q8::Kernel::detect)));
-    let task = |i: usize, out: &mut [f32]| match &q8 {
-        Some((xq, kern)) => matmul_rows_q8(xq, t, w, i * chunk_rows, out, *kern),
-        None => matmul_rows(x, t, w, i * chunk_rows, out),
+    let q8 = (w.dtype == DType::Q8_0).then(|| (xa.quantized(k), kern.unwrap_or_else(q8::Kernel::detect)));
+    assert!(q8.is_none_or(|(xq, _)| xq.nb == k.div_ceil(QK)), "matmul: one Acts used with different widths");
+    let rows = |m: &MatRef<'_>, i: usize, out: &mut [f32]| match &q8 {
+        Some((xq, kern)) => matmul_rows_q8(xq, t, m, i * chunk_rows, out, *kern),
+        None => matmul_rows(x, t, m, i * chunk_rows, out),
+    };
+    let task = |i: usize, out: &mut [f32]| {
+        rows(w, i, out);
+        if let Some((u, act)) = glu {
+            // Same layout for both products, so the activation is element-wise on the chunk.
+            let mut up = vec![0.0f32; out.len()];
+            rows(u, i, &mut up);
+            for (o, &v) in out.iter_mut().zip(&up) {
+                *o = act(*o, v);
+            }
+        }
     };
     if t == 1 {
         // Transposed output is the output.

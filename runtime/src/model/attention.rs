@@ -4,7 +4,7 @@
 
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
-use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, softmax_in_place};
+use crate::kernels::{Acts, Parallel, dot, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far, `[positions, kv_heads · head_dim]` each.
@@ -76,9 +76,11 @@ pub(crate) fn attention(
     resize(&mut s.q, t * qd);
     resize(&mut s.k, t * kvd);
     resize(&mut s.v, t * kvd);
-    matmul(par, x, t, &a.q.view(bytes), &mut s.q);
-    matmul(par, x, t, &a.k.view(bytes), &mut s.k);
-    matmul(par, x, t, &a.v.view(bytes), &mut s.v);
+    // q, k and v read the same input: quantized once.
+    let xa = Acts::new(x, t);
+    matmul_acts(par, &xa, &a.q.view(bytes), &mut s.q);
+    matmul_acts(par, &xa, &a.k.view(bytes), &mut s.k);
+    matmul_acts(par, &xa, &a.v.view(bytes), &mut s.v);
     if let Some([bq, bk, bv]) = &a.bias {
         for (buf, b, width) in [(&mut s.q, bq, qd), (&mut s.k, bk, kvd), (&mut s.v, bv, kvd)] {
             b.read(bytes, &mut s.w);

@@ -4,7 +4,7 @@
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
 use crate::config::{Activation, RouterSpec, SharedGate};
-use crate::kernels::{Parallel, matmul, silu};
+use crate::kernels::{Acts, Parallel, matmul, matmul_acts, matmul_glu, silu};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
 
@@ -57,15 +57,31 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
     let MlpScratch { gate, up, bias } = s;
     let (u, d) = (m.up.view(bytes), m.down.view(bytes));
     let inter = u.rows();
+    if let (Some(g), None) = (&m.gate, &m.bias) {
+        let g = g.view(bytes);
+        if g.dtype() == u.dtype() && g.rows() == inter && g.cols() == u.cols() {
+            // The common case: gate, up and the activation in one threaded pass.
+            resize(gate, t * inter);
+            let act = |a: f32, b: f32| match m.act {
+                Activation::ClampedSwiglu { alpha, limit } => clamped_swiglu(a, b, alpha, limit),
+                _ => silu(a) * b,
+            };
+            matmul_glu(par, &Acts::new(x, t), &g, &u, &act, gate);
+            matmul(par, gate, t, &d, out);
+            return;
+        }
+    }
+    // Gate and up read the same input: quantized once.
+    let xa = Acts::new(x, t);
     resize(up, t * inter);
-    matmul(par, x, t, &u, up);
+    matmul_acts(par, &xa, &u, up);
     if let Some([_, bu, _]) = m.bias.as_deref() {
         add_bias(bytes, bu, bias, up);
     }
     match &m.gate {
         Some(g) => {
             resize(gate, t * inter);
-            matmul(par, x, t, &g.view(bytes), gate);
+            matmul_acts(par, &xa, &g.view(bytes), gate);
             if let Some([bg, _, _]) = m.bias.as_deref() {
                 add_bias(bytes, bg, bias, gate);
             }
