@@ -48,7 +48,9 @@
 mod ops;
 mod q8;
 
-pub use ops::{add_into, rmsnorm, rmsnorm_in_place, rope_rotate_half, rope_rotate_pairs, silu, softmax_in_place};
+pub use ops::{
+    add_into, exp, rmsnorm, rmsnorm_in_place, rope_rotate_half, rope_rotate_pairs, silu, silu_mul, softmax_in_place,
+};
 
 use crate::format::DType;
 use crate::quant::QK;
@@ -390,8 +392,9 @@ fn matmul_with(par: &dyn Parallel, xa: &Acts<'_>, w: &MatRef<'_>, y: &mut [f32],
     matmul_impl(par, xa, w, None, y, kern);
 }
 
-/// A gated activation `act(gate, up)` applied element-wise (SiLU-gated: `silu(g) · u`).
-pub type Glu<'a> = &'a (dyn Fn(f32, f32) -> f32 + Sync);
+/// A gated activation applied element-wise over a chunk: `gate[i] = act(gate[i], up[i])`
+/// (SiLU-gated: [`silu_mul`]). One call per chunk, so its loop can vectorise.
+pub type Glu<'a> = &'a (dyn Fn(&mut [f32], &[f32]) + Sync);
 
 /// Fused gate/up projection of a gated MLP: `y[T, rows] = act(x · Gᵀ, x · Uᵀ)` element-wise,
 /// in one parallel pass (each task computes its rows of both products and combines them), so
@@ -432,9 +435,7 @@ fn matmul_impl(
             // Same layout for both products, so the activation is element-wise on the chunk.
             let mut up = vec![0.0f32; out.len()];
             rows(u, i, &mut up);
-            for (o, &v) in out.iter_mut().zip(&up) {
-                *o = act(*o, v);
-            }
+            act(out, &up);
         }
     };
     if t == 1 {

@@ -46,10 +46,43 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-/// `x · sigmoid(x)`.
+/// `x · sigmoid(x)`, with [`exp`].
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + libm::expf(-x))
+    x / (1.0 + exp(-x))
+}
+
+/// `g[i] = silu(g[i]) · u[i]`: the SiLU-gated activation over a chunk (vectorised: [`exp`] has
+/// no branches or calls).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = silu(*a) * b;
+    }
+}
+
+/// `eˣ` within 2 ulp for |x| ≤ 87 (Cephes' `expf`: x = n·ln2 + r, a degree-6 polynomial in r,
+/// 2ⁿ from the exponent bits); x is clamped to [−87.3, 88.3], so the result is always a
+/// normal, finite number. Branch-free, so loops over it vectorise; libm's `expf` is a call per
+/// element and was ~5 % of prompt processing in SiLU alone.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    // 1.5 · 2²³: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    // ln 2 in two parts, so n·ln2 is exact enough for r.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let k = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    y * f32::from_bits(((k + 127) as u32) << 23)
 }
 
 /// `y += x`.
@@ -134,6 +167,16 @@ mod tests {
     #[test]
     fn silu_values() {
         assert_eq!(silu(0.0), 0.0);
+        // exp within 2 ulp of the correctly rounded value over the range SiLU and softmax use.
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            worst = worst.max(((exp(x) as f64 - want) / ulp as f64).abs());
+        }
+        assert!(worst <= 2.0, "exp: {worst} ulp");
+        assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
     }
 }

@@ -34,7 +34,7 @@ const IDX_MASK: u64 = (1 << IDX_BITS) - 1;
 const MAX_CHUNKS: usize = IDX_MASK as usize;
 /// A worker waiting for the next job spins this many times, then yields its core this many
 /// times (≈ 1 ms in all on an idle core), then sleeps until a job is published.
-const SPIN: u32 = 1 << 8;
+const SPIN: u32 = 1 << 11;
 const YIELDS: u32 = 1 << 11;
 
 fn pack(epoch: u64, next: usize, n: usize) -> u64 {

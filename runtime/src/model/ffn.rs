@@ -4,7 +4,7 @@
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
 use crate::config::{Activation, RouterSpec, SharedGate};
-use crate::kernels::{Acts, Parallel, matmul, matmul_acts, matmul_glu, silu};
+use crate::kernels::{Acts, Parallel, matmul, matmul_acts, matmul_glu, silu, silu_mul};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
 
@@ -62,9 +62,11 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
         if g.dtype() == u.dtype() && g.rows() == inter && g.cols() == u.cols() {
             // The common case: gate, up and the activation in one threaded pass.
             resize(gate, t * inter);
-            let act = |a: f32, b: f32| match m.act {
-                Activation::ClampedSwiglu { alpha, limit } => clamped_swiglu(a, b, alpha, limit),
-                _ => silu(a) * b,
+            let act = |g: &mut [f32], u: &[f32]| match m.act {
+                Activation::ClampedSwiglu { alpha, limit } => {
+                    g.iter_mut().zip(u).for_each(|(a, &b)| *a = clamped_swiglu(*a, b, alpha, limit))
+                }
+                _ => silu_mul(g, u),
             };
             matmul_glu(par, &Acts::new(x, t), &g, &u, &act, gate);
             matmul(par, gate, t, &d, out);
@@ -92,11 +94,7 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
                     }
                 }
                 // A gated MLP is SiLU-gated unless it says otherwise.
-                _ => {
-                    for (a, &b) in gate.iter_mut().zip(up.iter()) {
-                        *a = silu(*a) * b;
-                    }
-                }
+                _ => silu_mul(gate, up),
             }
             matmul(par, gate, t, &d, out);
         }
