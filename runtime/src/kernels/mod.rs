@@ -471,6 +471,74 @@ fn matmul_impl(
     }
 }
 
+/// One matrix-vector product of [`gemv_many`]: `y = act(W x, U x)` with `glu = Some((U, act))`,
+/// else `y = W x`.
+pub struct Gemv<'x, 'w> {
+    pub x: &'x Acts<'x>,
+    pub w: MatRef<'w>,
+    pub glu: Option<(MatRef<'w>, Glu<'x>)>,
+}
+
+/// Several one-token products with outputs of the same length `n` (the selected experts of a
+/// layer in decoding) in **one** parallel pass: `out[e·n..][..n]` is job `e`'s result. One
+/// fork/join instead of one per matrix, and the threads balance over all of them, not per
+/// matrix. Each row is computed by the same kernel as [`matmul`], so the values are identical.
+///
+/// # Panics
+/// If a job's `x` is not one token of `w.cols()` values, `w.rows() != n` for some job,
+/// `out.len() != jobs.len() · n`, or a gate and up pair differ in shape or dtype.
+pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], n: usize, out: &mut [f32]) {
+    assert!(out.len() == jobs.len() * n, "gemv_many: output length");
+    for j in jobs {
+        let (w, k) = (&j.w, j.w.cols);
+        assert!(j.x.t == 1 && j.x.x.len() == k && w.rows == n, "gemv_many: shapes do not match");
+        assert!(
+            j.glu.as_ref().is_none_or(|(u, _)| u.rows == n && u.cols == k && u.dtype == w.dtype),
+            "gemv_many: gate and up differ"
+        );
+    }
+    if jobs.is_empty() || n == 0 {
+        return;
+    }
+    let kern = q8::Kernel::detect();
+    // Quantized on this thread first: `Acts` caches lazily and is not `Sync`.
+    let xq: Vec<Option<&q8::QActs>> =
+        jobs.iter().map(|j| (j.w.dtype == DType::Q8_0).then(|| j.x.quantized(j.w.cols))).collect();
+    let macs: usize = jobs.iter().map(|j| n * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
+    let serial = par.threads() <= 1 || macs < PARALLEL_MIN_MACS;
+    // Every job split into `m` tasks of `c` rows; outputs padded to `m · c` rows per job so
+    // that the tasks are equal chunks of one buffer.
+    // ≈ 8 tasks per thread: the join waits for at most one short task.
+    let c = if serial { n } else { rows_per_task(n * jobs.len(), 2 * par.threads()).min(n) };
+    let m = n.div_ceil(c);
+    // What the tasks read, without the (non-`Sync`) `Acts`.
+    let plain: Vec<(&[f32], Option<&q8::QActs>, &MatRef<'_>, Option<&(MatRef<'_>, Glu<'_>)>)> =
+        jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
+    let rows = |j: usize, w: &MatRef<'_>, r0: usize, o: &mut [f32]| match plain[j].1 {
+        Some(q) => matmul_rows_q8(q, 1, w, r0, o, kern),
+        None => matmul_rows(plain[j].0, 1, w, r0, o),
+    };
+    let task = |i: usize, o: &mut [f32]| {
+        let (j, r0) = (i / m, (i % m) * c);
+        let o = &mut o[..c.min(n - r0)];
+        rows(j, plain[j].2, r0, o);
+        if let Some((u, act)) = plain[j].3 {
+            let mut up = vec![0.0f32; o.len()];
+            rows(j, u, r0, &mut up);
+            act(o, &up);
+        }
+    };
+    if m * c == n {
+        par.for_each_chunk(out, c, &task);
+    } else {
+        let mut padded = vec![0.0f32; jobs.len() * m * c];
+        par.for_each_chunk(&mut padded, c, &task);
+        for (o, p) in out.chunks_exact_mut(n).zip(padded.chunks_exact(m * c)) {
+            o.copy_from_slice(&p[..n]);
+        }
+    }
+}
+
 /// `out[j][i] = a[i][j]` for `a` of `[rows, cols]`.
 pub fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     const B: usize = 32;

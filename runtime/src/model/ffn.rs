@@ -4,7 +4,7 @@
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
 use crate::config::{Activation, RouterSpec, SharedGate};
-use crate::kernels::{Acts, Parallel, matmul, matmul_acts, matmul_glu, silu, silu_mul};
+use crate::kernels::{Acts, Gemv, MatRef, Parallel, gemv_many, matmul, matmul_acts, matmul_glu, silu, silu_mul};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
 
@@ -201,6 +201,10 @@ pub(crate) fn moe(
     trace.on_experts_selected(layer, &s.selected);
 
     out.fill(0.0);
+    if t == 1 && decode_experts(par, bytes, p, x, s, out) {
+        shared(par, bytes, p, spec, x, t, s, out);
+        return;
+    }
     for &ei in &s.selected {
         let ei = ei as usize;
         let group = &s.assign[s.starts[ei]..s.starts[ei + 1]];
@@ -222,6 +226,62 @@ pub(crate) fn moe(
     }
 
     shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// One token's selected experts (`s.selected`, weights in `s.assign`) in two parallel passes:
+/// every gate/up/activation, then every down projection; then the weighted sum in ascending
+/// expert order, as the general path. False (nothing done) when the experts are not all plain
+/// gated MLPs of one shape without biases: the caller then runs them one by one.
+fn decode_experts(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    x: &[f32],
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) -> bool {
+    let h = x.len();
+    let mut mats = Vec::with_capacity(s.selected.len());
+    for &ei in &s.selected {
+        let ex = &p.experts[ei as usize];
+        let slab = &bytes[ex.slab.clone()];
+        let (Some(g), None) = (&ex.mlp.gate, &ex.mlp.bias) else { return false };
+        let (g, u, d) = (g.view(slab), ex.mlp.up.view(slab), ex.mlp.down.view(slab));
+        let same = |a: &crate::kernels::MatRef<'_>, b: &crate::kernels::MatRef<'_>| {
+            a.dtype() == b.dtype() && a.rows() == b.rows() && a.cols() == b.cols()
+        };
+        if !same(&g, &u) || g.cols() != h || d.rows() != h || d.cols() != g.rows() {
+            return false;
+        }
+        if mats.first().is_some_and(|(g0, _, d0): &(MatRef<'_>, _, MatRef<'_>)| !same(g0, &g) || !same(d0, &d)) {
+            return false;
+        }
+        mats.push((g, u, d));
+    }
+    let Some(inter) = mats.first().map(|m| m.0.rows()) else { return false };
+    let act_kind = p.experts[s.selected[0] as usize].mlp.act;
+    let act = |g: &mut [f32], u: &[f32]| match act_kind {
+        Activation::ClampedSwiglu { alpha, limit } => {
+            g.iter_mut().zip(u).for_each(|(a, &b)| *a = clamped_swiglu(*a, b, alpha, limit))
+        }
+        _ => silu_mul(g, u),
+    };
+    let xa = Acts::new(x, 1);
+    let jobs: Vec<Gemv<'_, '_>> = mats.iter().map(|(g, u, _)| Gemv { x: &xa, w: *g, glu: Some((*u, &act)) }).collect();
+    resize(&mut s.xs, mats.len() * inter);
+    gemv_many(par, &jobs, inter, &mut s.xs);
+    let hs: Vec<Acts<'_>> = s.xs.chunks_exact(inter).map(|hrow| Acts::new(hrow, 1)).collect();
+    let jobs: Vec<Gemv<'_, '_>> =
+        mats.iter().zip(&hs).map(|((_, _, d), hx)| Gemv { x: hx, w: *d, glu: None }).collect();
+    resize(&mut s.ys, mats.len() * h);
+    gemv_many(par, &jobs, h, &mut s.ys);
+    for (row, &ei) in s.ys.chunks_exact(h).zip(&s.selected) {
+        let w = s.assign[s.starts[ei as usize]].1;
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v * w;
+        }
+    }
+    true
 }
 
 /// Router logits `[t, E]` (f32, plus the router bias) into `s.logits`.
