@@ -511,9 +511,9 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], n: usize, out: &mut 
     // ≈ 8 tasks per thread: the join waits for at most one short task.
     let c = if serial { n } else { rows_per_task(n * jobs.len(), 2 * par.threads()).min(n) };
     let m = n.div_ceil(c);
-    // What the tasks read, without the (non-`Sync`) `Acts`.
-    let plain: Vec<(&[f32], Option<&q8::QActs>, &MatRef<'_>, Option<&(MatRef<'_>, Glu<'_>)>)> =
-        jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
+    // What the tasks read, without the (non-`Sync`) `Acts`: x, its quantized form, W, (U, act).
+    type Plain<'a> = (&'a [f32], Option<&'a q8::QActs>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
+    let plain: Vec<Plain<'_>> = jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
     let rows = |j: usize, w: &MatRef<'_>, r0: usize, o: &mut [f32]| match plain[j].1 {
         Some(q) => matmul_rows_q8(q, 1, w, r0, o, kern),
         None => matmul_rows(plain[j].0, 1, w, r0, o),
