@@ -1,8 +1,9 @@
-//! The GPU target against the CPU target on the same files: every fixture family, vanilla and
-//! MEO modes (prompt merges with both poolings, stored task merges, MEO-native banks), in f32
-//! and int8 (every family, the Switch encoder through `encode`). Checked per layer (the input of every MoE layer, as `Trace::on_moe_input` reports
-//! it) and on the logits, each within its error budget; routing must be identical (same
-//! experts at every layer and position, weights within 1e-5), and merged layers reported alike.
+//! The GPU target against the CPU target on the same files: every fixture family (the Switch
+//! encoder through `encode`), vanilla and MEO modes (prompt merges with both poolings, stored
+//! task merges, MEO-native banks merged and unmerged), in f32 and int8. Checked per layer (the
+//! input of every MoE layer, as `Trace::on_moe_input` reports it) and on the logits, each within
+//! its error budget; routing must be identical (same experts at every layer and position,
+//! weights within 1e-5), and merged layers reported alike.
 //! Also: expert residency (LRU budget, stats) and typed errors.
 
 use meo::route::Choice;
