@@ -180,7 +180,7 @@ enum Exec {
     Mixture,
     /// A merged expert on the GPU (task merge from the file, or a prompt merge).
     Merged {
-        mlp: GMlp,
+        mlp: Box<GMlp>,
         used: MergedUse,
     },
     /// Prompt mode before the prompt.
@@ -530,7 +530,7 @@ impl<'m> WgpuTarget<'m> {
                     let slab =
                         b.get(tl.expert.slab.clone()).ok_or_else(|| unsupported("merged expert outside the file"))?;
                     let mlp = upload_mlp(&self.gpu, slab, &tl.expert.mlp, "merged expert")?;
-                    exec[l] = Exec::Merged { mlp, used: MergedUse::File(tl.expert.slab.clone()) };
+                    exec[l] = Exec::Merged { mlp: Box::new(mlp), used: MergedUse::File(tl.expert.slab.clone()) };
                 }
                 layers
             }
@@ -742,7 +742,7 @@ impl<'m> WgpuTarget<'m> {
                                 *exec = match m.merge_layer(l, &w, None) {
                                     Ok(me) => {
                                         let mlp = upload_mlp(gpu, &me.bytes, &me.mlp, "prompt merge")?;
-                                        Exec::Merged { mlp, used: MergedUse::Session(me.bytes.len()) }
+                                        Exec::Merged { mlp: Box::new(mlp), used: MergedUse::Session(me.bytes.len()) }
                                     }
                                     Err(_) => Exec::Mixture,
                                 };
