@@ -1,6 +1,12 @@
 //! meo's GPU target: the model's layer recipe run by WGSL compute kernels through wgpu
 //! (Vulkan, Metal, DX12, GL), implementing [`meo::Target`].
 //!
+//! Every recipe the CPU target runs, read from the plan as data (no family names): GQA and
+//! multi-head latent attention, RoPE on halves or interleaved pairs, sliding windows, sinks,
+//! relative position bias and bidirectional attention ([`Target::encode`] for encoders),
+//! embedding/residual/logit multipliers, gated (SiLU, clamped SwiGLU) and ungated
+//! (ReLU, GELU) MLPs with optional biases, and MEO-native banks merged or not (`docs/GPU.md`).
+//!
 //! - Weights: dense tensors (attention, norms, routers, shared experts, dense MLPs, the LM
 //!   head) are uploaded once when the target opens, each straight from the mapped `.meo` file.
 //!   Routed experts are uploaded only when routing selects them, into an LRU cache with a
@@ -1268,7 +1274,7 @@ impl Ops<'_> {
                 self.ew(enc, 2, self.gpu.dummy(), b, t * n, 0, clip);
             }
         }
-        if a.rope {
+        if a.rope && hd >= 2 {
             self.rope(enc, &q, nh, hd, qd, hd, 0)?;
             self.rope(enc, &k, nkv, hd, kvd, hd, 0)?;
         }
