@@ -31,7 +31,8 @@ pub use gpu::{AdapterSummary, GpuError, list_adapters};
 use gpu::{Enc, Gpu};
 use meo::config::{FfnKind, NormKind, SharedGate};
 use meo::model::plan::{
-    Attention, AttnPlan, Bank, BankExpert, FfnPlan, LayerPlan, Mat, MlaPlan, Mlp, MoePlan, Vector, relative_bucket,
+    Attention, AttnPlan, Bank, BankExpert, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
+    relative_bucket,
 };
 use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
 use meo::{
@@ -174,11 +175,35 @@ struct GBank {
     gate: Vec<Choice>,
 }
 
-/// One expert of an MEO bank run unmerged: its gate choice and its weight and bias on the GPU.
+/// One expert of an MEO bank run unmerged: its gate choice and its weight and bias, resident
+/// in the expert cache.
 struct GBankPart {
     choice: Choice,
-    w: GMat,
-    bias: wgpu::Buffer,
+    res: Arc<Resident>,
+}
+
+/// What the expert cache holds: a routed expert's MLP, or one linear expert of an MEO bank
+/// (weight and bias).
+enum Resident {
+    Mlp(GMlp),
+    Linear(GMat, wgpu::Buffer),
+}
+
+impl Resident {
+    /// A bank expert's weight and bias.
+    fn linear(&self) -> Result<(&GMat, &wgpu::Buffer), TargetError> {
+        match self {
+            Self::Linear(w, b) => Ok((w, b)),
+            Self::Mlp(_) => Err(unsupported("an MEO bank expert cached as an MLP")),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Mlp(m) => m.bytes(),
+            Self::Linear(w, b) => w.buf.size() + b.size(),
+        }
+    }
 }
 
 /// How one layer's feed-forward block runs (mirrors the CPU session's states).
@@ -200,18 +225,21 @@ enum Exec {
     },
     /// MEO-native banks run unmerged (`Mode::Vanilla`): `Σ g_i (W_i x' + b_i)` with the gates
     /// pooled from the prompt (`None` until it has run), as the CPU's `MeoMixture`.
-    MeoMix(Option<Box<[Vec<GBankPart>; 2]>>),
+    MeoMix(Option<Box<[Vec<Choice>; 2]>>),
 }
 
 /// The LRU expert cache.
 struct ExpertCache {
     budget: u64,
     clock: u64,
-    map: HashMap<(usize, usize), (Arc<GMlp>, u64)>,
+    /// (layer, expert) → the expert and when it was last used. In an MEO-native layer the
+    /// expert is the slot `b·E + e` of expert `e` of bank `b` (as `Trace` numbers them).
+    map: HashMap<(usize, usize), (Arc<Resident>, u64)>,
     stats: ExpertStats,
 }
 
 impl ExpertCache {
+    /// Routed expert `expert` of MoE layer `layer`, uploaded from its slab if not resident.
     fn get(
         &mut self,
         gpu: &Gpu,
@@ -219,15 +247,46 @@ impl ExpertCache {
         layer: usize,
         expert: usize,
         ex: &meo::model::plan::Expert,
-    ) -> Result<Arc<GMlp>, TargetError> {
+    ) -> Result<Arc<Resident>, TargetError> {
+        self.fetch((layer, expert), || {
+            let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("expert slab outside the file"))?;
+            Ok(Resident::Mlp(upload_mlp(gpu, slab, &ex.mlp, "expert")?))
+        })
+    }
+
+    /// Linear expert `e` of bank `bk` of MEO-native layer `layer` (`ne` experts per bank).
+    #[allow(clippy::too_many_arguments)]
+    fn bank_expert(
+        &mut self,
+        gpu: &Gpu,
+        bytes: &[u8],
+        layer: usize,
+        bk: usize,
+        ne: usize,
+        e: usize,
+        ex: &BankExpert,
+    ) -> Result<Arc<Resident>, TargetError> {
+        self.fetch((layer, bk * ne + e), || {
+            let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("bank expert outside the file"))?;
+            Ok(Resident::Linear(
+                upload_mat(gpu, slab, &ex.weight, "bank expert")?,
+                upload_vec(gpu, slab, &ex.bias, "bank expert bias")?,
+            ))
+        })
+    }
+
+    fn fetch(
+        &mut self,
+        key: (usize, usize),
+        upload: impl FnOnce() -> Result<Resident, TargetError>,
+    ) -> Result<Arc<Resident>, TargetError> {
         self.clock += 1;
-        if let Some((m, used)) = self.map.get_mut(&(layer, expert)) {
+        if let Some((m, used)) = self.map.get_mut(&key) {
             *used = self.clock;
             self.stats.hits += 1;
             return Ok(m.clone());
         }
-        let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("expert slab outside the file"))?;
-        let m = Arc::new(upload_mlp(gpu, slab, &ex.mlp, "expert")?);
+        let m = Arc::new(upload()?);
         let size = m.bytes();
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += size;
@@ -241,7 +300,7 @@ impl ExpertCache {
                 self.stats.evictions += 1;
             }
         }
-        self.map.insert((layer, expert), (m.clone(), self.clock));
+        self.map.insert(key, (m.clone(), self.clock));
         Ok(m)
     }
 }
@@ -583,7 +642,7 @@ impl<'m> WgpuTarget<'m> {
     pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
         match self.exec.get(layer)? {
             Exec::Meo { banks, .. } => Some([banks[0].gate.clone(), banks[1].gate.clone()]),
-            Exec::MeoMix(Some(parts)) => Some([0, 1].map(|i| parts[i].iter().map(|p| p.choice).collect())),
+            Exec::MeoMix(Some(gates)) => Some((**gates).clone()),
             _ => None,
         }
     }
@@ -799,29 +858,28 @@ impl<'m> WgpuTarget<'m> {
                         }
                         Exec::MeoMix(None) => {
                             // Vanilla, the prompt: each bank's gate pooled from its input, its
-                            // experts uploaded and run unmerged.
+                            // experts fetched through the expert cache and run unmerged.
                             let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
                             let g0 = sequence_gate(bytes, &p.banks[0], &hx, t, k)?;
                             trace.on_experts_selected(l, &slots(0, &g0));
-                            let p0 = bank_parts(gpu, bytes, &p.banks[0], &g0)?;
+                            let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &g0)?;
                             ops.bank_mixture(&mut enc, tb[0].as_ref(), &p0, &hbuf, t, &mid)?;
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
                             let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
                             let g1 = sequence_gate(bytes, &p.banks[1], &mx, t, k)?;
                             trace.on_experts_selected(l, &slots(1, &g1));
-                            let p1 = bank_parts(gpu, bytes, &p.banks[1], &g1)?;
+                            let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &g1)?;
                             ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
-                            *exec = Exec::MeoMix(Some(Box::new([p0, p1])));
+                            *exec = Exec::MeoMix(Some(Box::new([g0, g1])));
                         }
-                        Exec::MeoMix(Some(parts)) => {
-                            let mut all = Vec::new();
-                            for (bk, ps) in parts.iter().enumerate() {
-                                all.extend(ps.iter().map(|p| (bk * ne) as u32 + p.choice.expert));
-                            }
+                        Exec::MeoMix(Some(gates)) => {
+                            let all: Vec<u32> = slots(0, &gates[0]).into_iter().chain(slots(1, &gates[1])).collect();
                             trace.on_experts_selected(l, &all);
-                            ops.bank_mixture(&mut enc, tb[0].as_ref(), &parts[0], &hbuf, t, &mid)?;
+                            let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &gates[0])?;
+                            let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &gates[1])?;
+                            ops.bank_mixture(&mut enc, tb[0].as_ref(), &p0, &hbuf, t, &mid)?;
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
-                            ops.bank_mixture(&mut enc, tb[1].as_ref(), &parts[1], &mid, t, &ybuf)?;
+                            ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
                         }
                         _ => return Err(unsupported("an MEO layer in a per-token mixture state")),
                     }
@@ -876,18 +934,23 @@ struct Ops<'g> {
     rope: &'g HashMap<usize, wgpu::Buffer>,
 }
 
-/// Each selected expert of a bank uploaded for an unmerged run.
-fn bank_parts(gpu: &Gpu, bytes: &[u8], bank: &Bank, gate: &[Choice]) -> Result<Vec<GBankPart>, TargetError> {
+/// The experts `gate` selects in bank `bk` of MEO-native layer `layer`, through the cache.
+fn bank_parts(
+    cache: &mut ExpertCache,
+    gpu: &Gpu,
+    bytes: &[u8],
+    layer: usize,
+    p: &MeoFfn,
+    bk: usize,
+    gate: &[Choice],
+) -> Result<Vec<GBankPart>, TargetError> {
+    let bank = &p.banks[bk];
+    let ne = bank.experts.len();
     gate.iter()
         .map(|&choice| {
-            let ex =
-                bank.experts.get(choice.expert as usize).ok_or_else(|| unsupported("gate selects a missing expert"))?;
-            let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("bank expert outside the file"))?;
-            Ok(GBankPart {
-                choice,
-                w: upload_mat(gpu, slab, &ex.weight, "bank expert")?,
-                bias: upload_vec(gpu, slab, &ex.bias, "bank expert bias")?,
-            })
+            let e = choice.expert as usize;
+            let ex = bank.experts.get(e).ok_or_else(|| unsupported("gate selects a missing expert"))?;
+            Ok(GBankPart { choice, res: cache.bank_expert(gpu, bytes, layer, bk, ne, e, ex)? })
         })
         .collect()
 }
@@ -1108,13 +1171,15 @@ impl Ops<'_> {
         out: &wgpu::Buffer,
     ) -> Result<(), TargetError> {
         let Some(first) = parts.first() else { return Err(unsupported("an MEO bank gate without experts")) };
-        let rows = first.w.rows;
-        let xin = self.token_block(enc, tb, x, t, first.w.cols)?;
+        let (w0, _) = first.res.linear()?;
+        let rows = w0.rows;
+        let xin = self.token_block(enc, tb, x, t, w0.cols)?;
         enc.clear(out, (t * rows) as u64 * 4);
         let y = self.scratch("bank_y", t * rows)?;
         for p in parts {
-            self.mm(enc, &xin, t, &p.w, &y)?;
-            self.ew(enc, 1, &p.bias, &y, t * rows, rows as u32, 0.0);
+            let (w, b) = p.res.linear()?;
+            self.mm(enc, &xin, t, w, &y)?;
+            self.ew(enc, 1, b, &y, t * rows, rows as u32, 0.0);
             self.ew(enc, 8, &y, out, t * rows, 0, p.choice.weight);
         }
         Ok(())
@@ -1417,11 +1482,12 @@ impl Ops<'_> {
             iw.extend(g.iter().map(|p| p.1.to_bits()));
             let iwb = enc.data("routes", bytemuck::cast_slice(&iw));
             let plan = p.experts.get(ei as usize).ok_or_else(|| unsupported("router selects a missing expert"))?;
-            let ex = cache.get(self.gpu, bytes, layer, ei as usize, plan)?;
+            let res = cache.get(self.gpu, bytes, layer, ei as usize, plan)?;
+            let Resident::Mlp(ex) = &*res else { return Err(unsupported("a routed expert cached as a bank expert")) };
             let xs = self.scratch("expert_in", n * h)?;
             let ys = self.scratch("expert_out", n * h)?;
             enc.dispatch_1d("gather", &[h as u32, n as u32], &[&iwb, x, &xs], n * h);
-            self.mlp(enc, &ex, &xs, n, &ys)?;
+            self.mlp(enc, ex, &xs, n, &ys)?;
             enc.dispatch_1d("scatter", &[h as u32, n as u32], &[&iwb, &ys, out], n * h);
         }
         Ok(choices)

@@ -201,6 +201,7 @@ fn meo_native_banks_match_cpu() {
             let mut g = wgpu(&model, 0);
             g.set_mode(opts).unwrap();
             g.forward(&PROMPT, meo::Logits::Last, &mut meo::NoTrace).unwrap();
+            let mut selected = 0;
             for l in 0..model.config().num_layers {
                 let (cg, gg) = (c.bank_gates(l).expect("cpu gates"), g.bank_gates(l).expect("gpu gates"));
                 for (a, b) in cg.iter().zip(&gg) {
@@ -209,7 +210,19 @@ fn meo_native_banks_match_cpu() {
                     for (x, y) in a.iter().zip(b) {
                         assert!((x.weight - y.weight).abs() <= 1e-5, "{what}: layer {l}: gate weights");
                     }
+                    selected += b.len() as u64;
                 }
+            }
+            // Unmerged banks read their selected experts through the expert cache: each
+            // uploaded once, then resident for the following tokens.
+            let s = g.expert_stats();
+            if label.starts_with("vanilla") {
+                assert_eq!((s.uploads, s.hits), (selected, 0), "{what}: {s:?}");
+                g.forward(&[PROMPT[0]], meo::Logits::Last, &mut meo::NoTrace).unwrap();
+                let s = g.expert_stats();
+                assert_eq!((s.uploads, s.hits), (selected, selected), "{what}: {s:?}");
+            } else {
+                assert_eq!(s.uploads, 0, "{what}: merged banks upload no single expert: {s:?}");
             }
         }
     }
