@@ -1,6 +1,12 @@
 //! meo's GPU target: the model's layer recipe run by WGSL compute kernels through wgpu
 //! (Vulkan, Metal, DX12, GL), implementing [`meo::Target`].
 //!
+//! Every recipe the CPU target runs, read from the plan as data (no family names): GQA and
+//! multi-head latent attention, RoPE on halves or interleaved pairs, sliding windows, sinks,
+//! relative position bias and bidirectional attention ([`Target::encode`] for encoders),
+//! embedding/residual/logit multipliers, gated (SiLU, clamped SwiGLU) and ungated
+//! (ReLU, GELU) MLPs with optional biases, and MEO-native banks merged or not (`docs/GPU.md`).
+//!
 //! - Weights: dense tensors (attention, norms, routers, shared experts, dense MLPs, the LM
 //!   head) are uploaded once when the target opens, each straight from the mapped `.meo` file.
 //!   Routed experts are uploaded only when routing selects them, into an LRU cache with a
@@ -24,7 +30,10 @@ pub use gpu::{AdapterSummary, GpuError, list_adapters};
 
 use gpu::{Enc, Gpu};
 use meo::config::{FfnKind, NormKind, SharedGate};
-use meo::model::plan::{Attention, Bank, BankExpert, FfnPlan, LayerPlan, Mat, Mlp, MoePlan, Vector};
+use meo::model::plan::{
+    Attention, AttnPlan, Bank, BankExpert, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
+    relative_bucket,
+};
 use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
 use meo::{
     Activation, DType, ForwardError, Logits, MergeOptions, MergedUse, Mode, ModeError, Model, PromptPool, Target,
@@ -84,21 +93,24 @@ struct GMat {
     cols: usize,
 }
 
+/// An MLP on the GPU: gated (`gate` present) or not, with optional gate/up/down biases.
 struct GMlp {
-    gate: GMat,
+    gate: Option<GMat>,
     up: GMat,
     down: GMat,
+    bias: Option<[wgpu::Buffer; 3]>,
+    act: Activation,
 }
 
 impl GMlp {
     fn bytes(&self) -> u64 {
-        self.gate.buf.size() + self.up.buf.size() + self.down.buf.size()
+        let b = self.bias.as_ref().map_or(0, |b| b.iter().map(wgpu::Buffer::size).sum());
+        self.gate.as_ref().map_or(0, |g| g.buf.size()) + self.up.buf.size() + self.down.buf.size() + b
     }
 }
 
+/// Grouped-query attention weights.
 struct GAttn {
-    norm: wgpu::Buffer,
-    norm_b: Option<wgpu::Buffer>,
     q: GMat,
     k: GMat,
     v: GMat,
@@ -107,6 +119,22 @@ struct GAttn {
     q_norm: Option<wgpu::Buffer>,
     k_norm: Option<wgpu::Buffer>,
     o_bias: Option<wgpu::Buffer>,
+    sinks: Option<wgpu::Buffer>,
+}
+
+/// Multi-head latent attention weights (see `MlaPlan`).
+struct GMla {
+    q_a: Option<(GMat, wgpu::Buffer)>,
+    q: GMat,
+    kv_a: GMat,
+    kv_norm: wgpu::Buffer,
+    kv_b: GMat,
+    o: GMat,
+}
+
+enum GAttnKind {
+    Gqa(GAttn),
+    Mla(GMla),
 }
 
 struct GToken {
@@ -132,7 +160,9 @@ enum GFfn {
 }
 
 struct GLayer {
-    attn: GAttn,
+    attn_norm: wgpu::Buffer,
+    attn_norm_b: Option<wgpu::Buffer>,
+    attn: GAttnKind,
     ffn_norm: wgpu::Buffer,
     ffn_norm_b: Option<wgpu::Buffer>,
     ffn: GFfn,
@@ -145,12 +175,43 @@ struct GBank {
     gate: Vec<Choice>,
 }
 
+/// One expert of an MEO bank run unmerged: its gate choice and its weight and bias, resident
+/// in the expert cache.
+struct GBankPart {
+    choice: Choice,
+    res: Arc<Resident>,
+}
+
+/// What the expert cache holds: a routed expert's MLP, or one linear expert of an MEO bank
+/// (weight and bias).
+enum Resident {
+    Mlp(GMlp),
+    Linear(GMat, wgpu::Buffer),
+}
+
+impl Resident {
+    /// A bank expert's weight and bias.
+    fn linear(&self) -> Result<(&GMat, &wgpu::Buffer), TargetError> {
+        match self {
+            Self::Linear(w, b) => Ok((w, b)),
+            Self::Mlp(_) => Err(unsupported("an MEO bank expert cached as an MLP")),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Mlp(m) => m.bytes(),
+            Self::Linear(w, b) => w.buf.size() + b.size(),
+        }
+    }
+}
+
 /// How one layer's feed-forward block runs (mirrors the CPU session's states).
 enum Exec {
     Mixture,
     /// A merged expert on the GPU (task merge from the file, or a prompt merge).
     Merged {
-        mlp: GMlp,
+        mlp: Box<GMlp>,
         used: MergedUse,
     },
     /// Prompt mode before the prompt.
@@ -162,17 +223,23 @@ enum Exec {
         used: [MergedUse; 2],
         stored: bool,
     },
+    /// MEO-native banks run unmerged (`Mode::Vanilla`): `Σ g_i (W_i x' + b_i)` with the gates
+    /// pooled from the prompt (`None` until it has run), as the CPU's `MeoMixture`.
+    MeoMix(Option<Box<[Vec<Choice>; 2]>>),
 }
 
 /// The LRU expert cache.
 struct ExpertCache {
     budget: u64,
     clock: u64,
-    map: HashMap<(usize, usize), (Arc<GMlp>, u64)>,
+    /// (layer, expert) → the expert and when it was last used. In an MEO-native layer the
+    /// expert is the slot `b·E + e` of expert `e` of bank `b` (as `Trace` numbers them).
+    map: HashMap<(usize, usize), (Arc<Resident>, u64)>,
     stats: ExpertStats,
 }
 
 impl ExpertCache {
+    /// Routed expert `expert` of MoE layer `layer`, uploaded from its slab if not resident.
     fn get(
         &mut self,
         gpu: &Gpu,
@@ -180,15 +247,46 @@ impl ExpertCache {
         layer: usize,
         expert: usize,
         ex: &meo::model::plan::Expert,
-    ) -> Result<Arc<GMlp>, TargetError> {
+    ) -> Result<Arc<Resident>, TargetError> {
+        self.fetch((layer, expert), || {
+            let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("expert slab outside the file"))?;
+            Ok(Resident::Mlp(upload_mlp(gpu, slab, &ex.mlp, "expert")?))
+        })
+    }
+
+    /// Linear expert `e` of bank `bk` of MEO-native layer `layer` (`ne` experts per bank).
+    #[allow(clippy::too_many_arguments)]
+    fn bank_expert(
+        &mut self,
+        gpu: &Gpu,
+        bytes: &[u8],
+        layer: usize,
+        bk: usize,
+        ne: usize,
+        e: usize,
+        ex: &BankExpert,
+    ) -> Result<Arc<Resident>, TargetError> {
+        self.fetch((layer, bk * ne + e), || {
+            let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("bank expert outside the file"))?;
+            Ok(Resident::Linear(
+                upload_mat(gpu, slab, &ex.weight, "bank expert")?,
+                upload_vec(gpu, slab, &ex.bias, "bank expert bias")?,
+            ))
+        })
+    }
+
+    fn fetch(
+        &mut self,
+        key: (usize, usize),
+        upload: impl FnOnce() -> Result<Resident, TargetError>,
+    ) -> Result<Arc<Resident>, TargetError> {
         self.clock += 1;
-        if let Some((m, used)) = self.map.get_mut(&(layer, expert)) {
+        if let Some((m, used)) = self.map.get_mut(&key) {
             *used = self.clock;
             self.stats.hits += 1;
             return Ok(m.clone());
         }
-        let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("expert slab outside the file"))?;
-        let m = Arc::new(upload_mlp(gpu, slab, &ex.mlp, "expert")?);
+        let m = Arc::new(upload()?);
         let size = m.bytes();
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += size;
@@ -202,7 +300,7 @@ impl ExpertCache {
                 self.stats.evictions += 1;
             }
         }
-        self.map.insert((layer, expert), (m.clone(), self.clock));
+        self.map.insert(key, (m.clone(), self.clock));
         Ok(m)
     }
 }
@@ -217,14 +315,21 @@ fn upload_vec(gpu: &Gpu, bytes: &[u8], v: &Vector, label: &str) -> Result<wgpu::
     gpu.upload(label, data).map_err(dev)
 }
 
+/// `bytes`: the file, or the expert's slab (expert matrices and biases are relative to it).
 fn upload_mlp(gpu: &Gpu, bytes: &[u8], m: &Mlp, label: &str) -> Result<GMlp, TargetError> {
     Ok(GMlp {
-        gate: match &m.gate {
-            Some(g) => upload_mat(gpu, bytes, g, label)?,
-            None => return Err(unsupported(format!("{label}: ungated MLP (ReLU experts)"))),
-        },
+        gate: m.gate.as_ref().map(|g| upload_mat(gpu, bytes, g, label)).transpose()?,
         up: upload_mat(gpu, bytes, &m.up, label)?,
         down: upload_mat(gpu, bytes, &m.down, label)?,
+        bias: match m.bias.as_deref() {
+            Some([g, u, d]) => Some([
+                upload_vec(gpu, bytes, g, label)?,
+                upload_vec(gpu, bytes, u, label)?,
+                upload_vec(gpu, bytes, d, label)?,
+            ]),
+            None => None,
+        },
+        act: m.act,
     })
 }
 
@@ -249,6 +354,7 @@ pub struct WgpuTarget<'m> {
     out_norm: wgpu::Buffer,
     out_norm_b: Option<wgpu::Buffer>,
     head: GMat,
+    /// Per layer: keys and values of every position, `[kv_cap, width]` each.
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     kv_cap: usize,
     experts: ExpertCache,
@@ -265,12 +371,12 @@ impl std::fmt::Debug for WgpuTarget<'_> {
     }
 }
 
-fn act_code(a: Activation) -> Result<u32, TargetError> {
+/// The `ew` kernel's code of an ungated activation (as the CPU: SiLU for the gated kinds).
+fn act_code(a: Activation) -> u32 {
     match a {
-        Activation::Silu => Ok(0),
-        Activation::GeluTanh => Ok(1),
-        #[allow(unreachable_patterns)]
-        other => Err(unsupported(format!("activation {other:?}"))),
+        Activation::Silu | Activation::ClampedSwiglu { .. } => 0,
+        Activation::GeluTanh => 1,
+        Activation::Relu => 2,
     }
 }
 
@@ -281,23 +387,7 @@ impl<'m> WgpuTarget<'m> {
     /// No (matching) adapter, a device failure, or a model this target cannot run.
     pub fn new(model: &'m Model, opts: WgpuOptions) -> Result<Self, TargetError> {
         let c = model.config();
-        // Recipe features the WGSL kernels do not implement yet: refused before any upload.
-        if c.recipe.encoder_only || c.recipe.positions == meo::Positions::Relative {
-            return Err(unsupported("encoder-only models with relative position bias (Switch Transformers)"));
-        }
-        if model.rope().interleave {
-            return Err(unsupported("RoPE on interleaved pairs (DeepSeek)"));
-        }
-        let r = &c.recipe;
-        if r.embedding_multiplier != 1.0 || r.residual_multiplier != 1.0 || r.logits_scaling != 1.0 {
-            return Err(unsupported("embedding/residual multipliers and logits scaling (Granite-MoE)"));
-        }
-        if r.attention_sinks {
-            return Err(unsupported("attention sinks (GPT-OSS)"));
-        }
-        if r.expert_bias || !matches!(r.mlp_activation, Activation::Silu) {
-            return Err(unsupported(format!("expert biases or MLP activation {:?} (GPT-OSS)", r.mlp_activation)));
-        }
+        supports(model)?;
         let gpu = Gpu::open(opts.adapter.as_deref(), opts.portable_dot).map_err(dev)?;
         let b = model.bytes();
         let mut layers = Vec::with_capacity(model.layer_plans().len());
@@ -341,14 +431,8 @@ impl<'m> WgpuTarget<'m> {
         Ok(t)
     }
 
-    fn upload_layer(gpu: &Gpu, b: &[u8], lp: &LayerPlan, l: usize) -> Result<GLayer, TargetError> {
-        let Attention::Gqa(a) = &lp.attn else {
-            return Err(unsupported(format!("layer {l}: multi-head latent attention (MLA)")));
-        };
-        let lbl = |s: &str| format!("layers.{l}.{s}");
-        let attn = GAttn {
-            norm: upload_vec(gpu, b, &a.norm, &lbl("attn_norm"))?,
-            norm_b: a.norm_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("attn_norm.bias"))).transpose()?,
+    fn upload_gqa(gpu: &Gpu, b: &[u8], a: &AttnPlan, lbl: &dyn Fn(&str) -> String) -> Result<GAttn, TargetError> {
+        Ok(GAttn {
             q: upload_mat(gpu, b, &a.q, &lbl("q"))?,
             k: upload_mat(gpu, b, &a.k, &lbl("k"))?,
             v: upload_mat(gpu, b, &a.v, &lbl("v"))?,
@@ -364,6 +448,27 @@ impl<'m> WgpuTarget<'m> {
             q_norm: a.q_norm.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("q_norm"))).transpose()?,
             k_norm: a.k_norm.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("k_norm"))).transpose()?,
             o_bias: a.o_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("o.bias"))).transpose()?,
+            sinks: a.sinks.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("sinks"))).transpose()?,
+        })
+    }
+
+    fn upload_layer(gpu: &Gpu, b: &[u8], lp: &LayerPlan, l: usize) -> Result<GLayer, TargetError> {
+        let lbl = |s: &str| format!("layers.{l}.{s}");
+        let attn = match &lp.attn {
+            Attention::Gqa(a) => GAttnKind::Gqa(Self::upload_gqa(gpu, b, a, &lbl)?),
+            Attention::Mla(a) => GAttnKind::Mla(GMla {
+                q_a: match &a.q_a {
+                    Some((m, n)) => {
+                        Some((upload_mat(gpu, b, m, &lbl("q_a"))?, upload_vec(gpu, b, n, &lbl("q_a_norm"))?))
+                    }
+                    None => None,
+                },
+                q: upload_mat(gpu, b, &a.q, &lbl("q"))?,
+                kv_a: upload_mat(gpu, b, &a.kv_a, &lbl("kv_a"))?,
+                kv_norm: upload_vec(gpu, b, &a.kv_norm, &lbl("kv_norm"))?,
+                kv_b: upload_mat(gpu, b, &a.kv_b, &lbl("kv_b"))?,
+                o: upload_mat(gpu, b, &a.o, &lbl("o"))?,
+            }),
         };
         let ffn = match &lp.ffn {
             FfnPlan::Dense(m) => GFfn::Dense(upload_mlp(gpu, b, m, &lbl("ffn"))?),
@@ -392,6 +497,8 @@ impl<'m> WgpuTarget<'m> {
             }
         };
         Ok(GLayer {
+            attn_norm: upload_vec(gpu, b, lp.attn.norm(), &lbl("attn_norm"))?,
+            attn_norm_b: lp.attn.norm_bias().map(|v| upload_vec(gpu, b, v, &lbl("attn_norm.bias"))).transpose()?,
             attn,
             ffn_norm: upload_vec(gpu, b, &lp.ffn_norm, &lbl("ffn_norm"))?,
             ffn_norm_b: lp.ffn_norm_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("ffn_norm.bias"))).transpose()?,
@@ -437,10 +544,13 @@ impl<'m> WgpuTarget<'m> {
         let mut exec = self.default_exec();
         let meo_layers: Vec<usize> = m.meo_layers().collect();
         let mut layers = match &opts.mode {
-            // The CPU runs an MEO-native model's vanilla as its gates unmerged (the baseline of
-            // the merge); the GPU runs banks merged only.
+            // As the CPU: an MEO-native model's vanilla runs its own gates unmerged (the
+            // baseline of the merge).
             Mode::Vanilla if !meo_layers.is_empty() => {
-                return Err(unsupported("vanilla (unmerged banks) on an MEO-native model: use prompt or task mode"));
+                for &l in &meo_layers {
+                    exec[l] = Exec::MeoMix(None);
+                }
+                Vec::new()
             }
             Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
             Mode::Task(name) if !meo_layers.is_empty() => {
@@ -485,11 +595,19 @@ impl<'m> WgpuTarget<'m> {
                     let slab =
                         b.get(tl.expert.slab.clone()).ok_or_else(|| unsupported("merged expert outside the file"))?;
                     let mlp = upload_mlp(&self.gpu, slab, &tl.expert.mlp, "merged expert")?;
-                    exec[l] = Exec::Merged { mlp, used: MergedUse::File(tl.expert.slab.clone()) };
+                    exec[l] = Exec::Merged { mlp: Box::new(mlp), used: MergedUse::File(tl.expert.slab.clone()) };
                 }
                 layers
             }
             Mode::Prompt(_) => {
+                // As the CPU: experts with biases have no merge rule.
+                let biased = m
+                    .layer_plans()
+                    .iter()
+                    .position(|l| matches!(&l.ffn, FfnPlan::Moe(p) if p.experts.iter().any(|e| e.mlp.bias.is_some())));
+                if let Some(layer) = biased {
+                    return Err(ModeError::NotMergeable { layer, what: "experts with biases" }.into());
+                }
                 let cands: Vec<(usize, Option<f64>)> =
                     moe.iter().map(|&l| (l, m.prompt_errors().iter().find(|e| e.0 == l).map(|e| e.1))).collect();
                 let layers = pick(&cands, "prompt")?;
@@ -513,6 +631,7 @@ impl<'m> WgpuTarget<'m> {
             match e {
                 Exec::Merged { used: MergedUse::Session(_), .. } => *e = Exec::Pending,
                 Exec::Meo { stored: false, .. } => *e = Exec::MeoPending,
+                Exec::MeoMix(Some(_)) => *e = Exec::MeoMix(None),
                 _ => {}
             }
         }
@@ -523,6 +642,7 @@ impl<'m> WgpuTarget<'m> {
     pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
         match self.exec.get(layer)? {
             Exec::Meo { banks, .. } => Some([banks[0].gate.clone(), banks[1].gate.clone()]),
+            Exec::MeoMix(Some(gates)) => Some((**gates).clone()),
             _ => None,
         }
     }
@@ -537,74 +657,113 @@ impl<'m> WgpuTarget<'m> {
             .collect()
     }
 
-    fn forward_inner(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<(), TargetError> {
+    /// Runs the layer stack on `tokens` at positions `pos..pos + T` and reads back either the
+    /// logits (`Some(which)`) or the final normalised hidden states of every token (`None`,
+    /// an encoder's output) into `self.logits`.
+    fn forward_inner(
+        &mut self,
+        tokens: &[u32],
+        which: Option<Logits>,
+        trace: &mut dyn Trace,
+    ) -> Result<(), TargetError> {
         let m = self.model;
         let c = m.config();
         let bytes = m.bytes();
         let (t, h, vocab) = (tokens.len(), c.hidden_size, c.vocab_size);
         let eps = c.rms_norm_eps;
-        let norm_kind = match c.recipe.norm {
+        let recipe = &c.recipe;
+        let norm_kind = match recipe.norm {
             NormKind::Rms => 0u32,
             NormKind::Layer => 1,
         };
         if t > 65535 {
             return Err(unsupported(format!("{t} tokens in one call (at most 65535)")));
         }
-        // Embedding (and learned positions) on the host: T rows, uploaded once.
+        // Embedding (and learned positions) on the host: T rows, uploaded once; multiplied
+        // before the positions are added, as the CPU does.
         let mut x0 = vec![0.0f32; t * h];
         let embed = mat_ref(bytes, m.embedding())?;
-        let mut row = vec![0.0f32; h];
-        let pe = m.position_embedding().map(|p| mat_ref(bytes, p)).transpose()?;
-        for (i, (o, &tok)) in x0.chunks_mut(h).zip(tokens).enumerate() {
+        for (o, &tok) in x0.chunks_mut(h).zip(tokens) {
             embed.row(tok as usize, o);
-            if let Some(pe) = &pe {
-                pe.row(self.pos + i, &mut row);
-                o.iter_mut().zip(&row).for_each(|(a, b)| *a += b);
-            }
         }
-        // RoPE angles on the host, as the CPU computes them: `[T, 2, hd/2]`.
-        let hd = c.head_dim;
-        let mut cs = vec![0.0f32; t * hd.max(2)];
-        for (i, r) in cs.chunks_mut(hd.max(2)).enumerate() {
-            let (co, si) = r.split_at_mut(hd / 2);
-            m.rope().angles(self.pos + i, co, &mut si[..hd / 2]);
+        if recipe.embedding_multiplier != 1.0 {
+            x0.iter_mut().for_each(|v| *v *= recipe.embedding_multiplier);
+        }
+        if let Some(pe) = m.position_embedding().map(|p| mat_ref(bytes, p)).transpose()? {
+            let mut row = vec![0.0f32; h];
+            for (i, o) in x0.chunks_mut(h).enumerate() {
+                pe.row(self.pos + i, &mut row);
+                meo::kernels::add_into(o, &row);
+            }
         }
         let gpu = &self.gpu;
         let mut enc = gpu.encoder();
-        let need = self.pos + t;
-        // Split borrow: `reserve_kv` needs `&mut self` but `enc` borrows `self.gpu`.
-        {
-            let kvd = (c.num_kv_heads * hd) as u64 * 4;
-            if need > self.kv_cap {
-                let cap = need.next_power_of_two().max(16).min(self.max_context.max(need));
-                let mut kv = Vec::with_capacity(self.layers.len());
-                for l in 0..self.layers.len() {
-                    let (k, v) = (gpu.buffer("kcache", cap as u64 * kvd), gpu.buffer("vcache", cap as u64 * kvd));
-                    if let Some((ok, ov)) = self.kv.get(l) {
-                        enc.copy(ok, 0, &k, 0, self.pos as u64 * kvd);
-                        enc.copy(ov, 0, &v, 0, self.pos as u64 * kvd);
-                    }
-                    kv.push((k, v));
-                }
-                self.kv = kv;
-                self.kv_cap = cap;
+        // RoPE angles on the host, as the CPU computes them: `[T, 2, nf]` for each rotary width
+        // in use (`nf` = half the rotated dimensions: the head for GQA, the rope part for MLA;
+        // entries past the frequency table stay 0 as in the CPU's buffers).
+        let mut rope_tables: HashMap<usize, wgpu::Buffer> = HashMap::new();
+        for lp in m.layer_plans() {
+            let nf = match &lp.attn {
+                Attention::Gqa(a) if a.rope => a.head_dim / 2,
+                Attention::Mla(a) => a.rope / 2,
+                Attention::Gqa(_) => continue,
+            };
+            if nf == 0 || rope_tables.contains_key(&nf) {
+                continue;
             }
+            let mut cs = vec![0.0f32; t * 2 * nf];
+            for (i, r) in cs.chunks_mut(2 * nf).enumerate() {
+                let (co, si) = r.split_at_mut(nf);
+                m.rope().angles(self.pos + i, co, si);
+            }
+            rope_tables.insert(nf, enc.data("rope", bytemuck::cast_slice(&cs)));
+        }
+        let need = self.pos + t;
+        if need > self.kv_cap {
+            let cap = need.next_power_of_two().max(16).min(self.max_context.max(need));
+            let mut kv = Vec::with_capacity(self.layers.len());
+            for (l, lp) in m.layer_plans().iter().enumerate() {
+                let (kw, vw) = lp.attn.cache_widths();
+                let (kw, vw) = (kw as u64 * 4, vw as u64 * 4);
+                let (k, v) = (gpu.buffer("kcache", cap as u64 * kw), gpu.buffer("vcache", cap as u64 * vw));
+                if let Some((ok, ov)) = self.kv.get(l) {
+                    enc.copy(ok, 0, &k, 0, self.pos as u64 * kw);
+                    enc.copy(ov, 0, &v, 0, self.pos as u64 * vw);
+                }
+                kv.push((k, v));
+            }
+            self.kv = kv;
+            self.kv_cap = cap;
         }
         let x = enc.data("x", bytemuck::cast_slice(&x0));
-        let csb = enc.data("rope", bytemuck::cast_slice(&cs));
         let f4 = |n: usize| n as u64 * 4;
         let hbuf = gpu.scratch("h", f4(t * h)).map_err(dev)?;
         let ybuf = gpu.scratch("y", f4(t * h)).map_err(dev)?;
-        let ops = Ops { gpu, t };
+        let ops = Ops { gpu, t, pos0: self.pos, interleave: m.rope().interleave, rope: &rope_tables };
+        let residual = recipe.residual_multiplier;
+        // `x += y · multiplier` (the CPU scales y, then adds).
+        let add_residual = |enc: &mut Enc<'_>| {
+            if residual == 1.0 {
+                ops.ew(enc, 0, &ybuf, &x, t * h, 0, 0.0);
+            } else {
+                ops.ew(enc, 8, &ybuf, &x, t * h, 0, residual);
+            }
+        };
         for (l, (gl, lp)) in self.layers.iter().zip(m.layer_plans()).enumerate() {
             // Attention.
-            ops.norm(&mut enc, &x, t, h, &gl.attn.norm, gl.attn.norm_b.as_ref(), eps, norm_kind, &hbuf);
-            ops.attention(&mut enc, gl, lp, &self.kv[l], self.pos, &hbuf, &csb, eps, &ybuf)?;
-            ops.ew(&mut enc, 0, &ybuf, &x, t * h, 0, 0.0);
+            ops.norm(&mut enc, &x, t, h, &gl.attn_norm, gl.attn_norm_b.as_ref(), eps, norm_kind, &hbuf);
+            match (&gl.attn, &lp.attn) {
+                (GAttnKind::Gqa(ga), Attention::Gqa(a)) => {
+                    ops.attention(&mut enc, bytes, ga, a, &self.kv[l], &hbuf, eps, &ybuf)?
+                }
+                (GAttnKind::Mla(ga), Attention::Mla(a)) => ops.mla(&mut enc, ga, a, &self.kv[l], &hbuf, &ybuf)?,
+                _ => return Err(unsupported(format!("layer {l}: attention kind does not match its plan"))),
+            }
+            add_residual(&mut enc);
             // Feed-forward.
             ops.norm(&mut enc, &x, t, h, &gl.ffn_norm, gl.ffn_norm_b.as_ref(), eps, norm_kind, &hbuf);
             match (&gl.ffn, &lp.ffn) {
-                (GFfn::Dense(mlp), _) => ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf, "ffn")?,
+                (GFfn::Dense(mlp), _) => ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf)?,
                 (GFfn::Moe { router, router_bias, selection_bias, shared, shared_gate }, FfnPlan::Moe(p)) => {
                     let e = c.router.num_experts;
                     let rl = gpu.scratch("router", f4(t * e)).map_err(dev)?;
@@ -619,7 +778,7 @@ impl<'m> WgpuTarget<'m> {
                     let exec = &mut self.exec[l];
                     match exec {
                         Exec::Merged { mlp, used } => {
-                            ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf, "ffn")?;
+                            ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf)?;
                             trace.on_merged(l, t, used);
                         }
                         _ => {
@@ -630,7 +789,6 @@ impl<'m> WgpuTarget<'m> {
                                 p,
                                 spec,
                                 l,
-                                self.pos,
                                 logits,
                                 selection_bias.as_deref(),
                                 &hbuf,
@@ -649,7 +807,7 @@ impl<'m> WgpuTarget<'m> {
                                 *exec = match m.merge_layer(l, &w, None) {
                                     Ok(me) => {
                                         let mlp = upload_mlp(gpu, &me.bytes, &me.mlp, "prompt merge")?;
-                                        Exec::Merged { mlp, used: MergedUse::Session(me.bytes.len()) }
+                                        Exec::Merged { mlp: Box::new(mlp), used: MergedUse::Session(me.bytes.len()) }
                                     }
                                     Err(_) => Exec::Mixture,
                                 };
@@ -658,7 +816,7 @@ impl<'m> WgpuTarget<'m> {
                     }
                     if let Some(sm) = shared {
                         let sh = gpu.scratch("shared", f4(t * h)).map_err(dev)?;
-                        ops.mlp(&mut enc, sm, &hbuf, t, &sh, "shared")?;
+                        ops.mlp(&mut enc, sm, &hbuf, t, &sh)?;
                         if let (Some(g), SharedGate::Sigmoid) = (shared_gate, spec.shared_gate) {
                             let sg = gpu.scratch("shared_gate", f4(t)).map_err(dev)?;
                             ops.mm(&mut enc, &hbuf, t, g, &sg)?;
@@ -668,27 +826,62 @@ impl<'m> WgpuTarget<'m> {
                     }
                 }
                 (GFfn::Meo { tokens: tb }, FfnPlan::Meo(p)) => {
-                    let (act, k) = (c.recipe.ffn_activation, c.router.top_k);
+                    let (act, k) = (recipe.ffn_activation, c.router.top_k);
                     let inter = p.banks[0].experts.first().map_or(0, |e| e.weight.rows);
+                    let ne = p.banks[0].experts.len();
                     let mid = gpu.scratch("mid", f4(t * inter)).map_err(dev)?;
                     let exec = &mut self.exec[l];
-                    if matches!(exec, Exec::MeoPending) {
-                        // The prompt: pool each bank's gate from its input, merge, upload.
-                        let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
-                        let b0 = merge_bank(gpu, bytes, &p.banks[0], sequence_gate(bytes, &p.banks[0], &hx, t, k)?)?;
-                        ops.bank(&mut enc, tb[0].as_ref(), &b0.0, &hbuf, t, &mid)?;
-                        ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act)?, 0.0);
-                        let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
-                        let b1 = merge_bank(gpu, bytes, &p.banks[1], sequence_gate(bytes, &p.banks[1], &mx, t, k)?)?;
-                        ops.bank(&mut enc, tb[1].as_ref(), &b1.0, &mid, t, &ybuf)?;
-                        let used = [MergedUse::Session(b0.1), MergedUse::Session(b1.1)];
-                        *exec = Exec::Meo { banks: Box::new([b0.0, b1.0]), used, stored: false };
-                    } else if let Exec::Meo { banks, .. } = exec {
-                        ops.bank(&mut enc, tb[0].as_ref(), &banks[0], &hbuf, t, &mid)?;
-                        ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act)?, 0.0);
-                        ops.bank(&mut enc, tb[1].as_ref(), &banks[1], &mid, t, &ybuf)?;
-                    } else {
-                        return Err(unsupported("an MEO layer in a per-token mixture state"));
+                    // Slot of expert e of bank b in the residency index: b·E + e (as the CPU).
+                    let slots =
+                        |bk: usize, g: &[Choice]| g.iter().map(|c| (bk * ne) as u32 + c.expert).collect::<Vec<_>>();
+                    match exec {
+                        Exec::MeoPending => {
+                            // The prompt: pool each bank's gate from its input, merge, upload.
+                            let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
+                            let g0 = sequence_gate(bytes, &p.banks[0], &hx, t, k)?;
+                            trace.on_experts_selected(l, &slots(0, &g0));
+                            let b0 = merge_bank(gpu, bytes, &p.banks[0], g0)?;
+                            ops.bank(&mut enc, tb[0].as_ref(), &b0.0, &hbuf, t, &mid)?;
+                            ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
+                            let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
+                            let g1 = sequence_gate(bytes, &p.banks[1], &mx, t, k)?;
+                            trace.on_experts_selected(l, &slots(1, &g1));
+                            let b1 = merge_bank(gpu, bytes, &p.banks[1], g1)?;
+                            ops.bank(&mut enc, tb[1].as_ref(), &b1.0, &mid, t, &ybuf)?;
+                            let used = [MergedUse::Session(b0.1), MergedUse::Session(b1.1)];
+                            *exec = Exec::Meo { banks: Box::new([b0.0, b1.0]), used, stored: false };
+                        }
+                        Exec::Meo { banks, .. } => {
+                            ops.bank(&mut enc, tb[0].as_ref(), &banks[0], &hbuf, t, &mid)?;
+                            ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
+                            ops.bank(&mut enc, tb[1].as_ref(), &banks[1], &mid, t, &ybuf)?;
+                        }
+                        Exec::MeoMix(None) => {
+                            // Vanilla, the prompt: each bank's gate pooled from its input, its
+                            // experts fetched through the expert cache and run unmerged.
+                            let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
+                            let g0 = sequence_gate(bytes, &p.banks[0], &hx, t, k)?;
+                            trace.on_experts_selected(l, &slots(0, &g0));
+                            let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &g0)?;
+                            ops.bank_mixture(&mut enc, tb[0].as_ref(), &p0, &hbuf, t, &mid)?;
+                            ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
+                            let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
+                            let g1 = sequence_gate(bytes, &p.banks[1], &mx, t, k)?;
+                            trace.on_experts_selected(l, &slots(1, &g1));
+                            let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &g1)?;
+                            ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
+                            *exec = Exec::MeoMix(Some(Box::new([g0, g1])));
+                        }
+                        Exec::MeoMix(Some(gates)) => {
+                            let all: Vec<u32> = slots(0, &gates[0]).into_iter().chain(slots(1, &gates[1])).collect();
+                            trace.on_experts_selected(l, &all);
+                            let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &gates[0])?;
+                            let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &gates[1])?;
+                            ops.bank_mixture(&mut enc, tb[0].as_ref(), &p0, &hbuf, t, &mid)?;
+                            ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
+                            ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
+                        }
+                        _ => return Err(unsupported("an MEO layer in a per-token mixture state")),
                     }
                     match &*exec {
                         Exec::Meo { used, stored: true, .. } => {
@@ -704,27 +897,62 @@ impl<'m> WgpuTarget<'m> {
                 }
                 _ => return Err(unsupported(format!("layer {l}: feed-forward kind does not match its plan"))),
             }
-            ops.ew(&mut enc, 0, &ybuf, &x, t * h, 0, 0.0);
+            add_residual(&mut enc);
         }
         let (rows, first) = match which {
-            Logits::All => (t, 0),
-            Logits::Last => (1, t - 1),
+            Some(Logits::Last) => (1, t - 1),
+            Some(Logits::All) | None => (t, 0),
         };
         let last = gpu.scratch("last", f4(rows * h)).map_err(dev)?;
         enc.copy(&x, f4(first * h), &last, 0, f4(rows * h));
         let hn = gpu.scratch("final", f4(rows * h)).map_err(dev)?;
         ops.norm(&mut enc, &last, rows, h, &self.out_norm, self.out_norm_b.as_ref(), eps, norm_kind, &hn);
+        if which.is_none() {
+            self.logits = enc.read(&[(&hn, rows * h)]).map_err(dev)?.remove(0);
+            return Ok(());
+        }
         let lg = gpu.scratch("logits", f4(rows * vocab)).map_err(dev)?;
         ops.mm(&mut enc, &hn, rows, &self.head, &lg)?;
         self.logits = enc.read(&[(&lg, rows * vocab)]).map_err(dev)?.remove(0);
+        let scaling = recipe.logits_scaling;
+        if scaling != 1.0 {
+            // Divided, not multiplied by the reciprocal, as the CPU (and transformers) does.
+            self.logits.iter_mut().for_each(|v| *v /= scaling);
+        }
         Ok(())
     }
 }
 
-/// Records kernels for `t` tokens.
+/// Records kernels for `t` tokens at positions `pos0..pos0 + t`.
 struct Ops<'g> {
     gpu: &'g Gpu,
     t: usize,
+    pos0: usize,
+    /// RoPE rotates adjacent pairs (DeepSeek) instead of halves.
+    interleave: bool,
+    /// cos/sin tables of this call by half rotary width.
+    rope: &'g HashMap<usize, wgpu::Buffer>,
+}
+
+/// The experts `gate` selects in bank `bk` of MEO-native layer `layer`, through the cache.
+fn bank_parts(
+    cache: &mut ExpertCache,
+    gpu: &Gpu,
+    bytes: &[u8],
+    layer: usize,
+    p: &MeoFfn,
+    bk: usize,
+    gate: &[Choice],
+) -> Result<Vec<GBankPart>, TargetError> {
+    let bank = &p.banks[bk];
+    let ne = bank.experts.len();
+    gate.iter()
+        .map(|&choice| {
+            let e = choice.expert as usize;
+            let ex = bank.experts.get(e).ok_or_else(|| unsupported("gate selects a missing expert"))?;
+            Ok(GBankPart { choice, res: cache.bank_expert(gpu, bytes, layer, bk, ne, e, ex)? })
+        })
+        .collect()
 }
 
 /// `Σ gate_i W_i` and `Σ gate_i b_i` of a bank's selected experts, stored in the experts'
@@ -856,8 +1084,28 @@ impl Ops<'_> {
         kind: u32,
         y: &wgpu::Buffer,
     ) {
+        self.norm_strided(enc, x, rows, width, 0, w, b, eps, kind, y, 0);
+    }
+
+    /// [`norm`](Self::norm) of rows `xs` apart in `x` into rows `ys` apart in `y` (0: `width`).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_strided(
+        &self,
+        enc: &mut Enc<'_>,
+        x: &wgpu::Buffer,
+        rows: usize,
+        width: usize,
+        xs: usize,
+        w: &wgpu::Buffer,
+        b: Option<&wgpu::Buffer>,
+        eps: f32,
+        kind: u32,
+        y: &wgpu::Buffer,
+        ys: usize,
+    ) {
         let b = b.unwrap_or(w);
-        enc.dispatch_rows("norm", &[width as u32, eps.to_bits(), kind], &[x, w, b, y], rows, 1);
+        let p = [width as u32, eps.to_bits(), kind, xs as u32, ys as u32];
+        enc.dispatch_rows("norm", &p, &[x, w, b, y], rows, 1);
     }
 
     /// Element-wise op `op` (see the `ew` kernel) on `y` with operand `x`.
@@ -866,7 +1114,8 @@ impl Ops<'_> {
         enc.dispatch_1d("ew", &[n as u32, op, a, b.to_bits()], &[x, y], n);
     }
 
-    /// `out = down(act(gate x) ⊙ up x)` (SiLU, as the CPU's MLP).
+    /// The CPU's MLP (`ffn::mlp`): `out = down(act(gate x + b_g, up x + b_u)) + b_d` when gated
+    /// (SiLU, or GPT-OSS's clamped SwiGLU), else `down(act(up x + b_u)) + b_d`.
     fn mlp(
         &self,
         enc: &mut Enc<'_>,
@@ -874,15 +1123,88 @@ impl Ops<'_> {
         x: &wgpu::Buffer,
         t: usize,
         out: &wgpu::Buffer,
-        _what: &str,
     ) -> Result<(), TargetError> {
-        let i = m.gate.rows;
-        let g = self.scratch("mlp_gate", t * i)?;
+        let i = m.up.rows;
         let u = self.scratch("mlp_up", t * i)?;
-        self.mm(enc, x, t, &m.gate, &g)?;
         self.mm(enc, x, t, &m.up, &u)?;
-        self.ew(enc, 4, &u, &g, t * i, 0, 0.0);
-        self.mm(enc, &g, t, &m.down, out)
+        if let Some([_, bu, _]) = &m.bias {
+            self.ew(enc, 1, bu, &u, t * i, i as u32, 0.0);
+        }
+        let mid = match &m.gate {
+            Some(gw) => {
+                let g = self.scratch("mlp_gate", t * i)?;
+                self.mm(enc, x, t, gw, &g)?;
+                if let Some([bg, _, _]) = &m.bias {
+                    self.ew(enc, 1, bg, &g, t * i, i as u32, 0.0);
+                }
+                match m.act {
+                    Activation::ClampedSwiglu { alpha, limit } => {
+                        self.ew(enc, 7, &u, &g, t * i, alpha.to_bits(), limit)
+                    }
+                    // A gated MLP is SiLU-gated unless it says otherwise (as the CPU).
+                    _ => self.ew(enc, 4, &u, &g, t * i, 0, 0.0),
+                }
+                g
+            }
+            None => {
+                self.ew(enc, 3, self.gpu.dummy(), &u, t * i, act_code(m.act), 0.0);
+                u
+            }
+        };
+        self.mm(enc, &mid, t, &m.down, out)?;
+        if let Some([_, _, bd]) = &m.bias {
+            let h = m.down.rows;
+            self.ew(enc, 1, bd, out, t * h, h as u32, 0.0);
+        }
+        Ok(())
+    }
+
+    /// One MEO bank run unmerged: `out = Σ g_i (W_i x' + b_i)` in gate order (as the CPU's
+    /// `BankSrc::Mixture`), with the token block when the bank has one.
+    fn bank_mixture(
+        &self,
+        enc: &mut Enc<'_>,
+        tb: Option<&GToken>,
+        parts: &[GBankPart],
+        x: &wgpu::Buffer,
+        t: usize,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let Some(first) = parts.first() else { return Err(unsupported("an MEO bank gate without experts")) };
+        let (w0, _) = first.res.linear()?;
+        let rows = w0.rows;
+        let xin = self.token_block(enc, tb, x, t, w0.cols)?;
+        enc.clear(out, (t * rows) as u64 * 4);
+        let y = self.scratch("bank_y", t * rows)?;
+        for p in parts {
+            let (w, b) = p.res.linear()?;
+            self.mm(enc, &xin, t, w, &y)?;
+            self.ew(enc, 1, b, &y, t * rows, rows as u32, 0.0);
+            self.ew(enc, 8, &y, out, t * rows, 0, p.choice.weight);
+        }
+        Ok(())
+    }
+
+    /// `x + up(relu(down x + b_down)) + b_up` when the bank has a token block, else `x`.
+    fn token_block(
+        &self,
+        enc: &mut Enc<'_>,
+        tb: Option<&GToken>,
+        x: &wgpu::Buffer,
+        t: usize,
+        d: usize,
+    ) -> Result<wgpu::Buffer, TargetError> {
+        let Some(tb) = tb else { return Ok(x.clone()) };
+        let r = tb.down.rows;
+        let dn = self.scratch("tb_down", t * r)?;
+        self.mm(enc, x, t, &tb.down, &dn)?;
+        self.ew(enc, 1, &tb.down_b, &dn, t * r, r as u32, 0.0);
+        self.ew(enc, 3, self.gpu.dummy(), &dn, t * r, 2, 0.0);
+        let xt = self.scratch("tb_x", t * d)?;
+        self.mm(enc, &dn, t, &tb.up, &xt)?;
+        self.ew(enc, 1, &tb.up_b, &xt, t * d, d as u32, 0.0);
+        self.ew(enc, 0, x, &xt, t * d, 0, 0.0);
+        Ok(xt)
     }
 
     /// One MEO bank: optional token block, merged matmul, merged bias.
@@ -895,46 +1217,93 @@ impl Ops<'_> {
         t: usize,
         out: &wgpu::Buffer,
     ) -> Result<(), TargetError> {
-        let d = b.w.cols;
-        let xin = match tb {
-            Some(tb) => {
-                let r = tb.down.rows;
-                let dn = self.scratch("tb_down", t * r)?;
-                self.mm(enc, x, t, &tb.down, &dn)?;
-                self.ew(enc, 1, &tb.down_b, &dn, t * r, r as u32, 0.0);
-                self.ew(enc, 3, self.gpu.dummy(), &dn, t * r, 2, 0.0);
-                let xt = self.scratch("tb_x", t * d)?;
-                self.mm(enc, &dn, t, &tb.up, &xt)?;
-                self.ew(enc, 1, &tb.up_b, &xt, t * d, d as u32, 0.0);
-                self.ew(enc, 0, x, &xt, t * d, 0, 0.0);
-                xt
-            }
-            None => x.clone(),
-        };
+        let xin = self.token_block(enc, tb, x, t, b.w.cols)?;
         self.mm(enc, &xin, t, &b.w, out)?;
         self.ew(enc, 1, &b.bias, out, t * b.w.rows, b.w.rows as u32, 0.0);
         Ok(())
     }
 
-    /// Self-attention of one layer on normalised `x`, appending to the KV cache; into `out`.
+    /// The `rope` kernel on `heads` vectors per token of `buf` (see the kernel's params).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        enc: &mut Enc<'_>,
+        buf: &wgpu::Buffer,
+        heads: usize,
+        rd: usize,
+        tok_stride: usize,
+        head_stride: usize,
+        off: usize,
+    ) -> Result<(), TargetError> {
+        let nf = rd / 2;
+        let cs = self.rope.get(&nf).ok_or_else(|| unsupported(format!("no RoPE table for {rd} rotary dimensions")))?;
+        let p = [
+            heads as u32,
+            rd as u32,
+            self.t as u32,
+            tok_stride as u32,
+            head_stride as u32,
+            off as u32,
+            u32::from(self.interleave),
+            nf as u32,
+        ];
+        enc.dispatch_1d("rope", &p, &[cs, buf], self.t * heads * nf);
+        Ok(())
+    }
+
+    /// The `attn` kernel: queries `q` `[t, nh·dqk]` against the cache `kv` (keys `nkv·dqk`,
+    /// values `nkv·dv` wide) into `ctx` `[t, nh·dv]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_core(
+        &self,
+        enc: &mut Enc<'_>,
+        q: &wgpu::Buffer,
+        kv: &(wgpu::Buffer, wgpu::Buffer),
+        (nh, nkv, dqk, dv): (usize, usize, usize, usize),
+        window: usize,
+        scale: f32,
+        causal: bool,
+        sinks: Option<&wgpu::Buffer>,
+        rel: Option<&wgpu::Buffer>,
+        ctx: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let (t, pos0) = (self.t, self.pos0);
+        let total = pos0 + t;
+        let sc = self.scratch("scores", nh * t * total)?;
+        let flags = u32::from(causal) | (u32::from(sinks.is_some()) << 1) | (u32::from(rel.is_some()) << 2);
+        let dummy = self.gpu.dummy();
+        let p = [
+            nh as u32,
+            nkv as u32,
+            dqk as u32,
+            dv as u32,
+            pos0 as u32,
+            t as u32,
+            window as u32,
+            scale.to_bits(),
+            total as u32,
+            flags,
+        ];
+        let bufs = [q, &kv.0, &kv.1, sinks.unwrap_or(dummy), rel.unwrap_or(dummy), &sc, ctx];
+        enc.dispatch("attn", &p, &bufs, [nh as u32, t as u32, 1]);
+        Ok(())
+    }
+
+    /// Grouped-query self-attention of one layer on normalised `x`, appending to the KV cache;
+    /// into `out` (the CPU's `attention::attention`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         enc: &mut Enc<'_>,
-        gl: &GLayer,
-        lp: &LayerPlan,
+        bytes: &[u8],
+        ga: &GAttn,
+        a: &AttnPlan,
         kv: &(wgpu::Buffer, wgpu::Buffer),
-        pos0: usize,
         x: &wgpu::Buffer,
-        cs: &wgpu::Buffer,
         eps: f32,
         out: &wgpu::Buffer,
     ) -> Result<(), TargetError> {
-        let t = self.t;
-        let Attention::Gqa(a) = &lp.attn else {
-            return Err(unsupported("multi-head latent attention (MLA)"));
-        };
-        let ga = &gl.attn;
+        let (t, pos0) = (self.t, self.pos0);
         let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
         if nkv == 0 || nh % nkv != 0 {
             return Err(unsupported(format!("{nh} heads over {nkv} KV heads")));
@@ -970,38 +1339,99 @@ impl Ops<'_> {
                 self.ew(enc, 2, self.gpu.dummy(), b, t * n, 0, clip);
             }
         }
-        if a.rope {
-            let groups = |heads: usize| t * heads * hd / 2;
-            enc.dispatch_1d("rope", &[nh as u32, hd as u32, t as u32], &[cs, &q], groups(nh));
-            enc.dispatch_1d("rope", &[nkv as u32, hd as u32, t as u32], &[cs, &k], groups(nkv));
+        if a.rope && hd >= 2 {
+            self.rope(enc, &q, nh, hd, qd, hd, 0)?;
+            self.rope(enc, &k, nkv, hd, kvd, hd, 0)?;
         }
         let row = kvd as u64 * 4;
         enc.copy(&k, 0, &kv.0, pos0 as u64 * row, t as u64 * row);
         enc.copy(&v, 0, &kv.1, pos0 as u64 * row, t as u64 * row);
-        let total = pos0 + t;
-        let sc = self.scratch("scores", nh * t * total)?;
+        // The relative position bias of every (head, key − query) in this call, from the
+        // shared table and the CPU's bucket function.
+        let rel = match &a.rel_bias {
+            Some(rb) => {
+                let total = pos0 + t;
+                let span = 2 * total - 1;
+                let tv = mat_ref(bytes, &rb.table)?;
+                let mut table = vec![0.0f32; rb.buckets * nh];
+                for (b, r) in table.chunks_mut(nh).enumerate() {
+                    tv.row(b, r);
+                }
+                let mut bias = vec![0.0f32; nh * span];
+                for (ri, rel) in (-(total as i64 - 1)..=(total as i64 - 1)).enumerate() {
+                    let b = relative_bucket(rel, rb.bidirectional, rb.buckets, rb.max_distance);
+                    for head in 0..nh {
+                        bias[head * span + ri] = table[b * nh + head];
+                    }
+                }
+                Some(enc.data("rel_bias", bytemuck::cast_slice(&bias)))
+            }
+            None => None,
+        };
         let ctx = self.scratch("ctx", t * qd)?;
-        enc.dispatch(
-            "attn",
-            &[
-                nh as u32,
-                nkv as u32,
-                hd as u32,
-                pos0 as u32,
-                t as u32,
-                a.window as u32,
-                a.scale.to_bits(),
-                total as u32,
-            ],
-            &[&q, &kv.0, &kv.1, &sc, &ctx],
-            [nh as u32, t as u32, 1],
-        );
+        let dims = (nh, nkv, hd, hd);
+        self.attn_core(enc, &q, kv, dims, a.window, a.scale, a.causal, ga.sinks.as_ref(), rel.as_ref(), &ctx)?;
         self.mm(enc, &ctx, t, &ga.o, out)?;
         if let Some(b) = &ga.o_bias {
             let hsz = ga.o.rows;
             self.ew(enc, 1, b, out, t * hsz, hsz as u32, 0.0);
         }
         Ok(())
+    }
+
+    /// Multi-head latent attention of one layer on normalised `x` (the CPU's `mla::attention`):
+    /// the cache holds the decompressed keys `[H·(nope + rope)]` and values `[H·v]`, as there.
+    #[allow(clippy::too_many_arguments)]
+    fn mla(
+        &self,
+        enc: &mut Enc<'_>,
+        ga: &GMla,
+        a: &MlaPlan,
+        kv: &(wgpu::Buffer, wgpu::Buffer),
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let (t, pos0) = (self.t, self.pos0);
+        let (nh, nope, rd, vd, r) = (a.num_heads, a.nope, a.rope, a.v_dim, a.kv_lora);
+        let qk = nope + rd;
+        let (kd, vdim) = (nh * qk, nh * vd);
+        // Queries.
+        let q = self.scratch("q", t * kd)?;
+        match &ga.q_a {
+            Some((q_a, norm)) => {
+                let ql = q_a.rows;
+                let lat = self.scratch("q_lat", t * ql)?;
+                let latn = self.scratch("q_lat_n", t * ql)?;
+                self.mm(enc, x, t, q_a, &lat)?;
+                self.norm(enc, &lat, t, ql, norm, None, a.latent_eps, 0, &latn);
+                self.mm(enc, &latn, t, &ga.q, &q)?;
+            }
+            None => self.mm(enc, x, t, &ga.q, &q)?,
+        }
+        // The latent and the shared rotary key; keys and values decompressed from the latent.
+        let kva = self.scratch("kv_a", t * (r + rd))?;
+        self.mm(enc, x, t, &ga.kv_a, &kva)?;
+        let lat = self.scratch("kv_latent", t * r)?;
+        self.norm_strided(enc, &kva, t, r, r + rd, &ga.kv_norm, None, a.latent_eps, 0, &lat, r);
+        let kvb = self.scratch("kv_b", t * nh * (nope + vd))?;
+        self.mm(enc, &lat, t, &ga.kv_b, &kvb)?;
+        // RoPE on each head's q_rot and on the shared k_rot.
+        if rd > 0 {
+            self.rope(enc, &q, nh, rd, kd, qk, nope)?;
+            self.rope(enc, &kva, 1, rd, r + rd, 0, r)?;
+        }
+        // Keys `[k_nope | k_rot]` and values per head, straight into the cache rows of this call.
+        let copy = |enc: &mut Enc<'_>, x: &wgpu::Buffer, y: &wgpu::Buffer, n: usize, xs: [usize; 3], ys: [usize; 3]| {
+            let p = [n, nh, t, xs[0], xs[1], xs[2], ys[0], ys[1], ys[2]].map(|v| v as u32);
+            enc.dispatch_1d("copy2d", &p, &[x, y], n * nh * t);
+        };
+        let kvw = nope + vd;
+        copy(enc, &kvb, &kv.0, nope, [nh * kvw, kvw, 0], [kd, qk, pos0 * kd]);
+        copy(enc, &kva, &kv.0, rd, [r + rd, 0, r], [kd, qk, pos0 * kd + nope]);
+        copy(enc, &kvb, &kv.1, vd, [nh * kvw, kvw, nope], [vdim, vd, pos0 * vdim]);
+        let ctx = self.scratch("ctx", t * vdim)?;
+        self.attn_core(enc, &q, kv, (nh, nh, qk, vd), a.window, a.scale, true, None, None, &ctx)?;
+        self.mm(enc, &ctx, t, &ga.o, out)
     }
 
     /// The routed mixture of one MoE layer into `out` (shared expert not included): routes
@@ -1016,14 +1446,13 @@ impl Ops<'_> {
         p: &MoePlan,
         spec: &meo::RouterSpec,
         layer: usize,
-        pos0: usize,
         logits: &[f32],
         sel: Option<&[f32]>,
         x: &wgpu::Buffer,
         out: &wgpu::Buffer,
         trace: &mut dyn Trace,
     ) -> Result<Vec<Choice>, TargetError> {
-        let t = self.t;
+        let (t, pos0) = (self.t, self.pos0);
         let (e, k) = (spec.num_experts, spec.top_k);
         let h = p.experts.first().map_or(0, |x| x.mlp.down.rows);
         let mut choices = vec![Choice { expert: 0, weight: 0.0 }; t * k];
@@ -1053,11 +1482,12 @@ impl Ops<'_> {
             iw.extend(g.iter().map(|p| p.1.to_bits()));
             let iwb = enc.data("routes", bytemuck::cast_slice(&iw));
             let plan = p.experts.get(ei as usize).ok_or_else(|| unsupported("router selects a missing expert"))?;
-            let ex = cache.get(self.gpu, bytes, layer, ei as usize, plan)?;
+            let res = cache.get(self.gpu, bytes, layer, ei as usize, plan)?;
+            let Resident::Mlp(ex) = &*res else { return Err(unsupported("a routed expert cached as a bank expert")) };
             let xs = self.scratch("expert_in", n * h)?;
             let ys = self.scratch("expert_out", n * h)?;
             enc.dispatch_1d("gather", &[h as u32, n as u32], &[&iwb, x, &xs], n * h);
-            self.mlp(enc, &ex, &xs, n, &ys, "expert")?;
+            self.mlp(enc, ex, &xs, n, &ys)?;
             enc.dispatch_1d("scatter", &[h as u32, n as u32], &[&iwb, &ys, out], n * h);
         }
         Ok(choices)
@@ -1081,6 +1511,9 @@ impl Target for WgpuTarget<'_> {
     }
 
     fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        if self.model.config().recipe.encoder_only {
+            return Err(ForwardError::EncoderOnly.into());
+        }
         let vocab = self.model.config().vocab_size;
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
             return Err(ForwardError::TokenOutOfRange { index, token, vocab }.into());
@@ -1093,7 +1526,7 @@ impl Target for WgpuTarget<'_> {
         if t == 0 {
             return Ok(&self.logits);
         }
-        self.forward_inner(tokens, which, trace)?;
+        self.forward_inner(tokens, Some(which), trace)?;
         self.gpu.check().map_err(dev)?;
         self.pos += t;
         Ok(&self.logits)
@@ -1109,6 +1542,27 @@ impl Target for WgpuTarget<'_> {
 
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         self.set_mode_inner(opts)
+    }
+
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let vocab = self.model.config().vocab_size;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
+            return Err(ForwardError::TokenOutOfRange { index, token, vocab }.into());
+        }
+        let t = tokens.len();
+        if t > self.max_context {
+            return Err(ForwardError::ContextOverflow { cached: 0, tokens: t, max: self.max_context }.into());
+        }
+        // A whole new sequence, as the CPU's `Session::encode`.
+        self.reset_inner();
+        self.logits.clear();
+        if t == 0 {
+            return Ok(&self.logits);
+        }
+        self.forward_inner(tokens, None, trace)?;
+        self.gpu.check().map_err(dev)?;
+        self.pos = t;
+        Ok(&self.logits)
     }
 }
 

@@ -154,7 +154,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 ";
 
 /// RMSNorm or LayerNorm of each row of `width` values: `out = norm(x) · w (+ b)`.
-/// Params: width, eps, kind (0 rms, 1 layer). Workgroup per row.
+/// Params: width, eps, kind (0 rms, 1 layer), x row stride, y row stride (0: `width`).
+/// Workgroup per row.
 const NORM: &str = r"
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
@@ -164,14 +165,17 @@ const NORM: &str = r"
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid3: vec3<u32>) {
     let width = pu(0u); let eps = pf(1u); let kind = pu(2u);
+    let xs = select(pu(3u), width, pu(3u) == 0u);
+    let ys = select(pu(4u), width, pu(4u) == 0u);
     let row = wid.x + wid.y * nwg.x;
     let lid = lid3.x;
-    let base = row * width;
+    let base = row * xs;
+    let ob = row * ys;
     if (kind == 0u) {
         var ss = 0.0;
         for (var c = lid; c < width; c += WG) { let v = x[base + c]; ss += v * v; }
         let inv = 1.0 / sqrt(reduce_sum(lid, ss) / f32(width) + eps);
-        for (var c = lid; c < width; c += WG) { y[base + c] = wt[c] * (x[base + c] * inv); }
+        for (var c = lid; c < width; c += WG) { y[ob + c] = wt[c] * (x[base + c] * inv); }
     } else {
         var s = 0.0;
         for (var c = lid; c < width; c += WG) { s += x[base + c]; }
@@ -179,14 +183,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var v2 = 0.0;
         for (var c = lid; c < width; c += WG) { let d = x[base + c] - mean; v2 += d * d; }
         let inv = 1.0 / sqrt(reduce_sum(lid, v2) / f32(width) + eps);
-        for (var c = lid; c < width; c += WG) { y[base + c] = (x[base + c] - mean) * inv * wt[c] + bs[c]; }
+        for (var c = lid; c < width; c += WG) { y[ob + c] = (x[base + c] - mean) * inv * wt[c] + bs[c]; }
     }
 }
 ";
 
 /// Element-wise ops on `y` (`n` values) with a second operand `x`. Params: n, op, a (u32),
 /// b (f32). Ops: 0 `y += x`; 1 `y += x[i % a]` (bias); 2 `y = clamp(y, ±b)`; 3 `y = act_a(y)`;
-/// 4 `y = act_a(y) · x` (gated); 5 `y *= sigmoid(x[i / a])` (row gate); 6 `y = x`.
+/// 4 `y = act_a(y) · x` (gated); 5 `y *= sigmoid(x[i / a])` (row gate); 6 `y = x`;
+/// 7 GPT-OSS's clamped SwiGLU of gate `y` and up `x` (alpha = bits of `a`, limit `b`, in the
+/// CPU's order of operations); 8 `y += x · b` (scaled residual, weighted sum).
 /// Activations: 0 SiLU, 1 GELU (tanh), 2 ReLU.
 const EW: &str = r"
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -208,78 +214,126 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         case 3u: { y[i] = act(a, y[i]); }
         case 4u: { y[i] = act(a, y[i]) * x[i]; }
         case 5u: { y[i] = y[i] * (1.0 / (1.0 + exp(-x[i / a]))); }
+        case 7u: {
+            let alpha = bitcast<f32>(a);
+            let g = min(y[i], b);
+            let u = clamp(x[i], -b, b);
+            let glu = g * (1.0 / (1.0 + exp(-(g * alpha))));
+            y[i] = (u + 1.0) * glu;
+        }
+        case 8u: { y[i] = y[i] + x[i] * b; }
         default: { y[i] = x[i]; }
     }
 }
 ";
 
-/// RoPE (rotate-half) on `y[t, heads · hd]` with the host's cos/sin table `cs[t, 2, hd/2]`.
-/// Params: heads, hd, t.
+/// RoPE on `rd` dimensions of each of `heads` head vectors per token (the rotated part of head
+/// `h` of token `t` starts at `t · tok_stride + h · head_stride + off`), with the host's cos/sin
+/// table `cs[t, 2, nf]`. Pairs are halves `(j, j + rd/2)`, or adjacent `(2j, 2j+1)` when
+/// `interleave` (DeepSeek). Params: heads, rd, t, tok_stride, head_stride, off, interleave, nf.
 const ROPE: &str = r"
 @group(0) @binding(1) var<storage, read> cs: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let heads = pu(0u); let hd = pu(1u); let t = pu(2u);
-    let hh = hd / 2u;
+    let heads = pu(0u); let rd = pu(1u); let t = pu(2u);
+    let ts = pu(3u); let hs = pu(4u); let off = pu(5u); let inter = pu(6u); let nf = pu(7u);
+    let hh = rd / 2u;
     let i = gid.x + gid.y * nwg.x * WG;
     if (i >= t * heads * hh) { return; }
     let tok = i / (heads * hh);
     let rem = i % (heads * hh);
     let head = rem / hh; let j = rem % hh;
-    let c = cs[tok * hd + j]; let s = cs[tok * hd + hh + j];
-    let o = tok * heads * hd + head * hd;
-    let x1 = y[o + j]; let x2 = y[o + hh + j];
-    y[o + j] = x1 * c - x2 * s;
-    y[o + hh + j] = x2 * c + x1 * s;
+    let c = cs[tok * 2u * nf + j]; let s = cs[tok * 2u * nf + nf + j];
+    let o = tok * ts + head * hs + off;
+    var a = o + j;
+    var b = o + hh + j;
+    if (inter != 0u) { a = o + 2u * j; b = a + 1u; }
+    let x1 = y[a]; let x2 = y[b];
+    y[a] = x1 * c - x2 * s;
+    y[b] = x2 * c + x1 * s;
 }
 ";
 
-/// Causal (optionally windowed) grouped-query attention over the KV cache. Workgroup per
-/// (head, token); scores go through the `sc` scratch (`[heads · t, total]`).
-/// Params: nh, nkv, hd, pos0, t, window, scale, total.
+/// Softmax attention over the KV cache, one workgroup per (head, token); scores go through the
+/// `sc` scratch (`[heads · t, total]`). Causal (optionally windowed) or bidirectional (encoder);
+/// optional per-head sink logits join the softmax (their probability is dropped, GPT-OSS); an
+/// optional bias per (head, relative position `key − query`) is added to the scores
+/// (`rb[head, span]`, `span = 2·total − 1`, T5). Query heads share KV heads in groups (GQA);
+/// queries and keys are `dqk` wide, values `dv` (MLA: `dqk ≠ dv`).
+/// Params: nh, nkv, dqk, dv, pos0, t, window, scale, total, flags (1 causal, 2 sinks, 4 bias).
 const ATTN: &str = r"
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<f32>;
 @group(0) @binding(3) var<storage, read> vc: array<f32>;
-@group(0) @binding(4) var<storage, read_write> sc: array<f32>;
-@group(0) @binding(5) var<storage, read_write> o: array<f32>;
+@group(0) @binding(4) var<storage, read> sinks: array<f32>;
+@group(0) @binding(5) var<storage, read> rb: array<f32>;
+@group(0) @binding(6) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(7) var<storage, read_write> o: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let nh = pu(0u); let nkv = pu(1u); let hd = pu(2u); let pos0 = pu(3u); let t = pu(4u);
-    let window = pu(5u); let scale = pf(6u); let total = pu(7u);
+    let nh = pu(0u); let nkv = pu(1u); let dqk = pu(2u); let dv = pu(3u); let pos0 = pu(4u);
+    let t = pu(5u); let window = pu(6u); let scale = pf(7u); let total = pu(8u); let flags = pu(9u);
     let head = wid.x; let tok = wid.y; let lid = lid3.x;
     let kvh = head / (nh / nkv);
-    let qd = nh * hd; let kvd = nkv * hd;
     let i = pos0 + tok;
     var lo = 0u;
-    if (window > 0u && i + 1u > window) { lo = i + 1u - window; }
+    var hi = total - 1u;
+    if ((flags & 1u) != 0u) {
+        hi = i;
+        if (window > 0u && i + 1u > window) { lo = i + 1u - window; }
+    }
+    let span = 2u * total - 1u;
     let base = (head * t + tok) * total;
-    let qo = tok * qd + head * hd;
+    let qo = tok * nh * dqk + head * dqk;
+    let ko = kvh * dqk;
+    let vo = kvh * dv;
     var m = -3.4e38;
-    for (var j = lo + lid; j <= i; j += WG) {
+    for (var j = lo + lid; j <= hi; j += WG) {
         var d = 0.0;
-        for (var c = 0u; c < hd; c++) { d += q[qo + c] * kc[j * kvd + kvh * hd + c]; }
+        for (var c = 0u; c < dqk; c++) { d += q[qo + c] * kc[j * nkv * dqk + ko + c]; }
         d = d * scale;
+        if ((flags & 4u) != 0u) { d += rb[head * span + j + total - 1u - i]; }
         sc[base + j] = d;
         m = max(m, d);
     }
     m = reduce_max(lid, m);
+    var sink = 0.0;
+    if ((flags & 2u) != 0u) { sink = sinks[head]; m = max(m, sink); }
     var s = 0.0;
-    for (var j = lo + lid; j <= i; j += WG) {
+    for (var j = lo + lid; j <= hi; j += WG) {
         let e = exp(sc[base + j] - m);
         sc[base + j] = e;
         s += e;
     }
     s = reduce_sum(lid, s);
+    if ((flags & 2u) != 0u) { s += exp(sink - m); }
     storageBarrier();
     workgroupBarrier();
     let inv = 1.0 / s;
-    for (var c = lid; c < hd; c += WG) {
+    for (var c = lid; c < dv; c += WG) {
         var acc = 0.0;
-        for (var j = lo; j <= i; j++) { acc += (sc[base + j] * inv) * vc[j * kvd + kvh * hd + c]; }
-        o[qo + c] = acc;
+        for (var j = lo; j <= hi; j++) { acc += (sc[base + j] * inv) * vc[j * nkv * dv + vo + c]; }
+        o[tok * nh * dv + head * dv + c] = acc;
     }
+}
+";
+
+/// Strided block copy: `y[r·ysr + h·ysh + yoff + c] = x[r·xsr + h·xsh + xoff + c]` for `c < n`,
+/// `h < heads`, `r < rows` (assembles MLA keys and values in the cache).
+/// Params: n, heads, rows, xsr, xsh, xoff, ysr, ysh, yoff.
+const COPY2D: &str = r"
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let n = pu(0u); let heads = pu(1u); let rows = pu(2u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= n * heads * rows) { return; }
+    let r = i / (n * heads);
+    let rem = i % (n * heads);
+    let h = rem / n; let c = rem % n;
+    y[r * pu(6u) + h * pu(7u) + pu(8u) + c] = x[r * pu(3u) + h * pu(4u) + pu(5u) + c];
 }
 ";
 
@@ -316,14 +370,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 ";
 
 /// Every kernel: (name, source without the prelude, read-only buffers, read-write buffers).
-pub const KERNELS: [(&str, &str, u32, u32); 9] = [
+pub const KERNELS: [(&str, &str, u32, u32); 10] = [
     ("matmul", MATMUL, 2, 1),
     ("matmul_q8", MATMUL_Q8, 3, 1),
     ("quant_q8", QUANT_Q8, 1, 2),
     ("norm", NORM, 3, 1),
     ("ew", EW, 1, 1),
     ("rope", ROPE, 1, 1),
-    ("attn", ATTN, 3, 2),
+    ("attn", ATTN, 5, 2),
+    ("copy2d", COPY2D, 1, 1),
     ("gather", GATHER, 2, 1),
     ("scatter", SCATTER, 2, 1),
 ];

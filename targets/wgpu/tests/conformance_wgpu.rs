@@ -1,10 +1,8 @@
 //! Conformance of the GPU target: the shared suite (`meo_tests::conformance`) run on
-//! [`meo_wgpu::WgpuTarget`]. There is no skip: without an adapter every test fails, naming
-//! the problem (CI installs lavapipe through ci/setup). `MEO_WGPU_ADAPTER` picks the adapter.
-//!
-//! The GPU kernels do not cover every family yet: `REFUSED_BY_PORTABLE_TARGETS` lists the fixtures this target
-//! refuses, and `unsupported_families_are_typed_errors` proves each is refused with
-//! `TargetError::Unsupported` naming the feature (never a panic or a silent wrong answer).
+//! [`meo_wgpu::WgpuTarget`], every fixture family the CPU target runs (decoders through
+//! `conformance_suite!`, the Switch Transformers encoder through `encoder_suite!`). There is no
+//! skip: without an adapter every test fails, naming the problem (CI installs lavapipe through
+//! ci/setup). `MEO_WGPU_ADAPTER` picks the adapter.
 
 use meo::{Model, Target};
 use meo_tests::conformance::{Runner, TargetRunner};
@@ -20,43 +18,18 @@ fn open_wgpu(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(t))
 }
 
-meo_tests::conformance_suite!(@standard &open_wgpu);
-
-use meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS as UNSUPPORTED;
-
-#[test]
-fn every_fixture_is_run_or_refused() {
-    for name in meo_tests::conformance::FIXTURES {
-        let listed = UNSUPPORTED.iter().any(|u| u.0 == name);
-        let run = [
-            "mixtral",
-            "mixtral-fused",
-            "mixtral-bf16-sharded",
-            "qwen2_moe",
-            "qwen2_moe-fused",
-            "qwen3_moe",
-            "qwen3_moe-fused",
-            "olmoe",
-            "olmoe-fused",
-        ]
-        .contains(&name);
-        assert!(listed != run, "{name}: neither in the wgpu suite nor in UNSUPPORTED (or in both)");
-    }
-}
+meo_tests::conformance_suite!(&open_wgpu);
+meo_tests::encoder_suite!(&open_wgpu);
 
 #[test]
-fn unsupported_families_are_typed_errors() {
+fn encoder_refuses_forward_with_a_typed_error() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, what) in UNSUPPORTED {
-        let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
-        let model = Model::open(&path).unwrap();
-        let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
-        match WgpuTarget::new(&model, opts) {
-            Err(e @ meo::TargetError::Unsupported { .. }) => {
-                assert!(e.to_string().contains(what), "{name}: {e}");
-            }
-            Err(e) => panic!("{name}: expected an unsupported error, got {e}"),
-            Ok(_) => panic!("{name}: the wgpu target accepted a recipe it does not implement"),
-        }
-    }
+    let path =
+        meo_tests::conformance::convert_fixture("switch_transformers", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
+    let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+    let e = t.forward(&[1, 2], meo::Logits::All, &mut meo::NoTrace).unwrap_err();
+    assert!(matches!(e, meo::TargetError::Forward(meo::ForwardError::EncoderOnly)), "{e}");
+    assert_eq!(t.position(), 0);
 }

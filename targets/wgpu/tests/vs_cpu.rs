@@ -1,8 +1,9 @@
-//! The GPU target against the CPU target on the same files: every fixture family, vanilla and
-//! MEO modes (prompt merges with both poolings, stored task merges, MEO-native banks), in f32
-//! and int8. Checked per layer (the input of every MoE layer, as `Trace::on_moe_input` reports
-//! it) and on the logits, each within its error budget; routing must be identical (same
-//! experts at every layer and position, weights within 1e-5), and merged layers reported alike.
+//! The GPU target against the CPU target on the same files: every fixture family (the Switch
+//! encoder through `encode`), vanilla and MEO modes (prompt merges with both poolings, stored
+//! task merges, MEO-native banks merged and unmerged), in f32 and int8. Checked per layer (the
+//! input of every MoE layer, as `Trace::on_moe_input` reports it) and on the logits, each within
+//! its error budget; routing must be identical (same experts at every layer and position,
+//! weights within 1e-5), and merged layers reported alike.
 //! Also: expert residency (LRU budget, stats) and typed errors.
 
 use meo::route::Choice;
@@ -151,9 +152,7 @@ fn vanilla() -> MergeOptions {
 #[test]
 fn every_fixture_vanilla_matches_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    // The families the GPU kernels implement (conformance_wgpu.rs lists the refused ones).
-    let refused = ["deepseek_v3", "deepseek_v2", "granitemoe", "granitemoe-fused", "gpt_oss"];
-    for name in FIXTURES.into_iter().filter(|n| !refused.contains(n)) {
+    for name in FIXTURES {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, false, tmp.path());
             compare(&p, &format!("{name} {}/{} vanilla", experts.name(), dense.name()), &vanilla(), experts);
@@ -164,7 +163,7 @@ fn every_fixture_vanilla_matches_cpu() {
 #[test]
 fn meo_modes_match_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "granitemoe"] {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, true, tmp.path());
             for (label, mode) in [
@@ -187,7 +186,8 @@ fn meo_native_banks_match_cpu() {
         let out = tmp.path().join(format!("gpt2-{}.meo", experts.name()));
         convert::convert(&dir, &out, Options { experts, dense, align: true }, &AtomicBool::new(false), |_| {}).unwrap();
         let model = Model::open(&out).unwrap();
-        let mut modes = vec![("sequence", Mode::Prompt(PromptPool::default()))];
+        let mut modes =
+            vec![("sequence", Mode::Prompt(PromptPool::default())), ("vanilla (unmerged banks)", Mode::Vanilla)];
         modes.extend(model.meo_tasks().iter().map(|t| ("task", Mode::Task(t.name.clone()))));
         assert!(modes.len() > 1, "the MEO-native fixture stores task merges");
         for (label, mode) in modes {
@@ -201,6 +201,7 @@ fn meo_native_banks_match_cpu() {
             let mut g = wgpu(&model, 0);
             g.set_mode(opts).unwrap();
             g.forward(&PROMPT, meo::Logits::Last, &mut meo::NoTrace).unwrap();
+            let mut selected = 0;
             for l in 0..model.config().num_layers {
                 let (cg, gg) = (c.bank_gates(l).expect("cpu gates"), g.bank_gates(l).expect("gpu gates"));
                 for (a, b) in cg.iter().zip(&gg) {
@@ -209,7 +210,19 @@ fn meo_native_banks_match_cpu() {
                     for (x, y) in a.iter().zip(b) {
                         assert!((x.weight - y.weight).abs() <= 1e-5, "{what}: layer {l}: gate weights");
                     }
+                    selected += b.len() as u64;
                 }
+            }
+            // Unmerged banks read their selected experts through the expert cache: each
+            // uploaded once, then resident for the following tokens.
+            let s = g.expert_stats();
+            if label.starts_with("vanilla") {
+                assert_eq!((s.uploads, s.hits), (selected, 0), "{what}: {s:?}");
+                g.forward(&[PROMPT[0]], meo::Logits::Last, &mut meo::NoTrace).unwrap();
+                let s = g.expert_stats();
+                assert_eq!((s.uploads, s.hits), (selected, selected), "{what}: {s:?}");
+            } else {
+                assert_eq!(s.uploads, 0, "{what}: merged banks upload no single expert: {s:?}");
             }
         }
     }
@@ -274,4 +287,57 @@ fn refused_input_is_a_typed_error_and_changes_nothing() {
     assert_eq!(g.position(), PROMPT.len());
     let e = g.set_mode(MergeOptions { mode: Mode::Task("nope".into()), layers: LayerSelect::All }).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
+}
+
+#[test]
+fn encoder_matches_cpu() {
+    // Switch Transformers: bidirectional attention with a relative position bias, ReLU
+    // experts, top-1 routing with expert capacity (dropped tokens keep the residual).
+    let tmp = tempfile::tempdir().unwrap();
+    let toks: Vec<u32> = PROMPT.iter().chain(&PROMPT).copied().collect();
+    for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
+        let p = convert_fixture("switch_transformers", experts, dense, false, tmp.path());
+        let model = Model::open(&p).unwrap();
+        let toks: Vec<u32> = toks.iter().map(|&t| t % model.config().vocab_size as u32).collect();
+        let (mut cr, mut gr) = (Rec::default(), Rec::default());
+        let ch = cpu(&model).encode(&toks, &mut cr).unwrap().to_vec();
+        let mut g = wgpu(&model, 0);
+        let gh = g.encode(&toks, &mut gr).unwrap().to_vec();
+        assert_eq!(g.position(), toks.len());
+        let (bx, bl) = budget(experts);
+        let what = format!("switch_transformers {}", experts.name());
+        for (l, x) in &cr.inputs {
+            let d = max_diff(x, &gr.inputs[l]);
+            assert!(d <= bx, "{what}: layer {l} input differs by {d:e} > budget {bx:e}");
+        }
+        let dh = max_diff(&ch, &gh);
+        assert!(dh <= bl, "{what}: hidden states differ by {dh:e} > budget {bl:e}");
+        assert!(!cr.routes.is_empty());
+        assert_eq!(cr.routes.len(), gr.routes.len(), "{what}: routed positions");
+        for (k, (ce, cw)) in &cr.routes {
+            let (ge, gw) = &gr.routes[k];
+            assert_eq!(ce, ge, "{what}: layer {} position {}: experts", k.0, k.1);
+            // Weight 0 marks a token dropped by capacity: the same tokens on both.
+            assert_eq!(
+                cw.iter().map(|&w| w == 0.0).collect::<Vec<_>>(),
+                gw.iter().map(|&w| w == 0.0).collect::<Vec<_>>()
+            );
+            assert!(max_diff(cw, gw) <= 1e-5, "{what}: layer {} position {}: weights", k.0, k.1);
+        }
+        let dropped = cr.routes.values().filter(|(_, w)| w.contains(&0.0)).count();
+        println!("{what}: max |Δ| vs cpu: hidden {dh:.2e}; {} routes identical ({dropped} dropped)", cr.routes.len());
+    }
+}
+
+#[test]
+fn biased_experts_refuse_prompt_merges_like_the_cpu() {
+    // GPT-OSS experts have biases: there is no merge rule, on either target.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = convert_fixture("gpt_oss", DType::F32, DType::F32, false, tmp.path());
+    let model = Model::open(&p).unwrap();
+    let opts = MergeOptions { mode: Mode::Prompt(PromptPool::MeanGate), layers: LayerSelect::All };
+    let c = cpu(&model).set_mode(opts.clone()).unwrap_err().to_string();
+    let g = wgpu(&model, 0).set_mode(opts).unwrap_err();
+    assert!(matches!(g, meo::TargetError::Mode(meo::ModeError::NotMergeable { .. })), "{g}");
+    assert_eq!(g.to_string(), c);
 }
