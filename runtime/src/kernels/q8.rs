@@ -417,6 +417,17 @@ mod x86 {
         _mm256_dpbusd_avx_epi32(x.1, w.0, x.0)
     }
 
+    /// Asks for the cache line at `p` ahead of its use. Decoding streams each weight byte once:
+    /// hinting the next tile's rows while this one computes keeps the memory pipeline full
+    /// across rows (measured: 2-thread GEMV over 500 MB of expert matrices 27–31 → 35 GB/s,
+    /// against 37 GB/s streaming-read bandwidth).
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address (the pointer is
+        // formed with wrapping arithmetic and never dereferenced).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
     /// The 256-bit micro-kernel: per output one 8-lane f32 accumulator over every block of
     /// the row, `acc = fma(f32(lanes_b), dw_b·dx_b, acc)`, summed once at the end.
     macro_rules! tile256 {
@@ -465,6 +476,9 @@ mod x86 {
                                 *v = $prep_x(_mm256_loadu_si256(xq.add(j * row + off).cast()));
                             }
                             for i in 0..MR {
+                                if NR == 1 && k % 2 == 0 {
+                                    prefetch(wq.wrapping_add((MR + i) * row + off));
+                                }
                                 let wv = $prep_w(_mm256_loadu_si256(wq.add(i * row + off).cast()));
                                 for j in 0..NR {
                                     let s = $dot(wv, xv[j]);
@@ -616,6 +630,9 @@ mod x86 {
                         *v = (xx, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k80, xx)));
                     }
                     for i in 0..MR {
+                        if NR == 1 {
+                            prefetch(wq.wrapping_add((MR + i) * row + off));
+                        }
                         let wu = _mm512_xor_si512(load2(wq.add(i * row + off), two), k80);
                         for j in 0..NR {
                             let s = _mm512_dpbusd_epi32(xv[j].1, wu, xv[j].0);
@@ -660,6 +677,14 @@ pub(crate) fn f16_to_f32(h: &[f16], out: &mut [f32]) {
 mod arm {
     use super::{Micro, QActs, QK, QWeights, scale};
     use core::arch::aarch64::*;
+
+    /// As the x86 `prefetch`: hints the next tile's rows in decoding.
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: `prfm` is a hint: it never faults, whatever the address, and writes nothing
+        // (the pointer is formed with wrapping arithmetic and never dereferenced).
+        unsafe { core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags)) }
+    }
 
     /// Four i32 lane sums of one block with plain NEON: widening multiplies, pairwise
     /// accumulation.
@@ -726,6 +751,9 @@ mod arm {
                             (vld1q_s8(p), vld1q_s8(p.add(16)))
                         });
                         for i in 0..MR {
+                            if NR == 1 && b % 2 == 0 {
+                                prefetch(w.q.as_ptr().wrapping_add((r + MR + i) * row + off));
+                            }
                             let p = w.q.as_ptr().add((r + i) * row + off).cast::<i8>();
                             let wv = (vld1q_s8(p), vld1q_s8(p.add(16)));
                             for j in 0..NR {
