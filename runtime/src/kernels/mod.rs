@@ -9,6 +9,13 @@
 //! thread pool with it), always by *rows of W*, so a thread streams its own part of the
 //! weights and the result does not depend on the number of threads.
 //!
+//! Inputs used by several products (q/k/v; an MLP's gate and up) are wrapped once in [`Acts`],
+//! so Q8_0 quantizes them once; [`matmul_glu`] computes gate, up and the activation in one
+//! threaded pass; [`gemv_many`] runs the selected experts of a decoding step in one pass
+//! (one fork/join per layer phase instead of one per matrix). The pool (`ThreadPool`) makes
+//! the calling thread work too and keeps its workers spinning briefly between jobs: a decode
+//! step is ~100 fork/joins.
+//!
 //! f32 / f16 / bf16: inside one thread the product is blocked: a tile of [`TILE_ROWS`] rows ×
 //! [`TILE_COLS`] columns of `W` is decoded to f32 (≈ 16 KiB, stays in L1) and then used
 //! against every token's matching slice of `x`, so in prompt processing each weight byte is
@@ -19,7 +26,7 @@
 //! products (int32, exact) scaled by the two block scales, like ggml's `q8_0 × q8_0`
 //! `vec_dot`. A register-blocked micro-kernel computes 4 weight rows × 2–4 tokens at once
 //! (each loaded block reused across them, one horizontal sum per output at the end); decode
-//! (`T = 1`) is the same kernel over 4 rows × 1 token. It is chosen once per matmul by CPU
+//! (`T = 1`) is the same kernel over 4 rows × 1 token, which prefetches the next 4 rows. It is chosen once per matmul by CPU
 //! feature detection: AVX-512 VNNI, AVX-VNNI or AVX2 (F16C for the scales) on x86-64, `sdot`
 //! or plain NEON on aarch64, and a portable scalar loop everywhere else (and without `std`,
 //! unless the target enables them at compile time). A pass over the rows keeps ≤ 256 KiB
