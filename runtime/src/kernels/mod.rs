@@ -663,6 +663,62 @@ mod tests {
         }
     }
 
+    /// `matmul_glu` and `gemv_many` are the two products and the activation, value for value,
+    /// whatever the pool and however rows split into tasks (ragged sizes, several jobs).
+    #[test]
+    fn fused_passes_equal_separate_products() {
+        let act = |g: &mut [f32], u: &[f32]| silu_mul(g, u);
+        for &(n, k, t, jobs) in &[(1, 32, 1, 1), (37, 70, 1, 3), (130, 256, 1, 4), (130, 256, 5, 1), (64, 96, 3, 2)] {
+            let mut r = rng((n * 7 + k + t) as u64);
+            for dtype in [DType::F32, DType::Q8_0] {
+                let mats: Vec<(Vec<u8>, Vec<u8>)> = (0..jobs)
+                    .map(|_| {
+                        let g: Vec<f32> = (0..n * k).map(|_| r()).collect();
+                        let u: Vec<f32> = (0..n * k).map(|_| r()).collect();
+                        (encode(&g, dtype, n, k), encode(&u, dtype, n, k))
+                    })
+                    .collect();
+                let xs: Vec<Vec<f32>> = (0..jobs).map(|_| (0..t * k).map(|_| r()).collect()).collect();
+                // Separate products, serially.
+                let want: Vec<Vec<f32>> = mats
+                    .iter()
+                    .zip(&xs)
+                    .map(|((g, u), x)| {
+                        let (mut yg, mut yu) = (vec![0.0; t * n], vec![0.0; t * n]);
+                        matmul(&Serial, x, t, &MatRef::new(dtype, n, k, g).unwrap(), &mut yg);
+                        matmul(&Serial, x, t, &MatRef::new(dtype, n, k, u).unwrap(), &mut yu);
+                        silu_mul(&mut yg, &yu);
+                        yg
+                    })
+                    .collect();
+                let pool = ThreadPool::new(3).unwrap();
+                for par in [&Serial as &dyn Parallel, &Reversed(3), &pool] {
+                    for (((g, u), x), w) in mats.iter().zip(&xs).zip(&want) {
+                        let (g, u) = (MatRef::new(dtype, n, k, g).unwrap(), MatRef::new(dtype, n, k, u).unwrap());
+                        let mut y = vec![0.0; t * n];
+                        matmul_glu(par, &Acts::new(x, t), &g, &u, &act, &mut y);
+                        assert_eq!(&y, w, "matmul_glu {dtype:?} {n}x{k} t{t}");
+                    }
+                    if t == 1 {
+                        let acts: Vec<Acts<'_>> = xs.iter().map(|x| Acts::new(x, 1)).collect();
+                        let list: Vec<Gemv<'_, '_>> = mats
+                            .iter()
+                            .zip(&acts)
+                            .map(|((g, u), x)| Gemv {
+                                x,
+                                w: MatRef::new(dtype, n, k, g).unwrap(),
+                                glu: Some((MatRef::new(dtype, n, k, u).unwrap(), &act)),
+                            })
+                            .collect();
+                        let mut y = vec![0.0; jobs * n];
+                        gemv_many(par, &list, n, &mut y);
+                        assert_eq!(y, want.concat(), "gemv_many {dtype:?} {n}x{k} ×{jobs}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn q8_0_error_is_within_quantization_error() {
         let (n, k) = (8, 96);
