@@ -23,13 +23,16 @@
 # Env: MEO_BENCH_DIR (default target/bench-llamacpp), MEO_BENCH_THREADS (2), MEO_BENCH_REPS (10),
 #      MEO_BENCH_PYTHON, MEO_LLAMA_SDIST (a downloaded llama_cpp_python-0.3.36.tar.gz),
 #      MEO_BENCH_SHAPE ("layers hidden intermediate experts top_k vocab", default
-#      "8 1024 1280 32 4 8000": 1.07 GB in Q8_0).
+#      "8 1024 1280 32 4 8000": 1.07 GB in Q8_0), MEO_BENCH_WRAP (a command prefix for all three
+#      measurements, e.g. "chrt -f 10" on a machine shared with other jobs: both tools and the
+#      bandwidth probe get the same priority).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 WORK=${MEO_BENCH_DIR:-target/bench-llamacpp}
 THREADS=${MEO_BENCH_THREADS:-2}
+read -r -a WRAP <<<"${MEO_BENCH_WRAP:-}"
 REPS=${MEO_BENCH_REPS:-10}
 read -r LAYERS HIDDEN INTER EXPERTS TOPK VOCAB <<<"${MEO_BENCH_SHAPE:-8 1024 1280 32 4 8000}"
 LLAMA_VERSION=0.3.36
@@ -112,16 +115,16 @@ fi
 ls -l "$GGUF" "$MEOFILE" >&2
 
 say "bandwidth ($THREADS threads)"
-BW=$("$TARGET_DIR/release/examples/bandwidth" --threads "$THREADS" --json)
+BW=$("${WRAP[@]}" "$TARGET_DIR/release/examples/bandwidth" --threads "$THREADS" --json)
 echo "$BW" >&2
 
 say "benchmarks ($REPS runs each, interleaved)"
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 for r in $(seq "$REPS"); do
-  "$LLAMA_BENCH" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -o jsonl 2>/dev/null |
+  "${WRAP[@]}" "$LLAMA_BENCH" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -o jsonl 2>/dev/null |
     sed 's/^/{"tool":"llama.cpp","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
-  "$MEO" bench "$MEOFILE" --threads "$THREADS" --prompt-len "$PROMPT" --gen "$GEN" --seed "$r" --json |
+  "${WRAP[@]}" "$MEO" bench "$MEOFILE" --threads "$THREADS" --prompt-len "$PROMPT" --gen "$GEN" --seed "$r" --json |
     sed 's/^/{"tool":"meo","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
   printf '.' >&2
 done
