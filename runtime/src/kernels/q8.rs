@@ -428,6 +428,16 @@ mod x86 {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
+    /// Prefetches the scales of the `mr` rows after the tile at `ws` (each row's `2·nb` bytes
+    /// lie in a separate plane, so the weight prefetch does not bring them).
+    #[inline(always)]
+    fn prefetch_scales(ws: *const u8, mr: usize, nb: usize) {
+        for i in mr..2 * mr {
+            prefetch(ws.wrapping_add(i * nb * 2));
+            prefetch(ws.wrapping_add((i + 1) * nb * 2 - 1));
+        }
+    }
+
     /// The 256-bit micro-kernel: per output one 8-lane f32 accumulator over every block of
     /// the row, `acc = fma(f32(lanes_b), dw_b·dx_b, acc)`, summed once at the end.
     macro_rules! tile256 {
@@ -454,6 +464,9 @@ mod x86 {
                 unsafe {
                     let wq = w.q.as_ptr().add(r * row);
                     let ws = w.s.as_ptr().add(r * nb * 2);
+                    if NR == 1 {
+                        prefetch_scales(ws, MR, nb);
+                    }
                     let xq = x.q.as_ptr().add(tok * row);
                     let xd = x.d.as_ptr().add(tok * nb);
                     let mut b = 0;
@@ -592,6 +605,9 @@ mod x86 {
         unsafe {
             let wq = w.q.as_ptr().add(r * row);
             let ws = w.s.as_ptr().add(r * nb * 2);
+            if NR == 1 {
+                prefetch_scales(ws, MR, nb);
+            }
             let xq = x.q.as_ptr().add(tok * row);
             let xd = x.d.as_ptr().add(tok * nb);
             let mut b = 0;
@@ -739,6 +755,13 @@ mod arm {
                 let row = nb * QK;
                 let mut acc = [[vdupq_n_f32(0.0); NR]; MR];
                 let ws: [&[u8]; MR] = core::array::from_fn(|i| &w.s[(r + i) * nb * 2..][..nb * 2]);
+                if NR == 1 {
+                    // The next tile's scales (a separate plane, not covered by the row prefetch).
+                    for i in MR..2 * MR {
+                        prefetch(w.s.as_ptr().wrapping_add((r + i) * nb * 2));
+                        prefetch(w.s.as_ptr().wrapping_add((r + i + 1) * nb * 2 - 1));
+                    }
+                }
                 let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * nb..][..nb]);
                 for b in 0..nb {
                     let dw: [f32; MR] = core::array::from_fn(|i| scale(ws[i], b));
