@@ -4,7 +4,9 @@
 use super::plan::{Mlp, MoePlan};
 use super::session::Trace;
 use crate::config::{Activation, RouterSpec, SharedGate};
-use crate::kernels::{Acts, Gemv, MatRef, Parallel, gemv_many, matmul, matmul_acts, matmul_glu, silu, silu_mul};
+use crate::kernels::{
+    Acts, Gemv, MatRef, Parallel, Serial, gemv_many, matmul, matmul_acts, matmul_glu, silu, silu_mul,
+};
 use crate::route::{Choice, RouteScratch, apply_capacity, route_token};
 use alloc::vec::Vec;
 
@@ -205,6 +207,11 @@ pub(crate) fn moe(
         shared(par, bytes, p, spec, x, t, s, out);
         return;
     }
+    if t > 1 && par.threads() > 1 && s.selected.len() >= 2 * par.threads() {
+        prompt_experts(par, bytes, p, x, t, s, out);
+        shared(par, bytes, p, spec, x, t, s, out);
+        return;
+    }
     for &ei in &s.selected {
         let ei = ei as usize;
         let group = &s.assign[s.starts[ei]..s.starts[ei + 1]];
@@ -226,6 +233,51 @@ pub(crate) fn moe(
     }
 
     shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// Prompt processing with many selected experts: whole experts are the parallel tasks (each
+/// runs on one thread over all of its tokens), largest first, in one fork/join per layer
+/// instead of two per expert; then the weighted scatter-add in ascending expert order, as the
+/// general path. Each value is computed by the same kernels as there, so the results are equal.
+fn prompt_experts(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) {
+    let h = x.len() / t;
+    let (selected, assign, starts) = (&s.selected, &s.assign, &s.starts);
+    let group = |ei: u32| &assign[starts[ei as usize]..starts[ei as usize + 1]];
+    // Largest first, so the last task to finish is a small one.
+    let mut order: Vec<u32> = selected.clone();
+    order.sort_by_key(|&e| core::cmp::Reverse(group(e).len()));
+    let most = order.first().map_or(0, |&e| group(e).len());
+    resize(&mut s.ys, order.len() * most * h);
+    let task = |i: usize, o: &mut [f32]| {
+        let ei = order[i];
+        let g = group(ei);
+        let mut xs = alloc::vec![0.0f32; g.len() * h];
+        for (row, &(tok, _)) in xs.chunks_mut(h).zip(g) {
+            row.copy_from_slice(&x[tok * h..][..h]);
+        }
+        let ex = &p.experts[ei as usize];
+        // The expert's matrices are read only through its slab.
+        let slab = &bytes[ex.slab.clone()];
+        mlp(&Serial, slab, &ex.mlp, &xs, g.len(), &mut MlpScratch::default(), &mut o[..g.len() * h]);
+    };
+    par.for_each_chunk(&mut s.ys, most * h, &task);
+    let mut rank: Vec<(u32, usize)> = order.iter().enumerate().map(|(i, &e)| (e, i)).collect();
+    rank.sort_unstable();
+    for (ei, i) in rank {
+        for (row, &(tok, w)) in s.ys[i * most * h..].chunks(h).zip(group(ei)) {
+            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
+                *o += v * w;
+            }
+        }
+    }
 }
 
 /// One token's selected experts (`s.selected`, weights in `s.assign`) in two parallel passes:
