@@ -13,7 +13,42 @@ fn open_ort(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(OrtTarget::new(model, opts).unwrap_or_else(|e| panic!("ort target: {e}"))))
 }
 
-meo_tests::conformance_suite!(@standard &open_ort);
+meo_tests::conformance_suite!(&open_ort);
+
+/// The fixed-shape export (`--static-shape`, what NPU EPs compile) through the same suite:
+/// 5-token calls (the 12-token prompt in chunks, the last one padded; every decode step
+/// padded) over a 32-slot cache written in place.
+mod static_shape {
+    use super::*;
+    use meo_ort::export::StaticShape;
+
+    pub(super) const SHAPE: StaticShape = StaticShape { seq: 5, context: 32 };
+
+    fn open_static(path: &Path) -> Box<dyn Runner> {
+        let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+        let opts = OrtOptions { threads: 2, static_shape: Some(SHAPE), ..Default::default() };
+        let t = OrtTarget::new(model, opts).unwrap_or_else(|e| panic!("ort target: {e}"));
+        let info = t.info();
+        assert_eq!(info.static_shape, Some(SHAPE));
+        Box::new(TargetRunner(t))
+    }
+
+    meo_tests::conformance_suite!(&open_static);
+
+    #[test]
+    fn overflowing_the_fixed_cache_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = meo_tests::conformance::convert_fixture("qwen3_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+        let model = Model::open(&path).unwrap();
+        let opts = OrtOptions { threads: 2, static_shape: Some(SHAPE), ..Default::default() };
+        let mut t = OrtTarget::new(&model, opts).unwrap();
+        use meo::Target;
+        let ids: Vec<u32> = (0..SHAPE.context as u32).collect();
+        assert!(t.forward(&ids, meo::Logits::Last, &mut meo::NoTrace).is_ok());
+        let e = t.forward(&[1], meo::Logits::Last, &mut meo::NoTrace).unwrap_err().to_string();
+        assert!(e.contains("context overflow"), "{e}");
+    }
+}
 
 #[test]
 fn newer_recipes_are_refused_by_name() {

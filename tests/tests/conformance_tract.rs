@@ -3,7 +3,7 @@
 //! target is test-only (tract is a dev-dependency: slow to build, not shipped).
 
 use meo::{Logits, MergeOptions, Model, Target, TargetError, Trace};
-use meo_ort::export::{self, ExportOptions, GraphInfo, WeightFormat};
+use meo_ort::export::{self, ExportOptions, GraphInfo, StaticShape, WeightFormat};
 use meo_tests::conformance::{Runner, TargetRunner};
 use std::path::Path;
 use tract_onnx::prelude::*;
@@ -14,6 +14,7 @@ type Plan = std::sync::Arc<TypedRunnableModel>;
 pub struct TractTarget<'m> {
     model: &'m Model,
     weights: WeightFormat,
+    static_shape: Option<StaticShape>,
     plan: Plan,
     info: GraphInfo,
     kv: Vec<(Vec<f32>, Vec<f32>)>,
@@ -25,8 +26,13 @@ fn device(e: impl std::fmt::Display) -> TargetError {
     TargetError::Device { target: "tract".into(), reason: format!("{e:#}") }
 }
 
-fn compile(model: &Model, mode: &MergeOptions, weights: WeightFormat) -> Result<(Plan, GraphInfo), TargetError> {
-    let e = export::export(model, &ExportOptions { merge: mode.clone(), weights })
+fn compile(
+    model: &Model,
+    mode: &MergeOptions,
+    weights: WeightFormat,
+    static_shape: Option<StaticShape>,
+) -> Result<(Plan, GraphInfo), TargetError> {
+    let e = export::export(model, &ExportOptions { merge: mode.clone(), weights, static_shape })
         .map_err(|e| TargetError::Unsupported { target: "tract".into(), what: e.to_string() })?;
     let bytes = e.to_bytes().map_err(device)?;
     let plan = tract_onnx::onnx()
@@ -39,10 +45,69 @@ fn compile(model: &Model, mode: &MergeOptions, weights: WeightFormat) -> Result<
 
 impl<'m> TractTarget<'m> {
     pub fn new(model: &'m Model, mode: MergeOptions, weights: WeightFormat) -> Result<Self, TargetError> {
-        let (plan, info) = compile(model, &mode, weights)?;
-        let kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
-        Ok(Self { model, weights, plan, info, kv, pos: 0, logits: Vec::new() })
+        Self::with_static_shape(model, mode, weights, None)
     }
+
+    /// The fixed-shape export (`static_shape`), or the dynamic one.
+    pub fn with_static_shape(
+        model: &'m Model,
+        mode: MergeOptions,
+        weights: WeightFormat,
+        static_shape: Option<StaticShape>,
+    ) -> Result<Self, TargetError> {
+        let (plan, info) = compile(model, &mode, weights, static_shape)?;
+        let kv = empty_cache(&info);
+        Ok(Self { model, weights, static_shape, plan, info, kv, pos: 0, logits: Vec::new() })
+    }
+
+    /// One graph call on at most `seq` tokens (padded in the fixed-shape form): appends the
+    /// logits of `tokens` to `all`.
+    fn step(&mut self, tokens: &[u32], trace: &mut dyn Trace, all: &mut Vec<f32>) -> Result<(), TargetError> {
+        let t = tokens.len();
+        let (nkv, kd, vd) = (self.info.kv_heads, self.info.head_dim, self.info.value_dim);
+        let mut ids: Vec<i64> = tokens.iter().map(|&x| i64::from(x)).collect();
+        let mut inputs: TVec<TValue> = tvec![];
+        let slots = match self.info.static_shape {
+            Some(s) => {
+                ids.resize(s.seq, 0);
+                s.context
+            }
+            None => self.pos,
+        };
+        inputs.push(Tensor::from_shape(&[ids.len()], &ids).map_err(device)?.into());
+        if self.info.static_shape.is_some() {
+            inputs.push(Tensor::from_shape(&[1], &[self.pos as i64]).map_err(device)?.into());
+        }
+        for (k, v) in &self.kv {
+            inputs.push(Tensor::from_shape(&[nkv, slots, kd], k).map_err(device)?.into());
+            inputs.push(Tensor::from_shape(&[nkv, slots, vd], v).map_err(device)?.into());
+        }
+        let out = self.plan.run(inputs).map_err(device)?;
+        let f32s = |i: usize| -> Result<Vec<f32>, TargetError> {
+            Ok(out[i].to_plain_array_view::<f32>().map_err(device)?.iter().copied().collect())
+        };
+        // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
+        let logits = f32s(0)?;
+        all.extend_from_slice(&logits[..t * self.info.vocab]);
+        for l in 0..self.info.num_layers {
+            self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
+        }
+        let base = 1 + 2 * self.info.num_layers;
+        for (j, &l) in self.info.routed.iter().enumerate() {
+            let idx: Vec<i64> =
+                out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
+            let w = f32s(base + 2 * j + 1)?;
+            meo_ort::report_routes(trace, l, self.pos, t, self.info.top_k, &idx, &w);
+        }
+        self.pos += t;
+        Ok(())
+    }
+}
+
+/// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
+fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
+    (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
 
 impl Target for TractTarget<'_> {
@@ -57,31 +122,23 @@ impl Target for TractTarget<'_> {
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
             return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
         }
+        if tokens.is_empty() {
+            self.logits.clear();
+            return Ok(&self.logits);
+        }
+        if let Some(s) = self.info.static_shape
+            && self.pos + tokens.len() > s.context
+        {
+            return Err(
+                meo::ForwardError::ContextOverflow { cached: self.pos, tokens: tokens.len(), max: s.context }.into()
+            );
+        }
         let t = tokens.len();
-        let (nkv, hd) = (self.info.kv_heads, self.info.head_dim);
-        let ids: Vec<i64> = tokens.iter().map(|&x| i64::from(x)).collect();
-        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[t], &ids).map_err(device)?.into()];
-        for (k, v) in &self.kv {
-            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], k).map_err(device)?.into());
-            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], v).map_err(device)?.into());
+        let chunk = self.info.static_shape.map_or(t.max(1), |s| s.seq);
+        let mut logits = Vec::with_capacity(t * vocab);
+        for part in tokens.chunks(chunk) {
+            self.step(part, trace, &mut logits)?;
         }
-        let out = self.plan.run(inputs).map_err(device)?;
-        let f32s = |i: usize| -> Result<Vec<f32>, TargetError> {
-            Ok(out[i].to_plain_array_view::<f32>().map_err(device)?.iter().copied().collect())
-        };
-        // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
-        let logits = f32s(0)?;
-        for l in 0..self.info.num_layers {
-            self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
-        }
-        let base = 1 + 2 * self.info.num_layers;
-        for (j, &l) in self.info.routed.iter().enumerate() {
-            let idx: Vec<i64> =
-                out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
-            let w = f32s(base + 2 * j + 1)?;
-            meo_ort::report_routes(trace, l, self.pos, t, self.info.top_k, &idx, &w);
-        }
-        self.pos += t;
         self.logits = match which {
             Logits::All => logits,
             Logits::Last => logits[(t - 1) * vocab..].to_vec(),
@@ -90,14 +147,14 @@ impl Target for TractTarget<'_> {
     }
     fn reset(&mut self) {
         self.pos = 0;
-        self.kv.iter_mut().for_each(|(k, v)| (k.clear(), v.clear()).1);
+        self.kv = empty_cache(&self.info);
     }
     fn position(&self) -> usize {
         self.pos
     }
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
-        let (plan, info) = compile(self.model, &opts, self.weights)?;
-        self.kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        let (plan, info) = compile(self.model, &opts, self.weights, self.static_shape)?;
+        self.kv = empty_cache(&info);
         (self.plan, self.info, self.pos) = (plan, info, 0);
         Ok(self.info.merged.clone())
     }
@@ -110,7 +167,24 @@ fn open_tract(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(t))
 }
 
-meo_tests::conformance_suite!(@standard &open_tract);
+meo_tests::conformance_suite!(&open_tract);
+
+/// The fixed-shape export (`--static-shape`) through the same suite in tract: 5-token calls
+/// (padded) over a 32-slot cache written in place.
+mod static_shape {
+    use super::*;
+
+    fn open_static(path: &Path) -> Box<dyn Runner> {
+        let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+        let shape = StaticShape { seq: 5, context: 32 };
+        let t = TractTarget::with_static_shape(model, MergeOptions::default(), WeightFormat::Block, Some(shape))
+            .unwrap_or_else(|e| panic!("tract target: {e}"));
+        assert_eq!(t.info.static_shape, Some(shape));
+        Box::new(TargetRunner(t))
+    }
+
+    meo_tests::conformance_suite!(&open_static);
+}
 
 #[test]
 fn newer_recipes_are_refused_by_name() {

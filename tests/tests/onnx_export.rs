@@ -96,14 +96,15 @@ fn ort(model: &Model, mode: MergeOptions, weights: WeightFormat) -> OrtTarget<'_
 
 /// Runs an exported graph in tract: prompt then the same decode tokens as `greedy`.
 fn tract_logits(model: &Model, mode: MergeOptions, ids: &[u32], greedy: &[u32]) -> Vec<f32> {
-    let e = export::export(model, &ExportOptions { merge: mode, weights: WeightFormat::Block }).unwrap();
+    let e = export::export(model, &ExportOptions { merge: mode, weights: WeightFormat::Block, ..Default::default() })
+        .unwrap();
     let bytes = e.to_bytes().unwrap();
     let plan = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
         .unwrap_or_else(|err| panic!("tract: {err:#}"));
-    let (nkv, hd, layers) = (e.info.kv_heads, e.info.head_dim, e.info.num_layers);
+    let (nkv, kd, vd, layers) = (e.info.kv_heads, e.info.head_dim, e.info.value_dim, e.info.num_layers);
     let mut kv: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); layers];
     let (mut pos, mut out) = (0usize, Vec::new());
     let steps: Vec<Vec<u32>> =
@@ -112,8 +113,8 @@ fn tract_logits(model: &Model, mode: MergeOptions, ids: &[u32], greedy: &[u32]) 
         let t: Vec<i64> = toks.iter().map(|&x| i64::from(x)).collect();
         let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[t.len()], &t).unwrap().into()];
         for (k, v) in &kv {
-            inputs.push(Tensor::from_shape(&[nkv, pos, hd], k).unwrap().into());
-            inputs.push(Tensor::from_shape(&[nkv, pos, hd], v).unwrap().into());
+            inputs.push(Tensor::from_shape(&[nkv, pos, kd], k).unwrap().into());
+            inputs.push(Tensor::from_shape(&[nkv, pos, vd], v).unwrap().into());
         }
         let res = plan.run(inputs).unwrap_or_else(|err| panic!("tract run: {err:#}"));
         let f = |j: usize| res[j].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<f32>>();
@@ -266,7 +267,8 @@ fn every_export_form_passes_the_onnx_checker_and_external_data_runs() {
         for (wname, w) in
             [("block", WeightFormat::Block), ("channel", WeightFormat::Channel), ("f32", WeightFormat::F32)]
         {
-            let e = export::export(model, &ExportOptions { merge: mode.clone(), weights: w }).unwrap();
+            let e = export::export(model, &ExportOptions { merge: mode.clone(), weights: w, ..Default::default() })
+                .unwrap();
             let p = tmp.path().join(format!("{name}-{wname}.onnx"));
             assert!(!export::write(&e, &p, false).unwrap());
             files.push(p);
@@ -348,6 +350,7 @@ fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
         merge_layers: "all".into(),
         weights: "channel".into(),
         external_data: false,
+        static_shape: None,
         output: out.clone(),
     };
     export_onnx::run(&a).unwrap();

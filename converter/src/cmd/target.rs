@@ -53,7 +53,7 @@ mod with_ort {
         let eps = EpChoice::parse_list(&a.ep)?;
         let weights = WeightFormat::parse(&a.onnx_weights)
             .with_context(|| format!("--onnx-weights {:?}: use block, channel or f32", a.onnx_weights))?;
-        let opts = OrtOptions { eps, threads, weights, profile: a.ep_report };
+        let opts = OrtOptions { eps, threads, weights, profile: a.ep_report, ..Default::default() };
         Ok(OrtTarget::with_mode(model, opts, mode)?)
     }
 
