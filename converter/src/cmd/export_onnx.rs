@@ -9,7 +9,7 @@ use meo_ort::export::{self, ExportOptions, StaticShape, WeightFormat};
 use std::path::PathBuf;
 
 /// Export a .meo model to ONNX (opset 17, KV cache as explicit inputs/outputs).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// The .meo file.
     pub file: PathBuf,

@@ -253,7 +253,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         Some(s) => (Dim::Fixed(s.seq), Dim::Fixed(s.context)),
         None => (Dim::Sym("seq"), Dim::Sym("past")),
     };
-    g.input("input_ids", DataType::INT64, &[seq_dim.clone()]);
+    g.input("input_ids", DataType::INT64, std::slice::from_ref(&seq_dim));
     if fixed.is_some() {
         g.input(POSITION_INPUT, DataType::INT64, &[Dim::Fixed(1)]);
     }
@@ -1086,14 +1086,13 @@ impl<'m> Builder<'m> {
     /// `down(act(gate x + b) , up x + b) + b` (or `down(act(up x))` ungated) with the matrices
     /// over `bytes`: SiLU-gated, GPT-OSS's clamped SwiGLU, or ungated ReLU / GELU-tanh / SiLU.
     fn mlp(&mut self, p: &str, x: &str, m: &Mlp, bytes: &[u8]) -> Result<String, ExportError> {
-        let bias = match m.bias.as_deref() {
-            Some([bg, bu, bd]) => Some([
+        let bias = m.bias.as_deref().map(|[bg, bu, bd]| {
+            [
                 self.vector_in(&format!("{p}.gate.bias"), bg, bytes),
                 self.vector_in(&format!("{p}.up.bias"), bu, bytes),
                 self.vector_in(&format!("{p}.down.bias"), bd, bytes),
-            ]),
-            None => None,
-        };
+            ]
+        });
         let b = |i: usize| bias.as_ref().map(|b| b[i].clone());
         let uw = self.matrix_in(&format!("{p}.up"), &m.up, bytes)?;
         let dw = self.matrix_in(&format!("{p}.down"), &m.down, bytes)?;
@@ -1262,7 +1261,7 @@ impl<'m> Builder<'m> {
         topk_group: usize,
         rule: GroupScore,
     ) -> Result<String, ExportError> {
-        if e % n_group != 0 {
+        if !e.is_multiple_of(n_group) {
             return Err(ExportError::Unsupported(format!("{p}: {e} experts in {n_group} groups")));
         }
         let per = e / n_group;
