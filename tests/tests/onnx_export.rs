@@ -493,16 +493,18 @@ fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
     assert!(export_onnx::run(&bad).unwrap_err().to_string().contains("--static-shape"));
     let bad = export_onnx::Args { task: Some("nope".into()), ..a };
     assert!(export_onnx::run(&bad).unwrap_err().to_string().contains("nope"));
-    let gen_ids = |target: &str| {
+    let gen_ids = |target: &str, extra: &[&str]| {
         let p = path.display().to_string();
         let args = ["--tokens", "5,17,42,9", "--max-new-tokens", "8", "--mode", "task:docs", "--target", target];
-        let a = run::Args::parse_from(std::iter::once(p.as_str()).chain(args)).unwrap();
+        let a = run::Args::parse_from(std::iter::once(p.as_str()).chain(args).chain(extra.iter().copied())).unwrap();
         let (mut o, mut e) = (Vec::new(), Vec::new());
         run::run_to(&a, &mut o, &mut e).unwrap_or_else(|err| panic!("{target}: {err:#}"));
         String::from_utf8(o).unwrap()
     };
-    let (cpu_ids, ort_ids) = (gen_ids("cpu"), gen_ids("ort"));
+    let (cpu_ids, ort_ids) = (gen_ids("cpu", &[]), gen_ids("ort", &[]));
     assert_eq!(ort_ids, cpu_ids);
+    // The fixed-shape graph (3-token calls, the 4-token prompt padded) generates the same.
+    assert_eq!(gen_ids("ort", &["--onnx-static-shape", "3:16"]), cpu_ids);
     assert_eq!(cpu_ids.split_whitespace().count(), 8);
     let p = path.display().to_string();
     let a = run::Args::parse_from([p.as_str(), "--tokens", "1", "--target", "npu"]).unwrap();
