@@ -415,6 +415,50 @@ fn static_task_merged_export_matches_the_dynamic_one_on_ort_and_tract() {
     assert!(d <= TOL, "tract static vs dynamic: {d}");
 }
 
+/// QDQ activation quantization for the QNN HTP (examples/onnx/quantize_qdq.py: ONNX Runtime's
+/// QNN QDQ configuration, calibrated on the fixed-shape graph itself, the attention-mask path kept
+/// float): every projection's input is quantized and the quantized graph, run by ONNX Runtime's
+/// CPU EP, keeps the float graph's argmax on held-out text. Not run on an HTP (none in CI).
+#[test]
+fn qdq_activation_quantization_of_the_fixed_shape_graph_keeps_the_argmax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
+    let tok = meo::tokenizer::Tokenizer::from_metadata(&model.file().unwrap().metadata).unwrap();
+    // Calibration on the task's kind of text, held out on a different passage (the last line).
+    let held_out = "A tuple is an immutable sequence. Dictionaries map keys to values; \
+                    a key must be hashable. The with statement wraps a block in a context manager. ";
+    let lines: Vec<String> = [DOCS, CODE, &DOCS[40..], held_out]
+        .iter()
+        .map(|t| tok.encode(&t.repeat(4)).unwrap().iter().take(64).map(u32::to_string).collect::<Vec<_>>().join(" "))
+        .collect();
+    let tokens = tmp.path().join("tokens.txt");
+    std::fs::write(&tokens, lines.join("\n")).unwrap();
+    let shape = meo_ort::export::StaticShape { seq: 4, context: 64 };
+    let opts =
+        ExportOptions { weights: WeightFormat::Channel, static_shape: Some(shape), ..ExportOptions::task("docs") };
+    let e = export::export(&model, &opts).unwrap();
+    let (f, q) = (tmp.path().join("docs.onnx"), tmp.path().join("docs.qdq.onnx"));
+    export::write(&e, &f, false).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .env("PYTHONPATH", root.join(".py"))
+        .arg(root.join("examples/onnx/quantize_qdq.py"))
+        .args([&f, &q])
+        .arg("--tokens")
+        .arg(&tokens)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "quantize_qdq.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("QDQ (uint16 activations, uint8 weights) vs float, fixed-shape task docs: {r}");
+    let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(n("gemms_with_quantized_input"), n("gemms"), "every Gemm's activation is quantized");
+    assert!(n("gemms") >= 4.0 * 5.0, "q, k, v, o and the merged MLP per layer: {r}");
+    assert_eq!(n("rows"), 64.0);
+    assert!(n("top1_agreement") >= 0.9, "{r}");
+    assert!(n("max_dlogit") > 0.0 && n("max_dlogit") < 0.5 * n("max_logit"), "{r}");
+}
+
 #[test]
 fn channel_weights_stay_close_to_block_weights() {
     let tmp = tempfile::tempdir().unwrap();
