@@ -459,6 +459,33 @@ fn qdq_activation_quantization_of_the_fixed_shape_graph_keeps_the_argmax() {
     assert!(n("max_dlogit") > 0.0 && n("max_dlogit") < 0.5 * n("max_logit"), "{r}");
 }
 
+/// Learned positions (meo-gpt2, 128 of them) in the fixed-shape form: a decode step at position
+/// 126 pads rows to positions 127–129, past the table; they are clamped, and the real rows
+/// match the CPU target up to the model's last position.
+#[test]
+fn static_form_with_learned_positions_runs_to_the_last_position() {
+    use meo_ort::export::StaticShape;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::open(gpt2(tmp.path(), DType::F32)).unwrap();
+    let max = model.config().max_position_embeddings;
+    assert_eq!(max, 128);
+    let ids: Vec<u32> = (0..max).map(|i| ((i * 37 + 11) % model.config().vocab_size) as u32).collect();
+    let shape = StaticShape { seq: 4, context: max };
+    let opts = OrtOptions { threads: 2, static_shape: Some(shape), ..Default::default() };
+    let mut o = OrtTarget::with_mode(&model, opts, task("docs")).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cpu(&model, task("docs"));
+    let mut got = o.forward(&ids[..max - 2], Logits::All, &mut NoTrace).unwrap().to_vec();
+    let mut want = c.forward_with(&ids[..max - 2], Logits::All, &mut NoTrace).unwrap().to_vec();
+    for &t in &ids[max - 2..] {
+        got.extend_from_slice(o.forward(&[t], Logits::Last, &mut NoTrace).unwrap());
+        want.extend_from_slice(c.forward_with(&[t], Logits::Last, &mut NoTrace).unwrap());
+    }
+    let d = max_diff(&got, &want);
+    assert!(d <= TOL, "static learned positions vs CPU: {d}");
+    let e = o.forward(&[1], Logits::Last, &mut NoTrace).unwrap_err().to_string();
+    assert!(e.contains("context overflow"), "{e}");
+}
+
 #[test]
 fn channel_weights_stay_close_to_block_weights() {
     let tmp = tempfile::tempdir().unwrap();

@@ -306,8 +306,17 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         x = g.op("Mul", &[&x, &m], &[]);
     }
     if let Some(pe) = gp.pos_embed {
+        let rows = pe.rows;
         let pe = g.matrix("pos_embed", pe)?;
-        let p = g.op("Gather", &[&pe, &positions], &[int("axis", 0)]);
+        let pos = if fixed.is_some() {
+            // Padded rows may sit past the table's end: clamp them (real rows never are: the
+            // runners refuse more positions than the model has).
+            let last = g.const_i64(&format!("pos_embed.last.{rows}"), &[], &[rows.saturating_sub(1) as i64]);
+            g.op("Min", &[&positions, &last], &[])
+        } else {
+            positions.clone()
+        };
+        let p = g.op("Gather", &[&pe, &pos], &[int("axis", 0)]);
         x = g.op("Add", &[&x, &p], &[]);
     }
 
