@@ -14,6 +14,7 @@ fn open_ort(path: &Path) -> Box<dyn Runner> {
 }
 
 meo_tests::conformance_suite!(&open_ort);
+meo_tests::encoder_suite!(&open_ort);
 
 /// The fixed-shape export (`--static-shape`, what NPU EPs compile) through the same suite:
 /// 5-token calls (the 12-token prompt in chunks, the last one padded; every decode step
@@ -50,8 +51,11 @@ mod static_shape {
     }
 }
 
+/// What the export refuses, it refuses by name (`REFUSED_BY_PORTABLE_TARGETS`, empty today, and
+/// a fixed-shape encoder); an encoder graph refuses decoding and a decoder graph encoding.
 #[test]
-fn newer_recipes_are_refused_by_name() {
+fn what_stays_refused_is_refused_by_name() {
+    use meo::Target;
     let tmp = tempfile::tempdir().unwrap();
     for (name, what) in meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS {
         let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
@@ -64,6 +68,25 @@ fn newer_recipes_are_refused_by_name() {
             Ok(()) => panic!("{name}: accepted a recipe it does not implement"),
         }
     }
+    let path =
+        meo_tests::conformance::convert_fixture("switch_transformers", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let e = OrtTarget::new(
+        &model,
+        OrtOptions { threads: 2, static_shape: Some(static_shape::SHAPE), ..Default::default() },
+    )
+    .err()
+    .expect("a fixed-shape encoder is refused")
+    .to_string();
+    assert!(e.contains("fixed-shape encoder"), "{e}");
+    let mut t = OrtTarget::new(&model, OrtOptions { threads: 2, ..Default::default() }).unwrap();
+    let e = t.forward(&[1, 2], meo::Logits::All, &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encoder"), "{e}");
+    let path = meo_tests::conformance::convert_fixture("qwen3_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let mut t = OrtTarget::new(&model, OrtOptions { threads: 2, ..Default::default() }).unwrap();
+    let e = t.encode(&[1, 2], &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encode"), "{e}");
 }
 
 /// Recipe combinations no fixture has (`portable_recipe_variants`), f32 weights (int8 experts

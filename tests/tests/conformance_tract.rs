@@ -88,11 +88,12 @@ impl<'m> TractTarget<'m> {
         };
         // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
         let logits = f32s(0)?;
-        all.extend_from_slice(&logits[..t * self.info.vocab]);
-        for l in 0..self.info.num_layers {
+        let width = self.info.encoder.unwrap_or(self.info.vocab);
+        all.extend_from_slice(&logits[..t * width]);
+        for l in 0..self.kv.len() {
             self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
         }
-        let base = 1 + 2 * self.info.num_layers;
+        let base = 1 + 2 * self.kv.len();
         for (j, &l) in self.info.routed.iter().enumerate() {
             let idx: Vec<i64> =
                 out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
@@ -106,6 +107,9 @@ impl<'m> TractTarget<'m> {
 
 /// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
 fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
+    if info.encoder.is_some() {
+        return Vec::new();
+    }
     let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
     (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
@@ -121,6 +125,9 @@ impl Target for TractTarget<'_> {
         let vocab = self.info.vocab;
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
             return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
+        }
+        if self.info.encoder.is_some() {
+            return Err(meo::ForwardError::EncoderOnly.into());
         }
         if tokens.is_empty() {
             self.logits.clear();
@@ -149,6 +156,23 @@ impl Target for TractTarget<'_> {
         self.pos = 0;
         self.kv = empty_cache(&self.info);
     }
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let Some(hidden) = self.info.encoder else {
+            return Err(TargetError::Unsupported { target: "tract".into(), what: "encode (a decoder model)".into() });
+        };
+        self.pos = 0;
+        self.logits.clear();
+        if !tokens.is_empty() {
+            // Outputs in graph order: hidden, then (experts, weights) per routed layer; one call.
+            let mut all = Vec::new();
+            self.step(tokens, trace, &mut all)?;
+            if all.len() != tokens.len() * hidden {
+                return Err(device("encoder output shape"));
+            }
+            self.logits = all;
+        }
+        Ok(&self.logits)
+    }
     fn position(&self) -> usize {
         self.pos
     }
@@ -168,6 +192,7 @@ fn open_tract(path: &Path) -> Box<dyn Runner> {
 }
 
 meo_tests::conformance_suite!(&open_tract);
+meo_tests::encoder_suite!(&open_tract);
 
 /// The fixed-shape export (`--static-shape`) through the same suite in tract: 5-token calls
 /// (padded) over a 32-slot cache written in place.
@@ -186,8 +211,11 @@ mod static_shape {
     meo_tests::conformance_suite!(&open_static);
 }
 
+/// What the export refuses, it refuses by name (`REFUSED_BY_PORTABLE_TARGETS`, empty today, and
+/// a fixed-shape encoder); an encoder graph refuses decoding and a decoder graph encoding.
 #[test]
-fn newer_recipes_are_refused_by_name() {
+fn what_stays_refused_is_refused_by_name() {
+    use meo::Target;
     let tmp = tempfile::tempdir().unwrap();
     for (name, what) in meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS {
         let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
@@ -200,6 +228,27 @@ fn newer_recipes_are_refused_by_name() {
             Ok(()) => panic!("{name}: accepted a recipe it does not implement"),
         }
     }
+    let path =
+        meo_tests::conformance::convert_fixture("switch_transformers", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let e = TractTarget::with_static_shape(
+        &model,
+        MergeOptions::default(),
+        WeightFormat::Block,
+        Some(StaticShape { seq: 5, context: 32 }),
+    )
+    .err()
+    .expect("a fixed-shape encoder is refused")
+    .to_string();
+    assert!(e.contains("fixed-shape encoder"), "{e}");
+    let mut t = TractTarget::new(&model, MergeOptions::default(), WeightFormat::Block).unwrap();
+    let e = t.forward(&[1, 2], meo::Logits::All, &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encoder"), "{e}");
+    let path = meo_tests::conformance::convert_fixture("qwen3_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let mut t = TractTarget::new(&model, MergeOptions::default(), WeightFormat::Block).unwrap();
+    let e = t.encode(&[1, 2], &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encode"), "{e}");
 }
 
 /// Recipe combinations no fixture has (`portable_recipe_variants`), f32 weights (int8 experts

@@ -336,13 +336,22 @@ fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully
         write(name, &model, ExportOptions::default());
         write(&format!("{name}-static"), &model, ExportOptions { static_shape: Some(shape), ..Default::default() });
     }
+    // The encoder graph (Switch: relative position bias, expert capacity), dynamic only.
+    let path = meo_tests::conformance::convert_fixture("switch_transformers", DType::Q8_0, DType::F16, tmp.path());
+    let sw = Model::open(&path).unwrap();
+    let e = export::export(&sw, &ExportOptions::default()).unwrap();
+    assert_eq!(e.info.encoder, Some(sw.config().hidden_size));
+    let p = tmp.path().join("switch.onnx");
+    export::write(&e, &p, false).unwrap();
+    let mut checked = vec![p];
     // The NPU deployment form: task-merged, per-channel int8 weights, fixed shapes.
     let up = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
     let npu =
         ExportOptions { weights: WeightFormat::Channel, static_shape: Some(shape), ..ExportOptions::task("docs") };
     write("up-docs-channel-static", &up, npu);
     assert_eq!((dynamic.len(), fixed.len()), (FAMILIES.len(), FAMILIES.len() + 1));
-    onnx_check(&[dynamic.clone(), fixed.clone()].concat());
+    checked.extend(dynamic.iter().chain(&fixed).cloned());
+    onnx_check(&checked);
     onnx_all_static(&fixed);
 }
 

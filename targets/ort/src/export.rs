@@ -140,6 +140,9 @@ pub struct GraphInfo {
     /// The fixed-shape form: `seq` tokens per call, `context` cache slots, an int64 `[1]`
     /// input [`POSITION_INPUT`] (positions already cached), caches `[kv_heads, context, d]`.
     pub static_shape: Option<StaticShape>,
+    /// An encoder graph (`Some(hidden size)`): `input_ids` → [`ENCODER_OUTPUT`] `[seq, hidden]`
+    /// and the route outputs, no cache, no logits; the whole sequence in one call.
+    pub encoder: Option<usize>,
 }
 
 impl GraphInfo {
@@ -232,7 +235,6 @@ pub fn write(e: &Exported, path: &Path, external: bool) -> Result<bool, ExportEr
 /// An unknown task or layer, or a recipe feature the exporter does not write yet.
 pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportError> {
     let c = model.config();
-    check_recipe(model)?;
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };
     let vocab = c.vocab_size;
@@ -247,6 +249,13 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     {
         return Err(ExportError::Unsupported(format!("static shape {}:{} (both must be ≥ 1)", s.seq, s.context)));
     }
+    // An encoder (bidirectional, no KV cache, no LM head): `input_ids` → `hidden` in one call.
+    let encoder = r.encoder_only;
+    if encoder && fixed.is_some() {
+        return Err(ExportError::Unsupported(
+            "a fixed-shape encoder (padding would join the bidirectional attention and the expert capacity)".into(),
+        ));
+    }
 
     // Inputs and positions: `positions` [T] (absolute), `keys` [S] (key slots).
     let (seq_dim, past_dim) = match fixed {
@@ -257,7 +266,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     if fixed.is_some() {
         g.input(POSITION_INPUT, DataType::INT64, &[Dim::Fixed(1)]);
     }
-    for l in 0..c.num_layers {
+    for l in (0..c.num_layers).filter(|_| !encoder) {
         g.input(&GraphInfo::past_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
         g.input(&GraphInfo::past_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
     }
@@ -271,6 +280,12 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             let positions = g.op("Add", &[&ar, POSITION_INPUT], &[]);
             let kr: Vec<i64> = (0..s.context as i64).collect();
             (positions, g.const_i64(&format!("arange.{}", s.context), &[s.context], &kr))
+        }
+        None if encoder => {
+            let seq_shape = g.op("Shape", &["input_ids"], &[]);
+            let seq = g.op("Gather", &[&seq_shape, &zero], &[int("axis", 0)]);
+            let positions = g.op("Range", &[&zero, &seq, &one], &[]);
+            (positions.clone(), positions)
         }
         None => {
             let seq_shape = g.op("Shape", &["input_ids"], &[]);
@@ -372,7 +387,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     let mut masks: BTreeMap<usize, String> = BTreeMap::new();
     let neg = g.const_f32("mask.neg", &[], &[-1e30]);
     let zf = g.const_f32("mask.zero", &[], &[0.0]);
-    for plan in model.layer_plans() {
+    for plan in model.layer_plans().iter().filter(|_| !encoder) {
         let w = window(&plan.attn);
         if masks.contains_key(&w) {
             continue;
@@ -388,6 +403,17 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         masks.insert(w, m);
     }
 
+    // Relative position bias `[kv, g, T, S]` (T5/Switch), shared by the layers that have it:
+    // `table[bucket(key − query), head]`, the buckets looked up in a constant table computed
+    // by the CPU target's own `relative_bucket` (distances beyond `max_distance` all share
+    // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
+    let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
+        Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
+        Attention::Mla(_) => None,
+    }) {
+        Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
+        None => None,
+    };
     let residual = |g: &mut Builder<'_>, x: &str, y: &str| {
         if r.residual_multiplier != 1.0 {
             let m = g.const_f32("residual_multiplier", &[], &[r.residual_multiplier]);
@@ -401,7 +427,16 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for (l, plan) in model.layer_plans().iter().enumerate() {
         let p = format!("layers.{l}");
         let hn = g.norm(&format!("{p}.attn_norm"), &x, plan.attn.norm(), plan.attn.norm_bias(), kind, eps)?;
-        let ctx = AttnCtx { tables: &tables, mask: &masks[&window(&plan.attn)], cache: cache_write.as_ref() };
+        let ctx = AttnCtx {
+            tables: &tables,
+            mask: masks.get(&window(&plan.attn)).map(String::as_str),
+            cache: match (&cache_write, encoder) {
+                (_, true) => Cache::None,
+                (Some(w), false) => Cache::Write(w),
+                (None, false) => Cache::Concat,
+            },
+            bias: rel_bias.as_deref(),
+        };
         let y = match &plan.attn {
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
@@ -433,6 +468,30 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         x = residual(&mut g, &x, &y);
     }
     let hn = g.norm("output_norm", &x, gp.output_norm, gp.output_norm_bias, kind, eps)?;
+    if encoder {
+        g.rename(&hn, ENCODER_OUTPUT);
+        g.output(ENCODER_OUTPUT, DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(c.hidden_size)]);
+        let k = c.router.top_k;
+        for &l in &routed {
+            g.output(&GraphInfo::route_experts(l), DataType::INT64, &[seq_dim.clone(), Dim::Fixed(k)]);
+            g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
+        }
+        let info = GraphInfo {
+            num_layers: c.num_layers,
+            kv_heads: nkv,
+            head_dim: kd,
+            value_dim: vd,
+            vocab,
+            routed,
+            top_k: k,
+            merged: merged.keys().copied().collect(),
+            max_positions: c.max_position_embeddings,
+            static_shape: None,
+            encoder: Some(c.hidden_size),
+        };
+        let doc = format!("meo export: encoder (`input_ids` → `{ENCODER_OUTPUT}`), merged layers {:?}", info.merged);
+        return Ok(Exported { model: g.finish(&c.architecture, doc), info });
+    }
     let head = if c.tie_word_embeddings { embed } else { g.matrix("output", gp.output)? };
     let mut logits = g.gemm(&hn, &head, None);
     if r.logits_scaling != 1.0 {
@@ -463,6 +522,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         merged: merged.keys().copied().collect(),
         max_positions: c.max_position_embeddings,
         static_shape: fixed,
+        encoder: None,
     };
     let mut doc = match &opts.merge.mode {
         Mode::Task(t) => format!("meo export: task-merged ({t}), layers {:?} merged", info.merged),
@@ -477,6 +537,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
 
 /// The graph input holding, in the static form, how many positions the cache already holds.
 pub const POSITION_INPUT: &str = "position";
+/// The output of an encoder graph: the final normalised hidden states `[seq, hidden]`.
+pub const ENCODER_OUTPUT: &str = "hidden";
 
 /// The tables of one rotated width.
 struct RopeTables {
@@ -498,8 +560,22 @@ struct CacheWrite {
 /// What every layer's attention shares.
 struct AttnCtx<'a> {
     tables: &'a BTreeMap<usize, RopeTables>,
-    mask: &'a str,
-    cache: Option<&'a CacheWrite>,
+    /// The causal (windowed) mask `[T, S]`; `None` for an encoder (every key).
+    mask: Option<&'a str>,
+    cache: Cache<'a>,
+    /// The relative position bias `[kv, g, T, S]`, for layers that have one.
+    bias: Option<&'a str>,
+}
+
+/// How a layer's keys and values reach its attention.
+#[derive(Clone, Copy)]
+enum Cache<'a> {
+    /// Appended to `past_*` (the dynamic form).
+    Concat,
+    /// Written into their slots of the fixed-size `past_*` (the fixed-shape form).
+    Write(&'a CacheWrite),
+    /// No cache: an encoder sees the whole sequence in one call.
+    None,
 }
 
 /// The attention window of a layer (0 = every position).
@@ -860,9 +936,6 @@ impl<'m> Builder<'m> {
         if nkv == 0 || nh % nkv != 0 {
             return Err(ExportError::Unsupported(format!("{p}: {nh} heads over {nkv} kv heads")));
         }
-        if !a.causal || a.rel_bias.is_some() {
-            return Err(ExportError::Unsupported(format!("{p}: bidirectional attention or a relative position bias")));
-        }
         let bias: Vec<Option<String>> = match &a.bias {
             Some([bq, bk, bv]) => vec![
                 Some(self.vector(&format!("{p}.q.bias"), bq)),
@@ -913,11 +986,48 @@ impl<'m> Builder<'m> {
             }
             None => None,
         };
-        let dims = HeadDims { heads: nh, kv_heads: nkv, key: hd, value: hd };
+        if a.rel_bias.is_some() && ctx.bias.is_none() {
+            return Err(ExportError::Unsupported(format!("{p}: relative position bias without its table")));
+        }
+        let dims = HeadDims { heads: nh, kv_heads: nkv, key: hd, value: hd, rel_bias: a.rel_bias.is_some() };
         let o = self.attend(l, &q, &k, &v, dims, a.scale, sinks.as_deref(), ctx);
         let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
         let ob = a.o_bias.as_ref().map(|b| self.vector(&format!("{p}.o.bias"), b));
         Ok(self.gemm(&o, &ow, ob.as_deref()))
+    }
+
+    /// The relative position bias `[kv, g, T, S]` of `rb` for queries at `qpos` `[T, 1]` and keys
+    /// at `kpos` `[1, S]` (see [`export`]).
+    fn relative_bias(
+        &mut self,
+        rb: &meo::model::plan::RelBias,
+        a: &AttnPlan,
+        qpos: &str,
+        kpos: &str,
+    ) -> Result<String, ExportError> {
+        let (nh, nkv) = (a.num_heads, a.num_kv_heads);
+        if nkv == 0 || nh % nkv != 0 {
+            return Err(ExportError::Unsupported(format!("relative bias: {nh} heads over {nkv} kv heads")));
+        }
+        let d = rb.max_distance as i64 + 1;
+        let buckets: Vec<i64> = (-d..=d)
+            .map(|r| meo::model::plan::relative_bucket(r, rb.bidirectional, rb.buckets, rb.max_distance) as i64)
+            .collect();
+        if buckets.iter().any(|&b| b < 0 || b as usize >= rb.buckets) {
+            return Err(ExportError::Unsupported("relative bias: a bucket outside the table".into()));
+        }
+        let table = self.const_i64("rel_bias.buckets", &[buckets.len()], &buckets);
+        let rel = self.op("Sub", &[kpos, qpos], &[]); // [T, S]: key − query
+        let (lo, hi) = (self.const_i64("rel_bias.lo", &[], &[-d]), self.const_i64("rel_bias.hi", &[], &[d]));
+        let rel = self.op("Max", &[&rel, &lo], &[]);
+        let rel = self.op("Min", &[&rel, &hi], &[]);
+        let idx = self.op("Add", &[&rel, &hi], &[]); // 0 ..= 2d
+        let bucket = self.op("Gather", &[&table, &idx], &[int("axis", 0)]); // [T, S]
+        let w = self.matrix("rel_bias", &rb.table)?; // [buckets, heads]
+        let b = self.op("Gather", &[&w, &bucket], &[int("axis", 0)]); // [T, S, heads]
+        let s4 = self.shape(&format!("shape.rel_bias.{nkv}.{}", nh / nkv), &[0, 0, nkv as i64, (nh / nkv) as i64]);
+        let b = self.op("Reshape", &[&b, &s4], &[]);
+        Ok(self.op("Transpose", &[&b], &[ints("perm", &[2, 3, 0, 1])]))
     }
 
     /// Multi-head latent attention (`runtime/src/model/mla.rs`): q through the optional low-rank
@@ -968,7 +1078,7 @@ impl<'m> Builder<'m> {
         let k_rot = self.op("Gather", &[&k_rot, &heads], &[int("axis", 1)]);
         let q = self.op("Concat", &[&q_nope, &q_rot], &[int("axis", 2)]);
         let k = self.op("Concat", &[&k_nope, &k_rot], &[int("axis", 2)]);
-        let dims = HeadDims { heads: nh, kv_heads: nh, key: qk, value: vd };
+        let dims = HeadDims { heads: nh, kv_heads: nh, key: qk, value: vd, rel_bias: false };
         let o = self.attend(l, &q, &k, &v, dims, a.scale, None, ctx);
         let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
         Ok(self.gemm(&o, &ow, None))
@@ -1000,29 +1110,34 @@ impl<'m> Builder<'m> {
         ctx: &AttnCtx<'_>,
     ) -> String {
         let p = format!("layers.{l}.attn");
-        let (nh, nkv) = (d.heads, d.kv_heads);
+        let (nh, nkv, has_bias) = (d.heads, d.kv_heads, d.rel_bias);
         let g = nh / nkv;
         // KV cache: [kv_heads, positions, width].
         let perm = [1, 0, 2];
         let kt = self.op("Transpose", &[k], &[ints("perm", &perm)]);
         let vt = self.op("Transpose", &[v], &[ints("perm", &perm)]);
         let (pk, pv) = match ctx.cache {
-            None => (
-                self.op("Concat", &[&GraphInfo::past_key(l), &kt], &[int("axis", 1)]),
-                self.op("Concat", &[&GraphInfo::past_value(l), &vt], &[int("axis", 1)]),
-            ),
-            Some(w) => {
-                let mut write = |past: &str, new: &str| {
-                    let kept = self.op("Mul", &[past, &w.keep], &[]);
-                    let put = self.op("MatMul", &[&w.onehot, new], &[]); // [kv, S, width]
-                    self.op("Add", &[&kept, &put], &[])
+            Cache::None => (kt, vt),
+            cache => {
+                let (pk, pv) = match cache {
+                    Cache::Write(w) => {
+                        let mut write = |past: &str, new: &str| {
+                            let kept = self.op("Mul", &[past, &w.keep], &[]);
+                            let put = self.op("MatMul", &[&w.onehot, new], &[]); // [kv, S, width]
+                            self.op("Add", &[&kept, &put], &[])
+                        };
+                        (write(&GraphInfo::past_key(l), &kt), write(&GraphInfo::past_value(l), &vt))
+                    }
+                    _ => (
+                        self.op("Concat", &[&GraphInfo::past_key(l), &kt], &[int("axis", 1)]),
+                        self.op("Concat", &[&GraphInfo::past_value(l), &vt], &[int("axis", 1)]),
+                    ),
                 };
-                (write(&GraphInfo::past_key(l), &kt), write(&GraphInfo::past_value(l), &vt))
+                self.rename(&pk, &GraphInfo::present_key(l));
+                self.rename(&pv, &GraphInfo::present_value(l));
+                (GraphInfo::present_key(l), GraphInfo::present_value(l))
             }
         };
-        self.rename(&pk, &GraphInfo::present_key(l));
-        self.rename(&pv, &GraphInfo::present_value(l));
-        let (pk, pv) = (GraphInfo::present_key(l), GraphInfo::present_value(l));
         // Grouped query: q [T, nh, dk] → [kv, g, T, dk]; k, v [kv, 1, S, d] broadcast over g.
         let q4s = self.shape(&format!("shape.q4.{nkv}.{g}.{}", d.key), &[-1, nkv as i64, g as i64, d.key as i64]);
         let q4 = self.op("Reshape", &[q, &q4s], &[]);
@@ -1034,7 +1149,14 @@ impl<'m> Builder<'m> {
         let s = self.op("MatMul", &[&q4, &k4], &[]);
         let sc = self.const_f32(&format!("{p}.scale"), &[], &[scale]);
         let s = self.op("Mul", &[&s, &sc], &[]);
-        let s = self.op("Add", &[&s, ctx.mask], &[]);
+        let s = match ctx.mask {
+            Some(m) => self.op("Add", &[&s, m], &[]),
+            None => s,
+        };
+        let s = match (ctx.bias, has_bias) {
+            (Some(b), true) => self.op("Add", &[&s, b], &[]),
+            _ => s,
+        };
         let s = match sinks {
             None => self.op("Softmax", &[&s], &[int("axis", -1)]),
             Some(sk) => {
@@ -1166,9 +1288,6 @@ impl<'m> Builder<'m> {
         let p = format!("layers.{l}");
         let model = self.model.ok_or_else(|| ExportError::Unsupported("no model".into()))?;
         let spec = model.config().router.clone();
-        if spec.expert_capacity > 0 {
-            return Err(ExportError::Unsupported(format!("{p}: expert capacity {}", spec.expert_capacity)));
-        }
         let (e, k) = (spec.num_experts, spec.top_k);
         let rw = self.matrix(&format!("{p}.router"), &moe.router)?;
         let rb = moe.router_bias.as_ref().map(|b| self.vector(&format!("{p}.router.bias"), b));
@@ -1212,6 +1331,9 @@ impl<'m> Builder<'m> {
             let sf = self.const_f32(&format!("{p}.scaling"), &[], &[spec.scaling_factor]);
             w = self.op("Mul", &[&w, &sf], &[]);
         }
+        if spec.expert_capacity > 0 {
+            w = self.capacity(&p, &idx, &w, e, k, spec.expert_capacity);
+        }
         let idx_out = self.op("Identity", &[&idx], &[]);
         self.rename(&idx_out, &GraphInfo::route_experts(l));
         let w_out = self.op("Identity", &[&w], &[]);
@@ -1236,6 +1358,33 @@ impl<'m> Builder<'m> {
         }
         let _ = e;
         out.ok_or_else(|| ExportError::Unsupported(format!("{p}: MoE layer without experts")))
+    }
+
+    /// Expert capacity over the sequence in token order (Switch, `route::apply_capacity`): a
+    /// choice whose expert already took `capacity` earlier choices gets weight 0 (dropped; the
+    /// token's residual passes). Per choice, the running count of its expert is a `CumSum` over
+    /// the flattened `[T·k, E]` one-hots (a token never picks one expert twice, so the order of
+    /// its own k choices does not matter).
+    fn capacity(&mut self, p: &str, idx: &str, w: &str, e: usize, k: usize, capacity: usize) -> String {
+        let ar: Vec<i64> = (0..e as i64).collect();
+        let cols = self.const_i64(&format!("arange.cols.{e}"), &[1, 1, e], &ar);
+        let axes = self.axes_last();
+        let i3 = self.op("Unsqueeze", &[idx, &axes], &[]); // [T, k, 1]
+        let eq = self.op("Equal", &[&i3, &cols], &[]);
+        let oh = self.op("Cast", &[&eq], &[int("to", DataType::FLOAT as i64)]); // [T, k, E]
+        let flat = self.shape(&format!("shape.flat.{e}"), &[-1, e as i64]);
+        let oh2 = self.op("Reshape", &[&oh, &flat], &[]); // [T·k, E]
+        let ax0 = self.const_i64("axis0", &[], &[0]);
+        let run = self.op("CumSum", &[&oh2, &ax0], &[]); // counts including this choice
+        let mine = self.op("Mul", &[&run, &oh2], &[]);
+        let axes = self.axes_last();
+        let count = self.op("ReduceSum", &[&mine, &axes], &[int("keepdims", 0)]); // [T·k]
+        let tk = self.shape(&format!("shape.tk.{k}"), &[-1, k as i64]);
+        let count = self.op("Reshape", &[&count, &tk], &[]); // [T, k]
+        let cap = self.const_f32(&format!("{p}.capacity"), &[], &[capacity as f32]);
+        let keep = self.op("LessOrEqual", &[&count, &cap], &[]);
+        let zero = self.const_f32("mask.zero", &[], &[0.0]);
+        self.op("Where", &[&keep, w, &zero], &[])
     }
 
     /// `[T, n]` f32 from indices `idx` `[T, k]` (distinct per row): `w[t, j]` (or 1) at column
@@ -1369,20 +1518,8 @@ struct HeadDims {
     kv_heads: usize,
     key: usize,
     value: usize,
-}
-
-/// Recipe features the graph writer does not implement: refused by name, never exported
-/// wrong.
-fn check_recipe(model: &Model) -> Result<(), ExportError> {
-    let r = &model.config().recipe;
-    if r.encoder_only || r.positions == meo::Positions::Relative {
-        return Err(ExportError::Unsupported(
-            "encoder-only models with relative position bias (Switch Transformers: the graph interface is a \
-             decoder's, with a KV cache and logits)"
-                .into(),
-        ));
-    }
-    Ok(())
+    /// The layer adds the relative position bias to its scores.
+    rel_bias: bool,
 }
 
 #[cfg(test)]

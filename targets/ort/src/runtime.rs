@@ -342,6 +342,9 @@ impl OrtTarget<'_> {
 
 /// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
 fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
+    if info.encoder.is_some() {
+        return Vec::new();
+    }
     let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
     (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
@@ -443,6 +446,9 @@ impl Target for OrtTarget<'_> {
         if max > 0 && self.pos + tokens.len() > max {
             return Err(meo::ForwardError::ContextOverflow { cached: self.pos, tokens: tokens.len(), max }.into());
         }
+        if self.info.encoder.is_some() {
+            return Err(meo::ForwardError::EncoderOnly.into());
+        }
         self.logits.clear();
         if tokens.is_empty() {
             return Ok(&self.logits);
@@ -470,6 +476,42 @@ impl Target for OrtTarget<'_> {
     fn reset(&mut self) {
         self.pos = 0;
         self.kv = empty_cache(&self.info);
+    }
+
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let Some(hidden) = self.info.encoder else {
+            return Err(TargetError::Unsupported { target: "ort".into(), what: "encode (a decoder model)".into() });
+        };
+        let vocab = self.info.vocab;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
+        }
+        let max = self.info.max_positions;
+        if max > 0 && tokens.len() > max {
+            return Err(meo::ForwardError::ContextOverflow { cached: 0, tokens: tokens.len(), max }.into());
+        }
+        self.pos = 0;
+        self.logits.clear();
+        if tokens.is_empty() {
+            return Ok(&self.logits);
+        }
+        let device = |e: OrtError| TargetError::Device { target: "ort".into(), reason: e.to_string() };
+        let mut out = self.run(tokens).map_err(device)?;
+        let take = |out: &mut Outputs, n: &str| {
+            out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
+        };
+        let (t, k) = (tokens.len(), self.info.top_k);
+        for &l in &self.info.routed.clone() {
+            let idx = take(&mut out, &GraphInfo::route_experts(l))?.2;
+            let w = take(&mut out, &GraphInfo::route_weights(l))?.1;
+            report_routes(trace, l, 0, t, k, &idx, &w);
+        }
+        self.logits = take(&mut out, export::ENCODER_OUTPUT)?.1;
+        if self.logits.len() != t * hidden {
+            return Err(TargetError::Device { target: "ort".into(), reason: "encoder output shape".into() });
+        }
+        self.pos = t;
+        Ok(&self.logits)
     }
 
     fn position(&self) -> usize {
