@@ -769,6 +769,7 @@ macro_rules! encoder_suite {
 ///   sinks, expert biases, a clamped SwiGLU whose limit is reached, embedding/residual
 ///   multipliers, logits scaling, an explicit attention scale, a router bias with top-k-then-
 ///   softmax scoring, windowed MoE layers;
+/// - `gqa-relative`: a causal relative position bias (distances past `max_distance` included);
 /// - `mla` / `mla-qlora`: MLA with a plain and a low-rank q, sigmoid scoring with a selection
 ///   bias and group-limited selection (top-two-sum and max group scores), scaled weights.
 pub fn portable_recipe_variants() -> Vec<(&'static str, meo::ModelConfig)> {
@@ -789,6 +790,12 @@ pub fn portable_recipe_variants() -> Vec<(&'static str, meo::ModelConfig)> {
     c.router.scoring = Scoring::SoftmaxAfterTopK;
     (c.router.router_bias, c.router.norm_topk_prob) = (true, false);
     out.push(("gqa-newer", c));
+
+    // A decoder with a T5-style relative position bias (unidirectional buckets) and no RoPE.
+    let mut c = synthetic_config();
+    c.recipe.positions = meo::Positions::Relative;
+    (c.recipe.relative_buckets, c.recipe.relative_max_distance) = (8, 6);
+    out.push(("gqa-relative", c));
 
     for (name, q_lora, rule, topk_group) in
         [("mla", 0, GroupScore::TopTwoSum, 1), ("mla-qlora", 12, GroupScore::Max, 2)]
