@@ -3,7 +3,7 @@
 //! target is test-only (tract is a dev-dependency: slow to build, not shipped).
 
 use meo::{Logits, MergeOptions, Model, Target, TargetError, Trace};
-use meo_ort::export::{self, ExportOptions, GraphInfo, WeightFormat};
+use meo_ort::export::{self, ExportOptions, GraphInfo, StaticShape, WeightFormat};
 use meo_tests::conformance::{Runner, TargetRunner};
 use std::path::Path;
 use tract_onnx::prelude::*;
@@ -14,6 +14,7 @@ type Plan = std::sync::Arc<TypedRunnableModel>;
 pub struct TractTarget<'m> {
     model: &'m Model,
     weights: WeightFormat,
+    static_shape: Option<StaticShape>,
     plan: Plan,
     info: GraphInfo,
     kv: Vec<(Vec<f32>, Vec<f32>)>,
@@ -25,8 +26,13 @@ fn device(e: impl std::fmt::Display) -> TargetError {
     TargetError::Device { target: "tract".into(), reason: format!("{e:#}") }
 }
 
-fn compile(model: &Model, mode: &MergeOptions, weights: WeightFormat) -> Result<(Plan, GraphInfo), TargetError> {
-    let e = export::export(model, &ExportOptions { merge: mode.clone(), weights })
+fn compile(
+    model: &Model,
+    mode: &MergeOptions,
+    weights: WeightFormat,
+    static_shape: Option<StaticShape>,
+) -> Result<(Plan, GraphInfo), TargetError> {
+    let e = export::export(model, &ExportOptions { merge: mode.clone(), weights, static_shape })
         .map_err(|e| TargetError::Unsupported { target: "tract".into(), what: e.to_string() })?;
     let bytes = e.to_bytes().map_err(device)?;
     let plan = tract_onnx::onnx()
@@ -39,10 +45,73 @@ fn compile(model: &Model, mode: &MergeOptions, weights: WeightFormat) -> Result<
 
 impl<'m> TractTarget<'m> {
     pub fn new(model: &'m Model, mode: MergeOptions, weights: WeightFormat) -> Result<Self, TargetError> {
-        let (plan, info) = compile(model, &mode, weights)?;
-        let kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
-        Ok(Self { model, weights, plan, info, kv, pos: 0, logits: Vec::new() })
+        Self::with_static_shape(model, mode, weights, None)
     }
+
+    /// The fixed-shape export (`static_shape`), or the dynamic one.
+    pub fn with_static_shape(
+        model: &'m Model,
+        mode: MergeOptions,
+        weights: WeightFormat,
+        static_shape: Option<StaticShape>,
+    ) -> Result<Self, TargetError> {
+        let (plan, info) = compile(model, &mode, weights, static_shape)?;
+        let kv = empty_cache(&info);
+        Ok(Self { model, weights, static_shape, plan, info, kv, pos: 0, logits: Vec::new() })
+    }
+
+    /// One graph call on at most `seq` tokens (padded in the fixed-shape form): appends the
+    /// logits of `tokens` to `all`.
+    fn step(&mut self, tokens: &[u32], trace: &mut dyn Trace, all: &mut Vec<f32>) -> Result<(), TargetError> {
+        let t = tokens.len();
+        let (nkv, kd, vd) = (self.info.kv_heads, self.info.head_dim, self.info.value_dim);
+        let mut ids: Vec<i64> = tokens.iter().map(|&x| i64::from(x)).collect();
+        let mut inputs: TVec<TValue> = tvec![];
+        let slots = match self.info.static_shape {
+            Some(s) => {
+                ids.resize(s.seq, 0);
+                s.context
+            }
+            None => self.pos,
+        };
+        inputs.push(Tensor::from_shape(&[ids.len()], &ids).map_err(device)?.into());
+        if self.info.static_shape.is_some() {
+            inputs.push(Tensor::from_shape(&[1], &[self.pos as i64]).map_err(device)?.into());
+        }
+        for (k, v) in &self.kv {
+            inputs.push(Tensor::from_shape(&[nkv, slots, kd], k).map_err(device)?.into());
+            inputs.push(Tensor::from_shape(&[nkv, slots, vd], v).map_err(device)?.into());
+        }
+        let out = self.plan.run(inputs).map_err(device)?;
+        let f32s = |i: usize| -> Result<Vec<f32>, TargetError> {
+            Ok(out[i].to_plain_array_view::<f32>().map_err(device)?.iter().copied().collect())
+        };
+        // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
+        let logits = f32s(0)?;
+        let width = self.info.encoder.unwrap_or(self.info.vocab);
+        all.extend_from_slice(&logits[..t * width]);
+        for l in 0..self.kv.len() {
+            self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
+        }
+        let base = 1 + 2 * self.kv.len();
+        for (j, &l) in self.info.routed.iter().enumerate() {
+            let idx: Vec<i64> =
+                out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
+            let w = f32s(base + 2 * j + 1)?;
+            meo_ort::report_routes(trace, l, self.pos, t, self.info.top_k, &idx, &w);
+        }
+        self.pos += t;
+        Ok(())
+    }
+}
+
+/// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
+fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
+    if info.encoder.is_some() {
+        return Vec::new();
+    }
+    let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
+    (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
 
 impl Target for TractTarget<'_> {
@@ -57,31 +126,26 @@ impl Target for TractTarget<'_> {
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
             return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
         }
+        if self.info.encoder.is_some() {
+            return Err(meo::ForwardError::EncoderOnly.into());
+        }
+        if tokens.is_empty() {
+            self.logits.clear();
+            return Ok(&self.logits);
+        }
+        if let Some(s) = self.info.static_shape
+            && self.pos + tokens.len() > s.context
+        {
+            return Err(
+                meo::ForwardError::ContextOverflow { cached: self.pos, tokens: tokens.len(), max: s.context }.into()
+            );
+        }
         let t = tokens.len();
-        let (nkv, hd) = (self.info.kv_heads, self.info.head_dim);
-        let ids: Vec<i64> = tokens.iter().map(|&x| i64::from(x)).collect();
-        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[t], &ids).map_err(device)?.into()];
-        for (k, v) in &self.kv {
-            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], k).map_err(device)?.into());
-            inputs.push(Tensor::from_shape(&[nkv, self.pos, hd], v).map_err(device)?.into());
+        let chunk = self.info.static_shape.map_or(t.max(1), |s| s.seq);
+        let mut logits = Vec::with_capacity(t * vocab);
+        for part in tokens.chunks(chunk) {
+            self.step(part, trace, &mut logits)?;
         }
-        let out = self.plan.run(inputs).map_err(device)?;
-        let f32s = |i: usize| -> Result<Vec<f32>, TargetError> {
-            Ok(out[i].to_plain_array_view::<f32>().map_err(device)?.iter().copied().collect())
-        };
-        // Outputs in graph order: logits, (present key, value) per layer, (experts, weights) per routed layer.
-        let logits = f32s(0)?;
-        for l in 0..self.info.num_layers {
-            self.kv[l] = (f32s(1 + 2 * l)?, f32s(2 + 2 * l)?);
-        }
-        let base = 1 + 2 * self.info.num_layers;
-        for (j, &l) in self.info.routed.iter().enumerate() {
-            let idx: Vec<i64> =
-                out[base + 2 * j].to_plain_array_view::<i64>().map_err(device)?.iter().copied().collect();
-            let w = f32s(base + 2 * j + 1)?;
-            meo_ort::report_routes(trace, l, self.pos, t, self.info.top_k, &idx, &w);
-        }
-        self.pos += t;
         self.logits = match which {
             Logits::All => logits,
             Logits::Last => logits[(t - 1) * vocab..].to_vec(),
@@ -90,14 +154,31 @@ impl Target for TractTarget<'_> {
     }
     fn reset(&mut self) {
         self.pos = 0;
-        self.kv.iter_mut().for_each(|(k, v)| (k.clear(), v.clear()).1);
+        self.kv = empty_cache(&self.info);
+    }
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let Some(hidden) = self.info.encoder else {
+            return Err(TargetError::Unsupported { target: "tract".into(), what: "encode (a decoder model)".into() });
+        };
+        self.pos = 0;
+        self.logits.clear();
+        if !tokens.is_empty() {
+            // Outputs in graph order: hidden, then (experts, weights) per routed layer; one call.
+            let mut all = Vec::new();
+            self.step(tokens, trace, &mut all)?;
+            if all.len() != tokens.len() * hidden {
+                return Err(device("encoder output shape"));
+            }
+            self.logits = all;
+        }
+        Ok(&self.logits)
     }
     fn position(&self) -> usize {
         self.pos
     }
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
-        let (plan, info) = compile(self.model, &opts, self.weights)?;
-        self.kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        let (plan, info) = compile(self.model, &opts, self.weights, self.static_shape)?;
+        self.kv = empty_cache(&info);
         (self.plan, self.info, self.pos) = (plan, info, 0);
         Ok(self.info.merged.clone())
     }
@@ -110,10 +191,31 @@ fn open_tract(path: &Path) -> Box<dyn Runner> {
     Box::new(TargetRunner(t))
 }
 
-meo_tests::conformance_suite!(@standard &open_tract);
+meo_tests::conformance_suite!(&open_tract);
+meo_tests::encoder_suite!(&open_tract);
 
+/// The fixed-shape export (`--static-shape`) through the same suite in tract: 5-token calls
+/// (padded) over a 32-slot cache written in place.
+mod static_shape {
+    use super::*;
+
+    fn open_static(path: &Path) -> Box<dyn Runner> {
+        let model: &'static Model = Box::leak(Box::new(Model::open(path).expect("open model")));
+        let shape = StaticShape { seq: 5, context: 32 };
+        let t = TractTarget::with_static_shape(model, MergeOptions::default(), WeightFormat::Block, Some(shape))
+            .unwrap_or_else(|e| panic!("tract target: {e}"));
+        assert_eq!(t.info.static_shape, Some(shape));
+        Box::new(TargetRunner(t))
+    }
+
+    meo_tests::conformance_suite!(&open_static);
+}
+
+/// What the export refuses, it refuses by name (`REFUSED_BY_PORTABLE_TARGETS`, empty today, and
+/// a fixed-shape encoder); an encoder graph refuses decoding and a decoder graph encoding.
 #[test]
-fn newer_recipes_are_refused_by_name() {
+fn what_stays_refused_is_refused_by_name() {
+    use meo::Target;
     let tmp = tempfile::tempdir().unwrap();
     for (name, what) in meo_tests::conformance::REFUSED_BY_PORTABLE_TARGETS {
         let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
@@ -124,6 +226,54 @@ fn newer_recipes_are_refused_by_name() {
         {
             Err(e) => assert!(e.contains(what), "{name}: {e}"),
             Ok(()) => panic!("{name}: accepted a recipe it does not implement"),
+        }
+    }
+    let path =
+        meo_tests::conformance::convert_fixture("switch_transformers", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let e = TractTarget::with_static_shape(
+        &model,
+        MergeOptions::default(),
+        WeightFormat::Block,
+        Some(StaticShape { seq: 5, context: 32 }),
+    )
+    .err()
+    .expect("a fixed-shape encoder is refused")
+    .to_string();
+    assert!(e.contains("fixed-shape encoder"), "{e}");
+    let mut t = TractTarget::new(&model, MergeOptions::default(), WeightFormat::Block).unwrap();
+    let e = t.forward(&[1, 2], meo::Logits::All, &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encoder"), "{e}");
+    let path = meo_tests::conformance::convert_fixture("qwen3_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let mut t = TractTarget::new(&model, MergeOptions::default(), WeightFormat::Block).unwrap();
+    let e = t.encode(&[1, 2], &mut meo::NoTrace).unwrap_err().to_string();
+    assert!(e.contains("encode"), "{e}");
+}
+
+/// Recipe combinations no fixture has (`portable_recipe_variants`), f32 weights (int8 experts
+/// are compared with transformers by the int8 suite: the CPU also quantises activations), in the
+/// dynamic and fixed-shape forms: the same logits (within the suite's tolerance) and the same
+/// routing as the CPU target.
+#[test]
+fn synthetic_recipe_variants_match_the_cpu() {
+    use meo_ort::export::StaticShape;
+    use meo_tests::conformance::{LOGIT_TOL, compare_with_cpu, portable_recipe_variants, synthetic_model};
+    let open = |m: &'static Model, s| -> Box<dyn Runner> {
+        let t = TractTarget::with_static_shape(m, MergeOptions::default(), WeightFormat::Block, s);
+        Box::new(TargetRunner(t.unwrap_or_else(|e| panic!("{e}"))))
+    };
+    for (name, c) in portable_recipe_variants() {
+        for experts in [meo::DType::F32] {
+            let bytes = synthetic_model(&c, meo::DType::F32, experts, 11, &|_| false, &[]);
+            let m: &'static Model = Box::leak(Box::new(Model::from_vec(bytes).expect("synthetic model opens")));
+            let prompt: Vec<u32> = (0..13).map(|i| ((i * 37 + 11) % c.vocab_size) as u32).collect();
+            let decode = [5, 17, 3];
+            for shape in [None, Some(StaticShape { seq: 5, context: 24 })] {
+                let d = compare_with_cpu(name, m, &mut *open(m, shape), &prompt, &decode);
+                println!("{name} ({}, {shape:?}): max |Δlogit| vs CPU {d:.3e}", experts.name());
+                assert!(d <= LOGIT_TOL, "{name} ({}, {shape:?}): max |Δlogit| {d}", experts.name());
+            }
         }
     }
 }

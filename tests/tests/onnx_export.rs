@@ -96,14 +96,15 @@ fn ort(model: &Model, mode: MergeOptions, weights: WeightFormat) -> OrtTarget<'_
 
 /// Runs an exported graph in tract: prompt then the same decode tokens as `greedy`.
 fn tract_logits(model: &Model, mode: MergeOptions, ids: &[u32], greedy: &[u32]) -> Vec<f32> {
-    let e = export::export(model, &ExportOptions { merge: mode, weights: WeightFormat::Block }).unwrap();
+    let e = export::export(model, &ExportOptions { merge: mode, weights: WeightFormat::Block, ..Default::default() })
+        .unwrap();
     let bytes = e.to_bytes().unwrap();
     let plan = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
         .unwrap_or_else(|err| panic!("tract: {err:#}"));
-    let (nkv, hd, layers) = (e.info.kv_heads, e.info.head_dim, e.info.num_layers);
+    let (nkv, kd, vd, layers) = (e.info.kv_heads, e.info.head_dim, e.info.value_dim, e.info.num_layers);
     let mut kv: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); layers];
     let (mut pos, mut out) = (0usize, Vec::new());
     let steps: Vec<Vec<u32>> =
@@ -112,8 +113,8 @@ fn tract_logits(model: &Model, mode: MergeOptions, ids: &[u32], greedy: &[u32]) 
         let t: Vec<i64> = toks.iter().map(|&x| i64::from(x)).collect();
         let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[t.len()], &t).unwrap().into()];
         for (k, v) in &kv {
-            inputs.push(Tensor::from_shape(&[nkv, pos, hd], k).unwrap().into());
-            inputs.push(Tensor::from_shape(&[nkv, pos, hd], v).unwrap().into());
+            inputs.push(Tensor::from_shape(&[nkv, pos, kd], k).unwrap().into());
+            inputs.push(Tensor::from_shape(&[nkv, pos, vd], v).unwrap().into());
         }
         let res = plan.run(inputs).unwrap_or_else(|err| panic!("tract run: {err:#}"));
         let f = |j: usize| res[j].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<f32>>();
@@ -234,10 +235,28 @@ fn set_mode_switches_between_vanilla_and_task_and_refuses_prompt() {
 
 /// Runs the ONNX checker (full check, with shape inference) from `.py/` on each file.
 fn onnx_check(files: &[PathBuf]) {
+    let script = "import sys, onnx\nfor p in sys.argv[1:]:\n    onnx.checker.check_model(p, full_check=True)\n    print('ok', p)\n";
+    python(script, files);
+}
+
+/// ONNX shape inference (strict, with data propagation) gives every value in each graph a
+/// fully known shape: what NNAPI, QNN HTP and Core ML need to compile the whole graph.
+fn onnx_all_static(files: &[PathBuf]) {
+    let script = "import sys, onnx\nfrom onnx import shape_inference\nfor p in sys.argv[1:]:\n    \
+                  m = shape_inference.infer_shapes(onnx.load(p), check_type=True, strict_mode=True, data_prop=True)\n    \
+                  g = m.graph\n    vis = list(g.value_info) + list(g.input) + list(g.output)\n    \
+                  dyn = [v.name for v in vis if not v.type.tensor_type.HasField('shape') or any(not d.HasField('dim_value') for d in v.type.tensor_type.shape.dim)]\n    \
+                  assert not dyn, (p, dyn[:8])\n    names = set(v.name for v in vis)\n    \
+                  missing = [o for n in g.node for o in n.output if o not in names]\n    assert not missing, (p, missing[:8])\n    \
+                  print('ok', p)\n";
+    python(script, files);
+}
+
+/// Runs `script` with `.py/` (ci/setup's `onnx` package) over `files`; each must print `ok`.
+fn python(script: &str, files: &[PathBuf]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let py = root.join(".py");
     assert!(py.join("onnx").exists(), "{} has no onnx package: run ci/setup", py.display());
-    let script = "import sys, onnx\nfor p in sys.argv[1:]:\n    onnx.checker.check_model(p, full_check=True)\n    print('ok', p)\n";
     let out = std::process::Command::new("python3")
         .env("PYTHONPATH", &py)
         .arg("-c")
@@ -266,7 +285,8 @@ fn every_export_form_passes_the_onnx_checker_and_external_data_runs() {
         for (wname, w) in
             [("block", WeightFormat::Block), ("channel", WeightFormat::Channel), ("f32", WeightFormat::F32)]
         {
-            let e = export::export(model, &ExportOptions { merge: mode.clone(), weights: w }).unwrap();
+            let e = export::export(model, &ExportOptions { merge: mode.clone(), weights: w, ..Default::default() })
+                .unwrap();
             let p = tmp.path().join(format!("{name}-{wname}.onnx"));
             assert!(!export::write(&e, &p, false).unwrap());
             files.push(p);
@@ -283,6 +303,196 @@ fn every_export_form_passes_the_onnx_checker_and_external_data_runs() {
     onnx_check(&files);
     let plan = tract_onnx::onnx().model_for_path(&p).and_then(|m| m.into_optimized()).and_then(|m| m.into_runnable());
     assert!(plan.is_ok(), "tract loads external data: {:?}", plan.err());
+}
+
+/// Fixtures of every family the export covers (MLA, sinks, multipliers, plain GQA).
+const FAMILIES: [&str; 5] = ["deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe", "qwen3_moe"];
+
+#[test]
+fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully_static() {
+    use meo_ort::export::StaticShape;
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = StaticShape { seq: 4, context: 64 };
+    let (mut dynamic, mut fixed) = (Vec::new(), Vec::new());
+    let mut write = |name: &str, model: &Model, opts: ExportOptions| {
+        let e = export::export(model, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ops: std::collections::BTreeSet<&str> = e.model.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        let p = tmp.path().join(format!("{name}.onnx"));
+        assert!(!export::write(&e, &p, false).unwrap());
+        if opts.static_shape.is_some() {
+            // No op whose output shape depends on a run-time value.
+            for op in ["Shape", "Range", "ConstantOfShape", "NonZero", "ScatterElements"] {
+                assert!(!ops.contains(op), "{name}: static graph has {op}");
+            }
+            assert_eq!(e.info.static_shape, Some(shape));
+            fixed.push(p);
+        } else {
+            dynamic.push(p);
+        }
+    };
+    for name in FAMILIES {
+        let path = meo_tests::conformance::convert_fixture(name, DType::Q8_0, DType::F16, tmp.path());
+        let model = Model::open(&path).unwrap();
+        write(name, &model, ExportOptions::default());
+        write(&format!("{name}-static"), &model, ExportOptions { static_shape: Some(shape), ..Default::default() });
+    }
+    // The encoder graph (Switch: relative position bias, expert capacity), dynamic only.
+    let path = meo_tests::conformance::convert_fixture("switch_transformers", DType::Q8_0, DType::F16, tmp.path());
+    let sw = Model::open(&path).unwrap();
+    let e = export::export(&sw, &ExportOptions::default()).unwrap();
+    assert_eq!(e.info.encoder, Some(sw.config().hidden_size));
+    let p = tmp.path().join("switch.onnx");
+    export::write(&e, &p, false).unwrap();
+    let mut checked = vec![p];
+    // The NPU deployment form: task-merged, per-channel int8 weights, fixed shapes.
+    let up = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
+    let npu =
+        ExportOptions { weights: WeightFormat::Channel, static_shape: Some(shape), ..ExportOptions::task("docs") };
+    write("up-docs-channel-static", &up, npu);
+    assert_eq!((dynamic.len(), fixed.len()), (FAMILIES.len(), FAMILIES.len() + 1));
+    checked.extend(dynamic.iter().chain(&fixed).cloned());
+    onnx_check(&checked);
+    onnx_all_static(&fixed);
+}
+
+#[test]
+fn static_task_merged_export_matches_the_dynamic_one_on_ort_and_tract() {
+    use meo_ort::export::StaticShape;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
+    let ids = prompt(model.config().vocab_size);
+    let (want, greedy) = run(&mut ort(&model, task("docs"), WeightFormat::Channel), &ids);
+    // A prompt-chunk graph (5 tokens per call: 12 = 5 + 5 + 2 padded) and a decode graph.
+    for shape in [StaticShape { seq: 5, context: 24 }, StaticShape { seq: 1, context: 24 }] {
+        let opts =
+            OrtOptions { threads: 2, weights: WeightFormat::Channel, static_shape: Some(shape), ..Default::default() };
+        let mut o = OrtTarget::with_mode(&model, opts, task("docs")).unwrap_or_else(|e| panic!("{e}"));
+        let got = forced(&mut o, &ids, &greedy);
+        let d = max_diff(&got, &want);
+        println!("static {shape:?} vs dynamic (ORT, task docs, channel int8): max |Δlogit| {d:.3e}");
+        assert!(d <= TOL, "{shape:?}: {d}");
+        // The cache is full at 24 positions: one more token is refused, not silently dropped.
+        o.reset();
+        let long: Vec<u32> = (0..25).map(|i| ids[i % ids.len()]).collect();
+        let e = o.forward(&long, Logits::Last, &mut NoTrace).unwrap_err().to_string();
+        assert!(e.contains("context overflow"), "{e}");
+    }
+    // tract on the same static graph (block weights, as tract_logits does for the dynamic one).
+    let e = export::export(
+        &model,
+        &ExportOptions { static_shape: Some(StaticShape { seq: 5, context: 24 }), ..ExportOptions::task("docs") },
+    )
+    .unwrap();
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &e.to_bytes().unwrap()[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .unwrap_or_else(|err| panic!("tract: {err:#}"));
+    let dynamic = tract_logits(&model, task("docs"), &ids, &greedy);
+    let (nkv, kd, vd, vocab) = (e.info.kv_heads, e.info.head_dim, e.info.value_dim, e.info.vocab);
+    let mut kv = vec![(vec![0f32; nkv * 24 * kd], vec![0f32; nkv * 24 * vd]); e.info.num_layers];
+    let (mut pos, mut got) = (0usize, Vec::new());
+    let steps: Vec<Vec<u32>> =
+        std::iter::once(ids.clone()).chain(greedy[..greedy.len() - 1].iter().map(|&t| vec![t])).collect();
+    for (i, toks) in steps.iter().enumerate() {
+        let mut rows = Vec::new();
+        for part in toks.chunks(5) {
+            let mut t: Vec<i64> = part.iter().map(|&x| i64::from(x)).collect();
+            t.resize(5, 0);
+            let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[5], &t).unwrap().into()];
+            inputs.push(Tensor::from_shape(&[1], &[pos as i64]).unwrap().into());
+            for (k, v) in &kv {
+                inputs.push(Tensor::from_shape(&[nkv, 24, kd], k).unwrap().into());
+                inputs.push(Tensor::from_shape(&[nkv, 24, vd], v).unwrap().into());
+            }
+            let res = plan.run(inputs).unwrap_or_else(|err| panic!("tract run: {err:#}"));
+            let f = |j: usize| res[j].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<f32>>();
+            rows.extend_from_slice(&f(0)[..part.len() * vocab]);
+            for (l, slot) in kv.iter_mut().enumerate() {
+                *slot = (f(1 + 2 * l), f(2 + 2 * l));
+            }
+            pos += part.len();
+        }
+        if i == 0 {
+            got.extend(rows);
+        } else {
+            got.extend_from_slice(&rows[rows.len() - vocab..]);
+        }
+    }
+    let d = max_diff(&got, &dynamic);
+    println!("static vs dynamic (tract, task docs, block int8): max |Δlogit| {d:.3e}");
+    assert!(d <= TOL, "tract static vs dynamic: {d}");
+}
+
+/// QDQ activation quantization for the QNN HTP (examples/onnx/quantize_qdq.py: ONNX Runtime's
+/// QNN QDQ configuration, calibrated on the fixed-shape graph itself, the attention-mask path kept
+/// float): every projection's input is quantized and the quantized graph, run by ONNX Runtime's
+/// CPU EP, keeps the float graph's argmax on held-out text. Not run on an HTP (none in CI).
+#[test]
+fn qdq_activation_quantization_of_the_fixed_shape_graph_keeps_the_argmax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
+    let tok = meo::tokenizer::Tokenizer::from_metadata(&model.file().unwrap().metadata).unwrap();
+    // Calibration on the task's kind of text, held out on a different passage (the last line).
+    let held_out = "A tuple is an immutable sequence. Dictionaries map keys to values; \
+                    a key must be hashable. The with statement wraps a block in a context manager. ";
+    let lines: Vec<String> = [DOCS, CODE, &DOCS[40..], held_out]
+        .iter()
+        .map(|t| tok.encode(&t.repeat(4)).unwrap().iter().take(64).map(u32::to_string).collect::<Vec<_>>().join(" "))
+        .collect();
+    let tokens = tmp.path().join("tokens.txt");
+    std::fs::write(&tokens, lines.join("\n")).unwrap();
+    let shape = meo_ort::export::StaticShape { seq: 4, context: 64 };
+    let opts =
+        ExportOptions { weights: WeightFormat::Channel, static_shape: Some(shape), ..ExportOptions::task("docs") };
+    let e = export::export(&model, &opts).unwrap();
+    let (f, q) = (tmp.path().join("docs.onnx"), tmp.path().join("docs.qdq.onnx"));
+    export::write(&e, &f, false).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .env("PYTHONPATH", root.join(".py"))
+        .arg(root.join("examples/onnx/quantize_qdq.py"))
+        .args([&f, &q])
+        .arg("--tokens")
+        .arg(&tokens)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "quantize_qdq.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("QDQ (uint16 activations, uint8 weights) vs float, fixed-shape task docs: {r}");
+    let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(n("gemms_with_quantized_input"), n("gemms"), "every Gemm's activation is quantized");
+    assert!(n("gemms") >= 4.0 * 5.0, "q, k, v, o and the merged MLP per layer: {r}");
+    assert_eq!(n("rows"), 64.0);
+    assert!(n("top1_agreement") >= 0.9, "{r}");
+    assert!(n("max_dlogit") > 0.0 && n("max_dlogit") < 0.5 * n("max_logit"), "{r}");
+}
+
+/// Learned positions (meo-gpt2, 128 of them) in the fixed-shape form: a decode step at position
+/// 126 pads rows to positions 127–129, past the table; they are clamped, and the real rows
+/// match the CPU target up to the model's last position.
+#[test]
+fn static_form_with_learned_positions_runs_to_the_last_position() {
+    use meo_ort::export::StaticShape;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::open(gpt2(tmp.path(), DType::F32)).unwrap();
+    let max = model.config().max_position_embeddings;
+    assert_eq!(max, 128);
+    let ids: Vec<u32> = (0..max).map(|i| ((i * 37 + 11) % model.config().vocab_size) as u32).collect();
+    let shape = StaticShape { seq: 4, context: max };
+    let opts = OrtOptions { threads: 2, static_shape: Some(shape), ..Default::default() };
+    let mut o = OrtTarget::with_mode(&model, opts, task("docs")).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cpu(&model, task("docs"));
+    let mut got = o.forward(&ids[..max - 2], Logits::All, &mut NoTrace).unwrap().to_vec();
+    let mut want = c.forward_with(&ids[..max - 2], Logits::All, &mut NoTrace).unwrap().to_vec();
+    for &t in &ids[max - 2..] {
+        got.extend_from_slice(o.forward(&[t], Logits::Last, &mut NoTrace).unwrap());
+        want.extend_from_slice(c.forward_with(&[t], Logits::Last, &mut NoTrace).unwrap());
+    }
+    let d = max_diff(&got, &want);
+    assert!(d <= TOL, "static learned positions vs CPU: {d}");
+    let e = o.forward(&[1], Logits::Last, &mut NoTrace).unwrap_err().to_string();
+    assert!(e.contains("context overflow"), "{e}");
 }
 
 #[test]
@@ -348,22 +558,33 @@ fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
         merge_layers: "all".into(),
         weights: "channel".into(),
         external_data: false,
+        static_shape: None,
         output: out.clone(),
     };
     export_onnx::run(&a).unwrap();
     assert!(std::fs::metadata(&out).unwrap().len() > 1000);
+    // The fixed-shape form from the CLI, and a malformed shape refused by name.
+    let st = tmp.path().join("docs-static.onnx");
+    let sa = export_onnx::Args { static_shape: Some("4:64".into()), output: st.clone(), ..a.clone() };
+    export_onnx::run(&sa).unwrap();
+    let g = tract_onnx::onnx().proto_model_for_path(&st).unwrap().graph.unwrap();
+    assert!(g.input.iter().any(|i| i.name == export::POSITION_INPUT), "static graph has a position input");
+    let bad = export_onnx::Args { static_shape: Some("4x64".into()), ..a.clone() };
+    assert!(export_onnx::run(&bad).unwrap_err().to_string().contains("--static-shape"));
     let bad = export_onnx::Args { task: Some("nope".into()), ..a };
     assert!(export_onnx::run(&bad).unwrap_err().to_string().contains("nope"));
-    let gen_ids = |target: &str| {
+    let gen_ids = |target: &str, extra: &[&str]| {
         let p = path.display().to_string();
         let args = ["--tokens", "5,17,42,9", "--max-new-tokens", "8", "--mode", "task:docs", "--target", target];
-        let a = run::Args::parse_from(std::iter::once(p.as_str()).chain(args)).unwrap();
+        let a = run::Args::parse_from(std::iter::once(p.as_str()).chain(args).chain(extra.iter().copied())).unwrap();
         let (mut o, mut e) = (Vec::new(), Vec::new());
         run::run_to(&a, &mut o, &mut e).unwrap_or_else(|err| panic!("{target}: {err:#}"));
         String::from_utf8(o).unwrap()
     };
-    let (cpu_ids, ort_ids) = (gen_ids("cpu"), gen_ids("ort"));
+    let (cpu_ids, ort_ids) = (gen_ids("cpu", &[]), gen_ids("ort", &[]));
     assert_eq!(ort_ids, cpu_ids);
+    // The fixed-shape graph (3-token calls, the 4-token prompt padded) generates the same.
+    assert_eq!(gen_ids("ort", &["--onnx-static-shape", "3:16"]), cpu_ids);
     assert_eq!(cpu_ids.split_whitespace().count(), 8);
     let p = path.display().to_string();
     let a = run::Args::parse_from([p.as_str(), "--tokens", "1", "--target", "npu"]).unwrap();

@@ -5,11 +5,11 @@
 use super::run::{human_bytes, open_model};
 use anyhow::{Context, Result};
 use meo::{LayerSelect, MergeOptions, Mode};
-use meo_ort::export::{self, ExportOptions, WeightFormat};
+use meo_ort::export::{self, ExportOptions, StaticShape, WeightFormat};
 use std::path::PathBuf;
 
 /// Export a .meo model to ONNX (opset 17, KV cache as explicit inputs/outputs).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// The .meo file.
     pub file: PathBuf,
@@ -25,6 +25,11 @@ pub struct Args {
     /// `f32` (dequantised).
     #[arg(long, value_name = "block|channel|f32", default_value = "block")]
     pub weights: String,
+    /// A fixed-shape graph for NPU EPs (NNAPI, QNN HTP, Core ML compile static shapes only):
+    /// `SEQ` tokens per call (padded) over a `CONTEXT`-slot KV cache written in place, with an
+    /// int64 `[1]` input `position`. E.g. `1:512` (decode) and `64:512` (prompt chunks).
+    #[arg(long, value_name = "SEQ:CONTEXT")]
+    pub static_shape: Option<String>,
     /// Write the weights to `<OUT>.data` (ONNX external data); automatic above 1 GiB.
     #[arg(long)]
     pub external_data: bool,
@@ -46,7 +51,14 @@ pub fn run(a: &Args) -> Result<()> {
         Some(t) => MergeOptions { mode: Mode::Task(t.clone()), layers: LayerSelect::parse(&a.merge_layers, 0.0)? },
         None => MergeOptions::default(),
     };
-    let e = export::export(&model, &ExportOptions { merge, weights })?;
+    let static_shape = match &a.static_shape {
+        Some(s) => Some(
+            StaticShape::parse(s)
+                .with_context(|| format!("--static-shape {s:?}: use SEQ:CONTEXT, both ≥ 1 (e.g. 1:512)"))?,
+        ),
+        None => None,
+    };
+    let e = export::export(&model, &ExportOptions { merge, weights, static_shape })?;
     let external = export::write(&e, &a.output, a.external_data)?;
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     eprintln!(

@@ -33,6 +33,10 @@ pub struct TargetArgs {
     /// same process, and report both.
     #[arg(long = "compare-cpu")]
     pub compare_cpu: bool,
+    /// With --target ort: run the fixed-shape export (`SEQ:CONTEXT`, as `export-onnx
+    /// --static-shape`): calls in padded chunks of SEQ tokens over a CONTEXT-slot cache.
+    #[arg(long = "onnx-static-shape", value_name = "SEQ:CONTEXT")]
+    pub onnx_static_shape: Option<String>,
 }
 
 impl TargetArgs {

@@ -53,7 +53,14 @@ mod with_ort {
         let eps = EpChoice::parse_list(&a.ep)?;
         let weights = WeightFormat::parse(&a.onnx_weights)
             .with_context(|| format!("--onnx-weights {:?}: use block, channel or f32", a.onnx_weights))?;
-        let opts = OrtOptions { eps, threads, weights, profile: a.ep_report };
+        let static_shape = match &a.onnx_static_shape {
+            Some(s) => Some(
+                meo_ort::export::StaticShape::parse(s)
+                    .with_context(|| format!("--onnx-static-shape {s:?}: use SEQ:CONTEXT, both ≥ 1 (e.g. 1:512)"))?,
+            ),
+            None => None,
+        };
+        let opts = OrtOptions { eps, threads, weights, profile: a.ep_report, static_shape };
         Ok(OrtTarget::with_mode(model, opts, mode)?)
     }
 

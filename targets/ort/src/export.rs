@@ -19,9 +19,9 @@
 //! int8 matrices (`q8_0` in the file) are written as `DequantizeLinear` with per-axis scales
 //! ([`WeightFormat`]); other matrices as f32.
 
-use meo::config::{Activation, NormKind, QkNorm, Scoring, SharedGate};
+use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
-use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, FfnPlan, Mat, Mlp, MoePlan, Vector};
+use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
 use meo::{DType, LayerSelect, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -69,12 +69,32 @@ impl WeightFormat {
     }
 }
 
+/// A fixed-shape graph (for NPU EPs, which compile static shapes only): every call takes
+/// exactly `seq` tokens (pad the last chunk; padded rows' outputs are ignored) and the KV cache
+/// is `context` slots, written in place. See [`export`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticShape {
+    pub seq: usize,
+    pub context: usize,
+}
+
+impl StaticShape {
+    /// Parses `SEQ:CONTEXT` (`1:256` a decode graph, `32:256` a prompt-chunk graph).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (a, b) = s.split_once(':')?;
+        let (seq, context) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        (seq > 0 && context > 0).then_some(Self { seq, context })
+    }
+}
+
 /// What to export.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
     /// Routing mode and layers: `Vanilla`, or `Task(name)` with `All` or listed layers.
     pub merge: MergeOptions,
     pub weights: WeightFormat,
+    /// `None`: dynamic `seq`/`past` dimensions; `Some`: the fixed-shape form.
+    pub static_shape: Option<StaticShape>,
 }
 
 impl ExportOptions {
@@ -103,8 +123,12 @@ pub enum ExportError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphInfo {
     pub num_layers: usize,
+    /// Heads of the KV cache (`num_heads` for MLA, whose cache holds decompressed keys).
     pub kv_heads: usize,
+    /// Width of a cached key per head.
     pub head_dim: usize,
+    /// Width of a cached value per head (`head_dim` except for MLA).
+    pub value_dim: usize,
     pub vocab: usize,
     /// MoE layers routed in the graph (with `route.L.*` outputs), ascending.
     pub routed: Vec<usize>,
@@ -113,6 +137,12 @@ pub struct GraphInfo {
     pub merged: Vec<usize>,
     /// Maximum positions (past + seq); 0 = unbounded.
     pub max_positions: usize,
+    /// The fixed-shape form: `seq` tokens per call, `context` cache slots, an int64 `[1]`
+    /// input [`POSITION_INPUT`] (positions already cached), caches `[kv_heads, context, d]`.
+    pub static_shape: Option<StaticShape>,
+    /// An encoder graph (`Some(hidden size)`): `input_ids` → [`ENCODER_OUTPUT`] `[seq, hidden]`
+    /// and the route outputs, no cache, no logits; the whole sequence in one call.
+    pub encoder: Option<usize>,
 }
 
 impl GraphInfo {
@@ -205,66 +235,160 @@ pub fn write(e: &Exported, path: &Path, external: bool) -> Result<bool, ExportEr
 /// An unknown task or layer, or a recipe feature the exporter does not write yet.
 pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportError> {
     let c = model.config();
-    check_recipe(model)?;
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };
-    let (h, vocab) = (c.hidden_size, c.vocab_size);
-    let (nkv, hd) = (c.num_kv_heads, c.head_dim);
+    let vocab = c.vocab_size;
+    let (nkv, kd, vd) = cache_dims(model)?;
     let eps = c.rms_norm_eps;
     let kind = c.recipe.norm;
     let gp = model.global_plans();
+    let r = &c.recipe;
+    let fixed = opts.static_shape;
+    if let Some(s) = fixed
+        && (s.seq == 0 || s.context == 0)
+    {
+        return Err(ExportError::Unsupported(format!("static shape {}:{} (both must be ≥ 1)", s.seq, s.context)));
+    }
+    // An encoder (bidirectional, no KV cache, no LM head): `input_ids` → `hidden` in one call.
+    let encoder = r.encoder_only;
+    if encoder && fixed.is_some() {
+        return Err(ExportError::Unsupported(
+            "a fixed-shape encoder (padding would join the bidirectional attention and the expert capacity)".into(),
+        ));
+    }
 
-    // Inputs and positions.
-    g.input("input_ids", DataType::INT64, &[Dim::Sym("seq")]);
-    for l in 0..c.num_layers {
-        for name in [GraphInfo::past_key(l), GraphInfo::past_value(l)] {
-            g.input(&name, DataType::FLOAT, &[Dim::Fixed(nkv), Dim::Sym("past"), Dim::Fixed(hd)]);
-        }
+    // Inputs and positions: `positions` [T] (absolute), `keys` [S] (key slots).
+    let (seq_dim, past_dim) = match fixed {
+        Some(s) => (Dim::Fixed(s.seq), Dim::Fixed(s.context)),
+        None => (Dim::Sym("seq"), Dim::Sym("past")),
+    };
+    g.input("input_ids", DataType::INT64, std::slice::from_ref(&seq_dim));
+    if fixed.is_some() {
+        g.input(POSITION_INPUT, DataType::INT64, &[Dim::Fixed(1)]);
+    }
+    for l in (0..c.num_layers).filter(|_| !encoder) {
+        g.input(&GraphInfo::past_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
+        g.input(&GraphInfo::past_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
     }
     let one = g.const_i64("one", &[], &[1]);
     let zero = g.const_i64("zero", &[], &[0]);
-    let seq_shape = g.op("Shape", &["input_ids"], &[]);
-    let seq = g.op("Gather", &[&seq_shape, &zero], &[int("axis", 0)]);
-    let past_shape = g.op("Shape", &[&GraphInfo::past_key(0)], &[]);
-    let past = g.op("Gather", &[&past_shape, &one], &[int("axis", 0)]);
-    let total = g.op("Add", &[&past, &seq], &[]);
-    let positions = g.op("Range", &[&past, &total, &one], &[]); // [T] int64
-    let keys = g.op("Range", &[&zero, &total, &one], &[]); // [S] int64
-
-    // Embedding (+ learned positions).
-    let embed = g.matrix("embed", gp.embed)?;
-    let mut x = g.op("Gather", &[&embed, "input_ids"], &[int("axis", 0)]);
-    if let Some(pe) = gp.pos_embed {
-        let pe = g.matrix("pos_embed", pe)?;
-        let p = g.op("Gather", &[&pe, &positions], &[int("axis", 0)]);
-        x = g.op("Add", &[&x, &p], &[]);
-    }
-
-    // RoPE tables `[T, 1, hd]` (cos and sin, each half repeated), shared by every layer.
-    let rope = if model.layer_plans().iter().any(|l| gqa(&l.attn).is_ok_and(|a| a.rope)) {
-        let inv = g.const_f32("rope.inv_freq", &[1, gp.rope.inv_freq.len()], &gp.rope.inv_freq);
-        let pf = g.op("Cast", &[&positions], &[int("to", DataType::FLOAT as i64)]);
-        let axes1 = g.const_i64("axes1", &[1], &[1]);
-        let pf = g.op("Unsqueeze", &[&pf, &axes1], &[]);
-        let ang = g.op("Mul", &[&pf, &inv], &[]);
-        let (cos, sin) = (g.op("Cos", &[&ang], &[]), g.op("Sin", &[&ang], &[]));
-        let cos = g.op("Concat", &[&cos, &cos], &[int("axis", 1)]);
-        let sin = g.op("Concat", &[&sin, &sin], &[int("axis", 1)]);
-        Some((g.op("Unsqueeze", &[&cos, &axes1], &[]), g.op("Unsqueeze", &[&sin, &axes1], &[])))
-    } else {
-        None
+    let (positions, keys) = match fixed {
+        Some(s) => {
+            // Fixed shapes: positions `position + 0..T`, keys the `context` cache slots.
+            let ar: Vec<i64> = (0..s.seq as i64).collect();
+            let ar = g.const_i64(&format!("arange.{}", s.seq), &[s.seq], &ar);
+            let positions = g.op("Add", &[&ar, POSITION_INPUT], &[]);
+            let kr: Vec<i64> = (0..s.context as i64).collect();
+            (positions, g.const_i64(&format!("arange.{}", s.context), &[s.context], &kr))
+        }
+        None if encoder => {
+            let seq_shape = g.op("Shape", &["input_ids"], &[]);
+            let seq = g.op("Gather", &[&seq_shape, &zero], &[int("axis", 0)]);
+            let positions = g.op("Range", &[&zero, &seq, &one], &[]);
+            (positions.clone(), positions)
+        }
+        None => {
+            let seq_shape = g.op("Shape", &["input_ids"], &[]);
+            let seq = g.op("Gather", &[&seq_shape, &zero], &[int("axis", 0)]);
+            let past_shape = g.op("Shape", &[&GraphInfo::past_key(0)], &[]);
+            let past = g.op("Gather", &[&past_shape, &one], &[int("axis", 0)]);
+            let total = g.op("Add", &[&past, &seq], &[]);
+            (g.op("Range", &[&past, &total, &one], &[]), g.op("Range", &[&zero, &total, &one], &[]))
+        }
     };
-
-    // Causal masks `[T, S]` (0 or -1e30), one per window size.
-    let mut masks: BTreeMap<usize, String> = BTreeMap::new();
     let axes1 = g.const_i64("axes1", &[1], &[1]);
     let axes0 = g.const_i64("axes0", &[1], &[0]);
     let qpos = g.op("Unsqueeze", &[&positions, &axes1], &[]); // [T, 1]
     let kpos = g.op("Unsqueeze", &[&keys, &axes0], &[]); // [1, S]
+    // Static form: the new keys and values are written into their cache slots by a one-hot
+    // `[S, T]` matrix (MatMul, no scatter: every NPU EP takes it); `keep` `[S, 1]` zeroes the
+    // slots they replace. Tokens past the last slot are dropped.
+    let cache_write = fixed.map(|_| {
+        let eq = g.op("Equal", &[&qpos, &kpos], &[]); // [T, S]
+        let eq = g.op("Transpose", &[&eq], &[ints("perm", &[1, 0])]);
+        let onehot = g.op("Cast", &[&eq], &[int("to", DataType::FLOAT as i64)]); // [S, T]
+        let written = g.op("ReduceSum", &[&onehot, &axes1], &[int("keepdims", 1)]);
+        let onef = g.const_f32("onef", &[], &[1.0]);
+        let keep = g.op("Sub", &[&onef, &written], &[]);
+        CacheWrite { onehot, keep }
+    });
+
+    // Embedding (× multiplier, + learned positions).
+    let embed = g.matrix("embed", gp.embed)?;
+    let mut x = g.op("Gather", &[&embed, "input_ids"], &[int("axis", 0)]);
+    if r.embedding_multiplier != 1.0 {
+        let m = g.const_f32("embedding_multiplier", &[], &[r.embedding_multiplier]);
+        x = g.op("Mul", &[&x, &m], &[]);
+    }
+    if let Some(pe) = gp.pos_embed {
+        let rows = pe.rows;
+        let pe = g.matrix("pos_embed", pe)?;
+        let pos = if fixed.is_some() {
+            // Padded rows may sit past the table's end: clamp them (real rows never are: the
+            // runners refuse more positions than the model has).
+            let last = g.const_i64(&format!("pos_embed.last.{rows}"), &[], &[rows.saturating_sub(1) as i64]);
+            g.op("Min", &[&positions, &last], &[])
+        } else {
+            positions.clone()
+        };
+        let p = g.op("Gather", &[&pe, &pos], &[int("axis", 0)]);
+        x = g.op("Add", &[&x, &p], &[]);
+    }
+
+    // RoPE tables, one per rotated width, shared by every layer.
+    let rope = &gp.rope;
+    let mut tables: BTreeMap<usize, RopeTables> = BTreeMap::new();
+    for plan in model.layer_plans() {
+        let dim = match &plan.attn {
+            Attention::Gqa(a) if a.rope => a.head_dim,
+            Attention::Gqa(_) => continue,
+            Attention::Mla(a) => a.rope,
+        };
+        if tables.contains_key(&dim) {
+            continue;
+        }
+        if dim % 2 != 0 || rope.inv_freq.len() < dim / 2 {
+            return Err(ExportError::Unsupported(format!(
+                "RoPE over {dim} dimensions with {} frequencies",
+                rope.inv_freq.len()
+            )));
+        }
+        let half = dim / 2;
+        let inv = g.const_f32(&format!("rope.inv_freq.{dim}"), &[1, half], &rope.inv_freq[..half]);
+        let pf = g.op("Cast", &[&positions], &[int("to", DataType::FLOAT as i64)]);
+        let pf = g.op("Unsqueeze", &[&pf, &axes1], &[]);
+        let ang = g.op("Mul", &[&pf, &inv], &[]); // [T, d/2]
+        let (mut cos, mut sin) = (g.op("Cos", &[&ang], &[]), g.op("Sin", &[&ang], &[]));
+        if rope.attention_factor != 1.0 {
+            let f = g.const_f32("rope.attention_factor", &[], &[rope.attention_factor]);
+            cos = g.op("Mul", &[&cos, &f], &[]);
+            sin = g.op("Mul", &[&sin, &f], &[]);
+        }
+        let t = if rope.interleave {
+            // Pairs (2i, 2i+1): tables `[T, 1, d/2, 1]` against x viewed as `[T, H, d/2, 2]`.
+            let s = g.shape(&format!("shape.rope.pairs.{half}"), &[-1, 1, half as i64, 1]);
+            RopeTables {
+                cos: g.op("Reshape", &[&cos, &s], &[]),
+                sin: g.op("Reshape", &[&sin, &s], &[]),
+                dim,
+                pairs: true,
+            }
+        } else {
+            // Halves (i, i + d/2): tables `[T, 1, d]`, each half repeated.
+            let cos = g.op("Concat", &[&cos, &cos], &[int("axis", 1)]);
+            let sin = g.op("Concat", &[&sin, &sin], &[int("axis", 1)]);
+            let (cos, sin) = (g.op("Unsqueeze", &[&cos, &axes1], &[]), g.op("Unsqueeze", &[&sin, &axes1], &[]));
+            RopeTables { cos, sin, dim, pairs: false }
+        };
+        tables.insert(dim, t);
+    }
+
+    // Causal masks `[T, S]` (0 or -1e30), one per window size.
+    let mut masks: BTreeMap<usize, String> = BTreeMap::new();
     let neg = g.const_f32("mask.neg", &[], &[-1e30]);
     let zf = g.const_f32("mask.zero", &[], &[0.0]);
-    for plan in model.layer_plans() {
-        let w = gqa(&plan.attn)?.window;
+    for plan in model.layer_plans().iter().filter(|_| !encoder) {
+        let w = window(&plan.attn);
         if masks.contains_key(&w) {
             continue;
         }
@@ -279,13 +403,45 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         masks.insert(w, m);
     }
 
+    // Relative position bias `[kv, g, T, S]` (T5/Switch), shared by the layers that have it:
+    // `table[bucket(key − query), head]`, the buckets looked up in a constant table computed
+    // by the CPU target's own `relative_bucket` (distances beyond `max_distance` all share
+    // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
+    let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
+        Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
+        Attention::Mla(_) => None,
+    }) {
+        Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
+        None => None,
+    };
+    let residual = |g: &mut Builder<'_>, x: &str, y: &str| {
+        if r.residual_multiplier != 1.0 {
+            let m = g.const_f32("residual_multiplier", &[], &[r.residual_multiplier]);
+            let y = g.op("Mul", &[y, &m], &[]);
+            g.op("Add", &[x, &y], &[])
+        } else {
+            g.op("Add", &[x, y], &[])
+        }
+    };
     let mut routed = Vec::new();
     for (l, plan) in model.layer_plans().iter().enumerate() {
         let p = format!("layers.{l}");
-        let attn = gqa(&plan.attn)?;
-        let hn = g.norm(&format!("{p}.attn_norm"), &x, &attn.norm, attn.norm_bias.as_ref(), kind, eps)?;
-        let y = g.attention(l, attn, &hn, rope.as_ref(), &masks[&attn.window], eps)?;
-        x = g.op("Add", &[&x, &y], &[]);
+        let hn = g.norm(&format!("{p}.attn_norm"), &x, plan.attn.norm(), plan.attn.norm_bias(), kind, eps)?;
+        let ctx = AttnCtx {
+            tables: &tables,
+            mask: masks.get(&window(&plan.attn)).map(String::as_str),
+            cache: match (&cache_write, encoder) {
+                (_, true) => Cache::None,
+                (Some(w), false) => Cache::Write(w),
+                (None, false) => Cache::Concat,
+            },
+            bias: rel_bias.as_deref(),
+        };
+        let y = match &plan.attn {
+            Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
+            Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
+        };
+        x = residual(&mut g, &x, &y);
         let hn = g.norm(&format!("{p}.ffn_norm"), &x, &plan.ffn_norm, plan.ffn_norm_bias.as_ref(), kind, eps)?;
         let y = match &plan.ffn {
             FfnPlan::Dense(m) => g.mlp(&format!("{p}.ffn"), &hn, m, model.bytes())?,
@@ -309,39 +465,141 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
                 }
             },
         };
-        x = g.op("Add", &[&x, &y], &[]);
+        x = residual(&mut g, &x, &y);
     }
     let hn = g.norm("output_norm", &x, gp.output_norm, gp.output_norm_bias, kind, eps)?;
-    let head = if c.tie_word_embeddings { embed } else { g.matrix("output", gp.output)? };
-    let logits = g.gemm(&hn, &head, None);
-    g.rename(&logits, "logits");
-    g.output("logits", DataType::FLOAT, &[Dim::Sym("seq"), Dim::Fixed(vocab)]);
-    for l in 0..c.num_layers {
-        for name in [GraphInfo::present_key(l), GraphInfo::present_value(l)] {
-            g.output(&name, DataType::FLOAT, &[Dim::Fixed(nkv), Dim::Sym("total"), Dim::Fixed(hd)]);
+    if encoder {
+        g.rename(&hn, ENCODER_OUTPUT);
+        g.output(ENCODER_OUTPUT, DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(c.hidden_size)]);
+        let k = c.router.top_k;
+        for &l in &routed {
+            g.output(&GraphInfo::route_experts(l), DataType::INT64, &[seq_dim.clone(), Dim::Fixed(k)]);
+            g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
         }
+        let info = GraphInfo {
+            num_layers: c.num_layers,
+            kv_heads: nkv,
+            head_dim: kd,
+            value_dim: vd,
+            vocab,
+            routed,
+            top_k: k,
+            merged: merged.keys().copied().collect(),
+            max_positions: c.max_position_embeddings,
+            static_shape: None,
+            encoder: Some(c.hidden_size),
+        };
+        let doc = format!("meo export: encoder (`input_ids` → `{ENCODER_OUTPUT}`), merged layers {:?}", info.merged);
+        return Ok(Exported { model: g.finish(&c.architecture, doc), info });
+    }
+    let head = if c.tie_word_embeddings { embed } else { g.matrix("output", gp.output)? };
+    let mut logits = g.gemm(&hn, &head, None);
+    if r.logits_scaling != 1.0 {
+        // Divided, as the CPU target and transformers do.
+        let s = g.const_f32("logits_scaling", &[], &[r.logits_scaling]);
+        logits = g.op("Div", &[&logits, &s], &[]);
+    }
+    g.rename(&logits, "logits");
+    g.output("logits", DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(vocab)]);
+    let total_dim = if fixed.is_some() { past_dim.clone() } else { Dim::Sym("total") };
+    for l in 0..c.num_layers {
+        g.output(&GraphInfo::present_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
+        g.output(&GraphInfo::present_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
     }
     let k = c.router.top_k;
     for &l in &routed {
-        g.output(&GraphInfo::route_experts(l), DataType::INT64, &[Dim::Sym("seq"), Dim::Fixed(k)]);
-        g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[Dim::Sym("seq"), Dim::Fixed(k)]);
+        g.output(&GraphInfo::route_experts(l), DataType::INT64, &[seq_dim.clone(), Dim::Fixed(k)]);
+        g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
     }
-    let _ = h;
     let info = GraphInfo {
         num_layers: c.num_layers,
         kv_heads: nkv,
-        head_dim: hd,
+        head_dim: kd,
+        value_dim: vd,
         vocab,
         routed,
         top_k: k,
         merged: merged.keys().copied().collect(),
         max_positions: c.max_position_embeddings,
+        static_shape: fixed,
+        encoder: None,
     };
-    let doc = match &opts.merge.mode {
+    let mut doc = match &opts.merge.mode {
         Mode::Task(t) => format!("meo export: task-merged ({t}), layers {:?} merged", info.merged),
         _ => "meo export: vanilla routing".to_string(),
     };
+    if let Some(s) = fixed {
+        doc +=
+            &format!("; static shape: {} tokens per call, {} cache slots (input `{POSITION_INPUT}`)", s.seq, s.context);
+    }
     Ok(Exported { model: g.finish(&c.architecture, doc), info })
+}
+
+/// The graph input holding, in the static form, how many positions the cache already holds.
+pub const POSITION_INPUT: &str = "position";
+/// The output of an encoder graph: the final normalised hidden states `[seq, hidden]`.
+pub const ENCODER_OUTPUT: &str = "hidden";
+
+/// The tables of one rotated width.
+struct RopeTables {
+    cos: String,
+    sin: String,
+    dim: usize,
+    /// Interleaved pairs (tables `[T, 1, d/2, 1]`) rather than halves (`[T, 1, d]`).
+    pairs: bool,
+}
+
+/// The static form's cache write (see [`export`]).
+struct CacheWrite {
+    /// `[S, T]` f32: 1 where slot s receives token t.
+    onehot: String,
+    /// `[S, 1]` f32: 1 where the slot keeps its past value.
+    keep: String,
+}
+
+/// What every layer's attention shares.
+struct AttnCtx<'a> {
+    tables: &'a BTreeMap<usize, RopeTables>,
+    /// The causal (windowed) mask `[T, S]`; `None` for an encoder (every key).
+    mask: Option<&'a str>,
+    cache: Cache<'a>,
+    /// The relative position bias `[kv, g, T, S]`, for layers that have one.
+    bias: Option<&'a str>,
+}
+
+/// How a layer's keys and values reach its attention.
+#[derive(Clone, Copy)]
+enum Cache<'a> {
+    /// Appended to `past_*` (the dynamic form).
+    Concat,
+    /// Written into their slots of the fixed-size `past_*` (the fixed-shape form).
+    Write(&'a CacheWrite),
+    /// No cache: an encoder sees the whole sequence in one call.
+    None,
+}
+
+/// The attention window of a layer (0 = every position).
+fn window(a: &Attention) -> usize {
+    match a {
+        Attention::Gqa(a) => a.window,
+        Attention::Mla(a) => a.window,
+    }
+}
+
+/// (cache heads, key width, value width) per position, the same in every layer.
+fn cache_dims(model: &Model) -> Result<(usize, usize, usize), ExportError> {
+    let dims = |a: &Attention| match a {
+        Attention::Gqa(a) => (a.num_kv_heads, a.head_dim, a.head_dim),
+        Attention::Mla(a) => (a.num_heads, a.nope + a.rope, a.v_dim),
+    };
+    let mut it = model.layer_plans().iter().map(|p| dims(&p.attn));
+    let first = it.next().ok_or_else(|| ExportError::Unsupported("a model without layers".into()))?;
+    if let Some(other) = it.find(|d| *d != first) {
+        return Err(ExportError::Unsupported(format!(
+            "layers with different KV cache shapes ({first:?} and {other:?} heads × key × value widths)"
+        )));
+    }
+    Ok(first)
 }
 
 /// A layer's stored merge.
@@ -387,6 +645,7 @@ fn merged_layers<'m>(model: &'m Model, m: &MergeOptions) -> Result<BTreeMap<usiz
     Ok(out)
 }
 
+#[derive(Clone)]
 enum Dim {
     Fixed(usize),
     Sym(&'static str),
@@ -669,8 +928,7 @@ impl<'m> Builder<'m> {
         l: usize,
         a: &AttnPlan,
         x: &str,
-        rope: Option<&(String, String)>,
-        mask: &str,
+        ctx: &AttnCtx<'_>,
         eps: f32,
     ) -> Result<String, ExportError> {
         let p = format!("layers.{l}.attn");
@@ -678,7 +936,6 @@ impl<'m> Builder<'m> {
         if nkv == 0 || nh % nkv != 0 {
             return Err(ExportError::Unsupported(format!("{p}: {nh} heads over {nkv} kv heads")));
         }
-        let g = nh / nkv;
         let bias: Vec<Option<String>> = match &a.bias {
             Some([bq, bk, bv]) => vec![
                 Some(self.vector(&format!("{p}.q.bias"), bq)),
@@ -716,39 +973,211 @@ impl<'m> Builder<'m> {
             v = self.op("Clip", &[&v, &lo, &hi], &[]);
         }
         if a.rope {
-            let (cos, sin) = rope.ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
-            q = self.rotate(&q, cos, sin, hd);
-            k = self.rotate(&k, cos, sin, hd);
+            let t = ctx.tables.get(&hd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
+            q = self.rotate(&q, t);
+            k = self.rotate(&k, t);
         }
-        // KV cache: [kv_heads, past + T, hd].
+        let sinks = match &a.sinks {
+            Some(s) => {
+                // Head h = kv·g + j: the sinks as `[kv, g, 1, 1]` against scores `[kv, g, T, S]`.
+                let mut vals = vec![0.0f32; s.len];
+                meo::kernels::read_f32s(&self.bytes[s.range.clone()], &mut vals);
+                Some(self.const_f32(&format!("{p}.sinks"), &[nkv, nh / nkv, 1, 1], &vals))
+            }
+            None => None,
+        };
+        if a.rel_bias.is_some() && ctx.bias.is_none() {
+            return Err(ExportError::Unsupported(format!("{p}: relative position bias without its table")));
+        }
+        let dims = HeadDims { heads: nh, kv_heads: nkv, key: hd, value: hd, rel_bias: a.rel_bias.is_some() };
+        let o = self.attend(l, &q, &k, &v, dims, a.scale, sinks.as_deref(), ctx);
+        let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
+        let ob = a.o_bias.as_ref().map(|b| self.vector(&format!("{p}.o.bias"), b));
+        Ok(self.gemm(&o, &ow, ob.as_deref()))
+    }
+
+    /// The relative position bias `[kv, g, T, S]` of `rb` for queries at `qpos` `[T, 1]` and keys
+    /// at `kpos` `[1, S]` (see [`export`]).
+    fn relative_bias(
+        &mut self,
+        rb: &meo::model::plan::RelBias,
+        a: &AttnPlan,
+        qpos: &str,
+        kpos: &str,
+    ) -> Result<String, ExportError> {
+        let (nh, nkv) = (a.num_heads, a.num_kv_heads);
+        if nkv == 0 || nh % nkv != 0 {
+            return Err(ExportError::Unsupported(format!("relative bias: {nh} heads over {nkv} kv heads")));
+        }
+        let d = rb.max_distance as i64 + 1;
+        let buckets: Vec<i64> = (-d..=d)
+            .map(|r| meo::model::plan::relative_bucket(r, rb.bidirectional, rb.buckets, rb.max_distance) as i64)
+            .collect();
+        if buckets.iter().any(|&b| b < 0 || b as usize >= rb.buckets) {
+            return Err(ExportError::Unsupported("relative bias: a bucket outside the table".into()));
+        }
+        let table = self.const_i64("rel_bias.buckets", &[buckets.len()], &buckets);
+        let rel = self.op("Sub", &[kpos, qpos], &[]); // [T, S]: key − query
+        let (lo, hi) = (self.const_i64("rel_bias.lo", &[], &[-d]), self.const_i64("rel_bias.hi", &[], &[d]));
+        let rel = self.op("Max", &[&rel, &lo], &[]);
+        let rel = self.op("Min", &[&rel, &hi], &[]);
+        let idx = self.op("Add", &[&rel, &hi], &[]); // 0 ..= 2d
+        let bucket = self.op("Gather", &[&table, &idx], &[int("axis", 0)]); // [T, S]
+        let w = self.matrix("rel_bias", &rb.table)?; // [buckets, heads]
+        let b = self.op("Gather", &[&w, &bucket], &[int("axis", 0)]); // [T, S, heads]
+        let s4 = self.shape(&format!("shape.rel_bias.{nkv}.{}", nh / nkv), &[0, 0, nkv as i64, (nh / nkv) as i64]);
+        let b = self.op("Reshape", &[&b, &s4], &[]);
+        Ok(self.op("Transpose", &[&b], &[ints("perm", &[2, 3, 0, 1])]))
+    }
+
+    /// Multi-head latent attention (`runtime/src/model/mla.rs`): q through the optional low-rank
+    /// path, keys and values decompressed from the normalised latent, the shared rotary key
+    /// broadcast over the heads; the cache holds the decompressed keys and values.
+    fn mla(&mut self, l: usize, a: &MlaPlan, x: &str, ctx: &AttnCtx<'_>) -> Result<String, ExportError> {
+        let p = format!("layers.{l}.attn");
+        let (nh, nope, rd, vd, r) = (a.num_heads, a.nope, a.rope, a.v_dim, a.kv_lora);
+        let qk = nope + rd;
+        let q = match &a.q_a {
+            Some((qa, norm)) => {
+                let qaw = self.matrix(&format!("{p}.q_a.weight"), qa)?;
+                let ql = self.gemm(x, &qaw, None);
+                let nw = self.vector(&format!("{p}.q_a.norm"), norm);
+                let ql = self.rms(&ql, &nw, a.latent_eps);
+                let qw = self.matrix(&format!("{p}.q_b.weight"), &a.q)?;
+                self.gemm(&ql, &qw, None)
+            }
+            None => {
+                let qw = self.matrix(&format!("{p}.q.weight"), &a.q)?;
+                self.gemm(x, &qw, None)
+            }
+        };
+        let qs = self.shape(&format!("shape.q.{nh}.{qk}"), &[-1, nh as i64, qk as i64]);
+        let q = self.op("Reshape", &[&q, &qs], &[]);
+        let q_nope = self.slice(&q, 0, nope, 2);
+        let q_rot = self.slice(&q, nope, qk, 2);
+        let kvaw = self.matrix(&format!("{p}.kv_a.weight"), &a.kv_a)?;
+        let kva = self.gemm(x, &kvaw, None); // [T, r + rd]
+        let lat = self.slice(&kva, 0, r, 1);
+        let k_rot = self.slice(&kva, r, r + rd, 1);
+        let nw = self.vector(&format!("{p}.kv_a.norm"), &a.kv_norm);
+        let lat = self.rms(&lat, &nw, a.latent_eps);
+        let kvbw = self.matrix(&format!("{p}.kv_b.weight"), &a.kv_b)?;
+        let kv = self.gemm(&lat, &kvbw, None); // [T, nh·(nope + vd)]
+        let kvs = self.shape(&format!("shape.q.{nh}.{}", nope + vd), &[-1, nh as i64, (nope + vd) as i64]);
+        let kv = self.op("Reshape", &[&kv, &kvs], &[]);
+        let k_nope = self.slice(&kv, 0, nope, 2);
+        let v = self.slice(&kv, nope, nope + vd, 2);
+        let t = ctx.tables.get(&rd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
+        let q_rot = self.rotate(&q_rot, t);
+        let k1 = self.shape(&format!("shape.q.1.{rd}"), &[-1, 1, rd as i64]);
+        let k_rot = self.op("Reshape", &[&k_rot, &k1], &[]);
+        let k_rot = self.rotate(&k_rot, t);
+        // A Gather of head 0 for every head, not Expand/Tile: tract's optimiser mis-shapes an
+        // expanded operand split out of the static form's cache-write MatMul (tract-onnx 0.23.9).
+        let heads = self.const_i64(&format!("heads.zero.{nh}"), &[nh], &vec![0; nh]);
+        let k_rot = self.op("Gather", &[&k_rot, &heads], &[int("axis", 1)]);
+        let q = self.op("Concat", &[&q_nope, &q_rot], &[int("axis", 2)]);
+        let k = self.op("Concat", &[&k_nope, &k_rot], &[int("axis", 2)]);
+        let dims = HeadDims { heads: nh, kv_heads: nh, key: qk, value: vd, rel_bias: false };
+        let o = self.attend(l, &q, &k, &v, dims, a.scale, None, ctx);
+        let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
+        Ok(self.gemm(&o, &ow, None))
+    }
+
+    /// `x[.., start..end, ..]` on `axis`.
+    fn slice(&mut self, x: &str, start: usize, end: usize, axis: usize) -> String {
+        let (s, e, a) = (
+            self.const_i64(&format!("slice.{start}"), &[1], &[start as i64]),
+            self.const_i64(&format!("slice.{end}"), &[1], &[end as i64]),
+            self.const_i64(&format!("slice.axis.{axis}"), &[1], &[axis as i64]),
+        );
+        self.op("Slice", &[x, &s, &e, &a], &[])
+    }
+
+    /// The attention core of layer `l` on q `[T, heads, key]`, k `[T, kv, key]`, v
+    /// `[T, kv, value]`: appends k and v to the cache (the `present_*` outputs), then
+    /// `softmax(q·k · scale + mask (+ sink)) v` per head; returns `[T, heads · value]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &str,
+        k: &str,
+        v: &str,
+        d: HeadDims,
+        scale: f32,
+        sinks: Option<&str>,
+        ctx: &AttnCtx<'_>,
+    ) -> String {
+        let p = format!("layers.{l}.attn");
+        let (nh, nkv, has_bias) = (d.heads, d.kv_heads, d.rel_bias);
+        let g = nh / nkv;
+        // KV cache: [kv_heads, positions, width].
         let perm = [1, 0, 2];
-        let kt = self.op("Transpose", &[&k], &[ints("perm", &perm)]);
-        let vt = self.op("Transpose", &[&v], &[ints("perm", &perm)]);
-        let pk = self.op("Concat", &[&GraphInfo::past_key(l), &kt], &[int("axis", 1)]);
-        let pv = self.op("Concat", &[&GraphInfo::past_value(l), &vt], &[int("axis", 1)]);
-        self.rename(&pk, &GraphInfo::present_key(l));
-        self.rename(&pv, &GraphInfo::present_value(l));
-        let (pk, pv) = (GraphInfo::present_key(l), GraphInfo::present_value(l));
-        // Grouped query: q [T, nh, hd] → [kv, g, T, hd]; k, v [kv, 1, S, hd] broadcast over g.
-        let q4s = self.shape(&format!("shape.q4.{nkv}.{g}.{hd}"), &[-1, nkv as i64, g as i64, hd as i64]);
-        let q4 = self.op("Reshape", &[&q, &q4s], &[]);
+        let kt = self.op("Transpose", &[k], &[ints("perm", &perm)]);
+        let vt = self.op("Transpose", &[v], &[ints("perm", &perm)]);
+        let (pk, pv) = match ctx.cache {
+            Cache::None => (kt, vt),
+            cache => {
+                let (pk, pv) = match cache {
+                    Cache::Write(w) => {
+                        let mut write = |past: &str, new: &str| {
+                            let kept = self.op("Mul", &[past, &w.keep], &[]);
+                            let put = self.op("MatMul", &[&w.onehot, new], &[]); // [kv, S, width]
+                            self.op("Add", &[&kept, &put], &[])
+                        };
+                        (write(&GraphInfo::past_key(l), &kt), write(&GraphInfo::past_value(l), &vt))
+                    }
+                    _ => (
+                        self.op("Concat", &[&GraphInfo::past_key(l), &kt], &[int("axis", 1)]),
+                        self.op("Concat", &[&GraphInfo::past_value(l), &vt], &[int("axis", 1)]),
+                    ),
+                };
+                self.rename(&pk, &GraphInfo::present_key(l));
+                self.rename(&pv, &GraphInfo::present_value(l));
+                (GraphInfo::present_key(l), GraphInfo::present_value(l))
+            }
+        };
+        // Grouped query: q [T, nh, dk] → [kv, g, T, dk]; k, v [kv, 1, S, d] broadcast over g.
+        let q4s = self.shape(&format!("shape.q4.{nkv}.{g}.{}", d.key), &[-1, nkv as i64, g as i64, d.key as i64]);
+        let q4 = self.op("Reshape", &[q, &q4s], &[]);
         let q4 = self.op("Transpose", &[&q4], &[ints("perm", &[1, 2, 0, 3])]);
         let ax1 = self.const_i64("axes1", &[1], &[1]);
         let k4 = self.op("Unsqueeze", &[&pk, &ax1], &[]);
         let k4 = self.op("Transpose", &[&k4], &[ints("perm", &[0, 1, 3, 2])]);
         let v4 = self.op("Unsqueeze", &[&pv, &ax1], &[]);
         let s = self.op("MatMul", &[&q4, &k4], &[]);
-        let sc = self.const_f32(&format!("{p}.scale"), &[], &[a.scale]);
+        let sc = self.const_f32(&format!("{p}.scale"), &[], &[scale]);
         let s = self.op("Mul", &[&s, &sc], &[]);
-        let s = self.op("Add", &[&s, mask], &[]);
-        let s = self.op("Softmax", &[&s], &[int("axis", -1)]);
-        let o = self.op("MatMul", &[&s, &v4], &[]); // [kv, g, T, hd]
+        let s = match ctx.mask {
+            Some(m) => self.op("Add", &[&s, m], &[]),
+            None => s,
+        };
+        let s = match (ctx.bias, has_bias) {
+            (Some(b), true) => self.op("Add", &[&s, b], &[]),
+            _ => s,
+        };
+        let s = match sinks {
+            None => self.op("Softmax", &[&s], &[int("axis", -1)]),
+            Some(sk) => {
+                // Softmax with one more logit per head in the denominator (GPT-OSS attention
+                // sinks), max-subtracted over the scores and the sink as the CPU target does.
+                let m = self.op("ReduceMax", &[&s], &[ints("axes", &[-1]), int("keepdims", 1)]);
+                let m = self.op("Max", &[&m, sk], &[]);
+                let e = self.op("Sub", &[&s, &m], &[]);
+                let e = self.op("Exp", &[&e], &[]);
+                let axes = self.axes_last();
+                let sum = self.op("ReduceSum", &[&e, &axes], &[int("keepdims", 1)]);
+                let es = self.op("Sub", &[sk, &m], &[]);
+                let es = self.op("Exp", &[&es], &[]);
+                let sum = self.op("Add", &[&sum, &es], &[]);
+                self.op("Div", &[&e, &sum], &[])
+            }
+        };
+        let o = self.op("MatMul", &[&s, &v4], &[]); // [kv, g, T, dv]
         let o = self.op("Transpose", &[&o], &[ints("perm", &[2, 0, 1, 3])]);
-        let os = self.shape(&format!("shape.o.{}", nh * hd), &[-1, (nh * hd) as i64]);
-        let o = self.op("Reshape", &[&o, &os], &[]);
-        let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
-        let ob = a.o_bias.as_ref().map(|b| self.vector(&format!("{p}.o.bias"), b));
-        Ok(self.gemm(&o, &ow, ob.as_deref()))
+        let os = self.shape(&format!("shape.o.{}", nh * d.value), &[-1, (nh * d.value) as i64]);
+        self.op("Reshape", &[&o, &os], &[])
     }
 
     fn qk_norm_weights(&mut self, p: &str, a: &AttnPlan) -> Result<(String, String), ExportError> {
@@ -758,40 +1187,85 @@ impl<'m> Builder<'m> {
         }
     }
 
-    /// `x · cos + rotate_half(x) · sin` on `[T, heads, hd]`.
-    fn rotate(&mut self, x: &str, cos: &str, sin: &str, hd: usize) -> String {
-        let half = (hd / 2) as i64;
-        let (z, hh, end, ax) = (
-            self.const_i64("rot.zero", &[1], &[0]),
-            self.const_i64(&format!("rot.half.{half}"), &[1], &[half]),
-            self.const_i64(&format!("rot.end.{hd}"), &[1], &[hd as i64]),
-            self.const_i64("rot.axis", &[1], &[2]),
-        );
-        let x1 = self.op("Slice", &[x, &z, &hh, &ax], &[]);
-        let x2 = self.op("Slice", &[x, &hh, &end, &ax], &[]);
+    /// RoPE on `x` `[T, heads, d]`, as the CPU target's `Rope::rotate`: halves
+    /// `(x1 c − x2 s, x2 c + x1 s)` for `(i, i + d/2)`, or the same on adjacent pairs.
+    fn rotate(&mut self, x: &str, t: &RopeTables) -> String {
+        let d = t.dim;
+        let half = d / 2;
+        if t.pairs {
+            let s4 = self.shape(&format!("shape.rope.x.{half}"), &[0, 0, half as i64, 2]);
+            let x4 = self.op("Reshape", &[x, &s4], &[]);
+            let xe = self.slice(&x4, 0, 1, 3);
+            let xo = self.slice(&x4, 1, 2, 3);
+            let (a, b) = (self.op("Mul", &[&xe, &t.cos], &[]), self.op("Mul", &[&xo, &t.sin], &[]));
+            let re = self.op("Sub", &[&a, &b], &[]);
+            let (a, b) = (self.op("Mul", &[&xo, &t.cos], &[]), self.op("Mul", &[&xe, &t.sin], &[]));
+            let ro = self.op("Add", &[&a, &b], &[]);
+            let r = self.op("Concat", &[&re, &ro], &[int("axis", 3)]);
+            let s3 = self.shape(&format!("shape.rope.back.{d}"), &[0, 0, d as i64]);
+            return self.op("Reshape", &[&r, &s3], &[]);
+        }
+        let x1 = self.slice(x, 0, half, 2);
+        let x2 = self.slice(x, half, d, 2);
         let n2 = self.op("Neg", &[&x2], &[]);
         let r = self.op("Concat", &[&n2, &x1], &[int("axis", 2)]);
-        let a = self.op("Mul", &[x, cos], &[]);
-        let b = self.op("Mul", &[&r, sin], &[]);
+        let a = self.op("Mul", &[x, &t.cos], &[]);
+        let b = self.op("Mul", &[&r, &t.sin], &[]);
         self.op("Add", &[&a, &b], &[])
     }
 
-    /// `down(silu(gate x) ⊙ up x)` with the matrices over `bytes`.
+    /// `down(act(gate x + b) , up x + b) + b` (or `down(act(up x))` ungated) with the matrices
+    /// over `bytes`: SiLU-gated, GPT-OSS's clamped SwiGLU, or ungated ReLU / GELU-tanh / SiLU.
     fn mlp(&mut self, p: &str, x: &str, m: &Mlp, bytes: &[u8]) -> Result<String, ExportError> {
-        let gate =
-            m.gate.as_ref().ok_or_else(|| ExportError::Unsupported(format!("{p}: ungated MLP (ReLU experts)")))?;
-        if m.bias.is_some() || !matches!(m.act, Activation::Silu) {
-            return Err(ExportError::Unsupported(format!("{p}: MLP biases or activation {:?}", m.act)));
-        }
-        let gw = self.matrix_in(&format!("{p}.gate"), gate, bytes)?;
+        let bias = m.bias.as_deref().map(|[bg, bu, bd]| {
+            [
+                self.vector_in(&format!("{p}.gate.bias"), bg, bytes),
+                self.vector_in(&format!("{p}.up.bias"), bu, bytes),
+                self.vector_in(&format!("{p}.down.bias"), bd, bytes),
+            ]
+        });
+        let b = |i: usize| bias.as_ref().map(|b| b[i].clone());
         let uw = self.matrix_in(&format!("{p}.up"), &m.up, bytes)?;
         let dw = self.matrix_in(&format!("{p}.down"), &m.down, bytes)?;
-        let gt = self.gemm(x, &gw, None);
-        let sg = self.op("Sigmoid", &[&gt], &[]);
-        let act = self.op("Mul", &[&gt, &sg], &[]);
-        let up = self.gemm(x, &uw, None);
-        let hmid = self.op("Mul", &[&act, &up], &[]);
-        Ok(self.gemm(&hmid, &dw, None))
+        let up = self.gemm(x, &uw, b(1).as_deref());
+        let hmid = match &m.gate {
+            Some(gate) => {
+                let gw = self.matrix_in(&format!("{p}.gate"), gate, bytes)?;
+                let gt = self.gemm(x, &gw, b(0).as_deref());
+                match m.act {
+                    Activation::ClampedSwiglu { alpha, limit } => {
+                        let (lo, hi) = (
+                            self.const_f32(&format!("swiglu.-{limit}"), &[], &[-limit]),
+                            self.const_f32(&format!("swiglu.{limit}"), &[], &[limit]),
+                        );
+                        let gc = self.op("Min", &[&gt, &hi], &[]);
+                        let uc = self.op("Clip", &[&up, &lo, &hi], &[]);
+                        let al = self.const_f32(&format!("swiglu.alpha.{alpha}"), &[], &[alpha]);
+                        let ga = self.op("Mul", &[&gc, &al], &[]);
+                        let sg = self.op("Sigmoid", &[&ga], &[]);
+                        let glu = self.op("Mul", &[&gc, &sg], &[]);
+                        let onef = self.const_f32("onef", &[], &[1.0]);
+                        let u1 = self.op("Add", &[&uc, &onef], &[]);
+                        self.op("Mul", &[&u1, &glu], &[])
+                    }
+                    // A gated MLP is SiLU-gated unless it says otherwise (as the CPU target).
+                    _ => {
+                        let sg = self.op("Sigmoid", &[&gt], &[]);
+                        let act = self.op("Mul", &[&gt, &sg], &[]);
+                        self.op("Mul", &[&act, &up], &[])
+                    }
+                }
+            }
+            None => match m.act {
+                Activation::Relu => self.op("Relu", &[&up], &[]),
+                Activation::GeluTanh => self.gelu_tanh(&up),
+                Activation::Silu | Activation::ClampedSwiglu { .. } => {
+                    let sg = self.op("Sigmoid", &[&up], &[]);
+                    self.op("Mul", &[&up, &sg], &[])
+                }
+            },
+        };
+        Ok(self.gemm(&hmid, &dw, b(2).as_deref()))
     }
 
     /// Adds the (gated) shared expert of `moe` to `out`.
@@ -814,12 +1288,6 @@ impl<'m> Builder<'m> {
         let p = format!("layers.{l}");
         let model = self.model.ok_or_else(|| ExportError::Unsupported("no model".into()))?;
         let spec = model.config().router.clone();
-        if spec.n_group > 1 && spec.topk_group < spec.n_group {
-            return Err(ExportError::Unsupported(format!("{p}: group-limited routing (n_group {})", spec.n_group)));
-        }
-        if spec.expert_capacity > 0 {
-            return Err(ExportError::Unsupported(format!("{p}: expert capacity {}", spec.expert_capacity)));
-        }
         let (e, k) = (spec.num_experts, spec.top_k);
         let rw = self.matrix(&format!("{p}.router"), &moe.router)?;
         let rb = moe.router_bias.as_ref().map(|b| self.vector(&format!("{p}.router.bias"), b));
@@ -835,6 +1303,11 @@ impl<'m> Builder<'m> {
                 self.op("Add", &[&scores, &bn], &[])
             }
             None => scores.clone(),
+        };
+        let select = if spec.n_group > 1 && spec.topk_group < spec.n_group {
+            self.group_limit(&p, &select, e, spec.n_group, spec.topk_group, spec.group_score)?
+        } else {
+            select
         };
         let kk = self.const_i64(&format!("topk.{k}"), &[1], &[k as i64]);
         let tk = self.op_n("TopK", &[&select, &kk], &[int("axis", -1), int("largest", 1), int("sorted", 1)], 2);
@@ -858,26 +1331,15 @@ impl<'m> Builder<'m> {
             let sf = self.const_f32(&format!("{p}.scaling"), &[], &[spec.scaling_factor]);
             w = self.op("Mul", &[&w, &sf], &[]);
         }
+        if spec.expert_capacity > 0 {
+            w = self.capacity(&p, &idx, &w, e, k, spec.expert_capacity);
+        }
         let idx_out = self.op("Identity", &[&idx], &[]);
         self.rename(&idx_out, &GraphInfo::route_experts(l));
         let w_out = self.op("Identity", &[&w], &[]);
         self.rename(&w_out, &GraphInfo::route_weights(l));
         // Dense [T, E] weights, zero for unselected experts.
-        let shp = self.op("Shape", &[&scores], &[]);
-        let zeros = self.op(
-            "ConstantOfShape",
-            &[&shp],
-            &[AttributeProto {
-                t: protobuf::MessageField::some(TensorProto {
-                    data_type: DataType::FLOAT as i32,
-                    dims: vec![1],
-                    raw_data: 0f32.to_le_bytes().to_vec(),
-                    ..Default::default()
-                }),
-                ..attr("value", AttributeType::TENSOR)
-            }],
-        );
-        let dense = self.op("ScatterElements", &[&zeros, &idx, &w], &[int("axis", 1)]);
+        let dense = self.one_hot_sum(&idx, Some(&w), e);
         let mut out: Option<String> = None;
         for (ei, ex) in moe.experts.iter().enumerate() {
             let bytes = self.bytes;
@@ -896,6 +1358,93 @@ impl<'m> Builder<'m> {
         }
         let _ = e;
         out.ok_or_else(|| ExportError::Unsupported(format!("{p}: MoE layer without experts")))
+    }
+
+    /// Expert capacity over the sequence in token order (Switch, `route::apply_capacity`): a
+    /// choice whose expert already took `capacity` earlier choices gets weight 0 (dropped; the
+    /// token's residual passes). Per choice, the running count of its expert is a `CumSum` over
+    /// the flattened `[T·k, E]` one-hots (a token never picks one expert twice, so the order of
+    /// its own k choices does not matter).
+    fn capacity(&mut self, p: &str, idx: &str, w: &str, e: usize, k: usize, capacity: usize) -> String {
+        let ar: Vec<i64> = (0..e as i64).collect();
+        let cols = self.const_i64(&format!("arange.cols.{e}"), &[1, 1, e], &ar);
+        let axes = self.axes_last();
+        let i3 = self.op("Unsqueeze", &[idx, &axes], &[]); // [T, k, 1]
+        let eq = self.op("Equal", &[&i3, &cols], &[]);
+        let oh = self.op("Cast", &[&eq], &[int("to", DataType::FLOAT as i64)]); // [T, k, E]
+        let flat = self.shape(&format!("shape.flat.{e}"), &[-1, e as i64]);
+        let oh2 = self.op("Reshape", &[&oh, &flat], &[]); // [T·k, E]
+        let ax0 = self.const_i64("axis0", &[], &[0]);
+        let run = self.op("CumSum", &[&oh2, &ax0], &[]); // counts including this choice
+        let mine = self.op("Mul", &[&run, &oh2], &[]);
+        let axes = self.axes_last();
+        let count = self.op("ReduceSum", &[&mine, &axes], &[int("keepdims", 0)]); // [T·k]
+        let tk = self.shape(&format!("shape.tk.{k}"), &[-1, k as i64]);
+        let count = self.op("Reshape", &[&count, &tk], &[]); // [T, k]
+        let cap = self.const_f32(&format!("{p}.capacity"), &[], &[capacity as f32]);
+        let keep = self.op("LessOrEqual", &[&count, &cap], &[]);
+        let zero = self.const_f32("mask.zero", &[], &[0.0]);
+        self.op("Where", &[&keep, w, &zero], &[])
+    }
+
+    /// `[T, n]` f32 from indices `idx` `[T, k]` (distinct per row): `w[t, j]` (or 1) at column
+    /// `idx[t, j]`, 0 elsewhere. Built from `Equal` against `0..n` and a sum, not a scatter: no
+    /// `Shape`-dependent op (the fixed-shape form stays static) and every EP takes it. Exact:
+    /// each output is one product by 1 plus zeros.
+    fn one_hot_sum(&mut self, idx: &str, w: Option<&str>, n: usize) -> String {
+        let ar: Vec<i64> = (0..n as i64).collect();
+        let cols = self.const_i64(&format!("arange.cols.{n}"), &[1, 1, n], &ar);
+        let axes = self.axes_last();
+        let i3 = self.op("Unsqueeze", &[idx, &axes], &[]); // [T, k, 1]
+        let eq = self.op("Equal", &[&i3, &cols], &[]); // [T, k, n]
+        let mut oh = self.op("Cast", &[&eq], &[int("to", DataType::FLOAT as i64)]);
+        if let Some(w) = w {
+            let w3 = self.op("Unsqueeze", &[w, &axes], &[]);
+            oh = self.op("Mul", &[&oh, &w3], &[]);
+        }
+        let ax1 = self.const_i64("axes1", &[1], &[1]);
+        self.op("ReduceSum", &[&oh, &ax1], &[int("keepdims", 0)])
+    }
+
+    /// Group-limited selection (DeepSeek, `route.rs`): experts outside the `topk_group` best
+    /// of `n_group` equal groups get −∞ selection scores. A group scores the sum of its two best
+    /// selection scores (`TopTwoSum`, groups of ≥ 2) or its best one; ties go to the lower
+    /// group (ONNX `TopK` keeps the lower index first, as the CPU target does).
+    fn group_limit(
+        &mut self,
+        p: &str,
+        select: &str,
+        e: usize,
+        n_group: usize,
+        topk_group: usize,
+        rule: GroupScore,
+    ) -> Result<String, ExportError> {
+        if !e.is_multiple_of(n_group) {
+            return Err(ExportError::Unsupported(format!("{p}: {e} experts in {n_group} groups")));
+        }
+        let per = e / n_group;
+        let s3 = self.shape(&format!("shape.groups.{n_group}.{per}"), &[-1, n_group as i64, per as i64]);
+        let grouped = self.op("Reshape", &[select, &s3], &[]); // [T, G, per]
+        let score = if matches!(rule, GroupScore::TopTwoSum) && per >= 2 {
+            let two = self.const_i64("topk.2", &[1], &[2]);
+            let best = self.op_n("TopK", &[&grouped, &two], &[int("axis", -1), int("largest", 1), int("sorted", 1)], 2);
+            let axes = self.axes_last();
+            self.op("ReduceSum", &[&best[0], &axes], &[int("keepdims", 0)])
+        } else {
+            self.op("ReduceMax", &[&grouped], &[ints("axes", &[-1]), int("keepdims", 0)])
+        }; // [T, G]
+        let kg = self.const_i64(&format!("topk.{topk_group}"), &[1], &[topk_group as i64]);
+        let best = self.op_n("TopK", &[&score, &kg], &[int("axis", -1), int("largest", 1), int("sorted", 1)], 2);
+        // Kept groups: a [T, G] mask scattered from the chosen group indices.
+        let kept = self.one_hot_sum(&best[1], None, n_group);
+        let axes = self.axes_last();
+        let kept = self.op("Unsqueeze", &[&kept, &axes], &[]); // [T, G, 1]
+        let half = self.const_f32("half", &[], &[0.5]);
+        let kept = self.op("Greater", &[&kept, &half], &[]);
+        let ninf = self.const_f32("neg_inf", &[], &[f32::NEG_INFINITY]);
+        let masked = self.op("Where", &[&kept, &grouped, &ninf], &[]);
+        let s2 = self.shape(&format!("shape.experts.{e}"), &[-1, e as i64]);
+        Ok(self.op("Reshape", &[&masked, &s2], &[]))
     }
 
     /// An MEO-native layer with a stored task merge: per bank the token block (shared dense
@@ -962,38 +1511,15 @@ impl<'m> Builder<'m> {
     }
 }
 
-/// The q/k/v attention plan of a layer (the exporter does not write MLA yet).
-fn gqa(a: &Attention) -> Result<&AttnPlan, ExportError> {
-    match a {
-        Attention::Gqa(a) => Ok(a),
-        Attention::Mla(_) => Err(ExportError::Unsupported("multi-head latent attention (MLA, DeepSeek)".into())),
-    }
-}
-
-/// Recipe features the graph writer does not implement yet: refused by name, never exported
-/// wrong.
-fn check_recipe(model: &Model) -> Result<(), ExportError> {
-    let r = &model.config().recipe;
-    let refuse = |what: &str| Err(ExportError::Unsupported(what.into()));
-    if r.encoder_only || r.positions == meo::Positions::Relative {
-        return refuse("encoder-only models with relative position bias (Switch Transformers)");
-    }
-    if model.global_plans().rope.interleave {
-        return refuse("RoPE on interleaved pairs (DeepSeek)");
-    }
-    if r.embedding_multiplier != 1.0 || r.residual_multiplier != 1.0 || r.logits_scaling != 1.0 {
-        return refuse("embedding/residual multipliers and logits scaling (Granite-MoE)");
-    }
-    if r.attention_sinks {
-        return refuse("attention sinks (GPT-OSS)");
-    }
-    if r.expert_bias || !matches!(r.mlp_activation, Activation::Silu) {
-        return refuse("expert biases or a clamped SwiGLU (GPT-OSS)");
-    }
-    for plan in model.layer_plans() {
-        gqa(&plan.attn)?;
-    }
-    Ok(())
+/// Head counts and widths of one attention core.
+#[derive(Clone, Copy)]
+struct HeadDims {
+    heads: usize,
+    kv_heads: usize,
+    key: usize,
+    value: usize,
+    /// The layer adds the relative position bias to its scores.
+    rel_bias: bool,
 }
 
 #[cfg(test)]

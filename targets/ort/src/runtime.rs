@@ -1,6 +1,6 @@
 //! [`OrtTarget`]: a [`meo::Target`] running an exported graph in ONNX Runtime.
 
-use crate::export::{self, ExportOptions, GraphInfo, WeightFormat};
+use crate::export::{self, ExportOptions, GraphInfo, POSITION_INPUT, StaticShape, WeightFormat};
 use meo::{Choice, Logits, MergeOptions, MergedUse, Model, Target, TargetError, Trace};
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
@@ -112,6 +112,9 @@ pub struct OrtOptions {
     /// Record an ONNX Runtime profile, from which [`OrtTarget::node_placement`] reads which EP
     /// ran each node.
     pub profile: bool,
+    /// Run the fixed-shape export (what NPU EPs compile): calls are split into chunks of
+    /// `seq` tokens, padded, over a `context`-slot cache.
+    pub static_shape: Option<StaticShape>,
 }
 
 impl Default for OrtOptions {
@@ -121,6 +124,7 @@ impl Default for OrtOptions {
             threads: 0,
             weights: WeightFormat::Block,
             profile: false,
+            static_shape: None,
         }
     }
 }
@@ -198,7 +202,8 @@ pub struct OrtTarget<'m> {
     /// EPs registered, and those asked for but absent (skipped).
     registered: Vec<Ep>,
     skipped: Vec<Ep>,
-    /// Per layer (key, value) `[kv_heads, pos, head_dim]`, flattened.
+    /// Per layer (key, value) `[kv_heads, pos, width]` flattened (`[kv_heads, context, width]`
+    /// in the fixed-shape form).
     kv: Vec<(Vec<f32>, Vec<f32>)>,
     pos: usize,
     logits: Vec<f32>,
@@ -231,7 +236,7 @@ impl<'m> OrtTarget<'m> {
     /// As [`new`](Self::new).
     pub fn with_mode(model: &'m Model, opts: OrtOptions, mode: MergeOptions) -> Result<Self, OrtError> {
         let (session, info, registered, skipped, profile_dir) = open(model, &opts, &mode)?;
-        let kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        let kv = empty_cache(&info);
         Ok(Self { model, opts, mode, session, info, registered, skipped, kv, pos: 0, logits: Vec::new(), profile_dir })
     }
 
@@ -260,14 +265,24 @@ impl<'m> OrtTarget<'m> {
         placement_from_profile(&text)
     }
 
+    /// One graph call on `tokens` (in the fixed-shape form: at most `seq`, padded here).
     fn run(&mut self, tokens: &[u32]) -> Result<Outputs, OrtError> {
-        let (nkv, hd) = (self.info.kv_heads, self.info.head_dim);
+        let (nkv, kd, vd) = (self.info.kv_heads, self.info.head_dim, self.info.value_dim);
         let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let mut ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let slots = match self.info.static_shape {
+            Some(s) => {
+                ids.resize(s.seq, 0);
+                let pos = Tensor::from_array(([1usize], vec![self.pos as i64])).map_err(ort_err)?;
+                inputs.push((POSITION_INPUT.into(), pos.into()));
+                s.context
+            }
+            None => self.pos,
+        };
         inputs.push(("input_ids".into(), Tensor::from_array(([ids.len()], ids)).map_err(ort_err)?.into()));
         for (l, (k, v)) in self.kv.iter().enumerate() {
-            for (name, data) in [(GraphInfo::past_key(l), k), (GraphInfo::past_value(l), v)] {
-                let t = Tensor::from_array(([nkv, self.pos, hd], data.clone())).map_err(ort_err)?;
+            for (name, data, w) in [(GraphInfo::past_key(l), k, kd), (GraphInfo::past_value(l), v, vd)] {
+                let t = Tensor::from_array(([nkv, slots, w], data.clone())).map_err(ort_err)?;
                 inputs.push((name, t.into()));
             }
         }
@@ -286,6 +301,52 @@ impl<'m> OrtTarget<'m> {
         }
         Ok(out)
     }
+}
+
+impl OrtTarget<'_> {
+    /// One graph call: updates the cache and position, reports routing, appends the logits of
+    /// `tokens` (padded rows dropped) to `logits`.
+    fn step(&mut self, tokens: &[u32], trace: &mut dyn Trace, logits: &mut Vec<f32>) -> Result<(), TargetError> {
+        let device = |e: OrtError| TargetError::Device { target: "ort".into(), reason: e.to_string() };
+        let mut out = self.run(tokens).map_err(device)?;
+        let t = tokens.len();
+        let take = |out: &mut Outputs, n: &str| {
+            out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
+        };
+        for l in 0..self.info.num_layers {
+            let k = take(&mut out, &GraphInfo::present_key(l))?.1;
+            let v = take(&mut out, &GraphInfo::present_value(l))?.1;
+            self.kv[l] = (k, v);
+        }
+        let k = self.info.top_k;
+        for &l in &self.info.routed.clone() {
+            let idx = take(&mut out, &GraphInfo::route_experts(l))?.2;
+            let w = take(&mut out, &GraphInfo::route_weights(l))?.1;
+            report_routes(trace, l, self.pos, t, k, &idx, &w);
+        }
+        for &l in &self.info.merged {
+            if let Some(task) = match &self.mode.mode {
+                meo::Mode::Task(n) => self.model.tasks().iter().find(|x| x.name == *n),
+                _ => None,
+            } && let Some(tl) = task.layers.iter().find(|x| x.layer == l)
+            {
+                trace.on_merged(l, t, &MergedUse::File(tl.expert.slab.clone()));
+            }
+        }
+        let all = take(&mut out, "logits")?.1;
+        logits.extend_from_slice(&all[..t * self.info.vocab]);
+        self.pos += t;
+        Ok(())
+    }
+}
+
+/// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
+fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
+    if info.encoder.is_some() {
+        return Vec::new();
+    }
+    let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
+    (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
 
 /// Graph outputs by name: (shape, f32 data, i64 data).
@@ -311,7 +372,10 @@ fn open(model: &Model, opts: &OrtOptions, mode: &MergeOptions) -> Result<Opened,
             skipped.push(c.ep);
         }
     }
-    let exported = export::export(model, &ExportOptions { merge: mode.clone(), weights: opts.weights })?;
+    let exported = export::export(
+        model,
+        &ExportOptions { merge: mode.clone(), weights: opts.weights, static_shape: opts.static_shape },
+    )?;
     let bytes = exported.to_bytes()?;
     let mut b = Session::builder(env).map_err(ort_err)?;
     b = b.with_execution_providers(dispatch).map_err(ort_err)?;
@@ -382,38 +446,26 @@ impl Target for OrtTarget<'_> {
         if max > 0 && self.pos + tokens.len() > max {
             return Err(meo::ForwardError::ContextOverflow { cached: self.pos, tokens: tokens.len(), max }.into());
         }
+        if self.info.encoder.is_some() {
+            return Err(meo::ForwardError::EncoderOnly.into());
+        }
         self.logits.clear();
         if tokens.is_empty() {
             return Ok(&self.logits);
         }
-        let device = |e: OrtError| TargetError::Device { target: "ort".into(), reason: e.to_string() };
-        let mut out = self.run(tokens).map_err(device)?;
+        if let Some(s) = self.info.static_shape
+            && self.pos + tokens.len() > s.context
+        {
+            return Err(
+                meo::ForwardError::ContextOverflow { cached: self.pos, tokens: tokens.len(), max: s.context }.into()
+            );
+        }
+        let chunk = self.info.static_shape.map_or(tokens.len(), |s| s.seq);
+        let mut logits = Vec::with_capacity(tokens.len() * vocab);
+        for part in tokens.chunks(chunk) {
+            self.step(part, trace, &mut logits)?;
+        }
         let t = tokens.len();
-        let take = |out: &mut Outputs, n: &str| {
-            out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
-        };
-        for l in 0..self.info.num_layers {
-            let k = take(&mut out, &GraphInfo::present_key(l))?.1;
-            let v = take(&mut out, &GraphInfo::present_value(l))?.1;
-            self.kv[l] = (k, v);
-        }
-        let k = self.info.top_k;
-        for &l in &self.info.routed.clone() {
-            let idx = take(&mut out, &GraphInfo::route_experts(l))?.2;
-            let w = take(&mut out, &GraphInfo::route_weights(l))?.1;
-            report_routes(trace, l, self.pos, t, k, &idx, &w);
-        }
-        for &l in &self.info.merged {
-            if let Some(task) = match &self.mode.mode {
-                meo::Mode::Task(n) => self.model.tasks().iter().find(|x| x.name == *n),
-                _ => None,
-            } && let Some(tl) = task.layers.iter().find(|x| x.layer == l)
-            {
-                trace.on_merged(l, t, &MergedUse::File(tl.expert.slab.clone()));
-            }
-        }
-        let logits = take(&mut out, "logits")?.1;
-        self.pos += t;
         self.logits = match which {
             Logits::All => logits,
             Logits::Last => logits[(t - 1) * vocab..].to_vec(),
@@ -423,10 +475,43 @@ impl Target for OrtTarget<'_> {
 
     fn reset(&mut self) {
         self.pos = 0;
-        for (k, v) in &mut self.kv {
-            k.clear();
-            v.clear();
+        self.kv = empty_cache(&self.info);
+    }
+
+    fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
+        let Some(hidden) = self.info.encoder else {
+            return Err(TargetError::Unsupported { target: "ort".into(), what: "encode (a decoder model)".into() });
+        };
+        let vocab = self.info.vocab;
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            return Err(meo::ForwardError::TokenOutOfRange { index, token, vocab }.into());
         }
+        let max = self.info.max_positions;
+        if max > 0 && tokens.len() > max {
+            return Err(meo::ForwardError::ContextOverflow { cached: 0, tokens: tokens.len(), max }.into());
+        }
+        self.pos = 0;
+        self.logits.clear();
+        if tokens.is_empty() {
+            return Ok(&self.logits);
+        }
+        let device = |e: OrtError| TargetError::Device { target: "ort".into(), reason: e.to_string() };
+        let mut out = self.run(tokens).map_err(device)?;
+        let take = |out: &mut Outputs, n: &str| {
+            out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
+        };
+        let (t, k) = (tokens.len(), self.info.top_k);
+        for &l in &self.info.routed.clone() {
+            let idx = take(&mut out, &GraphInfo::route_experts(l))?.2;
+            let w = take(&mut out, &GraphInfo::route_weights(l))?.1;
+            report_routes(trace, l, 0, t, k, &idx, &w);
+        }
+        self.logits = take(&mut out, export::ENCODER_OUTPUT)?.1;
+        if self.logits.len() != t * hidden {
+            return Err(TargetError::Device { target: "ort".into(), reason: "encoder output shape".into() });
+        }
+        self.pos = t;
+        Ok(&self.logits)
     }
 
     fn position(&self) -> usize {
@@ -442,7 +527,7 @@ impl Target for OrtTarget<'_> {
                 }
                 e => TargetError::Device { target: "ort".into(), reason: e.to_string() },
             })?;
-        self.kv = (0..info.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        self.kv = empty_cache(&info);
         (self.session, self.info, self.registered, self.skipped, self.profile_dir) =
             (session, info, registered, skipped, profile_dir);
         self.mode = opts;
