@@ -23,12 +23,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-/// Fixtures whose recipes the ONNX targets (ORT, tract) do not export, with a word their typed
-/// "unsupported" error must contain. Empty: every fixture exports (the decoders of [`FIXTURES`],
-/// and the Switch encoder of [`ENCODER_FIXTURES`] as an encoder graph). Kept, with its name and
-/// element type, for the targets' refusal tests and for code that still iterates it.
-pub const REFUSED_BY_PORTABLE_TARGETS: [(&str, &str); 0] = [];
-
 /// Largest |Δlogit| allowed for f32 conversions.
 pub const LOGIT_TOL: f32 = 1e-4;
 /// Largest |Δ| of a routing weight allowed for f32 conversions.
@@ -412,22 +406,6 @@ macro_rules! conformance_suite {
             granitemoe => "granitemoe",
             granitemoe_fused => "granitemoe-fused",
             gpt_oss => "gpt_oss",
-        );
-    };
-    // The families every target runs (standard decoders: GQA, RoPE on halves, SiLU-gated
-    // experts); targets that do not implement the newer recipes yet expand this arm and prove
-    // the others are refused (`REFUSED_BY_PORTABLE_TARGETS`).
-    (@standard $open:expr) => {
-        $crate::conformance_suite!(@tests $open;
-            mixtral => "mixtral",
-            mixtral_fused => "mixtral-fused",
-            mixtral_bf16_sharded => "mixtral-bf16-sharded",
-            qwen2_moe => "qwen2_moe",
-            qwen2_moe_fused => "qwen2_moe-fused",
-            qwen3_moe => "qwen3_moe",
-            qwen3_moe_fused => "qwen3_moe-fused",
-            olmoe => "olmoe",
-            olmoe_fused => "olmoe-fused",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {
