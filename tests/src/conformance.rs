@@ -739,6 +739,43 @@ macro_rules! encoder_suite {
     };
 }
 
+/// The synthetic config with MLA attention (low-rank q when `q_lora_rank > 0`, interleaved and
+/// scaled RoPE, an explicit softmax scale) instead of q/k/v projections.
+pub fn mla_config(q_lora_rank: usize) -> meo::ModelConfig {
+    let mut c = synthetic_config();
+    (c.attention_bias, c.qk_norm, c.clip_qkv) = (false, meo::QkNorm::None, None);
+    (c.num_kv_heads, c.head_dim) = (c.num_heads, 8);
+    c.recipe.mla = Some(meo::config::Mla {
+        q_lora_rank,
+        kv_lora_rank: 10,
+        qk_nope_head_dim: 6,
+        v_head_dim: 5,
+        latent_norm_eps: 1e-6,
+    });
+    c.recipe.rope_interleave = true;
+    c.recipe.rope_inv_freq = Some(vec![1.0, 0.3, 0.05, 0.002]);
+    c.recipe.rope_attention_factor = Some(1.1);
+    c.recipe.attention_scale = Some(0.3);
+    c
+}
+
+/// Runs every [`portable_recipe_variants`] model on a target opened by `open(model, fixed)`
+/// (`fixed`: the fixed-shape form, 5 tokens per call over 24 cache slots) in both forms, and
+/// asserts its logits are within [`LOGIT_TOL`] of the CPU target's ([`compare_with_cpu`]).
+pub fn check_recipe_variants(open: &dyn Fn(&'static meo::Model, bool) -> Box<dyn Runner>) {
+    for (name, c) in portable_recipe_variants() {
+        let bytes = synthetic_model(&c, meo::DType::F32, meo::DType::F32, 11, &|_| false, &[]);
+        let m: &'static meo::Model = Box::leak(Box::new(meo::Model::from_vec(bytes).expect("synthetic model opens")));
+        let prompt: Vec<u32> = (0..13).map(|i| ((i * 37 + 11) % c.vocab_size) as u32).collect();
+        let decode = [5, 17, 3];
+        for fixed in [false, true] {
+            let d = compare_with_cpu(name, m, &mut *open(m, fixed), &prompt, &decode);
+            println!("{name} (fixed shape: {fixed}): max |Δlogit| vs CPU {d:.3e}");
+            assert!(d <= LOGIT_TOL, "{name} (fixed shape: {fixed}): max |Δlogit| {d}");
+        }
+    }
+}
+
 /// Synthetic configs for the portable targets (ONNX export on ORT and tract): recipe
 /// combinations no fixture has, checked against the CPU target (`compare_with_cpu`).
 /// - `gqa`: [`synthetic_config`] (q/k/v biases, full-width q/k norm, clipping, a windowed dense
@@ -751,7 +788,7 @@ macro_rules! encoder_suite {
 /// - `mla` / `mla-qlora`: MLA with a plain and a low-rank q, sigmoid scoring with a selection
 ///   bias and group-limited selection (top-two-sum and max group scores), scaled weights.
 pub fn portable_recipe_variants() -> Vec<(&'static str, meo::ModelConfig)> {
-    use meo::config::{Activation, GroupScore, Mla, Scoring};
+    use meo::config::{Activation, GroupScore, Scoring};
     let mut out = vec![("gqa", synthetic_config())];
 
     let mut c = synthetic_config();
@@ -778,20 +815,7 @@ pub fn portable_recipe_variants() -> Vec<(&'static str, meo::ModelConfig)> {
     for (name, q_lora, rule, topk_group) in
         [("mla", 0, GroupScore::TopTwoSum, 1), ("mla-qlora", 12, GroupScore::Max, 2)]
     {
-        let mut c = synthetic_config();
-        (c.attention_bias, c.qk_norm, c.clip_qkv) = (false, meo::QkNorm::None, None);
-        (c.num_kv_heads, c.head_dim) = (c.num_heads, 8);
-        c.recipe.mla = Some(Mla {
-            q_lora_rank: q_lora,
-            kv_lora_rank: 10,
-            qk_nope_head_dim: 6,
-            v_head_dim: 5,
-            latent_norm_eps: 1e-6,
-        });
-        c.recipe.rope_interleave = true;
-        c.recipe.rope_inv_freq = Some(vec![1.0, 0.3, 0.05, 0.002]);
-        c.recipe.rope_attention_factor = Some(1.1);
-        c.recipe.attention_scale = Some(0.3);
+        let mut c = mla_config(q_lora);
         c.router.scoring = Scoring::Sigmoid;
         (c.router.selection_bias, c.router.n_group, c.router.topk_group, c.router.group_score) =
             (true, 3, topk_group, rule);

@@ -20,7 +20,7 @@ mod model {
     use meo::route::Choice;
     use meo::{DType, ForwardError, MetaValue, Model, ModelError, Session, SessionOptions, Trace};
     use meo_converter::canonical::{Canon, Place};
-    use meo_tests::conformance::{synthetic_config, synthetic_model};
+    use meo_tests::conformance::{mla_config, synthetic_config, synthetic_model};
     use std::collections::{BTreeMap, BTreeSet};
 
     fn model(bytes: Vec<u8>) -> Model {
@@ -89,26 +89,6 @@ mod model {
             let last = s.forward_with(&toks, meo::Logits::Last, &mut meo::NoTrace).unwrap().to_vec();
             assert_eq!(last, all[all.len() - c.vocab_size..]);
         }
-    }
-
-    /// The synthetic config with MLA attention (low-rank q, interleaved and scaled RoPE, an
-    /// explicit softmax scale) instead of q/k/v projections.
-    fn mla_config(q_lora_rank: usize) -> meo::ModelConfig {
-        let mut c = synthetic_config();
-        (c.attention_bias, c.qk_norm, c.clip_qkv) = (false, QkNorm::None, None);
-        (c.num_kv_heads, c.head_dim) = (c.num_heads, 8);
-        c.recipe.mla = Some(meo::config::Mla {
-            q_lora_rank,
-            kv_lora_rank: 10,
-            qk_nope_head_dim: 6,
-            v_head_dim: 5,
-            latent_norm_eps: 1e-6,
-        });
-        c.recipe.rope_interleave = true;
-        c.recipe.rope_inv_freq = Some(vec![1.0, 0.3, 0.05, 0.002]);
-        c.recipe.rope_attention_factor = Some(1.1);
-        c.recipe.attention_scale = Some(0.3);
-        c
     }
 
     #[test]

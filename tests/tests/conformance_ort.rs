@@ -85,22 +85,12 @@ fn what_stays_refused_is_refused_by_name() {
 #[test]
 fn synthetic_recipe_variants_match_the_cpu() {
     use meo_ort::export::StaticShape;
-    use meo_tests::conformance::{LOGIT_TOL, compare_with_cpu, portable_recipe_variants, synthetic_model};
-    let opts = |s| OrtOptions { threads: 2, static_shape: s, ..Default::default() };
-    let open = |m: &'static Model, s| -> Box<dyn Runner> {
-        Box::new(TargetRunner(OrtTarget::new(m, opts(s)).unwrap_or_else(|e| panic!("{e}"))))
-    };
-    for (name, c) in portable_recipe_variants() {
-        for experts in [meo::DType::F32] {
-            let bytes = synthetic_model(&c, meo::DType::F32, experts, 11, &|_| false, &[]);
-            let m: &'static Model = Box::leak(Box::new(Model::from_vec(bytes).expect("synthetic model opens")));
-            let prompt: Vec<u32> = (0..13).map(|i| ((i * 37 + 11) % c.vocab_size) as u32).collect();
-            let decode = [5, 17, 3];
-            for shape in [None, Some(StaticShape { seq: 5, context: 24 })] {
-                let d = compare_with_cpu(name, m, &mut *open(m, shape), &prompt, &decode);
-                println!("{name} ({}, {shape:?}): max |Δlogit| vs CPU {d:.3e}", experts.name());
-                assert!(d <= LOGIT_TOL, "{name} ({}, {shape:?}): max |Δlogit| {d}", experts.name());
-            }
-        }
-    }
+    meo_tests::conformance::check_recipe_variants(&|m, fixed| {
+        let opts = OrtOptions {
+            threads: 2,
+            static_shape: fixed.then_some(StaticShape { seq: 5, context: 24 }),
+            ..Default::default()
+        };
+        Box::new(TargetRunner(OrtTarget::new(m, opts).unwrap_or_else(|e| panic!("{e}"))))
+    });
 }

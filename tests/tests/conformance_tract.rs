@@ -56,7 +56,7 @@ impl<'m> TractTarget<'m> {
         static_shape: Option<StaticShape>,
     ) -> Result<Self, TargetError> {
         let (plan, info) = compile(model, &mode, weights, static_shape)?;
-        let kv = empty_cache(&info);
+        let kv = GraphInfo::empty_cache(&info);
         Ok(Self { model, weights, static_shape, plan, info, kv, pos: 0, logits: Vec::new() })
     }
 
@@ -105,15 +105,6 @@ impl<'m> TractTarget<'m> {
     }
 }
 
-/// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
-fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
-    if info.encoder.is_some() {
-        return Vec::new();
-    }
-    let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
-    (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
-}
-
 impl Target for TractTarget<'_> {
     fn name(&self) -> &str {
         "tract"
@@ -154,7 +145,7 @@ impl Target for TractTarget<'_> {
     }
     fn reset(&mut self) {
         self.pos = 0;
-        self.kv = empty_cache(&self.info);
+        self.kv = GraphInfo::empty_cache(&self.info);
     }
     fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
         let Some(hidden) = self.info.encoder else {
@@ -178,7 +169,7 @@ impl Target for TractTarget<'_> {
     }
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         let (plan, info) = compile(self.model, &opts, self.weights, self.static_shape)?;
-        self.kv = empty_cache(&info);
+        self.kv = GraphInfo::empty_cache(&info);
         (self.plan, self.info, self.pos) = (plan, info, 0);
         Ok(self.info.merged.clone())
     }
@@ -247,22 +238,9 @@ fn what_stays_refused_is_refused_by_name() {
 #[test]
 fn synthetic_recipe_variants_match_the_cpu() {
     use meo_ort::export::StaticShape;
-    use meo_tests::conformance::{LOGIT_TOL, compare_with_cpu, portable_recipe_variants, synthetic_model};
-    let open = |m: &'static Model, s| -> Box<dyn Runner> {
-        let t = TractTarget::with_static_shape(m, MergeOptions::default(), WeightFormat::Block, s);
+    meo_tests::conformance::check_recipe_variants(&|m, fixed| {
+        let shape = fixed.then_some(StaticShape { seq: 5, context: 24 });
+        let t = TractTarget::with_static_shape(m, MergeOptions::default(), WeightFormat::Block, shape);
         Box::new(TargetRunner(t.unwrap_or_else(|e| panic!("{e}"))))
-    };
-    for (name, c) in portable_recipe_variants() {
-        for experts in [meo::DType::F32] {
-            let bytes = synthetic_model(&c, meo::DType::F32, experts, 11, &|_| false, &[]);
-            let m: &'static Model = Box::leak(Box::new(Model::from_vec(bytes).expect("synthetic model opens")));
-            let prompt: Vec<u32> = (0..13).map(|i| ((i * 37 + 11) % c.vocab_size) as u32).collect();
-            let decode = [5, 17, 3];
-            for shape in [None, Some(StaticShape { seq: 5, context: 24 })] {
-                let d = compare_with_cpu(name, m, &mut *open(m, shape), &prompt, &decode);
-                println!("{name} ({}, {shape:?}): max |Δlogit| vs CPU {d:.3e}", experts.name());
-                assert!(d <= LOGIT_TOL, "{name} ({}, {shape:?}): max |Δlogit| {d}", experts.name());
-            }
-        }
-    }
+    });
 }

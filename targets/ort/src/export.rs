@@ -146,6 +146,16 @@ pub struct GraphInfo {
 }
 
 impl GraphInfo {
+    /// An empty KV cache for this graph, `(keys, values)` per layer: zeros over every slot in
+    /// the fixed-shape form, empty otherwise (and no layers for an encoder).
+    pub fn empty_cache(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
+        if self.encoder.is_some() {
+            return Vec::new();
+        }
+        let slots = self.static_shape.map_or(0, |s| s.context) * self.kv_heads;
+        (0..self.num_layers).map(|_| (vec![0.0; slots * self.head_dim], vec![0.0; slots * self.value_dim])).collect()
+    }
+
     pub fn past_key(l: usize) -> String {
         format!("past_key.{l}")
     }
@@ -468,27 +478,32 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         x = residual(&mut g, &x, &y);
     }
     let hn = g.norm("output_norm", &x, gp.output_norm, gp.output_norm_bias, kind, eps)?;
-    if encoder {
-        g.rename(&hn, ENCODER_OUTPUT);
-        g.output(ENCODER_OUTPUT, DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(c.hidden_size)]);
-        let k = c.router.top_k;
+    // Route outputs come last in both graph kinds (runtimes read them by position).
+    let k = c.router.top_k;
+    let route_outputs = |g: &mut Builder<'_>| {
         for &l in &routed {
             g.output(&GraphInfo::route_experts(l), DataType::INT64, &[seq_dim.clone(), Dim::Fixed(k)]);
             g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
         }
-        let info = GraphInfo {
-            num_layers: c.num_layers,
-            kv_heads: nkv,
-            head_dim: kd,
-            value_dim: vd,
-            vocab,
-            routed,
-            top_k: k,
-            merged: merged.keys().copied().collect(),
-            max_positions: c.max_position_embeddings,
-            static_shape: None,
-            encoder: Some(c.hidden_size),
-        };
+    };
+    let info = |static_shape, encoder| GraphInfo {
+        num_layers: c.num_layers,
+        kv_heads: nkv,
+        head_dim: kd,
+        value_dim: vd,
+        vocab,
+        routed: routed.clone(),
+        top_k: k,
+        merged: merged.keys().copied().collect(),
+        max_positions: c.max_position_embeddings,
+        static_shape,
+        encoder,
+    };
+    if encoder {
+        g.rename(&hn, ENCODER_OUTPUT);
+        g.output(ENCODER_OUTPUT, DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(c.hidden_size)]);
+        route_outputs(&mut g);
+        let info = info(None, Some(c.hidden_size));
         let doc = format!("meo export: encoder (`input_ids` → `{ENCODER_OUTPUT}`), merged layers {:?}", info.merged);
         return Ok(Exported { model: g.finish(&c.architecture, doc), info });
     }
@@ -506,24 +521,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         g.output(&GraphInfo::present_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
         g.output(&GraphInfo::present_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
     }
-    let k = c.router.top_k;
-    for &l in &routed {
-        g.output(&GraphInfo::route_experts(l), DataType::INT64, &[seq_dim.clone(), Dim::Fixed(k)]);
-        g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
-    }
-    let info = GraphInfo {
-        num_layers: c.num_layers,
-        kv_heads: nkv,
-        head_dim: kd,
-        value_dim: vd,
-        vocab,
-        routed,
-        top_k: k,
-        merged: merged.keys().copied().collect(),
-        max_positions: c.max_position_embeddings,
-        static_shape: fixed,
-        encoder: None,
-    };
+    route_outputs(&mut g);
+    let info = info(fixed, None);
     let mut doc = match &opts.merge.mode {
         Mode::Task(t) => format!("meo export: task-merged ({t}), layers {:?} merged", info.merged),
         _ => "meo export: vanilla routing".to_string(),

@@ -236,7 +236,7 @@ impl<'m> OrtTarget<'m> {
     /// As [`new`](Self::new).
     pub fn with_mode(model: &'m Model, opts: OrtOptions, mode: MergeOptions) -> Result<Self, OrtError> {
         let (session, info, registered, skipped, profile_dir) = open(model, &opts, &mode)?;
-        let kv = empty_cache(&info);
+        let kv = GraphInfo::empty_cache(&info);
         Ok(Self { model, opts, mode, session, info, registered, skipped, kv, pos: 0, logits: Vec::new(), profile_dir })
     }
 
@@ -338,15 +338,6 @@ impl OrtTarget<'_> {
         self.pos += t;
         Ok(())
     }
-}
-
-/// An empty cache for `info`'s graph (zeros over every slot in the fixed-shape form).
-fn empty_cache(info: &GraphInfo) -> Vec<(Vec<f32>, Vec<f32>)> {
-    if info.encoder.is_some() {
-        return Vec::new();
-    }
-    let slots = info.static_shape.map_or(0, |s| s.context) * info.kv_heads;
-    (0..info.num_layers).map(|_| (vec![0.0; slots * info.head_dim], vec![0.0; slots * info.value_dim])).collect()
 }
 
 /// Graph outputs by name: (shape, f32 data, i64 data).
@@ -475,7 +466,7 @@ impl Target for OrtTarget<'_> {
 
     fn reset(&mut self) {
         self.pos = 0;
-        self.kv = empty_cache(&self.info);
+        self.kv = GraphInfo::empty_cache(&self.info);
     }
 
     fn encode(&mut self, tokens: &[u32], trace: &mut dyn Trace) -> Result<&[f32], TargetError> {
@@ -527,7 +518,7 @@ impl Target for OrtTarget<'_> {
                 }
                 e => TargetError::Device { target: "ort".into(), reason: e.to_string() },
             })?;
-        self.kv = empty_cache(&info);
+        self.kv = GraphInfo::empty_cache(&info);
         (self.session, self.info, self.registered, self.skipped, self.profile_dir) =
             (session, info, registered, skipped, profile_dir);
         self.mode = opts;
