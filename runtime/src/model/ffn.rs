@@ -207,8 +207,11 @@ pub(crate) fn moe(
         shared(par, bytes, p, spec, x, t, s, out);
         return;
     }
-    if t > 1 && par.threads() > 1 && s.selected.len() >= 2 * par.threads() {
-        prompt_experts(par, bytes, p, x, t, s, out);
+    if t > 1
+        && par.threads() > 1
+        && s.selected.len() >= 2 * par.threads()
+        && prompt_experts(par, bytes, p, x, t, s, out)
+    {
         shared(par, bytes, p, spec, x, t, s, out);
         return;
     }
@@ -239,6 +242,8 @@ pub(crate) fn moe(
 /// runs on one thread over all of its tokens), largest first, in one fork/join per layer
 /// instead of two per expert; then the weighted scatter-add in ascending expert order, as the
 /// general path. Each value is computed by the same kernels as there, so the results are equal.
+/// False (nothing done) when the padded output buffer would exceed [`PROMPT_EXPERTS_MAX_BYTES`]
+/// (very long prompts): the caller then runs the experts one by one.
 fn prompt_experts(
     par: &dyn Parallel,
     bytes: &[u8],
@@ -247,7 +252,7 @@ fn prompt_experts(
     t: usize,
     s: &mut FfnScratch,
     out: &mut [f32],
-) {
+) -> bool {
     let h = x.len() / t;
     let (selected, assign, starts) = (&s.selected, &s.assign, &s.starts);
     let group = |ei: u32| &assign[starts[ei as usize]..starts[ei as usize + 1]];
@@ -255,6 +260,10 @@ fn prompt_experts(
     let mut order: Vec<u32> = selected.clone();
     order.sort_by_key(|&e| core::cmp::Reverse(group(e).len()));
     let most = order.first().map_or(0, |&e| group(e).len());
+    // Every expert's output is padded to the largest one's.
+    if order.len() * most * h * core::mem::size_of::<f32>() > PROMPT_EXPERTS_MAX_BYTES {
+        return false;
+    }
     resize(&mut s.ys, order.len() * most * h);
     let task = |i: usize, o: &mut [f32]| {
         let ei = order[i];
@@ -278,7 +287,11 @@ fn prompt_experts(
             }
         }
     }
+    true
 }
+
+/// Largest output buffer [`prompt_experts`] allocates (longer prompts take the general path).
+const PROMPT_EXPERTS_MAX_BYTES: usize = 64 << 20;
 
 /// One token's selected experts (`s.selected`, weights in `s.assign`) in two parallel passes:
 /// every gate/up/activation, then every down projection; then the weighted sum in ascending
