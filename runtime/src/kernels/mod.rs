@@ -26,10 +26,11 @@
 //! products (int32, exact) scaled by the two block scales, like ggml's `q8_0 × q8_0`
 //! `vec_dot`. A register-blocked micro-kernel computes 4 weight rows × 2–4 tokens at once
 //! (each loaded block reused across them, one horizontal sum per output at the end); decode
-//! (`T = 1`) is the same kernel over 4 rows × 1 token, which prefetches the next 4 rows. It is chosen once per matmul by CPU
-//! feature detection: AVX-512 VNNI, AVX-VNNI or AVX2 (F16C for the scales) on x86-64, `sdot`
-//! or plain NEON on aarch64, and a portable scalar loop everywhere else (and without `std`,
-//! unless the target enables them at compile time). A pass over the rows keeps ≤ 256 KiB
+//! (`T = 1`) is the same kernel over 4 rows × 1 token, which prefetches the next 4 rows. It is
+//! chosen once per matmul by CPU feature detection: AVX-512 VNNI, AVX-VNNI or AVX2 (F16C for
+//! the scales) on x86-64, `smmla` (i8mm), `sdot` or plain NEON on aarch64, and a portable
+//! scalar loop everywhere else (and without `std`, unless the target enables them at compile
+//! time). A pass over the rows keeps ≤ 256 KiB
 //! of activations in L2.
 //!
 //! # Numerics

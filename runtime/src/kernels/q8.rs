@@ -96,6 +96,8 @@ pub(crate) enum Kernel {
     Neon,
     #[cfg(target_arch = "aarch64")]
     NeonDot,
+    #[cfg(target_arch = "aarch64")]
+    NeonI8mm,
 }
 
 impl Kernel {
@@ -144,6 +146,12 @@ impl Kernel {
         }
         #[cfg(all(not(feature = "std"), target_arch = "aarch64", target_feature = "dotprod"))]
         v.push(Self::NeonDot);
+        #[cfg(all(feature = "std", target_arch = "aarch64"))]
+        if std::arch::is_aarch64_feature_detected!("i8mm") {
+            v.push(Self::NeonI8mm);
+        }
+        #[cfg(all(not(feature = "std"), target_arch = "aarch64", target_feature = "i8mm"))]
+        v.push(Self::NeonI8mm);
         v
     }
 
@@ -190,6 +198,8 @@ impl Kernel {
             Self::Neon => unsafe { run::<arm::Neon, 4, 2>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "aarch64")]
             Self::NeonDot => unsafe { run::<arm::NeonDot, 4, 2>(w, r0, nr, x, t, out) },
+            #[cfg(target_arch = "aarch64")]
+            Self::NeonI8mm => unsafe { run::<arm::NeonI8mm, 4, 2>(w, r0, nr, x, t, out) },
         }
     }
 }
@@ -813,6 +823,120 @@ mod arm {
     tile_neon!(tile_neon, "neon", block_neon);
     tile_neon!(tile_neon_dot, "neon,dotprod", block_dot);
 
+    /// `smmla`: `acc[2i + j] += Σ_k a[8i + k] · b[8j + k]`, a 2 × 2 block of i32 dot products of
+    /// two 8-byte rows of `a` with two of `b`.
+    #[inline]
+    #[target_feature(enable = "neon,i8mm")]
+    fn mmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: pure register arithmetic; the CPU has i8mm (target feature).
+        // `vmmlaq_s32` is still unstable (stdarch_neon_i8mm): `smmla` by hand.
+        unsafe {
+            core::arch::asm!(
+                "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack),
+            );
+        }
+        acc
+    }
+
+    /// One 32-byte block of two rows as `smmla` operands: `[p0[8k..8k+8], p1[8k..8k+8]]`, k < 4.
+    ///
+    /// # Safety
+    /// `p0` and `p1` valid for 32 bytes.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn two_rows(p0: *const i8, p1: *const i8) -> [int8x16_t; 4] {
+        let zip = |a: int8x16_t, b: int8x16_t| {
+            let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
+            (vreinterpretq_s8_s64(vzip1q_s64(a, b)), vreinterpretq_s8_s64(vzip2q_s64(a, b)))
+        };
+        // SAFETY: per the contract.
+        let (a0, a1, b0, b1) = unsafe { (vld1q_s8(p0), vld1q_s8(p0.add(16)), vld1q_s8(p1), vld1q_s8(p1.add(16))) };
+        let ((k0, k1), (k2, k3)) = (zip(a0, b0), zip(a1, b1));
+        [k0, k1, k2, k3]
+    }
+
+    /// The i8mm micro-kernel: rows and tokens in pairs (the last one doubled when odd), each
+    /// block's exact i32 sums from four `smmla`, one f32 lane per output:
+    /// `acc = fma(f32(sum_b), dw_b·dx_b, acc)` block by block. Every output is computed by the
+    /// same operations in whatever tile shape, so results do not depend on tiling (decoding
+    /// doubles the token: memory-bound, the extra arithmetic is free).
+    ///
+    /// # Safety
+    /// As [`Micro::tile`], with neon and i8mm; `MR ≤ 4`, `NR ≤ 4`.
+    #[target_feature(enable = "neon,i8mm")]
+    #[allow(clippy::needless_range_loop)] // [row pair][token pair] indices read best as such
+    unsafe fn tile_i8mm<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        let nb = w.nb;
+        let row = nb * QK;
+        let (rp, tp) = (MR.div_ceil(2), NR.div_ceil(2));
+        // Row / token of pair `p`, half `h` (the last doubled when odd).
+        let ri = |p: usize, h: usize| (2 * p + h).min(MR - 1);
+        let tj = |q: usize, h: usize| (2 * q + h).min(NR - 1);
+        let ws: [&[u8]; MR] = core::array::from_fn(|i| &w.s[(r + i) * nb * 2..][..nb * 2]);
+        let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * nb..][..nb]);
+        let mut acc = [[vdupq_n_f32(0.0); 2]; 2];
+        if NR == 1 {
+            // The next tile's scales (a separate plane, not covered by the row prefetch).
+            for i in MR..2 * MR {
+                prefetch(w.s.as_ptr().wrapping_add((r + i) * nb * 2));
+                prefetch(w.s.as_ptr().wrapping_add((r + i + 1) * nb * 2 - 1));
+            }
+        }
+        for b in 0..nb {
+            let off = b * QK;
+            // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller); block b < nb of
+            // each; unaligned loads.
+            unsafe {
+                let xp = |j: usize| x.q.as_ptr().add((tok + j) * row + off);
+                let xv: [[int8x16_t; 4]; 2] = core::array::from_fn(|q| {
+                    if q < tp { two_rows(xp(tj(q, 0)), xp(tj(q, 1))) } else { [vdupq_n_s8(0); 4] }
+                });
+                for p in 0..rp {
+                    let (i0, i1) = (ri(p, 0), ri(p, 1));
+                    if NR == 1 {
+                        prefetch(w.q.as_ptr().wrapping_add((r + MR + i0) * row + off));
+                        prefetch(w.q.as_ptr().wrapping_add((r + MR + i1) * row + off));
+                    }
+                    let wp = |i: usize| w.q.as_ptr().add((r + i) * row + off).cast::<i8>();
+                    let wv = two_rows(wp(i0), wp(i1));
+                    let (dw0, dw1) = (scale(ws[i0], b), scale(ws[i1], b));
+                    for q in 0..tp {
+                        let mut s = vdupq_n_s32(0);
+                        for k in 0..4 {
+                            s = mmla(s, wv[k], xv[q][k]);
+                        }
+                        let (dx0, dx1) = (xd[tj(q, 0)][b], xd[tj(q, 1)][b]);
+                        let sc = [dw0 * dx0, dw0 * dx1, dw1 * dx0, dw1 * dx1];
+                        acc[p][q] = vfmaq_f32(acc[p][q], vcvtq_f32_s32(s), vld1q_f32(sc.as_ptr()));
+                    }
+                }
+            }
+        }
+        for p in 0..rp {
+            for q in 0..tp {
+                let mut v = [0.0f32; 4];
+                // SAFETY: `v` holds 4 f32.
+                unsafe { vst1q_f32(v.as_mut_ptr(), acc[p][q]) };
+                for (l, &val) in v.iter().enumerate() {
+                    // Doubled rows/tokens write the same value to the same place twice.
+                    out[ri(p, l / 2) + tj(q, l % 2) * os] = val;
+                }
+            }
+        }
+    }
+
     /// Plain NEON.
     pub(super) struct Neon;
     impl Micro for Neon {
@@ -831,6 +955,22 @@ mod arm {
 
     /// NEON with `sdot`.
     pub(super) struct NeonDot;
+    /// NEON with `smmla` (i8mm; such CPUs also have `sdot`).
+    pub(super) struct NeonI8mm;
+    impl Micro for NeonI8mm {
+        unsafe fn tile<const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            // SAFETY: forwarded contract (CPU features and bounds; `gemm` uses 4 × 2 tiles).
+            unsafe { tile_i8mm::<MR, NR>(w, r, x, tok, out, os) }
+        }
+    }
+
     impl Micro for NeonDot {
         unsafe fn tile<const MR: usize, const NR: usize>(
             w: &QWeights<'_>,
