@@ -11,7 +11,7 @@
 //!
 //! Inputs used by several products (q/k/v; an MLP's gate and up) are wrapped once in [`Acts`],
 //! so Q8_0 quantizes them once; [`matmul_glu`] computes gate, up and the activation in one
-//! threaded pass; [`gemv_many`] runs the selected experts (or q/k/v) of a decoding step in one pass
+//! threaded pass; [`gemv_many`] runs the selected experts of a decoding step in one pass
 //! (one fork/join per layer phase instead of one per matrix). The pool (`ThreadPool`) makes
 //! the calling thread work too and keeps its workers spinning briefly between jobs: a decode
 //! step is ~100 fork/joins.
@@ -487,44 +487,38 @@ pub struct Gemv<'x, 'w> {
     pub glu: Option<(MatRef<'w>, Glu<'x>)>,
 }
 
-/// Several one-token products (the selected experts of a layer, or q/k/v, in decoding) in
-/// **one** parallel pass: job `e`'s `w.rows()` results follow job `e − 1`'s in `out`. One
+/// Several one-token products with outputs of the same length `n` (the selected experts of a
+/// layer in decoding) in **one** parallel pass: `out[e·n..][..n]` is job `e`'s result. One
 /// fork/join instead of one per matrix, and the threads balance over all of them, not per
 /// matrix. Each row is computed by the same kernel as [`matmul`], so the values are identical.
 ///
 /// # Panics
-/// If a job's `x` is not one token of `w.cols()` values, `out.len()` is not the sum of the
-/// jobs' rows, or a gate and up pair differ in shape or dtype.
-pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
+/// If a job's `x` is not one token of `w.cols()` values, `w.rows() != n` for some job,
+/// `out.len() != jobs.len() · n`, or a gate and up pair differ in shape or dtype.
+pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], n: usize, out: &mut [f32]) {
+    assert!(out.len() == jobs.len() * n, "gemv_many: output length");
     for j in jobs {
         let (w, k) = (&j.w, j.w.cols);
-        assert!(j.x.t == 1 && j.x.x.len() == k, "gemv_many: shapes do not match");
+        assert!(j.x.t == 1 && j.x.x.len() == k && w.rows == n, "gemv_many: shapes do not match");
         assert!(
-            j.glu.as_ref().is_none_or(|(u, _)| u.rows == w.rows && u.cols == k && u.dtype == w.dtype),
+            j.glu.as_ref().is_none_or(|(u, _)| u.rows == n && u.cols == k && u.dtype == w.dtype),
             "gemv_many: gate and up differ"
         );
     }
-    let total: usize = jobs.iter().map(|j| j.w.rows).sum();
-    assert!(out.len() == total, "gemv_many: output length");
-    if total == 0 {
+    if jobs.is_empty() || n == 0 {
         return;
     }
     let kern = q8::Kernel::detect();
     // Quantized on this thread first: `Acts` caches lazily and is not `Sync`.
     let xq: Vec<Option<&q8::QActs>> =
         jobs.iter().map(|j| (j.w.dtype == DType::Q8_0).then(|| j.x.quantized(j.w.cols))).collect();
-    let macs: usize = jobs.iter().map(|j| j.w.rows * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
+    let macs: usize = jobs.iter().map(|j| n * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
     let serial = par.threads() <= 1 || macs < PARALLEL_MIN_MACS;
-    // Tasks of `c` rows (≈ 8 per thread: the join waits for at most one short task); job `e`
-    // takes tasks `first[e]..first[e + 1]`, its output padded to whole tasks so that the tasks
-    // are equal chunks of one buffer.
-    let c = if serial { total } else { rows_per_task(total, 2 * par.threads()) };
-    let first: Vec<usize> = core::iter::once(0)
-        .chain(jobs.iter().scan(0, |acc, j| {
-            *acc += j.w.rows.div_ceil(c);
-            Some(*acc)
-        }))
-        .collect();
+    // Every job split into `m` tasks of `c` rows; outputs padded to `m · c` rows per job so
+    // that the tasks are equal chunks of one buffer.
+    // ≈ 8 tasks per thread: the join waits for at most one short task.
+    let c = if serial { n } else { rows_per_task(n * jobs.len(), 2 * par.threads()).min(n) };
+    let m = n.div_ceil(c);
     // What the tasks read, without the (non-`Sync`) `Acts`: x, its quantized form, W, (U, act).
     type Plain<'a> = (&'a [f32], Option<&'a q8::QActs>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
     let plain: Vec<Plain<'_>> = jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
@@ -533,9 +527,8 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
         None => matmul_rows(plain[j].0, 1, w, r0, o),
     };
     let task = |i: usize, o: &mut [f32]| {
-        let j = first.partition_point(|&f| f <= i) - 1;
-        let r0 = (i - first[j]) * c;
-        let o = &mut o[..c.min(plain[j].2.rows - r0)];
+        let (j, r0) = (i / m, (i % m) * c);
+        let o = &mut o[..c.min(n - r0)];
         rows(j, plain[j].2, r0, o);
         if let Some((u, act)) = plain[j].3 {
             let mut up = vec![0.0f32; o.len()];
@@ -543,15 +536,13 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
             act(o, &up);
         }
     };
-    if jobs.iter().all(|j| j.w.rows % c == 0) {
+    if m * c == n {
         par.for_each_chunk(out, c, &task);
     } else {
-        let mut padded = vec![0.0f32; first[jobs.len()] * c];
+        let mut padded = vec![0.0f32; jobs.len() * m * c];
         par.for_each_chunk(&mut padded, c, &task);
-        let mut at = 0;
-        for (e, j) in jobs.iter().enumerate() {
-            out[at..][..j.w.rows].copy_from_slice(&padded[first[e] * c..][..j.w.rows]);
-            at += j.w.rows;
+        for (o, p) in out.chunks_exact_mut(n).zip(padded.chunks_exact(m * c)) {
+            o.copy_from_slice(&p[..n]);
         }
     }
 }
@@ -721,7 +712,7 @@ mod tests {
                             })
                             .collect();
                         let mut y = vec![0.0; jobs * n];
-                        gemv_many(par, &list, &mut y);
+                        gemv_many(par, &list, n, &mut y);
                         assert_eq!(y, want.concat(), "gemv_many {dtype:?} {n}x{k} ×{jobs}");
                     }
                 }

@@ -4,7 +4,7 @@
 
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
-use crate::kernels::{Acts, Gemv, Parallel, dot, gemv_many, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
+use crate::kernels::{Acts, Parallel, dot, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far, `[positions, kv_heads · head_dim]` each.
@@ -17,8 +17,6 @@ pub(crate) struct LayerCache {
 /// Reusable buffers of the attention block.
 #[derive(Debug, Default)]
 pub(crate) struct AttnScratch {
-    /// q, k and v of one decoded token, as one pass writes them.
-    qkv: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -78,21 +76,11 @@ pub(crate) fn attention(
     resize(&mut s.q, t * qd);
     resize(&mut s.k, t * kvd);
     resize(&mut s.v, t * kvd);
-    // q, k and v read the same input: quantized once; in decoding, one parallel pass.
+    // q, k and v read the same input: quantized once.
     let xa = Acts::new(x, t);
-    let (wq, wk, wv) = (a.q.view(bytes), a.k.view(bytes), a.v.view(bytes));
-    if t == 1 {
-        let jobs = [wq, wk, wv].map(|w| Gemv { x: &xa, w, glu: None });
-        resize(&mut s.qkv, qd + 2 * kvd);
-        gemv_many(par, &jobs, &mut s.qkv);
-        s.q.copy_from_slice(&s.qkv[..qd]);
-        s.k.copy_from_slice(&s.qkv[qd..][..kvd]);
-        s.v.copy_from_slice(&s.qkv[qd + kvd..]);
-    } else {
-        matmul_acts(par, &xa, &wq, &mut s.q);
-        matmul_acts(par, &xa, &wk, &mut s.k);
-        matmul_acts(par, &xa, &wv, &mut s.v);
-    }
+    matmul_acts(par, &xa, &a.q.view(bytes), &mut s.q);
+    matmul_acts(par, &xa, &a.k.view(bytes), &mut s.k);
+    matmul_acts(par, &xa, &a.v.view(bytes), &mut s.v);
     if let Some([bq, bk, bv]) = &a.bias {
         for (buf, b, width) in [(&mut s.q, bq, qd), (&mut s.k, bk, kvd), (&mut s.v, bv, kvd)] {
             b.read(bytes, &mut s.w);
