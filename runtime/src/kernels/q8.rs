@@ -224,6 +224,16 @@ fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Prefetches the scales of the `mr` rows after the tile whose scales start at `ws` (each row's
+/// `2·nb` bytes lie in a separate plane, so the weight prefetch does not bring them).
+#[inline(always)]
+fn prefetch_scales(ws: *const u8, mr: usize, nb: usize) {
+    for i in mr..2 * mr {
+        prefetch(ws.wrapping_add(i * nb * 2));
+        prefetch(ws.wrapping_add((i + 1) * nb * 2 - 1));
+    }
+}
+
 /// Prefetches every cache line of `p[..len]`.
 #[inline]
 fn prefetch_range(p: *const u8, len: usize) {
@@ -346,7 +356,7 @@ fn dot_portable(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(feature = "std"), allow(dead_code))]
 mod x86 {
-    use super::{Micro, QActs, QK, QWeights, prefetch};
+    use super::{Micro, QActs, QK, QWeights, prefetch, prefetch_scales};
     use core::arch::x86_64::*;
 
     /// F16C conversion of `h` into `out` (lengths must match).
@@ -460,16 +470,6 @@ mod x86 {
     #[target_feature(enable = "avx2,avxvnni")]
     fn dot_vnni(w: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
         _mm256_dpbusd_avx_epi32(x.1, w.0, x.0)
-    }
-
-    /// Prefetches the scales of the `mr` rows after the tile at `ws` (each row's `2·nb` bytes
-    /// lie in a separate plane, so the weight prefetch does not bring them).
-    #[inline(always)]
-    fn prefetch_scales(ws: *const u8, mr: usize, nb: usize) {
-        for i in mr..2 * mr {
-            prefetch(ws.wrapping_add(i * nb * 2));
-            prefetch(ws.wrapping_add((i + 1) * nb * 2 - 1));
-        }
     }
 
     /// The 256-bit micro-kernel: per output one 8-lane f32 accumulator over every block of
@@ -725,7 +725,7 @@ pub(crate) fn f16_to_f32(h: &[f16], out: &mut [f32]) {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{Micro, QActs, QK, QWeights, prefetch, scale};
+    use super::{Micro, QActs, QK, QWeights, prefetch, prefetch_scales, scale};
     use core::arch::aarch64::*;
 
     /// Four i32 lane sums of one block with plain NEON: widening multiplies, pairwise
@@ -782,11 +782,7 @@ mod arm {
                 let mut acc = [[vdupq_n_f32(0.0); NR]; MR];
                 let ws: [&[u8]; MR] = core::array::from_fn(|i| &w.s[(r + i) * nb * 2..][..nb * 2]);
                 if NR == 1 {
-                    // The next tile's scales (a separate plane, not covered by the row prefetch).
-                    for i in MR..2 * MR {
-                        prefetch(w.s.as_ptr().wrapping_add((r + i) * nb * 2));
-                        prefetch(w.s.as_ptr().wrapping_add((r + i + 1) * nb * 2 - 1));
-                    }
+                    prefetch_scales(w.s.as_ptr().wrapping_add(r * nb * 2), MR, nb);
                 }
                 let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * nb..][..nb]);
                 for b in 0..nb {
@@ -888,11 +884,7 @@ mod arm {
         let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * nb..][..nb]);
         let mut acc = [[vdupq_n_f32(0.0); 2]; 2];
         if NR == 1 {
-            // The next tile's scales (a separate plane, not covered by the row prefetch).
-            for i in MR..2 * MR {
-                prefetch(w.s.as_ptr().wrapping_add((r + i) * nb * 2));
-                prefetch(w.s.as_ptr().wrapping_add((r + i + 1) * nb * 2 - 1));
-            }
+            prefetch_scales(w.s.as_ptr().wrapping_add(r * nb * 2), MR, nb);
         }
         for b in 0..nb {
             let off = b * QK;
