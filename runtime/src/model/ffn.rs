@@ -312,9 +312,8 @@ fn decode_experts(
         let slab = &bytes[ex.slab.clone()];
         let (Some(g), None) = (&ex.mlp.gate, &ex.mlp.bias) else { return false };
         let (g, u, d) = (g.view(slab), ex.mlp.up.view(slab), ex.mlp.down.view(slab));
-        let same = |a: &MatRef<'_>, b: &MatRef<'_>| {
-            a.dtype() == b.dtype() && a.rows() == b.rows() && a.cols() == b.cols()
-        };
+        let same =
+            |a: &MatRef<'_>, b: &MatRef<'_>| a.dtype() == b.dtype() && a.rows() == b.rows() && a.cols() == b.cols();
         if !same(&g, &u) || g.cols() != h || d.rows() != h || d.cols() != g.rows() {
             return false;
         }
