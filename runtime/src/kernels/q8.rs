@@ -35,6 +35,28 @@ impl QActs {
     /// from zero, clamped to ±127), as [`crate::quant::quantize_block`] but with the scale
     /// kept in f32.
     pub(crate) fn new(x: &[f32], t: usize, cols: usize) -> Self {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked on the line above).
+            return unsafe { Self::new_avx2(x, t, cols) };
+        }
+        Self::new_any(x, t, cols)
+    }
+
+    /// The same code with 256-bit vectors (every operation is exact per element, so the
+    /// values are the same bits): quantizing runs on the calling thread between parallel
+    /// passes, while the workers wait.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    #[target_feature(enable = "avx2")]
+    unsafe fn new_avx2(x: &[f32], t: usize, cols: usize) -> Self {
+        Self::new_any(x, t, cols)
+    }
+
+    #[inline(always)]
+    fn new_any(x: &[f32], t: usize, cols: usize) -> Self {
         let nb = cols.div_ceil(QK);
         let mut q = vec![0i8; t * nb * QK];
         let mut d = vec![0.0f32; t * nb];
@@ -1093,6 +1115,25 @@ mod tests {
         let random = (0..10_000).map(|_| (r() % 2_000_001) as f32 / 7_800.0 - 128.0);
         for y in special.into_iter().chain(random).chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]) {
             assert_eq!(round_i8(y), libm::roundf(y).clamp(-127.0, 127.0) as i8, "{y}");
+        }
+    }
+
+    #[test]
+    fn activation_quantization_is_the_same_in_every_build() {
+        let mut r = rng(5);
+        for cols in [1, 31, 32, 70, 1024] {
+            let mut x: Vec<f32> = (0..3 * cols).map(|_| (r() % 20_001) as f32 / 997.0 - 10.0).collect();
+            // Blocks with a NaN, an infinity, and all zeros.
+            x[0] = f32::NAN;
+            x[cols / 2] = f32::INFINITY;
+            x[2 * cols..(2 * cols + 32).min(3 * cols)].fill(0.0);
+            let want = QActs::new_any(&x, 3, cols);
+            let got = QActs::new(&x, 3, cols);
+            assert_eq!(got.q, want.q, "{cols}");
+            assert_eq!(
+                got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 
