@@ -209,25 +209,30 @@ impl Heads<'_> {
             // SAFETY: the CPU has AVX2 (checked on the line above).
             return unsafe { self.run_avx2(h0, o) };
         }
-        self.run_any(h0, o)
+        // SAFETY: the portable loops need no CPU feature.
+        unsafe { self.run_any::<Portable>(h0, o) }
     }
 
-    /// The same code with 256-bit vectors. No FMA: multiply and add round separately as in
-    /// the baseline build, so the values are the same bits either way.
+    /// The same code with 256-bit vectors and the [`avx2`] inner loops. No FMA: multiply and
+    /// add round separately as in the portable loops, so the values are the same bits.
     ///
     /// # Safety
     /// The CPU supports AVX2.
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, h0: usize, o: &mut [f32]) {
-        self.run_any(h0, o)
+        // SAFETY: the CPU has AVX2 (caller).
+        unsafe { self.run_any::<avx2::Avx2>(h0, o) }
     }
 
     /// Scores, softmax and weighted values, token by token. Key row `j` is dotted with every
     /// query of the task while it is in L1, then value row `j` is added to every output: the
     /// same operations, in the same order per head, as one head at a time.
+    ///
+    /// # Safety
+    /// The CPU supports what `L` needs.
     #[inline(always)]
-    fn run_any(&self, h0: usize, o: &mut [f32]) {
+    unsafe fn run_any<L: HeadLoops>(&self, h0: usize, o: &mut [f32]) {
         let (hd, t, nh) = (self.hd, self.t, self.nh);
         let g = o.len() / (t * hd);
         let kvd = nh / self.group * hd;
@@ -249,12 +254,8 @@ impl Heads<'_> {
             scores.clear();
             scores.resize(g * span, 0.0);
             let q = &self.q[tok * nh * hd + h0 * hd..][..g * hd];
-            for (jj, j) in (lo..=hi).enumerate() {
-                let k = &self.k[j * kvd + kvh * hd..][..hd];
-                for (hh, qv) in q.chunks_exact(hd).enumerate() {
-                    scores[hh * span + jj] = dot(qv, k) * self.scale;
-                }
-            }
+            // SAFETY: the CPU supports `L` (caller).
+            unsafe { L::scores(q, hd, &self.k[lo * kvd + kvh * hd..], kvd, span, self.scale, &mut scores) };
             for (hh, sc) in scores.chunks_exact_mut(span).enumerate() {
                 let head = h0 + hh;
                 if let Some((table, bucket)) = self.rel {
@@ -271,13 +272,248 @@ impl Heads<'_> {
             for hh in 0..g {
                 o[(hh * t + tok) * hd..][..hd].fill(0.0);
             }
-            for (jj, j) in (lo..=hi).enumerate() {
-                let v = &self.v[j * kvd + kvh * hd..][..hd];
+            // SAFETY: as above.
+            unsafe { L::weighted(&scores, span, &self.v[lo * kvd + kvh * hd..], kvd, hd, &mut o[tok * hd..], t * hd) };
+        }
+    }
+}
+
+/// The two inner loops of [`Heads::run_any`]: [`Portable`] in plain Rust, [`avx2::Avx2`] the
+/// same arithmetic in the same order (no FMA) with explicit 256-bit vectors.
+trait HeadLoops {
+    /// `scores[hh·span + jj] = dot(q_hh, row_jj) · scale` for the `g` queries `q` (`g·hd`
+    /// values) and the `span` rows of `hd` values, `stride` apart, at the start of `rows`.
+    ///
+    /// # Safety
+    /// The CPU supports the implementation's features.
+    unsafe fn scores(q: &[f32], hd: usize, rows: &[f32], stride: usize, span: usize, scale: f32, scores: &mut [f32]);
+
+    /// `o[hh·ostride..][..hd] += Σ_jj scores[hh·span + jj] · row_jj` for each query `hh`, in
+    /// ascending `jj` per value (rows as in [`HeadLoops::scores`]).
+    ///
+    /// # Safety
+    /// As [`HeadLoops::scores`].
+    unsafe fn weighted(
+        scores: &[f32],
+        span: usize,
+        rows: &[f32],
+        stride: usize,
+        hd: usize,
+        o: &mut [f32],
+        ostride: usize,
+    );
+}
+
+/// The loops as plain Rust (vectorised by the compiler as far as it can).
+struct Portable;
+
+impl HeadLoops for Portable {
+    #[inline(always)]
+    unsafe fn scores(q: &[f32], hd: usize, rows: &[f32], stride: usize, span: usize, scale: f32, scores: &mut [f32]) {
+        for jj in 0..span {
+            let k = &rows[jj * stride..][..hd];
+            for (hh, qv) in q.chunks_exact(hd).enumerate() {
+                scores[hh * span + jj] = dot(qv, k) * scale;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn weighted(
+        scores: &[f32],
+        span: usize,
+        rows: &[f32],
+        stride: usize,
+        hd: usize,
+        o: &mut [f32],
+        ostride: usize,
+    ) {
+        let g = scores.len() / span.max(1);
+        for jj in 0..span {
+            let v = &rows[jj * stride..][..hd];
+            for hh in 0..g {
+                let p = scores[hh * span + jj];
+                for (acc, &x) in o[hh * ostride..][..hd].iter_mut().zip(v) {
+                    *acc += p * x;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod avx2 {
+    use super::HeadLoops;
+    use core::arch::x86_64::*;
+
+    /// Value rows per block of [`HeadLoops::weighted`]: a block of one kv head's rows stays
+    /// in L1 while every 16-column slice of it is accumulated.
+    const ROWS: usize = 32;
+
+    pub(super) struct Avx2;
+
+    impl HeadLoops for Avx2 {
+        /// Four keys at a time, so four independent sums are in flight (one dot product is a
+        /// chain of dependent additions); each is summed exactly as `kernels::dot` sums it.
+        #[inline(always)]
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            rows: &[f32],
+            stride: usize,
+            span: usize,
+            scale: f32,
+            scores: &mut [f32],
+        ) {
+            let g = q.len() / hd.max(1);
+            assert!(span == 0 || rows.len() >= (span - 1) * stride + hd, "attention: key rows");
+            assert!(scores.len() >= g * span && q.len() == g * hd, "attention: scores");
+            let mut jj = 0;
+            while jj < span {
+                let n = (span - jj).min(4);
+                // Fewer than four rows left: the last one is repeated and its extra sums dropped.
+                let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
                 for hh in 0..g {
-                    let p = scores[hh * span + jj];
-                    for (acc, &x) in o[(hh * t + tok) * hd..][..hd].iter_mut().zip(v) {
-                        *acc += p * x;
+                    // SAFETY: AVX2 (caller); q row hh and the four key rows hold `hd` values
+                    // each (asserted above).
+                    let d = unsafe { dot4(q[hh * hd..].as_ptr(), k, hd) };
+                    for (p, &v) in d.iter().enumerate().take(n) {
+                        scores[hh * span + jj + p] = v * scale;
                     }
+                }
+                jj += 4;
+            }
+        }
+
+        /// Blocks of [`ROWS`] rows × 16 columns × up to four queries, the sums held in
+        /// registers across the block (the portable loop loads and stores them per row).
+        #[inline(always)]
+        unsafe fn weighted(
+            scores: &[f32],
+            span: usize,
+            rows: &[f32],
+            stride: usize,
+            hd: usize,
+            o: &mut [f32],
+            ostride: usize,
+        ) {
+            let g = scores.len() / span.max(1);
+            if g == 0 || span == 0 {
+                return;
+            }
+            assert!(rows.len() >= (span - 1) * stride + hd, "attention: value rows");
+            assert!(o.len() >= (g - 1) * ostride + hd && scores.len() >= g * span, "attention: outputs");
+            for j0 in (0..span).step_by(ROWS) {
+                let j1 = (j0 + ROWS).min(span);
+                let mut hb = 0;
+                while hb < g {
+                    let n = (g - hb).min(4);
+                    // SAFETY: AVX2 (caller); every index below is within the asserted lengths.
+                    unsafe {
+                        match n {
+                            4 => block::<4>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            3 => block::<3>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            2 => block::<2>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            _ => block::<1>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                        }
+                    }
+                    hb += n;
+                }
+            }
+        }
+    }
+
+    /// `[dot(q, k[0]), …, dot(q, k[3])]` over `n` values: per sum eight lanes, sequential over
+    /// the 8-blocks, then `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`, then the
+    /// sequential tail — `kernels::dot`'s order.
+    ///
+    /// # Safety
+    /// AVX2; `q` and each `k[p]` valid for `n` values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
+        let full = n / 8 * 8;
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        // SAFETY: c + 8 ≤ full ≤ n: within every row (contract).
+        unsafe {
+            while c < full {
+                let qv = _mm256_loadu_ps(q.add(c));
+                a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(qv, _mm256_loadu_ps(k[0].add(c))));
+                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(qv, _mm256_loadu_ps(k[1].add(c))));
+                a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(qv, _mm256_loadu_ps(k[2].add(c))));
+                a[3] = _mm256_add_ps(a[3], _mm256_mul_ps(qv, _mm256_loadu_ps(k[3].add(c))));
+                c += 8;
+            }
+        }
+        let mut out = [0.0f32; 4];
+        for p in 0..4 {
+            let mut tail = 0.0f32;
+            for i in full..n {
+                // SAFETY: i < n (contract).
+                tail += unsafe { *q.add(i) * *k[p].add(i) };
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(a[p]), _mm256_extractf128_ps::<1>(a[p]));
+            let u = _mm_add_ps(s, _mm_movehdup_ps(s));
+            out[p] = _mm_cvtss_f32(_mm_add_ss(u, _mm_movehl_ps(u, u))) + tail;
+        }
+        out
+    }
+
+    /// Queries `hb..hb + H`, rows `j0..j1`: every 16-column slice with the sums in registers,
+    /// then the last `hd mod 16` columns one by one.
+    ///
+    /// # Safety
+    /// AVX2; the lengths asserted by [`HeadLoops::weighted`], `hb + H ≤ g`, `j1 ≤ span`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const H: usize>(
+        scores: &[f32],
+        span: usize,
+        rows: &[f32],
+        stride: usize,
+        hd: usize,
+        o: &mut [f32],
+        ostride: usize,
+        hb: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let cols = hd / 16 * 16;
+        let (r, op, sp) = (rows.as_ptr(), o.as_mut_ptr(), scores.as_ptr());
+        // SAFETY: rows jj < span hold `hd` values at jj·stride, outputs hb + h < g hold `hd`
+        // at (hb + h)·ostride, scores (hb + h)·span + jj < g·span (contract).
+        unsafe {
+            for c0 in (0..cols).step_by(16) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; H];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let at = op.add((hb + h) * ostride + c0);
+                    *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+                }
+                for jj in j0..j1 {
+                    let v = r.add(jj * stride + c0);
+                    let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let p = _mm256_set1_ps(*sp.add((hb + h) * span + jj));
+                        a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(p, v0));
+                        a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(p, v1));
+                    }
+                }
+                for (h, a) in acc.iter().enumerate() {
+                    let at = op.add((hb + h) * ostride + c0);
+                    _mm256_storeu_ps(at, a[0]);
+                    _mm256_storeu_ps(at.add(8), a[1]);
+                }
+            }
+            for c in cols..hd {
+                for h in 0..H {
+                    let at = op.add((hb + h) * ostride + c);
+                    let mut a = *at;
+                    for jj in j0..j1 {
+                        a += *sp.add((hb + h) * span + jj) * *r.add(jj * stride + c);
+                    }
+                    *at = a;
                 }
             }
         }
@@ -329,7 +565,15 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        let (nh, nkv, hd, pos0, t) = (12, 2, 20, 9, 5);
+        // Head sizes with and without tails of 8 and 16 columns; more keys than one block of
+        // value rows.
+        for hd in [20, 40, 64] {
+            check_head_size(&mut rnd, hd);
+        }
+    }
+
+    fn check_head_size(rnd: &mut impl FnMut() -> f32, hd: usize) {
+        let (nh, nkv, pos0, t) = (12, 2, 70, 5);
         let total = pos0 + t;
         let q: Vec<f32> = (0..t * nh * hd).map(|_| rnd()).collect();
         let k: Vec<f32> = (0..total * nkv * hd).map(|_| rnd()).collect();
@@ -361,7 +605,8 @@ mod tests {
             for per_task in [1, 2, 3, 6] {
                 let mut got = vec![0.0; nh * t * hd];
                 for (i, o) in got.chunks_mut(per_task * t * hd).enumerate() {
-                    h.run_any(i * per_task, o);
+                    // SAFETY: the portable loops need no CPU feature.
+                    unsafe { h.run_any::<Portable>(i * per_task, o) };
                 }
                 assert_eq!(
                     got, want,
