@@ -126,6 +126,13 @@ impl Kernel {
     /// The best implementation this CPU runs (with `std`: detected at run time; without:
     /// what the target enables at compile time).
     pub(crate) fn detect() -> Self {
+        // Once per process: every matrix product asks, ~65 times per decoded token.
+        #[cfg(feature = "std")]
+        {
+            static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+            *BEST.get_or_init(|| Self::candidates().last().copied().unwrap_or(Self::Portable))
+        }
+        #[cfg(not(feature = "std"))]
         Self::candidates().last().copied().unwrap_or(Self::Portable)
     }
 

@@ -373,6 +373,11 @@ mod avx2 {
                 let n = (span - jj).min(4);
                 // Fewer than four rows left: the last one is repeated and its extra sums dropped.
                 let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
+                // The cache is cold after a token's weights streamed past: ask for the rows
+                // two passes ahead.
+                for p in 8..12 {
+                    prefetch_row(rows.as_ptr().wrapping_add((jj + p) * stride), hd);
+                }
                 for hh in 0..g {
                     // SAFETY: AVX2 (caller); q row hh and the four key rows hold `hd` values
                     // each (asserted above).
@@ -420,6 +425,16 @@ mod avx2 {
                     hb += n;
                 }
             }
+        }
+    }
+
+    /// Hints every cache line of `n` values at `p` (a hint: never faults, whatever `p` is).
+    #[inline(always)]
+    fn prefetch_row(p: *const f32, n: usize) {
+        for off in (0..n).step_by(16) {
+            // SAFETY: a prefetch neither faults nor writes; `p` is formed with wrapping
+            // arithmetic and never dereferenced here.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
         }
     }
 
@@ -492,6 +507,10 @@ mod avx2 {
                     *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
                 }
                 for jj in j0..j1 {
+                    if c0 == 0 {
+                        // Whole rows, four ahead: the later column slices then hit L1.
+                        prefetch_row(r.wrapping_add((jj + 4) * stride), hd);
+                    }
                     let v = r.add(jj * stride + c0);
                     let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
                     for (h, a) in acc.iter_mut().enumerate() {
