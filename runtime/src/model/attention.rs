@@ -209,8 +209,15 @@ impl Heads<'_> {
             // SAFETY: the CPU has AVX2 (checked on the line above).
             return unsafe { self.run_avx2(h0, o) };
         }
+        // SAFETY: NEON is part of every aarch64 target this builds for (checked at compile
+        // time); the portable loops need no CPU feature.
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        return unsafe { self.run_any::<neon::Neon>(h0, o) };
+        #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
         // SAFETY: the portable loops need no CPU feature.
-        unsafe { self.run_any::<Portable>(h0, o) }
+        unsafe {
+            self.run_any::<Portable>(h0, o)
+        }
     }
 
     /// The same code with 256-bit vectors and the [`avx2`] inner loops. No FMA: multiply and
@@ -304,7 +311,9 @@ trait HeadLoops {
     );
 }
 
-/// The loops as plain Rust (vectorised by the compiler as far as it can).
+/// The loops as plain Rust (vectorised by the compiler as far as it can). On aarch64 only the
+/// tests run them (to compare).
+#[cfg_attr(all(target_arch = "aarch64", target_feature = "neon"), allow(dead_code))]
 struct Portable;
 
 impl HeadLoops for Portable {
@@ -523,6 +532,178 @@ mod avx2 {
                     let at = op.add((hb + h) * ostride + c0);
                     _mm256_storeu_ps(at, a[0]);
                     _mm256_storeu_ps(at.add(8), a[1]);
+                }
+            }
+            for c in cols..hd {
+                for h in 0..H {
+                    let at = op.add((hb + h) * ostride + c);
+                    let mut a = *at;
+                    for jj in j0..j1 {
+                        a += *sp.add((hb + h) * span + jj) * *r.add(jj * stride + c);
+                    }
+                    *at = a;
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 loops' structure with 128-bit NEON vectors (two per 8-lane partial sum); no
+/// fused multiply-add, so the same bits as the portable loops.
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon {
+    use super::HeadLoops;
+    use core::arch::aarch64::*;
+
+    /// Value rows per block of [`HeadLoops::weighted`] (see the AVX2 loops).
+    const ROWS: usize = 32;
+
+    pub(super) struct Neon;
+
+    impl HeadLoops for Neon {
+        #[inline(always)]
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            rows: &[f32],
+            stride: usize,
+            span: usize,
+            scale: f32,
+            scores: &mut [f32],
+        ) {
+            let g = q.len() / hd.max(1);
+            assert!(span == 0 || rows.len() >= (span - 1) * stride + hd, "attention: key rows");
+            assert!(scores.len() >= g * span && q.len() == g * hd, "attention: scores");
+            let mut jj = 0;
+            while jj < span {
+                let n = (span - jj).min(4);
+                let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
+                for hh in 0..g {
+                    // SAFETY: q row hh and the four key rows hold `hd` values each (asserted).
+                    let d = unsafe { dot4(q[hh * hd..].as_ptr(), k, hd) };
+                    for (p, &v) in d.iter().enumerate().take(n) {
+                        scores[hh * span + jj + p] = v * scale;
+                    }
+                }
+                jj += 4;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn weighted(
+            scores: &[f32],
+            span: usize,
+            rows: &[f32],
+            stride: usize,
+            hd: usize,
+            o: &mut [f32],
+            ostride: usize,
+        ) {
+            let g = scores.len() / span.max(1);
+            if g == 0 || span == 0 {
+                return;
+            }
+            assert!(rows.len() >= (span - 1) * stride + hd, "attention: value rows");
+            assert!(o.len() >= (g - 1) * ostride + hd && scores.len() >= g * span, "attention: outputs");
+            for j0 in (0..span).step_by(ROWS) {
+                let j1 = (j0 + ROWS).min(span);
+                let mut hb = 0;
+                while hb < g {
+                    let n = (g - hb).min(4);
+                    // SAFETY: every index below is within the asserted lengths.
+                    unsafe {
+                        match n {
+                            4 => block::<4>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            3 => block::<3>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            2 => block::<2>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                            _ => block::<1>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
+                        }
+                    }
+                    hb += n;
+                }
+            }
+        }
+    }
+
+    /// As the AVX2 `dot4`: lanes 0–3 and 4–7 of each partial sum in two registers, then
+    /// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))` and the sequential tail.
+    ///
+    /// # Safety
+    /// `q` and each `k[p]` valid for `n` values.
+    #[inline(always)]
+    unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
+        let full = n / 8 * 8;
+        let mut out = [0.0f32; 4];
+        // SAFETY: every load is below `full ≤ n` or `n` (contract); NEON is baseline.
+        unsafe {
+            let z = vdupq_n_f32(0.0);
+            let mut lo = [z; 4];
+            let mut hi = [z; 4];
+            let mut c = 0;
+            while c < full {
+                let (q0, q1) = (vld1q_f32(q.add(c)), vld1q_f32(q.add(c + 4)));
+                for p in 0..4 {
+                    lo[p] = vaddq_f32(lo[p], vmulq_f32(q0, vld1q_f32(k[p].add(c))));
+                    hi[p] = vaddq_f32(hi[p], vmulq_f32(q1, vld1q_f32(k[p].add(c + 4))));
+                }
+                c += 8;
+            }
+            for p in 0..4 {
+                let mut tail = 0.0f32;
+                for i in full..n {
+                    tail += *q.add(i) * *k[p].add(i);
+                }
+                let s = vaddq_f32(lo[p], hi[p]);
+                let u = vpaddq_f32(s, s);
+                out[p] = (vgetq_lane_f32::<0>(u) + vgetq_lane_f32::<1>(u)) + tail;
+            }
+        }
+        out
+    }
+
+    /// As the AVX2 `block`, 16 columns as four registers.
+    ///
+    /// # Safety
+    /// The lengths asserted by [`HeadLoops::weighted`], `hb + H ≤ g`, `j1 ≤ span`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const H: usize>(
+        scores: &[f32],
+        span: usize,
+        rows: &[f32],
+        stride: usize,
+        hd: usize,
+        o: &mut [f32],
+        ostride: usize,
+        hb: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let cols = hd / 16 * 16;
+        let (r, op, sp) = (rows.as_ptr(), o.as_mut_ptr(), scores.as_ptr());
+        // SAFETY: as the AVX2 `block` (contract).
+        unsafe {
+            for c0 in (0..cols).step_by(16) {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; H];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let at = op.add((hb + h) * ostride + c0);
+                    *a = core::array::from_fn(|i| vld1q_f32(at.add(4 * i)));
+                }
+                for jj in j0..j1 {
+                    let v = r.add(jj * stride + c0);
+                    let vv: [float32x4_t; 4] = core::array::from_fn(|i| vld1q_f32(v.add(4 * i)));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let p = vdupq_n_f32(*sp.add((hb + h) * span + jj));
+                        for i in 0..4 {
+                            a[i] = vaddq_f32(a[i], vmulq_f32(p, vv[i]));
+                        }
+                    }
+                }
+                for (h, a) in acc.iter().enumerate() {
+                    let at = op.add((hb + h) * ostride + c0);
+                    for (i, &x) in a.iter().enumerate() {
+                        vst1q_f32(at.add(4 * i), x);
+                    }
                 }
             }
             for c in cols..hd {
