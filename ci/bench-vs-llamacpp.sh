@@ -13,12 +13,13 @@
 #    which is fine for speed) with a SentencePiece tokenizer, trained here on CPython's docs text.
 # 4. GGUF Q8_0 with llama.cpp's convert_hf_to_gguf.py; .meo with `meo convert --dense int8` (int8
 #    everywhere but norms and routers, as Q8_0).
-# 5. Streaming-read bandwidth with the same thread count (converter/examples/bandwidth.rs).
-# 6. `llama-bench -t T -p 128 -n 64 -r REPS` and REPS runs of
-#    `meo bench --threads T --prompt-len 128 --gen 64` (medians), interleaved run by run.
+# 5. REPS rounds, each: `llama-bench -t T -p 128 -n 64 -r 1`, the streaming-read bandwidth
+#    probe with the same thread count (converter/examples/bandwidth.rs, best of 5 passes), and
+#    `meo bench --threads T --prompt-len 128 --gen 64`; medians over the rounds.
 #
 # The last line is exactly `decode_ratio=X prompt_ratio=Y bandwidth_fraction=Z`: meo ÷ llama.cpp
-# tokens/s, and meo's bytes read per decoded token × decode tokens/s ÷ measured bandwidth.
+# tokens/s, and meo's bytes read per decoded token (dense + selected experts + KV cache) ×
+# decode tokens/s ÷ measured bandwidth (the median of the rounds' probes).
 #
 # Env: MEO_BENCH_DIR (default target/bench-llamacpp), MEO_BENCH_THREADS (2), MEO_BENCH_REPS (10),
 #      MEO_BENCH_PYTHON, MEO_LLAMA_SDIST (a downloaded llama_cpp_python-0.3.36.tar.gz),
@@ -114,14 +115,14 @@ if [[ ! -f $MEOFILE ]]; then
 fi
 ls -l "$GGUF" "$MEOFILE" >&2
 
-say "bandwidth ($THREADS threads)"
-BW=$("${WRAP[@]}" "$TARGET_DIR/release/examples/bandwidth" --threads "$THREADS" --json)
-echo "$BW" >&2
-
-say "benchmarks ($REPS runs each, interleaved)"
+say "benchmarks and bandwidth ($REPS runs each, interleaved; $THREADS threads)"
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 for r in $(seq "$REPS"); do
+  # The probe runs between the two tools, every round: on a shared machine the bandwidth moves
+  # from minute to minute, and the fraction must compare figures from the same minutes.
+  "${WRAP[@]}" "$TARGET_DIR/release/examples/bandwidth" --threads "$THREADS" --reps 5 --json |
+    sed 's/^/{"tool":"bandwidth","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
   "${WRAP[@]}" "$LLAMA_BENCH" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -o jsonl 2>/dev/null |
     sed 's/^/{"tool":"llama.cpp","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
   "${WRAP[@]}" "$MEO" bench "$MEOFILE" --threads "$THREADS" --prompt-len "$PROMPT" --gen "$GEN" --seed "$r" --json |
@@ -130,11 +131,10 @@ for r in $(seq "$REPS"); do
 done
 echo >&2
 
-"$PY" - "$RESULTS" "$BW" "$THREADS" "$PROMPT" "$GEN" <<'PY'
+"$PY" - "$RESULTS" "$THREADS" "$PROMPT" "$GEN" <<'PY'
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-bw = json.loads(sys.argv[2])
-threads, prompt, gen = sys.argv[3:6]
+threads, prompt, gen = sys.argv[2:5]
 llama_pp = [r["row"]["avg_ts"] for r in rows if r["tool"] == "llama.cpp" and r["row"]["n_prompt"] > 0]
 llama_tg = [r["row"]["avg_ts"] for r in rows if r["tool"] == "llama.cpp" and r["row"]["n_gen"] > 0]
 meo = [r["row"] for r in rows if r["tool"] == "meo"]
@@ -142,15 +142,19 @@ meo_pp = st.median(m["prompt_tokens_per_s"] for m in meo)
 meo_tg = st.median(m["decode_tokens_per_s"] for m in meo)
 bpt = st.median(m["bytes_per_token"] for m in meo)
 lpp, ltg = st.median(llama_pp), st.median(llama_tg)
-bw_gb = bw["best_gb_s"]
+# Each round's probe: its best pass; the ceiling is the median over rounds.
+probes = [r["row"]["best_gb_s"] for r in rows if r["tool"] == "bandwidth"]
+bw_gb = st.median(probes)
 frac = bpt * meo_tg / (bw_gb * 1e9)
 print(f"threads {threads}, prompt {prompt}, generate {gen}, {len(meo)} runs each (medians)")
 print(f"{'':>10} {'prompt tok/s':>14} {'decode tok/s':>14}")
 print(f"{'llama.cpp':>10} {lpp:14.1f} {ltg:14.1f}")
 print(f"{'meo':>10} {meo_pp:14.1f} {meo_tg:14.1f}")
 print(f"meo bytes per decoded token: {bpt / 1e6:.1f} MB (dense {meo[0]['dense_bytes_per_token'] / 1e6:.1f} MB"
-      f" + experts {st.median(m['expert_bytes_per_token'] for m in meo) / 1e6:.1f} MB)")
-print(f"streaming-read bandwidth ({threads} threads): best {bw_gb:.2f} GB/s, median {bw['median_gb_s']:.2f} GB/s")
-print(f"meo achieved {bpt * meo_tg / 1e9:.2f} GB/s")
+      f" + experts {st.median(m['expert_bytes_per_token'] for m in meo) / 1e6:.1f} MB"
+      f" + KV cache {st.median(m.get('kv_bytes_per_token', 0) for m in meo) / 1e6:.1f} MB)")
+print(f"streaming-read bandwidth ({threads} threads, one probe per round, its best pass): median {bw_gb:.2f} GB/s,"
+      f" range {min(probes):.2f}-{max(probes):.2f} GB/s")
+print(f"meo achieved {bpt * meo_tg / 1e9:.2f} GB/s; against the highest probe: {bpt * meo_tg / (max(probes) * 1e9):.3f}")
 print(f"decode_ratio={meo_tg / ltg:.3f} prompt_ratio={meo_pp / lpp:.3f} bandwidth_fraction={frac:.3f}")
 PY

@@ -104,3 +104,23 @@ fn errors_are_one_line_with_nonzero_exit() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("config.json"));
 }
+
+#[test]
+fn bench_counts_the_kv_cache_it_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixtral.meo");
+    let o = meo(&["convert", s(&fixture("mixtral")), "-o", s(&out), "--experts", "int8", "--dense", "int8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = meo(&["bench", s(&out), "--prompt-len", "5", "--gen", "3", "--threads", "1", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 2 layers × 2 kv heads × 16 values, keys and values, f32; decode steps read 6, 7 and 8
+    // positions.
+    let per_position = 2.0 * 2.0 * 16.0 * 2.0 * 4.0;
+    assert_eq!(r["kv_bytes_per_token"].as_f64().unwrap(), per_position * 7.0);
+    let parts: f64 = ["dense_bytes_per_token", "expert_bytes_per_token", "kv_bytes_per_token"]
+        .iter()
+        .map(|k| r[*k].as_f64().unwrap())
+        .sum();
+    assert_eq!(r["bytes_per_token"].as_f64().unwrap(), parts);
+}

@@ -113,7 +113,9 @@ pub fn run(a: &Args) -> Result<()> {
     let mut next = argmax(logits);
     let mut decode_time = Duration::ZERO;
     let mut step_bytes = Vec::with_capacity(a.gen_tokens);
-    for _ in 0..a.gen_tokens {
+    let mut kv_bytes = 0u64;
+    for i in 0..a.gen_tokens {
+        kv_bytes += kv_bytes_read(&model, a.prompt_len + i);
         let t1 = Instant::now();
         let logits = session.forward(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
         next = argmax(logits);
@@ -130,6 +132,7 @@ pub fn run(a: &Args) -> Result<()> {
     let decode_tps = rate(a.gen_tokens, decode_time);
     let bytes_per_token =
         if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
+    let kv_per_token = if a.gen_tokens == 0 { 0.0 } else { kv_bytes as f64 / a.gen_tokens as f64 };
     if a.json {
         let v = json!({
             "file": a.file.display().to_string(),
@@ -156,7 +159,8 @@ pub fn run(a: &Args) -> Result<()> {
             "decode_tokens_per_s": decode_tps,
             "expert_bytes_per_token": bytes_per_token,
             "dense_bytes_per_token": dense_bytes,
-            "bytes_per_token": dense_bytes as f64 + bytes_per_token,
+            "kv_bytes_per_token": kv_per_token,
+            "bytes_per_token": dense_bytes as f64 + bytes_per_token + kv_per_token,
             "experts_touched": stats.experts_touched,
             "experts_total": stats.experts_per_layer.iter().sum::<usize>(),
             "experts_touched_per_layer": stats.experts_touched_per_layer,
@@ -183,12 +187,29 @@ pub fn run(a: &Args) -> Result<()> {
         println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
         println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
+        println!("KV cache bytes per decoded token: {} (mean over decode steps)", human_bytes(kv_per_token as u64));
         print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
         if let Some(g) = gpu_stats {
             println!("gpu expert cache: {g}");
         }
     }
     Ok(())
+}
+
+/// Bytes of cached keys and values the attention reads for the query at position `pos`: f32,
+/// as the CPU target caches them, and only the window of a sliding-window layer.
+fn kv_bytes_read(model: &meo::Model, pos: usize) -> u64 {
+    use meo::model::plan::Attention;
+    let per_layer = |attn: &Attention| {
+        let (kw, vw) = attn.cache_widths();
+        let window = match attn {
+            Attention::Gqa(a) => a.window,
+            Attention::Mla(a) => a.window,
+        };
+        let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
+        (n * (kw + vw) * std::mem::size_of::<f32>()) as u64
+    };
+    model.layer_plans().iter().map(|l| per_layer(&l.attn)).sum()
 }
 
 /// Bytes of the non-expert tensors one decode step reads: every tensor outside expert and
