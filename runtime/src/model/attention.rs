@@ -139,7 +139,7 @@ pub(crate) fn attention(
     if let Some(sinks) = &a.sinks {
         sinks.read(bytes, &mut s.w);
     }
-    let h = Heads {
+    Heads {
         q: &s.q,
         k: &cache.k,
         v: &cache.v,
@@ -147,25 +147,15 @@ pub(crate) fn attention(
         sinks: a.sinks.as_ref().map(|_| &s.w[..]),
         nh,
         group: nh / nkv,
-        hd,
+        hk: hd,
+        hv: hd,
         t,
         pos0,
         window: a.window,
         scale: a.scale,
         causal: a.causal,
-    };
-    // Heads sharing a kv head run in one task, so each key and value row is read once for all
-    // of them; a group is split when there would be fewer tasks than threads.
-    let threads = par.threads();
-    let per_task = (1..=h.group).rev().find(|&g| h.group.is_multiple_of(g) && nh / g >= threads).unwrap_or(1);
-    let task = |i: usize, o: &mut [f32]| h.run(i * per_task, o);
-    if threads > 1 && nh * t * total * hd >= PARALLEL_MIN_MACS {
-        par.for_each_chunk(&mut s.heads, per_task * t * hd, &task);
-    } else {
-        for (i, o) in s.heads.chunks_mut(per_task * t * hd).enumerate() {
-            task(i, o);
-        }
     }
+    .run_all(par, &mut s.heads);
     resize(&mut s.ctx, t * qd);
     for head in 0..nh {
         for tok in 0..t {
@@ -181,27 +171,48 @@ pub(crate) fn attention(
     }
 }
 
-/// Everything the per-head part of [`attention`] reads: queries `[T, heads · head_dim]`, the
-/// cached keys and values, and the options of the layer.
-struct Heads<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+/// Everything the per-head part of [`attention`] (and of MLA's) reads: queries
+/// `[T, heads · hk]`, the cached keys `[positions, kv_heads · hk]` and values
+/// `[positions, kv_heads · hv]`, and the options of the layer.
+pub(crate) struct Heads<'a> {
+    pub(crate) q: &'a [f32],
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
     /// The relative bias table `[buckets, heads]` and the bucket of every relative position.
-    rel: Option<(&'a [f32], &'a [usize])>,
-    sinks: Option<&'a [f32]>,
-    nh: usize,
-    group: usize,
-    hd: usize,
-    t: usize,
-    pos0: usize,
-    window: usize,
-    scale: f32,
-    causal: bool,
+    pub(crate) rel: Option<(&'a [f32], &'a [usize])>,
+    pub(crate) sinks: Option<&'a [f32]>,
+    pub(crate) nh: usize,
+    pub(crate) group: usize,
+    /// Values per head of the queries and keys, and of the values (they differ in MLA).
+    pub(crate) hk: usize,
+    pub(crate) hv: usize,
+    pub(crate) t: usize,
+    pub(crate) pos0: usize,
+    pub(crate) window: usize,
+    pub(crate) scale: f32,
+    pub(crate) causal: bool,
 }
 
 impl Heads<'_> {
-    /// Outputs `o` `[heads, T, head_dim]` of the query heads `h0..` (as many as `o` holds, all
+    /// Every head's output, `out` `[heads, T, hv]`. Heads sharing a kv head run in one task,
+    /// so each key and value row is read once for all of them; a group is split when there
+    /// would be fewer tasks than threads. The values do not depend on the split.
+    pub(crate) fn run_all(&self, par: &dyn Parallel, out: &mut [f32]) {
+        let (nh, t) = (self.nh, self.t);
+        let threads = par.threads();
+        let per_task = (1..=self.group).rev().find(|&g| self.group.is_multiple_of(g) && nh / g >= threads).unwrap_or(1);
+        let task = |i: usize, o: &mut [f32]| self.run(i * per_task, o);
+        let macs = nh * t * (self.pos0 + t) * (self.hk + self.hv);
+        if threads > 1 && macs >= PARALLEL_MIN_MACS {
+            par.for_each_chunk(out, per_task * t * self.hv, &task);
+        } else {
+            for (i, o) in out.chunks_mut(per_task * t * self.hv).enumerate() {
+                task(i, o);
+            }
+        }
+    }
+
+    /// Outputs `o` `[heads, T, hv]` of the query heads `h0..` (as many as `o` holds, all
     /// in the kv group of `h0`).
     fn run(&self, h0: usize, o: &mut [f32]) {
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -240,9 +251,9 @@ impl Heads<'_> {
     /// The CPU supports what `L` needs.
     #[inline(always)]
     unsafe fn run_any<L: HeadLoops>(&self, h0: usize, o: &mut [f32]) {
-        let (hd, t, nh) = (self.hd, self.t, self.nh);
-        let g = o.len() / (t * hd);
-        let kvd = nh / self.group * hd;
+        let (hk, hv, t, nh) = (self.hk, self.hv, self.t, self.nh);
+        let g = o.len() / (t * hv);
+        let (kvk, kvv) = (nh / self.group * hk, nh / self.group * hv);
         let kvh = h0 / self.group;
         let total = self.pos0 + t;
         let span_max = if self.window > 0 { self.window.min(total) } else { total };
@@ -260,9 +271,9 @@ impl Heads<'_> {
             let span = hi + 1 - lo;
             scores.clear();
             scores.resize(g * span, 0.0);
-            let q = &self.q[tok * nh * hd + h0 * hd..][..g * hd];
+            let q = &self.q[tok * nh * hk + h0 * hk..][..g * hk];
             // SAFETY: the CPU supports `L` (caller).
-            unsafe { L::scores(q, hd, &self.k[lo * kvd + kvh * hd..], kvd, span, self.scale, &mut scores) };
+            unsafe { L::scores(q, hk, &self.k[lo * kvk + kvh * hk..], kvk, span, self.scale, &mut scores) };
             for (hh, sc) in scores.chunks_exact_mut(span).enumerate() {
                 let head = h0 + hh;
                 if let Some((table, bucket)) = self.rel {
@@ -277,10 +288,10 @@ impl Heads<'_> {
                 }
             }
             for hh in 0..g {
-                o[(hh * t + tok) * hd..][..hd].fill(0.0);
+                o[(hh * t + tok) * hv..][..hv].fill(0.0);
             }
             // SAFETY: as above.
-            unsafe { L::weighted(&scores, span, &self.v[lo * kvd + kvh * hd..], kvd, hd, &mut o[tok * hd..], t * hd) };
+            unsafe { L::weighted(&scores, span, &self.v[lo * kvv + kvh * hv..], kvv, hv, &mut o[tok * hv..], t * hv) };
         }
     }
 }
@@ -723,11 +734,12 @@ mod neon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Serial;
 
     /// One head at a time, as the attention was written before heads were grouped.
     fn one_head(h: &Heads<'_>, head: usize, o: &mut [f32]) {
-        let (hd, t, nh) = (h.hd, h.t, h.nh);
-        let kvd = nh / h.group * hd;
+        let (hk, hv, t, nh) = (h.hk, h.hv, h.t, h.nh);
+        let (kvk, kvv) = (nh / h.group * hk, nh / h.group * hv);
         let kvh = head / h.group;
         let total = h.pos0 + t;
         for tok in 0..t {
@@ -737,8 +749,8 @@ mod tests {
                 (true, 0) => (0, i),
                 (true, w) => ((i + 1).saturating_sub(w), i),
             };
-            let qv = &h.q[tok * nh * hd + head * hd..][..hd];
-            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[j * kvd + kvh * hd..][..hd]) * h.scale).collect();
+            let qv = &h.q[tok * nh * hk + head * hk..][..hk];
+            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[j * kvk + kvh * hk..][..hk]) * h.scale).collect();
             if let Some((table, bucket)) = h.rel {
                 for (s, j) in sc.iter_mut().zip(lo..=hi) {
                     *s += table[bucket[j + total - 1 - i] * nh + head];
@@ -748,10 +760,10 @@ mod tests {
                 Some(sk) => softmax_with_sink(&mut sc, sk[head]),
                 None => softmax_in_place(&mut sc),
             }
-            let ov = &mut o[tok * hd..][..hd];
+            let ov = &mut o[tok * hv..][..hv];
             ov.fill(0.0);
             for (j, &p) in (lo..=hi).zip(&sc) {
-                for (acc, &v) in ov.iter_mut().zip(&h.v[j * kvd + kvh * hd..][..hd]) {
+                for (acc, &v) in ov.iter_mut().zip(&h.v[j * kvv + kvh * hv..][..hv]) {
                     *acc += p * v;
                 }
             }
@@ -766,18 +778,19 @@ mod tests {
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
         // Head sizes with and without tails of 8 and 16 columns; more keys than one block of
-        // value rows.
-        for hd in [20, 40, 64] {
-            check_head_size(&mut rnd, hd);
+        // value rows; GQA groups of 6, and MLA's shape (one query head per key head, keys wider
+        // than values).
+        for (nkv, hk, hv) in [(2, 20, 20), (2, 40, 40), (2, 64, 64), (12, 24, 16), (12, 40, 20)] {
+            check_heads(&mut rnd, nkv, hk, hv);
         }
     }
 
-    fn check_head_size(rnd: &mut impl FnMut() -> f32, hd: usize) {
-        let (nh, nkv, pos0, t) = (12, 2, 70, 5);
+    fn check_heads(rnd: &mut impl FnMut() -> f32, nkv: usize, hk: usize, hv: usize) {
+        let (nh, pos0, t) = (12, 70, 5);
         let total = pos0 + t;
-        let q: Vec<f32> = (0..t * nh * hd).map(|_| rnd()).collect();
-        let k: Vec<f32> = (0..total * nkv * hd).map(|_| rnd()).collect();
-        let v: Vec<f32> = (0..total * nkv * hd).map(|_| rnd()).collect();
+        let q: Vec<f32> = (0..t * nh * hk).map(|_| rnd()).collect();
+        let k: Vec<f32> = (0..total * nkv * hk).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..total * nkv * hv).map(|_| rnd()).collect();
         let table: Vec<f32> = (0..6 * nh).map(|_| rnd()).collect();
         let bucket: Vec<usize> = (0..2 * total - 1).map(|r| r % 6).collect();
         let sinks: Vec<f32> = (0..nh).map(|_| rnd()).collect();
@@ -790,34 +803,38 @@ mod tests {
                 sinks: sink.then_some(&sinks[..]),
                 nh,
                 group: nh / nkv,
-                hd,
+                hk,
+                hv,
                 t,
                 pos0,
                 window,
                 scale: 0.3,
                 causal,
             };
-            let mut want = vec![0.0; nh * t * hd];
-            for (head, o) in want.chunks_mut(t * hd).enumerate() {
+            let what =
+                format!("kv heads {nkv}, widths {hk}/{hv}, causal {causal} window {window} rel {rel} sink {sink}");
+            let mut want = vec![0.0; nh * t * hv];
+            for (head, o) in want.chunks_mut(t * hv).enumerate() {
                 one_head(&h, head, o);
             }
-            // Every split of a group, and (on x86) both the baseline and the AVX2 build.
-            for per_task in [1, 2, 3, 6] {
-                let mut got = vec![0.0; nh * t * hd];
-                for (i, o) in got.chunks_mut(per_task * t * hd).enumerate() {
+            // Every split of a group, and both the portable loops and the dispatched ones
+            // (AVX2 or NEON where the CPU has them).
+            for per_task in [1, 2, 3, 6].into_iter().filter(|&g| h.group.is_multiple_of(g)) {
+                let mut got = vec![0.0; nh * t * hv];
+                for (i, o) in got.chunks_mut(per_task * t * hv).enumerate() {
                     // SAFETY: the portable loops need no CPU feature.
                     unsafe { h.run_any::<Portable>(i * per_task, o) };
                 }
-                assert_eq!(
-                    got, want,
-                    "causal {causal} window {window} rel {rel} sink {sink}: {per_task} heads per task"
-                );
-                let mut got = vec![0.0; nh * t * hd];
-                for (i, o) in got.chunks_mut(per_task * t * hd).enumerate() {
+                assert_eq!(got, want, "{what}: {per_task} heads per task");
+                let mut got = vec![0.0; nh * t * hv];
+                for (i, o) in got.chunks_mut(per_task * t * hv).enumerate() {
                     h.run(i * per_task, o);
                 }
-                assert_eq!(got, want, "dispatched, {per_task} heads per task");
+                assert_eq!(got, want, "{what}: dispatched, {per_task} heads per task");
             }
+            let mut got = vec![0.0; nh * t * hv];
+            h.run_all(&Serial, &mut got);
+            assert_eq!(got, want, "{what}: run_all");
         }
     }
 }

@@ -12,9 +12,9 @@
 //! position): the simplest exact form. Caching the latent (`kv_lora + rope` floats, what
 //! DeepSeek's `absorb` mode does) is smaller and is left for later (`docs/ROUTING.md`).
 
-use super::attention::LayerCache;
+use super::attention::{Heads, LayerCache};
 use super::plan::{MlaPlan, Rope};
-use crate::kernels::{Parallel, dot, matmul, rmsnorm_in_place, softmax_in_place};
+use crate::kernels::{Parallel, matmul, rmsnorm_in_place};
 use alloc::vec::Vec;
 
 /// Reusable buffers of the MLA block.
@@ -40,9 +40,6 @@ fn resize(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
 }
-
-/// Below this many multiply-adds the heads run on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 14;
 
 /// MLA for `t` tokens at positions `pos0..pos0 + t` on normalised input `x` `[T, H]`; appends
 /// their keys and values to `cache` and writes the output projection to `out`.
@@ -114,36 +111,25 @@ pub(crate) fn attention(
     cache.k.extend_from_slice(&s.k);
     cache.v.extend_from_slice(&s.v);
 
-    // Scores and weighted values, one head per task.
-    let total = pos0 + t;
+    // Scores and weighted values: one query head per key head, keys wider than values.
     resize(&mut s.heads, nh * t * vd);
-    let (q, kc, vc) = (&s.q[..], &cache.k[..], &cache.v[..]);
-    let (window, scale) = (a.window, a.scale);
-    let head_task = |head: usize, o: &mut [f32]| {
-        let mut scores = Vec::with_capacity(if window > 0 { window.min(total) } else { total });
-        for tok in 0..t {
-            let i = pos0 + tok;
-            let lo = if window > 0 { (i + 1).saturating_sub(window) } else { 0 };
-            let qv = &q[tok * kd + head * qk..][..qk];
-            scores.clear();
-            scores.extend((lo..=i).map(|j| dot(qv, &kc[j * kd + head * qk..][..qk]) * scale));
-            softmax_in_place(&mut scores);
-            let ov = &mut o[tok * vd..][..vd];
-            ov.fill(0.0);
-            for (j, &p) in (lo..=i).zip(&scores) {
-                for (acc, &v) in ov.iter_mut().zip(&vc[j * vdim + head * vd..][..vd]) {
-                    *acc += p * v;
-                }
-            }
-        }
-    };
-    if par.threads() > 1 && nh * t * total * qk >= PARALLEL_MIN_MACS {
-        par.for_each_chunk(&mut s.heads, t * vd, &head_task);
-    } else {
-        for (head, o) in s.heads.chunks_mut(t * vd).enumerate() {
-            head_task(head, o);
-        }
+    Heads {
+        q: &s.q,
+        k: &cache.k,
+        v: &cache.v,
+        rel: None,
+        sinks: None,
+        nh,
+        group: 1,
+        hk: qk,
+        hv: vd,
+        t,
+        pos0,
+        window: a.window,
+        scale: a.scale,
+        causal: true,
     }
+    .run_all(par, &mut s.heads);
     resize(&mut s.ctx, t * vdim);
     for head in 0..nh {
         for tok in 0..t {
