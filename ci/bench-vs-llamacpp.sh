@@ -16,6 +16,8 @@
 # 5. REPS rounds, each: `llama-bench -t T -p 128 -n 64 -r 1`, the streaming-read bandwidth
 #    probe with the same thread count (converter/examples/bandwidth.rs, best of 5 passes), and
 #    `meo bench --threads T --prompt-len 128 --gen 64`; medians over the rounds.
+# 6. With MEO_BENCH_DEPTH=D, as many rounds of decoding after D tokens of context (llama-bench
+#    -p 0 -n 64 -d D, meo bench --prompt-len D): attention over a long KV cache.
 #
 # The last line is exactly `decode_ratio=X prompt_ratio=Y bandwidth_fraction=Z`: meo ÷ llama.cpp
 # tokens/s, and meo's bytes read per decoded token (dense + selected experts + KV cache) ×
@@ -26,7 +28,7 @@
 #      MEO_BENCH_SHAPE ("layers hidden intermediate experts top_k vocab", default
 #      "8 1024 1280 32 4 8000": 1.07 GB in Q8_0), MEO_BENCH_WRAP (a command prefix for all three
 #      measurements, e.g. "chrt -f 10" on a machine shared with other jobs: both tools and the
-#      bandwidth probe get the same priority).
+#      bandwidth probe get the same priority), MEO_BENCH_DEPTH (0; see 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,6 +37,7 @@ WORK=${MEO_BENCH_DIR:-target/bench-llamacpp}
 THREADS=${MEO_BENCH_THREADS:-2}
 read -r -a WRAP <<<"${MEO_BENCH_WRAP:-}"
 REPS=${MEO_BENCH_REPS:-10}
+DEPTH=${MEO_BENCH_DEPTH:-0}
 read -r LAYERS HIDDEN INTER EXPERTS TOPK VOCAB <<<"${MEO_BENCH_SHAPE:-8 1024 1280 32 4 8000}"
 LLAMA_VERSION=0.3.36
 PROMPT=128
@@ -131,6 +134,18 @@ for r in $(seq "$REPS"); do
 done
 echo >&2
 
+if ((DEPTH > 0)); then
+  say "decoding after $DEPTH tokens of context ($REPS rounds)"
+  for r in $(seq "$REPS"); do
+    "${WRAP[@]}" "$LLAMA_BENCH" -m "$GGUF" -t "$THREADS" -p 0 -n "$GEN" -d "$DEPTH" -r 1 -o jsonl 2>/dev/null |
+      sed 's/^/{"tool":"llama.cpp-depth","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
+    "${WRAP[@]}" "$MEO" bench "$MEOFILE" --threads "$THREADS" --prompt-len "$DEPTH" --gen "$GEN" --seed "$r" --json |
+      sed 's/^/{"tool":"meo-depth","run":'"$r"',"row":/; s/$/}/' >>"$RESULTS"
+    printf '.' >&2
+  done
+  echo >&2
+fi
+
 "$PY" - "$RESULTS" "$THREADS" "$PROMPT" "$GEN" <<'PY'
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -156,5 +171,11 @@ print(f"meo bytes per decoded token: {bpt / 1e6:.1f} MB (dense {meo[0]['dense_by
 print(f"streaming-read bandwidth ({threads} threads, one probe per round, its best pass): median {bw_gb:.2f} GB/s,"
       f" range {min(probes):.2f}-{max(probes):.2f} GB/s")
 print(f"meo achieved {bpt * meo_tg / 1e9:.2f} GB/s; against the highest probe: {bpt * meo_tg / (max(probes) * 1e9):.3f}")
+depth_l = [r["row"]["avg_ts"] for r in rows if r["tool"] == "llama.cpp-depth" and r["row"]["n_gen"] > 0]
+depth_m = [r["row"]["decode_tokens_per_s"] for r in rows if r["tool"] == "meo-depth"]
+if depth_l and depth_m:
+    dl, dm = st.median(depth_l), st.median(depth_m)
+    depth = next(r["row"]["prompt_tokens"] for r in rows if r["tool"] == "meo-depth")
+    print(f"decode after {depth} tokens of context: llama.cpp {dl:.1f}, meo {dm:.1f} tok/s, ratio {dm / dl:.3f}")
 print(f"decode_ratio={meo_tg / ltg:.3f} prompt_ratio={meo_pp / lpp:.3f} bandwidth_fraction={frac:.3f}")
 PY

@@ -589,6 +589,10 @@ mod neon {
             while jj < span {
                 let n = (span - jj).min(4);
                 let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
+                // As on x86: the rows two passes ahead.
+                for p in 8..12 {
+                    prefetch_row(rows.as_ptr().wrapping_add((jj + p) * stride), hd);
+                }
                 for hh in 0..g {
                     // SAFETY: q row hh and the four key rows hold `hd` values each (asserted).
                     let d = unsafe { dot4(q[hh * hd..].as_ptr(), k, hd) };
@@ -632,6 +636,18 @@ mod neon {
                     }
                     hb += n;
                 }
+            }
+        }
+    }
+
+    /// Hints every cache line of `n` values at `p` (`prfm`: never faults, whatever `p` is).
+    #[inline(always)]
+    fn prefetch_row(p: *const f32, n: usize) {
+        for off in (0..n).step_by(16) {
+            // SAFETY: a prefetch neither faults nor writes; `p` is formed with wrapping
+            // arithmetic and never dereferenced here.
+            unsafe {
+                core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p.wrapping_add(off), options(nostack, readonly, preserves_flags))
             }
         }
     }
@@ -701,6 +717,9 @@ mod neon {
                     *a = core::array::from_fn(|i| vld1q_f32(at.add(4 * i)));
                 }
                 for jj in j0..j1 {
+                    if c0 == 0 {
+                        prefetch_row(r.wrapping_add((jj + 4) * stride), hd);
+                    }
                     let v = r.add(jj * stride + c0);
                     let vv: [float32x4_t; 4] = core::array::from_fn(|i| vld1q_f32(v.add(4 * i)));
                     for (h, a) in acc.iter_mut().enumerate() {
