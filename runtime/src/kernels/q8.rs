@@ -255,6 +255,7 @@ fn prefetch(p: *const u8) {
 
 /// Prefetches the scales of the `mr` rows after the tile whose scales start at `ws` (each row's
 /// `2·nb` bytes lie in a separate plane, so the weight prefetch does not bring them).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 fn prefetch_scales(ws: *const u8, mr: usize, nb: usize) {
     for i in mr..2 * mr {

@@ -223,7 +223,7 @@ impl Heads<'_> {
         // SAFETY: NEON is part of every aarch64 target this builds for (checked at compile
         // time); the portable loops need no CPU feature.
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-        return unsafe { self.run_any::<neon::Neon>(h0, o) };
+        return unsafe { self.run_any::<Simd<neon::Neon>>(h0, o) };
         #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
         // SAFETY: the portable loops need no CPU feature.
         unsafe {
@@ -240,7 +240,7 @@ impl Heads<'_> {
     #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, h0: usize, o: &mut [f32]) {
         // SAFETY: the CPU has AVX2 (caller).
-        unsafe { self.run_any::<avx2::Avx2>(h0, o) }
+        unsafe { self.run_any::<Simd<avx2::Avx2>>(h0, o) }
     }
 
     /// Scores, softmax and weighted values, token by token. Key row `j` is dotted with every
@@ -361,109 +361,185 @@ impl HeadLoops for Portable {
     }
 }
 
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-mod avx2 {
-    use super::HeadLoops;
-    use core::arch::x86_64::*;
-
-    /// Value rows per block of [`HeadLoops::weighted`]: a block of one kv head's rows stays
-    /// in L1 while every 16-column slice of it is accumulated.
-    const ROWS: usize = 32;
-
-    pub(super) struct Avx2;
-
-    impl HeadLoops for Avx2 {
-        /// Four keys at a time, so four independent sums are in flight (one dot product is a
-        /// chain of dependent additions); each is summed exactly as `kernels::dot` sums it.
-        #[inline(always)]
-        unsafe fn scores(
-            q: &[f32],
-            hd: usize,
-            rows: &[f32],
-            stride: usize,
-            span: usize,
-            scale: f32,
-            scores: &mut [f32],
-        ) {
-            let g = q.len() / hd.max(1);
-            assert!(span == 0 || rows.len() >= (span - 1) * stride + hd, "attention: key rows");
-            assert!(scores.len() >= g * span && q.len() == g * hd, "attention: scores");
-            let mut jj = 0;
-            while jj < span {
-                let n = (span - jj).min(4);
-                // Fewer than four rows left: the last one is repeated and its extra sums dropped.
-                let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
-                // The cache is cold after a token's weights streamed past: ask for the rows
-                // two passes ahead.
-                for p in 8..12 {
-                    prefetch_row(rows.as_ptr().wrapping_add((jj + p) * stride), hd);
-                }
-                for hh in 0..g {
-                    // SAFETY: AVX2 (caller); q row hh and the four key rows hold `hd` values
-                    // each (asserted above).
-                    let d = unsafe { dot4(q[hh * hd..].as_ptr(), k, hd) };
-                    for (p, &v) in d.iter().enumerate().take(n) {
-                        scores[hh * span + jj + p] = v * scale;
-                    }
-                }
-                jj += 4;
-            }
-        }
-
-        /// Blocks of [`ROWS`] rows × 16 columns × up to four queries, the sums held in
-        /// registers across the block (the portable loop loads and stores them per row).
-        #[inline(always)]
-        unsafe fn weighted(
-            scores: &[f32],
-            span: usize,
-            rows: &[f32],
-            stride: usize,
-            hd: usize,
-            o: &mut [f32],
-            ostride: usize,
-        ) {
-            let g = scores.len() / span.max(1);
-            if g == 0 || span == 0 {
-                return;
-            }
-            assert!(rows.len() >= (span - 1) * stride + hd, "attention: value rows");
-            assert!(o.len() >= (g - 1) * ostride + hd && scores.len() >= g * span, "attention: outputs");
-            for j0 in (0..span).step_by(ROWS) {
-                let j1 = (j0 + ROWS).min(span);
-                let mut hb = 0;
-                while hb < g {
-                    let n = (g - hb).min(4);
-                    // SAFETY: AVX2 (caller); every index below is within the asserted lengths.
-                    unsafe {
-                        match n {
-                            4 => block::<4>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            3 => block::<3>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            2 => block::<2>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            _ => block::<1>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                        }
-                    }
-                    hb += n;
-                }
-            }
-        }
-    }
-
-    /// Hints every cache line of `n` values at `p` (a hint: never faults, whatever `p` is).
-    #[inline(always)]
-    fn prefetch_row(p: *const f32, n: usize) {
-        for off in (0..n).step_by(16) {
-            // SAFETY: a prefetch neither faults nor writes; `p` is formed with wrapping
-            // arithmetic and never dereferenced here.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
-        }
-    }
-
+#[cfg(any(all(feature = "std", target_arch = "x86_64"), all(target_arch = "aarch64", target_feature = "neon")))]
+/// The vector pieces of the SIMD loops; [`Simd`] builds [`HeadLoops`] from them. No fused
+/// multiply-add anywhere, so the values are the bits of the portable loops.
+trait SimdOps {
     /// `[dot(q, k[0]), …, dot(q, k[3])]` over `n` values: per sum eight lanes, sequential over
     /// the 8-blocks, then `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`, then the
     /// sequential tail — `kernels::dot`'s order.
     ///
     /// # Safety
-    /// AVX2; `q` and each `k[p]` valid for `n` values.
+    /// The CPU has the implementation's features; `q` and each `k[p]` valid for `n` values.
+    unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4];
+
+    /// For `h < H`: `o[h·ostride..][..16] += Σ_{jj in j0..j1} s[h·span + jj] · r[jj·stride..][..16]`
+    /// in ascending `jj`, the 16 sums held in registers; with `pf`, each row `jj + 4` is
+    /// hinted whole (`hd` values from `r − c0`, the row start) on the way.
+    ///
+    /// # Safety
+    /// The features; every address named above valid.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn slice16<const H: usize>(
+        s: *const f32,
+        span: usize,
+        r: *const f32,
+        stride: usize,
+        o: *mut f32,
+        ostride: usize,
+        j0: usize,
+        j1: usize,
+        pf: Option<(usize, usize)>,
+    );
+
+    /// Hints the cache line at `p` (never faults, whatever `p` is).
+    fn prefetch(p: *const f32);
+}
+
+#[cfg(any(all(feature = "std", target_arch = "x86_64"), all(target_arch = "aarch64", target_feature = "neon")))]
+/// Hints every cache line of `n` values at `p`.
+#[inline(always)]
+fn prefetch_row<O: SimdOps>(p: *const f32, n: usize) {
+    for off in (0..n).step_by(16) {
+        O::prefetch(p.wrapping_add(off));
+    }
+}
+
+#[cfg(any(all(feature = "std", target_arch = "x86_64"), all(target_arch = "aarch64", target_feature = "neon")))]
+/// Value rows per block of [`HeadLoops::weighted`]: a block of one kv head's rows stays in L1
+/// while every 16-column slice of it is accumulated.
+const VROWS: usize = 32;
+
+#[cfg(any(all(feature = "std", target_arch = "x86_64"), all(target_arch = "aarch64", target_feature = "neon")))]
+/// [`HeadLoops`] on a vector unit: scores four keys at a time (one dot product is a chain of
+/// dependent additions, four are independent), values in blocks of [`VROWS`] rows × 16 columns
+/// × up to four queries with the sums in registers (the portable loop loads and stores them
+/// per row), and prefetches, because a layer's cache is cold after a token's weights streamed
+/// past.
+struct Simd<O>(core::marker::PhantomData<O>);
+
+#[cfg(any(all(feature = "std", target_arch = "x86_64"), all(target_arch = "aarch64", target_feature = "neon")))]
+impl<O: SimdOps> HeadLoops for Simd<O> {
+    #[inline(always)]
+    unsafe fn scores(q: &[f32], hd: usize, rows: &[f32], stride: usize, span: usize, scale: f32, scores: &mut [f32]) {
+        let g = q.len() / hd.max(1);
+        assert!(span == 0 || rows.len() >= (span - 1) * stride + hd, "attention: key rows");
+        assert!(scores.len() >= g * span && q.len() == g * hd, "attention: scores");
+        let mut jj = 0;
+        while jj < span {
+            let n = (span - jj).min(4);
+            // Fewer than four rows left: the last one is repeated and its extra sums dropped.
+            let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
+            // The rows two passes ahead.
+            for p in 8..12 {
+                prefetch_row::<O>(rows.as_ptr().wrapping_add((jj + p) * stride), hd);
+            }
+            for hh in 0..g {
+                // SAFETY: the features (caller); q row hh and the four key rows hold `hd`
+                // values each (asserted above).
+                let d = unsafe { O::dot4(q[hh * hd..].as_ptr(), k, hd) };
+                for (p, &v) in d.iter().enumerate().take(n) {
+                    scores[hh * span + jj + p] = v * scale;
+                }
+            }
+            jj += 4;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn weighted(
+        scores: &[f32],
+        span: usize,
+        rows: &[f32],
+        stride: usize,
+        hd: usize,
+        o: &mut [f32],
+        ostride: usize,
+    ) {
+        let g = scores.len() / span.max(1);
+        if g == 0 || span == 0 {
+            return;
+        }
+        assert!(rows.len() >= (span - 1) * stride + hd, "attention: value rows");
+        assert!(o.len() >= (g - 1) * ostride + hd && scores.len() >= g * span, "attention: outputs");
+        let cols = hd / 16 * 16;
+        let (r, op, sp) = (rows.as_ptr(), o.as_mut_ptr(), scores.as_ptr());
+        for j0 in (0..span).step_by(VROWS) {
+            let j1 = (j0 + VROWS).min(span);
+            let mut hb = 0;
+            while hb < g {
+                let n = (g - hb).min(4);
+                for c0 in (0..cols).step_by(16) {
+                    // Whole rows, four ahead, in the first slice: the later slices hit L1.
+                    let pf = (c0 == 0).then_some((c0, hd));
+                    // SAFETY: the features (caller); rows jj < span hold `hd` values at
+                    // jj·stride, outputs hb + h < g hold `hd` at (hb + h)·ostride, scores
+                    // (hb + h)·span + jj < g·span (asserted above); c0 + 16 ≤ hd.
+                    unsafe {
+                        let (s, rr, oo) = (sp.add(hb * span), r.add(c0), op.add(hb * ostride + c0));
+                        match n {
+                            4 => O::slice16::<4>(s, span, rr, stride, oo, ostride, j0, j1, pf),
+                            3 => O::slice16::<3>(s, span, rr, stride, oo, ostride, j0, j1, pf),
+                            2 => O::slice16::<2>(s, span, rr, stride, oo, ostride, j0, j1, pf),
+                            _ => O::slice16::<1>(s, span, rr, stride, oo, ostride, j0, j1, pf),
+                        }
+                    }
+                }
+                for c in cols..hd {
+                    for h in hb..hb + n {
+                        let mut a = o[h * ostride + c];
+                        for jj in j0..j1 {
+                            a += scores[h * span + jj] * rows[jj * stride + c];
+                        }
+                        o[h * ostride + c] = a;
+                    }
+                }
+                hb += n;
+            }
+        }
+    }
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod avx2 {
+    use super::{SimdOps, prefetch_row};
+    use core::arch::x86_64::*;
+
+    /// 256-bit AVX2 (run-time detected by the caller).
+    pub(super) struct Avx2;
+
+    impl SimdOps for Avx2 {
+        #[inline(always)]
+        unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
+            // SAFETY: forwarded contract.
+            unsafe { dot4(q, k, n) }
+        }
+
+        #[inline(always)]
+        unsafe fn slice16<const H: usize>(
+            s: *const f32,
+            span: usize,
+            r: *const f32,
+            stride: usize,
+            o: *mut f32,
+            ostride: usize,
+            j0: usize,
+            j1: usize,
+            pf: Option<(usize, usize)>,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { slice16::<H>(s, span, r, stride, o, ostride, j0, j1, pf) }
+        }
+
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // SAFETY: a prefetch neither faults nor writes; `p` is never dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+    }
+
+    /// # Safety
+    /// As [`SimdOps::dot4`], with AVX2.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
@@ -495,257 +571,135 @@ mod avx2 {
         out
     }
 
-    /// Queries `hb..hb + H`, rows `j0..j1`: every 16-column slice with the sums in registers,
-    /// then the last `hd mod 16` columns one by one.
-    ///
     /// # Safety
-    /// AVX2; the lengths asserted by [`HeadLoops::weighted`], `hb + H ≤ g`, `j1 ≤ span`.
+    /// As [`SimdOps::slice16`], with AVX2.
     #[inline]
     #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const H: usize>(
-        scores: &[f32],
+    unsafe fn slice16<const H: usize>(
+        s: *const f32,
         span: usize,
-        rows: &[f32],
+        r: *const f32,
         stride: usize,
-        hd: usize,
-        o: &mut [f32],
+        o: *mut f32,
         ostride: usize,
-        hb: usize,
         j0: usize,
         j1: usize,
+        pf: Option<(usize, usize)>,
     ) {
-        let cols = hd / 16 * 16;
-        let (r, op, sp) = (rows.as_ptr(), o.as_mut_ptr(), scores.as_ptr());
-        // SAFETY: rows jj < span hold `hd` values at jj·stride, outputs hb + h < g hold `hd`
-        // at (hb + h)·ostride, scores (hb + h)·span + jj < g·span (contract).
+        // SAFETY: every address is valid (contract).
         unsafe {
-            for c0 in (0..cols).step_by(16) {
-                let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            for (h, a) in acc.iter_mut().enumerate() {
+                let at = o.add(h * ostride);
+                *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+            }
+            for jj in j0..j1 {
+                if let Some((c0, hd)) = pf {
+                    prefetch_row::<Avx2>(r.wrapping_sub(c0).wrapping_add((jj + 4) * stride), hd);
+                }
+                let v = r.add(jj * stride);
+                let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
                 for (h, a) in acc.iter_mut().enumerate() {
-                    let at = op.add((hb + h) * ostride + c0);
-                    *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
-                }
-                for jj in j0..j1 {
-                    if c0 == 0 {
-                        // Whole rows, four ahead: the later column slices then hit L1.
-                        prefetch_row(r.wrapping_add((jj + 4) * stride), hd);
-                    }
-                    let v = r.add(jj * stride + c0);
-                    let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
-                    for (h, a) in acc.iter_mut().enumerate() {
-                        let p = _mm256_set1_ps(*sp.add((hb + h) * span + jj));
-                        a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(p, v0));
-                        a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(p, v1));
-                    }
-                }
-                for (h, a) in acc.iter().enumerate() {
-                    let at = op.add((hb + h) * ostride + c0);
-                    _mm256_storeu_ps(at, a[0]);
-                    _mm256_storeu_ps(at.add(8), a[1]);
+                    let p = _mm256_set1_ps(*s.add(h * span + jj));
+                    a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(p, v0));
+                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(p, v1));
                 }
             }
-            for c in cols..hd {
-                for h in 0..H {
-                    let at = op.add((hb + h) * ostride + c);
-                    let mut a = *at;
-                    for jj in j0..j1 {
-                        a += *sp.add((hb + h) * span + jj) * *r.add(jj * stride + c);
-                    }
-                    *at = a;
-                }
+            for (h, a) in acc.iter().enumerate() {
+                let at = o.add(h * ostride);
+                _mm256_storeu_ps(at, a[0]);
+                _mm256_storeu_ps(at.add(8), a[1]);
             }
         }
     }
 }
 
-/// The AVX2 loops' structure with 128-bit NEON vectors (two per 8-lane partial sum); no
-/// fused multiply-add, so the same bits as the portable loops.
+/// 128-bit NEON, two registers per 8-lane partial sum (NEON is part of every aarch64 target
+/// this builds for).
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod neon {
-    use super::HeadLoops;
+    use super::{SimdOps, prefetch_row};
     use core::arch::aarch64::*;
-
-    /// Value rows per block of [`HeadLoops::weighted`] (see the AVX2 loops).
-    const ROWS: usize = 32;
 
     pub(super) struct Neon;
 
-    impl HeadLoops for Neon {
+    impl SimdOps for Neon {
         #[inline(always)]
-        unsafe fn scores(
-            q: &[f32],
-            hd: usize,
-            rows: &[f32],
-            stride: usize,
-            span: usize,
-            scale: f32,
-            scores: &mut [f32],
-        ) {
-            let g = q.len() / hd.max(1);
-            assert!(span == 0 || rows.len() >= (span - 1) * stride + hd, "attention: key rows");
-            assert!(scores.len() >= g * span && q.len() == g * hd, "attention: scores");
-            let mut jj = 0;
-            while jj < span {
-                let n = (span - jj).min(4);
-                let k: [*const f32; 4] = core::array::from_fn(|p| rows[(jj + p.min(n - 1)) * stride..].as_ptr());
-                // As on x86: the rows two passes ahead.
-                for p in 8..12 {
-                    prefetch_row(rows.as_ptr().wrapping_add((jj + p) * stride), hd);
-                }
-                for hh in 0..g {
-                    // SAFETY: q row hh and the four key rows hold `hd` values each (asserted).
-                    let d = unsafe { dot4(q[hh * hd..].as_ptr(), k, hd) };
-                    for (p, &v) in d.iter().enumerate().take(n) {
-                        scores[hh * span + jj + p] = v * scale;
-                    }
-                }
-                jj += 4;
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn weighted(
-            scores: &[f32],
-            span: usize,
-            rows: &[f32],
-            stride: usize,
-            hd: usize,
-            o: &mut [f32],
-            ostride: usize,
-        ) {
-            let g = scores.len() / span.max(1);
-            if g == 0 || span == 0 {
-                return;
-            }
-            assert!(rows.len() >= (span - 1) * stride + hd, "attention: value rows");
-            assert!(o.len() >= (g - 1) * ostride + hd && scores.len() >= g * span, "attention: outputs");
-            for j0 in (0..span).step_by(ROWS) {
-                let j1 = (j0 + ROWS).min(span);
-                let mut hb = 0;
-                while hb < g {
-                    let n = (g - hb).min(4);
-                    // SAFETY: every index below is within the asserted lengths.
-                    unsafe {
-                        match n {
-                            4 => block::<4>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            3 => block::<3>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            2 => block::<2>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                            _ => block::<1>(scores, span, rows, stride, hd, o, ostride, hb, j0, j1),
-                        }
-                    }
-                    hb += n;
-                }
-            }
-        }
-    }
-
-    /// Hints every cache line of `n` values at `p` (`prfm`: never faults, whatever `p` is).
-    #[inline(always)]
-    fn prefetch_row(p: *const f32, n: usize) {
-        for off in (0..n).step_by(16) {
-            // SAFETY: a prefetch neither faults nor writes; `p` is formed with wrapping
-            // arithmetic and never dereferenced here.
+        unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
+            let full = n / 8 * 8;
+            let mut out = [0.0f32; 4];
+            // SAFETY: every load is below `full ≤ n` or `n` (contract).
             unsafe {
-                core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p.wrapping_add(off), options(nostack, readonly, preserves_flags))
-            }
-        }
-    }
-
-    /// As the AVX2 `dot4`: lanes 0–3 and 4–7 of each partial sum in two registers, then
-    /// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))` and the sequential tail.
-    ///
-    /// # Safety
-    /// `q` and each `k[p]` valid for `n` values.
-    #[inline(always)]
-    unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
-        let full = n / 8 * 8;
-        let mut out = [0.0f32; 4];
-        // SAFETY: every load is below `full ≤ n` or `n` (contract); NEON is baseline.
-        unsafe {
-            let z = vdupq_n_f32(0.0);
-            let mut lo = [z; 4];
-            let mut hi = [z; 4];
-            let mut c = 0;
-            while c < full {
-                let (q0, q1) = (vld1q_f32(q.add(c)), vld1q_f32(q.add(c + 4)));
+                let z = vdupq_n_f32(0.0);
+                let (mut lo, mut hi) = ([z; 4], [z; 4]);
+                let mut c = 0;
+                while c < full {
+                    let (q0, q1) = (vld1q_f32(q.add(c)), vld1q_f32(q.add(c + 4)));
+                    for p in 0..4 {
+                        lo[p] = vaddq_f32(lo[p], vmulq_f32(q0, vld1q_f32(k[p].add(c))));
+                        hi[p] = vaddq_f32(hi[p], vmulq_f32(q1, vld1q_f32(k[p].add(c + 4))));
+                    }
+                    c += 8;
+                }
                 for p in 0..4 {
-                    lo[p] = vaddq_f32(lo[p], vmulq_f32(q0, vld1q_f32(k[p].add(c))));
-                    hi[p] = vaddq_f32(hi[p], vmulq_f32(q1, vld1q_f32(k[p].add(c + 4))));
+                    let mut tail = 0.0f32;
+                    for i in full..n {
+                        tail += *q.add(i) * *k[p].add(i);
+                    }
+                    let s = vaddq_f32(lo[p], hi[p]);
+                    let u = vpaddq_f32(s, s);
+                    out[p] = (vgetq_lane_f32::<0>(u) + vgetq_lane_f32::<1>(u)) + tail;
                 }
-                c += 8;
             }
-            for p in 0..4 {
-                let mut tail = 0.0f32;
-                for i in full..n {
-                    tail += *q.add(i) * *k[p].add(i);
-                }
-                let s = vaddq_f32(lo[p], hi[p]);
-                let u = vpaddq_f32(s, s);
-                out[p] = (vgetq_lane_f32::<0>(u) + vgetq_lane_f32::<1>(u)) + tail;
-            }
+            out
         }
-        out
-    }
 
-    /// As the AVX2 `block`, 16 columns as four registers.
-    ///
-    /// # Safety
-    /// The lengths asserted by [`HeadLoops::weighted`], `hb + H ≤ g`, `j1 ≤ span`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const H: usize>(
-        scores: &[f32],
-        span: usize,
-        rows: &[f32],
-        stride: usize,
-        hd: usize,
-        o: &mut [f32],
-        ostride: usize,
-        hb: usize,
-        j0: usize,
-        j1: usize,
-    ) {
-        let cols = hd / 16 * 16;
-        let (r, op, sp) = (rows.as_ptr(), o.as_mut_ptr(), scores.as_ptr());
-        // SAFETY: as the AVX2 `block` (contract).
-        unsafe {
-            for c0 in (0..cols).step_by(16) {
+        #[inline(always)]
+        unsafe fn slice16<const H: usize>(
+            s: *const f32,
+            span: usize,
+            r: *const f32,
+            stride: usize,
+            o: *mut f32,
+            ostride: usize,
+            j0: usize,
+            j1: usize,
+            pf: Option<(usize, usize)>,
+        ) {
+            // SAFETY: every address is valid (contract).
+            unsafe {
                 let mut acc = [[vdupq_n_f32(0.0); 4]; H];
                 for (h, a) in acc.iter_mut().enumerate() {
-                    let at = op.add((hb + h) * ostride + c0);
+                    let at = o.add(h * ostride);
                     *a = core::array::from_fn(|i| vld1q_f32(at.add(4 * i)));
                 }
                 for jj in j0..j1 {
-                    if c0 == 0 {
-                        prefetch_row(r.wrapping_add((jj + 4) * stride), hd);
+                    if let Some((c0, hd)) = pf {
+                        prefetch_row::<Neon>(r.wrapping_sub(c0).wrapping_add((jj + 4) * stride), hd);
                     }
-                    let v = r.add(jj * stride + c0);
+                    let v = r.add(jj * stride);
                     let vv: [float32x4_t; 4] = core::array::from_fn(|i| vld1q_f32(v.add(4 * i)));
                     for (h, a) in acc.iter_mut().enumerate() {
-                        let p = vdupq_n_f32(*sp.add((hb + h) * span + jj));
+                        let p = vdupq_n_f32(*s.add(h * span + jj));
                         for i in 0..4 {
                             a[i] = vaddq_f32(a[i], vmulq_f32(p, vv[i]));
                         }
                     }
                 }
                 for (h, a) in acc.iter().enumerate() {
-                    let at = op.add((hb + h) * ostride + c0);
+                    let at = o.add(h * ostride);
                     for (i, &x) in a.iter().enumerate() {
                         vst1q_f32(at.add(4 * i), x);
                     }
                 }
             }
-            for c in cols..hd {
-                for h in 0..H {
-                    let at = op.add((hb + h) * ostride + c);
-                    let mut a = *at;
-                    for jj in j0..j1 {
-                        a += *sp.add((hb + h) * span + jj) * *r.add(jj * stride + c);
-                    }
-                    *at = a;
-                }
-            }
+        }
+
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // SAFETY: a prefetch neither faults nor writes; `p` is never dereferenced.
+            unsafe { core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags)) }
         }
     }
 }
