@@ -374,8 +374,8 @@ trait SimdOps {
     unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4];
 
     /// For `h < H`: `o[h·ostride..][..16] += Σ_{jj in j0..j1} s[h·span + jj] · r[jj·stride..][..16]`
-    /// in ascending `jj`, the 16 sums held in registers; with `pf`, each row `jj + 4` is
-    /// hinted whole (`hd` values from `r − c0`, the row start) on the way.
+    /// in ascending `jj`, the 16 sums held in registers; with `pf = Some(hd)` (the first
+    /// slice, so `r` is at the rows' start) each row `jj + 4` is hinted whole on the way.
     ///
     /// # Safety
     /// The features; every address named above valid.
@@ -389,7 +389,7 @@ trait SimdOps {
         ostride: usize,
         j0: usize,
         j1: usize,
-        pf: Option<(usize, usize)>,
+        pf: Option<usize>,
     );
 
     /// Hints the cache line at `p` (never faults, whatever `p` is).
@@ -471,7 +471,7 @@ impl<O: SimdOps> HeadLoops for Simd<O> {
                 let n = (g - hb).min(4);
                 for c0 in (0..cols).step_by(16) {
                     // Whole rows, four ahead, in the first slice: the later slices hit L1.
-                    let pf = (c0 == 0).then_some((c0, hd));
+                    let pf = (c0 == 0).then_some(hd);
                     // SAFETY: the features (caller); rows jj < span hold `hd` values at
                     // jj·stride, outputs hb + h < g hold `hd` at (hb + h)·ostride, scores
                     // (hb + h)·span + jj < g·span (asserted above); c0 + 16 ≤ hd.
@@ -525,7 +525,7 @@ mod avx2 {
             ostride: usize,
             j0: usize,
             j1: usize,
-            pf: Option<(usize, usize)>,
+            pf: Option<usize>,
         ) {
             // SAFETY: forwarded contract.
             unsafe { slice16::<H>(s, span, r, stride, o, ostride, j0, j1, pf) }
@@ -585,7 +585,7 @@ mod avx2 {
         ostride: usize,
         j0: usize,
         j1: usize,
-        pf: Option<(usize, usize)>,
+        pf: Option<usize>,
     ) {
         // SAFETY: every address is valid (contract).
         unsafe {
@@ -595,8 +595,8 @@ mod avx2 {
                 *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
             }
             for jj in j0..j1 {
-                if let Some((c0, hd)) = pf {
-                    prefetch_row::<Avx2>(r.wrapping_sub(c0).wrapping_add((jj + 4) * stride), hd);
+                if let Some(hd) = pf {
+                    prefetch_row::<Avx2>(r.wrapping_add((jj + 4) * stride), hd);
                 }
                 let v = r.add(jj * stride);
                 let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
@@ -665,7 +665,7 @@ mod neon {
             ostride: usize,
             j0: usize,
             j1: usize,
-            pf: Option<(usize, usize)>,
+            pf: Option<usize>,
         ) {
             // SAFETY: every address is valid (contract).
             unsafe {
@@ -675,8 +675,8 @@ mod neon {
                     *a = core::array::from_fn(|i| vld1q_f32(at.add(4 * i)));
                 }
                 for jj in j0..j1 {
-                    if let Some((c0, hd)) = pf {
-                        prefetch_row::<Neon>(r.wrapping_sub(c0).wrapping_add((jj + 4) * stride), hd);
+                    if let Some(hd) = pf {
+                        prefetch_row::<Neon>(r.wrapping_add((jj + 4) * stride), hd);
                     }
                     let v = r.add(jj * stride);
                     let vv: [float32x4_t; 4] = core::array::from_fn(|i| vld1q_f32(v.add(4 * i)));
