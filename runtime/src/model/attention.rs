@@ -221,7 +221,7 @@ impl Heads<'_> {
             return unsafe { self.run_avx2(h0, o) };
         }
         // SAFETY: NEON is part of every aarch64 target this builds for (checked at compile
-        // time); the portable loops need no CPU feature.
+        // time by the `cfg`).
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
         return unsafe { self.run_any::<Simd<neon::Neon>>(h0, o) };
         #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
@@ -231,7 +231,7 @@ impl Heads<'_> {
         }
     }
 
-    /// The same code with 256-bit vectors and the [`avx2`] inner loops. No FMA: multiply and
+    /// The same code with 256-bit vectors and the [`Simd`] loops on AVX2. No FMA: multiply and
     /// add round separately as in the portable loops, so the values are the same bits.
     ///
     /// # Safety
