@@ -509,13 +509,39 @@ mod avx2 {
     pub(super) struct Avx2;
 
     impl SimdOps for Avx2 {
-        #[inline(always)]
+        #[inline]
+        #[target_feature(enable = "avx2")]
         unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
-            // SAFETY: forwarded contract.
-            unsafe { dot4(q, k, n) }
+            let full = n / 8 * 8;
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            // SAFETY: c + 8 ≤ full ≤ n: within every row (contract).
+            unsafe {
+                while c < full {
+                    let qv = _mm256_loadu_ps(q.add(c));
+                    a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(qv, _mm256_loadu_ps(k[0].add(c))));
+                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(qv, _mm256_loadu_ps(k[1].add(c))));
+                    a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(qv, _mm256_loadu_ps(k[2].add(c))));
+                    a[3] = _mm256_add_ps(a[3], _mm256_mul_ps(qv, _mm256_loadu_ps(k[3].add(c))));
+                    c += 8;
+                }
+            }
+            let mut out = [0.0f32; 4];
+            for p in 0..4 {
+                let mut tail = 0.0f32;
+                for i in full..n {
+                    // SAFETY: i < n (contract).
+                    tail += unsafe { *q.add(i) * *k[p].add(i) };
+                }
+                let s = _mm_add_ps(_mm256_castps256_ps128(a[p]), _mm256_extractf128_ps::<1>(a[p]));
+                let u = _mm_add_ps(s, _mm_movehdup_ps(s));
+                out[p] = _mm_cvtss_f32(_mm_add_ss(u, _mm_movehl_ps(u, u))) + tail;
+            }
+            out
         }
 
-        #[inline(always)]
+        #[inline]
+        #[target_feature(enable = "avx2")]
         unsafe fn slice16<const H: usize>(
             s: *const f32,
             span: usize,
@@ -527,90 +553,37 @@ mod avx2 {
             j1: usize,
             pf: Option<usize>,
         ) {
-            // SAFETY: forwarded contract.
-            unsafe { slice16::<H>(s, span, r, stride, o, ostride, j0, j1, pf) }
+            // SAFETY: every address is valid (contract).
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; H];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let at = o.add(h * ostride);
+                    *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+                }
+                for jj in j0..j1 {
+                    if let Some(hd) = pf {
+                        prefetch_row::<Avx2>(r.wrapping_add((jj + 4) * stride), hd);
+                    }
+                    let v = r.add(jj * stride);
+                    let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let p = _mm256_set1_ps(*s.add(h * span + jj));
+                        a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(p, v0));
+                        a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(p, v1));
+                    }
+                }
+                for (h, a) in acc.iter().enumerate() {
+                    let at = o.add(h * ostride);
+                    _mm256_storeu_ps(at, a[0]);
+                    _mm256_storeu_ps(at.add(8), a[1]);
+                }
+            }
         }
 
         #[inline(always)]
         fn prefetch(p: *const f32) {
             // SAFETY: a prefetch neither faults nor writes; `p` is never dereferenced.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
-        }
-    }
-
-    /// # Safety
-    /// As [`SimdOps::dot4`], with AVX2.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn dot4(q: *const f32, k: [*const f32; 4], n: usize) -> [f32; 4] {
-        let full = n / 8 * 8;
-        let mut a = [_mm256_setzero_ps(); 4];
-        let mut c = 0;
-        // SAFETY: c + 8 ≤ full ≤ n: within every row (contract).
-        unsafe {
-            while c < full {
-                let qv = _mm256_loadu_ps(q.add(c));
-                a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(qv, _mm256_loadu_ps(k[0].add(c))));
-                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(qv, _mm256_loadu_ps(k[1].add(c))));
-                a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(qv, _mm256_loadu_ps(k[2].add(c))));
-                a[3] = _mm256_add_ps(a[3], _mm256_mul_ps(qv, _mm256_loadu_ps(k[3].add(c))));
-                c += 8;
-            }
-        }
-        let mut out = [0.0f32; 4];
-        for p in 0..4 {
-            let mut tail = 0.0f32;
-            for i in full..n {
-                // SAFETY: i < n (contract).
-                tail += unsafe { *q.add(i) * *k[p].add(i) };
-            }
-            let s = _mm_add_ps(_mm256_castps256_ps128(a[p]), _mm256_extractf128_ps::<1>(a[p]));
-            let u = _mm_add_ps(s, _mm_movehdup_ps(s));
-            out[p] = _mm_cvtss_f32(_mm_add_ss(u, _mm_movehl_ps(u, u))) + tail;
-        }
-        out
-    }
-
-    /// # Safety
-    /// As [`SimdOps::slice16`], with AVX2.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn slice16<const H: usize>(
-        s: *const f32,
-        span: usize,
-        r: *const f32,
-        stride: usize,
-        o: *mut f32,
-        ostride: usize,
-        j0: usize,
-        j1: usize,
-        pf: Option<usize>,
-    ) {
-        // SAFETY: every address is valid (contract).
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; H];
-            for (h, a) in acc.iter_mut().enumerate() {
-                let at = o.add(h * ostride);
-                *a = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
-            }
-            for jj in j0..j1 {
-                if let Some(hd) = pf {
-                    prefetch_row::<Avx2>(r.wrapping_add((jj + 4) * stride), hd);
-                }
-                let v = r.add(jj * stride);
-                let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
-                for (h, a) in acc.iter_mut().enumerate() {
-                    let p = _mm256_set1_ps(*s.add(h * span + jj));
-                    a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(p, v0));
-                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(p, v1));
-                }
-            }
-            for (h, a) in acc.iter().enumerate() {
-                let at = o.add(h * ostride);
-                _mm256_storeu_ps(at, a[0]);
-                _mm256_storeu_ps(at.add(8), a[1]);
-            }
         }
     }
 }
