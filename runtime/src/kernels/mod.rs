@@ -30,8 +30,7 @@
 //! chosen once per matmul by CPU feature detection: AVX-512 VNNI, AVX-VNNI or AVX2 (F16C for
 //! the scales) on x86-64, `smmla` (i8mm), `sdot` or plain NEON on aarch64, and a portable
 //! scalar loop everywhere else (and without `std`, unless the target enables them at compile
-//! time). A pass over the rows keeps ≤ 256 KiB
-//! of activations in L2.
+//! time). A pass over the rows keeps ≤ 256 KiB of activations in L2.
 //!
 //! # Numerics
 //!
