@@ -5,8 +5,8 @@
 #   ci/bench-vs-llamacpp.sh
 #
 # 1. A Python venv with what llama.cpp's HF converter needs (torch, numpy, sentencepiece,
-#    pyyaml, tqdm) and the build tools (cmake, ninja), all from PyPI. MEO_BENCH_PYTHON=/path/to/python
-#    reuses an interpreter that already has them.
+#    pyyaml, tqdm, transformers) and the build tools (cmake, ninja), all from PyPI.
+#    MEO_BENCH_PYTHON=/path/to/python reuses an interpreter that already has them.
 # 2. llama.cpp from the PyPI `llama-cpp-python` sdist (it vendors llama.cpp), built Release with
 #    native CPU flags: llama-bench.
 # 3. A synthetic Mixtral-shaped bf16 checkpoint (converter/examples/synth_hf.rs; random weights,
@@ -55,10 +55,10 @@ else
     python3 -m venv "$WORK/venv"
   fi
   PY=$WORK/venv/bin/python
-  "$PY" -m pip install --quiet torch numpy sentencepiece pyyaml tqdm cmake ninja
+  "$PY" -m pip install --quiet torch numpy sentencepiece pyyaml tqdm transformers cmake ninja
 fi
-"$PY" -c "import torch, numpy, sentencepiece, yaml, tqdm" || {
-  echo "error: $PY lacks torch/numpy/sentencepiece/pyyaml/tqdm" >&2
+"$PY" -c "import torch, numpy, sentencepiece, yaml, tqdm, transformers" || {
+  echo "error: $PY lacks torch/numpy/sentencepiece/pyyaml/tqdm/transformers" >&2
   exit 1
 }
 PYBIN=$(dirname "$PY")
