@@ -11,8 +11,8 @@
 //!
 //! Inputs used by several products (q/k/v; an MLP's gate and up) are wrapped once in [`Acts`],
 //! so Q8_0 quantizes them once; [`matmul_glu`] computes gate, up and the activation in one
-//! threaded pass; [`gemv_many`] runs the selected experts of a decoding step in one pass
-//! (one fork/join per layer phase instead of one per matrix). The pool (`ThreadPool`) makes
+//! threaded pass; [`gemv_many`] runs the selected experts of a decoding step, or its q, k
+//! and v, in one pass (one fork/join per layer phase instead of one per matrix). The pool (`ThreadPool`) makes
 //! the calling thread work too and keeps its workers spinning briefly between jobs: a decode
 //! step is ~100 fork/joins.
 //!
@@ -486,38 +486,47 @@ pub struct Gemv<'x, 'w> {
     pub glu: Option<(MatRef<'w>, Glu<'x>)>,
 }
 
-/// Several one-token products with outputs of the same length `n` (the selected experts of a
-/// layer in decoding) in **one** parallel pass: `out[e·n..][..n]` is job `e`'s result. One
-/// fork/join instead of one per matrix, and the threads balance over all of them, not per
-/// matrix. Each row is computed by the same kernel as [`matmul`], so the values are identical.
+/// Several one-token products (the selected experts of a layer in decoding, or q, k and v)
+/// in **one** parallel pass: `out` is the jobs' outputs one after another, `w.rows()` values
+/// each. One fork/join instead of one per matrix, and the threads balance over all of them,
+/// not per matrix. Each row is computed by the same kernel as [`matmul`], so the values are
+/// identical.
 ///
 /// # Panics
-/// If a job's `x` is not one token of `w.cols()` values, `w.rows() != n` for some job,
-/// `out.len() != jobs.len() · n`, or a gate and up pair differ in shape or dtype.
-pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], n: usize, out: &mut [f32]) {
-    assert!(out.len() == jobs.len() * n, "gemv_many: output length");
+/// If a job's `x` is not one token of `w.cols()` values, `out.len()` is not the sum of the
+/// jobs' rows, or a gate and up pair differ in shape or dtype.
+pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
+    let total: usize = jobs.iter().map(|j| j.w.rows).sum();
+    assert!(out.len() == total, "gemv_many: output length");
     for j in jobs {
         let (w, k) = (&j.w, j.w.cols);
-        assert!(j.x.t == 1 && j.x.x.len() == k && w.rows == n, "gemv_many: shapes do not match");
+        assert!(j.x.t == 1 && j.x.x.len() == k, "gemv_many: shapes do not match");
         assert!(
-            j.glu.as_ref().is_none_or(|(u, _)| u.rows == n && u.cols == k && u.dtype == w.dtype),
+            j.glu.as_ref().is_none_or(|(u, _)| u.rows == w.rows && u.cols == k && u.dtype == w.dtype),
             "gemv_many: gate and up differ"
         );
     }
-    if jobs.is_empty() || n == 0 {
+    if total == 0 {
         return;
     }
     let kern = q8::Kernel::detect();
     // Quantized on this thread first: `Acts` caches lazily and is not `Sync`.
     let xq: Vec<Option<&q8::QActs>> =
         jobs.iter().map(|j| (j.w.dtype == DType::Q8_0).then(|| j.x.quantized(j.w.cols))).collect();
-    let macs: usize = jobs.iter().map(|j| n * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
+    let macs: usize = jobs.iter().map(|j| j.w.rows * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
     let serial = par.threads() <= 1 || macs < PARALLEL_MIN_MACS;
-    // Every job split into `m` tasks of `c` rows; outputs padded to `m · c` rows per job so
-    // that the tasks are equal chunks of one buffer.
+    let most = jobs.iter().map(|j| j.w.rows).max().unwrap_or(0);
+    // Every job split into tasks of `c` rows (its last one shorter); the tasks write equal
+    // chunks of one buffer, padded where a job's rows are not a multiple of `c`.
     // ≈ 8 tasks per thread: the join waits for at most one short task.
-    let c = if serial { n } else { rows_per_task(n * jobs.len(), 2 * par.threads()).min(n) };
-    let m = n.div_ceil(c);
+    let c = if serial { most } else { rows_per_task(total, 2 * par.threads()).min(most) };
+    // Job j's tasks are `first[j]..first[j + 1]`.
+    let mut first = Vec::with_capacity(jobs.len() + 1);
+    first.push(0);
+    for j in jobs {
+        first.push(first[first.len() - 1] + j.w.rows.div_ceil(c));
+    }
+    let (njobs, tasks) = (jobs.len(), first[jobs.len()]);
     // What the tasks read, without the (non-`Sync`) `Acts`: x, its quantized form, W, (U, act).
     type Plain<'a> = (&'a [f32], Option<&'a q8::QActs>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
     let plain: Vec<Plain<'_>> = jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
@@ -526,22 +535,26 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], n: usize, out: &mut 
         None => matmul_rows(plain[j].0, 1, w, r0, o),
     };
     let task = |i: usize, o: &mut [f32]| {
-        let (j, r0) = (i / m, (i % m) * c);
-        let o = &mut o[..c.min(n - r0)];
-        rows(j, plain[j].2, r0, o);
+        // Jobs are few (≤ the experts of a layer): a linear search.
+        let j = first.iter().rposition(|&f| f <= i).unwrap_or(0).min(njobs - 1);
+        let (w, r0) = (plain[j].2, (i - first[j]) * c);
+        let o = &mut o[..c.min(w.rows - r0)];
+        rows(j, w, r0, o);
         if let Some((u, act)) = plain[j].3 {
             let mut up = vec![0.0f32; o.len()];
             rows(j, u, r0, &mut up);
             act(o, &up);
         }
     };
-    if m * c == n {
+    if jobs.iter().all(|j| j.w.rows % c == 0) {
         par.for_each_chunk(out, c, &task);
     } else {
-        let mut padded = vec![0.0f32; jobs.len() * m * c];
+        let mut padded = vec![0.0f32; tasks * c];
         par.for_each_chunk(&mut padded, c, &task);
-        for (o, p) in out.chunks_exact_mut(n).zip(padded.chunks_exact(m * c)) {
-            o.copy_from_slice(&p[..n]);
+        let mut at = 0;
+        for (j, f) in jobs.iter().zip(&first) {
+            out[at..][..j.w.rows].copy_from_slice(&padded[f * c..][..j.w.rows]);
+            at += j.w.rows;
         }
     }
 }
@@ -711,9 +724,55 @@ mod tests {
                             })
                             .collect();
                         let mut y = vec![0.0; jobs * n];
-                        gemv_many(par, &list, n, &mut y);
+                        gemv_many(par, &list, &mut y);
                         assert_eq!(y, want.concat(), "gemv_many {dtype:?} {n}x{k} ×{jobs}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Jobs of different heights (q, k and v) in one `gemv_many`: each output is its own
+    /// `matmul`, value for value, padded task split or not.
+    #[test]
+    fn gemv_many_takes_jobs_of_different_heights() {
+        let k = 96;
+        let act = |g: &mut [f32], u: &[f32]| silu_mul(g, u);
+        for heights in [&[1024usize, 256, 256][..], &[37, 130, 1, 64], &[1, 5], &[128, 128]] {
+            let mut r = rng(heights.iter().sum::<usize>() as u64);
+            for dtype in [DType::F32, DType::Q8_0] {
+                let mats: Vec<Vec<u8>> = heights
+                    .iter()
+                    .map(|&n| encode(&(0..n * k).map(|_| r()).collect::<Vec<_>>(), dtype, n, k))
+                    .collect();
+                let x: Vec<f32> = (0..k).map(|_| r()).collect();
+                let view = |j: usize| MatRef::new(dtype, heights[j], k, &mats[j]).unwrap();
+                let want: Vec<f32> = (0..heights.len())
+                    .flat_map(|j| {
+                        let mut y = vec![0.0; heights[j]];
+                        matmul(&Serial, &x, 1, &view(j), &mut y);
+                        y
+                    })
+                    .collect();
+                // Gated: job j's gate and up are both matrix j.
+                let gated: Vec<f32> = {
+                    let mut w = want.clone();
+                    let u = want.clone();
+                    act(&mut w, &u);
+                    w
+                };
+                let pool = ThreadPool::new(2).unwrap();
+                for par in [&Serial as &dyn Parallel, &Reversed(3), &pool] {
+                    let xa = Acts::new(&x, 1);
+                    let plain: Vec<Gemv<'_, '_>> =
+                        (0..heights.len()).map(|j| Gemv { x: &xa, w: view(j), glu: None }).collect();
+                    let mut y = vec![f32::NAN; want.len()];
+                    gemv_many(par, &plain, &mut y);
+                    assert_eq!(y, want, "gemv_many {dtype:?} {heights:?}");
+                    let glu: Vec<Gemv<'_, '_>> =
+                        (0..heights.len()).map(|j| Gemv { x: &xa, w: view(j), glu: Some((view(j), &act)) }).collect();
+                    gemv_many(par, &glu, &mut y);
+                    assert_eq!(y, gated, "gemv_many gated {dtype:?} {heights:?}");
                 }
             }
         }

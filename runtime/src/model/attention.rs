@@ -4,7 +4,7 @@
 
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
-use crate::kernels::{Acts, Parallel, dot, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
+use crate::kernels::{Acts, Gemv, Parallel, dot, gemv_many, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far, `[positions, kv_heads · head_dim]` each.
@@ -20,6 +20,8 @@ pub(crate) struct AttnScratch {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// q, k and v of one token, side by side (decoding computes them in one pass).
+    qkv: Vec<f32>,
     w: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -78,9 +80,21 @@ pub(crate) fn attention(
     resize(&mut s.v, t * kvd);
     // q, k and v read the same input: quantized once.
     let xa = Acts::new(x, t);
-    matmul_acts(par, &xa, &a.q.view(bytes), &mut s.q);
-    matmul_acts(par, &xa, &a.k.view(bytes), &mut s.k);
-    matmul_acts(par, &xa, &a.v.view(bytes), &mut s.v);
+    let (wq, wk, wv) = (a.q.view(bytes), a.k.view(bytes), a.v.view(bytes));
+    if t == 1 {
+        // One fork/join for the three (same values as three `matmul_acts`).
+        resize(&mut s.qkv, qd + 2 * kvd);
+        let job = |w| Gemv { x: &xa, w, glu: None };
+        gemv_many(par, &[job(wq), job(wk), job(wv)], &mut s.qkv);
+        let (q, kv) = s.qkv.split_at(qd);
+        s.q.copy_from_slice(q);
+        s.k.copy_from_slice(&kv[..kvd]);
+        s.v.copy_from_slice(&kv[kvd..]);
+    } else {
+        matmul_acts(par, &xa, &wq, &mut s.q);
+        matmul_acts(par, &xa, &wk, &mut s.k);
+        matmul_acts(par, &xa, &wv, &mut s.v);
+    }
     if let Some([bq, bk, bv]) = &a.bias {
         for (buf, b, width) in [(&mut s.q, bq, qd), (&mut s.k, bk, kvd), (&mut s.v, bv, kvd)] {
             b.read(bytes, &mut s.w);

@@ -333,12 +333,12 @@ fn decode_experts(
     let xa = Acts::new(x, 1);
     let jobs: Vec<Gemv<'_, '_>> = mats.iter().map(|(g, u, _)| Gemv { x: &xa, w: *g, glu: Some((*u, &act)) }).collect();
     resize(&mut s.xs, mats.len() * inter);
-    gemv_many(par, &jobs, inter, &mut s.xs);
+    gemv_many(par, &jobs, &mut s.xs);
     let hs: Vec<Acts<'_>> = s.xs.chunks_exact(inter).map(|hrow| Acts::new(hrow, 1)).collect();
     let jobs: Vec<Gemv<'_, '_>> =
         mats.iter().zip(&hs).map(|((_, _, d), hx)| Gemv { x: hx, w: *d, glu: None }).collect();
     resize(&mut s.ys, mats.len() * h);
-    gemv_many(par, &jobs, h, &mut s.ys);
+    gemv_many(par, &jobs, &mut s.ys);
     for (row, &ei) in s.ys.chunks_exact(h).zip(&s.selected) {
         let w = s.assign[s.starts[ei as usize]].1;
         for (o, &v) in out.iter_mut().zip(row) {
