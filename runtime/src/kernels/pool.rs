@@ -1,6 +1,6 @@
 //! A per-session thread pool (feature `std`): `threads - 1` workers plus the calling thread.
 //!
-//! Why not rayon: a decode step is ~100 small fork/joins (one per matrix, tens of µs each).
+//! Why not rayon: a decode step is ~50 small fork/joins (six per layer, tens of µs each).
 //! Rayon's `install` from a thread outside the pool parks the caller on a latch and wakes it
 //! again per fork/join, and the caller does no work meanwhile, so with 2 cores and 2 workers
 //! three threads compete and every join pays two futex round trips. Here the caller takes
