@@ -526,7 +526,7 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
     for j in jobs {
         first.push(first[first.len() - 1] + j.w.rows.div_ceil(c));
     }
-    let (njobs, tasks) = (jobs.len(), first[jobs.len()]);
+    let tasks = first[jobs.len()];
     // What the tasks read, without the (non-`Sync`) `Acts`: x, its quantized form, W, (U, act).
     type Plain<'a> = (&'a [f32], Option<&'a q8::QActs>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
     let plain: Vec<Plain<'_>> = jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
@@ -535,8 +535,8 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
         None => matmul_rows(plain[j].0, 1, w, r0, o),
     };
     let task = |i: usize, o: &mut [f32]| {
-        // Jobs are few (≤ the experts of a layer): a linear search.
-        let j = first.iter().rposition(|&f| f <= i).unwrap_or(0).min(njobs - 1);
+        // The last job that starts at or before task i (`first[0] = 0 ≤ i < first[njobs]`).
+        let j = first.partition_point(|&f| f <= i) - 1;
         let (w, r0) = (plain[j].2, (i - first[j]) * c);
         let o = &mut o[..c.min(w.rows - r0)];
         rows(j, w, r0, o);
@@ -745,12 +745,14 @@ mod tests {
                     .iter()
                     .map(|&n| encode(&(0..n * k).map(|_| r()).collect::<Vec<_>>(), dtype, n, k))
                     .collect();
-                let x: Vec<f32> = (0..k).map(|_| r()).collect();
+                // Each job its own input (the experts' down projections), so a task that
+                // reads another job's input fails.
+                let xs: Vec<Vec<f32>> = heights.iter().map(|_| (0..k).map(|_| r()).collect()).collect();
                 let view = |j: usize| MatRef::new(dtype, heights[j], k, &mats[j]).unwrap();
                 let want: Vec<f32> = (0..heights.len())
                     .flat_map(|j| {
                         let mut y = vec![0.0; heights[j]];
-                        matmul(&Serial, &x, 1, &view(j), &mut y);
+                        matmul(&Serial, &xs[j], 1, &view(j), &mut y);
                         y
                     })
                     .collect();
@@ -763,14 +765,15 @@ mod tests {
                 };
                 let pool = ThreadPool::new(2).unwrap();
                 for par in [&Serial as &dyn Parallel, &Reversed(3), &pool] {
-                    let xa = Acts::new(&x, 1);
+                    let xa: Vec<Acts<'_>> = xs.iter().map(|x| Acts::new(x, 1)).collect();
                     let plain: Vec<Gemv<'_, '_>> =
-                        (0..heights.len()).map(|j| Gemv { x: &xa, w: view(j), glu: None }).collect();
+                        (0..heights.len()).map(|j| Gemv { x: &xa[j], w: view(j), glu: None }).collect();
                     let mut y = vec![f32::NAN; want.len()];
                     gemv_many(par, &plain, &mut y);
                     assert_eq!(y, want, "gemv_many {dtype:?} {heights:?}");
-                    let glu: Vec<Gemv<'_, '_>> =
-                        (0..heights.len()).map(|j| Gemv { x: &xa, w: view(j), glu: Some((view(j), &act)) }).collect();
+                    let glu: Vec<Gemv<'_, '_>> = (0..heights.len())
+                        .map(|j| Gemv { x: &xa[j], w: view(j), glu: Some((view(j), &act)) })
+                        .collect();
                     gemv_many(par, &glu, &mut y);
                     assert_eq!(y, gated, "gemv_many gated {dtype:?} {heights:?}");
                 }
