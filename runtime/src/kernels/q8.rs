@@ -238,7 +238,7 @@ impl Kernel {
 /// this tile computes keeps the memory pipeline full across rows (2-thread GEMV over 500 MB of
 /// expert matrices: 27–31 → 35–37 GB/s, against 37 GB/s streaming read).
 #[inline(always)]
-pub(crate) fn prefetch(p: *const u8) {
+fn prefetch(p: *const u8) {
     // SAFETY (both): a prefetch is a hint: it never faults, whatever the address, and writes
     // nothing; callers form `p` with wrapping arithmetic and never dereference it.
     #[cfg(target_arch = "x86_64")]
