@@ -7,11 +7,41 @@ use crate::config::QkNorm;
 use crate::kernels::{Acts, Gemv, Parallel, dot, gemv_many, matmul, matmul_acts, rmsnorm_in_place, softmax_in_place};
 use alloc::vec::Vec;
 
-/// Keys and values of every position seen so far, `[positions, kv_heads · head_dim]` each.
+/// Keys and values of every position seen so far: one buffer per kv head, `[positions, hk]`
+/// and `[positions, hv]`. A head's task then reads its keys and values in address order;
+/// interleaved `[positions, kv_heads · hk]` rows made each task read every other slice of
+/// a row, a pattern the hardware prefetcher follows less well (see `kernels::q8::run`).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct LayerCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl LayerCache {
+    /// Appends tokens whose keys `k` are rows of `heads · hk` values and values `v` rows of
+    /// `heads · hv` values.
+    pub(crate) fn append(&mut self, k: &[f32], v: &[f32], heads: usize, hk: usize, hv: usize) {
+        self.k.resize_with(heads, Vec::new);
+        self.v.resize_with(heads, Vec::new);
+        for row in k.chunks_exact(heads * hk) {
+            for (dst, src) in self.k.iter_mut().zip(row.chunks_exact(hk)) {
+                dst.extend_from_slice(src);
+            }
+        }
+        for row in v.chunks_exact(heads * hv) {
+            for (dst, src) in self.v.iter_mut().zip(row.chunks_exact(hv)) {
+                dst.extend_from_slice(src);
+            }
+        }
+    }
+
+    /// Keeps the first `len` positions, given the widths `heads · hk` and `heads · hv` of a
+    /// position's keys and values.
+    pub(crate) fn truncate(&mut self, len: usize, kw: usize, vw: usize) {
+        let heads = self.k.len().max(1);
+        self.k.iter_mut().for_each(|k| k.truncate(len * (kw / heads)));
+        self.v.iter_mut().for_each(|v| v.truncate(len * (vw / heads)));
+    }
 }
 
 /// Reusable buffers of the attention block.
@@ -132,8 +162,7 @@ pub(crate) fn attention(
             rope.rotate(head, &s.cos, &s.sin);
         }
     }
-    cache.k.extend_from_slice(&s.k);
-    cache.v.extend_from_slice(&s.v);
+    cache.append(&s.k, &s.v, nkv, hd, hd);
 
     // Scores and weighted values.
     let total = pos0 + t;
@@ -186,12 +215,12 @@ pub(crate) fn attention(
 }
 
 /// Everything the per-head part of [`attention`] (and of MLA's) reads: queries
-/// `[T, heads · hk]`, the cached keys `[positions, kv_heads · hk]` and values
-/// `[positions, kv_heads · hv]`, and the options of the layer.
+/// `[T, heads · hk]`, the cached keys `[positions, hk]` and values `[positions, hv]` of each
+/// kv head, and the options of the layer.
 pub(crate) struct Heads<'a> {
     pub(crate) q: &'a [f32],
-    pub(crate) k: &'a [f32],
-    pub(crate) v: &'a [f32],
+    pub(crate) k: &'a [Vec<f32>],
+    pub(crate) v: &'a [Vec<f32>],
     /// The relative bias table `[buckets, heads]` and the bucket of every relative position.
     pub(crate) rel: Option<(&'a [f32], &'a [usize])>,
     pub(crate) sinks: Option<&'a [f32]>,
@@ -267,7 +296,6 @@ impl Heads<'_> {
     unsafe fn run_any<L: HeadLoops>(&self, h0: usize, o: &mut [f32]) {
         let (hk, hv, t, nh) = (self.hk, self.hv, self.t, self.nh);
         let g = o.len() / (t * hv);
-        let (kvk, kvv) = (nh / self.group * hk, nh / self.group * hv);
         let kvh = h0 / self.group;
         let total = self.pos0 + t;
         let span_max = if self.window > 0 { self.window.min(total) } else { total };
@@ -287,7 +315,7 @@ impl Heads<'_> {
             scores.resize(g * span, 0.0);
             let q = &self.q[tok * nh * hk + h0 * hk..][..g * hk];
             // SAFETY: the CPU supports `L` (caller).
-            unsafe { L::scores(q, hk, &self.k[lo * kvk + kvh * hk..], kvk, span, self.scale, &mut scores) };
+            unsafe { L::scores(q, hk, &self.k[kvh][lo * hk..], hk, span, self.scale, &mut scores) };
             for (hh, sc) in scores.chunks_exact_mut(span).enumerate() {
                 let head = h0 + hh;
                 if let Some((table, bucket)) = self.rel {
@@ -305,7 +333,7 @@ impl Heads<'_> {
                 o[(hh * t + tok) * hv..][..hv].fill(0.0);
             }
             // SAFETY: as above.
-            unsafe { L::weighted(&scores, span, &self.v[lo * kvv + kvh * hv..], kvv, hv, &mut o[tok * hv..], t * hv) };
+            unsafe { L::weighted(&scores, span, &self.v[kvh][lo * hv..], hv, hv, &mut o[tok * hv..], t * hv) };
         }
     }
 }
@@ -699,7 +727,6 @@ mod tests {
     /// One head at a time, as the attention was written before heads were grouped.
     fn one_head(h: &Heads<'_>, head: usize, o: &mut [f32]) {
         let (hk, hv, t, nh) = (h.hk, h.hv, h.t, h.nh);
-        let (kvk, kvv) = (nh / h.group * hk, nh / h.group * hv);
         let kvh = head / h.group;
         let total = h.pos0 + t;
         for tok in 0..t {
@@ -710,7 +737,7 @@ mod tests {
                 (true, w) => ((i + 1).saturating_sub(w), i),
             };
             let qv = &h.q[tok * nh * hk + head * hk..][..hk];
-            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[j * kvk + kvh * hk..][..hk]) * h.scale).collect();
+            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[kvh][j * hk..][..hk]) * h.scale).collect();
             if let Some((table, bucket)) = h.rel {
                 for (s, j) in sc.iter_mut().zip(lo..=hi) {
                     *s += table[bucket[j + total - 1 - i] * nh + head];
@@ -723,7 +750,7 @@ mod tests {
             let ov = &mut o[tok * hv..][..hv];
             ov.fill(0.0);
             for (j, &p) in (lo..=hi).zip(&sc) {
-                for (acc, &v) in ov.iter_mut().zip(&h.v[j * kvv + kvh * hv..][..hv]) {
+                for (acc, &v) in ov.iter_mut().zip(&h.v[kvh][j * hv..][..hv]) {
                     *acc += p * v;
                 }
             }
@@ -749,16 +776,25 @@ mod tests {
         let (nh, pos0, t) = (12, 70, 5);
         let total = pos0 + t;
         let q: Vec<f32> = (0..t * nh * hk).map(|_| rnd()).collect();
+        let mut cache = LayerCache::default();
         let k: Vec<f32> = (0..total * nkv * hk).map(|_| rnd()).collect();
         let v: Vec<f32> = (0..total * nkv * hv).map(|_| rnd()).collect();
+        cache.append(&k, &v, nkv, hk, hv);
+        // Per head, the cache holds each position's slice of the interleaved rows.
+        for (j, (kr, vr)) in k.chunks(nkv * hk).zip(v.chunks(nkv * hv)).enumerate() {
+            for h in 0..nkv {
+                assert_eq!(cache.k[h][j * hk..][..hk], kr[h * hk..][..hk]);
+                assert_eq!(cache.v[h][j * hv..][..hv], vr[h * hv..][..hv]);
+            }
+        }
         let table: Vec<f32> = (0..6 * nh).map(|_| rnd()).collect();
         let bucket: Vec<usize> = (0..2 * total - 1).map(|r| r % 6).collect();
         let sinks: Vec<f32> = (0..nh).map(|_| rnd()).collect();
         for (causal, window, rel, sink) in [(true, 0, false, false), (true, 4, false, true), (false, 0, true, false)] {
             let h = Heads {
                 q: &q,
-                k: &k,
-                v: &v,
+                k: &cache.k,
+                v: &cache.v,
                 rel: rel.then_some((&table[..], &bucket[..])),
                 sinks: sink.then_some(&sinks[..]),
                 nh,

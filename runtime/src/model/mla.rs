@@ -108,8 +108,7 @@ pub(crate) fn attention(
             s.v[tok * vdim + head * vd..][..vd].copy_from_slice(&src[nope..]);
         }
     }
-    cache.k.extend_from_slice(&s.k);
-    cache.v.extend_from_slice(&s.v);
+    cache.append(&s.k, &s.v, nh, qk, vd);
 
     // Scores and weighted values: one query head per key head, keys wider than values.
     resize(&mut s.heads, nh * t * vd);

@@ -356,8 +356,7 @@ impl<'m> Session<'m> {
         }
         for (c, layer) in self.cache.iter_mut().zip(&self.model.layers) {
             let (kw, vw) = layer.attn.cache_widths();
-            c.k.truncate(len * kw);
-            c.v.truncate(len * vw);
+            c.truncate(len, kw, vw);
         }
         self.pos = len;
         if len == 0 {
