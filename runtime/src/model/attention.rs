@@ -21,16 +21,12 @@ impl LayerCache {
     /// Appends tokens whose keys `k` are rows of `heads · hk` values and values `v` rows of
     /// `heads · hv` values.
     pub(crate) fn append(&mut self, k: &[f32], v: &[f32], heads: usize, hk: usize, hv: usize) {
-        self.k.resize_with(heads, Vec::new);
-        self.v.resize_with(heads, Vec::new);
-        for row in k.chunks_exact(heads * hk) {
-            for (dst, src) in self.k.iter_mut().zip(row.chunks_exact(hk)) {
-                dst.extend_from_slice(src);
-            }
-        }
-        for row in v.chunks_exact(heads * hv) {
-            for (dst, src) in self.v.iter_mut().zip(row.chunks_exact(hv)) {
-                dst.extend_from_slice(src);
+        for (cache, rows, width) in [(&mut self.k, k, hk), (&mut self.v, v, hv)] {
+            cache.resize_with(heads, Vec::new);
+            for row in rows.chunks_exact(heads * width) {
+                for (dst, src) in cache.iter_mut().zip(row.chunks_exact(width)) {
+                    dst.extend_from_slice(src);
+                }
             }
         }
     }
