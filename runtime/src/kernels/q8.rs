@@ -222,7 +222,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::AvxVnni => unsafe { run::<x86::AvxVnni, 4, 2, 1>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni => unsafe { run::<x86::Avx512Vnni, 4, 4, 1>(w, r0, nr, x, t, out) },
+            Self::Avx512Vnni if t == 1 => unsafe { run::<x86::Avx512Vnni, 1, 1, 1>(w, r0, nr, x, t, out) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => unsafe { x86::gemm_packed(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "aarch64")]
             Self::Neon => unsafe { run::<arm::Neon, 4, 2, 1>(w, r0, nr, x, t, out) },
             #[cfg(target_arch = "aarch64")]
@@ -646,10 +648,19 @@ mod x86 {
         }
     }
 
-    /// AVX-512 VNNI: `vpdpbusd` on 512 bits, blocks `2k` and `2k + 1` in the low and high
-    /// halves of one register (same integer trick as AVX-VNNI above). Per output one 16-lane
-    /// f32 accumulator; an odd last block runs with a zero high half (zero data, zero scale:
-    /// adds exact zeros).
+    /// AVX-512 VNNI: `vpdpbusd` on 512 bits. One f32 order for both of its paths, so that a
+    /// prompt and token-by-token decoding give the same bits: every block's exact i32 sum
+    /// times `fl(dw·dx)` is added into one of 8 accumulators, block `b` into `b mod 8` in
+    /// block order (fused multiply-add), and the 8 are summed as [`hsum8`] does.
+    ///
+    /// - Decoding ([`Micro::tile`], one row and one token at a time) reads a row in address
+    ///   order, blocks `2k`, `2k + 1` per register (same integer trick as AVX-VNNI above),
+    ///   reduces 16 blocks' lanes to their 16 sums ([`block_sums`]) and adds them with two
+    ///   8-lane FMAs.
+    /// - Prompts ([`gemm_packed`]) repack 16 rows at a time so that one register holds 4
+    ///   bytes of each of 16 rows: 8 `vpdpbusd` sum a whole block of 16 rows against
+    ///   broadcast activations, and the f32 work is one FMA per block and 16 rows instead of
+    ///   three instructions per 2 blocks and row.
     pub(super) struct Avx512Vnni;
     impl Micro for Avx512Vnni {
         unsafe fn tile<const MR: usize, const NR: usize>(
@@ -676,6 +687,37 @@ mod x86 {
         unsafe { if two { _mm512_loadu_si512(p.cast()) } else { _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast())) } }
     }
 
+    /// Lane `m` of each level's index pair: `lo` and `lo + step` of `2·step` lanes per block.
+    const fn sum_index(step: usize, hi: bool) -> [i32; 16] {
+        let mut v = [0i32; 16];
+        let mut m = 0;
+        while m < 16 {
+            v[m] = (2 * step * (m / step) + m % step + if hi { step } else { 0 }) as i32;
+            m += 1;
+        }
+        v
+    }
+    const SUM_IDX: [[[i32; 16]; 2]; 3] = [
+        [sum_index(4, false), sum_index(4, true)],
+        [sum_index(2, false), sum_index(2, true)],
+        [sum_index(1, false), sum_index(1, true)],
+    ];
+
+    /// The 16 exact block sums of 16 blocks, lane `b` = block `b`, from the 8 registers of
+    /// block pairs (`s[k]`: lanes 0..8 hold block `2k`'s partial sums, 8..16 block `2k + 1`'s).
+    /// Each level adds lane pairs picked from two registers, halving the lanes per block.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn block_sums(s: [__m512i; 8]) -> __m512i {
+        // SAFETY: the index arrays are 16 i32, an unaligned 64-byte load.
+        let idx = |l: usize, h: usize| unsafe { _mm512_loadu_si512(SUM_IDX[l][h].as_ptr().cast()) };
+        let pair = |a, b, l| {
+            _mm512_add_epi32(_mm512_permutex2var_epi32(a, idx(l, 0), b), _mm512_permutex2var_epi32(a, idx(l, 1), b))
+        };
+        let u = [pair(s[0], s[1], 0), pair(s[2], s[3], 0), pair(s[4], s[5], 0), pair(s[6], s[7], 0)];
+        pair(pair(u[0], u[1], 1), pair(u[2], u[3], 1), 2)
+    }
+
     /// # Safety
     /// As [`Micro::tile`], with avx512f, avx512bw, avx512vnni, fma, f16c.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,fma,f16c")]
@@ -692,13 +734,7 @@ mod x86 {
         let row = nb * QK;
         let k80 = _mm512_set1_epi8(-128);
         let zero = _mm512_setzero_si512();
-        // Lane l of pair k reads scale product 2k + l / 8.
-        let idx: [__m512i; 8] = core::array::from_fn(|k| {
-            _mm512_inserti64x4::<1>(_mm512_set1_epi32(2 * k as i32), _mm256_set1_epi32(2 * k as i32 + 1))
-        });
-        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-        // Scale products dw_b·dx_b of the current 16 blocks, per (row, token).
-        let mut p = [[_mm512_setzero_ps(); NR]; MR];
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer below
         // addresses blocks < nb of one of them (the second block of a pair only when
         // 2k + 1 < g); loads are unaligned.
@@ -734,27 +770,26 @@ mod x86 {
                         _mm512_loadu_ps(buf.as_ptr())
                     };
                     for i in 0..MR {
-                        p[i][j] = _mm512_mul_ps(dw[i], dx);
-                    }
-                }
-                for (k, ix) in idx.iter().enumerate().take(g.div_ceil(2)) {
-                    let off = (b + 2 * k) * QK;
-                    let two = 2 * k + 1 < g;
-                    let mut xv = [(zero, zero); NR];
-                    for (j, v) in xv.iter_mut().enumerate() {
-                        let xx = load2(xq.add(j * row + off).cast(), two);
-                        *v = (xx, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k80, xx)));
-                    }
-                    for i in 0..MR {
-                        if NR == 1 {
-                            prefetch(wq.wrapping_add(i * row + off + ahead(MR, row)));
-                        }
-                        let wu = _mm512_xor_si512(load2(wq.add(i * row + off), two), k80);
-                        for j in 0..NR {
-                            let s = _mm512_dpbusd_epi32(xv[j].1, wu, xv[j].0);
-                            let d = _mm512_permutexvar_ps(*ix, p[i][j]);
-                            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[i][j]);
-                        }
+                        // Pair k of block sums; pairs past the group's end are zero (and
+                        // their scales too, so they add exact zeros).
+                        let pair = |k: usize| {
+                            if 2 * k >= g {
+                                return zero;
+                            }
+                            let off = (b + 2 * k) * QK;
+                            let two = 2 * k + 1 < g;
+                            if NR == 1 {
+                                prefetch(wq.wrapping_add(i * row + off + ahead(MR, row)));
+                            }
+                            let xx = load2(xq.add(j * row + off).cast(), two);
+                            let c = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k80, xx));
+                            let wu = _mm512_xor_si512(load2(wq.add(i * row + off), two), k80);
+                            _mm512_dpbusd_epi32(c, wu, xx)
+                        };
+                        let sums = _mm512_cvtepi32_ps(block_sums(core::array::from_fn(pair)));
+                        let p = _mm512_mul_ps(dw[i], dx);
+                        let a = _mm256_fmadd_ps(_mm512_castps512_ps256(sums), _mm512_castps512_ps256(p), acc[i][j]);
+                        acc[i][j] = _mm256_fmadd_ps(hi256(sums), hi256(p), a);
                     }
                 }
                 b += g;
@@ -762,10 +797,170 @@ mod x86 {
         }
         for i in 0..MR {
             for j in 0..NR {
-                let a = acc[i][j];
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-                out[i + j * os] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
+                out[i + j * os] = hsum8(acc[i][j]);
             }
+        }
+    }
+
+    /// Lanes 8..16.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hi256(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+    }
+
+    /// Rows per packed group: one 32-bit lane of a 512-bit register per row.
+    const GROUP: usize = 16;
+
+    /// A prompt pass (`t ≥ 2`) over rows `r0..r0 + nr`, `out` token-major (`t × nr`), in
+    /// [`Avx512Vnni`]'s f32 order.
+    ///
+    /// Each group of 16 rows is repacked once into a buffer that stays in L1/L2 while every
+    /// token runs over it: per block, 8 registers whose lane `i` holds bytes `4c..4c + 4` of
+    /// row `i` (`^ 0x80`, the unsigned operand of `vpdpbusd`), then the 16 rows' scales as
+    /// f32. A missing row of the last group is zero weights with zero scales. Packing costs
+    /// about what a GEMV pass over the same rows does, so it pays from 2 tokens on.
+    ///
+    /// # Safety
+    /// avx512f, avx512bw, avx512vnni, avx2, fma, f16c; rows `r0..r0 + nr` of `w` and tokens
+    /// `..t` of `x` exist (`x.nb == w.nb`); `out.len() == t · nr`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,avx2,fma,f16c")]
+    pub(super) unsafe fn gemm_packed(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
+        let nb = w.nb;
+        // vpdpbusd of `w ^ 0x80` adds 128·Σx per block: start each block's sum from −128·Σx.
+        let corr: alloc::vec::Vec<i32> =
+            x.q[..t * nb * QK].chunks_exact(QK).map(|b| -128 * b.iter().map(|&v| i32::from(v)).sum::<i32>()).collect();
+        let mut wp = alloc::vec![_mm512_setzero_si512(); nb * 8];
+        let mut sp = alloc::vec![0.0f32; nb * GROUP];
+        let mut srow = alloc::vec![0.0f32; nb];
+        for g0 in (0..nr).step_by(GROUP) {
+            let gr = (nr - g0).min(GROUP);
+            // SAFETY: rows r0 + g0..r0 + g0 + gr exist (caller); features as ours.
+            unsafe { pack(w, r0 + g0, gr, &mut wp, &mut sp, &mut srow) };
+            let mut tok = 0;
+            while tok < t {
+                // SAFETY: tokens tok..tok + 2 (or 1) < t exist; the group's outputs lie in `out`.
+                unsafe {
+                    if tok + 2 <= t {
+                        group_tokens::<2>(&wp, &sp, x, &corr, tok, out, nr, g0, gr);
+                        tok += 2;
+                    } else {
+                        group_tokens::<1>(&wp, &sp, x, &corr, tok, out, nr, g0, gr);
+                        tok += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs rows `r..r + gr` (`gr ≤ 16`) into `wp` (per block 8 registers, see
+    /// [`gemm_packed`]) and `sp` (per block 16 f32 scales); `srow` is scratch of `nb` values.
+    ///
+    /// # Safety
+    /// As [`gemm_packed`]'s features; rows `r..r + gr` of `w` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx,avx2,f16c")]
+    unsafe fn pack(w: &QWeights<'_>, r: usize, gr: usize, wp: &mut [__m512i], sp: &mut [f32], srow: &mut [f32]) {
+        let nb = w.nb;
+        let row = nb * QK;
+        let k80 = _mm512_set1_epi8(-128);
+        // Qword indices joining 128-bit lanes (0, 0', 2, 2') and (1, 1', 3, 3') of two registers.
+        let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+        let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+        for b in 0..nb {
+            // Register i: row i's block in its low half, row i + 8's in its high half.
+            // SAFETY: rows r + i < r + gr exist (caller), each `row` bytes; unaligned loads.
+            let ld = |i: usize| unsafe {
+                if i < gr {
+                    _mm256_loadu_si256(w.q.as_ptr().add((r + i) * row + b * QK).cast())
+                } else {
+                    _mm256_setzero_si256()
+                }
+            };
+            let z: [__m512i; 8] =
+                core::array::from_fn(|i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ld(i)), ld(i + 8)));
+            // An 8×8 transpose of 32-bit values in each 256-bit half.
+            let t0: [__m512i; 8] = core::array::from_fn(|k| {
+                let (a, b) = (z[2 * (k / 2)], z[2 * (k / 2) + 1]);
+                if k % 2 == 0 { _mm512_unpacklo_epi32(a, b) } else { _mm512_unpackhi_epi32(a, b) }
+            });
+            // u[4h + m]: rows 4h..4h + 4 of columns m and m + 4 (in 128-bit lanes 0/2 and 1/3).
+            let u: [__m512i; 8] = core::array::from_fn(|k| {
+                let (h, m) = (k / 4, k % 4);
+                let (a, b) = (t0[4 * h + m / 2], t0[4 * h + m / 2 + 2]);
+                if m % 2 == 0 { _mm512_unpacklo_epi64(a, b) } else { _mm512_unpackhi_epi64(a, b) }
+            });
+            for c in 0..8 {
+                let (m, ix) = (c % 4, if c < 4 { lo } else { hi });
+                wp[b * 8 + c] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[m], ix, u[4 + m]), k80);
+            }
+        }
+        for i in 0..GROUP {
+            if i < gr {
+                let s = &w.s[(r + i) * nb * 2..][..nb * 2];
+                // SAFETY: f16 is two little-endian bytes (x86), the slice holds nb of them; avx, f16c.
+                let h = unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<half::f16>(), nb) };
+                unsafe { f16_to_f32_f16c(h, srow) };
+            } else {
+                srow.fill(0.0);
+            }
+            for (b, &v) in srow.iter().enumerate() {
+                sp[b * GROUP + i] = v;
+            }
+        }
+    }
+
+    /// Tokens `tok..tok + NT` over a packed group: `out[(tok + j)·nr + g0 + i]` for rows `i < gr`.
+    ///
+    /// # Safety
+    /// As [`gemm_packed`]; `wp`, `sp` packed for `x.nb` blocks; tokens `tok..tok + NT` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group_tokens<const NT: usize>(
+        wp: &[__m512i],
+        sp: &[f32],
+        x: &QActs,
+        corr: &[i32],
+        tok: usize,
+        out: &mut [f32],
+        nr: usize,
+        g0: usize,
+        gr: usize,
+    ) {
+        let nb = x.nb;
+        let mut acc = [[_mm512_setzero_ps(); 8]; NT];
+        let mut b8 = 0;
+        while b8 < nb {
+            for l in 0..8 {
+                let b = b8 + l;
+                if b >= nb {
+                    break;
+                }
+                let wv: [__m512i; 8] = core::array::from_fn(|c| wp[b * 8 + c]);
+                // SAFETY: sp holds nb·16 values; unaligned load.
+                let d = unsafe { _mm512_loadu_ps(sp.as_ptr().add(b * GROUP)) };
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let k = (tok + j) * nb + b;
+                    // SAFETY: token tok + j exists (caller): its block b is 32 bytes of x.q.
+                    let xb = unsafe { x.q.as_ptr().add(k * QK) };
+                    let mut s = _mm512_set1_epi32(corr[k]);
+                    for (c, &wc) in wv.iter().enumerate() {
+                        // SAFETY: bytes 4c..4c + 4 of the block; unaligned read.
+                        let xc = unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() };
+                        s = _mm512_dpbusd_epi32(s, wc, _mm512_set1_epi32(xc));
+                    }
+                    let p = _mm512_mul_ps(d, _mm512_set1_ps(x.d[k]));
+                    a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), p, a[l]);
+                }
+            }
+            b8 += 8;
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // hsum8's order, lane by lane: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+            let e: [__m512; 4] = core::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
+            let v = _mm512_add_ps(_mm512_add_ps(e[0], e[2]), _mm512_add_ps(e[1], e[3]));
+            let o = &mut out[(tok + j) * nr + g0..][..gr];
+            // SAFETY: masked store of the first gr ≤ 16 lanes into `o`, which holds gr values.
+            unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << gr) - 1) as u16, v) };
         }
     }
 }
@@ -1074,7 +1269,22 @@ mod tests {
         // Block counts around the 8- and 16-block scale groups and the 2-block pairs; row
         // counts around the 4-row tiles; token counts around the 2- and 4-token tiles.
         for nb in [1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 66] {
-            for (rows, t) in [(1, 1), (3, 1), (4, 1), (9, 1), (5, 2), (7, 3), (8, 4), (6, 5), (9, 17), (5, 64)] {
+            // Row counts around the 16-row packed groups too (prompts: t ≥ 2).
+            for (rows, t) in [
+                (1, 1),
+                (3, 1),
+                (4, 1),
+                (9, 1),
+                (5, 2),
+                (7, 3),
+                (8, 4),
+                (6, 5),
+                (9, 17),
+                (5, 64),
+                (16, 2),
+                (17, 3),
+                (33, 5),
+            ] {
                 let (wq, ws, x) = case(&mut r, rows, nb, t);
                 let w = QWeights { q: &wq, s: &ws, nb };
                 let mut want = vec![0.0; rows * t];
@@ -1113,7 +1323,8 @@ mod tests {
     #[test]
     fn every_kernel_is_independent_of_tiling_and_batch() {
         let mut r = rng(8);
-        let (rows, nb, t) = (11, 37, 13);
+        // 37 rows: two full 16-row packed groups and a partial one.
+        let (rows, nb, t) = (37, 37, 13);
         let (wq, ws, x) = case(&mut r, rows, nb, t);
         let w = QWeights { q: &wq, s: &ws, nb };
         for k in Kernel::available() {
@@ -1125,6 +1336,14 @@ mod tests {
                 k.gemm(&w, row, 1, &x, t, &mut one);
                 let col: Vec<f32> = (0..t).map(|j| all[j * rows + row]).collect();
                 assert_eq!(one, col, "{k:?} row {row}");
+            }
+            // Row ranges that start inside a group (a task's share of the rows).
+            for (r0, n) in [(5, 20), (16, 21), (30, 7)] {
+                let mut part = vec![0.0; n * t];
+                k.gemm(&w, r0, n, &x, t, &mut part);
+                for j in 0..t {
+                    assert_eq!(part[j * n..][..n], all[j * rows + r0..][..n], "{k:?} rows {r0}+{n} token {j}");
+                }
             }
             for j in 0..t {
                 let xj = QActs { q: x.q[j * nb * QK..][..nb * QK].to_vec(), d: x.d[j * nb..][..nb].to_vec(), nb };
