@@ -928,31 +928,43 @@ mod x86 {
     ) {
         let nb = x.nb;
         let mut acc = [[_mm512_setzero_ps(); 8]; NT];
-        let mut b8 = 0;
-        while b8 < nb {
-            for l in 0..8 {
-                let b = b8 + l;
-                if b >= nb {
-                    break;
+        // Block `b` into accumulator `L = b mod 8`: written out 8 times with a literal `L`, so
+        // that every accumulator stays in a register (a loop over `L` indexes them in memory).
+        let step = |acc: &mut [[__m512; 8]; NT], b: usize, l: usize| {
+            let wv: [__m512i; 8] = core::array::from_fn(|c| wp[b * 8 + c]);
+            // SAFETY: sp holds nb·16 values; unaligned load.
+            let d = unsafe { _mm512_loadu_ps(sp.as_ptr().add(b * GROUP)) };
+            for (j, a) in acc.iter_mut().enumerate() {
+                let k = (tok + j) * nb + b;
+                // SAFETY: token tok + j exists (caller): its block b is 32 bytes of x.q.
+                let xb = unsafe { x.q.as_ptr().add(k * QK) };
+                // SAFETY: bytes 4c..4c + 4 of the block; unaligned read.
+                let xc = |c: usize| _mm512_set1_epi32(unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() });
+                // Two chains of 4 instead of one of 8 (exact i32 either way).
+                let z = _mm512_setzero_si512();
+                let mut s = [_mm512_set1_epi32(corr[k]), z, z, z];
+                for c in 0..8 {
+                    s[c % 4] = _mm512_dpbusd_epi32(s[c % 4], wv[c], xc(c));
                 }
-                let wv: [__m512i; 8] = core::array::from_fn(|c| wp[b * 8 + c]);
-                // SAFETY: sp holds nb·16 values; unaligned load.
-                let d = unsafe { _mm512_loadu_ps(sp.as_ptr().add(b * GROUP)) };
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let k = (tok + j) * nb + b;
-                    // SAFETY: token tok + j exists (caller): its block b is 32 bytes of x.q.
-                    let xb = unsafe { x.q.as_ptr().add(k * QK) };
-                    let mut s = _mm512_set1_epi32(corr[k]);
-                    for (c, &wc) in wv.iter().enumerate() {
-                        // SAFETY: bytes 4c..4c + 4 of the block; unaligned read.
-                        let xc = unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() };
-                        s = _mm512_dpbusd_epi32(s, wc, _mm512_set1_epi32(xc));
-                    }
-                    let p = _mm512_mul_ps(d, _mm512_set1_ps(x.d[k]));
-                    a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), p, a[l]);
-                }
+                let (s0, s1) = (_mm512_add_epi32(s[0], s[2]), _mm512_add_epi32(s[1], s[3]));
+                let p = _mm512_mul_ps(d, _mm512_set1_ps(x.d[k]));
+                a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), p, a[l]);
             }
+        };
+        let mut b8 = 0;
+        while b8 + 8 <= nb {
+            step(&mut acc, b8, 0);
+            step(&mut acc, b8 + 1, 1);
+            step(&mut acc, b8 + 2, 2);
+            step(&mut acc, b8 + 3, 3);
+            step(&mut acc, b8 + 4, 4);
+            step(&mut acc, b8 + 5, 5);
+            step(&mut acc, b8 + 6, 6);
+            step(&mut acc, b8 + 7, 7);
             b8 += 8;
+        }
+        for b in b8..nb {
+            step(&mut acc, b, b - b8);
         }
         for (j, a) in acc.iter().enumerate() {
             // hsum8's order, lane by lane: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
