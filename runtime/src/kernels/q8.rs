@@ -23,10 +23,12 @@ use alloc::vec::Vec;
 use half::f16;
 
 /// Activations `x[T, cols]` quantized per 32-block: `q` is `T × blocks·32` int8 values (zero
-/// padded like the weights' rows), `d` the `T × blocks` f32 scales.
+/// padded like the weights' rows), `d` the `T × blocks` f32 scales, `s` the `T × blocks` sums
+/// of each block's int8 values (what the unsigned×signed `vpdpbusd` kernels subtract, ×128).
 pub(crate) struct QActs {
     pub(crate) q: Vec<i8>,
     pub(crate) d: Vec<f32>,
+    pub(crate) s: Vec<i32>,
     pub(crate) nb: usize,
 }
 
@@ -77,7 +79,13 @@ impl QActs {
                 }
             }
         }
-        Self { q, d, nb }
+        Self::from_parts(q, d, nb)
+    }
+
+    /// Activations already quantized: `q` (`T × nb·32`) and `d` (`T × nb`); sums the blocks.
+    pub(crate) fn from_parts(q: Vec<i8>, d: Vec<f32>, nb: usize) -> Self {
+        let s = q.chunks_exact(QK).map(|b| b.iter().map(|&v| i32::from(v)).sum()).collect();
+        Self { q, d, s, nb }
     }
 }
 
@@ -827,9 +835,6 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,avx2,fma,f16c")]
     pub(super) unsafe fn gemm_packed(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
         let nb = w.nb;
-        // vpdpbusd of `w ^ 0x80` adds 128·Σx per block: start each block's sum from −128·Σx.
-        let corr: alloc::vec::Vec<i32> =
-            x.q[..t * nb * QK].chunks_exact(QK).map(|b| -128 * b.iter().map(|&v| i32::from(v)).sum::<i32>()).collect();
         let mut wp = alloc::vec![_mm512_setzero_si512(); nb * 8];
         let mut sp = alloc::vec![0.0f32; nb * GROUP];
         let mut srow = alloc::vec![0.0f32; nb];
@@ -842,10 +847,10 @@ mod x86 {
                 // SAFETY: tokens tok..tok + 2 (or 1) < t exist; the group's outputs lie in `out`.
                 unsafe {
                     if tok + 2 <= t {
-                        group_tokens::<2>(&wp, &sp, x, &corr, tok, out, nr, g0, gr);
+                        group_tokens::<2>(&wp, &sp, x, tok, out, nr, g0, gr);
                         tok += 2;
                     } else {
-                        group_tokens::<1>(&wp, &sp, x, &corr, tok, out, nr, g0, gr);
+                        group_tokens::<1>(&wp, &sp, x, tok, out, nr, g0, gr);
                         tok += 1;
                     }
                 }
@@ -919,7 +924,6 @@ mod x86 {
         wp: &[__m512i],
         sp: &[f32],
         x: &QActs,
-        corr: &[i32],
         tok: usize,
         out: &mut [f32],
         nr: usize,
@@ -942,7 +946,8 @@ mod x86 {
                 let xc = |c: usize| _mm512_set1_epi32(unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() });
                 // Two chains of 4 instead of one of 8 (exact i32 either way).
                 let z = _mm512_setzero_si512();
-                let mut s = [_mm512_set1_epi32(corr[k]), z, z, z];
+                // vpdpbusd of `w ^ 0x80` adds 128·Σx: start from −128·Σx.
+                let mut s = [_mm512_set1_epi32(-128 * x.s[k]), z, z, z];
                 for c in 0..8 {
                     s[c % 4] = _mm512_dpbusd_epi32(s[c % 4], wv[c], xc(c));
                 }
@@ -1272,7 +1277,7 @@ mod tests {
         let ws: Vec<u8> = (0..rows * nb).flat_map(|_| f16::from_f32((r() % 1000) as f32 / 1e5).to_le_bytes()).collect();
         let q: Vec<i8> = (0..t * nb * QK).map(|_| ((r() % 255) as i32 - 127) as i8).collect();
         let d: Vec<f32> = (0..t * nb).map(|_| (r() % 1000) as f32 / 1e4).collect();
-        (wq, ws, QActs { q, d, nb })
+        (wq, ws, QActs::from_parts(q, d, nb))
     }
 
     #[test]
@@ -1358,7 +1363,7 @@ mod tests {
                 }
             }
             for j in 0..t {
-                let xj = QActs { q: x.q[j * nb * QK..][..nb * QK].to_vec(), d: x.d[j * nb..][..nb].to_vec(), nb };
+                let xj = QActs::from_parts(x.q[j * nb * QK..][..nb * QK].to_vec(), x.d[j * nb..][..nb].to_vec(), nb);
                 let mut one = vec![0.0; rows];
                 k.gemm(&w, 0, rows, &xj, 1, &mut one);
                 assert_eq!(one, all[j * rows..][..rows], "{k:?} token {j}");
@@ -1373,7 +1378,7 @@ mod tests {
             let (rows, t) = (5, 3);
             let wq = vec![0x80u8; rows * nb * QK];
             let ws: Vec<u8> = (0..rows * nb).flat_map(|_| f16::from_f32(1.0).to_le_bytes()).collect();
-            let x = QActs { q: vec![-127i8; t * nb * QK], d: vec![1.0f32; t * nb], nb };
+            let x = QActs::from_parts(vec![-127i8; t * nb * QK], vec![1.0f32; t * nb], nb);
             let w = QWeights { q: &wq, s: &ws, nb };
             for k in Kernel::available() {
                 let mut got = vec![0.0; rows * t];
