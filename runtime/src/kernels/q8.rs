@@ -695,35 +695,30 @@ mod x86 {
         unsafe { if two { _mm512_loadu_si512(p.cast()) } else { _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast())) } }
     }
 
-    /// Lane `m` of each level's index pair: `lo` and `lo + step` of `2·step` lanes per block.
-    const fn sum_index(step: usize, hi: bool) -> [i32; 16] {
-        let mut v = [0i32; 16];
-        let mut m = 0;
-        while m < 16 {
-            v[m] = (2 * step * (m / step) + m % step + if hi { step } else { 0 }) as i32;
-            m += 1;
-        }
-        v
-    }
-    const SUM_IDX: [[[i32; 16]; 2]; 3] = [
-        [sum_index(4, false), sum_index(4, true)],
-        [sum_index(2, false), sum_index(2, true)],
-        [sum_index(1, false), sum_index(1, true)],
-    ];
+    /// Where [`block_sums`]' in-lane steps leave block `b`: lane `SPREAD[m]` holds block `m`.
+    const SPREAD: [i32; 16] = [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15];
 
     /// The 16 exact block sums of 16 blocks, lane `b` = block `b`, from the 8 registers of
     /// block pairs (`s[k]`: lanes 0..8 hold block `2k`'s partial sums, 8..16 block `2k + 1`'s).
-    /// Each level adds lane pairs picked from two registers, halving the lanes per block.
+    /// Two steps inside 128-bit lanes (unpack and add: cheap), one across them, one permute.
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn block_sums(s: [__m512i; 8]) -> __m512i {
-        // SAFETY: the index arrays are 16 i32, an unaligned 64-byte load.
-        let idx = |l: usize, h: usize| unsafe { _mm512_loadu_si512(SUM_IDX[l][h].as_ptr().cast()) };
-        let pair = |a, b, l| {
-            _mm512_add_epi32(_mm512_permutex2var_epi32(a, idx(l, 0), b), _mm512_permutex2var_epi32(a, idx(l, 1), b))
-        };
-        let u = [pair(s[0], s[1], 0), pair(s[2], s[3], 0), pair(s[4], s[5], 0), pair(s[6], s[7], 0)];
-        pair(pair(u[0], u[1], 1), pair(u[2], u[3], 1), 2)
+        // 128-bit lane q of s[k] holds 4 partial sums of block 2k + q / 2. Per 128-bit lane:
+        // (a, c) → (a0 + a2, c0 + c2, a1 + a3, c1 + c3), then two such → 4 blocks' halves.
+        let l1 = |a, b| _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let l2 = |a, b| _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+        // v: 128-bit lanes 0, 1 hold blocks (0, 2, 4, 6) (two halves), 2, 3 blocks (1, 3, 5, 7).
+        let v0 = l2(l1(s[0], s[1]), l1(s[2], s[3]));
+        let v1 = l2(l1(s[4], s[5]), l1(s[6], s[7]));
+        let t = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
+        );
+        // t: blocks 0, 2, 4, 6, 1, 3, 5, 7, 8, 10, …; back into block order.
+        // SAFETY: SPREAD is 16 i32, an unaligned 64-byte load.
+        let ix = unsafe { _mm512_loadu_si512(SPREAD.as_ptr().cast()) };
+        _mm512_permutexvar_epi32(ix, t)
     }
 
     /// # Safety
@@ -754,6 +749,7 @@ mod x86 {
             }
             let xq = x.q.as_ptr().add(tok * row);
             let xd = x.d.as_ptr().add(tok * nb);
+            let xsum = x.s.as_ptr().add(tok * nb);
             let mut b = 0;
             while b < nb {
                 let g = (nb - b).min(16);
@@ -770,13 +766,18 @@ mod x86 {
                 }
                 for j in 0..NR {
                     let s = xd.add(j * nb + b);
-                    let dx = if g == 16 {
-                        _mm512_loadu_ps(s)
+                    let xs = xsum.add(j * nb + b);
+                    let (dx, sx) = if g == 16 {
+                        (_mm512_loadu_ps(s), _mm512_loadu_si512(xs.cast()))
                     } else {
                         let mut buf = [0.0f32; 16];
+                        let mut sbuf = [0i32; 16];
                         core::ptr::copy_nonoverlapping(s, buf.as_mut_ptr(), g);
-                        _mm512_loadu_ps(buf.as_ptr())
+                        core::ptr::copy_nonoverlapping(xs, sbuf.as_mut_ptr(), g);
+                        (_mm512_loadu_ps(buf.as_ptr()), _mm512_loadu_si512(sbuf.as_ptr().cast()))
                     };
+                    // vpdpbusd of `w ^ 0x80` adds 128·Σx per block: taken off the 16 sums at once.
+                    let c = _mm512_slli_epi32::<7>(sx);
                     for i in 0..MR {
                         // Pair k of block sums; pairs past the group's end are zero (and
                         // their scales too, so they add exact zeros).
@@ -790,11 +791,10 @@ mod x86 {
                                 prefetch(wq.wrapping_add(i * row + off + ahead(MR, row)));
                             }
                             let xx = load2(xq.add(j * row + off).cast(), two);
-                            let c = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k80, xx));
                             let wu = _mm512_xor_si512(load2(wq.add(i * row + off), two), k80);
-                            _mm512_dpbusd_epi32(c, wu, xx)
+                            _mm512_dpbusd_epi32(zero, wu, xx)
                         };
-                        let sums = _mm512_cvtepi32_ps(block_sums(core::array::from_fn(pair)));
+                        let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(block_sums(core::array::from_fn(pair)), c));
                         let p = _mm512_mul_ps(dw[i], dx);
                         let a = _mm256_fmadd_ps(_mm512_castps512_ps256(sums), _mm512_castps512_ps256(p), acc[i][j]);
                         acc[i][j] = _mm256_fmadd_ps(hi256(sums), hi256(p), a);
