@@ -432,7 +432,7 @@ fn dot_portable(wq: &[u8], ws: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(feature = "std"), allow(dead_code))]
 mod x86 {
-    use super::{Micro, QActs, QK, QWeights, ahead, prefetch, prefetch_scales};
+    use super::{Micro, QActs, QK, QWeights, ahead, prefetch, prefetch_range, prefetch_scales};
     use core::arch::x86_64::*;
 
     /// F16C conversion of `h` into `out` (lengths must match).
@@ -842,8 +842,21 @@ mod x86 {
             let gr = (nr - g0).min(GROUP);
             // SAFETY: rows r0 + g0..r0 + g0 + gr exist (caller); features as ours.
             unsafe { pack(w, r0 + g0, gr, &mut wp, &mut sp, &mut srow) };
+            // The next group's weights and scales, hinted a share at a time while this group
+            // computes, so that packing it finds them in cache (one burst would overflow the
+            // miss buffers).
+            let (row, nx) = (nb * QK, (nr - g0 - gr).min(GROUP));
+            let next_q = w.q.as_ptr().wrapping_add((r0 + g0 + gr) * row);
+            let next_s = w.s.as_ptr().wrapping_add((r0 + g0 + gr) * nb * 2);
+            let share = (nx * row).div_ceil(t.div_ceil(2)).next_multiple_of(64);
+            let mut ahead = 0;
             let mut tok = 0;
             while tok < t {
+                if ahead < nx * row {
+                    prefetch_range(next_q.wrapping_add(ahead), share.min(nx * row - ahead));
+                    prefetch_range(next_s.wrapping_add(ahead / 16), (share / 16).min(nx * nb * 2 - ahead / 16));
+                    ahead += share;
+                }
                 // SAFETY: tokens tok..tok + 2 (or 1) < t exist; the group's outputs lie in `out`.
                 unsafe {
                     if tok + 2 <= t {
