@@ -13,7 +13,8 @@
 #    which is fine for speed) with a SentencePiece tokenizer, trained here on CPython's docs text.
 # 4. GGUF Q8_0 with llama.cpp's convert_hf_to_gguf.py; .meo with `meo convert --dense int8` (int8
 #    everywhere but norms and routers, as Q8_0).
-# 5. REPS rounds, each: `llama-bench -t T -p 128 -n 64 -r 1`, the streaming-read bandwidth
+# 5. Both files dropped from the page cache and read back (fresh pages for both, see below).
+#    REPS rounds, each: `llama-bench -t T -p 128 -n 64 -r 1`, the streaming-read bandwidth
 #    probe with the same thread count (converter/examples/bandwidth.rs, best of 5 passes), and
 #    `meo bench --threads T --prompt-len 128 --gen 64`; medians over the rounds.
 # 6. With MEO_BENCH_DEPTH=D, as many rounds of decoding after D tokens of context (llama-bench
@@ -117,6 +118,26 @@ if [[ ! -f $MEOFILE ]]; then
   "$MEO" convert "$HF" -o "$MEOFILE" --experts int8 --dense int8 --align-experts off >&2
 fi
 ls -l "$GGUF" "$MEOFILE" >&2
+
+# Both files start from freshly read page-cache pages, the same for both: on some VMs pages that
+# sat in the cache for hours read markedly slower than fresh ones (docs/PERFORMANCE.md: a .meo
+# decoded 130-149 tok/s from such pages and 172-179 once dropped and read back), and which file
+# has old pages depends on its history. Dropped with posix_fadvise(DONTNEED) (clean, unmapped
+# pages only, hence the fsync) and read back once, so the timed runs read no disk.
+say "page cache: both files dropped and read back"
+"$PY" - "$GGUF" "$MEOFILE" <<'EOF'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 1 << 24):
+            pass
+    finally:
+        os.close(fd)
+EOF
 
 say "benchmarks and bandwidth ($REPS runs each, interleaved; $THREADS threads)"
 RESULTS=$WORK/results.jsonl
