@@ -5,10 +5,13 @@
 //! micro-kernel: `MR` weight rows × `NR` tokens at a time, every loaded weight block used
 //! against `NR` tokens and every activation block against `MR` rows, each output kept in a
 //! vector of f32 lane sums across the whole row and reduced once at the end. Decode (one
-//! token) is the same micro-kernel with `NR = 1` (four rows streamed together).
+//! token) is the same micro-kernel with `NR = 1`, one row at a time (address order).
+//! AVX-512 VNNI prompts instead repack 16 weight rows at a time into a small buffer so that
+//! one register holds 4 bytes of each of 16 rows (`x86::gemm_packed`): the file's layout is
+//! read in place everywhere else.
 //!
 //! [`Kernel`] picks the implementation once per matmul: on x86-64 AVX-512 VNNI (`vpdpbusd`
-//! on 512 bits, two blocks per register), AVX-VNNI (`vpdpbusd` on 256 bits) or AVX2
+//! on 512 bits), AVX-VNNI (`vpdpbusd` on 256 bits) or AVX2
 //! (`maddubs`/`madd`), all with F16C for the scales; `sdot` (`dotprod`) or plain NEON on
 //! aarch64; the portable scalar loop everywhere. All of them compute the same int32 block
 //! sums exactly; they differ only in the order of the f32 accumulation (lane-wise partial
@@ -662,9 +665,10 @@ mod x86 {
     /// block order (fused multiply-add), and the 8 are summed as [`hsum8`] does.
     ///
     /// - Decoding ([`Micro::tile`], one row and one token at a time) reads a row in address
-    ///   order, blocks `2k`, `2k + 1` per register (same integer trick as AVX-VNNI above),
-    ///   reduces 16 blocks' lanes to their 16 sums ([`block_sums`]) and adds them with two
-    ///   8-lane FMAs.
+    ///   order, blocks `2k`, `2k + 1` per register (`w ^ 0x80` times `x`, as AVX-VNNI above),
+    ///   reduces 16 blocks' lanes to their 16 sums ([`block_sums`]), takes off the `128·Σx`
+    ///   that the unsigned operand added (from [`QActs::s`]) and adds them with two 8-lane
+    ///   FMAs.
     /// - Prompts ([`gemm_packed`]) repack 16 rows at a time so that one register holds 4
     ///   bytes of each of 16 rows: 8 `vpdpbusd` sum a whole block of 16 rows against
     ///   broadcast activations, and the f32 work is one FMA per block and 16 rows instead of
