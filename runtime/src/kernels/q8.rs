@@ -830,8 +830,8 @@ mod x86 {
     /// Each group of 16 rows is repacked once into a buffer that stays in L1/L2 while every
     /// token runs over it: per block, 8 registers whose lane `i` holds bytes `4c..4c + 4` of
     /// row `i` (`^ 0x80`, the unsigned operand of `vpdpbusd`), then the 16 rows' scales as
-    /// f32. A missing row of the last group is zero weights with zero scales. Packing costs
-    /// about what a GEMV pass over the same rows does, so it pays from 2 tokens on.
+    /// f32. A missing row of the last group is zero weights with zero scales. Decoding (one
+    /// token) keeps the file's layout ([`Micro::tile`]); from two tokens on, this runs.
     ///
     /// # Safety
     /// avx512f, avx512bw, avx512vnni, avx2, fma, f16c; rows `r0..r0 + nr` of `w` and tokens
@@ -919,9 +919,19 @@ mod x86 {
         for i in 0..GROUP {
             if i < gr {
                 let s = &w.s[(r + i) * nb * 2..][..nb * 2];
-                // SAFETY: f16 is two little-endian bytes (x86), the slice holds nb of them; avx, f16c.
-                let h = unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<half::f16>(), nb) };
-                unsafe { f16_to_f32_f16c(h, srow) };
+                // The scale plane need not be 2-byte aligned here: unaligned 8-scale loads.
+                let mut b = 0;
+                while b + 8 <= nb {
+                    // SAFETY: b + 8 ≤ nb: bytes 2b..2b + 16 of `s` and values b..b + 8 of `srow`; f16c.
+                    unsafe {
+                        let v = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(2 * b).cast()));
+                        _mm256_storeu_ps(srow.as_mut_ptr().add(b), v);
+                    }
+                    b += 8;
+                }
+                for (o, h) in srow[b..].iter_mut().zip(s[2 * b..].chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                }
             } else {
                 srow.fill(0.0);
             }
@@ -961,7 +971,7 @@ mod x86 {
                 let xb = unsafe { x.q.as_ptr().add(k * QK) };
                 // SAFETY: bytes 4c..4c + 4 of the block; unaligned read.
                 let xc = |c: usize| _mm512_set1_epi32(unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() });
-                // Two chains of 4 instead of one of 8 (exact i32 either way).
+                // Four chains of 2 instead of one of 8 (exact i32 either way).
                 let z = _mm512_setzero_si512();
                 // vpdpbusd of `w ^ 0x80` adds 128·Σx: start from −128·Σx.
                 let mut s = [_mm512_set1_epi32(-128 * x.s[k]), z, z, z];
