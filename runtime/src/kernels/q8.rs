@@ -846,9 +846,8 @@ mod x86 {
             let gr = (nr - g0).min(GROUP);
             // SAFETY: rows r0 + g0..r0 + g0 + gr exist (caller); features as ours.
             unsafe { pack(w, r0 + g0, gr, &mut wp, &mut sp, &mut srow) };
-            // The next group's weights and scales, hinted a share at a time while this group
-            // computes, so that packing it finds them in cache (one burst would overflow the
-            // miss buffers).
+            // The next group's weights and scales, hinted a share per token step while this
+            // group computes, so that packing it finds them in cache.
             let (row, nx) = (nb * QK, (nr - g0 - gr).min(GROUP));
             let next_q = w.q.as_ptr().wrapping_add((r0 + g0 + gr) * row);
             let next_s = w.s.as_ptr().wrapping_add((r0 + g0 + gr) * nb * 2);
@@ -959,8 +958,9 @@ mod x86 {
     ) {
         let nb = x.nb;
         let mut acc = [[_mm512_setzero_ps(); 8]; NT];
-        // Block `b` into accumulator `L = b mod 8`: written out 8 times with a literal `L`, so
-        // that every accumulator stays in a register (a loop over `L` indexes them in memory).
+        // Block `b` into accumulator `L = b mod 8`, written out 8 times with a literal `L` so the
+        // accumulator index is a constant. (With two tokens, 16 accumulators, 8 weight registers
+        // and the i32 chains exceed 32 registers, so some still spill.)
         let step = |acc: &mut [[__m512; 8]; NT], b: usize, l: usize| {
             let wv: [__m512i; 8] = core::array::from_fn(|c| wp[b * 8 + c]);
             // SAFETY: sp holds nb·16 values; unaligned load.
