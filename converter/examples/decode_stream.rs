@@ -93,7 +93,9 @@ fn main() {
     let par = ThreadPool::new(a.threads.max(1)).expect("thread pool");
     let threads = par.threads();
     let pass_bytes = a.experts * len;
-    let probe: Vec<u8> = (0..(1usize << 30)).map(|i| (i.wrapping_mul(0x9E37_79B9) >> 7) as u8).collect();
+    // At least 1 GiB and two passes: well above the caches, like the matrices.
+    let probe_len = (1usize << 30).max(2 * pass_bytes);
+    let probe: Vec<u8> = (0..probe_len).map(|i| (i.wrapping_mul(0x9E37_79B9) >> 7) as u8).collect();
     // gemv_many's split (kernels/mod.rs): ≈ 8 tasks per thread, a multiple of 16 rows, at most
     // one matrix; one thread runs whole matrices.
     let total = a.experts * rows;
