@@ -104,7 +104,6 @@ fn main() {
     let mut out = vec![0.0f32; a.experts * rows];
     let mut sink = 0u64;
     let (mut at_kernel, mut at_read, mut at_probe) = (0usize, nmat / 2, 0usize);
-    let names = ["probe", "read", "kernel"];
     let mut rates: [Vec<f64>; 3] = Default::default();
     println!(
         "{threads} threads, {} matrices of {rows}×{cols} Q8_0 per pass ({pass_bytes} bytes), {nmat} in turn",
@@ -184,12 +183,9 @@ fn main() {
     let (kr, rp, kp) = (ratio(2, 1), ratio(1, 0), ratio(2, 0));
     let med: Vec<f64> = rates.iter().map(|r| median(&mut r.clone())).collect();
     println!(
-        "median GB/s: {} {:.2}, {} {:.2}, {} {:.2}; median ratios: kernel/read {kr:.3}, read/probe {rp:.3}, kernel/probe {kp:.3} (checksum {})",
-        names[0],
+        "median GB/s: probe {:.2}, read {:.2}, kernel {:.2}; median ratios: kernel/read {kr:.3}, read/probe {rp:.3}, kernel/probe {kp:.3} (checksum {})",
         med[0],
-        names[1],
         med[1],
-        names[2],
         med[2],
         sink & 1
     );

@@ -841,7 +841,8 @@ mod x86 {
         let nb = w.nb;
         let mut wp = alloc::vec![_mm512_setzero_si512(); nb * 8];
         let mut sp = alloc::vec![0.0f32; nb * GROUP];
-        let mut srow = alloc::vec![0.0f32; nb];
+        // Whole 8-scale vectors (zero past nb), as `scales8` gives them.
+        let mut srow = alloc::vec![0.0f32; nb.next_multiple_of(8)];
         for g0 in (0..nr).step_by(GROUP) {
             let gr = (nr - g0).min(GROUP);
             // SAFETY: rows r0 + g0..r0 + g0 + gr exist (caller); features as ours.
@@ -875,7 +876,8 @@ mod x86 {
     }
 
     /// Packs rows `r..r + gr` (`gr ≤ 16`) into `wp` (per block 8 registers, see
-    /// [`gemm_packed`]) and `sp` (per block 16 f32 scales); `srow` is scratch of `nb` values.
+    /// [`gemm_packed`]) and `sp` (per block 16 f32 scales); `srow` is scratch of `nb` values
+    /// rounded up to a multiple of 8.
     ///
     /// # Safety
     /// As [`gemm_packed`]'s features; rows `r..r + gr` of `w` exist.
@@ -918,23 +920,17 @@ mod x86 {
         for i in 0..GROUP {
             if i < gr {
                 let s = &w.s[(r + i) * nb * 2..][..nb * 2];
-                // The scale plane need not be 2-byte aligned here: unaligned 8-scale loads.
-                let mut b = 0;
-                while b + 8 <= nb {
-                    // SAFETY: b + 8 ≤ nb: bytes 2b..2b + 16 of `s` and values b..b + 8 of `srow`; f16c.
+                for b in (0..nb).step_by(8) {
+                    // SAFETY: bytes 2b..2b + 2·min(8, nb − b) of `s` (unaligned: the scale
+                    // plane need not be 2-byte aligned); values b..b + 8 ≤ srow.len() of `srow`.
                     unsafe {
-                        let v = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(2 * b).cast()));
-                        _mm256_storeu_ps(srow.as_mut_ptr().add(b), v);
-                    }
-                    b += 8;
-                }
-                for (o, h) in srow[b..].iter_mut().zip(s[2 * b..].chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                        _mm256_storeu_ps(srow.as_mut_ptr().add(b), scales8(s.as_ptr().add(2 * b), (nb - b).min(8)))
+                    };
                 }
             } else {
                 srow.fill(0.0);
             }
-            for (b, &v) in srow.iter().enumerate() {
+            for (b, &v) in srow[..nb].iter().enumerate() {
                 sp[b * GROUP + i] = v;
             }
         }
