@@ -84,7 +84,8 @@ fi
 LLAMA_BENCH=$WORK/llama-build/bin/llama-bench
 
 say "meo"
-cargo build --release -p meo-converter --bin meo --example synth_hf --example bandwidth >&2
+cargo build --release -p meo-cli --bin meo >&2
+cargo build --release -p meo-converter --example synth_hf --example bandwidth >&2
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 MEO=$TARGET_DIR/release/meo
 

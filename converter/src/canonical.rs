@@ -1,10 +1,11 @@
 //! The tensors a `.meo` file holds for a [`ModelConfig`]: canonical names (see
 //! `meo::names`), shapes, and the role that decides each one's dtype, in file order.
 
+use anyhow::{Context, Result, bail, ensure};
 use meo::config::SharedGate;
 use meo::config::{NormKind, Positions};
 use meo::names::{self, BANK_EXPERT_PARTS, EXPERT_BIAS_PARTS, EXPERT_PARTS, MEO_BANKS};
-use meo::{DType, FfnKind, ModelConfig, QkNorm};
+use meo::{DType, FfnKind, MeoFile, ModelConfig, QkNorm};
 
 /// What a tensor is, which decides its dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,4 +258,31 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
         out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
     }
     out
+}
+
+/// Checks that the tensors of `f` are the ones its model config needs, with their shapes
+/// and dtypes a runtime accepts. Returns the config, or `None` if the file has no model
+/// description.
+///
+/// # Errors
+/// Bad config metadata, or a missing, mis-shaped or wrongly typed tensor.
+pub fn check_model(f: &MeoFile<'_>) -> Result<Option<ModelConfig>> {
+    if f.metadata.get("general.architecture").is_none() {
+        return Ok(None);
+    }
+    let cfg = ModelConfig::from_metadata(&f.metadata).context("model metadata")?;
+    for c in tensors(&cfg) {
+        let t = f.tensor(&c.name).with_context(|| format!("tensor {:?} is missing", c.name))?;
+        ensure!(t.shape() == c.shape.as_slice(), "tensor {:?}: shape {:?}, expected {:?}", c.name, t.shape(), c.shape);
+        let ok = match c.role {
+            Role::Norm | Role::Bias | Role::Router => t.dtype == DType::F32,
+            // `--dense int8` writes Q8_0 dense matrices; the runtime reads them.
+            Role::Dense => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0),
+            Role::Expert => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0),
+        };
+        if !ok {
+            bail!("tensor {:?}: dtype {} is not allowed for a {:?} tensor", c.name, t.dtype.name(), c.role);
+        }
+    }
+    Ok(Some(cfg))
 }

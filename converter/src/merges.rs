@@ -63,7 +63,7 @@ impl std::str::FromStr for TaskSpec {
 }
 
 /// How the merge weights are computed from the calibration routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Weighting {
     /// Mean gate weight per expert over the calibration tokens.
     #[default]
@@ -73,12 +73,35 @@ pub enum Weighting {
 }
 
 impl Weighting {
+    /// Every weighting, in the order command lines list them.
+    pub const ALL: [Self; 2] = [Self::MeanGate, Self::Frequency];
+
+    /// Command-line spelling (`--merge-weighting`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::MeanGate => "mean-gate",
+            Self::Frequency => "frequency",
+        }
+    }
+
     /// Metadata spelling.
     pub fn name(self) -> &'static str {
         match self {
             Self::MeanGate => "mean_gate",
             Self::Frequency => "frequency",
         }
+    }
+}
+
+impl core::str::FromStr for Weighting {
+    type Err = String;
+
+    /// Parses the command-line spelling ([`Weighting::cli_name`]).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|w| w.cli_name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|w| w.cli_name()).collect();
+            format!("unknown weighting {s:?} (use {})", names.join(" or "))
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue};
 use meo::{DType, MeoFile, quant};
-use meo_converter::cmd::verify::check_model;
+use meo_converter::canonical::check_model;
 use meo_converter::convert::{Options, TOKENIZER_KEY, convert};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,9 @@
 //! `meo run` end to end (argument parsing → output), in process through
-//! `meo_converter::cmd::run::{Args::parse_from, run_to}` on converted fixtures (f32).
+//! `meo_cli::cmd::run::{Args::parse_from, run_to}` on converted fixtures (f32).
 
 use meo::DType;
 use meo::tokenizer::Tokenizer;
-use meo_converter::cmd::run::{Args, run_to};
+use meo_cli::cmd::run::{Args, run_to};
 use meo_tests::conformance::{convert_fixture, reference};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;

@@ -421,8 +421,8 @@ fn unknown_task_and_bad_layers_are_clear_errors() {
 
 #[test]
 fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
-    use meo_converter::cmd::eval::{Args, evaluate};
-    use meo_converter::cmd::mode::ModeArgs;
+    use meo_cli::cmd::eval::{Args, evaluate};
+    use meo_cli::cmd::mode::ModeArgs;
     let tmp = tempfile::tempdir().unwrap();
     let path = convert_tasks("mixtral", Options::default(), tmp.path());
     let data = tmp.path().join("data.txt");

@@ -548,7 +548,7 @@ fn ep_selection_skips_absent_optional_eps_and_fails_loudly_for_required_ones() {
 
 #[test]
 fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
-    use meo_converter::cmd::{export_onnx, run};
+    use meo_cli::cmd::{export_onnx, run};
     let tmp = tempfile::tempdir().unwrap();
     let path = upcycled(tmp.path(), DType::F32);
     let out = tmp.path().join("docs.onnx");

@@ -3,7 +3,7 @@
 //! reference greedy continuation.
 
 use meo::DType;
-use meo_converter::cmd::run::{Args, run_to};
+use meo_cli::cmd::run::{Args, run_to};
 use meo_tests::conformance::{convert_fixture, reference};
 use std::path::{Path, PathBuf};
 use std::process::Command;

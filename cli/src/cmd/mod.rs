@@ -13,6 +13,22 @@ pub mod run;
 pub mod target;
 pub mod verify;
 
+/// `meo --version`: the version and the targets this binary was built with (cargo features).
+pub fn long_version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        let mut targets = vec!["cpu"];
+        if cfg!(feature = "wgpu") {
+            targets.push("wgpu");
+        }
+        if cfg!(feature = "ort") {
+            targets.push("ort");
+        }
+        let export = if cfg!(feature = "onnx") { "yes" } else { "no (cargo feature `onnx`)" };
+        format!("{}\ntargets: {}\nexport-onnx: {export}", env!("CARGO_PKG_VERSION"), targets.join(", "))
+    })
+}
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte-counting progress bar on stderr (drawn only when stderr is a terminal).

@@ -3,10 +3,10 @@
 //! `docs/CLI.md`.
 
 use super::alignment_of;
-use crate::convert::TOKENIZER_KEY;
 use anyhow::Result;
 use meo::MeoFile;
 use meo::format::{MetaArray, MetaValue};
+use meo_converter::convert::TOKENIZER_KEY;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

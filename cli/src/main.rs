@@ -1,12 +1,12 @@
-//! The `meo` command: parses arguments and dispatches to `meo_converter::cmd::*`.
+//! The `meo` command: parses arguments and dispatches to `meo_cli::cmd::*`.
 
 use clap::{Parser, Subcommand};
-use meo_converter::cmd;
+use meo_cli::cmd;
 use std::process::ExitCode;
 
 /// meo: Mixture-of-Experts models in one lazily mapped, int8, page-aligned file.
 #[derive(Parser, Debug)]
-#[command(name = "meo", version)]
+#[command(name = "meo", version, long_version = cmd::long_version())]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -2,9 +2,8 @@
 //! the file carries a model description (`general.architecture`), that the config is
 //! consistent and every tensor the model needs is there with its shape and a valid dtype.
 
-use crate::canonical::{self, Role};
-use anyhow::{Context, Result, bail, ensure};
-use meo::{DType, MeoFile, ModelConfig};
+use anyhow::{Context, Result};
+use meo_converter::canonical::check_model;
 use std::path::PathBuf;
 
 /// Check a .meo file: structure, every checksum, padding, model tensors.
@@ -12,32 +11,6 @@ use std::path::PathBuf;
 pub struct Args {
     /// The .meo file.
     pub file: PathBuf,
-}
-
-/// Checks that the tensors of `f` are the ones its model config needs, with their shapes
-/// and dtypes a runtime accepts. Returns the config, or `None` if the file has no model
-/// description.
-///
-/// # Errors
-/// Bad config metadata, or a missing, mis-shaped or wrongly typed tensor.
-pub fn check_model(f: &MeoFile<'_>) -> Result<Option<ModelConfig>> {
-    if f.metadata.get("general.architecture").is_none() {
-        return Ok(None);
-    }
-    let cfg = ModelConfig::from_metadata(&f.metadata).context("model metadata")?;
-    for c in canonical::tensors(&cfg) {
-        let t = f.tensor(&c.name).with_context(|| format!("tensor {:?} is missing", c.name))?;
-        ensure!(t.shape() == c.shape.as_slice(), "tensor {:?}: shape {:?}, expected {:?}", c.name, t.shape(), c.shape);
-        let ok = match c.role {
-            Role::Norm | Role::Bias | Role::Router => t.dtype == DType::F32,
-            Role::Dense => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16),
-            Role::Expert => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0),
-        };
-        if !ok {
-            bail!("tensor {:?}: dtype {} is not allowed for a {:?} tensor", c.name, t.dtype.name(), c.role);
-        }
-    }
-    Ok(Some(cfg))
 }
 
 /// Bytes verified between releases of their pages.

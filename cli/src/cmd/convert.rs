@@ -1,8 +1,9 @@
 //! `meo convert HF_DIR -o OUT.meo [--experts int8|f16|f32] [--dense int8|f16|f32]`
 
-use crate::convert::{Event, Options, convert_with};
 use anyhow::Result;
+use clap::builder::TypedValueParser;
 use meo::DType;
+use meo_converter::convert::{Event, Options, convert_with};
 use std::path::PathBuf;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,10 +49,12 @@ pub struct Args {
     /// Precompute the MEO merge of task NAME from the calibration text in FILE (repeatable);
     /// run it with `meo run --mode task:NAME`.
     #[arg(long = "task", value_name = "NAME=FILE")]
-    pub tasks: Vec<crate::merges::TaskSpec>,
+    pub tasks: Vec<meo_converter::merges::TaskSpec>,
     /// How task merge weights are computed from the calibration routing.
-    #[arg(long, value_enum, default_value_t = crate::merges::Weighting::MeanGate)]
-    pub merge_weighting: crate::merges::Weighting,
+    #[arg(long, default_value = "mean-gate", value_parser = clap::builder::PossibleValuesParser::new(
+        meo_converter::merges::Weighting::ALL.map(|w| w.cli_name())
+    ).try_map(|s| s.parse::<meo_converter::merges::Weighting>()))]
+    pub merge_weighting: meo_converter::merges::Weighting,
 }
 
 /// A switch.
@@ -80,8 +83,8 @@ impl Args {
     }
 
     /// The task merges these flags ask for.
-    pub fn merges(&self) -> crate::merges::MergeSpec {
-        crate::merges::MergeSpec { tasks: self.tasks.clone(), weighting: self.merge_weighting }
+    pub fn merges(&self) -> meo_converter::merges::MergeSpec {
+        meo_converter::merges::MergeSpec { tasks: self.tasks.clone(), weighting: self.merge_weighting }
     }
 }
 

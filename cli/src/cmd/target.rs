@@ -8,7 +8,8 @@ use anyhow::{Result, bail};
 pub use super::gpu::TargetArgs;
 
 #[cfg(not(feature = "ort"))]
-const NO_ORT: &str = "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-converter --features ort`";
+const NO_ORT: &str =
+    "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-cli --features ort`";
 
 /// `meo run --target ort`.
 ///
