@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 /// A bank merged in the session (sequence level): the merged weight `[out, in]` encoded in
 /// the experts' dtype, the merged bias, and the gate it came from.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct MergedBank {
+pub struct MergedBank {
     pub bytes: Vec<u8>,
     pub dtype: DType,
     pub rows: usize,
@@ -30,7 +30,8 @@ pub(crate) struct MergedBank {
 }
 
 impl MergedBank {
-    fn view(&self) -> MatRef<'_> {
+    /// The merged weight as a kernel operand.
+    pub fn view(&self) -> MatRef<'_> {
         MatRef::validated(self.dtype, self.rows, self.cols, &self.bytes)
     }
 }
@@ -101,14 +102,7 @@ pub fn topk_softmax(logits: &[f32], k: usize) -> Vec<Choice> {
 
 /// The sequence-level gate of `bank` from its input `x` (`[t, in]`): router logits of the
 /// plain mean over the `t` rows, then [`topk_softmax`].
-pub(crate) fn sequence_gate(
-    par: &dyn Parallel,
-    bytes: &[u8],
-    bank: &Bank,
-    x: &[f32],
-    t: usize,
-    k: usize,
-) -> Vec<Choice> {
+pub fn sequence_gate(par: &dyn Parallel, bytes: &[u8], bank: &Bank, x: &[f32], t: usize, k: usize) -> Vec<Choice> {
     let d = x.len() / t.max(1);
     let mut mean = vec![0.0f32; d];
     for row in x.chunks(d) {
@@ -128,25 +122,23 @@ fn read_vec(v: &Vector, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// Merges `bank`'s experts with `gate` in f32 (weights and biases) and stores the weight in
-/// the experts' dtype. Only the selected experts' slabs are read.
-pub(crate) fn merge_bank(bytes: &[u8], bank: &Bank, gate: Vec<Choice>) -> MergedBank {
+/// the experts' dtype. Only the selected experts' slabs are read; a choice naming no expert of
+/// the bank is skipped ([`sequence_gate`] makes none).
+pub fn merge_bank(bytes: &[u8], bank: &Bank, gate: Vec<Choice>) -> MergedBank {
+    // Banks have at least one expert (checked at open).
     let e0: &BankExpert = &bank.experts[0];
     let (rows, cols, dtype) = (e0.weight.rows, e0.weight.cols, e0.weight.dtype);
-    let parts: Vec<(MatRef<'_>, f32)> = gate
-        .iter()
-        .map(|c| {
-            let ex = &bank.experts[c.expert as usize];
-            (ex.weight.view(&bytes[ex.slab.clone()]), c.weight)
-        })
-        .collect();
+    let chosen: Vec<(&BankExpert, f32)> =
+        gate.iter().filter_map(|c| Some((bank.experts.get(c.expert as usize)?, c.weight))).collect();
+    let parts: Vec<(MatRef<'_>, f32)> =
+        chosen.iter().map(|(ex, w)| (ex.weight.view(&bytes[ex.slab.clone()]), *w)).collect();
     let mut w = vec![0.0f32; rows * cols];
     crate::merge::merge_matrices(&parts, &mut w);
     let mut bias = vec![0.0f32; rows];
-    for c in &gate {
-        let ex = &bank.experts[c.expert as usize];
+    for (ex, g) in &chosen {
         let b = read_vec(&ex.bias, &bytes[ex.slab.clone()]);
         for (o, &v) in bias.iter_mut().zip(&b) {
-            *o += c.weight * v;
+            *o += g * v;
         }
     }
     MergedBank { bytes: crate::merge::encode(&w, rows, cols, dtype), dtype, rows, cols, bias, gate }

@@ -13,6 +13,7 @@
 
 mod attention;
 pub mod bank;
+pub mod exec;
 mod ffn;
 mod meo;
 mod mla;
@@ -20,7 +21,8 @@ pub mod plan;
 mod session;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
-pub use meo::topk_softmax;
+pub use exec::{ExecPlan, LayerExec};
+pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
 pub use session::{ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
 
 use crate::config::{ConfigError, ModelConfig};

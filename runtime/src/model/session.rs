@@ -2,8 +2,9 @@
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
-use super::bank::{MergeOptions, MergedUse, Mode, ModeError, PromptPool};
-use super::ffn::{FfnScratch, dense, last_choices, merged, moe, route_one};
+use super::bank::{MergeOptions, MergedUse, ModeError};
+use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
+use super::ffn::{FfnScratch, dense, last_choices, merged, moe};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
 use super::plan::{Attention, FfnPlan};
@@ -124,34 +125,30 @@ pub struct Session<'m> {
     bank: BankState,
 }
 
-/// How one MoE layer runs in this session.
+/// What a session built from the prompt for a layer whose execution comes from it
+/// ([`LayerExec::from_prompt`]); `None` until the prompt has run.
 #[derive(Debug)]
-enum Exec {
-    /// Per-token mixture (vanilla).
-    Mixture,
-    /// Task merge `layers[index]` of task `task` of the model.
-    Stored { task: usize, index: usize },
-    /// Prompt mode before the prompt: run vanilla and pool the routing.
-    Pending,
-    /// Prompt mode after the prompt: the merged expert.
-    Cached(MergedExpert),
-    /// MEO-native layer, sequence level, before the prompt: the next forward call pools each
-    /// bank's gate from its input and merges it.
-    MeoPending,
-    /// MEO-native layer, sequence level, after the prompt: fc1 and fc2 merged.
-    MeoCached(alloc::boxed::Box<[MergedBank; 2]>),
-    /// MEO-native layer, task level: `layers[index]` of the model's MEO task `task`.
-    MeoStored { task: usize, index: usize },
-    /// MEO-native layer run unmerged (`Mode::Vanilla`): the gates pooled from the prompt
-    /// (`None` until it has run), then each bank as `Σ g_i (W_i x + b_i)`.
-    MeoMixture(Option<alloc::boxed::Box<[Vec<Choice>; 2]>>),
+enum Built {
+    /// A prompt merge ([`LayerExec::PromptMerge`]).
+    Merged(MergedExpert),
+    /// MEO-native banks merged from their sequence gates.
+    MeoMerged(alloc::boxed::Box<[MergedBank; 2]>),
+    /// MEO-native banks' sequence gates, run unmerged.
+    MeoGates(alloc::boxed::Box<[Vec<Choice>; 2]>),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct BankState {
-    opts: MergeOptions,
-    /// Per layer (dense layers `Mixture`, never used).
-    exec: Vec<Exec>,
+    plan: ExecPlan,
+    /// Per layer: what was built from the prompt (see [`Built`]).
+    built: Vec<Option<Built>>,
+}
+
+impl BankState {
+    fn new(plan: ExecPlan) -> Self {
+        let built = plan.layers().iter().map(|_| None).collect();
+        Self { plan, built }
+    }
 }
 
 impl core::fmt::Debug for Session<'_> {
@@ -186,7 +183,7 @@ impl<'m> Session<'m> {
             buf: Buffers::default(),
             logits: Vec::new(),
             hidden: Vec::new(),
-            bank: BankState { opts: MergeOptions::default(), exec: default_exec(model) },
+            bank: BankState::new(ExecPlan::vanilla(model)),
         })
     }
 
@@ -198,126 +195,63 @@ impl<'m> Session<'m> {
     /// layer or has no stored merge for the task, or `auto` without measured errors. On error
     /// the session is unchanged.
     pub fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, ModeError> {
-        let m = self.model;
-        let moe: Vec<usize> = m.moe_layers().collect();
-        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| opts.pick_layers(&moe, candidates, what);
-        let mut exec = default_exec(m);
-        let meo_layers: Vec<usize> = m.meo_layers().collect();
-        let mut layers = match &opts.mode {
-            // An MEO-native model's gate is its own (sequence) gate in every mode: prompt merges
-            // each bank once (the model as defined, `default_exec`); vanilla runs the same gates
-            // unmerged (same function, k× the expert bytes: the baseline merging is measured
-            // against).
-            Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
-            Mode::Vanilla if !meo_layers.is_empty() => {
-                for &l in &meo_layers {
-                    exec[l] = Exec::MeoMixture(None);
-                }
-                Vec::new()
-            }
-            Mode::Task(name) if !meo_layers.is_empty() => {
-                let ti = m.meo_tasks.iter().position(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
-                    name: name.clone(),
-                    available: m.meo_tasks.iter().map(|t| t.name.clone()).collect(),
-                })?;
-                for (index, tl) in m.meo_tasks[ti].layers.iter().enumerate() {
-                    exec[tl.layer] = Exec::MeoStored { task: ti, index };
-                }
-                meo_layers
-            }
-            Mode::Vanilla => Vec::new(),
-            Mode::Task(name) => {
-                let task = m.task(name)?;
-                let ti = m.tasks.iter().position(|t| t.name == *name).unwrap_or(0);
-                let cands: Vec<(usize, Option<f64>)> = task.layers.iter().map(|tl| (tl.layer, tl.error)).collect();
-                let layers = pick(&cands, "task")?;
-                for &l in &layers {
-                    let index = task.layers.iter().position(|tl| tl.layer == l).unwrap_or(0);
-                    exec[l] = Exec::Stored { task: ti, index };
-                }
-                layers
-            }
-            Mode::Prompt(_) => {
-                // Experts with biases have no merge rule (`Model::merge_layer` refuses them).
-                let biased = m
-                    .layers
-                    .iter()
-                    .position(|l| matches!(&l.ffn, FfnPlan::Moe(p) if p.experts.iter().any(|e| e.mlp.bias.is_some())));
-                if let Some(layer) = biased {
-                    return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
-                }
-                let cands: Vec<(usize, Option<f64>)> =
-                    moe.iter().map(|&l| (l, m.prompt_errors.iter().find(|e| e.0 == l).map(|e| e.1))).collect();
-                let layers = pick(&cands, "prompt")?;
-                for &l in &layers {
-                    exec[l] = Exec::Pending;
-                }
-                layers
-            }
-        };
-        layers.sort_unstable();
-        layers.dedup();
-        self.bank = BankState { opts, exec };
+        self.set_plan(ExecPlan::new(self.model, opts)?);
+        Ok(self.bank.plan.merged_layers())
+    }
+
+    /// Runs `plan` (resolved for this session's model) from now on, and resets the sequence.
+    pub fn set_plan(&mut self, plan: ExecPlan) {
+        self.bank = BankState::new(plan);
         self.truncate(0);
-        Ok(layers)
+    }
+
+    /// The execution plan this session follows.
+    pub fn plan(&self) -> &ExecPlan {
+        &self.bank.plan
     }
 
     /// The routing mode and merge policy.
     pub fn mode(&self) -> &MergeOptions {
-        &self.bank.opts
+        self.bank.plan.options()
     }
 
     /// The layers that run merged now (prompt mode: empty until the prompt has run).
     pub fn merged_layers(&self) -> Vec<usize> {
-        (0..self.bank.exec.len())
-            .filter(|&l| {
-                let mixture = matches!(self.bank.exec[l], Exec::MeoMixture(_));
-                self.merged_expert(l).is_some() || (!mixture && self.bank_gates(l).is_some())
-            })
-            .collect()
+        let built = |l: usize| !self.bank.plan.layers()[l].from_prompt() || self.bank.built[l].is_some();
+        self.bank.plan.merged_layers().into_iter().filter(|&l| built(l)).collect()
     }
 
     /// The gates of MEO-native layer `layer`'s banks (fc1, fc2): the selected experts,
     /// ascending, with their weights. `None` for other layers, and in sequence mode until the
     /// prompt has run.
     pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
-        match self.bank.exec.get(layer)? {
-            Exec::MeoCached(b) => Some([b[0].gate.clone(), b[1].gate.clone()]),
-            Exec::MeoMixture(Some(g)) => Some((**g).clone()),
-            Exec::MeoStored { task, index } => {
-                let tl = &self.model.meo_tasks[*task].layers[*index];
-                let g = |w: &[f32]| {
-                    w.iter()
-                        .enumerate()
-                        .filter(|(_, w)| **w != 0.0)
-                        .map(|(e, &weight)| Choice { expert: e as u32, weight })
-                        .collect()
-                };
-                Some([g(&tl.banks[0].1), g(&tl.banks[1].1)])
-            }
+        match (self.bank.plan.layers().get(layer)?, self.bank.built.get(layer)?) {
+            (_, Some(Built::MeoMerged(b))) => Some([b[0].gate.clone(), b[1].gate.clone()]),
+            (_, Some(Built::MeoGates(g))) => Some((**g).clone()),
+            (LayerExec::MeoTask { task, index }, _) => Some(self.model.meo_tasks[*task].layers[*index].gates()),
             _ => None,
         }
     }
 
     /// The merged expert layer `layer` runs now, if it runs merged.
     pub fn merged_expert(&self, layer: usize) -> Option<ExpertRef<'_>> {
-        match self.bank.exec.get(layer)? {
-            Exec::Stored { task, index } => {
+        match (self.bank.plan.layers().get(layer)?, self.bank.built.get(layer)?) {
+            (LayerExec::TaskMerge { task, index }, _) => {
                 let tl = &self.model.tasks[*task].layers[*index];
                 Some(ExpertRef { bytes: &self.model.bytes()[tl.expert.slab.clone()], mlp: &tl.expert.mlp })
             }
-            Exec::Cached(me) => Some(me.as_ref()),
+            (_, Some(Built::Merged(me))) => Some(me.as_ref()),
             _ => None,
         }
     }
 
     /// The merge weights of a merged layer (per expert).
     pub fn merge_weights(&self, layer: usize) -> Option<Vec<f32>> {
-        match self.bank.exec.get(layer)? {
-            Exec::Stored { task, index } => {
+        match (self.bank.plan.layers().get(layer)?, self.bank.built.get(layer)?) {
+            (LayerExec::TaskMerge { task, index }, _) => {
                 Some(self.model.tasks[*task].layers[*index].weights.iter().map(|&w| w as f32).collect())
             }
-            Exec::Cached(me) => Some(me.weights.clone()),
+            (_, Some(Built::Merged(me))) => Some(me.weights.clone()),
             _ => None,
         }
     }
@@ -360,18 +294,8 @@ impl<'m> Session<'m> {
         }
         self.pos = len;
         if len == 0 {
-            // A new sequence: prompt merges are redone from its prompt.
-            for e in &mut self.bank.exec {
-                if matches!(e, Exec::Cached(_)) {
-                    *e = Exec::Pending;
-                }
-                if matches!(e, Exec::MeoCached(_)) {
-                    *e = Exec::MeoPending;
-                }
-                if matches!(e, Exec::MeoMixture(Some(_))) {
-                    *e = Exec::MeoMixture(None);
-                }
-            }
+            // A new sequence: what was built from the prompt is built again from the next.
+            self.bank.built.iter_mut().for_each(|b| *b = None);
         }
     }
 
@@ -541,46 +465,41 @@ impl<'m> Session<'m> {
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
                 meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
+            let exec = &self.bank.plan.layers()[l];
+            let built = &mut self.bank.built[l];
             match &layer.ffn {
                 FfnPlan::Meo(p) => {
                     let (act, k) = (c.recipe.ffn_activation, c.router.top_k);
-                    let exec = &mut self.bank.exec[l];
                     let ne = p.banks[0].experts.len();
-                    let src = match &*exec {
-                        Exec::MeoCached(mb) => Some([BankSrc::Session(&mb[0]), BankSrc::Session(&mb[1])]),
-                        Exec::MeoMixture(Some(g)) => {
-                            // Slot of expert e of bank b in the residency index: b·E + e.
-                            let slots: Vec<u32> =
-                                (0..2).flat_map(|bk| g[bk].iter().map(move |c| (bk * ne) as u32 + c.expert)).collect();
+                    let src = match (exec, &*built) {
+                        (_, Some(Built::MeoMerged(mb))) => Some([BankSrc::Session(&mb[0]), BankSrc::Session(&mb[1])]),
+                        (_, Some(Built::MeoGates(g))) => {
+                            let slots = [bank_slots(0, ne, &g[0]), bank_slots(1, ne, &g[1])].concat();
                             trace.on_experts_selected(l, &slots);
                             Some([BankSrc::Mixture(&g[0]), BankSrc::Mixture(&g[1])])
                         }
-                        Exec::MeoStored { task, index } => {
+                        (LayerExec::MeoTask { task, index }, _) => {
                             let tl = &m.meo_tasks[*task].layers[*index];
                             let f = |i: usize| BankSrc::File(&bytes[tl.banks[i].0.slab.clone()], &tl.banks[i].0);
                             Some([f(0), f(1)])
                         }
                         _ => None,
                     };
-                    let stored = matches!(exec, Exec::MeoStored { .. });
-                    let merge = !matches!(exec, Exec::MeoMixture(_));
-                    let mut on_gate = |bk: usize, g: &[Choice]| {
-                        let slots: Vec<u32> = g.iter().map(|c| (bk * ne) as u32 + c.expert).collect();
-                        trace.on_experts_selected(l, &slots);
-                    };
+                    let merge = !matches!(exec, LayerExec::MeoSequence { merged: false });
+                    let mut on_gate = |bk: usize, g: &[Choice]| trace.on_experts_selected(l, &bank_slots(bk, ne, g));
                     let made = meo::ffn(par, bytes, p, act, k, src, merge, &mut on_gate, &b.h, t, &mut b.meo, &mut b.y);
                     match made {
-                        Some(meo::Made::Merged(mb)) => *exec = Exec::MeoCached(alloc::boxed::Box::new(mb)),
-                        Some(meo::Made::Gates(g)) => *exec = Exec::MeoMixture(Some(alloc::boxed::Box::new(g))),
+                        Some(meo::Made::Merged(mb)) => *built = Some(Built::MeoMerged(alloc::boxed::Box::new(mb))),
+                        Some(meo::Made::Gates(g)) => *built = Some(Built::MeoGates(alloc::boxed::Box::new(g))),
                         None => {}
                     }
-                    match &*exec {
-                        Exec::MeoStored { task, index } if stored => {
+                    match (exec, &*built) {
+                        (LayerExec::MeoTask { task, index }, _) => {
                             for (bank, _) in &m.meo_tasks[*task].layers[*index].banks {
                                 trace.on_merged(l, t, &MergedUse::File(bank.slab.clone()));
                             }
                         }
-                        Exec::MeoCached(mb) => {
+                        (_, Some(Built::MeoMerged(mb))) => {
                             trace.on_merged(l, t, &MergedUse::Session(mb[0].bytes.len() + mb[1].bytes.len()));
                         }
                         _ => {}
@@ -590,37 +509,28 @@ impl<'m> Session<'m> {
                 FfnPlan::Moe(p) => {
                     trace.on_moe_input(l, self.pos, &b.h);
                     let spec = &c.router;
-                    match &mut self.bank.exec[l] {
-                        Exec::Mixture => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
-                        Exec::Stored { task, index } => {
+                    match (exec, &*built) {
+                        (LayerExec::TaskMerge { task, index }, _) => {
                             let ex = &m.tasks[*task].layers[*index].expert;
                             let eb = &bytes[ex.slab.clone()];
                             merged(par, bytes, eb, &ex.mlp, p, spec, &b.h, t, &mut b.ffn, &mut b.y);
                             trace.on_merged(l, t, &MergedUse::File(ex.slab.clone()));
                         }
-                        Exec::Cached(me) => {
+                        (_, Some(Built::Merged(me))) => {
                             merged(par, bytes, &me.bytes, &me.mlp, p, spec, &b.h, t, &mut b.ffn, &mut b.y);
                             trace.on_merged(l, t, &MergedUse::Session(me.bytes.len()));
                         }
-                        exec @ Exec::Pending => {
+                        (LayerExec::PromptMerge(pool), None) => {
                             // The prompt: vanilla, then merge this layer once from its routing.
                             moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y);
-                            let pool = match &self.bank.opts.mode {
-                                Mode::Prompt(pool) => *pool,
-                                _ => PromptPool::default(),
-                            };
-                            let w = pooled_weights(pool, par, bytes, p, spec, &b.h, t, &mut b.ffn);
+                            let w = prompt_merge_weights(*pool, par, bytes, p, spec, &b.h, t, last_choices(&b.ffn));
                             // Shapes were validated at open and the weights are finite: the
                             // merge cannot fail; if it did, the layer would stay vanilla.
-                            *exec = match m.merge_layer(l, &w, None) {
-                                Ok(me) => Exec::Cached(me),
-                                Err(_) => Exec::Mixture,
-                            };
+                            if let Ok(me) = m.merge_layer(l, &w, None) {
+                                *built = Some(Built::Merged(me));
+                            }
                         }
-                        // MEO states only ever sit on MEO layers (set by `default_exec`/`set_mode`).
-                        Exec::MeoPending | Exec::MeoCached(_) | Exec::MeoStored { .. } | Exec::MeoMixture(_) => {
-                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y)
-                        }
+                        _ => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
                     }
                 }
             }
@@ -632,16 +542,6 @@ impl<'m> Session<'m> {
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
-}
-
-/// The default execution of every layer: MEO-native layers at their own (sequence) level,
-/// MoE layers as a per-token mixture.
-fn default_exec(model: &Model) -> Vec<Exec> {
-    model
-        .layers
-        .iter()
-        .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
-        .collect()
 }
 
 /// `x += y · multiplier` (the residual connection; `y` is scratch and is scaled in place).
@@ -661,45 +561,6 @@ fn read_bias(v: Option<&super::plan::Vector>, bytes: &[u8], h: usize, out: &mut 
             out.resize(h, 0.0);
         }
     }
-}
-
-/// Prompt-mode merge weights of one layer from its prompt `x` (`[t, hidden]`) and the
-/// choices the vanilla pass just made (in `s`).
-#[allow(clippy::too_many_arguments)]
-fn pooled_weights(
-    pool: PromptPool,
-    par: &dyn Parallel,
-    bytes: &[u8],
-    p: &super::plan::MoePlan,
-    spec: &crate::RouterSpec,
-    x: &[f32],
-    t: usize,
-    s: &mut FfnScratch,
-) -> Vec<f32> {
-    let e = spec.num_experts;
-    let mut w = alloc::vec![0.0f64; e];
-    let n = t.max(1) as f64;
-    match pool {
-        PromptPool::MeanGate => {
-            for c in last_choices(s) {
-                w[c.expert as usize] += f64::from(c.weight);
-            }
-        }
-        PromptPool::PooledInput => {
-            let h = x.len() / t.max(1);
-            let mut mean = alloc::vec![0.0f64; h];
-            for row in x.chunks(h) {
-                for (m, &v) in mean.iter_mut().zip(row) {
-                    *m += f64::from(v);
-                }
-            }
-            let mean: Vec<f32> = mean.iter().map(|&v| (v / n) as f32).collect();
-            for c in route_one(par, bytes, p, spec, &mean, s) {
-                w[c.expert as usize] += f64::from(c.weight) * n;
-            }
-        }
-    }
-    w.iter().map(|&v| (v / n) as f32).collect()
 }
 
 #[cfg(feature = "std")]

@@ -22,7 +22,7 @@
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
 use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
-use meo::{DType, LayerSelect, MergeOptions, Mode, Model};
+use meo::{DType, ExecPlan, LayerExec, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
 use onnx_protobuf::tensor_shape_proto::{Dimension, dimension};
@@ -467,12 +467,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             }
             FfnPlan::Meo(meo) => match merged.get(&l) {
                 Some(Merged::Meo(banks)) => g.meo(l, &meo.banks, banks, &hn, c.recipe.ffn_activation)?,
-                _ => {
-                    return Err(ExportError::Unsupported(format!(
-                        "MEO-native layer {l} without a task merge (sequence-level gates are computed from \
-                         the prompt at run time; export a task: --task NAME)"
-                    )));
-                }
+                // `merged_layers` refuses every other execution of an MEO-native layer.
+                _ => return Err(ExportError::Unsupported(format!("MEO-native layer {l} without a task merge"))),
             },
         };
         x = residual(&mut g, &x, &y);
@@ -607,37 +603,30 @@ enum Merged<'m> {
     Meo(&'m [(BankExpert, Vec<f32>); 2]),
 }
 
+/// The stored merges the runtime's execution plan for `m` runs. A graph is fixed when it is
+/// exported, so a plan with a layer built from the prompt is refused.
 fn merged_layers<'m>(model: &'m Model, m: &MergeOptions) -> Result<BTreeMap<usize, Merged<'m>>, ExportError> {
+    let plan = ExecPlan::new(model, m.clone())?;
     let mut out = BTreeMap::new();
-    match &m.mode {
-        Mode::Vanilla => {}
-        Mode::Prompt(_) => {
-            return Err(ExportError::Unsupported(
-                "prompt mode (its merge depends on the prompt; export a task merge instead)".into(),
-            ));
-        }
-        Mode::Task(name) => {
-            if let Some(t) = model.meo_tasks().iter().find(|t| t.name == *name) {
-                for tl in &t.layers {
-                    out.insert(tl.layer, Merged::Meo(&tl.banks));
-                }
-                return Ok(out);
+    for (l, exec) in plan.layers().iter().enumerate() {
+        match exec {
+            LayerExec::Dense | LayerExec::Mixture => {}
+            LayerExec::TaskMerge { task, index } => {
+                out.insert(l, Merged::Moe(&model.tasks()[*task].layers[*index].expert));
             }
-            let task = model.task(name)?;
-            let layers: Vec<usize> = match &m.layers {
-                LayerSelect::All => task.layers.iter().map(|t| t.layer).collect(),
-                LayerSelect::Layers(ls) => ls.clone(),
-                LayerSelect::Auto { budget } => {
-                    task.layers.iter().filter(|t| t.error.is_some_and(|e| e <= *budget)).map(|t| t.layer).collect()
-                }
-            };
-            for l in layers {
-                let tl = task.layers.iter().find(|t| t.layer == l).ok_or_else(|| meo::ModeError::NotStored {
-                    task: name.clone(),
-                    layer: l,
-                    stored: task.layers.iter().map(|t| t.layer).collect(),
-                })?;
-                out.insert(l, Merged::Moe(&tl.expert));
+            LayerExec::MeoTask { task, index } => {
+                out.insert(l, Merged::Meo(&model.meo_tasks()[*task].layers[*index].banks));
+            }
+            LayerExec::PromptMerge(_) => {
+                return Err(ExportError::Unsupported(format!(
+                    "prompt mode in layer {l} (its merge depends on the prompt; export a task merge instead)"
+                )));
+            }
+            LayerExec::MeoSequence { .. } => {
+                return Err(ExportError::Unsupported(format!(
+                    "MEO-native layer {l} without a task merge (sequence-level gates are computed from the \
+                     prompt at run time; export a task: --task NAME)"
+                )));
             }
         }
     }

@@ -1,7 +1,7 @@
 //! [`OrtTarget`]: a [`meo::Target`] running an exported graph in ONNX Runtime.
 
 use crate::export::{self, ExportOptions, GraphInfo, POSITION_INPUT, StaticShape, WeightFormat};
-use meo::{Choice, Logits, MergeOptions, MergedUse, Model, Target, TargetError, Trace};
+use meo::{Choice, ExecPlan, LayerExec, Logits, MergeOptions, MergedUse, Model, Target, TargetError, Trace};
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::value::Tensor;
@@ -196,7 +196,8 @@ pub fn available_eps() -> Result<Vec<Ep>, OrtError> {
 pub struct OrtTarget<'m> {
     model: &'m Model,
     opts: OrtOptions,
-    mode: MergeOptions,
+    /// The runtime's execution plan the graph was exported from.
+    plan: ExecPlan,
     session: Session,
     info: GraphInfo,
     /// EPs registered, and those asked for but absent (skipped).
@@ -236,8 +237,9 @@ impl<'m> OrtTarget<'m> {
     /// As [`new`](Self::new).
     pub fn with_mode(model: &'m Model, opts: OrtOptions, mode: MergeOptions) -> Result<Self, OrtError> {
         let (session, info, registered, skipped, profile_dir) = open(model, &opts, &mode)?;
+        let plan = ExecPlan::new(model, mode).map_err(|e| OrtError::Export(export::ExportError::Mode(e)))?;
         let kv = GraphInfo::empty_cache(&info);
-        Ok(Self { model, opts, mode, session, info, registered, skipped, kv, pos: 0, logits: Vec::new(), profile_dir })
+        Ok(Self { model, opts, plan, session, info, registered, skipped, kv, pos: 0, logits: Vec::new(), profile_dir })
     }
 
     /// The graph's interface.
@@ -325,12 +327,17 @@ impl OrtTarget<'_> {
             report_routes(trace, l, self.pos, t, k, &idx, &w);
         }
         for &l in &self.info.merged {
-            if let Some(task) = match &self.mode.mode {
-                meo::Mode::Task(n) => self.model.tasks().iter().find(|x| x.name == *n),
-                _ => None,
-            } && let Some(tl) = task.layers.iter().find(|x| x.layer == l)
-            {
-                trace.on_merged(l, t, &MergedUse::File(tl.expert.slab.clone()));
+            match self.plan.layers().get(l) {
+                Some(LayerExec::TaskMerge { task, index }) => {
+                    let slab = self.model.tasks()[*task].layers[*index].expert.slab.clone();
+                    trace.on_merged(l, t, &MergedUse::File(slab));
+                }
+                Some(LayerExec::MeoTask { task, index }) => {
+                    for (bank, _) in &self.model.meo_tasks()[*task].layers[*index].banks {
+                        trace.on_merged(l, t, &MergedUse::File(bank.slab.clone()));
+                    }
+                }
+                _ => {}
             }
         }
         let all = take(&mut out, "logits")?.1;
@@ -521,7 +528,7 @@ impl Target for OrtTarget<'_> {
         self.kv = GraphInfo::empty_cache(&info);
         (self.session, self.info, self.registered, self.skipped, self.profile_dir) =
             (session, info, registered, skipped, profile_dir);
-        self.mode = opts;
+        self.plan = ExecPlan::new(self.model, opts)?;
         self.pos = 0;
         Ok(self.info.merged.clone())
     }

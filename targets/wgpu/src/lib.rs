@@ -30,14 +30,17 @@ pub use gpu::{AdapterSummary, GpuError, list_adapters};
 
 use gpu::{Enc, Gpu};
 use meo::config::{FfnKind, NormKind, SharedGate};
+use meo::kernels::Serial;
+use meo::model::exec::{bank_slots, prompt_merge_weights};
 use meo::model::plan::{
     Attention, AttnPlan, Bank, BankExpert, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
     relative_bucket,
 };
+use meo::model::{MergedBank, merge_bank, sequence_gate};
 use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
 use meo::{
-    Activation, DType, ForwardError, Logits, MergeOptions, MergedUse, Mode, ModeError, Model, PromptPool, Target,
-    TargetError, Trace,
+    Activation, DType, ExecPlan, ForwardError, LayerExec, Logits, MergeOptions, MergedUse, Model, Target, TargetError,
+    Trace,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -206,26 +209,15 @@ impl Resident {
     }
 }
 
-/// How one layer's feed-forward block runs (mirrors the CPU session's states).
-enum Exec {
-    Mixture,
-    /// A merged expert on the GPU (task merge from the file, or a prompt merge).
-    Merged {
-        mlp: Box<GMlp>,
-        used: MergedUse,
-    },
-    /// Prompt mode before the prompt.
-    Pending,
-    MeoPending,
-    /// MEO-native merged banks; `stored` ones come from the file's task merge.
-    Meo {
-        banks: Box<[GBank; 2]>,
-        used: [MergedUse; 2],
-        stored: bool,
-    },
-    /// MEO-native banks run unmerged (`Mode::Vanilla`): `Σ g_i (W_i x' + b_i)` with the gates
-    /// pooled from the prompt (`None` until it has run), as the CPU's `MeoMixture`.
-    MeoMix(Option<Box<[Vec<Choice>; 2]>>),
+/// A layer's merged form on the GPU, per the execution plan: a task merge from the file
+/// (uploaded when the mode is set) or what was built from the prompt (dropped on reset).
+enum GMerged {
+    /// A merged expert, and its size in bytes on the host (what `Trace::on_merged` reports).
+    Mlp(Box<GMlp>, usize),
+    /// MEO-native banks merged (fc1, fc2), and their merged weights' bytes.
+    Banks(Box<[GBank; 2]>, usize),
+    /// MEO-native banks run unmerged with these gates (`LayerExec::MeoSequence { merged: false }`).
+    Gates(Box<[Vec<Choice>; 2]>),
 }
 
 /// The LRU expert cache.
@@ -358,8 +350,10 @@ pub struct WgpuTarget<'m> {
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     kv_cap: usize,
     experts: ExpertCache,
-    exec: Vec<Exec>,
-    opts: MergeOptions,
+    /// The execution plan (the runtime's; this target resolves no mode itself).
+    plan: ExecPlan,
+    /// Per layer: its merged form (see [`GMerged`]).
+    merged: Vec<Option<GMerged>>,
     pos: usize,
     max_context: usize,
     logits: Vec<f32>,
@@ -405,7 +399,7 @@ impl<'m> WgpuTarget<'m> {
             (o, m) => o.min(m),
         };
         let budget = if opts.expert_budget == 0 { DEFAULT_EXPERT_BUDGET } else { opts.expert_budget } as u64;
-        let mut t = Self {
+        let t = Self {
             model,
             layers,
             out_norm,
@@ -419,14 +413,13 @@ impl<'m> WgpuTarget<'m> {
                 map: HashMap::new(),
                 stats: ExpertStats { budget, ..Default::default() },
             },
-            exec: Vec::new(),
-            opts: MergeOptions::default(),
+            merged: model.layer_plans().iter().map(|_| None).collect(),
+            plan: ExecPlan::vanilla(model),
             pos: 0,
             max_context,
             logits: Vec::new(),
             gpu,
         };
-        t.exec = t.default_exec();
         t.gpu.check().map_err(dev)?;
         Ok(t)
     }
@@ -506,14 +499,6 @@ impl<'m> WgpuTarget<'m> {
         })
     }
 
-    fn default_exec(&self) -> Vec<Exec> {
-        self.model
-            .layer_plans()
-            .iter()
-            .map(|l| if matches!(l.ffn, FfnPlan::Meo(_)) { Exec::MeoPending } else { Exec::Mixture })
-            .collect()
-    }
-
     /// The adapter this target runs on.
     pub fn adapter(&self) -> &wgpu::AdapterInfo {
         &self.gpu.info
@@ -531,108 +516,56 @@ impl<'m> WgpuTarget<'m> {
 
     /// The routing mode.
     pub fn mode(&self) -> &MergeOptions {
-        &self.opts
+        self.plan.options()
     }
 
-    /// Sets the mode as the CPU session does (see `meo::Session::set_mode`); merged experts
-    /// stored in the file are uploaded now, once per task.
+    /// Follows the runtime's execution plan for `opts`; merged experts stored in the file are
+    /// uploaded now, once per task.
     fn set_mode_inner(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         let m = self.model;
         let b = m.bytes();
-        let moe: Vec<usize> = m.moe_layers().collect();
-        let pick = |candidates: &[(usize, Option<f64>)], what: &'static str| opts.pick_layers(&moe, candidates, what);
-        let mut exec = self.default_exec();
-        let meo_layers: Vec<usize> = m.meo_layers().collect();
-        let mut layers = match &opts.mode {
-            // As the CPU: an MEO-native model's vanilla runs its own gates unmerged (the
-            // baseline of the merge).
-            Mode::Vanilla if !meo_layers.is_empty() => {
-                for &l in &meo_layers {
-                    exec[l] = Exec::MeoMix(None);
+        let plan = ExecPlan::new(m, opts)?;
+        let mut merged: Vec<Option<GMerged>> = plan.layers().iter().map(|_| None).collect();
+        for (l, exec) in plan.layers().iter().enumerate() {
+            merged[l] = match exec {
+                LayerExec::TaskMerge { task, index } => {
+                    let tl = &m.tasks()[*task].layers[*index];
+                    let slab =
+                        b.get(tl.expert.slab.clone()).ok_or_else(|| unsupported("merged expert outside the file"))?;
+                    let mlp = upload_mlp(&self.gpu, slab, &tl.expert.mlp, "merged expert")?;
+                    Some(GMerged::Mlp(Box::new(mlp), slab.len()))
                 }
-                Vec::new()
-            }
-            Mode::Prompt(_) if !meo_layers.is_empty() => meo_layers,
-            Mode::Task(name) if !meo_layers.is_empty() => {
-                let task = m.meo_tasks().iter().find(|t| t.name == *name).ok_or_else(|| ModeError::UnknownTask {
-                    name: name.clone(),
-                    available: m.meo_tasks().iter().map(|t| t.name.clone()).collect(),
-                })?;
-                for tl in &task.layers {
-                    let up = |i: usize| -> Result<GBank, TargetError> {
-                        let (ex, w) = &tl.banks[i];
+                LayerExec::MeoTask { task, index } => {
+                    let tl = &m.meo_tasks()[*task].layers[*index];
+                    let gates = tl.gates();
+                    let up = |i: usize, gate: Vec<Choice>| -> Result<GBank, TargetError> {
+                        let ex = &tl.banks[i].0;
                         let slab = b.get(ex.slab.clone()).ok_or_else(|| unsupported("merged bank outside the file"))?;
-                        let gate = w
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, w)| **w != 0.0)
-                            .map(|(e, &weight)| Choice { expert: e as u32, weight })
-                            .collect();
                         Ok(GBank {
                             w: upload_mat(&self.gpu, slab, &ex.weight, "merged bank")?,
                             bias: upload_vec(&self.gpu, slab, &ex.bias, "merged bank bias")?,
                             gate,
                         })
                     };
-                    exec[tl.layer] = Exec::Meo {
-                        banks: Box::new([up(0)?, up(1)?]),
-                        used: [
-                            MergedUse::File(tl.banks[0].0.slab.clone()),
-                            MergedUse::File(tl.banks[1].0.slab.clone()),
-                        ],
-                        stored: true,
-                    };
+                    let [g0, g1] = gates;
+                    let size = tl.banks[0].0.slab.len() + tl.banks[1].0.slab.len();
+                    Some(GMerged::Banks(Box::new([up(0, g0)?, up(1, g1)?]), size))
                 }
-                meo_layers
-            }
-            Mode::Vanilla => Vec::new(),
-            Mode::Task(name) => {
-                let task = m.task(name)?;
-                let cands: Vec<(usize, Option<f64>)> = task.layers.iter().map(|tl| (tl.layer, tl.error)).collect();
-                let layers = pick(&cands, "task")?;
-                for &l in &layers {
-                    let Some(tl) = task.layers.iter().find(|tl| tl.layer == l) else { continue };
-                    let slab =
-                        b.get(tl.expert.slab.clone()).ok_or_else(|| unsupported("merged expert outside the file"))?;
-                    let mlp = upload_mlp(&self.gpu, slab, &tl.expert.mlp, "merged expert")?;
-                    exec[l] = Exec::Merged { mlp: Box::new(mlp), used: MergedUse::File(tl.expert.slab.clone()) };
-                }
-                layers
-            }
-            Mode::Prompt(_) => {
-                // As the CPU: experts with biases have no merge rule.
-                let biased = m
-                    .layer_plans()
-                    .iter()
-                    .position(|l| matches!(&l.ffn, FfnPlan::Moe(p) if p.experts.iter().any(|e| e.mlp.bias.is_some())));
-                if let Some(layer) = biased {
-                    return Err(ModeError::NotMergeable { layer, what: "experts with biases" }.into());
-                }
-                let cands: Vec<(usize, Option<f64>)> =
-                    moe.iter().map(|&l| (l, m.prompt_errors().iter().find(|e| e.0 == l).map(|e| e.1))).collect();
-                let layers = pick(&cands, "prompt")?;
-                for &l in &layers {
-                    exec[l] = Exec::Pending;
-                }
-                layers
-            }
-        };
-        layers.sort_unstable();
-        layers.dedup();
-        self.exec = exec;
-        self.opts = opts;
+                _ => None,
+            };
+        }
+        let layers = plan.merged_layers();
+        self.plan = plan;
+        self.merged = merged;
         self.reset_inner();
         Ok(layers)
     }
 
     fn reset_inner(&mut self) {
         self.pos = 0;
-        for e in &mut self.exec {
-            match e {
-                Exec::Merged { used: MergedUse::Session(_), .. } => *e = Exec::Pending,
-                Exec::Meo { stored: false, .. } => *e = Exec::MeoPending,
-                Exec::MeoMix(Some(_)) => *e = Exec::MeoMix(None),
-                _ => {}
+        for (m, exec) in self.merged.iter_mut().zip(self.plan.layers()) {
+            if exec.from_prompt() {
+                *m = None;
             }
         }
     }
@@ -640,19 +573,19 @@ impl<'m> WgpuTarget<'m> {
     /// The gates of MEO-native layer `layer`'s merged banks (fc1, fc2), as
     /// `meo::Session::bank_gates` reports them; `None` before the prompt and for other layers.
     pub fn bank_gates(&self, layer: usize) -> Option<[Vec<Choice>; 2]> {
-        match self.exec.get(layer)? {
-            Exec::Meo { banks, .. } => Some([banks[0].gate.clone(), banks[1].gate.clone()]),
-            Exec::MeoMix(Some(gates)) => Some((**gates).clone()),
+        match self.merged.get(layer)? {
+            Some(GMerged::Banks(banks, _)) => Some([banks[0].gate.clone(), banks[1].gate.clone()]),
+            Some(GMerged::Gates(gates)) => Some((**gates).clone()),
             _ => None,
         }
     }
 
     /// The layers that run merged now.
     pub fn merged_layers(&self) -> Vec<usize> {
-        self.exec
+        self.merged
             .iter()
             .enumerate()
-            .filter(|(_, e)| matches!(e, Exec::Merged { .. } | Exec::Meo { .. }))
+            .filter(|(_, e)| matches!(e, Some(GMerged::Mlp(..) | GMerged::Banks(..))))
             .map(|(l, _)| l)
             .collect()
     }
@@ -775,11 +708,17 @@ impl<'m> WgpuTarget<'m> {
                     let (hx, logits) = (&back[0], &back[1]);
                     trace.on_moe_input(l, self.pos, hx);
                     let spec = &c.router;
-                    let exec = &mut self.exec[l];
-                    match exec {
-                        Exec::Merged { mlp, used } => {
+                    let exec = &self.plan.layers()[l];
+                    let merged = &mut self.merged[l];
+                    match (exec, &*merged) {
+                        (LayerExec::TaskMerge { task, index }, Some(GMerged::Mlp(mlp, _))) => {
                             ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf)?;
-                            trace.on_merged(l, t, used);
+                            let slab = m.tasks()[*task].layers[*index].expert.slab.clone();
+                            trace.on_merged(l, t, &MergedUse::File(slab));
+                        }
+                        (_, Some(GMerged::Mlp(mlp, size))) => {
+                            ops.mlp(&mut enc, mlp, &hbuf, t, &ybuf)?;
+                            trace.on_merged(l, t, &MergedUse::Session(*size));
                         }
                         _ => {
                             let choices = ops.mixture(
@@ -795,22 +734,14 @@ impl<'m> WgpuTarget<'m> {
                                 &ybuf,
                                 trace,
                             )?;
-                            if matches!(exec, Exec::Pending) {
-                                let pool = match &self.opts.mode {
-                                    Mode::Prompt(pool) => *pool,
-                                    _ => PromptPool::default(),
-                                };
-                                let w =
-                                    pooled_weights(pool, bytes, p, spec, selection_bias.as_deref(), hx, t, &choices)?;
+                            if let LayerExec::PromptMerge(pool) = exec {
+                                let w = prompt_merge_weights(*pool, &Serial, bytes, p, spec, hx, t, &choices);
                                 // As on the CPU: weights are finite, so the merge cannot fail;
                                 // if it did the layer would stay vanilla.
-                                *exec = match m.merge_layer(l, &w, None) {
-                                    Ok(me) => {
-                                        let mlp = upload_mlp(gpu, &me.bytes, &me.mlp, "prompt merge")?;
-                                        Exec::Merged { mlp: Box::new(mlp), used: MergedUse::Session(me.bytes.len()) }
-                                    }
-                                    Err(_) => Exec::Mixture,
-                                };
+                                if let Ok(me) = m.merge_layer(l, &w, None) {
+                                    let mlp = upload_mlp(gpu, &me.bytes, &me.mlp, "prompt merge")?;
+                                    *merged = Some(GMerged::Mlp(Box::new(mlp), me.bytes.len()));
+                                }
                             }
                         }
                     }
@@ -830,50 +761,55 @@ impl<'m> WgpuTarget<'m> {
                     let inter = p.banks[0].experts.first().map_or(0, |e| e.weight.rows);
                     let ne = p.banks[0].experts.len();
                     let mid = gpu.scratch("mid", f4(t * inter)).map_err(dev)?;
-                    let exec = &mut self.exec[l];
-                    // Slot of expert e of bank b in the residency index: b·E + e (as the CPU).
-                    let slots =
-                        |bk: usize, g: &[Choice]| g.iter().map(|c| (bk * ne) as u32 + c.expert).collect::<Vec<_>>();
-                    match exec {
-                        Exec::MeoPending => {
+                    let exec = &self.plan.layers()[l];
+                    let merged = &mut self.merged[l];
+                    match (exec, &*merged) {
+                        (LayerExec::MeoSequence { merged: true }, None) => {
                             // The prompt: pool each bank's gate from its input, merge, upload.
                             let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
-                            let g0 = sequence_gate(bytes, &p.banks[0], &hx, t, k)?;
-                            trace.on_experts_selected(l, &slots(0, &g0));
-                            let b0 = merge_bank(gpu, bytes, &p.banks[0], g0)?;
+                            let g0 = sequence_gate(&Serial, bytes, &p.banks[0], &hx, t, k);
+                            trace.on_experts_selected(l, &bank_slots(0, ne, &g0));
+                            let b0 = upload_bank(gpu, merge_bank(bytes, &p.banks[0], g0))?;
                             ops.bank(&mut enc, tb[0].as_ref(), &b0.0, &hbuf, t, &mid)?;
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
                             let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
-                            let g1 = sequence_gate(bytes, &p.banks[1], &mx, t, k)?;
-                            trace.on_experts_selected(l, &slots(1, &g1));
-                            let b1 = merge_bank(gpu, bytes, &p.banks[1], g1)?;
+                            let g1 = sequence_gate(&Serial, bytes, &p.banks[1], &mx, t, k);
+                            trace.on_experts_selected(l, &bank_slots(1, ne, &g1));
+                            let b1 = upload_bank(gpu, merge_bank(bytes, &p.banks[1], g1))?;
                             ops.bank(&mut enc, tb[1].as_ref(), &b1.0, &mid, t, &ybuf)?;
-                            let used = [MergedUse::Session(b0.1), MergedUse::Session(b1.1)];
-                            *exec = Exec::Meo { banks: Box::new([b0.0, b1.0]), used, stored: false };
+                            *merged = Some(GMerged::Banks(Box::new([b0.0, b1.0]), b0.1 + b1.1));
+                            trace.on_merged(l, t, &MergedUse::Session(b0.1 + b1.1));
                         }
-                        Exec::Meo { banks, .. } => {
+                        (_, Some(GMerged::Banks(banks, size))) => {
                             ops.bank(&mut enc, tb[0].as_ref(), &banks[0], &hbuf, t, &mid)?;
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
                             ops.bank(&mut enc, tb[1].as_ref(), &banks[1], &mid, t, &ybuf)?;
+                            if let LayerExec::MeoTask { task, index } = exec {
+                                for (bank, _) in &m.meo_tasks()[*task].layers[*index].banks {
+                                    trace.on_merged(l, t, &MergedUse::File(bank.slab.clone()));
+                                }
+                            } else {
+                                trace.on_merged(l, t, &MergedUse::Session(*size));
+                            }
                         }
-                        Exec::MeoMix(None) => {
+                        (LayerExec::MeoSequence { merged: false }, None) => {
                             // Vanilla, the prompt: each bank's gate pooled from its input, its
                             // experts fetched through the expert cache and run unmerged.
                             let hx = enc.read(&[(&hbuf, t * h)]).map_err(dev)?.remove(0);
-                            let g0 = sequence_gate(bytes, &p.banks[0], &hx, t, k)?;
-                            trace.on_experts_selected(l, &slots(0, &g0));
+                            let g0 = sequence_gate(&Serial, bytes, &p.banks[0], &hx, t, k);
+                            trace.on_experts_selected(l, &bank_slots(0, ne, &g0));
                             let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &g0)?;
                             ops.bank_mixture(&mut enc, tb[0].as_ref(), &p0, &hbuf, t, &mid)?;
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
                             let mx = enc.read(&[(&mid, t * inter)]).map_err(dev)?.remove(0);
-                            let g1 = sequence_gate(bytes, &p.banks[1], &mx, t, k)?;
-                            trace.on_experts_selected(l, &slots(1, &g1));
+                            let g1 = sequence_gate(&Serial, bytes, &p.banks[1], &mx, t, k);
+                            trace.on_experts_selected(l, &bank_slots(1, ne, &g1));
                             let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &g1)?;
                             ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
-                            *exec = Exec::MeoMix(Some(Box::new([g0, g1])));
+                            *merged = Some(GMerged::Gates(Box::new([g0, g1])));
                         }
-                        Exec::MeoMix(Some(gates)) => {
-                            let all: Vec<u32> = slots(0, &gates[0]).into_iter().chain(slots(1, &gates[1])).collect();
+                        (_, Some(GMerged::Gates(gates))) => {
+                            let all = [bank_slots(0, ne, &gates[0]), bank_slots(1, ne, &gates[1])].concat();
                             trace.on_experts_selected(l, &all);
                             let p0 = bank_parts(&mut self.experts, gpu, bytes, l, p, 0, &gates[0])?;
                             let p1 = bank_parts(&mut self.experts, gpu, bytes, l, p, 1, &gates[1])?;
@@ -881,18 +817,7 @@ impl<'m> WgpuTarget<'m> {
                             ops.ew(&mut enc, 3, gpu.dummy(), &mid, t * inter, act_code(act), 0.0);
                             ops.bank_mixture(&mut enc, tb[1].as_ref(), &p1, &mid, t, &ybuf)?;
                         }
-                        _ => return Err(unsupported("an MEO layer in a per-token mixture state")),
-                    }
-                    match &*exec {
-                        Exec::Meo { used, stored: true, .. } => {
-                            for u in used {
-                                trace.on_merged(l, t, u);
-                            }
-                        }
-                        Exec::Meo { used: [MergedUse::Session(a), MergedUse::Session(b)], .. } => {
-                            trace.on_merged(l, t, &MergedUse::Session(a + b));
-                        }
-                        _ => {}
+                        _ => return Err(unsupported(format!("MEO layer {l}: execution {exec:?} has no merged form"))),
                     }
                 }
                 _ => return Err(unsupported(format!("layer {l}: feed-forward kind does not match its plan"))),
@@ -955,88 +880,14 @@ fn bank_parts(
         .collect()
 }
 
-/// `Σ gate_i W_i` and `Σ gate_i b_i` of a bank's selected experts, stored in the experts'
-/// dtype (as the CPU session merges), uploaded; with the merged weight's size in bytes.
-fn merge_bank(gpu: &Gpu, bytes: &[u8], bank: &Bank, gate: Vec<Choice>) -> Result<(GBank, usize), TargetError> {
-    let e0: &BankExpert = bank.experts.first().ok_or_else(|| unsupported("an MEO bank without experts"))?;
-    let (rows, cols, dtype) = (e0.weight.rows, e0.weight.cols, e0.weight.dtype);
-    let mut parts = Vec::with_capacity(gate.len());
-    let mut bias = vec![0.0f32; rows];
-    for ch in &gate {
-        let ex = bank.experts.get(ch.expert as usize).ok_or_else(|| unsupported("gate selects a missing expert"))?;
-        let slab = bytes.get(ex.slab.clone()).ok_or_else(|| unsupported("bank expert outside the file"))?;
-        parts.push((mat_ref(slab, &ex.weight)?, ch.weight));
-        for (o, v) in bias.iter_mut().zip(read_vec(slab, &ex.bias)) {
-            *o += ch.weight * v;
-        }
-    }
-    let mut w = vec![0.0f32; rows * cols];
-    meo::merge::merge_matrices(&parts, &mut w);
-    let enc = meo::merge::encode(&w, rows, cols, dtype);
-    let size = enc.len();
-    let w = GMat { buf: gpu.upload("merged bank", &enc).map_err(dev)?, dtype, rows, cols };
-    let bias = gpu.upload_f32("merged bank bias", &bias).map_err(dev)?;
-    Ok((GBank { w, bias, gate }, size))
-}
-
-/// The sequence-level gate of a bank from its input rows (as the CPU: router logits of the
-/// plain mean, top-k softmax).
-fn sequence_gate(bytes: &[u8], bank: &Bank, x: &[f32], t: usize, k: usize) -> Result<Vec<Choice>, TargetError> {
-    let d = x.len() / t.max(1);
-    let mut mean = vec![0.0f32; d];
-    for r in x.chunks(d.max(1)) {
-        meo::kernels::add_into(&mut mean, r);
-    }
-    mean.iter_mut().for_each(|v| *v /= t.max(1) as f32);
-    let router = mat_ref(bytes, &bank.router)?;
-    let mut logits = vec![0.0f32; router.rows()];
-    meo::kernels::matmul(&meo::kernels::Serial, &mean, 1, &router, &mut logits);
-    Ok(meo::model::topk_softmax(&logits, k))
-}
-
-/// Prompt-mode merge weights from the prompt's routing (as the CPU session computes them).
-#[allow(clippy::too_many_arguments)]
-fn pooled_weights(
-    pool: PromptPool,
-    bytes: &[u8],
-    p: &MoePlan,
-    spec: &meo::RouterSpec,
-    sel: Option<&[f32]>,
-    x: &[f32],
-    t: usize,
-    choices: &[Choice],
-) -> Result<Vec<f32>, TargetError> {
-    let e = spec.num_experts;
-    let mut w = vec![0.0f64; e];
-    let n = t.max(1) as f64;
-    match pool {
-        PromptPool::MeanGate => {
-            for c in choices {
-                w[c.expert as usize] += f64::from(c.weight);
-            }
-        }
-        PromptPool::PooledInput => {
-            let h = x.len() / t.max(1);
-            let mut mean = vec![0.0f64; h];
-            for row in x.chunks(h.max(1)) {
-                for (m, &v) in mean.iter_mut().zip(row) {
-                    *m += f64::from(v);
-                }
-            }
-            let mean: Vec<f32> = mean.iter().map(|&v| (v / n) as f32).collect();
-            let mut logits = vec![0.0f32; e];
-            meo::kernels::matmul(&meo::kernels::Serial, &mean, 1, &mat_ref(bytes, &p.router)?, &mut logits);
-            if let Some(b) = &p.router_bias {
-                meo::kernels::add_into(&mut logits, &read_vec(bytes, b));
-            }
-            let mut out = vec![Choice { expert: 0, weight: 0.0 }; spec.top_k];
-            route_token(spec, &logits, sel, &mut RouteScratch::default(), &mut out);
-            for c in out {
-                w[c.expert as usize] += f64::from(c.weight) * n;
-            }
-        }
-    }
-    Ok(w.iter().map(|&v| (v / n) as f32).collect())
+/// A bank merged on the host by the runtime ([`merge_bank`]), uploaded; with the merged
+/// weight's size in bytes.
+fn upload_bank(gpu: &Gpu, mb: MergedBank) -> Result<(GBank, usize), TargetError> {
+    let size = mb.bytes.len();
+    let w =
+        GMat { buf: gpu.upload("merged bank", &mb.bytes).map_err(dev)?, dtype: mb.dtype, rows: mb.rows, cols: mb.cols };
+    let bias = gpu.upload_f32("merged bank bias", &mb.bias).map_err(dev)?;
+    Ok((GBank { w, bias, gate: mb.gate }, size))
 }
 
 impl Ops<'_> {
