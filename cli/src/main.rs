@@ -21,7 +21,7 @@ enum Command {
     Bench(cmd::bench::Args),
     Eval(cmd::eval::Args),
     /// List the devices models can run on (`--target`, `--adapter`).
-    Devices(cmd::gpu::DevicesArgs),
+    Devices(cmd::devices::Args),
     #[cfg(feature = "onnx")]
     ExportOnnx(cmd::export_onnx::Args),
 }
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
-        Command::Devices(a) => cmd::gpu::devices(a),
+        Command::Devices(a) => cmd::devices::run(a),
         #[cfg(feature = "onnx")]
         Command::ExportOnnx(a) => cmd::export_onnx::run(a),
     };

@@ -20,6 +20,8 @@ pub mod target;
 
 #[cfg(feature = "std")]
 pub mod file;
+#[cfg(feature = "tokenizer")]
+pub mod generate;
 #[cfg(all(feature = "std", unix))]
 pub mod platform;
 #[cfg(feature = "std")]

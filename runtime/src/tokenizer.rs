@@ -104,6 +104,12 @@ impl Tokenizer {
         TextStream { tok: self, ids: Vec::new(), prefix: String::new(), prefix_len: 0 }
     }
 
+    /// Whether `id` is a special added token (`<|endoftext|>`, `</s>`): [`decode`](Self::decode)
+    /// leaves it out.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
+    }
+
     fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
         let vocab = self.vocab_size();
         match ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
@@ -113,9 +119,12 @@ impl Tokenizer {
     }
 }
 
-/// See [`Tokenizer::stream`]. The same algorithm as `tokenizers`' `DecodeStream`: only a
-/// short window of ids is decoded per step (the ids of the last emitted piece and the new ones),
+/// See [`Tokenizer::stream`]. The algorithm of `tokenizers`' `DecodeStream`: only a short
+/// window of ids is decoded per step (the ids of the last emitted piece and the new ones),
 /// since decoders such as byte-level or SentencePiece's leading-space rule depend on context.
+/// Two bounds keep each step's cost constant: special tokens, which decode to nothing, never
+/// enter the window, and a window that has held back [`MAX_HELD`] ids (bytes that never form a
+/// character) is emitted as it decodes.
 #[derive(Debug)]
 pub struct TextStream<'t> {
     tok: &'t Tokenizer,
@@ -126,26 +135,42 @@ pub struct TextStream<'t> {
     prefix_len: usize,
 }
 
+/// Most ids a [`TextStream`] holds back waiting for a character to complete (UTF-8 needs at
+/// most 4 bytes; byte-fallback tokenizers spend one id per byte).
+pub const MAX_HELD: usize = 8;
+
 impl TextStream<'_> {
     /// Adds one id; returns the new text, if any is complete (a trailing U+FFFD, which a
-    /// later byte may complete, is held back).
+    /// later byte may complete, is held back, at most [`MAX_HELD`] ids).
     ///
     /// # Errors
     /// An unknown id or a decoder failure.
     pub fn push(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
-        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') {
+        self.tok.check_ids(&[id])?;
+        if self.tok.is_special(id) {
             return Ok(None);
         }
-        let Some(new) = text.strip_prefix(self.prefix.as_str()) else {
-            return Err(TokenizerError::Decode("the decoded text no longer starts with what was emitted".into()));
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids)?;
+        let held = self.ids.len() - self.prefix_len;
+        let waiting = text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}');
+        if waiting && held < MAX_HELD {
+            return Ok(None);
+        }
+        // Past MAX_HELD ids, what the window decodes to is emitted as it is (ids that decode
+        // to nothing emit nothing) and the window restarts after it.
+        let new = if text.len() <= self.prefix.len() {
+            String::new()
+        } else {
+            let Some(new) = text.strip_prefix(self.prefix.as_str()) else {
+                return Err(TokenizerError::Decode("the decoded text no longer starts with what was emitted".into()));
+            };
+            new.to_string()
         };
-        let new = new.to_string();
         self.ids.drain(..self.prefix_len);
         self.prefix = self.tok.decode(&self.ids)?;
         self.prefix_len = self.ids.len();
-        Ok(Some(new))
+        Ok((!new.is_empty()).then_some(new))
     }
 
     /// Whatever is still held back (at the end of generation).
@@ -209,6 +234,26 @@ mod tests {
             out.push_str(&s.finish().unwrap().unwrap_or_default());
             assert_eq!(out, t.decode(&ids).unwrap(), "{ids:?}");
         }
+    }
+
+    #[test]
+    fn stream_window_stays_short_on_runs_of_special_tokens() {
+        let t = fixture();
+        let eot = t.token_to_id("<|endoftext|>").unwrap();
+        assert!(t.is_special(eot));
+        let text_ids = t.encode("The value").unwrap();
+        let mut s = t.stream();
+        let mut out = String::new();
+        let mut all = Vec::new();
+        for i in 0..5000 {
+            let id = if i % 1000 == 0 { text_ids[(i / 1000) % text_ids.len()] } else { eot };
+            all.push(id);
+            out.push_str(&s.push(id).unwrap().unwrap_or_default());
+            // Each step decodes only this window: its length bounds the step's cost.
+            assert!(s.ids.len() <= 2 * MAX_HELD, "window of {} ids after {i} pushes", s.ids.len());
+        }
+        out.push_str(&s.finish().unwrap().unwrap_or_default());
+        assert_eq!(out, t.decode(&all).unwrap());
     }
 
     #[test]

@@ -589,4 +589,27 @@ fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
     let p = path.display().to_string();
     let a = run::Args::parse_from([p.as_str(), "--tokens", "1", "--target", "npu"]).unwrap();
     assert!(run::run_to(&a, &mut Vec::new(), &mut Vec::new()).unwrap_err().to_string().contains("npu"));
+    // One generation loop on every target: `--dump` writes the prompt's logits and routing on
+    // ONNX Runtime too, the same logits as the CPU's.
+    let dump = |target: &str| {
+        let f = tmp.path().join(format!("dump-{target}.safetensors"));
+        let fs = f.display().to_string();
+        let args = [p.as_str(), "--tokens", "5,17,42,9", "--max-new-tokens", "2", "--target", target, "--dump", &fs];
+        let a = run::Args::parse_from(args).unwrap();
+        run::run_to(&a, &mut Vec::new(), &mut Vec::new()).unwrap_or_else(|err| panic!("{target}: {err:#}"));
+        let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{target} wrote no dump: {e}"));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let l = st.tensor("logits").unwrap();
+        assert_eq!(l.shape()[0], 4);
+        assert!(st.names().iter().any(|n| n.ends_with("topk_indices")), "{target}: no routing in the dump");
+        l.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>()
+    };
+    let (cpu_logits, ort_logits) = (dump("cpu"), dump("ort"));
+    assert!(max_diff(&cpu_logits, &ort_logits) <= TOL);
+    // A flag the target cannot honour is refused by name, never dropped.
+    for (target, flag) in [("ort", ["--memory-budget", "64M"]), ("cpu", ["--ep", "cpu"]), ("cpu", ["--adapter", "0"])] {
+        let args = [p.as_str(), "--tokens", "1", "--target", target, flag[0], flag[1]];
+        let e = run::run_to(&run::Args::parse_from(args).unwrap(), &mut Vec::new(), &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains(flag[0]), "{target} {flag:?}: {e}");
+    }
 }

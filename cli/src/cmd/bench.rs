@@ -2,11 +2,13 @@
 //! decoding speed, expert traffic and memory on random (seeded) prompt tokens with greedy
 //! decoding. End-of-sequence ids do not stop it. The JSON object is documented in `docs/CLI.md`.
 
-use super::run::{Tee, human_bytes, open_model, parse_bytes, print_residency};
+use super::target::{RunOptions, open_target};
+use super::{human_bytes, open_model, parse_bytes, print_residency};
 use anyhow::{Result, bail};
-use meo::Logits;
+use meo::generate::{GenerateOptions, Hooks, generate};
 use meo::residency::{self, ExpertTracker, TrackerOptions};
-use meo::sample::{Pcg32, argmax};
+use meo::sample::Pcg32;
+use meo::{Model, Session, SessionOptions};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -46,29 +48,66 @@ pub struct Args {
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
-    pub target: super::gpu::TargetArgs,
+    pub target: super::target::TargetArgs,
 }
 
-/// Counts the bytes of the merged experts a forward call read, once per call and layer (as the
-/// tracker counts distinct slabs per step): a merged layer reads its merged expert instead of
-/// the selected experts' slabs.
-#[derive(Default)]
-struct MergedBytes(u64);
+/// What `meo bench` observes of a generation: expert slabs read per forward call (the tracker
+/// counts distinct slabs per step; a merged layer reads its merged expert instead), and the KV
+/// cache each decode step reads.
+struct BenchHooks<'a, 'm> {
+    model: &'m Model,
+    tracker: &'a mut ExpertTracker<'m>,
+    /// Bytes of merged experts read by the current call (once per call and layer).
+    merged: u64,
+    prompt_len: usize,
+    prompt_expert_bytes: u64,
+    step_bytes: Vec<u64>,
+    kv_bytes: u64,
+}
 
-impl meo::Trace for MergedBytes {
-    fn on_merged(&mut self, _layer: usize, _tokens: usize, expert: &meo::MergedUse) {
-        self.0 += expert.bytes() as u64;
+impl meo::Trace for BenchHooks<'_, '_> {
+    fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
+        self.tracker.on_experts_selected(layer, experts);
     }
+    fn on_route(&mut self, layer: usize, pos: usize, choices: &[meo::Choice]) {
+        self.tracker.on_route(layer, pos, choices);
+    }
+    fn on_merged(&mut self, layer: usize, tokens: usize, expert: &meo::MergedUse) {
+        self.tracker.on_merged(layer, tokens, expert);
+        self.merged += expert.bytes() as u64;
+    }
+}
+
+impl Hooks for BenchHooks<'_, '_> {
+    fn trace(&mut self, prompt: bool) -> Option<&mut dyn meo::Trace> {
+        if !prompt {
+            self.kv_bytes += self.model.kv_bytes_read(self.prompt_len + self.step_bytes.len());
+        }
+        Some(self)
+    }
+
+    fn after_forward(&mut self, prompt: bool) {
+        let bytes = self.tracker.take_step_bytes() + std::mem::take(&mut self.merged);
+        if prompt {
+            self.prompt_expert_bytes += bytes;
+        } else {
+            self.step_bytes.push(bytes);
+        }
+    }
+}
+
+/// Greedy generation of exactly `gen + 1` tokens (`gen` decode steps), end-of-sequence ids
+/// not stopping it.
+fn bench_options(gen_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: gen_tokens + 1, ..GenerateOptions::default() }
 }
 
 /// Runs `meo bench`.
 ///
 /// # Errors
-/// Bad arguments, an unreadable model, or a residency query failing.
+/// Bad arguments, a flag the target cannot honour, an unreadable model, or a residency query
+/// failing.
 pub fn run(a: &Args) -> Result<()> {
-    if a.target.is_ort()? {
-        return super::target::bench_ort(a);
-    }
     if a.prompt_len == 0 {
         bail!("--prompt-len must be at least 1");
     }
@@ -77,12 +116,12 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let t_open = Instant::now();
     let model = open_model(&a.file)?;
-    let open_time = t_open.elapsed();
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
-    let session = opened.target();
-    let merged_layers = session.set_mode(a.mode.options(&model)?)?;
+    let run =
+        RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), mode: a.mode.options(&model)? };
+    let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
             "--prompt-len + --gen = {} exceeds the context of {}",
@@ -96,66 +135,71 @@ pub fn run(a: &Args) -> Result<()> {
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
 
+    let target = opened.target();
     let warmup = if a.cold || a.memory_budget.is_some() { 0 } else { a.warmup };
     for w in 0..warmup {
         let other: Vec<u32> = prompt.iter().map(|&t| ((u64::from(t) + 1 + w as u64) % vocab) as u32).collect();
-        let logits = session.forward(&other, Logits::Last, &mut meo::NoTrace)?;
-        let next = argmax(logits);
-        session.forward(&[next], Logits::Last, &mut meo::NoTrace)?;
-        session.reset();
+        generate(target, &other, &bench_options(1), None, &mut ())?;
+        target.reset();
     }
-
-    let mut merged = MergedBytes::default();
-    let t0 = Instant::now();
-    let logits = session.forward(&prompt, Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
-    let prompt_time = t0.elapsed();
-    let prompt_expert_bytes = tracker.take_step_bytes() + std::mem::take(&mut merged.0);
-    let mut next = argmax(logits);
-    let mut decode_time = Duration::ZERO;
-    let mut step_bytes = Vec::with_capacity(a.gen_tokens);
-    let mut kv_bytes = 0u64;
-    for i in 0..a.gen_tokens {
-        kv_bytes += kv_bytes_read(&model, a.prompt_len + i);
-        let t1 = Instant::now();
-        let logits = session.forward(&[next], Logits::Last, &mut Tee(vec![&mut tracker, &mut merged]))?;
-        next = argmax(logits);
-        decode_time += t1.elapsed();
-        step_bytes.push(tracker.take_step_bytes() + std::mem::take(&mut merged.0));
-    }
+    let mut hooks = BenchHooks {
+        model: &model,
+        tracker: &mut tracker,
+        merged: 0,
+        prompt_len: a.prompt_len,
+        prompt_expert_bytes: 0,
+        step_bytes: Vec::with_capacity(a.gen_tokens),
+        kv_bytes: 0,
+    };
+    let g = generate(target, &prompt, &bench_options(a.gen_tokens), None, &mut hooks)?;
+    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
+    let threads = threads_of(&opened);
+    let describe = opened.target().describe();
+    // `--compare-cpu` (ONNX Runtime only): the same generation on meo's CPU target.
+    let cpu = if a.target.compare_cpu {
+        let mut s = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
+        s.set_mode(run.mode.clone())?;
+        let c = generate(&mut s, &prompt, &bench_options(a.gen_tokens), None, &mut ())?;
+        let agree = g.tokens.iter().zip(&c.tokens).take_while(|(x, y)| x == y).count();
+        Some((c, s.threads(), agree))
+    } else {
+        None
+    };
     let stats = tracker.stats()?;
-    let dense_bytes = dense_bytes_per_token(&model)?;
-    let target = session.describe();
+    let dense_bytes = model.dense_bytes_per_token()?;
     let gpu_stats = opened.gpu_expert_stats();
     let peak_rss = residency::peak_rss_bytes().ok();
     let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
-    let prompt_tps = rate(a.prompt_len, prompt_time);
-    let decode_tps = rate(a.gen_tokens, decode_time);
+    let prompt_tps = rate(a.prompt_len, g.prompt_time);
+    let decode_tps = rate(g.decode_steps, g.decode_time);
     let bytes_per_token =
         if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
-    let kv_per_token = if a.gen_tokens == 0 { 0.0 } else { kv_bytes as f64 / a.gen_tokens as f64 };
+    let kv_per_token = if g.decode_steps == 0 { 0.0 } else { kv_bytes as f64 / g.decode_steps as f64 };
+    let mode = run.mode.mode.spelling();
     if a.json {
-        let v = json!({
+        let mut v = json!({
             "file": a.file.display().to_string(),
             "file_bytes": file_bytes,
             "architecture": cfg.architecture,
             "num_layers": cfg.num_layers,
             "num_experts": cfg.router.num_experts,
             "top_k": cfg.router.top_k,
-            "mode": a.mode.options(&model)?.mode.spelling(),
+            "mode": mode,
             "merged_layers": merged_layers,
-            "threads": a.threads,
-            "target": target,
+            "threads": threads,
+            "target": a.target.target,
+            "describe": describe,
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "warmup": warmup,
             "memory_budget": a.memory_budget,
             "open_seconds": open_time.as_secs_f64(),
             "prompt_tokens": a.prompt_len,
-            "prompt_seconds": prompt_time.as_secs_f64(),
+            "prompt_seconds": g.prompt_time.as_secs_f64(),
             "prompt_tokens_per_s": prompt_tps,
             "prompt_expert_bytes": prompt_expert_bytes,
-            "decode_tokens": a.gen_tokens,
-            "decode_seconds": decode_time.as_secs_f64(),
+            "decode_tokens": g.decode_steps,
+            "decode_seconds": g.decode_time.as_secs_f64(),
             "decode_tokens_per_s": decode_tps,
             "expert_bytes_per_token": bytes_per_token,
             "dense_bytes_per_token": dense_bytes,
@@ -170,6 +214,14 @@ pub fn run(a: &Args) -> Result<()> {
             "released_slabs": stats.released_slabs,
             "peak_rss_bytes": peak_rss,
         });
+        if let Some((c, threads, agree)) = &cpu {
+            v["cpu"] = json!({
+                "threads": threads,
+                "prompt_tokens_per_s": rate(a.prompt_len, c.prompt_time),
+                "decode_tokens_per_s": rate(c.decode_steps, c.decode_time),
+                "greedy_tokens_agreeing": agree,
+            });
+        }
         println!("{v}");
     } else {
         println!(
@@ -180,52 +232,40 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.router.num_experts,
             cfg.router.top_k,
             human_bytes(file_bytes),
-            target
+            describe
         );
-        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options(&model)?.mode.spelling());
-        println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
-        println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
+        println!("mode: {mode} (merged layers: {merged_layers:?})");
+        println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, g.prompt_time.as_secs_f64());
+        println!(
+            "decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s",
+            g.decode_steps,
+            g.decode_time.as_secs_f64()
+        );
         println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
         println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
         println!("KV cache bytes per decoded token: {} (mean over decode steps)", human_bytes(kv_per_token as u64));
         print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
-        if let Some(g) = gpu_stats {
-            println!("gpu expert cache: {g}");
+        if let Some(gs) = gpu_stats {
+            println!("gpu expert cache: {gs}");
         }
+        if let Some((c, threads, agree)) = &cpu {
+            println!("cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, c.prompt_time));
+            println!("cpu ({threads} threads) decode: {:.1} tokens/s", rate(c.decode_steps, c.decode_time));
+            println!("greedy tokens agreeing (from the first): {agree} of {}", g.tokens.len());
+        }
+    }
+    if let Some(report) = opened.ep_report()? {
+        print!("{report}");
     }
     Ok(())
 }
 
-/// Bytes of cached keys and values the attention reads for the query at position `pos`: f32,
-/// as the CPU target caches them, and only the window of a sliding-window layer.
-fn kv_bytes_read(model: &meo::Model, pos: usize) -> u64 {
-    use meo::model::plan::Attention;
-    let per_layer = |attn: &Attention| {
-        let (kw, vw) = attn.cache_widths();
-        let window = match attn {
-            Attention::Gqa(a) => a.window,
-            Attention::Mla(a) => a.window,
-        };
-        let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
-        (n * (kw + vw) * std::mem::size_of::<f32>()) as u64
-    };
-    model.layer_plans().iter().map(|l| per_layer(&l.attn)).sum()
-}
-
-/// Bytes of the non-expert tensors one decode step reads: every tensor outside expert and
-/// merged-expert slabs (those are counted per step from routing), except that an untied
-/// embedding table (and a learned position table) contributes one row.
-fn dense_bytes_per_token(model: &meo::Model) -> Result<u64> {
-    let file = model.file()?;
-    let tied = model.config().tie_word_embeddings;
-    let mut total = 0u64;
-    for t in file.tensors() {
-        if meo::format::slab_key(t.name).is_some() {
-            continue;
-        }
-        let one_row = (t.name == meo::names::EMBED && !tied) || t.name == meo::names::POS_EMBED;
-        let rows = t.shape().first().copied().unwrap_or(1).max(1);
-        total += if one_row { t.len / rows } else { t.len };
+/// Worker threads the target runs its kernels on (`None` on the GPU, whose kernels are not
+/// threaded by meo).
+fn threads_of(opened: &super::target::Opened<'_>) -> Option<usize> {
+    #[allow(unreachable_patterns)] // only the CPU target without the `wgpu` and `ort` features
+    match opened {
+        super::target::Opened::Cpu(s) => Some(s.threads()),
+        _ => None,
     }
-    Ok(total)
 }

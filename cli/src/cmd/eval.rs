@@ -18,7 +18,7 @@
 //!   mode and for vanilla.
 
 use super::mode::ModeArgs;
-use super::run::{human_bytes, open_model};
+use super::{human_bytes, open_model};
 use anyhow::{Context, Result, bail};
 use meo::route::Choice;
 use meo::tokenizer::Tokenizer;

@@ -2,7 +2,7 @@
 //! (task-merged: a dense decoder of single-expert cost; vanilla: routing in the graph). See
 //! docs/ONNX.md.
 
-use super::run::{human_bytes, open_model};
+use super::{human_bytes, open_model};
 use anyhow::{Context, Result};
 use meo::{LayerSelect, MergeOptions, Mode};
 use meo_ort::export::{self, ExportOptions, StaticShape, WeightFormat};

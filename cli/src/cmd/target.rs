@@ -1,263 +1,245 @@
-//! `--target ort [--ep LIST]` for `meo run` and `meo bench`: the same loop over any
-//! [`meo::Target`] (here the ONNX Runtime one; the CPU keeps its own, richer path).
+//! Where a model runs, for `meo run` and `meo bench`: one way to open any target
+//! (`--target cpu|wgpu|ort`) with the same run options. A flag the chosen target cannot honour
+//! is refused with an error naming it, never dropped. The GPU target is behind the cargo
+//! feature `wgpu`, ONNX Runtime behind `ort`; a build without one refuses it and says how to
+//! get it.
 
-#[cfg(not(feature = "ort"))]
 use anyhow::{Result, bail};
+use meo::{MergeOptions, Model, Session, SessionOptions, Target};
 
-/// The `--target` flags (shared with the GPU target).
-pub use super::gpu::TargetArgs;
-
-#[cfg(not(feature = "ort"))]
-const NO_ORT: &str =
-    "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-cli --features ort`";
-
-/// `meo run --target ort`.
-///
-/// # Errors
-/// Always: this build has no ONNX Runtime support.
-#[cfg(not(feature = "ort"))]
-pub fn run_ort(_: &super::run::Args, _: &mut dyn std::io::Write, _: &mut dyn std::io::Write) -> Result<()> {
-    bail!(NO_ORT)
+/// Target selection flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Where to run: `cpu`, `wgpu` (the GPU through Vulkan/Metal/DX12/GL; see `meo devices`) or
+    /// `ort` (the model exported to ONNX, run by ONNX Runtime). `meo --version` lists the
+    /// targets this binary was built with.
+    #[arg(long, value_name = "TARGET", default_value = "cpu")]
+    pub target: String,
+    /// GPU adapter for `--target wgpu`: its index in `meo devices`, or part of its name.
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter: Option<String>,
+    /// Bytes of routed experts kept in GPU memory (LRU) with `--target wgpu` (default 1 GiB).
+    #[arg(long, value_name = "BYTES", value_parser = super::parse_bytes)]
+    pub gpu_expert_budget: Option<u64>,
+    /// With --target ort: execution providers in order of preference, comma-separated (`cpu`,
+    /// `xnnpack`, `nnapi`, `coreml`, `qnn`, `cuda`, `tensorrt`); `NAME!` fails if that EP is
+    /// absent, others are skipped when absent. ONNX Runtime falls back to CPU per node.
+    #[arg(long = "ep", value_name = "LIST")]
+    pub ep: Option<String>,
+    /// With --target ort: how int8 weights go into the graph (`block`, `channel`, `f32`;
+    /// default `block`).
+    #[arg(long = "onnx-weights", value_name = "block|channel|f32")]
+    pub onnx_weights: Option<String>,
+    /// With --target ort: print which EP ran the graph's nodes (from ONNX Runtime's profile).
+    #[arg(long = "ep-report")]
+    pub ep_report: bool,
+    /// With `meo bench --target ort`: also run meo's CPU target on the same prompt, in the
+    /// same process, and report both.
+    #[arg(long = "compare-cpu")]
+    pub compare_cpu: bool,
+    /// With --target ort: run the fixed-shape export (`SEQ:CONTEXT`, as `export-onnx
+    /// --static-shape`): calls in padded chunks of SEQ tokens over a CONTEXT-slot cache.
+    #[arg(long = "onnx-static-shape", value_name = "SEQ:CONTEXT")]
+    pub onnx_static_shape: Option<String>,
 }
 
-/// `meo bench --target ort`.
-///
-/// # Errors
-/// Always: this build has no ONNX Runtime support.
-#[cfg(not(feature = "ort"))]
-pub fn bench_ort(_: &super::bench::Args) -> Result<()> {
-    bail!(NO_ORT)
+/// The targets, by `--target` spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Cpu,
+    Wgpu,
+    Ort,
 }
 
-#[cfg(feature = "ort")]
-pub use with_ort::{bench_ort, run_ort};
+/// The options every target is opened with (the same for `meo run` and `meo bench`).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `--threads` (0 = the default).
+    pub threads: usize,
+    /// `--memory-budget` was given (it bounds the mapped file's resident expert pages).
+    pub memory_budget: bool,
+    /// The routing mode and merge policy.
+    pub mode: MergeOptions,
+}
 
-#[cfg(feature = "ort")]
-mod with_ort {
-    use super::super::run::open_model;
-    use super::TargetArgs;
-    use anyhow::{Context, Result, bail};
-    use meo::sample::{Pcg32, Sampler, SamplerConfig, argmax};
-    use meo::tokenizer::Tokenizer;
-    use meo::{Logits, NoTrace, Session, SessionOptions, Target};
-    use meo_ort::{EpChoice, OrtOptions, OrtTarget, WeightFormat};
-    use serde_json::json;
-    use std::io::Write;
-    use std::time::{Duration, Instant};
+impl TargetArgs {
+    /// The target `--target` names.
+    ///
+    /// # Errors
+    /// An unknown target name.
+    pub fn kind(&self) -> Result<Kind> {
+        match self.target.as_str() {
+            "cpu" => Ok(Kind::Cpu),
+            "wgpu" => Ok(Kind::Wgpu),
+            "ort" => Ok(Kind::Ort),
+            t => bail!("unknown --target {t:?} (use cpu, wgpu or ort)"),
+        }
+    }
 
-    fn open<'m>(
-        model: &'m meo::Model,
-        a: &TargetArgs,
-        threads: usize,
-        mode: meo::MergeOptions,
-    ) -> Result<OrtTarget<'m>> {
-        let eps = EpChoice::parse_list(&a.ep)?;
-        let weights = WeightFormat::parse(&a.onnx_weights)
-            .with_context(|| format!("--onnx-weights {:?}: use block, channel or f32", a.onnx_weights))?;
-        let static_shape = match &a.onnx_static_shape {
-            Some(s) => Some(
-                meo_ort::export::StaticShape::parse(s)
-                    .with_context(|| format!("--onnx-static-shape {s:?}: use SEQ:CONTEXT, both ≥ 1 (e.g. 1:512)"))?,
-            ),
-            None => None,
+    /// Refuses every flag the chosen target would not honour.
+    ///
+    /// # Errors
+    /// The first such flag, named, with the target that takes it.
+    pub fn check(&self, run: &RunOptions) -> Result<Kind> {
+        let kind = self.kind()?;
+        let t = &self.target;
+        let only = |given: bool, flag: &str, needs: Kind| -> Result<()> {
+            if given && kind != needs {
+                let needs = match needs {
+                    Kind::Cpu => "cpu",
+                    Kind::Wgpu => "wgpu",
+                    Kind::Ort => "ort",
+                };
+                bail!("{flag} needs --target {needs} (this run uses --target {t})");
+            }
+            Ok(())
         };
-        let opts = OrtOptions { eps, threads, weights, profile: a.ep_report, static_shape };
-        Ok(OrtTarget::with_mode(model, opts, mode)?)
-    }
-
-    fn placement(t: &mut OrtTarget<'_>, out: &mut dyn Write) -> Result<()> {
-        for (ep, nodes) in t.node_placement()? {
-            writeln!(out, "ep {ep}: {} nodes", nodes.len())?;
+        only(self.adapter.is_some(), "--adapter", Kind::Wgpu)?;
+        only(self.gpu_expert_budget.is_some(), "--gpu-expert-budget", Kind::Wgpu)?;
+        only(self.ep.is_some(), "--ep", Kind::Ort)?;
+        only(self.onnx_weights.is_some(), "--onnx-weights", Kind::Ort)?;
+        only(self.ep_report, "--ep-report", Kind::Ort)?;
+        only(self.compare_cpu, "--compare-cpu", Kind::Ort)?;
+        only(self.onnx_static_shape.is_some(), "--onnx-static-shape", Kind::Ort)?;
+        if kind == Kind::Wgpu && run.threads != 0 {
+            bail!("--threads has no effect on --target wgpu (the GPU runs the kernels); leave it out");
         }
-        Ok(())
-    }
-
-    fn rate(n: usize, d: Duration) -> f64 {
-        if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() }
-    }
-
-    /// Prompt then `gen` greedy steps on `t`; (prompt time, decode time, generated ids).
-    fn timed(t: &mut dyn Target, prompt: &[u32], gen_tokens: usize) -> Result<(Duration, Duration, Vec<u32>)> {
-        t.reset();
-        let t0 = Instant::now();
-        let mut next = argmax(t.forward(prompt, Logits::Last, &mut NoTrace)?);
-        let prompt_time = t0.elapsed();
-        let mut out = vec![next];
-        let t1 = Instant::now();
-        for _ in 0..gen_tokens {
-            next = argmax(t.forward(&[next], Logits::Last, &mut NoTrace)?);
-            out.push(next);
-        }
-        Ok((prompt_time, t1.elapsed(), out))
-    }
-
-    /// `meo run --target ort`: prompt, then sample (as `meo run`) on ONNX Runtime.
-    ///
-    /// # Errors
-    /// As `meo run`, or the ONNX Runtime target could not start.
-    pub fn run_ort(a: &super::super::run::Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
-        let sampling = SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-        let mut sampler = Sampler::new(sampling)?;
-        let model = open_model(&a.file)?;
-        let cfg = model.config().clone();
-        let (tokenizer, prompt) = super::super::run::prompt_tokens(a, &model)?;
-        let t_open = Instant::now();
-        let mut t = open(&model, &a.target, a.threads, a.mode.options(&model)?)?;
-        if a.stats {
-            writeln!(
-                stderr,
-                "target: {} (exported and opened in {:.1} ms)",
-                t.describe(),
-                t_open.elapsed().as_secs_f64() * 1e3
-            )?;
-        }
-        let t0 = Instant::now();
-        let mut next = sampler.sample(t.forward(&prompt, Logits::Last, &mut NoTrace)?)?;
-        let prompt_time = t0.elapsed();
-        let eos: Vec<u32> = cfg.eos_token_ids.iter().filter_map(|&e| u32::try_from(e).ok()).collect();
-        let mut generated = Vec::new();
-        let mut text = tokenizer.as_ref().map(Tokenizer::stream);
-        let (mut decode_time, mut steps) = (Duration::ZERO, 0usize);
-        for i in 0..a.max_new_tokens {
-            generated.push(next);
-            let is_eos = eos.contains(&next);
-            if let Some(s) = text.as_mut()
-                && !is_eos
-                && let Some(piece) = s.push(next)?
-            {
-                stdout.write_all(piece.as_bytes())?;
-                stdout.flush()?;
-            }
-            if is_eos || i + 1 == a.max_new_tokens || t.position() >= cfg.max_position_embeddings {
-                break;
-            }
-            let t1 = Instant::now();
-            next = sampler.sample(t.forward(&[next], Logits::Last, &mut NoTrace)?)?;
-            decode_time += t1.elapsed();
-            steps += 1;
-        }
-        match text {
-            Some(s) => {
-                if let Some(rest) = s.finish()? {
-                    stdout.write_all(rest.as_bytes())?;
-                }
-                writeln!(stdout)?;
-            }
-            None => {
-                let ids: Vec<String> = generated.iter().map(u32::to_string).collect();
-                writeln!(stdout, "{}", ids.join(" "))?;
-            }
-        }
-        if a.stats {
-            let n = prompt.len();
-            writeln!(
-                stderr,
-                "prompt: {n} tokens in {:.3} s ({:.1} tokens/s)",
-                prompt_time.as_secs_f64(),
-                rate(n, prompt_time)
-            )?;
-            writeln!(
-                stderr,
-                "decode: {steps} tokens in {:.3} s ({:.1} tokens/s)",
-                decode_time.as_secs_f64(),
-                rate(steps, decode_time)
-            )?;
-        }
-        if a.target.ep_report {
-            placement(&mut t, stderr)?;
-        }
-        Ok(())
-    }
-
-    /// `meo bench --target ort [--compare-cpu]`.
-    ///
-    /// # Errors
-    /// As `meo bench`, or the ONNX Runtime target could not start.
-    pub fn bench_ort(a: &super::super::bench::Args) -> Result<()> {
-        if a.prompt_len == 0 {
-            bail!("--prompt-len must be at least 1");
-        }
-        let model = open_model(&a.file)?;
-        let cfg = model.config().clone();
-        if cfg.max_position_embeddings > 0 && a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
+        if kind == Kind::Ort && run.memory_budget {
             bail!(
-                "--prompt-len + --gen = {} exceeds the context of {}",
-                a.prompt_len + a.gen_tokens,
-                cfg.max_position_embeddings
+                "--memory-budget bounds the mapped file's expert pages, which --target ort does not read \
+                 (ONNX Runtime runs its own copy of the weights)"
             );
         }
-        // The same seeded prompt as `meo bench` on the CPU.
-        let mut rng = Pcg32::seed_from_u64(a.seed);
-        let vocab = cfg.vocab_size as u64;
-        let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
-        let mode = a.mode.options(&model)?;
-        let mut ort = open(&model, &a.target, a.threads, mode.clone())?;
-        let (op, od, ogen) = timed(&mut ort, &prompt, a.gen_tokens)?;
-        let cpu = if a.target.compare_cpu {
-            let mut s = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
-            s.set_mode(mode)?;
-            let threads = s.threads();
-            let (cp, cd, cgen) = timed(&mut s, &prompt, a.gen_tokens)?;
-            Some((cp, cd, cgen, threads))
-        } else {
-            None
-        };
-        let agree = cpu.as_ref().map(|c| ogen.iter().zip(&c.2).take_while(|(x, y)| x == y).count());
-        if a.json {
-            let mut v = json!({
-                "file": a.file.display().to_string(),
-                "target": "ort",
-                "describe": ort.describe(),
-                "mode": mode_spelling(&a.mode, &model)?,
-                "merged_layers": ort.info().merged,
-                "prompt_tokens": a.prompt_len,
-                "prompt_tokens_per_s": rate(a.prompt_len, op),
-                "decode_tokens": a.gen_tokens,
-                "decode_tokens_per_s": rate(a.gen_tokens, od),
-            });
-            if let Some((cp, cd, _, threads)) = &cpu {
-                v["cpu"] = json!({
-                    "threads": threads,
-                    "prompt_tokens_per_s": rate(a.prompt_len, *cp),
-                    "decode_tokens_per_s": rate(a.gen_tokens, *cd),
-                    "greedy_tokens_agreeing_with_ort": agree,
-                });
-            }
-            println!("{v}");
-        } else {
-            println!(
-                "{}: {} ({} layers), mode {}",
-                a.file.display(),
-                cfg.architecture,
-                cfg.num_layers,
-                mode_spelling(&a.mode, &model)?
-            );
-            println!("target: {}", ort.describe());
-            println!(
-                "ort prompt: {} tokens in {:.3} s = {:.1} tokens/s",
-                a.prompt_len,
-                op.as_secs_f64(),
-                rate(a.prompt_len, op)
-            );
-            println!(
-                "ort decode: {} tokens in {:.3} s = {:.1} tokens/s",
-                a.gen_tokens,
-                od.as_secs_f64(),
-                rate(a.gen_tokens, od)
-            );
-            if let Some((cp, cd, _, threads)) = &cpu {
-                println!("cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, *cp));
-                println!("cpu ({threads} threads) decode: {:.1} tokens/s", rate(a.gen_tokens, *cd));
-                println!("greedy tokens agreeing (from the first): {} of {}", agree.unwrap_or(0), ogen.len());
-            }
+        Ok(kind)
+    }
+}
+
+/// A model opened on the selected target.
+pub enum Opened<'m> {
+    Cpu(Box<Session<'m>>),
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<meo_wgpu::WgpuTarget<'m>>),
+    #[cfg(feature = "ort")]
+    Ort(Box<meo_ort::OrtTarget<'m>>),
+}
+
+impl<'m> Opened<'m> {
+    /// The target, to run.
+    pub fn target(&mut self) -> &mut (dyn Target + 'm) {
+        match self {
+            Self::Cpu(s) => &mut **s,
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(w) => &mut **w,
+            #[cfg(feature = "ort")]
+            Self::Ort(o) => &mut **o,
         }
-        if a.target.ep_report {
-            placement(&mut ort, &mut std::io::stdout().lock())?;
-        }
-        Ok(())
     }
 
-    fn mode_spelling(m: &super::super::mode::ModeArgs, model: &meo::Model) -> Result<String> {
-        Ok(m.options(model)?.mode.spelling())
+    /// The layers that run merged now (prompt merges: once the prompt has run).
+    pub fn merged_layers(&self) -> Vec<usize> {
+        match self {
+            Self::Cpu(s) => s.merged_layers(),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(w) => w.merged_layers(),
+            #[cfg(feature = "ort")]
+            Self::Ort(o) => o.info().merged.clone(),
+        }
     }
+
+    /// The GPU expert cache's counters (`None` on other targets).
+    pub fn gpu_expert_stats(&self) -> Option<serde_json::Value> {
+        match self {
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(w) => {
+                let s = w.expert_stats();
+                Some(serde_json::json!({
+                    "uploads": s.uploads,
+                    "hits": s.hits,
+                    "evictions": s.evictions,
+                    "bytes_uploaded": s.bytes_uploaded,
+                    "resident_bytes": s.resident_bytes,
+                    "budget": s.budget,
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// With `--ep-report`: which EP ran the graph's nodes, one line per EP (`None` on other
+    /// targets).
+    ///
+    /// # Errors
+    /// The profile could not be read.
+    pub fn ep_report(&mut self) -> Result<Option<String>> {
+        match self {
+            #[cfg(feature = "ort")]
+            Self::Ort(o) => {
+                let mut out = String::new();
+                for (ep, nodes) in o.node_placement()? {
+                    out.push_str(&format!("ep {ep}: {} nodes\n", nodes.len()));
+                }
+                Ok(Some(out))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Opens `model` on the target `t` selects, in `run.mode`; returns it with the layers that
+/// run merged.
+///
+/// # Errors
+/// A flag the target cannot honour, a target this build lacks, no (matching) GPU adapter, the
+/// ONNX Runtime library missing, or a model or mode the target cannot run.
+pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, run: &RunOptions) -> Result<(Opened<'m>, Vec<usize>)> {
+    let mut opened = match t.check(run)? {
+        Kind::Cpu => {
+            Opened::Cpu(Box::new(Session::new(model, SessionOptions { threads: run.threads, ..Default::default() })?))
+        }
+        Kind::Wgpu => open_wgpu(model, t)?,
+        Kind::Ort => open_ort(model, t, run)?,
+    };
+    let merged = opened.target().set_mode(run.mode.clone())?;
+    Ok((opened, merged))
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu<'m>(model: &'m Model, t: &TargetArgs) -> Result<Opened<'m>> {
+    let opts = meo_wgpu::WgpuOptions {
+        adapter: t.adapter.clone(),
+        expert_budget: t.gpu_expert_budget.map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+        ..Default::default()
+    };
+    Ok(Opened::Wgpu(Box::new(meo_wgpu::WgpuTarget::new(model, opts)?)))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn open_wgpu<'m>(_: &'m Model, _: &TargetArgs) -> Result<Opened<'m>> {
+    bail!("this meo was built without the GPU target: rebuild with `cargo build --release -p meo-cli --features wgpu`")
+}
+
+#[cfg(feature = "ort")]
+fn open_ort<'m>(model: &'m Model, a: &TargetArgs, run: &RunOptions) -> Result<Opened<'m>> {
+    use anyhow::Context;
+    use meo_ort::{EpChoice, OrtOptions, OrtTarget, WeightFormat};
+    let eps = EpChoice::parse_list(a.ep.as_deref().unwrap_or("cpu"))?;
+    let spelled = a.onnx_weights.as_deref().unwrap_or("block");
+    let weights = WeightFormat::parse(spelled)
+        .with_context(|| format!("--onnx-weights {spelled:?}: use block, channel or f32"))?;
+    let static_shape = match &a.onnx_static_shape {
+        Some(s) => Some(
+            meo_ort::export::StaticShape::parse(s)
+                .with_context(|| format!("--onnx-static-shape {s:?}: use SEQ:CONTEXT, both ≥ 1 (e.g. 1:512)"))?,
+        ),
+        None => None,
+    };
+    let opts = OrtOptions { eps, threads: run.threads, weights, profile: a.ep_report, static_shape };
+    Ok(Opened::Ort(Box::new(OrtTarget::with_mode(model, opts, run.mode.clone())?)))
+}
+
+#[cfg(not(feature = "ort"))]
+fn open_ort<'m>(_: &'m Model, _: &TargetArgs, _: &RunOptions) -> Result<Opened<'m>> {
+    bail!(
+        "this meo was built without ONNX Runtime support: rebuild with `cargo build --release -p meo-cli --features ort`"
+    )
 }

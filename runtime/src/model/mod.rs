@@ -445,4 +445,40 @@ impl Model {
     pub fn rope(&self) -> &Rope {
         &self.rope
     }
+
+    /// Bytes of cached keys and values the attention reads for the query at position `pos`:
+    /// f32, as the CPU target caches them, and only the window of a sliding-window layer.
+    pub fn kv_bytes_read(&self, pos: usize) -> u64 {
+        let per_layer = |attn: &plan::Attention| {
+            let (kw, vw) = attn.cache_widths();
+            let window = match attn {
+                plan::Attention::Gqa(a) => a.window,
+                plan::Attention::Mla(a) => a.window,
+            };
+            let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
+            (n * (kw + vw) * core::mem::size_of::<f32>()) as u64
+        };
+        self.layers.iter().map(|l| per_layer(&l.attn)).sum()
+    }
+
+    /// Bytes of the non-expert tensors one decode step reads: every tensor outside expert and
+    /// merged-expert slabs (those depend on routing: [`Trace`] reports them per step), except
+    /// that an untied embedding table (and a learned position table) contributes one row.
+    ///
+    /// # Errors
+    /// Never for a model that opened; the `Result` is the reader's.
+    pub fn dense_bytes_per_token(&self) -> Result<u64, FormatError> {
+        let file = self.file()?;
+        let tied = self.config.tie_word_embeddings;
+        let mut total = 0u64;
+        for t in file.tensors() {
+            if crate::format::slab_key(t.name).is_some() {
+                continue;
+            }
+            let one_row = (t.name == crate::names::EMBED && !tied) || t.name == crate::names::POS_EMBED;
+            let rows = t.shape().first().copied().unwrap_or(1).max(1);
+            total += if one_row { t.len / rows } else { t.len };
+        }
+        Ok(total)
+    }
 }
