@@ -6,11 +6,15 @@
  *  - The return value is a MeoStatus; on anything but MEO_STATUS_OK, meo_last_error()
  *    gives a message for the calling thread, and out-parameters are not written except
  *    where documented (MEO_STATUS_BUFFER_TOO_SMALL reports the size needed).
- *  - Every pointer is checked for NULL; handles are checked against the live handles of
- *    the library: a freed or made-up handle gives MEO_STATUS_INVALID_HANDLE.
+ *  - Every pointer is checked for NULL. Handles are opaque ids, not addresses, checked
+ *    against the live handles of the library and never given out twice: a freed or
+ *    made-up handle gives MEO_STATUS_INVALID_HANDLE, for ever.
  *  - No panic crosses the boundary: an internal bug gives MEO_STATUS_PANIC.
- *  - A MeoModel may be used from many threads at once; a MeoSession by one thread at a
- *    time. A session keeps its model alive, so meo_model_free may come first.
+ *  - A MeoModel may be used from many threads at once. A MeoSession takes one call at a
+ *    time: it is in use for the whole of each call on it, the callbacks of
+ *    meo_session_generate included. A call on a session in use, from another thread or
+ *    from such a callback (meo_session_free included), returns MEO_STATUS_BUSY and does
+ *    nothing. A session keeps its model alive, so meo_model_free may come first.
  *  - Strings are UTF-8 and NUL-terminated unless a length is given.
  */
 
@@ -92,6 +96,12 @@ typedef enum {
    * A bug: the library panicked. The handle involved should be freed.
    */
   MEO_STATUS_PANIC = 14,
+  /**
+   * The session is in use: by a call on another thread, or this call comes from the
+   * callback of the session's own `meo_session_generate`. Nothing was done; call again
+   * once the other call has returned.
+   */
+  MEO_STATUS_BUSY = 15,
 } MeoStatus;
 
 /**
@@ -100,7 +110,8 @@ typedef enum {
 typedef struct MeoModel MeoModel;
 
 /**
- * A sequence being run over a model (opaque). One thread at a time.
+ * A sequence being run over a model (opaque). One call at a time: a call while another is in
+ * progress (another thread, or `meo_session_generate`'s callback) gets `MEO_STATUS_BUSY`.
  */
 typedef struct MeoSession MeoSession;
 
@@ -182,6 +193,9 @@ typedef struct {
  * end-of-sequence token or a model without tokenizer). After the last token one more call
  * with `token == MEO_TOKEN_NONE` flushes text held back, if any. Return 0 to continue,
  * anything else to stop (`meo_session_generate` then returns `MEO_STATUS_CANCELLED`).
+ * The session is in use while the callback runs: calls on it from the callback
+ * (`meo_session_free` included) return `MEO_STATUS_BUSY` and do nothing; calls on the
+ * model and on other sessions work.
  */
 typedef int32_t (*MeoTokenCallback)(void *user_data,
                                     uint32_t token,
@@ -239,9 +253,10 @@ extern "C" {
 const char *meo_last_error(void);
 
 /**
- * A static description of a status code. Never NULL.
+ * A static description of a status code. Takes an `int`, not a `MeoStatus`, so any value is
+ * safe to pass: one that is not a `MeoStatus` gives "unknown status". Never NULL.
  */
-const char *meo_status_string(MeoStatus status);
+const char *meo_status_string(int32_t status);
 
 /**
  * The library version ("0.1.0"). Never NULL.
@@ -325,7 +340,9 @@ MeoStatus meo_session_new(const MeoModel *model,
                           MeoSession **out);
 
 /**
- * Frees a session. NULL is a no-op (returns `MEO_STATUS_OK`).
+ * Frees a session. NULL is a no-op (returns `MEO_STATUS_OK`). A session in use (a call on
+ * another thread, or this is the callback of its own `meo_session_generate`) is not freed:
+ * `MEO_STATUS_BUSY`.
  */
 MeoStatus meo_session_free(MeoSession *session);
 

@@ -5,11 +5,16 @@
 //! - The return value is a [`MeoStatus`]; on anything but `MEO_STATUS_OK` a message is kept
 //!   for the calling thread ([`meo_last_error`]) and no out-parameter is written except where
 //!   a function documents otherwise (`MEO_STATUS_BUFFER_TOO_SMALL` reports the size needed).
-//! - Every pointer is checked for NULL; handles are checked against the live handles of this
-//!   library (a freed or made-up handle gives `MEO_STATUS_INVALID_HANDLE`, it is never read).
+//! - Every pointer is checked for NULL. Handles are ids, not addresses, checked against the
+//!   live handles of this library and never given out twice: a freed or made-up handle gives
+//!   `MEO_STATUS_INVALID_HANDLE` for ever, it is never read.
 //! - No Rust panic crosses the boundary: one becomes `MEO_STATUS_PANIC`.
-//! - A `MeoModel` may be used from many threads at once. A `MeoSession` must be used by one
-//!   thread at a time. A session keeps its model alive: `meo_model_free` may come first.
+//! - A `MeoModel` may be used from many threads at once. A `MeoSession` is in use for the whole
+//!   of each call on it, `meo_session_generate`'s callbacks included; a call on a session in
+//!   use (from another thread, or from that callback, `meo_session_free` included) is refused
+//!   with `MEO_STATUS_BUSY` and does nothing. A session keeps its model alive:
+//!   `meo_model_free` may come first.
+//! - `meo_status_string` takes an `int`: no C value is read as a Rust enum.
 #![allow(clippy::missing_safety_doc)] // every function's safety contract is in the header docs
 
 use meo::model::Mode;
@@ -17,12 +22,12 @@ use meo::residency::{ExpertTracker, TrackerOptions};
 use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
 use meo::{LayerSelect, Logits, MergeOptions, Model, Session, SessionOptions};
-use std::cell::RefCell;
-use std::collections::HashSet;
+use std::cell::{RefCell, UnsafeCell};
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 /// Result of every call.
@@ -59,6 +64,38 @@ pub enum MeoStatus {
     BadState = 13,
     /// A bug: the library panicked. The handle involved should be freed.
     Panic = 14,
+    /// The session is in use: by a call on another thread, or this call comes from the
+    /// callback of the session's own `meo_session_generate`. Nothing was done; call again
+    /// once the other call has returned.
+    Busy = 15,
+}
+
+impl MeoStatus {
+    /// Every status, for turning an integer from C into one without transmuting (a new
+    /// variant goes here too; a unit test checks that the codes run 0, 1, 2, … in order).
+    const ALL: [MeoStatus; 16] = [
+        MeoStatus::Ok,
+        MeoStatus::NullPointer,
+        MeoStatus::InvalidHandle,
+        MeoStatus::InvalidArgument,
+        MeoStatus::InvalidUtf8,
+        MeoStatus::Io,
+        MeoStatus::InvalidModel,
+        MeoStatus::Unsupported,
+        MeoStatus::BufferTooSmall,
+        MeoStatus::TokenOutOfRange,
+        MeoStatus::ContextFull,
+        MeoStatus::NoTokenizer,
+        MeoStatus::Cancelled,
+        MeoStatus::BadState,
+        MeoStatus::Panic,
+        MeoStatus::Busy,
+    ];
+
+    /// The status whose code is `code`, if any.
+    fn from_code(code: i32) -> Option<MeoStatus> {
+        Self::ALL.into_iter().find(|&s| s as i32 == code)
+    }
 }
 
 /// Token id passed to a [`MeoTokenCallback`] for the final flush of held-back text.
@@ -258,7 +295,8 @@ pub struct MeoStats {
     pub peak_rss_bytes: u64,
 }
 
-/// A sequence being run over a model (opaque). One thread at a time.
+/// A sequence being run over a model (opaque). One call at a time: a call while another is in
+/// progress (another thread, or `meo_session_generate`'s callback) gets `MEO_STATUS_BUSY`.
 pub struct MeoSession {
     // Field order is drop order: everything borrowing the model comes before `model`.
     tracker: Option<ExpertTracker<'static>>,
@@ -273,55 +311,120 @@ pub struct MeoSession {
     model: Arc<MeoModel>,
 }
 
-/// Live handles (addresses), so a stale or made-up handle is refused without being read.
-static MODELS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
-static SESSIONS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
-
-fn registry(r: &Mutex<Option<HashSet<usize>>>) -> std::sync::MutexGuard<'_, Option<HashSet<usize>>> {
-    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// A session and its in-use flag. Every call on the session holds the flag for its whole
+/// length (a [`SessionGuard`]), so a second call meanwhile, from another thread or from the
+/// callback of `meo_session_generate`, is refused with `MEO_STATUS_BUSY` instead of making a
+/// second `&mut`; `meo_session_free` is refused the same way.
+struct SessionCell {
+    busy: AtomicBool,
+    session: UnsafeCell<MeoSession>,
 }
 
-fn register(r: &Mutex<Option<HashSet<usize>>>, p: usize) {
-    registry(r).get_or_insert_with(HashSet::new).insert(p);
+// SAFETY: `session` is reached only through a `SessionGuard`, and at most one guard exists per
+// cell at a time (the `busy` flag, taken by compare-and-swap); `MeoSession` is `Send`, so the
+// guard may be on any thread.
+unsafe impl Sync for SessionCell {}
+
+/// Exclusive access to a session for the length of one call.
+struct SessionGuard(Arc<SessionCell>);
+
+impl std::ops::Deref for SessionGuard {
+    type Target = MeoSession;
+    fn deref(&self) -> &MeoSession {
+        // SAFETY: this guard holds the cell's `busy` flag, so no other reference exists.
+        unsafe { &*self.0.session.get() }
+    }
 }
 
-fn is_live(r: &Mutex<Option<HashSet<usize>>>, p: usize) -> bool {
-    registry(r).as_ref().is_some_and(|s| s.contains(&p))
+impl std::ops::DerefMut for SessionGuard {
+    fn deref_mut(&mut self) -> &mut MeoSession {
+        // SAFETY: as in `deref`; `&mut self` keeps this the only reference from this guard.
+        unsafe { &mut *self.0.session.get() }
+    }
 }
 
-fn unregister(r: &Mutex<Option<HashSet<usize>>>, p: usize) -> bool {
-    registry(r).as_mut().is_some_and(|s| s.remove(&p))
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Live handles by id. A handle is an id, not an address: ids come from one counter shared by
+/// models and sessions and are never given out twice, so a freed handle stays invalid for ever
+/// (a new object cannot take its place, as it could at a reused address) and a model's handle
+/// is never a session's.
+struct Handles {
+    /// Handles given out so far (the next id is made from `issued + 1`).
+    issued: u64,
+    models: BTreeMap<usize, Arc<MeoModel>>,
+    sessions: BTreeMap<usize, Arc<SessionCell>>,
+}
+
+static HANDLES: Mutex<Handles> = Mutex::new(Handles { issued: 0, models: BTreeMap::new(), sessions: BTreeMap::new() });
+
+fn handles() -> MutexGuard<'static, Handles> {
+    // The maps stay consistent across a panic (each update is one insert or remove).
+    HANDLES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Handles {
+    /// A fresh id: the count of handles issued times an odd constant, a bijection on
+    /// `usize`, so ids never repeat or are 0, and a made-up small value is unlikely to be one.
+    fn next_id(&mut self) -> Res<usize> {
+        let n = self.issued + 1;
+        // Past `usize::MAX` handles (32-bit targets only) the ids would repeat: refuse instead.
+        let Ok(k) = usize::try_from(n) else {
+            return err(MeoStatus::Unsupported, "this process has used up the library's handles");
+        };
+        self.issued = n;
+        Ok(k.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize))
+    }
+}
+
+/// The handle C sees for `id` (never dereferenced: it is an id).
+fn handle<T>(id: usize) -> *mut T {
+    std::ptr::without_provenance_mut(id)
 }
 
 /// A new reference to the model behind a live handle.
 fn model_ref(p: *const MeoModel) -> Res<Arc<MeoModel>> {
     check_ptr(p, "model")?;
-    let guard = registry(&MODELS);
-    if !guard.as_ref().is_some_and(|s| s.contains(&(p as usize))) {
-        return err(MeoStatus::InvalidHandle, "model is not a live MeoModel handle (freed, or never opened)");
-    }
-    // SAFETY: `p` came from `Arc::into_raw` and is still registered, so that reference is
-    // alive; the registry lock keeps `meo_model_free` from releasing it meanwhile.
-    unsafe { Arc::increment_strong_count(p) };
-    // SAFETY: the count was just incremented for this new `Arc`.
-    Ok(unsafe { Arc::from_raw(p) })
+    handles().models.get(&p.addr()).cloned().ok_or_else(|| {
+        (MeoStatus::InvalidHandle, "model is not a live MeoModel handle (freed, or never opened)".to_string())
+    })
 }
 
-fn session_mut<'a>(p: *mut MeoSession) -> Res<&'a mut MeoSession> {
-    check_ptr(p, "session")?;
-    if !is_live(&SESSIONS, p as usize) {
+/// The live cell behind a session handle, with its `busy` flag taken (`MEO_STATUS_BUSY` if it
+/// was already taken). Runs under the handles lock, so `meo_session_free` cannot interleave.
+fn take_session(h: &Handles, p: *mut MeoSession) -> Res<&Arc<SessionCell>> {
+    let Some(cell) = h.sessions.get(&p.addr()) else {
         return err(MeoStatus::InvalidHandle, "session is not a live MeoSession handle (freed, or never created)");
+    };
+    if cell.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return err(
+            MeoStatus::Busy,
+            "the session is in use: by a call on another thread, or this call comes from the callback of its own \
+             meo_session_generate",
+        );
     }
-    // SAFETY: registered, so it is a live `Box<MeoSession>`; the C contract says one thread
-    // at a time uses a session, so this is the only reference.
-    Ok(unsafe { &mut *p })
+    Ok(cell)
 }
 
-fn new_model(holder: Holder, out: *mut *mut MeoModel) {
-    let p = Arc::into_raw(Arc::new(MeoModel { holder, tokenizer: OnceLock::new() })) as *mut MeoModel;
-    register(&MODELS, p as usize);
+/// Exclusive use of the session behind a live handle until the guard is dropped.
+fn session_mut(p: *mut MeoSession) -> Res<SessionGuard> {
+    check_ptr(p, "session")?;
+    let h = handles();
+    Ok(SessionGuard(take_session(&h, p)?.clone()))
+}
+
+fn new_model(holder: Holder, out: *mut *mut MeoModel) -> Res<()> {
+    let model = Arc::new(MeoModel { holder, tokenizer: OnceLock::new() });
+    let mut h = handles();
+    let id = h.next_id()?;
+    h.models.insert(id, model);
     // SAFETY: checked for NULL by the caller.
-    unsafe { put(out, p) };
+    unsafe { put(out, handle(id)) };
+    Ok(())
 }
 
 fn model_error(e: meo::ModelError) -> (MeoStatus, String) {
@@ -342,9 +445,13 @@ pub extern "C" fn meo_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// A static description of a status code. Never NULL.
+/// A static description of a status code. Takes an `int`, not a `MeoStatus`, so any value is
+/// safe to pass: one that is not a `MeoStatus` gives "unknown status". Never NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn meo_status_string(status: MeoStatus) -> *const c_char {
+pub extern "C" fn meo_status_string(status: i32) -> *const c_char {
+    let Some(status) = MeoStatus::from_code(status) else {
+        return c"unknown status".as_ptr();
+    };
     let s: &'static CStr = match status {
         MeoStatus::Ok => c"ok",
         MeoStatus::NullPointer => c"null pointer argument",
@@ -361,6 +468,7 @@ pub extern "C" fn meo_status_string(status: MeoStatus) -> *const c_char {
         MeoStatus::Cancelled => c"cancelled",
         MeoStatus::BadState => c"invalid in the current state",
         MeoStatus::Panic => c"internal error (panic)",
+        MeoStatus::Busy => c"session in use (another thread, or its own generate callback)",
     };
     s.as_ptr()
 }
@@ -397,8 +505,7 @@ pub unsafe extern "C" fn meo_model_open(path: *const c_char, out: *mut *mut MeoM
             (status, format!("cannot open {path}: {e}"))
         })?;
         let model = Model::from_mapped(map).map_err(model_error)?;
-        new_model(Holder::Plain(model), out);
-        Ok(())
+        new_model(Holder::Plain(model), out)
     })
 }
 
@@ -413,8 +520,7 @@ pub unsafe extern "C" fn meo_model_open_bytes(data: *const u8, len: usize, out: 
         // SAFETY: C contract (`len` readable bytes).
         let bytes = unsafe { slice(data, len, "data") }?;
         let model = Model::from_vec(bytes.to_vec()).map_err(model_error)?;
-        new_model(Holder::Plain(model), out);
-        Ok(())
+        new_model(Holder::Plain(model), out)
     })
 }
 
@@ -436,8 +542,7 @@ pub unsafe extern "C" fn meo_model_open_fd(fd: i32, offset: u64, len: u64, out: 
                 FdOpenError::OutOfRange { .. } | FdOpenError::Empty => (MeoStatus::InvalidArgument, e.to_string()),
                 _ => (MeoStatus::Io, e.to_string()),
             })?;
-            new_model(Holder::Fd(m), out);
-            Ok(())
+            new_model(Holder::Fd(m), out)
         }
         #[cfg(not(unix))]
         {
@@ -455,11 +560,11 @@ pub unsafe extern "C" fn meo_model_free(model: *mut MeoModel) -> MeoStatus {
         if model.is_null() {
             return Ok(());
         }
-        if !unregister(&MODELS, model as usize) {
+        let Some(m) = handles().models.remove(&model.addr()) else {
             return err(MeoStatus::InvalidHandle, "model is not a live MeoModel handle (freed twice?)");
-        }
-        // SAFETY: it was registered, so it is the reference `Arc::into_raw` gave out.
-        drop(unsafe { Arc::from_raw(model as *const MeoModel) });
+        };
+        // Outside the lock: the last reference unmaps the file.
+        drop(m);
         Ok(())
     })
 }
@@ -606,7 +711,7 @@ pub unsafe extern "C" fn meo_session_new(
         let options = if options.is_null() { MeoSessionOptions::default() } else { unsafe { *options } };
         let session = make_session(&model, options)?;
         let tracker = make_tracker(&model, None)?;
-        let s = Box::new(MeoSession {
+        let s = MeoSession {
             tracker,
             session,
             sampler: Sampler::new(SamplerConfig::default()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
@@ -617,27 +722,35 @@ pub unsafe extern "C" fn meo_session_new(
             trimmed_slabs: 0,
             trimmed_bytes: 0,
             model,
-        });
-        let p = Box::into_raw(s);
-        register(&SESSIONS, p as usize);
+        };
+        let cell = Arc::new(SessionCell { busy: AtomicBool::new(false), session: UnsafeCell::new(s) });
+        let mut h = handles();
+        let id = h.next_id()?;
+        h.sessions.insert(id, cell);
         // SAFETY: checked above.
-        unsafe { put(out, p) };
+        unsafe { put(out, handle(id)) };
         Ok(())
     })
 }
 
-/// Frees a session. NULL is a no-op (returns `MEO_STATUS_OK`).
+/// Frees a session. NULL is a no-op (returns `MEO_STATUS_OK`). A session in use (a call on
+/// another thread, or this is the callback of its own `meo_session_generate`) is not freed:
+/// `MEO_STATUS_BUSY`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_free(session: *mut MeoSession) -> MeoStatus {
     guard(|| {
         if session.is_null() {
             return Ok(());
         }
-        if !unregister(&SESSIONS, session as usize) {
-            return err(MeoStatus::InvalidHandle, "session is not a live MeoSession handle (freed twice?)");
-        }
-        // SAFETY: it was registered, so it is the `Box` `meo_session_new` gave out.
-        drop(unsafe { Box::from_raw(session) });
+        let cell = {
+            let mut h = handles();
+            // Taking the flag (never given back) and removing the handle under one lock: no
+            // call can be inside the session or get into it after this.
+            take_session(&h, session)?;
+            h.sessions.remove(&session.addr())
+        };
+        // Outside the lock: dropping a session joins its worker threads.
+        drop(cell);
         Ok(())
     })
 }
@@ -647,7 +760,7 @@ pub unsafe extern "C" fn meo_session_free(session: *mut MeoSession) -> MeoStatus
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_set_threads(session: *mut MeoSession, threads: u32) -> MeoStatus {
     guard(|| {
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         if s.session.position() != 0 {
             return err(MeoStatus::BadState, "threads can only change before feeding (call meo_session_reset first)");
         }
@@ -677,7 +790,7 @@ pub unsafe extern "C" fn meo_session_set_mode(
         let mode = unsafe { c_str(mode, "mode") }?;
         // SAFETY: C contract.
         let layers = if layers.is_null() { "all" } else { unsafe { c_str(layers, "layers") }? };
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         if !(merge_budget.is_finite() && merge_budget >= 0.0) {
             return err(MeoStatus::InvalidArgument, format!("merge_budget must be a number >= 0, got {merge_budget}"));
         }
@@ -716,7 +829,7 @@ pub unsafe extern "C" fn meo_session_set_target(session: *mut MeoSession, target
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_set_memory_budget(session: *mut MeoSession, bytes: u64) -> MeoStatus {
     guard(|| {
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         if s.tracker.is_none() {
             return err(
                 MeoStatus::Unsupported,
@@ -751,7 +864,7 @@ pub unsafe extern "C" fn meo_session_set_sampler(
     options: *const MeoSamplerOptions,
 ) -> MeoStatus {
     guard(|| {
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         let cfg = if options.is_null() {
             SamplerConfig::default()
         } else {
@@ -859,7 +972,7 @@ pub unsafe extern "C" fn meo_session_sample(session: *mut MeoSession, token: *mu
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_reset(session: *mut MeoSession) -> MeoStatus {
     guard(|| {
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         s.session.reset();
         s.has_logits = false;
         Ok(())
@@ -883,6 +996,9 @@ pub unsafe extern "C" fn meo_session_position(session: *mut MeoSession, position
 /// end-of-sequence token or a model without tokenizer). After the last token one more call
 /// with `token == MEO_TOKEN_NONE` flushes text held back, if any. Return 0 to continue,
 /// anything else to stop (`meo_session_generate` then returns `MEO_STATUS_CANCELLED`).
+/// The session is in use while the callback runs: calls on it from the callback
+/// (`meo_session_free` included) return `MEO_STATUS_BUSY` and do nothing; calls on the
+/// model and on other sessions work.
 pub type MeoTokenCallback =
     Option<unsafe extern "C" fn(user_data: *mut c_void, token: u32, text: *const c_char, text_len: usize) -> i32>;
 
@@ -917,7 +1033,7 @@ pub unsafe extern "C" fn meo_session_generate(
         if !cancel.is_null() && !(cancel as usize).is_multiple_of(align_of::<AtomicI32>()) {
             return err(MeoStatus::InvalidArgument, "cancel is not aligned for an int32_t");
         }
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         let model = s.model.clone();
         let cancelled = || {
             // SAFETY: non-NULL, aligned, and the C contract says it stays valid for the call;
@@ -1023,7 +1139,7 @@ pub unsafe extern "C" fn meo_session_stats(session: *mut MeoSession, out: *mut M
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_trim(session: *mut MeoSession, released: *mut u64) -> MeoStatus {
     guard(|| {
-        let s = session_mut(session)?;
+        let mut s = session_mut(session)?;
         let bytes = s.model.trim()?;
         let slabs = meo::residency::SlabIndex::from_model(s.model.model()).len() as u64;
         s.trimmed_slabs += slabs;
@@ -1036,8 +1152,27 @@ pub unsafe extern "C" fn meo_session_trim(session: *mut MeoSession, released: *m
     })
 }
 
-/// `MeoModel` is shared across threads: it must stay `Send + Sync`.
+/// `MeoModel` is shared across threads: it must stay `Send + Sync`. A session moves between
+/// the threads that call it one at a time (its `SessionCell` is `Sync` because of that).
 const _: () = {
     const fn both<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
     both::<MeoModel>();
+    send::<MeoSession>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_code_converts_back_and_others_do_not() {
+        for (i, s) in MeoStatus::ALL.into_iter().enumerate() {
+            assert_eq!(s as usize, i, "MeoStatus::ALL is out of order at {s:?}");
+            assert_eq!(MeoStatus::from_code(i as i32), Some(s));
+        }
+        for code in [-1, MeoStatus::ALL.len() as i32, i32::MAX, i32::MIN] {
+            assert_eq!(MeoStatus::from_code(code), None);
+        }
+    }
+}

@@ -177,3 +177,21 @@ fn fd_at_offset_and_bytes_give_the_reference_tokens() {
         }
     }
 }
+
+/// `meo_status_string` takes any int: the codes of `MeoStatus` have descriptions, every other
+/// value gives "unknown status" (it took the enum by value, so an out-of-range int was UB).
+#[test]
+fn status_string_takes_any_int() {
+    let text = |code: i32| {
+        // SAFETY: never NULL, static and NUL-terminated.
+        unsafe { CStr::from_ptr(meo_status_string(code)) }.to_str().unwrap()
+    };
+    assert_eq!(text(MeoStatus::Ok as i32), "ok");
+    for code in 0..=MeoStatus::Busy as i32 {
+        assert_ne!(text(code), "unknown status", "code {code}");
+    }
+    assert!(text(MeoStatus::Busy as i32).contains("in use"));
+    for code in [-1, MeoStatus::Busy as i32 + 1, 99, i32::MAX, i32::MIN] {
+        assert_eq!(text(code), "unknown status", "code {code}");
+    }
+}
