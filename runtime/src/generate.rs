@@ -205,7 +205,18 @@ impl StopText<'_> {
     }
 }
 
-/// Runs one generation of `prompt` on `target` (after the positions it already holds).
+/// Where a generation starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Feed these tokens after the positions the target holds, then sample from the last one.
+    Prompt(&'a [u32]),
+    /// Feed nothing: sample the first token from these logits (`[vocab]`, the target's last
+    /// row), continuing a sequence already fed.
+    Logits(&'a [f32]),
+}
+
+/// Runs one generation of `prompt` on `target` (after the positions it already holds), with a
+/// sampler made from [`GenerateOptions::sampling`].
 ///
 /// `tokenizer` turns the generated ids into streamed text ([`Hooks::on_token`]); without it
 /// only ids are produced.
@@ -221,7 +232,28 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     hooks: &mut dyn Hooks,
 ) -> Result<Generation, GenerateError> {
-    if prompt.is_empty() {
+    let mut sampler = Sampler::new(opts.sampling)?;
+    generate_with(target, Start::Prompt(prompt), opts, &mut sampler, tokenizer, hooks)
+}
+
+/// [`generate`] from `start`, drawing from `sampler` (whose state carries over between calls;
+/// [`GenerateOptions::sampling`] is not used).
+///
+/// # Errors
+/// As [`generate`].
+pub fn generate_with(
+    target: &mut dyn Target,
+    start: Start<'_>,
+    opts: &GenerateOptions,
+    sampler: &mut Sampler,
+    tokenizer: Option<&Tokenizer>,
+    hooks: &mut dyn Hooks,
+) -> Result<Generation, GenerateError> {
+    let prompt = match start {
+        Start::Prompt(p) => p,
+        Start::Logits(_) => &[],
+    };
+    if matches!(start, Start::Prompt(_)) && prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
     if !opts.stop_strings.is_empty() && tokenizer.is_none() {
@@ -231,11 +263,10 @@ pub fn generate(
         return Err(GenerateError::EmptyStopString);
     }
     let max = if opts.max_context == 0 { usize::MAX } else { opts.max_context };
-    let start = target.position();
-    if start.checked_add(prompt.len()).is_none_or(|end| end > max) {
-        return Err(GenerateError::PromptTooLong { prompt: prompt.len(), max: max.saturating_sub(start) });
+    let start_pos = target.position();
+    if start_pos.checked_add(prompt.len()).is_none_or(|end| end > max) {
+        return Err(GenerateError::PromptTooLong { prompt: prompt.len(), max: max.saturating_sub(start_pos) });
     }
-    let mut sampler = Sampler::new(opts.sampling)?;
     let mut g = Generation {
         tokens: Vec::new(),
         stop: StopReason::MaxTokens,
@@ -251,8 +282,11 @@ pub fn generate(
 
     // The prompt, in chunks; the first token is sampled from the last chunk's last row.
     let t0 = Instant::now();
-    let chunk = if opts.prompt_chunk == 0 { prompt.len() } else { opts.prompt_chunk };
-    let mut next = None;
+    let chunk = if opts.prompt_chunk == 0 { prompt.len().max(1) } else { opts.prompt_chunk };
+    let mut next = match start {
+        Start::Logits(l) if opts.max_new_tokens > 0 => Some(sampler.sample(l)?),
+        _ => None,
+    };
     for (i, part) in prompt.chunks(chunk).enumerate() {
         if i > 0 && hooks.cancelled() {
             g.stop = StopReason::Cancelled;

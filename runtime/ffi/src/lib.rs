@@ -17,11 +17,12 @@
 //! - `meo_status_string` takes an `int`: no C value is read as a Rust enum.
 #![allow(clippy::missing_safety_doc)] // every function's safety contract is in the header docs
 
+use meo::generate::{GenerateError, GenerateOptions, Hooks, Start, StopReason, generate_with};
 use meo::model::Mode;
 use meo::residency::{ExpertTracker, TrackerOptions};
 use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
-use meo::{LayerSelect, Logits, MergeOptions, Model, Session, SessionOptions};
+use meo::{LayerSelect, Logits, MergeOptions, Model, Session, SessionOptions, TargetError};
 use std::cell::{RefCell, UnsafeCell};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -892,11 +893,7 @@ impl MeoSession {
             }
             None => self.session.forward_with(tokens, Logits::Last, &mut meo::NoTrace).map(|_| ()),
         };
-        r.map_err(|e| match e {
-            meo::ForwardError::TokenOutOfRange { .. } => (MeoStatus::TokenOutOfRange, e.to_string()),
-            meo::ForwardError::ContextOverflow { .. } => (MeoStatus::ContextFull, e.to_string()),
-            meo::ForwardError::EncoderOnly => (MeoStatus::Unsupported, e.to_string()),
-        })?;
+        r.map_err(|e| forward_status(&e))?;
         let dt = t0.elapsed().as_secs_f64();
         if tokens.len() == 1 {
             self.stats.decode_tokens += 1;
@@ -1034,74 +1031,132 @@ pub unsafe extern "C" fn meo_session_generate(
             return err(MeoStatus::InvalidArgument, "cancel is not aligned for an int32_t");
         }
         let mut s = session_mut(session)?;
+        let s = &mut *s;
         let model = s.model.clone();
-        let cancelled = || {
-            // SAFETY: non-NULL, aligned, and the C contract says it stays valid for the call;
-            // other threads write it, so it is read atomically.
-            !cancel.is_null() && unsafe { AtomicI32::from_ptr(cancel.cast_mut()) }.load(Ordering::Relaxed) != 0
+        let logits: Vec<f32>;
+        let start = if prompt.is_empty() {
+            if !s.has_logits {
+                return err(MeoStatus::BadState, "nothing has been fed since the session started or was reset");
+            }
+            logits = s.session.logits().to_vec();
+            Start::Logits(&logits)
+        } else {
+            Start::Prompt(prompt)
         };
-        let eos: Vec<u32> =
-            model.model().config().eos_token_ids.iter().filter_map(|&e| u32::try_from(e).ok()).collect();
+        let opts = GenerateOptions {
+            max_new_tokens,
+            max_context: s.session.max_context(),
+            ..GenerateOptions::for_model(model.model().config())
+        };
         let tok = model.tokenizer().ok();
-        let mut stream = tok.map(Tokenizer::stream);
-        let mut count = 0usize;
-        let report = |count: usize| {
-            if !n_generated.is_null() {
-                // SAFETY: non-NULL (C contract: writable).
-                unsafe { put(n_generated, count) };
-            }
+        let mut hooks = FfiHooks {
+            tracker: s.tracker.as_mut(),
+            callback,
+            user_data,
+            cancel,
+            tokens,
+            capacity,
+            n_generated,
+            count: 0,
+            stopped_by_callback: false,
         };
-        let emit = |token: u32, text: &str| -> bool {
-            match callback {
-                // SAFETY: a C function pointer given by the caller; `text` lives for the call.
-                Some(cb) => unsafe { cb(user_data, token, text.as_ptr().cast(), text.len()) == 0 },
-                None => true,
-            }
-        };
-        report(0);
-        if cancelled() {
-            return err(MeoStatus::Cancelled, "cancelled before the prompt");
+        hooks.report();
+        let r = generate_with(&mut s.session, start, &opts, &mut s.sampler, tok, &mut hooks);
+        let stopped_by_callback = hooks.stopped_by_callback;
+        let g = r.map_err(|e| match e {
+            GenerateError::Target(TargetError::Forward(f)) => forward_status(&f),
+            GenerateError::Target(t) => (MeoStatus::Unsupported, t.to_string()),
+            GenerateError::Sample(e) => (MeoStatus::BadState, e.to_string()),
+            GenerateError::Tokenizer(e) => (MeoStatus::TokenOutOfRange, e.to_string()),
+            e => (MeoStatus::InvalidArgument, e.to_string()),
+        })?;
+        s.has_logits = true;
+        s.stats.prompt_tokens += prompt.len() as u64;
+        s.stats.prompt_seconds += g.prompt_time.as_secs_f64();
+        s.stats.decode_tokens += g.decode_steps as u64;
+        s.stats.decode_seconds += g.decode_time.as_secs_f64();
+        match g.stop {
+            StopReason::Cancelled if stopped_by_callback => err(MeoStatus::Cancelled, "the callback asked to stop"),
+            StopReason::Cancelled => err(MeoStatus::Cancelled, "cancelled by the cancel flag"),
+            _ => Ok(()),
         }
-        if !prompt.is_empty() {
-            s.feed(prompt)?;
-        }
-        let mut result = Ok(());
-        for i in 0..max_new_tokens {
-            let next = s.sample()?;
-            if count < capacity {
-                // SAFETY: `count < capacity` writable ids (checked non-NULL above).
-                unsafe { tokens.add(count).write(next) };
-            }
-            count += 1;
-            report(count);
-            let is_eos = eos.contains(&next);
-            let piece = match stream.as_mut() {
-                Some(st) if !is_eos => st.push(next).map_err(|e| (MeoStatus::TokenOutOfRange, e.to_string()))?,
-                _ => None,
-            };
-            if !emit(next, piece.as_deref().unwrap_or("")) {
-                result = err(MeoStatus::Cancelled, "the callback asked to stop");
-                break;
-            }
-            if is_eos || i + 1 == max_new_tokens {
-                break;
-            }
-            if cancelled() {
-                result = err(MeoStatus::Cancelled, "cancelled by the cancel flag");
-                break;
-            }
-            if s.session.position() >= s.session.max_context() {
-                break;
-            }
-            s.feed(&[next])?;
-        }
-        if let Some(st) = stream
-            && let Some(rest) = st.finish().map_err(|e| (MeoStatus::InvalidModel, e.to_string()))?
-        {
-            emit(MEO_TOKEN_NONE, &rest);
-        }
-        result
     })
+}
+
+/// `meo_session_generate`'s side of the library generation loop: the C callback, the caller's
+/// token buffer and count, the cancel flag, and the session's residency tracker.
+struct FfiHooks<'a, 'm> {
+    tracker: Option<&'a mut ExpertTracker<'m>>,
+    callback: MeoTokenCallback,
+    user_data: *mut c_void,
+    cancel: *const i32,
+    tokens: *mut u32,
+    capacity: usize,
+    n_generated: *mut usize,
+    count: usize,
+    stopped_by_callback: bool,
+}
+
+impl FfiHooks<'_, '_> {
+    fn report(&self) {
+        if !self.n_generated.is_null() {
+            // SAFETY: non-NULL (C contract: writable).
+            unsafe { put(self.n_generated, self.count) };
+        }
+    }
+
+    fn emit(&self, token: u32, text: &str) -> bool {
+        match self.callback {
+            // SAFETY: a C function pointer given by the caller; `text` lives for the call.
+            Some(cb) => unsafe { cb(self.user_data, token, text.as_ptr().cast(), text.len()) == 0 },
+            None => true,
+        }
+    }
+}
+
+impl Hooks for FfiHooks<'_, '_> {
+    fn trace(&mut self, _prompt: bool) -> Option<&mut dyn meo::Trace> {
+        self.tracker.as_deref_mut().map(|t| t as &mut dyn meo::Trace)
+    }
+
+    fn after_forward(&mut self, _prompt: bool) {
+        if let Some(t) = self.tracker.as_deref_mut() {
+            t.take_step_bytes();
+        }
+    }
+
+    fn on_token(&mut self, id: u32, text: &str) -> Result<bool, GenerateError> {
+        if self.count < self.capacity {
+            // SAFETY: `count < capacity` writable ids (checked non-NULL by the caller).
+            unsafe { self.tokens.add(self.count).write(id) };
+        }
+        self.count += 1;
+        self.report();
+        let go_on = self.emit(id, text);
+        self.stopped_by_callback = !go_on;
+        Ok(go_on)
+    }
+
+    fn on_text_end(&mut self, text: &str) -> Result<(), GenerateError> {
+        self.emit(MEO_TOKEN_NONE, text);
+        Ok(())
+    }
+
+    fn cancelled(&mut self) -> bool {
+        // SAFETY: non-NULL, aligned (checked by the caller), and the C contract says it stays
+        // valid for the call; other threads write it, so it is read atomically.
+        !self.cancel.is_null() && unsafe { AtomicI32::from_ptr(self.cancel.cast_mut()) }.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// The status and message of a refused forward call.
+fn forward_status(e: &meo::ForwardError) -> (MeoStatus, String) {
+    let status = match e {
+        meo::ForwardError::TokenOutOfRange { .. } => MeoStatus::TokenOutOfRange,
+        meo::ForwardError::ContextOverflow { .. } => MeoStatus::ContextFull,
+        meo::ForwardError::EncoderOnly => MeoStatus::Unsupported,
+    };
+    (status, e.to_string())
 }
 
 /// Fills `*out` with the session's speed and residency figures.
