@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fidelity of MEO merged execution on standard token-routed MoEs (docs/MEO.md, "Merging
+# Fidelity of MEO merged execution on standard token-routed MoEs (docs/MEO-MERGING.md, "Merging
 # standard MoEs"): converts each model with and without expert alignment and with two task
 # merges from calibration text, then runs `meo eval` for every mode and `meo bench` for
 # vanilla vs task mode. Prints one JSON object per line (also saved under $OUT).

@@ -11,7 +11,7 @@ with the merged parameters, for every token the gate is shared by:
 
 so the model is *executed* merged: one merge per sequence (k * |W| MACs), one matmul per token.
 
-Architecture (see docs/MEO.md for the full specification the Rust runtime implements):
+Architecture (see docs/MEO-NATIVE.md for the full specification the Rust runtime implements):
 GPT-2-style decoder: learned token + position embeddings, pre-LayerNorm blocks (LayerNorm with
 bias, eps 1e-5), causal multi-head self-attention with fused q|k|v projection and biases, MLP
 fc1 [I, H] -> GELU (tanh approximation, GPT-2's `gelu_new`) -> fc2 [H, I] where fc1 and fc2 are
@@ -326,7 +326,7 @@ class MeoGPT2LMHeadModel(nn.Module):
         gate_mode "task": the gate comes from task_embed[task] (task: int or LongTensor [B]).
         gates: precomputed gates (name -> Gate), e.g. from the prompt pass; used as given.
         past: KV cache from a previous call (then `gates` must be given: decoding never changes
-          the gate, see docs/MEO.md "causal-generation rule").
+          the gate, see docs/MEO-NATIVE.md "causal-generation rule").
         execution "merged" (the model) or "mixture" (per-expert reference, same result).
         """
         cfg = self.config

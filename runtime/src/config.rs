@@ -95,7 +95,7 @@ pub enum QkNorm {
 pub enum FfnKind {
     Dense,
     Moe,
-    /// MEO-native (`docs/MEO.md` §2.1): `fc2(act(fc1(x)))` where fc1 and fc2 are each a bank
+    /// MEO-native (`docs/MEO-NATIVE.md` §2.1): `fc2(act(fc1(x)))` where fc1 and fc2 are each a bank
     /// of linear experts (weight + bias) with its own router, gated from a pooled vector
     /// (sequence or task, never per token) and executed merged.
     MeoBank,

@@ -88,7 +88,7 @@ pub fn task_expert(task: &str, l: usize, part: &str) -> String {
     format!("tasks.{task}.layers.{l}.experts.merged.{part}")
 }
 
-/// Metadata keys of MEO merges (see `docs/FORMAT.md` §6 and `docs/MEO.md`).
+/// Metadata keys of MEO merges (see `docs/FORMAT.md` §6 and `docs/MEO-MERGING.md`).
 pub mod merge_keys {
     use alloc::format;
     use alloc::string::String;

@@ -1,4 +1,4 @@
-//! MEO merged execution of standard MoEs (docs/MEO.md): the merge rule, task merges stored by
+//! MEO merged execution of standard MoEs (docs/MEO-MERGING.md): the merge rule, task merges stored by
 //! the converter, prompt-mode merges cached in the session, the layer policy, and expert
 //! alignment. Files are converted from the golden fixtures with a small calibration text.
 

@@ -1,4 +1,4 @@
-//! MEO-native checkpoints (`docs/MEO.md`): the trained `meo_gpt2` fixture converted with f32
+//! MEO-native checkpoints (`docs/MEO-NATIVE.md`): the trained `meo_gpt2` fixture converted with f32
 //! weights matches the PyTorch reference (`reference.safetensors`) in sequence and task mode —
 //! logits within 1e-4 at every position, identical gates, identical greedy continuation — and
 //! the default int8 conversion keeps gate and top-1 agreement above pinned floors.

@@ -18,7 +18,7 @@ pub struct ModeArgs {
     /// Routing mode: `vanilla` (the model as trained), `prompt` (merge the experts once per
     /// layer from the prompt's routing, reuse for every generated token) or `task:NAME` (the
     /// merged experts `meo convert --task NAME=...` stored). Merged modes approximate a
-    /// standard MoE: see docs/MEO.md. Default: `vanilla`, or for an MEO-native model its own
+    /// standard MoE: see docs/MEO-MERGING.md. Default: `vanilla`, or for an MEO-native model its own
     /// granularity, `prompt` (its vanilla runs the same gates unmerged).
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,

@@ -1,4 +1,4 @@
-//! MEO-native GPT-2 (`MeoGPT2LMHeadModel`, `model_type: meo_gpt2`; `docs/MEO.md`): LayerNorm
+//! MEO-native GPT-2 (`MeoGPT2LMHeadModel`, `model_type: meo_gpt2`; `docs/MEO-NATIVE.md`): LayerNorm
 //! with biases, learned positions, fused `c_attn` (q‖k‖v rows, split here into three
 //! canonical tensors by element range, no copy beyond the conversion itself), `c_proj` with
 //! bias, and a GELU MLP whose fc1 and fc2 are MEO expert banks (`[E, out, in]` weights,

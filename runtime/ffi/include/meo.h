@@ -358,7 +358,7 @@ MeoStatus meo_session_set_threads(MeoSession *session,
  * trained), `"prompt"` (experts merged once per layer from the prompt's routing) or
  * `"task:NAME"` (merges stored by `meo convert --task`). `layers` (NULL = `"all"`): `"all"`,
  * a list `"0,2,5"`, or `"auto"` (layers whose measured merge error is at most
- * `merge_budget`). Merged modes approximate a standard MoE: see docs/MEO.md.
+ * `merge_budget`). Merged modes approximate a standard MoE: see docs/MEO-MERGING.md.
  */
 MeoStatus meo_session_set_mode(MeoSession *session,
                                const char *mode,

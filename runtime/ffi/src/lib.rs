@@ -778,7 +778,7 @@ pub unsafe extern "C" fn meo_session_set_threads(session: *mut MeoSession, threa
 /// trained), `"prompt"` (experts merged once per layer from the prompt's routing) or
 /// `"task:NAME"` (merges stored by `meo convert --task`). `layers` (NULL = `"all"`): `"all"`,
 /// a list `"0,2,5"`, or `"auto"` (layers whose measured merge error is at most
-/// `merge_budget`). Merged modes approximate a standard MoE: see docs/MEO.md.
+/// `merge_budget`). Merged modes approximate a standard MoE: see docs/MEO-MERGING.md.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_set_mode(
     session: *mut MeoSession,

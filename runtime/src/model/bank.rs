@@ -13,7 +13,7 @@
 //!
 //! For a standard token-routed MoE (Mixtral, Qwen-MoE, OLMoE) merged execution is an
 //! approximation (SwiGLU is not linear): opt-in, per layer ([`LayerSelect`]), and measured
-//! (`meo eval`, `docs/MEO.md`).
+//! (`meo eval`, `docs/MEO-MERGING.md`).
 
 use alloc::string::String;
 use alloc::vec::Vec;

@@ -1,4 +1,4 @@
-//! MEO-native feed-forward blocks (`docs/MEO.md` §2.1): `fc2(act(fc1(x)))` where each of fc1
+//! MEO-native feed-forward blocks (`docs/MEO-NATIVE.md` §2.1): `fc2(act(fc1(x)))` where each of fc1
 //! and fc2 is a bank of linear experts merged once from a pooled gate,
 //! `Y_t = Ŵ X'_t + b̂` with `Ŵ = Σ g_i W_i`, `b̂ = Σ g_i b_i` and the token block
 //! `X' = X + up(relu(down X + b_down)) + b_up`.

@@ -280,7 +280,7 @@ pub struct MoePlan {
 pub enum FfnPlan {
     Dense(Mlp),
     Moe(MoePlan),
-    /// MEO-native: `fc2(act(fc1(x)))`, each a bank (`docs/MEO.md` §2.1).
+    /// MEO-native: `fc2(act(fc1(x)))`, each a bank (`docs/MEO-NATIVE.md` §2.1).
     Meo(MeoFfn),
 }
 
