@@ -2,7 +2,7 @@
 """Tests of the MEO-native reference (examples/train/meo_model.py) and the committed models.
 
 Run from the repository root (no pytest needed; pytest also collects the test_* functions):
-    /work/pyref/bin/python examples/train/test_meo_model.py
+    .venv-ref/bin/python examples/train/test_meo_model.py
 """
 
 from __future__ import annotations

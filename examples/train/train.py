@@ -13,7 +13,7 @@ Data (shipped with CPython 3.11, PSF licence, no network):
   domain B "code": a fixed list of standard-library .py files.
 
 Usage (from the repository root):
-    nice -n 19 /work/pyref/bin/python examples/train/train.py          # everything
+    nice -n 19 .venv-ref/bin/python examples/train/train.py          # everything
     ... train.py --out /tmp/trained --scale 0.05                          # quick smoke run
 
 See examples/train/README.md and docs/MEO-NATIVE.md.
