@@ -77,6 +77,9 @@ impl QActs {
     }
 
     /// Activations already quantized: `q` (`T × nb·32`) and `d` (`T × nb`); sums the blocks.
+    // `inline`: so that an architecture's build of `new_any` (another file, so another
+    // codegen unit) gets this loop compiled for its vectors too.
+    #[inline]
     pub(crate) fn from_parts(q: Vec<i8>, d: Vec<f32>, nb: usize) -> Self {
         let s = q.chunks_exact(QK).map(|b| b.iter().map(|&v| i32::from(v)).sum()).collect();
         Self { q, d, s, nb }
