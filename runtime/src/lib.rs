@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod align;
 pub mod config;
 pub mod format;
 pub mod kernels;

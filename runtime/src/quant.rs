@@ -22,7 +22,7 @@ pub fn row_stride(cols: u64) -> Option<u64> {
 
 /// Offset of the scale plane from the start of the tensor.
 pub fn scales_offset(rows: u64, cols: u64) -> Option<u64> {
-    crate::format::align_up(rows.checked_mul(row_stride(cols)?)?, 64)
+    crate::align::align_up(rows.checked_mul(row_stride(cols)?)?, 64)
 }
 
 /// Total bytes of a `[rows, cols]` Q8_0 tensor, or `None` on overflow.

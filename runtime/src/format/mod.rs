@@ -7,6 +7,7 @@
 mod error;
 mod meta;
 
+pub use crate::align::align_up;
 pub use error::FormatError;
 pub use meta::{MetaArray, MetaType, MetaValue, Metadata};
 
@@ -155,11 +156,6 @@ pub(crate) fn rd_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
-}
-
-/// `x` rounded up to a multiple of the power of two `align`, or `None` on overflow.
-pub fn align_up(x: u64, align: u64) -> Option<u64> {
-    Some(x.checked_add(align - 1)? & !(align - 1))
 }
 
 fn section(name: &'static str, offset: u64, len: u64, file_len: u64) -> Result<Range<usize>, FormatError> {

@@ -51,9 +51,41 @@
 //! In every dtype the summation order depends only on `in`, never on `T`, the thread count
 //! or the row split, so prompt processing and token-by-token decoding give bitwise
 //! identical results.
+//!
+//! # Files
+//!
+//! As in tract's `linalg`, the frame never names an instruction set: this file (the matmul
+//! drivers), `q8.rs` (Q8_0 activations, the kernel record and its tile driver), `heads.rs`
+//! (the attention loops' interface), `ops.rs` (element-wise ops) and `pool.rs` (threads).
+//! The kernels themselves are in `portable.rs` (plain Rust, every CPU) and in one file per
+//! architecture, `x86_64.rs`, `aarch64.rs` and `other.rs` (none), which all offer the same few
+//! functions: the kernels their CPU runs, detected at run time (with `std`) or at compile
+//! time.
 
+mod heads;
 mod ops;
+mod portable;
 mod q8;
+
+// One file per architecture, each with the same functions (`prefetch`, `q8_kernels`,
+// `quantize`, `f16_to_f32`, `run_heads`), used as `arch`: the code in this folder's other
+// files never names an instruction set.
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+use aarch64 as arch;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod other;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+use other as arch;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+use x86_64 as arch;
+
+pub(crate) use heads::{HeadJob, HeadLoops, run_heads};
+#[cfg(test)]
+pub(crate) use portable::Portable;
 
 pub use ops::{
     add_into, exp, rmsnorm, rmsnorm_in_place, rope_rotate_half, rope_rotate_pairs, silu, silu_mul, softmax_in_place,
@@ -181,6 +213,15 @@ fn as_f16s(data: &[u8]) -> Option<&[f16]> {
     if cfg!(target_endian = "little") { bytemuck::try_cast_slice(data).ok() } else { None }
 }
 
+/// `out[i] = h[i]` as f32 (exact), vectorised by the architecture's code where it has some
+/// (detected once per call; `half`'s slice conversion pays a call and a detection per 8
+/// values).
+fn f16_to_f32(h: &[f16], out: &mut [f32]) {
+    if !arch::f16_to_f32(h, out) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out);
+    }
+}
+
 /// Decodes rows `r0..r0+nr`, columns `c0..c0+nc` of `w` into `out` (`nr × nc`, row-major).
 /// `c0` must be a multiple of 32 for Q8_0.
 pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &mut [f32]) {
@@ -202,7 +243,7 @@ pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &
                 let o = &mut out[r * nc..][..nc];
                 match all {
                     // Vectorised (F16C) when the CPU has it; exact either way.
-                    Some(h) => q8::f16_to_f32(&h[at..at + nc], o),
+                    Some(h) => f16_to_f32(&h[at..at + nc], o),
                     None => {
                         for (o, b) in o.iter_mut().zip(w.data[at * 2..][..nc * 2].chunks_exact(2)) {
                             *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -375,7 +416,7 @@ pub fn matmul_acts(par: &dyn Parallel, x: &Acts<'_>, w: &MatRef<'_>, y: &mut [f3
 /// The Q8_0 micro-kernels this CPU runs, by name, best last (benchmarks compare them).
 #[doc(hidden)]
 pub fn q8_kernel_names() -> Vec<String> {
-    q8::Kernel::candidates().iter().map(|k| alloc::format!("{k:?}")).collect()
+    q8::Kernel::candidates().iter().map(|k| String::from(k.name())).collect()
 }
 
 /// [`matmul`] with the Q8_0 micro-kernel named `kernel` (one of [`q8_kernel_names`]) instead
@@ -385,7 +426,7 @@ pub fn q8_kernel_names() -> Vec<String> {
 /// As [`matmul`].
 #[doc(hidden)]
 pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) -> bool {
-    match q8::Kernel::candidates().into_iter().find(|k| alloc::format!("{k:?}") == kernel) {
+    match q8::Kernel::candidates().into_iter().find(|k| k.name() == kernel) {
         Some(k) => {
             matmul_with(par, &Acts::new(x, t), w, y, Some(k));
             true
@@ -839,7 +880,7 @@ mod tests {
             let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
             let xq = q8::QActs::new(&x, t, k);
             let mut want = vec![0.0; n * t];
-            matmul_rows_q8(&xq, t, &m, 0, &mut want, q8::Kernel::Portable);
+            matmul_rows_q8(&xq, t, &m, 0, &mut want, q8::Kernel::portable());
             for kern in q8::Kernel::available() {
                 // Whole and in row chunks of 7 (not a tile multiple).
                 let mut got = vec![0.0; n * t];

@@ -2,7 +2,7 @@
 //! and the mixture-of-experts block around it.
 
 use super::plan::{Mlp, MoePlan};
-use super::session::Trace;
+use super::trace::Trace;
 use crate::config::{Activation, RouterSpec, SharedGate};
 use crate::kernels::{
     Acts, Gemv, MatRef, Parallel, Serial, gemv_many, matmul, matmul_acts, matmul_glu, silu, silu_mul,

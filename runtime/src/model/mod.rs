@@ -19,11 +19,13 @@ mod meo;
 mod mla;
 pub mod plan;
 mod session;
+mod trace;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use exec::{ExecPlan, LayerExec};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
-pub use session::{ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
+pub use session::{ForwardError, Logits, Session, SessionError, SessionOptions};
+pub use trace::{NoTrace, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
 use crate::format::{FormatError, MeoFile, MetaValue};

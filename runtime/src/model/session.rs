@@ -8,38 +8,12 @@ use super::ffn::{FfnScratch, dense, last_choices, merged, moe};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
 use super::plan::{Attention, FfnPlan};
+use super::trace::{NoTrace, Trace};
 use crate::kernels::{Parallel, Serial, add_into, matmul};
 use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
 use alloc::string::String;
 use alloc::vec::Vec;
-
-/// Observes routing as it happens, without the model knowing what is done with it
-/// (dumps, prefetch, residency statistics). Both methods default to doing nothing.
-pub trait Trace {
-    /// Routing of MoE layer `layer` is known for every token of the current call: `experts`
-    /// are the distinct experts selected (ascending). Called before any of them runs, so an
-    /// implementation can prefetch their slabs ([`Model::expert_slab`]). In an MEO-native layer
-    /// `b·E + e` stands for expert `e` of bank `b` ([`Model::bank_expert_slab`]), reported when a
-    /// bank's experts are about to be merged or run unmerged.
-    fn on_experts_selected(&mut self, _layer: usize, _experts: &[u32]) {}
-    /// The choices of the token at absolute position `pos` (0 = first token since
-    /// [`Session::reset`]) in MoE layer `layer`: `top_k` experts in ascending order with the
-    /// weights their outputs are multiplied by (0 for a token dropped by capacity).
-    fn on_route(&mut self, _layer: usize, _pos: usize, _choices: &[Choice]) {}
-    /// The input of MoE layer `layer` (the normalised hidden states, `[T, hidden]`, the
-    /// router's input) for the tokens at positions `pos0..pos0 + T`, before the layer runs.
-    fn on_moe_input(&mut self, _layer: usize, _pos0: usize, _x: &[f32]) {}
-    /// MoE layer `layer` ran merged for `tokens` tokens, reading `expert` (no routing, no
-    /// per-expert slab).
-    fn on_merged(&mut self, _layer: usize, _tokens: usize, _expert: &MergedUse) {}
-}
-
-/// A [`Trace`] that does nothing.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoTrace;
-
-impl Trace for NoTrace {}
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

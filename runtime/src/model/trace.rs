@@ -1,0 +1,37 @@
+//! [`Trace`]: what a forward pass reports as it runs, in its own file because both the
+//! session's layer loop and the feed-forward code (`ffn`) call it.
+
+use super::bank::MergedUse;
+use crate::route::Choice;
+
+/// Observes routing as it happens, without the model knowing what is done with it
+/// (dumps, prefetch, residency statistics). Both methods default to doing nothing.
+pub trait Trace {
+    /// Routing of MoE layer `layer` is known for every token of the current call: `experts`
+    /// are the distinct experts selected (ascending). Called before any of them runs, so an
+    /// implementation can prefetch their slabs ([`Model::expert_slab`]). In an MEO-native layer
+    /// `b·E + e` stands for expert `e` of bank `b` ([`Model::bank_expert_slab`]), reported when a
+    /// bank's experts are about to be merged or run unmerged.
+    ///
+    /// [`Model::expert_slab`]: super::Model::expert_slab
+    /// [`Model::bank_expert_slab`]: super::Model::bank_expert_slab
+    fn on_experts_selected(&mut self, _layer: usize, _experts: &[u32]) {}
+    /// The choices of the token at absolute position `pos` (0 = first token since
+    /// [`Session::reset`]) in MoE layer `layer`: `top_k` experts in ascending order with the
+    /// weights their outputs are multiplied by (0 for a token dropped by capacity).
+    ///
+    /// [`Session::reset`]: super::Session::reset
+    fn on_route(&mut self, _layer: usize, _pos: usize, _choices: &[Choice]) {}
+    /// The input of MoE layer `layer` (the normalised hidden states, `[T, hidden]`, the
+    /// router's input) for the tokens at positions `pos0..pos0 + T`, before the layer runs.
+    fn on_moe_input(&mut self, _layer: usize, _pos0: usize, _x: &[f32]) {}
+    /// MoE layer `layer` ran merged for `tokens` tokens, reading `expert` (no routing, no
+    /// per-expert slab).
+    fn on_merged(&mut self, _layer: usize, _tokens: usize, _expert: &MergedUse) {}
+}
+
+/// A [`Trace`] that does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTrace;
+
+impl Trace for NoTrace {}
