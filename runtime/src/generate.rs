@@ -411,6 +411,122 @@ mod tests {
         assert_eq!(st.push("a</s>b"), ("a".into(), Some(0)));
     }
 
+    /// A target whose next token is always `(last fed + 1) % VOCAB`, counting its calls.
+    struct Counter {
+        pos: usize,
+        calls: Vec<usize>,
+        logits: Vec<f32>,
+    }
+
+    const VOCAB: usize = 8;
+
+    impl Target for Counter {
+        fn name(&self) -> &str {
+            "counter"
+        }
+        fn describe(&self) -> String {
+            "counter".into()
+        }
+        fn forward(&mut self, tokens: &[u32], which: Logits, _: &mut dyn Trace) -> Result<&[f32], TargetError> {
+            self.calls.push(tokens.len());
+            self.pos += tokens.len();
+            let rows: Vec<u32> = match which {
+                Logits::All => tokens.to_vec(),
+                Logits::Last => vec![tokens[tokens.len() - 1]],
+            };
+            self.logits = rows
+                .iter()
+                .flat_map(|&t| (0..VOCAB).map(move |v| if v == (t as usize + 1) % VOCAB { 1.0 } else { 0.0 }))
+                .collect();
+            Ok(&self.logits)
+        }
+        fn reset(&mut self) {
+            self.pos = 0;
+        }
+        fn position(&self) -> usize {
+            self.pos
+        }
+        fn set_mode(&mut self, _: crate::MergeOptions) -> Result<Vec<usize>, TargetError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn counter() -> Counter {
+        Counter { pos: 0, calls: Vec::new(), logits: Vec::new() }
+    }
+
+    #[derive(Default)]
+    struct Log {
+        tokens: Vec<u32>,
+        prompt_rows: usize,
+        cancel_after: Option<usize>,
+    }
+
+    impl Hooks for Log {
+        fn on_prompt_logits(&mut self, _: usize, logits: &[f32]) -> Result<(), GenerateError> {
+            self.prompt_rows += logits.len() / VOCAB;
+            Ok(())
+        }
+        fn on_token(&mut self, id: u32, _: &str) -> Result<bool, GenerateError> {
+            self.tokens.push(id);
+            Ok(true)
+        }
+        fn cancelled(&mut self) -> bool {
+            self.cancel_after.is_some_and(|n| self.tokens.len() >= n)
+        }
+    }
+
+    #[test]
+    fn stops_at_the_budget_a_stop_token_the_context_and_a_cancel() {
+        let opts = GenerateOptions { max_new_tokens: 5, ..GenerateOptions::default() };
+        let (mut t, mut log) = (counter(), Log::default());
+        let g = generate(&mut t, &[1, 2], &opts, None, &mut log).unwrap();
+        assert_eq!((g.tokens.clone(), g.stop.clone()), (vec![3, 4, 5, 6, 7], StopReason::MaxTokens));
+        assert_eq!(log.tokens, g.tokens);
+        // One prompt call, then one call per token fed back (not the last).
+        assert_eq!(t.calls, [2, 1, 1, 1, 1]);
+        assert_eq!((g.prompt_tokens, g.decode_steps), (2, 4));
+
+        let opts = GenerateOptions { max_new_tokens: 50, stop_tokens: vec![5], ..GenerateOptions::default() };
+        let g = generate(&mut counter(), &[1, 2], &opts, None, &mut ()).unwrap();
+        assert_eq!((g.tokens, g.stop), (vec![3, 4, 5], StopReason::StopToken(5)));
+
+        let opts = GenerateOptions { max_new_tokens: 50, max_context: 4, ..GenerateOptions::default() };
+        let g = generate(&mut counter(), &[1, 2], &opts, None, &mut ()).unwrap();
+        assert_eq!((g.tokens, g.stop), (vec![3, 4, 5], StopReason::ContextFull));
+        let e = generate(&mut counter(), &[1; 5], &opts, None, &mut ()).unwrap_err();
+        assert!(matches!(e, GenerateError::PromptTooLong { prompt: 5, max: 4 }), "{e}");
+
+        let mut log = Log { cancel_after: Some(2), ..Log::default() };
+        let opts = GenerateOptions { max_new_tokens: 50, ..GenerateOptions::default() };
+        let g = generate(&mut counter(), &[1], &opts, None, &mut log).unwrap();
+        assert_eq!((g.tokens, g.stop), (vec![2, 3], StopReason::Cancelled));
+    }
+
+    #[test]
+    fn prompt_chunks_and_continuing_from_logits() {
+        let opts = GenerateOptions {
+            max_new_tokens: 2,
+            prompt_chunk: 2,
+            prompt_logits: Logits::All,
+            ..GenerateOptions::default()
+        };
+        let (mut t, mut log) = (counter(), Log::default());
+        let g = generate(&mut t, &[0, 1, 2, 3, 4], &opts, None, &mut log).unwrap();
+        assert_eq!(t.calls, [2, 2, 1, 1]);
+        assert_eq!(log.prompt_rows, 5);
+        assert_eq!(g.tokens, [5, 6]);
+        // Continue the same sequence from the last logits, with the same sampler.
+        let mut sampler = Sampler::new(SamplerConfig::default()).unwrap();
+        let last = t.logits.clone();
+        let opts = GenerateOptions { max_new_tokens: 2, ..GenerateOptions::default() };
+        let g = generate_with(&mut t, Start::Logits(&last), &opts, &mut sampler, None, &mut ()).unwrap();
+        assert_eq!(g.tokens, [6, 7]);
+        assert!(matches!(generate(&mut t, &[], &opts, None, &mut ()), Err(GenerateError::EmptyPrompt)));
+        let stops = GenerateOptions { stop_strings: vec!["x".into()], ..opts };
+        assert!(matches!(generate(&mut t, &[1], &stops, None, &mut ()), Err(GenerateError::StopStringsNeedText)));
+    }
+
     #[test]
     fn stop_text_without_stops_passes_everything() {
         let s = Vec::new();
