@@ -30,7 +30,8 @@ pub struct GenerateOptions {
     /// Strings that end the generation when the text contains one (not streamed). Needs a
     /// tokenizer.
     pub stop_strings: Vec<String>,
-    /// Most positions (prompt + generated) fed to the target; 0 = no limit but the target's.
+    /// Most positions (prompt + generated) fed to the target; 0 = no limit but the target's
+    /// ([`Target::max_context`], which bounds it in any case).
     pub max_context: usize,
     /// Feed the prompt in calls of at most this many tokens (bounds the activation memory of a
     /// long prompt); 0 = the whole prompt in one call.
@@ -262,7 +263,7 @@ pub fn generate_with(
     if opts.stop_strings.iter().any(String::is_empty) {
         return Err(GenerateError::EmptyStopString);
     }
-    let max = if opts.max_context == 0 { usize::MAX } else { opts.max_context };
+    let max = if opts.max_context == 0 { usize::MAX } else { opts.max_context }.min(target.max_context());
     let start_pos = target.position();
     if start_pos.checked_add(prompt.len()).is_none_or(|end| end > max) {
         return Err(GenerateError::PromptTooLong { prompt: prompt.len(), max: max.saturating_sub(start_pos) });
@@ -445,6 +446,9 @@ mod tests {
         }
         fn position(&self) -> usize {
             self.pos
+        }
+        fn max_context(&self) -> usize {
+            100
         }
         fn set_mode(&mut self, _: crate::MergeOptions) -> Result<Vec<usize>, TargetError> {
             Ok(Vec::new())

@@ -50,6 +50,9 @@ pub trait Target {
     fn reset(&mut self);
     /// Tokens fed since the last reset.
     fn position(&self) -> usize;
+    /// Most positions this target holds (a longer sequence is refused with
+    /// [`ForwardError::ContextOverflow`]).
+    fn max_context(&self) -> usize;
     /// Sets the routing mode (and resets the sequence); returns the layers that run merged.
     ///
     /// # Errors
@@ -86,6 +89,10 @@ impl Target for Session<'_> {
 
     fn position(&self) -> usize {
         Session::position(self)
+    }
+
+    fn max_context(&self) -> usize {
+        Session::max_context(self)
     }
 
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {

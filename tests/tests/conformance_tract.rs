@@ -167,6 +167,9 @@ impl Target for TractTarget<'_> {
     fn position(&self) -> usize {
         self.pos
     }
+    fn max_context(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         let (plan, info) = compile(self.model, &opts, self.weights, self.static_shape)?;
         self.kv = GraphInfo::empty_cache(&info);

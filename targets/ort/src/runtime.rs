@@ -516,6 +516,15 @@ impl Target for OrtTarget<'_> {
         self.pos
     }
 
+    fn max_context(&self) -> usize {
+        match (self.info.static_shape, self.info.max_positions) {
+            (Some(s), 0) => s.context,
+            (Some(s), m) => s.context.min(m),
+            (None, 0) => usize::MAX,
+            (None, m) => m,
+        }
+    }
+
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         let (session, info, registered, skipped, profile_dir) =
             open(self.model, &self.opts, &opts).map_err(|e| match e {

@@ -1391,6 +1391,10 @@ impl Target for WgpuTarget<'_> {
         self.pos
     }
 
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
     fn set_mode(&mut self, opts: MergeOptions) -> Result<Vec<usize>, TargetError> {
         self.set_mode_inner(opts)
     }
