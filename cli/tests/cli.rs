@@ -124,3 +124,16 @@ fn bench_counts_the_kv_cache_it_reads() {
         .sum();
     assert_eq!(r["bytes_per_token"].as_f64().unwrap(), parts);
 }
+
+/// Issue 25: `meo verify` rejected every `--dense int8` file ("dtype q8_0 is not allowed for a
+/// Dense tensor") that `meo run` accepts.
+#[test]
+fn dense_int8_files_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixtral-dense-int8.meo");
+    let o = meo(&["convert", s(&fixture("mixtral")), "-o", s(&out), "--dense", "int8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = meo(&["verify", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("OK"));
+}
