@@ -137,3 +137,59 @@ fn dense_int8_files_verify() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("OK"));
 }
+
+/// A calibration text for `--task` (a few hundred tokens).
+fn calibration(dir: &Path) -> PathBuf {
+    let p = dir.join("docs.txt");
+    let text = "The value of the object is returned. If the argument is a string, it is parsed as a \
+                number; otherwise the object must define an index method. A list is a mutable sequence. ";
+    std::fs::write(&p, text.repeat(4)).unwrap();
+    p
+}
+
+/// Issue 25: `meo inspect` showed no task merges and counted their slabs as experts.
+#[test]
+fn inspect_shows_task_merges_apart_from_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixtral-tasks.meo");
+    let calib = calibration(tmp.path());
+    let task = format!("docs={}", s(&calib));
+    let o = meo(&["convert", s(&fixture("mixtral")), "-o", s(&out), "--task", &task]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = meo(&["inspect", "--json", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    let moe_layers: Vec<u64> =
+        layers.iter().filter(|l| l["ffn"] == "moe").map(|l| l["layer"].as_u64().unwrap()).collect();
+    let routed: u64 = layers.iter().map(|l| l["experts"].as_array().unwrap().len() as u64).sum();
+    let experts = r["config"]["routing.num_experts"].as_u64().unwrap();
+    assert_eq!(routed, moe_layers.len() as u64 * experts);
+    assert_eq!(r["expert_count"], routed, "merged slabs are not experts");
+    assert_eq!(r["merged_count"], moe_layers.len());
+    let tasks = r["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1);
+    let t = &tasks[0];
+    assert_eq!(t["name"], "docs");
+    assert_eq!(t["weighting"], "mean_gate");
+    assert!(t["tokens"].as_u64().unwrap() > 0);
+    let tl = t["layers"].as_array().unwrap();
+    assert_eq!(tl.iter().map(|l| l["layer"].as_u64().unwrap()).collect::<Vec<_>>(), moe_layers);
+    for l in tl {
+        // Measured on the calibration tokens: a relative error, finite and above 0.
+        let e = l["error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 10.0, "{l}");
+        assert!(l["error_unaligned"].as_f64().is_some(), "{l}");
+        assert_eq!(l["bytes"], r["bytes_per_expert"], "a merged expert is one expert's size");
+    }
+    assert_eq!(t["bytes"], r["merged_bytes"]);
+    let slabs = r["expert_bytes"].as_u64().unwrap() + r["merged_bytes"].as_u64().unwrap();
+    assert!(slabs + r["dense_bytes"].as_u64().unwrap() <= r["file_bytes"].as_u64().unwrap());
+
+    let o = meo(&["inspect", s(&out)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("task docs (") && text.contains("merge error"), "{text}");
+    assert!(text.contains(&format!("({} task-merged experts)", moe_layers.len())), "{text}");
+    assert!(text.contains(&format!("({routed} experts,")), "{text}");
+}
