@@ -193,3 +193,99 @@ fn inspect_shows_task_merges_apart_from_experts() {
     assert!(text.contains(&format!("({} task-merged experts)", moe_layers.len())), "{text}");
     assert!(text.contains(&format!("({routed} experts,")), "{text}");
 }
+
+/// Issue 25: `-o DIR` (or a path in a missing or unwritable folder) failed only after the
+/// whole conversion. The checkpoint here is not even readable: the output path must be the
+/// first thing checked, with an error naming it.
+#[test]
+fn convert_checks_the_output_path_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_checkpoint = tmp.path().join("no-checkpoint");
+    let expect = |out: &Path, what: &str, extra: &[&str]| {
+        let mut args = vec!["convert", s(&no_checkpoint), "-o", s(out)];
+        args.extend_from_slice(extra);
+        let o = meo(&args);
+        assert_eq!(o.status.code(), Some(1));
+        let e = stderr(&o);
+        assert!(e.contains(&format!("output {}", out.display())) && e.contains(what), "{e}");
+        assert!(!e.contains("config.json"), "the checkpoint was read first: {e}");
+    };
+    expect(tmp.path(), "is a directory", &[]);
+    expect(tmp.path(), "is a directory", &["--task", "t=x.txt"]);
+    expect(&tmp.path().join("missing/x.meo"), "does not exist", &[]);
+    let ro = tmp.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // Root writes anyway: then there is nothing to check.
+        if std::fs::write(ro.join("probe"), b"").is_err() {
+            expect(&ro.join("x.meo"), "cannot create a file in", &[]);
+        }
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "nothing was left behind");
+}
+
+/// The same through the library, with cancellation already requested: a bad output path (or,
+/// with `--task`, a missing tokenizer) must be reported before the conversion does any work,
+/// where cancellation would be noticed ("interrupted").
+#[test]
+fn convert_checks_come_before_any_work() {
+    use meo_converter::convert::{Options, convert_with};
+    use meo_converter::merges::{MergeSpec, TaskSpec, Weighting};
+    use std::sync::atomic::AtomicBool;
+    let tmp = tempfile::tempdir().unwrap();
+    let cancelled = AtomicBool::new(true);
+    let calib = calibration(tmp.path());
+    let tasks =
+        MergeSpec { tasks: vec![TaskSpec { name: "docs".into(), text: calib }], weighting: Weighting::MeanGate };
+    for spec in [MergeSpec::default(), tasks.clone()] {
+        let e = convert_with(&fixture("mixtral"), tmp.path(), Options::default(), &spec, &cancelled, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+    }
+
+    // A checkpoint without tokenizer.json.
+    let ckpt = tmp.path().join("mixtral");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(fixture("mixtral")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != "tokenizer.json" {
+            std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+        }
+    }
+    let out = tmp.path().join("x.meo");
+    let e = format!("{:#}", convert_with(&ckpt, &out, Options::default(), &tasks, &cancelled, |_| {}).unwrap_err());
+    assert!(e.contains("tokenizer.json"), "{e}");
+    // A missing calibration text, the tokenizer present.
+    let missing =
+        MergeSpec { tasks: vec![TaskSpec { name: "docs".into(), text: tmp.path().join("nope.txt") }], ..tasks };
+    let e = format!(
+        "{:#}",
+        convert_with(&fixture("mixtral"), &out, Options::default(), &missing, &cancelled, |_| {}).unwrap_err()
+    );
+    assert!(e.contains("nope.txt"), "{e}");
+    assert!(!out.exists());
+}
+
+/// `meo convert --task` without tokenizer.json fails at once, naming the file.
+#[test]
+fn task_without_tokenizer_fails_before_converting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("mixtral");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(fixture("mixtral")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != "tokenizer.json" {
+            std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+        }
+    }
+    let task = format!("docs={}", s(&calibration(tmp.path())));
+    let out = tmp.path().join("x.meo");
+    let o = meo(&["convert", s(&ckpt), "-o", s(&out), "--task", &task]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
