@@ -289,3 +289,24 @@ fn task_without_tokenizer_fails_before_converting() {
     assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
     assert!(!out.exists());
 }
+
+/// Issue 25: `meo bench --json` reported the requested `--threads` (0) instead of the count the
+/// session runs with; 0 means one per physical core (`meo::kernels::default_threads`).
+#[test]
+fn bench_reports_the_threads_it_ran_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixtral.meo");
+    assert!(meo(&["convert", s(&fixture("mixtral")), "-o", s(&out)]).status.success());
+    for (asked, used) in [("0", meo::kernels::default_threads()), ("3", 3)] {
+        let o = meo(&["bench", s(&out), "--prompt-len", "4", "--gen", "2", "--threads", asked, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["threads"], used, "--threads {asked}");
+        assert_eq!(r["target"], format!("cpu, {used} threads"));
+    }
+    for cmd in ["run", "bench"] {
+        let o = meo(&[cmd, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(help.contains("0 = one per physical core"), "{help}");
+    }
+}

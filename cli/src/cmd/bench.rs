@@ -22,7 +22,7 @@ pub struct Args {
     /// Tokens to decode greedily after the prompt.
     #[arg(long = "gen", value_name = "N", default_value_t = 64)]
     pub gen_tokens: usize,
-    /// Worker threads (0 = one per physical core).
+    /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Print one JSON object instead of text.
@@ -81,6 +81,7 @@ pub fn run(a: &Args) -> Result<()> {
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
     let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
+    let threads = opened.threads();
     let session = opened.target();
     let merged_layers = session.set_mode(a.mode.options(&model)?)?;
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
@@ -143,7 +144,7 @@ pub fn run(a: &Args) -> Result<()> {
             "top_k": cfg.router.top_k,
             "mode": a.mode.options(&model)?.mode.spelling(),
             "merged_layers": merged_layers,
-            "threads": a.threads,
+            "threads": threads,
             "target": target,
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,

@@ -71,6 +71,15 @@ impl<'m> Opened<'m> {
         }
     }
 
+    /// The CPU worker threads it runs with (`None` on the GPU).
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            Self::Cpu(s) => Some(s.threads()),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(_) => None,
+        }
+    }
+
     /// The GPU expert cache's counters (`None` on the CPU).
     pub fn gpu_expert_stats(&self) -> Option<serde_json::Value> {
         match self {
