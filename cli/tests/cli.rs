@@ -310,3 +310,37 @@ fn bench_reports_the_threads_it_ran_with() {
         assert!(help.contains("0 = one per physical core"), "{help}");
     }
 }
+
+/// Runs `meo ARGS` with its stdout closed before it writes anything.
+fn meo_closed_stdout(args: &[&str]) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meo"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run meo");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for meo")
+}
+
+/// Issue 25: `meo run … | head` exited 1 with "Broken pipe" (and `meo bench` panicked):
+/// a closed stdout ends a command quietly with status 0, as Unix tools do.
+#[test]
+fn closed_stdout_exits_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixtral.meo");
+    assert!(meo(&["convert", s(&fixture("mixtral")), "-o", s(&out)]).status.success());
+    let runs: [&[&str]; 5] = [
+        &["run", s(&out), "-p", "The value of", "--max-new-tokens", "40"],
+        &["run", s(&out), "--tokens", "1,2,3", "--max-new-tokens", "40"],
+        &["bench", s(&out), "--prompt-len", "4", "--gen", "2"],
+        &["bench", s(&out), "--prompt-len", "4", "--gen", "2", "--json"],
+        &["inspect", s(&out)],
+    ];
+    for args in runs {
+        let o = meo_closed_stdout(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}

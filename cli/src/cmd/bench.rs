@@ -8,6 +8,7 @@ use meo::Logits;
 use meo::residency::{self, ExpertTracker, TrackerOptions};
 use meo::sample::{Pcg32, argmax};
 use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,7 @@ pub fn run(a: &Args) -> Result<()> {
     let bytes_per_token =
         if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
     let kv_per_token = if a.gen_tokens == 0 { 0.0 } else { kv_bytes as f64 / a.gen_tokens as f64 };
+    let mut out = std::io::stdout().lock();
     if a.json {
         let v = json!({
             "file": a.file.display().to_string(),
@@ -171,9 +173,10 @@ pub fn run(a: &Args) -> Result<()> {
             "released_slabs": stats.released_slabs,
             "peak_rss_bytes": peak_rss,
         });
-        println!("{v}");
+        writeln!(out, "{v}")?;
     } else {
-        println!(
+        writeln!(
+            out,
             "{}: {} ({} layers, {} experts, top-{}), {}, on {}",
             a.file.display(),
             cfg.architecture,
@@ -182,16 +185,34 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.router.top_k,
             human_bytes(file_bytes),
             target
-        );
-        println!("mode: {} (merged layers: {merged_layers:?})", a.mode.options(&model)?.mode.spelling());
-        println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, prompt_time.as_secs_f64());
-        println!("decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s", a.gen_tokens, decode_time.as_secs_f64());
-        println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
-        println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
-        println!("KV cache bytes per decoded token: {} (mean over decode steps)", human_bytes(kv_per_token as u64));
-        print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
+        )?;
+        writeln!(out, "mode: {} (merged layers: {merged_layers:?})", a.mode.options(&model)?.mode.spelling())?;
+        writeln!(
+            out,
+            "prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s",
+            a.prompt_len,
+            prompt_time.as_secs_f64()
+        )?;
+        writeln!(
+            out,
+            "decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s",
+            a.gen_tokens,
+            decode_time.as_secs_f64()
+        )?;
+        writeln!(
+            out,
+            "expert bytes per decoded token: {} (mean over decode steps)",
+            human_bytes(bytes_per_token as u64)
+        )?;
+        writeln!(out, "dense bytes per decoded token: {}", human_bytes(dense_bytes))?;
+        writeln!(
+            out,
+            "KV cache bytes per decoded token: {} (mean over decode steps)",
+            human_bytes(kv_per_token as u64)
+        )?;
+        print_residency(&mut out, &stats, file_bytes)?;
         if let Some(g) = gpu_stats {
-            println!("gpu expert cache: {g}");
+            writeln!(out, "gpu expert cache: {g}")?;
         }
     }
     Ok(())

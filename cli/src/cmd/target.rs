@@ -203,6 +203,7 @@ mod with_ort {
             None
         };
         let agree = cpu.as_ref().map(|c| ogen.iter().zip(&c.2).take_while(|(x, y)| x == y).count());
+        let mut out = std::io::stdout().lock();
         if a.json {
             let mut v = json!({
                 "file": a.file.display().to_string(),
@@ -223,36 +224,39 @@ mod with_ort {
                     "greedy_tokens_agreeing_with_ort": agree,
                 });
             }
-            println!("{v}");
+            writeln!(out, "{v}")?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "{}: {} ({} layers), mode {}",
                 a.file.display(),
                 cfg.architecture,
                 cfg.num_layers,
                 mode_spelling(&a.mode, &model)?
-            );
-            println!("target: {}", ort.describe());
-            println!(
+            )?;
+            writeln!(out, "target: {}", ort.describe())?;
+            writeln!(
+                out,
                 "ort prompt: {} tokens in {:.3} s = {:.1} tokens/s",
                 a.prompt_len,
                 op.as_secs_f64(),
                 rate(a.prompt_len, op)
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "ort decode: {} tokens in {:.3} s = {:.1} tokens/s",
                 a.gen_tokens,
                 od.as_secs_f64(),
                 rate(a.gen_tokens, od)
-            );
+            )?;
             if let Some((cp, cd, _, threads)) = &cpu {
-                println!("cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, *cp));
-                println!("cpu ({threads} threads) decode: {:.1} tokens/s", rate(a.gen_tokens, *cd));
-                println!("greedy tokens agreeing (from the first): {} of {}", agree.unwrap_or(0), ogen.len());
+                writeln!(out, "cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, *cp))?;
+                writeln!(out, "cpu ({threads} threads) decode: {:.1} tokens/s", rate(a.gen_tokens, *cd))?;
+                writeln!(out, "greedy tokens agreeing (from the first): {} of {}", agree.unwrap_or(0), ogen.len())?;
             }
         }
         if a.target.ep_report {
-            placement(&mut ort, &mut std::io::stdout().lock())?;
+            placement(&mut ort, &mut out)?;
         }
         Ok(())
     }
