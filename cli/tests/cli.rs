@@ -344,3 +344,37 @@ fn closed_stdout_exits_quietly() {
         assert_eq!(stderr(&o), "", "{args:?}");
     }
 }
+
+/// Issue 25: a truncated file's error repeated its message ("not a valid .meo file: X: X").
+#[test]
+fn a_truncated_file_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.meo");
+    assert!(meo(&["convert", s(&fixture("mixtral")), "-o", s(&good)]).status.success());
+    let bytes = std::fs::read(&good).unwrap();
+    for len in [100, 4096, bytes.len() / 2] {
+        let bad = tmp.path().join(format!("cut-{len}.meo"));
+        std::fs::write(&bad, &bytes[..len]).unwrap();
+        // The error type itself: no cause in the chain repeats what its parent already says.
+        let e = meo::Model::open(&bad).err().unwrap();
+        let mut chain: Vec<String> = vec![e.to_string()];
+        let mut c: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(x) = c {
+            chain.push(x.to_string());
+            c = x.source();
+        }
+        for w in chain.windows(2) {
+            assert!(!w[0].contains(&w[1]), "{len}: {chain:?}");
+        }
+        for args in [["run", s(&bad), "--tokens", "1"].as_slice(), &["bench", s(&bad)], &["inspect", s(&bad)]] {
+            let o = meo(args);
+            assert_eq!(o.status.code(), Some(1));
+            let e = stderr(&o);
+            let e = e.trim_end();
+            assert!(e.starts_with("error: ") && e.lines().count() == 1, "{e}");
+            // The innermost message (after the last ": ") appears once.
+            let last = e.rsplit(": ").next().unwrap();
+            assert_eq!(e.matches(last).count(), 1, "{args:?}: {e}");
+        }
+    }
+}
