@@ -27,6 +27,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this is the only thread (it sets an environment variable);
+    // the guard removes the directory at the end of main.
+    #[cfg(feature = "wgpu")]
+    // SAFETY: no other thread exists yet.
+    let _runtime_dir = unsafe { meo_cli::xdg::ensure_runtime_dir() };
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Convert(a) => cmd::convert::run(a),

@@ -378,3 +378,21 @@ fn a_truncated_file_is_reported_once() {
         }
     }
 }
+
+/// Issue 25: `meo devices` printed Mesa's "XDG_RUNTIME_DIR is invalid or not set" when the
+/// variable was unset (sudo, cron, CI); meo now points it at a private directory.
+#[cfg(feature = "wgpu")]
+#[test]
+fn devices_without_xdg_runtime_dir_is_quiet() {
+    for value in [None, Some("relative"), Some("/no/such/dir")] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meo"));
+        c.arg("devices");
+        match value {
+            None => c.env_remove("XDG_RUNTIME_DIR"),
+            Some(v) => c.env("XDG_RUNTIME_DIR", v),
+        };
+        let o = c.output().expect("run meo");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{value:?}: {}", stderr(&o));
+    }
+}
