@@ -3,4 +3,6 @@
 //! and `ort`).
 //!
 //! - [`cmd`]: one module per `meo` subcommand; `main.rs` only parses and dispatches.
+//! - [`xdg`]: a private `XDG_RUNTIME_DIR` so GPU drivers do not complain (feature `wgpu`).
 pub mod cmd;
+pub mod xdg;

@@ -27,6 +27,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this is the only thread (it sets an environment variable);
+    // the guard removes the directory at the end of main.
+    #[cfg(feature = "wgpu")]
+    // SAFETY: no other thread exists yet.
+    let _runtime_dir = unsafe { meo_cli::xdg::ensure_runtime_dir() };
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Convert(a) => cmd::convert::run(a),
@@ -41,9 +46,35 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`meo run … | head`): stop quietly with success, as
+        // Unix tools do. Rust ignores SIGPIPE, so a write to the closed pipe returns EPIPE.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` was caused by writing to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// `e` and its causes on one line, outermost first, as anyhow's `{:#}` prints them, except
+/// that a cause whose message already ends the line is not repeated: library errors put
+/// their cause in their own message (C API users see only that), and where one also reports
+/// it as its `source`, `{:#}` would print it twice.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        if line.is_empty() {
+            line = m;
+        } else if !line.ends_with(&m) {
+            line.push_str(": ");
+            line.push_str(&m);
+        }
+    }
+    line
 }

@@ -198,6 +198,30 @@ pub fn metadata<'a>(model: &'a HfModel, opts: Options, extra: &'a [(String, Owne
     Metadata::from_entries(m)
 }
 
+/// Checks that `out` can be written as a `.meo` file: it is not a directory, its parent folder
+/// exists and a file can be created there (a probe, removed at once). Called before any
+/// conversion work, so a bad `-o` fails in milliseconds, not after the whole conversion.
+///
+/// # Errors
+/// `out` is a directory or has no file name, its folder is missing or not writable; the
+/// message names the path.
+pub fn check_output(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        bail!("output {}: is a directory; give the path of the .meo file to write", out.display());
+    }
+    if out.file_name().is_none() {
+        bail!("output {}: not a file path; give the path of the .meo file to write", out.display());
+    }
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("output {}: folder {} does not exist", out.display(), dir.display());
+    }
+    // The temporary file the conversion writes is created the same way; dropping it removes it.
+    AtomicFile::create(out)
+        .map(drop)
+        .with_context(|| format!("output {}: cannot create a file in {}", out.display(), dir.display()))
+}
+
 fn interrupted(e: anyhow::Error, out: &Path) -> anyhow::Error {
     if e.to_string() == "interrupted" { anyhow::anyhow!("interrupted; {} was not written", out.display()) } else { e }
 }
@@ -249,8 +273,13 @@ pub fn convert(
 /// transcoded from it, with each task's merged experts appended. Both temporary files are
 /// removed on success, error and cancellation.
 ///
+/// Everything that can be checked cheaply is checked before any conversion work: the output
+/// path ([`check_output`]), the checkpoint's config and tensors, and with tasks the tokenizer
+/// and the calibration texts.
+///
 /// # Errors
-/// See [`plan`]; a missing tokenizer or unreadable calibration text; I/O; cancellation.
+/// See [`plan`] and [`check_output`]; a missing tokenizer or unreadable calibration text; I/O;
+/// cancellation.
 pub fn convert_with(
     dir: &Path,
     out: &Path,
@@ -259,6 +288,7 @@ pub fn convert_with(
     cancel: &AtomicBool,
     progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
+    check_output(out)?;
     if merges.tasks.is_empty() {
         return convert_single(dir, out, opts, cancel, progress);
     }
@@ -273,6 +303,16 @@ pub fn convert_with(
     if recipe.expert_bias || recipe.mlp_activation != meo::config::Activation::Silu {
         bail!("--task merges need bias-free SiLU experts; this model's experts have biases or another activation");
     }
+    // The calibration text is tokenized after the first pass; a missing or unloadable
+    // tokenizer must fail before it, not after.
+    let Some(tok) = &hf.tokenizer else {
+        bail!(
+            "--task needs the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
+            dir.display()
+        );
+    };
+    meo::tokenizer::Tokenizer::from_json(tok)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
     crate::merges::convert_with_tasks(dir, out, opts, merges, cancel, progress)
 }
 

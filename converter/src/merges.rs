@@ -409,7 +409,8 @@ pub fn convert_with_tasks(
     cancel: &AtomicBool,
     mut progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
-    // Everything about the tasks is checked before any output exists.
+    // Everything about the tasks (and the output path) is checked before any output exists.
+    crate::convert::check_output(out)?;
     let mut texts = Vec::new();
     for (j, t) in spec.tasks.iter().enumerate() {
         ensure!(names::valid_task_name(&t.name), "task name {:?}: use 1-64 characters of [A-Za-z0-9_-]", t.name);

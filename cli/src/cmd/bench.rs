@@ -10,6 +10,7 @@ use meo::residency::{self, ExpertTracker, TrackerOptions};
 use meo::sample::Pcg32;
 use meo::{Model, Session, SessionOptions};
 use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ pub struct Args {
     /// Tokens to decode greedily after the prompt.
     #[arg(long = "gen", value_name = "N", default_value_t = 64)]
     pub gen_tokens: usize,
-    /// Worker threads (0 = one per physical core).
+    /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Print one JSON object instead of text.
@@ -176,6 +177,7 @@ pub fn run(a: &Args) -> Result<()> {
         if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
     let kv_per_token = if g.decode_steps == 0 { 0.0 } else { kv_bytes as f64 / g.decode_steps as f64 };
     let mode = run.mode.mode.spelling();
+    let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = json!({
             "file": a.file.display().to_string(),
@@ -222,9 +224,10 @@ pub fn run(a: &Args) -> Result<()> {
                 "greedy_tokens_agreeing": agree,
             });
         }
-        println!("{v}");
+        writeln!(out, "{v}")?;
     } else {
-        println!(
+        writeln!(
+            out,
             "{}: {} ({} layers, {} experts, top-{}), {}, on {}",
             a.file.display(),
             cfg.architecture,
@@ -233,29 +236,43 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.router.top_k,
             human_bytes(file_bytes),
             describe
-        );
-        println!("mode: {mode} (merged layers: {merged_layers:?})");
-        println!("prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s", a.prompt_len, g.prompt_time.as_secs_f64());
-        println!(
+        )?;
+        writeln!(out, "mode: {mode} (merged layers: {merged_layers:?})")?;
+        writeln!(
+            out,
+            "prompt: {} tokens in {:.3} s = {prompt_tps:.1} tokens/s",
+            a.prompt_len,
+            g.prompt_time.as_secs_f64()
+        )?;
+        writeln!(
+            out,
             "decode: {} tokens in {:.3} s = {decode_tps:.1} tokens/s",
             g.decode_steps,
             g.decode_time.as_secs_f64()
-        );
-        println!("expert bytes per decoded token: {} (mean over decode steps)", human_bytes(bytes_per_token as u64));
-        println!("dense bytes per decoded token: {}", human_bytes(dense_bytes));
-        println!("KV cache bytes per decoded token: {} (mean over decode steps)", human_bytes(kv_per_token as u64));
-        print_residency(&mut std::io::stdout().lock(), &stats, file_bytes)?;
+        )?;
+        writeln!(
+            out,
+            "expert bytes per decoded token: {} (mean over decode steps)",
+            human_bytes(bytes_per_token as u64)
+        )?;
+        writeln!(out, "dense bytes per decoded token: {}", human_bytes(dense_bytes))?;
+        writeln!(
+            out,
+            "KV cache bytes per decoded token: {} (mean over decode steps)",
+            human_bytes(kv_per_token as u64)
+        )?;
+        print_residency(&mut out, &stats, file_bytes)?;
         if let Some(gs) = gpu_stats {
-            println!("gpu expert cache: {gs}");
+            writeln!(out, "gpu expert cache: {gs}")?;
         }
         if let Some((c, threads, agree)) = &cpu {
-            println!("cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, c.prompt_time));
-            println!("cpu ({threads} threads) decode: {:.1} tokens/s", rate(c.decode_steps, c.decode_time));
-            println!("greedy tokens agreeing (from the first): {agree} of {}", g.tokens.len());
+            writeln!(out, "cpu ({threads} threads) prompt: {:.1} tokens/s", rate(a.prompt_len, c.prompt_time))?;
+            writeln!(out, "cpu ({threads} threads) decode: {:.1} tokens/s", rate(c.decode_steps, c.decode_time))?;
+            writeln!(out, "greedy tokens agreeing (from the first): {agree} of {}", g.tokens.len())?;
         }
     }
     if let Some(report) = opened.ep_report()? {
-        print!("{report}");
+        write!(out, "{report}")?;
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ pub struct Args {
     /// Evaluate at most this many windows (0 = all).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_windows: usize,
-    /// Worker threads (0 = one per physical core).
+    /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Print one JSON object instead of text.

@@ -41,11 +41,103 @@ pub fn meta_json(v: &MetaValue<'_>) -> Value {
     }
 }
 
-/// `layers.L.experts.E` → `(L, E)`.
-fn slab_ids(key: &str) -> Option<(usize, usize)> {
-    let rest = key.strip_prefix("layers.")?;
-    let (l, e) = rest.split_once(".experts.")?;
-    Some((l.parse().ok()?, e.parse().ok()?))
+/// What an expert slab holds, from its key.
+#[derive(Debug, PartialEq, Eq)]
+enum SlabKind<'a> {
+    /// A routed expert: `layers.L.experts.E`, or `layers.L.BANK.experts.E` (MEO-native banks).
+    Routed { layer: usize, bank: Option<&'a str>, expert: usize },
+    /// A task's precomputed merged expert: `tasks.T.layers.L[.BANK].experts.merged`.
+    Merged { task: &'a str, layer: usize },
+    /// Any other slab (counted as routed, shown in no layer).
+    Other,
+}
+
+/// `L.rest` → `(L, rest)`.
+fn layer_of(s: &str) -> Option<(usize, &str)> {
+    let (l, rest) = s.split_once('.')?;
+    Some((l.parse().ok()?, rest))
+}
+
+fn slab_kind(key: &str) -> SlabKind<'_> {
+    if let Some(rest) = key.strip_prefix("tasks.") {
+        // Task names have no dots (`names::valid_task_name`).
+        if let Some((task, (layer, _))) = rest.split_once(".layers.").and_then(|(t, r)| Some((t, layer_of(r)?))) {
+            return SlabKind::Merged { task, layer };
+        }
+    } else if let Some((layer, rest)) = key.strip_prefix("layers.").and_then(layer_of) {
+        let (bank, e) = match rest.strip_prefix("experts.") {
+            Some(e) => (None, e),
+            None => match rest.split_once(".experts.") {
+                Some((b, e)) => (Some(b), e),
+                None => return SlabKind::Other,
+            },
+        };
+        if let Ok(expert) = e.parse() {
+            return SlabKind::Routed { layer, bank, expert };
+        }
+    }
+    SlabKind::Other
+}
+
+/// A task merge's per-layer numbers: bytes of its merged slabs and the measured merge errors.
+#[derive(Default)]
+struct TaskLayer {
+    bytes: u64,
+    error: Option<f64>,
+    error_unaligned: Option<f64>,
+}
+
+/// The task merges of a file: `merge.tasks` (in its order) and every task that only has slabs,
+/// with their metadata (`merge.task.<name>.*`) and slab bytes per layer.
+fn tasks_json(f: &MeoFile<'_>, merged: &BTreeMap<(&str, usize), u64>) -> Vec<Value> {
+    use meo::names::merge_keys;
+    let m = &f.metadata;
+    let mut names: Vec<&str> = match m.get(merge_keys::TASKS) {
+        Some(MetaValue::Array(MetaArray::Str(v))) => v.clone(),
+        _ => Vec::new(),
+    };
+    for (t, _) in merged.keys() {
+        if !names.contains(t) {
+            names.push(t);
+        }
+    }
+    let num = |v: Option<&MetaValue<'_>>| match v {
+        Some(MetaValue::Array(MetaArray::F64(v))) => v.clone(),
+        _ => Vec::new(),
+    };
+    let finite = |x: Option<&f64>| x.copied().filter(|x| x.is_finite());
+    names
+        .into_iter()
+        .map(|name| {
+            let key = |field: &str| merge_keys::task(name, field);
+            let listed: Vec<usize> = match m.get(&key("layers")) {
+                Some(MetaValue::Array(MetaArray::U64(v))) => v.iter().filter_map(|&l| usize::try_from(l).ok()).collect(),
+                _ => Vec::new(),
+            };
+            let (errors, unaligned) = (num(m.get(&key("errors"))), num(m.get(&key("errors_unaligned"))));
+            let mut layers: BTreeMap<usize, TaskLayer> = BTreeMap::new();
+            for (j, &l) in listed.iter().enumerate() {
+                let e = layers.entry(l).or_default();
+                e.error = finite(errors.get(j));
+                e.error_unaligned = finite(unaligned.get(j));
+            }
+            for (&(_, l), &bytes) in merged.iter().filter(|((t, _), _)| *t == name) {
+                layers.entry(l).or_default().bytes = bytes;
+            }
+            let bytes: u64 = layers.values().map(|l| l.bytes).sum();
+            let layers: Vec<Value> = layers
+                .into_iter()
+                .map(|(l, t)| json!({"layer": l, "bytes": t.bytes, "error": t.error, "error_unaligned": t.error_unaligned}))
+                .collect();
+            json!({
+                "name": name,
+                "weighting": match m.get(&key("weighting")) { Some(MetaValue::Str(s)) => json!(s), _ => Value::Null },
+                "tokens": match m.get(&key("tokens")) { Some(MetaValue::U64(x)) => json!(x), _ => Value::Null },
+                "bytes": bytes,
+                "layers": layers,
+            })
+        })
+        .collect()
 }
 
 /// The JSON report of `f` (documented in `docs/CLI.md`).
@@ -61,30 +153,45 @@ pub fn report(f: &MeoFile<'_>) -> Value {
             quant.insert(q.to_string(), meta_json(v));
         }
     }
-    // Expert tables, grouped by layer.
+    // Routed expert tables grouped by layer; task-merged slabs apart (they are not experts a
+    // router selects, and a file holds one per task and MoE layer on top of the experts).
     let mut by_layer: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
-    let mut expert_bytes = 0u64;
-    let mut slab_count = 0u64;
+    let mut merged: BTreeMap<(&str, usize), u64> = BTreeMap::new();
+    let (mut expert_bytes, mut expert_count, mut merged_bytes, mut merged_count) = (0u64, 0u64, 0u64, 0u64);
     let mut in_slab = vec![false; f.tensors().len()];
     for s in f.slabs() {
         in_slab[s.tensors.clone()].iter_mut().for_each(|b| *b = true);
-        expert_bytes += s.len;
-        slab_count += 1;
         let offset = h.data_offset + s.offset;
-        let (layer, expert) = slab_ids(s.key).unwrap_or((usize::MAX, 0));
-        by_layer.entry(layer).or_default().push(json!({
-            "expert": expert,
-            "offset": offset,
-            "bytes": s.len,
-            "alignment": alignment_of(offset),
-        }));
+        match slab_kind(s.key) {
+            SlabKind::Merged { task, layer } => {
+                merged_bytes += s.len;
+                merged_count += 1;
+                *merged.entry((task, layer)).or_default() += s.len;
+            }
+            kind => {
+                expert_bytes += s.len;
+                expert_count += 1;
+                if let SlabKind::Routed { layer, bank, expert } = kind {
+                    let mut e = json!({
+                        "expert": expert,
+                        "offset": offset,
+                        "bytes": s.len,
+                        "alignment": alignment_of(offset),
+                    });
+                    if let Some(b) = bank {
+                        e["bank"] = json!(b);
+                    }
+                    by_layer.entry(layer).or_default().push(e);
+                }
+            }
+        }
     }
     let dense_bytes: u64 = f.tensors().iter().zip(&in_slab).filter(|(_, s)| !**s).map(|(t, _)| t.len).sum();
     let ffn: Vec<&str> = match m.get("model.layer_ffn") {
         Some(MetaValue::Array(MetaArray::Str(v))) => v.clone(),
         _ => Vec::new(),
     };
-    let num_layers = ffn.len().max(by_layer.keys().filter(|&&l| l != usize::MAX).map(|l| l + 1).max().unwrap_or(0));
+    let num_layers = ffn.len().max(by_layer.keys().map(|l| l + 1).max().unwrap_or(0));
     let layers: Vec<Value> = (0..num_layers)
         .map(|l| {
             let experts = by_layer.remove(&l).unwrap_or_default();
@@ -108,8 +215,11 @@ pub fn report(f: &MeoFile<'_>) -> Value {
         "tensors": f.tensors().len(),
         "dense_bytes": dense_bytes,
         "expert_bytes": expert_bytes,
-        "expert_count": slab_count,
-        "bytes_per_expert": expert_bytes.checked_div(slab_count).unwrap_or(0),
+        "expert_count": expert_count,
+        "bytes_per_expert": expert_bytes.checked_div(expert_count).unwrap_or(0),
+        "merged_bytes": merged_bytes,
+        "merged_count": merged_count,
+        "tasks": tasks_json(f, &merged),
         "layers": layers,
     })
 }
@@ -136,6 +246,9 @@ fn text(r: &Value, path: &std::path::Path) -> String {
         g("expert_count"),
         g("bytes_per_expert")
     );
+    if r["merged_count"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(s, "merged bytes    {} ({} task-merged experts)", g("merged_bytes"), g("merged_count"));
+    }
     if let Some(c) = r["config"].as_object() {
         let _ = writeln!(s, "config");
         for (k, v) in c {
@@ -160,9 +273,33 @@ fn text(r: &Value, path: &std::path::Path) -> String {
             let _ = writeln!(s, "  {:>6} {:>14} {:>12} {:>10}", "expert", "offset", "bytes", "alignment");
             for e in experts {
                 let n = |k: &str| e[k].as_u64().unwrap_or(0);
-                let _ =
-                    writeln!(s, "  {:>6} {:>14} {:>12} {:>10}", n("expert"), n("offset"), n("bytes"), n("alignment"));
+                // MEO-native bank experts read `fc1.3`.
+                let id = e["bank"].as_str().map_or_else(|| n("expert").to_string(), |b| format!("{b}.{}", n("expert")));
+                let _ = writeln!(s, "  {:>6} {:>14} {:>12} {:>10}", id, n("offset"), n("bytes"), n("alignment"));
             }
+        }
+    }
+    for t in r["tasks"].as_array().into_iter().flatten() {
+        let layers = t["layers"].as_array().map_or(&[][..], Vec::as_slice);
+        let mut about = vec![format!("{} bytes", t["bytes"])];
+        if let Some(w) = t["weighting"].as_str() {
+            about.push(format!("{w} weights"));
+        }
+        if let Some(n) = t["tokens"].as_u64() {
+            about.push(format!("{n} calibration tokens"));
+        }
+        let _ = writeln!(s, "task {} ({}):", t["name"].as_str().unwrap_or("?"), about.join(", "));
+        let _ = writeln!(s, "  {:>6} {:>12} {:>12} {:>16}", "layer", "bytes", "merge error", "error unaligned");
+        let err = |v: &Value| v.as_f64().map_or_else(|| String::from("-"), |x| format!("{x:.4}"));
+        for l in layers {
+            let _ = writeln!(
+                s,
+                "  {:>6} {:>12} {:>12} {:>16}",
+                l["layer"].as_u64().unwrap_or(0),
+                l["bytes"].as_u64().unwrap_or(0),
+                err(&l["error"]),
+                err(&l["error_unaligned"])
+            );
         }
     }
     s

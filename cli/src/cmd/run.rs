@@ -52,7 +52,7 @@ pub struct Args {
     /// Random seed for sampling (same seed, same output).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
-    /// Worker threads (0 = one per physical core).
+    /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Print speed, expert residency and memory figures to stderr.

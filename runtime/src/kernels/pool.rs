@@ -18,13 +18,75 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Threads to use when the caller does not say: `std::thread::available_parallelism`.
+/// Threads to use when the caller does not say: one per physical core the process may use.
 ///
-/// That is the number of *logical* CPUs the process may use (it honours affinity masks and
-/// cgroup quotas); on SMT machines it is twice the physical cores, which for these
-/// memory-bound kernels costs little. Pass `--threads` to choose.
+/// Why physical cores: two SMT threads of a core share its load and FMA units, so a second
+/// thread per core adds little to these kernels, while its workers spin between jobs and
+/// take cycles from their siblings (llama.cpp defaults to physical cores for the same
+/// reason). On Linux and Android the CPUs of the process's affinity mask
+/// (`Cpus_allowed_list` in `/proc/self/status`) are grouped by core
+/// (`/sys/devices/system/cpu/cpuN/topology/core_cpus_list`, or `thread_siblings_list` on
+/// older kernels), capped at `std::thread::available_parallelism` (which also honours
+/// cgroup CPU quotas). Elsewhere, or when that information is unreadable, it is
+/// `available_parallelism`: the logical CPUs. Pass `--threads` to choose.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let allowed = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+            let line = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            topology::parse_cpu_list(line)
+        });
+        if let Some(cores) =
+            allowed.and_then(|a| topology::physical_cores(std::path::Path::new("/sys/devices/system/cpu"), &a))
+        {
+            return cores.clamp(1, logical);
+        }
+    }
+    logical
+}
+
+/// Physical cores from Linux's CPU topology files (see [`default_threads`]).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+mod topology {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// CPUs this many or more are not believed (a corrupt list, not a machine).
+    const MAX_CPU: usize = 1 << 16;
+
+    /// A kernel CPU list (`0-3,8,10-11`) as CPU numbers; `None` if it is malformed.
+    pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+        let mut cpus = Vec::new();
+        for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            if a > b || b >= MAX_CPU {
+                return None;
+            }
+            cpus.extend(a..=b);
+        }
+        Some(cpus)
+    }
+
+    /// Distinct cores among `cpus`, read from `<sys_cpu>/cpuN/topology/`. CPUs without a
+    /// topology directory (not present or offline; the affinity list may name them) are
+    /// skipped; `None` when no CPU has one.
+    pub fn physical_cores(sys_cpu: &Path, cpus: &[usize]) -> Option<usize> {
+        let mut cores = BTreeSet::new();
+        for cpu in cpus {
+            let dir = sys_cpu.join(format!("cpu{cpu}/topology"));
+            // Every SMT sibling of a core reads the same list: it names the core.
+            let siblings = ["core_cpus_list", "thread_siblings_list"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+                .and_then(|s| parse_cpu_list(&s));
+            if let Some(s) = siblings.filter(|s| !s.is_empty()) {
+                cores.insert(s);
+            }
+        }
+        (!cores.is_empty()).then_some(cores.len())
+    }
 }
 
 /// Bits of `state` for the chunk index and the chunk count each; the epoch takes the rest.
@@ -252,6 +314,45 @@ impl Parallel for ThreadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(topology::parse_cpu_list("0-3,8,10-11\n"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(topology::parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(topology::parse_cpu_list(""), Some(vec![]));
+        assert_eq!(topology::parse_cpu_list("3-1"), None);
+        assert_eq!(topology::parse_cpu_list("x"), None);
+        assert_eq!(topology::parse_cpu_list("0-99999999"), None);
+    }
+
+    /// A fake `/sys/devices/system/cpu`: 8 logical CPUs, 2 SMT threads per core (siblings
+    /// `n` and `n + 4`, as Linux numbers them on x86), CPU 7 offline (no topology directory);
+    /// older kernels' `thread_siblings_list` only for CPU 3.
+    #[test]
+    fn physical_cores_count_smt_siblings_once() {
+        let root = std::env::temp_dir().join(format!("meo-topology-{}", std::process::id()));
+        for cpu in 0..7 {
+            let dir = root.join(format!("cpu{cpu}/topology"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let core = cpu % 4;
+            let file = if cpu == 3 { "thread_siblings_list" } else { "core_cpus_list" };
+            std::fs::write(dir.join(file), format!("{core},{}\n", core + 4)).unwrap();
+        }
+        let cores = |cpus: &[usize]| topology::physical_cores(&root, cpus);
+        assert_eq!(cores(&(0..8).collect::<Vec<_>>()), Some(4));
+        // An affinity mask of one thread per core, of both threads of two cores, of CPUs that
+        // do not exist.
+        assert_eq!(cores(&[0, 1, 2, 3]), Some(4));
+        assert_eq!(cores(&[0, 4, 1, 5]), Some(2));
+        assert_eq!(cores(&[7, 100]), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn default_threads_is_at_most_the_logical_cpus() {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!((1..=logical).contains(&default_threads()));
+    }
 
     #[test]
     fn every_chunk_runs_once() {

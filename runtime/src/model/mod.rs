@@ -40,10 +40,13 @@ pub enum ModelError {
     #[cfg(feature = "std")]
     #[error(transparent)]
     Open(#[from] crate::file::OpenError),
+    // Format and Config show their cause in the message (C API and `to_string` users see only
+    // the message), so the cause is not also a `source`: an error-chain printer (`{:#}`) would
+    // repeat it. Hence the hand-written `From` impls below instead of `#[from]`.
     #[error("not a valid .meo file: {0}")]
-    Format(#[from] FormatError),
+    Format(FormatError),
     #[error("invalid model metadata: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     #[error("tensor {name:?} is missing (the model config needs it)")]
     MissingTensor { name: String },
     #[error("tensor {name:?} has shape {found:?}, the model config needs {expected:?}")]
@@ -56,6 +59,18 @@ pub enum ModelError {
     Unsupported(String),
     #[error("invalid MEO merge data: {0}")]
     Merge(String),
+}
+
+impl From<FormatError> for ModelError {
+    fn from(e: FormatError) -> Self {
+        Self::Format(e)
+    }
+}
+
+impl From<ConfigError> for ModelError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
 }
 
 /// Where the bytes live.
