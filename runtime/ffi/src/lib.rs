@@ -200,7 +200,8 @@ pub struct MeoSessionOptions {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct MeoSamplerOptions {
-    /// 0 = greedy; otherwise logits are divided by it.
+    /// 0 = greedy (so is anything below 1e-6); otherwise logits are divided by it. Must be
+    /// finite and >= 0 (`MEO_STATUS_INVALID_ARGUMENT` otherwise); `top_p` must be in (0, 1].
     pub temperature: f32,
     /// Keep the `top_k` most likely tokens; 0 = no limit.
     pub top_k: u32,
