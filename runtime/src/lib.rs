@@ -32,8 +32,8 @@ pub use config::{
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
-    Execution, ForwardError, Granularity, LayerSelect, Logits, MergeOptions, MergedUse, Mode, ModeError, Model,
-    ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
+    DEFAULT_MAX_CONTEXT, Execution, ForwardError, Granularity, LayerSelect, Logits, MergeOptions, MergedUse, Mode,
+    ModeError, Model, ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

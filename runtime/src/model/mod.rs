@@ -21,7 +21,7 @@ mod session;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use meo::topk_softmax;
-pub use session::{ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
+pub use session::{DEFAULT_MAX_CONTEXT, ForwardError, Logits, NoTrace, Session, SessionError, SessionOptions, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
 use crate::format::{FormatError, MeoFile, MetaValue};
