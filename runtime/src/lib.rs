@@ -21,6 +21,8 @@ pub mod target;
 #[cfg(feature = "std")]
 pub mod file;
 #[cfg(all(feature = "std", unix))]
+pub mod guard;
+#[cfg(all(feature = "std", unix))]
 pub mod platform;
 #[cfg(feature = "std")]
 pub mod residency;

@@ -356,6 +356,26 @@ impl<'a> MeoFile<'a> {
         start..start + s.len as usize
     }
 
+    /// Checks the structure checksum and the checksums of the tensors outside expert slabs
+    /// (what every token reads anyway: embeddings, attention, norms, routers, dense blocks).
+    /// Expert slabs are not read, so a lazily mapped model stays lazy.
+    ///
+    /// # Errors
+    /// The first mismatch found.
+    pub fn verify_dense(&self) -> Result<(), FormatError> {
+        let found = structure_crc32(self.bytes, &self.header);
+        if found != self.header.structure_crc32 {
+            return Err(FormatError::StructureChecksum { expected: self.header.structure_crc32, found });
+        }
+        for t in self.tensors.iter().filter(|t| slab_key(t.name).is_none()) {
+            let found = crc32fast::hash(self.data(t));
+            if found != t.crc32 {
+                return Err(FormatError::ChecksumMismatch { name: t.name.to_string(), expected: t.crc32, found });
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every byte: checks the structure checksum, every tensor checksum, and that
     /// all padding is zero.
     ///

@@ -194,6 +194,25 @@ impl Model {
         &self.config
     }
 
+    /// [`MeoFile::verify_dense`] on this model's file: the checksums of everything but the
+    /// expert slabs (opt-in at open: it reads those bytes, which every token reads anyway).
+    ///
+    /// # Errors
+    /// A checksum does not match.
+    pub fn verify_dense(&self) -> Result<(), FormatError> {
+        self.file()?.verify_dense()
+    }
+
+    /// Whether the model's file changed on disk while mapped (truncated or rewritten in
+    /// place), as detected by the SIGBUS guard ([`crate::guard`]); the bytes read since then
+    /// are zeros, not the model's. Always false for bytes in memory or without the guard.
+    pub fn file_changed(&self) -> bool {
+        #[cfg(all(feature = "std", unix))]
+        return crate::guard::changed(self.storage.bytes());
+        #[cfg(not(all(feature = "std", unix)))]
+        false
+    }
+
     /// The whole file (touching weight bytes pages them in).
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()

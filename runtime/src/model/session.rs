@@ -92,6 +92,13 @@ pub enum ForwardError {
     ContextOverflow { cached: usize, tokens: usize, max: usize },
     #[error("this model is an encoder (bidirectional, no LM head): run it with encode, not forward")]
     EncoderOnly,
+    /// The SIGBUS guard ([`crate::guard`]) saw the mapped file shrink or change on disk: what
+    /// was computed read zeros instead of weights. Reopen the model.
+    #[error(
+        "the model file changed on disk while in use (truncated or rewritten in place); \
+         results would be wrong: reopen the model"
+    )]
+    FileChanged,
 }
 
 enum Pool {
@@ -458,6 +465,10 @@ impl<'m> Session<'m> {
             self.logits.iter_mut().for_each(|v| *v /= scaling);
         }
         self.pos += t;
+        if m.file_changed() {
+            self.truncate(self.pos - t); // drop what the zeros produced
+            return Err(ForwardError::FileChanged);
+        }
         Ok(&self.logits)
     }
 
@@ -490,11 +501,18 @@ impl<'m> Session<'m> {
             meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
         }
         self.pos += tokens.len();
+        if m.file_changed() {
+            self.truncate(0);
+            return Err(ForwardError::FileChanged);
+        }
         Ok(&self.hidden)
     }
 
     /// Refuses out-of-vocabulary tokens and more than the context holds after `cached`.
     fn check(&self, tokens: &[u32], cached: usize) -> Result<(), ForwardError> {
+        if self.model.file_changed() {
+            return Err(ForwardError::FileChanged);
+        }
         let vocab = self.model.config().vocab_size;
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
             return Err(ForwardError::TokenOutOfRange { index, token, vocab });
