@@ -27,6 +27,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A model file truncated while mapped: an error naming it, not death by SIGBUS.
+    #[cfg(unix)]
+    let _ = meo::guard::install();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Convert(a) => cmd::convert::run(a),

@@ -401,7 +401,8 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     let mut opened = super::gpu::open_target(&model, &a.target, a.threads)?;
     let session = opened.target();
     let merged_layers = session.set_mode(a.mode.options(&model)?)?;
-    let max_context = cfg.max_position_embeddings;
+    // The session's context: the default cap (`meo::DEFAULT_MAX_CONTEXT`) or the model's maximum.
+    let max_context = meo::SessionOptions::default().context_for(&cfg);
     if prompt.len() > max_context {
         bail!("the prompt has {} tokens, the context holds {}", prompt.len(), max_context);
     }
