@@ -91,7 +91,7 @@ pub fn embedded_json<'a>(m: &Metadata<'a>, max_bytes: usize) -> Result<&'a str, 
     let text = match m.get(METADATA_KEY) {
         None => return Err(TokenizerError::Missing),
         Some(MetaValue::Str(s)) => *s,
-        Some(MetaValue::Bytes(b)) => core::str::from_utf8(*b).map_err(|e| TokenizerError::Load(e.to_string()))?,
+        Some(MetaValue::Bytes(b)) => core::str::from_utf8(b).map_err(|e| TokenizerError::Load(e.to_string()))?,
         Some(v) => return Err(TokenizerError::WrongType { found: v.type_name() }),
     };
     if text.len() > max_bytes {
