@@ -32,6 +32,10 @@ fn main() -> ExitCode {
     #[cfg(feature = "wgpu")]
     // SAFETY: no other thread exists yet.
     let _runtime_dir = unsafe { meo_cli::xdg::ensure_runtime_dir() };
+    // A model file truncated under a running command is reported ("changed on disk"), not a
+    // death by SIGBUS.
+    #[cfg(unix)]
+    let _ = meo::guard::install();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Convert(a) => cmd::convert::run(a),

@@ -57,7 +57,7 @@ int main(int argc, char **argv) {
   fprintf(stderr, "meo %s: vocab %u, %u layers, %u experts (top-%u)\n", meo_version(), info.vocab_size,
           info.num_layers, info.num_experts, info.top_k);
 
-  MeoSessionOptions opts = {0}; /* threads 0: one per core; max_context 0: the model's */
+  MeoSessionOptions opts = {0}; /* threads 0: one per core; max_context 0: 4096 positions */
   MeoSession *session = NULL;
   if ((s = meo_session_new(model, &opts, &session)) != MEO_STATUS_OK) return fail("meo_session_new", s);
   /* The session keeps the model alive: the caller's reference can go now. */

@@ -667,6 +667,26 @@ fn vec_of<const N: usize>(a: [(&'static str, MetaValue<'static>); N]) -> Vec<(&'
 }
 
 impl ModelConfig {
+    /// Bytes of KV cache one position costs a session: every layer's keys and values, f32
+    /// (MLA caches each head's decompressed keys and values). Saturates instead of overflowing.
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        let per_layer = match &self.recipe.mla {
+            Some(m) => (self.num_heads as u64)
+                .saturating_mul((m.qk_nope_head_dim as u64).saturating_add(self.head_dim as u64))
+                .saturating_add((self.num_heads as u64).saturating_mul(m.v_head_dim as u64)),
+            None => 2u64.saturating_mul(self.num_kv_heads as u64).saturating_mul(self.head_dim as u64),
+        };
+        per_layer.saturating_mul(4).saturating_mul(self.num_layers as u64)
+    }
+
+    /// Bytes of KV cache a session holding `positions` positions uses (scratch buffers, which
+    /// do not grow with the context, not included). Saturates instead of overflowing.
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        self.kv_bytes_per_position().saturating_mul(positions as u64)
+    }
+}
+
+impl ModelConfig {
     /// Reads `general.architecture`, `model.*` and `routing.*`, and checks they agree.
     ///
     /// # Errors

@@ -14,6 +14,9 @@ pub enum OpenError {
 
 /// A read-only memory mapping of a whole file. Mapping reads nothing; pages fault in on use.
 pub struct Mapped {
+    /// Before `map`: fields drop in order, and the entry must go before the pages do.
+    #[cfg(unix)]
+    _guard: crate::guard::Registration,
     map: memmap2::Mmap,
     path: PathBuf,
 }
@@ -29,15 +32,33 @@ impl Mapped {
         let f = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only. meo writers never modify a file in place (they
         // write a temporary file and rename it over), so the bytes under a live mapping do
-        // not change; a user truncating the file under us is outside what any mmap reader
-        // (safetensors, llama.cpp) can defend against.
+        // not change. A file truncated under us makes reads past its new end raise SIGBUS:
+        // fatal unless the app installed `crate::guard`, which turns it into zeros and a
+        // `FileChanged` error (docs/EMBEDDING.md says what an app must not do).
         let map = unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io)?;
         // Kernel read-ahead (often 128 KiB to 8 MiB) would page in the experts next to every
         // page we touch, starting with the header's: turn it off before the first read, so
         // only the experts routing selects are ever read. Advice only; failure is harmless.
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Random);
-        Ok(Self { map, path })
+        #[cfg(unix)]
+        let guard = crate::guard::Registration::new(&map);
+        Ok(Self {
+            #[cfg(unix)]
+            _guard: guard,
+            map,
+            path,
+        })
+    }
+
+    /// Whether the file changed on disk under the mapping: the SIGBUS guard
+    /// ([`crate::guard::install`]) replaced a page that was no longer in the file. Always
+    /// false without the guard (the process would have died instead).
+    pub fn changed(&self) -> bool {
+        #[cfg(unix)]
+        return crate::guard::changed(&self.map);
+        #[cfg(not(unix))]
+        false
     }
 
     /// The mapped bytes.

@@ -24,6 +24,8 @@ pub mod file;
 #[cfg(feature = "tokenizer")]
 pub mod generate;
 #[cfg(all(feature = "std", unix))]
+pub mod guard;
+#[cfg(all(feature = "std", unix))]
 pub mod platform;
 #[cfg(feature = "std")]
 pub mod residency;
@@ -35,8 +37,8 @@ pub use config::{
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
-    ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MergeOptions, MergedUse, Mode,
-    ModeError, Model, ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
+    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MergeOptions,
+    MergedUse, Mode, ModeError, Model, ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

@@ -37,6 +37,8 @@ pub enum FdOpenError {
 pub struct FdModel {
     /// Dropped before `map`: it holds a reference into the mapping (see [`FdModel::open`]).
     model: ManuallyDrop<Model>,
+    /// The SIGBUS guard's entry ([`crate::guard`]); dropped before `map` is unmapped.
+    _guard: crate::guard::Registration,
     map: memmap2::Mmap,
     /// Offset of the model's first byte inside `map`.
     start: usize,
@@ -90,8 +92,9 @@ impl FdModel {
         // dropped only after `model` (see `Drop`); `model` is only lent out as `&Model` tied to
         // `&self`, and `Model` hands out no `'static` borrow of its bytes.
         let bytes: &'static [u8] = unsafe { core::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
+        let guard = crate::guard::Registration::new(&map);
         let model = Model::from_static(bytes)?;
-        Ok(Self { model: ManuallyDrop::new(model), map, start })
+        Ok(Self { model: ManuallyDrop::new(model), _guard: guard, map, start })
     }
 
     /// The model.

@@ -142,7 +142,8 @@ pub fn advise_random(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyE
 }
 
 /// Maps `path` for lazy use ([`Mapped::open`] turns read-ahead off before any byte is read),
-/// then prefetches the header, metadata, names and tensor table. Give the result to
+/// checks the header's sections, then prefetches the header, metadata, names and tensor
+/// table (never a byte past them, and nothing before the check). Give the result to
 /// [`Model::from_mapped`](crate::model::Model::from_mapped).
 ///
 /// Without read-ahead off, faulting in the header page makes the kernel read around it
@@ -154,11 +155,11 @@ pub fn advise_random(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyE
 pub fn map_lazy(path: impl AsRef<Path>) -> Result<Mapped, ResidencyError> {
     // Mapped::open has already turned read-ahead off (MADV_RANDOM) before any read.
     let map = Mapped::open(path)?;
-    let len = map.bytes().len();
-    let h = crate::format::parse_header(map.bytes())?;
-    if let Ok(end) = usize::try_from(h.data_offset) {
-        prefetch(&map, 0..end.min(len))?;
-    }
+    // Validate the header's sections (reading the header page only) before advising
+    // anything, then prefetch exactly the structure the parser reads next: a crafted
+    // `data_offset` once made this prefetch the whole file before the file was rejected.
+    let sections = crate::format::check_sections(map.bytes())?;
+    prefetch(&map, 0..sections.structure_end())?;
     Ok(map)
 }
 
@@ -807,6 +808,44 @@ mod tests {
         assert_eq!(parse_slab_key("layers.3.experts.17"), Some((3, 17)));
         assert_eq!(parse_slab_key("layers.3.shared.experts.1"), None);
         assert_eq!(parse_slab_key("blocks.3.experts.1"), None);
+    }
+
+    /// A header that parses but whose `data_offset` points past the end of the file: before the
+    /// fix `map_lazy` prefetched `0..min(data_offset, len)` (the whole file) before any section
+    /// was checked.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_rejected_header_advises_nothing() {
+        use crate::format::{BYTE_ORDER_MARK, FORMAT_VERSION, HEADER_LEN, MAGIC, QUANT_VERSION};
+        let dir = std::env::temp_dir().join(format!("meo-advise-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bogus.meo");
+        let len = 16usize << 20;
+        let mut b = vec![0u8; len];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&QUANT_VERSION.to_le_bytes());
+        b[16..20].copy_from_slice(&BYTE_ORDER_MARK.to_le_bytes());
+        b[20..24].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        b[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes()); // data_offset: 1 TiB
+        b[88..92].copy_from_slice(&16384u32.to_le_bytes());
+        assert!(crate::format::parse_header(&b).is_ok(), "the header itself must parse");
+        std::fs::write(&p, &b).unwrap();
+        drop_page_cache(&p).unwrap();
+        let probe = Mapped::open(&p).unwrap();
+        if resident_bytes(&probe, 0..len).unwrap() != 0 {
+            eprintln!("skipped: this file system keeps the file cached (tmpfs?)");
+            return;
+        }
+        let e = map_lazy(&p).map(drop).unwrap_err();
+        assert!(matches!(e, ResidencyError::Format(_)), "{e}");
+        // WILLNEED reads in the background: give it time to land.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let resident = resident_bytes(&probe, 0..len).unwrap();
+        // Only the header's page may have been read.
+        assert!(resident <= page_size() as u64, "{resident} bytes resident after a rejected open");
+        drop(probe);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

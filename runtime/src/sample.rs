@@ -4,7 +4,9 @@
 //! divided by the temperature, the `top_k` best are kept, then the smallest set of those whose
 //! probabilities sum to at least `top_p`, and one token is drawn from the renormalised
 //! probabilities. Temperature 0 (or `top_k = 1`) is greedy: the highest logit, ties to the
-//! lowest id, no random number drawn.
+//! lowest id, no random number drawn. So is any temperature below [`MIN_TEMPERATURE`]
+//! (subnormals included): there `1/T` overflows, or scales ordinary logits past f32's range,
+//! and the draw would turn uniform over the overflowed logits instead of greedy.
 //!
 //! The generator is PCG32 (PCG-XSH-RR 64/32, M. E. O'Neill, "PCG: A Family of Simple Fast
 //! Space-Efficient Statistically Good Algorithms for Random Number Generation", 2014), its
@@ -23,6 +25,9 @@ pub enum SampleError {
     #[error("no logits to sample from")]
     Empty,
 }
+
+/// Temperatures in `(0, MIN_TEMPERATURE)` are treated as 0 (greedy); see the module docs.
+pub const MIN_TEMPERATURE: f32 = 1e-6;
 
 /// SplitMix64: one step. Used to spread a user seed over PCG32's state and stream.
 pub fn splitmix64(state: &mut u64) -> u64 {
@@ -78,7 +83,8 @@ impl Pcg32 {
 /// Sampling settings. The default is greedy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {
-    /// 0 = greedy. Logits are divided by it before the softmax.
+    /// 0 = greedy (so is anything below [`MIN_TEMPERATURE`]). Logits are divided by it
+    /// before the softmax. Must be finite and >= 0.
     pub temperature: f32,
     /// Keep only the `top_k` highest logits; 0 = no limit.
     pub top_k: usize,
@@ -108,9 +114,10 @@ impl SamplerConfig {
         Ok(())
     }
 
-    /// True when sampling always picks the highest logit.
+    /// True when sampling always picks the highest logit: temperature below
+    /// [`MIN_TEMPERATURE`] (0 included), or `top_k = 1`.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < MIN_TEMPERATURE || self.top_k == 1
     }
 }
 
@@ -332,7 +339,27 @@ mod tests {
         assert_eq!(Sampler::new(cfg(-1.0, 0, 1.0, 0)).unwrap_err(), SampleError::Temperature(-1.0));
         assert!(matches!(Sampler::new(cfg(1.0, 0, 0.0, 0)), Err(SampleError::TopP(_))));
         assert!(matches!(Sampler::new(cfg(f32::NAN, 0, 1.0, 0)), Err(SampleError::Temperature(_))));
+        assert!(matches!(Sampler::new(cfg(f32::INFINITY, 0, 1.0, 0)), Err(SampleError::Temperature(_))));
+        assert!(matches!(Sampler::new(cfg(-0.0001, 0, 1.0, 0)), Err(SampleError::Temperature(_))));
+        for p in [f32::NAN, -0.5, 1.0001, f32::INFINITY] {
+            assert!(matches!(Sampler::new(cfg(1.0, 0, p, 0)), Err(SampleError::TopP(_))), "{p}");
+        }
         let mut s = Sampler::new(SamplerConfig::default()).unwrap();
         assert_eq!(s.sample(&[]), Err(SampleError::Empty));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        // 1e-45 is subnormal: 1/T is +inf, and before the fix every positive logit became +inf
+        // and shared the mass uniformly.
+        for t in [1e-45f32, f32::MIN_POSITIVE, 1e-30, 1e-7] {
+            for salt in 0..20 {
+                let l = logits(300, salt);
+                let mut s = Sampler::new(cfg(t, 0, 1.0, salt)).unwrap();
+                assert_eq!(s.sample(&l).unwrap(), argmax(&l), "T = {t:e}, salt {salt}");
+                assert!(s.config().is_greedy());
+            }
+        }
+        assert!(!cfg(MIN_TEMPERATURE, 0, 1.0, 0).is_greedy());
     }
 }

@@ -11,6 +11,11 @@ use std::vec::Vec;
 /// Metadata key holding the Hugging Face `tokenizer.json` text.
 pub const METADATA_KEY: &str = "tokenizer.huggingface.json";
 
+/// Largest embedded tokenizer [`Tokenizer::from_metadata`] loads. Loading costs about 13× its
+/// size in memory (a 45 MB `tokenizer.json` took 600 MB of RSS); the largest tokenizers of the
+/// supported families are under 30 MB. [`Tokenizer::from_metadata_with_limit`] sets another cap.
+pub const MAX_TOKENIZER_BYTES: usize = 32 << 20;
+
 /// Why text could not be turned into ids or back.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -21,6 +26,11 @@ pub enum TokenizerError {
     Missing,
     #[error("metadata key {METADATA_KEY:?} has type {found}, expected a string")]
     WrongType { found: &'static str },
+    #[error(
+        "the embedded tokenizer is {len} bytes, more than the {max} bytes this runtime loads \
+         (loading costs about 13 times its size in memory)"
+    )]
+    TooLarge { len: usize, max: usize },
     #[error("the embedded tokenizer cannot be loaded: {0}")]
     Load(String),
     #[error("cannot encode the text: {0}")]
@@ -58,17 +68,39 @@ impl Tokenizer {
     /// [`TokenizerError::Missing`] when the file has none (the message tells the user to pass
     /// `--tokens`), or the value is not a loadable tokenizer.
     pub fn from_metadata(m: &Metadata<'_>) -> Result<Self, TokenizerError> {
-        match m.get(METADATA_KEY) {
-            None => Err(TokenizerError::Missing),
-            Some(MetaValue::Str(s)) => Self::from_json(s),
-            Some(MetaValue::Bytes(b)) => match core::str::from_utf8(b) {
-                Ok(s) => Self::from_json(s),
-                Err(e) => Err(TokenizerError::Load(e.to_string())),
-            },
-            Some(v) => Err(TokenizerError::WrongType { found: v.type_name() }),
-        }
+        Self::from_metadata_with_limit(m, MAX_TOKENIZER_BYTES)
     }
 
+    /// [`from_metadata`](Self::from_metadata) with a size cap of `max_bytes` instead of
+    /// [`MAX_TOKENIZER_BYTES`].
+    ///
+    /// # Errors
+    /// As [`from_metadata`](Self::from_metadata); [`TokenizerError::TooLarge`] above the cap.
+    pub fn from_metadata_with_limit(m: &Metadata<'_>, max_bytes: usize) -> Result<Self, TokenizerError> {
+        Self::from_json(embedded_json(m, max_bytes)?)
+    }
+}
+
+/// The embedded `tokenizer.json` text, checked for presence, type, size and UTF-8 but not
+/// parsed (cheap: no allocation).
+///
+/// # Errors
+/// [`TokenizerError::Missing`], [`TokenizerError::WrongType`], [`TokenizerError::TooLarge`]
+/// above `max_bytes`, or [`TokenizerError::Load`] for text that is not UTF-8.
+pub fn embedded_json<'a>(m: &Metadata<'a>, max_bytes: usize) -> Result<&'a str, TokenizerError> {
+    let text = match m.get(METADATA_KEY) {
+        None => return Err(TokenizerError::Missing),
+        Some(MetaValue::Str(s)) => *s,
+        Some(MetaValue::Bytes(b)) => core::str::from_utf8(b).map_err(|e| TokenizerError::Load(e.to_string()))?,
+        Some(v) => return Err(TokenizerError::WrongType { found: v.type_name() }),
+    };
+    if text.len() > max_bytes {
+        return Err(TokenizerError::TooLarge { len: text.len(), max: max_bytes });
+    }
+    Ok(text)
+}
+
+impl Tokenizer {
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (BOS
     /// for Llama-style tokenizers; none for the fixtures'), as `tokenizer(text)` does in Python.
     ///
@@ -267,5 +299,21 @@ mod tests {
         let m = Metadata::from_entries(vec![(METADATA_KEY, MetaValue::Str("{not json"))]);
         assert!(matches!(Tokenizer::from_metadata(&m), Err(TokenizerError::Load(_))));
         assert!(matches!(fixture().decode(&[999]), Err(TokenizerError::UnknownId { id: 999, vocab: 256 })));
+    }
+
+    #[test]
+    fn oversized_tokenizers_are_refused_before_parsing() {
+        // Valid JSON padded past the cap with whitespace: refused by size, never parsed.
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mixtral/tokenizer.json");
+        let small = std::fs::read_to_string(p).unwrap();
+        let mut big = small.clone();
+        big.push_str(&" ".repeat(MAX_TOKENIZER_BYTES + 1 - small.len()));
+        let m = Metadata::from_entries(vec![(METADATA_KEY, MetaValue::Str(&big))]);
+        let e = Tokenizer::from_metadata(&m).unwrap_err();
+        assert!(matches!(e, TokenizerError::TooLarge { len, max: MAX_TOKENIZER_BYTES } if len == big.len()), "{e}");
+        assert!(Tokenizer::from_metadata_with_limit(&m, big.len()).is_ok());
+        let m = Metadata::from_entries(vec![(METADATA_KEY, MetaValue::Bytes(small.as_bytes()))]);
+        assert!(matches!(Tokenizer::from_metadata_with_limit(&m, 100), Err(TokenizerError::TooLarge { max: 100, .. })));
+        assert_eq!(embedded_json(&m, small.len()).unwrap().len(), small.len());
     }
 }

@@ -246,7 +246,8 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     }
     stdout.flush()?;
     if g.stop == StopReason::ContextFull {
-        writeln!(stderr, "warning: context full ({} positions); stopped", gen_opts.max_context)?;
+        let max = gen_opts.max_context.min(opened.target().max_context());
+        writeln!(stderr, "warning: context full ({max} positions); stopped")?;
     }
     if let Some(e) = tracker.take_error() {
         writeln!(stderr, "warning: residency advice failed: {e}")?;

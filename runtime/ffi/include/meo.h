@@ -116,6 +116,20 @@ typedef struct MeoModel MeoModel;
 typedef struct MeoSession MeoSession;
 
 /**
+ * Options of `meo_model_open_with`. Zero-initialise for the defaults (those of
+ * `meo_model_open`).
+ */
+typedef struct {
+  /**
+   * 1: check the checksums of every tensor outside the expert slabs (embeddings,
+   * attention, norms, routers, dense blocks) and of the file's structure at open, and fail
+   * with `MEO_STATUS_INVALID_MODEL` on a mismatch. Reads those bytes, which every token
+   * reads anyway; expert slabs stay unread. 0: no check.
+   */
+  uint32_t verify_dense;
+} MeoOpenOptions;
+
+/**
  * Facts about a model.
  */
 typedef struct {
@@ -142,7 +156,9 @@ typedef struct {
    */
   uint64_t file_bytes;
   /**
-   * 1 if the file embeds a tokenizer (`meo_tokenize` works), else 0.
+   * 1 if the file embeds a tokenizer of at most 32 MiB, else 0. It is loaded on first
+   * use (`meo_tokenize`, `meo_detokenize`), where a malformed one gives
+   * `MEO_STATUS_INVALID_MODEL`; this call does not load it.
    */
   uint32_t has_tokenizer;
   /**
@@ -160,7 +176,9 @@ typedef struct {
    */
   uint32_t threads;
   /**
-   * Most positions the session holds; 0 = the model's maximum.
+   * Most positions the session holds, at most the model's maximum: 0 = 4096 (a
+   * phone-sized default; `meo_model_context_bytes` gives the KV-cache bytes of a context),
+   * `UINT32_MAX` = the model's maximum.
    */
   uint32_t max_context;
 } MeoSessionOptions;
@@ -170,7 +188,8 @@ typedef struct {
  */
 typedef struct {
   /**
-   * 0 = greedy; otherwise logits are divided by it.
+   * 0 = greedy (so is anything below 1e-6); otherwise logits are divided by it. Must be
+   * finite and >= 0 (`MEO_STATUS_INVALID_ARGUMENT` otherwise); `top_p` must be in (0, 1].
    */
   float temperature;
   /**
@@ -266,9 +285,44 @@ const char *meo_version(void);
 /**
  * Opens the `.meo` file at `path` (UTF-8), memory-mapped lazily: only the experts that
  * routing selects are ever read. On success `*out` is a new handle for `meo_model_free`.
+ * While it is open the file must not be truncated, written or replaced in place (see
+ * `meo_file_guard_install`); `meo_model_open_with` can verify checksums at open.
  */
 MeoStatus meo_model_open(const char *path,
                          MeoModel **out);
+
+/**
+ * `meo_model_open` with options (`options` may be NULL for the defaults).
+ */
+MeoStatus meo_model_open_with(const char *path,
+                              const MeoOpenOptions *options,
+                              MeoModel **out);
+
+/**
+ * Installs meo's opt-in `SIGBUS` guard (Unix; `MEO_STATUS_UNSUPPORTED` elsewhere). Once per
+ * process; later calls do nothing. Call it at start-up, before opening models.
+ *
+ * A model file is memory-mapped: while a model is open, the app must not truncate the file,
+ * write into it or replace it in place (copying over it, `open(O_TRUNC)`), nor hand meo a
+ * file that another process may do this to. Replace a model by writing a new file and
+ * renaming it over the old one (the open model keeps the old bytes), then reopen. Without the
+ * guard, reading a page a truncation removed raises `SIGBUS`, which kills the process. With
+ * it, such a read sees zeros and the next `meo_session_*` call that ran the model fails with
+ * `MEO_STATUS_IO` ("the model file changed on disk"); free the session and reopen the model.
+ * A `SIGBUS` outside meo's mappings goes to the handler installed before this call (or
+ * kills the process as it would have without the guard), so crash reporters keep working.
+ */
+MeoStatus meo_file_guard_install(void);
+
+/**
+ * Writes to `*bytes` the KV-cache bytes a session over `model` uses when it holds
+ * `positions` positions (4096 = the default context; scratch buffers, which do not grow
+ * with the context, not included). Memory grows with the positions fed, up to this figure
+ * for a full context.
+ */
+MeoStatus meo_model_context_bytes(const MeoModel *model,
+                                  uint32_t positions,
+                                  uint64_t *bytes);
 
 /**
  * Opens a model from `len` bytes at `data`, which are copied (the caller may free them when

@@ -230,15 +230,30 @@ impl MeoModel {
 pub struct MeoSessionOptions {
     /// Worker threads; 0 = one per physical core.
     pub threads: u32,
-    /// Most positions the session holds; 0 = the model's maximum.
+    /// Most positions the session holds, at most the model's maximum: 0 = 4096 (a
+    /// phone-sized default; `meo_model_context_bytes` gives the KV-cache bytes of a context),
+    /// `UINT32_MAX` = the model's maximum.
     pub max_context: u32,
+}
+
+/// Options of `meo_model_open_with`. Zero-initialise for the defaults (those of
+/// `meo_model_open`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeoOpenOptions {
+    /// 1: check the checksums of every tensor outside the expert slabs (embeddings,
+    /// attention, norms, routers, dense blocks) and of the file's structure at open, and fail
+    /// with `MEO_STATUS_INVALID_MODEL` on a mismatch. Reads those bytes, which every token
+    /// reads anyway; expert slabs stay unread. 0: no check.
+    pub verify_dense: u32,
 }
 
 /// Sampling settings. `{0, 0, 1.0, 0}` (temperature 0) is greedy decoding, the default.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct MeoSamplerOptions {
-    /// 0 = greedy; otherwise logits are divided by it.
+    /// 0 = greedy (so is anything below 1e-6); otherwise logits are divided by it. Must be
+    /// finite and >= 0 (`MEO_STATUS_INVALID_ARGUMENT` otherwise); `top_p` must be in (0, 1].
     pub temperature: f32,
     /// Keep the `top_k` most likely tokens; 0 = no limit.
     pub top_k: u32,
@@ -264,7 +279,9 @@ pub struct MeoModelInfo {
     pub eos_token: u32,
     /// Size of the model's bytes.
     pub file_bytes: u64,
-    /// 1 if the file embeds a tokenizer (`meo_tokenize` works), else 0.
+    /// 1 if the file embeds a tokenizer of at most 32 MiB, else 0. It is loaded on first
+    /// use (`meo_tokenize`, `meo_detokenize`), where a malformed one gives
+    /// `MEO_STATUS_INVALID_MODEL`; this call does not load it.
     pub has_tokenizer: u32,
     /// 1 if the model is file-backed (`meo_session_trim` and the memory budget work), else 0.
     pub file_backed: u32,
@@ -489,6 +506,8 @@ pub extern "C" fn meo_version() -> *const c_char {
 
 /// Opens the `.meo` file at `path` (UTF-8), memory-mapped lazily: only the experts that
 /// routing selects are ever read. On success `*out` is a new handle for `meo_model_free`.
+/// While it is open the file must not be truncated, written or replaced in place (see
+/// `meo_file_guard_install`); `meo_model_open_with` can verify checksums at open.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_model_open(path: *const c_char, out: *mut *mut MeoModel) -> MeoStatus {
     guard(|| {
@@ -507,6 +526,78 @@ pub unsafe extern "C" fn meo_model_open(path: *const c_char, out: *mut *mut MeoM
         })?;
         let model = Model::from_mapped(map).map_err(model_error)?;
         new_model(Holder::Plain(model), out)
+    })
+}
+
+/// `meo_model_open` with options (`options` may be NULL for the defaults).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_open_with(
+    path: *const c_char,
+    options: *const MeoOpenOptions,
+    out: *mut *mut MeoModel,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(out, "out")?;
+        // SAFETY: NULL or a valid MeoOpenOptions (C contract).
+        let opts = if options.is_null() { MeoOpenOptions::default() } else { unsafe { *options } };
+        let mut m: *mut MeoModel = std::ptr::null_mut();
+        // SAFETY: C contract for `path`; `m` is a valid out-pointer.
+        let status = unsafe { meo_model_open(path, &mut m) };
+        if status != MeoStatus::Ok {
+            return Err((status, LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())));
+        }
+        let held = model_ref(m)?;
+        if opts.verify_dense != 0
+            && let Err(e) = held.model().verify_dense()
+        {
+            drop(held);
+            // SAFETY: `m` is the live handle opened above and given to nobody else.
+            unsafe { meo_model_free(m) };
+            return err(MeoStatus::InvalidModel, format!("checksum verification failed: {e}"));
+        }
+        // SAFETY: checked for NULL above.
+        unsafe { put(out, m) };
+        Ok(())
+    })
+}
+
+/// Installs meo's opt-in `SIGBUS` guard (Unix; `MEO_STATUS_UNSUPPORTED` elsewhere). Once per
+/// process; later calls do nothing. Call it at start-up, before opening models.
+///
+/// A model file is memory-mapped: while a model is open, the app must not truncate the file,
+/// write into it or replace it in place (copying over it, `open(O_TRUNC)`), nor hand meo a
+/// file that another process may do this to. Replace a model by writing a new file and
+/// renaming it over the old one (the open model keeps the old bytes), then reopen. Without the
+/// guard, reading a page a truncation removed raises `SIGBUS`, which kills the process. With
+/// it, such a read sees zeros and the next `meo_session_*` call that ran the model fails with
+/// `MEO_STATUS_IO` ("the model file changed on disk"); free the session and reopen the model.
+/// A `SIGBUS` outside meo's mappings goes to the handler installed before this call (or
+/// kills the process as it would have without the guard), so crash reporters keep working.
+#[unsafe(no_mangle)]
+pub extern "C" fn meo_file_guard_install() -> MeoStatus {
+    guard(|| {
+        #[cfg(unix)]
+        {
+            meo::guard::install().map_err(|e| (MeoStatus::Io, e.to_string()))
+        }
+        #[cfg(not(unix))]
+        err(MeoStatus::Unsupported, "the file guard needs a Unix platform")
+    })
+}
+
+/// Writes to `*bytes` the KV-cache bytes a session over `model` uses when it holds
+/// `positions` positions (4096 = the default context; scratch buffers, which do not grow
+/// with the context, not included). Memory grows with the positions fed, up to this figure
+/// for a full context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_context_bytes(model: *const MeoModel, positions: u32, bytes: *mut u64) -> MeoStatus {
+    guard(|| {
+        check_ptr(bytes, "bytes")?;
+        let m = model_ref(model)?;
+        let b = m.model().config().kv_cache_bytes(positions as usize);
+        // SAFETY: checked above.
+        unsafe { put(bytes, b) };
+        Ok(())
     })
 }
 
@@ -586,7 +677,11 @@ pub unsafe extern "C" fn meo_model_info(model: *const MeoModel, out: *mut MeoMod
             max_context: u32c(c.max_position_embeddings),
             eos_token: c.eos_token_ids.iter().find_map(|&e| u32::try_from(e).ok()).unwrap_or(MEO_TOKEN_NONE),
             file_bytes: m.model().bytes().len() as u64,
-            has_tokenizer: u32::from(m.tokenizer().is_ok()),
+            // Present, within the size cap and UTF-8; parsed only on first use (loading costs
+            // about 13 times its size in memory).
+            has_tokenizer: u32::from(m.model().file().is_ok_and(|f| {
+                meo::tokenizer::embedded_json(&f.metadata, meo::tokenizer::MAX_TOKENIZER_BYTES).is_ok()
+            })),
             file_backed: u32::from(match &m.holder {
                 Holder::Plain(p) => p.mapped().is_some(),
                 #[cfg(unix)]
@@ -682,7 +777,9 @@ fn make_session(model: &Arc<MeoModel>, opts: MeoSessionOptions) -> Res<Session<'
     // SAFETY (lifetime): the session borrows the model inside an `Arc` that the `MeoSession`
     // owns and drops after the session (field order); the `Arc`'s contents never move.
     let m: &'static Model = unsafe { &*std::ptr::from_ref(model.model()) };
-    Session::new(m, SessionOptions { threads: opts.threads as usize, max_context: opts.max_context as usize })
+    // UINT32_MAX asks for the model's maximum, whatever the width of usize.
+    let max_context = if opts.max_context == u32::MAX { usize::MAX } else { opts.max_context as usize };
+    Session::new(m, SessionOptions { threads: opts.threads as usize, max_context })
         .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))
 }
 
@@ -1155,6 +1252,7 @@ fn forward_status(e: &meo::ForwardError) -> (MeoStatus, String) {
         meo::ForwardError::TokenOutOfRange { .. } => MeoStatus::TokenOutOfRange,
         meo::ForwardError::ContextOverflow { .. } => MeoStatus::ContextFull,
         meo::ForwardError::EncoderOnly => MeoStatus::Unsupported,
+        meo::ForwardError::FileChanged => MeoStatus::Io,
     };
     (status, e.to_string())
 }

@@ -219,6 +219,74 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, FormatError> {
     })
 }
 
+/// The validated byte ranges of a file's structure (see [`check_sections`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sections {
+    pub header: Header,
+    pub metadata: Range<usize>,
+    pub names: Range<usize>,
+    pub table: Range<usize>,
+}
+
+impl Sections {
+    /// Bytes `0..end` hold everything [`MeoFile::parse`] reads: header, metadata, names and
+    /// tensor table (no tensor data).
+    pub fn structure_end(&self) -> usize {
+        self.table.end
+    }
+}
+
+/// Validates the fixed header and where its sections lie (caps, bounds, order, alignment,
+/// the data section ending the file), reading only the header's bytes. [`MeoFile::parse`]
+/// starts with it; a reader that advises the OS about a file's pages calls it first, so no
+/// advice ever covers a range a crafted header made up.
+///
+/// # Errors
+/// The first [`FormatError`] about the header or a section.
+pub fn check_sections(bytes: &[u8]) -> Result<Sections, FormatError> {
+    let h = parse_header(bytes)?;
+    let file_len = bytes.len() as u64;
+    let too_large = |section, len, max| FormatError::SectionTooLarge { section, len, max };
+    if h.metadata.1 > MAX_METADATA_LEN {
+        return Err(too_large("metadata", h.metadata.1, MAX_METADATA_LEN));
+    }
+    if h.names.1 > MAX_NAMES_LEN {
+        return Err(too_large("names", h.names.1, MAX_NAMES_LEN));
+    }
+    if h.tensor_count > MAX_TENSORS {
+        return Err(FormatError::TooManyTensors { count: h.tensor_count, max: MAX_TENSORS });
+    }
+    let table_len = h.tensor_count * RECORD_LEN; // both capped: no overflow
+    let meta_r = section("metadata", h.metadata.0, h.metadata.1, file_len)?;
+    let names_r = section("names", h.names.0, h.names.1, file_len)?;
+    let table_r = section("tensor table", h.table_offset, table_len, file_len)?;
+    let data_r = section("data", h.data_offset, h.data_len, file_len)?;
+    // Sections follow one another in this order, without overlap.
+    let order = [
+        ("metadata", HEADER_LEN, h.metadata.0),
+        ("names", meta_r.end as u64, h.names.0),
+        ("tensor table", names_r.end as u64, h.table_offset),
+        ("data", table_r.end as u64, h.data_offset),
+    ];
+    for (section, prev_end, offset) in order {
+        if offset < prev_end {
+            return Err(FormatError::SectionOrder { section, offset });
+        }
+    }
+    if h.data_offset % u64::from(h.alignment) != 0 {
+        return Err(FormatError::SectionMisaligned {
+            section: "data",
+            offset: h.data_offset,
+            align: u64::from(h.alignment),
+        });
+    }
+    if data_r.end as u64 != file_len {
+        return Err(FormatError::DataLenMismatch { data_end: data_r.end as u64, file_len });
+    }
+
+    Ok(Sections { header: h, metadata: meta_r, names: names_r, table: table_r })
+}
+
 /// If `name` is `<prefix>.experts.<id>.<part>`, the slab key `<prefix>.experts.<id>`.
 pub fn slab_key(name: &str) -> Option<&str> {
     let (key, part) = name.rsplit_once('.')?;
@@ -233,46 +301,7 @@ impl<'a> MeoFile<'a> {
     /// # Errors
     /// A [`FormatError`] naming the first problem found.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
-        let h = parse_header(bytes)?;
-        let file_len = bytes.len() as u64;
-        let too_large = |section, len, max| FormatError::SectionTooLarge { section, len, max };
-        if h.metadata.1 > MAX_METADATA_LEN {
-            return Err(too_large("metadata", h.metadata.1, MAX_METADATA_LEN));
-        }
-        if h.names.1 > MAX_NAMES_LEN {
-            return Err(too_large("names", h.names.1, MAX_NAMES_LEN));
-        }
-        if h.tensor_count > MAX_TENSORS {
-            return Err(FormatError::TooManyTensors { count: h.tensor_count, max: MAX_TENSORS });
-        }
-        let table_len = h.tensor_count * RECORD_LEN; // both capped: no overflow
-        let meta_r = section("metadata", h.metadata.0, h.metadata.1, file_len)?;
-        let names_r = section("names", h.names.0, h.names.1, file_len)?;
-        let table_r = section("tensor table", h.table_offset, table_len, file_len)?;
-        let data_r = section("data", h.data_offset, h.data_len, file_len)?;
-        // Sections follow one another in this order, without overlap.
-        let order = [
-            ("metadata", HEADER_LEN, h.metadata.0),
-            ("names", meta_r.end as u64, h.names.0),
-            ("tensor table", names_r.end as u64, h.table_offset),
-            ("data", table_r.end as u64, h.data_offset),
-        ];
-        for (section, prev_end, offset) in order {
-            if offset < prev_end {
-                return Err(FormatError::SectionOrder { section, offset });
-            }
-        }
-        if h.data_offset % u64::from(h.alignment) != 0 {
-            return Err(FormatError::SectionMisaligned {
-                section: "data",
-                offset: h.data_offset,
-                align: u64::from(h.alignment),
-            });
-        }
-        if data_r.end as u64 != file_len {
-            return Err(FormatError::DataLenMismatch { data_end: data_r.end as u64, file_len });
-        }
-
+        let Sections { header: h, metadata: meta_r, names: names_r, table: table_r } = check_sections(bytes)?;
         let metadata = Metadata::parse(&bytes[meta_r])?;
         let names = &bytes[names_r];
         let table = &bytes[table_r];
@@ -321,6 +350,26 @@ impl<'a> MeoFile<'a> {
     pub fn slab_range(&self, s: &Slab<'_>) -> Range<usize> {
         let start = (self.header.data_offset + s.offset) as usize;
         start..start + s.len as usize
+    }
+
+    /// Checks the structure checksum and the checksums of the tensors outside expert slabs
+    /// (what every token reads anyway: embeddings, attention, norms, routers, dense blocks).
+    /// Expert slabs are not read, so a lazily mapped model stays lazy.
+    ///
+    /// # Errors
+    /// The first mismatch found.
+    pub fn verify_dense(&self) -> Result<(), FormatError> {
+        let found = structure_crc32(self.bytes, &self.header);
+        if found != self.header.structure_crc32 {
+            return Err(FormatError::StructureChecksum { expected: self.header.structure_crc32, found });
+        }
+        for t in self.tensors.iter().filter(|t| slab_key(t.name).is_none()) {
+            let found = crc32fast::hash(self.data(t));
+            if found != t.crc32 {
+                return Err(FormatError::ChecksumMismatch { name: t.name.to_string(), expected: t.crc32, found });
+            }
+        }
+        Ok(())
     }
 
     /// Reads every byte: checks the structure checksum, every tensor checksum, and that

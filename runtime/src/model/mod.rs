@@ -24,7 +24,7 @@ mod trace;
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use exec::{ExecPlan, LayerExec};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
-pub use session::{ForwardError, Logits, Session, SessionError, SessionOptions};
+pub use session::{DEFAULT_MAX_CONTEXT, ForwardError, Logits, Session, SessionError, SessionOptions};
 pub use trace::{NoTrace, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -211,6 +211,25 @@ impl Model {
     /// The model description from the file's metadata.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// [`MeoFile::verify_dense`] on this model's file: the checksums of everything but the
+    /// expert slabs (opt-in at open: it reads those bytes, which every token reads anyway).
+    ///
+    /// # Errors
+    /// A checksum does not match.
+    pub fn verify_dense(&self) -> Result<(), FormatError> {
+        self.file()?.verify_dense()
+    }
+
+    /// Whether the model's file changed on disk while mapped (truncated or rewritten in
+    /// place), as detected by the SIGBUS guard ([`crate::guard`]); the bytes read since then
+    /// are zeros, not the model's. Always false for bytes in memory or without the guard.
+    pub fn file_changed(&self) -> bool {
+        #[cfg(all(feature = "std", unix))]
+        return crate::guard::changed(self.storage.bytes());
+        #[cfg(not(all(feature = "std", unix)))]
+        false
     }
 
     /// The whole file (touching weight bytes pages them in).

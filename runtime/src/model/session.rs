@@ -25,13 +25,30 @@ pub enum Logits {
     Last,
 }
 
+/// Positions a session holds when [`SessionOptions::max_context`] is 0: a phone-sized KV
+/// cache by default ([`ModelConfig::kv_cache_bytes`](crate::ModelConfig::kv_cache_bytes) gives
+/// the bytes), not the model's maximum, which can be 128 Ki positions and gigabytes.
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
 /// Options of a [`Session`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SessionOptions {
     /// Worker threads for the kernels; 0 = [`crate::kernels::default_threads`] (1 without `std`).
     pub threads: usize,
-    /// Most positions the session holds; 0 = the model's `max_position_embeddings`.
+    /// Most positions the session holds, at most the model's `max_position_embeddings`:
+    /// 0 = [`DEFAULT_MAX_CONTEXT`], `usize::MAX` = the model's maximum.
     pub max_context: usize,
+}
+
+impl SessionOptions {
+    /// The positions a session with these options holds over a model with config `c`.
+    pub fn context_for(&self, c: &crate::ModelConfig) -> usize {
+        let want = if self.max_context == 0 { DEFAULT_MAX_CONTEXT } else { self.max_context };
+        match c.max_position_embeddings {
+            0 => want,
+            m => want.min(m),
+        }
+    }
 }
 
 /// Why a session could not be created.
@@ -50,6 +67,13 @@ pub enum ForwardError {
     ContextOverflow { cached: usize, tokens: usize, max: usize },
     #[error("this model is an encoder (bidirectional, no LM head): run it with encode, not forward")]
     EncoderOnly,
+    /// The SIGBUS guard ([`crate::guard`]) saw the mapped file shrink or change on disk: what
+    /// was computed read zeros instead of weights. Reopen the model.
+    #[error(
+        "the model file changed on disk while in use (truncated or rewritten in place); \
+         results would be wrong: reopen the model"
+    )]
+    FileChanged,
 }
 
 enum Pool {
@@ -142,12 +166,7 @@ impl<'m> Session<'m> {
     /// The worker threads could not be started.
     pub fn new(model: &'m Model, opts: SessionOptions) -> Result<Self, SessionError> {
         let pool = make_pool(opts.threads)?;
-        let max = model.config().max_position_embeddings;
-        let max_context = match (opts.max_context, max) {
-            (0, m) => m,
-            (o, 0) => o,
-            (o, m) => o.min(m),
-        };
+        let max_context = opts.context_for(model.config());
         Ok(Self {
             model,
             pool,
@@ -245,6 +264,13 @@ impl<'m> Session<'m> {
         self.max_context
     }
 
+    /// Bytes the KV cache holds now (see [`ModelConfig::kv_cache_bytes`](crate::ModelConfig::kv_cache_bytes)
+    /// for what a context will cost).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        let floats: usize = self.cache.iter().flat_map(|c| c.k.iter().chain(&c.v)).map(Vec::len).sum();
+        floats as u64 * 4
+    }
+
     /// Worker threads in use.
     pub fn threads(&self) -> usize {
         self.pool.par().threads()
@@ -337,6 +363,10 @@ impl<'m> Session<'m> {
             self.logits.iter_mut().for_each(|v| *v /= scaling);
         }
         self.pos += t;
+        if m.file_changed() {
+            self.truncate(self.pos - t); // drop what the zeros produced
+            return Err(ForwardError::FileChanged);
+        }
         Ok(&self.logits)
     }
 
@@ -369,11 +399,18 @@ impl<'m> Session<'m> {
             meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
         }
         self.pos += tokens.len();
+        if m.file_changed() {
+            self.truncate(0);
+            return Err(ForwardError::FileChanged);
+        }
         Ok(&self.hidden)
     }
 
     /// Refuses out-of-vocabulary tokens and more than the context holds after `cached`.
     fn check(&self, tokens: &[u32], cached: usize) -> Result<(), ForwardError> {
+        if self.model.file_changed() {
+            return Err(ForwardError::FileChanged);
+        }
         let vocab = self.model.config().vocab_size;
         if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &tok)| tok as usize >= vocab) {
             return Err(ForwardError::TokenOutOfRange { index, token, vocab });

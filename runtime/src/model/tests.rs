@@ -83,3 +83,20 @@ fn attention_sink_takes_probability_mass() {
     softmax_with_sink(&mut q, 1e4);
     assert!(q.iter().all(|&v| v < 1e-6));
 }
+
+#[test]
+fn sessions_default_to_a_capped_context() {
+    use super::{DEFAULT_MAX_CONTEXT, SessionOptions};
+    let mut c = config(8, 1e4);
+    c.max_position_embeddings = 1 << 17;
+    let opts = |max_context| SessionOptions { threads: 1, max_context };
+    assert_eq!(SessionOptions::default().context_for(&c), DEFAULT_MAX_CONTEXT);
+    assert_eq!(opts(usize::MAX).context_for(&c), 1 << 17);
+    assert_eq!(opts(100).context_for(&c), 100);
+    c.max_position_embeddings = 16;
+    assert_eq!(SessionOptions::default().context_for(&c), 16);
+    // 1 layer, 1 KV head of 8: keys and values, f32.
+    assert_eq!(c.kv_bytes_per_position(), 2 * 8 * 4);
+    assert_eq!(c.kv_cache_bytes(DEFAULT_MAX_CONTEXT), 2 * 8 * 4 * DEFAULT_MAX_CONTEXT as u64);
+    assert_eq!(c.kv_cache_bytes(usize::MAX), u64::MAX);
+}
