@@ -25,7 +25,7 @@ pub fn check_model(f: &MeoFile<'_>) -> Result<Option<ModelConfig>> {
         return Ok(None);
     }
     let cfg = ModelConfig::from_metadata(&f.metadata).context("model metadata")?;
-    for c in canonical::tensors(&cfg) {
+    for c in canonical::tensors_within(&cfg, canonical::budget(canonical::file_elements(f)), "the file")? {
         let t = f.tensor(&c.name).with_context(|| format!("tensor {:?} is missing", c.name))?;
         ensure!(t.shape() == c.shape.as_slice(), "tensor {:?}: shape {:?}, expected {:?}", c.name, t.shape(), c.shape);
         let ok = match c.role {
