@@ -42,14 +42,8 @@ pub fn check_cancel(cancel: &AtomicBool) -> Result<(), Cancelled> {
 
 /// A [`Cancelled`] anywhere in `e` becomes one naming `out`.
 fn name_output(e: anyhow::Error, out: &Path) -> anyhow::Error {
-    if e.downcast_ref::<Cancelled>().is_some()
-        || e.downcast_ref::<crate::align::AlignError>()
-            .is_some_and(|a| matches!(a, crate::align::AlignError::Cancelled(_)))
-    {
-        Cancelled { output: Some(out.to_path_buf()) }.into()
-    } else {
-        e
-    }
+    // Alignment's cancellation is turned into a plain `Cancelled` where it is called.
+    if e.downcast_ref::<Cancelled>().is_some() { Cancelled { output: Some(out.to_path_buf()) }.into() } else { e }
 }
 
 /// Output dtypes and expert layout.
@@ -133,7 +127,9 @@ pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
             )
             .map_err(|e| match e {
                 crate::align::AlignError::Cancelled(c) => anyhow::Error::new(c),
-                e => anyhow::Error::new(e).context(format!("aligning expert {expert} of layer {layer} to expert 0")),
+                e => anyhow::Error::new(e).context(format!(
+                    "aligning expert {expert} of layer {layer} to expert 0 (--align-experts off stores experts unaligned)"
+                )),
             })?,
             _ => {
                 // Expert 0 (the first of its layer) is the reference: identity.
