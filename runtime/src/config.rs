@@ -327,7 +327,8 @@ fn f32_of(m: &Metadata<'_>, key: &'static str) -> Result<f32, ConfigError> {
     match get(m, key)? {
         // Finite as an f64 is not enough: 1e300 becomes f32 infinity.
         MetaValue::F64(x) if (*x as f32).is_finite() => Ok(*x as f32),
-        MetaValue::F64(x) => Err(ConfigError::Invalid { key, value: x.to_string() }),
+        // Debug prints 1e300, not 301 digits.
+        MetaValue::F64(x) => Err(ConfigError::Invalid { key, value: alloc::format!("{x:?}") }),
         v => Err(wrong(key, "f64", v)),
     }
 }
