@@ -417,7 +417,8 @@ impl Checkpoint {
     /// `count` elements of tensor `name` from element `first`, as f32.
     ///
     /// # Errors
-    /// Unknown tensor, range out of bounds, unsupported dtype, I/O.
+    /// Unknown tensor, range out of bounds, unsupported dtype, I/O, a NaN or infinite value
+    /// ([`NonFinite`], naming the tensor and element).
     pub fn read_f32(&self, name: &str, first: u64, count: u64) -> Result<Vec<f32>> {
         let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
         let path = &self.files[e.file].0;
