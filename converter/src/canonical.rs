@@ -95,14 +95,81 @@ impl Canon {
     }
 }
 
+/// A config whose tensors hold more values than the file or checkpoint they are read from:
+/// some size in it is wrong (checked before the tensor list is built, so a crafted size
+/// cannot make it allocate without bound).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the config describes far more weights than {source_name} holds (tensor budget {budget} exceeded): a size in it \
+     (layers, experts, widths) is wrong"
+)]
+pub struct TooLarge {
+    pub budget: u64,
+    pub source_name: &'static str,
+}
+
+/// What one tensor costs in [`tensors_within`]'s budget beyond its values.
+const ENTRY_COST: u64 = 64;
+
+/// The budget for [`tensors_within`] when the tensors are read from weights holding
+/// `elements` values: generous (a config off by a layer still reaches the tensor checks,
+/// which name what is missing), but proportional to the weights, never to the config.
+pub fn budget(elements: u64) -> u64 {
+    elements.saturating_mul(4).saturating_add(1 << 16)
+}
+
+/// Number of values in all tensors of `f`.
+pub fn file_elements(f: &meo::MeoFile<'_>) -> u64 {
+    f.tensors()
+        .iter()
+        .map(|t| t.shape().iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX))
+        .fold(0, u64::saturating_add)
+}
+
+/// Canon list that stops growing once its tensors' elements exceed a budget.
+struct Budgeted {
+    out: Vec<Canon>,
+    left: u64,
+    over: bool,
+}
+
+impl Budgeted {
+    fn push(&mut self, c: Canon) {
+        // Each entry costs its values plus a fixed overhead, so a config of many tiny (or
+        // empty) tensors is bounded too.
+        let n = c.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX).saturating_add(ENTRY_COST);
+        match self.left.checked_sub(n) {
+            Some(left) if !self.over => {
+                self.left = left;
+                self.out.push(c);
+            }
+            _ => self.over = true,
+        }
+    }
+}
+
+/// Every tensor of a model with config `c`, in file order (see [`tensors_within`]). For a
+/// config already checked against its weights, or built by this converter.
+pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
+    tensors_within(c, u64::MAX, "").unwrap_or_default()
+}
+
 /// Every tensor of a model with config `c`, in file order: embeddings; per layer the
 /// attention norm, q/k/v weights, their biases, o, q/k norms, FFN norm, then either the
 /// dense FFN or the router, shared expert, shared gate and the expert slabs (expert order,
 /// each gate, up, down); then the output norm and (unless tied) the LM head.
-pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
+///
+/// # Errors
+/// [`TooLarge`] once the tensors listed hold more than `budget` values in all (the values
+/// `source_name` holds), before the list grows further.
+pub fn tensors_within(c: &ModelConfig, budget: u64, source_name: &'static str) -> Result<Vec<Canon>, TooLarge> {
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
-    let (q, kv) = ((c.num_heads * c.head_dim) as u64, (c.num_kv_heads * c.head_dim) as u64);
-    let mut out = Vec::new();
+    let (q, kv) = (
+        (c.num_heads as u64).saturating_mul(c.head_dim as u64),
+        (c.num_kv_heads as u64).saturating_mul(c.head_dim as u64),
+    );
+    let too_large = TooLarge { budget, source_name };
+    let mut out = Budgeted { out: Vec::new(), left: budget, over: false };
     let global = |name: &str, shape: Vec<u64>, role| Canon { name: name.into(), shape, role, place: Place::Global };
     out.push(global(names::EMBED, vec![v, h], Role::Dense));
     let layer_norm = c.recipe.norm == NormKind::Layer;
@@ -116,7 +183,10 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
     }
     // Dense FFNs and experts: SiLU-gated unless ReLU (MEO banks' GELU is not an FFN kind here).
     let gated = c.recipe.ffn_activation != meo::config::Activation::Relu;
-    for l in 0..c.num_layers {
+    for l in 0..c.num_layers.min(c.layer_ffn.len()) {
+        if out.over {
+            return Err(too_large);
+        }
         let mut push = |suffix: &'static str, shape: Vec<u64>, role| {
             out.push(Canon { name: names::layer(l, suffix), shape, role, place: Place::Layer { layer: l, suffix } });
         };
@@ -187,6 +257,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
                         out.push(lay(l, sfx[4], vec![inp], Role::Bias));
                     }
                     for x in 0..e {
+                        if out.over {
+                            return Err(too_large);
+                        }
                         for (p, part) in BANK_EXPERT_PARTS.iter().enumerate() {
                             out.push(Canon {
                                 name: names::bank_expert(l, MEO_BANKS[b], x, part),
@@ -227,6 +300,9 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
                 }
                 let i = c.expert_intermediate_size as u64;
                 for x in 0..r.num_experts {
+                    if out.over {
+                        return Err(too_large);
+                    }
                     for (p, part) in EXPERT_PARTS.iter().enumerate().filter(|(_, p)| gated || **p != "gate") {
                         let shape = if *part == "down" { vec![h, i] } else { vec![i, h] };
                         out.push(Canon {
@@ -257,7 +333,7 @@ pub fn tensors(c: &ModelConfig) -> Vec<Canon> {
     if !c.tie_word_embeddings && !c.recipe.encoder_only {
         out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
     }
-    out
+    if out.over { Err(too_large) } else { Ok(out.out) }
 }
 
 /// Checks that the tensors of `f` are the ones its model config needs, with their shapes
@@ -271,7 +347,9 @@ pub fn check_model(f: &MeoFile<'_>) -> Result<Option<ModelConfig>> {
         return Ok(None);
     }
     let cfg = ModelConfig::from_metadata(&f.metadata).context("model metadata")?;
-    for c in tensors(&cfg) {
+    // Sized from the file's own tensor table, never from the config alone (a crafted config
+    // could claim billions of tensors).
+    for c in tensors_within(&cfg, budget(file_elements(f)), "the file")? {
         let t = f.tensor(&c.name).with_context(|| format!("tensor {:?} is missing", c.name))?;
         ensure!(t.shape() == c.shape.as_slice(), "tensor {:?}: shape {:?}, expected {:?}", c.name, t.shape(), c.shape);
         let ok = match c.role {

@@ -22,6 +22,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Metadata key of the embedded `tokenizer.json`.
 pub const TOKENIZER_KEY: &str = "tokenizer.huggingface.json";
 
+/// A conversion stopped because its cancellation flag was set (Ctrl-C in `meo convert`).
+/// Every long loop (reading, alignment, calibration, merging, writing) checks the flag at
+/// least once a second; nothing is left at the output path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("interrupted{}", .output.as_ref().map(|p| format!("; {} was not written", p.display())).unwrap_or_default())]
+pub struct Cancelled {
+    /// The output that was not written, once known.
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// `Err(Cancelled)` once `cancel` is set.
+///
+/// # Errors
+/// [`Cancelled`].
+pub fn check_cancel(cancel: &AtomicBool) -> Result<(), Cancelled> {
+    if cancel.load(Ordering::Relaxed) { Err(Cancelled { output: None }) } else { Ok(()) }
+}
+
+/// A [`Cancelled`] anywhere in `e` becomes one naming `out`.
+fn name_output(e: anyhow::Error, out: &Path) -> anyhow::Error {
+    // Alignment's cancellation is turned into a plain `Cancelled` where it is called.
+    if e.downcast_ref::<Cancelled>().is_some() { Cancelled { output: Some(out.to_path_buf()) }.into() } else { e }
+}
+
 /// Output dtypes and expert layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -85,9 +109,7 @@ pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
     let mut reference: Option<(usize, [Vec<f32>; 3])> = None;
     for (canon, src) in p.canon.iter().zip(&p.sources) {
         let Place::Expert { layer, expert, part } = canon.place else { continue };
-        if cancel.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
+        check_cancel(cancel)?;
         let v = src.read(&p.model.checkpoint)?;
         let e = parts.entry((layer, expert)).or_default();
         e[part] = v;
@@ -101,7 +123,14 @@ pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
                 crate::align::ExpertF32 { gate: &g, up: &u, down: &d },
                 i,
                 h,
-            ),
+                cancel,
+            )
+            .map_err(|e| match e {
+                crate::align::AlignError::Cancelled(c) => anyhow::Error::new(c),
+                e => anyhow::Error::new(e).context(format!(
+                    "aligning expert {expert} of layer {layer} to expert 0 (--align-experts off stores experts unaligned)"
+                )),
+            })?,
             _ => {
                 // Expert 0 (the first of its layer) is the reference: identity.
                 reference = Some((layer, [g, u, d]));
@@ -222,10 +251,6 @@ pub fn check_output(out: &Path) -> Result<()> {
         .with_context(|| format!("output {}: cannot create a file in {}", out.display(), dir.display()))
 }
 
-fn interrupted(e: anyhow::Error, out: &Path) -> anyhow::Error {
-    if e.to_string() == "interrupted" { anyhow::anyhow!("interrupted; {} was not written", out.display()) } else { e }
-}
-
 /// Encodes `w` (a row-major tensor of `shape`) as `dtype`.
 pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
     match dtype {
@@ -289,10 +314,23 @@ pub fn convert_with(
     progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
     check_output(out)?;
+    convert_inner(dir, out, opts, merges, cancel, progress).map_err(|e| name_output(e, out))
+}
+
+fn convert_inner(
+    dir: &Path,
+    out: &Path,
+    opts: Options,
+    merges: &crate::merges::MergeSpec,
+    cancel: &AtomicBool,
+    progress: impl FnMut(Event<'_>),
+) -> Result<Summary> {
     if merges.tasks.is_empty() {
         return convert_single(dir, out, opts, cancel, progress);
     }
     let hf = crate::hf::HfModel::open(dir)?;
+    let texts: Vec<&Path> = merges.tasks.iter().map(|t| t.text.as_path()).collect();
+    crate::writer::refuse_overwriting(out, hf.input_paths().iter().map(|p| p.as_path()).chain(texts))?;
     if hf.family.kind == crate::hf::Kind::MeoNative {
         bail!(
             "--task is for standard MoEs (merges from calibration text); an MEO-native model's task merges \
@@ -325,11 +363,8 @@ pub(crate) fn convert_single(
 ) -> Result<Summary> {
     let p = plan(dir, opts)?;
     let has_experts = p.canon.iter().any(|c| matches!(c.place, crate::canonical::Place::Expert { .. }));
-    let orders = if opts.align && has_experts {
-        Some(alignment_orders(&p, cancel).map_err(|e| interrupted(e, out))?)
-    } else {
-        None
-    };
+    crate::writer::refuse_overwriting(out, p.model.input_paths().iter().map(|p| p.as_path()))?;
+    let orders = if opts.align && has_experts { Some(alignment_orders(&p, cancel)?) } else { None };
     let mut extra = alignment_metadata(orders.as_ref());
     // MEO-native task merges: the gates (cheap) now, the merged banks when they are written.
     let gates = if p.model.tasks.is_empty() {
@@ -349,9 +384,7 @@ pub(crate) fn convert_single(
         MeoWriter::new(BufWriter::with_capacity(1 << 20, file), &meta, specs.clone(), DEFAULT_ALIGNMENT).map_err(io)?;
     progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
     for ((c, src), spec) in canon.iter().zip(&sources).zip(&specs) {
-        if cancel.load(Ordering::Relaxed) {
-            bail!("interrupted; {} was not written", out.display());
-        }
+        check_cancel(cancel)?;
         let mut values = match c.place {
             crate::canonical::Place::TaskBank { task, layer, bank, part } => {
                 crate::hf::meo_gpt2::task_bank_values(&model.checkpoint, layer, bank, part, &gates[task][layer][bank])?

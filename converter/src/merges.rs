@@ -21,7 +21,7 @@
 
 use crate::align::unpermute;
 use crate::canonical;
-use crate::convert::{Event, Options, Orders, Owned, Summary, TOKENIZER_KEY, encode};
+use crate::convert::{Event, Options, Orders, Owned, Summary, TOKENIZER_KEY, check_cancel, encode};
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
 use anyhow::{Context, Result, bail, ensure};
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
@@ -32,7 +32,7 @@ use meo::{DType, Logits, Model, Session, SessionOptions, Trace};
 use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// Calibration windows: tokens run per sequence (at most the model's context).
 pub const CALIB_WINDOW: usize = 128;
@@ -177,9 +177,7 @@ fn calibrate(model: &Model, tokens: &[u32], cancel: &AtomicBool) -> Result<BTree
     let win = CALIB_WINDOW.min(s.max_context()).max(1);
     let mut rec = Recorder { experts: model.config().router.num_experts, ..Default::default() };
     for (i, chunk) in tokens.chunks(win).enumerate() {
-        if cancel.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
+        check_cancel(cancel)?;
         rec.keep = i < ERROR_WINDOWS;
         s.reset();
         s.forward_with(chunk, Logits::Last, &mut rec)?;
@@ -276,12 +274,14 @@ fn task_merges(
     orders: Option<&Orders>,
     weighting: Weighting,
     dtype: DType,
+    cancel: &AtomicBool,
 ) -> Result<TaskMerges> {
     let c = model.config();
     let (h, i) = (c.hidden_size, c.expert_intermediate_size);
     let mut layers = Vec::new();
     let mut tokens = 0;
     for (&l, r) in recs {
+        check_cancel(cancel)?;
         tokens = r.tokens;
         let w = weights(r, weighting);
         let experts: Vec<ExpertRef<'_>> = (0..c.router.num_experts).map(|e| model.expert(l, e).expect("MoE")).collect();
@@ -311,7 +311,7 @@ fn task_merges(
 }
 
 /// Prompt-mode merge error per MoE layer over the kept windows of every task.
-fn prompt_errors(model: &Model, all: &[BTreeMap<usize, LayerRec>]) -> Result<Vec<(usize, f64)>> {
+fn prompt_errors(model: &Model, all: &[BTreeMap<usize, LayerRec>], cancel: &AtomicBool) -> Result<Vec<(usize, f64)>> {
     let c = model.config();
     let (h, i, k) = (c.hidden_size, c.expert_intermediate_size, c.router.top_k);
     let mut out = Vec::new();
@@ -319,6 +319,7 @@ fn prompt_errors(model: &Model, all: &[BTreeMap<usize, LayerRec>]) -> Result<Vec
         let experts: Vec<ExpertRef<'_>> = (0..c.router.num_experts).map(|e| model.expert(l, e).expect("MoE")).collect();
         let mut sums = (0.0, 0.0);
         for w in all.iter().filter_map(|r| r.get(&l)).flat_map(|r| &r.windows) {
+            check_cancel(cancel)?;
             let n = w.x.len() / h;
             if n <= PROMPT_LEN {
                 continue;
@@ -388,15 +389,6 @@ pub fn read_orders(model: &Model) -> Result<Option<Orders>> {
     Ok(Some(orders))
 }
 
-/// Removes a file when dropped.
-struct TempPath(PathBuf);
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// [`crate::convert::convert_with`] with at least one task.
 ///
 /// # Errors
@@ -422,15 +414,16 @@ pub fn convert_with_tasks(
     let first_opts = Options { experts: DType::F32, dense: DType::F32, align: opts.align };
     let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let first = TempPath(dir_out.join(format!(".{name}.calibration-{}.meo", std::process::id())));
-    let first_summary = crate::convert::convert_single(dir, &first.0, first_opts, cancel, |_| {}).map_err(|e| {
-        if e.to_string().starts_with("interrupted") {
-            anyhow::anyhow!("interrupted; {} was not written", out.display())
-        } else {
-            e
-        }
-    })?;
-    let model = Model::open(&first.0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Created exclusively under an unpredictable name (as the output's temporary file), and
+    // removed when dropped: on success, error and cancellation alike.
+    let first = tempfile::Builder::new()
+        .prefix(&format!(".{name}.calibration-"))
+        .suffix(".meo")
+        .tempfile_in(dir_out)
+        .with_context(|| format!("{}: cannot create the calibration file", dir_out.display()))?
+        .into_temp_path();
+    let first_summary = crate::convert::convert_single(dir, &first, first_opts, cancel, |_| {})?;
+    let model = Model::open(&first).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Stored task merges are SiLU-gated experts (the task tensors name gate, up, down).
     ensure!(
         model.config().recipe.ffn_activation.gated() || model.moe_layers().next().is_none(),
@@ -451,17 +444,11 @@ pub fn convert_with_tasks(
     for (t, text) in spec.tasks.iter().zip(&texts) {
         let ids = tok.encode(text).map_err(|e| anyhow::anyhow!("task {}: {e}", t.name))?;
         ensure!(!ids.is_empty(), "task {}: the calibration text {} has no tokens", t.name, t.text.display());
-        let r = calibrate(&model, &ids, cancel).map_err(|e| {
-            if e.to_string() == "interrupted" {
-                anyhow::anyhow!("interrupted; {} was not written", out.display())
-            } else {
-                e
-            }
-        })?;
-        tasks.push(task_merges(&model, &t.name, &r, orders.as_ref(), spec.weighting, opts.experts)?);
+        let r = calibrate(&model, &ids, cancel)?;
+        tasks.push(task_merges(&model, &t.name, &r, orders.as_ref(), spec.weighting, opts.experts, cancel)?);
         recs.push(r);
     }
-    let prompt = prompt_errors(&model, &recs)?;
+    let prompt = prompt_errors(&model, &recs, cancel)?;
 
     // Final pass: the first-pass tensors re-encoded, then the task slabs.
     let file = model.file()?;
@@ -512,9 +499,7 @@ pub fn convert_with_tasks(
     progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
     let mut spec_iter = specs.iter();
     for t in file.tensors() {
-        if cancel.load(Ordering::Relaxed) {
-            bail!("interrupted; {} was not written", out.display());
-        }
+        check_cancel(cancel)?;
         let s = spec_iter.next().expect("one spec per tensor");
         let values: Vec<f32> =
             file.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();

@@ -246,23 +246,41 @@ impl<W: Write + Seek> MeoWriter<W> {
 
 /// A file being written under a temporary name in its target folder; renamed over the
 /// target by [`commit`](Self::commit), removed if dropped uncommitted.
+///
+/// The temporary file is created exclusively (`O_CREAT | O_EXCL`, so never through a
+/// symlink planted at its name) under an unpredictable name, and the rename replaces
+/// whatever is at the target (a symlink included) without writing through it.
 pub struct AtomicFile {
-    tmp: PathBuf,
+    tmp: tempfile::TempPath,
     target: PathBuf,
-    done: bool,
+    dir: PathBuf,
 }
 
 impl AtomicFile {
-    /// Creates `.<name>.tmp-<pid>` beside `target`.
+    /// Creates `.<name>.tmp-<random>` beside `target`.
     ///
     /// # Errors
     /// The folder is not writable.
     pub fn create(target: &Path) -> io::Result<(Self, std::fs::File)> {
         let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = target.file_name().ok_or_else(|| io::Error::other("output path has no file name"))?;
-        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-        let f = std::fs::File::create(&tmp)?;
-        Ok((Self { tmp, target: target.to_path_buf(), done: false }, f))
+        // 0o666 less the umask, as `File::create` (tempfile's default, 0o600, would make the
+        // finished model unreadable to other users).
+        #[cfg(unix)]
+        let perms = {
+            use std::os::unix::fs::PermissionsExt;
+            Some(std::fs::Permissions::from_mode(0o666))
+        };
+        #[cfg(not(unix))]
+        let perms = None;
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        let mut b = tempfile::Builder::new();
+        b.prefix(&prefix);
+        if let Some(p) = perms {
+            b.permissions(p);
+        }
+        let (file, tmp) = b.tempfile_in(dir)?.into_parts();
+        Ok((Self { tmp, target: target.to_path_buf(), dir: dir.to_path_buf() }, file))
     }
 
     /// Path of the temporary file.
@@ -270,25 +288,58 @@ impl AtomicFile {
         &self.tmp
     }
 
-    /// Syncs `file` and renames the temporary file over the target.
+    /// Syncs `file`, renames the temporary file over the target and syncs the folder (so
+    /// the rename itself survives a crash).
     ///
     /// # Errors
     /// I/O.
-    pub fn commit(mut self, file: std::fs::File) -> io::Result<()> {
+    pub fn commit(self, file: std::fs::File) -> io::Result<()> {
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.target)?;
-        self.done = true;
+        self.tmp.persist(&self.target).map_err(|e| e.error)?;
+        #[cfg(unix)]
+        std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
 }
 
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
+/// An output path that names one of the conversion's input files.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the output {} is the input file {}; choose another output path", output.display(), input.display())]
+pub struct OutputIsInput {
+    pub output: PathBuf,
+    pub input: PathBuf,
+}
+
+/// Refuses an output path that is one of `inputs`: the same file (device and inode), so
+/// also through a symlink, a hard link or another spelling of the path.
+///
+/// # Errors
+/// [`OutputIsInput`].
+pub fn refuse_overwriting<'a>(out: &Path, inputs: impl IntoIterator<Item = &'a Path>) -> Result<(), OutputIsInput> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // metadata() follows symlinks; nothing at `out` yet means it cannot be an input.
+        let Ok(o) = std::fs::metadata(out) else { return Ok(()) };
+        for input in inputs {
+            if let Ok(m) = std::fs::metadata(input)
+                && (m.dev(), m.ino()) == (o.dev(), o.ino())
+            {
+                return Err(OutputIsInput { output: out.to_path_buf(), input: input.to_path_buf() });
+            }
         }
     }
+    #[cfg(not(unix))]
+    {
+        let Ok(o) = std::fs::canonicalize(out) else { return Ok(()) };
+        for input in inputs {
+            if std::fs::canonicalize(input).is_ok_and(|i| i == o) {
+                return Err(OutputIsInput { output: out.to_path_buf(), input: input.to_path_buf() });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -324,5 +375,53 @@ mod tests {
             assert_eq!(s.offset % 16384, 0);
         }
         assert_eq!(f.tensor("output.weight").unwrap().offset % 16384, 0);
+    }
+
+    #[test]
+    fn temporary_file_never_follows_a_planted_symlink() {
+        // Before: `.<name>.tmp-<pid>` was opened with File::create, which follows a symlink
+        // planted at that (predictable) name and truncates its target.
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let target = dir.path().join("out.meo");
+        let old_name = dir.path().join(format!(".out.meo.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old_name).unwrap();
+        let (a, mut f) = AtomicFile::create(&target).unwrap();
+        assert_ne!(a.tmp_path(), old_name.as_path());
+        f.write_all(b"model").unwrap();
+        a.commit(f).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(std::fs::read(&target).unwrap(), b"model");
+        // The rename replaces a symlink at the target itself, not the file it points to.
+        std::fs::remove_file(&target).unwrap();
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let (a, mut f) = AtomicFile::create(&target).unwrap();
+        f.write_all(b"model").unwrap();
+        a.commit(f).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(!std::fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
+        // Only the victim, the symlink at the old name and the output remain: no temporary file.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn output_naming_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("model.safetensors");
+        std::fs::write(&input, b"weights").unwrap();
+        let inputs = [input.as_path()];
+        assert!(refuse_overwriting(&input, inputs).is_err());
+        let other_spelling = dir.path().join(".").join("model.safetensors");
+        assert!(refuse_overwriting(&other_spelling, inputs).is_err());
+        let sym = dir.path().join("sym.meo");
+        std::os::unix::fs::symlink(&input, &sym).unwrap();
+        assert!(refuse_overwriting(&sym, inputs).is_err());
+        let hard = dir.path().join("hard.meo");
+        std::fs::hard_link(&input, &hard).unwrap();
+        assert!(refuse_overwriting(&hard, inputs).is_err());
+        assert!(refuse_overwriting(&dir.path().join("new.meo"), inputs).is_ok());
+        std::fs::write(dir.path().join("old.meo"), b"x").unwrap();
+        assert!(refuse_overwriting(&dir.path().join("old.meo"), inputs).is_ok());
     }
 }

@@ -451,3 +451,98 @@ fn switch_seq2seq_checkpoint_converts_its_encoder() {
     // Experts are ungated: two matrices per slab.
     assert!(f.slabs().iter().all(|s| s.tensors.len() == 2));
 }
+
+/// Overwrites element `k` of tensor `name` in the fixture copy `dir` (f32 checkpoints).
+fn poke(dir: &Path, name: &str, k: usize, value: f32) {
+    let p = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = {
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        t.data().as_ptr() as usize - bytes.as_ptr() as usize + 4 * k
+    };
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_named_and_alignment_always_ends() {
+    // Before: a NaN in an expert made the alignment loop forever (Ctrl-C unheeded).
+    let tensor = "model.layers.0.mlp.experts.1.up_proj.weight";
+    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        copy_fixture("olmoe", &src);
+        poke(&src, tensor, 5, value);
+        let e = run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err();
+        let nf = e.downcast_ref::<meo_converter::hf::checkpoint::NonFinite>().expect("typed error");
+        assert_eq!((nf.tensor.as_str(), nf.element), (tensor, 5), "{e:#}");
+        assert_only(tmp.path(), &["src"]);
+    }
+    // Finite weights whose products overflow f32: an error naming the expert, not a hang.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("olmoe", &src);
+    for k in 0..8 {
+        poke(&src, tensor, k, 3e38);
+    }
+    let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err());
+    assert!(e.contains("expert 1 of layer 0") && e.contains("not finite"), "{e}");
+    run(&src, &tmp.path().join("m.meo"), UNALIGNED).unwrap();
+}
+
+#[test]
+fn cancellation_is_a_typed_error_naming_the_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.meo");
+    let e = convert(&fixture("olmoe"), &out, Options::default(), &AtomicBool::new(true), |_| {}).unwrap_err();
+    let c = e.downcast_ref::<meo_converter::convert::Cancelled>().expect("typed error");
+    assert_eq!(c.output.as_deref(), Some(out.as_path()));
+    assert_only(tmp.path(), &[]);
+}
+
+#[test]
+fn an_output_naming_an_input_is_refused_and_the_input_kept() {
+    // Before: `-o model.safetensors` overwrote the checkpoint and succeeded.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("olmoe", &src);
+    let weights = src.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let link = tmp.path().join("link.meo");
+    std::os::unix::fs::symlink(&weights, &link).unwrap();
+    let hard = tmp.path().join("hard.meo");
+    std::fs::hard_link(src.join("config.json"), &hard).unwrap();
+    for out in [weights.clone(), src.join("tokenizer.json"), link, hard] {
+        let e = run(&src, &out, Options::default()).unwrap_err();
+        assert!(e.downcast_ref::<meo_converter::writer::OutputIsInput>().is_some(), "{}: {e:#}", out.display());
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+}
+
+#[test]
+fn verify_bounds_a_crafted_config_by_the_tensor_table() {
+    // Before: a small file whose config claims 4096 layers of 16384 experts made `meo verify`
+    // build a tensor list of 2·10^8 entries (abort on allocation) before looking at the table.
+    use meo::format::Metadata;
+    use meo_converter::writer::MeoWriter;
+    let text = std::fs::read_to_string(fixture("olmoe").join("config.json")).unwrap();
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut cfg = meo_converter::hf::parse_config(&raw, vec![]).unwrap().config;
+    cfg.num_layers = meo::config::MAX_LAYERS;
+    cfg.layer_ffn = vec![meo::FfnKind::Moe; cfg.num_layers];
+    cfg.layer_window = vec![0; cfg.num_layers];
+    cfg.router.num_experts = meo::config::MAX_EXPERTS;
+    cfg.validate().unwrap();
+    let meta = Metadata::from_entries(cfg.to_metadata());
+    let w = MeoWriter::new(std::io::Cursor::new(Vec::new()), &meta, vec![], DEFAULT_ALIGNMENT).unwrap();
+    let bytes = w.finish().unwrap().into_inner();
+    assert!(bytes.len() < 200_000, "{}", bytes.len());
+    let f = MeoFile::parse(&bytes).unwrap();
+    f.verify().unwrap();
+    let e = check_model(&f).unwrap_err();
+    assert!(e.downcast_ref::<meo_converter::canonical::TooLarge>().is_some(), "{e:#}");
+    // The runtime refuses it too, without sizing anything from it first.
+    assert!(meo::Model::from_vec(bytes).is_err());
+}

@@ -22,6 +22,16 @@ pub enum ConfigError {
 
 /// Largest `top_k` the runtime supports (real models use ≤ 8; keeps routing allocation-free).
 pub const MAX_TOP_K: usize = 64;
+/// Most layers a config may declare (real models have ≤ 128). Per-layer tables are sized
+/// from this count, so it is bounded before anything is allocated from it.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Most routed experts per layer (real models have ≤ 512).
+pub const MAX_EXPERTS: usize = 1 << 14;
+/// Largest width a config may declare (vocabulary, hidden, head and FFN sizes, ranks;
+/// real models stay below 2^20). Keeps every product of two widths far inside `u64`.
+pub const MAX_WIDTH: usize = 1 << 24;
+/// Largest `max_position_embeddings` (real models claim up to about 10^7 positions).
+pub const MAX_POSITIONS: usize = u32::MAX as usize;
 
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,8 +325,10 @@ fn usize_of(m: &Metadata<'_>, key: &'static str) -> Result<usize, ConfigError> {
 
 fn f32_of(m: &Metadata<'_>, key: &'static str) -> Result<f32, ConfigError> {
     match get(m, key)? {
-        MetaValue::F64(x) if x.is_finite() => Ok(*x as f32),
-        MetaValue::F64(x) => Err(ConfigError::Invalid { key, value: x.to_string() }),
+        // Finite as an f64 is not enough: 1e300 becomes f32 infinity.
+        MetaValue::F64(x) if (*x as f32).is_finite() => Ok(*x as f32),
+        // Debug prints 1e300, not 301 digits.
+        MetaValue::F64(x) => Err(ConfigError::Invalid { key, value: alloc::format!("{x:?}") }),
         v => Err(wrong(key, "f64", v)),
     }
 }
@@ -793,10 +805,71 @@ impl ModelConfig {
                 return Err(invalid("model.relative_max_distance", d));
             }
         }
-        if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(invalid("model.rms_norm_eps", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(invalid("model.rope_theta", self.rope_theta));
         }
+        self.validate_sizes()?;
         self.validate_attention()
+    }
+
+    /// Every size against its limit ([`MAX_LAYERS`], [`MAX_EXPERTS`], [`MAX_WIDTH`],
+    /// [`MAX_POSITIONS`]) and the products tensors are sized by: nothing derived from a
+    /// config can overflow or ask for an absurd allocation once this passes.
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        if self.num_layers > MAX_LAYERS {
+            return Err(invalid("model.num_layers", self.num_layers));
+        }
+        if self.router.num_experts > MAX_EXPERTS {
+            return Err(invalid("routing.num_experts", self.router.num_experts));
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(invalid("model.max_position_embeddings", self.max_position_embeddings));
+        }
+        let r = &self.recipe;
+        let mut widths = alloc::vec![
+            ("model.vocab_size", self.vocab_size),
+            ("model.hidden_size", self.hidden_size),
+            ("model.num_heads", self.num_heads),
+            ("model.num_kv_heads", self.num_kv_heads),
+            ("model.head_dim", self.head_dim),
+            ("model.intermediate_size", self.intermediate_size),
+            ("model.expert_intermediate_size", self.expert_intermediate_size),
+            ("model.shared_expert_intermediate_size", self.shared_expert_intermediate_size),
+            ("model.meo_token_bottleneck", r.meo_token_bottleneck),
+            ("model.relative_buckets", r.relative_buckets),
+            ("model.relative_max_distance", r.relative_max_distance),
+            ("routing.num_shared_experts", self.router.num_shared_experts),
+            ("routing.expert_capacity", self.router.expert_capacity),
+        ];
+        if let Some(a) = &r.mla {
+            widths.extend([
+                ("model.mla.q_lora_rank", a.q_lora_rank),
+                ("model.mla.kv_lora_rank", a.kv_lora_rank),
+                ("model.mla.qk_nope_head_dim", a.qk_nope_head_dim),
+                ("model.mla.v_head_dim", a.v_head_dim),
+            ]);
+        }
+        if let Some((k, v)) = widths.into_iter().find(|(_, v)| *v > MAX_WIDTH) {
+            return Err(invalid(k, v));
+        }
+        if self.layer_window.iter().any(|&w| w > MAX_POSITIONS) {
+            return Err(invalid("model.layer_window", "a window beyond the largest context"));
+        }
+        // The attention widths (q and kv rows) are widths too.
+        let heads = |n: usize, d: usize| n.checked_mul(d).filter(|&x| x <= MAX_WIDTH);
+        if heads(self.num_heads, self.head_dim).is_none() {
+            return Err(invalid("model.head_dim", "num_heads × head_dim is too large"));
+        }
+        if let Some(a) = &r.mla {
+            let per = a.qk_nope_head_dim.max(a.v_head_dim) + self.head_dim;
+            if heads(self.num_heads, per).is_none() {
+                return Err(invalid("model.mla.qk_nope_head_dim", "num_heads × head width is too large"));
+            }
+        }
+        Ok(())
     }
 
     /// The MLA and RoPE settings of the recipe against the sizes.
@@ -1039,5 +1112,38 @@ mod tests {
         let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert!(matches!(ModelConfig::from_metadata(&m), Err(ConfigError::Invalid { key: "model.layer_ffn", .. })));
+    }
+
+    #[test]
+    fn floats_beyond_f32_and_oversized_sizes_are_refused_by_key() {
+        use crate::format::{MetaValue, Metadata};
+        let c = sample();
+        let with = |key: &'static str, v: MetaValue<'static>| {
+            let mut m: Vec<_> = c.to_metadata().into_iter().filter(|(k, _)| *k != key).collect();
+            m.push((key, v));
+            ModelConfig::from_metadata(&Metadata::from_entries(m))
+        };
+        // Before: 1e300 was accepted (as f32 infinity).
+        assert!(matches!(
+            with("model.rms_norm_eps", MetaValue::F64(1e300)),
+            Err(ConfigError::Invalid { key: "model.rms_norm_eps", .. })
+        ));
+        // Before: reported as model.rope_theta.
+        assert!(matches!(
+            with("model.rms_norm_eps", MetaValue::F64(-1.0)),
+            Err(ConfigError::Invalid { key: "model.rms_norm_eps", .. })
+        ));
+        assert!(matches!(
+            with("routing.num_experts", MetaValue::U64(u64::from(u32::MAX))),
+            Err(ConfigError::Invalid { key: "routing.num_experts", .. })
+        ));
+        assert!(matches!(
+            with("model.hidden_size", MetaValue::U64(1 << 40)),
+            Err(ConfigError::Invalid { key: "model.hidden_size", .. })
+        ));
+        assert!(matches!(
+            with("model.head_dim", MetaValue::U64((MAX_WIDTH / 2) as u64)),
+            Err(ConfigError::Invalid { key: "model.head_dim", .. })
+        ));
     }
 }

@@ -61,6 +61,16 @@ impl Entry {
     }
 }
 
+/// A weight that is NaN or infinite: nothing downstream (quantization scales, alignment,
+/// merges) has a meaning for it, so conversion stops and names it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("tensor {tensor:?} holds {value} at element {element}; NaN and infinite weights cannot be converted")]
+pub struct NonFinite {
+    pub tensor: String,
+    pub element: u64,
+    pub value: f32,
+}
+
 /// Converts little-endian raw elements to f32.
 type Conv = fn(&[u8], &mut [f32]);
 
@@ -78,56 +88,227 @@ struct RawEntry {
     data_offsets: [u64; 2],
 }
 
-#[derive(serde::Deserialize)]
-struct Index {
-    weight_map: BTreeMap<String, String>,
+/// What can be wrong with a safetensors header. The checks are the `safetensors` crate's
+/// (`Metadata::validate` and `SafeTensors::read_metadata`): tensors tile the data section
+/// exactly, with no overlap, no gap and nothing after the last one; plus duplicate keys,
+/// which `serde_json` would otherwise resolve silently to the last one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("file is {0} bytes, too short for a safetensors header")]
+    TooShort(u64),
+    #[error("header length {0} exceeds the {MAX_HEADER_LEN}-byte limit")]
+    TooLong(u64),
+    #[error("header length {len} runs past the end of the {file_len}-byte file")]
+    PastEnd { len: u64, file_len: u64 },
+    #[error("header is not a JSON object of tensors: {0}")]
+    NotJson(String),
+    #[error("key {0:?} appears twice in the header")]
+    DuplicateKey(String),
+    #[error("tensor {tensor:?}: malformed entry: {reason}")]
+    Malformed { tensor: String, reason: String },
+    #[error("tensor {tensor:?}: unknown dtype {dtype:?}")]
+    UnknownDtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] are reversed")]
+    Reversed { tensor: String, begin: u64, end: u64 },
+    #[error(
+        "tensor {tensor:?}: bytes [{begin}, {end}) of the data section run past the end of the {file_len}-byte file (truncated?)"
+    )]
+    Truncated { tensor: String, begin: u64, end: u64, file_len: u64 },
+    #[error("tensor {tensor:?}: {len} bytes, but {dtype} of shape {shape:?} needs {needed}")]
+    WrongSize { tensor: String, len: u64, dtype: String, shape: Vec<u64>, needed: String },
+    #[error("tensor {tensor:?}: bytes [{begin}, {end}) overlap tensor {other:?}")]
+    Overlap { tensor: String, begin: u64, end: u64, other: String },
+    #[error("bytes [{begin}, {end}) of the data section belong to no tensor")]
+    Gap { begin: u64, end: u64 },
 }
 
-/// Parses one file's header (8-byte little-endian length, then a JSON object) and checks
-/// every entry's dtype, shape and byte range against the file.
+/// A JSON object read entry by entry, in file order, refusing a key given twice.
+struct Unique<V>(Vec<(String, V)>);
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Unique<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Unique<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Unique<V>, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format_args!("{DUPLICATE}{k}")));
+                    }
+                    // The key goes with the value's own error, to name the entry.
+                    let v =
+                        m.next_value().map_err(|e| serde::de::Error::custom(format_args!("{MALFORMED}{k}\0{e}")))?;
+                    out.push((k, v));
+                }
+                Ok(Unique(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+// Markers that carry a duplicate key or a malformed entry's name through serde's errors.
+const DUPLICATE: &str = "\u{1}duplicate:";
+const MALFORMED: &str = "\u{1}malformed:";
+
+/// A header value: the optional `__metadata__` string map, or a tensor entry.
+enum HeaderValue {
+    Metadata,
+    Tensor(RawEntry),
+}
+
+impl<'de> serde::Deserialize<'de> for HeaderValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Tensor(RawEntry),
+            // Parsed only to check it is an object of strings (as the crate requires).
+            Metadata(#[allow(dead_code)] Unique<String>),
+        }
+        match Either::deserialize(d) {
+            Ok(Either::Tensor(e)) => Ok(Self::Tensor(e)),
+            Ok(Either::Metadata(_)) => Ok(Self::Metadata),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected {\"dtype\", \"shape\", \"data_offsets\"} (each once), or for __metadata__ an object of strings",
+            )),
+        }
+    }
+}
+
+/// The [`HeaderError`] a `serde_json` error stands for.
+fn json_error(e: &serde_json::Error) -> HeaderError {
+    let s = e.to_string();
+    let s = s.rsplit_once(" at line ").map_or(s.as_str(), |(m, _)| m);
+    if let Some(k) = s.strip_prefix(DUPLICATE) {
+        return HeaderError::DuplicateKey(k.to_string());
+    }
+    if let Some((tensor, reason)) = s.strip_prefix(MALFORMED).and_then(|r| r.split_once('\0')) {
+        let reason = reason.rsplit_once(" at line ").map_or(reason, |(m, _)| m);
+        return HeaderError::Malformed { tensor: tensor.to_string(), reason: reason.to_string() };
+    }
+    HeaderError::NotJson(s.to_string())
+}
+
+/// Parses a safetensors header — `header`, the JSON after the 8-byte length, of a file of
+/// `file_len` bytes — and checks every entry's dtype, shape and byte range, and that the
+/// tensors tile the data section exactly. Entries are returned sorted by name.
+///
+/// # Errors
+/// The first [`HeaderError`] found.
+pub fn parse_header(
+    header: &[u8],
+    file_len: u64,
+    file: usize,
+) -> std::result::Result<Vec<(String, Entry)>, HeaderError> {
+    let n = header.len() as u64;
+    let data_start = 8 + n;
+    let map: Unique<HeaderValue> = serde_json::from_slice(header).map_err(|e| json_error(&e))?;
+    let mut out = Vec::with_capacity(map.0.len());
+    for (name, v) in map.0 {
+        let e = match v {
+            HeaderValue::Metadata if name == "__metadata__" => continue,
+            HeaderValue::Metadata => {
+                return Err(HeaderError::Malformed { tensor: name, reason: "not a tensor entry".into() });
+            }
+            HeaderValue::Tensor(_) if name == "__metadata__" => {
+                return Err(HeaderError::Malformed {
+                    tensor: name,
+                    reason: "__metadata__ must map strings to strings".into(),
+                });
+            }
+            HeaderValue::Tensor(e) => e,
+        };
+        let Some(bits) = DTYPES.iter().find(|(d, _)| *d == e.dtype).map(|&(_, b)| b) else {
+            return Err(HeaderError::UnknownDtype { tensor: name, dtype: e.dtype });
+        };
+        let [begin, end] = e.data_offsets;
+        if begin > end {
+            return Err(HeaderError::Reversed { tensor: name, begin, end });
+        }
+        let len = end - begin;
+        if data_start.checked_add(end).is_none_or(|x| x > file_len) {
+            return Err(HeaderError::Truncated { tensor: name, begin, end, file_len });
+        }
+        // As the crate: a whole number of bytes (4- and 6-bit types in multiples of 8 bits).
+        let needed = e.shape.iter().try_fold(bits, |a, &d| a.checked_mul(d)).filter(|b| b % 8 == 0).map(|b| b / 8);
+        if needed != Some(len) {
+            let needed = match e.shape.iter().try_fold(bits, |a, &d| a.checked_mul(d)) {
+                None => "more than 2^64".into(),
+                Some(b) if b % 8 != 0 => format!("{b} bits, not a whole number of bytes"),
+                Some(b) => (b / 8).to_string(),
+            };
+            return Err(HeaderError::WrongSize { tensor: name, len, dtype: e.dtype, shape: e.shape, needed });
+        }
+        out.push((name, Entry { file, dtype: e.dtype, shape: e.shape, start: data_start + begin, len }));
+    }
+    // The tensors must tile [0, data length) in offset order: no overlap, no gap, nothing after.
+    let mut by_offset: Vec<&(String, Entry)> = out.iter().collect();
+    by_offset.sort_by_key(|(_, e)| (e.start, e.start + e.len));
+    let mut pos = data_start;
+    let mut prev: Option<&str> = None;
+    for (name, e) in by_offset {
+        if e.start < pos {
+            return Err(HeaderError::Overlap {
+                tensor: name.clone(),
+                begin: e.start - data_start,
+                end: e.start + e.len - data_start,
+                other: prev.unwrap_or_default().to_string(),
+            });
+        }
+        if e.start > pos {
+            return Err(HeaderError::Gap { begin: pos - data_start, end: e.start - data_start });
+        }
+        pos = e.start + e.len;
+        prev = Some(name);
+    }
+    if pos < file_len {
+        return Err(HeaderError::Gap { begin: pos - data_start, end: file_len - data_start });
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Reads one file's header (8-byte little-endian length, then a JSON object) and checks it
+/// against the file ([`parse_header`]).
 fn read_header(f: &File, file: usize) -> Result<Vec<(String, Entry)>> {
     let file_len = f.metadata()?.len();
-    ensure!(file_len >= 8, "file is {file_len} bytes, too short for a safetensors header");
+    if file_len < 8 {
+        return Err(HeaderError::TooShort(file_len).into());
+    }
     let mut n = [0u8; 8];
     f.read_exact_at(&mut n, 0)?;
     let n = u64::from_le_bytes(n);
-    ensure!(n <= MAX_HEADER_LEN, "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit");
-    ensure!(8 + n <= file_len, "header length {n} runs past the end of the {file_len}-byte file");
+    if n > MAX_HEADER_LEN {
+        return Err(HeaderError::TooLong(n).into());
+    }
+    if 8 + n > file_len {
+        return Err(HeaderError::PastEnd { len: n, file_len }.into());
+    }
     let mut raw = vec![0u8; n as usize];
     f.read_exact_at(&mut raw, 8)?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&raw).context("header is not a JSON object")?;
-    let data_start = 8 + n;
-    let mut out = Vec::with_capacity(map.len());
-    for (name, v) in map {
-        if name == "__metadata__" {
-            continue;
-        }
-        let e: RawEntry = serde_json::from_value(v).with_context(|| format!("tensor {name:?}: malformed entry"))?;
-        let bits = DTYPES
-            .iter()
-            .find(|(d, _)| *d == e.dtype)
-            .map(|&(_, b)| b)
-            .with_context(|| format!("tensor {name:?}: unknown dtype {:?}", e.dtype))?;
-        let [begin, end] = e.data_offsets;
-        ensure!(begin <= end, "tensor {name:?}: data_offsets [{begin}, {end}] are reversed");
-        let len = end - begin;
-        let abs_end = data_start.checked_add(end);
-        ensure!(
-            abs_end.is_some_and(|x| x <= file_len),
-            "tensor {name:?}: bytes [{begin}, {end}) of the data section run past the end of the {file_len}-byte file (truncated?)"
-        );
-        let expect = e.shape.iter().try_fold(bits, |a, &d| a.checked_mul(d)).map(|b| b.div_ceil(8));
-        ensure!(
-            expect == Some(len),
-            "tensor {name:?}: {len} bytes, but {} of shape {:?} needs {}",
-            e.dtype,
-            e.shape,
-            expect.map_or("more than 2^64".into(), |x| x.to_string())
-        );
-        out.push((name, Entry { file, dtype: e.dtype, shape: e.shape, start: data_start + begin, len }));
+    Ok(parse_header(&raw, file_len, file)?)
+}
+
+/// Parses `model.safetensors.index.json`: tensor name → shard file name.
+///
+/// # Errors
+/// Not JSON, no `weight_map` object of strings, or a tensor listed twice.
+pub fn parse_index(text: &str) -> Result<BTreeMap<String, String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: Unique<String>,
     }
-    Ok(out)
+    let index: Index = serde_json::from_str(text).map_err(|e| match json_error(&e) {
+        HeaderError::DuplicateKey(k) => anyhow::anyhow!("weight_map lists tensor {k:?} twice"),
+        e => anyhow::anyhow!("not a safetensors index (no weight_map of strings): {e}"),
+    })?;
+    Ok(index.weight_map.0.into_iter().collect())
 }
 
 impl Checkpoint {
@@ -148,10 +329,9 @@ impl Checkpoint {
         if !index_path.is_file() {
             bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
         }
-        let text = std::fs::read_to_string(&index_path).with_context(|| index_path.display().to_string())?;
-        let index: Index = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a safetensors index (no weight_map)", index_path.display()))?;
-        let mut shards: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
+        let text = super::read_capped(&index_path, super::MAX_INDEX_JSON)?;
+        let weight_map = parse_index(&text).with_context(|| index_path.display().to_string())?;
+        let mut shards: Vec<&str> = weight_map.values().map(String::as_str).collect();
         shards.sort_unstable();
         shards.dedup();
         for shard in shards {
@@ -159,7 +339,7 @@ impl Checkpoint {
             ensure!(plain, "{}: shard name {shard:?} is not a plain file name", index_path.display());
             ck.add_file(dir.join(shard))?;
         }
-        for (name, shard) in &index.weight_map {
+        for (name, shard) in &weight_map {
             let found = ck.tensors.get(name).map(|e| &ck.files[e.file].0);
             ensure!(
                 found.is_some_and(|p| p.file_name().is_some_and(|n| n == shard.as_str())),
@@ -198,9 +378,21 @@ impl Checkpoint {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// Total number of values in all tensors (what a config's sizes are checked against).
+    pub fn elements(&self) -> u64 {
+        self.tensors.values().fold(0u64, |a, e| {
+            a.saturating_add(e.shape.iter().try_fold(1u64, |x, &d| x.checked_mul(d)).unwrap_or(u64::MAX))
+        })
+    }
+
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.values().map(|e| e.len).sum()
+    }
+
+    /// The safetensors files, in the order entries index them.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
     }
 
     /// The file holding `e`.
@@ -225,7 +417,8 @@ impl Checkpoint {
     /// `count` elements of tensor `name` from element `first`, as f32.
     ///
     /// # Errors
-    /// Unknown tensor, range out of bounds, unsupported dtype, I/O.
+    /// Unknown tensor, range out of bounds, unsupported dtype, I/O, a NaN or infinite value
+    /// ([`NonFinite`], naming the tensor and element).
     pub fn read_f32(&self, name: &str, first: u64, count: u64) -> Result<Vec<f32>> {
         let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
         let path = &self.files[e.file].0;
@@ -260,6 +453,10 @@ impl Checkpoint {
                 .read_exact_at(b, at)
                 .with_context(|| format!("{}: reading tensor {name:?}", path.display()))?;
             conv(b, o);
+            if let Some(k) = o.iter().position(|x| !x.is_finite()) {
+                let element = first + (at - e.start - first * width as u64) / width as u64 + k as u64;
+                return Err(NonFinite { tensor: name.to_string(), element, value: o[k] }.into());
+            }
             at += b.len() as u64;
         }
         Ok(out)
@@ -379,5 +576,70 @@ mod tests {
         assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("stored twice"));
         std::fs::remove_file(p.join("model.safetensors.index.json")).unwrap();
         assert!(format!("{:#}", Checkpoint::open(p).unwrap_err()).contains("no model.safetensors"));
+    }
+
+    /// `open_one`'s error as the typed header error.
+    fn header_err(bytes: &[u8]) -> HeaderError {
+        let e = open_one(bytes).unwrap_err();
+        e.downcast_ref::<HeaderError>().cloned().unwrap_or_else(|| panic!("not a HeaderError: {e:#}"))
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        assert!(matches!(header_err(&st(h, &[0; 12])), HeaderError::Overlap { tensor, .. } if tensor == "b"));
+        // Two names for the same bytes.
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(matches!(header_err(&st(h, &[0; 8])), HeaderError::Overlap { .. }));
+    }
+
+    #[test]
+    fn bytes_outside_every_tensor_are_refused() {
+        // A gap before, between and after the tensors.
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert_eq!(header_err(&st(h, &[0; 8])), HeaderError::Gap { begin: 0, end: 4 });
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        assert_eq!(header_err(&st(h, &[0; 12])), HeaderError::Gap { begin: 4, end: 8 });
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert_eq!(header_err(&st(h, &[0; 9])), HeaderError::Gap { begin: 4, end: 9 });
+        // 4-bit values must fill whole bytes, as the crate requires.
+        let h = r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#;
+        assert!(matches!(header_err(&st(h, &[0; 2])), HeaderError::WrongSize { .. }));
+    }
+
+    #[test]
+    fn duplicate_json_keys_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert_eq!(header_err(&st(h, &[0; 4])), HeaderError::DuplicateKey("a".into()));
+        // Inside an entry: which dtype would it be?
+        let h = r#"{"a":{"dtype":"F32","dtype":"I32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert!(matches!(header_err(&st(h, &[0; 4])), HeaderError::Malformed { tensor, .. } if tensor == "a"));
+        let e = parse_index(r#"{"weight_map":{"a":"s1.safetensors","a":"s2.safetensors"}}"#).unwrap_err();
+        assert!(e.to_string().contains("\"a\" twice"), "{e}");
+        assert_eq!(parse_index(r#"{"weight_map":{"a":"s1.safetensors"}}"#).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn accepted_headers_are_accepted_by_the_safetensors_crate() {
+        // The crate's own validation agrees with ours on a valid file, metadata included.
+        let h = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[4,8]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let bytes = st(h, &[0; 8]);
+        assert_eq!(parse_header(h.as_bytes(), bytes.len() as u64, 0).unwrap().len(), 2);
+        safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    }
+
+    #[test]
+    fn non_finite_weights_are_named() {
+        let mut data = Vec::new();
+        for x in [1.0f32, f32::NAN, 2.0, f32::INFINITY] {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        let ck = open_one(&st(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &data)).unwrap();
+        let e = ck.read_all("w").unwrap_err();
+        let nf = e.downcast_ref::<NonFinite>().expect("typed error");
+        assert_eq!((nf.tensor.as_str(), nf.element), ("w", 1));
+        let e = ck.read_f32("w", 2, 2).unwrap_err();
+        assert_eq!(e.downcast_ref::<NonFinite>().unwrap().element, 3);
+        assert_eq!(ck.read_f32("w", 0, 1).unwrap(), vec![1.0]);
     }
 }

@@ -33,13 +33,31 @@ impl Json<'_> {
         self.opt_usize(key)?.with_context(|| format!("key {key:?} is missing"))
     }
 
-    /// A number, or `None` if absent or null.
+    /// A number, or `None` if absent or null. Every number of a model ends up as an f32, so
+    /// one beyond f32's range (`1e300`) is refused here, by its key.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.raw(key)
             .map(|v| {
-                v.as_f64().filter(|x| x.is_finite()).with_context(|| format!("key {key:?} is {v}, expected a number"))
+                let x = v.as_f64().with_context(|| format!("key {key:?} is {v}, expected a number"))?;
+                ensure!(
+                    x.is_finite() && x.abs() <= f64::from(f32::MAX),
+                    "key {key:?} is {v}, outside the range of a 32-bit float"
+                );
+                Ok(x)
             })
             .transpose()
+    }
+
+    /// A required layer count, at most [`meo::config::MAX_LAYERS`]: per-layer tables are
+    /// allocated from it before the checkpoint's tensors can confirm it.
+    pub fn layers(&self, key: &str) -> Result<usize> {
+        let n = self.usize(key)?;
+        ensure!(
+            n <= meo::config::MAX_LAYERS,
+            "key {key:?} is {n}, more than the {} layers supported",
+            meo::config::MAX_LAYERS
+        );
+        Ok(n)
     }
 
     /// A boolean, or `default` if absent or null.
@@ -268,7 +286,7 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         ensure!(act == "silu", "hidden_act {act:?} is not supported (only \"silu\")");
     }
     let hidden = j.usize("hidden_size")?;
-    let layers = j.usize("num_hidden_layers")?;
+    let layers = j.layers("num_hidden_layers")?;
     let heads = j.usize("num_attention_heads")?;
     ensure!(heads > 0, "num_attention_heads must be positive");
     let kv_heads = j.opt_usize("num_key_value_heads")?.unwrap_or(heads);
@@ -279,6 +297,8 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
             hidden / heads
         }
     };
+    // The YaRN frequency table below is sized by it before the config as a whole is checked.
+    ensure!(head_dim <= meo::config::MAX_WIDTH, "head_dim {head_dim} is too large");
     let experts = match j.opt_usize("num_local_experts")? {
         Some(e) => e,
         None => j.usize("num_experts").context("no num_local_experts or num_experts")?,
@@ -344,7 +364,11 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
-        rms_norm_eps: j.opt_f64("rms_norm_eps")?.context("key \"rms_norm_eps\" is missing")? as f32,
+        rms_norm_eps: {
+            let eps = j.opt_f64("rms_norm_eps")?.context("key \"rms_norm_eps\" is missing")?;
+            ensure!(eps >= 0.0, "key \"rms_norm_eps\" is {eps}, expected a non-negative number");
+            eps as f32
+        },
         rope_theta,
         max_position_embeddings: max_positions,
         attention_bias,
@@ -572,5 +596,24 @@ mod tests {
         let mut m = mixtral();
         m["embedding_multiplier"] = json!(12.0);
         assert_eq!(cfg(m).unwrap().recipe, meo::config::Recipe::default());
+    }
+
+    #[test]
+    fn floats_beyond_f32_are_refused_by_key() {
+        // Before: 1e300 became f32 infinity silently.
+        for key in ["rms_norm_eps", "rope_theta"] {
+            let mut v = mixtral();
+            v[key] = json!(1e300);
+            let e = format!("{:#}", cfg(v).unwrap_err());
+            assert!(e.contains(key) && e.contains("32-bit"), "{key}: {e}");
+        }
+        // Before: a negative epsilon was reported as model.rope_theta.
+        let mut v = mixtral();
+        v["rms_norm_eps"] = json!(-1e-5);
+        let e = format!("{:#}", cfg(v).unwrap_err());
+        assert!(e.contains("rms_norm_eps") && !e.contains("rope_theta"), "{e}");
+        let mut v = mixtral();
+        v["rms_norm_eps"] = json!(3.0e38);
+        assert!(cfg(v).is_ok());
     }
 }

@@ -225,7 +225,7 @@ pub(crate) fn model_config(
     ensure!(!j.bool_or("attention_bias", false)?, "attention_bias = true is not supported");
     ensure!(!j.bool_or("mlp_bias", false)?, "mlp_bias = true is not supported");
     let hidden = j.usize("hidden_size")?;
-    let layers = j.usize("num_hidden_layers")?;
+    let layers = j.layers("num_hidden_layers")?;
     let heads = j.usize("num_attention_heads")?;
     ensure!(heads > 0, "num_attention_heads must be positive");
     // transformers repeats k/v by heads / num_key_value_heads after decompressing one k/v
@@ -246,6 +246,8 @@ pub(crate) fn model_config(
     };
     let rope_dim = j.usize("qk_rope_head_dim")?;
     ensure!(rope_dim > 0 && rope_dim % 2 == 0, "qk_rope_head_dim {rope_dim} must be even and positive");
+    // Its frequency table is computed before the config as a whole is checked.
+    ensure!(rope_dim <= meo::config::MAX_WIDTH, "qk_rope_head_dim {rope_dim} is too large");
     let experts = j.usize("n_routed_experts")?;
     let top_k = j.usize("num_experts_per_tok")?;
     ensure!(top_k > 0 && top_k <= experts, "num_experts_per_tok {top_k} must be in 1..={experts}");
@@ -359,8 +361,9 @@ pub(crate) fn model_config(
 /// The checkpoint layers after the decoder's (multi-token-prediction modules, which
 /// transformers does not load): `num_hidden_layers .. + num_nextn_predict_layers`.
 pub(crate) fn mtp_layers(j: &Json<'_>) -> Result<std::ops::Range<usize>> {
-    let n = j.usize("num_hidden_layers")?;
+    let n = j.layers("num_hidden_layers")?;
     let mtp = j.opt_usize("num_nextn_predict_layers")?.unwrap_or(0);
+    ensure!(mtp <= meo::config::MAX_LAYERS, "num_nextn_predict_layers {mtp} is too large");
     Ok(n..n.saturating_add(mtp))
 }
 

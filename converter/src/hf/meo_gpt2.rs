@@ -35,6 +35,9 @@ pub const FAMILY: Family = Family {
     kind: Kind::MeoNative,
 };
 
+/// Most tasks an MEO-native config may name (each adds merged banks to every layer).
+pub const MAX_TASKS: usize = 1024;
+
 /// The canonical config, and the task names (index = row of `task_embed`; empty without the
 /// task gate level).
 ///
@@ -48,7 +51,7 @@ pub fn model_config(j: &Json<'_>) -> Result<(ModelConfig, Vec<String>)> {
     let hidden = j.usize("hidden_size")?;
     let heads = j.usize("num_heads")?;
     ensure!(heads > 0 && hidden % heads == 0, "hidden_size {hidden} is not a multiple of num_heads {heads}");
-    let layers = j.usize("num_layers")?;
+    let layers = j.layers("num_layers")?;
     let experts = j.usize("num_experts")?;
     ensure!(experts > 0, "num_experts = 0 (a dense GPT-2) is not an MEO model; convert it as GPT-2");
     let top_k = j.usize("top_k")?;
@@ -65,6 +68,7 @@ pub fn model_config(j: &Json<'_>) -> Result<(ModelConfig, Vec<String>)> {
             Some(v) => serde_json::from_value(v.clone()).context("task_names must be a list of strings")?,
             None => bail!("gate_levels has \"task\" but there are no task_names"),
         };
+        ensure!(t.len() <= MAX_TASKS, "task_names lists {} tasks, more than {MAX_TASKS}", t.len());
         for n in &t {
             ensure!(meo::names::valid_task_name(n), "task name {n:?}: use 1-64 characters of [A-Za-z0-9_-]");
         }

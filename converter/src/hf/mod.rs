@@ -289,11 +289,84 @@ pub struct HfModel {
     /// Checkpoint layers past the decoder's that are known to be unused (DeepSeek-V3's
     /// multi-token-prediction modules): their tensors are not reported as unused.
     pub extra_layers: std::ops::Range<usize>,
+    /// The checkpoint directory.
+    dir: std::path::PathBuf,
+}
+
+/// Largest `config.json` / `generation_config.json` read (real ones are a few KiB).
+pub const MAX_CONFIG_JSON: u64 = 4 << 20;
+/// Largest `model.safetensors.index.json` read (DeepSeek-V3's, 91 000 tensors, is 9 MB).
+pub const MAX_INDEX_JSON: u64 = 64 << 20;
+/// Largest `tokenizer.json` read (the largest common ones, Gemma's, are about 35 MB).
+pub const MAX_TOKENIZER_JSON: u64 = 64 << 20;
+
+/// A file larger than the converter reads for its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {len} bytes, larger than the {cap}-byte limit for this file", path.display())]
+pub struct TooLarge {
+    pub path: std::path::PathBuf,
+    pub len: u64,
+    pub cap: u64,
+}
+
+/// Reads the text file `path`, refusing it beyond `cap` bytes (checked on the bytes read,
+/// not only the size the file system reports, so a growing file or a FIFO is capped too).
+///
+/// # Errors
+/// [`TooLarge`], I/O, or text that is not UTF-8.
+pub fn read_capped(path: &Path, cap: u64) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let too_large = |len| TooLarge { path: path.to_path_buf(), len, cap };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > cap {
+        return Err(too_large(len).into());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(cap + 1).read_to_end(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
+    if buf.len() as u64 > cap {
+        return Err(too_large(buf.len() as u64).into());
+    }
+    String::from_utf8(buf).with_context(|| format!("{}: not UTF-8 text", path.display()))
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = read_capped(path, MAX_CONFIG_JSON)?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a JSON object", path.display()))
+}
+
+/// What a `config.json` describes.
+pub struct ParsedConfig {
+    pub family: &'static Family,
+    pub config: ModelConfig,
+    /// MEO-native models: the task names.
+    pub tasks: Vec<String>,
+    /// Checkpoint layers past the decoder's that are known to be unused.
+    pub extra_layers: std::ops::Range<usize>,
+}
+
+/// The family and model config of a parsed `config.json` (`gen_eos`: `generation_config.json`'s
+/// `eos_token_id`, used when the config names none). A pure function of its input: sizes are
+/// checked against the checkpoint afterwards, by [`HfModel::open`].
+///
+/// # Errors
+/// Unsupported family, a missing, mistyped or out-of-range key, inconsistent sizes.
+pub fn parse_config(raw: &serde_json::Map<String, serde_json::Value>, gen_eos: Vec<usize>) -> Result<ParsedConfig> {
+    let j = config::Json(raw);
+    let family = config::detect(&j)?;
+    let eos = gen_eos.into_iter().map(|x| x as u64).collect();
+    let mut extra_layers = 0..0;
+    let (config, tasks) = match family.kind {
+        Kind::Standard | Kind::Extended(_) => (config::model_config(&j, family, eos)?, vec![]),
+        Kind::MeoNative => meo_gpt2::model_config(&j)?,
+        Kind::Switch => (switch_transformers::model_config(&j)?, vec![]),
+        Kind::DeepSeek => {
+            extra_layers = deepseek_v3::mtp_layers(&j)?;
+            let variant = if family.name == deepseek_v2::FAMILY.name { &deepseek_v2::V2 } else { &deepseek_v3::V3 };
+            (deepseek_v3::model_config(&j, family, variant, eos)?.0, vec![])
+        }
+    };
+    Ok(ParsedConfig { family, config, tasks, extra_layers })
 }
 
 impl HfModel {
@@ -305,8 +378,6 @@ impl HfModel {
     pub fn open(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let raw = read_json(&cfg_path)?;
-        let j = config::Json(&raw);
-        let family = config::detect(&j).with_context(|| cfg_path.display().to_string())?;
         let gen_path = dir.join("generation_config.json");
         let gen_eos = if gen_path.is_file() {
             let g = read_json(&gen_path)?;
@@ -314,32 +385,25 @@ impl HfModel {
         } else {
             Vec::new()
         };
-        let mut extra_layers = 0..0;
-        let (config, tasks) = match family.kind {
-            Kind::Standard | Kind::Extended(_) => {
-                (config::model_config(&j, family, gen_eos.into_iter().map(|x| x as u64).collect()), vec![])
-            }
-            Kind::MeoNative => match meo_gpt2::model_config(&j) {
-                Ok((c, t)) => (Ok(c), t),
-                Err(e) => (Err(e), vec![]),
-            },
-            Kind::Switch => (switch_transformers::model_config(&j), vec![]),
-            Kind::DeepSeek => {
-                extra_layers = deepseek_v3::mtp_layers(&j).with_context(|| cfg_path.display().to_string())?;
-                let eos = gen_eos.into_iter().map(|x| x as u64).collect();
-                let variant = if family.name == deepseek_v2::FAMILY.name { &deepseek_v2::V2 } else { &deepseek_v3::V3 };
-                (deepseek_v3::model_config(&j, family, variant, eos).map(|(c, _)| c), vec![])
-            }
-        };
-        let config = config.with_context(|| cfg_path.display().to_string())?;
+        let ParsedConfig { family, config, tasks, extra_layers } =
+            parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
         let checkpoint = Checkpoint::open(dir)?;
+        // Everything sized from the config below (expert layouts, the tensor list) comes after
+        // this: the sizes must describe no more weights than the checkpoint holds.
+        crate::canonical::tensors_within(&config, crate::canonical::budget(checkpoint.elements()), "the checkpoint")
+            .with_context(|| cfg_path.display().to_string())?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() {
-            Some(std::fs::read_to_string(&tok_path).with_context(|| format!("{}: cannot read", tok_path.display()))?)
-        } else {
-            None
+        let tokenizer = if tok_path.is_file() { Some(read_capped(&tok_path, MAX_TOKENIZER_JSON)?) } else { None };
+        let mut m = Self {
+            family,
+            config,
+            checkpoint,
+            tokenizer,
+            experts: Vec::new(),
+            tasks,
+            extra_layers,
+            dir: dir.to_path_buf(),
         };
-        let mut m = Self { family, config, checkpoint, tokenizer, experts: Vec::new(), tasks, extra_layers };
         m.experts = (0..m.config.num_layers)
             .map(|l| {
                 (m.config.layer_ffn[l] == FfnKind::Moe && family.kind != Kind::Switch)
@@ -348,6 +412,19 @@ impl HfModel {
             })
             .collect::<Result<_>>()?;
         Ok(m)
+    }
+
+    /// Every file of the checkpoint directory a conversion reads (that exists): an output
+    /// path must be none of them.
+    pub fn input_paths(&self) -> Vec<std::path::PathBuf> {
+        let dir = &self.dir;
+        let mut v: Vec<_> = ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"]
+            .iter()
+            .map(|n| dir.join(n))
+            .filter(|p| p.exists())
+            .collect();
+        v.extend(self.checkpoint.paths().map(Path::to_path_buf));
+        v
     }
 
     /// Finds the MoE prefix and expert layout of layer `l` from the tensor names.
@@ -602,5 +679,54 @@ mod tests {
             "{e:#}"
         );
         assert!(e.to_string().contains("unsupported: MXFP4 experts"), "{e:#}");
+    }
+
+    #[test]
+    fn oversized_json_is_refused_naming_file_and_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        // Before: read whole, whatever its size. A sparse file: no disk space used.
+        std::fs::File::create(&p).unwrap().set_len(MAX_CONFIG_JSON + 1).unwrap();
+        let e = HfModel::open(dir.path()).err().expect("refused");
+        let t = e.downcast_ref::<TooLarge>().expect("typed error");
+        assert_eq!((t.path.as_path(), t.cap), (p.as_path(), MAX_CONFIG_JSON));
+        assert!(e.to_string().contains("config.json") && e.to_string().contains(&MAX_CONFIG_JSON.to_string()));
+        std::fs::write(&p, "{}").unwrap();
+        assert_eq!(read_capped(&p, 2).unwrap(), "{}");
+        assert!(read_capped(&p, 1).is_err());
+    }
+
+    /// A Mixtral config with `key` set to the JSON `value`, parsed with a one-tensor checkpoint.
+    fn open_with(key: &str, value: serde_json::Value) -> anyhow::Error {
+        let mut config = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+            "num_experts_per_tok": 2, "intermediate_size": 16, "vocab_size": 256, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 512
+        });
+        config[key] = value;
+        let dir = checkpoint_dir(&[("model.embed_tokens.weight", vec![256, 64], vec![0.0; 256 * 64])]);
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        HfModel::open(dir.path()).err().expect("refused")
+    }
+
+    #[test]
+    fn sizes_from_the_config_are_checked_before_anything_is_sized_from_them() {
+        // Before: 1e10 layers aborted on allocation, u64::MAX panicked ("capacity overflow"),
+        // and a million experts built a tensor list of billions of entries.
+        for (key, v, says) in [
+            ("num_hidden_layers", serde_json::json!(10_000_000_000u64), "num_hidden_layers"),
+            ("num_hidden_layers", serde_json::json!(u64::MAX), "num_hidden_layers"),
+            ("num_local_experts", serde_json::json!(u64::MAX), "routing.num_experts"),
+            ("hidden_size", serde_json::json!(1u64 << 40), "head_dim"),
+            ("vocab_size", serde_json::json!(u64::MAX), "model.vocab_size"),
+        ] {
+            let e = format!("{:#}", open_with(key, v.clone()));
+            assert!(e.contains(says), "{key} = {v}: {e}");
+        }
+        // Within every limit, but far more weights than the checkpoint holds.
+        let e = open_with("num_local_experts", serde_json::json!(16384));
+        let e = e.downcast_ref::<crate::canonical::TooLarge>().map(|t| t.source_name);
+        assert_eq!(e, Some("the checkpoint"));
     }
 }

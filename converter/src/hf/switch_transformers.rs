@@ -76,7 +76,7 @@ pub fn model_config(j: &Json<'_>) -> Result<ModelConfig> {
     let hidden = j.usize("d_model")?;
     let heads = j.usize("num_heads")?;
     let head_dim = j.usize("d_kv")?;
-    let layers = j.usize("num_layers")?;
+    let layers = j.layers("num_layers")?;
     let d_ff = j.usize("d_ff")?;
     let experts = j.opt_usize("num_experts")?.unwrap_or(8);
     let capacity = j.opt_usize("expert_capacity")?.unwrap_or(64);
