@@ -111,7 +111,10 @@ pub enum GenerateError {
     Sample(#[from] SampleError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    /// A hook failed (e.g. writing the output); the message is the hook's.
+    /// A hook could not write the output (the cause is kept, e.g. a closed pipe).
+    #[error("writing the output")]
+    Output(#[source] std::io::Error),
+    /// A hook failed otherwise; the message is the hook's.
     #[error("{0}")]
     Hook(String),
 }

@@ -189,8 +189,7 @@ pub fn run(a: &Args) -> Result<()> {
             "mode": mode,
             "merged_layers": merged_layers,
             "threads": threads,
-            "target": a.target.target,
-            "describe": describe,
+            "target": describe,
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "warmup": warmup,
@@ -271,7 +270,9 @@ pub fn run(a: &Args) -> Result<()> {
             writeln!(out, "greedy tokens agreeing (from the first): {agree} of {}", g.tokens.len())?;
         }
     }
-    if let Some(report) = opened.ep_report()? {
+    if a.target.ep_report
+        && let Some(report) = opened.ep_report()?
+    {
         write!(out, "{report}")?;
     }
     Ok(())

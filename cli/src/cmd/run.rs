@@ -272,7 +272,9 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
             writeln!(stderr, "gpu expert cache: {gs}")?;
         }
     }
-    if let Some(report) = opened.ep_report()? {
+    if a.target.ep_report
+        && let Some(report) = opened.ep_report()?
+    {
         stderr.write_all(report.as_bytes())?;
     }
     Ok(())
@@ -336,9 +338,10 @@ impl Hooks for RunHooks<'_, '_> {
     }
 }
 
-/// An output error inside the generation loop, kept as its message.
+/// An output error inside the generation loop (kept as the cause: a closed pipe ends `meo`
+/// quietly).
 fn io_error(e: std::io::Error) -> GenerateError {
-    GenerateError::Hook(format!("writing the output: {e}"))
+    GenerateError::Output(e)
 }
 
 #[cfg(test)]
