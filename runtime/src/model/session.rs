@@ -192,8 +192,9 @@ impl<'m> Session<'m> {
         Ok(self.bank.plan.merged_layers())
     }
 
-    /// Runs `plan` (resolved for this session's model) from now on, and resets the sequence.
-    pub fn set_plan(&mut self, plan: ExecPlan) {
+    /// Runs `plan` (resolved for this session's model: its task indices are the model's) from
+    /// now on, and resets the sequence.
+    fn set_plan(&mut self, plan: ExecPlan) {
         self.bank = BankState::new(plan);
         self.truncate(0);
     }
