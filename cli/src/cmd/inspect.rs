@@ -53,6 +53,15 @@ enum SlabKind<'a> {
 }
 
 /// `L.rest` → `(L, rest)`.
+/// The layers `inspect` lists: every layer the config describes, and any other layer a slab
+/// names. Never a dense range up to the largest named layer: a crafted slab name
+/// (`layers.4000000000.experts.0`) would make that billions of rows.
+fn layer_rows(described: usize, named: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut rows: std::collections::BTreeSet<usize> = (0..described).collect();
+    rows.extend(named);
+    rows.into_iter().collect()
+}
+
 fn layer_of(s: &str) -> Option<(usize, &str)> {
     let (l, rest) = s.split_once('.')?;
     Some((l.parse().ok()?, rest))
@@ -191,8 +200,8 @@ pub fn report(f: &MeoFile<'_>) -> Value {
         Some(MetaValue::Array(MetaArray::Str(v))) => v.clone(),
         _ => Vec::new(),
     };
-    let num_layers = ffn.len().max(by_layer.keys().map(|l| l + 1).max().unwrap_or(0));
-    let layers: Vec<Value> = (0..num_layers)
+    let layers: Vec<Value> = layer_rows(ffn.len(), by_layer.keys().copied())
+        .into_iter()
         .map(|l| {
             let experts = by_layer.remove(&l).unwrap_or_default();
             let kind = ffn.get(l).copied().unwrap_or(if experts.is_empty() { "unknown" } else { "moe" });
@@ -311,4 +320,17 @@ pub fn run(args: &Args) -> Result<()> {
     let r = report(&f);
     let out = if args.json { serde_json::to_string_pretty(&r)? + "\n" } else { text(&r, &args.file) };
     super::print_stdout(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_rows;
+
+    #[test]
+    fn listed_layers_are_the_described_and_the_named_ones() {
+        assert_eq!(layer_rows(3, [1, 2].into_iter()), [0, 1, 2]);
+        // A crafted layer number is one row, not a range up to it.
+        assert_eq!(layer_rows(2, [4_000_000_000, 1].into_iter()), [0, 1, 4_000_000_000]);
+        assert_eq!(layer_rows(0, std::iter::empty()), Vec::<usize>::new());
+    }
 }
