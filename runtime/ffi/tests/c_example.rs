@@ -5,35 +5,17 @@
 use meo::DType;
 use meo_cli::cmd::run::{Args, run_to};
 use meo_tests::conformance::{convert_fixture, reference};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-/// The target directory's profile folder (`target/debug`), where cargo put `libmeo_ffi.a`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap(); // target/debug/deps/c_example-…
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn c_example_matches_the_rust_cli() {
-    if Command::new("gcc").arg("--version").output().is_err() {
-        panic!("gcc is not installed: the C example cannot be checked (install gcc)");
-    }
-    let lib = profile_dir().join("libmeo_ffi.a");
-    assert!(lib.exists(), "{} is missing (cargo builds it with the meo-ffi test)", lib.display());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("meo-c");
-    let gcc = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(root.join("runtime/ffi/include"))
-        .arg(root.join("examples/c/main.c"))
-        .arg(&lib)
-        .args(["-lpthread", "-lm", "-ldl", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(gcc.status.success(), "gcc failed:\n{}", String::from_utf8_lossy(&gcc.stderr));
+    common::build_c(&root.join("examples/c/main.c"), &exe);
 
     let r = reference("mixtral");
     let model = convert_fixture("mixtral", DType::F32, DType::F32, dir.path());

@@ -7,14 +7,10 @@
 
 use meo::DType;
 use meo_tests::conformance::{convert_fixture, reference};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-/// The target directory's profile folder (`target/release`), where cargo put `libmeo_ffi.a`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap(); // target/release/deps/c_misuse-…
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// Exit status valgrind gives when it saw a memory error (the program's own is 0 or 1).
 const VALGRIND_ERROR: i32 = 97;
@@ -22,35 +18,13 @@ const VALGRIND_ERROR: i32 = 97;
 #[test]
 fn c_misuse_is_refused_under_valgrind() {
     assert!(
-        Command::new("gcc").arg("--version").output().is_ok(),
-        "gcc is not installed: the C API misuse test cannot run (install gcc; ci/setup does)"
-    );
-    assert!(
         Command::new("valgrind").arg("--version").output().is_ok_and(|o| o.status.success()),
         "valgrind is not installed: the C API misuse test cannot run (install valgrind; ci/setup does)"
     );
-    let lib = profile_dir().join("libmeo_ffi.a");
-    assert!(lib.exists(), "{} is missing (`cargo build -p meo-ffi --lib` builds it)", lib.display());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // `cargo test` does not rebuild the static library: an old one would test old code.
-    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&lib) >= modified(&root.join("src/lib.rs")),
-        "{} is older than src/lib.rs: run `cargo build --release -p meo-ffi --lib` first",
-        lib.display()
-    );
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("misuse");
-    let gcc = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g", "-pthread", "-I"])
-        .arg(root.join("include"))
-        .arg(root.join("tests/c/misuse.c"))
-        .arg(&lib)
-        .args(["-lpthread", "-lm", "-ldl", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(gcc.status.success(), "gcc failed:\n{}", String::from_utf8_lossy(&gcc.stderr));
+    common::build_c(&root.join("tests/c/misuse.c"), &exe);
 
     let r = reference("mixtral");
     let model = convert_fixture("mixtral", DType::F32, DType::F32, dir.path());
