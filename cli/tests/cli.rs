@@ -238,8 +238,11 @@ fn convert_checks_come_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let cancelled = AtomicBool::new(true);
     let calib = calibration(tmp.path());
-    let tasks =
-        MergeSpec { tasks: vec![TaskSpec { name: "docs".into(), text: calib }], weighting: Weighting::MeanGate };
+    let tasks = MergeSpec {
+        tasks: vec![TaskSpec { name: "docs".into(), text: calib }],
+        weighting: Weighting::MeanGate,
+        ..Default::default()
+    };
     for spec in [MergeSpec::default(), tasks.clone()] {
         let e = convert_with(&fixture("mixtral"), tmp.path(), Options::default(), &spec, &cancelled, |_| {})
             .unwrap_err()

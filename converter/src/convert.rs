@@ -10,7 +10,7 @@ use crate::canonical::{self, Canon};
 use crate::hf::HfModel;
 use crate::hf::checkpoint::summarize;
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
 use meo::{DType, quant};
 use std::borrow::Cow;
@@ -325,27 +325,36 @@ fn convert_inner(
     cancel: &AtomicBool,
     progress: impl FnMut(Event<'_>),
 ) -> Result<Summary> {
-    if merges.tasks.is_empty() {
+    if merges.hot_experts > 0.0 {
+        ensure!(merges.calib.is_some(), "--hot-experts needs --calib TEXT: hot experts are the most selected on it");
+        ensure!(
+            merges.hot_experts <= 1.0 && matches!(opts.experts, DType::Q4_0 | DType::MXFP4),
+            "--hot-experts {} keeps a share (0 to 1) of the experts at int8 beside 4-bit ones: use it with \
+             --experts int4 or mxfp4",
+            merges.hot_experts
+        );
+    }
+    if !merges.calibrates() {
         return convert_single(dir, out, opts, cancel, progress);
     }
     let hf = crate::hf::HfModel::open(dir)?;
-    let texts: Vec<&Path> = merges.tasks.iter().map(|t| t.text.as_path()).collect();
+    let texts: Vec<&Path> = merges.tasks.iter().map(|t| t.text.as_path()).chain(merges.calib.as_deref()).collect();
     crate::writer::refuse_overwriting(out, hf.input_paths().iter().map(|p| p.as_path()).chain(texts))?;
     if hf.family.kind == crate::hf::Kind::MeoNative {
         bail!(
-            "--task is for standard MoEs (merges from calibration text); an MEO-native model's task merges \
+            "--task and --calib are for standard MoEs (token-routed experts); an MEO-native model's task merges \
              come from its own task gate and are always stored"
         );
     }
     let recipe = &hf.config.recipe;
-    if recipe.expert_bias || recipe.mlp_activation != meo::config::Activation::Silu {
+    if !merges.tasks.is_empty() && (recipe.expert_bias || recipe.mlp_activation != meo::config::Activation::Silu) {
         bail!("--task merges need bias-free SiLU experts; this model's experts have biases or another activation");
     }
     // The calibration text is tokenized after the first pass; a missing or unloadable
     // tokenizer must fail before it, not after.
     let Some(tok) = &hf.tokenizer else {
         bail!(
-            "--task needs the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
+            "--task and --calib need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
             dir.display()
         );
     };

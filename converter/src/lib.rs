@@ -6,8 +6,10 @@
 //! - [`convert`]: the streaming conversion.
 //! - [`align`]: expert alignment (unit permutations) before merging.
 //! - [`merges`]: precomputed task merges from calibration text.
+//! - [`calib`]: calibration statistics for quantizing experts (`--calib`, `--hot-experts`).
 //! - [`writer`]: the `.meo` writer.
 pub mod align;
+pub mod calib;
 pub mod canonical;
 pub mod convert;
 pub mod hf;

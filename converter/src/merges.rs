@@ -105,11 +105,23 @@ impl core::str::FromStr for Weighting {
     }
 }
 
-/// The tasks to merge and how.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The second pass of a conversion: task merges and calibrated expert quantization.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MergeSpec {
     pub tasks: Vec<TaskSpec>,
     pub weighting: Weighting,
+    /// Calibration text for the 4-bit quantizers and `hot_experts` ([`crate::calib`]).
+    pub calib: Option<PathBuf>,
+    /// Share of each MoE layer's experts (the most selected on `calib`) stored as int8 while
+    /// the rest take `Options::experts` (0: none).
+    pub hot_experts: f64,
+}
+
+impl MergeSpec {
+    /// Whether the conversion needs the two-pass path (a calibration run).
+    pub fn calibrates(&self) -> bool {
+        !self.tasks.is_empty() || self.calib.is_some()
+    }
 }
 
 /// One kept calibration window of one layer: router inputs `[n, h]` and choices `[n, k]`.
@@ -403,6 +415,13 @@ pub fn convert_with_tasks(
 ) -> Result<Summary> {
     // Everything about the tasks (and the output path) is checked before any output exists.
     crate::convert::check_output(out)?;
+    let calib_text = match &spec.calib {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--calib: cannot read calibration text {}", p.display()))?,
+        ),
+        None => None,
+    };
     let mut texts = Vec::new();
     for (j, t) in spec.tasks.iter().enumerate() {
         ensure!(names::valid_task_name(&t.name), "task name {:?}: use 1-64 characters of [A-Za-z0-9_-]", t.name);
@@ -426,18 +445,26 @@ pub fn convert_with_tasks(
     let model = Model::open(&first).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Stored task merges are SiLU-gated experts (the task tensors name gate, up, down).
     ensure!(
-        model.config().recipe.ffn_activation.gated() || model.moe_layers().next().is_none(),
+        spec.tasks.is_empty() || model.config().recipe.ffn_activation.gated() || model.moe_layers().next().is_none(),
         "--task: task merges of ungated ({:?}) experts are not supported",
         model.config().recipe.ffn_activation
     );
     let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
         Some(MetaValue::Str(s)) => (*s).to_string(),
         _ => bail!(
-            "--task needs the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
+            "--task and --calib need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
             dir.display()
         ),
     };
     let tok = meo::tokenizer::Tokenizer::from_json(&tok_json).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+    let stats = match (&calib_text, &spec.calib) {
+        (Some(text), Some(path)) => {
+            let ids = tok.encode(text).map_err(|e| anyhow::anyhow!("--calib {}: {e}", path.display()))?;
+            ensure!(!ids.is_empty(), "--calib: the calibration text {} has no tokens", path.display());
+            Some(crate::calib::collect(&model, &ids, cancel)?)
+        }
+        _ => None,
+    };
     let orders = read_orders(&model)?;
     let mut tasks = Vec::new();
     let mut recs = Vec::new();
@@ -455,10 +482,25 @@ pub fn convert_with_tasks(
     let cfg = model.config();
     let roles: BTreeMap<String, DType> =
         canonical::tensors(cfg).into_iter().map(|c| (c.name.clone(), c.dtype(opts.dense, opts.experts))).collect();
+    // Routed expert matrices by name: (layer, expert, part), for the calibrated encoding.
+    let experts: BTreeMap<String, (usize, usize, &str)> = model
+        .moe_layers()
+        .flat_map(|l| (0..cfg.router.num_experts).map(move |e| (l, e)))
+        .flat_map(|(l, e)| names::EXPERT_PARTS.map(|p| (names::expert(l, e, p), (l, e, p))))
+        .collect();
+    let hot: BTreeMap<usize, Vec<bool>> = match &stats {
+        Some(s) if spec.hot_experts > 0.0 => model.moe_layers().map(|l| (l, s.hot(l, spec.hot_experts))).collect(),
+        _ => BTreeMap::new(),
+    };
     let mut specs: Vec<TensorSpec> = Vec::new();
     for t in file.tensors() {
-        let dtype =
+        let mut dtype =
             *roles.get(t.name).with_context(|| format!("unexpected tensor {} in the calibration file", t.name))?;
+        if let Some(&(l, e, _)) = experts.get(t.name)
+            && hot.get(&l).and_then(|h| h.get(e)).copied().unwrap_or(false)
+        {
+            dtype = DType::Q8_0;
+        }
         specs.push(TensorSpec { name: t.name.into(), dtype, shape: t.shape().to_vec() });
     }
     let (h, i) = (cfg.hidden_size as u64, cfg.expert_intermediate_size as u64);
@@ -474,7 +516,14 @@ pub fn convert_with_tasks(
             }
         }
     }
-    let extra = merge_metadata(&tasks, &prompt, spec.weighting);
+    let mut extra = merge_metadata(&tasks, &prompt, spec.weighting);
+    if let Some(s) = &stats {
+        extra.push(("quant.calibration.tokens".into(), Owned::U64(s.tokens)));
+        if spec.hot_experts > 0.0 {
+            extra.push(("quant.hot_experts".into(), Owned::F64s(vec![spec.hot_experts])));
+            extra.push(("quant.hot_share".into(), Owned::F64s(vec![s.hot_share(spec.hot_experts)])));
+        }
+    }
     let mut entries: Vec<(&str, MetaValue<'_>)> = file
         .metadata
         .entries()
@@ -503,7 +552,24 @@ pub fn convert_with_tasks(
         let s = spec_iter.next().expect("one spec per tensor");
         let values: Vec<f32> =
             file.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let bytes = encode(&values, &s.shape, s.dtype);
+        let importance = match (&stats, experts.get(t.name)) {
+            (Some(st), Some(&(l, e, part))) => st.importance(l, e, part),
+            _ => None,
+        };
+        let bytes = match (importance, meo::quant::Planar::of(s.dtype)) {
+            // Activation-aware rounding (the 4-bit formats use it; Q8_0 keeps ggml's rule).
+            (Some(imp), Some(_)) => {
+                let cols = *s.shape.last().expect("rank >= 1") as usize;
+                std::borrow::Cow::Owned(meo::quant::quantize_as(
+                    s.dtype,
+                    &values,
+                    values.len() / cols,
+                    cols,
+                    Some(&imp),
+                ))
+            }
+            _ => encode(&values, &s.shape, s.dtype),
+        };
         w.write_tensor(&bytes).map_err(io)?;
         progress(Event::Tensor { name: &s.name, bytes: bytes.len() as u64 });
     }

@@ -230,6 +230,9 @@ pub fn quantize_as(
     let mut out = alloc::vec![0u8; soff + rows * nb * sb];
     for r in 0..rows {
         let row = &w[r * cols..(r + 1) * cols];
+        // As llama.cpp's imatrix quantizers: a value's weight is its column's importance
+        // times sqrt(σ² + x²), σ² the row's mean square, so larger weights also count more.
+        let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
         for b in 0..nb {
             let (c0, c1) = (b * QK, cols.min((b + 1) * QK));
             let mut x = [0.0f32; QK];
@@ -238,8 +241,8 @@ pub fn quantize_as(
             if let Some(i) = importance {
                 // Padding values weigh nothing; a column never seen still counts a little.
                 imp = [0.0; QK];
-                for (d, &v) in imp.iter_mut().zip(&i[c0..c1]) {
-                    *d = v.max(0.0) + 1e-6;
+                for ((d, &v), &xv) in imp.iter_mut().zip(&i[c0..c1]).zip(&x) {
+                    *d = (v.max(0.0) + 1e-6) * (sigma2 + xv * xv).sqrt();
                 }
             }
             let (head, scales) = out.split_at_mut(soff);

@@ -57,3 +57,59 @@ fn int4_experts_keep_routing_and_top1() {
 fn mxfp4_experts_keep_routing_and_top1() {
     check(DType::MXFP4, [0.95, 0.7], [0.9, 0.35]);
 }
+
+/// `--calib` with `--hot-experts`: per MoE layer the `ceil(share · E)` most selected experts
+/// are int8 and the rest int4; the file records the calibration; without `--calib` or with
+/// int8 experts the option is refused before anything is written.
+#[test]
+fn hot_experts_stay_int8_beside_int4() {
+    use meo_converter::convert::{Options, convert_with};
+    use meo_converter::merges::MergeSpec;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/trained/mixtral-scratch");
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = tmp.path().join("calib.txt");
+    std::fs::write(&calib, "def parse(self, args):\n    return [a.strip() for a in args if a]\n".repeat(20)).unwrap();
+    let out = tmp.path().join("hot.meo");
+    let opts = Options { experts: DType::Q4_0, dense: DType::F16, align: false };
+    let spec = MergeSpec { calib: Some(calib.clone()), hot_experts: 0.25, ..Default::default() };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    convert_with(&dir, &out, opts, &spec, &cancel, |_| {}).unwrap();
+    let model = Model::open(&out).unwrap();
+    let file = model.file().unwrap();
+    let e = model.config().router.num_experts;
+    for l in model.moe_layers() {
+        let dtypes: Vec<DType> =
+            (0..e).map(|x| file.tensor(&meo::names::expert(l, x, "up")).expect("expert tensor").dtype).collect();
+        let hot = dtypes.iter().filter(|&&d| d == DType::Q8_0).count();
+        assert_eq!(hot, e.div_ceil(4), "layer {l}: {dtypes:?}");
+        assert!(dtypes.iter().all(|&d| d == DType::Q8_0 || d == DType::Q4_0), "layer {l}: {dtypes:?}");
+        for (x, &d) in dtypes.iter().enumerate() {
+            for part in meo::names::EXPERT_PARTS {
+                assert_eq!(file.tensor(&meo::names::expert(l, x, part)).unwrap().dtype, d, "one dtype per expert");
+            }
+        }
+    }
+    assert!(matches!(file.metadata.get("quant.calibration.tokens"), Some(meo::MetaValue::U64(n)) if *n > 0));
+    // It runs, prompt and decode alike.
+    let mut s = Session::new(&model, SessionOptions { threads: 2, ..Default::default() }).unwrap();
+    let all = s.forward(&[5, 6, 7, 8]).unwrap().to_vec();
+    s.reset();
+    s.forward(&[5, 6, 7]).unwrap();
+    let last = s.forward(&[8]).unwrap().to_vec();
+    assert_eq!(&all[all.len() - last.len()..], &last[..]);
+
+    for (experts, spec, want) in [
+        (DType::Q4_0, MergeSpec { hot_experts: 0.25, ..Default::default() }, "--hot-experts needs --calib"),
+        (
+            DType::Q8_0,
+            MergeSpec { calib: Some(calib.clone()), hot_experts: 0.25, ..Default::default() },
+            "int4 or mxfp4",
+        ),
+        (DType::Q4_0, MergeSpec { calib: Some(calib), hot_experts: 1.5, ..Default::default() }, "0 to 1"),
+    ] {
+        let out = tmp.path().join("refused.meo");
+        let err = convert_with(&dir, &out, Options { experts, ..opts }, &spec, &cancel, |_| {}).unwrap_err();
+        assert!(format!("{err:#}").contains(want), "{err:#}");
+        assert!(!out.exists());
+    }
+}

@@ -30,7 +30,7 @@ fn convert_tasks(name: &str, opts: Options, dir: &Path) -> PathBuf {
         tasks.push(TaskSpec { name: task.into(), text: p });
     }
     let out = dir.join(format!("{name}-{}-{}.meo", opts.experts.name(), opts.align));
-    let spec = MergeSpec { tasks, weighting: Weighting::MeanGate };
+    let spec = MergeSpec { tasks, weighting: Weighting::MeanGate, ..Default::default() };
     convert::convert_with(&fixture_dir(name), &out, opts, &spec, &AtomicBool::new(false), |_| {})
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     out
@@ -317,7 +317,7 @@ fn stored_merge_weights_reproduce_the_merged_tensors() {
                 TaskSpec { name: (*n).into(), text: p }
             })
             .collect();
-        let spec = MergeSpec { tasks: texts, weighting };
+        let spec = MergeSpec { tasks: texts, weighting, ..Default::default() };
         let int8 = tmp.path().join("int8.meo");
         convert::convert_with(&fixture_dir("olmoe"), &int8, Options::default(), &spec, &AtomicBool::new(false), |_| {})
             .unwrap();

@@ -38,7 +38,7 @@ fn upcycled(dir: &Path, experts: DType) -> PathBuf {
         tasks.push(TaskSpec { name: task.into(), text: p });
     }
     let out = dir.join(format!("upcycled-{}.meo", experts.name()));
-    let spec = MergeSpec { tasks, weighting: Weighting::MeanGate };
+    let spec = MergeSpec { tasks, weighting: Weighting::MeanGate, ..Default::default() };
     let opts = Options { experts, dense: DType::F32, align: true };
     convert::convert_with(&trained("mixtral-upcycled"), &out, opts, &spec, &AtomicBool::new(false), |_| {})
         .unwrap_or_else(|e| panic!("convert: {e:#}"));

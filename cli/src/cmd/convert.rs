@@ -59,6 +59,15 @@ pub struct Args {
         meo_converter::merges::Weighting::ALL.map(|w| w.cli_name())
     ).try_map(|s| s.parse::<meo_converter::merges::Weighting>()))]
     pub merge_weighting: meo_converter::merges::Weighting,
+    /// Calibration text: 4-bit experts choose their scales for the error of W·x on the
+    /// inputs each expert sees on it (activation-aware rounding), and --hot-experts picks from
+    /// its routing.
+    #[arg(long, value_name = "TEXT")]
+    pub calib: Option<PathBuf>,
+    /// Keep this share (0 to 1) of each layer's experts, the most selected on --calib, at
+    /// int8 beside 4-bit ones (--experts int4 or mxfp4).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
+    pub hot_experts: f64,
 }
 
 /// A switch.
@@ -90,7 +99,12 @@ impl Args {
 
     /// The task merges these flags ask for.
     pub fn merges(&self) -> meo_converter::merges::MergeSpec {
-        meo_converter::merges::MergeSpec { tasks: self.tasks.clone(), weighting: self.merge_weighting }
+        meo_converter::merges::MergeSpec {
+            tasks: self.tasks.clone(),
+            weighting: self.merge_weighting,
+            calib: self.calib.clone(),
+            hot_experts: self.hot_experts,
+        }
     }
 }
 

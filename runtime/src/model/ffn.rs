@@ -56,8 +56,26 @@ fn add_bias(bytes: &[u8], bias: &super::plan::Vector, tmp: &mut Vec<f32>, rows: 
 /// `out[T, H] = down(act(gate(x), up(x)))`, or `down(act(up(x)))` for an ungated MLP (plus
 /// the biases, when the MLP has them), with matrices read from `bytes`.
 pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize, s: &mut MlpScratch, out: &mut [f32]) {
+    let d = m.down.view(bytes);
+    let h = hidden(par, bytes, m, x, t, s);
+    matmul(par, h, t, &d, out);
+    if let Some([_, _, bd]) = m.bias.as_deref() {
+        add_bias(bytes, bd, &mut s.bias, out);
+    }
+}
+
+/// The MLP's intermediate activations `act(gate(x), up(x))` (`[T, intermediate]`, the input
+/// of `down`), in one of `s`'s buffers.
+pub(crate) fn hidden<'s>(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    m: &Mlp,
+    x: &[f32],
+    t: usize,
+    s: &'s mut MlpScratch,
+) -> &'s [f32] {
     let MlpScratch { gate, up, bias } = s;
-    let (u, d) = (m.up.view(bytes), m.down.view(bytes));
+    let u = m.up.view(bytes);
     let inter = u.rows();
     if let (Some(g), None) = (&m.gate, &m.bias) {
         let g = g.view(bytes);
@@ -71,8 +89,7 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
                 _ => silu_mul(g, u),
             };
             matmul_glu(par, &Acts::new(x, t), &g, &u, &act, gate);
-            matmul(par, gate, t, &d, out);
-            return;
+            return gate;
         }
     }
     // Gate and up read the same input: quantized once.
@@ -98,7 +115,7 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
                 // A gated MLP is SiLU-gated unless it says otherwise.
                 _ => silu_mul(gate, up),
             }
-            matmul(par, gate, t, &d, out);
+            gate
         }
         None => {
             for v in up.iter_mut() {
@@ -109,11 +126,8 @@ pub(crate) fn mlp(par: &dyn Parallel, bytes: &[u8], m: &Mlp, x: &[f32], t: usize
                     Activation::Silu | Activation::ClampedSwiglu { .. } => silu(*v),
                 };
             }
-            matmul(par, up, t, &d, out);
+            up
         }
-    }
-    if let Some([_, _, bd]) = m.bias.as_deref() {
-        add_bias(bytes, bd, bias, out);
     }
 }
 

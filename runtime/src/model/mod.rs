@@ -375,6 +375,14 @@ impl Model {
         ffn::mlp(&crate::kernels::Serial, expert.bytes, expert.mlp, x, t, &mut s, out);
     }
 
+    /// One expert's intermediate activations on `x` (`[t, hidden]`): `act(gate x, up x)`,
+    /// `[t, intermediate]`, the input of its `down` matrix (calibration statistics), on this
+    /// thread.
+    pub fn expert_hidden(&self, expert: crate::merge::ExpertRef<'_>, x: &[f32], t: usize) -> Vec<f32> {
+        let mut s = ffn::MlpScratch::default();
+        ffn::hidden(&crate::kernels::Serial, expert.bytes, expert.mlp, x, t, &mut s).to_vec()
+    }
+
     /// The routed mixture `Σ_i w_i E_i(x_t)` of MoE layer `layer` for `t` tokens with the
     /// given choices (`[t, top_k]`, as [`Trace::on_route`] reports them; shared experts not
     /// included), into `out` (`[t, hidden]`), on this thread.
