@@ -75,7 +75,23 @@ pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
     }
     if avx512 && avx512vl() {
         // SAFETY: as above, and AVX-512 VL (256-bit `vpdpbusd`) just above.
-        v.push(unsafe { Kernel::new("Avx512Vnni", run::<Vnni512Q4<F>, 1, 4, 1>) });
+        v.push(unsafe { Kernel::new("Avx512Vnni", gemm4_avx512vnni::<F>) });
+    }
+}
+
+/// The 4-bit AVX-512 VNNI kernel: decoding in the file's layout one row at a time, prompts
+/// over packed groups of 16 rows ([`gemm_packed`]), in `q4.rs`'s f32 order both.
+///
+/// # Safety
+/// As [`run`], with avx512f, avx512bw, avx512vl, avx512vnni, avx2, fma, f16c.
+unsafe fn gemm4_avx512vnni<F: Nib>(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
+    // SAFETY: forwarded contract (CPU features and bounds).
+    unsafe {
+        if t == 1 {
+            run::<Vnni512Q4<F>, 1, 1, 1>(w, r0, nr, x, t, out)
+        } else {
+            gemm_packed::<Four<F>>(w, r0, nr, x, t, out)
+        }
     }
 }
 
@@ -338,7 +354,9 @@ tile4!(tile4_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", pair_vnni512)
 /// As [`run`], with avx512f, avx512bw, avx512vnni, avx2, fma, f16c.
 unsafe fn gemm_avx512vnni(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
     // SAFETY: forwarded contract (CPU features and bounds).
-    unsafe { if t == 1 { run::<Avx512Vnni, 1, 1, 1>(w, r0, nr, x, t, out) } else { gemm_packed(w, r0, nr, x, t, out) } }
+    unsafe {
+        if t == 1 { run::<Avx512Vnni, 1, 1, 1>(w, r0, nr, x, t, out) } else { gemm_packed::<Q8>(w, r0, nr, x, t, out) }
+    }
 }
 
 /// [`QActs::new`] on AVX2, or `None` without it.
@@ -752,6 +770,136 @@ fn hi256(v: __m512) -> __m256 {
 /// Rows per packed group: one 32-bit lane of a 512-bit register per row.
 const GROUP: usize = 16;
 
+/// What [`gemm_packed`] needs of a block format: the unsigned bytes of a row's block in the
+/// order of the activations, its scales, where the activations are and how the f32 sums go.
+trait Packed {
+    /// Weight bytes per block in the file.
+    const CODE: usize;
+    /// Scale bytes per block.
+    const SB: usize;
+    /// What every unsigned weight byte carries on top of its value (`Σ` takes `OFF·Σx` off).
+    const OFF: i32;
+    /// Row `row`'s block `b` as 32 unsigned bytes, in the order of the block's activations.
+    ///
+    /// # Safety
+    /// avx2; row `row`, block `b` exist in `w`.
+    unsafe fn block(w: &QWeights<'_>, row: usize, b: usize) -> __m256i;
+    /// `g ≤ 8` scales of row `row` from block `b` (zero beyond `g`).
+    ///
+    /// # Safety
+    /// avx2, f16c; the blocks exist.
+    unsafe fn scales(w: &QWeights<'_>, row: usize, b: usize, g: usize) -> __m256;
+    /// Index of token `tok`'s block `b` in `x.d` / `x.s`.
+    fn xi(x: &QActs, tok: usize, b: usize) -> usize;
+    /// Offset in `x.q` of activation bytes `4c..4c + 4` (c < 8) of token `tok`'s block `b`.
+    fn xq(x: &QActs, tok: usize, b: usize, c: usize) -> usize;
+    /// `acc + f32(sum) · p`, in the format's rounding (fused for Q8_0, not for 4-bit).
+    ///
+    /// # Safety
+    /// avx512f.
+    unsafe fn add(acc: __m512, sum: __m512i, p: __m512) -> __m512;
+    /// The 8 accumulators (block `b` in `a[b mod 8]`), summed lane-wise in the format's order.
+    ///
+    /// # Safety
+    /// avx512f.
+    unsafe fn finish(a: &[__m512; 8]) -> __m512;
+}
+
+/// Q8_0 in [`gemm_packed`]: `w ^ 0x80`, fused multiply-adds, [`hsum8`]'s order.
+struct Q8;
+impl Packed for Q8 {
+    const CODE: usize = QK;
+    const SB: usize = 2;
+    const OFF: i32 = 128;
+    #[inline(always)]
+    unsafe fn block(w: &QWeights<'_>, row: usize, b: usize) -> __m256i {
+        // SAFETY: the block exists and the CPU has avx2 (caller); unaligned load.
+        unsafe {
+            let v = _mm256_loadu_si256(w.q.as_ptr().add((row * w.nb + b) * QK).cast());
+            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(w: &QWeights<'_>, row: usize, b: usize, g: usize) -> __m256 {
+        // SAFETY: the blocks exist (caller): 2·g bytes (unaligned: the plane need not be 2-byte aligned).
+        unsafe { scales8(w.s.as_ptr().add((row * w.nb + b) * 2), g) }
+    }
+    #[inline(always)]
+    fn xi(x: &QActs, tok: usize, b: usize) -> usize {
+        tok * x.nb + b
+    }
+    #[inline(always)]
+    fn xq(x: &QActs, tok: usize, b: usize, c: usize) -> usize {
+        (tok * x.nb + b) * QK + 4 * c
+    }
+    #[inline(always)]
+    unsafe fn add(acc: __m512, sum: __m512i, p: __m512) -> __m512 {
+        // SAFETY: avx512f (caller).
+        unsafe { _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), p, acc) }
+    }
+    #[inline(always)]
+    unsafe fn finish(a: &[__m512; 8]) -> __m512 {
+        // hsum8's order, lane by lane: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+        // SAFETY: avx512f (caller).
+        unsafe {
+            let e: [__m512; 4] = core::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
+            _mm512_add_ps(_mm512_add_ps(e[0], e[2]), _mm512_add_ps(e[1], e[3]))
+        }
+    }
+}
+
+/// A 4-bit format in [`gemm_packed`]: the codes looked up unsigned (`v − MIN`) in the
+/// rearranged order (evens, then odds), multiply then add, `q4.rs`'s order.
+struct Four<F>(core::marker::PhantomData<F>);
+impl<F: Nib> Packed for Four<F> {
+    const CODE: usize = 16;
+    const SB: usize = F::SB;
+    const OFF: i32 = -(F::MIN as i32);
+    #[inline(always)]
+    unsafe fn block(w: &QWeights<'_>, row: usize, b: usize) -> __m256i {
+        let lut = const { unsigned_lut::<F>() };
+        // SAFETY: the table is 16 bytes and the block 16 (caller); unaligned loads; avx2 (caller).
+        unsafe {
+            let (lut, raw) =
+                (_mm_loadu_si128(lut.as_ptr().cast()), _mm_loadu_si128(w.q.as_ptr().add((row * w.nb + b) * 16).cast()));
+            let m4 = _mm_set1_epi8(0x0F);
+            let lo = _mm_shuffle_epi8(lut, _mm_and_si128(raw, m4));
+            let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16::<4>(raw), m4));
+            _mm256_set_m128i(hi, lo)
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(w: &QWeights<'_>, row: usize, b: usize, g: usize) -> __m256 {
+        // SAFETY: the blocks exist (caller).
+        unsafe {
+            let p = w.s.as_ptr().add((row * w.nb + b) * F::SB);
+            if F::SB == 2 { scales8(p, g) } else { e8m0x8::<F>(p, g) }
+        }
+    }
+    #[inline(always)]
+    fn xi(x: &QActs, tok: usize, b: usize) -> usize {
+        tok * x.nb.next_multiple_of(2) + b
+    }
+    #[inline(always)]
+    fn xq(x: &QActs, tok: usize, b: usize, c: usize) -> usize {
+        // Pair (b/2): [evens of 2p | evens of 2p + 1 | odds of 2p | odds of 2p + 1].
+        let pair = (tok * x.nb.next_multiple_of(2) + b / 2 * 2) * QK;
+        pair + (c / 4) * 32 + (b % 2) * 16 + 4 * (c % 4)
+    }
+    #[inline(always)]
+    unsafe fn add(acc: __m512, sum: __m512i, p: __m512) -> __m512 {
+        // SAFETY: avx512f (caller).
+        unsafe { _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), p)) }
+    }
+    #[inline(always)]
+    unsafe fn finish(a: &[__m512; 8]) -> __m512 {
+        // q4.rs: ((A0 + A1) + (A4 + A5)) + ((A2 + A3) + (A6 + A7)).
+        // SAFETY: avx512f (caller).
+        let add = |x, y| unsafe { _mm512_add_ps(x, y) };
+        add(add(add(a[0], a[1]), add(a[4], a[5])), add(add(a[2], a[3]), add(a[6], a[7])))
+    }
+}
+
 /// A prompt pass (`t ≥ 2`) over rows `r0..r0 + nr`, `out` token-major (`t × nr`), in
 /// [`Avx512Vnni`]'s f32 order.
 ///
@@ -765,7 +913,7 @@ const GROUP: usize = 16;
 /// avx512f, avx512bw, avx512vnni, avx2, fma, f16c; rows `r0..r0 + nr` of `w` and tokens
 /// `..t` of `x` exist (`x.nb == w.nb`); `out.len() == t · nr`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,avx2,fma,f16c")]
-unsafe fn gemm_packed(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
+unsafe fn gemm_packed<P: Packed>(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
     let nb = w.nb;
     let mut wp = alloc::vec![_mm512_setzero_si512(); nb * 8];
     let mut sp = alloc::vec![0.0f32; nb * GROUP];
@@ -774,28 +922,29 @@ unsafe fn gemm_packed(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usiz
     for g0 in (0..nr).step_by(GROUP) {
         let gr = (nr - g0).min(GROUP);
         // SAFETY: rows r0 + g0..r0 + g0 + gr exist (caller); features as ours.
-        unsafe { pack(w, r0 + g0, gr, &mut wp, &mut sp, &mut srow) };
+        unsafe { pack::<P>(w, r0 + g0, gr, &mut wp, &mut sp, &mut srow) };
         // The next group's weights and scales, hinted a share per token step while this
         // group computes, so that packing it finds them in cache.
-        let (row, nx) = (nb * QK, (nr - g0 - gr).min(GROUP));
+        let (row, srow_bytes, nx) = (nb * P::CODE, nb * P::SB, (nr - g0 - gr).min(GROUP));
         let next_q = w.q.as_ptr().wrapping_add((r0 + g0 + gr) * row);
-        let next_s = w.s.as_ptr().wrapping_add((r0 + g0 + gr) * nb * 2);
+        let next_s = w.s.as_ptr().wrapping_add((r0 + g0 + gr) * srow_bytes);
+        let sshare = |a: usize| a / P::CODE * P::SB;
         let share = (nx * row).div_ceil(t.div_ceil(2)).next_multiple_of(64);
         let mut ahead = 0;
         let mut tok = 0;
         while tok < t {
             if ahead < nx * row {
                 prefetch_range(next_q.wrapping_add(ahead), share.min(nx * row - ahead));
-                prefetch_range(next_s.wrapping_add(ahead / 16), (share / 16).min(nx * nb * 2 - ahead / 16));
+                prefetch_range(next_s.wrapping_add(sshare(ahead)), sshare(share).min(nx * srow_bytes - sshare(ahead)));
                 ahead += share;
             }
             // SAFETY: tokens tok..tok + 2 (or 1) < t exist; the group's outputs lie in `out`.
             unsafe {
                 if tok + 2 <= t {
-                    group_tokens::<2>(&wp, &sp, x, tok, out, nr, g0, gr);
+                    group_tokens::<P, 2>(&wp, &sp, x, tok, out, nr, g0, gr);
                     tok += 2;
                 } else {
-                    group_tokens::<1>(&wp, &sp, x, tok, out, nr, g0, gr);
+                    group_tokens::<P, 1>(&wp, &sp, x, tok, out, nr, g0, gr);
                     tok += 1;
                 }
             }
@@ -810,23 +959,16 @@ unsafe fn gemm_packed(w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usiz
 /// # Safety
 /// As [`gemm_packed`]'s features; rows `r..r + gr` of `w` exist.
 #[target_feature(enable = "avx512f,avx512bw,avx,avx2,f16c")]
-unsafe fn pack(w: &QWeights<'_>, r: usize, gr: usize, wp: &mut [__m512i], sp: &mut [f32], srow: &mut [f32]) {
+unsafe fn pack<P: Packed>(w: &QWeights<'_>, r: usize, gr: usize, wp: &mut [__m512i], sp: &mut [f32], srow: &mut [f32]) {
     let nb = w.nb;
-    let row = nb * QK;
-    let k80 = _mm512_set1_epi8(-128);
     // Qword indices joining 128-bit lanes (0, 0', 2, 2') and (1, 1', 3, 3') of two registers.
     let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
     let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     for b in 0..nb {
         // Register i: row i's block in its low half, row i + 8's in its high half.
-        // SAFETY: rows r + i < r + gr exist (caller), each `row` bytes; unaligned loads.
-        let ld = |i: usize| unsafe {
-            if i < gr {
-                _mm256_loadu_si256(w.q.as_ptr().add((r + i) * row + b * QK).cast())
-            } else {
-                _mm256_setzero_si256()
-            }
-        };
+        // SAFETY: rows r + i < r + gr exist (caller). A missing row is zero bytes (its
+        // scales are zero too).
+        let ld = |i: usize| unsafe { if i < gr { P::block(w, r + i, b) } else { _mm256_setzero_si256() } };
         let z: [__m512i; 8] =
             core::array::from_fn(|i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ld(i)), ld(i + 8)));
         // An 8×8 transpose of 32-bit values in each 256-bit half.
@@ -842,16 +984,15 @@ unsafe fn pack(w: &QWeights<'_>, r: usize, gr: usize, wp: &mut [__m512i], sp: &m
         });
         for c in 0..8 {
             let (m, ix) = (c % 4, if c < 4 { lo } else { hi });
-            wp[b * 8 + c] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[m], ix, u[4 + m]), k80);
+            wp[b * 8 + c] = _mm512_permutex2var_epi64(u[m], ix, u[4 + m]);
         }
     }
     for i in 0..GROUP {
         if i < gr {
-            let s = &w.s[(r + i) * nb * 2..][..nb * 2];
             for b in (0..nb).step_by(8) {
-                // SAFETY: bytes 2b..2b + 2·min(8, nb − b) of `s` (unaligned: the scale
-                // plane need not be 2-byte aligned); values b..b + 8 ≤ srow.len() of `srow`.
-                unsafe { _mm256_storeu_ps(srow.as_mut_ptr().add(b), scales8(s.as_ptr().add(2 * b), (nb - b).min(8))) };
+                // SAFETY: row r + i's blocks b..b + min(8, nb − b) exist (caller); values
+                // b..b + 8 ≤ srow.len() of `srow`.
+                unsafe { _mm256_storeu_ps(srow.as_mut_ptr().add(b), P::scales(w, r + i, b, (nb - b).min(8))) };
             }
         } else {
             srow.fill(0.0);
@@ -868,7 +1009,7 @@ unsafe fn pack(w: &QWeights<'_>, r: usize, gr: usize, wp: &mut [__m512i], sp: &m
 /// As [`gemm_packed`]; `wp`, `sp` packed for `x.nb` blocks; tokens `tok..tok + NT` exist.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn group_tokens<const NT: usize>(
+unsafe fn group_tokens<P: Packed, const NT: usize>(
     wp: &[__m512i],
     sp: &[f32],
     x: &QActs,
@@ -892,21 +1033,23 @@ unsafe fn group_tokens<const NT: usize>(
         // SAFETY: sp holds nb·16 values; unaligned load.
         let d = unsafe { _mm512_loadu_ps(sp.as_ptr().add(b * GROUP)) };
         for (j, a) in acc.iter_mut().enumerate() {
-            let k = (tok + j) * nb + b;
-            // SAFETY: token tok + j exists (caller): its block b is 32 bytes of x.q.
-            let xb = unsafe { x.q.as_ptr().add(k * QK) };
-            // SAFETY: bytes 4c..4c + 4 of the block; unaligned read.
-            let xc = |c: usize| _mm512_set1_epi32(unsafe { xb.add(4 * c).cast::<i32>().read_unaligned() });
+            let k = P::xi(x, tok + j, b);
+            // SAFETY: token tok + j exists (caller): bytes 4c..4c + 4 of its block b lie in
+            // x.q; unaligned read.
+            let xc = |c: usize| {
+                _mm512_set1_epi32(unsafe { x.q.as_ptr().add(P::xq(x, tok + j, b, c)).cast::<i32>().read_unaligned() })
+            };
             // Four chains of 2 instead of one of 8 (exact i32 either way).
             let z = _mm512_setzero_si512();
-            // vpdpbusd of `w ^ 0x80` adds 128·Σx: start from −128·Σx.
-            let mut s = [_mm512_set1_epi32(-128 * x.s[k]), z, z, z];
+            // vpdpbusd of the unsigned bytes adds OFF·Σx: start from −OFF·Σx.
+            let mut s = [_mm512_set1_epi32(-P::OFF * x.s[k]), z, z, z];
             for c in 0..8 {
                 s[c % 4] = _mm512_dpbusd_epi32(s[c % 4], wv[c], xc(c));
             }
             let (s0, s1) = (_mm512_add_epi32(s[0], s[2]), _mm512_add_epi32(s[1], s[3]));
             let p = _mm512_mul_ps(d, _mm512_set1_ps(x.d[k]));
-            a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), p, a[l]);
+            // SAFETY: avx512f (this function's features).
+            a[l] = unsafe { P::add(a[l], _mm512_add_epi32(s0, s1), p) };
         }
     };
     let mut b8 = 0;
@@ -925,9 +1068,8 @@ unsafe fn group_tokens<const NT: usize>(
         step(&mut acc, b, b - b8);
     }
     for (j, a) in acc.iter().enumerate() {
-        // hsum8's order, lane by lane: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
-        let e: [__m512; 4] = core::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
-        let v = _mm512_add_ps(_mm512_add_ps(e[0], e[2]), _mm512_add_ps(e[1], e[3]));
+        // SAFETY: avx512f (this function's features).
+        let v = unsafe { P::finish(a) };
         let o = &mut out[(tok + j) * nr + g0..][..gr];
         // SAFETY: masked store of the first gr ≤ 16 lanes into `o`, which holds gr values.
         unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << gr) - 1) as u16, v) };
