@@ -40,18 +40,8 @@ pub struct Args {
     /// Most tokens to generate.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only from the K most likely tokens (0 = no limit).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub top_k: usize,
-    /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Random seed for sampling (same seed, same output).
-    #[arg(long, value_name = "S", default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
@@ -69,6 +59,58 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
     pub target: super::target::TargetArgs,
+}
+
+/// Sampling and stop flags, shared by `meo run` and `meo chat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 (the default) is greedy decoding.
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only from the K most likely tokens (0 = no limit).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sample only from tokens at least P times as likely as the most likely one (0 = no limit).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (Hugging Face's) over the prompt and generated tokens; 1 = none.
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Presence penalty (OpenAI's): subtracted from the logit of every token already seen; 0 = none.
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Frequency penalty (OpenAI's): subtracted per earlier occurrence of a token; 0 = none.
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// The penalties count only the last N tokens (0 = all tokens of the sequence).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub repeat_last_n: usize,
+    /// Random seed for sampling (same seed, same output).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (not printed); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The sampler settings these flags give (checked when the sampler is made).
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
 }
 
 /// `meo run`'s arguments alone, for parsing them outside the `meo` command.
@@ -187,7 +229,10 @@ pub fn run(a: &Args) -> Result<()> {
 /// Bad arguments, an unreadable model, a missing tokenizer with `-p`, a flag the target
 /// cannot honour, or I/O.
 pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
-    let sampling = SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = a.sampling.config();
+    if !a.sampling.stop.is_empty() && a.prompt.is_none() {
+        bail!("--stop matches text: it needs -p (with --tokens the output is ids)");
+    }
     let t_open = Instant::now();
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
@@ -220,6 +265,7 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     let gen_opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
+        stop_strings: a.sampling.stop.clone(),
         prompt_logits: if a.dump.is_some() { Logits::All } else { Logits::Last },
         ..GenerateOptions::for_model(&cfg)
     };
