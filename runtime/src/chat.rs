@@ -250,7 +250,7 @@ impl ChatTemplate {
                 ])
             })
             .collect();
-        self.render_values(msgs, add_generation_prompt, kwargs)
+        self.render_values(msgs, add_generation_prompt, parse_kwargs(kwargs)?)
     }
 
     /// [`render`](Self::render) with the messages as a JSON array of objects, any fields
@@ -270,14 +270,14 @@ impl ChatTemplate {
             return Err(ChatError::Input("the messages must be a JSON array of objects".into()));
         }
         let msgs = v.try_iter().map_err(|e| ChatError::Input(e.to_string()))?.collect();
-        self.render_values(msgs, add_generation_prompt, kwargs)
+        self.render_values(msgs, add_generation_prompt, parse_kwargs(kwargs)?)
     }
 
     fn render_values(
         &self,
         messages: Vec<Value>,
         add_generation_prompt: bool,
-        kwargs: Option<&str>,
+        kwargs: Option<Value>,
     ) -> Result<String, ChatError> {
         let mut ctx: Vec<(String, Value)> = Vec::new();
         let s = &self.special;
@@ -288,9 +288,7 @@ impl ChatTemplate {
         }
         let mut tools = Value::from(());
         let mut documents = Value::from(());
-        if let Some(k) = kwargs {
-            let v: Value = serde_json::from_str(k)
-                .map_err(|e| ChatError::Input(format!("the template variables are not valid JSON: {e}")))?;
+        if let Some(v) = kwargs {
             if v.kind() != ValueKind::Map {
                 return Err(ChatError::Input("the template variables must be a JSON object".into()));
             }
@@ -340,6 +338,16 @@ impl ChatTemplate {
             ChatError::Render(describe(&e))
         })
     }
+}
+
+/// The template variables' JSON text as a value (key order kept).
+fn parse_kwargs(kwargs: Option<&str>) -> Result<Option<Value>, ChatError> {
+    kwargs
+        .map(|k| {
+            serde_json::from_str(k)
+                .map_err(|e| ChatError::Input(format!("the template variables are not valid JSON: {e}")))
+        })
+        .transpose()
 }
 
 /// A minijinja error in one line: what, and where in the template.
@@ -781,5 +789,50 @@ mod tests {
         assert!(matches!(ChatTemplate::from_metadata(&empty), Err(ChatError::NoTemplate)));
         let wrong = Metadata::from_entries(vec![(TEMPLATE_KEY, MetaValue::U64(1))]);
         assert!(matches!(ChatTemplate::from_metadata(&wrong), Err(ChatError::WrongType { .. })));
+    }
+
+    /// Every case of `tests/fixtures/chat_templates.json` (written by
+    /// `examples/fixtures/chat_templates.py` with transformers' `apply_chat_template`) renders
+    /// to the same string, or fails where transformers failed.
+    #[test]
+    fn chat_templates_match_transformers() {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/chat_templates.json");
+        let fixture: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let field = |v: &Value, k: &str| v.get_attr(k).unwrap();
+        let text = |v: Value| v.as_str().map(str::to_string);
+        let now = i64::try_from(field(&fixture, "now")).unwrap();
+        let templates = field(&fixture, "templates");
+        let cases: Vec<Value> = field(&fixture, "cases").try_iter().unwrap().collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for case in &cases {
+            let tname = text(field(case, "template")).unwrap();
+            let name = text(field(case, "name")).unwrap();
+            let t = field(&templates, &tname);
+            let sp = field(&t, "special_tokens");
+            let special = SpecialTokens {
+                bos: text(field(&sp, "bos_token")),
+                eos: text(field(&sp, "eos_token")),
+                pad: text(field(&sp, "pad_token")),
+                unk: text(field(&sp, "unk_token")),
+            };
+            let tm = ChatTemplate::new(&text(field(&t, "source")).unwrap(), special).unwrap().with_fixed_time(now);
+            let msgs = field(case, "messages").try_iter().unwrap().collect();
+            let got =
+                tm.render_values(msgs, field(case, "add_generation_prompt").is_true(), Some(field(case, "kwargs")));
+            match (text(field(case, "expected")), text(field(case, "error"))) {
+                (Some(want), _) => assert_eq!(got.unwrap(), want, "{tname}: {name}"),
+                (None, Some(err)) => match got {
+                    Err(ChatError::Raised(m)) => assert_eq!(m, err, "{tname}: {name}"),
+                    other => panic!("{tname}: {name}: expected the template to raise {err:?}, got {other:?}"),
+                },
+                (None, None) => panic!("{tname}: {name}: neither expected nor error"),
+            }
+            seen.insert(tname);
+        }
+        let all: Vec<&str> = seen.iter().map(String::as_str).collect();
+        for family in ["mixtral", "mistral", "qwen3", "deepseek-v3", "gpt-oss", "granite", "olmoe"] {
+            assert!(all.iter().any(|t| t.starts_with(family)), "no {family} template in the fixture");
+        }
+        assert!(cases.len() >= 20);
     }
 }
