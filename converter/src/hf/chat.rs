@@ -62,7 +62,7 @@ impl ChatMeta {
             let text = read_capped(&cfg_path, MAX_CONFIG_JSON.max(MAX_TEMPLATE * 4))?;
             let cfg: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&text).with_context(|| format!("{}: not a JSON object", cfg_path.display()))?;
-            m.from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
+            m.read_config(&cfg).with_context(|| cfg_path.display().to_string())?;
             m.paths.push(cfg_path);
         }
         let jinja = dir.join("chat_template.jinja");
@@ -104,7 +104,7 @@ impl ChatMeta {
         Ok(m)
     }
 
-    fn from_config(&mut self, cfg: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    fn read_config(&mut self, cfg: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
         match cfg.get("chat_template") {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::String(s)) => self.template = Some(s.clone()),
