@@ -665,6 +665,256 @@ pub fn strftime(fmt: &str, t: i64) -> Result<String, String> {
     Ok(out)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Multi-turn conversations over one target
+
+/// Why a chat turn failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
+    /// The new message alone (with the system prompt) does not fit in the context.
+    #[error(
+        "the message does not fit in the context: the conversation renders to {tokens} tokens with only the system \
+         prompt and this message, the context holds {max}"
+    )]
+    TooLong { tokens: usize, max: usize },
+}
+
+/// What happened to the cache at the start of a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// The cached tokens are a prefix of the new rendering: only the rest was fed.
+    Reused,
+    /// The rendering departs from the cache after `common` tokens (the template rewrote an
+    /// earlier turn, or the reply re-tokenized differently): the cache was cut back to them.
+    Rewound { common: usize },
+    /// As `Rewound`, but the target cannot cut its cache: it was reset and everything fed.
+    Reset,
+    /// The conversation did not fit in the context: it was forgotten (the system prompt kept)
+    /// and the new message starts a fresh one.
+    ContextReset { dropped_messages: usize },
+}
+
+/// What one turn did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The assistant's reply text (as streamed: stop strings and special tokens left out).
+    pub reply: String,
+    /// Tokens of the whole rendered conversation this turn fed up to.
+    pub conversation_tokens: usize,
+    /// Of those, tokens already in the cache (not fed again).
+    pub reused: usize,
+    /// Tokens fed for this turn's prompt (`conversation_tokens - reused`).
+    pub fed: usize,
+    pub cache: CacheUse,
+    /// The generation (generated ids, stop reason, timings).
+    pub generation: crate::generate::Generation,
+}
+
+/// A conversation with a model over one [`Target`](crate::Target): the messages so far, and
+/// the tokens the target's cache holds, so that each turn feeds only what is new.
+///
+/// Each turn renders the whole conversation with the template (generation prompt added),
+/// tokenizes it, and compares it with the cached tokens: when they are a prefix, only the
+/// rest is fed; otherwise the cache is cut back to the shared prefix ([`CacheUse`] says
+/// which). The reply is appended as an `assistant` message. Context-full policy: when the
+/// rendered conversation plus room for the reply (`GenerateOptions::max_new_tokens`, at most
+/// half the context) does not fit, the earlier turns are forgotten, the system prompt is
+/// kept, and the new message starts over ([`CacheUse::ContextReset`]); a reply that fills
+/// the context stops with [`StopReason::ContextFull`](crate::generate::StopReason).
+#[derive(Debug)]
+pub struct Conversation {
+    template: ChatTemplate,
+    system: Option<String>,
+    vars: Option<String>,
+    messages: Vec<Message>,
+    /// The tokens the target holds (fed since its last reset).
+    cached: Vec<u32>,
+}
+
+/// Forwards to the caller's hooks, collecting the reply's text.
+struct Collect<'h> {
+    inner: &'h mut dyn crate::generate::Hooks,
+    text: String,
+}
+
+impl crate::generate::Hooks for Collect<'_> {
+    fn trace(&mut self, prompt: bool) -> Option<&mut dyn crate::Trace> {
+        self.inner.trace(prompt)
+    }
+    fn on_prompt_logits(&mut self, pos0: usize, logits: &[f32]) -> Result<(), crate::generate::GenerateError> {
+        self.inner.on_prompt_logits(pos0, logits)
+    }
+    fn after_forward(&mut self, prompt: bool) {
+        self.inner.after_forward(prompt);
+    }
+    fn on_token(&mut self, id: u32, text: &str) -> Result<bool, crate::generate::GenerateError> {
+        self.text.push_str(text);
+        self.inner.on_token(id, text)
+    }
+    fn on_text_end(&mut self, text: &str) -> Result<(), crate::generate::GenerateError> {
+        self.text.push_str(text);
+        self.inner.on_text_end(text)
+    }
+    fn cancelled(&mut self) -> bool {
+        self.inner.cancelled()
+    }
+}
+
+impl Conversation {
+    /// A conversation with `template`, starting with the system prompt `system` if given.
+    pub fn new(template: ChatTemplate, system: Option<String>) -> Self {
+        Self { template, system, vars: None, messages: Vec::new(), cached: Vec::new() }
+    }
+
+    /// Extra template variables for every turn, a JSON object (`{"enable_thinking": false}`).
+    ///
+    /// # Errors
+    /// Not a JSON object.
+    pub fn set_vars(&mut self, vars: Option<String>) -> Result<(), ChatError> {
+        if let Some(v) = parse_kwargs(vars.as_deref())?
+            && v.kind() != ValueKind::Map
+        {
+            return Err(ChatError::Input("the template variables must be a JSON object".into()));
+        }
+        self.vars = vars;
+        Ok(())
+    }
+
+    /// The messages so far (the system prompt first, if any).
+    pub fn messages(&self) -> Vec<Message> {
+        self.system.iter().map(|s| Message::new("system", s.clone())).chain(self.messages.iter().cloned()).collect()
+    }
+
+    /// Forgets the conversation (keeps the system prompt) and resets `target`.
+    pub fn reset(&mut self, target: &mut dyn crate::Target) {
+        self.messages.clear();
+        self.cached.clear();
+        target.reset();
+    }
+
+    /// The tokens of the conversation with `user` added, rendered with the generation prompt.
+    fn render_tokens(&self, user: &[Message], tok: &crate::tokenizer::Tokenizer) -> Result<Vec<u32>, TurnError> {
+        let mut all = self.messages();
+        all.extend_from_slice(user);
+        let text = self.template.render(&all, true, self.vars.as_deref())?;
+        Ok(tok.encode_without_special_tokens(&text)?)
+    }
+
+    /// One turn: `user` says something, the model replies (streamed through `hooks`).
+    /// `sampler`'s history is kept in step with the cache.
+    ///
+    /// # Errors
+    /// The template or tokenizer failed, the message alone does not fit in the context, or
+    /// the generation failed (the conversation is then as before the turn, the target reset).
+    pub fn turn(
+        &mut self,
+        target: &mut dyn crate::Target,
+        user: &str,
+        opts: &crate::generate::GenerateOptions,
+        sampler: &mut crate::sample::Sampler,
+        tok: &crate::tokenizer::Tokenizer,
+        hooks: &mut dyn crate::generate::Hooks,
+    ) -> Result<Turn, TurnError> {
+        let max = if opts.max_context == 0 { usize::MAX } else { opts.max_context }.min(target.max_context());
+        let room = opts.max_new_tokens.clamp(1, (max / 2).max(1));
+        let msg = [Message::new("user", user)];
+        let mut tokens = self.render_tokens(&msg, tok)?;
+        let mut cache = CacheUse::Reused;
+        if tokens.len() + room > max && !self.messages.is_empty() {
+            let dropped = self.messages.len();
+            self.messages.clear();
+            tokens = self.render_tokens(&msg, tok)?;
+            cache = CacheUse::ContextReset { dropped_messages: dropped };
+        }
+        if tokens.len() >= max {
+            return Err(TurnError::TooLong { tokens: tokens.len(), max });
+        }
+        if self.cached.len() != target.position() {
+            // Someone else fed or reset the target: nothing cached can be trusted.
+            self.cached.clear();
+            target.reset();
+        }
+        let mut common = self.cached.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        // At least one token is fed: its logits give the first reply token.
+        common = common.min(tokens.len() - 1);
+        if common < self.cached.len() {
+            if matches!(cache, CacheUse::Reused) {
+                cache = CacheUse::Rewound { common };
+            }
+            if !target.truncate(common) {
+                target.reset();
+                common = 0;
+                if matches!(cache, CacheUse::Rewound { .. }) {
+                    cache = CacheUse::Reset;
+                }
+            }
+            self.cached.truncate(common);
+            sampler.clear_history();
+            sampler.observe(&self.cached);
+        }
+        let suffix = &tokens[common..];
+        let mut collect = Collect { inner: hooks, text: String::new() };
+        let g = crate::generate::generate_with(
+            target,
+            crate::generate::Start::Prompt(suffix),
+            opts,
+            sampler,
+            Some(tok),
+            &mut collect,
+        );
+        let g = match g {
+            Ok(g) => g,
+            Err(e) => {
+                self.cached.clear();
+                target.reset();
+                sampler.clear_history();
+                return Err(e.into());
+            }
+        };
+        // What the target holds now: the prompt, then the generated tokens fed back (all but
+        // the last, which was sampled and not fed).
+        self.cached = tokens.clone();
+        self.cached.extend_from_slice(&g.tokens[..g.decode_steps.min(g.tokens.len())]);
+        if self.cached.len() != target.position() {
+            self.cached.clear();
+            target.reset();
+            sampler.clear_history();
+        }
+        self.messages.push(msg[0].clone());
+        self.messages.push(Message::new("assistant", collect.text.clone()));
+        Ok(Turn {
+            reply: collect.text,
+            conversation_tokens: tokens.len(),
+            reused: common,
+            fed: tokens.len() - common,
+            cache,
+            generation: g,
+        })
+    }
+}
+
+/// Stop tokens for chatting: the model's end-of-sequence ids and the template's `eos_token`
+/// (Qwen's `<|im_end|>`, which ends a turn), if the tokenizer knows it.
+pub fn stop_tokens(
+    opts: &crate::generate::GenerateOptions,
+    template: &ChatTemplate,
+    tok: &crate::tokenizer::Tokenizer,
+) -> Vec<u32> {
+    let mut v = opts.stop_tokens.clone();
+    if let Some(id) = template.special.eos.as_deref().and_then(|e| tok.token_to_id(e))
+        && !v.contains(&id)
+    {
+        v.push(id);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! `run(&Args) -> anyhow::Result<()>`; `main.rs` only parses and dispatches.
 
 pub mod bench;
+pub mod chat;
 pub mod convert;
 pub mod devices;
 pub mod dump;

@@ -34,6 +34,16 @@ pub struct Args {
         conflicts_with = "tokens"
     )]
     pub prompt: Option<String>,
+    /// Treat the -p text as one user message of a chat: render it with the model's chat
+    /// template (with --system), stop at the end of the assistant's turn.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// System prompt for --chat.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    pub system: Option<String>,
+    /// Extra chat-template variables for --chat, a JSON object (e.g. '{"enable_thinking": false}').
+    #[arg(long, value_name = "JSON", requires = "chat")]
+    pub template_vars: Option<String>,
     /// Prompt token ids, comma-separated; the output is token ids.
     #[arg(long, value_name = "IDS", value_delimiter = ',', num_args = 1)]
     pub tokens: Option<Vec<u32>>,
@@ -201,6 +211,14 @@ pub fn prompt_tokens(a: &Args, model: &Model) -> Result<(Option<Tokenizer>, Vec<
         None => None,
     };
     let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tokenizer) {
+        (Some(text), _, Some(tok)) if a.chat => {
+            let t = super::chat::template(model, None)?;
+            let mut msgs: Vec<meo::chat::Message> =
+                a.system.iter().map(|s| meo::chat::Message::new("system", s.clone())).collect();
+            msgs.push(meo::chat::Message::new("user", text.clone()));
+            let rendered = t.render(&msgs, true, a.template_vars.as_deref())?;
+            tok.encode_without_special_tokens(&rendered)?
+        }
         (Some(text), _, Some(tok)) => tok.encode(text)?,
         (None, Some(ids), _) => ids.clone(),
         _ => bail!("give a prompt with -p TEXT or --tokens 1,2,3"),
@@ -262,13 +280,16 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         let session = opened.target();
         return encode_to(a, &cfg, session, &prompt, recorder.as_mut(), &mut tracker, stdout, stderr);
     }
-    let gen_opts = GenerateOptions {
+    let mut gen_opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
         stop_strings: a.sampling.stop.clone(),
         prompt_logits: if a.dump.is_some() { Logits::All } else { Logits::Last },
         ..GenerateOptions::for_model(&cfg)
     };
+    if let (true, Some(tok)) = (a.chat, &tokenizer) {
+        gen_opts.stop_tokens = meo::chat::stop_tokens(&gen_opts, &super::chat::template(&model, None)?, tok);
+    }
     let (g, prompt_logits) = {
         let mut hooks = RunHooks {
             tracker: &mut tracker,
