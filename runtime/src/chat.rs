@@ -46,6 +46,9 @@ pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 /// conversation takes well under a million.
 pub const FUEL: u64 = 50_000_000;
 
+/// Largest `tojson` output (a template argument serialised is far smaller).
+const MAX_TOJSON_BYTES: usize = 16 << 20;
+
 /// Why a conversation could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -459,6 +462,11 @@ impl PyJson {
     fn value(&self, v: &Value, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
         if depth > 128 {
             return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: nested too deeply"));
+        }
+        // Every value visited writes at least a byte: capping the output caps the work (a
+        // namespace holding itself twice would otherwise take 2^depth steps).
+        if out.len() > MAX_TOJSON_BYTES {
+            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: the output is too large"));
         }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -950,6 +958,16 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(t.render(&[], false, None), Err(ChatError::Render(_))), "fuel bounds a render");
+        for hostile in [
+            "{% set ns = namespace() %}{% set ns.a = ns %}{% set ns.b = ns %}{{ ns | tojson }}",
+            "{{ 'x' * 1000000000 }}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{{ range(1000000000) | list | length }}",
+        ] {
+            let t = ChatTemplate::new(hostile, SpecialTokens::default()).unwrap();
+            let r = t.render(&[], false, None);
+            assert!(r.as_ref().is_err_and(|e| matches!(e, ChatError::Render(_))), "{hostile}: {r:?}");
+        }
         assert!(matches!(t.render(&[], false, Some("[1]")), Err(ChatError::Input(_))));
         assert!(matches!(t.render_json("{\"role\": 1}", false, None), Err(ChatError::Input(_))));
         assert!(matches!(t.render_json("[1]", false, None), Err(ChatError::Input(_))));
