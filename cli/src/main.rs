@@ -20,6 +20,9 @@ enum Command {
     Run(cmd::run::Args),
     /// Chat with a model in the terminal (its chat template, multi-turn, streamed).
     Chat(cmd::chat::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    #[cfg(feature = "serve")]
+    Serve(cmd::serve::Args),
     Bench(cmd::bench::Args),
     Eval(cmd::eval::Args),
     /// List the devices models can run on (`--target`, `--adapter`).
@@ -45,6 +48,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Devices(a) => cmd::devices::run(a),

@@ -12,6 +12,8 @@ pub mod export_onnx;
 pub mod inspect;
 pub mod mode;
 pub mod run;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod target;
 pub mod verify;
 
