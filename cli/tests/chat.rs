@@ -165,3 +165,34 @@ fn run_chat_renders_one_turn_and_models_without_template_are_refused() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("refused the conversation: no one") && e.contains("no two"), "{e}");
 }
+
+/// A template that renders the last message differently from earlier ones: the second turn's
+/// rendering departs from the cache inside turn 1, so the cache is cut back to the shared
+/// prefix (on the CPU target) and only the rest is fed.
+#[test]
+fn a_rerendered_history_rewinds_to_the_shared_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{% if loop.last %}[last]{% endif %}{{ m.content }}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+        "bos_token": "<|endoftext|>",
+    });
+    let model = convert(tmp.path(), "rewind", Some(&cfg.to_string()));
+    let mut child = meo()
+        .args(["chat", model.to_str().unwrap(), "--verbose", "--max-new-tokens", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"The value of the object\nis returned.\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let stats: Vec<_> = err.lines().filter_map(turn_line).collect();
+    assert_eq!(stats.len(), 2, "{err}");
+    let (c1, _, _, _) = stats[0];
+    let (c2, r2, f2, _) = stats[1];
+    assert!(r2 > 0 && r2 < c1, "turn 2 reused {r2} of turn 1's {c1}: {err}");
+    assert_eq!(f2, c2 - r2);
+    assert!(err.contains("re-rendered differently after"), "{err}");
+}
