@@ -177,7 +177,13 @@ fn openai_endpoints_streaming_limits_and_concurrency() {
     match std::env::var_os("MEO_OPENAI_PYTHON") {
         Some(py) => {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-            let o = Command::new(py).arg(script).arg(format!("http://127.0.0.1:{p}/v1")).output().unwrap();
+            let mut cmd = Command::new(py);
+            // ci/setup installs the client into the repository's .py/ (as the ONNX checker).
+            let dot_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.py");
+            if dot_py.join("openai").is_dir() {
+                cmd.env("PYTHONPATH", dot_py);
+            }
+            let o = cmd.arg(script).arg(format!("http://127.0.0.1:{p}/v1")).output().unwrap();
             let out = String::from_utf8_lossy(&o.stdout);
             assert!(
                 o.status.success(),
