@@ -1,8 +1,8 @@
 //! `meo serve` on a loopback port: the OpenAI-compatible endpoints answered over plain HTTP
 //! (non-streamed with usage, streamed as server-sent events), 4xx errors for out-of-range
 //! requests and oversized bodies, concurrent requests; and, when `MEO_OPENAI_PYTHON` names a
-//! Python with the official `openai` client (PyPI `openai`), `openai_client.py` run against
-//! it.
+//! Python with the official `openai` client (PyPI `openai`; ci/setup installs it into the
+//! repository's `.py/`, which the test puts on `PYTHONPATH`), `openai_client.py` run against it.
 #![cfg(feature = "serve")]
 
 use serde_json::Value;
