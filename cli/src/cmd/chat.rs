@@ -8,7 +8,8 @@
 //! ([`meo::chat::Conversation`]). When the conversation no longer fits in the context, the
 //! earlier turns are forgotten (the system prompt kept) and a note says so on stderr.
 //! `--verbose` prints one line per turn on stderr: tokens in the conversation, reused from
-//! the cache, fed, generated.
+//! the cache, fed, generated. Ctrl-C during a reply stops the reply (what was generated stays
+//! in the conversation); at the prompt it quits.
 
 use super::run::SamplingArgs;
 use super::target::{RunOptions, TargetArgs, open_target};
@@ -20,6 +21,7 @@ use meo::sample::Sampler;
 use meo::tokenizer::Tokenizer;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Chat with a model in the terminal (its chat template, multi-turn, streamed).
 #[derive(clap::Args, Debug)]
@@ -61,10 +63,24 @@ pub struct Args {
 /// # Errors
 /// As [`chat_with`].
 pub fn run(a: &Args) -> Result<()> {
+    // Ctrl-C stops a reply; outside one it quits as it would without a handler.
+    let _ = ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            INTERRUPT.store(true, Ordering::SeqCst);
+        } else {
+            eprintln!();
+            std::process::exit(130);
+        }
+    });
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     chat_with(a, &mut stdin.lock(), interactive, &mut std::io::stdout().lock(), &mut std::io::stderr().lock())
 }
+
+/// A reply is being generated (Ctrl-C stops it rather than quitting).
+static GENERATING: AtomicBool = AtomicBool::new(false);
+/// Ctrl-C was pressed during the reply.
+static INTERRUPT: AtomicBool = AtomicBool::new(false);
 
 /// The model's chat template (`name`, or the default), or an error that says what to do.
 ///
@@ -93,6 +109,9 @@ impl Hooks for Stream<'_> {
     }
     fn on_text_end(&mut self, text: &str) -> Result<(), GenerateError> {
         self.out.write_all(text.as_bytes()).map_err(GenerateError::Output)
+    }
+    fn cancelled(&mut self) -> bool {
+        INTERRUPT.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -161,7 +180,11 @@ pub fn chat_with(
             _ => {}
         }
         turn_no += 1;
-        let t = match conv.turn(target, text, &opts, &mut sampler, &tok, &mut Stream { out: &mut *stdout }) {
+        INTERRUPT.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
+        let t = conv.turn(target, text, &opts, &mut sampler, &tok, &mut Stream { out: &mut *stdout });
+        GENERATING.store(false, Ordering::SeqCst);
+        let t = match t {
             Ok(t) => t,
             Err(meo::chat::TurnError::Generate(GenerateError::Output(e))) => return Err(e.into()),
             Err(e) => {
@@ -189,6 +212,9 @@ pub fn chat_with(
                 stderr,
                 "(context full: forgot the {dropped_messages} earlier messages, kept the system prompt)"
             )?,
+        }
+        if t.generation.stop == StopReason::Cancelled {
+            writeln!(stderr, "(interrupted; the partial reply stays in the conversation)")?;
         }
         if t.generation.stop == StopReason::ContextFull {
             writeln!(
