@@ -177,7 +177,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg.clone()).with_source(Raised(msg)))
         });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| ChatError::Syntax(describe(&e)))?;
+        env.add_template_owned("chat", without_generation_tags(source)).map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(Self { env, special, now: None })
     }
 
@@ -341,6 +341,35 @@ impl ChatTemplate {
             ChatError::Render(describe(&e))
         })
     }
+}
+
+/// `source` with transformers' `{% generation %}` … `{% endgeneration %}` block (it marks the
+/// assistant's tokens for training masks and renders its body unchanged) turned into `{% if
+/// true %}` … `{% endif %}`, whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let inner = tag[2..].trim_start_matches(['-', '+']).trim_start();
+        let word_end = inner.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(inner.len());
+        let word = &inner[..word_end];
+        let after = inner[word_end..].trim_start();
+        let closes = after.starts_with("%}") || after.starts_with("-%}") || after.starts_with("+%}");
+        if closes && (word == "generation" || word == "endgeneration") {
+            let head_len = tag.len() - inner.len();
+            out.push_str(&tag[..head_len]);
+            out.push_str(if word == "generation" { "if true" } else { "endif" });
+            out.push(' ');
+            rest = &tag[tag.len() - after.len()..];
+        } else {
+            out.push_str("{%");
+            rest = &tag[2..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The template variables' JSON text as a value (key order kept).
@@ -840,6 +869,9 @@ impl Conversation {
             tokens = self.render_tokens(&msg, tok)?;
             cache = CacheUse::ContextReset { dropped_messages: dropped };
         }
+        if tokens.is_empty() {
+            return Err(ChatError::Render("the chat template rendered nothing to feed".into()).into());
+        }
         if tokens.len() >= max {
             return Err(TurnError::TooLong { tokens: tokens.len(), max });
         }
@@ -1021,6 +1053,18 @@ mod tests {
             got.unwrap(),
             r#"{"thinking": "r", "role": "assistant", "content": "x", "reasoning": "r", "reasoning_content": "r"}"#
         );
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let src = "{% for m in messages %}{%- generation -%}\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}{%generation%}x{%endgeneration%}";
+        assert_eq!(
+            without_generation_tags(src),
+            "{% for m in messages %}{%- if true -%}\n[{{ m.content }}]\n{%- endif %}{% endfor %}{%if true %}x{%endif %}"
+        );
+        let t = tmpl(src);
+        assert_eq!(t.render(&[Message::new("user", "a"), Message::new("user", "b")], false, None).unwrap(), "[a][b]x");
+        assert_eq!(without_generation_tags("{% if generations %}{{ '{%' }}"), "{% if generations %}{{ '{%' }}");
     }
 
     #[test]

@@ -329,6 +329,9 @@ async fn chat_completions(
         let mut r = parse_options(&s, &body)?;
         let text = t.render(&list, true, None).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         r.prompt = s.tok.encode_without_special_tokens(&text).map_err(|e| ApiError::bad(e.to_string(), None))?;
+        if r.prompt.is_empty() {
+            return Err(ApiError::bad("the chat template rendered nothing to feed", Some("messages")));
+        }
         Ok(r)
     })();
     match r {
