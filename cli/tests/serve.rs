@@ -137,6 +137,18 @@ fn openai_endpoints_streaming_limits_and_concurrency() {
     assert_eq!(streamed, text);
     assert_eq!(chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).collect::<Vec<_>>(), ["length"]);
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+    // The same prompt again: all but its last token come from the session's cache.
+    let p1 = u["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(), Some(p1 - 1));
+    // The next turn of the conversation, resent whole: turn 1's prompt is reused.
+    let turn2 = serde_json::json!({"messages": [{"role": "user", "content": "The value"},
+        {"role": "assistant", "content": text}, {"role": "user", "content": "is returned."}],
+        "max_tokens": 4, "temperature": 0});
+    let (st, body) = http(p, "POST", "/v1/chat/completions", &turn2.to_string());
+    assert_eq!(st, 200, "{body}");
+    let u2 = &json(&body)["usage"];
+    let cached = u2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= p1 && cached < u2["prompt_tokens"].as_u64().unwrap(), "{u2} after a first prompt of {p1}");
 
     let (st, body) = http(p, "POST", "/v1/completions", r#"{"prompt": "The value", "max_tokens": 3}"#);
     assert_eq!(st, 200, "{body}");

@@ -6,6 +6,10 @@
 //! and total tokens), as the OpenAI API defines it; a streamed one does with
 //! `"stream_options": {"include_usage": true}`.
 //!
+//! Each session keeps what its KV cache holds after a request: a request whose prompt starts
+//! with it (the next turn of a conversation, resent whole) feeds only the rest, on the free
+//! session that shares the longest prefix (`usage.prompt_tokens_details.cached_tokens`).
+//!
 //! Concurrency: `--parallel N` sessions over the one mapped model, each request runs on one
 //! (a blocking thread; the HTTP side stays responsive); requests beyond those wait, at most
 //! `--queue` of them, and further ones get 503. Limits: request bodies over `--max-body`
@@ -22,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use meo::chat::{ChatTemplate, Message};
-use meo::generate::{GenerateError, GenerateOptions, Hooks, StopReason, generate};
-use meo::sample::SamplerConfig;
+use meo::generate::{GenerateError, GenerateOptions, Hooks, Start, StopReason, generate_with};
+use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
 use meo::{Model, Session, SessionOptions};
 use serde_json::{Value, json};
@@ -70,8 +74,9 @@ pub struct Args {
 struct Shared {
     tok: Tokenizer,
     template: Option<ChatTemplate>,
-    /// Sessions not in use.
-    free: Mutex<Vec<Session<'static>>>,
+    /// Sessions not in use, each with the tokens its KV cache holds (a later request that
+    /// starts with them feeds only the rest).
+    free: Mutex<Vec<(Session<'static>, Vec<u32>)>>,
     /// Permits for the sessions.
     permits: Arc<tokio::sync::Semaphore>,
     /// Requests generating or waiting for a session; at most `parallel + queue`.
@@ -122,7 +127,8 @@ pub fn run(a: &Args) -> Result<()> {
     let parallel = a.parallel.max(1);
     let mut sessions = Vec::with_capacity(parallel);
     for _ in 0..parallel {
-        sessions.push(Session::new(model, SessionOptions { threads: a.threads, max_context: a.ctx_size })?);
+        sessions
+            .push((Session::new(model, SessionOptions { threads: a.threads, max_context: a.ctx_size })?, Vec::new()));
     }
     let base = GenerateOptions::for_model(model.config());
     let stop_tokens = match &template {
@@ -378,6 +384,18 @@ fn rejection(e: axum::extract::rejection::JsonRejection) -> Response {
     ApiError { status, message: e.body_text(), kind: "invalid_request_error", param: None }.into_response()
 }
 
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The `usage` object: OpenAI's fields, with the prompt tokens reused from a session's cache
+/// in `prompt_tokens_details.cached_tokens`.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
 /// Counts a request in `Shared::active` until dropped.
 struct Active(Arc<Shared>);
 
@@ -390,7 +408,7 @@ impl Drop for Active {
 /// What the generating thread sends the HTTP side.
 enum Msg {
     Text(String),
-    Done { completion_tokens: usize, finish: &'static str },
+    Done { completion_tokens: usize, cached_tokens: usize, finish: &'static str },
     Failed(String),
 }
 
@@ -466,16 +484,43 @@ async fn respond(s: Arc<Shared>, r: Request, chat: bool) -> Response {
     let prompt = r.prompt;
     tokio::task::spawn_blocking(move || {
         let _held = (permit, slot);
-        let Some(mut session) = worker.free.lock().ok().and_then(|mut f| f.pop()) else {
+        // The free session whose cache shares the longest prefix with this prompt.
+        let picked = worker.free.lock().ok().and_then(|mut f| {
+            let best = (0..f.len()).max_by_key(|&i| common_prefix(&f[i].1, &prompt))?;
+            Some(f.swap_remove(best))
+        });
+        let Some((mut session, mut cached)) = picked else {
             let _ = tx.send(Msg::Failed("no free session".into()));
             return;
         };
-        session.reset();
+        // At least one token is fed: its logits give the first completion token.
+        let common = common_prefix(&cached, &prompt).min(prompt.len() - 1);
+        session.truncate(common);
+        cached.truncate(common);
         let mut hooks = ChannelHooks { tx: tx.clone() };
-        let g = generate(&mut session, &prompt, &opts, Some(&worker.tok), &mut hooks);
-        session.reset();
+        let g = Sampler::new(opts.sampling).map_err(GenerateError::from).and_then(|mut sampler| {
+            sampler.observe(&cached);
+            generate_with(
+                &mut session,
+                Start::Prompt(&prompt[common..]),
+                &opts,
+                &mut sampler,
+                Some(&worker.tok),
+                &mut hooks,
+            )
+        });
+        // What the cache holds now: the prompt and the generated tokens fed back.
+        cached.clear();
+        if let Ok(g) = &g {
+            cached.extend_from_slice(&prompt);
+            cached.extend_from_slice(&g.tokens[..g.decode_steps.min(g.tokens.len())]);
+        }
+        if cached.len() != session.position() {
+            session.reset();
+            cached.clear();
+        }
         if let Ok(mut f) = worker.free.lock() {
-            f.push(session);
+            f.push((session, cached));
         }
         let _ = match g {
             Ok(g) => {
@@ -484,7 +529,7 @@ async fn respond(s: Arc<Shared>, r: Request, chat: bool) -> Response {
                     _ => "stop",
                 };
                 // A final stop token is not part of the completion's text; OpenAI counts it.
-                tx.send(Msg::Done { completion_tokens: g.tokens.len(), finish })
+                tx.send(Msg::Done { completion_tokens: g.tokens.len(), cached_tokens: common, finish })
             }
             Err(e) => tx.send(Msg::Failed(e.to_string())),
         };
@@ -497,9 +542,8 @@ async fn respond(s: Arc<Shared>, r: Request, chat: bool) -> Response {
         while let Some(m) = rx.recv().await {
             match m {
                 Msg::Text(t) => text.push_str(&t),
-                Msg::Done { completion_tokens, finish } => {
-                    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens});
+                Msg::Done { completion_tokens, cached_tokens, finish } => {
+                    let usage = usage(prompt_tokens, completion_tokens, cached_tokens);
                     let body = if chat {
                         json!({"id": id, "object": "chat.completion", "created": created, "model": name,
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -552,13 +596,12 @@ async fn respond(s: Arc<Shared>, r: Request, chat: bool) -> Response {
         while let Some(m) = rx.recv().await {
             let ev = match m {
                 Msg::Text(t) => send(chunk(json!({"content": t}), Value::Null)),
-                Msg::Done { completion_tokens, finish } => {
+                Msg::Done { completion_tokens, cached_tokens, finish } => {
                     let _ = etx.send(Ok(send(chunk(json!({}), json!(finish))))).await;
                     if include_usage {
                         let mut u = chunk(json!({}), Value::Null);
                         u["choices"] = json!([]);
-                        u["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                            "total_tokens": prompt_tokens + completion_tokens});
+                        u["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
                         let _ = etx.send(Ok(send(u))).await;
                     }
                     let _ = etx.send(Ok(Event::default().data("[DONE]"))).await;
