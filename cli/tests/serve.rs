@@ -160,6 +160,7 @@ fn openai_endpoints_streaming_limits_and_concurrency() {
         (r#"{"messages": []}"#, "must not be empty"),
         (r#"{"messages": [{"role": "user", "content": "x"}], "top_p": 0}"#, "top-p"),
         (r#"{"messages": "x"}"#, "must be a list"),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": 3}"#, "must be an object"),
         ("{not json", ""),
     ] {
         let (st, body) = http(p, "POST", "/v1/chat/completions", bad);

@@ -333,7 +333,21 @@ async fn chat_completions(
             list.push(Message::new(role, content_text(m.get("content"))?));
         }
         let mut r = parse_options(&s, &body)?;
-        let text = t.render(&list, true, None).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+        // Template variables: `chat_template_kwargs` (as vLLM and llama-server take them, e.g.
+        // {"enable_thinking": false}) and the request's `tools`.
+        let mut vars = match body.get("chat_template_kwargs") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(o)) => o.clone(),
+            Some(_) => {
+                return Err(ApiError::bad("chat_template_kwargs must be an object", Some("chat_template_kwargs")));
+            }
+        };
+        if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+            vars.insert("tools".into(), tools.clone());
+        }
+        let vars = (!vars.is_empty()).then(|| Value::Object(vars).to_string());
+        let text =
+            t.render(&list, true, vars.as_deref()).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         r.prompt = s.tok.encode_without_special_tokens(&text).map_err(|e| ApiError::bad(e.to_string(), None))?;
         if r.prompt.is_empty() {
             return Err(ApiError::bad("the chat template rendered nothing to feed", Some("messages")));
