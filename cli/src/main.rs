@@ -18,6 +18,11 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Verify(cmd::verify::Args),
     Run(cmd::run::Args),
+    /// Chat with a model in the terminal (its chat template, multi-turn, streamed).
+    Chat(cmd::chat::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    #[cfg(feature = "serve")]
+    Serve(cmd::serve::Args),
     Bench(cmd::bench::Args),
     Eval(cmd::eval::Args),
     /// List the devices models can run on (`--target`, `--adapter`).
@@ -42,6 +47,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Devices(a) => cmd::devices::run(a),

@@ -223,6 +223,7 @@ pub fn metadata<'a>(model: &'a HfModel, opts: Options, extra: &'a [(String, Owne
     if let Some(t) = &model.tokenizer {
         m.push((TOKENIZER_KEY, MetaValue::Str(t)));
     }
+    m.extend(model.chat.entries());
     m.extend(extra.iter().map(|(k, v)| (k.as_str(), v.value())));
     Metadata::from_entries(m)
 }

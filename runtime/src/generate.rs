@@ -241,7 +241,9 @@ pub fn generate(
 }
 
 /// [`generate`] from `start`, drawing from `sampler` (whose state carries over between calls;
-/// [`GenerateOptions::sampling`] is not used).
+/// [`GenerateOptions::sampling`] is not used). Every token fed is [`Sampler::observe`]d, so
+/// the penalties count the prompt and the generated tokens; a caller that resets `target`
+/// clears the sampler's history too.
 ///
 /// # Errors
 /// As [`generate`].
@@ -298,6 +300,7 @@ pub fn generate_with(
         }
         let pos0 = target.position();
         let logits = forward(target, part, opts.prompt_logits, hooks, true)?;
+        sampler.observe(part);
         let last = last_row(logits, part.len(), opts.prompt_logits);
         let id = if opts.max_new_tokens > 0 && i == prompt.len().div_ceil(chunk) - 1 {
             Some(sampler.sample(last)?)
@@ -350,6 +353,7 @@ pub fn generate_with(
         }
         let t1 = Instant::now();
         let logits = forward(target, &[next], Logits::Last, hooks, false)?;
+        sampler.observe(&[next]);
         next = sampler.sample(logits)?;
         g.decode_time += t1.elapsed();
         g.decode_steps += 1;
@@ -529,6 +533,11 @@ mod tests {
         let opts = GenerateOptions { max_new_tokens: 2, ..GenerateOptions::default() };
         let g = generate_with(&mut t, Start::Logits(&last), &opts, &mut sampler, None, &mut ()).unwrap();
         assert_eq!(g.tokens, [6, 7]);
+        // The penalties' history: the tokens fed (6), not the last one sampled (7).
+        assert_eq!(sampler.history(), [6]);
+        let g = generate_with(&mut t, Start::Prompt(&[1, 2]), &opts, &mut sampler, None, &mut ()).unwrap();
+        assert_eq!(g.tokens, [3, 4]);
+        assert_eq!(sampler.history(), [6, 1, 2, 3]);
         assert!(matches!(generate(&mut t, &[], &opts, None, &mut ()), Err(GenerateError::EmptyPrompt)));
         let stops = GenerateOptions { stop_strings: vec!["x".into()], ..opts };
         assert!(matches!(generate(&mut t, &[1], &stops, None, &mut ()), Err(GenerateError::StopStringsNeedText)));

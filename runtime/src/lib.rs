@@ -8,6 +8,8 @@
 extern crate alloc;
 
 mod align;
+#[cfg(feature = "chat")]
+pub mod chat;
 pub mod config;
 pub mod format;
 pub mod kernels;

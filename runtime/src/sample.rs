@@ -1,9 +1,17 @@
-//! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded RNG.
+//! Choosing the next token from logits: penalties, greedy, temperature, top-k, top-p, min-p,
+//! with a seeded RNG.
 //!
-//! `no_std` + `alloc`. The pipeline follows Hugging Face `generate`'s order: logits are
-//! divided by the temperature, the `top_k` best are kept, then the smallest set of those whose
-//! probabilities sum to at least `top_p`, and one token is drawn from the renormalised
-//! probabilities. Temperature 0 (or `top_k = 1`) is greedy: the highest logit, ties to the
+//! `no_std` + `alloc`. The pipeline follows Hugging Face `generate`'s order: the repetition
+//! penalty first (a logit `l` of a token seen in the history becomes `l / r` if positive,
+//! `l · r` otherwise), then OpenAI's presence and frequency penalties (`l − presence − count ·
+//! frequency` for a token seen `count` times); logits are divided by the temperature, the
+//! `top_k` best are kept, then the smallest set of those whose probabilities sum to at least
+//! `top_p`, then those whose probability is at least `min_p` times the most likely one's, and
+//! one token is drawn from the renormalised probabilities.
+//!
+//! The history the penalties count is every token [`Sampler::observe`]d (the generation loop
+//! observes each token it feeds: the prompt, then each generated token) since
+//! [`Sampler::clear_history`], or its last [`SamplerConfig::penalty_last_n`] tokens. Temperature 0 (or `top_k = 1`) is greedy: the highest logit, ties to the
 //! lowest id, no random number drawn. So is any temperature below [`MIN_TEMPERATURE`]
 //! (subnormals included): there `1/T` overflows, or scales ordinary logits past f32's range,
 //! and the draw would turn uniform over the overflowed logits instead of greedy.
@@ -22,6 +30,12 @@ pub enum SampleError {
     Temperature(f32),
     #[error("top-p must be in (0, 1], got {0}")]
     TopP(f32),
+    #[error("min-p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("the repetition penalty must be a finite number > 0 (1 = none), got {0}")]
+    RepetitionPenalty(f32),
+    #[error("the {which} penalty must be a finite number (0 = none), got {value}")]
+    Penalty { which: &'static str, value: f32 },
     #[error("no logits to sample from")]
     Empty,
 }
@@ -90,17 +104,41 @@ pub struct SamplerConfig {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probabilities sum to at least `top_p`; 1 = no limit.
     pub top_p: f32,
+    /// Keep only tokens whose probability is at least `min_p` times the most likely token's;
+    /// 0 = no limit. In `[0, 1]`.
+    pub min_p: f32,
+    /// Hugging Face's repetition penalty over the history: 1 = none; > 1 discourages repeats.
+    pub repetition_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token in the
+    /// history; 0 = none.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per occurrence in the
+    /// history; 0 = none.
+    pub frequency_penalty: f32,
+    /// How many of the most recent history tokens the penalties count; 0 = all of them.
+    pub penalty_last_n: usize,
     pub seed: u64,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplerConfig {
-    /// Checks the ranges (temperature finite and ≥ 0, top-p in (0, 1]).
+    /// Checks the ranges (temperature finite and ≥ 0, top-p in (0, 1], min-p in [0, 1],
+    /// repetition penalty finite and > 0, presence and frequency penalties finite).
     ///
     /// # Errors
     /// The first out-of-range setting.
@@ -111,7 +149,23 @@ impl SamplerConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(SampleError::TopP(self.top_p));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SampleError::MinP(self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(SampleError::RepetitionPenalty(self.repetition_penalty));
+        }
+        for (which, value) in [("presence", self.presence_penalty), ("frequency", self.frequency_penalty)] {
+            if !value.is_finite() {
+                return Err(SampleError::Penalty { which, value });
+            }
+        }
         Ok(())
+    }
+
+    /// True when some penalty changes the logits of tokens in the history.
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 
     /// True when sampling always picks the highest logit: temperature below
@@ -145,6 +199,12 @@ pub struct Sampler {
     rng: Pcg32,
     /// (scaled logit, then probability; token id)
     cand: Vec<(f32, u32)>,
+    /// Tokens observed (see the module docs), at most `penalty_last_n` of them when that is set.
+    history: Vec<u32>,
+    /// The logits with penalties applied.
+    penalized: Vec<f32>,
+    /// (token, occurrences) of the history, sorted by token.
+    counts: Vec<(u32, u32)>,
 }
 
 /// `a` ranks before `b`: higher value, then lower id.
@@ -159,7 +219,26 @@ impl Sampler {
     /// `cfg` is out of range (see [`SamplerConfig::validate`]).
     pub fn new(cfg: SamplerConfig) -> Result<Self, SampleError> {
         cfg.validate()?;
-        Ok(Self { cfg, rng: Pcg32::seed_from_u64(cfg.seed), cand: Vec::new() })
+        Ok(Self {
+            cfg,
+            rng: Pcg32::seed_from_u64(cfg.seed),
+            cand: Vec::new(),
+            history: Vec::new(),
+            penalized: Vec::new(),
+            counts: Vec::new(),
+        })
+    }
+
+    /// New settings (the RNG reseeded from `cfg.seed`), keeping the history.
+    ///
+    /// # Errors
+    /// `cfg` is out of range; the sampler is unchanged then.
+    pub fn reconfigure(&mut self, cfg: SamplerConfig) -> Result<(), SampleError> {
+        cfg.validate()?;
+        self.cfg = cfg;
+        self.rng = Pcg32::seed_from_u64(cfg.seed);
+        self.trim_history();
+        Ok(())
     }
 
     /// The settings.
@@ -167,7 +246,56 @@ impl Sampler {
         &self.cfg
     }
 
-    /// Picks the next token from one row of logits.
+    /// Adds tokens fed to the model to the history the penalties count.
+    pub fn observe(&mut self, tokens: &[u32]) {
+        self.history.extend_from_slice(tokens);
+        self.trim_history();
+    }
+
+    /// Forgets the history (a new sequence).
+    pub fn clear_history(&mut self) {
+        self.history.clear();
+    }
+
+    /// The history the penalties count (oldest first).
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    fn trim_history(&mut self) {
+        let n = self.cfg.penalty_last_n;
+        if n > 0 && self.history.len() > n {
+            let cut = self.history.len() - n;
+            self.history.drain(..cut);
+        }
+    }
+
+    /// Writes `logits` with the penalties applied to the history's tokens into `out` (ids
+    /// past the end of `logits` are ignored).
+    fn penalize(&mut self, logits: &[f32], out: &mut Vec<f32>) {
+        self.counts.clear();
+        self.counts.extend(self.history.iter().map(|&t| (t, 1)));
+        self.counts.sort_unstable_by_key(|c| c.0);
+        self.counts.dedup_by(|b, a| {
+            let same = a.0 == b.0;
+            if same {
+                a.1 += b.1;
+            }
+            same
+        });
+        out.clear();
+        out.extend_from_slice(logits);
+        let (r, pres, freq) = (self.cfg.repetition_penalty, self.cfg.presence_penalty, self.cfg.frequency_penalty);
+        for &(t, n) in &self.counts {
+            let Some(l) = out.get_mut(t as usize) else { continue };
+            if r != 1.0 {
+                *l = if *l > 0.0 { *l / r } else { *l * r };
+            }
+            *l -= pres + freq * n as f32;
+        }
+    }
+
+    /// Picks the next token from one row of logits (the penalties applied first).
     ///
     /// # Errors
     /// `logits` is empty.
@@ -175,6 +303,17 @@ impl Sampler {
         if logits.is_empty() {
             return Err(SampleError::Empty);
         }
+        if !self.cfg.penalizes() || self.history.is_empty() {
+            return self.draw(logits);
+        }
+        let mut buf = core::mem::take(&mut self.penalized);
+        self.penalize(logits, &mut buf);
+        let r = self.draw(&buf);
+        self.penalized = buf;
+        r
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> Result<u32, SampleError> {
         if self.cfg.is_greedy() {
             return Ok(argmax(logits));
         }
@@ -195,7 +334,7 @@ impl Sampler {
             self.cand.select_nth_unstable_by(k - 1, ranks_before);
             self.cand.truncate(k);
         }
-        let need_sorted = self.cfg.top_p < 1.0;
+        let need_sorted = self.cfg.top_p < 1.0 || self.cfg.min_p > 0.0;
         if need_sorted {
             self.cand.sort_unstable_by(ranks_before);
         }
@@ -221,6 +360,10 @@ impl Sampler {
                 }
             }
             self.cand.truncate(keep);
+            // min-p: probability at least min_p times the most likely one's (the first, sorted).
+            let floor = self.cfg.min_p * self.cand[0].0;
+            let keep = self.cand.iter().take_while(|c| c.0 >= floor).count().max(1);
+            self.cand.truncate(keep);
         }
         if self.cand.len() == 1 {
             return Ok(self.cand[0].1);
@@ -244,7 +387,7 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplerConfig {
-        SamplerConfig { temperature, top_k, top_p, seed }
+        SamplerConfig { temperature, top_k, top_p, seed, ..SamplerConfig::default() }
     }
 
     fn logits(n: usize, salt: u64) -> Vec<f32> {
@@ -361,5 +504,66 @@ mod tests {
             }
         }
         assert!(!cfg(MIN_TEMPERATURE, 0, 1.0, 0).is_greedy());
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_near_the_best() {
+        // Probabilities ∝ [1, 1/2, 1/4, 1/8, …]: min-p 0.3 keeps the first two.
+        let l: Vec<f32> = (0..8).map(|i| -(i as f32) * core::f32::consts::LN_2).collect();
+        let mut s = Sampler::new(SamplerConfig { min_p: 0.3, ..cfg(1.0, 0, 1.0, 5) }).unwrap();
+        let mut seen = [0u32; 8];
+        for _ in 0..1000 {
+            seen[s.sample(&l).unwrap() as usize] += 1;
+        }
+        assert!(seen[0] > 0 && seen[1] > 0 && seen[2..].iter().all(|&n| n == 0), "{seen:?}");
+        assert!(matches!(
+            Sampler::new(SamplerConfig { min_p: 1.5, ..SamplerConfig::default() }),
+            Err(SampleError::MinP(_))
+        ));
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai() {
+        let l = [2.0f32, -1.0, 1.5, 0.5];
+        // Repetition: token 0 (positive) divided, token 1 (negative) multiplied.
+        let mut s = Sampler::new(SamplerConfig { repetition_penalty: 2.0, ..SamplerConfig::default() }).unwrap();
+        let mut out = Vec::new();
+        s.observe(&[0, 1, 0]);
+        s.penalize(&l, &mut out);
+        assert_eq!(out, [1.0, -2.0, 1.5, 0.5]);
+        // Greedy sees the penalised logits: 2.0 / 2 < 1.5.
+        assert_eq!(s.sample(&l).unwrap(), 2);
+        // Presence once per seen token, frequency per occurrence; ids past the vocabulary ignored.
+        let c = SamplerConfig { presence_penalty: 0.25, frequency_penalty: 0.5, ..SamplerConfig::default() };
+        let mut s = Sampler::new(c).unwrap();
+        s.observe(&[0, 0, 3, 99]);
+        s.penalize(&l, &mut out);
+        assert_eq!(out, [2.0 - 0.25 - 1.0, -1.0, 1.5, 0.5 - 0.25 - 0.5]);
+        // The window: only the last token counts.
+        let mut s = Sampler::new(SamplerConfig { penalty_last_n: 1, ..c }).unwrap();
+        s.observe(&[0, 0, 3]);
+        assert_eq!(s.history(), [3]);
+        s.clear_history();
+        assert_eq!(s.sample(&l).unwrap(), 0);
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let c = SamplerConfig { repetition_penalty: bad, ..SamplerConfig::default() };
+            assert!(matches!(Sampler::new(c), Err(SampleError::RepetitionPenalty(_))), "{bad}");
+        }
+        let c = SamplerConfig { frequency_penalty: f32::NAN, ..SamplerConfig::default() };
+        assert!(matches!(Sampler::new(c), Err(SampleError::Penalty { which: "frequency", .. })));
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_history_and_reseeds() {
+        let mut s = Sampler::new(cfg(1.0, 0, 1.0, 1)).unwrap();
+        s.observe(&[1, 2, 3]);
+        let rows: Vec<Vec<f32>> = (0..16).map(|i| logits(50, i)).collect();
+        let a: Vec<u32> = rows.iter().map(|l| s.sample(l).unwrap()).collect();
+        s.reconfigure(cfg(1.0, 0, 1.0, 1)).unwrap();
+        let b: Vec<u32> = rows.iter().map(|l| s.sample(l).unwrap()).collect();
+        assert_eq!(a, b);
+        assert_eq!(s.history(), [1, 2, 3]);
+        assert!(s.reconfigure(cfg(-1.0, 0, 1.0, 1)).is_err());
+        assert_eq!(s.config().temperature, 1.0);
     }
 }

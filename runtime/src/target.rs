@@ -48,6 +48,16 @@ pub trait Target {
     fn forward(&mut self, tokens: &[u32], which: Logits, trace: &mut dyn Trace) -> Result<&[f32], TargetError>;
     /// Forgets the sequence (keeps the mode).
     fn reset(&mut self);
+    /// Keeps only the first `len` positions (a no-op when `len >= position()`), e.g. to
+    /// reuse the shared start of a conversation; returns false when the target cannot (the
+    /// default, except for `len` 0, which is [`reset`](Self::reset)).
+    fn truncate(&mut self, len: usize) -> bool {
+        if len == 0 {
+            self.reset();
+            return true;
+        }
+        len >= self.position()
+    }
     /// Tokens fed since the last reset.
     fn position(&self) -> usize;
     /// Most positions this target holds (a longer sequence is refused with
@@ -85,6 +95,11 @@ impl Target for Session<'_> {
 
     fn reset(&mut self) {
         Session::reset(self);
+    }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        Session::truncate(self, len);
+        true
     }
 
     fn position(&self) -> usize {

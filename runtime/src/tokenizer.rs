@@ -111,6 +111,18 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` without the special tokens the post-processor adds: for text that
+    /// already holds them, such as a rendered chat template (transformers'
+    /// `apply_chat_template` tokenizes with `add_special_tokens=False`). Special tokens
+    /// written in the text (`<|im_start|>`) still become their ids.
+    ///
+    /// # Errors
+    /// The tokenizer fails on this text.
+    pub fn encode_without_special_tokens(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens left out.
     ///
     /// # Errors

@@ -221,6 +221,7 @@ pub fn report(f: &MeoFile<'_>) -> Value {
         "config": config,
         "quant": quant,
         "tokenizer": m.get(TOKENIZER_KEY).is_some(),
+        "chat_templates": chat_templates(m),
         "tensors": f.tensors().len(),
         "dense_bytes": dense_bytes,
         "expert_bytes": expert_bytes,
@@ -231,6 +232,13 @@ pub fn report(f: &MeoFile<'_>) -> Value {
         "tasks": tasks_json(f, &merged),
         "layers": layers,
     })
+}
+
+/// The chat templates a file holds: `default` first if there is one, then the named ones.
+fn chat_templates(m: &meo::Metadata<'_>) -> Vec<String> {
+    let mut v: Vec<String> = meo::chat::has_template(m).then(|| "default".to_string()).into_iter().collect();
+    v.extend(meo::chat::template_names(m));
+    v
 }
 
 fn text(r: &Value, path: &std::path::Path) -> String {
@@ -246,6 +254,8 @@ fn text(r: &Value, path: &std::path::Path) -> String {
         let _ = writeln!(s, "quant           {}", q.join(", "));
     }
     let _ = writeln!(s, "tokenizer       {}", if r["tokenizer"] == true { "embedded" } else { "none" });
+    let names: Vec<&str> = r["chat_templates"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let _ = writeln!(s, "chat templates  {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
     let _ = writeln!(s, "tensors         {}", g("tensors"));
     let _ = writeln!(s, "dense bytes     {}", g("dense_bytes"));
     let _ = writeln!(

@@ -2,6 +2,7 @@
 //! `run(&Args) -> anyhow::Result<()>`; `main.rs` only parses and dispatches.
 
 pub mod bench;
+pub mod chat;
 pub mod convert;
 pub mod devices;
 pub mod dump;
@@ -11,6 +12,8 @@ pub mod export_onnx;
 pub mod inspect;
 pub mod mode;
 pub mod run;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod target;
 pub mod verify;
 

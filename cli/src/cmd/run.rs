@@ -34,24 +34,24 @@ pub struct Args {
         conflicts_with = "tokens"
     )]
     pub prompt: Option<String>,
+    /// Treat the -p text as one user message of a chat: render it with the model's chat
+    /// template (with --system), stop at the end of the assistant's turn.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// System prompt for --chat.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    pub system: Option<String>,
+    /// Extra chat-template variables for --chat, a JSON object (e.g. '{"enable_thinking": false}').
+    #[arg(long, value_name = "JSON", requires = "chat")]
+    pub template_vars: Option<String>,
     /// Prompt token ids, comma-separated; the output is token ids.
     #[arg(long, value_name = "IDS", value_delimiter = ',', num_args = 1)]
     pub tokens: Option<Vec<u32>>,
     /// Most tokens to generate.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only from the K most likely tokens (0 = no limit).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub top_k: usize,
-    /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Random seed for sampling (same seed, same output).
-    #[arg(long, value_name = "S", default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Worker threads (0 = one per physical core; logical CPUs where the OS does not say).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
@@ -69,6 +69,58 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
     pub target: super::target::TargetArgs,
+}
+
+/// Sampling and stop flags, shared by `meo run` and `meo chat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 (the default) is greedy decoding.
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only from the K most likely tokens (0 = no limit).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sample only from tokens at least P times as likely as the most likely one (0 = no limit).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (Hugging Face's) over the prompt and generated tokens; 1 = none.
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Presence penalty (OpenAI's): subtracted from the logit of every token already seen; 0 = none.
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Frequency penalty (OpenAI's): subtracted per earlier occurrence of a token; 0 = none.
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// The penalties count only the last N tokens (0 = all tokens of the sequence).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub repeat_last_n: usize,
+    /// Random seed for sampling (same seed, same output).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (not printed); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The sampler settings these flags give (checked when the sampler is made).
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
 }
 
 /// `meo run`'s arguments alone, for parsing them outside the `meo` command.
@@ -159,6 +211,14 @@ pub fn prompt_tokens(a: &Args, model: &Model) -> Result<(Option<Tokenizer>, Vec<
         None => None,
     };
     let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tokenizer) {
+        (Some(text), _, Some(tok)) if a.chat => {
+            let t = super::chat::template(model, None)?;
+            let mut msgs: Vec<meo::chat::Message> =
+                a.system.iter().map(|s| meo::chat::Message::new("system", s.clone())).collect();
+            msgs.push(meo::chat::Message::new("user", text.clone()));
+            let rendered = t.render(&msgs, true, a.template_vars.as_deref())?;
+            tok.encode_without_special_tokens(&rendered)?
+        }
         (Some(text), _, Some(tok)) => tok.encode(text)?,
         (None, Some(ids), _) => ids.clone(),
         _ => bail!("give a prompt with -p TEXT or --tokens 1,2,3"),
@@ -187,7 +247,10 @@ pub fn run(a: &Args) -> Result<()> {
 /// Bad arguments, an unreadable model, a missing tokenizer with `-p`, a flag the target
 /// cannot honour, or I/O.
 pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
-    let sampling = SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = a.sampling.config();
+    if !a.sampling.stop.is_empty() && a.prompt.is_none() {
+        bail!("--stop matches text: it needs -p (with --tokens the output is ids)");
+    }
     let t_open = Instant::now();
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
@@ -217,12 +280,16 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         let session = opened.target();
         return encode_to(a, &cfg, session, &prompt, recorder.as_mut(), &mut tracker, stdout, stderr);
     }
-    let gen_opts = GenerateOptions {
+    let mut gen_opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
+        stop_strings: a.sampling.stop.clone(),
         prompt_logits: if a.dump.is_some() { Logits::All } else { Logits::Last },
         ..GenerateOptions::for_model(&cfg)
     };
+    if let (true, Some(tok)) = (a.chat, &tokenizer) {
+        gen_opts.stop_tokens = meo::chat::stop_tokens(&gen_opts, &super::chat::template(&model, None)?, tok);
+    }
     let (g, prompt_logits) = {
         let mut hooks = RunHooks {
             tracker: &mut tracker,

@@ -4,6 +4,7 @@
 //!
 //! A family is data (one [`Family`] table per file), not branches in the code.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
@@ -282,6 +283,9 @@ pub struct HfModel {
     pub checkpoint: Checkpoint,
     /// `tokenizer.json`, verbatim.
     pub tokenizer: Option<String>,
+    /// The chat template(s) and special tokens' strings (`tokenizer_config.json`,
+    /// `chat_template.jinja`).
+    pub chat: chat::ChatMeta,
     /// Per layer: the expert layout (MoE layers only).
     experts: Vec<Option<Experts>>,
     /// MEO-native models: the task names (task-gate merges are precomputed for each).
@@ -394,11 +398,13 @@ impl HfModel {
             .with_context(|| cfg_path.display().to_string())?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() { Some(read_capped(&tok_path, MAX_TOKENIZER_JSON)?) } else { None };
+        let chat = chat::ChatMeta::read(dir)?;
         let mut m = Self {
             family,
             config,
             checkpoint,
             tokenizer,
+            chat,
             experts: Vec::new(),
             tasks,
             extra_layers,
@@ -423,6 +429,7 @@ impl HfModel {
             .map(|n| dir.join(n))
             .filter(|p| p.exists())
             .collect();
+        v.extend(self.chat.paths.iter().cloned());
         v.extend(self.checkpoint.paths().map(Path::to_path_buf));
         v
     }

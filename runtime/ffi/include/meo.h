@@ -102,7 +102,37 @@ typedef enum {
    * once the other call has returned.
    */
   MEO_STATUS_BUSY = 15,
+  /**
+   * The model file has no chat template (`meo_chat_apply_template`).
+   */
+  MEO_STATUS_NO_CHAT_TEMPLATE = 16,
 } MeoStatus;
+
+/**
+ * Why `meo_session_generate_with` stopped (`*stop_reason`).
+ */
+typedef enum {
+  /**
+   * `max_new_tokens` were generated.
+   */
+  MEO_STOP_REASON_MAX_TOKENS = 0,
+  /**
+   * A stop token (end of sequence, or one of `stop_tokens`): the last token generated.
+   */
+  MEO_STOP_REASON_STOP_TOKEN = 1,
+  /**
+   * A stop string was reached.
+   */
+  MEO_STOP_REASON_STOP_STRING = 2,
+  /**
+   * The context is full.
+   */
+  MEO_STOP_REASON_CONTEXT_FULL = 3,
+  /**
+   * The cancel flag or the callback stopped it (the status is `MEO_STATUS_CANCELLED`).
+   */
+  MEO_STOP_REASON_CANCELLED = 4,
+} MeoStopReason;
 
 /**
  * An opened model (opaque). Shareable across threads.
@@ -165,7 +195,23 @@ typedef struct {
    * 1 if the model is file-backed (`meo_session_trim` and the memory budget work), else 0.
    */
   uint32_t file_backed;
+  /**
+   * 1 if the file embeds a chat template (`meo_chat_apply_template`; compiled on first
+   * use), else 0.
+   */
+  uint32_t has_chat_template;
 } MeoModelInfo;
+
+/**
+ * One message of a conversation for `meo_chat_apply_template`: UTF-8, NUL-terminated.
+ */
+typedef struct {
+  /**
+   * `"system"`, `"user"`, `"assistant"`, `"tool"`, … (what the model's template expects).
+   */
+  const char *role;
+  const char *content;
+} MeoChatMessage;
 
 /**
  * Options of a new session. Zero-initialise for the defaults.
@@ -184,7 +230,11 @@ typedef struct {
 } MeoSessionOptions;
 
 /**
- * Sampling settings. `{0, 0, 1.0, 0}` (temperature 0) is greedy decoding, the default.
+ * Sampling settings. `{0, 0, 1.0, 0}` (temperature 0, the rest zero) is greedy decoding,
+ * the default. The penalties (Hugging Face's repetition penalty, OpenAI's presence and
+ * frequency penalties) count the tokens fed to the session since it started or was reset
+ * (the prompt and the generated tokens), or their last `penalty_last_n`; they apply to
+ * greedy decoding too.
  */
 typedef struct {
   /**
@@ -204,6 +254,28 @@ typedef struct {
    * Random seed (same seed, same output).
    */
   uint64_t seed;
+  /**
+   * Keep tokens at least `min_p` times as likely as the most likely one; 0 = no limit.
+   * In [0, 1].
+   */
+  float min_p;
+  /**
+   * Repetition penalty: a seen token's logit is divided by it if positive, multiplied if
+   * negative. 0 or 1 = none; otherwise finite and > 0.
+   */
+  float repetition_penalty;
+  /**
+   * Subtracted once from the logit of every seen token; 0 = none.
+   */
+  float presence_penalty;
+  /**
+   * Subtracted from a token's logit once per time it was seen; 0 = none.
+   */
+  float frequency_penalty;
+  /**
+   * The penalties count only the last `penalty_last_n` tokens; 0 = all of them.
+   */
+  uint32_t penalty_last_n;
 } MeoSamplerOptions;
 
 /**
@@ -220,6 +292,34 @@ typedef int32_t (*MeoTokenCallback)(void *user_data,
                                     uint32_t token,
                                     const char *text,
                                     size_t text_len);
+
+/**
+ * Options of `meo_session_generate_with`. Zero-initialise for the defaults.
+ */
+typedef struct {
+  /**
+   * Most tokens to generate; 0 = until a stop or the context is full.
+   */
+  size_t max_new_tokens;
+  /**
+   * `n_stop_strings` UTF-8, NUL-terminated strings (may be NULL when 0): generation stops
+   * when the text contains one; the text up to it is streamed, the string is not. Needs a
+   * tokenizer in the file (`MEO_STATUS_NO_TOKENIZER`); an empty string is
+   * `MEO_STATUS_INVALID_ARGUMENT`.
+   */
+  const char *const *stop_strings;
+  size_t n_stop_strings;
+  /**
+   * `n_stop_tokens` more ids that end the generation (may be NULL when 0), besides the
+   * model's end-of-sequence ids (e.g. the chat template's end of turn).
+   */
+  const uint32_t *stop_tokens;
+  size_t n_stop_tokens;
+  /**
+   * 1: do not stop at the model's end-of-sequence ids (only at `stop_tokens`).
+   */
+  uint32_t ignore_eos;
+} MeoGenerateOptions;
 
 /**
  * Speed and expert-residency figures of a session.
@@ -385,6 +485,40 @@ MeoStatus meo_detokenize(const MeoModel *model,
                          size_t *len);
 
 /**
+ * `meo_tokenize` without the special tokens the tokenizer adds around a text (a Llama-style
+ * BOS): for text that holds them already, such as `meo_chat_apply_template`'s output
+ * (transformers tokenizes a rendered chat the same way). Special tokens written in the text
+ * (`<|im_start|>`) become their ids. Same buffer protocol as `meo_tokenize`.
+ */
+MeoStatus meo_tokenize_raw(const MeoModel *model,
+                           const char *text,
+                           uint32_t *ids,
+                           size_t capacity,
+                           size_t *n_ids);
+
+/**
+ * Renders the conversation `messages[0..n_messages]` with the model's chat template (as
+ * Hugging Face transformers' `apply_chat_template` does), written NUL-terminated to
+ * `text[0..capacity]`; `*len` receives its length in bytes (without the NUL). If `capacity`
+ * is less than that plus one, returns `MEO_STATUS_BUFFER_TOO_SMALL` with the length in `*len`
+ * (call with `text` NULL and `capacity` 0 to ask for the size). `add_generation_prompt`
+ * non-zero appends the start of the assistant's reply. `template_vars` (may be NULL): extra
+ * template variables as a JSON object, e.g. `{"enable_thinking": false}` (Qwen3) or
+ * `{"tools": [...]}`. Tokenize the result with `meo_tokenize_raw`.
+ * `MEO_STATUS_NO_CHAT_TEMPLATE` when the file has none; `MEO_STATUS_INVALID_ARGUMENT` when
+ * the template refuses the conversation (e.g. roles that do not alternate; the message is
+ * the template's) or `template_vars` is not a JSON object.
+ */
+MeoStatus meo_chat_apply_template(const MeoModel *model,
+                                  const MeoChatMessage *messages,
+                                  size_t n_messages,
+                                  int32_t add_generation_prompt,
+                                  const char *template_vars,
+                                  char *text,
+                                  size_t capacity,
+                                  size_t *len);
+
+/**
  * Creates a session over `model` (`options` may be NULL for the defaults). The session runs
  * vanilla routing on the CPU with greedy sampling until told otherwise. On success `*out`
  * is a new handle for `meo_session_free`.
@@ -436,7 +570,8 @@ MeoStatus meo_session_set_memory_budget(MeoSession *session,
                                         uint64_t bytes);
 
 /**
- * Sets the sampler (and reseeds it). NULL `options` restores greedy decoding.
+ * Sets the sampler (and reseeds it; the tokens fed so far still count for the penalties).
+ * NULL `options` restores greedy decoding.
  */
 MeoStatus meo_session_set_sampler(MeoSession *session,
                                   const MeoSamplerOptions *options);
@@ -485,7 +620,7 @@ MeoStatus meo_session_position(MeoSession *session,
  * `*n_generated` (may be NULL) receives the count. `cancel` (may be NULL) is read before
  * every step: set `*cancel` to non-zero from any thread to stop
  * (`MEO_STATUS_CANCELLED`; the tokens so far are reported). Stops with `MEO_STATUS_OK` when
- * the context is full.
+ * the context is full. `meo_session_generate_with` adds stop strings and stop tokens.
  */
 MeoStatus meo_session_generate(MeoSession *session,
                                const uint32_t *prompt,
@@ -497,6 +632,24 @@ MeoStatus meo_session_generate(MeoSession *session,
                                uint32_t *tokens,
                                size_t capacity,
                                size_t *n_generated);
+
+/**
+ * `meo_session_generate` with options: stop strings, more stop tokens, no limit on the
+ * tokens. `options` may be NULL for the defaults; `stop_reason` (may be NULL) receives why
+ * the generation stopped. Sampling (temperature, top-k/p, min-p, penalties, seed) is the
+ * session's, set with `meo_session_set_sampler`.
+ */
+MeoStatus meo_session_generate_with(MeoSession *session,
+                                    const uint32_t *prompt,
+                                    size_t n_prompt,
+                                    const MeoGenerateOptions *options,
+                                    MeoTokenCallback callback,
+                                    void *user_data,
+                                    const int32_t *cancel,
+                                    uint32_t *tokens,
+                                    size_t capacity,
+                                    size_t *n_generated,
+                                    MeoStopReason *stop_reason);
 
 /**
  * Fills `*out` with the session's speed and residency figures.

@@ -17,6 +17,7 @@
 //! - `meo_status_string` takes an `int`: no C value is read as a Rust enum.
 #![allow(clippy::missing_safety_doc)] // every function's safety contract is in the header docs
 
+use meo::chat::{ChatError, ChatTemplate, Message};
 use meo::generate::{GenerateError, GenerateOptions, Hooks, Start, StopReason, generate_with};
 use meo::model::Mode;
 use meo::residency::{ExpertTracker, TrackerOptions};
@@ -69,12 +70,14 @@ pub enum MeoStatus {
     /// callback of the session's own `meo_session_generate`. Nothing was done; call again
     /// once the other call has returned.
     Busy = 15,
+    /// The model file has no chat template (`meo_chat_apply_template`).
+    NoChatTemplate = 16,
 }
 
 impl MeoStatus {
     /// Every status, for turning an integer from C into one without transmuting (a new
     /// variant goes here too; a unit test checks that the codes run 0, 1, 2, … in order).
-    const ALL: [MeoStatus; 16] = [
+    const ALL: [MeoStatus; 17] = [
         MeoStatus::Ok,
         MeoStatus::NullPointer,
         MeoStatus::InvalidHandle,
@@ -91,6 +94,7 @@ impl MeoStatus {
         MeoStatus::BadState,
         MeoStatus::Panic,
         MeoStatus::Busy,
+        MeoStatus::NoChatTemplate,
     ];
 
     /// The status whose code is `code`, if any.
@@ -182,6 +186,7 @@ enum Holder {
 pub struct MeoModel {
     holder: Holder,
     tokenizer: OnceLock<Result<Tokenizer, String>>,
+    chat: OnceLock<Result<ChatTemplate, (MeoStatus, String)>>,
 }
 
 impl MeoModel {
@@ -203,6 +208,17 @@ impl MeoModel {
             Err(e) if e.contains("no embedded tokenizer") => err(MeoStatus::NoTokenizer, e.clone()),
             Err(e) => err(MeoStatus::InvalidModel, e.clone()),
         }
+    }
+
+    fn chat_template(&self) -> Res<&ChatTemplate> {
+        let t = self.chat.get_or_init(|| {
+            let file = self.model().file().map_err(|e| (MeoStatus::InvalidModel, e.to_string()))?;
+            ChatTemplate::from_metadata(&file.metadata).map_err(|e| match e {
+                ChatError::NoTemplate => (MeoStatus::NoChatTemplate, e.to_string()),
+                _ => (MeoStatus::InvalidModel, e.to_string()),
+            })
+        });
+        t.as_ref().map_err(Clone::clone)
     }
 
     fn trim(&self) -> Res<u64> {
@@ -248,7 +264,11 @@ pub struct MeoOpenOptions {
     pub verify_dense: u32,
 }
 
-/// Sampling settings. `{0, 0, 1.0, 0}` (temperature 0) is greedy decoding, the default.
+/// Sampling settings. `{0, 0, 1.0, 0}` (temperature 0, the rest zero) is greedy decoding,
+/// the default. The penalties (Hugging Face's repetition penalty, OpenAI's presence and
+/// frequency penalties) count the tokens fed to the session since it started or was reset
+/// (the prompt and the generated tokens), or their last `penalty_last_n`; they apply to
+/// greedy decoding too.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct MeoSamplerOptions {
@@ -261,6 +281,51 @@ pub struct MeoSamplerOptions {
     pub top_p: f32,
     /// Random seed (same seed, same output).
     pub seed: u64,
+    /// Keep tokens at least `min_p` times as likely as the most likely one; 0 = no limit.
+    /// In [0, 1].
+    pub min_p: f32,
+    /// Repetition penalty: a seen token's logit is divided by it if positive, multiplied if
+    /// negative. 0 or 1 = none; otherwise finite and > 0.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every seen token; 0 = none.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was seen; 0 = none.
+    pub frequency_penalty: f32,
+    /// The penalties count only the last `penalty_last_n` tokens; 0 = all of them.
+    pub penalty_last_n: u32,
+}
+
+impl Default for MeoSamplerOptions {
+    /// Greedy decoding, no penalties.
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 0,
+        }
+    }
+}
+
+impl MeoSamplerOptions {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k as usize,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: if self.repetition_penalty == 0.0 { 1.0 } else { self.repetition_penalty },
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.penalty_last_n as usize,
+            seed: self.seed,
+        }
+    }
 }
 
 /// Facts about a model.
@@ -285,6 +350,9 @@ pub struct MeoModelInfo {
     pub has_tokenizer: u32,
     /// 1 if the model is file-backed (`meo_session_trim` and the memory budget work), else 0.
     pub file_backed: u32,
+    /// 1 if the file embeds a chat template (`meo_chat_apply_template`; compiled on first
+    /// use), else 0.
+    pub has_chat_template: u32,
 }
 
 /// Speed and expert-residency figures of a session.
@@ -436,7 +504,7 @@ fn session_mut(p: *mut MeoSession) -> Res<SessionGuard> {
 }
 
 fn new_model(holder: Holder, out: *mut *mut MeoModel) -> Res<()> {
-    let model = Arc::new(MeoModel { holder, tokenizer: OnceLock::new() });
+    let model = Arc::new(MeoModel { holder, tokenizer: OnceLock::new(), chat: OnceLock::new() });
     let mut h = handles();
     let id = h.next_id()?;
     h.models.insert(id, model);
@@ -487,6 +555,7 @@ pub extern "C" fn meo_status_string(status: i32) -> *const c_char {
         MeoStatus::BadState => c"invalid in the current state",
         MeoStatus::Panic => c"internal error (panic)",
         MeoStatus::Busy => c"session in use (another thread, or its own generate callback)",
+        MeoStatus::NoChatTemplate => c"no chat template in the model file",
     };
     s.as_ptr()
 }
@@ -687,6 +756,7 @@ pub unsafe extern "C" fn meo_model_info(model: *const MeoModel, out: *mut MeoMod
                 #[cfg(unix)]
                 Holder::Fd(_) => true,
             }),
+            has_chat_template: u32::from(m.model().file().is_ok_and(|f| meo::chat::has_template(&f.metadata))),
         };
         // SAFETY: checked above.
         unsafe { put(out, info) };
@@ -765,6 +835,116 @@ pub unsafe extern "C" fn meo_detokenize(
         unsafe {
             std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast::<u8>(), s.len());
             text.add(s.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+/// `meo_tokenize` without the special tokens the tokenizer adds around a text (a Llama-style
+/// BOS): for text that holds them already, such as `meo_chat_apply_template`'s output
+/// (transformers tokenizes a rendered chat the same way). Special tokens written in the text
+/// (`<|im_start|>`) become their ids. Same buffer protocol as `meo_tokenize`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_tokenize_raw(
+    model: *const MeoModel,
+    text: *const c_char,
+    ids: *mut u32,
+    capacity: usize,
+    n_ids: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(n_ids, "n_ids")?;
+        // SAFETY: C contract.
+        let text = unsafe { c_str(text, "text") }?;
+        let m = model_ref(model)?;
+        let enc = m
+            .tokenizer()?
+            .encode_without_special_tokens(text)
+            .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        // SAFETY: checked above.
+        unsafe { put(n_ids, enc.len()) };
+        if enc.len() > capacity {
+            return err(
+                MeoStatus::BufferTooSmall,
+                format!("the text has {} tokens, the buffer holds {capacity}", enc.len()),
+            );
+        }
+        if !enc.is_empty() {
+            check_ptr(ids, "ids")?;
+            // SAFETY: non-NULL, `capacity >= enc.len()` writable ids (C contract).
+            unsafe { std::ptr::copy_nonoverlapping(enc.as_ptr(), ids, enc.len()) };
+        }
+        Ok(())
+    })
+}
+
+/// One message of a conversation for `meo_chat_apply_template`: UTF-8, NUL-terminated.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MeoChatMessage {
+    /// `"system"`, `"user"`, `"assistant"`, `"tool"`, … (what the model's template expects).
+    pub role: *const c_char,
+    pub content: *const c_char,
+}
+
+/// Renders the conversation `messages[0..n_messages]` with the model's chat template (as
+/// Hugging Face transformers' `apply_chat_template` does), written NUL-terminated to
+/// `text[0..capacity]`; `*len` receives its length in bytes (without the NUL). If `capacity`
+/// is less than that plus one, returns `MEO_STATUS_BUFFER_TOO_SMALL` with the length in `*len`
+/// (call with `text` NULL and `capacity` 0 to ask for the size). `add_generation_prompt`
+/// non-zero appends the start of the assistant's reply. `template_vars` (may be NULL): extra
+/// template variables as a JSON object, e.g. `{"enable_thinking": false}` (Qwen3) or
+/// `{"tools": [...]}`. Tokenize the result with `meo_tokenize_raw`.
+/// `MEO_STATUS_NO_CHAT_TEMPLATE` when the file has none; `MEO_STATUS_INVALID_ARGUMENT` when
+/// the template refuses the conversation (e.g. roles that do not alternate; the message is
+/// the template's) or `template_vars` is not a JSON object.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_chat_apply_template(
+    model: *const MeoModel,
+    messages: *const MeoChatMessage,
+    n_messages: usize,
+    add_generation_prompt: i32,
+    template_vars: *const c_char,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(len, "len")?;
+        // SAFETY: C contract.
+        let raw = unsafe { slice(messages, n_messages, "messages") }?;
+        let mut msgs = Vec::with_capacity(raw.len());
+        for (i, m) in raw.iter().enumerate() {
+            // SAFETY: C contract (NUL-terminated strings).
+            let role = unsafe { c_str(m.role, &format!("messages[{i}].role")) }?;
+            // SAFETY: as above.
+            let content = unsafe { c_str(m.content, &format!("messages[{i}].content")) }?;
+            msgs.push(Message::new(role, content));
+        }
+        let vars = if template_vars.is_null() {
+            None
+        } else {
+            // SAFETY: C contract.
+            Some(unsafe { c_str(template_vars, "template_vars") }?)
+        };
+        let m = model_ref(model)?;
+        let out = m.chat_template()?.render(&msgs, add_generation_prompt != 0, vars).map_err(|e| match e {
+            ChatError::Raised(_) | ChatError::Input(_) => (MeoStatus::InvalidArgument, e.to_string()),
+            _ => (MeoStatus::InvalidModel, e.to_string()),
+        })?;
+        // SAFETY: checked above.
+        unsafe { put(len, out.len()) };
+        if out.len() >= capacity {
+            return err(
+                MeoStatus::BufferTooSmall,
+                format!("the text has {} bytes, the buffer holds {capacity} (one is for the NUL)", out.len()),
+            );
+        }
+        check_ptr(text, "text")?;
+        // SAFETY: non-NULL, `capacity > out.len()` writable bytes (C contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(out.as_ptr(), text.cast::<u8>(), out.len());
+            text.add(out.len()).write(0);
         }
         Ok(())
     })
@@ -898,6 +1078,7 @@ pub unsafe extern "C" fn meo_session_set_mode(
             layers: LayerSelect::parse(layers, merge_budget).map_err(bad)?,
         };
         s.session.set_mode(opts).map_err(bad)?;
+        s.sampler.clear_history();
         s.has_logits = false;
         Ok(())
     })
@@ -955,7 +1136,8 @@ pub unsafe extern "C" fn meo_session_set_memory_budget(session: *mut MeoSession,
     })
 }
 
-/// Sets the sampler (and reseeds it). NULL `options` restores greedy decoding.
+/// Sets the sampler (and reseeds it; the tokens fed so far still count for the penalties).
+/// NULL `options` restores greedy decoding.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_set_sampler(
     session: *mut MeoSession,
@@ -967,10 +1149,10 @@ pub unsafe extern "C" fn meo_session_set_sampler(
             SamplerConfig::default()
         } else {
             // SAFETY: readable (C contract).
-            let o = unsafe { *options };
-            SamplerConfig { temperature: o.temperature, top_k: o.top_k as usize, top_p: o.top_p, seed: o.seed }
+            unsafe { *options }.config()
         };
-        s.sampler = Sampler::new(cfg).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        // The history the penalties count (the tokens fed so far) is kept.
+        s.sampler.reconfigure(cfg).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
         Ok(())
     })
 }
@@ -991,6 +1173,7 @@ impl MeoSession {
             None => self.session.forward_with(tokens, Logits::Last, &mut meo::NoTrace).map(|_| ()),
         };
         r.map_err(|e| forward_status(&e))?;
+        self.sampler.observe(tokens);
         let dt = t0.elapsed().as_secs_f64();
         if tokens.len() == 1 {
             self.stats.decode_tokens += 1;
@@ -1068,6 +1251,7 @@ pub unsafe extern "C" fn meo_session_reset(session: *mut MeoSession) -> MeoStatu
     guard(|| {
         let mut s = session_mut(session)?;
         s.session.reset();
+        s.sampler.clear_history();
         s.has_logits = false;
         Ok(())
     })
@@ -1104,7 +1288,7 @@ pub type MeoTokenCallback =
 /// `*n_generated` (may be NULL) receives the count. `cancel` (may be NULL) is read before
 /// every step: set `*cancel` to non-zero from any thread to stop
 /// (`MEO_STATUS_CANCELLED`; the tokens so far are reported). Stops with `MEO_STATUS_OK` when
-/// the context is full.
+/// the context is full. `meo_session_generate_with` adds stop strings and stop tokens.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_generate(
     session: *mut MeoSession,
@@ -1119,65 +1303,196 @@ pub unsafe extern "C" fn meo_session_generate(
     n_generated: *mut usize,
 ) -> MeoStatus {
     guard(|| {
-        // SAFETY: C contract.
-        let prompt = unsafe { slice(prompt, n_prompt, "prompt") }?;
-        if capacity > 0 {
-            check_ptr(tokens, "tokens")?;
-        }
-        if !cancel.is_null() && !(cancel as usize).is_multiple_of(align_of::<AtomicI32>()) {
-            return err(MeoStatus::InvalidArgument, "cancel is not aligned for an int32_t");
-        }
-        let mut s = session_mut(session)?;
-        let s = &mut *s;
-        let model = s.model.clone();
-        let logits: Vec<f32>;
-        let start = if prompt.is_empty() {
-            if !s.has_logits {
-                return err(MeoStatus::BadState, "nothing has been fed since the session started or was reset");
-            }
-            logits = s.session.logits().to_vec();
-            Start::Logits(&logits)
-        } else {
-            Start::Prompt(prompt)
-        };
-        let opts = GenerateOptions {
-            max_new_tokens,
-            max_context: s.session.max_context(),
-            ..GenerateOptions::for_model(model.model().config())
-        };
-        let tok = model.tokenizer().ok();
-        let mut hooks = FfiHooks {
-            tracker: s.tracker.as_mut(),
-            callback,
-            user_data,
-            cancel,
-            tokens,
-            capacity,
-            n_generated,
-            count: 0,
-            stopped_by_callback: false,
-        };
-        hooks.report();
-        let r = generate_with(&mut s.session, start, &opts, &mut s.sampler, tok, &mut hooks);
-        let stopped_by_callback = hooks.stopped_by_callback;
-        let g = r.map_err(|e| match e {
-            GenerateError::Target(TargetError::Forward(f)) => forward_status(&f),
-            GenerateError::Target(t) => (MeoStatus::Unsupported, t.to_string()),
-            GenerateError::Sample(e) => (MeoStatus::BadState, e.to_string()),
-            GenerateError::Tokenizer(e) => (MeoStatus::TokenOutOfRange, e.to_string()),
-            e => (MeoStatus::InvalidArgument, e.to_string()),
-        })?;
-        s.has_logits = true;
-        s.stats.prompt_tokens += prompt.len() as u64;
-        s.stats.prompt_seconds += g.prompt_time.as_secs_f64();
-        s.stats.decode_tokens += g.decode_steps as u64;
-        s.stats.decode_seconds += g.decode_time.as_secs_f64();
-        match g.stop {
-            StopReason::Cancelled if stopped_by_callback => err(MeoStatus::Cancelled, "the callback asked to stop"),
-            StopReason::Cancelled => err(MeoStatus::Cancelled, "cancelled by the cancel flag"),
-            _ => Ok(()),
-        }
+        let out = GenOut { callback, user_data, cancel, tokens, capacity, n_generated, stop: std::ptr::null_mut() };
+        // SAFETY: C contract (as documented above).
+        unsafe { generate_impl(session, prompt, n_prompt, max_new_tokens, &[], &[], false, out) }
     })
+}
+
+/// Options of `meo_session_generate_with`. Zero-initialise for the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MeoGenerateOptions {
+    /// Most tokens to generate; 0 = until a stop or the context is full.
+    pub max_new_tokens: usize,
+    /// `n_stop_strings` UTF-8, NUL-terminated strings (may be NULL when 0): generation stops
+    /// when the text contains one; the text up to it is streamed, the string is not. Needs a
+    /// tokenizer in the file (`MEO_STATUS_NO_TOKENIZER`); an empty string is
+    /// `MEO_STATUS_INVALID_ARGUMENT`.
+    pub stop_strings: *const *const c_char,
+    pub n_stop_strings: usize,
+    /// `n_stop_tokens` more ids that end the generation (may be NULL when 0), besides the
+    /// model's end-of-sequence ids (e.g. the chat template's end of turn).
+    pub stop_tokens: *const u32,
+    pub n_stop_tokens: usize,
+    /// 1: do not stop at the model's end-of-sequence ids (only at `stop_tokens`).
+    pub ignore_eos: u32,
+}
+
+/// Why `meo_session_generate_with` stopped (`*stop_reason`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeoStopReason {
+    /// `max_new_tokens` were generated.
+    MaxTokens = 0,
+    /// A stop token (end of sequence, or one of `stop_tokens`): the last token generated.
+    StopToken = 1,
+    /// A stop string was reached.
+    StopString = 2,
+    /// The context is full.
+    ContextFull = 3,
+    /// The cancel flag or the callback stopped it (the status is `MEO_STATUS_CANCELLED`).
+    Cancelled = 4,
+}
+
+/// `meo_session_generate` with options: stop strings, more stop tokens, no limit on the
+/// tokens. `options` may be NULL for the defaults; `stop_reason` (may be NULL) receives why
+/// the generation stopped. Sampling (temperature, top-k/p, min-p, penalties, seed) is the
+/// session's, set with `meo_session_set_sampler`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_generate_with(
+    session: *mut MeoSession,
+    prompt: *const u32,
+    n_prompt: usize,
+    options: *const MeoGenerateOptions,
+    callback: MeoTokenCallback,
+    user_data: *mut c_void,
+    cancel: *const i32,
+    tokens: *mut u32,
+    capacity: usize,
+    n_generated: *mut usize,
+    stop_reason: *mut MeoStopReason,
+) -> MeoStatus {
+    guard(|| {
+        let o = if options.is_null() {
+            MeoGenerateOptions {
+                max_new_tokens: 0,
+                stop_strings: std::ptr::null(),
+                n_stop_strings: 0,
+                stop_tokens: std::ptr::null(),
+                n_stop_tokens: 0,
+                ignore_eos: 0,
+            }
+        } else {
+            // SAFETY: a readable MeoGenerateOptions (C contract).
+            unsafe { *options }
+        };
+        // SAFETY: C contract.
+        let ptrs = unsafe { slice(o.stop_strings, o.n_stop_strings, "options.stop_strings") }?;
+        let mut stops = Vec::with_capacity(ptrs.len());
+        for (i, &p) in ptrs.iter().enumerate() {
+            // SAFETY: C contract (NUL-terminated strings).
+            stops.push(unsafe { c_str(p, &format!("options.stop_strings[{i}]")) }?.to_string());
+        }
+        // SAFETY: C contract.
+        let stop_ids = unsafe { slice(o.stop_tokens, o.n_stop_tokens, "options.stop_tokens") }?;
+        let max = if o.max_new_tokens == 0 { usize::MAX } else { o.max_new_tokens };
+        let out = GenOut { callback, user_data, cancel, tokens, capacity, n_generated, stop: stop_reason };
+        // SAFETY: C contract (as documented above).
+        unsafe { generate_impl(session, prompt, n_prompt, max, &stops, stop_ids, o.ignore_eos != 0, out) }
+    })
+}
+
+/// Where a generation's results go (the C caller's pointers).
+struct GenOut {
+    callback: MeoTokenCallback,
+    user_data: *mut c_void,
+    cancel: *const i32,
+    tokens: *mut u32,
+    capacity: usize,
+    n_generated: *mut usize,
+    stop: *mut MeoStopReason,
+}
+
+/// The body of `meo_session_generate(_with)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn generate_impl(
+    session: *mut MeoSession,
+    prompt: *const u32,
+    n_prompt: usize,
+    max_new_tokens: usize,
+    stop_strings: &[String],
+    stop_tokens: &[u32],
+    ignore_eos: bool,
+    out: GenOut,
+) -> Res<()> {
+    // SAFETY: C contract.
+    let prompt = unsafe { slice(prompt, n_prompt, "prompt") }?;
+    if out.capacity > 0 {
+        check_ptr(out.tokens, "tokens")?;
+    }
+    if !out.cancel.is_null() && !(out.cancel as usize).is_multiple_of(align_of::<AtomicI32>()) {
+        return err(MeoStatus::InvalidArgument, "cancel is not aligned for an int32_t");
+    }
+    if stop_strings.iter().any(String::is_empty) {
+        return err(MeoStatus::InvalidArgument, "an empty stop string would stop before the first token");
+    }
+    let mut s = session_mut(session)?;
+    let s = &mut *s;
+    let model = s.model.clone();
+    let logits: Vec<f32>;
+    let start = if prompt.is_empty() {
+        if !s.has_logits {
+            return err(MeoStatus::BadState, "nothing has been fed since the session started or was reset");
+        }
+        logits = s.session.logits().to_vec();
+        Start::Logits(&logits)
+    } else {
+        Start::Prompt(prompt)
+    };
+    let mut opts = GenerateOptions {
+        max_new_tokens,
+        max_context: s.session.max_context(),
+        stop_strings: stop_strings.to_vec(),
+        ..GenerateOptions::for_model(model.model().config())
+    };
+    if ignore_eos {
+        opts.stop_tokens.clear();
+    }
+    opts.stop_tokens.extend(stop_tokens.iter().filter(|t| !opts.stop_tokens.contains(t)).collect::<Vec<_>>());
+    let tok = if stop_strings.is_empty() { model.tokenizer().ok() } else { Some(model.tokenizer()?) };
+    let mut hooks = FfiHooks {
+        tracker: s.tracker.as_mut(),
+        callback: out.callback,
+        user_data: out.user_data,
+        cancel: out.cancel,
+        tokens: out.tokens,
+        capacity: out.capacity,
+        n_generated: out.n_generated,
+        count: 0,
+        stopped_by_callback: false,
+    };
+    hooks.report();
+    let r = generate_with(&mut s.session, start, &opts, &mut s.sampler, tok, &mut hooks);
+    let stopped_by_callback = hooks.stopped_by_callback;
+    let g = r.map_err(|e| match e {
+        GenerateError::Target(TargetError::Forward(f)) => forward_status(&f),
+        GenerateError::Target(t) => (MeoStatus::Unsupported, t.to_string()),
+        GenerateError::Sample(e) => (MeoStatus::BadState, e.to_string()),
+        GenerateError::Tokenizer(e) => (MeoStatus::TokenOutOfRange, e.to_string()),
+        e => (MeoStatus::InvalidArgument, e.to_string()),
+    })?;
+    s.has_logits = true;
+    s.stats.prompt_tokens += prompt.len() as u64;
+    s.stats.prompt_seconds += g.prompt_time.as_secs_f64();
+    s.stats.decode_tokens += g.decode_steps as u64;
+    s.stats.decode_seconds += g.decode_time.as_secs_f64();
+    if !out.stop.is_null() {
+        let why = match g.stop {
+            StopReason::MaxTokens => MeoStopReason::MaxTokens,
+            StopReason::StopToken(_) => MeoStopReason::StopToken,
+            StopReason::StopString(_) => MeoStopReason::StopString,
+            StopReason::ContextFull => MeoStopReason::ContextFull,
+            StopReason::Cancelled => MeoStopReason::Cancelled,
+        };
+        // SAFETY: non-NULL (C contract: writable).
+        unsafe { put(out.stop, why) };
+    }
+    match g.stop {
+        StopReason::Cancelled if stopped_by_callback => err(MeoStatus::Cancelled, "the callback asked to stop"),
+        StopReason::Cancelled => err(MeoStatus::Cancelled, "cancelled by the cancel flag"),
+        _ => Ok(()),
+    }
 }
 
 /// `meo_session_generate`'s side of the library generation loop: the C callback, the caller's

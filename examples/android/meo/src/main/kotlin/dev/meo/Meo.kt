@@ -12,6 +12,22 @@ fun interface TextListener {
     fun onText(text: String): Boolean
 }
 
+/** One message of a conversation for [MeoModel.applyChatTemplate]. */
+data class ChatMessage(val role: String, val content: String)
+
+/** Sampling settings for [MeoSession.setSampler]; the defaults are greedy decoding. */
+data class SamplerOptions(
+    val temperature: Float = 0f,
+    val topK: Int = 0,
+    val topP: Float = 1f,
+    val seed: Long = 0,
+    val minP: Float = 0f,
+    val repetitionPenalty: Float = 1f,
+    val presencePenalty: Float = 0f,
+    val frequencyPenalty: Float = 0f,
+    val penaltyLastN: Int = 0,
+)
+
 /**
  * A model (shareable across threads) and its sessions, over the C API in `meo.h`.
  * Not built in this repository's CI: see examples/android/README.md.
@@ -26,6 +42,23 @@ class MeoModel private constructor(private var handle: Long) : AutoCloseable {
     }
 
     fun tokenize(text: String): IntArray = Meo.nativeTokenize(handle, text)
+
+    /** Tokens of text that already holds its special tokens, such as [applyChatTemplate]'s. */
+    fun tokenizeRaw(text: String): IntArray = Meo.nativeTokenizeRaw(handle, text)
+
+    /**
+     * The conversation rendered with the model's chat template (`meo_chat_apply_template`);
+     * [templateVars] is a JSON object of extra variables, e.g. `{"enable_thinking": false}`.
+     */
+    fun applyChatTemplate(
+        messages: List<ChatMessage>, addGenerationPrompt: Boolean = true, templateVars: String? = null,
+    ): String = Meo.nativeChatApplyTemplate(
+        handle,
+        messages.map { it.role }.toTypedArray(),
+        messages.map { it.content }.toTypedArray(),
+        addGenerationPrompt,
+        templateVars,
+    )
 
     fun newSession(threads: Int = 0): MeoSession = MeoSession(Meo.nativeSessionNew(handle, threads))
 
@@ -45,6 +78,21 @@ class MeoSession internal constructor(private var handle: Long) : AutoCloseable 
         cancel.putInt(0, 0)
         return Meo.nativeGenerate(handle, prompt, maxNewTokens, listener, cancel)
     }
+
+    /**
+     * [generate] with stop strings (the text stops before the first one reached) and no
+     * token limit when [maxNewTokens] is 0.
+     */
+    fun generate(prompt: IntArray, maxNewTokens: Int, stopStrings: List<String>, listener: TextListener): Int {
+        cancel.putInt(0, 0)
+        return Meo.nativeGenerateWith(handle, prompt, maxNewTokens, stopStrings.toTypedArray(), listener, cancel)
+    }
+
+    /** Sets temperature, top-k/p, min-p, penalties and seed (`meo_session_set_sampler`). */
+    fun setSampler(o: SamplerOptions) = Meo.nativeSetSampler(
+        handle, o.temperature, o.topK, o.topP, o.seed, o.minP, o.repetitionPenalty, o.presencePenalty,
+        o.frequencyPenalty, o.penaltyLastN,
+    )
 
     /** Call from `ComponentCallbacks2.onTrimMemory`: releases expert pages; returns bytes. */
     fun trim(): Long = Meo.nativeTrim(handle)
@@ -70,4 +118,16 @@ internal object Meo {
     @JvmStatic external fun nativeGenerate(
         session: Long, prompt: IntArray, maxNewTokens: Int, listener: TextListener, cancel: ByteBuffer?,
     ): Int
+    @JvmStatic external fun nativeTokenizeRaw(model: Long, text: String): IntArray
+    @JvmStatic external fun nativeChatApplyTemplate(
+        model: Long, roles: Array<String>, contents: Array<String>, addGenerationPrompt: Boolean, templateVars: String?,
+    ): String
+    @JvmStatic external fun nativeGenerateWith(
+        session: Long, prompt: IntArray, maxNewTokens: Int, stopStrings: Array<String>, listener: TextListener,
+        cancel: ByteBuffer?,
+    ): Int
+    @JvmStatic external fun nativeSetSampler(
+        session: Long, temperature: Float, topK: Int, topP: Float, seed: Long, minP: Float, repetitionPenalty: Float,
+        presencePenalty: Float, frequencyPenalty: Float, penaltyLastN: Int,
+    )
 }
