@@ -134,7 +134,7 @@ as a number; otherwise the object must define an index method. A list is a mutab
 fn convert_fixture(name: &str, experts: DType, dense: DType, tasks: bool, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{}-{}-{tasks}.meo", experts.name(), dense.name()));
     let opts = Options { experts, dense, align: true };
-    let mut spec = MergeSpec { tasks: Vec::new(), weighting: Weighting::MeanGate };
+    let mut spec = MergeSpec { weighting: Weighting::MeanGate, ..Default::default() };
     if tasks {
         let p = dir.join("docs.txt");
         std::fs::write(&p, DOCS.repeat(6)).unwrap();
