@@ -13,6 +13,7 @@ mod granitemoe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
+pub mod quantized;
 mod qwen2_moe;
 mod qwen3_moe;
 pub mod switch_transformers;
@@ -155,17 +156,6 @@ impl Features {
     };
 }
 
-/// A checkpoint layout the converter recognises but cannot convert.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UnsupportedLayout {
-    /// The original OpenAI GPT-OSS release: experts quantized to MXFP4 (`*_blocks`, `*_scales`).
-    #[error(
-        "unsupported: MXFP4 experts ({tensor}); convert a bf16/f32 checkpoint (transformers' save_pretrained \
-         of the dequantized model) instead"
-    )]
-    Mxfp4Experts { tensor: String },
-}
-
 /// Every supported family.
 pub const FAMILIES: &[&Family] = &[
     &mixtral::FAMILY,
@@ -280,6 +270,8 @@ pub struct HfModel {
     pub family: &'static Family,
     pub config: ModelConfig,
     pub checkpoint: Checkpoint,
+    /// The release's `quantization_config` (`None`: unquantized).
+    pub quantization: Option<quantized::Method>,
     /// `tokenizer.json`, verbatim.
     pub tokenizer: Option<String>,
     /// Per layer: the expert layout (MoE layers only).
@@ -387,7 +379,9 @@ impl HfModel {
         };
         let ParsedConfig { family, config, tasks, extra_layers } =
             parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let quantization = quantized::Method::from_config(&raw).with_context(|| cfg_path.display().to_string())?;
+        let mut checkpoint = Checkpoint::open(dir)?;
+        checkpoint.dequantize(quantization.as_ref()).with_context(|| dir.display().to_string())?;
         // Everything sized from the config below (expert layouts, the tensor list) comes after
         // this: the sizes must describe no more weights than the checkpoint holds.
         crate::canonical::tensors_within(&config, crate::canonical::budget(checkpoint.elements()), "the checkpoint")
@@ -398,6 +392,7 @@ impl HfModel {
             family,
             config,
             checkpoint,
+            quantization,
             tokenizer,
             experts: Vec::new(),
             tasks,
@@ -441,9 +436,6 @@ impl HfModel {
             let prefix = format!("model.layers.{l}.{p}");
             for (gu, dn) in features.fused_names {
                 let (gate_up, down) = (format!("{prefix}.{gu}"), format!("{prefix}.{dn}"));
-                if ck.get(&format!("{gate_up}_blocks")).is_some() {
-                    return Err(UnsupportedLayout::Mxfp4Experts { tensor: format!("{gate_up}_blocks") }.into());
-                }
                 let Some(t) = ck.get(&gate_up) else {
                     tried.push(gate_up);
                     continue;
@@ -657,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn mxfp4_experts_are_a_named_error() {
+    fn malformed_mxfp4_experts_are_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let config = serde_json::json!({
             "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": 16, "hidden_size": 64,
@@ -666,19 +658,40 @@ mod tests {
             "max_position_embeddings": 64, "sliding_window": 4, "layer_types": ["full_attention"],
             "quantization_config": {"quant_method": "mxfp4"}
         });
+        // Blocks of rank 3 (the release's are [E, rows, nb, 16] u8).
         let ck = checkpoint_dir(&[
             ("model.layers.0.mlp.experts.gate_up_proj_blocks", vec![2, 32, 2], vec![0.0; 128]),
             ("model.layers.0.mlp.experts.gate_up_proj_scales", vec![2, 32], vec![0.0; 64]),
         ]);
         std::fs::copy(ck.path().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        let e = HfModel::open(dir.path()).err().expect("MXFP4 must be refused");
+        let e = HfModel::open(dir.path()).err().expect("malformed MXFP4 must be refused");
         assert!(
-            matches!(e.downcast_ref::<UnsupportedLayout>(), Some(UnsupportedLayout::Mxfp4Experts { tensor })
+            matches!(e.downcast_ref::<quantized::QuantError>(), Some(quantized::QuantError::Mismatch { tensor, .. })
                 if tensor == "model.layers.0.mlp.experts.gate_up_proj_blocks"),
             "{e:#}"
         );
-        assert!(e.to_string().contains("unsupported: MXFP4 experts"), "{e:#}");
+        // The same tensors with no quantization_config: named, not "tensors have no place".
+        let mut config = config;
+        config.as_object_mut().unwrap().remove("quantization_config");
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let e = HfModel::open(dir.path()).err().expect("undeclared MXFP4 must be refused");
+        assert!(
+            matches!(e.downcast_ref::<quantized::QuantError>(), Some(quantized::QuantError::Undeclared { .. })),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn unsupported_quantization_names_method_and_bits() {
+        let e =
+            open_with("quantization_config", serde_json::json!({"quant_method": "gptq", "bits": 3, "group_size": 128}));
+        let q = e.downcast_ref::<quantized::QuantError>().expect("typed error");
+        assert_eq!(q, &quantized::QuantError::Unsupported { method: "gptq".into(), bits: Some(3) });
+        let s = format!("{e:#}");
+        assert!(s.contains("gptq with 3 bits") && s.contains("awq 4-bit"), "{s}");
+        let e = open_with("quantization_config", serde_json::json!({"quant_method": "hqq", "nbits": 4}));
+        assert!(format!("{e:#}").contains("quantization hqq is not supported"), "{e:#}");
     }
 
     #[test]
