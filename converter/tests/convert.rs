@@ -48,8 +48,10 @@ fn assert_only(dir: &Path, keep: &[&str]) {
 
 /// f32, experts in the checkpoint's unit order (no alignment), so tensors compare to the source.
 const F32: Options = Options { experts: DType::F32, dense: DType::F32, align: false };
-/// The default dtypes without alignment.
+/// The default dtypes without alignment (the default).
 const UNALIGNED: Options = Options { experts: DType::Q8_0, dense: DType::F16, align: false };
+/// The default dtypes with alignment (what `--task` turns on).
+const ALIGNED: Options = Options { experts: DType::Q8_0, dense: DType::F16, align: true };
 
 #[test]
 fn every_fixture_converts_verifies_and_aligns_slabs() {
@@ -365,18 +367,28 @@ fn cancellation_leaves_nothing() {
 fn progress_reports_every_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut total, mut done, mut n) = (0, 0, 0);
-    let s =
-        convert(&fixture("qwen2_moe"), &tmp.path().join("m.meo"), Options::default(), &AtomicBool::new(false), |e| {
-            match e {
-                meo_converter::convert::Event::Start { bytes, .. } => total = bytes,
-                meo_converter::convert::Event::Tensor { bytes, .. } => {
-                    done += bytes;
-                    n += 1;
-                }
-            }
-        })
-        .unwrap();
+    let (mut to_align, mut aligned) = (None, 0);
+    let opts = Options { align: true, ..Options::default() };
+    let s = convert(&fixture("qwen2_moe"), &tmp.path().join("m.meo"), opts, &AtomicBool::new(false), |e| match e {
+        meo_converter::convert::Event::AlignStart { experts } => to_align = Some(experts),
+        meo_converter::convert::Event::Aligned => aligned += 1,
+        meo_converter::convert::Event::Start { bytes, .. } => total = bytes,
+        meo_converter::convert::Event::Tensor { bytes, .. } => {
+            done += bytes;
+            n += 1;
+        }
+    })
+    .unwrap();
     assert_eq!((done, n), (total, s.tensors));
+    // qwen2_moe: 2 MoE layers of 8 experts, each aligned to its layer's expert 0.
+    assert_eq!((to_align, aligned), (Some(14), 14));
+    // Alignment is off by default: nothing to report.
+    let mut events = 0;
+    convert(&fixture("qwen2_moe"), &tmp.path().join("m2.meo"), Options::default(), &AtomicBool::new(false), |e| {
+        events += usize::from(matches!(e, meo_converter::convert::Event::AlignStart { .. }));
+    })
+    .unwrap();
+    assert_eq!(events, 0);
 }
 
 #[test]
@@ -475,7 +487,7 @@ fn non_finite_weights_are_named_and_alignment_always_ends() {
         let src = tmp.path().join("src");
         copy_fixture("olmoe", &src);
         poke(&src, tensor, 5, value);
-        let e = run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err();
+        let e = run(&src, &tmp.path().join("m.meo"), ALIGNED).unwrap_err();
         let nf = e.downcast_ref::<meo_converter::hf::checkpoint::NonFinite>().expect("typed error");
         assert_eq!((nf.tensor.as_str(), nf.element), (tensor, 5), "{e:#}");
         assert_only(tmp.path(), &["src"]);
@@ -487,7 +499,7 @@ fn non_finite_weights_are_named_and_alignment_always_ends() {
     for k in 0..8 {
         poke(&src, tensor, k, 3e38);
     }
-    let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err());
+    let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), ALIGNED).unwrap_err());
     assert!(e.contains("expert 1 of layer 0") && e.contains("not finite"), "{e}");
     run(&src, &tmp.path().join("m.meo"), UNALIGNED).unwrap();
 }
