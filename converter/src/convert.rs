@@ -203,6 +203,8 @@ pub fn alignment_metadata(orders: Option<&Orders>) -> Vec<(String, Owned)> {
 /// Progress reports.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
+    /// Something the user should know that does not stop the conversion (no tokenizer).
+    Warning { message: &'a str },
     /// Expert alignment starts: `experts` experts to align (every MoE layer's but its first).
     AlignStart { experts: usize },
     /// One more expert was aligned.
@@ -275,6 +277,7 @@ pub fn metadata<'a>(model: &'a HfModel, opts: Options, extra: &'a [(String, Owne
     if let Some(t) = &model.tokenizer {
         m.push((TOKENIZER_KEY, MetaValue::Str(t)));
     }
+    m.extend(model.generation.metadata());
     m.extend(extra.iter().map(|(k, v)| (k.as_str(), v.value())));
     Metadata::from_entries(m)
 }
@@ -416,6 +419,9 @@ pub(crate) fn convert_single(
     let p = plan(dir, opts)?;
     let has_experts = p.canon.iter().any(|c| matches!(c.place, crate::canonical::Place::Expert { .. }));
     crate::writer::refuse_overwriting(out, p.model.input_paths().iter().map(|p| p.as_path()))?;
+    if let Some(w) = p.model.tokenizer_warning() {
+        progress(Event::Warning { message: &w });
+    }
     let orders = if opts.align && has_experts { Some(alignment_orders(&p, cancel, &mut progress)?) } else { None };
     let mut extra = alignment_metadata(orders.as_ref());
     // MEO-native task merges: the gates (cheap) now, the merged banks when they are written.

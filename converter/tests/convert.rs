@@ -372,6 +372,7 @@ fn progress_reports_every_tensor() {
     let s = convert(&fixture("qwen2_moe"), &tmp.path().join("m.meo"), opts, &AtomicBool::new(false), |e| match e {
         meo_converter::convert::Event::AlignStart { experts } => to_align = Some(experts),
         meo_converter::convert::Event::Aligned => aligned += 1,
+        meo_converter::convert::Event::Warning { message } => panic!("warning: {message}"),
         meo_converter::convert::Event::Start { bytes, .. } => total = bytes,
         meo_converter::convert::Event::Tensor { bytes, .. } => {
             done += bytes;
@@ -557,4 +558,49 @@ fn verify_bounds_a_crafted_config_by_the_tensor_table() {
     assert!(e.downcast_ref::<meo_converter::canonical::TooLarge>().is_some(), "{e:#}");
     // The runtime refuses it too, without sizing anything from it first.
     assert!(meo::Model::from_vec(bytes).is_err());
+}
+
+#[test]
+fn generation_config_defaults_and_eos_ids_are_stored_and_a_missing_tokenizer_is_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("qwen3_moe", &src);
+    // Qwen3's generation_config.json: a second end-of-sequence id and sampling defaults.
+    std::fs::write(
+        src.join("generation_config.json"),
+        r#"{"bos_token_id": 0, "do_sample": true, "eos_token_id": [7, 0], "temperature": 0.6,
+            "top_k": 20, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.05}"#,
+    )
+    .unwrap();
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    std::fs::write(src.join("tokenizer.model"), b"sentencepiece").unwrap();
+    let out = tmp.path().join("m.meo");
+    let mut warnings = Vec::new();
+    convert(&src, &out, Options::default(), &AtomicBool::new(false), |e| {
+        if let meo_converter::convert::Event::Warning { message } = e {
+            warnings.push(message.to_string());
+        }
+    })
+    .unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("tokenizer.model") && warnings[0].contains("save_pretrained"), "{}", warnings[0]);
+    let bytes = std::fs::read(&out).unwrap();
+    let f = MeoFile::parse(&bytes).unwrap();
+    let cfg = meo::ModelConfig::from_metadata(&f.metadata).unwrap();
+    // config.json's id first, then generation_config.json's it lacks.
+    assert_eq!(cfg.eos_token_ids, vec![0, 7]);
+    use meo::MetaValue::{Bool, F64, U64};
+    use meo::names::generation_keys as k;
+    assert_eq!(f.metadata.get(k::TEMPERATURE), Some(&F64(0.6)));
+    assert_eq!(f.metadata.get(k::TOP_K), Some(&U64(20)));
+    assert_eq!(f.metadata.get(k::TOP_P), Some(&F64(0.95)));
+    assert_eq!(f.metadata.get(k::MIN_P), Some(&F64(0.0)));
+    assert_eq!(f.metadata.get(k::REPETITION_PENALTY), Some(&F64(1.05)));
+    assert_eq!(f.metadata.get(k::DO_SAMPLE), Some(&Bool(true)));
+    let s = meo::generate::sampling_defaults(&f.metadata);
+    assert_eq!((s.temperature, s.top_k, s.top_p), (0.6, 20, 0.95));
+    // A mistyped value names the file and key.
+    std::fs::write(src.join("generation_config.json"), r#"{"temperature": "hot"}"#).unwrap();
+    let e = format!("{:#}", run(&src, &tmp.path().join("m2.meo"), Options::default()).unwrap_err());
+    assert!(e.contains("generation_config.json") && e.contains("temperature"), "{e}");
 }

@@ -124,6 +124,7 @@ pub fn run(args: &Args) -> Result<()> {
             );
             *align_bar.borrow_mut() = Some(b);
         }
+        Event::Warning { message } => bar.suspend(|| eprintln!("warning: {message}")),
         Event::Aligned => {
             if let Some(b) = &*align_bar.borrow() {
                 b.inc(1);

@@ -40,15 +40,18 @@ pub struct Args {
     /// Most tokens to generate.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only from the K most likely tokens (0 = no limit).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub top_k: usize,
+    /// Sampling temperature; 0 is greedy decoding. Default (this flag and the next two): the
+    /// file's generation defaults, from the checkpoint's generation_config.json (`meo inspect`
+    /// lists them as generation.*); greedy when it has none or its do_sample is false.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Sample only from the K most likely tokens (0 = no limit). Default: the file's.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
     /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
-    pub top_p: f32,
+    /// Default: the file's.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
     /// Random seed for sampling (same seed, same output).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
@@ -187,9 +190,16 @@ pub fn run(a: &Args) -> Result<()> {
 /// Bad arguments, an unreadable model, a missing tokenizer with `-p`, a flag the target
 /// cannot honour, or I/O.
 pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
-    let sampling = SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let t_open = Instant::now();
     let model = open_model(&a.file)?;
+    // Explicit flags over the file's generation defaults.
+    let defaults = model.file().map(|f| meo::generate::sampling_defaults(&f.metadata)).unwrap_or_default();
+    let sampling = SamplerConfig {
+        temperature: a.temperature.unwrap_or(defaults.temperature),
+        top_k: a.top_k.unwrap_or(defaults.top_k),
+        top_p: a.top_p.unwrap_or(defaults.top_p),
+        seed: a.seed,
+    };
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
     let (tokenizer, prompt) = prompt_tokens(a, &model)?;

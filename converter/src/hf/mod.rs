@@ -272,6 +272,8 @@ pub struct HfModel {
     pub checkpoint: Checkpoint,
     /// The release's `quantization_config` (`None`: unquantized).
     pub quantization: Option<quantized::Method>,
+    /// Sampling defaults from `generation_config.json`.
+    pub generation: Generation,
     /// `tokenizer.json`, verbatim.
     pub tokenizer: Option<String>,
     /// Per layer: the expert layout (MoE layers only).
@@ -283,6 +285,71 @@ pub struct HfModel {
     pub extra_layers: std::ops::Range<usize>,
     /// The checkpoint directory.
     dir: std::path::PathBuf,
+}
+
+/// The sampling defaults of a `generation_config.json`, each when it is given (stored in the
+/// file as `generation.*`, see `docs/FORMAT.md`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generation {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub do_sample: Option<bool>,
+}
+
+impl Generation {
+    /// Reads the keys from a parsed `generation_config.json` (absent or null: not given).
+    ///
+    /// # Errors
+    /// A key of the wrong type or a negative or non-finite number; the message names it.
+    pub fn from_json(g: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        use serde_json::Value;
+        let num = |k: &str| -> Result<Option<f64>> {
+            match g.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => {
+                    let x = v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+                    x.map(Some).with_context(|| format!("{k}: {v} is not a non-negative number"))
+                }
+            }
+        };
+        let top_k = match g.get("top_k") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().with_context(|| format!("top_k: {v} is not a non-negative integer"))?),
+        };
+        let do_sample = match g.get("do_sample") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(v) => bail!("do_sample: {v} is not a boolean"),
+        };
+        Ok(Self {
+            temperature: num("temperature")?,
+            top_p: num("top_p")?,
+            top_k,
+            min_p: num("min_p")?,
+            repetition_penalty: num("repetition_penalty")?,
+            do_sample,
+        })
+    }
+
+    /// The `generation.*` metadata entries of the values given.
+    pub fn metadata(&self) -> Vec<(&'static str, meo::MetaValue<'static>)> {
+        use meo::MetaValue::{Bool, F64, U64};
+        use meo::names::generation_keys as k;
+        let mut v = Vec::new();
+        let f = [
+            (k::TEMPERATURE, self.temperature),
+            (k::TOP_P, self.top_p),
+            (k::MIN_P, self.min_p),
+            (k::REPETITION_PENALTY, self.repetition_penalty),
+        ];
+        v.extend(f.into_iter().filter_map(|(key, x)| x.map(|x| (key, F64(x)))));
+        v.extend(self.top_k.map(|x| (k::TOP_K, U64(x))));
+        v.extend(self.do_sample.map(|x| (k::DO_SAMPLE, Bool(x))));
+        v
+    }
 }
 
 /// Largest `config.json` / `generation_config.json` read (real ones are a few KiB).
@@ -371,11 +438,12 @@ impl HfModel {
         let cfg_path = dir.join("config.json");
         let raw = read_json(&cfg_path)?;
         let gen_path = dir.join("generation_config.json");
-        let gen_eos = if gen_path.is_file() {
+        let (gen_eos, generation) = if gen_path.is_file() {
             let g = read_json(&gen_path)?;
-            config::Json(&g).usizes("eos_token_id").with_context(|| gen_path.display().to_string())?
+            let eos = config::Json(&g).usizes("eos_token_id").with_context(|| gen_path.display().to_string())?;
+            (eos, Generation::from_json(&g).with_context(|| gen_path.display().to_string())?)
         } else {
-            Vec::new()
+            (Vec::new(), Generation::default())
         };
         let ParsedConfig { family, config, tasks, extra_layers } =
             parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
@@ -393,6 +461,7 @@ impl HfModel {
             config,
             checkpoint,
             quantization,
+            generation,
             tokenizer,
             experts: Vec::new(),
             tasks,
@@ -407,6 +476,29 @@ impl HfModel {
             })
             .collect::<Result<_>>()?;
         Ok(m)
+    }
+
+    /// What the conversion should say about the tokenizer: none in the checkpoint (the file
+    /// will have none, so `meo run -p` and `meo chat` will refuse it), with how to make one
+    /// from a SentencePiece `tokenizer.model`.
+    pub fn tokenizer_warning(&self) -> Option<String> {
+        if self.tokenizer.is_some() {
+            return None;
+        }
+        let d = self.dir.display();
+        Some(if self.dir.join("tokenizer.model").is_file() {
+            format!(
+                "{d} has a SentencePiece tokenizer.model but no tokenizer.json, which meo embeds: the .meo file will \
+                 have no tokenizer (meo run -p and meo chat need one; --tokens works). Write tokenizer.json with \
+                 transformers (pip install transformers sentencepiece protobuf): python -c \"from transformers import \
+                 AutoTokenizer as T; T.from_pretrained('{d}').save_pretrained('{d}')\", then convert again"
+            )
+        } else {
+            format!(
+                "{d} has no tokenizer.json: the .meo file will have no tokenizer (meo run -p and meo chat need one; \
+                 --tokens works)"
+            )
+        })
     }
 
     /// Every file of the checkpoint directory a conversion reads (that exists): an output
