@@ -356,7 +356,9 @@ pub fn check_model(f: &MeoFile<'_>) -> Result<Option<ModelConfig>> {
             Role::Norm | Role::Bias | Role::Router => t.dtype == DType::F32,
             // `--dense int8` writes Q8_0 dense matrices; the runtime reads them.
             Role::Dense => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0),
-            Role::Expert => matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0),
+            Role::Expert => {
+                matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::MXFP4)
+            }
         };
         if !ok {
             bail!("tensor {:?}: dtype {} is not allowed for a {:?} tensor", c.name, t.dtype.name(), c.role);

@@ -49,7 +49,7 @@ fn name_output(e: anyhow::Error, out: &Path) -> anyhow::Error {
 /// Output dtypes and expert layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// Routed expert matrices: `Q8_0`, `F16` or `F32`.
+    /// Routed expert matrices: `Q8_0`, `Q4_0`, `MXFP4`, `F16` or `F32`.
     pub experts: DType,
     /// Embeddings, attention, dense and shared FFN, LM head: `Q8_0`, `F16` or `F32`.
     pub dense: DType,
@@ -239,8 +239,8 @@ pub struct Plan {
 /// Anything wrong with the checkpoint: unsupported family, bad config, missing or
 /// mis-shaped tensors, tensors the family does not use.
 pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
-    if !matches!(opts.experts, DType::Q8_0 | DType::F16 | DType::F32) {
-        bail!("expert dtype {} is not supported (q8_0, f16 or f32)", opts.experts.name());
+    if !matches!(opts.experts, DType::Q8_0 | DType::Q4_0 | DType::MXFP4 | DType::F16 | DType::F32) {
+        bail!("expert dtype {} is not supported (q8_0, q4_0, mxfp4, f16 or f32)", opts.experts.name());
     }
     if !matches!(opts.dense, DType::Q8_0 | DType::F16 | DType::F32) {
         bail!("dense dtype {} is not supported (q8_0, f16 or f32)", opts.dense.name());
@@ -324,9 +324,9 @@ pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
             Cow::Owned(out)
         }
         DType::BF16 => Cow::Owned(w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()),
-        DType::Q8_0 => {
+        DType::Q8_0 | DType::Q4_0 | DType::MXFP4 => {
             let cols = *shape.last().expect("non-empty shape") as usize;
-            Cow::Owned(quant::quantize(w, w.len() / cols, cols))
+            Cow::Owned(quant::quantize_as(dtype, w, w.len() / cols, cols, None))
         }
     }
 }

@@ -53,15 +53,15 @@ pub fn merge_matrices(parts: &[(MatRef<'_>, f32)], out: &mut [f32]) {
     }
 }
 
-/// Encodes a row-major `[rows, cols]` f32 matrix as `dtype` (Q8_0 through
-/// [`crate::quant::quantize`], f16/bf16 rounding to nearest even).
+/// Encodes a row-major `[rows, cols]` f32 matrix as `dtype` (the block dtypes through
+/// [`crate::quant::quantize_as`], f16/bf16 rounding to nearest even).
 pub fn encode(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Vec<u8> {
     debug_assert_eq!(values.len(), rows * cols);
     match dtype {
         DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        DType::Q8_0 => crate::quant::quantize(values, rows, cols),
+        DType::Q8_0 | DType::Q4_0 | DType::MXFP4 => crate::quant::quantize_as(dtype, values, rows, cols, None),
     }
 }
 

@@ -77,12 +77,7 @@ pub fn tensor_bytes(s: &TensorSpec, seed: u64) -> Vec<u8> {
     let cols = *s.shape.last().expect("rank >= 1") as usize;
     let rows = s.shape[..s.shape.len() - 1].iter().product::<u64>() as usize;
     let vals: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
-    match s.dtype {
-        DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        DType::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        DType::Q8_0 => meo::quant::quantize(&vals, rows, cols),
-    }
+    meo::merge::encode(&vals, rows, cols, s.dtype)
 }
 
 /// Writes a file with the real writer from tensors and their bytes.

@@ -57,3 +57,25 @@ fn worked_example_matches_the_writer() {
 fn crc32_is_zlib_crc32() {
     assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
 }
+
+/// `docs/FORMAT.md` §10a's `q4_0` example is what the quantizer writes, byte for byte.
+#[test]
+fn q4_0_example_matches_the_quantizer() {
+    let x: Vec<f32> = (0..40).map(|c| if c < 32 { ((c % 16) as f32 - 8.0) * 0.25 } else { 1.0 }).collect();
+    let bytes = meo::quant::quantize_as(DType::Q4_0, &x, 1, 40, None);
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
+    let start = doc.find("<!-- q4-example-hex:begin -->").expect("begin marker");
+    let end = doc.find("<!-- q4-example-hex:end -->").expect("end marker");
+    let mut want = Vec::new();
+    for line in doc[start..end].lines() {
+        let mut tokens = line.split_whitespace();
+        let Some(addr) = tokens.next().filter(|t| t.len() == 8) else { continue };
+        assert_eq!(usize::from_str_radix(addr, 16).unwrap(), want.len(), "addresses follow each other");
+        want.extend(tokens.take(16).map_while(|t| (t.len() == 2).then(|| u8::from_str_radix(t, 16).ok()).flatten()));
+    }
+    assert_eq!(bytes, want);
+    // And it decodes to the values.
+    let mut out = vec![0.0; 40];
+    meo::quant::dequantize_row_as(DType::Q4_0, &bytes, 1, 40, 0, &mut out);
+    assert_eq!(out, x);
+}

@@ -1,4 +1,4 @@
-//! `meo convert HF_DIR -o OUT.meo [--experts int8|f16|f32] [--dense int8|f16|f32]`
+//! `meo convert HF_DIR -o OUT.meo [--experts int8|int4|mxfp4|f16|f32] [--dense int8|f16|f32]`
 
 use anyhow::Result;
 use clap::builder::TypedValueParser;
@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub enum ExpertType {
     /// Symmetric int8, blocks of 32 along the input dimension, f16 scales (Q8_0).
     Int8,
+    /// Symmetric int4, blocks of 32, f16 scales (Q4_0): 0.53× the bytes of int8.
+    Int4,
+    /// OCP MXFP4 (E2M1 values, an E8M0 scale per 32; gpt-oss's format): 0.5× int8's bytes.
+    Mxfp4,
     F16,
     F32,
 }
@@ -73,6 +77,8 @@ impl Args {
         Options {
             experts: match self.experts {
                 ExpertType::Int8 => DType::Q8_0,
+                ExpertType::Int4 => DType::Q4_0,
+                ExpertType::Mxfp4 => DType::MXFP4,
                 ExpertType::F16 => DType::F16,
                 ExpertType::F32 => DType::F32,
             },

@@ -47,7 +47,7 @@ struct Args {
     head_dim: usize,
     #[arg(long, default_value_t = 32000)]
     vocab: usize,
-    /// Expert dtype: q8_0, f16 or f32.
+    /// Expert dtype: q8_0, q4_0, mxfp4, f16 or f32.
     #[arg(long, default_value = "q8_0")]
     experts_dtype: String,
     /// Dense dtype: f16 or f32.
@@ -60,10 +60,12 @@ struct Args {
 fn dtype(s: &str) -> Result<DType, String> {
     match s {
         "q8_0" | "int8" => Ok(DType::Q8_0),
+        "q4_0" | "int4" => Ok(DType::Q4_0),
+        "mxfp4" => Ok(DType::MXFP4),
         "f16" => Ok(DType::F16),
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
-        _ => Err(format!("unknown dtype {s:?} (q8_0, f16, bf16, f32)")),
+        _ => Err(format!("unknown dtype {s:?} (q8_0, q4_0, mxfp4, f16, bf16, f32)")),
     }
 }
 

@@ -184,6 +184,23 @@ fn tensor_bytes(t: &TensorSpec, role: Role, rng: &mut Pcg32, buf: &mut Vec<u8>) 
                 s.copy_from_slice(&d);
             }
         }
+        DType::Q4_0 | DType::MXFP4 => {
+            // Random codes; Q4_0 with scale a/8 (uniform on [-a, a)), MXFP4 with the power of
+            // two nearest to a/6 (its codes are not uniform, but span ±6 × scale like ±a).
+            let p = quant::Planar::of(t.dtype).expect("block dtype");
+            let soff = p.scales_offset(rows as u64, cols as u64).expect("fits") as usize;
+            let codes = rows * p.row_stride(cols as u64).expect("fits") as usize;
+            fill_bytes(rng, &mut buf[..codes]);
+            if t.dtype == DType::Q4_0 {
+                let d = half::f16::from_f32(a / 8.0).to_le_bytes();
+                for s in buf[soff..].chunks_exact_mut(2) {
+                    s.copy_from_slice(&d);
+                }
+            } else {
+                let e = ((a / 6.0).log2().round() as i32 + 127).clamp(1, 254) as u8;
+                buf[soff..].fill(e);
+            }
+        }
     }
 }
 

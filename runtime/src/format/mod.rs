@@ -20,7 +20,7 @@ use core::ops::Range;
 pub const MAGIC: [u8; 8] = *b"\x89MEO\r\n\x1a\n";
 /// Structural version of the container; bumped only for incompatible layout changes.
 pub const FORMAT_VERSION: u32 = 1;
-/// Version of the quantized block layouts (dtype `Q8_0`); bumped when their bytes change.
+/// Version of the quantized block layouts (`Q8_0`, `Q4_0`, `MXFP4`); bumped when their bytes change.
 pub const QUANT_VERSION: u32 = 1;
 /// Written little-endian; a reader that sees other bytes has the wrong byte order.
 pub const BYTE_ORDER_MARK: u32 = 0x0A0B_0C0D;
@@ -52,6 +52,11 @@ pub enum DType {
     /// Symmetric int8, blocks of 32 along the last dimension, f16 scale per block, stored
     /// as a quantized plane followed by a scale plane (see [`crate::quant`]).
     Q8_0 = 3,
+    /// Symmetric int4 in the same planar layout: 16 bytes of nibbles (value `2j` low, `2j + 1`
+    /// high, code `n` = `n − 8`) and an f16 scale per block of 32.
+    Q4_0 = 4,
+    /// OCP MXFP4: E2M1 nibbles in `Q4_0`'s order and one E8M0 scale byte per block of 32.
+    MXFP4 = 5,
 }
 
 impl DType {
@@ -62,6 +67,8 @@ impl DType {
             1 => Self::F16,
             2 => Self::BF16,
             3 => Self::Q8_0,
+            4 => Self::Q4_0,
+            5 => Self::MXFP4,
             _ => return None,
         })
     }
@@ -73,6 +80,8 @@ impl DType {
             Self::F16 => "f16",
             Self::BF16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::MXFP4 => "mxfp4",
         }
     }
 
@@ -83,7 +92,7 @@ impl DType {
         match self {
             Self::F32 => rows.checked_mul(cols)?.checked_mul(4),
             Self::F16 | Self::BF16 => rows.checked_mul(cols)?.checked_mul(2),
-            Self::Q8_0 => crate::quant::q8_0_len(rows, cols),
+            Self::Q8_0 | Self::Q4_0 | Self::MXFP4 => crate::quant::Planar::of(self)?.len(rows, cols),
         }
     }
 }

@@ -6,7 +6,8 @@
 use super::heads::HeadJob;
 #[cfg(target_feature = "neon")]
 use super::heads::{Simd, SimdOps, prefetch_row};
-use super::q8::{Kernel, QActs, QWeights, ahead, micro, prefetch_scales, run, scale};
+use super::q4::{Nib, finish};
+use super::q8::{Kernel, Micro, QActs, QWeights, ahead, micro, prefetch_scales, prefetch_scales_of, run, scale};
 use crate::quant::QK;
 use alloc::vec::Vec;
 use core::arch::aarch64::*;
@@ -39,6 +40,118 @@ pub(super) fn q8_kernels(v: &mut Vec<Kernel>) {
         v.push(unsafe { Kernel::new("NeonI8mm", run::<NeonI8mm, 4, 2, 4>) });
     }
 }
+
+/// Appends the 4-bit kernels (format `F`) this CPU runs, best last.
+pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
+    #[cfg(feature = "std")]
+    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    #[cfg(not(feature = "std"))]
+    let dot = cfg!(target_feature = "dotprod");
+    if cfg!(target_feature = "neon") {
+        // SAFETY: the target enables NEON at compile time.
+        v.push(unsafe { Kernel::new("Neon", run::<NeonQ4<F>, 1, 4, 1>) });
+    }
+    if dot {
+        // SAFETY: dotprod was detected just above (and NEON comes with it).
+        v.push(unsafe { Kernel::new("NeonDot", run::<NeonDotQ4<F>, 1, 4, 1>) });
+    }
+}
+
+/// NEON 4-bit kernel of format `F`.
+struct NeonQ4<F>(core::marker::PhantomData<F>);
+/// NEON `sdot` 4-bit kernel of format `F`.
+struct NeonDotQ4<F>(core::marker::PhantomData<F>);
+
+impl<F: Nib> Micro for NeonQ4<F> {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        // SAFETY: forwarded contract (CPU features and bounds).
+        unsafe { tile4_neon::<F, MR, NR>(w, r, x, tok, out, os) }
+    }
+}
+
+impl<F: Nib> Micro for NeonDotQ4<F> {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        // SAFETY: forwarded contract (CPU features and bounds).
+        unsafe { tile4_neon_dot::<F, MR, NR>(w, r, x, tok, out, os) }
+    }
+}
+
+/// The NEON 4-bit micro-kernel (numerics of `q4.rs`, bit for bit): each block's 16 code
+/// bytes split into low nibbles (even values) and high nibbles (odd values), looked up in the
+/// format's signed table (`tbl`), an exact block sum against the rearranged activations,
+/// then the block's f32 term added to accumulator `b mod 8` as the portable loop does.
+macro_rules! tile4_neon {
+    ($name:ident, $feat:literal, $block:ident) => {
+        /// # Safety
+        /// As [`Micro::tile`], with the CPU features enabled here.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+        unsafe fn $name<F: Nib, const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            let nb = w.nb;
+            let (row, srow) = (nb * 16, nb * F::SB);
+            let ne = nb.next_multiple_of(2);
+            let mut acc = [[[0.0f32; 8]; NR]; MR];
+            if NR == 1 {
+                prefetch_scales_of(w.s.as_ptr().wrapping_add(r * srow), MR, nb, 16, F::SB);
+            }
+            // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer
+            // below addresses a block < nb of a row or < ne of a token; unaligned loads.
+            unsafe {
+                let lut = vld1q_s8(F::LUT.as_ptr());
+                let m4 = vdupq_n_u8(0x0F);
+                for b in 0..nb {
+                    let (p, h) = (b / 2, b % 2);
+                    let xv: [(int8x16_t, int8x16_t); NR] = core::array::from_fn(|j| {
+                        let xr = x.q.as_ptr().add((tok + j) * ne * 32 + p * 64 + h * 16);
+                        (vld1q_s8(xr), vld1q_s8(xr.add(32)))
+                    });
+                    for i in 0..MR {
+                        let wp = w.q.as_ptr().add((r + i) * row + b * 16);
+                        if NR == 1 && b % 4 == 0 {
+                            prefetch(wp.wrapping_add(ahead(MR, row)));
+                        }
+                        let raw = vld1q_u8(wp);
+                        let lo = vqtbl1q_s8(lut, vandq_u8(raw, m4));
+                        let hi = vqtbl1q_s8(lut, vshrq_n_u8::<4>(raw));
+                        let dw = F::scale(core::slice::from_raw_parts(w.s.as_ptr().add((r + i) * srow), srow), b);
+                        for j in 0..NR {
+                            let s = vaddvq_s32($block((lo, hi), xv[j]));
+                            acc[i][j][b % 8] += s as f32 * (dw * x.d[(tok + j) * ne + b]);
+                        }
+                    }
+                }
+            }
+            for i in 0..MR {
+                for j in 0..NR {
+                    out[i + j * os] = finish(acc[i][j]);
+                }
+            }
+        }
+    };
+}
+tile4_neon!(tile4_neon, "neon", block_neon);
+tile4_neon!(tile4_neon_dot, "neon,dotprod", block_dot);
 
 /// No build of the activations' quantization of its own here (the portable one runs): `None`.
 pub(super) fn quantize(_x: &[f32], _t: usize, _cols: usize) -> Option<QActs> {

@@ -65,6 +65,7 @@
 mod heads;
 mod ops;
 mod portable;
+mod q4;
 mod q8;
 
 // One file per architecture, each with the same functions (`prefetch`, `q8_kernels`,
@@ -223,7 +224,7 @@ fn f16_to_f32(h: &[f16], out: &mut [f32]) {
 }
 
 /// Decodes rows `r0..r0+nr`, columns `c0..c0+nc` of `w` into `out` (`nr × nc`, row-major).
-/// `c0` must be a multiple of 32 for Q8_0.
+/// `c0` must be a multiple of 32 for the block dtypes.
 pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &mut [f32]) {
     let cols = w.cols;
     debug_assert!(r0 + nr <= w.rows && c0 + nc <= cols && out.len() >= nr * nc);
@@ -285,6 +286,14 @@ pub fn decode(w: &MatRef<'_>, r0: usize, nr: usize, c0: usize, nc: usize, out: &
                         }
                     }
                 }
+            }
+        }
+        DType::Q4_0 | DType::MXFP4 => {
+            debug_assert!(c0.is_multiple_of(QK));
+            let mut row = vec![0.0f32; cols];
+            for r in 0..nr {
+                crate::quant::dequantize_row_as(w.dtype, w.data, w.rows, cols, r0 + r, &mut row);
+                out[r * nc..][..nc].copy_from_slice(&row[c0..c0 + nc]);
             }
         }
     }
@@ -371,12 +380,34 @@ fn matmul_rows(x: &[f32], t: usize, w: &MatRef<'_>, r0: usize, yt: &mut [f32]) {
 /// Q8_0 version of [`matmul_rows`], but token-major: `out[tok][r - r0]` for rows
 /// `r0..r0 + out.len() / t`. `xq` are the quantized activations, `kern` the micro-kernel
 /// (register-blocked over rows and tokens; see `q8`).
-fn matmul_rows_q8(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, out: &mut [f32], kern: q8::Kernel) {
-    let nb = xq.nb;
-    let stride = nb * QK;
-    let soff = (w.rows * stride).div_ceil(64) * 64;
-    let qw = q8::QWeights { q: &w.data[..w.rows * stride], s: &w.data[soff..][..w.rows * nb * 2], nb };
+fn matmul_rows_blocks(xq: &q8::QActs, t: usize, w: &MatRef<'_>, r0: usize, out: &mut [f32], kern: q8::Kernel) {
+    let qw = if w.dtype == DType::Q8_0 {
+        let nb = xq.nb;
+        let stride = nb * QK;
+        let soff = (w.rows * stride).div_ceil(64) * 64;
+        q8::QWeights::q8(&w.data[..w.rows * stride], &w.data[soff..][..w.rows * nb * 2], nb)
+    } else {
+        q4::weights(w.dtype, w.data, w.rows, w.cols)
+    };
     kern.gemm(&qw, r0, out.len() / t, xq, t, out);
+}
+
+/// The kernels this CPU runs for a block dtype, best last (empty for f32/f16/bf16).
+fn block_kernels(dtype: DType) -> Vec<q8::Kernel> {
+    match dtype {
+        DType::Q8_0 => q8::Kernel::candidates(),
+        DType::Q4_0 | DType::MXFP4 => q4::candidates(dtype),
+        DType::F32 | DType::F16 | DType::BF16 => Vec::new(),
+    }
+}
+
+/// The best kernel of this CPU for a block dtype (`None` for f32/f16/bf16).
+fn block_kernel(dtype: DType) -> Option<q8::Kernel> {
+    match dtype {
+        DType::Q8_0 => Some(q8::Kernel::detect()),
+        DType::Q4_0 | DType::MXFP4 => Some(q4::detect(dtype)),
+        DType::F32 | DType::F16 | DType::BF16 => None,
+    }
 }
 
 /// `y[T, rows] = x[T, cols] · Wᵀ`, split over rows of `W` by `par`.
@@ -393,15 +424,25 @@ pub struct Acts<'a> {
     x: &'a [f32],
     t: usize,
     q8: core::cell::OnceCell<q8::QActs>,
+    q4: core::cell::OnceCell<q8::QActs>,
 }
 
 impl<'a> Acts<'a> {
     /// Wraps `t` rows of `x`.
     pub fn new(x: &'a [f32], t: usize) -> Self {
-        Self { x, t, q8: core::cell::OnceCell::new() }
+        Self { x, t, q8: core::cell::OnceCell::new(), q4: core::cell::OnceCell::new() }
     }
     fn quantized(&self, cols: usize) -> &q8::QActs {
         self.q8.get_or_init(|| q8::QActs::new(self.x, self.t, cols))
+    }
+    /// The activations a block dtype's kernels take: quantized per block, and for the 4-bit
+    /// formats rearranged to their nibble order (`q4.rs`); `None` for the plain dtypes.
+    fn blocks(&self, dtype: DType, cols: usize) -> Option<&q8::QActs> {
+        match dtype {
+            DType::Q8_0 => Some(self.quantized(cols)),
+            DType::Q4_0 | DType::MXFP4 => Some(self.q4.get_or_init(|| q4::rearrange(self.quantized(cols), self.t))),
+            DType::F32 | DType::F16 | DType::BF16 => None,
+        }
     }
 }
 
@@ -413,20 +454,29 @@ pub fn matmul_acts(par: &dyn Parallel, x: &Acts<'_>, w: &MatRef<'_>, y: &mut [f3
     matmul_with(par, x, w, y, None);
 }
 
-/// The Q8_0 micro-kernels this CPU runs, by name, best last (benchmarks compare them).
+/// The micro-kernels this CPU runs for block dtype `dtype` (`Q8_0`, `Q4_0`, `MXFP4`), by
+/// name, best last (benchmarks compare them).
 #[doc(hidden)]
-pub fn q8_kernel_names() -> Vec<String> {
-    q8::Kernel::candidates().iter().map(|k| String::from(k.name())).collect()
+pub fn block_kernel_names(dtype: DType) -> Vec<String> {
+    block_kernels(dtype).iter().map(|k| String::from(k.name())).collect()
 }
 
-/// [`matmul`] with the Q8_0 micro-kernel named `kernel` (one of [`q8_kernel_names`]) instead
-/// of the detected one; `false` (and nothing computed) if this CPU has no such kernel.
+/// [`matmul`] with the micro-kernel named `kernel` (one of [`block_kernel_names`] for `w`'s
+/// dtype) instead of the detected one; `false` (and nothing computed) if this CPU has no such
+/// kernel for it.
 ///
 /// # Panics
 /// As [`matmul`].
 #[doc(hidden)]
-pub fn matmul_q8_kernel(kernel: &str, par: &dyn Parallel, x: &[f32], t: usize, w: &MatRef<'_>, y: &mut [f32]) -> bool {
-    match q8::Kernel::candidates().into_iter().find(|k| k.name() == kernel) {
+pub fn matmul_block_kernel(
+    kernel: &str,
+    par: &dyn Parallel,
+    x: &[f32],
+    t: usize,
+    w: &MatRef<'_>,
+    y: &mut [f32],
+) -> bool {
+    match block_kernels(w.dtype).into_iter().find(|k| k.name() == kernel) {
         Some(k) => {
             matmul_with(par, &Acts::new(x, t), w, y, Some(k));
             true
@@ -471,10 +521,10 @@ fn matmul_impl(
     }
     let serial = par.threads() <= 1 || n * k * t < PARALLEL_MIN_MACS;
     let chunk_rows = if serial { n } else { rows_per_task(n, par.threads()) };
-    let q8 = (w.dtype == DType::Q8_0).then(|| (xa.quantized(k), kern.unwrap_or_else(q8::Kernel::detect)));
+    let q8 = xa.blocks(w.dtype, k).zip(kern.or_else(|| block_kernel(w.dtype)));
     assert!(q8.is_none_or(|(xq, _)| xq.nb == k.div_ceil(QK)), "matmul: one Acts used with different widths");
     let rows = |m: &MatRef<'_>, i: usize, out: &mut [f32]| match &q8 {
-        Some((xq, kern)) => matmul_rows_q8(xq, t, m, i * chunk_rows, out, *kern),
+        Some((xq, kern)) => matmul_rows_blocks(xq, t, m, i * chunk_rows, out, *kern),
         None => matmul_rows(x, t, m, i * chunk_rows, out),
     };
     let task = |i: usize, out: &mut [f32]| {
@@ -550,10 +600,9 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
     if total == 0 {
         return;
     }
-    let kern = q8::Kernel::detect();
     // Quantized on this thread first: `Acts` caches lazily and is not `Sync`.
-    let xq: Vec<Option<&q8::QActs>> =
-        jobs.iter().map(|j| (j.w.dtype == DType::Q8_0).then(|| j.x.quantized(j.w.cols))).collect();
+    let xq: Vec<Option<(&q8::QActs, q8::Kernel)>> =
+        jobs.iter().map(|j| j.x.blocks(j.w.dtype, j.w.cols).zip(block_kernel(j.w.dtype))).collect();
     let macs: usize = jobs.iter().map(|j| j.w.rows * j.w.cols * if j.glu.is_some() { 2 } else { 1 }).sum();
     let serial = par.threads() <= 1 || macs < PARALLEL_MIN_MACS;
     let most = jobs.iter().map(|j| j.w.rows).max().unwrap_or(0);
@@ -569,10 +618,11 @@ pub fn gemv_many(par: &dyn Parallel, jobs: &[Gemv<'_, '_>], out: &mut [f32]) {
     }
     let tasks = first[jobs.len()];
     // What the tasks read, without the (non-`Sync`) `Acts`: x, its quantized form, W, (U, act).
-    type Plain<'a> = (&'a [f32], Option<&'a q8::QActs>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
+    type Plain<'a> =
+        (&'a [f32], Option<(&'a q8::QActs, q8::Kernel)>, &'a MatRef<'a>, Option<&'a (MatRef<'a>, Glu<'a>)>);
     let plain: Vec<Plain<'_>> = jobs.iter().zip(&xq).map(|(j, q)| (j.x.x, *q, &j.w, j.glu.as_ref())).collect();
     let rows = |j: usize, w: &MatRef<'_>, r0: usize, o: &mut [f32]| match plain[j].1 {
-        Some(q) => matmul_rows_q8(q, 1, w, r0, o, kern),
+        Some((q, kern)) => matmul_rows_blocks(q, 1, w, r0, o, kern),
         None => matmul_rows(plain[j].0, 1, w, r0, o),
     };
     let task = |i: usize, o: &mut [f32]| {
@@ -644,12 +694,7 @@ mod tests {
     }
 
     fn encode(vals: &[f32], dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
-        match dtype {
-            DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-            DType::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-            DType::Q8_0 => crate::quant::quantize(vals, rows, cols),
-        }
+        crate::merge::encode(vals, rows, cols, dtype)
     }
 
     /// A fake pool: chunks run in reverse order, to show order does not matter.
@@ -673,13 +718,13 @@ mod tests {
             let mut r = rng((n * 1000 + k * 10 + t) as u64);
             let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
             let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
-            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::MXFP4] {
                 let bytes = encode(&w, dtype, n, k);
                 let m = MatRef::new(dtype, n, k, &bytes).unwrap();
                 let want = matmul_reference(&x, t, &m);
                 // Q8_0 also quantizes the activations: ≤ dx/2 per element, dx ≤ 1/127 here.
                 let act_err = |i: usize| {
-                    if dtype != DType::Q8_0 {
+                    if crate::quant::Planar::of(dtype).is_none() {
                         return 0.0;
                     }
                     let mut row = vec![0.0; k];
@@ -706,14 +751,16 @@ mod tests {
         let mut r = rng(7);
         let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
         let x: Vec<f32> = (0..t * k).map(|_| r()).collect();
-        let bytes = encode(&w, DType::Q8_0, n, k);
-        let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
-        let mut batched = vec![0.0; t * n];
-        matmul(&Reversed(4), &x, t, &m, &mut batched);
-        for tok in 0..t {
-            let mut one = vec![0.0; n];
-            matmul(&Serial, &x[tok * k..][..k], 1, &m, &mut one);
-            assert_eq!(one, batched[tok * n..][..n]);
+        for dtype in [DType::Q8_0, DType::Q4_0, DType::MXFP4] {
+            let bytes = encode(&w, dtype, n, k);
+            let m = MatRef::new(dtype, n, k, &bytes).unwrap();
+            let mut batched = vec![0.0; t * n];
+            matmul(&Reversed(4), &x, t, &m, &mut batched);
+            for tok in 0..t {
+                let mut one = vec![0.0; n];
+                matmul(&Serial, &x[tok * k..][..k], 1, &m, &mut one);
+                assert_eq!(one, batched[tok * n..][..n], "{dtype:?}");
+            }
         }
     }
 
@@ -880,16 +927,16 @@ mod tests {
             let m = MatRef::new(DType::Q8_0, n, k, &bytes).unwrap();
             let xq = q8::QActs::new(&x, t, k);
             let mut want = vec![0.0; n * t];
-            matmul_rows_q8(&xq, t, &m, 0, &mut want, q8::Kernel::portable());
+            matmul_rows_blocks(&xq, t, &m, 0, &mut want, q8::Kernel::portable());
             for kern in q8::Kernel::available() {
                 // Whole and in row chunks of 7 (not a tile multiple).
                 let mut got = vec![0.0; n * t];
-                matmul_rows_q8(&xq, t, &m, 0, &mut got, kern);
+                matmul_rows_blocks(&xq, t, &m, 0, &mut got, kern);
                 let mut chunked = vec![0.0; n * t];
                 for r0 in (0..n).step_by(7) {
                     let nr = 7.min(n - r0);
                     let mut c = vec![0.0; nr * t];
-                    matmul_rows_q8(&xq, t, &m, r0, &mut c, kern);
+                    matmul_rows_blocks(&xq, t, &m, r0, &mut c, kern);
                     for tok in 0..t {
                         chunked[tok * n + r0..][..nr].copy_from_slice(&c[tok * nr..][..nr]);
                     }

@@ -12,6 +12,9 @@ pub(super) fn prefetch(_p: *const u8) {}
 /// No SIMD Q8_0 kernels here.
 pub(super) fn q8_kernels(_v: &mut Vec<Kernel>) {}
 
+/// No SIMD 4-bit kernels here.
+pub(super) fn q4_kernels<F: super::q4::Nib>(_v: &mut Vec<Kernel>) {}
+
 /// The portable quantization runs: `None`.
 pub(super) fn quantize(_x: &[f32], _t: usize, _cols: usize) -> Option<QActs> {
     None

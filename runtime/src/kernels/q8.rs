@@ -105,6 +105,21 @@ pub(crate) struct QWeights<'a> {
     pub(crate) q: &'a [u8],
     pub(crate) s: &'a [u8],
     pub(crate) nb: usize,
+    /// Code bytes per block: [`QK`] for Q8_0, 16 for the 4-bit formats (`q4.rs`).
+    pub(crate) code: usize,
+    /// Scale bytes per block: 2 (f16) or 1 (E8M0).
+    pub(crate) sb: usize,
+}
+
+impl<'a> QWeights<'a> {
+    /// Q8_0 planes.
+    pub(crate) fn q8(q: &'a [u8], s: &'a [u8], nb: usize) -> Self {
+        Self { q, s, nb, code: QK, sb: 2 }
+    }
+    /// Bytes of one row of the code plane.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.nb * self.code
+    }
 }
 
 /// `Kernel::gemm`'s code after its checks, with the contract of [`run`]: rows `r0..r0 + nr` of
@@ -180,12 +195,15 @@ impl Kernel {
     /// `w`, fewer than `t` tokens in `x`, or `out` shorter than `nr · t`.
     pub(crate) fn gemm(self, w: &QWeights<'_>, r0: usize, nr: usize, x: &QActs, t: usize, out: &mut [f32]) {
         let nb = w.nb;
+        // 4-bit activations pad each row to an even number of blocks (`q4.rs`).
+        let xnb = if w.code == QK { nb } else { nb.next_multiple_of(2) };
         assert!(
             x.nb == nb
-                && w.q.len() >= (r0 + nr) * nb * QK
-                && w.s.len() >= (r0 + nr) * nb * 2
-                && x.q.len() >= t * nb * QK
-                && x.d.len() >= t * nb
+                && w.q.len() >= (r0 + nr) * nb * w.code
+                && w.s.len() >= (r0 + nr) * nb * w.sb
+                && x.q.len() >= t * xnb * QK
+                && x.d.len() >= t * xnb
+                && x.s.len() >= t * xnb
                 && out.len() >= nr * t,
             "Kernel::gemm: shapes do not match"
         );
@@ -222,10 +240,17 @@ pub(super) fn ahead(mr: usize, row: usize) -> usize {
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 pub(super) fn prefetch_scales(ws: *const u8, mr: usize, nb: usize) {
-    let at = ws.wrapping_add(ahead(mr, nb * QK) / QK * 2);
+    prefetch_scales_of(ws, mr, nb, QK, 2)
+}
+
+/// [`prefetch_scales`] for blocks of `code` weight bytes and `sb` scale bytes.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+pub(super) fn prefetch_scales_of(ws: *const u8, mr: usize, nb: usize, code: usize, sb: usize) {
+    let at = ws.wrapping_add(ahead(mr, nb * code) / code * sb);
     for i in 0..mr {
-        prefetch(at.wrapping_add(i * nb * 2));
-        prefetch(at.wrapping_add((i + 1) * nb * 2 - 1));
+        prefetch(at.wrapping_add(i * nb * sb));
+        prefetch(at.wrapping_add((i + 1) * nb * sb - 1));
     }
 }
 
@@ -307,10 +332,10 @@ pub(super) unsafe fn run<K: Micro, const MR: usize, const NR: usize, const DR: u
 ) {
     if t == 1 {
         // The kernel hints the bytes ahead of its rows as it goes; the first ones are hinted here.
-        let row = w.nb * QK;
+        let row = w.row_bytes();
         let first = (nr * row).min(PREFETCH_AHEAD.max(DR * row));
         prefetch_range(w.q.as_ptr().wrapping_add(r0 * row), first);
-        prefetch_range(w.s.as_ptr().wrapping_add(r0 * w.nb * 2), first / QK * 2);
+        prefetch_range(w.s.as_ptr().wrapping_add(r0 * w.nb * w.sb), first / w.code * w.sb);
         let mut r = 0;
         while r < nr {
             let m = if r + DR <= nr { DR } else { 1 };
@@ -404,7 +429,7 @@ pub(super) mod tests {
         for nb in BLOCKS {
             for (rows, t) in SHAPES {
                 let (wq, ws, x) = case(&mut r, rows, nb, t);
-                let w = QWeights { q: &wq, s: &ws, nb };
+                let w = QWeights::q8(&wq, &ws, nb);
                 let mut want = vec![0.0; rows * t];
                 Kernel::portable().gemm(&w, 0, rows, &x, t, &mut want);
                 for i in 0..rows {
@@ -435,7 +460,7 @@ pub(super) mod tests {
         // 37 rows: two full 16-row packed groups and a partial one.
         let (rows, nb, t) = (37, 37, 13);
         let (wq, ws, x) = case(&mut r, rows, nb, t);
-        let w = QWeights { q: &wq, s: &ws, nb };
+        let w = QWeights::q8(&wq, &ws, nb);
         for k in Kernel::available() {
             let mut all = vec![0.0; rows * t];
             k.gemm(&w, 0, rows, &x, t, &mut all);
@@ -471,7 +496,7 @@ pub(super) mod tests {
             let wq = vec![0x80u8; rows * nb * QK];
             let ws: Vec<u8> = (0..rows * nb).flat_map(|_| f16::from_f32(1.0).to_le_bytes()).collect();
             let x = QActs::from_parts(vec![-127i8; t * nb * QK], vec![1.0f32; t * nb], nb);
-            let w = QWeights { q: &wq, s: &ws, nb };
+            let w = QWeights::q8(&wq, &ws, nb);
             for k in Kernel::available() {
                 let mut got = vec![0.0; rows * t];
                 k.gemm(&w, 0, rows, &x, t, &mut got);

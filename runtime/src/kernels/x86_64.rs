@@ -8,7 +8,10 @@
 #[cfg(feature = "std")]
 use super::heads::Simd;
 use super::heads::{HeadJob, SimdOps, prefetch_row};
-use super::q8::{Kernel, QActs, QWeights, ahead, micro, prefetch_range, prefetch_scales, run};
+use super::q4::{Nib, unsigned_lut};
+use super::q8::{
+    Kernel, Micro, QActs, QWeights, ahead, micro, prefetch_range, prefetch_scales, prefetch_scales_of, run,
+};
 use crate::quant::QK;
 use alloc::vec::Vec;
 use core::arch::x86_64::*;
@@ -57,6 +60,276 @@ pub(super) fn q8_kernels(v: &mut Vec<Kernel>) {
         v.push(unsafe { Kernel::new("Avx512Vnni", gemm_avx512vnni) });
     }
 }
+
+/// Appends the 4-bit kernels (format `F`) this CPU runs, best last. One row and up to four
+/// tokens per tile: the unpacked weights of 8 blocks are reused across the tokens.
+pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
+    let (avx2, vnni, avx512) = q8_features();
+    if avx2 {
+        // SAFETY: the kernel's features were detected just above (`q8_features`).
+        v.push(unsafe { Kernel::new("Avx2", run::<Avx2Q4<F>, 1, 4, 1>) });
+    }
+    if vnni {
+        // SAFETY: as above.
+        v.push(unsafe { Kernel::new("AvxVnni", run::<VnniQ4<F>, 1, 4, 1>) });
+    }
+    if avx512 && avx512vl() {
+        // SAFETY: as above, and AVX-512 VL (256-bit `vpdpbusd`) just above.
+        v.push(unsafe { Kernel::new("Avx512Vnni", run::<Vnni512Q4<F>, 1, 4, 1>) });
+    }
+}
+
+/// AVX-512 VL: the EVEX forms of 256-bit instructions (`vpdpbusd` on `ymm` without AVX-VNNI).
+fn avx512vl() -> bool {
+    #[cfg(feature = "std")]
+    return std::is_x86_feature_detected!("avx512vl");
+    #[cfg(not(feature = "std"))]
+    cfg!(target_feature = "avx512vl")
+}
+
+/// AVX2 4-bit kernel of format `F`.
+struct Avx2Q4<F>(core::marker::PhantomData<F>);
+/// AVX-VNNI 4-bit kernel of format `F`.
+struct VnniQ4<F>(core::marker::PhantomData<F>);
+/// The same on AVX-512 VNNI + VL (256-bit EVEX `vpdpbusd`: Zen 4 and Intel server parts
+/// have it without AVX-VNNI).
+struct Vnni512Q4<F>(core::marker::PhantomData<F>);
+
+impl<F: Nib> Micro for Vnni512Q4<F> {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        // SAFETY: forwarded contract (CPU features and bounds).
+        unsafe { tile4_vnni512::<F, MR, NR>(w, r, x, tok, out, os) }
+    }
+}
+
+impl<F: Nib> Micro for Avx2Q4<F> {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        // SAFETY: forwarded contract (CPU features and bounds).
+        unsafe { tile4_avx2::<F, MR, NR>(w, r, x, tok, out, os) }
+    }
+}
+
+impl<F: Nib> Micro for VnniQ4<F> {
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        w: &QWeights<'_>,
+        r: usize,
+        x: &QActs,
+        tok: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        // SAFETY: forwarded contract (CPU features and bounds).
+        unsafe { tile4_vnni::<F, MR, NR>(w, r, x, tok, out, os) }
+    }
+}
+
+/// The 8 lanes of `Σ u·x` over one pair of unpacked blocks (`u` unsigned): AVX2
+/// `maddubs` (pair sums ≤ 2·24·127, no saturation) then `madd` into i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pair_avx2(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
+    let one = _mm256_set1_epi16(1);
+    _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u.0, x.0), one),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u.1, x.1), one),
+    )
+}
+
+/// The same with VNNI `vpdpbusd` (same i32 lanes).
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+fn pair_vnni(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u.0, x.0), u.1, x.1)
+}
+
+/// The same with AVX-512 VNNI on 256 bits (same i32 lanes).
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn pair_vnni512(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u.0, x.0), u.1, x.1)
+}
+
+/// `g ≤ 8` E8M0 scale bytes at `p` as the format's scales (`F::scale`: `2^(e − 128)`), zero
+/// beyond `g`.
+///
+/// # Safety
+/// avx2; `p` valid for `g` bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn e8m0x8<F: Nib>(p: *const u8, g: usize) -> __m256 {
+    let mut buf = [0u8; 8];
+    // SAFETY: `p` holds g ≤ 8 bytes (caller); `buf` 8: unaligned 8-byte loads.
+    let e = unsafe {
+        if g == 8 {
+            buf = p.cast::<[u8; 8]>().read_unaligned();
+        } else {
+            core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), g);
+        }
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(buf.as_ptr().cast()))
+    };
+    // For 2 ≤ e ≤ 254 the f32 exponent field is e − 1; 0, 1 (subnormal) and 255 (NaN) are
+    // rare: those groups take the scalar decode. Padding (e = 0 past g) is zeroed below.
+    let rare =
+        _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e), _mm256_cmpeq_epi32(e, _mm256_set1_epi32(255)));
+    let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(g as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    if _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(rare, live))) != 0 {
+        let mut v = [0.0f32; 8];
+        for (k, v) in v.iter_mut().enumerate().take(g) {
+            *v = F::scale(&buf, k);
+        }
+        // SAFETY: `v` holds 8 values; unaligned load.
+        return unsafe { _mm256_loadu_ps(v.as_ptr()) };
+    }
+    let v = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+    _mm256_castsi256_ps(_mm256_and_si256(v, live))
+}
+
+/// `g ≤ 8` i32 values at `p`, zero beyond `g`.
+///
+/// # Safety
+/// avx; `p` valid for `g` values.
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn i32x8(p: *const i32, g: usize) -> __m256i {
+    let mut buf = [0i32; 8];
+    // SAFETY: `p` holds g values (caller), `buf` 8 ≥ g.
+    unsafe {
+        if g == 8 {
+            return _mm256_loadu_si256(p.cast());
+        }
+        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), g);
+        _mm256_loadu_si256(buf.as_ptr().cast())
+    }
+}
+
+/// The 4-bit micro-kernel (see `q4.rs` for the numerics it reproduces bit for bit): per 8
+/// blocks, each pair of blocks is one 32-byte load whose low and high nibbles, looked up in
+/// the format's table, are the two blocks' even and odd values; their products with the
+/// rearranged activations reduce (two `hadd` levels) to the 8 block sums in lane order
+/// `[0, 2, 4, 6, 1, 3, 5, 7]`, which is the order the 8 accumulators keep.
+macro_rules! tile4 {
+    ($name:ident, $feat:literal, $pair:ident) => {
+        /// # Safety
+        /// As [`Micro::tile`], with the CPU features enabled here.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+        unsafe fn $name<F: Nib, const MR: usize, const NR: usize>(
+            w: &QWeights<'_>,
+            r: usize,
+            x: &QActs,
+            tok: usize,
+            out: &mut [f32],
+            os: usize,
+        ) {
+            let nb = w.nb;
+            let (row, srow) = (nb * 16, nb * F::SB);
+            let ne = nb.next_multiple_of(2);
+            let lut = const { unsigned_lut::<F>() };
+            let zero = _mm256_setzero_si256();
+            // SAFETY: the table is 16 bytes; unaligned load.
+            let lut = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(lut.as_ptr().cast()) });
+            let m4 = _mm256_set1_epi8(0x0F);
+            let perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            let off = _mm256_set1_epi32(-i32::from(F::MIN));
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer
+            // below addresses a block < nb of a row (the second of a pair only when it exists)
+            // or a block < ne of a token's rearranged activations; loads are unaligned.
+            unsafe {
+                let wq = w.q.as_ptr().add(r * row);
+                let ws = w.s.as_ptr().add(r * srow);
+                if NR == 1 {
+                    prefetch_scales_of(ws, MR, nb, 16, F::SB);
+                }
+                let mut b = 0;
+                while b < nb {
+                    let g = (nb - b).min(8);
+                    let mut dx = [_mm256_setzero_ps(); NR];
+                    let mut corr = [zero; NR];
+                    for j in 0..NR {
+                        let t = (tok + j) * ne + b;
+                        dx[j] = f32x8(x.d.as_ptr().add(t), g);
+                        let sx = i32x8(x.s.as_ptr().add(t), g);
+                        // −MIN·Σx: 8·Σx or 12·Σx, shifts rather than a 10-cycle `mullo`.
+                        let m = if F::MIN == -8 {
+                            _mm256_slli_epi32::<3>(sx)
+                        } else if F::MIN == -12 {
+                            _mm256_add_epi32(_mm256_slli_epi32::<3>(sx), _mm256_slli_epi32::<2>(sx))
+                        } else {
+                            _mm256_mullo_epi32(sx, off)
+                        };
+                        corr[j] = _mm256_permutevar8x32_epi32(m, perm);
+                    }
+                    for i in 0..MR {
+                        let dw = if F::SB == 2 {
+                            scales8(ws.add(i * srow + 2 * b), g)
+                        } else {
+                            e8m0x8::<F>(ws.add(i * srow + b), g)
+                        };
+                        // Unpacked pairs of blocks: (evens of both, odds of both).
+                        let mut u = [(zero, zero); 4];
+                        for k in 0..4 {
+                            let blk = b + 2 * k;
+                            if blk >= nb {
+                                break;
+                            }
+                            let p = wq.add(i * row + blk * 16);
+                            if NR == 1 && k % 2 == 0 {
+                                prefetch(p.wrapping_add(ahead(MR, row)));
+                            }
+                            let raw = if blk + 1 < nb {
+                                _mm256_loadu_si256(p.cast())
+                            } else {
+                                _mm256_zextsi128_si256(_mm_loadu_si128(p.cast()))
+                            };
+                            let lo = _mm256_and_si256(raw, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+                            u[k] = (_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+                        }
+                        for j in 0..NR {
+                            let xr = x.q.as_ptr().add((tok + j) * ne * 32 + b * 32);
+                            let v: [__m256i; 4] = core::array::from_fn(|k| {
+                                if b + 2 * k >= nb {
+                                    return zero;
+                                }
+                                let xp = xr.add(k * 64);
+                                let xv = (_mm256_loadu_si256(xp.cast()), _mm256_loadu_si256(xp.add(32).cast()));
+                                $pair(u[k], xv)
+                            });
+                            let s = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                            let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(s, corr[j]));
+                            let p = _mm256_permutevar8x32_ps(_mm256_mul_ps(dw, dx[j]), perm);
+                            acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_mul_ps(s, p));
+                        }
+                    }
+                    b += g;
+                }
+            }
+            for i in 0..MR {
+                for j in 0..NR {
+                    out[i + j * os] = hsum8(acc[i][j]);
+                }
+            }
+        }
+    };
+}
+tile4!(tile4_avx2, "avx2,fma,f16c", pair_avx2);
+tile4!(tile4_vnni, "avx2,fma,f16c,avxvnni", pair_vnni);
+tile4!(tile4_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", pair_vnni512);
 
 /// AVX-512 VNNI's two paths: decoding one row at a time in the file's layout, prompts over
 /// packed groups of rows ([`gemm_packed`]).
@@ -749,6 +1022,19 @@ mod tests {
     use alloc::vec;
 
     #[test]
+    fn the_4bit_kernels_of_this_cpu_are_listed() {
+        // The bitwise test in q4.rs compares what is listed: make sure that is what this CPU has.
+        use std::is_x86_feature_detected as has;
+        for dtype in [crate::format::DType::Q4_0, crate::format::DType::MXFP4] {
+            let names: Vec<&str> = super::super::q4::candidates(dtype).iter().map(|k| k.name()).collect();
+            let (avx2, vnni, avx512) = q8_features();
+            assert_eq!(names.contains(&"Avx2"), avx2, "{names:?}");
+            assert_eq!(names.contains(&"AvxVnni"), vnni, "{names:?}");
+            assert_eq!(names.contains(&"Avx512Vnni"), avx512 && has!("avx512vl"), "{names:?}");
+        }
+    }
+
+    #[test]
     fn avx_vnni_equals_avx2_bitwise() {
         // AVX-VNNI computes the same i32 lanes and f32 operations as AVX2 (see `tile256!`);
         // `q8_kernels` never lists it without AVX2.
@@ -759,7 +1045,7 @@ mod tests {
         for nb in BLOCKS {
             for (rows, t) in SHAPES {
                 let (wq, ws, x) = case(&mut r, rows, nb, t);
-                let w = QWeights { q: &wq, s: &ws, nb };
+                let w = QWeights::q8(&wq, &ws, nb);
                 let (mut a, mut b) = (vec![0.0; rows * t], vec![0.0; rows * t]);
                 avx2.gemm(&w, 0, rows, &x, t, &mut a);
                 vnni.gemm(&w, 0, rows, &x, t, &mut b);

@@ -917,6 +917,9 @@ impl Ops<'_> {
                 );
                 return Ok(());
             }
+            DType::Q4_0 | DType::MXFP4 => {
+                return Err(unsupported(format!("{} matrices: no wgpu kernel yet", w.dtype.name())));
+            }
         };
         enc.dispatch_rows("matmul", &[n, k, t as u32, code], &[x, &w.buf, y], w.rows, t as u32);
         Ok(())
