@@ -331,6 +331,43 @@ pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
     }
 }
 
+/// An expert matrix read from a release's MXFP4 blocks, as the file's `MXFP4` tensor holding
+/// the release's own codes and scales (the same nibble order and E8M0 bytes: a byte copy,
+/// lossless); `None` when `src` is not MXFP4.
+///
+/// # Errors
+/// I/O; a scale byte of 255 (NaN in E8M0, refused as the dequantizing path refuses it).
+fn mxfp4_passthrough(
+    ck: &crate::hf::checkpoint::Checkpoint,
+    src: &crate::hf::Source,
+    shape: &[u64],
+) -> Result<Option<Vec<u8>>> {
+    use crate::hf::quantized::Virtual;
+    let Some(q @ Virtual::Mxfp4 { .. }) = ck.quantized(&src.tensor) else { return Ok(None) };
+    // The canonical matrix is rows `start, start + step, …` of the release's expert (gate:
+    // even rows of gate_up, up: odd rows, down: all), transposed back by the pick.
+    let crate::hf::Pick::Columns { start, step, .. } = src.pick else { return Ok(None) };
+    let &[rows, cols] = shape else { bail!("{}: MXFP4 expert of shape {shape:?}, not a matrix", src.tensor) };
+    let x = src.first / src.count.max(1);
+    let (codes, scales) = q.mxfp4_rows(ck, x, start, step)?;
+    let p = quant::Planar::of(DType::MXFP4).context("MXFP4 layout")?;
+    let (stride, nb) = (p.row_stride(cols).context("size")?, quant::blocks(cols).context("size")?);
+    anyhow::ensure!(
+        codes.len() as u64 == rows * stride && scales.len() as u64 == rows * nb && cols % quant::QK as u64 == 0,
+        "{}: expert {x} rows do not make a [{rows}, {cols}] MXFP4 matrix",
+        src.tensor
+    );
+    if let Some(k) = scales.iter().position(|&s| s == 255) {
+        let scales_name = src.tensor.clone() + "_scales";
+        return Err(crate::hf::checkpoint::NonFinite { tensor: scales_name, element: k as u64, value: f32::NAN }.into());
+    }
+    let off = p.scales_offset(rows, cols).context("size")? as usize;
+    let mut out = vec![0u8; p.len(rows, cols).context("size")? as usize];
+    out[..codes.len()].copy_from_slice(&codes);
+    out[off..off + scales.len()].copy_from_slice(&scales);
+    Ok(Some(out))
+}
+
 /// Converts the checkpoint in `dir` to `out`. `cancel` is checked between tensors; when it
 /// is set the conversion stops with an error and no output is left.
 ///
@@ -441,8 +478,25 @@ pub(crate) fn convert_single(
     let mut w =
         MeoWriter::new(BufWriter::with_capacity(1 << 20, file), &meta, specs.clone(), DEFAULT_ALIGNMENT).map_err(io)?;
     progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
+    let keeps_mxfp4 = opts.experts == DType::MXFP4 && model.quantization == Some(crate::hf::quantized::Method::Mxfp4);
+    if keeps_mxfp4 && orders.is_some() {
+        // Alignment permutes down's input columns across MXFP4 blocks: no byte copy possible.
+        progress(Event::Warning {
+            message: "--align-experts on: the release's MXFP4 experts are dequantized, permuted and re-quantized \
+                      (with alignment off their codes and scales are kept as they are)",
+        });
+    }
     for ((c, src), spec) in canon.iter().zip(&sources).zip(&specs) {
         check_cancel(cancel)?;
+        if keeps_mxfp4
+            && orders.is_none()
+            && matches!(c.place, crate::canonical::Place::Expert { .. })
+            && let Some(bytes) = mxfp4_passthrough(&model.checkpoint, src, &c.shape)?
+        {
+            w.write_tensor(&bytes).map_err(io)?;
+            progress(Event::Tensor { name: &c.name, bytes: bytes.len() as u64 });
+            continue;
+        }
         let mut values = match c.place {
             crate::canonical::Place::TaskBank { task, layer, bank, part } => {
                 crate::hf::meo_gpt2::task_bank_values(&model.checkpoint, layer, bank, part, &gates[task][layer][bank])?

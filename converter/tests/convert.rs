@@ -604,3 +604,48 @@ fn generation_config_defaults_and_eos_ids_are_stored_and_a_missing_tokenizer_is_
     let e = format!("{:#}", run(&src, &tmp.path().join("m2.meo"), Options::default()).unwrap_err());
     assert!(e.contains("generation_config.json") && e.contains("temperature"), "{e}");
 }
+
+#[test]
+fn mxfp4_release_experts_are_stored_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.meo");
+    let opts = Options { experts: DType::MXFP4, dense: DType::F32, align: false };
+    run(&fixture("gpt_oss-mxfp4"), &out, opts).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let f = MeoFile::parse(&bytes).unwrap();
+    let release = std::fs::read(fixture("gpt_oss-mxfp4").join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&release).unwrap();
+    let p = quant::Planar::of(DType::MXFP4).unwrap();
+    let mut checked = 0;
+    for l in 0..2 {
+        for (part, proj, start, step) in
+            [("gate", "gate_up_proj", 0, 2), ("up", "gate_up_proj", 1, 2), ("down", "down_proj", 0, 1)]
+        {
+            let b = st.tensor(&format!("model.layers.{l}.mlp.experts.{proj}_blocks")).unwrap();
+            let s = st.tensor(&format!("model.layers.{l}.mlp.experts.{proj}_scales")).unwrap();
+            let (e, rows, nb) = (b.shape()[0], b.shape()[1], b.shape()[2]);
+            for x in 0..e {
+                let t = f.tensor(&meo::names::expert(l, x, part)).unwrap();
+                assert_eq!(t.dtype, DType::MXFP4);
+                let (out_rows, cols) = (t.shape()[0], t.shape()[1]);
+                assert_eq!((out_rows * step as u64, cols), (rows as u64, nb as u64 * 32));
+                let data = f.data(t);
+                let off = p.scales_offset(out_rows, cols).unwrap() as usize;
+                for r in 0..out_rows as usize {
+                    let src = (x * rows + start + r * step) * nb;
+                    assert_eq!(
+                        &data[r * nb * 16..][..nb * 16],
+                        &b.data()[src * 16..][..nb * 16],
+                        "{l} {x} {part} row {r}"
+                    );
+                    assert_eq!(&data[off + r * nb..][..nb], &s.data()[src..][..nb], "{l} {x} {part} scales {r}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 8 * 3);
+    // With int8 experts the same release is dequantized and re-encoded (not a copy).
+    let out2 = tmp.path().join("m8.meo");
+    run(&fixture("gpt_oss-mxfp4"), &out2, Options { experts: DType::Q8_0, dense: DType::F32, align: false }).unwrap();
+}
