@@ -493,17 +493,19 @@ impl Virtual {
                         .collect::<Result<_, _>>()?,
                     None => (0..k_all).map(|k| k / *group_size as usize).collect(),
                 };
-                let mut w = vec![0f32; n * k_all];
-                for k in 0..k_all {
+                // Decoded as [in, out] (every plane is read along its rows), then transposed.
+                let mut wt = vec![0f32; n * k_all];
+                for (k, row) in wt.chunks_exact_mut(n.max(1)).enumerate() {
                     let (word, shift) = (k / 8, 4 * (k % 8));
                     let gk = g[k];
-                    for c in 0..n {
-                        let code = (q[word * n + c] >> shift) & 0xF;
-                        let zero = ((z[gk * (n / 8) + c / 8] >> (4 * (c % 8))) & 0xF) + zero_offset;
-                        w[c * k_all + k] = s[gk * n + c] * (code - zero) as f32;
+                    let (q, z, s) = (&q[word * n..][..n], &z[gk * (n / 8)..][..n / 8], &s[gk * n..][..n]);
+                    for (c, o) in row.iter_mut().enumerate() {
+                        let code = (q[c] >> shift) & 0xF;
+                        let zero = ((z[c / 8] >> (4 * (c % 8))) & 0xF) + zero_offset;
+                        *o = s[c] * (code - zero) as f32;
                     }
                 }
-                w
+                transpose(&wt, k_all, n)
             }
             Self::Awq { qweight, qzeros, scales, out, inp, group_size } => {
                 const NIBBLE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
@@ -513,17 +515,18 @@ impl Virtual {
                 let s = ck.read_all(scales)?;
                 finite_scales(scales, &s)?;
                 let words = n / 8;
-                let mut w = vec![0f32; n * k_all];
-                for k in 0..k_all {
+                let mut wt = vec![0f32; n * k_all];
+                for (k, row) in wt.chunks_exact_mut(n.max(1)).enumerate() {
                     let g = k / gs;
-                    for c in 0..n {
+                    let (q, z, s) = (&q[k * words..][..words], &z[g * words..][..words], &s[g * n..][..n]);
+                    for (c, o) in row.iter_mut().enumerate() {
                         let shift = 4 * NIBBLE[c % 8];
-                        let code = (q[k * words + c / 8] >> shift) & 0xF;
-                        let zero = (z[g * words + c / 8] >> shift) & 0xF;
-                        w[c * k_all + k] = s[g * n + c] * (code - zero) as f32;
+                        let code = (q[c / 8] >> shift) & 0xF;
+                        let zero = (z[c / 8] >> shift) & 0xF;
+                        *o = s[c] * (code - zero) as f32;
                     }
                 }
-                w
+                transpose(&wt, k_all, n)
             }
             Self::Mxfp4 { .. } => unreachable!("handled above"),
         };
@@ -556,32 +559,45 @@ impl Virtual {
     }
 }
 
+/// `[rows, cols]` → `[cols, rows]`, in tiles (a plain loop strides through memory on one
+/// side; on release-sized matrices the tiles are several times faster).
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0f32; src.len()];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Dequantizes expert `x` of an MXFP4 pair to the transposed logical layout `[nb · 32, rows]`.
 fn mxfp4_expert(ck: &Checkpoint, blocks: &str, scales: &str, x: u64, rows: u64, nb: u64) -> Result<Vec<f32>> {
     let codes = ck.read_range(blocks, x * rows * nb * 16, rows * nb * 16)?;
     let sc = ck.read_range(scales, x * rows * nb, rows * nb)?;
     let (rows, cols) = (rows as usize, nb as usize * 32);
+    // Decoded as stored ([rows, cols]), then transposed to the logical [cols, rows].
     let mut out = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for b in 0..nb as usize {
-            let s = e8m0_value(sc[r * nb as usize + b]);
-            if !s.is_finite() {
-                let element = x * rows as u64 * nb + (r * nb as usize + b) as u64;
-                return Err(NonFinite { tensor: scales.to_string(), element, value: s }.into());
-            }
-            for j in 0..16 {
-                let byte = codes[(r * nb as usize + b) * 16 + j];
-                let c = 32 * b + 2 * j;
-                // Transposed: logical [cols, rows].
-                out[c * rows + r] = E2M1[usize::from(byte & 0xF)] * s;
-                out[(c + 1) * rows + r] = E2M1[usize::from(byte >> 4)] * s;
-            }
+    for (blk, (o, code)) in out.chunks_exact_mut(32).zip(codes.chunks_exact(16)).enumerate() {
+        let s = e8m0_value(sc[blk]);
+        if !s.is_finite() {
+            let element = x * rows as u64 * nb + blk as u64;
+            return Err(NonFinite { tensor: scales.to_string(), element, value: s }.into());
+        }
+        for (o, &byte) in o.chunks_exact_mut(2).zip(code) {
+            o[0] = E2M1[usize::from(byte & 0xF)] * s;
+            o[1] = E2M1[usize::from(byte >> 4)] * s;
         }
     }
     if let Some(k) = out.iter().position(|v| !v.is_finite()) {
         return Err(NonFinite { tensor: blocks.to_string(), element: k as u64, value: out[k] }.into());
     }
-    Ok(out)
+    Ok(transpose(&out, rows, cols))
 }
 
 #[cfg(test)]
