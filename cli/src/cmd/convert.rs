@@ -16,6 +16,7 @@ pub enum ExpertType {
     /// Symmetric int4, blocks of 32, f16 scales (Q4_0): 0.53× the bytes of int8.
     Int4,
     /// OCP MXFP4 (E2M1 values, an E8M0 scale per 32; gpt-oss's format): 0.5× int8's bytes.
+    /// An MXFP4 release (gpt-oss) keeps its own codes and scales, losslessly.
     Mxfp4,
     F16,
     F32,

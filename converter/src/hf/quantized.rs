@@ -7,7 +7,7 @@
 //! (in f32, as the reference code does); tensors the release leaves unquantized (routers,
 //! norms, embeddings, the LM head, biases) are read as they are.
 //!
-//! Covered (see `docs/CONVERTING.md`):
+//! Covered (see `docs/CLI.md`, "Quantized releases"):
 //! - `fp8`: `F8_E4M3` / `F8_E5M2` weights `X.weight` with `X.weight_scale_inv` (f32/bf16, a
 //!   multiplier despite its name), either one value per tensor or one per
 //!   `weight_block_size = [bm, bn]` block on a `ceil(rows / bm) × ceil(cols / bn)` grid
