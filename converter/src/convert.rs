@@ -54,13 +54,16 @@ pub struct Options {
     /// Embeddings, attention, dense and shared FFN, LM head: `Q8_0`, `F16` or `F32`.
     pub dense: DType,
     /// Store every expert with its intermediate units aligned to expert 0 of its layer
-    /// ([`crate::align`]; the model's function is unchanged).
+    /// ([`crate::align`]; the model's function is unchanged). What uses it: task merges
+    /// (`--task`, whose first pass aligns when this is set) and prompt-mode merges at run time;
+    /// a plain conversion does not need it, and it is the costliest step of one (`O(i³)` per
+    /// expert), so it is off unless asked for (`meo convert` turns it on with `--task`).
     pub align: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { experts: DType::Q8_0, dense: DType::F16, align: true }
+        Self { experts: DType::Q8_0, dense: DType::F16, align: false }
     }
 }
 
@@ -95,49 +98,94 @@ impl Owned {
 /// Per MoE layer, per expert: the order its units are stored in (see [`crate::align`]).
 pub type Orders = std::collections::BTreeMap<usize, Vec<Vec<u32>>>;
 
-/// Computes the alignment of every MoE layer's experts to its expert 0 (reads every expert
-/// once; keeps only the orders).
+/// Computes the alignment of every MoE layer's experts to its expert 0, layer by layer, the
+/// experts of a layer on all cores (each worker reads and aligns one expert at a time, so
+/// memory is the reference plus one expert and its similarity matrix per core). Reports
+/// [`Event::AlignStart`] and one [`Event::Aligned`] per expert, from the calling thread.
 ///
 /// # Errors
-/// Reading the checkpoint; cancellation.
-pub fn alignment_orders(p: &Plan, cancel: &AtomicBool) -> Result<Orders> {
+/// Reading the checkpoint; similarities outside f32; cancellation.
+pub fn alignment_orders(p: &Plan, cancel: &AtomicBool, progress: &mut dyn FnMut(Event<'_>)) -> Result<Orders> {
     use crate::canonical::Place;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicUsize;
     let c = &p.model.config;
     let (h, i) = (c.hidden_size, c.expert_intermediate_size);
-    let mut parts: std::collections::BTreeMap<(usize, usize), [Vec<f32>; 3]> = Default::default();
-    let mut orders = Orders::new();
-    let mut reference: Option<(usize, [Vec<f32>; 3])> = None;
+    // Per layer, per expert: the sources of gate (absent for ungated experts), up, down.
+    let mut layers: BTreeMap<usize, BTreeMap<usize, [Option<&crate::hf::Source>; 3]>> = BTreeMap::new();
     for (canon, src) in p.canon.iter().zip(&p.sources) {
-        let Place::Expert { layer, expert, part } = canon.place else { continue };
-        check_cancel(cancel)?;
-        let v = src.read(&p.model.checkpoint)?;
-        let e = parts.entry((layer, expert)).or_default();
-        e[part] = v;
-        if part + 1 < 3 {
-            continue;
+        if let Place::Expert { layer, expert, part } = canon.place {
+            layers.entry(layer).or_default().entry(expert).or_default()[part] = Some(src);
         }
-        let [g, u, d] = parts.remove(&(layer, expert)).expect("just filled");
-        let order = match &reference {
-            Some((l, r)) if *l == layer => crate::align::align_order(
-                crate::align::ExpertF32 { gate: &r[0], up: &r[1], down: &r[2] },
-                crate::align::ExpertF32 { gate: &g, up: &u, down: &d },
-                i,
-                h,
-                cancel,
-            )
-            .map_err(|e| match e {
-                crate::align::AlignError::Cancelled(c) => anyhow::Error::new(c),
-                e => anyhow::Error::new(e).context(format!(
-                    "aligning expert {expert} of layer {layer} to expert 0 (--align-experts off stores experts unaligned)"
-                )),
-            })?,
-            _ => {
-                // Expert 0 (the first of its layer) is the reference: identity.
-                reference = Some((layer, [g, u, d]));
-                (0..i as u32).collect()
+    }
+    let read = |srcs: &[Option<&crate::hf::Source>; 3]| -> Result<[Vec<f32>; 3]> {
+        let mut out: [Vec<f32>; 3] = Default::default();
+        for (o, s) in out.iter_mut().zip(srcs) {
+            if let Some(s) = s {
+                *o = s.read(&p.model.checkpoint)?;
             }
-        };
-        orders.entry(layer).or_default().push(order);
+        }
+        Ok(out)
+    };
+    let total = layers.values().map(|e| e.len().saturating_sub(1)).sum();
+    progress(Event::AlignStart { experts: total });
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut orders = Orders::new();
+    for (&layer, experts) in &layers {
+        let ids: Vec<usize> = experts.keys().copied().collect();
+        let Some((&first, rest)) = ids.split_first() else { continue };
+        check_cancel(cancel)?;
+        // The layer's first expert (expert 0) is the reference: identity.
+        let r = read(&experts[&first])?;
+        let reference = crate::align::ExpertF32 { gate: &r[0], up: &r[1], down: &r[2] };
+        let mut by_expert = BTreeMap::from([(first, (0..i as u32).collect::<Vec<u32>>())]);
+        let next = AtomicUsize::new(0);
+        // Set when a worker failed: the others stop after their current expert.
+        let failed = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<u32>>)>();
+        std::thread::scope(|s| -> Result<()> {
+            for _ in 0..threads.min(rest.len()) {
+                let tx = tx.clone();
+                let (next, failed, read) = (&next, &failed, &read);
+                s.spawn(move || {
+                    while !failed.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+                        let Some(&x) = rest.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                        let res = read(&experts[&x]).and_then(|[g, u, d]| {
+                            let other = crate::align::ExpertF32 { gate: &g, up: &u, down: &d };
+                            crate::align::align_order(reference, other, i, h, cancel).map_err(|e| match e {
+                                crate::align::AlignError::Cancelled(c) => anyhow::Error::new(c),
+                                e => anyhow::Error::new(e).context(format!(
+                                    "aligning expert {x} of layer {layer} to expert {first} (--align-experts off \
+                                     stores experts unaligned)"
+                                )),
+                            })
+                        });
+                        if res.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        if tx.send((x, res)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut error = None;
+            for (x, res) in rx {
+                match res {
+                    Ok(order) => {
+                        by_expert.insert(x, order);
+                        progress(Event::Aligned);
+                    }
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+            error.map_or(Ok(()), Err)
+        })?;
+        check_cancel(cancel)?;
+        orders.insert(layer, by_expert.into_values().collect());
     }
     Ok(orders)
 }
@@ -155,6 +203,12 @@ pub fn alignment_metadata(orders: Option<&Orders>) -> Vec<(String, Owned)> {
 /// Progress reports.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
+    /// Something the user should know that does not stop the conversion (no tokenizer).
+    Warning { message: &'a str },
+    /// Expert alignment starts: `experts` experts to align (every MoE layer's but its first).
+    AlignStart { experts: usize },
+    /// One more expert was aligned.
+    Aligned,
     /// About to write `tensors` tensors holding `bytes` bytes of data.
     Start { tensors: usize, bytes: u64 },
     /// Tensor `name` (`bytes` bytes) was written.
@@ -224,6 +278,7 @@ pub fn metadata<'a>(model: &'a HfModel, opts: Options, extra: &'a [(String, Owne
         m.push((TOKENIZER_KEY, MetaValue::Str(t)));
     }
     m.extend(model.chat.entries());
+    m.extend(model.generation.metadata());
     m.extend(extra.iter().map(|(k, v)| (k.as_str(), v.value())));
     Metadata::from_entries(m)
 }
@@ -275,6 +330,43 @@ pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
             Cow::Owned(quant::quantize_as(dtype, w, w.len() / cols, cols, None))
         }
     }
+}
+
+/// An expert matrix read from a release's MXFP4 blocks, as the file's `MXFP4` tensor holding
+/// the release's own codes and scales (the same nibble order and E8M0 bytes: a byte copy,
+/// lossless); `None` when `src` is not MXFP4.
+///
+/// # Errors
+/// I/O; a scale byte of 255 (NaN in E8M0, refused as the dequantizing path refuses it).
+fn mxfp4_passthrough(
+    ck: &crate::hf::checkpoint::Checkpoint,
+    src: &crate::hf::Source,
+    shape: &[u64],
+) -> Result<Option<Vec<u8>>> {
+    use crate::hf::quantized::Virtual;
+    let Some(q @ Virtual::Mxfp4 { .. }) = ck.quantized(&src.tensor) else { return Ok(None) };
+    // The canonical matrix is rows `start, start + step, …` of the release's expert (gate:
+    // even rows of gate_up, up: odd rows, down: all), transposed back by the pick.
+    let crate::hf::Pick::Columns { start, step, .. } = src.pick else { return Ok(None) };
+    let &[rows, cols] = shape else { bail!("{}: MXFP4 expert of shape {shape:?}, not a matrix", src.tensor) };
+    let x = src.first / src.count.max(1);
+    let (codes, scales) = q.mxfp4_rows(ck, x, start, step)?;
+    let p = quant::Planar::of(DType::MXFP4).context("MXFP4 layout")?;
+    let (stride, nb) = (p.row_stride(cols).context("size")?, quant::blocks(cols).context("size")?);
+    anyhow::ensure!(
+        codes.len() as u64 == rows * stride && scales.len() as u64 == rows * nb && cols % quant::QK as u64 == 0,
+        "{}: expert {x} rows do not make a [{rows}, {cols}] MXFP4 matrix",
+        src.tensor
+    );
+    if let Some(k) = scales.iter().position(|&s| s == 255) {
+        let scales_name = src.tensor.clone() + "_scales";
+        return Err(crate::hf::checkpoint::NonFinite { tensor: scales_name, element: k as u64, value: f32::NAN }.into());
+    }
+    let off = p.scales_offset(rows, cols).context("size")? as usize;
+    let mut out = vec![0u8; p.len(rows, cols).context("size")? as usize];
+    out[..codes.len()].copy_from_slice(&codes);
+    out[off..off + scales.len()].copy_from_slice(&scales);
+    Ok(Some(out))
 }
 
 /// Converts the checkpoint in `dir` to `out`. `cancel` is checked between tensors; when it
@@ -374,7 +466,10 @@ pub(crate) fn convert_single(
     let p = plan(dir, opts)?;
     let has_experts = p.canon.iter().any(|c| matches!(c.place, crate::canonical::Place::Expert { .. }));
     crate::writer::refuse_overwriting(out, p.model.input_paths().iter().map(|p| p.as_path()))?;
-    let orders = if opts.align && has_experts { Some(alignment_orders(&p, cancel)?) } else { None };
+    if let Some(w) = p.model.tokenizer_warning() {
+        progress(Event::Warning { message: &w });
+    }
+    let orders = if opts.align && has_experts { Some(alignment_orders(&p, cancel, &mut progress)?) } else { None };
     let mut extra = alignment_metadata(orders.as_ref());
     // MEO-native task merges: the gates (cheap) now, the merged banks when they are written.
     let gates = if p.model.tasks.is_empty() {
@@ -393,8 +488,25 @@ pub(crate) fn convert_single(
     let mut w =
         MeoWriter::new(BufWriter::with_capacity(1 << 20, file), &meta, specs.clone(), DEFAULT_ALIGNMENT).map_err(io)?;
     progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
+    let keeps_mxfp4 = opts.experts == DType::MXFP4 && model.quantization == Some(crate::hf::quantized::Method::Mxfp4);
+    if keeps_mxfp4 && orders.is_some() {
+        // Alignment permutes down's input columns across MXFP4 blocks: no byte copy possible.
+        progress(Event::Warning {
+            message: "--align-experts on: the release's MXFP4 experts are dequantized, permuted and re-quantized \
+                      (with alignment off their codes and scales are kept as they are)",
+        });
+    }
     for ((c, src), spec) in canon.iter().zip(&sources).zip(&specs) {
         check_cancel(cancel)?;
+        if keeps_mxfp4
+            && orders.is_none()
+            && matches!(c.place, crate::canonical::Place::Expert { .. })
+            && let Some(bytes) = mxfp4_passthrough(&model.checkpoint, src, &c.shape)?
+        {
+            w.write_tensor(&bytes).map_err(io)?;
+            progress(Event::Tensor { name: &c.name, bytes: bytes.len() as u64 });
+            continue;
+        }
         let mut values = match c.place {
             crate::canonical::Place::TaskBank { task, layer, bank, part } => {
                 crate::hf::meo_gpt2::task_bank_values(&model.checkpoint, layer, bank, part, &gates[task][layer][bank])?

@@ -48,8 +48,10 @@ fn assert_only(dir: &Path, keep: &[&str]) {
 
 /// f32, experts in the checkpoint's unit order (no alignment), so tensors compare to the source.
 const F32: Options = Options { experts: DType::F32, dense: DType::F32, align: false };
-/// The default dtypes without alignment.
+/// The default dtypes without alignment (the default).
 const UNALIGNED: Options = Options { experts: DType::Q8_0, dense: DType::F16, align: false };
+/// The default dtypes with alignment (what `--task` turns on).
+const ALIGNED: Options = Options { experts: DType::Q8_0, dense: DType::F16, align: true };
 
 #[test]
 fn every_fixture_converts_verifies_and_aligns_slabs() {
@@ -365,18 +367,29 @@ fn cancellation_leaves_nothing() {
 fn progress_reports_every_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut total, mut done, mut n) = (0, 0, 0);
-    let s =
-        convert(&fixture("qwen2_moe"), &tmp.path().join("m.meo"), Options::default(), &AtomicBool::new(false), |e| {
-            match e {
-                meo_converter::convert::Event::Start { bytes, .. } => total = bytes,
-                meo_converter::convert::Event::Tensor { bytes, .. } => {
-                    done += bytes;
-                    n += 1;
-                }
-            }
-        })
-        .unwrap();
+    let (mut to_align, mut aligned) = (None, 0);
+    let opts = Options { align: true, ..Options::default() };
+    let s = convert(&fixture("qwen2_moe"), &tmp.path().join("m.meo"), opts, &AtomicBool::new(false), |e| match e {
+        meo_converter::convert::Event::AlignStart { experts } => to_align = Some(experts),
+        meo_converter::convert::Event::Aligned => aligned += 1,
+        meo_converter::convert::Event::Warning { message } => panic!("warning: {message}"),
+        meo_converter::convert::Event::Start { bytes, .. } => total = bytes,
+        meo_converter::convert::Event::Tensor { bytes, .. } => {
+            done += bytes;
+            n += 1;
+        }
+    })
+    .unwrap();
     assert_eq!((done, n), (total, s.tensors));
+    // qwen2_moe: 2 MoE layers of 8 experts, each aligned to its layer's expert 0.
+    assert_eq!((to_align, aligned), (Some(14), 14));
+    // Alignment is off by default: nothing to report.
+    let mut events = 0;
+    convert(&fixture("qwen2_moe"), &tmp.path().join("m2.meo"), Options::default(), &AtomicBool::new(false), |e| {
+        events += usize::from(matches!(e, meo_converter::convert::Event::AlignStart { .. }));
+    })
+    .unwrap();
+    assert_eq!(events, 0);
 }
 
 #[test]
@@ -475,7 +488,7 @@ fn non_finite_weights_are_named_and_alignment_always_ends() {
         let src = tmp.path().join("src");
         copy_fixture("olmoe", &src);
         poke(&src, tensor, 5, value);
-        let e = run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err();
+        let e = run(&src, &tmp.path().join("m.meo"), ALIGNED).unwrap_err();
         let nf = e.downcast_ref::<meo_converter::hf::checkpoint::NonFinite>().expect("typed error");
         assert_eq!((nf.tensor.as_str(), nf.element), (tensor, 5), "{e:#}");
         assert_only(tmp.path(), &["src"]);
@@ -487,7 +500,7 @@ fn non_finite_weights_are_named_and_alignment_always_ends() {
     for k in 0..8 {
         poke(&src, tensor, k, 3e38);
     }
-    let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), Options::default()).unwrap_err());
+    let e = format!("{:#}", run(&src, &tmp.path().join("m.meo"), ALIGNED).unwrap_err());
     assert!(e.contains("expert 1 of layer 0") && e.contains("not finite"), "{e}");
     run(&src, &tmp.path().join("m.meo"), UNALIGNED).unwrap();
 }
@@ -545,4 +558,94 @@ fn verify_bounds_a_crafted_config_by_the_tensor_table() {
     assert!(e.downcast_ref::<meo_converter::canonical::TooLarge>().is_some(), "{e:#}");
     // The runtime refuses it too, without sizing anything from it first.
     assert!(meo::Model::from_vec(bytes).is_err());
+}
+
+#[test]
+fn generation_config_defaults_and_eos_ids_are_stored_and_a_missing_tokenizer_is_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_fixture("qwen3_moe", &src);
+    // Qwen3's generation_config.json: a second end-of-sequence id and sampling defaults.
+    std::fs::write(
+        src.join("generation_config.json"),
+        r#"{"bos_token_id": 0, "do_sample": true, "eos_token_id": [7, 0], "temperature": 0.6,
+            "top_k": 20, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.05}"#,
+    )
+    .unwrap();
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    std::fs::write(src.join("tokenizer.model"), b"sentencepiece").unwrap();
+    let out = tmp.path().join("m.meo");
+    let mut warnings = Vec::new();
+    convert(&src, &out, Options::default(), &AtomicBool::new(false), |e| {
+        if let meo_converter::convert::Event::Warning { message } = e {
+            warnings.push(message.to_string());
+        }
+    })
+    .unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("tokenizer.model") && warnings[0].contains("save_pretrained"), "{}", warnings[0]);
+    let bytes = std::fs::read(&out).unwrap();
+    let f = MeoFile::parse(&bytes).unwrap();
+    let cfg = meo::ModelConfig::from_metadata(&f.metadata).unwrap();
+    // config.json's id first, then generation_config.json's it lacks.
+    assert_eq!(cfg.eos_token_ids, vec![0, 7]);
+    use meo::MetaValue::{Bool, F64, U64};
+    use meo::names::generation_keys as k;
+    assert_eq!(f.metadata.get(k::TEMPERATURE), Some(&F64(0.6)));
+    assert_eq!(f.metadata.get(k::TOP_K), Some(&U64(20)));
+    assert_eq!(f.metadata.get(k::TOP_P), Some(&F64(0.95)));
+    assert_eq!(f.metadata.get(k::MIN_P), Some(&F64(0.0)));
+    assert_eq!(f.metadata.get(k::REPETITION_PENALTY), Some(&F64(1.05)));
+    assert_eq!(f.metadata.get(k::DO_SAMPLE), Some(&Bool(true)));
+    let s = meo::generate::sampling_defaults(&f.metadata);
+    assert_eq!((s.temperature, s.top_k, s.top_p), (0.6, 20, 0.95));
+    // A mistyped value names the file and key.
+    std::fs::write(src.join("generation_config.json"), r#"{"temperature": "hot"}"#).unwrap();
+    let e = format!("{:#}", run(&src, &tmp.path().join("m2.meo"), Options::default()).unwrap_err());
+    assert!(e.contains("generation_config.json") && e.contains("temperature"), "{e}");
+}
+
+#[test]
+fn mxfp4_release_experts_are_stored_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.meo");
+    let opts = Options { experts: DType::MXFP4, dense: DType::F32, align: false };
+    run(&fixture("gpt_oss-mxfp4"), &out, opts).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let f = MeoFile::parse(&bytes).unwrap();
+    let release = std::fs::read(fixture("gpt_oss-mxfp4").join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&release).unwrap();
+    let p = quant::Planar::of(DType::MXFP4).unwrap();
+    let mut checked = 0;
+    for l in 0..2 {
+        for (part, proj, start, step) in
+            [("gate", "gate_up_proj", 0, 2), ("up", "gate_up_proj", 1, 2), ("down", "down_proj", 0, 1)]
+        {
+            let b = st.tensor(&format!("model.layers.{l}.mlp.experts.{proj}_blocks")).unwrap();
+            let s = st.tensor(&format!("model.layers.{l}.mlp.experts.{proj}_scales")).unwrap();
+            let (e, rows, nb) = (b.shape()[0], b.shape()[1], b.shape()[2]);
+            for x in 0..e {
+                let t = f.tensor(&meo::names::expert(l, x, part)).unwrap();
+                assert_eq!(t.dtype, DType::MXFP4);
+                let (out_rows, cols) = (t.shape()[0], t.shape()[1]);
+                assert_eq!((out_rows * step as u64, cols), (rows as u64, nb as u64 * 32));
+                let data = f.data(t);
+                let off = p.scales_offset(out_rows, cols).unwrap() as usize;
+                for r in 0..out_rows as usize {
+                    let src = (x * rows + start + r * step) * nb;
+                    assert_eq!(
+                        &data[r * nb * 16..][..nb * 16],
+                        &b.data()[src * 16..][..nb * 16],
+                        "{l} {x} {part} row {r}"
+                    );
+                    assert_eq!(&data[off + r * nb..][..nb], &s.data()[src..][..nb], "{l} {x} {part} scales {r}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 8 * 3);
+    // With int8 experts the same release is dequantized and re-encoded (not a copy).
+    let out2 = tmp.path().join("m8.meo");
+    run(&fixture("gpt_oss-mxfp4"), &out2, Options { experts: DType::Q8_0, dense: DType::F32, align: false }).unwrap();
 }

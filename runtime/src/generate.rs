@@ -65,6 +65,40 @@ impl GenerateOptions {
     }
 }
 
+/// The sampling defaults a file carries (`generation.*`, from the checkpoint's
+/// `generation_config.json`): its temperature, top-k and top-p when `generation.do_sample` is
+/// true; greedy decoding otherwise, as transformers' `generate` (which samples only with
+/// `do_sample`). A value out of the sampler's range is ignored (the built-in default stays).
+pub fn sampling_defaults(meta: &crate::format::Metadata<'_>) -> SamplerConfig {
+    use crate::MetaValue;
+    use crate::names::generation_keys as k;
+    let mut c = SamplerConfig::default();
+    let f = |key| match meta.get(key) {
+        Some(MetaValue::F64(x)) if x.is_finite() => Some(*x as f32),
+        _ => None,
+    };
+    // A logits processor in transformers: it applies to greedy decoding too.
+    if let Some(r) = f(k::REPETITION_PENALTY).filter(|r| *r > 0.0) {
+        c.repetition_penalty = r;
+    }
+    if !matches!(meta.get(k::DO_SAMPLE), Some(MetaValue::Bool(true))) {
+        return c;
+    }
+    if let Some(t) = f(k::TEMPERATURE).filter(|t| *t >= 0.0) {
+        c.temperature = t;
+    }
+    if let Some(p) = f(k::TOP_P).filter(|p| *p > 0.0 && *p <= 1.0) {
+        c.top_p = p;
+    }
+    if let Some(p) = f(k::MIN_P).filter(|p| (0.0..=1.0).contains(p)) {
+        c.min_p = p;
+    }
+    if let Some(MetaValue::U64(n)) = meta.get(k::TOP_K) {
+        c.top_k = usize::try_from(*n).unwrap_or(0);
+    }
+    c
+}
+
 /// Why a generation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -549,5 +583,35 @@ mod tests {
         let mut st = StopText { stops: &s, pending: String::new() };
         assert_eq!(st.push("abc"), ("abc".into(), None));
         assert!(st.pending.is_empty());
+    }
+
+    #[test]
+    fn sampling_defaults_follow_do_sample() {
+        use crate::MetaValue;
+        use crate::format::Metadata;
+        use crate::names::generation_keys as k;
+        let m = Metadata::from_entries(vec![
+            (k::DO_SAMPLE, MetaValue::Bool(true)),
+            (k::TEMPERATURE, MetaValue::F64(0.6)),
+            (k::TOP_P, MetaValue::F64(0.95)),
+            (k::TOP_K, MetaValue::U64(20)),
+        ]);
+        let c = sampling_defaults(&m);
+        assert_eq!((c.temperature, c.top_k, c.top_p), (0.6, 20, 0.95));
+        // Without do_sample transformers decodes greedily whatever the temperature says.
+        let m = Metadata::from_entries(vec![(k::TEMPERATURE, MetaValue::F64(0.6))]);
+        assert_eq!(sampling_defaults(&m), SamplerConfig::default());
+        // Out of range: ignored.
+        let m = Metadata::from_entries(vec![(k::DO_SAMPLE, MetaValue::Bool(true)), (k::TOP_P, MetaValue::F64(2.0))]);
+        assert_eq!(sampling_defaults(&m).top_p, 1.0);
+        // min-p only when sampling; the repetition penalty for greedy decoding too.
+        let greedy = Metadata::from_entries(vec![
+            (k::MIN_P, MetaValue::F64(0.05)),
+            (k::REPETITION_PENALTY, MetaValue::F64(1.1)),
+        ]);
+        let c = sampling_defaults(&greedy);
+        assert_eq!((c.temperature, c.min_p, c.repetition_penalty), (0.0, 0.0, 1.1));
+        let m = Metadata::from_entries(vec![(k::DO_SAMPLE, MetaValue::Bool(true)), (k::MIN_P, MetaValue::F64(0.05))]);
+        assert_eq!(sampling_defaults(&m).min_p, 0.05);
     }
 }

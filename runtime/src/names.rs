@@ -88,6 +88,23 @@ pub fn task_expert(task: &str, l: usize, part: &str) -> String {
     format!("tasks.{task}.layers.{l}.experts.merged.{part}")
 }
 
+/// Metadata keys of the generation defaults, from the checkpoint's `generation_config.json`
+/// (see `docs/FORMAT.md` §6). Each is present only when the checkpoint names it.
+pub mod generation_keys {
+    /// f64: sampling temperature.
+    pub const TEMPERATURE: &str = "generation.temperature";
+    /// f64: nucleus sampling threshold.
+    pub const TOP_P: &str = "generation.top_p";
+    /// u64: keep the `top_k` most likely tokens (0 = no limit).
+    pub const TOP_K: &str = "generation.top_k";
+    /// f64: min-p threshold (when sampling).
+    pub const MIN_P: &str = "generation.min_p";
+    /// f64: repetition penalty (greedy decoding too, as transformers).
+    pub const REPETITION_PENALTY: &str = "generation.repetition_penalty";
+    /// bool: sample (true) or decode greedily (false, transformers' default).
+    pub const DO_SAMPLE: &str = "generation.do_sample";
+}
+
 /// Metadata keys of MEO merges (see `docs/FORMAT.md` §6 and `docs/MEO-MERGING.md`).
 pub mod merge_keys {
     use alloc::format;

@@ -29,7 +29,7 @@ pub const LOGIT_TOL: f32 = 1e-4;
 pub const WEIGHT_TOL: f32 = 1e-5;
 
 /// Every fixture directory under `tests/fixtures/`.
-pub const FIXTURES: [&str; 14] = [
+pub const FIXTURES: [&str; 18] = [
     "mixtral",
     "mixtral-fused",
     "mixtral-bf16-sharded",
@@ -44,6 +44,10 @@ pub const FIXTURES: [&str; 14] = [
     "granitemoe",
     "granitemoe-fused",
     "gpt_oss",
+    "deepseek_v3-fp8",
+    "gpt_oss-mxfp4",
+    "qwen3_moe-gptq",
+    "qwen3_moe-awq",
 ];
 
 /// One token's routing in one MoE layer, as a target reports it.
@@ -352,8 +356,10 @@ pub fn measure_experts(name: &str, experts: DType, open: Open<'_>) -> Agreement 
 /// agreement 1.0 everywhere; max |Δlogit| 6.2e-3 (OLMoE, Qwen2-MoE) to 1.5e-2 (Mixtral,
 /// Qwen3-MoE); DeepSeek-V3 2.9e-2 and DeepSeek-V2 4.6e-2 — its weights are scaled by
 /// `routed_scaling_factor` 16 — with top-1 agreement vs f32 27/28); agreement floors sit one disagreement below 1 so a tie-level change in
-/// summation order (SIMD kernels) passes and a real regression fails.
-pub const INT8_BOUNDS: [(&str, f64, f64, f32); 14] = [
+/// summation order (SIMD kernels) passes and a real regression fails. The quantized releases
+/// (`*-fp8`, `*-mxfp4`, `*-gptq`, `*-awq`) are re-quantized to int8 from their dequantized weights:
+/// max |Δlogit| 2.0e-2 (AWQ) to 4.9e-2 (FP8), agreement 1.0 except gpt-oss top-1 vs f32 27/28.
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 18] = [
     ("mixtral", 0.95, 0.95, 2.5e-2),
     ("mixtral-fused", 0.95, 0.95, 2.5e-2),
     ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
@@ -368,6 +374,10 @@ pub const INT8_BOUNDS: [(&str, f64, f64, f32); 14] = [
     ("granitemoe", 0.95, 0.95, 1.0e-2),
     ("granitemoe-fused", 0.95, 0.95, 1.0e-2),
     ("gpt_oss", 0.95, 0.95, 5.0e-2),
+    ("deepseek_v3-fp8", 0.95, 0.95, 5.0e-2),
+    ("gpt_oss-mxfp4", 0.95, 0.95, 5.0e-2),
+    ("qwen3_moe-gptq", 0.95, 0.95, 5.0e-2),
+    ("qwen3_moe-awq", 0.95, 0.95, 2.5e-2),
 ];
 
 /// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
@@ -411,6 +421,10 @@ macro_rules! conformance_suite {
             granitemoe => "granitemoe",
             granitemoe_fused => "granitemoe-fused",
             gpt_oss => "gpt_oss",
+            deepseek_v3_fp8 => "deepseek_v3-fp8",
+            gpt_oss_mxfp4 => "gpt_oss-mxfp4",
+            qwen3_moe_gptq => "qwen3_moe-gptq",
+            qwen3_moe_awq => "qwen3_moe-awq",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {

@@ -134,7 +134,7 @@ pub fn chat_with(
     let template = template(&model, a.template.as_deref())?;
     let run = RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), ..RunOptions::default() };
     let (mut opened, _) = open_target(&model, &a.target, &run)?;
-    let mut sampler = Sampler::new(a.sampling.config())?;
+    let mut sampler = Sampler::new(a.sampling.config(&model))?;
     let base = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         stop_strings: a.sampling.stop.clone(),

@@ -16,6 +16,7 @@ pub enum ExpertType {
     /// Symmetric int4, blocks of 32, f16 scales (Q4_0): 0.53× the bytes of int8.
     Int4,
     /// OCP MXFP4 (E2M1 values, an E8M0 scale per 32; gpt-oss's format): 0.5× int8's bytes.
+    /// An MXFP4 release (gpt-oss) keeps its own codes and scales, losslessly.
     Mxfp4,
     F16,
     F32,
@@ -47,9 +48,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DenseType::F16)]
     pub dense: DenseType,
     /// Store each expert's intermediate units aligned to expert 0 of its layer (the model's
-    /// function is unchanged; merges then average matching units).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub align_experts: OnOff,
+    /// function is unchanged; merges then average matching units). `auto`: on with --task
+    /// (task merges use it), off otherwise; turn it on for files run with `--mode prompt`.
+    #[arg(long, value_enum, default_value_t = AlignExperts::Auto)]
+    pub align_experts: AlignExperts,
     /// Precompute the MEO merge of task NAME from the calibration text in FILE (repeatable);
     /// run it with `meo run --mode task:NAME`.
     #[arg(long = "task", value_name = "NAME=FILE")]
@@ -70,9 +72,11 @@ pub struct Args {
     pub hot_experts: f64,
 }
 
-/// A switch.
+/// Whether experts are aligned.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnOff {
+pub enum AlignExperts {
+    /// When something in this conversion uses it (task merges).
+    Auto,
     On,
     Off,
 }
@@ -93,7 +97,11 @@ impl Args {
                 DenseType::F16 => DType::F16,
                 DenseType::F32 => DType::F32,
             },
-            align: self.align_experts == OnOff::On,
+            align: match self.align_experts {
+                AlignExperts::On => true,
+                AlignExperts::Off => false,
+                AlignExperts::Auto => !self.tasks.is_empty(),
+            },
         }
     }
 
@@ -124,8 +132,31 @@ fn install_ctrlc() {
 pub fn run(args: &Args) -> Result<()> {
     install_ctrlc();
     let bar = super::byte_bar(0);
+    let align_bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
     let result = convert_with(&args.hf_dir, &args.output, args.options(), &args.merges(), &CANCEL, |e| match e {
-        Event::Start { bytes, .. } => bar.set_length(bytes),
+        Event::AlignStart { experts } => {
+            let b =
+                indicatif::ProgressBar::with_draw_target(Some(experts as u64), indicatif::ProgressDrawTarget::stderr());
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} experts aligned ({eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            *align_bar.borrow_mut() = Some(b);
+        }
+        Event::Warning { message } => bar.suspend(|| eprintln!("warning: {message}")),
+        Event::Aligned => {
+            if let Some(b) = &*align_bar.borrow() {
+                b.inc(1);
+            }
+        }
+        Event::Start { bytes, .. } => {
+            if let Some(b) = align_bar.borrow_mut().take() {
+                b.finish_and_clear();
+            }
+            bar.set_length(bytes)
+        }
         Event::Tensor { name, bytes } => {
             bar.inc(bytes);
             bar.set_message(name.to_string());

@@ -156,7 +156,7 @@ pub fn report(f: &MeoFile<'_>) -> Value {
     let mut config = Map::new();
     let mut quant = Map::new();
     for (k, v) in m.entries() {
-        if k.starts_with("model.") || k.starts_with("routing.") {
+        if k.starts_with("model.") || k.starts_with("routing.") || k.starts_with("generation.") {
             config.insert((*k).to_string(), meta_json(v));
         } else if let Some(q) = k.strip_prefix("quant.") {
             quant.insert(q.to_string(), meta_json(v));

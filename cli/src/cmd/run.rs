@@ -74,21 +74,24 @@ pub struct Args {
 /// Sampling and stop flags, shared by `meo run` and `meo chat`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, value_name = "T", default_value_t = 0.0)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 is greedy decoding. Default (this flag and the next four): the
+    /// file's generation defaults, from the checkpoint's generation_config.json (`meo inspect`
+    /// lists them as generation.*); greedy, no limits and no penalty when it has none, and
+    /// greedy when its do_sample is false.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
     /// Sample only from the K most likely tokens (0 = no limit).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub top_k: usize,
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
     /// Sample only from the smallest set of tokens whose probability reaches P (1 = no limit).
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
-    pub top_p: f32,
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
     /// Sample only from tokens at least P times as likely as the most likely one (0 = no limit).
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    pub min_p: f32,
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f32>,
     /// Repetition penalty (Hugging Face's) over the prompt and generated tokens; 1 = none.
-    #[arg(long, value_name = "R", default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    #[arg(long, value_name = "R")]
+    pub repeat_penalty: Option<f32>,
     /// Presence penalty (OpenAI's): subtracted from the logit of every token already seen; 0 = none.
     #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
@@ -107,14 +110,16 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampler settings these flags give (checked when the sampler is made).
-    pub fn config(&self) -> SamplerConfig {
+    /// The sampler settings: these flags over `model`'s generation defaults (checked when the
+    /// sampler is made).
+    pub fn config(&self, model: &meo::Model) -> SamplerConfig {
+        let d = model.file().map(|f| meo::generate::sampling_defaults(&f.metadata)).unwrap_or_default();
         SamplerConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repetition_penalty: self.repeat_penalty.unwrap_or(d.repetition_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             penalty_last_n: self.repeat_last_n,
@@ -247,12 +252,12 @@ pub fn run(a: &Args) -> Result<()> {
 /// Bad arguments, an unreadable model, a missing tokenizer with `-p`, a flag the target
 /// cannot honour, or I/O.
 pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<()> {
-    let sampling = a.sampling.config();
     if !a.sampling.stop.is_empty() && a.prompt.is_none() {
         bail!("--stop matches text: it needs -p (with --tokens the output is ids)");
     }
     let t_open = Instant::now();
     let model = open_model(&a.file)?;
+    let sampling = a.sampling.config(&model);
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
     let (tokenizer, prompt) = prompt_tokens(a, &model)?;

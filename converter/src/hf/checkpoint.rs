@@ -79,6 +79,11 @@ type Conv = fn(&[u8], &mut [f32]);
 pub struct Checkpoint {
     files: Vec<(PathBuf, File)>,
     tensors: BTreeMap<String, Entry>,
+    /// Quantized weights, by the name of the unquantized tensor they stand for
+    /// ([`super::quantized`]); their parts are hidden from [`Self::names`].
+    virtuals: BTreeMap<String, (Entry, super::quantized::Virtual)>,
+    /// Raw tensors that are parts of a virtual one.
+    parts: std::collections::BTreeSet<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -321,7 +326,8 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
-        let mut ck = Self { files: Vec::new(), tensors: BTreeMap::new() };
+        let mut ck =
+            Self { files: Vec::new(), tensors: BTreeMap::new(), virtuals: BTreeMap::new(), parts: Default::default() };
         if single.is_file() {
             ck.add_file(single)?;
             return Ok(ck);
@@ -368,21 +374,85 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// The tensor named `name`.
-    pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.tensors.get(name)
+    /// Reads the quantized weights of a release quantized as `method` (`None`: declared
+    /// unquantized) as virtual tensors: from then on [`Self::get`], [`Self::names`] and
+    /// [`Self::read_f32`] see each as the unquantized tensor it stands for.
+    ///
+    /// # Errors
+    /// [`super::quantized::QuantError`]: tensors that do not fit the method, or quantized
+    /// tensors in a checkpoint that declares none.
+    pub fn dequantize(&mut self, method: Option<&super::quantized::Method>) -> Result<()> {
+        let v = super::quantized::virtuals(&self.tensors, method)?;
+        for (name, q) in v {
+            let main = &self.tensors[q.parts()[0]];
+            let entry =
+                Entry { file: main.file, dtype: main.dtype.clone(), shape: q.shape(), start: main.start, len: 0 };
+            self.parts.extend(q.parts().into_iter().map(String::from));
+            self.virtuals.insert(name, (entry, q));
+        }
+        Ok(())
     }
 
-    /// All tensor names, sorted.
+    /// The quantized weight named `name` (see [`Self::dequantize`]).
+    pub fn quantized(&self, name: &str) -> Option<&super::quantized::Virtual> {
+        self.virtuals.get(name).map(|(_, q)| q)
+    }
+
+    /// The tensor named `name` (a quantized weight by its unquantized name and shape).
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.virtuals
+            .get(name)
+            .map(|(e, _)| e)
+            .or_else(|| self.tensors.get(name).filter(|_| !self.parts.contains(name)))
+    }
+
+    /// All tensor names, sorted (quantized weights by their unquantized names; their parts
+    /// are not listed).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        let mut v: Vec<&str> = self
+            .tensors
+            .keys()
+            .filter(|n| !self.parts.contains(*n))
+            .chain(self.virtuals.keys())
+            .map(String::as_str)
+            .collect();
+        v.sort_unstable();
+        v.into_iter()
     }
 
     /// Total number of values in all tensors (what a config's sizes are checked against).
     pub fn elements(&self) -> u64 {
-        self.tensors.values().fold(0u64, |a, e| {
+        self.names().filter_map(|n| self.get(n)).fold(0u64, |a, e| {
             a.saturating_add(e.shape.iter().try_fold(1u64, |x, &d| x.checked_mul(d)).unwrap_or(u64::MAX))
         })
+    }
+
+    /// All bytes of raw tensor `name`, as stored.
+    ///
+    /// # Errors
+    /// Unknown tensor, I/O.
+    pub fn read_raw(&self, name: &str) -> Result<Vec<u8>> {
+        let len = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?.len;
+        self.read_range(name, 0, len)
+    }
+
+    /// `len` bytes of raw tensor `name` from byte `first`, as stored.
+    ///
+    /// # Errors
+    /// Unknown tensor, a range outside it, I/O.
+    pub fn read_range(&self, name: &str, first: u64, len: u64) -> Result<Vec<u8>> {
+        let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
+        ensure!(
+            first.checked_add(len).is_some_and(|end| end <= e.len),
+            "tensor {name:?}: bytes [{first}, +{len}) outside its {} bytes",
+            e.len
+        );
+        let mut out = vec![0u8; usize::try_from(len).context("tensor too large for this machine")?];
+        self.files[e.file]
+            .1
+            .read_exact_at(&mut out, e.start + first)
+            .with_context(|| format!("{}: reading tensor {name:?}", self.files[e.file].0.display()))?;
+        Ok(out)
     }
 
     /// Total bytes of tensor data.
@@ -410,7 +480,9 @@ impl Checkpoint {
     /// # Errors
     /// As [`Self::read_f32`].
     pub fn read_all(&self, name: &str) -> Result<Vec<f32>> {
-        let n = self.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?.numel();
+        // Parts of quantized weights too (their scales are read through here).
+        let e = self.virtuals.get(name).map(|(e, _)| e).or_else(|| self.tensors.get(name));
+        let n = e.with_context(|| format!("checkpoint has no tensor {name:?}"))?.numel();
         self.read_f32(name, 0, n)
     }
 
@@ -420,6 +492,9 @@ impl Checkpoint {
     /// Unknown tensor, range out of bounds, unsupported dtype, I/O, a NaN or infinite value
     /// ([`NonFinite`], naming the tensor and element).
     pub fn read_f32(&self, name: &str, first: u64, count: u64) -> Result<Vec<f32>> {
+        if let Some((_, q)) = self.virtuals.get(name) {
+            return q.read(self, name, first, count);
+        }
         let e = self.tensors.get(name).with_context(|| format!("checkpoint has no tensor {name:?}"))?;
         let path = &self.files[e.file].0;
         let (width, conv): (usize, Conv) = match e.dtype.as_str() {

@@ -274,9 +274,20 @@ fn layer_window(j: &Json<'_>, f: &Family, layers: usize) -> Result<Vec<usize>> {
     }
 }
 
+/// Appends to `ids` the ids of `more` it does not hold yet, in order.
+pub fn union_into(ids: &mut Vec<u64>, more: Vec<u64>) {
+    for e in more {
+        if !ids.contains(&e) {
+            ids.push(e);
+        }
+    }
+}
+
 /// Fills a [`ModelConfig`] for family `f` from a parsed `config.json`.
 ///
-/// `generation_eos` is used when the config names no `eos_token_id`.
+/// The end-of-sequence ids are `config.json`'s followed by those of `generation_eos`
+/// (`generation_config.json`'s) it lacks: Qwen3 lists `<|im_end|>` in one and `<|endoftext|>`
+/// in the other, and generation must stop at both.
 ///
 /// # Errors
 /// A missing or mistyped key, an unsupported feature (RoPE scaling, activation other than
@@ -312,9 +323,7 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         ensure!(c > 0.0, "clip_qkv {c} must be positive");
     }
     let mut eos: Vec<u64> = j.usizes("eos_token_id")?.into_iter().map(|x| x as u64).collect();
-    if eos.is_empty() {
-        eos = generation_eos;
-    }
+    union_into(&mut eos, generation_eos);
     let x = f.kind.features();
     let attention_bias = j.flag(f.attention_bias)?;
     let max_positions = j.usize("max_position_embeddings")?;
@@ -495,6 +504,10 @@ mod tests {
         assert_eq!(c.router.shared_gate, SharedGate::Sigmoid);
         assert_eq!(c.eos_token_ids, vec![5, 6]);
         assert_eq!(c.rope_theta, 1e4);
+        // generation_config.json's list joins config.json's (Qwen3: two ids, one in each).
+        let mut ids = vec![5];
+        union_into(&mut ids, vec![6, 5, 7]);
+        assert_eq!(ids, vec![5, 6, 7]);
     }
 
     #[test]

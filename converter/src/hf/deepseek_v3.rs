@@ -301,9 +301,7 @@ pub(crate) fn model_config(
     let qk = (mla.qk_nope_head_dim + rope_dim) as f64;
     let interleave = !v.rope_interleave_key || j.bool_or("rope_interleave", true)?;
     let mut eos_ids: Vec<u64> = j.usizes("eos_token_id")?.into_iter().map(|x| x as u64).collect();
-    if eos_ids.is_empty() {
-        eos_ids = eos;
-    }
+    super::config::union_into(&mut eos_ids, eos);
     let cfg = ModelConfig {
         architecture: f.name.to_string(),
         vocab_size: j.usize("vocab_size")?,

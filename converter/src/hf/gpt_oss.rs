@@ -7,8 +7,8 @@
 //! Experts as transformers' `save_pretrained` writes them (bf16/f32): transposed and fused,
 //! `mlp.experts.gate_up_proj [E, H, 2I]` with gate at even and up at odd columns,
 //! `gate_up_proj_bias [E, 2I]` (interleaved alike), `down_proj [E, I, H]`, `down_proj_bias
-//! [E, H]`. The original release's MXFP4 experts (`*_blocks`, `*_scales`) are refused with
-//! [`super::UnsupportedLayout::Mxfp4Experts`].
+//! [E, H]`. The original release's MXFP4 experts (`*_blocks`, `*_scales`) are read as the
+//! same tensors ([`super::quantized`]).
 
 use super::{Family, Features, Flag, FusedLayout, Kind, Window};
 use meo::{QkNorm, Scoring};

@@ -14,6 +14,7 @@ mod granitemoe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
+pub mod quantized;
 mod qwen2_moe;
 mod qwen3_moe;
 pub mod switch_transformers;
@@ -156,17 +157,6 @@ impl Features {
     };
 }
 
-/// A checkpoint layout the converter recognises but cannot convert.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UnsupportedLayout {
-    /// The original OpenAI GPT-OSS release: experts quantized to MXFP4 (`*_blocks`, `*_scales`).
-    #[error(
-        "unsupported: MXFP4 experts ({tensor}); convert a bf16/f32 checkpoint (transformers' save_pretrained \
-         of the dequantized model) instead"
-    )]
-    Mxfp4Experts { tensor: String },
-}
-
 /// Every supported family.
 pub const FAMILIES: &[&Family] = &[
     &mixtral::FAMILY,
@@ -281,6 +271,10 @@ pub struct HfModel {
     pub family: &'static Family,
     pub config: ModelConfig,
     pub checkpoint: Checkpoint,
+    /// The release's `quantization_config` (`None`: unquantized).
+    pub quantization: Option<quantized::Method>,
+    /// Sampling defaults from `generation_config.json`.
+    pub generation: Generation,
     /// `tokenizer.json`, verbatim.
     pub tokenizer: Option<String>,
     /// The chat template(s) and special tokens' strings (`tokenizer_config.json`,
@@ -295,6 +289,71 @@ pub struct HfModel {
     pub extra_layers: std::ops::Range<usize>,
     /// The checkpoint directory.
     dir: std::path::PathBuf,
+}
+
+/// The sampling defaults of a `generation_config.json`, each when it is given (stored in the
+/// file as `generation.*`, see `docs/FORMAT.md`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generation {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub do_sample: Option<bool>,
+}
+
+impl Generation {
+    /// Reads the keys from a parsed `generation_config.json` (absent or null: not given).
+    ///
+    /// # Errors
+    /// A key of the wrong type or a negative or non-finite number; the message names it.
+    pub fn from_json(g: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        use serde_json::Value;
+        let num = |k: &str| -> Result<Option<f64>> {
+            match g.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => {
+                    let x = v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+                    x.map(Some).with_context(|| format!("{k}: {v} is not a non-negative number"))
+                }
+            }
+        };
+        let top_k = match g.get("top_k") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().with_context(|| format!("top_k: {v} is not a non-negative integer"))?),
+        };
+        let do_sample = match g.get("do_sample") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(v) => bail!("do_sample: {v} is not a boolean"),
+        };
+        Ok(Self {
+            temperature: num("temperature")?,
+            top_p: num("top_p")?,
+            top_k,
+            min_p: num("min_p")?,
+            repetition_penalty: num("repetition_penalty")?,
+            do_sample,
+        })
+    }
+
+    /// The `generation.*` metadata entries of the values given.
+    pub fn metadata(&self) -> Vec<(&'static str, meo::MetaValue<'static>)> {
+        use meo::MetaValue::{Bool, F64, U64};
+        use meo::names::generation_keys as k;
+        let mut v = Vec::new();
+        let f = [
+            (k::TEMPERATURE, self.temperature),
+            (k::TOP_P, self.top_p),
+            (k::MIN_P, self.min_p),
+            (k::REPETITION_PENALTY, self.repetition_penalty),
+        ];
+        v.extend(f.into_iter().filter_map(|(key, x)| x.map(|x| (key, F64(x)))));
+        v.extend(self.top_k.map(|x| (k::TOP_K, U64(x))));
+        v.extend(self.do_sample.map(|x| (k::DO_SAMPLE, Bool(x))));
+        v
+    }
 }
 
 /// Largest `config.json` / `generation_config.json` read (real ones are a few KiB).
@@ -383,15 +442,18 @@ impl HfModel {
         let cfg_path = dir.join("config.json");
         let raw = read_json(&cfg_path)?;
         let gen_path = dir.join("generation_config.json");
-        let gen_eos = if gen_path.is_file() {
+        let (gen_eos, generation) = if gen_path.is_file() {
             let g = read_json(&gen_path)?;
-            config::Json(&g).usizes("eos_token_id").with_context(|| gen_path.display().to_string())?
+            let eos = config::Json(&g).usizes("eos_token_id").with_context(|| gen_path.display().to_string())?;
+            (eos, Generation::from_json(&g).with_context(|| gen_path.display().to_string())?)
         } else {
-            Vec::new()
+            (Vec::new(), Generation::default())
         };
         let ParsedConfig { family, config, tasks, extra_layers } =
             parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let quantization = quantized::Method::from_config(&raw).with_context(|| cfg_path.display().to_string())?;
+        let mut checkpoint = Checkpoint::open(dir)?;
+        checkpoint.dequantize(quantization.as_ref()).with_context(|| dir.display().to_string())?;
         // Everything sized from the config below (expert layouts, the tensor list) comes after
         // this: the sizes must describe no more weights than the checkpoint holds.
         crate::canonical::tensors_within(&config, crate::canonical::budget(checkpoint.elements()), "the checkpoint")
@@ -403,6 +465,8 @@ impl HfModel {
             family,
             config,
             checkpoint,
+            quantization,
+            generation,
             tokenizer,
             chat,
             experts: Vec::new(),
@@ -418,6 +482,29 @@ impl HfModel {
             })
             .collect::<Result<_>>()?;
         Ok(m)
+    }
+
+    /// What the conversion should say about the tokenizer: none in the checkpoint (the file
+    /// will have none, so `meo run -p` and `meo chat` will refuse it), with how to make one
+    /// from a SentencePiece `tokenizer.model`.
+    pub fn tokenizer_warning(&self) -> Option<String> {
+        if self.tokenizer.is_some() {
+            return None;
+        }
+        let d = self.dir.display();
+        Some(if self.dir.join("tokenizer.model").is_file() {
+            format!(
+                "{d} has a SentencePiece tokenizer.model but no tokenizer.json, which meo embeds: the .meo file will \
+                 have no tokenizer (meo run -p and meo chat need one; --tokens works). Write tokenizer.json with \
+                 transformers (pip install transformers sentencepiece protobuf): python -c \"from transformers import \
+                 AutoTokenizer as T; T.from_pretrained('{d}').save_pretrained('{d}')\", then convert again"
+            )
+        } else {
+            format!(
+                "{d} has no tokenizer.json: the .meo file will have no tokenizer (meo run -p and meo chat need one; \
+                 --tokens works)"
+            )
+        })
     }
 
     /// Every file of the checkpoint directory a conversion reads (that exists): an output
@@ -448,9 +535,6 @@ impl HfModel {
             let prefix = format!("model.layers.{l}.{p}");
             for (gu, dn) in features.fused_names {
                 let (gate_up, down) = (format!("{prefix}.{gu}"), format!("{prefix}.{dn}"));
-                if ck.get(&format!("{gate_up}_blocks")).is_some() {
-                    return Err(UnsupportedLayout::Mxfp4Experts { tensor: format!("{gate_up}_blocks") }.into());
-                }
                 let Some(t) = ck.get(&gate_up) else {
                     tried.push(gate_up);
                     continue;
@@ -664,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn mxfp4_experts_are_a_named_error() {
+    fn malformed_mxfp4_experts_are_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let config = serde_json::json!({
             "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": 16, "hidden_size": 64,
@@ -673,19 +757,40 @@ mod tests {
             "max_position_embeddings": 64, "sliding_window": 4, "layer_types": ["full_attention"],
             "quantization_config": {"quant_method": "mxfp4"}
         });
+        // Blocks of rank 3 (the release's are [E, rows, nb, 16] u8).
         let ck = checkpoint_dir(&[
             ("model.layers.0.mlp.experts.gate_up_proj_blocks", vec![2, 32, 2], vec![0.0; 128]),
             ("model.layers.0.mlp.experts.gate_up_proj_scales", vec![2, 32], vec![0.0; 64]),
         ]);
         std::fs::copy(ck.path().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        let e = HfModel::open(dir.path()).err().expect("MXFP4 must be refused");
+        let e = HfModel::open(dir.path()).err().expect("malformed MXFP4 must be refused");
         assert!(
-            matches!(e.downcast_ref::<UnsupportedLayout>(), Some(UnsupportedLayout::Mxfp4Experts { tensor })
+            matches!(e.downcast_ref::<quantized::QuantError>(), Some(quantized::QuantError::Mismatch { tensor, .. })
                 if tensor == "model.layers.0.mlp.experts.gate_up_proj_blocks"),
             "{e:#}"
         );
-        assert!(e.to_string().contains("unsupported: MXFP4 experts"), "{e:#}");
+        // The same tensors with no quantization_config: named, not "tensors have no place".
+        let mut config = config;
+        config.as_object_mut().unwrap().remove("quantization_config");
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let e = HfModel::open(dir.path()).err().expect("undeclared MXFP4 must be refused");
+        assert!(
+            matches!(e.downcast_ref::<quantized::QuantError>(), Some(quantized::QuantError::Undeclared { .. })),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn unsupported_quantization_names_method_and_bits() {
+        let e =
+            open_with("quantization_config", serde_json::json!({"quant_method": "gptq", "bits": 3, "group_size": 128}));
+        let q = e.downcast_ref::<quantized::QuantError>().expect("typed error");
+        assert_eq!(q, &quantized::QuantError::Unsupported { method: "gptq".into(), bits: Some(3) });
+        let s = format!("{e:#}");
+        assert!(s.contains("gptq with 3 bits") && s.contains("awq 4-bit"), "{s}");
+        let e = open_with("quantization_config", serde_json::json!({"quant_method": "hqq", "nbits": 4}));
+        assert!(format!("{e:#}").contains("quantization hqq is not supported"), "{e:#}");
     }
 
     #[test]

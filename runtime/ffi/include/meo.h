@@ -520,8 +520,9 @@ MeoStatus meo_chat_apply_template(const MeoModel *model,
 
 /**
  * Creates a session over `model` (`options` may be NULL for the defaults). The session runs
- * vanilla routing on the CPU with greedy sampling until told otherwise. On success `*out`
- * is a new handle for `meo_session_free`.
+ * vanilla routing on the CPU, sampling with the file's generation defaults (greedy unless
+ * the checkpoint's generation_config.json samples; `meo_session_set_sampler` overrides them)
+ * until told otherwise. On success `*out` is a new handle for `meo_session_free`.
  */
 MeoStatus meo_session_new(const MeoModel *model,
                           const MeoSessionOptions *options,

@@ -974,8 +974,9 @@ fn make_tracker(model: &Arc<MeoModel>, budget: Option<u64>) -> Res<Option<Expert
 }
 
 /// Creates a session over `model` (`options` may be NULL for the defaults). The session runs
-/// vanilla routing on the CPU with greedy sampling until told otherwise. On success `*out`
-/// is a new handle for `meo_session_free`.
+/// vanilla routing on the CPU, sampling with the file's generation defaults (greedy unless
+/// the checkpoint's generation_config.json samples; `meo_session_set_sampler` overrides them)
+/// until told otherwise. On success `*out` is a new handle for `meo_session_free`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_new(
     model: *const MeoModel,
@@ -992,7 +993,12 @@ pub unsafe extern "C" fn meo_session_new(
         let s = MeoSession {
             tracker,
             session,
-            sampler: Sampler::new(SamplerConfig::default()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
+            // The file's generation defaults (greedy unless its checkpoint's
+            // generation_config.json samples); meo_session_set_sampler overrides them.
+            sampler: Sampler::new(
+                model.model().file().map(|f| meo::generate::sampling_defaults(&f.metadata)).unwrap_or_default(),
+            )
+            .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
             options,
             budget: None,
             has_logits: false,
