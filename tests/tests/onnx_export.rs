@@ -249,6 +249,11 @@ fn four_bit_exports_are_compact_checked_and_run_vanilla() {
         let (d, a) = (max_diff(&got, &want), top1_agreement(&got, &want, model.config().vocab_size));
         println!("{} vanilla: ORT-CPU vs meo-CPU max |Δlogit| {d:.3e}, top-1 agreement {a:.3}", experts.name());
         assert!(d <= INT8_TOL && a >= 0.95, "{}: vanilla max |Δlogit| {d}, top-1 {a}", experts.name());
+        // The block form is exact: it gives the f32-decoded graph's logits (f32 order only).
+        let dec = forced(&mut ort(&model, MergeOptions::default(), WeightFormat::F32), &ids, &greedy);
+        let de = max_diff(&got, &dec);
+        println!("{} vanilla: block vs f32-decoded graph on ORT max |Δlogit| {de:.3e}", experts.name());
+        assert!(de <= TOL, "{}: block vs f32-decoded max |Δlogit| {de}", experts.name());
     }
     onnx_check(&files);
 }

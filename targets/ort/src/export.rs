@@ -14,9 +14,11 @@
 //! Graph interface (batch 1): input `input_ids` int64 `[seq]`; per layer `past_key.L`,
 //! `past_value.L` f32 `[kv_heads, past, head_dim]`; outputs `logits` f32 `[seq, vocab]`,
 //! `present_key.L`, `present_value.L` `[kv_heads, past + seq, head_dim]`. Positions start at
-//! `past`. Opset 17, standard domain only.
+//! `past`. Opset 17, standard domain only (but `com.microsoft` `MatMulNBits` for `q4_0`
+//! matrices in [`WeightFormat::Block`]).
 //!
-//! int8 matrices (`q8_0` in the file) are written as `DequantizeLinear` with per-axis scales
+//! int8 matrices (`q8_0` in the file) are written as `DequantizeLinear` with per-axis scales,
+//! 4-bit ones (`q4_0`, `mxfp4`) as `MatMulNBits` or their planes decoded in the graph
 //! ([`WeightFormat`]); other matrices as f32.
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
