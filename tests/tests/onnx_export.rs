@@ -197,6 +197,67 @@ fn task_merged_meo_gpt2_matches_cpu_on_ort_and_tract() {
     check_task_merged(&gpt2(tmp.path(), DType::Q8_0), &["docs"], INT8_TOL, 0.95);
 }
 
+/// 4-bit experts (Q4_0, MXFP4) exported in the block form: exact weights (Q4_0 through
+/// `MatMulNBits`, MXFP4 decoded in the graph from its planes) times f32 activations, against
+/// the CPU target's int8-quantised activations times the same weights. The error has the int8
+/// case's source and size (one activation quantum, `max|x|/254` per block, times the weights,
+/// summed over a row), so the int8 bound and top-1 floor apply.
+#[test]
+fn task_merged_4bit_experts_match_cpu_on_ort_and_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    for experts in [DType::Q4_0, DType::MXFP4] {
+        check_task_merged(&upcycled(tmp.path(), experts), &["docs", "code"], INT8_TOL, 0.95);
+        check_task_merged(&gpt2(tmp.path(), experts), &["docs"], INT8_TOL, 0.95);
+    }
+}
+
+/// The 4-bit block form is smaller than the f32-decoded one, Q4_0 runs as `MatMulNBits`, and
+/// every 4-bit form passes the ONNX checker; the vanilla graph (every expert, routing in the
+/// graph) runs in ORT and agrees with the CPU target.
+#[test]
+fn four_bit_exports_are_compact_checked_and_run_vanilla() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for experts in [DType::Q4_0, DType::MXFP4] {
+        let model = Model::open(upcycled(tmp.path(), experts)).unwrap();
+        let mut sizes = Vec::new();
+        for (wname, w) in
+            [("block", WeightFormat::Block), ("channel", WeightFormat::Channel), ("f32", WeightFormat::F32)]
+        {
+            for (mname, mode) in [("vanilla", MergeOptions::default()), ("docs", task("docs"))] {
+                let e =
+                    export::export(&model, &ExportOptions { merge: mode, weights: w, ..Default::default() }).unwrap();
+                let nbits = e.model.graph.node.iter().filter(|n| n.op_type == "MatMulNBits").count();
+                let want = experts == DType::Q4_0 && w == WeightFormat::Block;
+                assert_eq!(nbits > 0, want, "{} {wname} {mname}: {nbits} MatMulNBits nodes", experts.name());
+                assert!(e.model.graph.node.iter().all(|n| n.domain.is_empty() || n.op_type == "MatMulNBits"));
+                let p = tmp.path().join(format!("{}-{wname}-{mname}.onnx", experts.name()));
+                assert!(!export::write(&e, &p, false).unwrap());
+                sizes.push((wname, mname, std::fs::metadata(&p).unwrap().len()));
+                files.push(p);
+            }
+        }
+        println!("{} exports (bytes): {sizes:?}", experts.name());
+        for m in ["vanilla", "docs"] {
+            let size = |w: &str| sizes.iter().find(|s| s.0 == w && s.1 == m).unwrap().2;
+            assert!(size("block") < size("f32"), "{}: block {} >= f32 {}", experts.name(), size("block"), size("f32"));
+        }
+        let ids = prompt(model.config().vocab_size);
+        let (_, greedy) = run(&mut cpu(&model, MergeOptions::default()), &ids);
+        let want = forced(&mut cpu(&model, MergeOptions::default()), &ids, &greedy);
+        let got = forced(&mut ort(&model, MergeOptions::default(), WeightFormat::Block), &ids, &greedy);
+        let (d, a) = (max_diff(&got, &want), top1_agreement(&got, &want, model.config().vocab_size));
+        println!("{} vanilla: ORT-CPU vs meo-CPU max |Δlogit| {d:.3e}, top-1 agreement {a:.3}", experts.name());
+        assert!(d <= INT8_TOL && a >= 0.95, "{}: vanilla max |Δlogit| {d}, top-1 {a}", experts.name());
+        // The block form is exact: it gives the f32-decoded graph's logits (f32 order only).
+        let dec = forced(&mut ort(&model, MergeOptions::default(), WeightFormat::F32), &ids, &greedy);
+        let de = max_diff(&got, &dec);
+        println!("{} vanilla: block vs f32-decoded graph on ORT max |Δlogit| {de:.3e}", experts.name());
+        assert!(de <= TOL, "{}: block vs f32-decoded max |Δlogit| {de}", experts.name());
+    }
+    onnx_check(&files);
+}
+
 #[test]
 fn partial_merge_routes_the_other_layers_and_reports_their_routing() {
     let tmp = tempfile::tempdir().unwrap();

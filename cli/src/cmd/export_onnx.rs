@@ -20,9 +20,10 @@ pub struct Args {
     /// With --task: the MoE layers that run merged (`all` or a list `0,2,5`); the others route.
     #[arg(long, value_name = "all|LIST", default_value = "all")]
     pub merge_layers: String,
-    /// How int8 matrices are written: `block` (exact: the file's 32-wide blocks, per-axis
-    /// DequantizeLinear), `channel` (requantised per output row: the QDQ form NPU EPs fold),
-    /// `f32` (dequantised).
+    /// How int8 and 4-bit matrices are written: `block` (exact: the file's 32-wide blocks;
+    /// int8 per-axis DequantizeLinear, int4 com.microsoft MatMulNBits, mxfp4 decoded in the
+    /// graph), `channel` (requantised to int8 per output row: the QDQ form NPU EPs fold), `f32`
+    /// (dequantised).
     #[arg(long, value_name = "block|channel|f32", default_value = "block")]
     pub weights: String,
     /// A fixed-shape graph for NPU EPs (NNAPI, QNN HTP, Core ML compile static shapes only):

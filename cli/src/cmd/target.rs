@@ -26,7 +26,7 @@ pub struct TargetArgs {
     /// absent, others are skipped when absent. ONNX Runtime falls back to CPU per node.
     #[arg(long = "ep", value_name = "LIST")]
     pub ep: Option<String>,
-    /// With --target ort: how int8 weights go into the graph (`block`, `channel`, `f32`;
+    /// With --target ort: how int8 and 4-bit weights go into the graph (`block`, `channel`, `f32`;
     /// default `block`).
     #[arg(long = "onnx-weights", value_name = "block|channel|f32")]
     pub onnx_weights: Option<String>,

@@ -14,9 +14,11 @@
 //! Graph interface (batch 1): input `input_ids` int64 `[seq]`; per layer `past_key.L`,
 //! `past_value.L` f32 `[kv_heads, past, head_dim]`; outputs `logits` f32 `[seq, vocab]`,
 //! `present_key.L`, `present_value.L` `[kv_heads, past + seq, head_dim]`. Positions start at
-//! `past`. Opset 17, standard domain only.
+//! `past`. Opset 17, standard domain only (but `com.microsoft` `MatMulNBits` for `q4_0`
+//! matrices in [`WeightFormat::Block`]).
 //!
-//! int8 matrices (`q8_0` in the file) are written as `DequantizeLinear` with per-axis scales
+//! int8 matrices (`q8_0` in the file) are written as `DequantizeLinear` with per-axis scales,
+//! 4-bit ones (`q4_0`, `mxfp4`) as `MatMulNBits` or their planes decoded in the graph
 //! ([`WeightFormat`]); other matrices as f32.
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
@@ -36,24 +38,39 @@ use std::path::Path;
 
 /// The opset of every exported graph.
 pub const OPSET: i64 = 17;
+/// ONNX Runtime's contrib domain (`MatMulNBits`, for `q4_0` matrices in [`WeightFormat::Block`]).
+pub const MS_DOMAIN: &str = "com.microsoft";
 /// The IR version written (ONNX 1.13+, ORT 1.14+, tract 0.23).
 pub const IR_VERSION: i64 = 8;
 /// Above this many bytes of weights, [`write`] puts them in an external-data file (protobuf
 /// messages are limited to 2 GiB).
 pub const EXTERNAL_DATA_THRESHOLD: usize = 1 << 30;
 
-/// How int8 (`q8_0`) matrices are written.
+/// How block-quantised matrices (`q8_0`, `q4_0`, `mxfp4` in the file) are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
-    /// Exact: the file's blocks of 32 as int8 `[rows · blocks, 32]` with one scale per block,
-    /// `DequantizeLinear(axis = 0)` then `Reshape` to `[rows, cols]`. Matches the CPU target.
+    /// Exact, the file's blocks of 32 kept:
+    /// - `q8_0`: int8 `[rows · blocks, 32]` with one scale per block, `DequantizeLinear(axis = 0)`
+    ///   then `Reshape` to `[rows, cols]`;
+    /// - `q4_0`: `com.microsoft` `MatMulNBits` (`bits = 4`, `block_size = 32`, no zero-point
+    ///   input, so ORT's default 8): its packing is the file's code plane byte for byte (value
+    ///   `2j` in the low nibble of byte `j`), the f16 scales widened to f32;
+    /// - `mxfp4`: the code plane as stored (uint8 `[rows · blocks, 16]`) and the E8M0 scale bytes,
+    ///   decoded in the graph with standard ops (nibbles by `Mod`/`Div`, values and scales by
+    ///   `Gather` from a 16- and a 256-entry table): MXFP4's values are not on `MatMulNBits`'s
+    ///   affine grid.
+    ///
+    /// The graph multiplies these exact weights by f32 activations (the CPU target quantises
+    /// activations to int8 per block).
     #[default]
     Block,
-    /// Requantised to one symmetric scale per output row, `DequantizeLinear(axis = 0)` straight
-    /// into the `Gemm`: the QDQ weight pattern NPU EPs (QNN HTP, NNAPI) fold into int8 kernels.
-    /// Adds a second rounding (within one int8 step of the block values).
+    /// Requantised to one symmetric int8 scale per output row, `DequantizeLinear(axis = 0)`
+    /// straight into the `Gemm`: the QDQ weight pattern NPU EPs (QNN HTP, NNAPI) fold into int8
+    /// kernels. Adds a second rounding (within one int8 step of the block values); 4-bit
+    /// matrices take the same form (their values fit int8 per row only approximately).
     Channel,
-    /// Dequantised to f32 initializers (4× the size; for EPs that take no `DequantizeLinear`).
+    /// Dequantised to f32 initializers (4× the int8 size, 8× the 4-bit size; for EPs that take
+    /// no `DequantizeLinear`).
     F32,
 }
 
@@ -690,6 +707,10 @@ struct Builder<'m> {
 
 impl<'m> Builder<'m> {
     fn finish(self, arch: &str, doc: String) -> ModelProto {
+        let mut opset_import = vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }];
+        if self.nodes.iter().any(|n| n.domain == MS_DOMAIN) {
+            opset_import.push(OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1, ..Default::default() });
+        }
         let graph = GraphProto {
             name: format!("meo-{arch}"),
             node: self.nodes,
@@ -700,7 +721,7 @@ impl<'m> Builder<'m> {
         };
         ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
+            opset_import,
             producer_name: "meo".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             doc_string: doc,
@@ -832,7 +853,8 @@ impl<'m> Builder<'m> {
                 }
                 w
             }
-            (DType::Q8_0, WeightFormat::Channel) => {
+            (DType::MXFP4, WeightFormat::Block) => self.mxfp4_block(name, data, rows, cols)?,
+            (DType::Q8_0 | DType::Q4_0 | DType::MXFP4, WeightFormat::Channel) => {
                 let f = decoded(&w);
                 let mut q = Vec::with_capacity(rows * cols);
                 let mut scales = Vec::with_capacity(rows);
@@ -854,6 +876,78 @@ impl<'m> Builder<'m> {
         };
         self.written.insert(name.into(), out.clone());
         Ok(out)
+    }
+
+    /// `x · Wᵀ (+ b)` for matrix `m` over `bytes` (see [`matrix_in`](Self::matrix_in)); a
+    /// `q4_0` matrix in [`WeightFormat::Block`] is one `MatMulNBits` node.
+    fn linear(&mut self, x: &str, name: &str, m: &Mat, bytes: &[u8], b: Option<&str>) -> Result<String, ExportError> {
+        if m.dtype != DType::Q4_0 || self.weights != WeightFormat::Block {
+            let w = self.matrix_in(name, m, bytes)?;
+            return Ok(self.gemm(x, &w, b));
+        }
+        let (rows, cols) = (m.rows, m.cols);
+        let data = bytes
+            .get(m.range.clone())
+            .filter(|d| MatRef::new(m.dtype, rows, cols, d).is_some())
+            .ok_or_else(|| ExportError::Unsupported(format!("matrix {name}: bytes do not match its shape")))?;
+        let nb = cols.div_ceil(meo::quant::QK);
+        let soff = meo::quant::Planar::of(DType::Q4_0)
+            .and_then(|p| p.scales_offset(rows as u64, cols as u64))
+            .ok_or_else(|| ExportError::Unsupported(format!("matrix {name}: too large")))? as usize;
+        let codes = data[..rows * nb * 16].to_vec();
+        let scales: Vec<f32> = data[soff..soff + rows * nb * 2]
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        let qn = self.init(&format!("{name}.q4"), DataType::UINT8, &[rows, nb, 16], codes);
+        let sn = self.const_f32(&format!("{name}.scale"), &[rows * nb], &scales);
+        let attrs = [int("K", cols as i64), int("N", rows as i64), int("bits", 4), int("block_size", 32)];
+        let y = self.op("MatMulNBits", &[x, &qn, &sn], &attrs);
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = MS_DOMAIN.into();
+        }
+        Ok(match b {
+            Some(b) => self.op("Add", &[&y, b], &[]),
+            None => y,
+        })
+    }
+
+    /// An `mxfp4` matrix `[rows, cols]` decoded in the graph from its planes as stored
+    /// ([`WeightFormat::Block`]): exact (every E2M1 value times a power of two is an f32).
+    fn mxfp4_block(&mut self, name: &str, data: &[u8], rows: usize, cols: usize) -> Result<String, ExportError> {
+        let nb = cols.div_ceil(meo::quant::QK);
+        let soff = meo::quant::Planar::of(DType::MXFP4)
+            .and_then(|p| p.scales_offset(rows as u64, cols as u64))
+            .ok_or_else(|| ExportError::Unsupported(format!("matrix {name}: too large")))? as usize;
+        let q = self.init(&format!("{name}.mx"), DataType::UINT8, &[rows * nb, 16], data[..rows * nb * 16].to_vec());
+        let e =
+            self.init(&format!("{name}.e8m0"), DataType::UINT8, &[rows * nb, 1], data[soff..soff + rows * nb].to_vec());
+        let e2m1 = meo::quant::E2M1;
+        let lut: Vec<f32> = (0..16).map(|n| if n < 8 { e2m1[n] } else { -e2m1[n - 8] }).collect();
+        let lut = self.const_f32("mxfp4.values", &[16], &lut);
+        let pow: Vec<f32> = (0..=255u8).map(meo::quant::e8m0).collect();
+        let pow = self.const_f32("mxfp4.e8m0", &[256], &pow);
+        let sixteen = self.init("i32.16", DataType::INT32, &[], 16i32.to_le_bytes().to_vec());
+        let ax2 = self.const_i64("axes.2", &[1], &[2]);
+        let to_i32 = [int("to", DataType::INT32 as i64)];
+        let qi = self.op("Cast", &[&q], &to_i32);
+        let lo = self.op("Mod", &[&qi, &sixteen], &[]);
+        let hi = self.op("Div", &[&qi, &sixteen], &[]);
+        let lo = self.op("Unsqueeze", &[&lo, &ax2], &[]);
+        let hi = self.op("Unsqueeze", &[&hi, &ax2], &[]);
+        let codes = self.op("Concat", &[&lo, &hi], &[int("axis", 2)]); // [rows·nb, 16, 2]
+        let flat = self.shape(&format!("shape.{}.32", rows * nb), &[(rows * nb) as i64, 32]);
+        let codes = self.op("Reshape", &[&codes, &flat], &[]);
+        let vals = self.op("Gather", &[&lut, &codes], &[int("axis", 0)]);
+        let ei = self.op("Cast", &[&e], &to_i32);
+        let sc = self.op("Gather", &[&pow, &ei], &[int("axis", 0)]); // [rows·nb, 1]
+        let w = self.op("Mul", &[&vals, &sc], &[]);
+        let shape = self.shape(&format!("{name}.shape"), &[rows as i64, (nb * 32) as i64]);
+        let mut w = self.op("Reshape", &[&w, &shape], &[]);
+        if nb * 32 != cols {
+            w = self.slice(&w, 0, cols, 1);
+        }
+        Ok(w)
     }
 
     /// `x · Wᵀ (+ b)` for `x` `[T, in]` and `w` `[out, in]`.
@@ -1213,13 +1307,10 @@ impl<'m> Builder<'m> {
             ]
         });
         let b = |i: usize| bias.as_ref().map(|b| b[i].clone());
-        let uw = self.matrix_in(&format!("{p}.up"), &m.up, bytes)?;
-        let dw = self.matrix_in(&format!("{p}.down"), &m.down, bytes)?;
-        let up = self.gemm(x, &uw, b(1).as_deref());
+        let up = self.linear(x, &format!("{p}.up"), &m.up, bytes, b(1).as_deref())?;
         let hmid = match &m.gate {
             Some(gate) => {
-                let gw = self.matrix_in(&format!("{p}.gate"), gate, bytes)?;
-                let gt = self.gemm(x, &gw, b(0).as_deref());
+                let gt = self.linear(x, &format!("{p}.gate"), gate, bytes, b(0).as_deref())?;
                 match m.act {
                     Activation::ClampedSwiglu { alpha, limit } => {
                         let (lo, hi) = (
@@ -1253,7 +1344,7 @@ impl<'m> Builder<'m> {
                 }
             },
         };
-        Ok(self.gemm(&hmid, &dw, b(2).as_deref()))
+        self.linear(&hmid, &format!("{p}.down"), &m.down, bytes, b(2).as_deref())
     }
 
     /// Adds the (gated) shared expert of `moe` to `out`.
@@ -1461,9 +1552,8 @@ impl<'m> Builder<'m> {
             }
             let bytes = self.bytes;
             let slab = &bytes[ex.slab.clone()];
-            let w = self.matrix_in(&format!("{p}.merged.weight"), &ex.weight, slab)?;
             let bn = self.vector_in(&format!("{p}.merged.bias"), &ex.bias, slab);
-            h = self.gemm(&xin, &w, Some(&bn));
+            h = self.linear(&xin, &format!("{p}.merged.weight"), &ex.weight, slab, Some(&bn))?;
             if b == 0 {
                 h = match act {
                     Activation::Silu => {

@@ -16,9 +16,10 @@
 //!   on the host with the runtime's own router ([`meo::route::route_token`]), so this target
 //!   selects exactly what the CPU target selects from the same logits (same code, same tie
 //!   rule), and reports routing through [`meo::Trace`] as the CPU does.
-//! - Int8 (Q8_0) weights stay int8 on the GPU: activations are quantized per 32-block as the
-//!   CPU does and multiplied with `dot4I8Packed` where the adapter has it (a portable shift
-//!   and multiply otherwise). f16/bf16 weights are decoded to f32 in the kernel.
+//! - Int8 (Q8_0) and 4-bit (Q4_0, MXFP4) weights stay as stored on the GPU: activations are
+//!   quantized per 32-block as the CPU does and multiplied with `dot4I8Packed` where the
+//!   adapter has it (a portable shift and multiply otherwise); 4-bit codes are turned into
+//!   int8 in the kernel. f16/bf16 weights are decoded to f32 in the kernel.
 //! - MEO modes: merged experts (task merges stored in the file, prompt merges made from the
 //!   prompt's routing, MEO-native banks) are merged on the host with the runtime's merge code
 //!   and uploaded once per task / prompt.
@@ -902,23 +903,32 @@ impl Ops<'_> {
             DType::F32 => 0,
             DType::F16 => 1,
             DType::BF16 => 2,
-            DType::Q8_0 => {
+            DType::Q8_0 | DType::Q4_0 | DType::MXFP4 => {
+                // Activations quantized per 32-block as the CPU does, then exact int32 block
+                // sums against the weights' planes as stored (§10, §10a of docs/FORMAT.md).
                 let nb = w.cols.div_ceil(32);
                 let xq = self.scratch("q8x", t * nb * 8)?;
                 let xd = self.scratch("q8d", t * nb)?;
                 enc.dispatch_1d("quant_q8", &[k, t as u32, nb as u32], &[x, &xq, &xd], t * nb);
-                let soff = (w.rows * nb * 32).div_ceil(64) * 64;
+                let soff = meo::quant::Planar::of(w.dtype)
+                    .and_then(|p| p.scales_offset(w.rows as u64, w.cols as u64))
+                    .and_then(|o| u32::try_from(o).ok())
+                    .ok_or_else(|| {
+                        unsupported(format!("{} matrix {}x{}: too large", w.dtype.name(), w.rows, w.cols))
+                    })?;
+                let (kernel, fmt) = match w.dtype {
+                    DType::Q8_0 => ("matmul_q8", 0),
+                    DType::Q4_0 => ("matmul_q4", 0),
+                    _ => ("matmul_q4", 1),
+                };
                 enc.dispatch_rows(
-                    "matmul_q8",
-                    &[n, k, t as u32, nb as u32, soff as u32],
+                    kernel,
+                    &[n, k, t as u32, nb as u32, soff, fmt],
                     &[&xq, &xd, &w.buf, y],
                     w.rows,
                     t as u32,
                 );
                 return Ok(());
-            }
-            DType::Q4_0 | DType::MXFP4 => {
-                return Err(unsupported(format!("{} matrices: no wgpu kernel yet", w.dtype.name())));
             }
         };
         enc.dispatch_rows("matmul", &[n, k, t as u32, code], &[x, &w.buf, y], w.rows, t as u32);

@@ -103,6 +103,75 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }
 ";
 
+/// 4-bit weights (`Q4_0`, `MXFP4`, the file's planes as stored: docs/FORMAT.md §10a) times
+/// activations quantized per 32-block (`quant_q8`), as the CPU's 4-bit kernels compute it
+/// (`runtime/src/kernels/q4.rs`): each code through the format's integer value `v(n)`
+/// (`Q4_0`: `n − 8`; `MXFP4`: twice the E2M1 value, `0, ±1, ±2, ±3, ±4, ±6, ±8, ±12`) packed
+/// four to a word as int8, an exact int32 block sum with `dot4`, times the block's weight scale
+/// (f16; or E8M0 halved, for the doubling) and activation scale.
+/// Params: n, k, t, nb (blocks per row), soff (byte offset of the scale plane), fmt (0 `Q4_0`,
+/// 1 `MXFP4`).
+const MATMUL_Q4: &str = r"
+@group(0) @binding(1) var<storage, read> xq: array<u32>;
+@group(0) @binding(2) var<storage, read> xd: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+DOT4
+// The integer value of code `n` (0..16), as an int8 in the low byte.
+fn code(fmt: u32, n: u32) -> u32 {
+    if (fmt == 0u) { return (n - 8u) & 0xffu; }
+    let m = n & 7u;
+    var v = m;
+    if (m >= 4u) { v = (4u + 2u * (m & 1u)) << ((m - 4u) >> 1u); }
+    if ((n & 8u) != 0u) { v = 0u - v; }
+    return v & 0xffu;
+}
+// Four values from two code bytes (the low byte of `h`, then the next one): value 2j low
+// nibble, value 2j + 1 high nibble, packed as int8x4.
+fn unpack4(fmt: u32, h: u32) -> u32 {
+    return code(fmt, h & 15u) | (code(fmt, (h >> 4u) & 15u) << 8u)
+        | (code(fmt, (h >> 8u) & 15u) << 16u) | (code(fmt, (h >> 12u) & 15u) << 24u);
+}
+// Block scale in the units of `code`: the f16, or 2^(e − 127) / 2 (e = 0xFF: NaN).
+fn wscale(fmt: u32, r: u32, nb: u32, b: u32, soff: u32) -> f32 {
+    if (fmt == 0u) {
+        let sb = soff + (r * nb + b) * 2u;
+        let word = w[sb >> 2u];
+        return unpack2x16float(select(word & 0xffffu, word >> 16u, (sb & 2u) == 2u)).x;
+    }
+    let sb = soff + r * nb + b;
+    let e = (w[sb >> 2u] >> (8u * (sb & 3u))) & 0xffu;
+    var bits = 0x200000u << e;
+    if (e >= 2u) { bits = (e - 1u) << 23u; }
+    if (e == 0xffu) { bits = 0x7fc00000u; }
+    return bitcast<f32>(bits);
+}
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let n = pu(0u); let nb = pu(3u); let soff = pu(4u); let fmt = pu(5u);
+    let row = wid.x + wid.y * nwg.x;
+    let tok = wid.z;
+    let lid = lid3.x;
+    let valid = row < n;
+    let r = min(row, n - 1u);
+    var acc = 0.0;
+    for (var b = lid; b < nb; b += WG) {
+        let wo = (r * nb + b) * 4u;
+        let xo = (tok * nb + b) * 8u;
+        var s = 0;
+        for (var i = 0u; i < 4u; i++) {
+            let ww = w[wo + i];
+            s += dot4(unpack4(fmt, ww & 0xffffu), xq[xo + 2u * i]);
+            s += dot4(unpack4(fmt, ww >> 16u), xq[xo + 2u * i + 1u]);
+        }
+        acc += f32(s) * (wscale(fmt, r, nb, b, soff) * xd[tok * nb + b]);
+    }
+    let s = reduce_sum(lid, acc);
+    if (lid == 0u && valid) { y[tok * n + row] = s; }
+}
+";
+
 /// The portable int8x4 dot product (for adapters without the packed-dot language feature).
 pub const DOT4_PORTABLE: &str = r"
 fn dot4(a: u32, b: u32) -> i32 {
@@ -370,9 +439,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 ";
 
 /// Every kernel: (name, source without the prelude, read-only buffers, read-write buffers).
-pub const KERNELS: [(&str, &str, u32, u32); 10] = [
+pub const KERNELS: [(&str, &str, u32, u32); 11] = [
     ("matmul", MATMUL, 2, 1),
     ("matmul_q8", MATMUL_Q8, 3, 1),
+    ("matmul_q4", MATMUL_Q4, 3, 1),
     ("quant_q8", QUANT_Q8, 1, 2),
     ("norm", NORM, 3, 1),
     ("ew", EW, 1, 1),

@@ -1,8 +1,8 @@
 //! The GPU target against the CPU target on the same files: every fixture family (the Switch
 //! encoder through `encode`), vanilla and MEO modes (prompt merges with both poolings, stored
-//! task merges, MEO-native banks merged and unmerged), in f32 and int8. Checked per layer (the
-//! input of every MoE layer, as `Trace::on_moe_input` reports it) and on the logits, each within
-//! its error budget; routing must be identical (same experts at every layer and position,
+//! task merges, MEO-native banks merged and unmerged), in f32 and int8, and with 4-bit (Q4_0,
+//! MXFP4) experts. Checked per layer (the input of every MoE layer, as `Trace::on_moe_input`
+//! reports it) and on the logits, each within its error budget; routing must be identical (same experts at every layer and position,
 //! weights within 1e-5), and merged layers reported alike.
 //! Also: expert residency (LRU budget, stats) and typed errors.
 
@@ -78,6 +78,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// ≤ 1.2e-5 in every case (f32 summation order only: the int8 kernels quantize activations
 /// exactly as the CPU does). int8 leaves room for an activation landing on the other side of
 /// a rounding boundary on another adapter (one quantization step of one block).
+///
+/// The 4-bit kernels (Q4_0, MXFP4) take the same path: the same int8 activations, exact int32
+/// block sums of the codes' integer values, one f32 product per block; so the GPU differs from
+/// the CPU by f32 summation order plus, where an activation falls on the other side of a
+/// rounding boundary, one activation quantum times one weight — the same weights' magnitude as
+/// int8 (a 4-bit weight is `code · scale` with the block's largest at about the int8 one), so
+/// the int8 budget holds for them too.
 fn budget(experts: DType) -> (f32, f32) {
     match experts {
         DType::F32 => (2e-5, 1e-4),
@@ -157,6 +164,67 @@ fn every_fixture_vanilla_matches_cpu() {
             let p = convert_fixture(name, experts, dense, false, tmp.path());
             compare(&p, &format!("{name} {}/{} vanilla", experts.name(), dense.name()), &vanilla(), experts);
         }
+    }
+}
+
+#[test]
+fn four_bit_experts_match_cpu() {
+    // Q4_0 and MXFP4 experts (f16 dense): the prompt (T tokens) and decode (T = 1) paths.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        for experts in [DType::Q4_0, DType::MXFP4] {
+            let p = convert_fixture(name, experts, DType::F16, false, tmp.path());
+            compare(&p, &format!("{name} {}/f16 vanilla", experts.name()), &vanilla(), experts);
+        }
+    }
+}
+
+#[test]
+fn four_bit_meo_modes_match_cpu() {
+    // Merges of 4-bit experts are re-encoded in the experts' dtype (`meo::merge::encode`):
+    // stored task merges, prompt merges, and the MEO-native banks merged and unmerged.
+    let tmp = tempfile::tempdir().unwrap();
+    for experts in [DType::Q4_0, DType::MXFP4] {
+        for name in ["mixtral", "deepseek_v3"] {
+            let p = convert_fixture(name, experts, DType::F16, true, tmp.path());
+            for (label, mode) in [
+                ("task docs", Mode::Task("docs".into())),
+                ("prompt mean-gate", Mode::Prompt(PromptPool::MeanGate)),
+                ("prompt pooled-input", Mode::Prompt(PromptPool::PooledInput)),
+            ] {
+                let opts = MergeOptions { mode, layers: LayerSelect::All };
+                compare(&p, &format!("{name} {} {label}", experts.name()), &opts, experts);
+            }
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trained/meo-gpt2");
+        let out = tmp.path().join(format!("gpt2-{}.meo", experts.name()));
+        let opts = Options { experts, dense: DType::F16, align: true };
+        convert::convert(&dir, &out, opts, &AtomicBool::new(false), |_| {}).unwrap();
+        let model = Model::open(&out).unwrap();
+        let mut modes =
+            vec![("sequence", Mode::Prompt(PromptPool::default())), ("vanilla (unmerged banks)", Mode::Vanilla)];
+        modes.extend(model.meo_tasks().iter().map(|t| ("task", Mode::Task(t.name.clone()))));
+        for (label, mode) in modes {
+            let opts = MergeOptions { mode, layers: LayerSelect::All };
+            compare(&out, &format!("meo-gpt2 {} {label}", experts.name()), &opts, experts);
+        }
+    }
+}
+
+#[test]
+fn portable_int8_dot_gives_the_packed_results_on_4bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    for experts in [DType::Q4_0, DType::MXFP4] {
+        let p = convert_fixture("qwen2_moe", experts, DType::F16, false, tmp.path());
+        let model = Model::open(&p).unwrap();
+        let mut runs = Vec::new();
+        for portable_dot in [false, true] {
+            let opts =
+                WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), portable_dot, ..Default::default() };
+            let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+            runs.push(t.forward(&PROMPT, meo::Logits::All, &mut meo::NoTrace).unwrap().to_vec());
+        }
+        assert_eq!(runs[0], runs[1], "{}", experts.name());
     }
 }
 
