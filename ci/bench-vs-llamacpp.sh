@@ -475,8 +475,9 @@ if depth_l and depth_m:
     print(f"decode after {depth} tokens of context: llama.cpp {dl:.1f}, meo {dm:.1f} tok/s, ratio {dm / dl:.3f}")
 
 sys.path.insert(0, f"{src}/gguf-py")
-def gguf_expert_bytes(path):
-    """Bytes of the routed-expert tensors one decoded token reads: top_k / n_expert of each."""
+def gguf_bytes_per_token(path):
+    """What one decoded token reads of the weights: top_k / n_expert of the routed-expert
+    tensors, every other tensor, one row of the embedding table (as meo bench counts)."""
     from gguf import GGUFReader
     g = GGUFReader(path)
     k = e = None
@@ -485,14 +486,19 @@ def gguf_expert_bytes(path):
             k = int(f.parts[-1][0])
         elif f.name.endswith(".expert_count"):
             e = int(f.parts[-1][0])
-    tot = sum(int(t.n_bytes) for t in g.tensors if "_exps" in t.name)
-    return tot * k / e if k and e else None
+    if not (k and e):
+        return None, None
+    exps = sum(int(t.n_bytes) for t in g.tensors if "_exps" in t.name) * k / e
+    dense = sum(int(t.n_bytes) if t.name != "token_embd.weight" else int(t.n_bytes) // int(t.shape[-1])
+                for t in g.tensors if "_exps" not in t.name)
+    return exps, exps + dense
 
 q4 = None
 if meo("meo-int4"):
     print()
     print(f"4-bit: {len(meo('meo-int4'))} interleaved rounds, medians; file bytes; expert bytes per decoded token"
-          " (meo: counted from the routing by meo bench; llama.cpp: its expert tensors x top_k / experts)")
+          " (meo: counted from the routing by meo bench; llama.cpp: its expert tensors x top_k / experts);"
+          " bytes per decoded token (weights; meo also its KV cache)")
     print(f"{'':>22} {'prompt tok/s':>13} {'decode tok/s':>13} {'file bytes':>14} {'expert B/token':>15} {'B/token':>13}")
     table = {}
     def add(name, pp, tg, path, eb, b):
@@ -503,7 +509,7 @@ if meo("meo-int4"):
     paths = dict(zip(["q8_0", "int8", "q4_k_m", "q4_0", "int4", "mxfp4"], files))
     for tool, name, key in [("llama.cpp", "llama.cpp Q8_0", "q8_0"), ("llama.cpp-q4_k_m", "llama.cpp Q4_K_M", "q4_k_m"),
                             ("llama.cpp-q4_0", "llama.cpp Q4_0", "q4_0")]:
-        add(name, llama(tool, "n_prompt"), llama(tool, "n_gen"), paths[key], gguf_expert_bytes(paths[key]), None)
+        add(name, llama(tool, "n_prompt"), llama(tool, "n_gen"), paths[key], *gguf_bytes_per_token(paths[key]))
     eb = {}
     for tool, name, key in [("meo", "meo int8", "int8"), ("meo-int4", "meo int4", "int4"), ("meo-mxfp4", "meo mxfp4", "mxfp4")]:
         m = meo(tool)
