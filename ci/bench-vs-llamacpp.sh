@@ -46,7 +46,7 @@
 #    whole model); meo: experts f32, int8, int4, mxfp4 with dense f32, and int8, int4 with dense
 #    int8 (the benchmarked form). When the model's widths are not multiples of 256 (the bundled
 #    models: hidden 64), llama-quantize stores K-quant tensors in its fallback types (Q4_K ->
-#    Q5_0, Q6_K -> Q8_0): the script prints llama-quantize's fallback count, so read Q4_K_M there
+#    Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): the script prints llama-quantize's fallback count, so read Q4_K_M there
 #    as "what llama.cpp's Q4_K_M recipe gives on this model".
 #
 # Output: a table per part. The last two lines are exactly
