@@ -319,8 +319,9 @@ fn stored_merge_weights_reproduce_the_merged_tensors() {
             .collect();
         let spec = MergeSpec { tasks: texts, weighting, ..Default::default() };
         let int8 = tmp.path().join("int8.meo");
-        convert::convert_with(&fixture_dir("olmoe"), &int8, Options::default(), &spec, &AtomicBool::new(false), |_| {})
-            .unwrap();
+        // Both aligned (the library's default is unaligned; `meo convert --task` aligns).
+        let int8_opts = Options { align: true, ..Options::default() };
+        convert::convert_with(&fixture_dir("olmoe"), &int8, int8_opts, &spec, &AtomicBool::new(false), |_| {}).unwrap();
         let f32_opts = Options { experts: DType::F32, dense: DType::F32, align: true };
         let f32_path = tmp.path().join("f32.meo");
         convert::convert_with(&fixture_dir("olmoe"), &f32_path, f32_opts, &spec, &AtomicBool::new(false), |_| {})
