@@ -242,7 +242,7 @@ pub fn quantize_as(
                 // Padding values weigh nothing; a column never seen still counts a little.
                 imp = [0.0; QK];
                 for ((d, &v), &xv) in imp.iter_mut().zip(&i[c0..c1]).zip(&x) {
-                    *d = (v.max(0.0) + 1e-6) * (sigma2 + xv * xv).sqrt();
+                    *d = (v.max(0.0) + 1e-6) * libm::sqrtf(sigma2 + xv * xv);
                 }
             }
             let (head, scales) = out.split_at_mut(soff);
