@@ -12,9 +12,15 @@ fn example() -> Vec<u8> {
 
 /// `(address, bytes)` of each hex line between the example markers.
 fn doc_lines() -> Vec<(usize, Vec<u8>)> {
+    hex_lines("example-hex")
+}
+
+/// `(address, bytes)` of each hex line between `<!-- {marker}:begin -->` and `:end` in
+/// docs/FORMAT.md (an address of 8 hex digits, then up to 16 bytes).
+fn hex_lines(marker: &str) -> Vec<(usize, Vec<u8>)> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
-    let start = doc.find("<!-- example-hex:begin -->").expect("begin marker");
-    let end = doc.find("<!-- example-hex:end -->").expect("end marker");
+    let start = doc.find(&format!("<!-- {marker}:begin -->")).expect("begin marker");
+    let end = doc.find(&format!("<!-- {marker}:end -->")).expect("end marker");
     let mut out = Vec::new();
     for line in doc[start..end].lines() {
         let mut tokens = line.split_whitespace();
@@ -22,7 +28,6 @@ fn doc_lines() -> Vec<(usize, Vec<u8>)> {
         let Ok(addr) = usize::from_str_radix(addr, 16) else { continue };
         let bytes: Vec<u8> =
             tokens.take(16).map_while(|t| (t.len() == 2).then(|| u8::from_str_radix(t, 16).ok()).flatten()).collect();
-        assert_eq!(bytes.len(), 16, "line {addr:08x} has 16 bytes");
         out.push((addr, bytes));
     }
     out
@@ -34,6 +39,7 @@ fn worked_example_matches_the_writer() {
     assert_eq!(file.len(), 16400);
     let lines = doc_lines();
     assert!(lines.len() >= 15, "example found");
+    assert!(lines.iter().all(|(_, b)| b.len() == 16), "16 bytes per line");
     let mut covered = 0;
     for (addr, bytes) in &lines {
         assert_eq!(&file[*addr..addr + 16], &bytes[..], "docs/FORMAT.md line {addr:08x}");
@@ -63,15 +69,10 @@ fn crc32_is_zlib_crc32() {
 fn q4_0_example_matches_the_quantizer() {
     let x: Vec<f32> = (0..40).map(|c| if c < 32 { ((c % 16) as f32 - 8.0) * 0.25 } else { 1.0 }).collect();
     let bytes = meo::quant::quantize_as(DType::Q4_0, &x, 1, 40, None);
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
-    let start = doc.find("<!-- q4-example-hex:begin -->").expect("begin marker");
-    let end = doc.find("<!-- q4-example-hex:end -->").expect("end marker");
     let mut want = Vec::new();
-    for line in doc[start..end].lines() {
-        let mut tokens = line.split_whitespace();
-        let Some(addr) = tokens.next().filter(|t| t.len() == 8) else { continue };
-        assert_eq!(usize::from_str_radix(addr, 16).unwrap(), want.len(), "addresses follow each other");
-        want.extend(tokens.take(16).map_while(|t| (t.len() == 2).then(|| u8::from_str_radix(t, 16).ok()).flatten()));
+    for (addr, line) in hex_lines("q4-example-hex") {
+        assert_eq!(addr, want.len(), "addresses follow each other");
+        want.extend(line);
     }
     assert_eq!(bytes, want);
     // And it decodes to the values.

@@ -7,7 +7,7 @@ use super::heads::HeadJob;
 #[cfg(target_feature = "neon")]
 use super::heads::{Simd, SimdOps, prefetch_row};
 use super::q4::{Nib, finish};
-use super::q8::{Kernel, Micro, QActs, QWeights, ahead, micro, prefetch_scales, prefetch_scales_of, run, scale};
+use super::q8::{Kernel, QActs, QWeights, ahead, micro, micro4, prefetch_scales, prefetch_scales_of, run, scale};
 use crate::quant::QK;
 use alloc::vec::Vec;
 use core::arch::aarch64::*;
@@ -57,39 +57,6 @@ pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
     }
 }
 
-/// NEON 4-bit kernel of format `F`.
-struct NeonQ4<F>(core::marker::PhantomData<F>);
-/// NEON `sdot` 4-bit kernel of format `F`.
-struct NeonDotQ4<F>(core::marker::PhantomData<F>);
-
-impl<F: Nib> Micro for NeonQ4<F> {
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        w: &QWeights<'_>,
-        r: usize,
-        x: &QActs,
-        tok: usize,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        // SAFETY: forwarded contract (CPU features and bounds).
-        unsafe { tile4_neon::<F, MR, NR>(w, r, x, tok, out, os) }
-    }
-}
-
-impl<F: Nib> Micro for NeonDotQ4<F> {
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        w: &QWeights<'_>,
-        r: usize,
-        x: &QActs,
-        tok: usize,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        // SAFETY: forwarded contract (CPU features and bounds).
-        unsafe { tile4_neon_dot::<F, MR, NR>(w, r, x, tok, out, os) }
-    }
-}
-
 /// The NEON 4-bit micro-kernel (numerics of `q4.rs`, bit for bit): each block's 16 code
 /// bytes split into low nibbles (even values) and high nibbles (odd values), looked up in the
 /// format's signed table (`tbl`), an exact block sum against the rearranged activations,
@@ -97,7 +64,7 @@ impl<F: Nib> Micro for NeonDotQ4<F> {
 macro_rules! tile4_neon {
     ($name:ident, $feat:literal, $block:ident) => {
         /// # Safety
-        /// As [`Micro::tile`], with the CPU features enabled here.
+        /// As [`Micro::tile`](super::q8::Micro::tile), with the CPU features enabled here.
         #[target_feature(enable = $feat)]
         #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
         unsafe fn $name<F: Nib, const MR: usize, const NR: usize>(
@@ -152,6 +119,15 @@ macro_rules! tile4_neon {
 }
 tile4_neon!(tile4_neon, "neon", block_neon);
 tile4_neon!(tile4_neon_dot, "neon,dotprod", block_dot);
+
+micro4!(
+    /// NEON 4-bit kernel of format `F`.
+    NeonQ4 => tile4_neon
+);
+micro4!(
+    /// NEON `sdot` 4-bit kernel of format `F`.
+    NeonDotQ4 => tile4_neon_dot
+);
 
 /// No build of the activations' quantization of its own here (the portable one runs): `None`.
 pub(super) fn quantize(_x: &[f32], _t: usize, _cols: usize) -> Option<QActs> {

@@ -304,8 +304,32 @@ macro_rules! micro {
         }
     };
 }
+/// [`micro!`] for a 4-bit kernel generic over its format: declares `$name<F>`, a [`Micro`]
+/// for every `F: Nib` whose tile is `$tile::<F, MR, NR>`.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_macros))]
+macro_rules! micro4 {
+    ($(#[$attr:meta])* $name:ident => $tile:ident) => {
+        $(#[$attr])*
+        pub(super) struct $name<F>(core::marker::PhantomData<F>);
+        impl<F: $crate::kernels::q4::Nib> $crate::kernels::q8::Micro for $name<F> {
+            unsafe fn tile<const MR: usize, const NR: usize>(
+                w: &$crate::kernels::q8::QWeights<'_>,
+                r: usize,
+                x: &$crate::kernels::q8::QActs,
+                tok: usize,
+                out: &mut [f32],
+                os: usize,
+            ) {
+                // SAFETY: forwarded contract (CPU features and bounds).
+                unsafe { $tile::<F, MR, NR>(w, r, x, tok, out, os) }
+            }
+        }
+    };
+}
 #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
 pub(super) use micro;
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
+pub(super) use micro4;
 
 /// Activations kept in L2 while the weight rows of a pass stream past them.
 const ACTS_L2_BYTES: usize = 256 << 10;

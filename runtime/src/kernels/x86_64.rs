@@ -10,7 +10,7 @@ use super::heads::Simd;
 use super::heads::{HeadJob, SimdOps, prefetch_row};
 use super::q4::{Nib, unsigned_lut};
 use super::q8::{
-    Kernel, Micro, QActs, QWeights, ahead, micro, prefetch_range, prefetch_scales, prefetch_scales_of, run,
+    Kernel, QActs, QWeights, ahead, micro, micro4, prefetch_range, prefetch_scales, prefetch_scales_of, run,
 };
 use crate::quant::QK;
 use alloc::vec::Vec;
@@ -103,56 +103,6 @@ fn avx512vl() -> bool {
     cfg!(target_feature = "avx512vl")
 }
 
-/// AVX2 4-bit kernel of format `F`.
-struct Avx2Q4<F>(core::marker::PhantomData<F>);
-/// AVX-VNNI 4-bit kernel of format `F`.
-struct VnniQ4<F>(core::marker::PhantomData<F>);
-/// The same on AVX-512 VNNI + VL (256-bit EVEX `vpdpbusd`: Zen 4 and Intel server parts
-/// have it without AVX-VNNI).
-struct Vnni512Q4<F>(core::marker::PhantomData<F>);
-
-impl<F: Nib> Micro for Vnni512Q4<F> {
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        w: &QWeights<'_>,
-        r: usize,
-        x: &QActs,
-        tok: usize,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        // SAFETY: forwarded contract (CPU features and bounds).
-        unsafe { tile4_vnni512::<F, MR, NR>(w, r, x, tok, out, os) }
-    }
-}
-
-impl<F: Nib> Micro for Avx2Q4<F> {
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        w: &QWeights<'_>,
-        r: usize,
-        x: &QActs,
-        tok: usize,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        // SAFETY: forwarded contract (CPU features and bounds).
-        unsafe { tile4_avx2::<F, MR, NR>(w, r, x, tok, out, os) }
-    }
-}
-
-impl<F: Nib> Micro for VnniQ4<F> {
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        w: &QWeights<'_>,
-        r: usize,
-        x: &QActs,
-        tok: usize,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        // SAFETY: forwarded contract (CPU features and bounds).
-        unsafe { tile4_vnni::<F, MR, NR>(w, r, x, tok, out, os) }
-    }
-}
-
 /// The 8 lanes of `Σ u·x` over one pair of unpacked blocks (`u` unsigned): AVX2
 /// `maddubs` (pair sums ≤ 2·24·127, no saturation) then `madd` into i32.
 #[inline]
@@ -240,7 +190,7 @@ unsafe fn i32x8(p: *const i32, g: usize) -> __m256i {
 macro_rules! tile4 {
     ($name:ident, $feat:literal, $pair:ident) => {
         /// # Safety
-        /// As [`Micro::tile`], with the CPU features enabled here.
+        /// As [`Micro::tile`](super::q8::Micro::tile), with the CPU features enabled here.
         #[target_feature(enable = $feat)]
         #[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
         unsafe fn $name<F: Nib, const MR: usize, const NR: usize>(
@@ -346,6 +296,20 @@ macro_rules! tile4 {
 tile4!(tile4_avx2, "avx2,fma,f16c", pair_avx2);
 tile4!(tile4_vnni, "avx2,fma,f16c,avxvnni", pair_vnni);
 tile4!(tile4_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", pair_vnni512);
+
+micro4!(
+    /// AVX2 4-bit kernel of format `F`.
+    Avx2Q4 => tile4_avx2
+);
+micro4!(
+    /// AVX-VNNI 4-bit kernel of format `F`.
+    VnniQ4 => tile4_vnni
+);
+micro4!(
+    /// The same on AVX-512 VNNI + VL (256-bit EVEX `vpdpbusd`: Zen 4 and Intel server parts
+    /// have it without AVX-VNNI).
+    Vnni512Q4 => tile4_vnni512
+);
 
 /// AVX-512 VNNI's two paths: decoding one row at a time in the file's layout, prompts over
 /// packed groups of rows ([`gemm_packed`]).
