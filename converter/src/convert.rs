@@ -427,6 +427,13 @@ fn convert_inner(
             merges.hot_experts
         );
     }
+    if merges.calib.is_some() && !matches!(opts.experts, DType::Q4_0 | DType::MXFP4) {
+        bail!(
+            "--calib tunes the rounding of 4-bit experts (--experts int4 or mxfp4); with {} experts it would \
+             change nothing",
+            opts.experts.name()
+        );
+    }
     if !merges.calibrates() {
         return convert_single(dir, out, opts, cancel, progress);
     }

@@ -105,7 +105,8 @@ fn hot_experts_stay_int8_beside_int4() {
             MergeSpec { calib: Some(calib.clone()), hot_experts: 0.25, ..Default::default() },
             "int4 or mxfp4",
         ),
-        (DType::Q4_0, MergeSpec { calib: Some(calib), hot_experts: 1.5, ..Default::default() }, "0 to 1"),
+        (DType::Q4_0, MergeSpec { calib: Some(calib.clone()), hot_experts: 1.5, ..Default::default() }, "0 to 1"),
+        (DType::Q8_0, MergeSpec { calib: Some(calib), ..Default::default() }, "4-bit experts"),
     ] {
         let out = tmp.path().join("refused.meo");
         let err = convert_with(&dir, &out, Options { experts, ..opts }, &spec, &cancel, |_| {}).unwrap_err();
