@@ -1,4 +1,4 @@
-//! The aarch64 kernels: Q8_0 micro-kernels on NEON, NEON `sdot` (dotprod) and NEON `smmla`
+//! The aarch64 kernels: Q8_0 and 4-bit micro-kernels on NEON, NEON `sdot` (dotprod) and NEON `smmla`
 //! (i8mm), and the attention loops on NEON. NEON is part of every aarch64 target this builds
 //! for (checked at compile time); with `std` dotprod and i8mm are detected at run time,
 //! without it only what the target enables at compile time runs.
@@ -44,9 +44,10 @@ pub(super) fn q8_kernels(v: &mut Vec<Kernel>) {
 /// Appends the 4-bit kernels (format `F`) this CPU runs, best last.
 pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
     #[cfg(feature = "std")]
-    let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+    let (dot, i8mm) =
+        (std::arch::is_aarch64_feature_detected!("dotprod"), std::arch::is_aarch64_feature_detected!("i8mm"));
     #[cfg(not(feature = "std"))]
-    let dot = cfg!(target_feature = "dotprod");
+    let (dot, i8mm) = (cfg!(target_feature = "dotprod"), cfg!(target_feature = "i8mm"));
     if cfg!(target_feature = "neon") {
         // SAFETY: the target enables NEON at compile time.
         v.push(unsafe { Kernel::new("Neon", run::<NeonQ4<F>, 1, 4, 1>) });
@@ -54,6 +55,11 @@ pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
     if dot {
         // SAFETY: dotprod was detected just above (and NEON comes with it).
         v.push(unsafe { Kernel::new("NeonDot", run::<NeonDotQ4<F>, 1, 4, 1>) });
+    }
+    if i8mm {
+        // SAFETY: i8mm was detected just above (and NEON comes with it). Tiles of 4 × 2 (16
+        // accumulator registers); decoding takes rows in one pair, the token doubled.
+        v.push(unsafe { Kernel::new("NeonI8mm", run::<NeonI8mmQ4<F>, 4, 2, 2>) });
     }
 }
 
@@ -128,6 +134,100 @@ micro4!(
     /// NEON `sdot` 4-bit kernel of format `F`.
     NeonDotQ4 => tile4_neon_dot
 );
+micro4!(
+    /// NEON `smmla` (i8mm) 4-bit kernel of format `F`.
+    NeonI8mmQ4 => tile4_i8mm
+);
+
+/// The i8mm 4-bit micro-kernel (numerics of `q4.rs`, bit for bit): rows and tokens in pairs,
+/// the last one doubled when odd, as in [`tile_i8mm`]. A block's codes become its even and
+/// odd values through the format's table (`tbl`); four `smmla` give the exact block sums of a
+/// 2 × 2 tile, and each sum's f32 term goes to accumulator `b mod 8` (multiply, then add: the
+/// portable loop's operations, lane by lane).
+///
+/// # Safety
+/// As [`Micro::tile`](super::q8::Micro::tile), with neon and i8mm; `MR ≤ 4`, `NR ≤ 4`.
+#[target_feature(enable = "neon,i8mm")]
+#[allow(clippy::needless_range_loop)] // [row pair][token pair] indices read best as such
+unsafe fn tile4_i8mm<F: Nib, const MR: usize, const NR: usize>(
+    w: &QWeights<'_>,
+    r: usize,
+    x: &QActs,
+    tok: usize,
+    out: &mut [f32],
+    os: usize,
+) {
+    let nb = w.nb;
+    let (row, srow) = (nb * 16, nb * F::SB);
+    let ne = nb.next_multiple_of(2);
+    let (rp, tp) = (MR.div_ceil(2), NR.div_ceil(2));
+    // Row / token of pair `p`, half `h` (the last doubled when odd).
+    let ri = |p: usize, h: usize| (2 * p + h).min(MR - 1);
+    let tj = |q: usize, h: usize| (2 * q + h).min(NR - 1);
+    let ws: [&[u8]; MR] = core::array::from_fn(|i| &w.s[(r + i) * srow..][..srow]);
+    let xd: [&[f32]; NR] = core::array::from_fn(|j| &x.d[(tok + j) * ne..][..nb]);
+    let mut acc = [[[vdupq_n_f32(0.0); 8]; 2]; 2];
+    if NR == 1 {
+        prefetch_scales_of(w.s.as_ptr().wrapping_add(r * srow), MR, nb, 16, F::SB);
+    }
+    // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller): every pointer below
+    // addresses a block < nb of a row or < ne of a token; unaligned loads.
+    unsafe {
+        let lut = vld1q_s8(F::LUT.as_ptr());
+        let m4 = vdupq_n_u8(0x0F);
+        let even = |raw: uint8x16_t| vqtbl1q_s8(lut, vandq_u8(raw, m4));
+        let odd = |raw: uint8x16_t| vqtbl1q_s8(lut, vshrq_n_u8::<4>(raw));
+        for b in 0..nb {
+            let (p, h) = (b / 2, b % 2);
+            let xv: [[int8x16_t; 4]; 2] = core::array::from_fn(|q| {
+                if q < tp {
+                    let xr = |j: usize| x.q.as_ptr().add((tok + j) * ne * 32 + p * 64 + h * 16);
+                    let (x0, x1) = (xr(tj(q, 0)), xr(tj(q, 1)));
+                    let (e0, e1) = zip64(vld1q_s8(x0), vld1q_s8(x1));
+                    let (o0, o1) = zip64(vld1q_s8(x0.add(32)), vld1q_s8(x1.add(32)));
+                    [e0, e1, o0, o1]
+                } else {
+                    [vdupq_n_s8(0); 4]
+                }
+            });
+            for pr in 0..rp {
+                let (i0, i1) = (ri(pr, 0), ri(pr, 1));
+                let wp = |i: usize| w.q.as_ptr().add((r + i) * row + b * 16);
+                if NR == 1 && b % 4 == 0 {
+                    prefetch(wp(i0).wrapping_add(ahead(MR, row)));
+                    prefetch(wp(i1).wrapping_add(ahead(MR, row)));
+                }
+                let (raw0, raw1) = (vld1q_u8(wp(i0)), vld1q_u8(wp(i1)));
+                let (e0, e1) = zip64(even(raw0), even(raw1));
+                let (o0, o1) = zip64(odd(raw0), odd(raw1));
+                let (dw0, dw1) = (F::scale(ws[i0], b), F::scale(ws[i1], b));
+                for q in 0..tp {
+                    let mut s = mmla(vdupq_n_s32(0), e0, xv[q][0]);
+                    s = mmla(s, e1, xv[q][1]);
+                    s = mmla(s, o0, xv[q][2]);
+                    s = mmla(s, o1, xv[q][3]);
+                    let (dx0, dx1) = (xd[tj(q, 0)][b], xd[tj(q, 1)][b]);
+                    let sc = [dw0 * dx0, dw0 * dx1, dw1 * dx0, dw1 * dx1];
+                    let a = &mut acc[pr][q][b % 8];
+                    *a = vaddq_f32(*a, vmulq_f32(vcvtq_f32_s32(s), vld1q_f32(sc.as_ptr())));
+                }
+            }
+        }
+    }
+    for pr in 0..rp {
+        for q in 0..tp {
+            let mut v = [[0.0f32; 4]; 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                // SAFETY: `vk` holds 4 f32.
+                unsafe { vst1q_f32(vk.as_mut_ptr(), acc[pr][q][k]) };
+            }
+            for l in 0..4 {
+                // Doubled rows/tokens write the same value to the same place twice.
+                out[ri(pr, l / 2) + tj(q, l % 2) * os] = finish(core::array::from_fn(|k| v[k][l]));
+            }
+        }
+    }
+}
 
 /// No build of the activations' quantization of its own here (the portable one runs): `None`.
 pub(super) fn quantize(_x: &[f32], _t: usize, _cols: usize) -> Option<QActs> {
@@ -273,14 +373,18 @@ fn mmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn two_rows(p0: *const i8, p1: *const i8) -> [int8x16_t; 4] {
-    let zip = |a: int8x16_t, b: int8x16_t| {
-        let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
-        (vreinterpretq_s8_s64(vzip1q_s64(a, b)), vreinterpretq_s8_s64(vzip2q_s64(a, b)))
-    };
     // SAFETY: per the contract.
     let (a0, a1, b0, b1) = unsafe { (vld1q_s8(p0), vld1q_s8(p0.add(16)), vld1q_s8(p1), vld1q_s8(p1.add(16))) };
-    let ((k0, k1), (k2, k3)) = (zip(a0, b0), zip(a1, b1));
+    let ((k0, k1), (k2, k3)) = (zip64(a0, b0), zip64(a1, b1));
     [k0, k1, k2, k3]
+}
+
+/// Two 16-byte vectors as `smmla` operands: `([a[..8], b[..8]], [a[8..], b[8..]])`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn zip64(a: int8x16_t, b: int8x16_t) -> (int8x16_t, int8x16_t) {
+    let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
+    (vreinterpretq_s8_s64(vzip1q_s64(a, b)), vreinterpretq_s8_s64(vzip2q_s64(a, b)))
 }
 
 /// The i8mm micro-kernel: rows and tokens in pairs (the last one doubled when odd), each

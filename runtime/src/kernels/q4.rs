@@ -13,7 +13,7 @@
 //! y = ((A0 + A1) + (A4 + A5)) + ((A2 + A3) + (A6 + A7))
 //! ```
 //!
-//! Every kernel (portable, AVX2, AVX-VNNI, NEON) computes exactly this, so they agree bitwise
+//! Every kernel (portable, AVX2, AVX-VNNI, AVX-512 VNNI, NEON, `sdot`, `smmla`) computes exactly this, so they agree bitwise
 //! and a prompt gives the same bits as token-by-token decoding (tested below). The order is
 //! the one a 256-bit register of 8 accumulators reaches most cheaply (see `x86_64.rs`).
 //!
