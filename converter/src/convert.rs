@@ -51,7 +51,7 @@ fn name_output(e: anyhow::Error, out: &Path) -> anyhow::Error {
 pub struct Options {
     /// Routed expert matrices: `Q8_0`, `Q4_0`, `MXFP4`, `F16` or `F32`.
     pub experts: DType,
-    /// Embeddings, attention, dense and shared FFN, LM head: `Q8_0`, `F16` or `F32`.
+    /// Embeddings, attention, dense and shared FFN, LM head: `Q8_0`, `Q4_0`, `F16` or `F32`.
     pub dense: DType,
     /// Store every expert with its intermediate units aligned to expert 0 of its layer
     /// ([`crate::align`]; the model's function is unchanged). What uses it: task merges
@@ -242,8 +242,8 @@ pub fn plan(dir: &Path, opts: Options) -> Result<Plan> {
     if !matches!(opts.experts, DType::Q8_0 | DType::Q4_0 | DType::MXFP4 | DType::F16 | DType::F32) {
         bail!("expert dtype {} is not supported (q8_0, q4_0, mxfp4, f16 or f32)", opts.experts.name());
     }
-    if !matches!(opts.dense, DType::Q8_0 | DType::F16 | DType::F32) {
-        bail!("dense dtype {} is not supported (q8_0, f16 or f32)", opts.dense.name());
+    if !matches!(opts.dense, DType::Q8_0 | DType::Q4_0 | DType::F16 | DType::F32) {
+        bail!("dense dtype {} is not supported (q8_0, q4_0, f16 or f32)", opts.dense.name());
     }
     let model = HfModel::open(dir)?;
     let mut canon = canonical::tensors(&model.config);

@@ -312,13 +312,14 @@ fn agreement(
 
 /// Routing and top-1 agreement of the int8 conversion of one fixture.
 pub fn measure_int8(name: &str, open: Open<'_>) -> Agreement {
-    measure_experts(name, DType::Q8_0, open)
+    measure_experts(name, DType::Q8_0, DType::F16, open)
 }
 
-/// Routing and top-1 agreement of one fixture converted with experts in `experts` (dense f16).
-pub fn measure_experts(name: &str, experts: DType, open: Open<'_>) -> Agreement {
+/// Routing and top-1 agreement of one fixture converted with experts in `experts` and dense
+/// matrices in `dense`.
+pub fn measure_experts(name: &str, experts: DType, dense: DType, open: Open<'_>) -> Agreement {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let q8 = convert_fixture(name, experts, DType::F16, tmp.path());
+    let q8 = convert_fixture(name, experts, dense, tmp.path());
     let f32 = convert_fixture(name, DType::F32, DType::F32, tmp.path());
     let rf = reference(name);
     let t = rf.input_ids.len();

@@ -1,4 +1,4 @@
-//! `meo convert HF_DIR -o OUT.meo [--experts int8|int4|mxfp4|f16|f32] [--dense int8|f16|f32]`
+//! `meo convert HF_DIR -o OUT.meo [--experts int8|int4|mxfp4|f16|f32] [--dense int8|int4|f16|f32]`
 
 use anyhow::Result;
 use clap::builder::TypedValueParser;
@@ -28,6 +28,8 @@ pub enum DenseType {
     /// Q8_0 (int8 with an f16 scale per 32 values, as the experts): the fewest bytes per
     /// token; slightly less exact than f16.
     Int8,
+    /// Q4_0 (as `--experts int4`): the fewest bytes; embeddings and LM head included.
+    Int4,
     F16,
     F32,
 }
@@ -94,6 +96,7 @@ impl Args {
             },
             dense: match self.dense {
                 DenseType::Int8 => DType::Q8_0,
+                DenseType::Int4 => DType::Q4_0,
                 DenseType::F16 => DType::F16,
                 DenseType::F32 => DType::F32,
             },
