@@ -215,6 +215,10 @@ pub struct Recipe {
     pub mlp_activation: Activation,
     /// `model.expert_bias`: routed experts have biases (`experts.X.{gate,up,down}_bias`).
     pub expert_bias: bool,
+    /// `model.rope_dim`: RoPE rotates only each head's first `rope_dim` dimensions (rotate-half
+    /// within them) and passes the rest through (GLM-4.5's `partial_rotary_factor`); 0 = the
+    /// whole head.
+    pub rope_dim: usize,
 }
 
 impl Default for Recipe {
@@ -240,6 +244,7 @@ impl Default for Recipe {
             attention_sinks: false,
             mlp_activation: Activation::Silu,
             expert_bias: false,
+            rope_dim: 0,
         }
     }
 }
@@ -460,6 +465,7 @@ impl Recipe {
             attention_sinks: opt_bool(m, "model.attention_sinks")?,
             mlp_activation,
             expert_bias: opt_bool(m, "model.expert_bias")?,
+            rope_dim: opt_usize("model.rope_dim")?,
         })
     }
 
@@ -536,6 +542,9 @@ impl Recipe {
         }
         if self.expert_bias {
             v.push(("model.expert_bias", MetaValue::Bool(true)));
+        }
+        if self.rope_dim > 0 {
+            v.push(("model.rope_dim", MetaValue::U64(self.rope_dim as u64)));
         }
         v
     }
@@ -679,6 +688,12 @@ fn vec_of<const N: usize>(a: [(&'static str, MetaValue<'static>); N]) -> Vec<(&'
 }
 
 impl ModelConfig {
+    /// Dimensions of each q/k head that RoPE rotates (from the first): `model.rope_dim`, or
+    /// the whole `head_dim`.
+    pub fn rotary_dim(&self) -> usize {
+        if self.recipe.rope_dim > 0 { self.recipe.rope_dim } else { self.head_dim }
+    }
+
     /// Bytes of KV cache one position costs a session: every layer's keys and values, f32
     /// (MLA caches each head's decompressed keys and values). Saturates instead of overflowing.
     pub fn kv_bytes_per_position(&self) -> u64 {
@@ -899,12 +914,25 @@ impl ModelConfig {
                 return Err(invalid(key, "not supported with MLA"));
             }
         }
+        if r.rope_dim > 0 {
+            // MLA's rotary width is `model.head_dim` itself.
+            if r.rope_dim % 2 != 0 || r.rope_dim > self.head_dim || r.mla.is_some() {
+                return Err(invalid(
+                    "model.rope_dim",
+                    alloc::format!(
+                        "{} (must be even, at most head_dim {}, and not with MLA)",
+                        r.rope_dim,
+                        self.head_dim
+                    ),
+                ));
+            }
+        }
         if let Some(f) = &r.rope_inv_freq
-            && (f.len() != self.head_dim / 2 || f.iter().any(|x| !x.is_finite()))
+            && (f.len() != self.rotary_dim() / 2 || f.iter().any(|x| !x.is_finite()))
         {
             return Err(invalid(
                 "model.rope_inv_freq",
-                alloc::format!("{} values for head_dim {}", f.len(), self.head_dim),
+                alloc::format!("{} values for {} rotary dimensions", f.len(), self.rotary_dim()),
             ));
         }
         for (key, v) in
@@ -1103,6 +1131,28 @@ mod tests {
         let bytes = Metadata::from_entries(partial).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m), Err(ConfigError::Missing { key: "model.swiglu_limit" }));
+    }
+
+    #[test]
+    fn partial_rope_round_trips_and_is_checked() {
+        // Absent by default: files of the other families are unchanged.
+        assert!(sample().to_metadata().iter().all(|(k, _)| *k != "model.rope_dim"));
+        let mut c = sample();
+        c.recipe.rope_dim = 8;
+        c.recipe.rope_inv_freq = Some(alloc::vec![1.0, 0.1, 0.01, 0.001]);
+        assert_eq!(c.rotary_dim(), 8);
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // The table must have one frequency per rotated pair.
+        let mut bad = c.clone();
+        bad.recipe.rope_inv_freq = Some(alloc::vec![1.0; 8]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_inv_freq", .. })));
+        for d in [7, 18] {
+            let mut bad = c.clone();
+            bad.recipe.rope_inv_freq = None;
+            bad.recipe.rope_dim = d;
+            assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_dim", .. })), "{d}");
+        }
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(c: &ModelConfig) -> Self {
-        let d = c.head_dim;
+        let d = c.rotary_dim();
         let inv_freq = match &c.recipe.rope_inv_freq {
             Some(f) => f.clone(),
             None => (0..d / 2).map(|i| 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d as f32)).collect(),
@@ -87,8 +87,11 @@ impl Rope {
         }
     }
 
-    /// Rotates one head vector (`d` values) by the angles of [`angles`](Self::angles).
+    /// Rotates one head vector's first `d` values (`d` = twice the frequencies; the rest
+    /// pass through) by the angles of [`angles`](Self::angles).
     pub fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let d = (2 * self.inv_freq.len()).min(x.len());
+        let x = &mut x[..d];
         if self.interleave {
             crate::kernels::rope_rotate_pairs(x, cos, sin);
         } else {
@@ -107,6 +110,8 @@ pub struct AttnPlan {
     pub o_bias: Option<Vector>,
     /// Rotate q and k (RoPE); false with learned absolute positions.
     pub rope: bool,
+    /// Dimensions of each head RoPE rotates, from the first (`head_dim` unless partial).
+    pub rope_dim: usize,
     pub q: Mat,
     pub k: Mat,
     pub v: Mat,
@@ -696,6 +701,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             norm_bias: self.norm_bias(l, "attn_norm")?,
             o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
             rope: c.recipe.positions == Positions::Rope,
+            rope_dim: c.rotary_dim(),
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
             v: self.layer_mat(l, "attn.v.weight", kvd, h)?,

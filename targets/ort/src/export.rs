@@ -367,7 +367,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     let mut tables: BTreeMap<usize, RopeTables> = BTreeMap::new();
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
-            Attention::Gqa(a) if a.rope => a.head_dim,
+            Attention::Gqa(a) if a.rope => a.rope_dim,
             Attention::Gqa(_) => continue,
             Attention::Mla(a) => a.rope,
         };
@@ -1055,9 +1055,19 @@ impl<'m> Builder<'m> {
             v = self.op("Clip", &[&v, &lo, &hi], &[]);
         }
         if a.rope {
-            let t = ctx.tables.get(&hd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
-            q = self.rotate(&q, t);
-            k = self.rotate(&k, t);
+            let rd = a.rope_dim;
+            let t = ctx.tables.get(&rd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
+            if rd == hd {
+                q = self.rotate(&q, t);
+                k = self.rotate(&k, t);
+            } else {
+                // Partial RoPE: rotate each head's first `rd` dimensions, pass the rest.
+                for x in [&mut q, &mut k] {
+                    let (rot, pass) = (self.slice(x, 0, rd, 2), self.slice(x, rd, hd, 2));
+                    let rot = self.rotate(&rot, t);
+                    *x = self.op("Concat", &[&rot, &pass], &[int("axis", 2)]);
+                }
+            }
         }
         let sinks = match &a.sinks {
             Some(s) => {

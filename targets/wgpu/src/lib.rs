@@ -638,7 +638,7 @@ impl<'m> WgpuTarget<'m> {
         let mut rope_tables: HashMap<usize, wgpu::Buffer> = HashMap::new();
         for lp in m.layer_plans() {
             let nf = match &lp.attn {
-                Attention::Gqa(a) if a.rope => a.head_dim / 2,
+                Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
                 Attention::Gqa(_) => continue,
             };
@@ -1203,9 +1203,10 @@ impl Ops<'_> {
                 self.ew(enc, 2, self.gpu.dummy(), b, t * n, 0, clip);
             }
         }
-        if a.rope && hd >= 2 {
-            self.rope(enc, &q, nh, hd, qd, hd, 0)?;
-            self.rope(enc, &k, nkv, hd, kvd, hd, 0)?;
+        if a.rope && a.rope_dim >= 2 {
+            // The first `rope_dim` dimensions of each head (all of it unless partial).
+            self.rope(enc, &q, nh, a.rope_dim, qd, hd, 0)?;
+            self.rope(enc, &k, nkv, a.rope_dim, kvd, hd, 0)?;
         }
         let row = kvd as u64 * 4;
         enc.copy(&k, 0, &kv.0, pos0 as u64 * row, t as u64 * row);
