@@ -15,6 +15,7 @@ mod granitemoe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
+mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
 mod qwen3_moe;
@@ -204,6 +205,8 @@ pub const FAMILIES: &[&Family] = &[
     &granitemoe::FAMILY,
     &gpt_oss::FAMILY,
     &glm4_moe::FAMILY,
+    &phimoe::FAMILY,
+    &phimoe::FAMILY_HUB,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -211,6 +214,8 @@ const GLOBAL: &[(&str, &str)] = &[
     (meo::names::EMBED, "model.embed_tokens.weight"),
     (meo::names::OUTPUT_NORM, "model.norm.weight"),
     (meo::names::OUTPUT, "lm_head.weight"),
+    (meo::names::OUTPUT_NORM_BIAS, "model.norm.bias"),
+    (meo::names::OUTPUT_BIAS, "lm_head.bias"),
 ];
 
 /// Layer tensors named alike in every family: canonical suffix → HF suffix.

@@ -479,8 +479,8 @@ impl<'f, 'a> Builder<'f, 'a> {
         Ok((embed, norm, output))
     }
 
-    /// Learned positions and the final norm's bias, when the recipe has them.
-    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>), ModelError> {
+    /// Learned positions, the final norm's bias and the LM head's bias, when the recipe has them.
+    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>, Option<Vector>), ModelError> {
         let c = self.c;
         let pos = match c.recipe.positions {
             Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),
@@ -490,7 +490,8 @@ impl<'f, 'a> Builder<'f, 'a> {
             NormKind::Layer => Some(self.vector(names::OUTPUT_NORM_BIAS, self.h)?),
             NormKind::Rms => None,
         };
-        Ok((pos, bias))
+        let out_bias = if c.recipe.output_bias { Some(self.vector(names::OUTPUT_BIAS, c.vocab_size)?) } else { None };
+        Ok((pos, bias, out_bias))
     }
 
     fn norm_bias(&self, l: usize, which: &str) -> Result<Option<Vector>, ModelError> {

@@ -521,7 +521,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         return Ok(Exported { model: g.finish(&c.architecture, doc), info });
     }
     let head = if c.tie_word_embeddings { embed } else { g.matrix("output", gp.output)? };
-    let mut logits = g.gemm(&hn, &head, None);
+    let out_bias = gp.output_bias.map(|b| g.vector("output.bias", b));
+    let mut logits = g.gemm(&hn, &head, out_bias.as_deref());
     if r.logits_scaling != 1.0 {
         // Divided, as the CPU target and transformers do.
         let s = g.const_f32("logits_scaling", &[], &[r.logits_scaling]);
@@ -1385,6 +1386,11 @@ impl<'m> Builder<'m> {
             Scoring::Softmax => self.op("Softmax", &[&logits], &[int("axis", -1)]),
             Scoring::Sigmoid => self.op("Sigmoid", &[&logits], &[]),
             Scoring::SoftmaxAfterTopK => logits.clone(),
+            Scoring::SparseMixer => {
+                return Err(ExportError::Unsupported(
+                    "sparsemixer routing (Phi-3.5-MoE): its masked two-round softmax has no ONNX form here yet".into(),
+                ));
+            }
         };
         let select = match &moe.selection_bias {
             Some(b) => {

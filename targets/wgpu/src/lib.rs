@@ -840,6 +840,14 @@ impl<'m> WgpuTarget<'m> {
         let lg = gpu.scratch("logits", f4(rows * vocab)).map_err(dev)?;
         ops.mm(&mut enc, &hn, rows, &self.head, &lg)?;
         self.logits = enc.read(&[(&lg, rows * vocab)]).map_err(dev)?.remove(0);
+        if let Some(ob) = m.global_plans().output_bias {
+            // Phi-3.5-MoE's LM head bias: one add per logit, on the host as the scaling below.
+            let mut bias = vec![0.0f32; ob.len];
+            meo::kernels::read_f32s(&bytes[ob.range.clone()], &mut bias);
+            for row in self.logits.chunks_mut(vocab) {
+                row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+            }
+        }
         let scaling = recipe.logits_scaling;
         if scaling != 1.0 {
             // Divided, not multiplied by the reciprocal, as the CPU (and transformers) does.
