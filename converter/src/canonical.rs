@@ -333,6 +333,9 @@ pub fn tensors_within(c: &ModelConfig, budget: u64, source_name: &'static str) -
     if !c.tie_word_embeddings && !c.recipe.encoder_only {
         out.push(global(names::OUTPUT, vec![v, h], Role::Dense));
     }
+    if c.recipe.output_bias {
+        out.push(global(names::OUTPUT_BIAS, vec![v], Role::Bias));
+    }
     if out.over { Err(too_large) } else { Ok(out.out) }
 }
 

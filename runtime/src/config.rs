@@ -42,6 +42,10 @@ pub enum Scoring {
     SoftmaxAfterTopK,
     /// element-wise sigmoid (DeepSeek-V3).
     Sigmoid,
+    /// Phi-3.5-MoE's sparsemixer at inference: `k` rounds, each choosing the best remaining
+    /// logit `m` and weighting it by a softmax over the remaining experts whose relative gap
+    /// `(m − l_j) / max(|l_j|, m)` is at most `2 · RouterSpec::sparsemixer_eps`.
+    SparseMixer,
 }
 
 /// How group-limited selection scores a group of experts (from the selection scores).
@@ -215,6 +219,13 @@ pub struct Recipe {
     pub mlp_activation: Activation,
     /// `model.expert_bias`: routed experts have biases (`experts.X.{gate,up,down}_bias`).
     pub expert_bias: bool,
+    /// `model.output_bias`: the LM head has a bias (`output.bias`, `[vocab]`; Phi-3.5-MoE's
+    /// `lm_head_bias`).
+    pub output_bias: bool,
+    /// `model.rope_dim`: RoPE rotates only each head's first `rope_dim` dimensions (rotate-half
+    /// within them) and passes the rest through (GLM-4.5's `partial_rotary_factor`); 0 = the
+    /// whole head.
+    pub rope_dim: usize,
 }
 
 impl Default for Recipe {
@@ -240,6 +251,8 @@ impl Default for Recipe {
             attention_sinks: false,
             mlp_activation: Activation::Silu,
             expert_bias: false,
+            output_bias: false,
+            rope_dim: 0,
         }
     }
 }
@@ -270,6 +283,8 @@ pub struct RouterSpec {
     /// Most tokens of one sequence an expert takes, first come first served; later tokens
     /// routed to a full expert are dropped (Switch `expert_capacity`). 0 = unlimited.
     pub expert_capacity: usize,
+    /// [`Scoring::SparseMixer`]'s `ε` (Phi-3.5-MoE's `router_jitter_noise`); 0 otherwise.
+    pub sparsemixer_eps: f32,
 }
 
 /// The canonical model description.
@@ -460,6 +475,8 @@ impl Recipe {
             attention_sinks: opt_bool(m, "model.attention_sinks")?,
             mlp_activation,
             expert_bias: opt_bool(m, "model.expert_bias")?,
+            output_bias: opt_bool(m, "model.output_bias")?,
+            rope_dim: opt_usize("model.rope_dim")?,
         })
     }
 
@@ -537,6 +554,12 @@ impl Recipe {
         if self.expert_bias {
             v.push(("model.expert_bias", MetaValue::Bool(true)));
         }
+        if self.output_bias {
+            v.push(("model.output_bias", MetaValue::Bool(true)));
+        }
+        if self.rope_dim > 0 {
+            v.push(("model.rope_dim", MetaValue::U64(self.rope_dim as u64)));
+        }
         v
     }
 }
@@ -552,6 +575,7 @@ impl Scoring {
             Self::Softmax => "softmax",
             Self::SoftmaxAfterTopK => "softmax_after_topk",
             Self::Sigmoid => "sigmoid",
+            Self::SparseMixer => "sparsemixer",
         }
     }
 }
@@ -586,6 +610,7 @@ impl RouterSpec {
             num_shared_experts: 0,
             shared_gate: SharedGate::None,
             expert_capacity: 0,
+            sparsemixer_eps: 0.0,
         }
     }
 
@@ -598,6 +623,7 @@ impl RouterSpec {
             "softmax" => Scoring::Softmax,
             "softmax_after_topk" => Scoring::SoftmaxAfterTopK,
             "sigmoid" => Scoring::Sigmoid,
+            "sparsemixer" => Scoring::SparseMixer,
             s => return Err(invalid("routing.scoring", s)),
         };
         let shared_gate = match str_of(m, "routing.shared_gate")? {
@@ -626,7 +652,15 @@ impl RouterSpec {
             num_shared_experts: usize_of(m, "routing.num_shared_experts")?,
             shared_gate,
             expert_capacity: usize_of(m, "routing.expert_capacity")?,
+            sparsemixer_eps: if scoring == Scoring::SparseMixer { f32_of(m, "routing.sparsemixer_eps")? } else { 0.0 },
         };
+        if !(r.sparsemixer_eps.is_finite() && r.sparsemixer_eps >= 0.0) {
+            return Err(invalid("routing.sparsemixer_eps", r.sparsemixer_eps));
+        }
+        // The sparsemixer selects on the raw logits: no bias or groups apply to it.
+        if r.scoring == Scoring::SparseMixer && (r.selection_bias || r.n_group > 1) {
+            return Err(invalid("routing.scoring", "sparsemixer with a selection bias or groups"));
+        }
         if r.num_experts == 0 || r.top_k == 0 || r.top_k > r.num_experts || r.top_k > MAX_TOP_K {
             return Err(invalid("routing.top_k", r.top_k));
         }
@@ -664,6 +698,9 @@ impl RouterSpec {
         if self.n_group > 1 {
             v.push(("routing.group_score", MetaValue::Str(self.group_score.name())));
         }
+        if self.scoring == Scoring::SparseMixer {
+            v.push(("routing.sparsemixer_eps", f(self.sparsemixer_eps)));
+        }
         v
     }
 }
@@ -679,6 +716,12 @@ fn vec_of<const N: usize>(a: [(&'static str, MetaValue<'static>); N]) -> Vec<(&'
 }
 
 impl ModelConfig {
+    /// Dimensions of each q/k head that RoPE rotates (from the first): `model.rope_dim`, or
+    /// the whole `head_dim`.
+    pub fn rotary_dim(&self) -> usize {
+        if self.recipe.rope_dim > 0 { self.recipe.rope_dim } else { self.head_dim }
+    }
+
     /// Bytes of KV cache one position costs a session: every layer's keys and values, f32
     /// (MLA caches each head's decompressed keys and values). Saturates instead of overflowing.
     pub fn kv_bytes_per_position(&self) -> u64 {
@@ -899,12 +942,25 @@ impl ModelConfig {
                 return Err(invalid(key, "not supported with MLA"));
             }
         }
+        if r.rope_dim > 0 {
+            // MLA's rotary width is `model.head_dim` itself.
+            if r.rope_dim % 2 != 0 || r.rope_dim > self.head_dim || r.mla.is_some() {
+                return Err(invalid(
+                    "model.rope_dim",
+                    alloc::format!(
+                        "{} (must be even, at most head_dim {}, and not with MLA)",
+                        r.rope_dim,
+                        self.head_dim
+                    ),
+                ));
+            }
+        }
         if let Some(f) = &r.rope_inv_freq
-            && (f.len() != self.head_dim / 2 || f.iter().any(|x| !x.is_finite()))
+            && (f.len() != self.rotary_dim() / 2 || f.iter().any(|x| !x.is_finite()))
         {
             return Err(invalid(
                 "model.rope_inv_freq",
-                alloc::format!("{} values for head_dim {}", f.len(), self.head_dim),
+                alloc::format!("{} values for {} rotary dimensions", f.len(), self.rotary_dim()),
             ));
         }
         for (key, v) in
@@ -1103,6 +1159,49 @@ mod tests {
         let bytes = Metadata::from_entries(partial).to_bytes();
         let m = Metadata::parse(&bytes).unwrap();
         assert_eq!(ModelConfig::from_metadata(&m), Err(ConfigError::Missing { key: "model.swiglu_limit" }));
+    }
+
+    #[test]
+    fn sparsemixer_and_output_bias_round_trip() {
+        let mut c = sample();
+        c.router.scoring = Scoring::SparseMixer;
+        c.router.sparsemixer_eps = 0.01;
+        c.recipe.output_bias = true;
+        let entries = c.to_metadata();
+        assert!(entries.iter().any(|(k, _)| *k == "routing.sparsemixer_eps"));
+        let bytes = Metadata::from_entries(entries).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // Other scorings write neither key.
+        assert!(
+            sample().to_metadata().iter().all(|(k, _)| *k != "routing.sparsemixer_eps" && *k != "model.output_bias")
+        );
+        // The eps is required with sparsemixer.
+        let partial: Vec<_> = c.to_metadata().into_iter().filter(|(k, _)| *k != "routing.sparsemixer_eps").collect();
+        let bytes = Metadata::from_entries(partial).to_bytes();
+        let m = Metadata::parse(&bytes).unwrap();
+        assert_eq!(ModelConfig::from_metadata(&m), Err(ConfigError::Missing { key: "routing.sparsemixer_eps" }));
+    }
+
+    #[test]
+    fn partial_rope_round_trips_and_is_checked() {
+        // Absent by default: files of the other families are unchanged.
+        assert!(sample().to_metadata().iter().all(|(k, _)| *k != "model.rope_dim"));
+        let mut c = sample();
+        c.recipe.rope_dim = 8;
+        c.recipe.rope_inv_freq = Some(alloc::vec![1.0, 0.1, 0.01, 0.001]);
+        assert_eq!(c.rotary_dim(), 8);
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // The table must have one frequency per rotated pair.
+        let mut bad = c.clone();
+        bad.recipe.rope_inv_freq = Some(alloc::vec![1.0; 8]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_inv_freq", .. })));
+        for d in [7, 18] {
+            let mut bad = c.clone();
+            bad.recipe.rope_inv_freq = None;
+            bad.recipe.rope_dim = d;
+            assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_dim", .. })), "{d}");
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub const OUTPUT_NORM: &str = "output_norm.weight";
 pub const OUTPUT: &str = "output.weight";
 /// `[hidden]` final norm bias (`model.norm = layer`).
 pub const OUTPUT_NORM_BIAS: &str = "output_norm.bias";
+/// LM head bias (`model.output_bias`).
+pub const OUTPUT_BIAS: &str = "output.bias";
 /// `[max_position_embeddings, hidden]` learned positions (`model.positions = learned`).
 pub const POS_EMBED: &str = "pos_embed.weight";
 /// `[buckets, heads]` relative position bias (`model.positions = relative`), f32, shared by

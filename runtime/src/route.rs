@@ -79,6 +79,26 @@ pub fn route_token(
 ) {
     let (e, k) = (spec.num_experts, spec.top_k);
     assert!(logits.len() == e && out.len() == k && k <= MAX_TOP_K, "route_token: bad shapes");
+    if spec.scoring == Scoring::SparseMixer {
+        sparse_mixer(logits, spec.sparsemixer_eps, s, out);
+    } else {
+        select(spec, logits, selection_bias, s, out);
+    }
+    if spec.norm_topk_prob {
+        let sum: f32 = out.iter().map(|c| c.weight).sum::<f32>() + spec.norm_eps;
+        for o in out.iter_mut() {
+            o.weight /= sum;
+        }
+    }
+    for o in out.iter_mut() {
+        o.weight *= spec.scaling_factor;
+    }
+    out.sort_unstable_by_key(|c| c.expert);
+}
+
+/// Scores, selection bias, group limit and top-k: every scoring but the sparsemixer.
+fn select(spec: &RouterSpec, logits: &[f32], selection_bias: Option<&[f32]>, s: &mut RouteScratch, out: &mut [Choice]) {
+    let (e, k) = (spec.num_experts, spec.top_k);
     s.scores.clear();
     s.scores.resize(e, 0.0);
     match spec.scoring {
@@ -88,7 +108,7 @@ pub fn route_token(
                 *o = 1.0 / (1.0 + libm::expf(-v));
             }
         }
-        Scoring::SoftmaxAfterTopK => s.scores.copy_from_slice(logits),
+        Scoring::SoftmaxAfterTopK | Scoring::SparseMixer => s.scores.copy_from_slice(logits),
     }
     s.select.clear();
     s.select.extend_from_slice(&s.scores);
@@ -139,16 +159,36 @@ pub fn route_token(
             o.weight = w;
         }
     }
-    if spec.norm_topk_prob {
-        let sum: f32 = out.iter().map(|c| c.weight).sum::<f32>() + spec.norm_eps;
-        for o in out.iter_mut() {
-            o.weight /= sum;
-        }
-    }
+}
+
+/// Phi-3.5-MoE's sparsemixer as transformers runs it at inference (`sparsemixer`,
+/// `training=False`), for `out.len()` rounds (transformers: 2). Each round takes the best
+/// remaining logit `m` (ties: lowest index) and weights it `1 / Σ_j exp(l_j − m)` over the
+/// remaining experts `j` not masked, where `j` is masked when `(m − l_j) / max(|l_j|, m) > 2ε`:
+/// the chosen expert's probability in a softmax over the unmasked remaining logits.
+fn sparse_mixer(logits: &[f32], eps: f32, s: &mut RouteScratch, out: &mut [Choice]) {
+    s.select.clear();
+    s.select.extend_from_slice(logits);
+    let threshold = 2.0 * eps;
     for o in out.iter_mut() {
-        o.weight *= spec.scaling_factor;
+        top_k(&s.select, 1, &mut s.order);
+        let i = s.order[0] as usize;
+        let m = s.select[i];
+        let mut sum = 0.0f32;
+        for (&l, &rem) in logits.iter().zip(&s.select) {
+            // Chosen in an earlier round (set to -inf below): out of this round's softmax.
+            if rem == f32::NEG_INFINITY {
+                continue;
+            }
+            // torch: `scores.abs().clamp(min=m)`, then the relative gap against 2ε.
+            if (m - l) / l.abs().max(m) > threshold {
+                continue;
+            }
+            sum += libm::expf(l - m);
+        }
+        *o = Choice { expert: i as u32, weight: 1.0 / sum };
+        s.select[i] = f32::NEG_INFINITY;
     }
-    out.sort_unstable_by_key(|c| c.expert);
 }
 
 /// Applies per-expert capacity over one sequence in token order (Switch): a choice whose
@@ -184,6 +224,26 @@ mod tests {
         let mut out = alloc::vec![Choice { expert: 0, weight: 0.0 }; sp.top_k];
         route_token(sp, logits, bias, &mut RouteScratch::default(), &mut out);
         out
+    }
+
+    #[test]
+    fn sparsemixer_weights_each_round_by_its_unmasked_softmax() {
+        let sp = RouterSpec { sparsemixer_eps: 0.01, ..RouterSpec::plain(4, 2, Scoring::SparseMixer) };
+        // Round 1: m = 3.0 (expert 1); 2.99 is within 2ε relative gap (0.01/3), 1.0 and 0.5 are not.
+        // Round 2: m = 2.99 (expert 2); 1.0 and 0.5 masked again, so its weight is 1.
+        let out = run(&sp, &[1.0, 3.0, 2.99, 0.5], None);
+        assert_eq!(out.iter().map(|c| c.expert).collect::<Vec<_>>(), [1, 2]);
+        let w1 = 1.0 / (1.0 + libm::expf(2.99 - 3.0));
+        assert!((out[0].weight - w1).abs() < 1e-6, "{out:?}");
+        assert_eq!(out[1].weight, 1.0);
+        // Far apart: each round's softmax holds only its own expert.
+        let out = run(&sp, &[-4.0, 2.0, 0.0, 1.0], None);
+        assert_eq!((out[0].expert, out[1].expert, out[0].weight, out[1].weight), (1, 3, 1.0, 1.0));
+        // A larger ε unmasks expert 3 in round 1: (2 − 1) / 2 = 0.5 ≤ 2 · 0.3.
+        let wide = RouterSpec { sparsemixer_eps: 0.3, ..sp };
+        let out = run(&wide, &[-4.0, 2.0, 0.0, 1.0], None);
+        let w = 1.0 / (1.0 + libm::expf(-1.0));
+        assert!((out[0].weight - w).abs() < 1e-6, "{out:?}");
     }
 
     #[test]

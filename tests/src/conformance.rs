@@ -29,7 +29,7 @@ pub const LOGIT_TOL: f32 = 1e-4;
 pub const WEIGHT_TOL: f32 = 1e-5;
 
 /// Every fixture directory under `tests/fixtures/`.
-pub const FIXTURES: [&str; 18] = [
+pub const FIXTURES: [&str; 20] = [
     "mixtral",
     "mixtral-fused",
     "mixtral-bf16-sharded",
@@ -48,6 +48,8 @@ pub const FIXTURES: [&str; 18] = [
     "gpt_oss-mxfp4",
     "qwen3_moe-gptq",
     "qwen3_moe-awq",
+    "glm4_moe",
+    "glm4_moe-fused",
 ];
 
 /// One token's routing in one MoE layer, as a target reports it.
@@ -360,7 +362,7 @@ pub fn measure_experts(name: &str, experts: DType, dense: DType, open: Open<'_>)
 /// summation order (SIMD kernels) passes and a real regression fails. The quantized releases
 /// (`*-fp8`, `*-mxfp4`, `*-gptq`, `*-awq`) are re-quantized to int8 from their dequantized weights:
 /// max |Δlogit| 2.0e-2 (AWQ) to 4.9e-2 (FP8), agreement 1.0 except gpt-oss top-1 vs f32 27/28.
-pub const INT8_BOUNDS: [(&str, f64, f64, f32); 18] = [
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 20] = [
     ("mixtral", 0.95, 0.95, 2.5e-2),
     ("mixtral-fused", 0.95, 0.95, 2.5e-2),
     ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
@@ -381,6 +383,8 @@ pub const INT8_BOUNDS: [(&str, f64, f64, f32); 18] = [
     // int8 weights) flips it (top-1 11/12 vs transformers, measured); the CPU keeps 12/12.
     ("qwen3_moe-gptq", 0.95, 0.9, 5.0e-2),
     ("qwen3_moe-awq", 0.95, 0.95, 2.5e-2),
+    ("glm4_moe", 0.95, 0.95, 2.5e-2),
+    ("glm4_moe-fused", 0.95, 0.95, 2.5e-2),
 ];
 
 /// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
@@ -428,6 +432,8 @@ macro_rules! conformance_suite {
             gpt_oss_mxfp4 => "gpt_oss-mxfp4",
             qwen3_moe_gptq => "qwen3_moe-gptq",
             qwen3_moe_awq => "qwen3_moe-awq",
+            glm4_moe => "glm4_moe",
+            glm4_moe_fused => "glm4_moe-fused",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {

@@ -9,11 +9,13 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
+mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
 mod qwen3_moe;
@@ -100,13 +102,44 @@ pub enum Kind {
     DeepSeek,
     /// A standard decoder plus the [`Features`] given (Granite-MoE, GPT-OSS).
     Extended(&'static Features),
+    /// A decoder whose `config.json` has its own reader ([`OwnConfig`]); tensors named through
+    /// the table above like [`Kind::Standard`] (GLM-4.5).
+    Own(&'static OwnConfig),
 }
+
+/// The config reader of a [`Kind::Own`] family: the model config and the checkpoint layers
+/// past the decoder's that are known to be unused (multi-token-prediction modules).
+pub type ConfigReader =
+    fn(&config::Json<'_>, &'static Family, Vec<u64>) -> Result<(ModelConfig, std::ops::Range<usize>)>;
+
+/// A family's own `config.json` reader and its expert layout features.
+pub struct OwnConfig {
+    /// Names it in debug output and comparisons.
+    pub name: &'static str,
+    pub read: ConfigReader,
+    pub features: Features,
+}
+
+impl std::fmt::Debug for OwnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnConfig({})", self.name)
+    }
+}
+
+impl PartialEq for OwnConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for OwnConfig {}
 
 impl Kind {
     /// The recipe features of a standard-layout family ([`Features::STANDARD`] for `Standard`).
     pub fn features(self) -> &'static Features {
         match self {
             Self::Extended(f) => f,
+            Self::Own(o) => &o.features,
             Self::Standard | Self::MeoNative | Self::Switch | Self::DeepSeek => &Features::STANDARD,
         }
     }
@@ -171,6 +204,9 @@ pub const FAMILIES: &[&Family] = &[
     &deepseek_v2::FAMILY,
     &granitemoe::FAMILY,
     &gpt_oss::FAMILY,
+    &glm4_moe::FAMILY,
+    &phimoe::FAMILY,
+    &phimoe::FAMILY_HUB,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -178,6 +214,8 @@ const GLOBAL: &[(&str, &str)] = &[
     (meo::names::EMBED, "model.embed_tokens.weight"),
     (meo::names::OUTPUT_NORM, "model.norm.weight"),
     (meo::names::OUTPUT, "lm_head.weight"),
+    (meo::names::OUTPUT_NORM_BIAS, "model.norm.bias"),
+    (meo::names::OUTPUT_BIAS, "lm_head.bias"),
 ];
 
 /// Layer tensors named alike in every family: canonical suffix → HF suffix.
@@ -427,6 +465,11 @@ pub fn parse_config(raw: &serde_json::Map<String, serde_json::Value>, gen_eos: V
             extra_layers = deepseek_v3::mtp_layers(&j)?;
             let variant = if family.name == deepseek_v2::FAMILY.name { &deepseek_v2::V2 } else { &deepseek_v3::V3 };
             (deepseek_v3::model_config(&j, family, variant, eos)?.0, vec![])
+        }
+        Kind::Own(o) => {
+            let (config, extra) = (o.read)(&j, family, eos)?;
+            extra_layers = extra;
+            (config, vec![])
         }
     };
     Ok(ParsedConfig { family, config, tasks, extra_layers })

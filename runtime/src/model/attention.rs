@@ -153,8 +153,8 @@ pub(crate) fn attention(
             *v = v.clamp(-c, c);
         }
     }
-    resize(&mut s.cos, hd / 2);
-    resize(&mut s.sin, hd / 2);
+    resize(&mut s.cos, a.rope_dim / 2);
+    resize(&mut s.sin, a.rope_dim / 2);
     for tok in (0..t).filter(|_| a.rope) {
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {

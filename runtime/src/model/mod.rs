@@ -107,6 +107,8 @@ pub struct Model {
     pub(crate) pos_embed: Option<Mat>,
     /// Final LayerNorm bias (`model.norm = layer`).
     pub(crate) output_norm_bias: Option<Vector>,
+    /// LM head bias (`model.output_bias`).
+    pub(crate) output_bias: Option<Vector>,
     /// Precomputed task merges of an MEO-native model's banks.
     pub(crate) meo_tasks: Vec<plan::MeoTask>,
     /// Precomputed task merges stored in the file.
@@ -169,7 +171,7 @@ impl Model {
             layers,
             rope,
             (tasks, prompt_errors),
-            (pos_embed, output_norm_bias),
+            (pos_embed, output_norm_bias, output_bias),
             meo_tasks,
         ) = {
             let file = MeoFile::parse(storage.bytes())?;
@@ -202,6 +204,7 @@ impl Model {
             rope,
             pos_embed,
             output_norm_bias,
+            output_bias,
             meo_tasks,
             tasks,
             prompt_errors,
@@ -281,6 +284,7 @@ impl Model {
             output_norm: &self.output_norm,
             output_norm_bias: self.output_norm_bias.as_ref(),
             output: &self.output,
+            output_bias: self.output_bias.as_ref(),
             pos_embed: self.pos_embed.as_ref(),
             rope: &self.rope,
         }
@@ -435,6 +439,8 @@ pub struct GlobalPlans<'m> {
     pub output_norm: &'m Vector,
     pub output_norm_bias: Option<&'m Vector>,
     pub output: &'m Mat,
+    /// The LM head's bias (`model.output_bias`), added to the logits before any scaling.
+    pub output_bias: Option<&'m Vector>,
     pub pos_embed: Option<&'m Mat>,
     pub rope: &'m Rope,
 }

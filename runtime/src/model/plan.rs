@@ -64,7 +64,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(c: &ModelConfig) -> Self {
-        let d = c.head_dim;
+        let d = c.rotary_dim();
         let inv_freq = match &c.recipe.rope_inv_freq {
             Some(f) => f.clone(),
             None => (0..d / 2).map(|i| 1.0 / libm::powf(c.rope_theta, (2 * i) as f32 / d as f32)).collect(),
@@ -87,8 +87,11 @@ impl Rope {
         }
     }
 
-    /// Rotates one head vector (`d` values) by the angles of [`angles`](Self::angles).
+    /// Rotates one head vector's first `d` values (`d` = twice the frequencies; the rest
+    /// pass through) by the angles of [`angles`](Self::angles).
     pub fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let d = (2 * self.inv_freq.len()).min(x.len());
+        let x = &mut x[..d];
         if self.interleave {
             crate::kernels::rope_rotate_pairs(x, cos, sin);
         } else {
@@ -107,6 +110,8 @@ pub struct AttnPlan {
     pub o_bias: Option<Vector>,
     /// Rotate q and k (RoPE); false with learned absolute positions.
     pub rope: bool,
+    /// Dimensions of each head RoPE rotates, from the first (`head_dim` unless partial).
+    pub rope_dim: usize,
     pub q: Mat,
     pub k: Mat,
     pub v: Mat,
@@ -474,8 +479,8 @@ impl<'f, 'a> Builder<'f, 'a> {
         Ok((embed, norm, output))
     }
 
-    /// Learned positions and the final norm's bias, when the recipe has them.
-    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>), ModelError> {
+    /// Learned positions, the final norm's bias and the LM head's bias, when the recipe has them.
+    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>, Option<Vector>), ModelError> {
         let c = self.c;
         let pos = match c.recipe.positions {
             Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),
@@ -485,7 +490,8 @@ impl<'f, 'a> Builder<'f, 'a> {
             NormKind::Layer => Some(self.vector(names::OUTPUT_NORM_BIAS, self.h)?),
             NormKind::Rms => None,
         };
-        Ok((pos, bias))
+        let out_bias = if c.recipe.output_bias { Some(self.vector(names::OUTPUT_BIAS, c.vocab_size)?) } else { None };
+        Ok((pos, bias, out_bias))
     }
 
     fn norm_bias(&self, l: usize, which: &str) -> Result<Option<Vector>, ModelError> {
@@ -696,6 +702,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             norm_bias: self.norm_bias(l, "attn_norm")?,
             o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
             rope: c.recipe.positions == Positions::Rope,
+            rope_dim: c.rotary_dim(),
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
             v: self.layer_mat(l, "attn.v.weight", kvd, h)?,

@@ -102,6 +102,8 @@ struct Buffers {
     y: Vec<f32>,
     norm_w: Vec<f32>,
     norm_b: Vec<f32>,
+    /// The LM head's bias (`model.output_bias`).
+    out_bias: Vec<f32>,
     meo: meo::MeoScratch,
     attn: AttnScratch,
     mla: MlaScratch,
@@ -358,6 +360,12 @@ impl<'m> Session<'m> {
         }
         self.logits.resize(rows * vocab, 0.0);
         matmul(par, &b.h, rows, &m.output.view(bytes), &mut self.logits);
+        if let Some(ob) = &m.output_bias {
+            ob.read(bytes, &mut b.out_bias);
+            for row in self.logits.chunks_mut(vocab) {
+                crate::kernels::add_into(row, &b.out_bias);
+            }
+        }
         let scaling = c.recipe.logits_scaling;
         if scaling != 1.0 {
             // Divided, not multiplied by the reciprocal, as transformers does.

@@ -367,7 +367,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     let mut tables: BTreeMap<usize, RopeTables> = BTreeMap::new();
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
-            Attention::Gqa(a) if a.rope => a.head_dim,
+            Attention::Gqa(a) if a.rope => a.rope_dim,
             Attention::Gqa(_) => continue,
             Attention::Mla(a) => a.rope,
         };
@@ -521,7 +521,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         return Ok(Exported { model: g.finish(&c.architecture, doc), info });
     }
     let head = if c.tie_word_embeddings { embed } else { g.matrix("output", gp.output)? };
-    let mut logits = g.gemm(&hn, &head, None);
+    let out_bias = gp.output_bias.map(|b| g.vector("output.bias", b));
+    let mut logits = g.gemm(&hn, &head, out_bias.as_deref());
     if r.logits_scaling != 1.0 {
         // Divided, as the CPU target and transformers do.
         let s = g.const_f32("logits_scaling", &[], &[r.logits_scaling]);
@@ -1055,9 +1056,19 @@ impl<'m> Builder<'m> {
             v = self.op("Clip", &[&v, &lo, &hi], &[]);
         }
         if a.rope {
-            let t = ctx.tables.get(&hd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
-            q = self.rotate(&q, t);
-            k = self.rotate(&k, t);
+            let rd = a.rope_dim;
+            let t = ctx.tables.get(&rd).ok_or_else(|| ExportError::Unsupported(format!("{p}: RoPE without tables")))?;
+            if rd == hd {
+                q = self.rotate(&q, t);
+                k = self.rotate(&k, t);
+            } else {
+                // Partial RoPE: rotate each head's first `rd` dimensions, pass the rest.
+                for x in [&mut q, &mut k] {
+                    let (rot, pass) = (self.slice(x, 0, rd, 2), self.slice(x, rd, hd, 2));
+                    let rot = self.rotate(&rot, t);
+                    *x = self.op("Concat", &[&rot, &pass], &[int("axis", 2)]);
+                }
+            }
         }
         let sinks = match &a.sinks {
             Some(s) => {
@@ -1375,6 +1386,11 @@ impl<'m> Builder<'m> {
             Scoring::Softmax => self.op("Softmax", &[&logits], &[int("axis", -1)]),
             Scoring::Sigmoid => self.op("Sigmoid", &[&logits], &[]),
             Scoring::SoftmaxAfterTopK => logits.clone(),
+            Scoring::SparseMixer => {
+                return Err(ExportError::Unsupported(
+                    "sparsemixer routing (Phi-3.5-MoE): its masked two-round softmax has no ONNX form here yet".into(),
+                ));
+            }
         };
         let select = match &moe.selection_bias {
             Some(b) => {

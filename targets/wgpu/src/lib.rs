@@ -638,7 +638,7 @@ impl<'m> WgpuTarget<'m> {
         let mut rope_tables: HashMap<usize, wgpu::Buffer> = HashMap::new();
         for lp in m.layer_plans() {
             let nf = match &lp.attn {
-                Attention::Gqa(a) if a.rope => a.head_dim / 2,
+                Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
                 Attention::Gqa(_) => continue,
             };
@@ -840,6 +840,14 @@ impl<'m> WgpuTarget<'m> {
         let lg = gpu.scratch("logits", f4(rows * vocab)).map_err(dev)?;
         ops.mm(&mut enc, &hn, rows, &self.head, &lg)?;
         self.logits = enc.read(&[(&lg, rows * vocab)]).map_err(dev)?.remove(0);
+        if let Some(ob) = m.global_plans().output_bias {
+            // Phi-3.5-MoE's LM head bias: one add per logit, on the host as the scaling below.
+            let mut bias = vec![0.0f32; ob.len];
+            meo::kernels::read_f32s(&bytes[ob.range.clone()], &mut bias);
+            for row in self.logits.chunks_mut(vocab) {
+                row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+            }
+        }
         let scaling = recipe.logits_scaling;
         if scaling != 1.0 {
             // Divided, not multiplied by the reciprocal, as the CPU (and transformers) does.
@@ -1203,9 +1211,10 @@ impl Ops<'_> {
                 self.ew(enc, 2, self.gpu.dummy(), b, t * n, 0, clip);
             }
         }
-        if a.rope && hd >= 2 {
-            self.rope(enc, &q, nh, hd, qd, hd, 0)?;
-            self.rope(enc, &k, nkv, hd, kvd, hd, 0)?;
+        if a.rope && a.rope_dim >= 2 {
+            // The first `rope_dim` dimensions of each head (all of it unless partial).
+            self.rope(enc, &q, nh, a.rope_dim, qd, hd, 0)?;
+            self.rope(enc, &k, nkv, a.rope_dim, kvd, hd, 0)?;
         }
         let row = kvd as u64 * 4;
         enc.copy(&k, 0, &kv.0, pos0 as u64 * row, t as u64 * row);
