@@ -153,8 +153,8 @@ pub(crate) fn attention(
             *v = v.clamp(-c, c);
         }
     }
-    resize(&mut s.cos, hd / 2);
-    resize(&mut s.sin, hd / 2);
+    resize(&mut s.cos, rope.inv_freq.len());
+    resize(&mut s.sin, rope.inv_freq.len());
     for tok in (0..t).filter(|_| a.rope) {
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {
@@ -202,6 +202,14 @@ pub(crate) fn attention(
     for head in 0..nh {
         for tok in 0..t {
             s.ctx[tok * qd + head * hd..][..hd].copy_from_slice(&s.heads[(head * t + tok) * hd..][..hd]);
+        }
+    }
+    if let Some(g) = &a.gate {
+        // Gated attention output: ctx ⊙ sigmoid(gate · x), per head dimension.
+        resize(&mut s.qkv, t * qd);
+        matmul_acts(par, &xa, &g.view(bytes), &mut s.qkv);
+        for (c, &gv) in s.ctx.iter_mut().zip(&s.qkv) {
+            *c *= 1.0 / (1.0 + crate::kernels::exp(-gv));
         }
     }
     matmul(par, &s.ctx, t, &a.o.view(bytes), out);
