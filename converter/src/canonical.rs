@@ -194,7 +194,25 @@ pub fn tensors_within(c: &ModelConfig, budget: u64, source_name: &'static str) -
         if layer_norm {
             push("attn_norm.bias", vec![h], Role::Bias);
         }
-        if let Some(a) = &c.recipe.mla {
+        let delta = c.recipe.delta_net.filter(|_| c.mixer(l) == meo::Mixer::GatedDeltaNet);
+        if let Some(d) = delta {
+            // Gated DeltaNet: q, k, v, z projections, the b and a gate inputs (f32 like a
+            // router: they set how much is written and forgotten), the convolution (f32, a few
+            // values per channel), decay parameters, the gated norm, out.
+            let (kd, vd, nv) =
+                ((d.num_k_heads * d.k_head_dim) as u64, (d.num_v_heads * d.v_head_dim) as u64, d.num_v_heads as u64);
+            push("mixer.q.weight", vec![kd, h], Role::Dense);
+            push("mixer.k.weight", vec![kd, h], Role::Dense);
+            push("mixer.v.weight", vec![vd, h], Role::Dense);
+            push("mixer.z.weight", vec![vd, h], Role::Dense);
+            push("mixer.b.weight", vec![nv, h], Role::Router);
+            push("mixer.a.weight", vec![nv, h], Role::Router);
+            push("mixer.conv.weight", vec![d.conv_dim() as u64, d.conv_kernel as u64], Role::Bias);
+            push("mixer.dt_bias", vec![nv], Role::Bias);
+            push("mixer.a_log", vec![nv], Role::Bias);
+            push("mixer.norm.weight", vec![d.v_head_dim as u64], Role::Norm);
+            push("mixer.out.weight", vec![h, vd], Role::Dense);
+        } else if let Some(a) = &c.recipe.mla {
             // MLA (DeepSeek): low-rank q (or a plain q), the kv latent with the shared rotary
             // key, its decompression, and o. `model.head_dim` is the rotary width.
             let (nh, rope) = (c.num_heads as u64, c.head_dim as u64);
@@ -226,6 +244,9 @@ pub fn tensors_within(c: &ModelConfig, budget: u64, source_name: &'static str) -
             }
             if c.recipe.attention_sinks {
                 push("attn.sinks", vec![c.num_heads as u64], Role::Bias);
+            }
+            if c.recipe.attention_output_gate {
+                push("attn.gate.weight", vec![q, h], Role::Dense);
             }
             match c.qk_norm {
                 QkNorm::None => {}

@@ -164,6 +164,57 @@ impl Activation {
     }
 }
 
+/// The token mixer of one decoder layer: what replaces (or is) self-attention. Attention keeps
+/// a KV cache that grows with the context; the recurrent mixers keep a fixed-size state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mixer {
+    /// Self-attention (GQA or MLA, as the rest of the recipe says).
+    #[default]
+    Attention,
+    /// Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE): a causal depthwise convolution over q, k, v,
+    /// then the gated delta rule over a `[v_heads, k_dim, v_dim]` state, a gated RMSNorm and an
+    /// output projection (`docs/FORMAT.md`, gated DeltaNet).
+    GatedDeltaNet,
+}
+
+impl Mixer {
+    /// Metadata spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attention => "attention",
+            Self::GatedDeltaNet => "gated_deltanet",
+        }
+    }
+}
+
+/// Sizes of the gated DeltaNet layers (`model.delta_net.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaNet {
+    /// Query/key heads (each serves `num_v_heads / num_k_heads` consecutive value heads).
+    pub num_k_heads: usize,
+    pub num_v_heads: usize,
+    pub k_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Width of the causal depthwise convolution over q, k and v.
+    pub conv_kernel: usize,
+}
+
+impl DeltaNet {
+    /// Channels of the convolution: q, k and v side by side.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
+    }
+
+    /// Floats of one layer's recurrent state: the last `conv_kernel − 1` convolution inputs and
+    /// the `[v_heads, k_dim, v_dim]` delta-rule state.
+    pub fn state_floats(&self) -> usize {
+        self.conv_dim() * (self.conv_kernel - 1) + self.num_v_heads * self.k_head_dim * self.v_head_dim
+    }
+}
+
+/// Largest convolution width of a recurrent mixer (real models use 3 or 4).
+pub const MAX_CONV_KERNEL: usize = 64;
+
 /// Layer-recipe choices beyond the Llama-style defaults. Every field defaults to the
 /// standard families' choice, and its metadata key is written only when it differs, so
 /// files of standard families are unchanged.
@@ -226,6 +277,16 @@ pub struct Recipe {
     /// within them) and passes the rest through (GLM-4.5's `partial_rotary_factor`); 0 = the
     /// whole head.
     pub rope_dim: usize,
+    /// `model.layer_mixer`: each layer's token mixer (see [`Mixer`]); empty = every layer is
+    /// attention (the key is written only when some layer is not, so attention-only files are
+    /// unchanged).
+    pub layer_mixer: Vec<Mixer>,
+    /// `model.delta_net.*`: the sizes of the gated DeltaNet layers (with any
+    /// [`Mixer::GatedDeltaNet`] layer).
+    pub delta_net: Option<DeltaNet>,
+    /// `model.attention_output_gate`: the attention output is multiplied by
+    /// `sigmoid(attn.gate · x)` (per head dimension) before the output projection (Qwen3-Next).
+    pub attention_output_gate: bool,
 }
 
 impl Default for Recipe {
@@ -253,6 +314,9 @@ impl Default for Recipe {
             expert_bias: false,
             output_bias: false,
             rope_dim: 0,
+            layer_mixer: Vec::new(),
+            delta_net: None,
+            attention_output_gate: false,
         }
     }
 }
@@ -450,7 +514,32 @@ impl Recipe {
             },
             s => return Err(invalid("model.mlp_activation", s)),
         };
+        let layer_mixer = match m.get("model.layer_mixer") {
+            None => Vec::new(),
+            Some(_) => strs_of(m, "model.layer_mixer")?
+                .iter()
+                .map(|s| match *s {
+                    "attention" => Ok(Mixer::Attention),
+                    "gated_deltanet" => Ok(Mixer::GatedDeltaNet),
+                    other => Err(invalid("model.layer_mixer", other)),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let delta_net = if m.get("model.delta_net.num_k_heads").is_some() {
+            Some(DeltaNet {
+                num_k_heads: usize_of(m, "model.delta_net.num_k_heads")?,
+                num_v_heads: usize_of(m, "model.delta_net.num_v_heads")?,
+                k_head_dim: usize_of(m, "model.delta_net.k_head_dim")?,
+                v_head_dim: usize_of(m, "model.delta_net.v_head_dim")?,
+                conv_kernel: usize_of(m, "model.delta_net.conv_kernel")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            layer_mixer,
+            delta_net,
+            attention_output_gate: opt_bool(m, "model.attention_output_gate")?,
             norm,
             positions,
             attention_out_bias,
@@ -557,8 +646,23 @@ impl Recipe {
         if self.output_bias {
             v.push(("model.output_bias", MetaValue::Bool(true)));
         }
+        if self.layer_mixer.iter().any(|&k| k != Mixer::Attention) {
+            let kinds = self.layer_mixer.iter().map(|k| k.name()).collect();
+            v.push(("model.layer_mixer", MetaValue::Array(MetaArray::Str(kinds))));
+        }
+        if let Some(d) = &self.delta_net {
+            let u = |x: usize| MetaValue::U64(x as u64);
+            v.push(("model.delta_net.num_k_heads", u(d.num_k_heads)));
+            v.push(("model.delta_net.num_v_heads", u(d.num_v_heads)));
+            v.push(("model.delta_net.k_head_dim", u(d.k_head_dim)));
+            v.push(("model.delta_net.v_head_dim", u(d.v_head_dim)));
+            v.push(("model.delta_net.conv_kernel", u(d.conv_kernel)));
+        }
         if self.rope_dim > 0 {
             v.push(("model.rope_dim", MetaValue::U64(self.rope_dim as u64)));
+        }
+        if self.attention_output_gate {
+            v.push(("model.attention_output_gate", MetaValue::Bool(true)));
         }
         v
     }
@@ -722,8 +826,27 @@ impl ModelConfig {
         if self.recipe.rope_dim > 0 { self.recipe.rope_dim } else { self.head_dim }
     }
 
-    /// Bytes of KV cache one position costs a session: every layer's keys and values, f32
-    /// (MLA caches each head's decompressed keys and values). Saturates instead of overflowing.
+    /// The token mixer of layer `l` (attention unless `model.layer_mixer` says otherwise).
+    pub fn mixer(&self, l: usize) -> Mixer {
+        self.recipe.layer_mixer.get(l).copied().unwrap_or_default()
+    }
+
+    /// Layers whose mixer is attention (the ones with a KV cache).
+    pub fn attention_layers(&self) -> usize {
+        (0..self.num_layers).filter(|&l| self.mixer(l) == Mixer::Attention).count()
+    }
+
+    /// Bytes of recurrent state a session holds whatever the context length: every recurrent
+    /// layer's fixed-size state, f32. 0 for attention-only models. Saturates.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let delta = (0..self.num_layers).filter(|&l| self.mixer(l) == Mixer::GatedDeltaNet).count() as u64;
+        let per = self.recipe.delta_net.map_or(0, |d| d.state_floats() as u64);
+        delta.saturating_mul(per).saturating_mul(4)
+    }
+
+    /// Bytes of KV cache one position costs a session: every attention layer's keys and
+    /// values, f32 (MLA caches each head's decompressed keys and values); recurrent layers
+    /// cost nothing per position. Saturates instead of overflowing.
     pub fn kv_bytes_per_position(&self) -> u64 {
         let per_layer = match &self.recipe.mla {
             Some(m) => (self.num_heads as u64)
@@ -731,7 +854,7 @@ impl ModelConfig {
                 .saturating_add((self.num_heads as u64).saturating_mul(m.v_head_dim as u64)),
             None => 2u64.saturating_mul(self.num_kv_heads as u64).saturating_mul(self.head_dim as u64),
         };
-        per_layer.saturating_mul(4).saturating_mul(self.num_layers as u64)
+        per_layer.saturating_mul(4).saturating_mul(self.attention_layers() as u64)
     }
 
     /// Bytes of KV cache a session holding `positions` positions uses (scratch buffers, which
@@ -855,7 +978,47 @@ impl ModelConfig {
             return Err(invalid("model.rope_theta", self.rope_theta));
         }
         self.validate_sizes()?;
+        self.validate_mixers()?;
         self.validate_attention()
+    }
+
+    /// `model.layer_mixer` has one entry per layer, and every mixer it names has its sizes.
+    fn validate_mixers(&self) -> Result<(), ConfigError> {
+        let r = &self.recipe;
+        if !r.layer_mixer.is_empty() && r.layer_mixer.len() != self.num_layers {
+            return Err(invalid(
+                "model.layer_mixer",
+                alloc::format!("{} entries for {} layers", r.layer_mixer.len(), self.num_layers),
+            ));
+        }
+        if r.layer_mixer.contains(&Mixer::GatedDeltaNet) {
+            let d = r.delta_net.ok_or(ConfigError::Missing { key: "model.delta_net.num_k_heads" })?;
+            for (k, v) in [
+                ("model.delta_net.num_k_heads", d.num_k_heads),
+                ("model.delta_net.num_v_heads", d.num_v_heads),
+                ("model.delta_net.k_head_dim", d.k_head_dim),
+                ("model.delta_net.v_head_dim", d.v_head_dim),
+            ] {
+                if v == 0 || v > MAX_WIDTH {
+                    return Err(invalid(k, v));
+                }
+            }
+            if !d.num_v_heads.is_multiple_of(d.num_k_heads) {
+                return Err(invalid("model.delta_net.num_v_heads", "not a multiple of num_k_heads"));
+            }
+            if d.conv_kernel == 0 || d.conv_kernel > MAX_CONV_KERNEL {
+                return Err(invalid("model.delta_net.conv_kernel", d.conv_kernel));
+            }
+            let widths = d
+                .num_k_heads
+                .checked_mul(d.k_head_dim)
+                .zip(d.num_v_heads.checked_mul(d.v_head_dim))
+                .zip(d.num_v_heads.checked_mul(d.k_head_dim).and_then(|x| x.checked_mul(d.v_head_dim)));
+            if !matches!(widths, Some(((kd, vd), s)) if kd <= MAX_WIDTH && vd <= MAX_WIDTH && s <= MAX_WIDTH) {
+                return Err(invalid("model.delta_net.v_head_dim", "heads × head sizes are too large"));
+            }
+        }
+        Ok(())
     }
 
     /// Every size against its limit ([`MAX_LAYERS`], [`MAX_EXPERTS`], [`MAX_WIDTH`],

@@ -30,6 +30,9 @@ pub enum TargetError {
     /// The target cannot run this model, op or mode (names which).
     #[error("{target}: unsupported: {what}")]
     Unsupported { target: String, what: String },
+    /// The target does not run this layer's token mixer (a recurrent layer type).
+    #[error("{target}: layer {layer}: the {} mixer is not supported by this target (the cpu target runs it)", mixer.name())]
+    UnsupportedMixer { target: String, layer: usize, mixer: crate::config::Mixer },
     /// The device or its runtime failed (lost device, driver or library error).
     #[error("{target}: device error: {reason}")]
     Device { target: String, reason: String },
@@ -98,8 +101,7 @@ impl Target for Session<'_> {
     }
 
     fn truncate(&mut self, len: usize) -> bool {
-        Session::truncate(self, len);
-        true
+        Session::truncate(self, len)
     }
 
     fn position(&self) -> usize {

@@ -13,6 +13,44 @@ fn open_cpu(path: &Path) -> Box<dyn Runner> {
 }
 
 meo_tests::conformance_suite!(&open_cpu);
+meo_tests::recurrent_suite!(&open_cpu);
+
+/// A hybrid model's session state: a KV cache for the attention layers only, a fixed-size
+/// recurrent state for the others; truncation and reset semantics.
+mod recurrent_state {
+    use meo::{DType, Model, Session, SessionOptions};
+    use meo_tests::conformance::{convert_fixture, reference};
+
+    #[test]
+    fn state_is_fixed_size_and_cannot_be_rewound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = convert_fixture("qwen3_next", DType::F32, DType::F32, tmp.path());
+        let m = Model::open(&path).unwrap();
+        let c = m.config().clone();
+        let rf = reference("qwen3_next");
+        let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+        assert!(s.has_recurrent_state());
+        // 3 gated DeltaNet layers: conv history 3 × 128 channels + state 4 heads × 16 × 16.
+        assert_eq!(c.recurrent_state_bytes(), 3 * (3 * 128 + 4 * 16 * 16) * 4);
+        assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes());
+        // One attention layer of 2 kv heads × 16 keys and values per position.
+        assert_eq!(c.kv_bytes_per_position(), 2 * 2 * 16 * 4);
+        let first = s.forward(&rf.input_ids).unwrap().to_vec();
+        let t = rf.input_ids.len();
+        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t));
+        assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes(), "the state does not grow");
+        // A recurrent state has no per-position history: a partial rewind is refused, unchanged.
+        assert!(!s.truncate(5));
+        assert_eq!(s.position(), t);
+        assert!(s.truncate(t), "no-op at the current length");
+        let next = s.forward(&rf.greedy[..1]).unwrap().to_vec();
+        // Truncating to 0 resets every state: the prompt gives the same logits again.
+        assert!(s.truncate(0));
+        assert_eq!(s.position(), 0);
+        assert_eq!(s.forward(&rf.input_ids).unwrap(), &first[..]);
+        assert_eq!(s.forward(&rf.greedy[..1]).unwrap(), &next[..]);
+    }
+}
 
 /// Behaviour of the model runtime beyond the fixtures, on synthetic models.
 mod model {

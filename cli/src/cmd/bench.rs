@@ -177,6 +177,10 @@ pub fn run(a: &Args) -> Result<()> {
         if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 };
     let kv_per_token = if g.decode_steps == 0 { 0.0 } else { kv_bytes as f64 / g.decode_steps as f64 };
     let mode = run.mode.mode.spelling();
+    // Session state at the end of the run: the KV cache grows with the context, the recurrent
+    // layers' state does not (and is read and written once per decoded token).
+    let kv_cache_bytes = cfg.kv_cache_bytes(a.prompt_len + g.decode_steps);
+    let recurrent_bytes = cfg.recurrent_state_bytes();
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = json!({
@@ -205,7 +209,10 @@ pub fn run(a: &Args) -> Result<()> {
             "expert_bytes_per_token": bytes_per_token,
             "dense_bytes_per_token": dense_bytes,
             "kv_bytes_per_token": kv_per_token,
-            "bytes_per_token": dense_bytes as f64 + bytes_per_token + kv_per_token,
+            "bytes_per_token": dense_bytes as f64 + bytes_per_token + kv_per_token + recurrent_bytes as f64,
+            "kv_cache_bytes": kv_cache_bytes,
+            "recurrent_state_bytes": recurrent_bytes,
+            "state_bytes": kv_cache_bytes + recurrent_bytes,
             "experts_touched": stats.experts_touched,
             "experts_total": stats.experts_per_layer.iter().sum::<usize>(),
             "experts_touched_per_layer": stats.experts_touched_per_layer,
@@ -259,6 +266,14 @@ pub fn run(a: &Args) -> Result<()> {
             out,
             "KV cache bytes per decoded token: {} (mean over decode steps)",
             human_bytes(kv_per_token as u64)
+        )?;
+        writeln!(
+            out,
+            "session state: {} ({} KV cache at {} positions + {} recurrent state, fixed)",
+            human_bytes(kv_cache_bytes + recurrent_bytes),
+            human_bytes(kv_cache_bytes),
+            a.prompt_len + g.decode_steps,
+            human_bytes(recurrent_bytes)
         )?;
         print_residency(&mut out, &stats, file_bytes)?;
         if let Some(gs) = gpu_stats {

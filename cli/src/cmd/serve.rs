@@ -508,8 +508,12 @@ async fn respond(s: Arc<Shared>, r: Request, chat: bool) -> Response {
             return;
         };
         // At least one token is fed: its logits give the first completion token.
-        let common = common_prefix(&cached, &prompt).min(prompt.len() - 1);
-        session.truncate(common);
+        let mut common = common_prefix(&cached, &prompt).min(prompt.len() - 1);
+        if !session.truncate(common) {
+            // A recurrent state cannot be rewound: start over.
+            session.reset();
+            common = 0;
+        }
         cached.truncate(common);
         let mut hooks = ChannelHooks { tx: tx.clone() };
         let g = Sampler::new(opts.sampling).map_err(GenerateError::from).and_then(|mut sampler| {

@@ -5,7 +5,7 @@
 
 use super::{FAMILIES, Family, Flag, FusedLayout, Window};
 use anyhow::{Context, Result, bail, ensure};
-use meo::config::{Activation, SharedGate};
+use meo::config::{Activation, DeltaNet, Mixer, SharedGate};
 use meo::{FfnKind, ModelConfig, RouterSpec};
 use serde_json::{Map, Value};
 
@@ -143,7 +143,8 @@ fn rope_theta(j: &Json<'_>, f: &Family) -> Result<f32> {
             bail!("{key}: RoPE scaling type {k:?} is not supported yet (only \"default\" and \"yarn\")");
         }
         if let Some(p) = p.opt_f64("partial_rotary_factor")? {
-            ensure!(p == 1.0, "{key}: partial_rotary_factor {p} is not supported (only 1.0)");
+            let x = f.kind.features();
+            ensure!(p == 1.0 || x.partial_rotary, "{key}: partial_rotary_factor {p} is not supported (only 1.0)");
         }
         if let Some(t) = p.opt_f64("rope_theta")? {
             theta = Some(t);
@@ -210,6 +211,68 @@ fn yarn(j: &Json<'_>, max_positions: usize) -> Result<Option<Yarn>> {
         }));
     }
     Ok(None)
+}
+
+/// `partial_rotary_factor` (`rope_parameters`' or the top level's, as transformers reads it:
+/// the top-level key is the default), 1 when absent.
+fn partial_rotary(j: &Json<'_>) -> Result<f64> {
+    let mut p = j.opt_f64("partial_rotary_factor")?;
+    for key in ["rope_parameters", "rope_scaling"] {
+        if let Some(v) = j.raw(key).and_then(|v| v.as_object())
+            && let Some(x) = Json(v).opt_f64("partial_rotary_factor")?
+        {
+            p = Some(x);
+        }
+    }
+    let p = p.unwrap_or(1.0);
+    ensure!(p > 0.0 && p <= 1.0, "partial_rotary_factor {p} must be in (0, 1]");
+    Ok(p)
+}
+
+/// Per layer: the token mixer (`layer_types`: `linear_attention` is the family's recurrent
+/// mixer; without `layer_types`, every `full_attention_interval`-th layer (4) is attention).
+fn layer_mixer(j: &Json<'_>, f: &Family, layers: usize) -> Result<Vec<Mixer>> {
+    if f.kind.features().delta_net.is_none() {
+        return Ok(Vec::new());
+    }
+    let types: Vec<String> = match j.raw("layer_types") {
+        Some(v) => serde_json::from_value(v.clone()).context("layer_types must be a list of strings")?,
+        None => {
+            let every = j.opt_usize("full_attention_interval")?.unwrap_or(4);
+            ensure!(every > 0, "full_attention_interval must be at least 1");
+            (0..layers)
+                .map(|i| if (i + 1) % every == 0 { "full_attention" } else { "linear_attention" }.to_string())
+                .collect()
+        }
+    };
+    ensure!(types.len() == layers, "layer_types has {} entries for {layers} layers", types.len());
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "full_attention" => Ok(Mixer::Attention),
+            "linear_attention" => Ok(Mixer::GatedDeltaNet),
+            other => bail!("layer {i}: layer type {other:?} is not supported"),
+        })
+        .collect()
+}
+
+/// The gated DeltaNet sizes (`linear_*` keys; transformers' defaults when absent).
+fn delta_net(j: &Json<'_>) -> Result<DeltaNet> {
+    let d = DeltaNet {
+        num_k_heads: j.opt_usize("linear_num_key_heads")?.unwrap_or(16),
+        num_v_heads: j.opt_usize("linear_num_value_heads")?.unwrap_or(32),
+        k_head_dim: j.opt_usize("linear_key_head_dim")?.unwrap_or(128),
+        v_head_dim: j.opt_usize("linear_value_head_dim")?.unwrap_or(128),
+        conv_kernel: j.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4),
+    };
+    ensure!(
+        d.num_k_heads > 0 && d.num_v_heads.is_multiple_of(d.num_k_heads),
+        "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+        d.num_v_heads,
+        d.num_k_heads
+    );
+    Ok(d)
 }
 
 /// Per layer: dense FFN or MoE.
@@ -363,6 +426,16 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
             Activation::Silu
         },
         expert_bias: x.fused_layout == FusedLayout::TransposedInterleaved,
+        layer_mixer: layer_mixer(j, f, layers)?,
+        delta_net: if x.delta_net.is_some() { Some(delta_net(j)?) } else { None },
+        rope_dim: if x.partial_rotary {
+            // transformers: int(head_dim · factor); 0 (all) when that is the whole head.
+            let d = (head_dim as f64 * partial_rotary(j)?) as usize;
+            if d == head_dim { 0 } else { d }
+        } else {
+            0
+        },
+        attention_output_gate: x.gated_attention,
         ..meo::config::Recipe::default()
     };
     let cfg = ModelConfig {

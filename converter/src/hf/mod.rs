@@ -19,6 +19,7 @@ mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
 mod qwen3_moe;
+mod qwen3_next;
 pub mod switch_transformers;
 
 use crate::canonical::{Canon, Place};
@@ -174,6 +175,31 @@ pub struct Features {
     pub fused_layout: FusedLayout,
     /// Fused expert tensor names `(gate_up, down)` under the MoE prefix, tried in order.
     pub fused_names: &'static [(&'static str, &'static str)],
+    /// Norm weights are zero-centred (`x̂ · (1 + w)`; Qwen3-Next, Qwen3.5): stored as `1 + w`.
+    /// The gated DeltaNet's own output norm is a plain one.
+    pub zero_centred_norms: bool,
+    /// `q_proj` holds, per head, the query then a gate (`[heads · 2 · head_dim, h]`): the
+    /// attention output is gated (`model.attention_output_gate`).
+    pub gated_attention: bool,
+    /// `partial_rotary_factor` (top level or in `rope_parameters`) is honoured
+    /// (`model.rope_dim`).
+    pub partial_rotary: bool,
+    /// Gated DeltaNet layers where `layer_types` says `linear_attention`, stored this way.
+    pub delta_net: Option<DeltaLayout>,
+    /// Checkpoint tensor name prefixes the model does not run (multi-token-prediction heads).
+    pub ignored_prefixes: &'static [&'static str],
+}
+
+/// How a checkpoint stores a gated DeltaNet layer's input projections (under
+/// `model.layers.L.linear_attn.`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaLayout {
+    /// Qwen3-Next: `in_proj_qkvz` `[k_heads · (2 k_dim + 2 r v_dim), h]` with per key head its
+    /// q, k, then the `r = v_heads / k_heads` value heads' v, then their z; `in_proj_ba`
+    /// `[k_heads · 2r, h]` with per key head its r b rows, then its r a rows.
+    FusedPerKeyHead,
+    /// Qwen3.5: `in_proj_qkv` (all q, all k, all v rows), `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    Split,
 }
 
 impl Features {
@@ -187,6 +213,11 @@ impl Features {
         clamped_swiglu: false,
         fused_layout: FusedLayout::GateUpRows,
         fused_names: &[("experts.gate_up_proj", "experts.down_proj")],
+        zero_centred_norms: false,
+        gated_attention: false,
+        partial_rotary: false,
+        delta_net: None,
+        ignored_prefixes: &[],
     };
 }
 
@@ -207,6 +238,7 @@ pub const FAMILIES: &[&Family] = &[
     &glm4_moe::FAMILY,
     &phimoe::FAMILY,
     &phimoe::FAMILY_HUB,
+    &qwen3_next::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -252,6 +284,13 @@ pub enum Pick {
     /// columns `start, start + step, …` as rows: `[cols / step, rows]` (a transpose, of every
     /// `step`-th column).
     Columns { rows: u64, cols: u64, start: u64, step: u64 },
+    /// The elements are a row-major matrix of `cols` columns made of blocks of `block` rows;
+    /// the canonical tensor is rows `start..start + len` of every block, in block order
+    /// (a projection fused per head group, e.g. Qwen3-Next's `in_proj_qkvz`).
+    RowBlocks { cols: u64, block: u64, start: u64, len: u64 },
+    /// As stored, plus one: a zero-centred norm weight (`x̂ · (1 + w)`) stored as the plain
+    /// weight `1 + w` (computed in f32, as transformers does).
+    PlusOne,
 }
 
 impl Source {
@@ -267,6 +306,18 @@ impl Source {
         let v = ck.read_f32(&self.tensor, self.first, self.count)?;
         match self.pick {
             Pick::Whole => Ok(v),
+            Pick::PlusOne => Ok(v.into_iter().map(|x| 1.0 + x).collect()),
+            Pick::RowBlocks { cols, block, start, len } => {
+                let (cols, block, start, len) = (cols as usize, block as usize, start as usize, len as usize);
+                let row_len = block.checked_mul(cols).filter(|&r| r > 0);
+                ensure!(
+                    start.checked_add(len).is_some_and(|e| e <= block)
+                        && row_len.is_some_and(|r| v.len().is_multiple_of(r)),
+                    "{}: cannot take rows {start}..{start}+{len} of every {block}-row block of {cols} columns",
+                    self.tensor
+                );
+                Ok(v.chunks_exact(block * cols).flat_map(|b| &b[start * cols..(start + len) * cols]).copied().collect())
+            }
             Pick::Columns { rows, cols, start, step } => {
                 let (rows, cols, start, step) = (rows as usize, cols as usize, start as usize, step as usize);
                 ensure!(
@@ -626,6 +677,91 @@ impl HfModel {
         Ok(names.iter().find(|n| self.checkpoint.get(n).is_some()).unwrap_or(&names[0]).clone())
     }
 
+    /// The source of a layer tensor that the hybrid families (gated DeltaNet, gated attention,
+    /// zero-centred norms) store in another form than the canonical one; `None` for the others.
+    fn hybrid_source(&self, l: usize, suffix: &str, c: &Canon) -> Result<Option<Source>> {
+        let x = self.family.kind.features();
+        let numel: u64 = c.shape.iter().product();
+        let expect = |name: &str, shape: &[u64]| -> Result<()> {
+            let e = self
+                .checkpoint
+                .get(name)
+                .with_context(|| format!("checkpoint has no tensor {name:?} (needed for {})", c.name))?;
+            ensure!(e.shape == shape, "{name}: shape {:?}, expected {shape:?} (for {})", e.shape, c.name);
+            Ok(())
+        };
+        let blocks = |name: String, shape: &[u64], block: u64, start: u64, len: u64| -> Result<Option<Source>> {
+            expect(&name, shape)?;
+            let count = shape.iter().product();
+            let cols = shape[1];
+            Ok(Some(Source { tensor: name, first: 0, count, pick: Pick::RowBlocks { cols, block, start, len } }))
+        };
+        let cfg = &self.config;
+        let h = cfg.hidden_size as u64;
+        if x.zero_centred_norms
+            && matches!(suffix, "attn_norm.weight" | "ffn_norm.weight" | "attn.q_norm.weight" | "attn.k_norm.weight")
+        {
+            let name = self.layer_name(l, suffix)?;
+            expect(&name, &c.shape)?;
+            return Ok(Some(Source { tensor: name, first: 0, count: numel, pick: Pick::PlusOne }));
+        }
+        if x.gated_attention && matches!(suffix, "attn.q.weight" | "attn.gate.weight") {
+            // Per head: its query rows, then its gate rows.
+            let hd = cfg.head_dim as u64;
+            let name = format!("model.layers.{l}.self_attn.q_proj.weight");
+            let start = if suffix == "attn.q.weight" { 0 } else { hd };
+            return blocks(name, &[2 * cfg.num_heads as u64 * hd, h], 2 * hd, start, hd);
+        }
+        let (Some(layout), Some(d)) = (x.delta_net, cfg.recipe.delta_net) else { return Ok(None) };
+        if !suffix.starts_with("mixer.") {
+            return Ok(None);
+        }
+        let (nk, nv, dk, dv) = (d.num_k_heads as u64, d.num_v_heads as u64, d.k_head_dim as u64, d.v_head_dim as u64);
+        let r = nv / nk;
+        let p = |n: &str| format!("model.layers.{l}.linear_attn.{n}.weight");
+        match (layout, suffix) {
+            (_, "mixer.conv.weight") => {
+                // nn.Conv1d's `[channels, 1, kernel]`: the same values as `[channels, kernel]`.
+                let name = p("conv1d");
+                expect(&name, &[c.shape[0], 1, c.shape[1]])?;
+                Ok(Some(Source::whole(name, 0, numel)))
+            }
+            (
+                DeltaLayout::FusedPerKeyHead,
+                "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight" | "mixer.z.weight",
+            ) => {
+                let block = 2 * dk + 2 * r * dv;
+                let (start, len) = match suffix {
+                    "mixer.q.weight" => (0, dk),
+                    "mixer.k.weight" => (dk, dk),
+                    "mixer.v.weight" => (2 * dk, r * dv),
+                    _ => (2 * dk + r * dv, r * dv),
+                };
+                blocks(p("in_proj_qkvz"), &[nk * block, h], block, start, len)
+            }
+            (DeltaLayout::FusedPerKeyHead, "mixer.b.weight" | "mixer.a.weight") => {
+                let start = if suffix == "mixer.b.weight" { 0 } else { r };
+                blocks(p("in_proj_ba"), &[nk * 2 * r, h], 2 * r, start, r)
+            }
+            (DeltaLayout::Split, "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight") => {
+                let (kd, vd) = (nk * dk, nv * dv);
+                let (start, len) = match suffix {
+                    "mixer.q.weight" => (0, kd),
+                    "mixer.k.weight" => (kd, kd),
+                    _ => (2 * kd, vd),
+                };
+                blocks(p("in_proj_qkv"), &[2 * kd + vd, h], 2 * kd + vd, start, len)
+            }
+            (DeltaLayout::Split, "mixer.z.weight" | "mixer.b.weight" | "mixer.a.weight") => {
+                let n = &suffix["mixer.".len()..suffix.len() - ".weight".len()];
+                let name = p(&format!("in_proj_{n}"));
+                expect(&name, &c.shape)?;
+                Ok(Some(Source::whole(name, 0, numel)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Where the values of canonical tensor `c` are, checking shapes against the checkpoint.
     ///
     /// # Errors
@@ -670,9 +806,14 @@ impl HfModel {
         match c.place {
             Place::Global => {
                 let hf = GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf);
-                whole(hf.with_context(|| format!("no source for {}", c.name))?.to_string())
+                let src = whole(hf.with_context(|| format!("no source for {}", c.name))?.to_string())?;
+                let zero_centred = self.family.kind.features().zero_centred_norms && c.name == meo::names::OUTPUT_NORM;
+                Ok(if zero_centred { Source { pick: Pick::PlusOne, ..src } } else { src })
             }
-            Place::Layer { layer, suffix } => whole(self.layer_name(layer, suffix)?),
+            Place::Layer { layer, suffix } => match self.hybrid_source(layer, suffix, c)? {
+                Some(src) => Ok(src),
+                None => whole(self.layer_name(layer, suffix)?),
+            },
             Place::BankExpert { .. } | Place::TaskBank { .. } => bail!("{}: not an MEO-native family", c.name),
             Place::Expert { layer, expert, part } => match self.experts[layer].as_ref() {
                 Some(Experts::PerExpert { prefix }) => {
@@ -740,6 +881,7 @@ impl HfModel {
             .filter(|n| !consumed.iter().any(|c| c == n))
             .filter(|n| !(self.family.kind == Kind::Switch && switch_transformers::not_converted(n)))
             .filter(|n| !self.extra_layers.clone().any(|l| n.starts_with(&format!("model.layers.{l}."))))
+            .filter(|n| !self.family.kind.features().ignored_prefixes.iter().any(|p| n.starts_with(p)))
             .collect()
     }
 }

@@ -204,6 +204,14 @@ pub(crate) fn attention(
             s.ctx[tok * qd + head * hd..][..hd].copy_from_slice(&s.heads[(head * t + tok) * hd..][..hd]);
         }
     }
+    if let Some(g) = &a.gate {
+        // Gated attention output: ctx ⊙ sigmoid(gate · x), per head dimension.
+        resize(&mut s.qkv, t * qd);
+        matmul_acts(par, &xa, &g.view(bytes), &mut s.qkv);
+        for (c, &gv) in s.ctx.iter_mut().zip(&s.qkv) {
+            *c *= 1.0 / (1.0 + crate::kernels::exp(-gv));
+        }
+    }
     matmul(par, &s.ctx, t, &a.o.view(bytes), out);
     if let Some(b) = &a.o_bias {
         b.read(bytes, &mut s.w);

@@ -138,6 +138,36 @@ pub struct AttnPlan {
     pub rel_bias: Option<RelBias>,
     /// Per-head sink logits `[num_heads]` that join each softmax (`model.attention_sinks`).
     pub sinks: Option<Vector>,
+    /// `[heads · head_dim, h]`: the output is multiplied by `sigmoid(gate · x)` before `o`
+    /// (`model.attention_output_gate`).
+    pub gate: Option<Mat>,
+}
+
+/// A gated DeltaNet layer (`Mixer::GatedDeltaNet`; `docs/FORMAT.md`, gated DeltaNet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaPlan {
+    pub norm: Vector,
+    /// `[k_heads · k_dim, h]`, `[k_heads · k_dim, h]`, `[v_heads · v_dim, h]`.
+    pub q: Mat,
+    pub k: Mat,
+    pub v: Mat,
+    /// `[v_heads · v_dim, h]`: the output gate of the gated RMSNorm.
+    pub z: Mat,
+    /// `[v_heads, h]`: the write strength `β = sigmoid(b · x)` and the decay input `a · x`.
+    pub b: Mat,
+    pub a: Mat,
+    /// `[conv_dim, conv_kernel]` f32: the depthwise causal convolution over q, k, v channels.
+    pub conv: Mat,
+    /// `[v_heads]`: decay `g = −exp(a_log) · softplus(a · x + dt_bias)`.
+    pub dt_bias: Vector,
+    pub a_log: Vector,
+    /// `[v_dim]`: the gated RMSNorm's weight (shared by the heads).
+    pub out_norm: Vector,
+    /// `[h, v_heads · v_dim]`.
+    pub out: Mat,
+    pub dims: crate::config::DeltaNet,
+    /// Epsilon of the gated RMSNorm.
+    pub eps: f32,
 }
 
 /// Multi-head latent attention of one layer (DeepSeek-V2/V3; `docs/FORMAT.md`, MLA).
@@ -176,6 +206,8 @@ pub enum Attention {
     Gqa(AttnPlan),
     /// Multi-head latent attention.
     Mla(MlaPlan),
+    /// Gated DeltaNet (a recurrent mixer: fixed-size state, no KV cache).
+    GatedDeltaNet(alloc::boxed::Box<DeltaPlan>),
 }
 
 impl Attention {
@@ -184,6 +216,15 @@ impl Attention {
         match self {
             Self::Gqa(a) => &a.norm,
             Self::Mla(a) => &a.norm,
+            Self::GatedDeltaNet(a) => &a.norm,
+        }
+    }
+
+    /// The mixer kind (what a target that does not run it names in its error).
+    pub fn mixer(&self) -> crate::config::Mixer {
+        match self {
+            Self::Gqa(_) | Self::Mla(_) => crate::config::Mixer::Attention,
+            Self::GatedDeltaNet(_) => crate::config::Mixer::GatedDeltaNet,
         }
     }
 
@@ -191,15 +232,17 @@ impl Attention {
     pub fn norm_bias(&self) -> Option<&Vector> {
         match self {
             Self::Gqa(a) => a.norm_bias.as_ref(),
-            Self::Mla(_) => None,
+            Self::Mla(_) | Self::GatedDeltaNet(_) => None,
         }
     }
 
-    /// Floats per position of the cached keys and of the cached values.
+    /// Floats per position of the cached keys and of the cached values (0 for a recurrent
+    /// mixer: its state does not grow with the context).
     pub fn cache_widths(&self) -> (usize, usize) {
         match self {
             Self::Gqa(a) => (a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim),
             Self::Mla(a) => (a.num_heads * (a.nope + a.rope), a.num_heads * a.v_dim),
+            Self::GatedDeltaNet(_) => (0, 0),
         }
     }
 }
@@ -621,9 +664,12 @@ impl<'f, 'a> Builder<'f, 'a> {
 
     pub(crate) fn layer(&self, l: usize) -> Result<LayerPlan, ModelError> {
         let c = self.c;
-        let attn = match &c.recipe.mla {
-            Some(a) => Attention::Mla(self.mla(l, a)?),
-            None => Attention::Gqa(self.gqa(l)?),
+        let attn = match (c.mixer(l), &c.recipe.mla) {
+            (crate::config::Mixer::GatedDeltaNet, _) => {
+                Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?))
+            }
+            (crate::config::Mixer::Attention, Some(a)) => Attention::Mla(self.mla(l, a)?),
+            (crate::config::Mixer::Attention, None) => Attention::Gqa(self.gqa(l)?),
         };
         let ffn = match c.layer_ffn[l] {
             FfnKind::Dense => FfnPlan::Dense(self.mlp(l, "ffn", c.intermediate_size)?),
@@ -635,6 +681,34 @@ impl<'f, 'a> Builder<'f, 'a> {
             ffn_norm: self.layer_vec(l, "ffn_norm.weight", self.h)?,
             ffn_norm_bias: self.norm_bias(l, "ffn_norm")?,
             ffn,
+        })
+    }
+
+    /// The gated DeltaNet block of layer `l` (sizes validated with the config).
+    fn delta(&self, l: usize) -> Result<DeltaPlan, ModelError> {
+        let (c, h) = (self.c, self.h);
+        let d = c.recipe.delta_net.ok_or(crate::config::ConfigError::Missing { key: "model.delta_net.num_k_heads" })?;
+        let (kd, vd, nv) = (d.num_k_heads * d.k_head_dim, d.num_v_heads * d.v_head_dim, d.num_v_heads);
+        let conv = self.layer_mat(l, "mixer.conv.weight", d.conv_dim(), d.conv_kernel)?;
+        if conv.dtype != DType::F32 {
+            let name = names::layer(l, "mixer.conv.weight");
+            return Err(ModelError::WrongDType { name, found: conv.dtype.name(), expected: "f32" });
+        }
+        Ok(DeltaPlan {
+            norm: self.layer_vec(l, "attn_norm.weight", h)?,
+            q: self.layer_mat(l, "mixer.q.weight", kd, h)?,
+            k: self.layer_mat(l, "mixer.k.weight", kd, h)?,
+            v: self.layer_mat(l, "mixer.v.weight", vd, h)?,
+            z: self.layer_mat(l, "mixer.z.weight", vd, h)?,
+            b: self.layer_mat(l, "mixer.b.weight", nv, h)?,
+            a: self.layer_mat(l, "mixer.a.weight", nv, h)?,
+            conv,
+            dt_bias: self.layer_vec(l, "mixer.dt_bias", nv)?,
+            a_log: self.layer_vec(l, "mixer.a_log", nv)?,
+            out_norm: self.layer_vec(l, "mixer.norm.weight", d.v_head_dim)?,
+            out: self.layer_mat(l, "mixer.out.weight", h, vd)?,
+            dims: d,
+            eps: c.rms_norm_eps,
         })
     }
 
@@ -724,6 +798,11 @@ impl<'f, 'a> Builder<'f, 'a> {
             causal: !c.recipe.encoder_only,
             rel_bias: self.rel_bias()?,
             sinks: if c.recipe.attention_sinks { Some(self.layer_vec(l, "attn.sinks", c.num_heads)?) } else { None },
+            gate: if c.recipe.attention_output_gate {
+                Some(self.layer_mat(l, "attn.gate.weight", qd, h)?)
+            } else {
+                None
+            },
         };
         Ok(attn)
     }

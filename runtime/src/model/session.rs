@@ -3,6 +3,7 @@
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
 use super::bank::{MergeOptions, MergedUse, ModeError};
+use super::delta::{self, DeltaScratch, DeltaState};
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe};
 use super::meo::{self, BankSrc, MergedBank};
@@ -107,7 +108,25 @@ struct Buffers {
     meo: meo::MeoScratch,
     attn: AttnScratch,
     mla: MlaScratch,
+    delta: DeltaScratch,
     ffn: FfnScratch,
+}
+
+/// What a session keeps of one layer's past: the keys and values of every position
+/// (attention), or a fixed-size recurrent state (the recurrent mixers).
+#[derive(Debug)]
+enum LayerState {
+    Kv(LayerCache),
+    Delta(DeltaState),
+}
+
+impl LayerState {
+    fn new(attn: &Attention) -> Self {
+        match attn {
+            Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::default()),
+            Attention::GatedDeltaNet(p) => Self::Delta(DeltaState::new(p)),
+        }
+    }
 }
 
 /// One sequence being run: KV cache, scratch buffers, thread pool. Create as many as needed
@@ -117,7 +136,8 @@ pub struct Session<'m> {
     pool: Pool,
     max_context: usize,
     pos: usize,
-    cache: Vec<LayerCache>,
+    /// Per layer, in layer order.
+    state: Vec<LayerState>,
     buf: Buffers,
     logits: Vec<f32>,
     /// Output of the last [`Session::encode`], `[T, hidden]`.
@@ -174,7 +194,7 @@ impl<'m> Session<'m> {
             pool,
             max_context,
             pos: 0,
-            cache: (0..model.layers.len()).map(|_| LayerCache::default()).collect(),
+            state: model.layers.iter().map(|l| LayerState::new(&l.attn)).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
             hidden: Vec::new(),
@@ -270,8 +290,37 @@ impl<'m> Session<'m> {
     /// Bytes the KV cache holds now (see [`ModelConfig::kv_cache_bytes`](crate::ModelConfig::kv_cache_bytes)
     /// for what a context will cost).
     pub fn kv_cache_bytes(&self) -> u64 {
-        let floats: usize = self.cache.iter().flat_map(|c| c.k.iter().chain(&c.v)).map(Vec::len).sum();
+        let floats: usize = self
+            .state
+            .iter()
+            .filter_map(|s| match s {
+                LayerState::Kv(c) => Some(c),
+                LayerState::Delta(_) => None,
+            })
+            .flat_map(|c| c.k.iter().chain(&c.v))
+            .map(Vec::len)
+            .sum();
         floats as u64 * 4
+    }
+
+    /// Bytes of the recurrent layers' state (fixed: it does not grow with the context; see
+    /// [`ModelConfig::recurrent_state_bytes`](crate::ModelConfig::recurrent_state_bytes)).
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let floats: usize = self
+            .state
+            .iter()
+            .map(|s| match s {
+                LayerState::Kv(_) => 0,
+                LayerState::Delta(d) => d.floats(),
+            })
+            .sum();
+        floats as u64 * 4
+    }
+
+    /// Whether some layer keeps a recurrent state (which cannot be rewound: see
+    /// [`truncate`](Self::truncate)).
+    pub fn has_recurrent_state(&self) -> bool {
+        self.state.iter().any(|s| matches!(s, LayerState::Delta(_)))
     }
 
     /// Worker threads in use.
@@ -284,22 +333,34 @@ impl<'m> Session<'m> {
         self.truncate(0);
     }
 
-    /// Keeps only the first `len` positions of the cache (no-op if `len >= position()`).
-    /// Truncating to 0 is a reset: prompt-mode merges are dropped and redone from the next
-    /// call.
-    pub fn truncate(&mut self, len: usize) {
+    /// Keeps only the first `len` positions of the cache (no-op if `len >= position()`) and
+    /// returns true. Truncating to 0 is a reset: prompt-mode merges are dropped and redone
+    /// from the next call. A recurrent state holds no per-position history, so with recurrent
+    /// layers (see [`has_recurrent_state`](Self::has_recurrent_state)) only `len` 0 (or
+    /// `len >= position()`) is possible: other lengths return false and change nothing (reset,
+    /// then feed the tokens again).
+    pub fn truncate(&mut self, len: usize) -> bool {
         if len >= self.pos {
-            return;
+            return true;
         }
-        for (c, layer) in self.cache.iter_mut().zip(&self.model.layers) {
-            let (kw, vw) = layer.attn.cache_widths();
-            c.truncate(len, kw, vw);
+        if len > 0 && self.has_recurrent_state() {
+            return false;
+        }
+        for (c, layer) in self.state.iter_mut().zip(&self.model.layers) {
+            match c {
+                LayerState::Kv(c) => {
+                    let (kw, vw) = layer.attn.cache_widths();
+                    c.truncate(len, kw, vw);
+                }
+                LayerState::Delta(d) => d.clear(),
+            }
         }
         self.pos = len;
         if len == 0 {
             // A new sequence: what was built from the prompt is built again from the next.
             self.bank.built.iter_mut().for_each(|b| *b = None);
         }
+        true
     }
 
     /// Feeds `tokens` after the cached ones and returns the logits of every one of them,
@@ -373,7 +434,10 @@ impl<'m> Session<'m> {
         }
         self.pos += t;
         if m.file_changed() {
-            self.truncate(self.pos - t); // drop what the zeros produced
+            // Drop what the zeros produced (a recurrent state cannot be rewound: all of it).
+            if !self.truncate(self.pos - t) {
+                self.truncate(0);
+            }
             return Err(ForwardError::FileChanged);
         }
         Ok(&self.logits)
@@ -464,19 +528,24 @@ impl<'m> Session<'m> {
                 add_into(row, &b.norm_w);
             }
         }
-        for (l, (layer, cache)) in m.layers.iter().zip(&mut self.cache).enumerate() {
+        for (l, (layer, state)) in m.layers.iter().zip(&mut self.state).enumerate() {
             layer.attn.norm().read(bytes, &mut b.norm_w);
             read_bias(layer.attn.norm_bias(), bytes, h, &mut b.norm_b);
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
                 meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
-            match &layer.attn {
-                Attention::Gqa(a) => {
+            match (&layer.attn, state) {
+                (Attention::Gqa(a), LayerState::Kv(cache)) => {
                     attention(par, bytes, a, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y)
                 }
-                Attention::Mla(a) => {
+                (Attention::Mla(a), LayerState::Kv(cache)) => {
                     mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
                 }
+                (Attention::GatedDeltaNet(p), LayerState::Delta(st)) => {
+                    delta::delta_net(par, bytes, p, st, &b.h, t, &mut b.delta, &mut b.y)
+                }
+                // `state` is built from these same layers in `Session::new`.
+                _ => unreachable!("layer {l}: session state does not match the layer's mixer"),
             }
             add_residual(&mut b.x, &mut b.y, recipe.residual_multiplier);
 

@@ -127,6 +127,9 @@ pub enum ExportError {
     /// A recipe feature or mode the exporter does not write yet (names it).
     #[error("unsupported in export: {0}")]
     Unsupported(String),
+    /// A layer's token mixer the exporter does not write yet (a recurrent layer type).
+    #[error("unsupported in export: layer {layer}: the {} mixer (the cpu target runs it)", mixer.name())]
+    UnsupportedMixer { layer: usize, mixer: meo::Mixer },
     /// The mode names a task or layer the file does not have.
     #[error(transparent)]
     Mode(#[from] meo::ModeError),
@@ -262,6 +265,16 @@ pub fn write(e: &Exported, path: &Path, external: bool) -> Result<bool, ExportEr
 /// An unknown task or layer, or a recipe feature the exporter does not write yet.
 pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportError> {
     let c = model.config();
+    // Recurrent mixers have no graph here yet: refused by name, never exported wrongly.
+    for (layer, lp) in model.layer_plans().iter().enumerate() {
+        let mixer = lp.attn.mixer();
+        if mixer != meo::Mixer::Attention {
+            return Err(ExportError::UnsupportedMixer { layer, mixer });
+        }
+    }
+    if c.recipe.rope_dim != 0 || c.recipe.attention_output_gate {
+        return Err(ExportError::Unsupported("partial rotary (model.rope_dim) or a gated attention output".into()));
+    }
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };
     let vocab = c.vocab_size;
@@ -368,7 +381,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) => continue,
+            Attention::Gqa(_) | Attention::GatedDeltaNet(_) => continue,
             Attention::Mla(a) => a.rope,
         };
         if tables.contains_key(&dim) {
@@ -436,7 +449,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
     let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
         Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
-        Attention::Mla(_) => None,
+        Attention::Mla(_) | Attention::GatedDeltaNet(_) => None,
     }) {
         Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
         None => None,
@@ -467,6 +480,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         let y = match &plan.attn {
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
+            Attention::GatedDeltaNet(_) => {
+                return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() });
+            }
         };
         x = residual(&mut g, &x, &y);
         let hn = g.norm(&format!("{p}.ffn_norm"), &x, &plan.ffn_norm, plan.ffn_norm_bias.as_ref(), kind, eps)?;
@@ -596,6 +612,7 @@ fn window(a: &Attention) -> usize {
     match a {
         Attention::Gqa(a) => a.window,
         Attention::Mla(a) => a.window,
+        Attention::GatedDeltaNet(_) => 0,
     }
 }
 
@@ -604,6 +621,8 @@ fn cache_dims(model: &Model) -> Result<(usize, usize, usize), ExportError> {
     let dims = |a: &Attention| match a {
         Attention::Gqa(a) => (a.num_kv_heads, a.head_dim, a.head_dim),
         Attention::Mla(a) => (a.num_heads, a.nope + a.rope, a.v_dim),
+        // Refused by `export` before the cache is sized.
+        Attention::GatedDeltaNet(_) => (0, 0, 0),
     };
     let mut it = model.layer_plans().iter().map(|p| dims(&p.attn));
     let first = it.next().ok_or_else(|| ExportError::Unsupported("a model without layers".into()))?;

@@ -450,6 +450,9 @@ impl<'m> WgpuTarget<'m> {
         let lbl = |s: &str| format!("layers.{l}.{s}");
         let attn = match &lp.attn {
             Attention::Gqa(a) => GAttnKind::Gqa(Self::upload_gqa(gpu, b, a, &lbl)?),
+            Attention::GatedDeltaNet(_) => {
+                return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer: lp.attn.mixer() });
+            }
             Attention::Mla(a) => GAttnKind::Mla(GMla {
                 q_a: match &a.q_a {
                     Some((m, n)) => {
@@ -640,7 +643,7 @@ impl<'m> WgpuTarget<'m> {
             let nf = match &lp.attn {
                 Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
-                Attention::Gqa(_) => continue,
+                Attention::Gqa(_) | Attention::GatedDeltaNet(_) => continue,
             };
             if nf == 0 || rope_tables.contains_key(&nf) {
                 continue;
@@ -1445,6 +1448,17 @@ impl Target for WgpuTarget<'_> {
 
 /// Whether `model` has only layer kinds this target runs (every kind the CPU runs, today).
 pub fn supports(model: &Model) -> Result<(), TargetError> {
+    // Recurrent mixers have no kernels here yet: refused by name, never run wrongly.
+    for (l, lp) in model.layer_plans().iter().enumerate() {
+        let mixer = lp.attn.mixer();
+        if mixer != meo::Mixer::Attention {
+            return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer });
+        }
+    }
+    let r = &model.config().recipe;
+    if r.rope_dim != 0 || r.attention_output_gate {
+        return Err(unsupported("partial rotary (model.rope_dim) or a gated attention output"));
+    }
     for (l, k) in model.config().layer_ffn.iter().enumerate() {
         match k {
             FfnKind::Dense | FfnKind::Moe | FfnKind::MeoBank => {}
