@@ -102,11 +102,7 @@ impl ConvertSummary {
     fn __repr__(&self) -> String {
         format!(
             "ConvertSummary(output={:?}, architecture={:?}, tensors={}, file_bytes={}, checkpoint_bytes={})",
-            self.output,
-            self.architecture,
-            self.tensors,
-            self.file_bytes,
-            self.checkpoint_bytes
+            self.output, self.architecture, self.tensors, self.file_bytes, self.checkpoint_bytes
         )
     }
 }
@@ -170,15 +166,14 @@ fn convert(
     let mut interrupt: Option<PyErr> = None;
     let mut warnings: Vec<String> = Vec::new();
     let result = py.detach(|| {
-        let target = if progress {
-            indicatif::ProgressDrawTarget::stderr()
-        } else {
-            indicatif::ProgressDrawTarget::hidden()
-        };
+        let target =
+            if progress { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() };
         let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let r = convert_with(&hf_dir, &output, opts, &merges, &cancel, |e| {
             match e {
@@ -652,7 +647,9 @@ impl Model {
             p => return Err(PyValueError::new_err(format!("prompt_pool={p:?}: expected mean-gate or pooled-input"))),
         };
         let model = py.detach(|| -> PyResult<meo::Model> {
-            let ctx = |e: &dyn std::error::Error| ModelError::new_err(format!("cannot open {}: {}", path.display(), describe(e)));
+            let ctx = |e: &dyn std::error::Error| {
+                ModelError::new_err(format!("cannot open {}: {}", path.display(), describe(e)))
+            };
             let map = meo::residency::map_lazy(&path).map_err(|e| ctx(&e))?;
             meo::Model::from_mapped(map).map_err(|e| ctx(&e))
         })?;
@@ -707,7 +704,12 @@ impl Model {
     }
 
     fn __repr__(&self) -> String {
-        format!("Model({:?}, architecture={:?}, mode={:?})", self.path.display().to_string(), self.architecture(), self.mode())
+        format!(
+            "Model({:?}, architecture={:?}, mode={:?})",
+            self.path.display().to_string(),
+            self.architecture(),
+            self.mode()
+        )
     }
 
     /// Text to token ids with the file's tokenizer.
@@ -836,7 +838,14 @@ impl Model {
 
     /// Measures this model's routing mode against vanilla on `text`, as `meo eval` does.
     #[pyo3(signature = (text, *, window = 128, prompt_len = 32, max_windows = 0))]
-    fn eval(&self, py: Python<'_>, text: &str, window: usize, prompt_len: usize, max_windows: usize) -> PyResult<EvalReport> {
+    fn eval(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        window: usize,
+        prompt_len: usize,
+        max_windows: usize,
+    ) -> PyResult<EvalReport> {
         let opts = meo::eval::EvalOptions { window, prompt_len, max_windows, threads: self.threads };
         let r = py.detach(|| meo::eval::evaluate(&self.inner, text, &self.mode, &opts)).map_err(|e| match e {
             meo::eval::EvalError::BadWindow { .. } | meo::eval::EvalError::TooShort { .. } => {
