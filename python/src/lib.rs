@@ -430,6 +430,8 @@ struct TokenStream {
     rx: Mutex<Receiver<Msg>>,
     cancel: Arc<AtomicBool>,
     done: Mutex<Option<Py<Completion>>>,
+    /// The generation failed (its error was raised).
+    failed: AtomicBool,
 }
 
 impl Drop for TokenStream {
@@ -446,14 +448,23 @@ impl TokenStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Chunk>> {
-        if self.done.lock().map_err(|_| GenerateError::new_err("stream state poisoned"))?.is_some() {
+        if self.failed.load(Ordering::Relaxed)
+            || self.done.lock().map_err(|_| GenerateError::new_err("stream state poisoned"))?.is_some()
+        {
             return Ok(None);
         }
         let msg = py.detach(|| self.rx.lock().map(|rx| rx.recv()).map_err(|_| ()));
         match msg {
             Ok(Ok(Msg::Chunk(token, text))) => Ok(Some(Chunk { token, text })),
             Ok(Ok(Msg::Done(r))) => {
-                let c = Py::new(py, r?)?;
+                let c = match r {
+                    Ok(c) => Py::new(py, c)?,
+                    Err(e) => {
+                        // Raised once; the iterator then stays exhausted.
+                        self.failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                };
                 *self.done.lock().map_err(|_| GenerateError::new_err("stream state poisoned"))? = Some(c);
                 Ok(None)
             }
@@ -499,7 +510,7 @@ fn run_job(py: Python<'_>, job: Job, stream: bool) -> PyResult<Py<PyAny>> {
             let _ = tx.send(Msg::Done(r));
         })
         .map_err(|e| GenerateError::new_err(format!("cannot start the generation thread: {e}")))?;
-    Ok(Py::new(py, TokenStream { rx: Mutex::new(rx), cancel, done: Mutex::new(None) })?.into_any())
+    Ok(Py::new(py, TokenStream { rx: Mutex::new(rx), cancel, done: Mutex::new(None), failed: AtomicBool::new(false) })?.into_any())
 }
 
 /// Sampling options as `meo run` takes them; `None` means the file's generation default.

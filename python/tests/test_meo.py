@@ -121,6 +121,13 @@ def test_a_cancelled_stream_stops(model):
     assert len(first) + len(rest) < 400
 
 
+def test_a_failed_stream_raises_once_then_ends(model):
+    stream = model.generate(PROMPT, temperature=-1.0, stream=True)
+    with pytest.raises(ValueError, match="temperature"):
+        next(stream)
+    assert list(stream) == [] and stream.completion is None
+
+
 def test_generations_run_in_parallel_threads(model):
     """The GIL is released while generating: threads get the results a lone call gets."""
     want = model.generate([5, 17, 42, 9], max_new_tokens=32).tokens
