@@ -21,6 +21,8 @@ pub mod route;
 pub mod sample;
 pub mod target;
 
+#[cfg(feature = "tokenizer")]
+pub mod eval;
 #[cfg(feature = "std")]
 pub mod file;
 #[cfg(feature = "tokenizer")]

@@ -1,7 +1,7 @@
 //! The routing-mode options shared by `meo run`, `meo bench` and `meo eval`.
 
 use anyhow::Result;
-use meo::{LayerSelect, MergeOptions, Mode, PromptPool};
+use meo::{MergeOptions, PromptPool};
 
 /// How prompt mode pools the prompt's routing.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,15 +49,11 @@ impl ModeArgs {
         if !(self.merge_budget.is_finite() && self.merge_budget >= 0.0) {
             anyhow::bail!("--merge-budget must be a number >= 0, got {}", self.merge_budget);
         }
-        let default = if model.meo_layers().next().is_some() { "prompt" } else { "vanilla" };
-        let mut mode = Mode::parse(self.mode.as_deref().unwrap_or(default))?;
-        if let Mode::Prompt(pool) = &mut mode {
-            *pool = match self.prompt_pool {
-                PoolArg::MeanGate => PromptPool::MeanGate,
-                PoolArg::PooledInput => PromptPool::PooledInput,
-            };
-        }
-        Ok(MergeOptions { mode, layers: LayerSelect::parse(&self.merge_layers, self.merge_budget)? })
+        let pool = match self.prompt_pool {
+            PoolArg::MeanGate => PromptPool::MeanGate,
+            PoolArg::PooledInput => PromptPool::PooledInput,
+        };
+        Ok(MergeOptions::from_spellings(model, self.mode.as_deref(), pool, &self.merge_layers, self.merge_budget)?)
     }
 
     /// Sets the mode on `session`; returns the layers that run merged.

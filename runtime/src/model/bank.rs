@@ -169,6 +169,36 @@ pub struct MergeOptions {
 }
 
 impl MergeOptions {
+    /// The options spelled `mode` (`vanilla`, `prompt`, `task:NAME`; `None`: the model's own
+    /// default, `prompt` for an MEO-native model and `vanilla` otherwise), `pool` for prompt
+    /// mode, `layers` (`all`, `0,2,5`, `auto`) and `budget` (the largest merge error `auto`
+    /// merges): what `--mode`, `--prompt-pool`, `--merge-layers` and `--merge-budget` mean in
+    /// the CLI, the C API and the Python package alike.
+    ///
+    /// # Errors
+    /// A misspelt mode or layer list, or a budget that is not a finite number >= 0.
+    pub fn from_spellings(
+        model: &super::Model,
+        mode: Option<&str>,
+        pool: PromptPool,
+        layers: &str,
+        budget: f64,
+    ) -> Result<Self, ModeError> {
+        if !(budget.is_finite() && budget >= 0.0) {
+            return Err(ModeError::BadSpelling {
+                what: "merge budget",
+                value: alloc::format!("{budget}"),
+                expected: "a number >= 0",
+            });
+        }
+        let default = if model.meo_layers().next().is_some() { "prompt" } else { "vanilla" };
+        let mut mode = Mode::parse(mode.unwrap_or(default))?;
+        if let Mode::Prompt(p) = &mut mode {
+            *p = pool;
+        }
+        Ok(Self { mode, layers: LayerSelect::parse(layers, budget)? })
+    }
+
     /// The layers to merge among `candidates` (layer, measured merge error) of a model whose MoE
     /// layers are `moe`, per [`LayerSelect`]; `what` names the mode in errors. Shared by every
     /// target so they select alike.
