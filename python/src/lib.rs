@@ -510,7 +510,8 @@ fn run_job(py: Python<'_>, job: Job, stream: bool) -> PyResult<Py<PyAny>> {
             let _ = tx.send(Msg::Done(r));
         })
         .map_err(|e| GenerateError::new_err(format!("cannot start the generation thread: {e}")))?;
-    Ok(Py::new(py, TokenStream { rx: Mutex::new(rx), cancel, done: Mutex::new(None), failed: AtomicBool::new(false) })?.into_any())
+    Ok(Py::new(py, TokenStream { rx: Mutex::new(rx), cancel, done: Mutex::new(None), failed: AtomicBool::new(false) })?
+        .into_any())
 }
 
 /// Sampling options as `meo run` takes them; `None` means the file's generation default.
