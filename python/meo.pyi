@@ -50,7 +50,7 @@ def convert(
     output: StrPath,
     *,
     experts: Literal["int8", "int4", "mxfp4", "f16", "f32"] = "int8",
-    dense: Literal["int8", "f16", "f32"] = "f16",
+    dense: Literal["int8", "int4", "f16", "f32"] = "f16",
     align_experts: Optional[bool] = None,
     tasks: Optional[Mapping[str, StrPath]] = None,
     merge_weighting: Literal["mean-gate", "frequency"] = "mean-gate",

@@ -140,9 +140,10 @@ fn convert(
     };
     let dense = match dense {
         "int8" => DType::Q8_0,
+        "int4" => DType::Q4_0,
         "f16" => DType::F16,
         "f32" => DType::F32,
-        d => return Err(PyValueError::new_err(format!("dense={d:?}: expected int8, f16 or f32"))),
+        d => return Err(PyValueError::new_err(format!("dense={d:?}: expected int8, int4, f16 or f32"))),
     };
     let weighting: Weighting =
         merge_weighting.parse().map_err(|e: String| PyValueError::new_err(format!("merge_weighting: {e}")))?;
