@@ -3,10 +3,10 @@
 //! decoding. End-of-sequence ids do not stop it. The JSON object is documented in `docs/CLI.md`.
 
 use super::target::{RunOptions, open_target};
-use super::{human_bytes, open_model, parse_bytes, print_residency};
+use super::{human_bytes, open_model, print_residency};
 use anyhow::{Result, bail};
 use meo::generate::{GenerateOptions, Hooks, generate};
-use meo::residency::{self, ExpertTracker, TrackerOptions};
+use meo::residency::{self, ExpertTracker};
 use meo::sample::Pcg32;
 use meo::{Model, Session, SessionOptions};
 use serde_json::json;
@@ -43,9 +43,8 @@ pub struct Args {
     /// first-touch page faults of the mapping. 0 times a fresh process's first call.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: usize,
-    /// Keep at most this many bytes of expert weights mapped (as `meo run --memory-budget`).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub memory: super::memory::MemoryArgs,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
@@ -76,6 +75,12 @@ impl meo::Trace for BenchHooks<'_, '_> {
     fn on_merged(&mut self, layer: usize, tokens: usize, expert: &meo::MergedUse) {
         self.tracker.on_merged(layer, tokens, expert);
         self.merged += expert.bytes() as u64;
+    }
+    fn wants_prediction(&self) -> bool {
+        self.tracker.wants_prediction()
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.tracker.on_experts_predicted(from, layer, experts);
     }
 }
 
@@ -119,8 +124,7 @@ pub fn run(a: &Args) -> Result<()> {
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let run =
-        RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), mode: a.mode.options(&model)? };
+    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
@@ -130,14 +134,14 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
+    let opts = a.memory.tracker_options();
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     let mut rng = Pcg32::seed_from_u64(a.seed);
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
 
     let target = opened.target();
-    let warmup = if a.cold || a.memory_budget.is_some() { 0 } else { a.warmup };
+    let warmup = if a.cold || a.memory.explicit() { 0 } else { a.warmup };
     for w in 0..warmup {
         let other: Vec<u32> = prompt.iter().map(|&t| ((u64::from(t) + 1 + w as u64) % vocab) as u32).collect();
         generate(target, &other, &bench_options(1), None, &mut ())?;
@@ -193,7 +197,7 @@ pub fn run(a: &Args) -> Result<()> {
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "warmup": warmup,
-            "memory_budget": a.memory_budget,
+            "memory_budget": tracker.options().budget,
             "open_seconds": open_time.as_secs_f64(),
             "prompt_tokens": a.prompt_len,
             "prompt_seconds": g.prompt_time.as_secs_f64(),
@@ -215,6 +219,20 @@ pub fn run(a: &Args) -> Result<()> {
             "released_slabs": stats.released_slabs,
             "peak_rss_bytes": peak_rss,
         });
+        let residency = json!({
+            "cache_policy": tracker.options().policy.name(),
+            "predict": tracker.options().predict,
+            "expert_hits": stats.hits,
+            "expert_misses": stats.misses,
+            "expert_hit_rate": stats.hit_rate(),
+            "prediction_accuracy_per_layer": stats.prediction.iter().map(|p| p.accuracy()).collect::<Vec<_>>(),
+            "predicted_prefetches": stats.predicted_prefetches,
+            "dense_pinned_bytes": stats.dense_pinned_bytes,
+            "dense_locked": stats.dense_locked,
+        });
+        if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), residency) {
+            o.extend(r);
+        }
         if let Some((c, threads, agree)) = &cpu {
             v["cpu"] = json!({
                 "threads": threads,

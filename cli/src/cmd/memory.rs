@@ -1,0 +1,75 @@
+//! The residency flags `meo run` and `meo bench` share: the model's memory budget, the
+//! eviction policy, and next-layer prediction.
+
+use meo::residency::{self, Policy, TrackerOptions};
+
+/// `--memory-budget`'s value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The process's memory limit less room for the rest ([`residency::default_budget`]).
+    Auto,
+    /// No budget.
+    Unlimited,
+    /// This many bytes.
+    Bytes(u64),
+}
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    match s {
+        "auto" => Ok(Budget::Auto),
+        "none" => Ok(Budget::Unlimited),
+        _ => super::parse_bytes(s).map(Budget::Bytes),
+    }
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    Policy::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Policy::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown policy {s:?} (one of: {})", names.join(", "))
+    })
+}
+
+/// Residency flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// Most bytes of the model's weights to keep in memory: the tensors every token reads are
+    /// kept resident (mlock where permitted) and counted, expert slabs are cached under the
+    /// rest and evicted by --cache-policy (re-read from the file when needed again). BYTES
+    /// (e.g. 512M, 2G), `auto` (the process's memory limit — its cgroup limit or the
+    /// machine's available memory — less an eighth, at least 32 MiB, for the rest), or `none`.
+    #[arg(long, value_name = "BYTES|auto|none", default_value = "auto", value_parser = parse_budget)]
+    pub memory_budget: Budget,
+    /// Which cached expert is evicted first under the budget: lru, lfu, freq-recency.
+    #[arg(long, value_name = "POLICY", default_value = "lru", value_parser = parse_policy)]
+    pub cache_policy: Policy,
+    /// Turn off next-layer prediction (the next layer's router on this layer's input; its
+    /// experts are read while this layer computes).
+    #[arg(long)]
+    pub no_predict: bool,
+}
+
+impl MemoryArgs {
+    /// Whether a budget in bytes was given (not `auto` or `none`).
+    pub fn explicit(&self) -> bool {
+        matches!(self.memory_budget, Budget::Bytes(_))
+    }
+
+    /// The budget in bytes, if any.
+    pub fn budget(&self) -> Option<u64> {
+        match self.memory_budget {
+            Budget::Auto => residency::default_budget(),
+            Budget::Unlimited => None,
+            Budget::Bytes(b) => Some(b),
+        }
+    }
+
+    /// The tracker settings these flags ask for.
+    pub fn tracker_options(&self) -> TrackerOptions {
+        TrackerOptions {
+            budget: self.budget(),
+            policy: self.cache_policy,
+            predict: !self.no_predict,
+            ..TrackerOptions::default()
+        }
+    }
+}
