@@ -31,16 +31,22 @@
 #    token = the decode run's read bytes ÷ G (load and warm-up included, the same for both).
 #    The cgroup's peak usage is recorded to show the limit held.
 #
-# Output: a table per checkpoint (medians over the rounds), then the lines of the trained
+# Output: a table per checkpoint (medians over the rounds; meo's expert-cache hit rate and mean
+# next-layer prediction accuracy of the decode runs), then the lines of the trained
 # checkpoint (prefixed `trained `), then, last, one line per limit for the synthetic one, exactly
 #   limit_fraction=F decode_ratio=X prompt_ratio=Y read_bytes_per_token=Z
 # with X, Y = meo ÷ llama.cpp tokens/s and Z meo's storage read bytes per decoded token.
 #
 # Env: MEO_BENCH_DIR, MEO_BENCH_PYTHON, MEO_BENCH_THREADS (2) as for bench-vs-llamacpp.sh;
 #      MEO_MEM_REPS (3), MEO_MEM_PROMPT (128), MEO_MEM_GEN (32), MEO_MEM_FRACTIONS
-#      ("0.75 0.5 0.25"), MEO_MEM_TRAINED (1), MEO_MEM_MEO_ARGS (extra `meo bench` flags),
-#      MEO_MEM_BASELINE (another meo binary, e.g. one built before a change: measured in the same
-#      rounds as `meo-base`, its ratios printed as `baseline_decode_ratio=` on the same lines).
+#      ("0.75 0.5 0.25"), MEO_MEM_TRAINED (1), MEO_MEM_MEO_ARGS (extra flags for every
+#      `meo bench`), MEO_MEM_VARIANTS (more meo configurations measured in the same rounds,
+#      `NAME:FLAGS;NAME:FLAGS`, default "meo-before:--memory-budget none --no-predict;meo-nopredict:--no-predict":
+#      `meo-before` is meo as it ran before issue 20 — no budget, nothing pinned, no prediction;
+#      each gets a column in the table and `NAME_decode_ratio=` after the four fields).
+# meo bench decodes with `--decode-tokens random` (near-uniform random ids, as llama-bench feeds):
+# greedy decoding on random weights repeats one token, and so one routing, which would flatter
+# any cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -171,14 +177,14 @@ llama_run() { # MODEL FRAC GGUF PHASE ROUND P
   [[ $4 == decode ]] && { n=$GEN; p=0; }
   run "$1" "$2" "$3" llama.cpp "$4" "$5" "$LLAMA_BENCH" -m "$3" -t "$THREADS" -p "$p" -n "$n" -r 1 -o jsonl
 }
-meo_run() { # MODEL FRAC MEOFILE PHASE ROUND P [BINARY]
-  local n=0 p=$6 bin=${7:-$MEO} tool=meo
-  [[ -n ${7:-} ]] && tool=meo-base
+meo_run() { # MODEL FRAC MEOFILE PHASE ROUND P [NAME FLAGS]
+  local n=0 p=$6 tool=${7:-meo}
   [[ $4 == decode ]] && { n=$GEN; p=1; }
-  # shellcheck disable=SC2086 # MEO_MEM_MEO_ARGS is a list of flags
-  run "$1" "$2" "$3" "$tool" "$4" "$5" "$bin" bench "$3" --threads "$THREADS" --prompt-len "$p" --gen "$n" \
-    --seed "$5" --json ${MEO_MEM_MEO_ARGS:-}
+  # shellcheck disable=SC2086 # flags lists
+  run "$1" "$2" "$3" "$tool" "$4" "$5" "$MEO" bench "$3" --threads "$THREADS" --prompt-len "$p" --gen "$n" \
+    --seed "$5" --json --decode-tokens random ${MEO_MEM_MEO_ARGS:-} ${8:-}
 }
+IFS=';' read -r -a VARIANTS <<<"${MEO_MEM_VARIANTS-meo-before:--memory-budget none --no-predict;meo-nopredict:--no-predict}"
 for r in $(seq "$REPS"); do
   for m in "${MODELS[@]}"; do
     read -r name gguf meofile p <<<"$m"
@@ -191,7 +197,9 @@ for r in $(seq "$REPS"); do
           meo_run "$name" "$f" "$meofile" "$phase" "$r" "$p"
           llama_run "$name" "$f" "$gguf" "$phase" "$r" "$p"
         fi
-        [[ -z ${MEO_MEM_BASELINE:-} ]] || meo_run "$name" "$f" "$meofile" "$phase" "$r" "$p" "$MEO_MEM_BASELINE"
+        for v in "${VARIANTS[@]}"; do
+          [[ -n $v ]] && meo_run "$name" "$f" "$meofile" "$phase" "$r" "$p" "${v%%:*}" "${v#*:}"
+        done
         printf '.' >&2
       done
     done
@@ -215,14 +223,19 @@ for r in rows:
         tps = [l["decode_tokens_per_s" if phase == "decode" else "prompt_tokens_per_s"] for l in lines]
     if len(tps) != 1:
         sys.exit(f"error: no {phase} figure in the output of {r['tag']}:\n{r['out']}")
-    by[model, frac, tool, phase].append(dict(r, tps=tps[0]))
-tools = sorted({k[2] for k in by}, key=["llama.cpp", "meo", "meo-base"].index)
+    extra = {}
+    if tool != "llama.cpp":
+        extra["hit"] = lines[0].get("expert_hit_rate")
+        acc = [a for a in lines[0].get("prediction_accuracy_per_layer", []) if a is not None]
+        extra["acc"] = sum(acc) / len(acc) if acc else None
+    by[model, frac, tool, phase].append(dict(r, tps=tps[0], **extra))
+tools = sorted({k[2] for k in by}, key=lambda t: (t != "llama.cpp", t != "meo", t))
 models = list(dict.fromkeys(k[0] for k in by))
 lines = []
 for model in models:
     print(f"\n{model} checkpoint (medians of {len(by[next(k for k in by if k[0] == model)])} rounds)")
-    print(f"{'limit':>6} {'tool':<10} {'prompt t/s':>10} {'decode t/s':>10} {'MB read/token':>13}"
-          f" {'major faults/token':>18} {'cgroup peak MB':>14}")
+    print(f"{'limit':>6} {'tool':<14} {'prompt t/s':>10} {'decode t/s':>10} {'MB read/token':>13}"
+          f" {'major faults/token':>18} {'cgroup peak MB':>14} {'hit rate':>8} {'pred. acc.':>10}")
     for frac in dict.fromkeys(k[1] for k in by if k[0] == model):
         fig = {}
         for tool in tools:
@@ -233,12 +246,14 @@ for model in models:
                          med(x["read_bytes"] for x in d) / gen, med(x["major_faults"] for x in d) / gen,
                          max(x["cgroup_peak"] or 0 for x in p + d))
             pt, dt, rb, mf, peak = fig[tool]
-            print(f"{frac:>6} {tool:<10} {pt:10.1f} {dt:10.2f} {rb / 1e6:13.1f} {mf:18.0f} {peak / 1e6:14.0f}")
+            opt = lambda k: (lambda v: "-" if not v else f"{med(v):.3f}")([x[k] for x in d if x.get(k) is not None])
+            print(f"{frac:>6} {tool:<14} {pt:10.1f} {dt:10.2f} {rb / 1e6:13.1f} {mf:18.0f} {peak / 1e6:14.0f}"
+                  f" {opt('hit'):>8} {opt('acc'):>10}")
         ll, me = fig["llama.cpp"], fig["meo"]
         line = (f"limit_fraction={frac} decode_ratio={me[1] / ll[1]:.2f} prompt_ratio={me[0] / ll[0]:.2f}"
                 f" read_bytes_per_token={me[2]:.0f}")
-        if "meo-base" in fig:
-            line += f" baseline_decode_ratio={fig['meo-base'][1] / ll[1]:.2f}"
+        for tool in tools[2:]:
+            line += f" {tool}_decode_ratio={fig[tool][1] / ll[1]:.2f}"
         lines.append((model == "synthetic", line if model == "synthetic" else f"{model} {line}"))
 print()
 # The synthetic checkpoint's lines come last: the script ends with them.

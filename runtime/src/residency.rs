@@ -570,6 +570,8 @@ pub struct TrackerOptions {
     pub predict: bool,
     /// Which held slab is evicted first when the budget is exceeded.
     pub policy: Policy,
+    /// How predicted slabs are read.
+    pub predict_io: PredictIo,
     /// With a budget: keep the tensors every token reads ([`DataLayout::dense_runs`])
     /// resident — `mlock`ed where permitted, otherwise touched at creation and re-touched every
     /// [`RETOUCH_STEPS`] forward calls — and count them against the budget (slabs get the
@@ -586,7 +588,112 @@ impl Default for TrackerOptions {
             drop_page_cache: true,
             predict: true,
             policy: Policy::default(),
+            predict_io: PredictIo::default(),
             pin_dense: true,
+        }
+    }
+}
+
+/// How the slabs of a next-layer prediction are read (measured in `docs/PERFORMANCE.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PredictIo {
+    /// `madvise(MADV_WILLNEED)` from the computing thread (the kernel reads in the background,
+    /// but queueing the reads — and any reclaim they cause — happens on this thread).
+    Inline,
+    /// `madvise(MADV_WILLNEED)` from a dedicated I/O thread.
+    #[default]
+    Thread,
+    /// Positioned reads (`pread`) of the slab's file range into a scratch buffer on a dedicated
+    /// I/O thread: the page cache is filled before the layer runs, and its page faults only map.
+    ReadThread,
+}
+
+impl PredictIo {
+    /// Every variant, for measurements.
+    pub const ALL: [PredictIo; 3] = [PredictIo::Inline, PredictIo::Thread, PredictIo::ReadThread];
+
+    /// The name the CLI takes (`inline`, `thread`, `read-thread`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictIo::Inline => "inline",
+            PredictIo::Thread => "thread",
+            PredictIo::ReadThread => "read-thread",
+        }
+    }
+
+    /// The variant named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The I/O thread of [`PredictIo::Thread`] and [`PredictIo::ReadThread`]: takes (address,
+/// length) of whole pages of the mapping, or (file offset, length), and reads them ahead.
+struct IoThread {
+    tx: Option<std::sync::mpsc::SyncSender<(usize, usize)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Requests waiting beyond this are dropped (a prediction that late is useless).
+    const QUEUE: usize = 64;
+
+    fn spawn(how: PredictIo, map: &Mapped) -> Result<Self, ResidencyError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize)>(Self::QUEUE);
+        let file = match how {
+            PredictIo::ReadThread => {
+                let path = map.path();
+                Some(
+                    std::fs::File::open(path)
+                        .map_err(|source| ResidencyError::Open { path: path.to_path_buf(), source })?,
+                )
+            }
+            _ => None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("meo-prefetch".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                for (a, len) in rx {
+                    match &file {
+                        #[cfg(unix)]
+                        Some(f) => {
+                            use std::os::unix::fs::FileExt;
+                            buf.resize(len.min(4 << 20), 0u8);
+                            let mut off = 0;
+                            while off < len {
+                                let n = (len - off).min(buf.len());
+                                // Errors (a truncated file) surface where the bytes are used.
+                                if f.read_exact_at(&mut buf[..n], (a + off) as u64).is_err() {
+                                    break;
+                                }
+                                off += n;
+                            }
+                        }
+                        #[cfg(unix)]
+                        // SAFETY: [a, a + len) is whole pages of the tracker's mapping, which
+                        // outlives this thread: the tracker joins it on drop, and the tracker
+                        // borrows the mapping. WILLNEED only starts reads.
+                        None => unsafe {
+                            libc::madvise(a as *mut libc::c_void, len, libc::MADV_WILLNEED);
+                        },
+                        #[cfg(not(unix))]
+                        _ => {
+                            let _ = (a, len, &mut buf);
+                        }
+                    }
+                }
+            })
+            .map_err(|source| ResidencyError::Os { call: "spawn(meo-prefetch)", source })?;
+        Ok(Self { tx: Some(tx), handle: Some(handle) })
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        drop(self.tx.take()); // ends the thread's loop
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }
@@ -718,6 +825,8 @@ impl ResidencyStats {
 pub struct ExpertTracker<'m> {
     map: &'m Mapped,
     file: Option<std::fs::File>,
+    /// Reads predicted slabs ([`PredictIo::Thread`], [`PredictIo::ReadThread`]).
+    io: Option<IoThread>,
     index: SlabIndex,
     /// Start of each layer's run in `state`.
     layer_base: Vec<usize>,
@@ -816,6 +925,11 @@ impl<'m> ExpertTracker<'m> {
         Ok(Self {
             map,
             file: fd,
+            io: if opts.predict && opts.predict_io != PredictIo::Inline {
+                Some(IoThread::spawn(opts.predict_io, map)?)
+            } else {
+                None
+            },
             index,
             layer_base,
             state: vec![SlabState::default(); n],
@@ -968,7 +1082,17 @@ impl<'m> ExpertTracker<'m> {
                     log.push((l, e));
                 }
             }
-            if (self.opts.prefetch || predicted)
+            if predicted && let Some(io) = &self.io {
+                let req = match self.opts.predict_io {
+                    PredictIo::ReadThread => Ok((range.start, range.len())),
+                    _ => page_span(self.map, &range),
+                };
+                match req {
+                    // A full queue drops the request: the slab is then read when used.
+                    Ok(r) => drop(io.tx.as_ref().map(|tx| tx.try_send(r))),
+                    Err(err) => self.last_error = Some(err),
+                }
+            } else if (self.opts.prefetch || predicted)
                 && let Err(err) = prefetch(self.map, range)
             {
                 self.last_error = Some(err);

@@ -7,7 +7,7 @@ use super::{human_bytes, open_model, print_residency};
 use anyhow::{Result, bail};
 use meo::generate::{GenerateOptions, Hooks, generate};
 use meo::residency::{self, ExpertTracker};
-use meo::sample::Pcg32;
+use meo::sample::{Pcg32, SamplerConfig};
 use meo::{Model, Session, SessionOptions};
 use serde_json::json;
 use std::io::Write;
@@ -43,6 +43,11 @@ pub struct Args {
     /// first-touch page faults of the mapping. 0 times a fresh process's first call.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: usize,
+    /// How decode steps pick the next token: `greedy` (the model's own choice; on random
+    /// weights this often repeats one token, and so one routing) or `random` (near-uniform
+    /// random ids, seeded: what llama-bench feeds; fair when comparing expert traffic).
+    #[arg(long, value_name = "HOW", default_value = "greedy", value_parser = ["greedy", "random"])]
+    pub decode_tokens: String,
     #[command(flatten)]
     pub memory: super::memory::MemoryArgs,
     #[command(flatten)]
@@ -102,10 +107,15 @@ impl Hooks for BenchHooks<'_, '_> {
     }
 }
 
-/// Greedy generation of exactly `gen + 1` tokens (`gen` decode steps), end-of-sequence ids
-/// not stopping it.
-fn bench_options(gen_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: gen_tokens + 1, ..GenerateOptions::default() }
+/// Generation of exactly `gen + 1` tokens (`gen` decode steps), end-of-sequence ids not
+/// stopping it: greedy, or (`random`) sampled at a temperature so high that every id is about
+/// equally likely.
+fn bench_options(gen_tokens: usize, random: Option<u64>) -> GenerateOptions {
+    let sampling = match random {
+        Some(seed) => SamplerConfig { temperature: 1e6, seed, ..SamplerConfig::default() },
+        None => SamplerConfig::default(),
+    };
+    GenerateOptions { max_new_tokens: gen_tokens + 1, sampling, ..GenerateOptions::default() }
 }
 
 /// Runs `meo bench`.
@@ -144,7 +154,7 @@ pub fn run(a: &Args) -> Result<()> {
     let warmup = if a.cold || a.memory.explicit() { 0 } else { a.warmup };
     for w in 0..warmup {
         let other: Vec<u32> = prompt.iter().map(|&t| ((u64::from(t) + 1 + w as u64) % vocab) as u32).collect();
-        generate(target, &other, &bench_options(1), None, &mut ())?;
+        generate(target, &other, &bench_options(1, None), None, &mut ())?;
         target.reset();
     }
     let mut hooks = BenchHooks {
@@ -156,7 +166,8 @@ pub fn run(a: &Args) -> Result<()> {
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
     };
-    let g = generate(target, &prompt, &bench_options(a.gen_tokens), None, &mut hooks)?;
+    let random = (a.decode_tokens == "random").then_some(a.seed);
+    let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
     let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
     let threads = threads_of(&opened);
     let describe = opened.target().describe();
@@ -164,7 +175,7 @@ pub fn run(a: &Args) -> Result<()> {
     let cpu = if a.target.compare_cpu {
         let mut s = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
         s.set_mode(run.mode.clone())?;
-        let c = generate(&mut s, &prompt, &bench_options(a.gen_tokens), None, &mut ())?;
+        let c = generate(&mut s, &prompt, &bench_options(a.gen_tokens, random), None, &mut ())?;
         let agree = g.tokens.iter().zip(&c.tokens).take_while(|(x, y)| x == y).count();
         Some((c, s.threads(), agree))
     } else {
@@ -198,6 +209,7 @@ pub fn run(a: &Args) -> Result<()> {
             "cold": a.cold,
             "warmup": warmup,
             "memory_budget": tracker.options().budget,
+            "decode_tokens": a.decode_tokens,
             "open_seconds": open_time.as_secs_f64(),
             "prompt_tokens": a.prompt_len,
             "prompt_seconds": g.prompt_time.as_secs_f64(),

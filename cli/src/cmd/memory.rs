@@ -1,7 +1,7 @@
 //! The residency flags `meo run` and `meo bench` share: the model's memory budget, the
 //! eviction policy, and next-layer prediction.
 
-use meo::residency::{self, Policy, TrackerOptions};
+use meo::residency::{self, Policy, PredictIo, TrackerOptions};
 
 /// `--memory-budget`'s value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,18 @@ pub struct MemoryArgs {
     /// experts are read while this layer computes).
     #[arg(long)]
     pub no_predict: bool,
+    /// How predicted experts are read: `thread` (madvise WILLNEED from an I/O thread),
+    /// `read-thread` (positioned reads on an I/O thread), `inline` (WILLNEED from the
+    /// computing thread).
+    #[arg(long, value_name = "HOW", default_value = "thread", value_parser = parse_predict_io)]
+    pub predict_io: PredictIo,
+}
+
+fn parse_predict_io(s: &str) -> Result<PredictIo, String> {
+    PredictIo::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = PredictIo::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown --predict-io {s:?} (one of: {})", names.join(", "))
+    })
 }
 
 impl MemoryArgs {
@@ -69,6 +81,7 @@ impl MemoryArgs {
             budget: self.budget(),
             policy: self.cache_policy,
             predict: !self.no_predict,
+            predict_io: self.predict_io,
             ..TrackerOptions::default()
         }
     }
