@@ -1182,6 +1182,12 @@ impl<'m> ExpertTracker<'m> {
         self.held_bytes
     }
 
+    /// Whether the slab of expert `e` of layer `l` is held (selected or predicted, not evicted
+    /// since): what the budget counts.
+    pub fn is_held(&self, l: usize, e: usize) -> bool {
+        self.slot(l, e).is_some_and(|i| self.state[i].held_tick.is_some())
+    }
+
     /// Whether expert `e` of layer `l` has been selected.
     pub fn touched(&self, l: usize, e: usize) -> bool {
         self.slot(l, e).is_some_and(|i| self.state[i].touched)
