@@ -31,6 +31,9 @@
 #    token = the decode run's read bytes ÷ G (load and warm-up included, the same for both).
 #    The cgroup's peak usage is recorded to show the limit held.
 #
+# A run the OOM killer ends (llama.cpp's compute buffers can exceed the smallest limit) is
+# reported in the table, and its ratios print as `na`.
+#
 # Output: a table per checkpoint (medians over the rounds; meo's expert-cache hit rate and mean
 # next-layer prediction accuracy of the decode runs), then the lines of the trained
 # checkpoint (prefixed `trained `), then, last, one line per limit for the synthetic one, exactly
@@ -159,10 +162,16 @@ finally:
             break
         except OSError:
             time.sleep(0.1)
-if status != 0:
-    sys.exit(f"error: {argv} exited with status {status} under a {limit}-byte limit:\n{out.decode()[-2000:]}")
+# A tool killed under the limit (the OOM killer: SIGKILL) is a result, recorded as such.
+failed = None
+if os.WIFSIGNALED(status):
+    failed = f"killed by signal {os.WTERMSIG(status)}" + (" (OOM killer)" if os.WTERMSIG(status) == 9 else "")
+elif os.WEXITSTATUS(status) != 0:
+    failed = f"exit status {os.WEXITSTATUS(status)}"
+if failed:
+    print(f"warning: {tag}: {argv[0]} {failed} under a {limit}-byte limit", file=sys.stderr)
 print(json.dumps({"tag": tag, "limit": limit, "read_bytes": ru.ru_inblock * 512, "major_faults": ru.ru_majflt,
-                  "cgroup_peak": peak, "out": out.decode()}))
+                  "cgroup_peak": peak, "out": out.decode(), "failed": failed}))
 PY
 run() { # MODEL FRACTION FILE TOOL PHASE ROUND ARGV...
   local model=$1 frac=$2 file=$3 tool=$4 phase=$5 round=$6
@@ -217,6 +226,9 @@ by = defaultdict(list)  # (model, frac, tool, phase) -> [row]
 for r in rows:
     model, frac, tool, phase, _ = r["tag"].split()
     lines = [json.loads(l) for l in r["out"].splitlines() if l.startswith("{")]
+    if r.get("failed"):
+        by[model, frac, tool, phase].append(dict(r, tps=None))
+        continue
     if tool == "llama.cpp":
         tps = [l["avg_ts"] for l in lines if l.get("n_gen" if phase == "decode" else "n_prompt", 0) > 0]
     else:
@@ -242,6 +254,11 @@ for model in models:
             p, d = by.get((model, frac, tool, "prompt")), by.get((model, frac, tool, "decode"))
             if not p or not d:
                 continue
+            bad = [x["failed"] for x in p + d if x.get("failed")]
+            if bad:
+                print(f"{frac:>6} {tool:<14} {len(bad)} of {len(p + d)} runs failed: {bad[0]}")
+                fig[tool] = None
+                continue
             fig[tool] = (med(x["tps"] for x in p), med(x["tps"] for x in d),
                          med(x["read_bytes"] for x in d) / gen, med(x["major_faults"] for x in d) / gen,
                          max(x["cgroup_peak"] or 0 for x in p + d))
@@ -249,11 +266,13 @@ for model in models:
             opt = lambda k: (lambda v: "-" if not v else f"{med(v):.3f}")([x[k] for x in d if x.get(k) is not None])
             print(f"{frac:>6} {tool:<14} {pt:10.1f} {dt:10.2f} {rb / 1e6:13.1f} {mf:18.0f} {peak / 1e6:14.0f}"
                   f" {opt('hit'):>8} {opt('acc'):>10}")
-        ll, me = fig["llama.cpp"], fig["meo"]
-        line = (f"limit_fraction={frac} decode_ratio={me[1] / ll[1]:.2f} prompt_ratio={me[0] / ll[0]:.2f}"
-                f" read_bytes_per_token={me[2]:.0f}")
+        ll, me = fig.get("llama.cpp"), fig.get("meo")
+        ratio = lambda a, b, i: f"{a[i] / b[i]:.2f}" if a and b else "na"
+        rb = f"{me[2]:.0f}" if me else "na"
+        line = (f"limit_fraction={frac} decode_ratio={ratio(me, ll, 1)} prompt_ratio={ratio(me, ll, 0)}"
+                f" read_bytes_per_token={rb}")
         for tool in tools[2:]:
-            line += f" {tool}_decode_ratio={fig[tool][1] / ll[1]:.2f}"
+            line += f" {tool}_decode_ratio={ratio(fig.get(tool), ll, 1)}"
         lines.append((model == "synthetic", line if model == "synthetic" else f"{model} {line}"))
 print()
 # The synthetic checkpoint's lines come last: the script ends with them.
