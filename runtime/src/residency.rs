@@ -706,12 +706,14 @@ pub const RETOUCH_STEPS: u64 = 8;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Policy {
     /// Least recently selected first.
-    #[default]
     Lru,
     /// Least often selected first (ties: least recent).
     Lfu,
     /// Lowest frequency × recency score first: each selection adds 1 to a score that halves
-    /// every [`DECAY_STEPS`] forward calls.
+    /// every [`DECAY_STEPS`] forward calls. The default: a predicted slab not yet selected
+    /// scores 0, so a misprediction is the first to go, where LRU would keep it as the most
+    /// recent and evict a slab still in use (measured: `docs/PERFORMANCE.md`).
+    #[default]
     FreqRecency,
 }
 

@@ -40,7 +40,7 @@ pub struct MemoryArgs {
     #[arg(long, value_name = "BYTES|auto|none", default_value = "auto", value_parser = parse_budget)]
     pub memory_budget: Budget,
     /// Which cached expert is evicted first under the budget: lru, lfu, freq-recency.
-    #[arg(long, value_name = "POLICY", default_value = "lru", value_parser = parse_policy)]
+    #[arg(long, value_name = "POLICY", default_value = "freq-recency", value_parser = parse_policy)]
     pub cache_policy: Policy,
     /// Turn off next-layer prediction (the next layer's router on this layer's input; its
     /// experts are read while this layer computes).

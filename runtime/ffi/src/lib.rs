@@ -1134,7 +1134,7 @@ pub const MEO_MEMORY_BUDGET_AUTO: u64 = u64::MAX;
 /// Sets the model's memory budget, for all its sessions, at any time: at most `bytes` of its
 /// weights kept in memory. The tensors every token reads (attention, norms, routers, shared
 /// experts, output head) are kept resident (`mlock` where permitted) and counted; expert
-/// slabs are cached under the rest, the least recently used evicted (also from the page
+/// slabs are cached under the rest, the lowest frequency × recency evicted (also from the page
 /// cache on Linux/Android) and re-read from the file when needed. 0 = no limit;
 /// `MEO_MEMORY_BUDGET_AUTO` = the default, the process's memory limit (its cgroup limit or
 /// the machine's available memory) less an eighth for the rest. Lowering it evicts at once:
