@@ -44,8 +44,8 @@
 #      MEO_MEM_REPS (3), MEO_MEM_PROMPT (128), MEO_MEM_GEN (32), MEO_MEM_FRACTIONS
 #      ("0.75 0.5 0.25"), MEO_MEM_TRAINED (1), MEO_MEM_MEO_ARGS (extra flags for every
 #      `meo bench`), MEO_MEM_VARIANTS (more meo configurations measured in the same rounds,
-#      `NAME:FLAGS;NAME:FLAGS`, default "meo-before:--memory-budget none --no-predict;
-#      meo-nopredict:--no-predict;meo-lru:--cache-policy lru":
+#      `NAME:FLAGS;NAME:FLAGS`, default "meo-before:--memory-budget none;meo-predict:--predict;
+#      meo-lru:--cache-policy lru":
 #      `meo-before` is meo as it ran before issue 20 — no budget, nothing pinned, no prediction;
 #      each gets a column in the table and `NAME_decode_ratio=` after the four fields).
 # meo bench decodes with `--decode-tokens random` (near-uniform random ids, as llama-bench feeds):
@@ -194,7 +194,7 @@ meo_run() { # MODEL FRAC MEOFILE PHASE ROUND P [NAME FLAGS]
   run "$1" "$2" "$3" "$tool" "$4" "$5" "$MEO" bench "$3" --threads "$THREADS" --prompt-len "$p" --gen "$n" \
     --seed "$5" --json --decode-tokens random ${MEO_MEM_MEO_ARGS:-} ${8:-}
 }
-IFS=';' read -r -a VARIANTS <<<"${MEO_MEM_VARIANTS-meo-before:--memory-budget none --no-predict;meo-nopredict:--no-predict;meo-lru:--cache-policy lru}"
+IFS=';' read -r -a VARIANTS <<<"${MEO_MEM_VARIANTS-meo-before:--memory-budget none;meo-predict:--predict;meo-lru:--cache-policy lru}"
 for r in $(seq "$REPS"); do
   for m in "${MODELS[@]}"; do
     read -r name gguf meofile p <<<"$m"

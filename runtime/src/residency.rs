@@ -566,7 +566,9 @@ pub struct TrackerOptions {
     /// Next-layer prediction: before each MoE layer runs, the next MoE layer's router is
     /// applied to this layer's router input and the slabs it picks are prefetched, so their
     /// reads overlap this layer's compute. A misprediction costs only a wasted read (and
-    /// counts toward the budget like any held slab); results never change.
+    /// counts toward the budget like any held slab); results never change. Off by default:
+    /// under the memory limits measured so far it cost more than it saved
+    /// (`docs/PERFORMANCE.md`, "Bigger than memory").
     pub predict: bool,
     /// Which held slab is evicted first when the budget is exceeded.
     pub policy: Policy,
@@ -586,7 +588,7 @@ impl Default for TrackerOptions {
             precise: true,
             budget: None,
             drop_page_cache: true,
-            predict: true,
+            predict: false,
             policy: Policy::default(),
             predict_io: PredictIo::default(),
             pin_dense: true,

@@ -12,9 +12,7 @@
 mod synth;
 
 use meo::DType;
-use meo::residency::{
-    self, ExpertTracker, PredictIo, TrackerOptions, drop_page_cache, expert_residency, resident_bytes,
-};
+use meo::residency::{self, ExpertTracker, TrackerOptions, drop_page_cache, expert_residency, resident_bytes};
 use meo::{Logits, Model, Session, SessionOptions};
 use std::path::{Path, PathBuf};
 use synth::SynthSpec;
@@ -71,7 +69,7 @@ fn forward_pages_in_only_the_selected_experts() {
     let (_path, model) = cold_model(dir.path());
     let map = model.mapped().unwrap();
     // No prefetch: whatever becomes resident was read by the forward pass itself.
-    let opts = TrackerOptions { prefetch: false, predict: false, ..TrackerOptions::default() };
+    let opts = TrackerOptions { prefetch: false, ..TrackerOptions::default() };
     let mut tracker = ExpertTracker::for_model(&model, opts).expect("tracker");
     let mut session = Session::new(&model, SessionOptions { threads: 2, ..Default::default() }).expect("session");
     let logits = session.forward_with(&[5, 17, 42], Logits::All, &mut tracker).expect("forward");
@@ -117,10 +115,9 @@ fn memory_budget_releases_cold_experts() {
     // top-2) beside them, not more.
     let dense: u64 = residency::DataLayout::new(&model.file().unwrap()).dense_runs.iter().map(|r| r.len() as u64).sum();
     let budget = 4 * slab;
-    // Predicted slabs are read inline here: an I/O thread's read could land after the slab
-    // was evicted, which mincore below would count.
-    let opts =
-        TrackerOptions { budget: Some(dense + budget), predict_io: PredictIo::Inline, ..TrackerOptions::default() };
+    // Without prediction: a predicted slab evicted while its read is in flight can stay in the
+    // page cache (posix_fadvise does not drop pages under I/O), which mincore would count.
+    let opts = TrackerOptions { budget: Some(dense + budget), ..TrackerOptions::default() };
     let mut tracker = ExpertTracker::for_model(&model, opts).expect("tracker");
     let mut session = Session::new(&model, SessionOptions { threads: 2, ..Default::default() }).expect("session");
     let mut tok = 7u32;
@@ -132,7 +129,6 @@ fn memory_budget_releases_cold_experts() {
     assert!(tracker.take_error().is_none());
     let stats = tracker.stats().expect("stats");
     assert_eq!(stats.dense_pinned_bytes, dense);
-    assert!(stats.prediction[1].calls > 0 && stats.predicted_prefetches > 0, "layer 1 was predicted");
     assert!(
         stats.experts_touched > 4,
         "only {} experts touched: the test needs more than the budget",

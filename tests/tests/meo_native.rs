@@ -229,7 +229,7 @@ fn task_mode_touches_no_bank_expert_slab() {
     let (layers, e, k) = (4, model.config().router.num_experts, model.config().router.top_k);
     let st_bytes = reference();
     let ids = docs_prompt(&SafeTensors::deserialize(&st_bytes).unwrap());
-    let opts = TrackerOptions { prefetch: false, precise: false, predict: false, ..TrackerOptions::default() };
+    let opts = TrackerOptions { prefetch: false, precise: false, ..TrackerOptions::default() };
     let steps = |m: MergeOptions| {
         let mut tracker = ExpertTracker::for_model(&model, opts).unwrap();
         assert_eq!(tracker.index().len(), layers * 2 * e, "bank expert slabs indexed");

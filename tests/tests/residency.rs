@@ -87,7 +87,12 @@ fn one_budget_for_two_sessions() {
     let tokens: Vec<u32> = text(name).into_iter().take(24).collect();
     let exact = run(&model, &tokens, &mut NoTrace, &mut || {});
     let budget = 3 * slab_bytes(&model);
-    let opts = TrackerOptions { budget: Some(budget), predict_io: PredictIo::Inline, ..TrackerOptions::default() };
+    let opts = TrackerOptions {
+        budget: Some(budget),
+        predict: true,
+        predict_io: PredictIo::Inline,
+        ..TrackerOptions::default()
+    };
     let shared = SharedTracker::new(ExpertTracker::for_model(&model, opts).expect("tracker"));
     let expert_budget = budget.saturating_sub(shared.lock().stats().expect("stats").dense_pinned_bytes);
     assert!(shared.lock().stats().unwrap().dense_pinned_bytes > 0, "the dense tensors are pinned and counted");
@@ -151,7 +156,7 @@ fn prefetched_slabs_are_the_predicted_ones() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     for name in MODELS {
         let model = open(name, dir.path());
-        let opts = TrackerOptions { predict_io: PredictIo::Inline, ..TrackerOptions::default() };
+        let opts = TrackerOptions { predict: true, predict_io: PredictIo::Inline, ..TrackerOptions::default() };
         let mut tracker = ExpertTracker::for_model(&model, opts).expect("tracker");
         tracker.record_predicted_prefetches();
         let moe: Vec<usize> = model.moe_layers().collect();
@@ -185,7 +190,7 @@ fn prediction_accuracy_per_layer_on_trained_models() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     for name in MODELS {
         let model = open(name, dir.path());
-        let opts = TrackerOptions { predict_io: PredictIo::Inline, ..TrackerOptions::default() };
+        let opts = TrackerOptions { predict: true, predict_io: PredictIo::Inline, ..TrackerOptions::default() };
         let mut tracker = ExpertTracker::for_model(&model, opts).expect("tracker");
         let tokens = text(name);
         let mut s = Session::new(&model, SessionOptions::default()).unwrap();

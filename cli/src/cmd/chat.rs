@@ -11,9 +11,9 @@
 //! the cache, fed, generated. Ctrl-C during a reply stops the reply (what was generated stays
 //! in the conversation); at the prompt it quits.
 
+use super::open_model;
 use super::run::SamplingArgs;
 use super::target::{RunOptions, TargetArgs, open_target};
-use super::open_model;
 use anyhow::{Context, Result};
 use meo::chat::{CacheUse, ChatTemplate, Conversation};
 use meo::generate::{GenerateError, GenerateOptions, Hooks, StopReason};
@@ -190,7 +190,14 @@ pub fn chat_with(
         turn_no += 1;
         INTERRUPT.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
-        let t = conv.turn(target, text, &opts, &mut sampler, &tok, &mut Stream { out: &mut *stdout, tracker: &mut tracker });
+        let t = conv.turn(
+            target,
+            text,
+            &opts,
+            &mut sampler,
+            &tok,
+            &mut Stream { out: &mut *stdout, tracker: &mut tracker },
+        );
         GENERATING.store(false, Ordering::SeqCst);
         let t = match t {
             Ok(t) => t,

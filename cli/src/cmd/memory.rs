@@ -42,11 +42,12 @@ pub struct MemoryArgs {
     /// Which cached expert is evicted first under the budget: lru, lfu, freq-recency.
     #[arg(long, value_name = "POLICY", default_value = "freq-recency", value_parser = parse_policy)]
     pub cache_policy: Policy,
-    /// Turn off next-layer prediction (the next layer's router on this layer's input; its
-    /// experts are read while this layer computes).
+    /// Next-layer prediction: the next layer's router on this layer's input; the experts it
+    /// picks are read while this layer computes (off by default: it measured slower under
+    /// memory limits on a 2-core machine, docs/PERFORMANCE.md).
     #[arg(long)]
-    pub no_predict: bool,
-    /// How predicted experts are read: `thread` (madvise WILLNEED from an I/O thread),
+    pub predict: bool,
+    /// With --predict, how predicted experts are read: `thread` (madvise WILLNEED from an I/O thread),
     /// `read-thread` (positioned reads on an I/O thread), `inline` (WILLNEED from the
     /// computing thread).
     #[arg(long, value_name = "HOW", default_value = "thread", value_parser = parse_predict_io)]
@@ -80,7 +81,7 @@ impl MemoryArgs {
         TrackerOptions {
             budget: self.budget(),
             policy: self.cache_policy,
-            predict: !self.no_predict,
+            predict: self.predict,
             predict_io: self.predict_io,
             ..TrackerOptions::default()
         }

@@ -245,7 +245,6 @@ pub(crate) fn moe(
 
 /// The router on `t` tokens, then [`route_token`] per token: `s.choices` (`[t, top_k]`, before
 /// capacity).
-#[allow(clippy::too_many_arguments)]
 fn route_tokens(
     par: &dyn Parallel,
     bytes: &[u8],
@@ -272,6 +271,7 @@ fn route_tokens(
 /// into `out`: its router applied to another layer's router input (next-layer prediction).
 /// Uses `s`'s routing scratch only; capacity is not applied (a prediction may include experts
 /// capacity would drop).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn predict(
     par: &dyn Parallel,
     bytes: &[u8],
