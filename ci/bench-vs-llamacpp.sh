@@ -65,7 +65,8 @@
 #      "8 1024 1280 32 4 8000": 1.07 GB in Q8_0), MEO_BENCH_WRAP (a command prefix for all
 #      measurements, e.g. "chrt -f 10" on a machine shared with other jobs: both tools and the
 #      bandwidth probe get the same priority), MEO_BENCH_DEPTH (0; see 6), MEO_BENCH_4BIT (1),
-#      MEO_BENCH_PPL (1), MEO_BENCH_PPL_MODEL (see 7).
+#      MEO_BENCH_PPL (1), MEO_BENCH_PPL_MODEL (see 7), MEO_BENCH_SETUP_ONLY (0; 1 = steps 1-4
+#      only, then the paths as shell assignments on stdout: ci/bench-memory.sh uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -277,6 +278,13 @@ if ((FOURBIT)); then
   FILES+=("$GGUF_Q4KM" "$GGUF_Q40" "$MEO_INT4" "$MEO_MXFP4")
 fi
 ls -l "${FILES[@]}" >&2
+# MEO_BENCH_SETUP_ONLY=1 (ci/bench-memory.sh): stop here and print what was built, as shell
+# assignments, on stdout.
+if [[ ${MEO_BENCH_SETUP_ONLY:-0} == 1 ]]; then
+  printf 'LLAMA_BENCH=%q\nGGUF=%q\nMEOFILE=%q\nMEO=%q\nPY=%q\nCONVERT_PY=%q\nLLAMA_SRC=%q\nTARGET_DIR=%q\n' \
+    "$LLAMA_BENCH" "$GGUF" "$MEOFILE" "$MEO" "$PY" "$WORK/convert.py" "$SRC" "$TARGET_DIR"
+  exit 0
+fi
 
 # Every file starts from freshly read page-cache pages, the same for all: on some VMs pages that
 # sat in the cache for hours read markedly slower than fresh ones (docs/PERFORMANCE.md: a .meo

@@ -392,6 +392,60 @@ pub fn peak_rss_bytes() -> Result<u64, ResidencyError> {
     Err(ResidencyError::Unsupported { what: "getrusage" })
 }
 
+/// The memory this process may use, in bytes, where the OS says: the smallest of its memory
+/// cgroup limits (v2 `memory.max` of its group and every parent; v1 `memory.limit_in_bytes`;
+/// the page cache of mapped files counts against both) and the machine's `MemAvailable`
+/// (Linux and Android; `None` elsewhere or when nothing is known).
+pub fn process_memory_limit() -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let read = |p: &Path| std::fs::read_to_string(p).ok();
+        let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
+        let mut best: Option<u64> = None;
+        let mut consider = |v: Option<u64>| {
+            // v1 reports "no limit" as a huge page-aligned number.
+            if let Some(v) = v.filter(|&v| v < 1 << 60) {
+                best = Some(best.map_or(v, |b| b.min(v)));
+            }
+        };
+        for line in read(Path::new("/proc/self/cgroup")).unwrap_or_default().lines() {
+            let mut f = line.splitn(3, ':');
+            let (Some(_), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else { continue };
+            let (root, file) = match ctl {
+                "" => ("/sys/fs/cgroup", "memory.max"),
+                c if c.split(',').any(|c| c == "memory") => ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+                _ => continue,
+            };
+            let mut dir = PathBuf::from(root).join(path.trim_start_matches('/'));
+            loop {
+                consider(num(read(&dir.join(file))));
+                if dir.as_os_str().len() <= root.len() || !dir.pop() {
+                    break;
+                }
+            }
+        }
+        let avail = read(Path::new("/proc/meminfo")).and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+        });
+        consider(avail);
+        best
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    None
+}
+
+/// The default model budget for a process limited to `limit` bytes: the limit less room for
+/// what is not weights (KV caches, scratch, the program): an eighth of it, at least 32 MiB.
+pub fn budget_for_limit(limit: u64) -> u64 {
+    limit.saturating_sub((limit / 8).max(32 << 20))
+}
+
+/// [`budget_for_limit`] of [`process_memory_limit`]: what a model's budget defaults to.
+pub fn default_budget() -> Option<u64> {
+    process_memory_limit().map(budget_for_limit)
+}
+
 /// Where each expert's slab lies in the file: `[layer][expert]` → absolute byte range.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlabIndex {
@@ -509,21 +563,221 @@ pub struct TrackerOptions {
     /// process ([`release`]). Makes the budget hold for the machine's memory, not just RSS
     /// (Linux and Android; elsewhere releases are `madvise` only).
     pub drop_page_cache: bool,
+    /// Next-layer prediction: before each MoE layer runs, the next MoE layer's router is
+    /// applied to this layer's router input and the slabs it picks are prefetched, so their
+    /// reads overlap this layer's compute. A misprediction costs only a wasted read (and
+    /// counts toward the budget like any held slab); results never change. Off by default:
+    /// under the memory limits measured so far it cost more than it saved
+    /// (`docs/PERFORMANCE.md`, "Bigger than memory").
+    pub predict: bool,
+    /// Which held slab is evicted first when the budget is exceeded.
+    pub policy: Policy,
+    /// How predicted slabs are read.
+    pub predict_io: PredictIo,
+    /// With a budget: keep the tensors every token reads ([`DataLayout::dense_runs`])
+    /// resident — `mlock`ed where permitted, otherwise touched at creation and re-touched every
+    /// [`RETOUCH_STEPS`] forward calls — and count them against the budget (slabs get the
+    /// rest).
+    pub pin_dense: bool,
 }
 
 impl Default for TrackerOptions {
     fn default() -> Self {
-        Self { prefetch: true, precise: true, budget: None, drop_page_cache: true }
+        Self {
+            prefetch: true,
+            precise: true,
+            budget: None,
+            drop_page_cache: true,
+            predict: false,
+            policy: Policy::default(),
+            predict_io: PredictIo::default(),
+            pin_dense: true,
+        }
+    }
+}
+
+/// How the slabs of a next-layer prediction are read (measured in `docs/PERFORMANCE.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PredictIo {
+    /// `madvise(MADV_WILLNEED)` from the computing thread (the kernel reads in the background,
+    /// but queueing the reads — and any reclaim they cause — happens on this thread).
+    Inline,
+    /// `madvise(MADV_WILLNEED)` from a dedicated I/O thread.
+    #[default]
+    Thread,
+    /// Positioned reads (`pread`) of the slab's file range into a scratch buffer on a dedicated
+    /// I/O thread: the page cache is filled before the layer runs, and its page faults only map.
+    ReadThread,
+}
+
+impl PredictIo {
+    /// Every variant, for measurements.
+    pub const ALL: [PredictIo; 3] = [PredictIo::Inline, PredictIo::Thread, PredictIo::ReadThread];
+
+    /// The name the CLI takes (`inline`, `thread`, `read-thread`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictIo::Inline => "inline",
+            PredictIo::Thread => "thread",
+            PredictIo::ReadThread => "read-thread",
+        }
+    }
+
+    /// The variant named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The I/O thread of [`PredictIo::Thread`] and [`PredictIo::ReadThread`]: takes (address,
+/// length) of whole pages of the mapping, or (file offset, length), and reads them ahead.
+struct IoThread {
+    tx: Option<std::sync::mpsc::SyncSender<(usize, usize)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Requests waiting beyond this are dropped (a prediction that late is useless).
+    const QUEUE: usize = 64;
+
+    fn spawn(how: PredictIo, map: &Mapped) -> Result<Self, ResidencyError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize)>(Self::QUEUE);
+        let file = match how {
+            PredictIo::ReadThread => {
+                let path = map.path();
+                Some(
+                    std::fs::File::open(path)
+                        .map_err(|source| ResidencyError::Open { path: path.to_path_buf(), source })?,
+                )
+            }
+            _ => None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("meo-prefetch".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                for (a, len) in rx {
+                    match &file {
+                        #[cfg(unix)]
+                        Some(f) => {
+                            use std::os::unix::fs::FileExt;
+                            buf.resize(len.min(4 << 20), 0u8);
+                            let mut off = 0;
+                            while off < len {
+                                let n = (len - off).min(buf.len());
+                                // Errors (a truncated file) surface where the bytes are used.
+                                if f.read_exact_at(&mut buf[..n], (a + off) as u64).is_err() {
+                                    break;
+                                }
+                                off += n;
+                            }
+                        }
+                        #[cfg(unix)]
+                        // SAFETY: [a, a + len) is whole pages of the tracker's mapping, which
+                        // outlives this thread: the tracker joins it on drop, and the tracker
+                        // borrows the mapping. WILLNEED only starts reads.
+                        None => unsafe {
+                            libc::madvise(a as *mut libc::c_void, len, libc::MADV_WILLNEED);
+                        },
+                        #[cfg(not(unix))]
+                        _ => {
+                            let _ = (a, len, &mut buf);
+                        }
+                    }
+                }
+            })
+            .map_err(|source| ResidencyError::Os { call: "spawn(meo-prefetch)", source })?;
+        Ok(Self { tx: Some(tx), handle: Some(handle) })
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        drop(self.tx.take()); // ends the thread's loop
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Forward calls between re-touches of the dense tensors when `mlock` was refused.
+pub const RETOUCH_STEPS: u64 = 8;
+
+/// Eviction order of held expert slabs under a budget (see `docs/PERFORMANCE.md`, "Bigger than
+/// memory", for hit rates measured on the trained fixtures).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Least recently selected first.
+    Lru,
+    /// Least often selected first (ties: least recent).
+    Lfu,
+    /// Lowest frequency × recency score first: each selection adds 1 to a score that halves
+    /// every [`DECAY_STEPS`] forward calls. The default: a predicted slab not yet selected
+    /// scores 0, so a misprediction is the first to go, where LRU would keep it as the most
+    /// recent and evict a slab still in use (measured: `docs/PERFORMANCE.md`).
+    #[default]
+    FreqRecency,
+}
+
+/// Half-life of [`Policy::FreqRecency`]'s score, in forward calls.
+pub const DECAY_STEPS: f64 = 16.0;
+
+impl Policy {
+    /// Every policy, for measurements.
+    pub const ALL: [Policy; 3] = [Policy::Lru, Policy::Lfu, Policy::FreqRecency];
+
+    /// The name the CLI takes (`lru`, `lfu`, `freq-recency`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::Lfu => "lfu",
+            Policy::FreqRecency => "freq-recency",
+        }
+    }
+
+    /// The policy named `name` ([`name`](Self::name)), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
     }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SlabState {
     touched: bool,
-    /// LRU key while held (selected and not released since).
+    /// LRU key while held (selected or predicted, and not released since).
     held_tick: Option<u64>,
     /// The step in which it was last counted toward [`ExpertTracker::take_step_bytes`].
     step_seen: u64,
+    /// Times selected.
+    count: u64,
+    /// [`Policy::FreqRecency`] score as of step `score_step`.
+    score: f64,
+    score_step: u64,
+}
+
+impl SlabState {
+    fn decayed(&self, step: u64) -> f64 {
+        self.score * (-((step - self.score_step) as f64) / DECAY_STEPS).exp2()
+    }
+}
+
+/// Next-layer prediction figures of one layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PredictionStats {
+    /// Forward calls in which this layer's experts were predicted and then selected.
+    pub calls: u64,
+    /// Experts selected in those calls, and how many of them had been predicted.
+    pub selected: u64,
+    pub predicted_and_selected: u64,
+    /// Experts predicted in those calls.
+    pub predicted: u64,
+}
+
+impl PredictionStats {
+    /// Share of the selected experts that were predicted (recall); `None` before any call.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.selected > 0).then(|| self.predicted_and_selected as f64 / self.selected as f64)
+    }
 }
 
 /// Residency figures for a model's expert slabs.
@@ -545,6 +799,26 @@ pub struct ResidencyStats {
     /// Slabs evicted under the budget, and their bytes.
     pub released_slabs: u64,
     pub released_bytes: u64,
+    /// Selections of a slab that was held (selected or predicted earlier and not evicted since:
+    /// a cache hit), and of one that was not (a miss: read from the file when used).
+    pub hits: u64,
+    pub misses: u64,
+    /// Per layer, next-layer prediction figures (all zero without prediction).
+    pub prediction: Vec<PredictionStats>,
+    /// Slabs prefetched because they were predicted (not yet held then).
+    pub predicted_prefetches: u64,
+    /// Bytes of dense tensors kept resident and counted against the budget, and whether
+    /// `mlock` held them (false: touched and re-touched instead).
+    pub dense_pinned_bytes: u64,
+    pub dense_locked: bool,
+}
+
+impl ResidencyStats {
+    /// Hits ÷ (hits + misses); `None` before any selection.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.hits + self.misses;
+        (n > 0).then(|| self.hits as f64 / n as f64)
+    }
 }
 
 /// Records routing, prefetches selected slabs and enforces a memory budget.
@@ -555,6 +829,8 @@ pub struct ResidencyStats {
 pub struct ExpertTracker<'m> {
     map: &'m Mapped,
     file: Option<std::fs::File>,
+    /// Reads predicted slabs ([`PredictIo::Thread`], [`PredictIo::ReadThread`]).
+    io: Option<IoThread>,
     index: SlabIndex,
     /// Start of each layer's run in `state`.
     layer_base: Vec<usize>,
@@ -567,7 +843,25 @@ pub struct ExpertTracker<'m> {
     step_bytes: u64,
     released_slabs: u64,
     released_bytes: u64,
+    hits: u64,
+    misses: u64,
+    /// Per layer, the experts predicted for the current call (cleared when it selects).
+    pending: Vec<Vec<u32>>,
+    prediction: Vec<PredictionStats>,
+    predicted_prefetches: u64,
+    /// (layer, expert) of the slabs prefetched on prediction since the last
+    /// [`take_predicted_prefetches`](ExpertTracker::take_predicted_prefetches), when recording.
+    prefetch_log: Option<Vec<(usize, usize)>>,
+    dense: DensePin,
     last_error: Option<ResidencyError>,
+}
+
+/// The dense tensors kept resident under a budget.
+#[derive(Debug, Default)]
+struct DensePin {
+    runs: Vec<Range<usize>>,
+    bytes: u64,
+    locked: bool,
 }
 
 impl core::fmt::Debug for ExpertTracker<'_> {
@@ -615,9 +909,7 @@ impl<'m> ExpertTracker<'m> {
         if opts.precise {
             advise_lazy(map, file)?;
         }
-        // posix_fadvise exists on Linux and Android only; elsewhere a release is madvise alone.
-        let can_fadvise = cfg!(any(target_os = "linux", target_os = "android"));
-        let fd = if opts.drop_page_cache && opts.budget.is_some() && can_fadvise {
+        let fd = if opts.drop_page_cache && opts.budget.is_some() && CAN_FADVISE {
             let path = map.path();
             Some(
                 std::fs::File::open(path)
@@ -632,9 +924,16 @@ impl<'m> ExpertTracker<'m> {
             layer_base.push(n);
             n += index.num_experts(l);
         }
+        let dense = if opts.pin_dense && opts.budget.is_some() { pin_dense(map, file)? } else { DensePin::default() };
+        let layers = index.num_layers();
         Ok(Self {
             map,
             file: fd,
+            io: if opts.predict && opts.predict_io != PredictIo::Inline {
+                Some(IoThread::spawn(opts.predict_io, map)?)
+            } else {
+                None
+            },
             index,
             layer_base,
             state: vec![SlabState::default(); n],
@@ -646,8 +945,64 @@ impl<'m> ExpertTracker<'m> {
             step_bytes: 0,
             released_slabs: 0,
             released_bytes: 0,
+            hits: 0,
+            misses: 0,
+            pending: vec![Vec::new(); layers],
+            prediction: vec![PredictionStats::default(); layers],
+            predicted_prefetches: 0,
+            prefetch_log: None,
+            dense,
             last_error: None,
         })
+    }
+
+    /// The budget left for expert slabs: the budget less the pinned dense bytes.
+    fn expert_budget(&self) -> Option<u64> {
+        self.opts.budget.map(|b| b.saturating_sub(self.dense.bytes))
+    }
+
+    /// Changes the budget (`None`: no limit) and evicts down to it at once — what a memory
+    /// warning calls with a lower figure. Dense tensors are pinned on the first budget set and
+    /// stay pinned when it is lifted.
+    ///
+    /// # Errors
+    /// Pinning the dense tensors failed (a first budget on a tracker made without one).
+    pub fn set_budget(&mut self, budget: Option<u64>) -> Result<(), ResidencyError> {
+        if budget.is_some() && self.opts.pin_dense && self.dense.runs.is_empty() {
+            self.dense = pin_dense(self.map, &crate::format::MeoFile::parse(self.map.bytes())?)?;
+        }
+        if budget.is_some() && self.file.is_none() && self.opts.drop_page_cache && CAN_FADVISE {
+            let path = self.map.path();
+            self.file = Some(
+                std::fs::File::open(path)
+                    .map_err(|source| ResidencyError::Open { path: path.to_path_buf(), source })?,
+            );
+        }
+        self.opts.budget = budget;
+        self.enforce_budget(self.tick + 1);
+        Ok(())
+    }
+
+    /// Forgets which slabs are held, after something released them all (a memory warning's
+    /// [`release_expert_slabs`](crate::platform::release_expert_slabs)): they count as misses
+    /// when selected again.
+    pub fn forget_held(&mut self) {
+        for st in &mut self.state {
+            st.held_tick = None;
+        }
+        self.lru.clear();
+        self.held_bytes = 0;
+    }
+
+    /// Records the (layer, expert) of every slab prefetched on prediction from now on, for
+    /// [`take_predicted_prefetches`](Self::take_predicted_prefetches).
+    pub fn record_predicted_prefetches(&mut self) {
+        self.prefetch_log.get_or_insert_with(Vec::new);
+    }
+
+    /// The slabs prefetched on prediction since the last call (empty unless recording).
+    pub fn take_predicted_prefetches(&mut self) -> Vec<(usize, usize)> {
+        self.prefetch_log.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// The slab index.
@@ -670,6 +1025,19 @@ impl<'m> ExpertTracker<'m> {
     /// [`take_error`](Self::take_error)), never fatal: residency advice is only advice.
     pub fn on_selected(&mut self, layer: usize, experts: &[u32]) {
         let call_start = self.tick + 1;
+        if let Some(pending) = self.pending.get_mut(layer)
+            && !pending.is_empty()
+        {
+            let st = &mut self.prediction[layer];
+            st.calls += 1;
+            st.predicted += pending.len() as u64;
+            let mut sel: Vec<u32> = experts.to_vec();
+            sel.sort_unstable();
+            sel.dedup();
+            st.selected += sel.len() as u64;
+            st.predicted_and_selected += sel.iter().filter(|e| pending.binary_search(e).is_ok()).count() as u64;
+            pending.clear();
+        }
         for &e in experts {
             let e = e as usize;
             let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
@@ -680,40 +1048,115 @@ impl<'m> ExpertTracker<'m> {
                 st.step_seen = self.step;
                 self.step_bytes += len;
             }
-            let was_held = st.held_tick.is_some();
-            if let Some(t) = st.held_tick.take() {
-                if t >= call_start {
-                    // Duplicate within this call.
-                    st.held_tick = Some(t);
-                    continue;
-                }
-                self.lru.remove(&t);
+            if st.held_tick.is_some_and(|t| t >= call_start) {
+                continue; // a duplicate within this call
             }
-            self.tick += 1;
-            self.state[i].held_tick = Some(self.tick);
-            self.lru.insert(self.tick, (layer, e));
-            if !was_held {
-                self.held_bytes += len;
-                if self.opts.prefetch
-                    && let Err(err) = prefetch(self.map, range)
-                {
-                    self.last_error = Some(err);
+            st.count += 1;
+            st.score = st.decayed(self.step) + 1.0;
+            st.score_step = self.step;
+            if st.held_tick.is_some() {
+                self.hits += 1;
+            } else {
+                self.misses += 1;
+            }
+            self.hold(layer, e, range, false);
+        }
+        self.enforce_budget(call_start);
+    }
+
+    /// Marks slab (`l`, `e`) held by the newest tick; a slab not held before is prefetched
+    /// (when `prefetch` is on, or always for a prediction).
+    fn hold(&mut self, l: usize, e: usize, range: Range<usize>, predicted: bool) {
+        let i = self.layer_base[l] + e;
+        let was_held = match self.state[i].held_tick.take() {
+            Some(t) => {
+                self.lru.remove(&t);
+                true
+            }
+            None => false,
+        };
+        self.tick += 1;
+        self.state[i].held_tick = Some(self.tick);
+        self.lru.insert(self.tick, (l, e));
+        if !was_held {
+            self.held_bytes += range.len() as u64;
+            if predicted {
+                self.predicted_prefetches += 1;
+                if let Some(log) = &mut self.prefetch_log {
+                    log.push((l, e));
                 }
+            }
+            if predicted && let Some(io) = &self.io {
+                let req = match self.opts.predict_io {
+                    PredictIo::ReadThread => Ok((range.start, range.len())),
+                    _ => page_span(self.map, &range),
+                };
+                match req {
+                    // A full queue drops the request: the slab is then read when used.
+                    Ok(r) => drop(io.tx.as_ref().map(|tx| tx.try_send(r))),
+                    Err(err) => self.last_error = Some(err),
+                }
+            } else if (self.opts.prefetch || predicted)
+                && let Err(err) = prefetch(self.map, range)
+            {
+                self.last_error = Some(err);
+            }
+        }
+    }
+
+    /// Before layer `from` runs, layer `layer` is predicted to select `experts`: their slabs
+    /// that are not held are prefetched and held (so they count toward the budget); the
+    /// prediction is kept to score against what `layer` then selects.
+    pub fn on_predicted(&mut self, _from: usize, layer: usize, experts: &[u32]) {
+        if !self.opts.predict {
+            return;
+        }
+        let call_start = self.tick + 1;
+        let Some(pending) = self.pending.get_mut(layer) else { return };
+        pending.clear();
+        pending.extend_from_slice(experts);
+        pending.sort_unstable();
+        pending.dedup();
+        for &e in experts {
+            let e = e as usize;
+            let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
+            if self.state[i].held_tick.is_none() {
+                self.hold(layer, e, range, true);
             }
         }
         self.enforce_budget(call_start);
     }
 
-    fn enforce_budget(&mut self, call_start: u64) {
-        let Some(budget) = self.opts.budget else { return };
-        while self.held_bytes > budget {
-            let Some((&t, &(l, e))) = self.lru.first_key_value() else { break };
-            if t >= call_start {
-                break; // only this call's slabs are left: they are about to be used
+    /// The held slab to evict first under the policy, among those held before `call_start`.
+    fn victim(&self, call_start: u64) -> Option<(usize, usize)> {
+        match self.opts.policy {
+            Policy::Lru => self.lru.first_key_value().filter(|(t, _)| **t < call_start).map(|(_, &le)| le),
+            Policy::Lfu | Policy::FreqRecency => {
+                let key = |st: &SlabState| match self.opts.policy {
+                    Policy::Lfu => st.count as f64,
+                    _ => st.decayed(self.step),
+                };
+                let mut best: Option<(f64, u64, (usize, usize))> = None;
+                for (&t, &(l, e)) in self.lru.range(..call_start) {
+                    let k = key(&self.state[self.layer_base[l] + e]);
+                    // Iterating in tick order, a strict `<` keeps the least recent of a tie.
+                    if best.is_none_or(|(bk, _, _)| k < bk) {
+                        best = Some((k, t, (l, e)));
+                    }
+                }
+                best.map(|(_, _, le)| le)
             }
-            self.lru.remove(&t);
+        }
+    }
+
+    fn enforce_budget(&mut self, call_start: u64) {
+        let Some(budget) = self.expert_budget() else { return };
+        while self.held_bytes > budget {
+            // None: only this call's slabs are left, and they are about to be used.
+            let Some((l, e)) = self.victim(call_start) else { break };
             let i = self.layer_base[l] + e;
-            self.state[i].held_tick = None;
+            let t = self.state[i].held_tick.take().expect("a victim is held");
+            self.lru.remove(&t);
             let range = self.index.get(l, e).expect("held slabs exist");
             self.held_bytes -= range.len() as u64;
             self.released_slabs += 1;
@@ -732,12 +1175,21 @@ impl<'m> ExpertTracker<'m> {
     /// step), and starts a new step.
     pub fn take_step_bytes(&mut self) -> u64 {
         self.step += 1;
+        if !self.dense.locked && !self.dense.runs.is_empty() && self.step.is_multiple_of(RETOUCH_STEPS) {
+            touch(self.map, &self.dense.runs);
+        }
         std::mem::take(&mut self.step_bytes)
     }
 
     /// Bytes of the slabs selected and not released since (what the budget counts).
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes
+    }
+
+    /// Whether the slab of expert `e` of layer `l` is held (selected or predicted, not evicted
+    /// since): what the budget counts.
+    pub fn is_held(&self, l: usize, e: usize) -> bool {
+        self.slot(l, e).is_some_and(|i| self.state[i].held_tick.is_some())
     }
 
     /// Whether expert `e` of layer `l` has been selected.
@@ -761,6 +1213,12 @@ impl<'m> ExpertTracker<'m> {
             expert_bytes_in_file: self.index.bytes_in_file(),
             released_slabs: self.released_slabs,
             released_bytes: self.released_bytes,
+            hits: self.hits,
+            misses: self.misses,
+            prediction: self.prediction.clone(),
+            predicted_prefetches: self.predicted_prefetches,
+            dense_pinned_bytes: self.dense.bytes,
+            dense_locked: self.dense.locked,
             ..ResidencyStats::default()
         };
         let mut mapped = Some(0u64);
@@ -780,10 +1238,129 @@ impl<'m> ExpertTracker<'m> {
     }
 }
 
+impl Drop for ExpertTracker<'_> {
+    fn drop(&mut self) {
+        if self.dense.locked {
+            for r in &self.dense.runs {
+                // Failure leaves the pages locked until the mapping goes: nothing to report to.
+                let _ = lock(self.map, r, false);
+            }
+        }
+    }
+}
+
 impl crate::model::Trace for ExpertTracker<'_> {
     fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
         self.on_selected(layer, experts);
     }
+    fn wants_prediction(&self) -> bool {
+        self.opts.predict
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.on_predicted(from, layer, experts);
+    }
+}
+
+/// One [`ExpertTracker`] shared by every session of a model: one budget for the model. Give
+/// each forward call `&mut &shared` as its [`Trace`](crate::model::Trace); calls from several
+/// threads take turns on its lock (once per MoE layer). A slab the current call of one
+/// session selected may be evicted by another session's call (it then faults back in from the
+/// file: results never change).
+#[derive(Debug)]
+pub struct SharedTracker<'m>(std::sync::Mutex<ExpertTracker<'m>>);
+
+impl<'m> SharedTracker<'m> {
+    /// Shares `tracker`.
+    pub fn new(tracker: ExpertTracker<'m>) -> Self {
+        Self(std::sync::Mutex::new(tracker))
+    }
+
+    /// The tracker, locked (a panic while it was locked does not poison it: its state is
+    /// counters and advice, consistent after every statement that can panic).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ExpertTracker<'m>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl crate::model::Trace for &SharedTracker<'_> {
+    fn on_experts_selected(&mut self, layer: usize, experts: &[u32]) {
+        self.lock().on_selected(layer, experts);
+    }
+    fn wants_prediction(&self) -> bool {
+        self.lock().opts.predict
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.lock().on_predicted(from, layer, experts);
+    }
+}
+
+/// posix_fadvise exists on Linux and Android only; elsewhere a release is madvise alone.
+const CAN_FADVISE: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+/// `mlock` (or `munlock`) of `range` of the mapping, widened to whole pages.
+fn lock(map: &Mapped, range: &Range<usize>, on: bool) -> Result<(), ResidencyError> {
+    #[cfg(unix)]
+    {
+        let (addr, len) = page_span(map, range)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: [addr, addr + len) is whole pages of `map`'s live mapping (checked above);
+        // locking only changes whether the kernel may reclaim them.
+        let r = unsafe {
+            if on {
+                libc::mlock(addr as *const libc::c_void, len)
+            } else {
+                libc::munlock(addr as *const libc::c_void, len)
+            }
+        };
+        if r != 0 { Err(os_err(if on { "mlock" } else { "munlock" })) } else { Ok(()) }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range, on);
+        Err(ResidencyError::Unsupported { what: "mlock" })
+    }
+}
+
+/// Reads one byte of every page of `runs` (faulting back any page the kernel reclaimed, and
+/// marking the rest recently used).
+fn touch(map: &Mapped, runs: &[Range<usize>]) {
+    let (bytes, ps) = (map.bytes(), page_size());
+    let mut sum = 0u8;
+    for r in runs {
+        let mut i = r.start;
+        while i < r.end {
+            sum = sum.wrapping_add(bytes[i]);
+            i = (i & !(ps - 1)) + ps;
+        }
+    }
+    std::hint::black_box(sum);
+}
+
+/// Keeps the dense tensors of `file` resident: `mlock`, or (refused: `RLIMIT_MEMLOCK`, no
+/// permission) a touch of every page, re-touched by the tracker.
+fn pin_dense(map: &Mapped, file: &MeoFile<'_>) -> Result<DensePin, ResidencyError> {
+    let runs = DataLayout::new(file).dense_runs;
+    let len = map.bytes().len();
+    if let Some(r) = runs.iter().find(|r| r.end > len) {
+        return Err(ResidencyError::OutOfBounds { start: r.start, end: r.end, len });
+    }
+    let bytes = runs.iter().map(|r| r.len() as u64).sum();
+    let mut locked = true;
+    for (i, r) in runs.iter().enumerate() {
+        if lock(map, r, true).is_err() {
+            for done in &runs[..i] {
+                let _ = lock(map, done, false);
+            }
+            locked = false;
+            break;
+        }
+    }
+    if !locked {
+        touch(map, &runs);
+    }
+    Ok(DensePin { runs, bytes, locked })
 }
 
 /// `mincore` residency of every expert slab of `file` (mapped by `map`): (resident, in file).

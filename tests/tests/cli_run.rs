@@ -149,7 +149,13 @@ fn errors_are_clear() {
     assert!(Args::parse_from(["x.meo", "--tokens", "1,a"]).is_err());
     let a = Args::parse_from(["x.meo", "--tokens", "1,2,3", "--memory-budget", "64M"]).unwrap();
     assert_eq!(a.tokens.as_deref(), Some(&[1, 2, 3][..]));
-    assert_eq!(a.memory_budget, Some(64 << 20));
+    assert_eq!(a.memory.memory_budget, meo_cli::cmd::memory::Budget::Bytes(64 << 20));
+    assert_eq!(
+        Args::parse_from(["x.meo", "--tokens", "1"]).unwrap().memory.memory_budget,
+        meo_cli::cmd::memory::Budget::Auto
+    );
+    assert!(Args::parse_from(["x.meo", "--tokens", "1", "--memory-budget", "lots"]).is_err());
+    assert!(Args::parse_from(["x.meo", "--tokens", "1", "--cache-policy", "mru"]).is_err());
     // A file without an embedded tokenizer: -p says to use --tokens.
     let file = dir.path().join("no-tokenizer.meo");
     let src = convert_fixture("mixtral", DType::F32, DType::F32, dir.path());

@@ -192,7 +192,8 @@ fn task_mode_residency_shows_no_expert_slab() {
     let path = convert_tasks("mixtral", Options::default(), dir.path());
     residency::drop_page_cache(&path).unwrap();
     let model = Model::from_mapped(residency::map_lazy(&path).unwrap()).unwrap();
-    let opts = TrackerOptions { prefetch: false, ..TrackerOptions::default() };
+    // Prediction on: it must not read the slabs of a layer that runs a task merge.
+    let opts = TrackerOptions { prefetch: false, predict: true, ..TrackerOptions::default() };
     let mut tracker = ExpertTracker::for_model(&model, opts).unwrap();
     let before = tracker.stats().unwrap();
     assert_eq!(before.expert_bytes_resident, 0, "page cache not dropped (tmpfs?)");

@@ -3,11 +3,11 @@
 //! decoding. End-of-sequence ids do not stop it. The JSON object is documented in `docs/CLI.md`.
 
 use super::target::{RunOptions, open_target};
-use super::{human_bytes, open_model, parse_bytes, print_residency};
+use super::{human_bytes, open_model, print_residency};
 use anyhow::{Result, bail};
 use meo::generate::{GenerateOptions, Hooks, generate};
-use meo::residency::{self, ExpertTracker, TrackerOptions};
-use meo::sample::Pcg32;
+use meo::residency::{self, ExpertTracker};
+use meo::sample::{Pcg32, SamplerConfig};
 use meo::{Model, Session, SessionOptions};
 use serde_json::json;
 use std::io::Write;
@@ -43,9 +43,13 @@ pub struct Args {
     /// first-touch page faults of the mapping. 0 times a fresh process's first call.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: usize,
-    /// Keep at most this many bytes of expert weights mapped (as `meo run --memory-budget`).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub memory_budget: Option<u64>,
+    /// How decode steps pick the next token: `greedy` (the model's own choice; on random
+    /// weights this often repeats one token, and so one routing) or `random` (near-uniform
+    /// random ids, seeded: what llama-bench feeds; fair when comparing expert traffic).
+    #[arg(long, value_name = "HOW", default_value = "greedy", value_parser = ["greedy", "random"])]
+    pub decode_tokens: String,
+    #[command(flatten)]
+    pub memory: super::memory::MemoryArgs,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
@@ -77,6 +81,12 @@ impl meo::Trace for BenchHooks<'_, '_> {
         self.tracker.on_merged(layer, tokens, expert);
         self.merged += expert.bytes() as u64;
     }
+    fn wants_prediction(&self) -> bool {
+        self.tracker.wants_prediction()
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.tracker.on_experts_predicted(from, layer, experts);
+    }
 }
 
 impl Hooks for BenchHooks<'_, '_> {
@@ -97,10 +107,15 @@ impl Hooks for BenchHooks<'_, '_> {
     }
 }
 
-/// Greedy generation of exactly `gen + 1` tokens (`gen` decode steps), end-of-sequence ids
-/// not stopping it.
-fn bench_options(gen_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: gen_tokens + 1, ..GenerateOptions::default() }
+/// Generation of exactly `gen + 1` tokens (`gen` decode steps), end-of-sequence ids not
+/// stopping it: greedy, or (`random`) sampled at a temperature so high that every id is about
+/// equally likely.
+fn bench_options(gen_tokens: usize, random: Option<u64>) -> GenerateOptions {
+    let sampling = match random {
+        Some(seed) => SamplerConfig { temperature: 1e6, seed, ..SamplerConfig::default() },
+        None => SamplerConfig::default(),
+    };
+    GenerateOptions { max_new_tokens: gen_tokens + 1, sampling, ..GenerateOptions::default() }
 }
 
 /// Runs `meo bench`.
@@ -119,8 +134,7 @@ pub fn run(a: &Args) -> Result<()> {
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let run =
-        RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), mode: a.mode.options(&model)? };
+    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
@@ -130,17 +144,17 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
+    let opts = a.memory.tracker_options();
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     let mut rng = Pcg32::seed_from_u64(a.seed);
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..a.prompt_len).map(|_| ((u64::from(rng.next_u32()) * vocab) >> 32) as u32).collect();
 
     let target = opened.target();
-    let warmup = if a.cold || a.memory_budget.is_some() { 0 } else { a.warmup };
+    let warmup = if a.cold || a.memory.explicit() { 0 } else { a.warmup };
     for w in 0..warmup {
         let other: Vec<u32> = prompt.iter().map(|&t| ((u64::from(t) + 1 + w as u64) % vocab) as u32).collect();
-        generate(target, &other, &bench_options(1), None, &mut ())?;
+        generate(target, &other, &bench_options(1, None), None, &mut ())?;
         target.reset();
     }
     let mut hooks = BenchHooks {
@@ -152,7 +166,8 @@ pub fn run(a: &Args) -> Result<()> {
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
     };
-    let g = generate(target, &prompt, &bench_options(a.gen_tokens), None, &mut hooks)?;
+    let random = (a.decode_tokens == "random").then_some(a.seed);
+    let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
     let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
     let threads = threads_of(&opened);
     let describe = opened.target().describe();
@@ -160,7 +175,7 @@ pub fn run(a: &Args) -> Result<()> {
     let cpu = if a.target.compare_cpu {
         let mut s = Session::new(&model, SessionOptions { threads: a.threads, ..SessionOptions::default() })?;
         s.set_mode(run.mode.clone())?;
-        let c = generate(&mut s, &prompt, &bench_options(a.gen_tokens), None, &mut ())?;
+        let c = generate(&mut s, &prompt, &bench_options(a.gen_tokens, random), None, &mut ())?;
         let agree = g.tokens.iter().zip(&c.tokens).take_while(|(x, y)| x == y).count();
         Some((c, s.threads(), agree))
     } else {
@@ -197,7 +212,8 @@ pub fn run(a: &Args) -> Result<()> {
             "gpu_expert_cache": gpu_stats,
             "cold": a.cold,
             "warmup": warmup,
-            "memory_budget": a.memory_budget,
+            "memory_budget": tracker.options().budget,
+            "decode_tokens": a.decode_tokens,
             "open_seconds": open_time.as_secs_f64(),
             "prompt_tokens": a.prompt_len,
             "prompt_seconds": g.prompt_time.as_secs_f64(),
@@ -222,6 +238,20 @@ pub fn run(a: &Args) -> Result<()> {
             "released_slabs": stats.released_slabs,
             "peak_rss_bytes": peak_rss,
         });
+        let residency = json!({
+            "cache_policy": tracker.options().policy.name(),
+            "predict": tracker.options().predict,
+            "expert_hits": stats.hits,
+            "expert_misses": stats.misses,
+            "expert_hit_rate": stats.hit_rate(),
+            "prediction_accuracy_per_layer": stats.prediction.iter().map(|p| p.accuracy()).collect::<Vec<_>>(),
+            "predicted_prefetches": stats.predicted_prefetches,
+            "dense_pinned_bytes": stats.dense_pinned_bytes,
+            "dense_locked": stats.dense_locked,
+        });
+        if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), residency) {
+            o.extend(r);
+        }
         if let Some((c, threads, agree)) = &cpu {
             v["cpu"] = json!({
                 "threads": threads,

@@ -11,9 +11,9 @@
 //! the cache, fed, generated. Ctrl-C during a reply stops the reply (what was generated stays
 //! in the conversation); at the prompt it quits.
 
+use super::open_model;
 use super::run::SamplingArgs;
 use super::target::{RunOptions, TargetArgs, open_target};
-use super::{open_model, parse_bytes};
 use anyhow::{Context, Result};
 use meo::chat::{CacheUse, ChatTemplate, Conversation};
 use meo::generate::{GenerateError, GenerateOptions, Hooks, StopReason};
@@ -45,9 +45,8 @@ pub struct Args {
     /// Worker threads (0 = one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
-    /// Keep at most this many bytes of expert weights mapped (as `meo run`).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub memory: super::memory::MemoryArgs,
     /// One line per turn on stderr: conversation tokens, tokens reused from the cache, fed,
     /// generated, why the reply stopped.
     #[arg(long, short = 'v')]
@@ -95,12 +94,19 @@ pub fn template(model: &meo::Model, name: Option<&str>) -> Result<ChatTemplate> 
     Ok(t?)
 }
 
-/// Streams the reply text to the output.
-struct Stream<'a> {
+/// Streams the reply text to the output; routing goes to the residency tracker.
+struct Stream<'a, 'm> {
     out: &'a mut dyn Write,
+    tracker: &'a mut meo::residency::ExpertTracker<'m>,
 }
 
-impl Hooks for Stream<'_> {
+impl Hooks for Stream<'_, '_> {
+    fn trace(&mut self, _prompt: bool) -> Option<&mut dyn meo::Trace> {
+        Some(&mut *self.tracker)
+    }
+    fn after_forward(&mut self, _prompt: bool) {
+        self.tracker.take_step_bytes();
+    }
     fn on_token(&mut self, _id: u32, text: &str) -> Result<bool, GenerateError> {
         if !text.is_empty() {
             self.out.write_all(text.as_bytes()).and_then(|()| self.out.flush()).map_err(GenerateError::Output)?;
@@ -132,7 +138,9 @@ pub fn chat_with(
     let model = open_model(&a.file)?;
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let template = template(&model, a.template.as_deref())?;
-    let run = RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), ..RunOptions::default() };
+    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), ..RunOptions::default() };
+    // The model's budget and prediction (before this, `--memory-budget` was accepted and unused).
+    let mut tracker = meo::residency::ExpertTracker::for_model(&model, a.memory.tracker_options())?;
     let (mut opened, _) = open_target(&model, &a.target, &run)?;
     let mut sampler = Sampler::new(a.sampling.config(&model))?;
     let base = GenerateOptions {
@@ -182,7 +190,14 @@ pub fn chat_with(
         turn_no += 1;
         INTERRUPT.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
-        let t = conv.turn(target, text, &opts, &mut sampler, &tok, &mut Stream { out: &mut *stdout });
+        let t = conv.turn(
+            target,
+            text,
+            &opts,
+            &mut sampler,
+            &tok,
+            &mut Stream { out: &mut *stdout, tracker: &mut tracker },
+        );
         GENERATING.store(false, Ordering::SeqCst);
         let t = match t {
             Ok(t) => t,

@@ -10,6 +10,7 @@ pub mod eval;
 #[cfg(feature = "onnx")]
 pub mod export_onnx;
 pub mod inspect;
+pub mod memory;
 pub mod mode;
 pub mod run;
 #[cfg(feature = "serve")]
@@ -169,6 +170,22 @@ pub fn print_residency(out: &mut dyn Write, s: &ResidencyStats, file_bytes: u64)
             s.released_slabs,
             human_bytes(s.released_bytes)
         )?;
+    }
+    if let Some(rate) = s.hit_rate() {
+        writeln!(out, "expert cache hits: {} of {} selections ({:.1}%)", s.hits, s.hits + s.misses, 100.0 * rate)?;
+    }
+    let acc: Vec<String> = s
+        .prediction
+        .iter()
+        .enumerate()
+        .filter_map(|(l, p)| Some(format!("L{l} {:.0}%", 100.0 * p.accuracy()?)))
+        .collect();
+    if !acc.is_empty() {
+        writeln!(out, "next-layer prediction accuracy: {}", acc.join(", "))?;
+    }
+    if s.dense_pinned_bytes > 0 {
+        let how = if s.dense_locked { "mlock" } else { "re-touched: mlock refused" };
+        writeln!(out, "dense bytes kept resident: {} ({how})", human_bytes(s.dense_pinned_bytes))?;
     }
     match residency::peak_rss_bytes() {
         Ok(rss) => writeln!(out, "peak RSS: {} (file: {})", human_bytes(rss), human_bytes(file_bytes)),

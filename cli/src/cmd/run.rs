@@ -8,10 +8,10 @@
 
 use super::dump::{RouteRecorder, Tee, write_dump, write_dump_as};
 use super::target::{RunOptions, open_target};
-use super::{open_model, parse_bytes, print_residency};
+use super::{open_model, print_residency};
 use anyhow::{Result, bail};
 use meo::generate::{GenerateError, GenerateOptions, Hooks, StopReason, generate};
-use meo::residency::{ExpertTracker, TrackerOptions};
+use meo::residency::ExpertTracker;
 use meo::route::Choice;
 use meo::sample::SamplerConfig;
 use meo::tokenizer::Tokenizer;
@@ -61,10 +61,8 @@ pub struct Args {
     /// Write the prompt's logits and routing to a safetensors file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub dump: Option<PathBuf>,
-    /// Keep at most this many bytes of expert weights mapped (e.g. 512M, 2G); least recently
-    /// used experts are released (and re-read from the file when needed again).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub memory: super::memory::MemoryArgs,
     #[command(flatten)]
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
@@ -261,10 +259,9 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
     let (tokenizer, prompt) = prompt_tokens(a, &model)?;
-    let run =
-        RunOptions { threads: a.threads, memory_budget: a.memory_budget.is_some(), mode: a.mode.options(&model)? };
+    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
-    let opts = TrackerOptions { budget: a.memory_budget, ..TrackerOptions::default() };
+    let opts = a.memory.tracker_options();
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     if a.stats {
         writeln!(
@@ -379,6 +376,12 @@ impl Trace for RunHooks<'_, '_> {
     fn on_merged(&mut self, layer: usize, tokens: usize, expert: &meo::MergedUse) {
         self.tracker.on_merged(layer, tokens, expert);
     }
+    fn wants_prediction(&self) -> bool {
+        self.tracker.wants_prediction()
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.tracker.on_experts_predicted(from, layer, experts);
+    }
 }
 
 impl Hooks for RunHooks<'_, '_> {
@@ -418,7 +421,7 @@ fn io_error(e: std::io::Error) -> GenerateError {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::super::parse_bytes;
 
     #[test]
     fn byte_counts() {

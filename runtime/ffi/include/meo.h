@@ -33,6 +33,11 @@
 #define MEO_TOKEN_NONE UINT32_MAX
 
 /**
+ * The budget value `meo_model_set_memory_budget` takes for the process's memory limit.
+ */
+#define MEO_MEMORY_BUDGET_AUTO UINT64_MAX
+
+/**
  * Result of every call.
  */
 typedef enum {
@@ -562,13 +567,26 @@ MeoStatus meo_session_set_target(MeoSession *session,
                                  const char *target);
 
 /**
- * Keeps at most `bytes` of expert weights mapped (0 = no limit): the least recently used
- * experts are released after each forward call and re-read from the file when needed.
- * Needs a model opened with `meo_model_open` (`MEO_STATUS_UNSUPPORTED` otherwise; use
- * `meo_session_trim` on memory warnings instead).
+ * Sets the memory budget of the session's model — one budget for all sessions of a model —
+ * as `meo_model_set_memory_budget` does.
  */
 MeoStatus meo_session_set_memory_budget(MeoSession *session,
                                         uint64_t bytes);
+
+/**
+ * Sets the model's memory budget, for all its sessions, at any time: at most `bytes` of its
+ * weights kept in memory. The tensors every token reads (attention, norms, routers, shared
+ * experts, output head) are kept resident (`mlock` where permitted) and counted; expert
+ * slabs are cached under the rest, the lowest frequency × recency evicted (also from the page
+ * cache on Linux/Android) and re-read from the file when needed. 0 = no limit;
+ * `MEO_MEMORY_BUDGET_AUTO` = the default, the process's memory limit (its cgroup limit or
+ * the machine's available memory) less an eighth for the rest. Lowering it evicts at once:
+ * call it from a memory warning (iOS `didReceiveMemoryWarning`, Android `onTrimMemory`).
+ * Results never change. Needs a model opened with `meo_model_open`
+ * (`MEO_STATUS_UNSUPPORTED` otherwise; `meo_session_trim` releases any model's experts).
+ */
+MeoStatus meo_model_set_memory_budget(const MeoModel *model,
+                                      uint64_t bytes);
 
 /**
  * Sets the sampler (and reseeds it; the tokens fed so far still count for the penalties).

@@ -20,7 +20,7 @@
 use meo::chat::{ChatError, ChatTemplate, Message};
 use meo::generate::{GenerateError, GenerateOptions, Hooks, Start, StopReason, generate_with};
 use meo::model::Mode;
-use meo::residency::{ExpertTracker, TrackerOptions};
+use meo::residency::{ExpertTracker, SharedTracker, TrackerOptions};
 use meo::sample::{Sampler, SamplerConfig};
 use meo::tokenizer::Tokenizer;
 use meo::{LayerSelect, Logits, MergeOptions, Model, Session, SessionOptions, TargetError};
@@ -184,6 +184,10 @@ enum Holder {
 
 /// An opened model (opaque). Shareable across threads.
 pub struct MeoModel {
+    // Field order is drop order: the residency tracker borrows the model in `holder`.
+    /// The model-wide residency tracker (one budget for all sessions), made on first use;
+    /// `None` for a model that is not file-backed.
+    residency: OnceLock<Result<Option<SharedTracker<'static>>, String>>,
     holder: Holder,
     tokenizer: OnceLock<Result<Tokenizer, String>>,
     chat: OnceLock<Result<ChatTemplate, (MeoStatus, String)>>,
@@ -195,6 +199,25 @@ impl MeoModel {
             Holder::Plain(m) => m,
             #[cfg(unix)]
             Holder::Fd(f) => f.model(),
+        }
+    }
+
+    /// The model-wide residency tracker (`None`: not file-backed), made on first use with the
+    /// default budget (the process's memory limit, `meo::residency::default_budget`).
+    fn residency(&self) -> Res<Option<&SharedTracker<'static>>> {
+        let r = self.residency.get_or_init(|| {
+            // SAFETY (lifetime): the tracker borrows the model in `self.holder`, which is dropped
+            // after `self.residency` (field order) and never moves (`self` lives in an `Arc`).
+            let m: &'static Model = unsafe { &*std::ptr::from_ref(self.model()) };
+            if m.mapped().is_none() {
+                return Ok(None);
+            }
+            let opts = TrackerOptions { budget: meo::residency::default_budget(), ..TrackerOptions::default() };
+            ExpertTracker::for_model(m, opts).map(|t| Some(SharedTracker::new(t))).map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(t) => Ok(t.as_ref()),
+            Err(e) => err(MeoStatus::Io, e.clone()),
         }
     }
 
@@ -385,11 +408,9 @@ pub struct MeoStats {
 /// progress (another thread, or `meo_session_generate`'s callback) gets `MEO_STATUS_BUSY`.
 pub struct MeoSession {
     // Field order is drop order: everything borrowing the model comes before `model`.
-    tracker: Option<ExpertTracker<'static>>,
     session: Session<'static>,
     sampler: Sampler,
     options: MeoSessionOptions,
-    budget: Option<u64>,
     has_logits: bool,
     stats: MeoStats,
     trimmed_slabs: u64,
@@ -504,7 +525,8 @@ fn session_mut(p: *mut MeoSession) -> Res<SessionGuard> {
 }
 
 fn new_model(holder: Holder, out: *mut *mut MeoModel) -> Res<()> {
-    let model = Arc::new(MeoModel { holder, tokenizer: OnceLock::new(), chat: OnceLock::new() });
+    let model =
+        Arc::new(MeoModel { residency: OnceLock::new(), holder, tokenizer: OnceLock::new(), chat: OnceLock::new() });
     let mut h = handles();
     let id = h.next_id()?;
     h.models.insert(id, model);
@@ -963,16 +985,6 @@ fn make_session(model: &Arc<MeoModel>, opts: MeoSessionOptions) -> Res<Session<'
         .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))
 }
 
-fn make_tracker(model: &Arc<MeoModel>, budget: Option<u64>) -> Res<Option<ExpertTracker<'static>>> {
-    // SAFETY (lifetime): as in `make_session`.
-    let m: &'static Model = unsafe { &*std::ptr::from_ref(model.model()) };
-    if m.mapped().is_none() {
-        return Ok(None);
-    }
-    let opts = TrackerOptions { budget, ..TrackerOptions::default() };
-    ExpertTracker::for_model(m, opts).map(Some).map_err(|e| (MeoStatus::Io, e.to_string()))
-}
-
 /// Creates a session over `model` (`options` may be NULL for the defaults). The session runs
 /// vanilla routing on the CPU, sampling with the file's generation defaults (greedy unless
 /// the checkpoint's generation_config.json samples; `meo_session_set_sampler` overrides them)
@@ -989,9 +1001,9 @@ pub unsafe extern "C" fn meo_session_new(
         // SAFETY: NULL or a readable `MeoSessionOptions` (C contract).
         let options = if options.is_null() { MeoSessionOptions::default() } else { unsafe { *options } };
         let session = make_session(&model, options)?;
-        let tracker = make_tracker(&model, None)?;
+        // The model's residency tracker is made now, so a failure shows here.
+        model.residency()?;
         let s = MeoSession {
-            tracker,
             session,
             // The file's generation defaults (greedy unless its checkpoint's
             // generation_config.json samples); meo_session_set_sampler overrides them.
@@ -1000,7 +1012,6 @@ pub unsafe extern "C" fn meo_session_new(
             )
             .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
             options,
-            budget: None,
             has_logits: false,
             stats: MeoStats::default(),
             trimmed_slabs: 0,
@@ -1107,39 +1118,50 @@ pub unsafe extern "C" fn meo_session_set_target(session: *mut MeoSession, target
     })
 }
 
-/// Keeps at most `bytes` of expert weights mapped (0 = no limit): the least recently used
-/// experts are released after each forward call and re-read from the file when needed.
-/// Needs a model opened with `meo_model_open` (`MEO_STATUS_UNSUPPORTED` otherwise; use
-/// `meo_session_trim` on memory warnings instead).
+/// Sets the memory budget of the session's model — one budget for all sessions of a model —
+/// as `meo_model_set_memory_budget` does.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_session_set_memory_budget(session: *mut MeoSession, bytes: u64) -> MeoStatus {
     guard(|| {
-        let mut s = session_mut(session)?;
-        if s.tracker.is_none() {
-            return err(
-                MeoStatus::Unsupported,
-                "a memory budget needs a model opened from a path (meo_model_open); call meo_session_trim on memory warnings",
-            );
-        }
-        let budget = (bytes > 0).then_some(bytes);
-        let old = s.tracker.take();
-        match make_tracker(&s.model, budget) {
-            Ok(t) => {
-                s.tracker = t;
-                s.budget = budget;
-                // The old tracker's released counts carry over into the stats.
-                if let Some(o) = old.and_then(|o| o.stats().ok()) {
-                    s.trimmed_slabs += o.released_slabs;
-                    s.trimmed_bytes += o.released_bytes;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                s.tracker = old;
-                Err(e)
-            }
-        }
+        let model = Arc::clone(&session_mut(session)?.model);
+        set_budget(&model, bytes)
     })
+}
+
+/// The budget value `meo_model_set_memory_budget` takes for the process's memory limit.
+pub const MEO_MEMORY_BUDGET_AUTO: u64 = u64::MAX;
+
+/// Sets the model's memory budget, for all its sessions, at any time: at most `bytes` of its
+/// weights kept in memory. The tensors every token reads (attention, norms, routers, shared
+/// experts, output head) are kept resident (`mlock` where permitted) and counted; expert
+/// slabs are cached under the rest, the lowest frequency × recency evicted (also from the page
+/// cache on Linux/Android) and re-read from the file when needed. 0 = no limit;
+/// `MEO_MEMORY_BUDGET_AUTO` = the default, the process's memory limit (its cgroup limit or
+/// the machine's available memory) less an eighth for the rest. Lowering it evicts at once:
+/// call it from a memory warning (iOS `didReceiveMemoryWarning`, Android `onTrimMemory`).
+/// Results never change. Needs a model opened with `meo_model_open`
+/// (`MEO_STATUS_UNSUPPORTED` otherwise; `meo_session_trim` releases any model's experts).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_model_set_memory_budget(model: *const MeoModel, bytes: u64) -> MeoStatus {
+    guard(|| {
+        let m = model_ref(model)?;
+        set_budget(&m, bytes)
+    })
+}
+
+fn set_budget(model: &MeoModel, bytes: u64) -> Res<()> {
+    let Some(t) = model.residency()? else {
+        return err(
+            MeoStatus::Unsupported,
+            "a memory budget needs a model opened from a path (meo_model_open); call meo_session_trim on memory warnings",
+        );
+    };
+    let budget = match bytes {
+        0 => None,
+        MEO_MEMORY_BUDGET_AUTO => meo::residency::default_budget(),
+        b => Some(b),
+    };
+    t.lock().set_budget(budget).map_err(|e| (MeoStatus::Io, e.to_string()))
 }
 
 /// Sets the sampler (and reseeds it; the tokens fed so far still count for the penalties).
@@ -1170,10 +1192,11 @@ impl MeoSession {
             return err(MeoStatus::InvalidArgument, "no tokens to feed");
         }
         let t0 = Instant::now();
-        let r = match self.tracker.as_mut() {
-            Some(t) => {
-                let r = self.session.forward_with(tokens, Logits::Last, t).map(|_| ());
-                t.take_step_bytes();
+        let model = Arc::clone(&self.model);
+        let r = match model.residency()? {
+            Some(mut t) => {
+                let r = self.session.forward_with(tokens, Logits::Last, &mut t).map(|_| ());
+                t.lock().take_step_bytes();
                 r
             }
             None => self.session.forward_with(tokens, Logits::Last, &mut meo::NoTrace).map(|_| ()),
@@ -1457,8 +1480,9 @@ unsafe fn generate_impl(
     }
     opts.stop_tokens.extend(stop_tokens.iter().filter(|t| !opts.stop_tokens.contains(t)).collect::<Vec<_>>());
     let tok = if stop_strings.is_empty() { model.tokenizer().ok() } else { Some(model.tokenizer()?) };
+    let residency = model.residency()?;
     let mut hooks = FfiHooks {
-        tracker: s.tracker.as_mut(),
+        tracker: residency,
         callback: out.callback,
         user_data: out.user_data,
         cancel: out.cancel,
@@ -1502,9 +1526,9 @@ unsafe fn generate_impl(
 }
 
 /// `meo_session_generate`'s side of the library generation loop: the C callback, the caller's
-/// token buffer and count, the cancel flag, and the session's residency tracker.
+/// token buffer and count, the cancel flag, and the model's residency tracker.
 struct FfiHooks<'a, 'm> {
-    tracker: Option<&'a mut ExpertTracker<'m>>,
+    tracker: Option<&'a SharedTracker<'m>>,
     callback: MeoTokenCallback,
     user_data: *mut c_void,
     cancel: *const i32,
@@ -1534,12 +1558,12 @@ impl FfiHooks<'_, '_> {
 
 impl Hooks for FfiHooks<'_, '_> {
     fn trace(&mut self, _prompt: bool) -> Option<&mut dyn meo::Trace> {
-        self.tracker.as_deref_mut().map(|t| t as &mut dyn meo::Trace)
+        self.tracker.as_mut().map(|t| t as &mut dyn meo::Trace)
     }
 
     fn after_forward(&mut self, _prompt: bool) {
-        if let Some(t) = self.tracker.as_deref_mut() {
-            t.take_step_bytes();
+        if let Some(t) = self.tracker {
+            t.lock().take_step_bytes();
         }
     }
 
@@ -1587,8 +1611,8 @@ pub unsafe extern "C" fn meo_session_stats(session: *mut MeoSession, out: *mut M
         let mut st = s.stats;
         st.released_slabs = s.trimmed_slabs;
         st.released_bytes = s.trimmed_bytes;
-        if let Some(t) = &s.tracker {
-            let r = t.stats().map_err(|e| (MeoStatus::Io, e.to_string()))?;
+        if let Some(t) = Arc::clone(&s.model).residency()? {
+            let r = t.lock().stats().map_err(|e| (MeoStatus::Io, e.to_string()))?;
             st.residency_available = 1;
             st.experts_touched = r.experts_touched as u64;
             st.experts_total = r.experts_per_layer.iter().sum::<usize>() as u64;
@@ -1615,6 +1639,9 @@ pub unsafe extern "C" fn meo_session_trim(session: *mut MeoSession, released: *m
     guard(|| {
         let mut s = session_mut(session)?;
         let bytes = s.model.trim()?;
+        if let Some(t) = Arc::clone(&s.model).residency()? {
+            t.lock().forget_held();
+        }
         let slabs = meo::residency::SlabIndex::from_model(s.model.model()).len() as u64;
         s.trimmed_slabs += slabs;
         s.trimmed_bytes += bytes;

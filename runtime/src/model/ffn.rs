@@ -174,16 +174,7 @@ pub(crate) fn moe(
     let (e, k) = (spec.num_experts, spec.top_k);
     let h = x.len() / t.max(1);
 
-    router_logits(par, bytes, p, x, t, e, s);
-    let sel = p.selection_bias.as_ref().map(|b| {
-        b.read(bytes, &mut s.sel_bias);
-        &s.sel_bias[..]
-    });
-    s.choices.clear();
-    s.choices.resize(t * k, Choice { expert: 0, weight: 0.0 });
-    for (row, ch) in s.logits.chunks(e).zip(s.choices.chunks_mut(k)) {
-        route_token(spec, row, sel, &mut s.route, ch);
-    }
+    route_tokens(par, bytes, p, spec, x, t, s);
     s.dropped.clear();
     s.dropped.resize(t * k, false);
     apply_capacity(spec, &mut s.choices, &mut s.dropped, &mut s.counts);
@@ -250,6 +241,56 @@ pub(crate) fn moe(
     }
 
     shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// The router on `t` tokens, then [`route_token`] per token: `s.choices` (`[t, top_k]`, before
+/// capacity).
+fn route_tokens(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &RouterSpec,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+) {
+    let (e, k) = (spec.num_experts, spec.top_k);
+    router_logits(par, bytes, p, x, t, e, s);
+    let sel = p.selection_bias.as_ref().map(|b| {
+        b.read(bytes, &mut s.sel_bias);
+        &s.sel_bias[..]
+    });
+    s.choices.clear();
+    s.choices.resize(t * k, Choice { expert: 0, weight: 0.0 });
+    for (row, ch) in s.logits.chunks(e).zip(s.choices.chunks_mut(k)) {
+        route_token(spec, row, sel, &mut s.route, ch);
+    }
+}
+
+/// The experts MoE layer `p` would select for inputs `x` (`[t, hidden]`), ascending and distinct,
+/// into `out`: its router applied to another layer's router input (next-layer prediction).
+/// Uses `s`'s routing scratch only; capacity is not applied (a prediction may include experts
+/// capacity would drop).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn predict(
+    par: &dyn Parallel,
+    bytes: &[u8],
+    p: &MoePlan,
+    spec: &RouterSpec,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut Vec<u32>,
+) {
+    route_tokens(par, bytes, p, spec, x, t, s);
+    let e = spec.num_experts;
+    s.counts.clear();
+    s.counts.resize(e, 0);
+    for c in &s.choices {
+        s.counts[c.expert as usize] += 1;
+    }
+    out.clear();
+    out.extend((0..e).filter(|&i| s.counts[i] > 0).map(|i| i as u32));
 }
 
 /// Prompt processing with many selected experts: whole experts are the parallel tasks (each

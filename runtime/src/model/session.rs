@@ -5,7 +5,7 @@ use super::attention::{AttnScratch, LayerCache, attention};
 use super::bank::{MergeOptions, MergedUse, ModeError};
 use super::delta::{self, DeltaScratch, DeltaState};
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
-use super::ffn::{FfnScratch, dense, last_choices, merged, moe};
+use super::ffn::{FfnScratch, dense, last_choices, merged, moe, predict};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
 use super::plan::{Attention, FfnPlan};
@@ -110,6 +110,8 @@ struct Buffers {
     mla: MlaScratch,
     delta: DeltaScratch,
     ffn: FfnScratch,
+    /// Next-layer prediction ([`Trace::on_experts_predicted`]).
+    predicted: Vec<u32>,
 }
 
 /// What a session keeps of one layer's past: the keys and values of every position
@@ -554,6 +556,14 @@ impl<'m> Session<'m> {
             for (o, i) in b.h.chunks_mut(h).zip(b.x.chunks(h)) {
                 meo::norm(kind, i, &b.norm_w, &b.norm_b, eps, o);
             }
+            if matches!(layer.ffn, FfnPlan::Moe(_))
+                && trace.wants_prediction()
+                && let Some((next, np)) = next_routed(m, self.bank.plan.layers(), &self.bank.built, l)
+            {
+                // Before this layer's experts run, so the reads overlap their compute.
+                predict(par, bytes, np, &c.router, &b.h, t, &mut b.ffn, &mut b.predicted);
+                trace.on_experts_predicted(l, next, &b.predicted);
+            }
             let exec = &self.bank.plan.layers()[l];
             let built = &mut self.bank.built[l];
             match &layer.ffn {
@@ -631,6 +641,20 @@ impl<'m> Session<'m> {
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
+}
+
+/// The first layer after `l` that will run routed experts from their slabs (a mixture: not
+/// merged, not a stored merge), and its plan.
+fn next_routed<'p>(
+    m: &'p Model,
+    exec: &[LayerExec],
+    built: &[Option<Built>],
+    l: usize,
+) -> Option<(usize, &'p super::plan::MoePlan)> {
+    m.layers.iter().enumerate().skip(l + 1).find_map(|(i, layer)| match (&layer.ffn, &exec[i], &built[i]) {
+        (FfnPlan::Moe(p), LayerExec::Mixture | LayerExec::PromptMerge(_), None) => Some((i, p)),
+        _ => None,
+    })
 }
 
 /// `x += y · multiplier` (the residual connection; `y` is scratch and is scaled in place).

@@ -25,6 +25,19 @@ pub trait Trace {
     /// The input of MoE layer `layer` (the normalised hidden states, `[T, hidden]`, the
     /// router's input) for the tokens at positions `pos0..pos0 + T`, before the layer runs.
     fn on_moe_input(&mut self, _layer: usize, _pos0: usize, _x: &[f32]) {}
+    /// Whether this observer wants next-layer predictions ([`on_experts_predicted`]); the
+    /// session computes them only then (one extra router product per MoE layer).
+    ///
+    /// [`on_experts_predicted`]: Self::on_experts_predicted
+    fn wants_prediction(&self) -> bool {
+        false
+    }
+    /// Before MoE layer `from` runs, the experts MoE layer `layer` (the next one that runs
+    /// routed experts) is predicted to select: `layer`'s router applied to `from`'s router
+    /// input, distinct and ascending, in the numbering of
+    /// [`on_experts_selected`](Self::on_experts_selected). Advice only: what `layer` then
+    /// selects is reported as usual and is never changed by it.
+    fn on_experts_predicted(&mut self, _from: usize, _layer: usize, _experts: &[u32]) {}
     /// MoE layer `layer` ran merged for `tokens` tokens, reading `expert` (no routing, no
     /// per-expert slab).
     fn on_merged(&mut self, _layer: usize, _tokens: usize, _expert: &MergedUse) {}
