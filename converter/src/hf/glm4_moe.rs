@@ -18,7 +18,8 @@ use anyhow::{Context, Result, bail, ensure};
 use meo::config::{GroupScore, Recipe, SharedGate};
 use meo::{FfnKind, ModelConfig, QkNorm, RouterSpec, Scoring};
 
-const OWN: OwnConfig = OwnConfig { name: "glm4_moe", read: model_config, features: Features::STANDARD };
+const OWN: OwnConfig =
+    OwnConfig { name: "glm4_moe", read: model_config, features: Features::STANDARD, ignored_prefixes: &[] };
 
 pub const FAMILY: Family = Family {
     name: "glm4_moe",

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod ernie4_5_moe;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
@@ -118,6 +119,9 @@ pub struct OwnConfig {
     pub name: &'static str,
     pub read: ConfigReader,
     pub features: Features,
+    /// Checkpoint tensors whose names start with one of these are known to be unused
+    /// (ERNIE-4.5's multi-token-prediction block, `model.mtp_*`).
+    pub ignored_prefixes: &'static [&'static str],
 }
 
 impl std::fmt::Debug for OwnConfig {
@@ -207,6 +211,7 @@ pub const FAMILIES: &[&Family] = &[
     &glm4_moe::FAMILY,
     &phimoe::FAMILY,
     &phimoe::FAMILY_HUB,
+    &ernie4_5_moe::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -661,7 +666,16 @@ impl HfModel {
                 .checkpoint
                 .get(&name)
                 .with_context(|| format!("checkpoint has no tensor {name:?} (needed for {})", c.name))?;
-            ensure!(e.shape == c.shape, "{name}: shape {:?}, expected {:?} (for {})", e.shape, c.shape, c.name);
+            // Leading unit dimensions carry no layout (ERNIE-4.5's selection bias is `[1, E]`).
+            let squeezed =
+                e.shape.iter().skip_while(|&&d| d == 1).count() == c.shape.len() && e.shape.ends_with(&c.shape);
+            ensure!(
+                e.shape == c.shape || squeezed,
+                "{name}: shape {:?}, expected {:?} (for {})",
+                e.shape,
+                c.shape,
+                c.name
+            );
             Ok(Source::whole(name, 0, numel))
         };
         if self.family.kind == Kind::Switch {
@@ -740,6 +754,10 @@ impl HfModel {
             .filter(|n| !consumed.iter().any(|c| c == n))
             .filter(|n| !(self.family.kind == Kind::Switch && switch_transformers::not_converted(n)))
             .filter(|n| !self.extra_layers.clone().any(|l| n.starts_with(&format!("model.layers.{l}."))))
+            .filter(|n| match self.family.kind {
+                Kind::Own(o) => !o.ignored_prefixes.iter().any(|p| n.starts_with(p)),
+                _ => true,
+            })
             .collect()
     }
 }

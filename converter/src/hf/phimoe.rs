@@ -24,6 +24,7 @@ const OWN: OwnConfig = OwnConfig {
         fused_names: &[("experts.gate_up_proj", "experts.down_proj")],
         ..Features::STANDARD
     },
+    ignored_prefixes: &[],
 };
 
 const TENSORS: &[(&str, &str)] = &[
