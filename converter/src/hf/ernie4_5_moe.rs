@@ -73,7 +73,7 @@ pub(crate) fn model_config(
     let heads = j.opt_usize("num_attention_heads")?.unwrap_or(20);
     let kv_heads = j.opt_usize("num_key_value_heads")?.unwrap_or(4);
     ensure!(
-        heads > 0 && kv_heads > 0 && heads % kv_heads == 0,
+        heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads),
         "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
     );
     let head_dim = j.opt_usize("head_dim")?.filter(|&d| d > 0).unwrap_or(hidden / heads);
