@@ -1107,7 +1107,7 @@ impl ModelConfig {
         }
         if r.rope_dim > 0 {
             // MLA's rotary width is `model.head_dim` itself.
-            if r.rope_dim % 2 != 0 || r.rope_dim > self.head_dim || r.mla.is_some() {
+            if !r.rope_dim.is_multiple_of(2) || r.rope_dim > self.head_dim || r.mla.is_some() {
                 return Err(invalid(
                     "model.rope_dim",
                     alloc::format!(

@@ -366,8 +366,8 @@ fn every_export_form_passes_the_onnx_checker_and_external_data_runs() {
     assert!(plan.is_ok(), "tract loads external data: {:?}", plan.err());
 }
 
-/// Fixtures of every family the export covers (MLA, sinks, multipliers, plain GQA, partial RoPE).
-const FAMILIES: [&str; 6] = ["deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe", "qwen3_moe", "glm4_moe"];
+/// Fixtures of every family the export covers (MLA, sinks, multipliers, plain GQA, partial RoPE, sparsemixer).
+const FAMILIES: [&str; 7] = ["deepseek_v3", "deepseek_v2", "gpt_oss", "granitemoe", "qwen3_moe", "glm4_moe", "phimoe"];
 
 #[test]
 fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully_static() {

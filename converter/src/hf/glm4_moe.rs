@@ -102,7 +102,7 @@ pub(crate) fn model_config(
     ensure!(heads > 0, "num_attention_heads must be positive");
     let kv_heads = j.opt_usize("num_key_value_heads")?.unwrap_or(8);
     ensure!(
-        kv_heads > 0 && heads % kv_heads == 0,
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
         "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
     );
     // `getattr(config, "head_dim", hidden_size // num_attention_heads)`.
@@ -115,7 +115,7 @@ pub(crate) fn model_config(
     // transformers: `dim = int(head_dim * partial_rotary_factor)`, frequencies for its pairs.
     let rope_dim = (head_dim as f64 * partial) as usize;
     ensure!(
-        rope_dim >= 2 && rope_dim % 2 == 0,
+        rope_dim >= 2 && rope_dim.is_multiple_of(2),
         "partial_rotary_factor {partial} of head_dim {head_dim} gives {rope_dim} rotary dimensions (must be even and at least 2)"
     );
 
@@ -132,7 +132,7 @@ pub(crate) fn model_config(
     let n_shared = j.opt_usize("n_shared_experts")?.unwrap_or(1);
     let (n_group, topk_group) = (j.opt_usize("n_group")?.unwrap_or(1), j.opt_usize("topk_group")?.unwrap_or(1));
     ensure!(
-        n_group > 0 && experts % n_group == 0 && (1..=n_group).contains(&topk_group),
+        n_group > 0 && experts.is_multiple_of(n_group) && (1..=n_group).contains(&topk_group),
         "n_group {n_group} / topk_group {topk_group} do not divide {experts} experts"
     );
     // With fewer eligible experts than top_k, transformers would pick masked ones in an

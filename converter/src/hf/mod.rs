@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod ernie4_5_moe;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
@@ -118,6 +119,7 @@ pub struct OwnConfig {
     /// Names it in debug output and comparisons.
     pub name: &'static str,
     pub read: ConfigReader,
+    /// Its recipe features, known-unused tensor prefixes included.
     pub features: Features,
 }
 
@@ -239,6 +241,7 @@ pub const FAMILIES: &[&Family] = &[
     &phimoe::FAMILY,
     &phimoe::FAMILY_HUB,
     &qwen3_next::FAMILY,
+    &ernie4_5_moe::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -797,7 +800,16 @@ impl HfModel {
                 .checkpoint
                 .get(&name)
                 .with_context(|| format!("checkpoint has no tensor {name:?} (needed for {})", c.name))?;
-            ensure!(e.shape == c.shape, "{name}: shape {:?}, expected {:?} (for {})", e.shape, c.shape, c.name);
+            // Leading unit dimensions carry no layout (ERNIE-4.5's selection bias is `[1, E]`).
+            let squeezed =
+                e.shape.iter().skip_while(|&&d| d == 1).count() == c.shape.len() && e.shape.ends_with(&c.shape);
+            ensure!(
+                e.shape == c.shape || squeezed,
+                "{name}: shape {:?}, expected {:?} (for {})",
+                e.shape,
+                c.shape,
+                c.name
+            );
             Ok(Source::whole(name, 0, numel))
         };
         if self.family.kind == Kind::Switch {

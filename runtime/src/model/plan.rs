@@ -50,6 +50,9 @@ impl Vector {
     }
 }
 
+/// Learned positions, the final norm's bias and the LM head's bias ([`Builder::extras`]).
+pub(crate) type Extras = (Option<Mat>, Option<Vector>, Option<Vector>);
+
 /// Rotary position embedding: the frequencies of each pair of a head's dimensions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
@@ -523,7 +526,7 @@ impl<'f, 'a> Builder<'f, 'a> {
     }
 
     /// Learned positions, the final norm's bias and the LM head's bias, when the recipe has them.
-    pub(crate) fn extras(&self) -> Result<(Option<Mat>, Option<Vector>, Option<Vector>), ModelError> {
+    pub(crate) fn extras(&self) -> Result<Extras, ModelError> {
         let c = self.c;
         let pos = match c.recipe.positions {
             Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),

@@ -1405,11 +1405,8 @@ impl<'m> Builder<'m> {
             Scoring::Softmax => self.op("Softmax", &[&logits], &[int("axis", -1)]),
             Scoring::Sigmoid => self.op("Sigmoid", &[&logits], &[]),
             Scoring::SoftmaxAfterTopK => logits.clone(),
-            Scoring::SparseMixer => {
-                return Err(ExportError::Unsupported(
-                    "sparsemixer routing (Phi-3.5-MoE): its masked two-round softmax has no ONNX form here yet".into(),
-                ));
-            }
+            // Selects on the raw logits; its weights are computed below.
+            Scoring::SparseMixer => logits.clone(),
         };
         let select = match &moe.selection_bias {
             Some(b) => {
@@ -1427,6 +1424,9 @@ impl<'m> Builder<'m> {
         let tk = self.op_n("TopK", &[&select, &kk], &[int("axis", -1), int("largest", 1), int("sorted", 1)], 2);
         let idx = tk[1].clone();
         let mut w = self.op("GatherElements", &[&scores, &idx], &[int("axis", 1)]);
+        if spec.scoring == Scoring::SparseMixer {
+            w = self.sparse_mixer(&p, &logits, &w, &idx, e, k, spec.sparsemixer_eps);
+        }
         if spec.scoring == Scoring::SoftmaxAfterTopK {
             w = self.op("Softmax", &[&w], &[int("axis", -1)]);
         }
@@ -1518,6 +1518,40 @@ impl<'m> Builder<'m> {
         }
         let ax1 = self.const_i64("axes1", &[1], &[1]);
         self.op("ReduceSum", &[&oh, &ax1], &[int("keepdims", 0)])
+    }
+
+    /// The sparsemixer's weights (Phi-3.5-MoE, `route.rs`): `idx` `[T, k]` are the top-k of the
+    /// logits in order (round r takes the r-th best, ties to the lower index as `TopK` does),
+    /// `top` their logits. Round r weights its expert `1 / Σ_j exp(l_j − m)` over the experts
+    /// not taken in an earlier round with `(m − l_j) / max(|l_j|, m) ≤ 2ε`, `m = top[:, r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_mixer(&mut self, p: &str, logits: &str, top: &str, idx: &str, e: usize, k: usize, eps: f32) -> String {
+        let thr = self.const_f32(&format!("{p}.sparsemixer.threshold"), &[], &[2.0 * eps]);
+        let zero = self.const_f32("sparsemixer.zero", &[], &[0.0]);
+        let axes = self.axes_last();
+        let abs = self.op("Abs", &[logits], &[]);
+        let mut ws = Vec::new();
+        for r in 0..k {
+            let m = self.slice(top, r, r + 1, 1); // [T, 1]
+            let gap = self.op("Sub", &[&m, logits], &[]);
+            let den = self.op("Max", &[&abs, &m], &[]);
+            let rel = self.op("Div", &[&gap, &den], &[]);
+            let masked = self.op("Greater", &[&rel, &thr], &[]);
+            let mut keep = self.op("Not", &[&masked], &[]);
+            if r > 0 {
+                let taken = self.slice(idx, 0, r, 1);
+                let taken = self.one_hot_sum(&taken, None, e); // [T, E]: 1 where taken
+                let left = self.op("Equal", &[&taken, &zero], &[]);
+                keep = self.op("And", &[&keep, &left], &[]);
+            }
+            let d = self.op("Sub", &[logits, &m], &[]);
+            let x = self.op("Exp", &[&d], &[]);
+            let x = self.op("Where", &[&keep, &x, &zero], &[]);
+            let sum = self.op("ReduceSum", &[&x, &axes], &[int("keepdims", 1)]);
+            ws.push(self.op("Reciprocal", &[&sum], &[]));
+        }
+        let refs: Vec<&str> = ws.iter().map(String::as_str).collect();
+        self.op("Concat", &refs, &[int("axis", 1)])
     }
 
     /// Group-limited selection (DeepSeek, `route.rs`): experts outside the `topk_group` best
