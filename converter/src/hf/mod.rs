@@ -681,7 +681,10 @@ impl HfModel {
                 expect(&name, &[c.shape[0], 1, c.shape[1]])?;
                 Ok(Some(Source::whole(name, 0, numel)))
             }
-            (DeltaLayout::FusedPerKeyHead, "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight" | "mixer.z.weight") => {
+            (
+                DeltaLayout::FusedPerKeyHead,
+                "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight" | "mixer.z.weight",
+            ) => {
                 let block = 2 * dk + 2 * r * dv;
                 let (start, len) = match suffix {
                     "mixer.q.weight" => (0, dk),

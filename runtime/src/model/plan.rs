@@ -663,7 +663,9 @@ impl<'f, 'a> Builder<'f, 'a> {
     pub(crate) fn layer(&self, l: usize) -> Result<LayerPlan, ModelError> {
         let c = self.c;
         let attn = match (c.mixer(l), &c.recipe.mla) {
-            (crate::config::Mixer::GatedDeltaNet, _) => Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?)),
+            (crate::config::Mixer::GatedDeltaNet, _) => {
+                Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?))
+            }
             (crate::config::Mixer::Attention, Some(a)) => Attention::Mla(self.mla(l, a)?),
             (crate::config::Mixer::Attention, None) => Attention::Gqa(self.gqa(l)?),
         };
@@ -793,7 +795,11 @@ impl<'f, 'a> Builder<'f, 'a> {
             causal: !c.recipe.encoder_only,
             rel_bias: self.rel_bias()?,
             sinks: if c.recipe.attention_sinks { Some(self.layer_vec(l, "attn.sinks", c.num_heads)?) } else { None },
-            gate: if c.recipe.attention_output_gate { Some(self.layer_mat(l, "attn.gate.weight", qd, h)?) } else { None },
+            gate: if c.recipe.attention_output_gate {
+                Some(self.layer_mat(l, "attn.gate.weight", qd, h)?)
+            } else {
+                None
+            },
         };
         Ok(attn)
     }
