@@ -50,6 +50,26 @@ mod recurrent_state {
         assert_eq!(s.forward(&rf.input_ids).unwrap(), &first[..]);
         assert_eq!(s.forward(&rf.greedy[..1]).unwrap(), &next[..]);
     }
+
+    /// MEO prompt mode merges the MoE layers of a hybrid as of any model; the mixers are not
+    /// experts. The prompt runs vanilla (same logits), later tokens run merged experts.
+    #[test]
+    fn prompt_mode_merges_only_the_moe_layers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = convert_fixture("qwen3_next", DType::F32, DType::F32, tmp.path());
+        let m = Model::open(&path).unwrap();
+        let rf = reference("qwen3_next");
+        let mut vanilla = Session::new(&m, SessionOptions::default()).unwrap();
+        let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+        let opts = meo::MergeOptions { mode: meo::Mode::Prompt(Default::default()), ..Default::default() };
+        assert_eq!(s.set_mode(opts).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(s.forward(&rf.input_ids).unwrap(), vanilla.forward(&rf.input_ids).unwrap());
+        assert_eq!(s.merged_layers(), vec![0, 1, 2, 3]);
+        let merged = s.forward(&rf.greedy[..1]).unwrap().to_vec();
+        let exact = vanilla.forward(&rf.greedy[..1]).unwrap();
+        assert!(merged.iter().all(|v| v.is_finite()));
+        assert_ne!(&merged[..], exact, "merged experts are an approximation");
+    }
 }
 
 /// Behaviour of the model runtime beyond the fixtures, on synthetic models.

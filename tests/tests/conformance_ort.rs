@@ -94,3 +94,20 @@ fn synthetic_recipe_variants_match_the_cpu() {
         Box::new(TargetRunner(OrtTarget::new(m, opts).unwrap_or_else(|e| panic!("{e}"))))
     });
 }
+
+/// A hybrid model's recurrent layers have no ONNX graph yet: the export (and so the target)
+/// refuses them with a typed error naming the first such layer and its mixer, writing nothing.
+#[test]
+fn recurrent_mixers_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("qwen3_next", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("a hybrid model must be refused")
+    };
+    assert!(
+        matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::GatedDeltaNet }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("gated_deltanet"), "{e}");
+}

@@ -200,8 +200,6 @@ pub enum DeltaLayout {
     /// q, k, then the `r = v_heads / k_heads` value heads' v, then their z; `in_proj_ba`
     /// `[k_heads · 2r, h]` with per key head its r b rows, then its r a rows.
     FusedPerKeyHead,
-    /// Qwen3.5: `in_proj_qkv` (all q, all k, all v rows), `in_proj_z`, `in_proj_b`, `in_proj_a`.
-    Split,
 }
 
 impl Features {
@@ -745,21 +743,6 @@ impl HfModel {
             (DeltaLayout::FusedPerKeyHead, "mixer.b.weight" | "mixer.a.weight") => {
                 let start = if suffix == "mixer.b.weight" { 0 } else { r };
                 blocks(p("in_proj_ba"), &[nk * 2 * r, h], 2 * r, start, r)
-            }
-            (DeltaLayout::Split, "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight") => {
-                let (kd, vd) = (nk * dk, nv * dv);
-                let (start, len) = match suffix {
-                    "mixer.q.weight" => (0, kd),
-                    "mixer.k.weight" => (kd, kd),
-                    _ => (2 * kd, vd),
-                };
-                blocks(p("in_proj_qkv"), &[2 * kd + vd, h], 2 * kd + vd, start, len)
-            }
-            (DeltaLayout::Split, "mixer.z.weight" | "mixer.b.weight" | "mixer.a.weight") => {
-                let n = &suffix["mixer.".len()..suffix.len() - ".weight".len()];
-                let name = p(&format!("in_proj_{n}"));
-                expect(&name, &c.shape)?;
-                Ok(Some(Source::whole(name, 0, numel)))
             }
             _ => Ok(None),
         }

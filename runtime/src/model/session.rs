@@ -1,4 +1,5 @@
-//! A [`Session`]: one sequence's KV cache and scratch over a shared [`Model`].
+//! A [`Session`]: one sequence's state (per layer a KV cache, or a fixed-size recurrent state
+//! for a recurrent mixer) and scratch over a shared [`Model`].
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};

@@ -33,3 +33,15 @@ fn encoder_refuses_forward_with_a_typed_error() {
     assert!(matches!(e, meo::TargetError::Forward(meo::ForwardError::EncoderOnly)), "{e}");
     assert_eq!(t.position(), 0);
 }
+
+/// A hybrid model's recurrent layers have no kernels here yet: the target refuses them with a
+/// typed error naming the first such layer and its mixer (before any adapter is opened).
+#[test]
+fn recurrent_mixers_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("qwen3_next", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a hybrid model must be refused") };
+    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::GatedDeltaNet, .. }), "{e}");
+    assert!(e.to_string().contains("gated_deltanet"), "{e}");
+}
