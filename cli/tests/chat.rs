@@ -196,3 +196,78 @@ fn a_rerendered_history_rewinds_to_the_shared_prefix() {
     assert_eq!(f2, c2 - r2);
     assert!(err.contains("re-rendered differently after"), "{err}");
 }
+
+/// `meo chat` on a pseudo-terminal, as a user runs it: the greeting and the `> ` prompt appear
+/// (the interactive path), a typed turn streams its reply, and the second turn feeds only its
+/// new tokens.
+#[test]
+fn chat_on_a_pseudo_terminal() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = with_template(tmp.path());
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the given ints; the other arguments may
+    // be null (no name, default termios and window size).
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = meo()
+        .args(["chat", model.to_str().unwrap(), "--verbose", "--max-new-tokens", "6"])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut writer = std::fs::File::from(master.try_clone().unwrap());
+    let (tx, rx) = mpsc::channel::<String>();
+    // The terminal's output, line by line (`\r\n` on a terminal); the prompt `> ` has no
+    // newline, so partial lines are sent too.
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(master);
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut f, &mut buf) {
+                Ok(0) | Err(_) => break, // EIO once the child has closed the terminal
+                Ok(n) => {
+                    if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut seen = String::new();
+    // Reads until `pat` appears in `seen` after byte `from`; returns where it ends.
+    let wait_for = |pat: &str, from: usize, seen: &mut String| -> usize {
+        loop {
+            if let Some(at) = seen[from..].find(pat) {
+                return from + at + pat.len();
+            }
+            let chunk = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| panic!("no {pat:?} in {seen:?}"));
+            seen.push_str(&chunk);
+        }
+    };
+    let at = wait_for("/exit quits.", 0, &mut seen);
+    let at = wait_for("> ", at, &mut seen);
+    writer.write_all(b"The value of the object\n").unwrap();
+    let at = wait_for("[turn 1]", at, &mut seen);
+    let at = wait_for("> ", at, &mut seen);
+    writer.write_all(b"is returned.\n").unwrap();
+    let at = wait_for("[turn 2]", at, &mut seen);
+    wait_for("\n", at, &mut seen);
+    writer.write_all(b"/exit\n").unwrap();
+    let status = child.wait().unwrap();
+    drop(writer);
+    reader.join().unwrap();
+    assert!(status.success(), "{seen:?}");
+    // Replies and stats share the terminal: each stats line runs from `[turn ` to its newline.
+    let stats: Vec<_> =
+        seen.match_indices("[turn ").filter_map(|(i, _)| turn_line(seen[i..].lines().next().unwrap())).collect();
+    assert_eq!(stats.len(), 2, "{seen:?}");
+    let ((c1, r1, f1, g1), (c2, r2, f2, _)) = (stats[0], stats[1]);
+    assert_eq!((r1, f1), (0, c1), "{seen:?}");
+    assert!(g1 >= 1);
+    assert!(r2 >= c1 && f2 == c2 - r2 && f2 > 0, "turn 2: {:?} after turn 1 of {c1}: {seen:?}", stats[1]);
+}
