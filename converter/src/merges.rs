@@ -115,29 +115,31 @@ pub struct MergeSpec {
     /// Share of each MoE layer's experts (the most selected on `calib`) stored as int8 while
     /// the rest take `Options::experts` (0: none).
     pub hot_experts: f64,
+    /// Expert compression chosen on `calib` ([`crate::compress`]).
+    pub compress: Option<crate::compress::CompressSpec>,
 }
 
 impl MergeSpec {
     /// Whether the conversion needs the two-pass path (a calibration run).
     pub fn calibrates(&self) -> bool {
-        !self.tasks.is_empty() || self.calib.is_some()
+        !self.tasks.is_empty() || self.calib.is_some() || self.compress.is_some()
     }
 }
 
 /// One kept calibration window of one layer: router inputs `[n, h]` and choices `[n, k]`.
 #[derive(Debug, Default, Clone)]
-struct Window {
-    x: Vec<f32>,
-    choices: Vec<Choice>,
+pub(crate) struct Window {
+    pub(crate) x: Vec<f32>,
+    pub(crate) choices: Vec<Choice>,
 }
 
 /// What the calibration run saw in one MoE layer.
 #[derive(Debug, Default, Clone)]
-struct LayerRec {
-    gate_sum: Vec<f64>,
-    counts: Vec<u64>,
-    tokens: u64,
-    windows: Vec<Window>,
+pub(crate) struct LayerRec {
+    pub(crate) gate_sum: Vec<f64>,
+    pub(crate) counts: Vec<u64>,
+    pub(crate) tokens: u64,
+    pub(crate) windows: Vec<Window>,
 }
 
 /// Records routing (all tokens) and router inputs (kept windows) per MoE layer.
@@ -185,6 +187,16 @@ impl Trace for Recorder {
 /// Runs `tokens` through `model` in windows of [`CALIB_WINDOW`], keeping the router inputs
 /// of the first [`ERROR_WINDOWS`] windows.
 fn calibrate(model: &Model, tokens: &[u32], cancel: &AtomicBool) -> Result<BTreeMap<usize, LayerRec>> {
+    calibrate_with(model, tokens, cancel, &mut meo::NoTrace)
+}
+
+/// [`calibrate`], with `extra` seeing the same run (per-token statistics of other passes).
+pub(crate) fn calibrate_with(
+    model: &Model,
+    tokens: &[u32],
+    cancel: &AtomicBool,
+    extra: &mut dyn Trace,
+) -> Result<BTreeMap<usize, LayerRec>> {
     let mut s = Session::new(model, SessionOptions::default())?;
     let win = CALIB_WINDOW.min(s.max_context()).max(1);
     let mut rec = Recorder { experts: model.config().router.num_experts, ..Default::default() };
@@ -192,9 +204,23 @@ fn calibrate(model: &Model, tokens: &[u32], cancel: &AtomicBool) -> Result<BTree
         check_cancel(cancel)?;
         rec.keep = i < ERROR_WINDOWS;
         s.reset();
-        s.forward_with(chunk, Logits::Last, &mut rec)?;
+        s.forward_with(chunk, Logits::Last, &mut Both(&mut rec, extra))?;
     }
     Ok(rec.layers)
+}
+
+/// Sends a run's observations to two traces.
+struct Both<'a>(&'a mut dyn Trace, &'a mut dyn Trace);
+
+impl Trace for Both<'_> {
+    fn on_moe_input(&mut self, layer: usize, pos0: usize, x: &[f32]) {
+        self.0.on_moe_input(layer, pos0, x);
+        self.1.on_moe_input(layer, pos0, x);
+    }
+    fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
+        self.0.on_route(layer, pos, choices);
+        self.1.on_route(layer, pos, choices);
+    }
 }
 
 /// Merge weights `w` (per expert) from a layer's calibration routing.
@@ -232,7 +258,7 @@ fn error_of(model: &Model, layer: usize, merged: ExpertRef<'_>, windows: &[Windo
     Ok(sums)
 }
 
-fn rel((num, den): (f64, f64)) -> f64 {
+pub(crate) fn rel((num, den): (f64, f64)) -> f64 {
     if den > 0.0 { (num / den).sqrt() } else { 0.0 }
 }
 
@@ -401,6 +427,48 @@ pub fn read_orders(model: &Model) -> Result<Option<Orders>> {
     Ok(Some(orders))
 }
 
+/// The first pass of a two-pass conversion: an f32 conversion of `dir` (aligned when `align`)
+/// in a temporary file beside `out`, removed when the returned path is dropped (on success,
+/// error and cancellation alike).
+///
+/// # Errors
+/// As [`crate::convert::convert_single`]; the temporary file cannot be created.
+pub(crate) fn first_pass(
+    dir: &Path,
+    out: &Path,
+    align: bool,
+    cancel: &AtomicBool,
+) -> Result<(tempfile::TempPath, Summary)> {
+    let first_opts = Options { experts: DType::F32, dense: DType::F32, align };
+    let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Created exclusively under an unpredictable name (as the output's temporary file).
+    let first = tempfile::Builder::new()
+        .prefix(&format!(".{name}.calibration-"))
+        .suffix(".meo")
+        .tempfile_in(dir_out)
+        .with_context(|| format!("{}: cannot create the calibration file", dir_out.display()))?
+        .into_temp_path();
+    let summary = crate::convert::convert_single(dir, &first, first_opts, cancel, |_| {})?;
+    Ok((first, summary))
+}
+
+/// The tokenizer embedded in a first-pass file (needed to tokenize calibration text).
+///
+/// # Errors
+/// The checkpoint had no `tokenizer.json`, or it does not load.
+pub(crate) fn file_tokenizer(model: &Model, dir: &Path) -> Result<meo::tokenizer::Tokenizer> {
+    let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
+        Some(MetaValue::Str(s)) => (*s).to_string(),
+        _ => bail!(
+            "--task, --calib and --compress need the checkpoint's tokenizer.json to tokenize the calibration text; \
+             {} has none",
+            dir.display()
+        ),
+    };
+    meo::tokenizer::Tokenizer::from_json(&tok_json).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))
+}
+
 /// [`crate::convert::convert_with`] with at least one task.
 ///
 /// # Errors
@@ -430,18 +498,7 @@ pub fn convert_with_tasks(
             .with_context(|| format!("task {}: cannot read calibration text {}", t.name, t.text.display()))?;
         texts.push(text);
     }
-    let first_opts = Options { experts: DType::F32, dense: DType::F32, align: opts.align };
-    let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // Created exclusively under an unpredictable name (as the output's temporary file), and
-    // removed when dropped: on success, error and cancellation alike.
-    let first = tempfile::Builder::new()
-        .prefix(&format!(".{name}.calibration-"))
-        .suffix(".meo")
-        .tempfile_in(dir_out)
-        .with_context(|| format!("{}: cannot create the calibration file", dir_out.display()))?
-        .into_temp_path();
-    let first_summary = crate::convert::convert_single(dir, &first, first_opts, cancel, |_| {})?;
+    let (first, first_summary) = first_pass(dir, out, opts.align, cancel)?;
     let model = Model::open(&first).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Stored task merges are SiLU-gated experts (the task tensors name gate, up, down).
     ensure!(
@@ -449,14 +506,7 @@ pub fn convert_with_tasks(
         "--task: task merges of ungated ({:?}) experts are not supported",
         model.config().recipe.ffn_activation
     );
-    let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
-        Some(MetaValue::Str(s)) => (*s).to_string(),
-        _ => bail!(
-            "--task and --calib need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
-            dir.display()
-        ),
-    };
-    let tok = meo::tokenizer::Tokenizer::from_json(&tok_json).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+    let tok = file_tokenizer(&model, dir)?;
     let stats = match (&calib_text, &spec.calib) {
         (Some(text), Some(path)) => {
             let ids = tok.encode(text).map_err(|e| anyhow::anyhow!("--calib {}: {e}", path.display()))?;

@@ -52,6 +52,10 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Compare against vanilla routing of this file instead of FILE's own (e.g. the
+    /// uncompressed conversion of a `--compress`ed FILE); same tokenizer and vocabulary.
+    #[arg(long, value_name = "REFERENCE.meo")]
+    pub reference: Option<PathBuf>,
 }
 
 /// Per-layer router inputs and routing of the positions `from..` of one forward call.
@@ -176,7 +180,17 @@ pub fn evaluate(a: &Args) -> Result<Report> {
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let ids = tok.encode(&text)?;
     let opts = SessionOptions { threads: a.threads, max_context: 0 };
-    let mut van = Session::new(&model, opts)?;
+    let reference = a.reference.as_deref().map(open_model).transpose()?;
+    let ref_model = reference.as_ref().unwrap_or(&model);
+    if ref_model.config().vocab_size != cfg.vocab_size {
+        bail!(
+            "--reference has a vocabulary of {} tokens, {} has {}",
+            ref_model.config().vocab_size,
+            a.file.display(),
+            cfg.vocab_size
+        );
+    }
+    let mut van = Session::new(ref_model, opts)?;
     // Explicitly vanilla: for an MEO-native model that is its gates run unmerged.
     van.set_mode(meo::MergeOptions::default())?;
     let mut ses = Session::new(&model, opts)?;
@@ -204,7 +218,7 @@ pub fn evaluate(a: &Args) -> Result<Report> {
         // Vanilla, capturing each MoE layer's input and routing on the continuation.
         van.reset();
         let mut cap = Capture { from: p, h, ..Default::default() };
-        let mut bv = Bytes::new(&model, t - p);
+        let mut bv = Bytes::new(ref_model, t - p);
         van.forward_with(&w[..p], Logits::Last, &mut cap)?;
         let lv = van.forward_with(&w[p..], Logits::All, &mut Both(&mut cap, &mut bv))?.to_vec();
         // The mode.
@@ -227,9 +241,9 @@ pub fn evaluate(a: &Args) -> Result<Report> {
             agree += usize::from(am == av);
             n += 1;
         }
-        // Per-layer merge error on vanilla's inputs.
+        // Per-layer merge error on vanilla's inputs (of this file: not with a reference).
         let m = t - p;
-        for &l in &merged_layers {
+        for &l in merged_layers.iter().filter(|_| reference.is_none()) {
             let (Some(x), Some(ch), Some(ex)) = (cap.x.get(&l), cap.routes.get(&l), ses.merged_expert(l)) else {
                 continue;
             };
@@ -273,6 +287,7 @@ pub fn run(a: &Args) -> Result<()> {
         let v = json!({
             "file": a.file.display().to_string(),
             "data": a.data.display().to_string(),
+            "reference": a.reference.as_ref().map(|r| r.display().to_string()),
             "mode": r.mode,
             "prompt_pool": match a.mode.prompt_pool { super::mode::PoolArg::MeanGate => "mean-gate", super::mode::PoolArg::PooledInput => "pooled-input" },
             "merge_layers_arg": a.mode.merge_layers,

@@ -1,0 +1,151 @@
+//! Expert compression at conversion (`--compress`, issue 23): a pruned file stores exactly the
+//! kept experts and router rows, records what was done, passes `verify`, and routes by the
+//! documented rule (docs/ROUTING.md, "Compressed files"): the top-k over the survivors'
+//! router logits, weighted by the family's rule (Mixtral: softmax over the survivors,
+//! renormalised over the top-k).
+
+use meo::format::{MetaArray, MetaValue};
+use meo::route::Choice;
+use meo::{DType, Logits, Model, Session, SessionOptions, Trace};
+use meo_converter::compress::{CompressSpec, Method, keys};
+use meo_converter::convert::{self, Options};
+use meo_converter::merges::MergeSpec;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+fn trained(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/trained").join(name)
+}
+
+/// Real text (the routing spec), enough tokens to route every expert.
+fn calib(dir: &Path) -> PathBuf {
+    let p = dir.join("calib.txt");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ROUTING.md")).unwrap();
+    std::fs::write(&p, &text[..text.len().min(12_000)]).unwrap();
+    p
+}
+
+fn opts() -> Options {
+    Options { experts: DType::Q8_0, dense: DType::F16, align: false }
+}
+
+fn compressed(model: &str, method: Method, fraction: f64, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{model}-{}-{fraction}.meo", method.name()));
+    let spec = MergeSpec {
+        calib: Some(calib(dir)),
+        compress: Some(CompressSpec { method, fraction }),
+        ..Default::default()
+    };
+    convert::convert_with(&trained(model), &out, opts(), &spec, &AtomicBool::new(false), |_| {})
+        .unwrap_or_else(|e| panic!("convert --compress: {e:#}"));
+    out
+}
+
+fn u64s(m: &Model, key: &str) -> Vec<u64> {
+    match m.file().unwrap().metadata.get(key) {
+        Some(MetaValue::Array(MetaArray::U64(v))) => v.clone(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn f32_tensor(m: &Model, name: &str) -> Vec<f32> {
+    let f = m.file().unwrap();
+    let t = f.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+    assert_eq!(t.dtype, DType::F32, "{name}: routers stay f32");
+    f.data(t).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+#[derive(Default)]
+struct Rec {
+    x: BTreeMap<usize, Vec<f32>>,
+    routes: BTreeMap<usize, Vec<Choice>>,
+}
+
+impl Trace for Rec {
+    fn on_moe_input(&mut self, layer: usize, _pos0: usize, x: &[f32]) {
+        self.x.entry(layer).or_default().extend_from_slice(x);
+    }
+    fn on_route(&mut self, layer: usize, _pos: usize, choices: &[Choice]) {
+        self.routes.entry(layer).or_default().extend_from_slice(choices);
+    }
+}
+
+#[test]
+fn pruned_files_keep_the_chosen_experts_and_route_over_the_survivors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full_path = tmp.path().join("full.meo");
+    convert::convert(&trained("mixtral-upcycled"), &full_path, opts(), &AtomicBool::new(false), |_| {}).unwrap();
+    let full = Model::open(&full_path).unwrap();
+    let (e, k, h) = (8, 2, full.config().hidden_size);
+    for (method, fraction, keep) in [(Method::Reap, 0.5, 4), (Method::Prune, 0.75, 2)] {
+        let path = compressed("mixtral-upcycled", method, fraction, tmp.path());
+        let m = Model::open(&path).unwrap();
+        m.file().unwrap().verify().unwrap();
+        assert_eq!(m.config().router.num_experts, keep);
+        let meta = &m.file().unwrap().metadata;
+        assert_eq!(meta.get(keys::METHOD), Some(&MetaValue::Str(method.name())));
+        assert_eq!(meta.get(keys::EXPERTS_BEFORE), Some(&MetaValue::U64(e as u64)));
+        let sha = std::fs::read(calib(tmp.path())).map(|b| meo_converter::compress::sha256(&b)).unwrap();
+        let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(meta.get(keys::CALIB_SHA256), Some(&MetaValue::Str(&hex)));
+        let Some(MetaValue::Array(MetaArray::F64(errors))) = meta.get(keys::ERRORS) else { panic!("no errors") };
+        assert_eq!(errors.len(), 4);
+        assert!(errors.iter().all(|&x| x > 0.0 && x < 1.0), "{errors:?}");
+
+        let mut rec = Rec::default();
+        let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+        let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 512).collect();
+        s.forward_with(&prompt, Logits::Last, &mut rec).unwrap();
+        for l in m.moe_layers() {
+            let kept = u64s(&m, &keys::kept(l));
+            assert_eq!(kept.len(), keep);
+            assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept.iter().all(|&x| x < e as u64), "{kept:?}");
+            // The kept experts are the original slabs, byte for byte.
+            for (j, &orig) in kept.iter().enumerate() {
+                let a = &m.bytes()[m.expert_slab(l, j).unwrap()];
+                let b = &full.bytes()[full.expert_slab(l, orig as usize).unwrap()];
+                assert!(a == b, "layer {l}: stored expert {j} is not original expert {orig}");
+            }
+            // The routing rule, from the ORIGINAL router's rows of the survivors.
+            let router = f32_tensor(&full, &format!("layers.{l}.router.weight"));
+            let x = &rec.x[&l];
+            for (t, got) in rec.routes[&l].chunks(k).enumerate() {
+                let xt = &x[t * h..(t + 1) * h];
+                let logits: Vec<f32> = kept
+                    .iter()
+                    .map(|&o| router[o as usize * h..][..h].iter().zip(xt).map(|(a, b)| a * b).sum())
+                    .collect();
+                let mut order: Vec<usize> = (0..keep).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+                let top = &order[..k];
+                let mx = logits[top[0]];
+                let z: f32 = top.iter().map(|&j| (logits[j] - mx).exp()).sum();
+                let mut want: Vec<(u32, f32)> = top.iter().map(|&j| (j as u32, (logits[j] - mx).exp() / z)).collect();
+                want.sort_by_key(|w| w.0);
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(g.expert, w.0, "layer {l} token {t}");
+                    assert!((g.weight - w.1).abs() < 1e-5, "layer {l} token {t}: {} vs {}", g.weight, w.1);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn compress_refuses_what_it_cannot_do_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.meo");
+    let c = |method, fraction| Some(CompressSpec { method, fraction });
+    for (spec, want) in [
+        (MergeSpec { compress: c(Method::Reap, 0.5), ..Default::default() }, "needs --calib"),
+        (MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.9), ..Default::default() }, "fewer than"),
+        (MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.01), ..Default::default() }, "removes no expert"),
+    ] {
+        let err = convert::convert_with(&trained("mixtral-scratch"), &out, opts(), &spec, &AtomicBool::new(false), |_| {})
+            .unwrap_err();
+        assert!(format!("{err:#}").contains(want), "{err:#}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "left behind: {left:?}");
+    }
+}
