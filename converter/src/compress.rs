@@ -33,7 +33,7 @@ use crate::merges::{LayerRec, MergeSpec, Window, calibrate_with, rel};
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
 use anyhow::{Context, Result, bail, ensure};
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
-use meo::merge::error_sums;
+use meo::merge::{ExpertRef, error_sums};
 use meo::names::{self, merge_keys};
 use meo::route::{Choice, RouteScratch, route_token};
 use meo::{DType, Model, Trace};
@@ -64,6 +64,12 @@ pub mod keys {
         format!("compress.layer.{l}.kept")
     }
 
+    /// Merging methods: for every original expert of layer `l`, the stored expert it was
+    /// merged into.
+    pub fn group(l: usize) -> String {
+        format!("compress.layer.{l}.group")
+    }
+
     /// Saliency of every original expert of layer `l`.
     pub fn saliency(l: usize) -> String {
         format!("compress.layer.{l}.saliency")
@@ -77,16 +83,19 @@ pub enum Method {
     Prune,
     /// REAP: keep the experts with the largest mean `gate weight × output norm`.
     Reap,
+    /// MC-SMoE: merge each layer's experts into groups around its most used experts.
+    McSmoe,
 }
 
 impl Method {
-    pub const ALL: [Self; 2] = [Self::Prune, Self::Reap];
+    pub const ALL: [Self; 3] = [Self::Prune, Self::Reap, Self::McSmoe];
 
     /// The spelling in `--compress` and in `compress.method`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Prune => "prune",
             Self::Reap => "reap",
+            Self::McSmoe => "mc-smoe",
         }
     }
 }
@@ -179,7 +188,7 @@ impl Trace for Reap<'_> {
 /// Saliency of each expert of one layer under `method`.
 fn saliency(method: Method, rec: &LayerRec, reap: Option<&[f64]>) -> Vec<f64> {
     match method {
-        Method::Prune => rec.counts.iter().map(|&c| c as f64).collect(),
+        Method::Prune | Method::McSmoe => rec.counts.iter().map(|&c| c as f64).collect(),
         Method::Reap => {
             let sums = reap.unwrap_or(&[]);
             rec.counts.iter().enumerate().map(|(e, &c)| if c == 0 { 0.0 } else { sums[e] / c as f64 }).collect()
@@ -208,8 +217,11 @@ struct Router {
 
 /// What the file stores for one MoE layer.
 struct LayerPlan {
-    /// Original index of each stored expert.
+    /// Original index of each stored expert (a merged group's dominant expert).
     kept: Vec<usize>,
+    /// Merging methods: per stored expert, the original experts merged into it and the
+    /// merged f32 `[gate, up, down]`.
+    merged: Option<(Vec<Vec<usize>>, Vec<[Vec<f32>; 3]>)>,
     router: Router,
     saliency: Vec<f64>,
     error: f64,
@@ -241,42 +253,167 @@ fn pruned_router(model: &Model, layer: usize, kept: &[usize]) -> Result<Router> 
     })
 }
 
-/// `(Σ‖y_c − y‖², Σ‖y‖²)` of a pruned layer on the kept calibration windows: `y` the
-/// recorded routing's mixture, `y_c` the survivors routed by `router` under the model's
-/// `RouterSpec` with `kept.len()` experts.
-fn pruned_error(model: &Model, layer: usize, kept: &[usize], router: &Router, windows: &[Window]) -> Result<(f64, f64)> {
+/// `(Σ‖y_c − y‖², Σ‖y‖²)` of a compressed layer on the kept calibration windows: `y` the
+/// recorded routing's mixture, `y_c` the stored `experts` routed by `router` under the
+/// model's `RouterSpec` with `experts.len()` experts.
+fn compressed_error(
+    model: &Model,
+    layer: usize,
+    router: &Router,
+    experts: &[ExpertRef<'_>],
+    windows: &[Window],
+) -> Result<(f64, f64)> {
     let c = model.config();
     let (h, k) = (c.hidden_size, c.router.top_k);
     let mut spec = c.router.clone();
-    spec.num_experts = kept.len();
-    let n = kept.len();
+    spec.num_experts = experts.len();
+    let n = experts.len();
     let mut scratch = RouteScratch::default();
     let mut sums = (0.0, 0.0);
     let mut logits = vec![0.0f32; n];
+    let mut choices = vec![Choice { expert: 0, weight: 0.0 }; k];
+    let mut y = vec![0.0f32; h];
+    let mut yc = vec![0.0f32; h];
     for w in windows {
         let t = w.x.len() / h;
         let mut mix = vec![0.0; t * h];
         model.mixture(layer, &w.x, t, &w.choices, &mut mix)?;
-        let mut choices = vec![Choice { expert: 0, weight: 0.0 }; t * k];
-        for (tok, out) in choices.chunks_mut(k).enumerate() {
+        for tok in 0..t {
             let x = &w.x[tok * h..(tok + 1) * h];
-            for (j, l) in logits.iter_mut().enumerate() {
-                let row = &router.weight[j * h..(j + 1) * h];
-                *l = row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() + router.bias.as_ref().map_or(0.0, |b| b[j]);
+            router_logits(router, x, &mut logits);
+            route_token(&spec, &logits, router.selection_bias.as_deref(), &mut scratch, &mut choices);
+            // Capacity (Switch) is not applied: the error is of routing and experts alone.
+            yc.fill(0.0);
+            for ch in choices.iter().filter(|c| c.weight != 0.0) {
+                model.run_expert(experts[ch.expert as usize], x, 1, &mut y);
+                for (o, &v) in yc.iter_mut().zip(&y) {
+                    *o += ch.weight * v;
+                }
             }
-            route_token(&spec, &logits, router.selection_bias.as_deref(), &mut scratch, out);
-            for ch in out.iter_mut() {
-                ch.expert = kept[ch.expert as usize] as u32;
-            }
+            let s = error_sums(&yc, &mix[tok * h..(tok + 1) * h]);
+            sums.0 += s.0;
+            sums.1 += s.1;
         }
-        // Capacity (Switch) is not applied here: the error is of routing and experts alone.
-        let mut y = vec![0.0; t * h];
-        model.mixture(layer, &w.x, t, &choices, &mut y)?;
-        let s = error_sums(&y, &mix);
-        sums.0 += s.0;
-        sums.1 += s.1;
     }
     Ok(sums)
+}
+
+/// `logits[j] = router row j · x (+ bias j)`.
+fn router_logits(router: &Router, x: &[f32], logits: &mut [f32]) {
+    let h = x.len();
+    for (j, l) in logits.iter_mut().enumerate() {
+        let row = &router.weight[j * h..(j + 1) * h];
+        *l = row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() + router.bias.as_ref().map_or(0.0, |b| b[j]);
+    }
+}
+
+/// An expert's f32 matrices `[gate, up, down]` from the first-pass file (gate empty when the
+/// experts are ungated).
+fn expert_f32(model: &Model, layer: usize, e: usize) -> Result<[Vec<f32>; 3]> {
+    let mut out: [Vec<f32>; 3] = Default::default();
+    for (o, part) in out.iter_mut().zip(names::EXPERT_PARTS) {
+        if let Some(v) = f32_tensor(model, &names::expert(layer, e, part))? {
+            *o = v;
+        }
+    }
+    ensure!(!out[1].is_empty() && !out[2].is_empty(), "layer {layer} expert {e}: missing up or down");
+    Ok(out)
+}
+
+/// MC-SMoE on one layer: the `keep` most frequently selected experts are the groups'
+/// dominant experts; every other expert joins the dominant expert whose router logits over
+/// the calibration tokens are most similar (cosine; ties: the lower index), is aligned to it
+/// (weight matching, [`crate::align`]) and merged into it with the experts' selection
+/// frequencies as weights. The group's router row is the frequency-weighted mean of its
+/// members' rows (biases alike).
+fn mc_smoe(
+    model: &Model,
+    layer: usize,
+    rec: &LayerRec,
+    keep: usize,
+    cancel: &AtomicBool,
+) -> Result<(Vec<Vec<usize>>, Vec<[Vec<f32>; 3]>, Router)> {
+    let c = model.config();
+    let (h, i, e) = (c.hidden_size, c.expert_intermediate_size, c.router.num_experts);
+    let freq: Vec<f64> = rec.counts.iter().map(|&x| x as f64).collect();
+    let dominant = most_salient(&freq, &rec.gate_sum, keep);
+    let all: Vec<usize> = (0..e).collect();
+    let full = pruned_router(model, layer, &all)?;
+    // Router logits per expert over the kept windows' tokens.
+    let mut cols: Vec<Vec<f32>> = vec![Vec::new(); e];
+    let mut logits = vec![0.0f32; e];
+    for w in &rec.windows {
+        for x in w.x.chunks_exact(h) {
+            router_logits(&full, x, &mut logits);
+            for (col, &v) in cols.iter_mut().zip(&logits) {
+                col.push(v);
+            }
+        }
+    }
+    let cos = |a: &[f32], b: &[f32]| -> f64 {
+        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            ab += f64::from(x) * f64::from(y);
+            aa += f64::from(x) * f64::from(x);
+            bb += f64::from(y) * f64::from(y);
+        }
+        if aa > 0.0 && bb > 0.0 { ab / (aa * bb).sqrt() } else { 0.0 }
+    };
+    let mut groups: Vec<Vec<usize>> = dominant.iter().map(|&d| vec![d]).collect();
+    for x in (0..e).filter(|x| !dominant.contains(x)) {
+        let mut best = 0;
+        for j in 1..dominant.len() {
+            if cos(&cols[x], &cols[dominant[j]]) > cos(&cols[x], &cols[dominant[best]]) {
+                best = j;
+            }
+        }
+        groups[best].push(x);
+    }
+    let mut merged = Vec::new();
+    let mut rows = vec![0.0f32; keep * h];
+    let mut bias = full.bias.as_ref().map(|_| vec![0.0f32; keep]);
+    let mut sel = full.selection_bias.as_ref().map(|_| vec![0.0f32; keep]);
+    for (j, g) in groups.iter().enumerate() {
+        check_cancel(cancel)?;
+        let total: f64 = g.iter().map(|&x| freq[x]).sum();
+        let weight = |x: usize| if total > 0.0 { (freq[x] / total) as f32 } else { 1.0 / g.len() as f32 };
+        let dom = expert_f32(model, layer, g[0])?;
+        let mut acc: [Vec<f32>; 3] = dom.clone().map(|v| v.iter().map(|&a| a * weight(g[0])).collect());
+        for &x in &g[1..] {
+            let [gt, up, dn] = expert_f32(model, layer, x)?;
+            let order = crate::align::align_order(
+                crate::align::ExpertF32 { gate: &dom[0], up: &dom[1], down: &dom[2] },
+                crate::align::ExpertF32 { gate: &gt, up: &up, down: &dn },
+                i,
+                h,
+                cancel,
+            )
+            .map_err(|err| anyhow::anyhow!("layer {layer}: aligning expert {x} to expert {}: {err}", g[0]))?;
+            let parts = [
+                if gt.is_empty() { gt } else { crate::align::permute(&gt, &order, i, h, false) },
+                crate::align::permute(&up, &order, i, h, false),
+                crate::align::permute(&dn, &order, i, h, true),
+            ];
+            for (a, p) in acc.iter_mut().zip(&parts) {
+                for (o, &v) in a.iter_mut().zip(p) {
+                    *o += weight(x) * v;
+                }
+            }
+        }
+        merged.push(acc);
+        for &x in g {
+            for (o, &v) in rows[j * h..(j + 1) * h].iter_mut().zip(&full.weight[x * h..(x + 1) * h]) {
+                *o += weight(x) * v;
+            }
+            if let (Some(b), Some(fb)) = (bias.as_mut(), full.bias.as_ref()) {
+                b[j] += weight(x) * fb[x];
+            }
+            if let (Some(b), Some(fb)) = (sel.as_mut(), full.selection_bias.as_ref()) {
+                b[j] += weight(x) * fb[x];
+            }
+        }
+    }
+    Ok((groups, merged, Router { weight: rows, bias, selection_bias: sel }))
 }
 
 /// The compressed conversion: `spec.compress` with `spec.calib` (checked by the caller).
@@ -304,6 +441,10 @@ pub fn convert_compressed(
     let cfg = model.config().clone();
     ensure!(model.moe_layers().next().is_some(), "--compress: this model has no routed-expert (MoE) layer");
     ensure!(
+        cs.method != Method::McSmoe || !cfg.recipe.expert_bias,
+        "--compress mc-smoe: merging experts with biases is not supported"
+    );
+    ensure!(
         cfg.router.n_group <= 1,
         "--compress: group-limited routing (n_group = {}) needs equal groups of experts; pruning would break them",
         cfg.router.n_group
@@ -321,10 +462,25 @@ pub fn convert_compressed(
         check_cancel(cancel)?;
         let rec = recs.get(&l).with_context(|| format!("calibration: layer {l} was never routed"))?;
         let sal = saliency(cs.method, rec, reap.sums.get(&l).map(Vec::as_slice));
-        let kept = most_salient(&sal, &rec.gate_sum, keep);
-        let router = pruned_router(&model, l, &kept)?;
-        let error = rel(pruned_error(&model, l, &kept, &router, &rec.windows)?);
-        plans.insert(l, LayerPlan { kept, router, saliency: sal, error });
+        let (kept, router, merged) = if cs.method == Method::McSmoe {
+            let (groups, m, router) = mc_smoe(&model, l, rec, keep, cancel)?;
+            (groups.iter().map(|g| g[0]).collect(), router, Some((groups, m)))
+        } else {
+            let kept = most_salient(&sal, &rec.gate_sum, keep);
+            (kept.clone(), pruned_router(&model, l, &kept)?, None)
+        };
+        let packs: Vec<(Vec<u8>, meo::model::plan::Mlp)> = merged
+            .iter()
+            .flat_map(|(_, m)| m)
+            .map(|[g, u, d]| meo::merge::pack(g, u, d, cfg.expert_intermediate_size, cfg.hidden_size, DType::F32))
+            .collect();
+        let experts: Vec<ExpertRef<'_>> = if packs.is_empty() {
+            kept.iter().map(|&x| model.expert(l, x).context("MoE layer")).collect::<Result<_>>()?
+        } else {
+            packs.iter().map(|(b, m)| ExpertRef { bytes: b, mlp: m }).collect()
+        };
+        let error = rel(compressed_error(&model, l, &router, &experts, &rec.windows)?);
+        plans.insert(l, LayerPlan { kept, merged, router, saliency: sal, error });
     }
     let tokens = recs.values().next().map_or(0, |r| r.tokens);
     // 4-bit experts keep their activation-aware rounding (as `--calib` alone gives them).
@@ -355,6 +511,16 @@ pub fn convert_compressed(
     ];
     for (&l, p) in &plans {
         extra.push((keys::kept(l), Owned::U64s(p.kept.iter().map(|&x| x as u64).collect())));
+        if let Some((groups, _)) = &p.merged {
+            // Original expert -> the stored expert it was merged into.
+            let mut map = vec![0u64; e];
+            for (j, g) in groups.iter().enumerate() {
+                for &x in g {
+                    map[x] = j as u64;
+                }
+            }
+            extra.push((keys::group(l), Owned::U64s(map)));
+        }
         extra.push((keys::saliency(l), Owned::F64s(p.saliency.clone())));
     }
     // Alignment orders follow the kept experts.
@@ -394,6 +560,10 @@ pub fn convert_compressed(
             f32_tensor(&model, name)?.with_context(|| format!("{name}: missing from the calibration file"))
         };
         let (values, importance) = match c.place {
+            Place::Expert { layer, expert, part } if plans[&layer].merged.is_some() => {
+                let (_, m) = plans[&layer].merged.as_ref().expect("checked");
+                (m[expert][part].clone(), None)
+            }
             Place::Expert { layer, expert, .. } | Place::ExpertBias { layer, expert, .. } => {
                 let orig = plans[&layer].kept[expert];
                 let prefix = format!("layers.{layer}.experts.{expert}.");
