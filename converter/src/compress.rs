@@ -324,8 +324,9 @@ fn expert_f32(model: &Model, layer: usize, e: usize) -> Result<[Vec<f32>; 3]> {
 /// dominant experts; every other expert joins the dominant expert whose router logits over
 /// the calibration tokens are most similar (cosine; ties: the lower index), is aligned to it
 /// (weight matching, [`crate::align`]) and merged into it with the experts' selection
-/// frequencies as weights. The group's router row is the frequency-weighted mean of its
-/// members' rows (biases alike).
+/// frequencies as weights. The group's router row is its dominant expert's row (biases
+/// alike): measured closer to the original than the frequency-weighted mean of the members'
+/// rows (docs/COMPRESSION.md).
 fn mc_smoe(
     model: &Model,
     layer: usize,
@@ -401,16 +402,14 @@ fn mc_smoe(
             }
         }
         merged.push(acc);
-        for &x in g {
-            for (o, &v) in rows[j * h..(j + 1) * h].iter_mut().zip(&full.weight[x * h..(x + 1) * h]) {
-                *o += weight(x) * v;
-            }
-            if let (Some(b), Some(fb)) = (bias.as_mut(), full.bias.as_ref()) {
-                b[j] += weight(x) * fb[x];
-            }
-            if let (Some(b), Some(fb)) = (sel.as_mut(), full.selection_bias.as_ref()) {
-                b[j] += weight(x) * fb[x];
-            }
+        // The dominant expert's router row (and biases) address the group.
+        let d = g[0];
+        rows[j * h..(j + 1) * h].copy_from_slice(&full.weight[d * h..(d + 1) * h]);
+        if let (Some(b), Some(fb)) = (bias.as_mut(), full.bias.as_ref()) {
+            b[j] = fb[d];
+        }
+        if let (Some(b), Some(fb)) = (sel.as_mut(), full.selection_bias.as_ref()) {
+            b[j] = fb[d];
         }
     }
     Ok((groups, merged, Router { weight: rows, bias, selection_bias: sel }))

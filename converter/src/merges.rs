@@ -70,17 +70,21 @@ pub enum Weighting {
     MeanGate,
     /// Selection frequency per expert (MC-SMoE), scaled to the mean routing mass.
     Frequency,
+    /// Calibrated: starting from the mean gate, the weights that minimise the merged
+    /// expert's output error against the mixture on the calibration tokens ([`fit_weights`]).
+    Calibrated,
 }
 
 impl Weighting {
     /// Every weighting, in the order command lines list them.
-    pub const ALL: [Self; 2] = [Self::MeanGate, Self::Frequency];
+    pub const ALL: [Self; 3] = [Self::MeanGate, Self::Frequency, Self::Calibrated];
 
     /// Command-line spelling (`--merge-weighting`).
     pub fn cli_name(self) -> &'static str {
         match self {
             Self::MeanGate => "mean-gate",
             Self::Frequency => "frequency",
+            Self::Calibrated => "calibrated",
         }
     }
 
@@ -89,6 +93,7 @@ impl Weighting {
         match self {
             Self::MeanGate => "mean_gate",
             Self::Frequency => "frequency",
+            Self::Calibrated => "calibrated",
         }
     }
 }
@@ -227,13 +232,83 @@ impl Trace for Both<'_> {
 fn weights(r: &LayerRec, weighting: Weighting) -> Vec<f32> {
     let n = r.tokens.max(1) as f64;
     match weighting {
-        Weighting::MeanGate => r.gate_sum.iter().map(|&g| (g / n) as f32).collect(),
+        Weighting::MeanGate | Weighting::Calibrated => r.gate_sum.iter().map(|&g| (g / n) as f32).collect(),
         Weighting::Frequency => {
             let mass = r.gate_sum.iter().sum::<f64>() / n;
             let total = r.counts.iter().sum::<u64>().max(1) as f64;
             r.counts.iter().map(|&c| (mass * c as f64 / total) as f32).collect()
         }
     }
+}
+
+/// Evaluations of the merge error one weight fit may spend per layer.
+const FIT_EVALS: usize = 240;
+
+/// Calibrated merge weights: from `w0`, a coordinate search (each weight moved by ± a step,
+/// a move kept when it lowers the error, the step halved when none does; weights stay ≥ 0)
+/// minimising the merge error ([`error_of`]) of the merged expert on the kept calibration
+/// windows. Gradient-free because the merged expert is a nonlinear function of the weights
+/// (they sit inside SiLU); at most [`FIT_EVALS`] evaluations. The result is ordinary merge
+/// weights: the merge rule applied to them reproduces the stored tensors.
+///
+/// # Errors
+/// A mixture that does not fit (a runtime bug), or cancellation.
+fn fit_weights(
+    model: &Model,
+    layer: usize,
+    experts: &[ExpertRef<'_>],
+    w0: Vec<f32>,
+    windows: &[Window],
+    cancel: &AtomicBool,
+) -> Result<Vec<f32>> {
+    let c = model.config();
+    let (h, i) = (c.hidden_size, c.expert_intermediate_size);
+    let mut mixes = Vec::new();
+    for w in windows {
+        let t = w.x.len() / h;
+        let mut m = vec![0.0; t * h];
+        model.mixture(layer, &w.x, t, &w.choices, &mut m)?;
+        mixes.push(m);
+    }
+    let err = |w: &[f32]| -> f64 {
+        let (g, u, d) = merge_f32(experts, w);
+        let (b, m) = pack(&g, &u, &d, i, h, DType::F32);
+        let mut sums = (0.0, 0.0);
+        for (win, mix) in windows.iter().zip(&mixes) {
+            let mut y = vec![0.0; mix.len()];
+            model.run_expert(ExpertRef { bytes: &b, mlp: &m }, &win.x, mix.len() / h, &mut y);
+            let s = error_sums(&y, mix);
+            sums.0 += s.0;
+            sums.1 += s.1;
+        }
+        rel(sums)
+    };
+    let scale = w0.iter().sum::<f32>() / w0.len().max(1) as f32;
+    let (mut w, mut step, mut evals) = (w0, 0.5f32, 1usize);
+    let mut best = err(&w);
+    while step > 1.0 / 64.0 && evals < FIT_EVALS && scale > 0.0 {
+        let mut improved = false;
+        for e in 0..w.len() {
+            check_cancel(cancel)?;
+            for dir in [1.0f32, -1.0] {
+                let mut cand = w.clone();
+                cand[e] = (cand[e] + dir * step * scale).max(0.0);
+                if cand[e] == w[e] || evals >= FIT_EVALS {
+                    continue;
+                }
+                evals += 1;
+                let v = err(&cand);
+                if v < best {
+                    (best, w, improved) = (v, cand, true);
+                    break;
+                }
+            }
+        }
+        if !improved {
+            step /= 2.0;
+        }
+    }
+    Ok(w)
 }
 
 /// `(Σ‖merged − mixture‖², Σ‖mixture‖²)` of `merged` on the tokens `from..` of each window.
@@ -321,8 +396,11 @@ fn task_merges(
     for (&l, r) in recs {
         check_cancel(cancel)?;
         tokens = r.tokens;
-        let w = weights(r, weighting);
         let experts: Vec<ExpertRef<'_>> = (0..c.router.num_experts).map(|e| model.expert(l, e).expect("MoE")).collect();
+        let w = match weighting {
+            Weighting::Calibrated => fit_weights(model, l, &experts, weights(r, weighting), &r.windows, cancel)?,
+            _ => weights(r, weighting),
+        };
         let (g, u, d) = merge_f32(&experts, &w);
         let (fb, fm) = pack(&g, &u, &d, i, h, DType::F32);
         let error = rel(error_of(model, l, ExpertRef { bytes: &fb, mlp: &fm }, &r.windows, 0)?);

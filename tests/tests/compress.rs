@@ -132,6 +132,69 @@ fn pruned_files_keep_the_chosen_experts_and_route_over_the_survivors() {
     }
 }
 
+/// The router's logits and top-k weights of `rows` (`[n, h]`) for `x`, by the Mixtral rule.
+fn mixtral_route(rows: &[f32], x: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let h = x.len();
+    let logits: Vec<f32> = rows.chunks_exact(h).map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let top = &order[..k];
+    let mx = logits[top[0]];
+    let z: f32 = top.iter().map(|&j| (logits[j] - mx).exp()).sum();
+    let mut want: Vec<(u32, f32)> = top.iter().map(|&j| (j as u32, (logits[j] - mx).exp() / z)).collect();
+    want.sort_by_key(|w| w.0);
+    want
+}
+
+#[test]
+fn mc_smoe_groups_route_by_their_dominant_experts_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full_path = tmp.path().join("full.meo");
+    convert::convert(&trained("mixtral-scratch"), &full_path, opts(), &AtomicBool::new(false), |_| {}).unwrap();
+    let full = Model::open(&full_path).unwrap();
+    let path = compressed("mixtral-scratch", Method::McSmoe, 0.5, tmp.path());
+    let m = Model::open(&path).unwrap();
+    m.file().unwrap().verify().unwrap();
+    let (k, h) = (2, m.config().hidden_size);
+    assert_eq!(m.config().router.num_experts, 4);
+    let mut rec = Rec::default();
+    let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 53 + 5) % 512).collect();
+    s.forward_with(&prompt, Logits::Last, &mut rec).unwrap();
+    for l in m.moe_layers() {
+        let kept = u64s(&m, &keys::kept(l));
+        let group = u64s(&m, &keys::group(l));
+        let Some(MetaValue::Array(MetaArray::F64(freq))) = m.file().unwrap().metadata.get(&keys::saliency(l)).cloned()
+        else {
+            panic!("no saliency")
+        };
+        // Every original expert is in one group; a group's dominant expert is its most used.
+        assert_eq!(group.len(), 8);
+        for (j, &d) in kept.iter().enumerate() {
+            assert_eq!(group[d as usize], j as u64, "layer {l}: dominant {d} outside its group");
+            for x in (0..8).filter(|&x| group[x] == j as u64) {
+                assert!(freq[x] <= freq[d as usize], "layer {l}: {x} used more than its dominant {d}");
+            }
+        }
+        // A stored expert that merged others is not its dominant expert's slab; one alone is.
+        for (j, &d) in kept.iter().enumerate() {
+            let alone = group.iter().filter(|&&g| g == j as u64).count() == 1;
+            let same = m.bytes()[m.expert_slab(l, j).unwrap()] == full.bytes()[full.expert_slab(l, d as usize).unwrap()];
+            assert_eq!(same, alone, "layer {l} stored expert {j}");
+        }
+        let router = f32_tensor(&full, &format!("layers.{l}.router.weight"));
+        let rows: Vec<f32> = kept.iter().flat_map(|&d| router[d as usize * h..][..h].to_vec()).collect();
+        assert_eq!(f32_tensor(&m, &format!("layers.{l}.router.weight")), rows, "layer {l}: group rows");
+        for (t, got) in rec.routes[&l].chunks(k).enumerate() {
+            let want = mixtral_route(&rows, &rec.x[&l][t * h..(t + 1) * h], k);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.expert, w.0, "layer {l} token {t}");
+                assert!((g.weight - w.1).abs() < 1e-5, "layer {l} token {t}");
+            }
+        }
+    }
+}
+
 #[test]
 fn compress_refuses_what_it_cannot_do_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
