@@ -58,6 +58,10 @@ pub mod keys {
     pub const LAYERS: &str = "compress.layers";
     /// Per layer, the measured relative error of the routed output (module docs).
     pub const ERRORS: &str = "compress.errors";
+    /// EEP: the chosen candidate's mean KL against the original on its scoring windows.
+    pub const EEP_KL: &str = "compress.eep.kl";
+    /// EEP: candidates scored.
+    pub const EEP_EVALUATIONS: &str = "compress.eep.evaluations";
 
     /// Original index of each expert the file stores in layer `l`.
     pub fn kept(l: usize) -> String {
@@ -85,10 +89,13 @@ pub enum Method {
     Reap,
     /// MC-SMoE: merge each layer's experts into groups around its most used experts.
     McSmoe,
+    /// EEP: an evolutionary search over the pruning choices, scored by the model's KL against
+    /// the original on calibration text.
+    Eep,
 }
 
 impl Method {
-    pub const ALL: [Self; 3] = [Self::Prune, Self::Reap, Self::McSmoe];
+    pub const ALL: [Self; 4] = [Self::Prune, Self::Reap, Self::McSmoe, Self::Eep];
 
     /// The spelling in `--compress` and in `compress.method`.
     pub fn name(self) -> &'static str {
@@ -96,6 +103,7 @@ impl Method {
             Self::Prune => "prune",
             Self::Reap => "reap",
             Self::McSmoe => "mc-smoe",
+            Self::Eep => "eep",
         }
     }
 }
@@ -188,7 +196,7 @@ impl Trace for Reap<'_> {
 /// Saliency of each expert of one layer under `method`.
 fn saliency(method: Method, rec: &LayerRec, reap: Option<&[f64]>) -> Vec<f64> {
     match method {
-        Method::Prune | Method::McSmoe => rec.counts.iter().map(|&c| c as f64).collect(),
+        Method::Prune | Method::McSmoe | Method::Eep => rec.counts.iter().map(|&c| c as f64).collect(),
         Method::Reap => {
             let sums = reap.unwrap_or(&[]);
             rec.counts.iter().enumerate().map(|(e, &c)| if c == 0 { 0.0 } else { sums[e] / c as f64 }).collect()
@@ -456,6 +464,18 @@ pub fn convert_compressed(
 
     let mut reap = Reap { model: &model, input: BTreeMap::new(), sums: BTreeMap::new(), out: Vec::new() };
     let recs = calibrate_with(&model, &ids, cancel, &mut reap)?;
+    let mut eep = None;
+    if cs.method == Method::Eep {
+        let mut seeds = Vec::new();
+        for m in [Method::Prune, Method::Reap] {
+            let mut kept = BTreeMap::new();
+            for (&l, rec) in &recs {
+                kept.insert(l, most_salient(&saliency(m, rec, reap.sums.get(&l).map(Vec::as_slice)), &rec.gate_sum, keep));
+            }
+            seeds.push(kept);
+        }
+        eep = Some(eep_search(&model, seeds, &ids, cancel)?);
+    }
     let mut plans: BTreeMap<usize, LayerPlan> = BTreeMap::new();
     for l in model.moe_layers() {
         check_cancel(cancel)?;
@@ -465,7 +485,10 @@ pub fn convert_compressed(
             let (groups, m, router) = mc_smoe(&model, l, rec, keep, cancel)?;
             (groups.iter().map(|g| g[0]).collect(), router, Some((groups, m)))
         } else {
-            let kept = most_salient(&sal, &rec.gate_sum, keep);
+            let kept = match &eep {
+                Some((best, _, _)) => best.get(&l).cloned().context("EEP: a layer without a choice")?,
+                None => most_salient(&sal, &rec.gate_sum, keep),
+            };
             (kept.clone(), pruned_router(&model, l, &kept)?, None)
         };
         let packs: Vec<(Vec<u8>, meo::model::plan::Mlp)> = merged
@@ -508,6 +531,10 @@ pub fn convert_compressed(
         (keys::LAYERS.into(), Owned::U64s(plans.keys().map(|&l| l as u64).collect())),
         (keys::ERRORS.into(), Owned::F64s(plans.values().map(|p| p.error).collect())),
     ];
+    if let Some((_, kl, evals)) = &eep {
+        extra.push((keys::EEP_KL.into(), Owned::F64s(vec![*kl])));
+        extra.push((keys::EEP_EVALUATIONS.into(), Owned::U64(*evals as u64)));
+    }
     for (&l, p) in &plans {
         extra.push((keys::kept(l), Owned::U64s(p.kept.iter().map(|&x| x as u64).collect())));
         if let Some((groups, _)) = &p.merged {
@@ -553,10 +580,43 @@ pub fn convert_compressed(
     let mut w =
         MeoWriter::new(BufWriter::with_capacity(1 << 20, f), &meta, specs.clone(), DEFAULT_ALIGNMENT).map_err(io)?;
     progress(Event::Start { tensors: specs.len(), bytes: data_bytes });
-    for (c, s) in canon.iter().zip(&specs) {
+    write_tensors(&model, &plans, &canon, &specs, stats.as_ref(), &mut w, cancel, &mut progress).map_err(|e| {
+        match e.downcast::<WriteError>() {
+            Ok(we) => io(we),
+            Err(e) => e,
+        }
+    })?;
+    let fh = w.finish().map_err(io)?.into_inner().map_err(|e| io(WriteError::Io(e.into_error())))?;
+    let file_bytes = fh.metadata().map_err(|e| io(e.into()))?.len();
+    atomic.commit(fh).with_context(|| format!("{}: cannot move the finished file into place", out.display()))?;
+    Ok(Summary {
+        architecture: cfg.architecture.clone(),
+        tensors: specs.len(),
+        file_bytes,
+        checkpoint_bytes: first_summary.checkpoint_bytes,
+    })
+}
+
+/// Writes every tensor of the compressed file (`canon` / `specs`, a standard conversion's order)
+/// from the f32 first-pass `model` and the layers' `plans`.
+///
+/// # Errors
+/// A missing source tensor, a size mismatch, I/O ([`WriteError`]), cancellation.
+#[allow(clippy::too_many_arguments)]
+fn write_tensors<W: std::io::Write + std::io::Seek>(
+    model: &Model,
+    plans: &BTreeMap<usize, LayerPlan>,
+    canon: &[canonical::Canon],
+    specs: &[TensorSpec],
+    stats: Option<&crate::calib::Stats>,
+    w: &mut MeoWriter<W>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    for (c, s) in canon.iter().zip(specs) {
         check_cancel(cancel)?;
         let source = |name: &str| -> Result<Vec<f32>> {
-            f32_tensor(&model, name)?.with_context(|| format!("{name}: missing from the calibration file"))
+            f32_tensor(model, name)?.with_context(|| format!("{name}: missing from the calibration file"))
         };
         let (values, importance) = match c.place {
             Place::Expert { layer, expert, part } if plans[&layer].merged.is_some() => {
@@ -567,7 +627,7 @@ pub fn convert_compressed(
                 let orig = plans[&layer].kept[expert];
                 let prefix = format!("layers.{layer}.experts.{expert}.");
                 let part = c.name.strip_prefix(&prefix).context("expert tensor name")?;
-                let imp = match (&stats, c.place) {
+                let imp = match (stats, c.place) {
                     (Some(st), Place::Expert { .. }) => st.importance(layer, orig, part),
                     _ => None,
                 };
@@ -592,18 +652,145 @@ pub fn convert_compressed(
             }
             _ => encode(&values, &s.shape, s.dtype),
         };
-        w.write_tensor(&bytes).map_err(io)?;
+        w.write_tensor(&bytes)?;
         progress(Event::Tensor { name: &s.name, bytes: bytes.len() as u64 });
     }
-    let fh = w.finish().map_err(io)?.into_inner().map_err(|e| io(WriteError::Io(e.into_error())))?;
-    let file_bytes = fh.metadata().map_err(|e| io(e.into()))?.len();
-    atomic.commit(fh).with_context(|| format!("{}: cannot move the finished file into place", out.display()))?;
-    Ok(Summary {
-        architecture: cfg.architecture.clone(),
-        tensors: specs.len(),
-        file_bytes,
-        checkpoint_bytes: first_summary.checkpoint_bytes,
-    })
+    Ok(())
+}
+
+/// A compressed model of `kept` experts per layer (pruned: router rows dropped), f32, in
+/// memory: what EEP scores a candidate with.
+///
+/// # Errors
+/// As [`write_tensors`]; the file does not open.
+fn pruned_in_memory(model: &Model, kept: &BTreeMap<usize, Vec<usize>>, cancel: &AtomicBool) -> Result<Model> {
+    let mut plans = BTreeMap::new();
+    for (&l, k) in kept {
+        let router = pruned_router(model, l, k)?;
+        plans.insert(l, LayerPlan { kept: k.clone(), merged: None, router, saliency: Vec::new(), error: 0.0 });
+    }
+    let mut cfg = model.config().clone();
+    cfg.router.num_experts = kept.values().next().map_or(0, Vec::len);
+    let canon = canonical::tensors(&cfg);
+    let specs: Vec<TensorSpec> = canon
+        .iter()
+        .map(|c| TensorSpec { name: c.name.clone(), dtype: c.dtype(DType::F32, DType::F32), shape: c.shape.clone() })
+        .collect();
+    let file = model.file()?;
+    let mut entries: Vec<(&str, MetaValue<'_>)> = file
+        .metadata
+        .entries()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("routing.") && !k.starts_with("merge.align") && *k != merge_keys::ALIGNED)
+        .cloned()
+        .collect();
+    entries.extend(cfg.router.to_metadata());
+    let meta = Metadata::from_entries(entries);
+    let mut w = MeoWriter::new(std::io::Cursor::new(Vec::new()), &meta, specs.clone(), DEFAULT_ALIGNMENT)?;
+    write_tensors(model, &plans, &canon, &specs, None, &mut w, cancel, &mut |_| {})?;
+    let bytes = w.finish()?.into_inner();
+    Model::from_vec(bytes).map_err(|e| anyhow::anyhow!("EEP candidate: {e}"))
+}
+
+/// Windows of calibration text EEP scores candidates on.
+pub const EEP_WINDOWS: usize = 4;
+/// EEP generations and children per generation.
+pub const EEP_GENERATIONS: usize = 10;
+const EEP_CHILDREN: usize = 6;
+
+/// All next-token log-probabilities of `model` on `windows` (`Logits::All`), concatenated.
+fn log_probs(model: &Model, windows: &[&[u32]]) -> Result<Vec<f32>> {
+    let mut s = meo::Session::new(model, meo::SessionOptions::default())?;
+    let v = model.config().vocab_size;
+    let mut out = Vec::new();
+    for w in windows {
+        s.reset();
+        let l = s.forward_with(w, meo::Logits::All, &mut meo::NoTrace)?;
+        for row in l.chunks_exact(v) {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln() + m;
+            out.extend(row.iter().map(|&x| x - lse));
+        }
+    }
+    Ok(out)
+}
+
+/// Mean KL(reference ‖ candidate) per position, from log-probabilities.
+fn mean_kl(reference: &[f32], cand: &[f32], vocab: usize) -> f64 {
+    let mut kl = 0.0f64;
+    for (r, c) in reference.chunks_exact(vocab).zip(cand.chunks_exact(vocab)) {
+        kl += r.iter().zip(c).map(|(&a, &b)| f64::from(a.exp()) * f64::from(a - b)).sum::<f64>();
+    }
+    kl / (reference.len() / vocab).max(1) as f64
+}
+
+/// EEP: a gradient-free (evolutionary) search over which experts each layer keeps, scored by
+/// the whole model's KL against the original on the first [`EEP_WINDOWS`] calibration windows
+/// (what `meo eval` measures, on calibration text). Seeds: the `prune` and `reap` choices;
+/// each generation mutates the best candidates (one layer swaps one kept expert for a removed
+/// one, chosen by a fixed-seed generator, so conversions are reproducible) and keeps the best
+/// [`EEP_CHILDREN`]. Returns the best kept sets and their KL.
+///
+/// # Errors
+/// As [`pruned_in_memory`]; a forward error; cancellation.
+fn eep_search(
+    model: &Model,
+    seeds: Vec<BTreeMap<usize, Vec<usize>>>,
+    ids: &[u32],
+    cancel: &AtomicBool,
+) -> Result<(BTreeMap<usize, Vec<usize>>, f64, usize)> {
+    let e = model.config().router.num_experts;
+    let v = model.config().vocab_size;
+    let win = crate::merges::CALIB_WINDOW;
+    let windows: Vec<&[u32]> = ids.chunks(win).filter(|w| w.len() > 1).take(EEP_WINDOWS).collect();
+    let reference = log_probs(model, &windows)?;
+    let score = |k: &BTreeMap<usize, Vec<usize>>| -> Result<f64> {
+        let m = pruned_in_memory(model, k, cancel)?;
+        Ok(mean_kl(&reference, &log_probs(&m, &windows)?, v))
+    };
+    let mut pop: Vec<(f64, BTreeMap<usize, Vec<usize>>)> = Vec::new();
+    let mut evals = 0;
+    for s in seeds {
+        if !pop.iter().any(|p| p.1 == s) {
+            evals += 1;
+            pop.push((score(&s)?, s));
+        }
+    }
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: usize| {
+        // xorshift64*: a fixed sequence, so the search is reproducible.
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    };
+    let layers: Vec<usize> = pop[0].1.keys().copied().collect();
+    for _ in 0..EEP_GENERATIONS {
+        check_cancel(cancel)?;
+        pop.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pop.truncate(EEP_CHILDREN);
+        let parents = pop.len().min(3);
+        for c in 0..EEP_CHILDREN {
+            let mut child = pop[c % parents].1.clone();
+            let l = layers[next(layers.len())];
+            let kept = child.get_mut(&l).expect("layer");
+            let removed: Vec<usize> = (0..e).filter(|x| !kept.contains(x)).collect();
+            if removed.is_empty() {
+                continue;
+            }
+            let at = next(kept.len());
+            kept[at] = removed[next(removed.len())];
+            kept.sort_unstable();
+            if pop.iter().any(|p| p.1 == child) {
+                continue;
+            }
+            evals += 1;
+            pop.push((score(&child)?, child));
+        }
+    }
+    pop.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (kl, best) = pop.swap_remove(0);
+    Ok((best, kl, evals))
 }
 
 /// The compressed router tensor `name` of layer `l`, if `name` is one.
