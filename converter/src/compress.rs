@@ -14,8 +14,14 @@
 //!   expert (ties: the larger summed gate weight, then the lower index).
 //! - `reap`: REAP (router-weighted expert activation pruning). Saliency = the mean over the
 //!   tokens that selected the expert of `g_e(x) · ‖E_e(x)‖₂` (gate weight times output norm).
+//! - `mc-smoe`: MC-SMoE's merge step ([`mc_smoe`]): groups around the most used experts by
+//!   router-logit similarity, aligned, merged with frequency weights. (MC-SMoE's further
+//!   low-rank + sparse compression of the merged experts is not implemented: it needs factored
+//!   expert storage in the format and every target.)
+//! - `eep`: EEP's gradient-free search ([`eep_search`]) over the pruning choices, scored by
+//!   the model's KL against the original on calibration text.
 //!
-//! Pruning keeps the most salient experts in their original order and drops the router rows
+//! Pruning keeps the chosen experts in their original order and drops the router rows
 //! (and router / selection biases) of the others, so the router's top-k runs over the
 //! survivors and the family's weight rule (softmax, renormalisation, scaling) applies to
 //! them as it did to all.

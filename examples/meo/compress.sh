@@ -8,7 +8,7 @@
 #   default models: tests/fixtures/trained/mixtral-upcycled tests/fixtures/trained/mixtral-scratch
 # Env: MEO (the meo binary; default target/release/meo), PY (python3), OUT (work folder;
 # default /tmp/meo-compress), DATA (docs or code; default docs), METHODS (default
-# "prune reap mc-smoe").
+# "prune reap mc-smoe eep").
 #
 # Text: as examples/meo/fidelity.sh (CPython's pydoc topics and standard library, PSF licence):
 # calibration from the training split, evaluation from the held-out split of train.py.
@@ -18,7 +18,7 @@ MEO=${MEO:-${CARGO_TARGET_DIR:-target}/release/meo}
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/meo-compress}
 DATA=${DATA:-docs}
-METHODS=${METHODS:-prune reap mc-smoe}
+METHODS=${METHODS:-prune reap mc-smoe eep}
 mkdir -p "$OUT"
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(tests/fixtures/trained/mixtral-upcycled tests/fixtures/trained/mixtral-scratch)

@@ -78,7 +78,7 @@ fn pruned_files_keep_the_chosen_experts_and_route_over_the_survivors() {
     convert::convert(&trained("mixtral-upcycled"), &full_path, opts(), &AtomicBool::new(false), |_| {}).unwrap();
     let full = Model::open(&full_path).unwrap();
     let (e, k, h) = (8, 2, full.config().hidden_size);
-    for (method, fraction, keep) in [(Method::Reap, 0.5, 4), (Method::Prune, 0.75, 2)] {
+    for (method, fraction, keep) in [(Method::Reap, 0.5, 4), (Method::Prune, 0.75, 2), (Method::Eep, 0.5, 4)] {
         let path = compressed("mixtral-upcycled", method, fraction, tmp.path());
         let m = Model::open(&path).unwrap();
         m.file().unwrap().verify().unwrap();

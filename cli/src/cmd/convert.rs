@@ -72,7 +72,9 @@ pub struct Args {
     pub hot_experts: f64,
     /// Compress the experts at conversion: METHOD:FRACTION removes FRACTION of each MoE
     /// layer's routed experts, chosen on --calib (needed). Methods: `prune` (the experts the
-    /// calibration routing selects least), `reap` (the lowest mean gate weight × output norm).
+    /// calibration routing selects least), `reap` (the lowest mean gate weight × output norm),
+    /// `mc-smoe` (merge them into the most used, by router similarity), `eep` (search the kept
+    /// sets for the lowest KL against the original on the calibration text).
     /// The router's rows of removed experts are dropped (docs/ROUTING.md).
     #[arg(long, value_name = "METHOD:FRACTION")]
     pub compress: Option<meo_converter::compress::CompressSpec>,
