@@ -447,8 +447,8 @@ pub fn convert_compressed(
     crate::convert::check_output(out)?;
     let text = std::fs::read(calib_path)
         .with_context(|| format!("--calib: cannot read calibration text {}", calib_path.display()))?;
-    let text = String::from_utf8(text)
-        .map_err(|_| anyhow::anyhow!("--calib {}: not UTF-8 text", calib_path.display()))?;
+    let text =
+        String::from_utf8(text).map_err(|_| anyhow::anyhow!("--calib {}: not UTF-8 text", calib_path.display()))?;
     let (first, first_summary) = crate::merges::first_pass(dir, out, opts.align, cancel)?;
     let model = Model::open(&first).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = model.config().clone();
@@ -476,7 +476,10 @@ pub fn convert_compressed(
         for m in [Method::Prune, Method::Reap] {
             let mut kept = BTreeMap::new();
             for (&l, rec) in &recs {
-                kept.insert(l, most_salient(&saliency(m, rec, reap.sums.get(&l).map(Vec::as_slice)), &rec.gate_sum, keep));
+                kept.insert(
+                    l,
+                    most_salient(&saliency(m, rec, reap.sums.get(&l).map(Vec::as_slice)), &rec.gate_sum, keep),
+                );
             }
             seeds.push(kept);
         }
@@ -556,8 +559,8 @@ pub fn convert_compressed(
         extra.push((keys::saliency(l), Owned::F64s(p.saliency.clone())));
     }
     // Alignment orders follow the kept experts.
-    let aligned: Option<crate::convert::Orders> =
-        orders.map(|o| o.iter().map(|(l, per)| (*l, plans[l].kept.iter().map(|&x| per[x].clone()).collect())).collect());
+    let aligned: Option<crate::convert::Orders> = orders
+        .map(|o| o.iter().map(|(l, per)| (*l, plans[l].kept.iter().map(|&x| per[x].clone()).collect())).collect());
     let align_meta = crate::convert::alignment_metadata(aligned.as_ref());
     let routing = new_cfg.router.to_metadata();
     let mut entries: Vec<(&str, MetaValue<'_>)> = file
@@ -654,7 +657,13 @@ fn write_tensors<W: std::io::Write + std::io::Seek>(
         let bytes = match (importance, meo::quant::Planar::of(s.dtype)) {
             (Some(imp), Some(_)) => {
                 let cols = *s.shape.last().expect("rank >= 1") as usize;
-                std::borrow::Cow::Owned(meo::quant::quantize_as(s.dtype, &values, values.len() / cols, cols, Some(&imp)))
+                std::borrow::Cow::Owned(meo::quant::quantize_as(
+                    s.dtype,
+                    &values,
+                    values.len() / cols,
+                    cols,
+                    Some(&imp),
+                ))
             }
             _ => encode(&values, &s.shape, s.dtype),
         };

@@ -32,11 +32,8 @@ fn opts() -> Options {
 
 fn compressed(model: &str, method: Method, fraction: f64, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{model}-{}-{fraction}.meo", method.name()));
-    let spec = MergeSpec {
-        calib: Some(calib(dir)),
-        compress: Some(CompressSpec { method, fraction }),
-        ..Default::default()
-    };
+    let spec =
+        MergeSpec { calib: Some(calib(dir)), compress: Some(CompressSpec { method, fraction }), ..Default::default() };
     convert::convert_with(&trained(model), &out, opts(), &spec, &AtomicBool::new(false), |_| {})
         .unwrap_or_else(|e| panic!("convert --compress: {e:#}"));
     out
@@ -179,7 +176,8 @@ fn mc_smoe_groups_route_by_their_dominant_experts_rows() {
         // A stored expert that merged others is not its dominant expert's slab; one alone is.
         for (j, &d) in kept.iter().enumerate() {
             let alone = group.iter().filter(|&&g| g == j as u64).count() == 1;
-            let same = m.bytes()[m.expert_slab(l, j).unwrap()] == full.bytes()[full.expert_slab(l, d as usize).unwrap()];
+            let same =
+                m.bytes()[m.expert_slab(l, j).unwrap()] == full.bytes()[full.expert_slab(l, d as usize).unwrap()];
             assert_eq!(same, alone, "layer {l} stored expert {j}");
         }
         let router = f32_tensor(&full, &format!("layers.{l}.router.weight"));
@@ -202,13 +200,21 @@ fn compress_refuses_what_it_cannot_do_and_leaves_nothing() {
     let c = |method, fraction| Some(CompressSpec { method, fraction });
     for (spec, want) in [
         (MergeSpec { compress: c(Method::Reap, 0.5), ..Default::default() }, "needs --calib"),
-        (MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.9), ..Default::default() }, "fewer than"),
-        (MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.01), ..Default::default() }, "removes no expert"),
+        (
+            MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.9), ..Default::default() },
+            "fewer than",
+        ),
+        (
+            MergeSpec { calib: Some(calib(tmp.path())), compress: c(Method::Prune, 0.01), ..Default::default() },
+            "removes no expert",
+        ),
     ] {
-        let err = convert::convert_with(&trained("mixtral-scratch"), &out, opts(), &spec, &AtomicBool::new(false), |_| {})
-            .unwrap_err();
+        let err =
+            convert::convert_with(&trained("mixtral-scratch"), &out, opts(), &spec, &AtomicBool::new(false), |_| {})
+                .unwrap_err();
         assert!(format!("{err:#}").contains(want), "{err:#}");
-        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+        let left: Vec<_> =
+            std::fs::read_dir(tmp.path()).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
         assert_eq!(left.len(), 1, "left behind: {left:?}");
     }
 }
