@@ -377,8 +377,8 @@ fn mc_smoe(
     let mut groups: Vec<Vec<usize>> = dominant.iter().map(|&d| vec![d]).collect();
     for x in (0..e).filter(|x| !dominant.contains(x)) {
         let mut best = 0;
-        for j in 1..dominant.len() {
-            if cos(&cols[x], &cols[dominant[j]]) > cos(&cols[x], &cols[dominant[best]]) {
+        for (j, &d) in dominant.iter().enumerate().skip(1) {
+            if cos(&cols[x], &cols[d]) > cos(&cols[x], &cols[dominant[best]]) {
                 best = j;
             }
         }
@@ -857,10 +857,10 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
             w[t] = w[t - 16].wrapping_add(s0).wrapping_add(w[t - 7]).wrapping_add(s1);
         }
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = hs;
-        for t in 0..64 {
+        for (&k, &wt) in K.iter().zip(&w) {
             let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
             let ch = (e & f) ^ (!e & g);
-            let t1 = h.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[t]).wrapping_add(w[t]);
+            let t1 = h.wrapping_add(s1).wrapping_add(ch).wrapping_add(k).wrapping_add(wt);
             let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
             let maj = (a & b) ^ (a & c) ^ (b & c);
             let t2 = s0.wrapping_add(maj);
