@@ -229,13 +229,18 @@ struct Router {
     selection_bias: Option<Vec<f32>>,
 }
 
+/// Per stored expert, the original experts merged into it (dominant first).
+type Groups = Vec<Vec<usize>>;
+/// An expert's f32 `[gate, up, down]`.
+type ExpertF32 = [Vec<f32>; 3];
+
 /// What the file stores for one MoE layer.
 struct LayerPlan {
     /// Original index of each stored expert (a merged group's dominant expert).
     kept: Vec<usize>,
     /// Merging methods: per stored expert, the original experts merged into it and the
     /// merged f32 `[gate, up, down]`.
-    merged: Option<(Vec<Vec<usize>>, Vec<[Vec<f32>; 3]>)>,
+    merged: Option<(Groups, Vec<ExpertF32>)>,
     router: Router,
     saliency: Vec<f64>,
     error: f64,
@@ -347,7 +352,7 @@ fn mc_smoe(
     rec: &LayerRec,
     keep: usize,
     cancel: &AtomicBool,
-) -> Result<(Vec<Vec<usize>>, Vec<[Vec<f32>; 3]>, Router)> {
+) -> Result<(Groups, Vec<ExpertF32>, Router)> {
     let c = model.config();
     let (h, i, e) = (c.hidden_size, c.expert_intermediate_size, c.router.num_experts);
     let freq: Vec<f64> = rec.counts.iter().map(|&x| x as f64).collect();
