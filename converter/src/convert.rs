@@ -427,7 +427,8 @@ fn convert_inner(
             merges.hot_experts
         );
     }
-    if merges.calib.is_some() && !matches!(opts.experts, DType::Q4_0 | DType::MXFP4) {
+    crate::compress::check_flags(merges)?;
+    if merges.calib.is_some() && merges.compress.is_none() && !matches!(opts.experts, DType::Q4_0 | DType::MXFP4) {
         bail!(
             "--calib tunes the rounding of 4-bit experts (--experts int4 or mxfp4); with {} experts it would \
              change nothing",
@@ -442,7 +443,7 @@ fn convert_inner(
     crate::writer::refuse_overwriting(out, hf.input_paths().iter().map(|p| p.as_path()).chain(texts))?;
     if hf.family.kind == crate::hf::Kind::MeoNative {
         bail!(
-            "--task and --calib are for standard MoEs (token-routed experts); an MEO-native model's task merges \
+            "--task, --calib and --compress are for standard MoEs (token-routed experts); an MEO-native model's task merges \
              come from its own task gate and are always stored"
         );
     }
@@ -454,12 +455,15 @@ fn convert_inner(
     // tokenizer must fail before it, not after.
     let Some(tok) = &hf.tokenizer else {
         bail!(
-            "--task and --calib need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
+            "--task, --calib and --compress need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
             dir.display()
         );
     };
     meo::tokenizer::Tokenizer::from_json(tok)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
+    if merges.compress.is_some() {
+        return crate::compress::convert_compressed(dir, out, opts, merges, cancel, progress);
+    }
     crate::merges::convert_with_tasks(dir, out, opts, merges, cancel, progress)
 }
 

@@ -11,6 +11,7 @@
 pub mod align;
 pub mod calib;
 pub mod canonical;
+pub mod compress;
 pub mod convert;
 pub mod hf;
 pub mod merges;

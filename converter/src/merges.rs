@@ -70,17 +70,21 @@ pub enum Weighting {
     MeanGate,
     /// Selection frequency per expert (MC-SMoE), scaled to the mean routing mass.
     Frequency,
+    /// Calibrated: starting from the mean gate, the weights that minimise the merged
+    /// expert's output error against the mixture on the calibration tokens ([`fit_weights`]).
+    Calibrated,
 }
 
 impl Weighting {
     /// Every weighting, in the order command lines list them.
-    pub const ALL: [Self; 2] = [Self::MeanGate, Self::Frequency];
+    pub const ALL: [Self; 3] = [Self::MeanGate, Self::Frequency, Self::Calibrated];
 
     /// Command-line spelling (`--merge-weighting`).
     pub fn cli_name(self) -> &'static str {
         match self {
             Self::MeanGate => "mean-gate",
             Self::Frequency => "frequency",
+            Self::Calibrated => "calibrated",
         }
     }
 
@@ -89,6 +93,7 @@ impl Weighting {
         match self {
             Self::MeanGate => "mean_gate",
             Self::Frequency => "frequency",
+            Self::Calibrated => "calibrated",
         }
     }
 }
@@ -115,29 +120,31 @@ pub struct MergeSpec {
     /// Share of each MoE layer's experts (the most selected on `calib`) stored as int8 while
     /// the rest take `Options::experts` (0: none).
     pub hot_experts: f64,
+    /// Expert compression chosen on `calib` ([`crate::compress`]).
+    pub compress: Option<crate::compress::CompressSpec>,
 }
 
 impl MergeSpec {
     /// Whether the conversion needs the two-pass path (a calibration run).
     pub fn calibrates(&self) -> bool {
-        !self.tasks.is_empty() || self.calib.is_some()
+        !self.tasks.is_empty() || self.calib.is_some() || self.compress.is_some()
     }
 }
 
 /// One kept calibration window of one layer: router inputs `[n, h]` and choices `[n, k]`.
 #[derive(Debug, Default, Clone)]
-struct Window {
-    x: Vec<f32>,
-    choices: Vec<Choice>,
+pub(crate) struct Window {
+    pub(crate) x: Vec<f32>,
+    pub(crate) choices: Vec<Choice>,
 }
 
 /// What the calibration run saw in one MoE layer.
 #[derive(Debug, Default, Clone)]
-struct LayerRec {
-    gate_sum: Vec<f64>,
-    counts: Vec<u64>,
-    tokens: u64,
-    windows: Vec<Window>,
+pub(crate) struct LayerRec {
+    pub(crate) gate_sum: Vec<f64>,
+    pub(crate) counts: Vec<u64>,
+    pub(crate) tokens: u64,
+    pub(crate) windows: Vec<Window>,
 }
 
 /// Records routing (all tokens) and router inputs (kept windows) per MoE layer.
@@ -185,6 +192,16 @@ impl Trace for Recorder {
 /// Runs `tokens` through `model` in windows of [`CALIB_WINDOW`], keeping the router inputs
 /// of the first [`ERROR_WINDOWS`] windows.
 fn calibrate(model: &Model, tokens: &[u32], cancel: &AtomicBool) -> Result<BTreeMap<usize, LayerRec>> {
+    calibrate_with(model, tokens, cancel, &mut meo::NoTrace)
+}
+
+/// [`calibrate`], with `extra` seeing the same run (per-token statistics of other passes).
+pub(crate) fn calibrate_with(
+    model: &Model,
+    tokens: &[u32],
+    cancel: &AtomicBool,
+    extra: &mut dyn Trace,
+) -> Result<BTreeMap<usize, LayerRec>> {
     let mut s = Session::new(model, SessionOptions::default())?;
     let win = CALIB_WINDOW.min(s.max_context()).max(1);
     let mut rec = Recorder { experts: model.config().router.num_experts, ..Default::default() };
@@ -192,22 +209,106 @@ fn calibrate(model: &Model, tokens: &[u32], cancel: &AtomicBool) -> Result<BTree
         check_cancel(cancel)?;
         rec.keep = i < ERROR_WINDOWS;
         s.reset();
-        s.forward_with(chunk, Logits::Last, &mut rec)?;
+        s.forward_with(chunk, Logits::Last, &mut Both(&mut rec, extra))?;
     }
     Ok(rec.layers)
+}
+
+/// Sends a run's observations to two traces.
+struct Both<'a>(&'a mut dyn Trace, &'a mut dyn Trace);
+
+impl Trace for Both<'_> {
+    fn on_moe_input(&mut self, layer: usize, pos0: usize, x: &[f32]) {
+        self.0.on_moe_input(layer, pos0, x);
+        self.1.on_moe_input(layer, pos0, x);
+    }
+    fn on_route(&mut self, layer: usize, pos: usize, choices: &[Choice]) {
+        self.0.on_route(layer, pos, choices);
+        self.1.on_route(layer, pos, choices);
+    }
 }
 
 /// Merge weights `w` (per expert) from a layer's calibration routing.
 fn weights(r: &LayerRec, weighting: Weighting) -> Vec<f32> {
     let n = r.tokens.max(1) as f64;
     match weighting {
-        Weighting::MeanGate => r.gate_sum.iter().map(|&g| (g / n) as f32).collect(),
+        Weighting::MeanGate | Weighting::Calibrated => r.gate_sum.iter().map(|&g| (g / n) as f32).collect(),
         Weighting::Frequency => {
             let mass = r.gate_sum.iter().sum::<f64>() / n;
             let total = r.counts.iter().sum::<u64>().max(1) as f64;
             r.counts.iter().map(|&c| (mass * c as f64 / total) as f32).collect()
         }
     }
+}
+
+/// Evaluations of the merge error one weight fit may spend per layer.
+const FIT_EVALS: usize = 240;
+
+/// Calibrated merge weights: from `w0`, a coordinate search (each weight moved by ± a step,
+/// a move kept when it lowers the error, the step halved when none does; weights stay ≥ 0)
+/// minimising the merge error ([`error_of`]) of the merged expert on the kept calibration
+/// windows. Gradient-free because the merged expert is a nonlinear function of the weights
+/// (they sit inside SiLU); at most [`FIT_EVALS`] evaluations. The result is ordinary merge
+/// weights: the merge rule applied to them reproduces the stored tensors.
+///
+/// # Errors
+/// A mixture that does not fit (a runtime bug), or cancellation.
+fn fit_weights(
+    model: &Model,
+    layer: usize,
+    experts: &[ExpertRef<'_>],
+    w0: Vec<f32>,
+    windows: &[Window],
+    cancel: &AtomicBool,
+) -> Result<Vec<f32>> {
+    let c = model.config();
+    let (h, i) = (c.hidden_size, c.expert_intermediate_size);
+    let mut mixes = Vec::new();
+    for w in windows {
+        let t = w.x.len() / h;
+        let mut m = vec![0.0; t * h];
+        model.mixture(layer, &w.x, t, &w.choices, &mut m)?;
+        mixes.push(m);
+    }
+    let err = |w: &[f32]| -> f64 {
+        let (g, u, d) = merge_f32(experts, w);
+        let (b, m) = pack(&g, &u, &d, i, h, DType::F32);
+        let mut sums = (0.0, 0.0);
+        for (win, mix) in windows.iter().zip(&mixes) {
+            let mut y = vec![0.0; mix.len()];
+            model.run_expert(ExpertRef { bytes: &b, mlp: &m }, &win.x, mix.len() / h, &mut y);
+            let s = error_sums(&y, mix);
+            sums.0 += s.0;
+            sums.1 += s.1;
+        }
+        rel(sums)
+    };
+    let scale = w0.iter().sum::<f32>() / w0.len().max(1) as f32;
+    let (mut w, mut step, mut evals) = (w0, 0.5f32, 1usize);
+    let mut best = err(&w);
+    while step > 1.0 / 64.0 && evals < FIT_EVALS && scale > 0.0 {
+        let mut improved = false;
+        for e in 0..w.len() {
+            check_cancel(cancel)?;
+            for dir in [1.0f32, -1.0] {
+                let mut cand = w.clone();
+                cand[e] = (cand[e] + dir * step * scale).max(0.0);
+                if cand[e] == w[e] || evals >= FIT_EVALS {
+                    continue;
+                }
+                evals += 1;
+                let v = err(&cand);
+                if v < best {
+                    (best, w, improved) = (v, cand, true);
+                    break;
+                }
+            }
+        }
+        if !improved {
+            step /= 2.0;
+        }
+    }
+    Ok(w)
 }
 
 /// `(Σ‖merged − mixture‖², Σ‖mixture‖²)` of `merged` on the tokens `from..` of each window.
@@ -232,7 +333,7 @@ fn error_of(model: &Model, layer: usize, merged: ExpertRef<'_>, windows: &[Windo
     Ok(sums)
 }
 
-fn rel((num, den): (f64, f64)) -> f64 {
+pub(crate) fn rel((num, den): (f64, f64)) -> f64 {
     if den > 0.0 { (num / den).sqrt() } else { 0.0 }
 }
 
@@ -295,8 +396,11 @@ fn task_merges(
     for (&l, r) in recs {
         check_cancel(cancel)?;
         tokens = r.tokens;
-        let w = weights(r, weighting);
         let experts: Vec<ExpertRef<'_>> = (0..c.router.num_experts).map(|e| model.expert(l, e).expect("MoE")).collect();
+        let w = match weighting {
+            Weighting::Calibrated => fit_weights(model, l, &experts, weights(r, weighting), &r.windows, cancel)?,
+            _ => weights(r, weighting),
+        };
         let (g, u, d) = merge_f32(&experts, &w);
         let (fb, fm) = pack(&g, &u, &d, i, h, DType::F32);
         let error = rel(error_of(model, l, ExpertRef { bytes: &fb, mlp: &fm }, &r.windows, 0)?);
@@ -401,6 +505,48 @@ pub fn read_orders(model: &Model) -> Result<Option<Orders>> {
     Ok(Some(orders))
 }
 
+/// The first pass of a two-pass conversion: an f32 conversion of `dir` (aligned when `align`)
+/// in a temporary file beside `out`, removed when the returned path is dropped (on success,
+/// error and cancellation alike).
+///
+/// # Errors
+/// As [`crate::convert::convert_single`]; the temporary file cannot be created.
+pub(crate) fn first_pass(
+    dir: &Path,
+    out: &Path,
+    align: bool,
+    cancel: &AtomicBool,
+) -> Result<(tempfile::TempPath, Summary)> {
+    let first_opts = Options { experts: DType::F32, dense: DType::F32, align };
+    let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Created exclusively under an unpredictable name (as the output's temporary file).
+    let first = tempfile::Builder::new()
+        .prefix(&format!(".{name}.calibration-"))
+        .suffix(".meo")
+        .tempfile_in(dir_out)
+        .with_context(|| format!("{}: cannot create the calibration file", dir_out.display()))?
+        .into_temp_path();
+    let summary = crate::convert::convert_single(dir, &first, first_opts, cancel, |_| {})?;
+    Ok((first, summary))
+}
+
+/// The tokenizer embedded in a first-pass file (needed to tokenize calibration text).
+///
+/// # Errors
+/// The checkpoint had no `tokenizer.json`, or it does not load.
+pub(crate) fn file_tokenizer(model: &Model, dir: &Path) -> Result<meo::tokenizer::Tokenizer> {
+    let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
+        Some(MetaValue::Str(s)) => (*s).to_string(),
+        _ => bail!(
+            "--task, --calib and --compress need the checkpoint's tokenizer.json to tokenize the calibration text; \
+             {} has none",
+            dir.display()
+        ),
+    };
+    meo::tokenizer::Tokenizer::from_json(&tok_json).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))
+}
+
 /// [`crate::convert::convert_with`] with at least one task.
 ///
 /// # Errors
@@ -430,18 +576,7 @@ pub fn convert_with_tasks(
             .with_context(|| format!("task {}: cannot read calibration text {}", t.name, t.text.display()))?;
         texts.push(text);
     }
-    let first_opts = Options { experts: DType::F32, dense: DType::F32, align: opts.align };
-    let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // Created exclusively under an unpredictable name (as the output's temporary file), and
-    // removed when dropped: on success, error and cancellation alike.
-    let first = tempfile::Builder::new()
-        .prefix(&format!(".{name}.calibration-"))
-        .suffix(".meo")
-        .tempfile_in(dir_out)
-        .with_context(|| format!("{}: cannot create the calibration file", dir_out.display()))?
-        .into_temp_path();
-    let first_summary = crate::convert::convert_single(dir, &first, first_opts, cancel, |_| {})?;
+    let (first, first_summary) = first_pass(dir, out, opts.align, cancel)?;
     let model = Model::open(&first).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Stored task merges are SiLU-gated experts (the task tensors name gate, up, down).
     ensure!(
@@ -449,14 +584,7 @@ pub fn convert_with_tasks(
         "--task: task merges of ungated ({:?}) experts are not supported",
         model.config().recipe.ffn_activation
     );
-    let tok_json = match model.file()?.metadata.get(TOKENIZER_KEY) {
-        Some(MetaValue::Str(s)) => (*s).to_string(),
-        _ => bail!(
-            "--task and --calib need the checkpoint's tokenizer.json to tokenize the calibration text; {} has none",
-            dir.display()
-        ),
-    };
-    let tok = meo::tokenizer::Tokenizer::from_json(&tok_json).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+    let tok = file_tokenizer(&model, dir)?;
     let stats = match (&calib_text, &spec.calib) {
         (Some(text), Some(path)) => {
             let ids = tok.encode(text).map_err(|e| anyhow::anyhow!("--calib {}: {e}", path.display()))?;

@@ -85,6 +85,8 @@ pub enum EvalError {
     BadWindow { window: usize, prompt_len: usize },
     #[error("the text has {tokens} tokens: too few for one window of more than {need} tokens")]
     TooShort { tokens: usize, need: usize },
+    #[error("the reference model has a vocabulary of {reference} tokens, the model {model}")]
+    ReferenceVocab { reference: usize, model: usize },
 }
 
 /// Per-layer router inputs and routing of the positions `from..` of one forward call.
@@ -186,11 +188,32 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 /// No tokenizer in the file, a mode the model refuses, a window that does not exceed the
 /// prompt length by 2, text too short for one window, or a forward pass refused.
 pub fn evaluate(model: &Model, text: &str, mode: &MergeOptions, o: &EvalOptions) -> Result<Report, EvalError> {
+    evaluate_against(model, None, text, mode, o)
+}
+
+/// [`evaluate`], with the vanilla baseline run by `reference` instead of `model` when given
+/// (e.g. the uncompressed conversion of a `--compress`ed file; same tokenizer and
+/// vocabulary). Per-layer merge errors are measured only without a reference (they compare a
+/// merged layer with the same file's vanilla inputs).
+///
+/// # Errors
+/// As [`evaluate`]; a reference with another vocabulary size.
+pub fn evaluate_against(
+    model: &Model,
+    reference: Option<&Model>,
+    text: &str,
+    mode: &MergeOptions,
+    o: &EvalOptions,
+) -> Result<Report, EvalError> {
     let cfg = model.config();
+    let ref_model = reference.unwrap_or(model);
+    if ref_model.config().vocab_size != cfg.vocab_size {
+        return Err(EvalError::ReferenceVocab { reference: ref_model.config().vocab_size, model: cfg.vocab_size });
+    }
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let ids = tok.encode(text)?;
     let opts = SessionOptions { threads: o.threads, max_context: 0 };
-    let mut van = Session::new(model, opts)?;
+    let mut van = Session::new(ref_model, opts)?;
     // Explicitly vanilla: for an MEO-native model that is its gates run unmerged.
     van.set_mode(MergeOptions::default())?;
     let mut ses = Session::new(model, opts)?;
@@ -216,7 +239,7 @@ pub fn evaluate(model: &Model, text: &str, mode: &MergeOptions, o: &EvalOptions)
         // Vanilla, capturing each MoE layer's input and routing on the continuation.
         van.reset();
         let mut cap = Capture { from: p, h, ..Default::default() };
-        let mut bv = Bytes::new(model, t - p);
+        let mut bv = Bytes::new(ref_model, t - p);
         van.forward_with(&w[..p], Logits::Last, &mut cap)?;
         let lv = van.forward_with(&w[p..], Logits::All, &mut Both(&mut cap, &mut bv))?.to_vec();
         // The mode.
@@ -241,7 +264,7 @@ pub fn evaluate(model: &Model, text: &str, mode: &MergeOptions, o: &EvalOptions)
         }
         // Per-layer merge error on vanilla's inputs.
         let m = t - p;
-        for &l in &merged_layers {
+        for &l in merged_layers.iter().filter(|_| reference.is_none()) {
             let (Some(x), Some(ch), Some(ex)) = (cap.x.get(&l), cap.routes.get(&l), ses.merged_expert(l)) else {
                 continue;
             };

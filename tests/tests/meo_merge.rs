@@ -438,6 +438,7 @@ fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
         max_windows: 0,
         threads: 1,
         json: false,
+        reference: None,
     };
     let v = evaluate(&args("vanilla")).unwrap();
     assert_eq!((v.agreement, v.kl, v.perplexity), (1.0, 0.0, v.vanilla_perplexity));

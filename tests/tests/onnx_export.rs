@@ -674,3 +674,40 @@ fn cli_export_onnx_writes_a_graph_and_run_target_ort_matches_cpu() {
         assert!(e.to_string().contains(flag[0]), "{target} {flag:?}: {e}");
     }
 }
+
+/// `meo convert --compress` (issue 23): a pruned file (fewer experts, router rows dropped) and
+/// an MC-SMoE-merged one export with routed MoE layers that match the CPU target in vanilla
+/// mode, on ONNX Runtime and tract.
+#[test]
+fn compressed_upcycled_mixtral_matches_cpu_on_ort_and_tract() {
+    use meo_converter::compress::{CompressSpec, Method};
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = tmp.path().join("calib.txt");
+    std::fs::write(&calib, DOCS.repeat(16) + &CODE.repeat(16)).unwrap();
+    let vanilla = MergeOptions { mode: Mode::Vanilla, layers: LayerSelect::All };
+    for method in [Method::Prune, Method::McSmoe] {
+        let out = tmp.path().join(format!("{}.meo", method.name()));
+        let spec = MergeSpec {
+            calib: Some(calib.clone()),
+            compress: Some(CompressSpec { method, fraction: 0.5 }),
+            ..Default::default()
+        };
+        let opts = Options { experts: DType::F32, dense: DType::F32, align: false };
+        convert::convert_with(&trained("mixtral-upcycled"), &out, opts, &spec, &AtomicBool::new(false), |_| {})
+            .unwrap_or_else(|e| panic!("convert: {e:#}"));
+        let model = Model::open(&out).unwrap();
+        assert_eq!(model.config().router.num_experts, 4);
+        let vocab = model.config().vocab_size;
+        let ids = prompt(vocab);
+        let (_, greedy) = run(&mut cpu(&model, vanilla.clone()), &ids);
+        let want = forced(&mut cpu(&model, vanilla.clone()), &ids, &greedy);
+        let mut o = ort(&model, vanilla.clone(), WeightFormat::Block);
+        assert_eq!(o.info().routed, [0, 1, 2, 3], "{}: every MoE layer routed", method.name());
+        let tr = tract_logits(&model, vanilla.clone(), &ids, &greedy);
+        for (who, got) in [("ORT-CPU", forced(&mut o, &ids, &greedy)), ("tract", tr)] {
+            let d = max_diff(&got, &want);
+            println!("--compress {}:0.5: {who} vs meo-CPU max |Δlogit| {d:.3e}", method.name());
+            assert!(d <= TOL, "{}: {who} vs CPU max |Δlogit| {d} > {TOL}", method.name());
+        }
+    }
+}

@@ -72,6 +72,14 @@ pub struct Args {
     /// int8 beside 4-bit ones (--experts int4 or mxfp4).
     #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
     pub hot_experts: f64,
+    /// Compress the experts at conversion: METHOD:FRACTION removes FRACTION of each MoE
+    /// layer's routed experts, chosen on --calib (needed). Methods: `prune` (the experts the
+    /// calibration routing selects least), `reap` (the lowest mean gate weight × output norm),
+    /// `mc-smoe` (merge them into the most used, by router similarity), `eep` (search the kept
+    /// sets for the lowest KL against the original on the calibration text).
+    /// The router's rows of removed experts are dropped (docs/ROUTING.md).
+    #[arg(long, value_name = "METHOD:FRACTION")]
+    pub compress: Option<meo_converter::compress::CompressSpec>,
 }
 
 /// Whether experts are aligned.
@@ -115,6 +123,7 @@ impl Args {
             weighting: self.merge_weighting,
             calib: self.calib.clone(),
             hot_experts: self.hot_experts,
+            compress: self.compress,
         }
     }
 }

@@ -35,21 +35,26 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Compare against vanilla routing of this file instead of FILE's own (e.g. the
+    /// uncompressed conversion of a `--compress`ed FILE); same tokenizer and vocabulary.
+    #[arg(long, value_name = "REFERENCE.meo")]
+    pub reference: Option<PathBuf>,
 }
 
-/// Runs the evaluation ([`meo::eval::evaluate`] with these flags).
+/// Runs the evaluation ([`meo::eval::evaluate_against`] with these flags).
 ///
 /// # Errors
 /// Unreadable model or text, no tokenizer in the file, a mode the model refuses, or text too
 /// short for one window.
 pub fn evaluate(a: &Args) -> Result<Report> {
     let model = open_model(&a.file)?;
+    let reference = a.reference.as_deref().map(open_model).transpose()?;
     let text = std::fs::read_to_string(&a.data).with_context(|| format!("cannot read {}", a.data.display()))?;
     let mode = a.mode.options(&model)?;
     let opts =
         EvalOptions { window: a.window, prompt_len: a.prompt_len, max_windows: a.max_windows, threads: a.threads };
     // The library's messages, in the flags' and the file's names.
-    meo::eval::evaluate(&model, &text, &mode, &opts).map_err(|e| match e {
+    meo::eval::evaluate_against(&model, reference.as_ref(), &text, &mode, &opts).map_err(|e| match e {
         EvalError::BadWindow { window, prompt_len } => anyhow::anyhow!(
             "--window ({window}, at most the context) must exceed --prompt-len ({prompt_len}) by 2 or more, and \
              --prompt-len be >= 1"
@@ -58,6 +63,9 @@ pub fn evaluate(a: &Args) -> Result<Report> {
             "{} has {tokens} tokens: too few for one window of more than {need} tokens",
             a.data.display()
         ),
+        EvalError::ReferenceVocab { reference: r, model: m } => {
+            anyhow::anyhow!("--reference has a vocabulary of {r} tokens, {} has {m}", a.file.display())
+        }
         e => e.into(),
     })
 }
@@ -72,6 +80,7 @@ pub fn run(a: &Args) -> Result<()> {
         let v = json!({
             "file": a.file.display().to_string(),
             "data": a.data.display().to_string(),
+            "reference": a.reference.as_ref().map(|r| r.display().to_string()),
             "mode": r.mode,
             "prompt_pool": match a.mode.prompt_pool { super::mode::PoolArg::MeanGate => "mean-gate", super::mode::PoolArg::PooledInput => "pooled-input" },
             "merge_layers_arg": a.mode.merge_layers,

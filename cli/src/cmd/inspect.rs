@@ -155,7 +155,11 @@ pub fn report(f: &MeoFile<'_>) -> Value {
     let h = &f.header;
     let mut config = Map::new();
     let mut quant = Map::new();
+    let mut compression = Map::new();
     for (k, v) in m.entries() {
+        if let Some(c) = k.strip_prefix("compress.") {
+            compression.insert(c.to_string(), meta_json(v));
+        }
         if k.starts_with("model.") || k.starts_with("routing.") || k.starts_with("generation.") {
             config.insert((*k).to_string(), meta_json(v));
         } else if let Some(q) = k.strip_prefix("quant.") {
@@ -230,6 +234,7 @@ pub fn report(f: &MeoFile<'_>) -> Value {
         "merged_bytes": merged_bytes,
         "merged_count": merged_count,
         "tasks": tasks_json(f, &merged),
+        "compression": if compression.is_empty() { Value::Null } else { Value::Object(compression) },
         "layers": layers,
     })
 }
@@ -267,6 +272,13 @@ fn text(r: &Value, path: &std::path::Path) -> String {
     );
     if r["merged_count"].as_u64().unwrap_or(0) > 0 {
         let _ = writeln!(s, "merged bytes    {} ({} task-merged experts)", g("merged_bytes"), g("merged_count"));
+    }
+    if let Some(c) = r["compression"].as_object() {
+        // `meo convert --compress`: what was removed, on which text, at what measured error.
+        let _ = writeln!(s, "compression");
+        for (k, v) in c {
+            let _ = writeln!(s, "  {k:<40} {v}");
+        }
     }
     if let Some(c) = r["config"].as_object() {
         let _ = writeln!(s, "config");

@@ -411,3 +411,27 @@ fn biased_experts_refuse_prompt_merges_like_the_cpu() {
     assert!(matches!(g, meo::TargetError::Mode(meo::ModeError::NotMergeable { .. })), "{g}");
     assert_eq!(g.to_string(), c);
 }
+
+/// `meo convert --compress` (issue 23): pruned and merged files are standard files with fewer
+/// experts; the GPU routes over the survivors exactly as the CPU does.
+#[test]
+fn compressed_files_match_cpu() {
+    use meo_converter::compress::{CompressSpec, Method};
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = tmp.path().join("calib.txt");
+    std::fs::write(&calib, DOCS.repeat(12)).unwrap();
+    for method in [Method::Reap, Method::McSmoe] {
+        let out = tmp.path().join(format!("{}.meo", method.name()));
+        let spec = MergeSpec {
+            calib: Some(calib.clone()),
+            compress: Some(CompressSpec { method, fraction: 0.5 }),
+            ..Default::default()
+        };
+        let opts = Options { experts: DType::Q8_0, dense: DType::F16, align: false };
+        convert::convert_with(&fixture_dir("mixtral"), &out, opts, &spec, &AtomicBool::new(false), |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e:#}", method.name()));
+        // The fixture has 8 experts per layer.
+        assert_eq!(Model::open(&out).unwrap().config().router.num_experts, 4);
+        compare(&out, &format!("mixtral --compress {}:0.5", method.name()), &vanilla(), DType::Q8_0);
+    }
+}
