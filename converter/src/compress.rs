@@ -34,7 +34,7 @@
 //! compounded).
 
 use crate::canonical::{self, Place};
-use crate::convert::{Event, Options, Owned, Summary, check_cancel, encode};
+use crate::convert::{Event, Options, Owned, Summary, check_cancel, encode_with};
 use crate::merges::{LayerRec, MergeSpec, Window, calibrate_with, rel};
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
 use anyhow::{Context, Result, bail, ensure};
@@ -659,19 +659,7 @@ fn write_tensors<W: std::io::Write + std::io::Seek>(
             values.len(),
             c.shape
         );
-        let bytes = match (importance, meo::quant::Planar::of(s.dtype)) {
-            (Some(imp), Some(_)) => {
-                let cols = *s.shape.last().expect("rank >= 1") as usize;
-                std::borrow::Cow::Owned(meo::quant::quantize_as(
-                    s.dtype,
-                    &values,
-                    values.len() / cols,
-                    cols,
-                    Some(&imp),
-                ))
-            }
-            _ => encode(&values, &s.shape, s.dtype),
-        };
+        let bytes = encode_with(&values, &s.shape, s.dtype, importance.as_deref());
         w.write_tensor(&bytes)?;
         progress(Event::Tensor { name: &s.name, bytes: bytes.len() as u64 });
     }

@@ -307,6 +307,18 @@ pub fn check_output(out: &Path) -> Result<()> {
         .with_context(|| format!("output {}: cannot create a file in {}", out.display(), dir.display()))
 }
 
+/// [`encode`], with activation-aware rounding where `importance` (per input column) is given
+/// and `dtype` is a block format that uses it (the 4-bit formats; Q8_0 keeps ggml's rule).
+pub fn encode_with<'a>(w: &'a [f32], shape: &[u64], dtype: DType, importance: Option<&[f32]>) -> Cow<'a, [u8]> {
+    match (importance, quant::Planar::of(dtype)) {
+        (Some(imp), Some(_)) => {
+            let cols = *shape.last().expect("non-empty shape") as usize;
+            Cow::Owned(quant::quantize_as(dtype, w, w.len() / cols, cols, Some(imp)))
+        }
+        _ => encode(w, shape, dtype),
+    }
+}
+
 /// Encodes `w` (a row-major tensor of `shape`) as `dtype`.
 pub fn encode<'a>(w: &'a [f32], shape: &[u64], dtype: DType) -> Cow<'a, [u8]> {
     match dtype {

@@ -21,7 +21,7 @@
 
 use crate::align::unpermute;
 use crate::canonical;
-use crate::convert::{Event, Options, Orders, Owned, Summary, TOKENIZER_KEY, check_cancel, encode};
+use crate::convert::{Event, Options, Orders, Owned, Summary, TOKENIZER_KEY, check_cancel, encode_with};
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
 use anyhow::{Context, Result, bail, ensure};
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
@@ -684,20 +684,7 @@ pub fn convert_with_tasks(
             (Some(st), Some(&(l, e, part))) => st.importance(l, e, part),
             _ => None,
         };
-        let bytes = match (importance, meo::quant::Planar::of(s.dtype)) {
-            // Activation-aware rounding (the 4-bit formats use it; Q8_0 keeps ggml's rule).
-            (Some(imp), Some(_)) => {
-                let cols = *s.shape.last().expect("rank >= 1") as usize;
-                std::borrow::Cow::Owned(meo::quant::quantize_as(
-                    s.dtype,
-                    &values,
-                    values.len() / cols,
-                    cols,
-                    Some(&imp),
-                ))
-            }
-            _ => encode(&values, &s.shape, s.dtype),
-        };
+        let bytes = encode_with(&values, &s.shape, s.dtype, importance.as_deref());
         w.write_tensor(&bytes).map_err(io)?;
         progress(Event::Tensor { name: &s.name, bytes: bytes.len() as u64 });
     }
