@@ -56,6 +56,7 @@ def convert(
     merge_weighting: Literal["mean-gate", "frequency"] = "mean-gate",
     calib: Optional[StrPath] = None,
     hot_experts: float = 0.0,
+    compress: Optional[str] = None,
     progress: bool = False,
 ) -> ConvertSummary:
     """Convert a Hugging Face MoE checkpoint directory into one .meo file (``meo convert``).
@@ -72,6 +73,8 @@ def convert(
         merge_weighting: how task merge weights are computed (``--merge-weighting``).
         calib: calibration text for activation-aware 4-bit scales and ``hot_experts``.
         hot_experts: share (0..1) of each layer's experts kept int8 beside 4-bit ones.
+        compress: ``"METHOD:FRACTION"`` (``--compress``: ``prune``, ``reap``, ``mc-smoe`` or
+            ``eep``, and the share of each layer's experts removed), chosen on ``calib``.
         progress: draw a progress bar on stderr (when it is a terminal).
 
     Raises:

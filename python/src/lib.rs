@@ -111,7 +111,7 @@ impl ConvertSummary {
 #[pyfunction]
 #[pyo3(signature = (
     hf_dir, output, *, experts = "int8", dense = "f16", align_experts = None, tasks = None,
-    merge_weighting = "mean-gate", calib = None, hot_experts = 0.0, progress = false
+    merge_weighting = "mean-gate", calib = None, hot_experts = 0.0, compress = None, progress = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn convert(
@@ -125,6 +125,7 @@ fn convert(
     merge_weighting: &str,
     calib: Option<PathBuf>,
     hot_experts: f64,
+    compress: Option<&str>,
     progress: bool,
 ) -> PyResult<ConvertSummary> {
     use meo::DType;
@@ -145,6 +146,9 @@ fn convert(
         "f32" => DType::F32,
         d => return Err(PyValueError::new_err(format!("dense={d:?}: expected int8, int4, f16 or f32"))),
     };
+    // `--compress METHOD:FRACTION`'s parser.
+    let compress: Option<meo_converter::compress::CompressSpec> =
+        compress.map(str::parse).transpose().map_err(|e: String| PyValueError::new_err(format!("compress: {e}")))?;
     let weighting: Weighting =
         merge_weighting.parse().map_err(|e: String| PyValueError::new_err(format!("merge_weighting: {e}")))?;
     must_exist(&hf_dir, "checkpoint directory")?;
@@ -162,7 +166,7 @@ fn convert(
     }
     let align = align_experts.unwrap_or(!task_specs.is_empty());
     let opts = Options { experts, dense, align };
-    let merges = MergeSpec { tasks: task_specs, weighting, calib, hot_experts };
+    let merges = MergeSpec { tasks: task_specs, weighting, calib, hot_experts, compress };
     let cancel = AtomicBool::new(false);
     let mut interrupt: Option<PyErr> = None;
     let mut warnings: Vec<String> = Vec::new();

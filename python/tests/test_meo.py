@@ -45,6 +45,17 @@ def test_convert_errors_name_the_problem(checkpoint, tmp_path):
     assert list(tmp_path.glob("x.meo*")) == [], "nothing half-written"
 
 
+def test_compressed_conversion_equals_the_cli(checkpoint, tmp_path, text_file, meo_bin):
+    out = tmp_path / "pruned.meo"
+    meo.convert(checkpoint, out, calib=text_file, compress="prune:0.5")
+    cli = tmp_path / "pruned-cli.meo"
+    run_cli(meo_bin, "convert", checkpoint, "-o", cli, "--calib", text_file, "--compress", "prune:0.5")
+    assert out.read_bytes() == cli.read_bytes()
+    assert out.stat().st_size < meo.convert(checkpoint, tmp_path / "full.meo").file_bytes
+    with pytest.raises(ValueError, match="compress"):
+        meo.convert(checkpoint, tmp_path / "x.meo", calib=text_file, compress="prune:2")
+
+
 def test_task_merges_convert_and_run(checkpoint, tmp_path, text_file):
     out = tmp_path / "task.meo"
     meo.convert(checkpoint, out, tasks={"docs": text_file})
