@@ -272,8 +272,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             return Err(ExportError::UnsupportedMixer { layer, mixer });
         }
     }
-    if c.recipe.rope_dim != 0 || c.recipe.attention_output_gate {
-        return Err(ExportError::Unsupported("partial rotary (model.rope_dim) or a gated attention output".into()));
+    // Partial rotary (`model.rope_dim`) is exported (the RoPE tables cover the rotated part).
+    if c.recipe.attention_output_gate {
+        return Err(ExportError::Unsupported("a gated attention output (model.attention_output_gate)".into()));
     }
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };

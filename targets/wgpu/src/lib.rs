@@ -1456,8 +1456,9 @@ pub fn supports(model: &Model) -> Result<(), TargetError> {
         }
     }
     let r = &model.config().recipe;
-    if r.rope_dim != 0 || r.attention_output_gate {
-        return Err(unsupported("partial rotary (model.rope_dim) or a gated attention output"));
+    // Partial rotary (`model.rope_dim`) runs (the RoPE shader takes the rotated width).
+    if r.attention_output_gate {
+        return Err(unsupported("a gated attention output (model.attention_output_gate)"));
     }
     for (l, k) in model.config().layer_ffn.iter().enumerate() {
         match k {
