@@ -138,6 +138,9 @@ pub enum Positions {
     /// `[buckets, heads]` table (`rel_bias.weight`) indexed by the bucket of `key − query`
     /// (see `meo::model::relative_bucket`), shared by all layers. No RoPE.
     Relative,
+    /// No positional encoding at all (Granite-4 hybrid's `position_embedding_type` other than
+    /// `rope`: its recurrent layers carry the order).
+    None,
 }
 
 /// The activation between an FFN's input and output projections.
@@ -175,6 +178,14 @@ pub enum Mixer {
     /// then the gated delta rule over a `[v_heads, k_dim, v_dim]` state, a gated RMSNorm and an
     /// output projection (`docs/FORMAT.md`, gated DeltaNet).
     GatedDeltaNet,
+    /// Mamba2 (Granite-4 hybrid): a causal depthwise convolution over x, B, C, then the
+    /// selective state space recurrence over a `[heads, head_dim, state]` state, the D skip,
+    /// a gated RMSNorm and an output projection (`docs/FORMAT.md`, Mamba2).
+    Mamba2,
+    /// LFM2's gated short convolution: `out · (c ⊙ conv(b ⊙ x))` with b, c, x projections of
+    /// the input and a causal depthwise convolution over the hidden channels
+    /// (`docs/FORMAT.md`, short convolution).
+    ShortConv,
 }
 
 impl Mixer {
@@ -183,6 +194,8 @@ impl Mixer {
         match self {
             Self::Attention => "attention",
             Self::GatedDeltaNet => "gated_deltanet",
+            Self::Mamba2 => "mamba2",
+            Self::ShortConv => "short_conv",
         }
     }
 }
@@ -209,6 +222,40 @@ impl DeltaNet {
     /// the `[v_heads, k_dim, v_dim]` delta-rule state.
     pub fn state_floats(&self) -> usize {
         self.conv_dim() * (self.conv_kernel - 1) + self.num_v_heads * self.k_head_dim * self.v_head_dim
+    }
+}
+
+/// Sizes of the Mamba2 layers (`model.mamba2.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mamba2 {
+    pub num_heads: usize,
+    pub head_dim: usize,
+    /// Size `N` of each head channel's state (`d_state`).
+    pub state_size: usize,
+    /// B and C groups: head `h` reads group `h / (num_heads / n_groups)`; the gated norm is
+    /// taken per group of `num_heads · head_dim / n_groups` channels.
+    pub n_groups: usize,
+    /// Width of the causal depthwise convolution over x, B and C.
+    pub conv_kernel: usize,
+    /// The convolution has a bias (`mixer.conv.bias`).
+    pub conv_bias: bool,
+}
+
+impl Mamba2 {
+    /// Channels of x (and of the gate z, the norm and the output projection's input).
+    pub fn inner(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Channels of the convolution: x, B and C side by side.
+    pub fn conv_dim(&self) -> usize {
+        self.inner() + 2 * self.n_groups * self.state_size
+    }
+
+    /// Floats of one layer's recurrent state: the last `conv_kernel − 1` convolution inputs and
+    /// the `[heads, head_dim, state]` SSM state.
+    pub fn state_floats(&self) -> usize {
+        self.conv_dim() * (self.conv_kernel - 1) + self.inner() * self.state_size
     }
 }
 
@@ -284,6 +331,11 @@ pub struct Recipe {
     /// `model.delta_net.*`: the sizes of the gated DeltaNet layers (with any
     /// [`Mixer::GatedDeltaNet`] layer).
     pub delta_net: Option<DeltaNet>,
+    /// `model.mamba2.*`: the sizes of the Mamba2 layers (with any [`Mixer::Mamba2`] layer).
+    pub mamba2: Option<Mamba2>,
+    /// `model.short_conv.kernel`: the width of the [`Mixer::ShortConv`] layers' convolution
+    /// (0 = no such layer).
+    pub short_conv_kernel: usize,
     /// `model.attention_output_gate`: the attention output is multiplied by
     /// `sigmoid(attn.gate · x)` (per head dimension) before the output projection (Qwen3-Next).
     pub attention_output_gate: bool,
@@ -316,6 +368,8 @@ impl Default for Recipe {
             rope_dim: 0,
             layer_mixer: Vec::new(),
             delta_net: None,
+            mamba2: None,
+            short_conv_kernel: 0,
             attention_output_gate: false,
         }
     }
@@ -466,6 +520,7 @@ impl Recipe {
             "rope" => Positions::Rope,
             "learned" => Positions::Learned,
             "relative" => Positions::Relative,
+            "none" => Positions::None,
             s => return Err(invalid("model.positions", s)),
         };
         let ffn_activation = match opt_str(m, "model.ffn_activation", "silu")? {
@@ -521,6 +576,8 @@ impl Recipe {
                 .map(|s| match *s {
                     "attention" => Ok(Mixer::Attention),
                     "gated_deltanet" => Ok(Mixer::GatedDeltaNet),
+                    "mamba2" => Ok(Mixer::Mamba2),
+                    "short_conv" => Ok(Mixer::ShortConv),
                     other => Err(invalid("model.layer_mixer", other)),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -536,9 +593,27 @@ impl Recipe {
         } else {
             None
         };
+        let mamba2 = if m.get("model.mamba2.num_heads").is_some() {
+            Some(Mamba2 {
+                num_heads: usize_of(m, "model.mamba2.num_heads")?,
+                head_dim: usize_of(m, "model.mamba2.head_dim")?,
+                state_size: usize_of(m, "model.mamba2.state_size")?,
+                n_groups: usize_of(m, "model.mamba2.n_groups")?,
+                conv_kernel: usize_of(m, "model.mamba2.conv_kernel")?,
+                conv_bias: opt_bool(m, "model.mamba2.conv_bias")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             layer_mixer,
             delta_net,
+            mamba2,
+            short_conv_kernel: if m.get("model.short_conv.kernel").is_some() {
+                usize_of(m, "model.short_conv.kernel")?
+            } else {
+                0
+            },
             attention_output_gate: opt_bool(m, "model.attention_output_gate")?,
             norm,
             positions,
@@ -577,6 +652,9 @@ impl Recipe {
         }
         if self.positions == Positions::Learned {
             v.push(("model.positions", MetaValue::Str("learned")));
+        }
+        if self.positions == Positions::None {
+            v.push(("model.positions", MetaValue::Str("none")));
         }
         if self.positions == Positions::Relative {
             v.push(("model.positions", MetaValue::Str("relative")));
@@ -657,6 +735,20 @@ impl Recipe {
             v.push(("model.delta_net.k_head_dim", u(d.k_head_dim)));
             v.push(("model.delta_net.v_head_dim", u(d.v_head_dim)));
             v.push(("model.delta_net.conv_kernel", u(d.conv_kernel)));
+        }
+        if self.short_conv_kernel > 0 {
+            v.push(("model.short_conv.kernel", MetaValue::U64(self.short_conv_kernel as u64)));
+        }
+        if let Some(d) = &self.mamba2 {
+            let u = |x: usize| MetaValue::U64(x as u64);
+            v.push(("model.mamba2.num_heads", u(d.num_heads)));
+            v.push(("model.mamba2.head_dim", u(d.head_dim)));
+            v.push(("model.mamba2.state_size", u(d.state_size)));
+            v.push(("model.mamba2.n_groups", u(d.n_groups)));
+            v.push(("model.mamba2.conv_kernel", u(d.conv_kernel)));
+            if d.conv_bias {
+                v.push(("model.mamba2.conv_bias", MetaValue::Bool(true)));
+            }
         }
         if self.rope_dim > 0 {
             v.push(("model.rope_dim", MetaValue::U64(self.rope_dim as u64)));
@@ -839,9 +931,20 @@ impl ModelConfig {
     /// Bytes of recurrent state a session holds whatever the context length: every recurrent
     /// layer's fixed-size state, f32. 0 for attention-only models. Saturates.
     pub fn recurrent_state_bytes(&self) -> u64 {
-        let delta = (0..self.num_layers).filter(|&l| self.mixer(l) == Mixer::GatedDeltaNet).count() as u64;
-        let per = self.recipe.delta_net.map_or(0, |d| d.state_floats() as u64);
-        delta.saturating_mul(per).saturating_mul(4)
+        let floats = (0..self.num_layers)
+            .map(|l| self.recurrent_state_floats(l) as u64)
+            .fold(0u64, |a, b| a.saturating_add(b));
+        floats.saturating_mul(4)
+    }
+
+    /// Floats of layer `l`'s recurrent state (0 for attention, or sizes not given).
+    pub fn recurrent_state_floats(&self, l: usize) -> usize {
+        match self.mixer(l) {
+            Mixer::Attention => 0,
+            Mixer::GatedDeltaNet => self.recipe.delta_net.map_or(0, |d| d.state_floats()),
+            Mixer::Mamba2 => self.recipe.mamba2.map_or(0, |d| d.state_floats()),
+            Mixer::ShortConv => self.hidden_size * self.recipe.short_conv_kernel.saturating_sub(1),
+        }
     }
 
     /// Bytes of KV cache one position costs a session: every attention layer's keys and
@@ -1016,6 +1119,38 @@ impl ModelConfig {
                 .zip(d.num_v_heads.checked_mul(d.k_head_dim).and_then(|x| x.checked_mul(d.v_head_dim)));
             if !matches!(widths, Some(((kd, vd), s)) if kd <= MAX_WIDTH && vd <= MAX_WIDTH && s <= MAX_WIDTH) {
                 return Err(invalid("model.delta_net.v_head_dim", "heads × head sizes are too large"));
+            }
+        }
+        if r.layer_mixer.contains(&Mixer::ShortConv) {
+            let k = r.short_conv_kernel;
+            if k == 0 || k > MAX_CONV_KERNEL {
+                return Err(invalid("model.short_conv.kernel", k));
+            }
+        }
+        if r.layer_mixer.contains(&Mixer::Mamba2) {
+            let d = r.mamba2.ok_or(ConfigError::Missing { key: "model.mamba2.num_heads" })?;
+            for (k, v) in [
+                ("model.mamba2.num_heads", d.num_heads),
+                ("model.mamba2.head_dim", d.head_dim),
+                ("model.mamba2.state_size", d.state_size),
+                ("model.mamba2.n_groups", d.n_groups),
+            ] {
+                if v == 0 || v > MAX_WIDTH {
+                    return Err(invalid(k, v));
+                }
+            }
+            if !d.num_heads.is_multiple_of(d.n_groups) {
+                return Err(invalid("model.mamba2.num_heads", "not a multiple of n_groups"));
+            }
+            if d.conv_kernel == 0 || d.conv_kernel > MAX_CONV_KERNEL {
+                return Err(invalid("model.mamba2.conv_kernel", d.conv_kernel));
+            }
+            let inner = d.num_heads.checked_mul(d.head_dim);
+            let bc = d.n_groups.checked_mul(d.state_size).and_then(|x| x.checked_mul(2));
+            let state = inner.and_then(|i| i.checked_mul(d.state_size));
+            let conv = inner.zip(bc).and_then(|(i, b)| i.checked_add(b));
+            if !matches!((conv, state), (Some(c), Some(s)) if c <= MAX_WIDTH && s <= MAX_WIDTH) {
+                return Err(invalid("model.mamba2.head_dim", "heads × head sizes are too large"));
             }
         }
         Ok(())

@@ -37,7 +37,7 @@ pub mod residency;
 pub mod tokenizer;
 
 pub use config::{
-    Activation, ConfigError, DeltaNet, FfnKind, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe, RouterSpec,
+    Activation, ConfigError, DeltaNet, FfnKind, Mamba2, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe, RouterSpec,
     Scoring,
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};

@@ -906,14 +906,28 @@ pub fn compare_with_cpu(name: &str, model: &meo::Model, r: &mut dyn Runner, prom
 /// them ([`recurrent_suite!`](crate::recurrent_suite)); wgpu and ONNX refuse them by name
 /// (`TargetError::UnsupportedMixer`, `ExportError::UnsupportedMixer`), so they are not in
 /// [`FIXTURES`].
-pub const RECURRENT_FIXTURES: [&str; 1] = ["qwen3_next"];
+pub const RECURRENT_FIXTURES: [&str; 3] = ["qwen3_next", "granitemoehybrid", "lfm2_moe"];
 
 /// [`INT8_BOUNDS`] for [`RECURRENT_FIXTURES`]. Measured on the CPU target: Qwen3-Next's
 /// routing agreement 0.9375 (vs transformers, prompt) and 0.9464 (vs f32, prompt + greedy),
 /// top-1 agreement 11/12 and 24/28, max |Δlogit| 0.45 — 4 layers (the real attention interval)
 /// against the others' 2 or 3, so one int8 routing flip carries into every later layer; dense f16
 /// alone gives 7.0e-3 and f32 is exact (3.8e-6). Floors sit one disagreement below those.
-pub const RECURRENT_INT8_BOUNDS: [(&str, f64, f64, f32); 1] = [("qwen3_next", 0.9, 0.8, 0.6)];
+pub const RECURRENT_INT8_BOUNDS: [(&str, f64, f64, f32); 3] = [
+    ("qwen3_next", 0.9, 0.8, 0.6),
+    ("granitemoehybrid", GRANITE_HYBRID_INT8.0, GRANITE_HYBRID_INT8.1, GRANITE_HYBRID_INT8.2),
+    ("lfm2_moe", LFM2_INT8.0, LFM2_INT8.1, LFM2_INT8.2),
+];
+
+/// Granite-4 hybrid's int8 bounds (routing floor, top-1 floor, max |Δlogit| ceiling). Measured
+/// on the CPU target: routing agreement 1.0 (vs transformers, prompt) and 0.991 (vs f32, prompt +
+/// greedy), top-1 agreement 11/12 and 27/28, max |Δlogit| 2.5e-3 (logits ÷ 6); f32 exact
+/// (2.9e-7). Floors sit one disagreement below those.
+const GRANITE_HYBRID_INT8: (f64, f64, f32) = (0.95, 0.8, 1.0e-2);
+
+/// LFM2-MoE's int8 bounds. Measured on the CPU target: routing and top-1 agreement 1.0 (vs
+/// transformers and vs f32), max |Δlogit| 2.2e-2; f32 exact (2.0e-6).
+const LFM2_INT8: (f64, f64, f32) = (0.95, 0.9, 5.0e-2);
 
 /// A prompt fed whole, fed token by token, and fed in two pieces give identical logits and
 /// routing (the recurrent state carries across calls exactly as the KV cache does), and a reset
@@ -958,6 +972,8 @@ macro_rules! recurrent_suite {
     ($open:expr) => {
         $crate::recurrent_suite!(@tests $open;
             qwen3_next => "qwen3_next",
+            granitemoehybrid => "granitemoehybrid",
+            lfm2_moe => "lfm2_moe",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {

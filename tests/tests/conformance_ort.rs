@@ -111,3 +111,30 @@ fn recurrent_mixers_are_refused_by_name() {
     );
     assert!(e.to_string().contains("gated_deltanet"), "{e}");
 }
+
+/// Mamba2 layers (Granite-4 hybrid) have no ONNX graph: the export refuses them by name.
+#[test]
+fn mamba2_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path =
+        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("a Mamba2 model must be refused")
+    };
+    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2 }), "{e}");
+    assert!(e.to_string().contains("mamba2"), "{e}");
+}
+
+/// LFM2's short convolutions have no ONNX graph: the export refuses them by name.
+#[test]
+fn short_conv_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("lfm2_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("a short-conv model must be refused")
+    };
+    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv }), "{e}");
+    assert!(e.to_string().contains("short_conv"), "{e}");
+}

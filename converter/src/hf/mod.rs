@@ -13,6 +13,8 @@ mod ernie4_5_moe;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
+mod granitemoehybrid;
+mod lfm2_moe;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
@@ -190,6 +192,21 @@ pub struct Features {
     pub delta_net: Option<DeltaLayout>,
     /// Checkpoint tensor name prefixes the model does not run (multi-token-prediction heads).
     pub ignored_prefixes: &'static [&'static str],
+    /// Mamba2 layers where `layer_types` says `mamba` / `linear_attention` (`mamba.*`: a fused
+    /// `in_proj` `[inner + conv_dim + heads, h]` = z, then x, B, C, then dt; Granite-4 hybrid).
+    pub mamba2: bool,
+    /// Every MoE layer adds an ungated shared MLP `shared_intermediate_size` wide
+    /// (`shared_mlp.input_linear` `[2S, h]`: gate rows, then up rows; `shared_mlp.output_linear`).
+    pub shared_mlp: bool,
+    /// RoPE only when `position_embedding_type` is `"rope"`; otherwise no positional encoding
+    /// (Granite-4 hybrid).
+    pub position_embedding_type: bool,
+    /// Gated short convolution layers where `layer_types` says `conv` (`conv.*`: a fused
+    /// `in_proj` `[3h, h]` = b, c, x; LFM2).
+    pub short_conv: bool,
+    /// The final norm's checkpoint name when not `model.norm.weight` (LFM2's
+    /// `model.embedding_norm.weight`).
+    pub output_norm: Option<&'static str>,
 }
 
 /// How a checkpoint stores a gated DeltaNet layer's input projections (under
@@ -218,6 +235,11 @@ impl Features {
         partial_rotary: false,
         delta_net: None,
         ignored_prefixes: &[],
+        mamba2: false,
+        shared_mlp: false,
+        position_embedding_type: false,
+        short_conv: false,
+        output_norm: None,
     };
 }
 
@@ -239,6 +261,8 @@ pub const FAMILIES: &[&Family] = &[
     &phimoe::FAMILY,
     &phimoe::FAMILY_HUB,
     &qwen3_next::FAMILY,
+    &granitemoehybrid::FAMILY,
+    &lfm2_moe::FAMILY,
     &ernie4_5_moe::FAMILY,
 ];
 
@@ -699,6 +723,55 @@ impl HfModel {
         };
         let cfg = &self.config;
         let h = cfg.hidden_size as u64;
+        if x.shared_mlp && matches!(suffix, "shared.gate.weight" | "shared.up.weight") {
+            // `input_linear` `[2S, h]`: the gate's rows, then the up projection's.
+            let name = format!("model.layers.{l}.shared_mlp.input_linear.weight");
+            let s = cfg.shared_expert_intermediate_size as u64;
+            expect(&name, &[2 * s, h])?;
+            let first = if suffix == "shared.gate.weight" { 0 } else { s * h };
+            return Ok(Some(Source::whole(name, first, numel)));
+        }
+        if let (true, Some(d)) = (x.mamba2, cfg.recipe.mamba2)
+            && cfg.mixer(l) == meo::Mixer::Mamba2
+            && matches!(suffix, "mixer.z.weight" | "mixer.xbc.weight" | "mixer.dt.weight" | "mixer.conv.weight")
+        {
+            let (inner, cd, nh) = (d.inner() as u64, d.conv_dim() as u64, d.num_heads as u64);
+            if suffix == "mixer.conv.weight" {
+                // nn.Conv1d's `[channels, 1, kernel]`: the same values as `[channels, kernel]`.
+                let name = format!("model.layers.{l}.mamba.conv1d.weight");
+                expect(&name, &[c.shape[0], 1, c.shape[1]])?;
+                return Ok(Some(Source::whole(name, 0, numel)));
+            }
+            // `in_proj` rows: z, then x, B, C, then dt.
+            let name = format!("model.layers.{l}.mamba.in_proj.weight");
+            expect(&name, &[inner + cd + nh, h])?;
+            let row = match suffix {
+                "mixer.z.weight" => 0,
+                "mixer.xbc.weight" => inner,
+                _ => inner + cd,
+            };
+            return Ok(Some(Source::whole(name, row * h, numel)));
+        }
+        if x.short_conv
+            && cfg.mixer(l) == meo::Mixer::ShortConv
+            && matches!(suffix, "mixer.b.weight" | "mixer.c.weight" | "mixer.x.weight" | "mixer.conv.weight")
+        {
+            if suffix == "mixer.conv.weight" {
+                // nn.Conv1d's `[channels, 1, kernel]`: the same values as `[channels, kernel]`.
+                let name = format!("model.layers.{l}.conv.conv.weight");
+                expect(&name, &[c.shape[0], 1, c.shape[1]])?;
+                return Ok(Some(Source::whole(name, 0, numel)));
+            }
+            // `in_proj` rows: b, then c, then x (`chunk(3)`).
+            let name = format!("model.layers.{l}.conv.in_proj.weight");
+            expect(&name, &[3 * h, h])?;
+            let part = match suffix {
+                "mixer.b.weight" => 0,
+                "mixer.c.weight" => 1,
+                _ => 2,
+            };
+            return Ok(Some(Source::whole(name, part * h * h, numel)));
+        }
         if x.zero_centred_norms
             && matches!(suffix, "attn_norm.weight" | "ffn_norm.weight" | "attn.q_norm.weight" | "attn.k_norm.weight")
         {
@@ -800,7 +873,8 @@ impl HfModel {
         }
         match c.place {
             Place::Global => {
-                let hf = GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf);
+                let own_norm = self.family.kind.features().output_norm.filter(|_| c.name == meo::names::OUTPUT_NORM);
+                let hf = own_norm.or_else(|| GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf));
                 let src = whole(hf.with_context(|| format!("no source for {}", c.name))?.to_string())?;
                 let zero_centred = self.family.kind.features().zero_centred_norms && c.name == meo::names::OUTPUT_NORM;
                 Ok(if zero_centred { Source { pick: Pick::PlusOne, ..src } } else { src })

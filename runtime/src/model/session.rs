@@ -4,7 +4,10 @@
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
 use super::bank::{MergeOptions, MergedUse, ModeError};
-use super::delta::{self, DeltaScratch, DeltaState};
+use super::delta::{self, DeltaScratch};
+use super::mamba::{self, MambaScratch};
+use super::short_conv::{self, ShortConvScratch};
+use super::recurrent::RecurrentState;
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe, predict};
 use super::meo::{self, BankSrc, MergedBank};
@@ -110,6 +113,8 @@ struct Buffers {
     attn: AttnScratch,
     mla: MlaScratch,
     delta: DeltaScratch,
+    mamba: MambaScratch,
+    short_conv: ShortConvScratch,
     ffn: FfnScratch,
     /// Next-layer prediction ([`Trace::on_experts_predicted`]).
     predicted: Vec<u32>,
@@ -120,14 +125,16 @@ struct Buffers {
 #[derive(Debug)]
 enum LayerState {
     Kv(LayerCache),
-    Delta(DeltaState),
+    Recurrent(RecurrentState),
 }
 
 impl LayerState {
     fn new(attn: &Attention) -> Self {
         match attn {
             Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::default()),
-            Attention::GatedDeltaNet(p) => Self::Delta(DeltaState::new(p)),
+            Attention::GatedDeltaNet(p) => Self::Recurrent(delta::zero_state(p)),
+            Attention::Mamba2(p) => Self::Recurrent(mamba::zero_state(p)),
+            Attention::ShortConv(p) => Self::Recurrent(short_conv::zero_state(p)),
         }
     }
 }
@@ -298,7 +305,7 @@ impl<'m> Session<'m> {
             .iter()
             .filter_map(|s| match s {
                 LayerState::Kv(c) => Some(c),
-                LayerState::Delta(_) => None,
+                LayerState::Recurrent(_) => None,
             })
             .flat_map(|c| c.k.iter().chain(&c.v))
             .map(Vec::len)
@@ -314,7 +321,7 @@ impl<'m> Session<'m> {
             .iter()
             .map(|s| match s {
                 LayerState::Kv(_) => 0,
-                LayerState::Delta(d) => d.floats(),
+                LayerState::Recurrent(d) => d.floats(),
             })
             .sum();
         floats as u64 * 4
@@ -323,7 +330,7 @@ impl<'m> Session<'m> {
     /// Whether some layer keeps a recurrent state (which cannot be rewound: see
     /// [`truncate`](Self::truncate)).
     pub fn has_recurrent_state(&self) -> bool {
-        self.state.iter().any(|s| matches!(s, LayerState::Delta(_)))
+        self.state.iter().any(|s| matches!(s, LayerState::Recurrent(_)))
     }
 
     /// Worker threads in use.
@@ -355,7 +362,7 @@ impl<'m> Session<'m> {
                     let (kw, vw) = layer.attn.cache_widths();
                     c.truncate(len, kw, vw);
                 }
-                LayerState::Delta(d) => d.clear(),
+                LayerState::Recurrent(d) => d.clear(),
             }
         }
         self.pos = len;
@@ -544,8 +551,14 @@ impl<'m> Session<'m> {
                 (Attention::Mla(a), LayerState::Kv(cache)) => {
                     mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
                 }
-                (Attention::GatedDeltaNet(p), LayerState::Delta(st)) => {
+                (Attention::GatedDeltaNet(p), LayerState::Recurrent(st)) => {
                     delta::delta_net(par, bytes, p, st, &b.h, t, &mut b.delta, &mut b.y)
+                }
+                (Attention::Mamba2(p), LayerState::Recurrent(st)) => {
+                    mamba::mamba2(par, bytes, p, st, &b.h, t, &mut b.mamba, &mut b.y)
+                }
+                (Attention::ShortConv(p), LayerState::Recurrent(st)) => {
+                    short_conv::short_conv(par, bytes, p, st, &b.h, t, &mut b.short_conv, &mut b.y)
                 }
                 // `state` is built from these same layers in `Session::new`.
                 _ => unreachable!("layer {l}: session state does not match the layer's mixer"),

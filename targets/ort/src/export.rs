@@ -382,7 +382,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) | Attention::GatedDeltaNet(_) => continue,
+            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
             Attention::Mla(a) => a.rope,
         };
         if tables.contains_key(&dim) {
@@ -450,7 +450,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
     let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
         Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
-        Attention::Mla(_) | Attention::GatedDeltaNet(_) => None,
+        Attention::Mla(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => None,
     }) {
         Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
         None => None,
@@ -481,7 +481,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         let y = match &plan.attn {
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
-            Attention::GatedDeltaNet(_) => {
+            Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
                 return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() });
             }
         };
@@ -613,7 +613,7 @@ fn window(a: &Attention) -> usize {
     match a {
         Attention::Gqa(a) => a.window,
         Attention::Mla(a) => a.window,
-        Attention::GatedDeltaNet(_) => 0,
+        Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => 0,
     }
 }
 
@@ -623,7 +623,7 @@ fn cache_dims(model: &Model) -> Result<(usize, usize, usize), ExportError> {
         Attention::Gqa(a) => (a.num_kv_heads, a.head_dim, a.head_dim),
         Attention::Mla(a) => (a.num_heads, a.nope + a.rope, a.v_dim),
         // Refused by `export` before the cache is sized.
-        Attention::GatedDeltaNet(_) => (0, 0, 0),
+        Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => (0, 0, 0),
     };
     let mut it = model.layer_plans().iter().map(|p| dims(&p.attn));
     let first = it.next().ok_or_else(|| ExportError::Unsupported("a model without layers".into()))?;

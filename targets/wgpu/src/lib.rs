@@ -450,7 +450,7 @@ impl<'m> WgpuTarget<'m> {
         let lbl = |s: &str| format!("layers.{l}.{s}");
         let attn = match &lp.attn {
             Attention::Gqa(a) => GAttnKind::Gqa(Self::upload_gqa(gpu, b, a, &lbl)?),
-            Attention::GatedDeltaNet(_) => {
+            Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
                 return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer: lp.attn.mixer() });
             }
             Attention::Mla(a) => GAttnKind::Mla(GMla {
@@ -643,7 +643,7 @@ impl<'m> WgpuTarget<'m> {
             let nf = match &lp.attn {
                 Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
-                Attention::Gqa(_) | Attention::GatedDeltaNet(_) => continue,
+                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
             };
             if nf == 0 || rope_tables.contains_key(&nf) {
                 continue;
