@@ -371,7 +371,7 @@ impl Model {
             return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
         }
         let dtype = dtype.unwrap_or(experts[0].mlp.up.dtype);
-        Ok(crate::merge::merge_expert(&experts, w, dtype))
+        Ok(crate::merge::merge_expert(&experts, w, dtype, crate::merge::Mass::of(&self.config.router)))
     }
 
     /// Runs one expert on `x` (`[t, hidden]`) into `out` (`[t, hidden]`), on this thread.

@@ -144,6 +144,16 @@ pub struct AttnPlan {
     /// `[heads · head_dim, h]`: the output is multiplied by `sigmoid(gate · x)` before `o`
     /// (`model.attention_output_gate`).
     pub gate: Option<Mat>,
+    /// Attend within aligned chunks of this many positions (`model.layer_chunk`); 0 = all.
+    pub chunk: usize,
+    /// RMS-normalise each q and k head without a weight after RoPE (`model.qk_rms_after_rope`,
+    /// on layers with RoPE).
+    pub qk_rms_after_rope: bool,
+    /// Apply `qk_norm` after RoPE instead of before (`model.qk_norm_after_rope`).
+    pub qk_norm_after_rope: bool,
+    /// `(floor_scale, scale)` of the query temperature (`model.nope_temperature_*`, on NoPE
+    /// layers).
+    pub temperature: Option<(f32, f32)>,
 }
 
 /// A gated DeltaNet layer (`Mixer::GatedDeltaNet`; `docs/FORMAT.md`, gated DeltaNet).
@@ -778,7 +788,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             norm: self.layer_vec(l, "attn_norm.weight", h)?,
             norm_bias: self.norm_bias(l, "attn_norm")?,
             o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
-            rope: c.recipe.positions == Positions::Rope,
+            rope: c.layer_rope(l),
             rope_dim: c.rotary_dim(),
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
@@ -806,6 +816,10 @@ impl<'f, 'a> Builder<'f, 'a> {
             } else {
                 None
             },
+            chunk: c.layer_chunk(l),
+            qk_rms_after_rope: c.recipe.qk_rms_after_rope && c.layer_rope(l),
+            qk_norm_after_rope: c.recipe.qk_norm_after_rope,
+            temperature: c.recipe.nope_temperature.filter(|_| c.recipe.layer_nope.get(l) == Some(&true)),
         };
         Ok(attn)
     }

@@ -1460,6 +1460,10 @@ pub fn supports(model: &Model) -> Result<(), TargetError> {
     if r.attention_output_gate {
         return Err(unsupported("a gated attention output (model.attention_output_gate)"));
     }
+    // Attention and routing variants without shaders yet (Llama-4, Hunyuan-MoE).
+    if let Some(key) = model.config().cpu_only_variant() {
+        return Err(unsupported(format!("{key} (the cpu target runs it)")));
+    }
     for (l, k) in model.config().layer_ffn.iter().enumerate() {
         match k {
             FfnKind::Dense | FfnKind::Moe | FfnKind::MeoBank => {}
