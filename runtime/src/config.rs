@@ -339,6 +339,23 @@ pub struct Recipe {
     /// `model.attention_output_gate`: the attention output is multiplied by
     /// `sigmoid(attn.gate · x)` (per head dimension) before the output projection (Qwen3-Next).
     pub attention_output_gate: bool,
+    /// `model.layer_nope`: per layer, true where attention applies no RoPE (Llama-4's NoPE
+    /// layers); empty = RoPE in every layer.
+    pub layer_nope: Vec<bool>,
+    /// `model.layer_chunk`: per layer, attention within aligned chunks of this many positions
+    /// (position `i` attends to `j ≤ i` with `j / chunk = i / chunk`; Llama-4's
+    /// `chunked_attention`); 0 or empty = unchunked.
+    pub layer_chunk: Vec<usize>,
+    /// `model.qk_rms_after_rope`: each q and k head of every layer with RoPE is RMS-normalised
+    /// without a weight (eps `model.rms_norm_eps`) after RoPE (Llama-4's `use_qk_norm`).
+    pub qk_rms_after_rope: bool,
+    /// `model.qk_norm_after_rope`: the q/k norm (`model.qk_norm`) is applied after RoPE
+    /// instead of before (Hunyuan-MoE's `query_layernorm` / `key_layernorm`).
+    pub qk_norm_after_rope: bool,
+    /// `model.nope_temperature_floor_scale`, `model.nope_temperature_scale`: `(f, s)`; in NoPE
+    /// layers the query at position `p` is multiplied by `1 + s · ln(1 + floor((p + 1) / f))`
+    /// (Llama-4's `attn_temperature_tuning`).
+    pub nope_temperature: Option<(f32, f32)>,
 }
 
 impl Default for Recipe {
@@ -371,6 +388,11 @@ impl Default for Recipe {
             mamba2: None,
             short_conv_kernel: 0,
             attention_output_gate: false,
+            layer_nope: Vec::new(),
+            layer_chunk: Vec::new(),
+            qk_rms_after_rope: false,
+            qk_norm_after_rope: false,
+            nope_temperature: None,
         }
     }
 }
@@ -403,6 +425,9 @@ pub struct RouterSpec {
     pub expert_capacity: usize,
     /// [`Scoring::SparseMixer`]'s `ε` (Phi-3.5-MoE's `router_jitter_noise`); 0 otherwise.
     pub sparsemixer_eps: f32,
+    /// Each selected expert gets its weight on its input, `E_i(w_i · x)`, instead of on its
+    /// output (Llama-4).
+    pub weight_on_input: bool,
 }
 
 /// The canonical model description.
@@ -605,7 +630,28 @@ impl Recipe {
         } else {
             None
         };
+        let layer_nope = match m.get("model.layer_nope") {
+            None => Vec::new(),
+            Some(MetaValue::Array(MetaArray::Bool(v))) => v.clone(),
+            Some(v) => return Err(wrong("model.layer_nope", "array of bool", v)),
+        };
+        let layer_chunk = match m.get("model.layer_chunk") {
+            None => Vec::new(),
+            Some(_) => u64s_of(m, "model.layer_chunk")?
+                .into_iter()
+                .map(|w| usize::try_from(w).map_err(|_| invalid("model.layer_chunk", w)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let nope_temperature = match opt_f32_some("model.nope_temperature_floor_scale")? {
+            None => None,
+            Some(f) => Some((f, f32_of(m, "model.nope_temperature_scale")?)),
+        };
         Ok(Self {
+            layer_nope,
+            layer_chunk,
+            qk_rms_after_rope: opt_bool(m, "model.qk_rms_after_rope")?,
+            qk_norm_after_rope: opt_bool(m, "model.qk_norm_after_rope")?,
+            nope_temperature,
             layer_mixer,
             delta_net,
             mamba2,
@@ -756,6 +802,23 @@ impl Recipe {
         if self.attention_output_gate {
             v.push(("model.attention_output_gate", MetaValue::Bool(true)));
         }
+        if self.layer_nope.contains(&true) {
+            v.push(("model.layer_nope", MetaValue::Array(MetaArray::Bool(self.layer_nope.clone()))));
+        }
+        if self.layer_chunk.iter().any(|&c| c > 0) {
+            let c = self.layer_chunk.iter().map(|&c| c as u64).collect();
+            v.push(("model.layer_chunk", MetaValue::Array(MetaArray::U64(c))));
+        }
+        if self.qk_rms_after_rope {
+            v.push(("model.qk_rms_after_rope", MetaValue::Bool(true)));
+        }
+        if self.qk_norm_after_rope {
+            v.push(("model.qk_norm_after_rope", MetaValue::Bool(true)));
+        }
+        if let Some((floor, scale)) = self.nope_temperature {
+            v.push(("model.nope_temperature_floor_scale", f(floor)));
+            v.push(("model.nope_temperature_scale", f(scale)));
+        }
         v
     }
 }
@@ -807,6 +870,7 @@ impl RouterSpec {
             shared_gate: SharedGate::None,
             expert_capacity: 0,
             sparsemixer_eps: 0.0,
+            weight_on_input: false,
         }
     }
 
@@ -849,6 +913,7 @@ impl RouterSpec {
             shared_gate,
             expert_capacity: usize_of(m, "routing.expert_capacity")?,
             sparsemixer_eps: if scoring == Scoring::SparseMixer { f32_of(m, "routing.sparsemixer_eps")? } else { 0.0 },
+            weight_on_input: opt_bool(m, "routing.weight_on_input")?,
         };
         if !(r.sparsemixer_eps.is_finite() && r.sparsemixer_eps >= 0.0) {
             return Err(invalid("routing.sparsemixer_eps", r.sparsemixer_eps));
@@ -897,6 +962,9 @@ impl RouterSpec {
         if self.scoring == Scoring::SparseMixer {
             v.push(("routing.sparsemixer_eps", f(self.sparsemixer_eps)));
         }
+        if self.weight_on_input {
+            v.push(("routing.weight_on_input", MetaValue::Bool(true)));
+        }
         v
     }
 }
@@ -931,9 +999,8 @@ impl ModelConfig {
     /// Bytes of recurrent state a session holds whatever the context length: every recurrent
     /// layer's fixed-size state, f32. 0 for attention-only models. Saturates.
     pub fn recurrent_state_bytes(&self) -> u64 {
-        let floats = (0..self.num_layers)
-            .map(|l| self.recurrent_state_floats(l) as u64)
-            .fold(0u64, |a, b| a.saturating_add(b));
+        let floats =
+            (0..self.num_layers).map(|l| self.recurrent_state_floats(l) as u64).fold(0u64, |a, b| a.saturating_add(b));
         floats.saturating_mul(4)
     }
 
@@ -1270,7 +1337,60 @@ impl ModelConfig {
                 return Err(invalid(key, x));
             }
         }
+        for (key, len) in [("model.layer_nope", r.layer_nope.len()), ("model.layer_chunk", r.layer_chunk.len())] {
+            if len != 0 && len != self.num_layers {
+                return Err(invalid(key, alloc::format!("{len} entries for {} layers", self.num_layers)));
+            }
+        }
+        if r.layer_chunk.iter().any(|&c| c > MAX_POSITIONS) {
+            return Err(invalid("model.layer_chunk", "a chunk beyond the largest context"));
+        }
+        if let Some((floor, scale)) = r.nope_temperature
+            && !(floor.is_finite() && floor > 0.0 && scale.is_finite())
+        {
+            return Err(invalid("model.nope_temperature_floor_scale", alloc::format!("{floor}, scale {scale}")));
+        }
+        // NoPE layers, chunks and the post-RoPE norm belong to the q/k/v path.
+        let gqa_only = [
+            ("model.layer_nope", r.layer_nope.contains(&true)),
+            ("model.layer_chunk", r.layer_chunk.iter().any(|&c| c > 0)),
+            ("model.qk_rms_after_rope", r.qk_rms_after_rope),
+            ("model.qk_norm_after_rope", r.qk_norm_after_rope),
+        ];
+        if r.mla.is_some()
+            && let Some((key, _)) = gqa_only.iter().find(|u| u.1)
+        {
+            return Err(invalid(key, "not supported with MLA"));
+        }
         Ok(())
+    }
+
+    /// Whether layer `l` applies RoPE (RoPE positions and not a NoPE layer).
+    pub fn layer_rope(&self, l: usize) -> bool {
+        self.recipe.positions == Positions::Rope && !self.recipe.layer_nope.get(l).copied().unwrap_or(false)
+    }
+
+    /// The attention chunk of layer `l` (0 = unchunked).
+    pub fn layer_chunk(&self, l: usize) -> usize {
+        self.recipe.layer_chunk.get(l).copied().unwrap_or(0)
+    }
+
+    /// The metadata key of the first attention or routing variant this config uses that only
+    /// the CPU target runs so far (Llama-4's NoPE layers, chunked attention, post-RoPE q/k norm,
+    /// NoPE query temperature and expert-input routing weights; Hunyuan-MoE's q/k norm after
+    /// RoPE), if any: what the wgpu and ONNX targets refuse a model by.
+    pub fn cpu_only_variant(&self) -> Option<&'static str> {
+        let r = &self.recipe;
+        [
+            ("model.layer_nope", r.layer_nope.contains(&true)),
+            ("model.layer_chunk", r.layer_chunk.iter().any(|&c| c > 0)),
+            ("model.qk_rms_after_rope", r.qk_rms_after_rope),
+            ("model.nope_temperature_floor_scale", r.nope_temperature.is_some()),
+            ("model.qk_norm_after_rope", r.qk_norm_after_rope),
+            ("routing.weight_on_input", self.router.weight_on_input),
+        ]
+        .into_iter()
+        .find_map(|(key, on)| on.then_some(key))
     }
 
     /// The `general.architecture`, `model.*` and `routing.*` entries.
@@ -1500,6 +1620,38 @@ mod tests {
             bad.recipe.rope_dim = d;
             assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_dim", .. })), "{d}");
         }
+    }
+
+    #[test]
+    fn llama4_and_hunyuan_variants_round_trip_and_are_checked() {
+        // Absent by default: files of the other families are unchanged.
+        let keys = ["model.layer_nope", "model.layer_chunk", "model.qk_rms_after_rope", "model.qk_norm_after_rope"];
+        let base = sample();
+        let plain = base.to_metadata();
+        assert!(plain.iter().all(|(k, _)| !keys.contains(k) && !k.starts_with("model.nope_temperature")));
+        assert!(plain.iter().all(|(k, _)| *k != "routing.weight_on_input"));
+        assert_eq!(sample().cpu_only_variant(), None);
+        let mut c = sample();
+        c.recipe.layer_nope = alloc::vec![false, true];
+        c.recipe.layer_chunk = alloc::vec![8, 0];
+        c.recipe.qk_rms_after_rope = true;
+        c.recipe.qk_norm_after_rope = true;
+        c.recipe.nope_temperature = Some((8192.0, 0.1));
+        c.router.weight_on_input = true;
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        assert_eq!((c.layer_rope(0), c.layer_rope(1), c.layer_chunk(0), c.layer_chunk(1)), (true, false, 8, 0));
+        assert_eq!(c.cpu_only_variant(), Some("model.layer_nope"));
+        let mut w = sample();
+        w.router.weight_on_input = true;
+        assert_eq!(w.cpu_only_variant(), Some("routing.weight_on_input"));
+        // Per-layer lists must have one entry per layer; the temperature a positive floor scale.
+        let mut bad = c.clone();
+        bad.recipe.layer_chunk.push(0);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.layer_chunk", .. })));
+        let mut bad = c.clone();
+        bad.recipe.nope_temperature = Some((0.0, 0.1));
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.nope_temperature_floor_scale", .. })));
     }
 
     #[test]

@@ -14,6 +14,7 @@ fn open_cpu(path: &Path) -> Box<dyn Runner> {
 
 meo_tests::conformance_suite!(&open_cpu);
 meo_tests::recurrent_suite!(&open_cpu);
+meo_tests::cpu_only_suite!(&open_cpu);
 
 /// A hybrid model's session state: a KV cache for the attention layers only, a fixed-size
 /// recurrent state for the others; truncation and reset semantics.
@@ -55,20 +56,22 @@ mod recurrent_state {
     /// experts. The prompt runs vanilla (same logits), later tokens run merged experts.
     #[test]
     fn prompt_mode_merges_only_the_moe_layers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = convert_fixture("qwen3_next", DType::F32, DType::F32, tmp.path());
-        let m = Model::open(&path).unwrap();
-        let rf = reference("qwen3_next");
-        let mut vanilla = Session::new(&m, SessionOptions::default()).unwrap();
-        let mut s = Session::new(&m, SessionOptions::default()).unwrap();
-        let opts = meo::MergeOptions { mode: meo::Mode::Prompt(Default::default()), ..Default::default() };
-        assert_eq!(s.set_mode(opts).unwrap(), vec![0, 1, 2, 3]);
-        assert_eq!(s.forward(&rf.input_ids).unwrap(), vanilla.forward(&rf.input_ids).unwrap());
-        assert_eq!(s.merged_layers(), vec![0, 1, 2, 3]);
-        let merged = s.forward(&rf.greedy[..1]).unwrap().to_vec();
-        let exact = vanilla.forward(&rf.greedy[..1]).unwrap();
-        assert!(merged.iter().all(|v| v.is_finite()));
-        assert_ne!(&merged[..], exact, "merged experts are an approximation");
+        for name in ["qwen3_next", "qwen3_5_moe"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+            let m = Model::open(&path).unwrap();
+            let rf = reference(name);
+            let mut vanilla = Session::new(&m, SessionOptions::default()).unwrap();
+            let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+            let opts = meo::MergeOptions { mode: meo::Mode::Prompt(Default::default()), ..Default::default() };
+            assert_eq!(s.set_mode(opts).unwrap(), vec![0, 1, 2, 3], "{name}");
+            assert_eq!(s.forward(&rf.input_ids).unwrap(), vanilla.forward(&rf.input_ids).unwrap(), "{name}");
+            assert_eq!(s.merged_layers(), vec![0, 1, 2, 3], "{name}");
+            let merged = s.forward(&rf.greedy[..1]).unwrap().to_vec();
+            let exact = vanilla.forward(&rf.greedy[..1]).unwrap();
+            assert!(merged.iter().all(|v| v.is_finite()), "{name}");
+            assert_ne!(&merged[..], exact, "{name}: merged experts are an approximation");
+        }
     }
 }
 

@@ -77,8 +77,7 @@ pub(crate) fn model_config(
     let top_k = j.opt_usize("num_experts_per_tok")?.unwrap_or(4);
     ensure!(top_k > 0 && top_k <= experts, "num_experts_per_tok {top_k} must be in 1..={experts}");
     let dense = j.opt_usize("num_dense_layers")?.unwrap_or(2);
-    let layer_ffn: Vec<FfnKind> =
-        (0..layers).map(|l| if l < dense { FfnKind::Dense } else { FfnKind::Moe }).collect();
+    let layer_ffn: Vec<FfnKind> = (0..layers).map(|l| if l < dense { FfnKind::Dense } else { FfnKind::Moe }).collect();
     let types: Vec<String> = match j.raw("layer_types") {
         Some(v) => serde_json::from_value(v.clone()).context("layer_types must be a list of strings")?,
         None => bail!("key \"layer_types\" is missing (which layers are convolutions)"),
@@ -120,7 +119,11 @@ pub(crate) fn model_config(
         clip_qkv: None,
         tie_word_embeddings: tie,
         intermediate_size: if dense > 0 { j.opt_usize("intermediate_size")?.unwrap_or(7168) } else { 0 },
-        expert_intermediate_size: if dense < layers { j.opt_usize("moe_intermediate_size")?.unwrap_or(1792) } else { 0 },
+        expert_intermediate_size: if dense < layers {
+            j.opt_usize("moe_intermediate_size")?.unwrap_or(1792)
+        } else {
+            0
+        },
         shared_expert_intermediate_size: 0,
         layer_window: vec![0; layers],
         layer_ffn,

@@ -9,18 +9,22 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod dots1;
 mod ernie4_5_moe;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
 mod granitemoehybrid;
+mod hunyuan_v1_moe;
 mod lfm2_moe;
+mod llama4;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
 mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
+mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
 pub mod switch_transformers;
@@ -158,6 +162,9 @@ pub enum FusedLayout {
     /// GPT-OSS: transposed, `gate_up [E, H, 2I]` with gate at even and up at odd columns,
     /// `down [E, I, H]`, plus `<gate_up>_bias [E, 2I]` (interleaved alike) and `<down>_bias [E, H]`.
     TransposedInterleaved,
+    /// Llama-4: transposed, `gate_up [E, H, 2I]` with gate the first I columns and up the
+    /// last I, `down [E, I, H]`; no biases.
+    TransposedHalves,
 }
 
 /// Recipe features beyond the Llama-style decoder, as data (`Kind::Extended`).
@@ -207,6 +214,9 @@ pub struct Features {
     /// The final norm's checkpoint name when not `model.norm.weight` (LFM2's
     /// `model.embedding_norm.weight`).
     pub output_norm: Option<&'static str>,
+    /// `(from, to)` pairs: checkpoint tensors named `from…` are read as `to…` (a multimodal
+    /// checkpoint's text model, e.g. under `model.language_model.`, is the causal LM's `model.`).
+    pub renamed_prefixes: &'static [(&'static str, &'static str)],
 }
 
 /// How a checkpoint stores a gated DeltaNet layer's input projections (under
@@ -217,6 +227,10 @@ pub enum DeltaLayout {
     /// q, k, then the `r = v_heads / k_heads` value heads' v, then their z; `in_proj_ba`
     /// `[k_heads · 2r, h]` with per key head its r b rows, then its r a rows.
     FusedPerKeyHead,
+    /// Qwen3.5: `in_proj_qkv` `[2 k_heads · k_dim + v_heads · v_dim, h]` (all q rows, all k
+    /// rows, all v rows), `in_proj_z` `[v_heads · v_dim, h]`, `in_proj_b` and `in_proj_a`
+    /// `[v_heads, h]`; value head `j` reads key head `j / r`.
+    Separate,
 }
 
 impl Features {
@@ -240,6 +254,7 @@ impl Features {
         position_embedding_type: false,
         short_conv: false,
         output_norm: None,
+        renamed_prefixes: &[],
     };
 }
 
@@ -264,6 +279,12 @@ pub const FAMILIES: &[&Family] = &[
     &granitemoehybrid::FAMILY,
     &lfm2_moe::FAMILY,
     &ernie4_5_moe::FAMILY,
+    &qwen3_5_moe::FAMILY,
+    &qwen3_5_moe::FAMILY_MULTIMODAL,
+    &llama4::FAMILY,
+    &llama4::FAMILY_MULTIMODAL,
+    &hunyuan_v1_moe::FAMILY,
+    &dots1::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -313,6 +334,9 @@ pub enum Pick {
     /// the canonical tensor is rows `start..start + len` of every block, in block order
     /// (a projection fused per head group, e.g. Qwen3-Next's `in_proj_qkvz`).
     RowBlocks { cols: u64, block: u64, start: u64, len: u64 },
+    /// The elements are a row-major `[rows, cols]` matrix; the canonical tensor is its columns
+    /// `start..start + len` as rows: `[len, rows]` (a transpose of a column block).
+    ColumnRange { rows: u64, cols: u64, start: u64, len: u64 },
     /// As stored, plus one: a zero-centred norm weight (`x̂ · (1 + w)`) stored as the plain
     /// weight `1 + w` (computed in f32, as transformers does).
     PlusOne,
@@ -342,6 +366,21 @@ impl Source {
                     self.tensor
                 );
                 Ok(v.chunks_exact(block * cols).flat_map(|b| &b[start * cols..(start + len) * cols]).copied().collect())
+            }
+            Pick::ColumnRange { rows, cols, start, len } => {
+                let (rows, cols, start, len) = (rows as usize, cols as usize, start as usize, len as usize);
+                ensure!(
+                    start.checked_add(len).is_some_and(|e| e <= cols) && rows.checked_mul(cols) == Some(v.len()),
+                    "{}: cannot take columns {start}..{start}+{len} of a [{rows}, {cols}] block",
+                    self.tensor
+                );
+                let mut out = vec![0.0f32; len * rows];
+                for (r, row) in v.chunks_exact(cols).enumerate() {
+                    for (j, &x) in row[start..start + len].iter().enumerate() {
+                        out[j * rows + r] = x;
+                    }
+                }
+                Ok(out)
             }
             Pick::Columns { rows, cols, start, step } => {
                 let (rows, cols, start, step) = (rows as usize, cols as usize, start as usize, step as usize);
@@ -572,6 +611,9 @@ impl HfModel {
             parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
         let quantization = quantized::Method::from_config(&raw).with_context(|| cfg_path.display().to_string())?;
         let mut checkpoint = Checkpoint::open(dir)?;
+        for (from, to) in family.kind.features().renamed_prefixes {
+            checkpoint.rename_prefix(from, to).with_context(|| dir.display().to_string())?;
+        }
         checkpoint.dequantize(quantization.as_ref()).with_context(|| dir.display().to_string())?;
         // Everything sized from the config below (expert layouts, the tensor list) comes after
         // this: the sizes must describe no more weights than the checkpoint holds.
@@ -661,7 +703,7 @@ impl HfModel {
                 let d = ck.get(&down).with_context(|| format!("checkpoint has {gate_up} but no {down}"))?;
                 let (gu_shape, d_shape) = match features.fused_layout {
                     FusedLayout::GateUpRows => ([e, 2 * i, h], [e, h, i]),
-                    FusedLayout::TransposedInterleaved => ([e, h, 2 * i], [e, i, h]),
+                    FusedLayout::TransposedInterleaved | FusedLayout::TransposedHalves => ([e, h, 2 * i], [e, i, h]),
                 };
                 ensure!(t.shape == gu_shape, "{gate_up}: shape {:?}, expected {gu_shape:?}", t.shape);
                 ensure!(d.shape == d_shape, "{down}: shape {:?}, expected {d_shape:?}", d.shape);
@@ -817,6 +859,22 @@ impl HfModel {
                 let start = if suffix == "mixer.b.weight" { 0 } else { r };
                 blocks(p("in_proj_ba"), &[nk * 2 * r, h], 2 * r, start, r)
             }
+            (DeltaLayout::Separate, "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight") => {
+                // Rows: every q head, every k head, then every v head.
+                let name = p("in_proj_qkv");
+                expect(&name, &[2 * nk * dk + nv * dv, h])?;
+                let first = match suffix {
+                    "mixer.q.weight" => 0,
+                    "mixer.k.weight" => nk * dk * h,
+                    _ => 2 * nk * dk * h,
+                };
+                Ok(Some(Source::whole(name, first, numel)))
+            }
+            (DeltaLayout::Separate, "mixer.z.weight" | "mixer.b.weight" | "mixer.a.weight") => {
+                let name = p(&format!("in_proj_{}", &suffix["mixer.".len()..suffix.len() - ".weight".len()]));
+                expect(&name, &c.shape)?;
+                Ok(Some(Source::whole(name, 0, numel)))
+            }
             _ => Ok(None),
         }
     }
@@ -908,6 +966,26 @@ impl HfModel {
                             first: x * h * 2 * i,
                             count: h * 2 * i,
                             pick: Pick::Columns { rows: h, cols: 2 * i, start: part as u64, step: 2 },
+                        },
+                        _ => Source {
+                            tensor: down.clone(),
+                            first: x * i * h,
+                            count: i * h,
+                            pick: Pick::Columns { rows: i, cols: h, start: 0, step: 1 },
+                        },
+                    })
+                }
+                Some(Experts::Fused { gate_up, down, layout: FusedLayout::TransposedHalves, .. }) => {
+                    // gate_up_proj[e] is [H, 2I]: gate = columns [0, I), up = [I, 2I);
+                    // down_proj[e] is [I, H]. Both transposed into the canonical [out, in].
+                    let (h, i) = (self.config.hidden_size as u64, self.config.expert_intermediate_size as u64);
+                    let x = expert as u64;
+                    Ok(match part {
+                        0 | 1 => Source {
+                            tensor: gate_up.clone(),
+                            first: x * h * 2 * i,
+                            count: h * 2 * i,
+                            pick: Pick::ColumnRange { rows: h, cols: 2 * i, start: part as u64 * i, len: i },
                         },
                         _ => Source {
                             tensor: down.clone(),

@@ -132,21 +132,8 @@ pub(crate) fn attention(
             }
         }
     }
-    // q/k norm: over each head's values, or over the whole projection.
-    let norm_width = match a.qk_norm {
-        QkNorm::None => 0,
-        QkNorm::PerHead => hd,
-        QkNorm::Full => usize::MAX,
-    };
-    if norm_width != 0 {
-        for (buf, w, width) in [(&mut s.q, &a.q_norm, qd), (&mut s.k, &a.k_norm, kvd)] {
-            if let Some(w) = w {
-                w.read(bytes, &mut s.w);
-                for piece in buf.chunks_mut(norm_width.min(width)) {
-                    rmsnorm_in_place(piece, &s.w, eps);
-                }
-            }
-        }
+    if !a.qk_norm_after_rope {
+        qk_norm(bytes, a, eps, s);
     }
     if let Some(c) = a.clip {
         for v in s.q.iter_mut().chain(s.k.iter_mut()).chain(s.v.iter_mut()) {
@@ -159,6 +146,25 @@ pub(crate) fn attention(
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {
             rope.rotate(head, &s.cos, &s.sin);
+        }
+    }
+    if a.qk_norm_after_rope {
+        qk_norm(bytes, a, eps, s);
+    }
+    if a.qk_rms_after_rope {
+        // Llama-4's L2Norm: x · rsqrt(mean(x²) + eps), no weight (times 1, exact).
+        resize(&mut s.w, hd);
+        s.w.fill(1.0);
+        for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
+            rmsnorm_in_place(head, &s.w, eps);
+        }
+    }
+    if let Some((floor_scale, scale)) = a.temperature {
+        // Llama-4's temperature tuning, in f32 as transformers computes it.
+        for (tok, row) in s.q.chunks_mut(qd).enumerate() {
+            let p = (pos0 + tok) as f32;
+            let f = libm::log1pf(libm::floorf((p + 1.0) / floor_scale)) * scale + 1.0;
+            row.iter_mut().for_each(|v| *v *= f);
         }
     }
     cache.append(&s.k, &s.v, nkv, hd, hd);
@@ -194,6 +200,7 @@ pub(crate) fn attention(
         t,
         pos0,
         window: a.window,
+        chunk: a.chunk,
         scale: a.scale,
         causal: a.causal,
     }
@@ -221,6 +228,25 @@ pub(crate) fn attention(
     }
 }
 
+/// The q/k norm (`model.qk_norm`) on `s.q` and `s.k`: over each head's values, or over the
+/// whole projection.
+fn qk_norm(bytes: &[u8], a: &AttnPlan, eps: f32, s: &mut AttnScratch) {
+    let (qd, kvd) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+    let norm_width = match a.qk_norm {
+        QkNorm::None => return,
+        QkNorm::PerHead => a.head_dim,
+        QkNorm::Full => usize::MAX,
+    };
+    for (buf, w, width) in [(&mut s.q, &a.q_norm, qd), (&mut s.k, &a.k_norm, kvd)] {
+        if let Some(w) = w {
+            w.read(bytes, &mut s.w);
+            for piece in buf.chunks_mut(norm_width.min(width)) {
+                rmsnorm_in_place(piece, &s.w, eps);
+            }
+        }
+    }
+}
+
 /// Everything the per-head part of [`attention`] (and of MLA's) reads: queries
 /// `[T, heads · hk]`, the cached keys `[positions, hk]` and values `[positions, hv]` of each
 /// kv head, and the options of the layer.
@@ -239,6 +265,8 @@ pub(crate) struct Heads<'a> {
     pub(crate) t: usize,
     pub(crate) pos0: usize,
     pub(crate) window: usize,
+    /// Attend within aligned chunks of this many positions; 0 = all.
+    pub(crate) chunk: usize,
     pub(crate) scale: f32,
     pub(crate) causal: bool,
 }
@@ -292,6 +320,7 @@ impl Heads<'_> {
             } else {
                 (0, i)
             };
+            let lo = if self.chunk > 0 { lo.max(i - i % self.chunk) } else { lo };
             let span = hi + 1 - lo;
             scores.clear();
             scores.resize(g * span, 0.0);
@@ -345,6 +374,7 @@ mod tests {
                 (true, 0) => (0, i),
                 (true, w) => ((i + 1).saturating_sub(w), i),
             };
+            let lo = if h.chunk > 0 { lo.max((i / h.chunk) * h.chunk) } else { lo };
             let qv = &h.q[tok * nh * hk + head * hk..][..hk];
             let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[kvh][j * hk..][..hk]) * h.scale).collect();
             if let Some((table, bucket)) = h.rel {
@@ -399,7 +429,12 @@ mod tests {
         let table: Vec<f32> = (0..6 * nh).map(|_| rnd()).collect();
         let bucket: Vec<usize> = (0..2 * total - 1).map(|r| r % 6).collect();
         let sinks: Vec<f32> = (0..nh).map(|_| rnd()).collect();
-        for (causal, window, rel, sink) in [(true, 0, false, false), (true, 4, false, true), (false, 0, true, false)] {
+        for (causal, window, chunk, rel, sink) in [
+            (true, 0, 0, false, false),
+            (true, 4, 0, false, true),
+            (false, 0, 0, true, false),
+            (true, 0, 8, false, false),
+        ] {
             let h = Heads {
                 q: &q,
                 k: &cache.k,
@@ -413,11 +448,13 @@ mod tests {
                 t,
                 pos0,
                 window,
+                chunk,
                 scale: 0.3,
                 causal,
             };
-            let what =
-                format!("kv heads {nkv}, widths {hk}/{hv}, causal {causal} window {window} rel {rel} sink {sink}");
+            let what = format!(
+                "kv heads {nkv}, widths {hk}/{hv}, causal {causal} window {window} chunk {chunk} rel {rel} sink {sink}"
+            );
             let mut want = vec![0.0; nh * t * hv];
             for (head, o) in want.chunks_mut(t * hv).enumerate() {
                 one_head(&h, head, o);

@@ -208,14 +208,16 @@ pub(crate) fn moe(
     trace.on_experts_selected(layer, &s.selected);
 
     out.fill(0.0);
-    if t == 1 && decode_experts(par, bytes, p, x, s, out) {
+    // Weights on the inputs: each expert reads its own scaled copy of x.
+    let on_input = spec.weight_on_input;
+    if t == 1 && !on_input && decode_experts(par, bytes, p, x, s, out) {
         shared(par, bytes, p, spec, x, t, s, out);
         return;
     }
     if t > 1
         && par.threads() > 1
         && s.selected.len() >= 2 * par.threads()
-        && prompt_experts(par, bytes, p, x, t, s, out)
+        && prompt_experts(par, bytes, p, x, t, on_input, s, out)
     {
         shared(par, bytes, p, spec, x, t, s, out);
         return;
@@ -225,8 +227,8 @@ pub(crate) fn moe(
         let group = &s.assign[s.starts[ei]..s.starts[ei + 1]];
         let n = group.len();
         resize(&mut s.xs, n * h);
-        for (row, &(tok, _)) in s.xs.chunks_mut(h).zip(group) {
-            row.copy_from_slice(&x[tok * h..][..h]);
+        for (row, &(tok, w)) in s.xs.chunks_mut(h).zip(group) {
+            gather_row(row, &x[tok * h..][..h], on_input.then_some(w));
         }
         resize(&mut s.ys, n * h);
         let ex = &p.experts[ei];
@@ -234,9 +236,7 @@ pub(crate) fn moe(
         let slab = &bytes[ex.slab.clone()];
         mlp(par, slab, &ex.mlp, &s.xs, n, &mut s.mlp, &mut s.ys);
         for (row, &(tok, w)) in s.ys.chunks(h).zip(group) {
-            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
-                *o += v * w;
-            }
+            scatter_row(&mut out[tok * h..][..h], row, (!on_input).then_some(w));
         }
     }
 
@@ -299,12 +299,14 @@ pub(crate) fn predict(
 /// general path. Each value is computed by the same kernels as there, so the results are equal.
 /// False (nothing done) when the padded output buffer would exceed [`PROMPT_EXPERTS_MAX_BYTES`]
 /// (very long prompts): the caller then runs the experts one by one.
+#[allow(clippy::too_many_arguments)]
 fn prompt_experts(
     par: &dyn Parallel,
     bytes: &[u8],
     p: &MoePlan,
     x: &[f32],
     t: usize,
+    on_input: bool,
     s: &mut FfnScratch,
     out: &mut [f32],
 ) -> bool {
@@ -324,8 +326,8 @@ fn prompt_experts(
         let ei = order[i];
         let g = group(ei);
         let mut xs = alloc::vec![0.0f32; g.len() * h];
-        for (row, &(tok, _)) in xs.chunks_mut(h).zip(g) {
-            row.copy_from_slice(&x[tok * h..][..h]);
+        for (row, &(tok, w)) in xs.chunks_mut(h).zip(g) {
+            gather_row(row, &x[tok * h..][..h], on_input.then_some(w));
         }
         let ex = &p.experts[ei as usize];
         // The expert's matrices are read only through its slab.
@@ -337,12 +339,26 @@ fn prompt_experts(
     rank.sort_unstable();
     for (ei, i) in rank {
         for (row, &(tok, w)) in s.ys[i * most * h..].chunks(h).zip(group(ei)) {
-            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
-                *o += v * w;
-            }
+            scatter_row(&mut out[tok * h..][..h], row, (!on_input).then_some(w));
         }
     }
     true
+}
+
+/// An expert's input row: `x`, times the routing weight when it applies to the input.
+fn gather_row(row: &mut [f32], x: &[f32], w: Option<f32>) {
+    match w {
+        Some(w) => row.iter_mut().zip(x).for_each(|(r, &v)| *r = v * w),
+        None => row.copy_from_slice(x),
+    }
+}
+
+/// Adds an expert's output row to `out`, times the routing weight when it applies to the output.
+fn scatter_row(out: &mut [f32], row: &[f32], w: Option<f32>) {
+    match w {
+        Some(w) => out.iter_mut().zip(row).for_each(|(o, &v)| *o += v * w),
+        None => out.iter_mut().zip(row).for_each(|(o, &v)| *o += v),
+    }
 }
 
 /// Largest output buffer [`prompt_experts`] allocates (longer prompts take the general path).

@@ -125,6 +125,7 @@ pub(crate) fn attention(
         t,
         pos0,
         window: a.window,
+        chunk: 0,
         scale: a.scale,
         causal: true,
     }

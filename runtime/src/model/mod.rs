@@ -14,15 +14,15 @@
 mod attention;
 pub mod bank;
 mod delta;
-mod mamba;
-mod recurrent;
-mod short_conv;
 pub mod exec;
 mod ffn;
+mod mamba;
 mod meo;
 mod mla;
 pub mod plan;
+mod recurrent;
 mod session;
+mod short_conv;
 mod trace;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
@@ -374,7 +374,7 @@ impl Model {
             return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
         }
         let dtype = dtype.unwrap_or(experts[0].mlp.up.dtype);
-        Ok(crate::merge::merge_expert(&experts, w, dtype))
+        Ok(crate::merge::merge_expert(&experts, w, dtype, crate::merge::Mass::of(&self.config.router)))
     }
 
     /// Runs one expert on `x` (`[t, hidden]`) into `out` (`[t, hidden]`), on this thread.
@@ -508,7 +508,9 @@ impl Model {
             let window = match attn {
                 plan::Attention::Gqa(a) => a.window,
                 plan::Attention::Mla(a) => a.window,
-                plan::Attention::GatedDeltaNet(_) | plan::Attention::Mamba2(_) | plan::Attention::ShortConv(_) => return 0,
+                plan::Attention::GatedDeltaNet(_) | plan::Attention::Mamba2(_) | plan::Attention::ShortConv(_) => {
+                    return 0;
+                }
             };
             let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
             (n * (kw + vw) * core::mem::size_of::<f32>()) as u64

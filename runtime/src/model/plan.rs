@@ -144,6 +144,16 @@ pub struct AttnPlan {
     /// `[heads · head_dim, h]`: the output is multiplied by `sigmoid(gate · x)` before `o`
     /// (`model.attention_output_gate`).
     pub gate: Option<Mat>,
+    /// Attend within aligned chunks of this many positions (`model.layer_chunk`); 0 = all.
+    pub chunk: usize,
+    /// RMS-normalise each q and k head without a weight after RoPE (`model.qk_rms_after_rope`,
+    /// on layers with RoPE).
+    pub qk_rms_after_rope: bool,
+    /// Apply `qk_norm` after RoPE instead of before (`model.qk_norm_after_rope`).
+    pub qk_norm_after_rope: bool,
+    /// `(floor_scale, scale)` of the query temperature (`model.nope_temperature_*`, on NoPE
+    /// layers).
+    pub temperature: Option<(f32, f32)>,
 }
 
 /// A gated DeltaNet layer (`Mixer::GatedDeltaNet`; `docs/FORMAT.md`, gated DeltaNet).
@@ -721,9 +731,7 @@ impl<'f, 'a> Builder<'f, 'a> {
                 Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?))
             }
             (crate::config::Mixer::Mamba2, _) => Attention::Mamba2(alloc::boxed::Box::new(self.mamba2(l)?)),
-            (crate::config::Mixer::ShortConv, _) => {
-                Attention::ShortConv(alloc::boxed::Box::new(self.short_conv(l)?))
-            }
+            (crate::config::Mixer::ShortConv, _) => Attention::ShortConv(alloc::boxed::Box::new(self.short_conv(l)?)),
             (crate::config::Mixer::Attention, Some(a)) => Attention::Mla(self.mla(l, a)?),
             (crate::config::Mixer::Attention, None) => Attention::Gqa(self.gqa(l)?),
         };
@@ -878,7 +886,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             norm: self.layer_vec(l, "attn_norm.weight", h)?,
             norm_bias: self.norm_bias(l, "attn_norm")?,
             o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
-            rope: c.recipe.positions == Positions::Rope,
+            rope: c.layer_rope(l),
             rope_dim: c.rotary_dim(),
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
@@ -906,6 +914,10 @@ impl<'f, 'a> Builder<'f, 'a> {
             } else {
                 None
             },
+            chunk: c.layer_chunk(l),
+            qk_rms_after_rope: c.recipe.qk_rms_after_rope && c.layer_rope(l),
+            qk_norm_after_rope: c.recipe.qk_norm_after_rope,
+            temperature: c.recipe.nope_temperature.filter(|_| c.recipe.layer_nope.get(l) == Some(&true)),
         };
         Ok(attn)
     }

@@ -276,6 +276,10 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     if c.recipe.attention_output_gate {
         return Err(ExportError::Unsupported("a gated attention output (model.attention_output_gate)".into()));
     }
+    // Attention and routing variants without a graph yet (Llama-4, Hunyuan-MoE).
+    if let Some(key) = c.cpu_only_variant() {
+        return Err(ExportError::Unsupported(format!("{key} (the cpu target runs it)")));
+    }
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };
     let vocab = c.vocab_size;
@@ -382,7 +386,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
+            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
+                continue;
+            }
             Attention::Mla(a) => a.rope,
         };
         if tables.contains_key(&dim) {

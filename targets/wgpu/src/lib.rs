@@ -643,7 +643,9 @@ impl<'m> WgpuTarget<'m> {
             let nf = match &lp.attn {
                 Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
-                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
+                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
+                    continue;
+                }
             };
             if nf == 0 || rope_tables.contains_key(&nf) {
                 continue;
@@ -1459,6 +1461,10 @@ pub fn supports(model: &Model) -> Result<(), TargetError> {
     // Partial rotary (`model.rope_dim`) runs (the RoPE shader takes the rotated width).
     if r.attention_output_gate {
         return Err(unsupported("a gated attention output (model.attention_output_gate)"));
+    }
+    // Attention and routing variants without shaders yet (Llama-4, Hunyuan-MoE).
+    if let Some(key) = model.config().cpu_only_variant() {
+        return Err(unsupported(format!("{key} (the cpu target runs it)")));
     }
     for (l, k) in model.config().layer_ffn.iter().enumerate() {
         match k {

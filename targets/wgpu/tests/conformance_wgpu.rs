@@ -69,3 +69,15 @@ fn short_conv_is_refused_by_name() {
     assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv, .. }), "{e}");
     assert!(e.to_string().contains("short_conv"), "{e}");
 }
+
+/// Llama-4's attention and routing variants have no shaders here yet: the target refuses the
+/// model with a typed error naming the first metadata key it lacks.
+#[test]
+fn cpu_only_variants_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("llama4", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("Llama-4 must be refused") };
+    assert!(matches!(&e, meo::TargetError::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("model.layer_nope"), "{e}");
+}
