@@ -902,9 +902,9 @@ pub fn compare_with_cpu(name: &str, model: &meo::Model, r: &mut dyn Runner, prom
     dmax
 }
 
-/// Fixtures of hybrid models (recurrent token mixers beside attention). The CPU target runs
-/// them ([`recurrent_suite!`](crate::recurrent_suite)); wgpu and ONNX refuse them by name
-/// (`TargetError::UnsupportedMixer`, `ExportError::UnsupportedMixer`), so they are not in
+/// Fixtures of hybrid models (recurrent token mixers beside attention), run by every target
+/// through [`recurrent_suite!`](crate::recurrent_suite) (the CPU, wgpu and ONNX Runtime; not
+/// the fixed-shape ONNX form, which refuses recurrent layers by name), so they are not in
 /// [`FIXTURES`].
 pub const RECURRENT_FIXTURES: [&str; 1] = ["qwen3_next"];
 

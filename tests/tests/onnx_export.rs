@@ -405,6 +405,16 @@ fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully
     let p = tmp.path().join("switch.onnx");
     export::write(&e, &p, false).unwrap();
     let mut checked = vec![p];
+    // A hybrid (gated DeltaNet layers: the delta rule as a `Scan` with its body graph; a gated
+    // attention output), dynamic only (the fixed-shape form refuses recurrent layers).
+    let path = meo_tests::conformance::convert_fixture("qwen3_next", DType::Q8_0, DType::F16, tmp.path());
+    let hy = Model::open(&path).unwrap();
+    let e = export::export(&hy, &ExportOptions::default()).unwrap();
+    let ops: std::collections::BTreeSet<&str> = e.model.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(ops.contains("Scan") && ops.contains("Conv"), "{ops:?}");
+    let p = tmp.path().join("qwen3_next.onnx");
+    export::write(&e, &p, false).unwrap();
+    checked.push(p);
     // The NPU deployment form: task-merged, per-channel int8 weights, fixed shapes.
     let up = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
     let npu =
