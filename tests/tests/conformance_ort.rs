@@ -95,11 +95,15 @@ fn synthetic_recipe_variants_match_the_cpu() {
     });
 }
 
-// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet layers, their state carried between
-// calls as `past_conv.L`/`past_state.L` → `present_*`, beside attention with a gated output):
-// the same suite, plus a prompt fed whole, token by token and in two pieces giving identical
-// logits and routing.
-meo_tests::recurrent_suite!(&open_ort);
+/// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet layers, their state carried between
+/// calls as `past_conv.L`/`past_state.L` → `present_*`, beside attention with a gated output):
+/// the suite's f32 and int8 checks. Not its bitwise prompt-vs-decode check: ONNX Runtime's
+/// GEMMs round a one-row call differently from a many-row one (as for every family here), so
+/// prompts against decoding are compared within the suite's tolerance instead (below).
+mod recurrent {
+    use super::*;
+    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next",);
+}
 
 /// The hybrid graph against the CPU target call by call: the prompt in two calls, then decode
 /// steps one token each (the state carried by the runtime wrapper), within the suite's
