@@ -23,9 +23,7 @@
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
-use meo::model::plan::{
-    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector,
-};
+use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
 use meo::{DType, ExecPlan, LayerExec, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -380,8 +378,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     if fixed.is_some() {
         g.input(POSITION_INPUT, DataType::INT64, &[Dim::Fixed(1)]);
     }
-    for l in (0..c.num_layers).filter(|_| !encoder) {
-        match states[l] {
+    for (l, st) in states.iter().enumerate().filter(|_| !encoder) {
+        match *st {
             LayerState::Kv => {
                 let (k, v) = (GraphInfo::past_key(l), GraphInfo::past_value(l));
                 g.input(&k, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
@@ -464,8 +462,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) | Attention::GatedDeltaNet(_) => continue,
             Attention::Mla(a) => a.rope,
+            // No RoPE: attention without it, recurrent mixers.
+            _ => continue,
         };
         if tables.contains_key(&dim) {
             continue;
@@ -532,7 +531,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
     let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
         Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
-        Attention::Mla(_) | Attention::GatedDeltaNet(_) => None,
+        _ => None,
     }) {
         Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
         None => None,
@@ -631,8 +630,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     g.rename(&logits, "logits");
     g.output("logits", DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(vocab)]);
     let total_dim = if fixed.is_some() { past_dim.clone() } else { Dim::Sym("total") };
-    for l in 0..c.num_layers {
-        match states[l] {
+    for (l, st) in states.iter().enumerate() {
+        match *st {
             LayerState::Kv => {
                 let (k, v) = (GraphInfo::present_key(l), GraphInfo::present_value(l));
                 g.output(&k, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
@@ -705,7 +704,8 @@ fn window(a: &Attention) -> usize {
     match a {
         Attention::Gqa(a) => a.window,
         Attention::Mla(a) => a.window,
-        Attention::GatedDeltaNet(_) => 0,
+        // Recurrent mixers attend to nothing.
+        _ => 0,
     }
 }
 
@@ -1305,7 +1305,7 @@ impl<'m> Builder<'m> {
         let pre = format!("layers.{l}.mixer");
         let d = &p.dims;
         let (nk, nv, dk, dv, kw) = (d.num_k_heads, d.num_v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel);
-        if nk == 0 || nv % nk != 0 || kw == 0 {
+        if nk == 0 || !nv.is_multiple_of(nk) || kw == 0 {
             return Err(ExportError::Unsupported(format!(
                 "{pre}: {nv} value heads over {nk} key heads, convolution width {kw}"
             )));
@@ -1381,7 +1381,8 @@ impl<'m> Builder<'m> {
         let gdec = self.op("Mul", &[&sp, &neg_a], &[]);
         let decay = self.op("Exp", &[&gdec], &[]); // [T, nv]
         // The delta rule, token by token: a Scan over (q, k, v, β, decay) carrying S.
-        let body_in: Vec<String> = ["s", "q", "k", "v", "beta", "decay"].iter().map(|n| format!("{pre}.scan.{n}")).collect();
+        let body_in: Vec<String> =
+            ["s", "q", "k", "v", "beta", "decay"].iter().map(|n| format!("{pre}.scan.{n}")).collect();
         let outer = std::mem::take(&mut self.nodes);
         let (s_in, qt, kt, vt, bt, dt) = (&body_in[0], &body_in[1], &body_in[2], &body_in[3], &body_in[4], &body_in[5]);
         let col = self.shape(&format!("shape.{nv}.1.1"), &[nv as i64, 1, 1]);
@@ -1422,12 +1423,8 @@ impl<'m> Builder<'m> {
         };
         let body = AttributeProto { g: protobuf::MessageField::some(body), ..attr("body", AttributeType::GRAPH) };
         let past_state = GraphInfo::past_state(l);
-        let out = self.op_n(
-            "Scan",
-            &[&past_state, &q, &qk[1], &v, &beta, &decay],
-            &[body, int("num_scan_inputs", 5)],
-            2,
-        );
+        let out =
+            self.op_n("Scan", &[&past_state, &q, &qk[1], &v, &beta, &decay], &[body, int("num_scan_inputs", 5)], 2);
         self.rename(&out[0], &GraphInfo::present_state(l));
         // Gated RMSNorm per head: w · rmsnorm(o) · silu(z); then the output projection.
         let nw = self.vector(&format!("{pre}.norm.weight"), &p.out_norm);

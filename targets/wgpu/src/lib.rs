@@ -496,7 +496,7 @@ impl<'m> WgpuTarget<'m> {
         lbl: &dyn Fn(&str) -> String,
     ) -> Result<GDelta, TargetError> {
         let d = &p.dims;
-        if d.num_k_heads == 0 || d.num_v_heads % d.num_k_heads != 0 || d.conv_kernel == 0 {
+        if d.num_k_heads == 0 || !d.num_v_heads.is_multiple_of(d.num_k_heads) || d.conv_kernel == 0 {
             return Err(unsupported(format!(
                 "layer {l}: gated DeltaNet with {} value heads over {} key heads, convolution width {}",
                 d.num_v_heads, d.num_k_heads, d.conv_kernel
@@ -801,7 +801,8 @@ impl<'m> WgpuTarget<'m> {
                 }
                 (GAttnKind::Mla(ga), Attention::Mla(a)) => ops.mla(&mut enc, ga, a, &self.kv[l], &hbuf, &ybuf)?,
                 (GAttnKind::Delta(gd), Attention::GatedDeltaNet(p)) => {
-                    let state = self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
+                    let state =
+                        self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
                     ops.delta(&mut enc, gd, p, state, &hbuf, &ybuf)?
                 }
                 _ => return Err(unsupported(format!("layer {l}: attention kind does not match its plan"))),
@@ -1390,7 +1391,9 @@ impl Ops<'_> {
         let (kd, vd, cd) = (nk * dk, nv * dv, d.conv_dim());
         // q, k, v side by side in one row per token: the convolution's channels.
         let qkv = self.scratch("delta_qkv", t * cd)?;
-        for (m, off, width, name) in [(&gd.q, 0, kd, "delta_q"), (&gd.k, kd, kd, "delta_k"), (&gd.v, 2 * kd, vd, "delta_v")] {
+        for (m, off, width, name) in
+            [(&gd.q, 0, kd, "delta_q"), (&gd.k, kd, kd, "delta_k"), (&gd.v, 2 * kd, vd, "delta_v")]
+        {
             let y = self.scratch(name, t * width)?;
             self.mm(enc, x, t, m, &y)?;
             let cp = [width, 1, t, width, 0, 0, cd, 0, off].map(|v| v as u32);
@@ -1604,14 +1607,10 @@ impl Target for WgpuTarget<'_> {
     }
 }
 
-/// Whether this target has kernels for token mixer `m` (one arm per kind; a mixer without
-/// kernels here is refused by name, never run wrongly).
+/// Whether this target has kernels for token mixer `m` (one pattern per kind; any other kind is
+/// refused by name, never run wrongly).
 pub fn runs_mixer(m: meo::Mixer) -> bool {
-    match m {
-        meo::Mixer::Attention | meo::Mixer::GatedDeltaNet => true,
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
+    matches!(m, meo::Mixer::Attention | meo::Mixer::GatedDeltaNet)
 }
 
 /// Whether `model` has only layer kinds this target runs.

@@ -231,9 +231,18 @@ fn portable_int8_dot_gives_the_packed_results_on_4bit() {
 #[test]
 fn meo_modes_match_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in
-        ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "granitemoe", "glm4_moe", "phimoe", "qwen3_next"]
-    {
+    for name in [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v3",
+        "deepseek_v2",
+        "granitemoe",
+        "glm4_moe",
+        "phimoe",
+        "qwen3_next",
+    ] {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, true, tmp.path());
             for (label, mode) in [
