@@ -913,10 +913,10 @@ pub fn compare_with_cpu(name: &str, model: &meo::Model, r: &mut dyn Runner, prom
     dmax
 }
 
-/// Fixtures of hybrid models (recurrent token mixers beside attention). The CPU target runs
-/// them ([`recurrent_suite!`](crate::recurrent_suite)); wgpu and ONNX refuse them by name
-/// (`TargetError::UnsupportedMixer`, `ExportError::UnsupportedMixer`), so they are not in
-/// [`FIXTURES`].
+/// Fixtures of hybrid models (recurrent token mixers beside attention), so not in [`FIXTURES`].
+/// The CPU target runs them all ([`recurrent_suite!`](crate::recurrent_suite)); wgpu and ONNX
+/// Runtime run the gated DeltaNet ones their suites list (not the fixed-shape ONNX form, which
+/// refuses recurrent layers by name) and refuse Mamba2 and short convolutions by name.
 pub const RECURRENT_FIXTURES: [&str; 5] =
     ["qwen3_next", "granitemoehybrid", "lfm2_moe", "qwen3_5_moe", "qwen3_5_moe-multimodal"];
 

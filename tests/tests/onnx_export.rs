@@ -197,6 +197,37 @@ fn task_merged_meo_gpt2_matches_cpu_on_ort_and_tract() {
     check_task_merged(&gpt2(tmp.path(), DType::Q8_0), &["docs"], INT8_TOL, 0.95);
 }
 
+/// A hybrid (Qwen3-Next: gated DeltaNet layers, a gated attention output) task-merged: its MoE
+/// layers run the stored merge, its recurrent layers carry their state between calls; against
+/// the CPU target in the same task mode (ORT only: tract is not run on recurrent graphs).
+#[test]
+fn task_merged_hybrid_matches_cpu_on_ort() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("docs.txt");
+    std::fs::write(&text, DOCS.repeat(8)).unwrap();
+    let spec = MergeSpec {
+        tasks: vec![TaskSpec { name: "docs".into(), text }],
+        weighting: Weighting::MeanGate,
+        ..Default::default()
+    };
+    let out = tmp.path().join("qwen3_next.meo");
+    let opts = Options { experts: DType::F32, dense: DType::F32, align: true };
+    let dir = meo_tests::conformance::fixture_dir("qwen3_next");
+    convert::convert_with(&dir, &out, opts, &spec, &AtomicBool::new(false), |_| {})
+        .unwrap_or_else(|e| panic!("convert: {e:#}"));
+    let model = Model::open(&out).unwrap();
+    let vocab = model.config().vocab_size;
+    let ids = prompt(vocab);
+    let (_, greedy) = run(&mut cpu(&model, task("docs")), &ids);
+    let want = forced(&mut cpu(&model, task("docs")), &ids, &greedy);
+    let mut o = ort(&model, task("docs"), WeightFormat::Block);
+    assert!(!o.info().merged.is_empty() && o.info().routed.is_empty(), "{:?}", o.info());
+    let got = forced(&mut o, &ids, &greedy);
+    let (d, a) = (max_diff(&got, &want), top1_agreement(&got, &want, vocab));
+    println!("qwen3_next task docs: ORT-CPU vs meo-CPU max |Δlogit| {d:.3e}, top-1 agreement {a:.3}");
+    assert!(d <= TOL && a == 1.0, "max |Δlogit| {d}, top-1 agreement {a}");
+}
+
 /// 4-bit experts (Q4_0, MXFP4) exported in the block form: exact weights (Q4_0 through
 /// `MatMulNBits`, MXFP4 decoded in the graph from its planes) times f32 activations, against
 /// the CPU target's int8-quantised activations times the same weights. The error has the int8
@@ -405,6 +436,16 @@ fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully
     let p = tmp.path().join("switch.onnx");
     export::write(&e, &p, false).unwrap();
     let mut checked = vec![p];
+    // A hybrid (gated DeltaNet layers: the delta rule as a `Scan` with its body graph; a gated
+    // attention output), dynamic only (the fixed-shape form refuses recurrent layers).
+    let path = meo_tests::conformance::convert_fixture("qwen3_next", DType::Q8_0, DType::F16, tmp.path());
+    let hy = Model::open(&path).unwrap();
+    let e = export::export(&hy, &ExportOptions::default()).unwrap();
+    let ops: std::collections::BTreeSet<&str> = e.model.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(ops.contains("Scan") && ops.contains("Conv"), "{ops:?}");
+    let p = tmp.path().join("qwen3_next.onnx");
+    export::write(&e, &p, false).unwrap();
+    checked.push(p);
     // The NPU deployment form: task-merged, per-channel int8 weights, fixed shapes.
     let up = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
     let npu =

@@ -23,7 +23,7 @@
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
-use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
+use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
 use meo::{DType, ExecPlan, LayerExec, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -139,10 +139,23 @@ pub enum ExportError {
     Encode(String),
 }
 
+/// What one layer carries from call to call: graph inputs `past_*.L`, outputs `present_*.L`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerState {
+    /// A KV cache: `past_key.L`, `past_value.L` `[kv_heads, past, width]` (see [`GraphInfo`]).
+    Kv,
+    /// A gated DeltaNet layer's fixed-size state: `past_conv.L` `[conv_kernel − 1, conv_dim]`
+    /// (the convolution's last inputs, oldest first) and `past_state.L`
+    /// `[v_heads, k_dim, v_dim]` (the delta rule's state); zeros before the first token.
+    Delta { conv: [usize; 2], state: [usize; 3] },
+}
+
 /// The graph's interface, as a runtime needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphInfo {
     pub num_layers: usize,
+    /// Per layer: its cache or recurrent state (empty for an encoder).
+    pub layers: Vec<LayerState>,
     /// Heads of the KV cache (`num_heads` for MLA, whose cache holds decompressed keys).
     pub kv_heads: usize,
     /// Width of a cached key per head.
@@ -168,12 +181,42 @@ pub struct GraphInfo {
 impl GraphInfo {
     /// An empty KV cache for this graph, `(keys, values)` per layer: zeros over every slot in
     /// the fixed-shape form, empty otherwise (and no layers for an encoder).
+    /// A recurrent layer's pair is its zero state (`past_conv.L`, `past_state.L`).
     pub fn empty_cache(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
         if self.encoder.is_some() {
             return Vec::new();
         }
         let slots = self.static_shape.map_or(0, |s| s.context) * self.kv_heads;
-        (0..self.num_layers).map(|_| (vec![0.0; slots * self.head_dim], vec![0.0; slots * self.value_dim])).collect()
+        self.layers
+            .iter()
+            .map(|s| match s {
+                LayerState::Kv => (vec![0.0; slots * self.head_dim], vec![0.0; slots * self.value_dim]),
+                LayerState::Delta { conv, state } => {
+                    (vec![0.0; conv.iter().product()], vec![0.0; state.iter().product()])
+                }
+            })
+            .collect()
+    }
+
+    /// Layer `l`'s two `past_*` inputs and their shapes, the cache holding `slots` positions.
+    pub fn past(&self, l: usize, slots: usize) -> [(String, Vec<usize>); 2] {
+        match self.layers.get(l) {
+            Some(LayerState::Delta { conv, state }) => {
+                [(Self::past_conv(l), conv.to_vec()), (Self::past_state(l), state.to_vec())]
+            }
+            _ => [
+                (Self::past_key(l), vec![self.kv_heads, slots, self.head_dim]),
+                (Self::past_value(l), vec![self.kv_heads, slots, self.value_dim]),
+            ],
+        }
+    }
+
+    /// Layer `l`'s two `present_*` outputs (the same order as [`past`](Self::past)).
+    pub fn present(&self, l: usize) -> [String; 2] {
+        match self.layers.get(l) {
+            Some(LayerState::Delta { .. }) => [Self::present_conv(l), Self::present_state(l)],
+            _ => [Self::present_key(l), Self::present_value(l)],
+        }
     }
 
     pub fn past_key(l: usize) -> String {
@@ -187,6 +230,18 @@ impl GraphInfo {
     }
     pub fn present_value(l: usize) -> String {
         format!("present_value.{l}")
+    }
+    pub fn past_conv(l: usize) -> String {
+        format!("past_conv.{l}")
+    }
+    pub fn past_state(l: usize) -> String {
+        format!("past_state.{l}")
+    }
+    pub fn present_conv(l: usize) -> String {
+        format!("present_conv.{l}")
+    }
+    pub fn present_state(l: usize) -> String {
+        format!("present_state.{l}")
     }
     pub fn route_experts(l: usize) -> String {
         format!("route.{l}.experts")
@@ -265,16 +320,32 @@ pub fn write(e: &Exported, path: &Path, external: bool) -> Result<bool, ExportEr
 /// An unknown task or layer, or a recipe feature the exporter does not write yet.
 pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportError> {
     let c = model.config();
-    // Recurrent mixers have no graph here yet: refused by name, never exported wrongly.
+    // Per layer: a KV cache, or a recurrent state; a mixer with no graph here is refused by name.
+    let mut states = Vec::with_capacity(c.num_layers);
     for (layer, lp) in model.layer_plans().iter().enumerate() {
-        let mixer = lp.attn.mixer();
-        if mixer != meo::Mixer::Attention {
-            return Err(ExportError::UnsupportedMixer { layer, mixer });
-        }
+        states.push(match &lp.attn {
+            Attention::Gqa(_) | Attention::Mla(_) => LayerState::Kv,
+            Attention::GatedDeltaNet(p) => {
+                let d = &p.dims;
+                let conv = [d.conv_kernel.saturating_sub(1), d.conv_dim()];
+                LayerState::Delta { conv, state: [d.num_v_heads, d.k_head_dim, d.v_head_dim] }
+            }
+            #[allow(unreachable_patterns)]
+            _ => return Err(ExportError::UnsupportedMixer { layer, mixer: lp.attn.mixer() }),
+        });
     }
-    // Partial rotary (`model.rope_dim`) is exported (the RoPE tables cover the rotated part).
-    if c.recipe.attention_output_gate {
-        return Err(ExportError::Unsupported("a gated attention output (model.attention_output_gate)".into()));
+    let first_kv = states.iter().position(|s| *s == LayerState::Kv);
+    if states.iter().any(|s| *s != LayerState::Kv) {
+        if opts.static_shape.is_some() {
+            return Err(ExportError::Unsupported(
+                "a fixed-shape export of a recurrent mixer (the padding would enter its state)".into(),
+            ));
+        }
+        if first_kv.is_none() {
+            return Err(ExportError::Unsupported(
+                "a model without attention layers (positions are read from a KV cache input)".into(),
+            ));
+        }
     }
     // Attention and routing variants without a graph yet (Llama-4, Hunyuan-MoE).
     if let Some(key) = c.cpu_only_variant() {
@@ -311,9 +382,18 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     if fixed.is_some() {
         g.input(POSITION_INPUT, DataType::INT64, &[Dim::Fixed(1)]);
     }
-    for l in (0..c.num_layers).filter(|_| !encoder) {
-        g.input(&GraphInfo::past_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
-        g.input(&GraphInfo::past_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
+    for (l, st) in states.iter().enumerate().filter(|_| !encoder) {
+        match *st {
+            LayerState::Kv => {
+                let (k, v) = (GraphInfo::past_key(l), GraphInfo::past_value(l));
+                g.input(&k, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
+                g.input(&v, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
+            }
+            LayerState::Delta { conv, state } => {
+                g.input(&GraphInfo::past_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
+                g.input(&GraphInfo::past_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+            }
+        }
     }
     let one = g.const_i64("one", &[], &[1]);
     let zero = g.const_i64("zero", &[], &[0]);
@@ -335,7 +415,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         None => {
             let seq_shape = g.op("Shape", &["input_ids"], &[]);
             let seq = g.op("Gather", &[&seq_shape, &zero], &[int("axis", 0)]);
-            let past_shape = g.op("Shape", &[&GraphInfo::past_key(0)], &[]);
+            let past_shape = g.op("Shape", &[&GraphInfo::past_key(first_kv.unwrap_or(0))], &[]);
             let past = g.op("Gather", &[&past_shape, &one], &[int("axis", 0)]);
             let total = g.op("Add", &[&past, &seq], &[]);
             (g.op("Range", &[&past, &total, &one], &[]), g.op("Range", &[&zero, &total, &one], &[]))
@@ -386,10 +466,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
-                continue;
-            }
             Attention::Mla(a) => a.rope,
+            // No RoPE: attention without it, recurrent mixers.
+            _ => continue,
         };
         if tables.contains_key(&dim) {
             continue;
@@ -456,7 +535,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     // the last bucket, so relative positions are clamped to ±(max_distance + 1)).
     let rel_bias = match model.layer_plans().iter().find_map(|p| match &p.attn {
         Attention::Gqa(a) => a.rel_bias.as_ref().map(|rb| (rb, a)),
-        Attention::Mla(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => None,
+        _ => None,
     }) {
         Some((rb, a)) => Some(g.relative_bias(rb, a, &qpos, &kpos)?),
         None => None,
@@ -487,9 +566,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
         let y = match &plan.attn {
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
-            Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
-                return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() });
-            }
+            Attention::GatedDeltaNet(d) => g.delta_net(l, d, &hn)?,
+            #[allow(unreachable_patterns)]
+            _ => return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() }),
         };
         x = residual(&mut g, &x, &y);
         let hn = g.norm(&format!("{p}.ffn_norm"), &x, &plan.ffn_norm, plan.ffn_norm_bias.as_ref(), kind, eps)?;
@@ -522,8 +601,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             g.output(&GraphInfo::route_weights(l), DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(k)]);
         }
     };
-    let info = |static_shape, encoder| GraphInfo {
+    let info = |static_shape, encoder: Option<usize>| GraphInfo {
         num_layers: c.num_layers,
+        layers: if encoder.is_some() { Vec::new() } else { states.clone() },
         kv_heads: nkv,
         head_dim: kd,
         value_dim: vd,
@@ -554,9 +634,18 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     g.rename(&logits, "logits");
     g.output("logits", DataType::FLOAT, &[seq_dim.clone(), Dim::Fixed(vocab)]);
     let total_dim = if fixed.is_some() { past_dim.clone() } else { Dim::Sym("total") };
-    for l in 0..c.num_layers {
-        g.output(&GraphInfo::present_key(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
-        g.output(&GraphInfo::present_value(l), DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
+    for (l, st) in states.iter().enumerate() {
+        match *st {
+            LayerState::Kv => {
+                let (k, v) = (GraphInfo::present_key(l), GraphInfo::present_value(l));
+                g.output(&k, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
+                g.output(&v, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
+            }
+            LayerState::Delta { conv, state } => {
+                g.output(&GraphInfo::present_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
+                g.output(&GraphInfo::present_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+            }
+        }
     }
     route_outputs(&mut g);
     let info = info(fixed, None);
@@ -619,19 +708,20 @@ fn window(a: &Attention) -> usize {
     match a {
         Attention::Gqa(a) => a.window,
         Attention::Mla(a) => a.window,
-        Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => 0,
+        // Recurrent mixers attend to nothing.
+        _ => 0,
     }
 }
 
 /// (cache heads, key width, value width) per position, the same in every layer.
 fn cache_dims(model: &Model) -> Result<(usize, usize, usize), ExportError> {
     let dims = |a: &Attention| match a {
-        Attention::Gqa(a) => (a.num_kv_heads, a.head_dim, a.head_dim),
-        Attention::Mla(a) => (a.num_heads, a.nope + a.rope, a.v_dim),
-        // Refused by `export` before the cache is sized.
-        Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => (0, 0, 0),
+        Attention::Gqa(a) => Some((a.num_kv_heads, a.head_dim, a.head_dim)),
+        Attention::Mla(a) => Some((a.num_heads, a.nope + a.rope, a.v_dim)),
+        // Recurrent layers keep no KV cache.
+        _ => None,
     };
-    let mut it = model.layer_plans().iter().map(|p| dims(&p.attn));
+    let mut it = model.layer_plans().iter().filter_map(|p| dims(&p.attn));
     let first = it.next().ok_or_else(|| ExportError::Unsupported("a model without layers".into()))?;
     if let Some(other) = it.find(|d| *d != first) {
         return Err(ExportError::Unsupported(format!(
@@ -1109,7 +1199,13 @@ impl<'m> Builder<'m> {
             return Err(ExportError::Unsupported(format!("{p}: relative position bias without its table")));
         }
         let dims = HeadDims { heads: nh, kv_heads: nkv, key: hd, value: hd, rel_bias: a.rel_bias.is_some() };
-        let o = self.attend(l, &q, &k, &v, dims, a.scale, sinks.as_deref(), ctx);
+        let mut o = self.attend(l, &q, &k, &v, dims, a.scale, sinks.as_deref(), ctx);
+        if let Some(gm) = &a.gate {
+            // Gated attention output: o ⊙ sigmoid(gate · x), per head dimension.
+            let gv = self.linear(x, &format!("{p}.gate.weight"), gm, self.bytes, None)?;
+            let gs = self.op("Sigmoid", &[&gv], &[]);
+            o = self.op("Mul", &[&o, &gs], &[]);
+        }
         let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
         let ob = a.o_bias.as_ref().map(|b| self.vector(&format!("{p}.o.bias"), b));
         Ok(self.gemm(&o, &ow, ob.as_deref()))
@@ -1201,6 +1297,149 @@ impl<'m> Builder<'m> {
         let o = self.attend(l, &q, &k, &v, dims, a.scale, None, ctx);
         let ow = self.matrix(&format!("{p}.o.weight"), &a.o)?;
         Ok(self.gemm(&o, &ow, None))
+    }
+
+    /// The gated DeltaNet layer `l` on normalised `x` `[T, h]` (the CPU's `delta::delta_net`),
+    /// continuing from `past_conv.L` and `past_state.L`, writing `present_conv.L` and
+    /// `present_state.L`: the projections; the causal depthwise convolution as a grouped `Conv`
+    /// over the last `kernel − 1` inputs and this call's (SiLU); q and k L2-normalised per head
+    /// (q scaled); `β`, the decay; the delta rule over the tokens in order as a `Scan` carrying
+    /// the state; the gated RMSNorm; the output projection.
+    fn delta_net(&mut self, l: usize, p: &DeltaPlan, x: &str) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        let d = &p.dims;
+        let (nk, nv, dk, dv, kw) = (d.num_k_heads, d.num_v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel);
+        if nk == 0 || !nv.is_multiple_of(nk) || kw == 0 {
+            return Err(ExportError::Unsupported(format!(
+                "{pre}: {nv} value heads over {nk} key heads, convolution width {kw}"
+            )));
+        }
+        let (kd, vd, cd) = (nk * dk, nv * dv, d.conv_dim());
+        let bytes = self.bytes;
+        let mut proj = Vec::new();
+        for (m, part) in [(&p.q, "q"), (&p.k, "k"), (&p.v, "v"), (&p.z, "z"), (&p.b, "b"), (&p.a, "a")] {
+            proj.push(self.linear(x, &format!("{pre}.{part}.weight"), m, bytes, None)?);
+        }
+        let qkv = self.op("Concat", &[&proj[0], &proj[1], &proj[2]], &[int("axis", 1)]); // [T, cd]
+        // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
+        let past_conv = GraphInfo::past_conv(l);
+        let full = self.op("Concat", &[&past_conv, &qkv], &[int("axis", 0)]); // [kw − 1 + T, cd]
+        let present = if kw > 1 {
+            let start = self.const_i64(&format!("slice.-{}", kw - 1), &[1], &[-((kw - 1) as i64)]);
+            let end = self.const_i64("slice.end", &[1], &[i64::MAX]);
+            let ax0 = self.const_i64("axes0", &[1], &[0]);
+            self.op("Slice", &[&full, &start, &end, &ax0], &[])
+        } else {
+            self.op("Identity", &[&past_conv], &[])
+        };
+        self.rename(&present, &GraphInfo::present_conv(l));
+        let ax0 = self.const_i64("axes0", &[1], &[0]);
+        let xt = self.op("Transpose", &[&full], &[ints("perm", &[1, 0])]);
+        let xt = self.op("Unsqueeze", &[&xt, &ax0], &[]); // [1, cd, kw − 1 + T]
+        let w = self.matrix(&format!("{pre}.conv.weight"), &p.conv)?;
+        let ws = self.shape(&format!("shape.conv.{cd}.{kw}"), &[cd as i64, 1, kw as i64]);
+        let w = self.op("Reshape", &[&w, &ws], &[]);
+        let conv = self.op("Conv", &[&xt, &w], &[int("group", cd as i64), ints("kernel_shape", &[kw as i64])]);
+        let conv = self.op("Squeeze", &[&conv, &ax0], &[]);
+        let conv = self.op("Transpose", &[&conv], &[ints("perm", &[1, 0])]); // [T, cd]
+        let sg = self.op("Sigmoid", &[&conv], &[]);
+        let conv = self.op("Mul", &[&conv, &sg], &[]);
+        // q, k `[T, heads, dk]`, L2-normalised; key head h / (nv / nk) serves value head h.
+        let axes = self.axes_last();
+        let l2 = |g: &mut Self, v: &str| {
+            let sq = g.op("Mul", &[v, v], &[]);
+            let ss = g.op("ReduceSum", &[&sq, &axes], &[int("keepdims", 1)]);
+            let e = g.const_f32("eps.l2", &[], &[1e-6]);
+            let ss = g.op("Add", &[&ss, &e], &[]);
+            let r = g.op("Sqrt", &[&ss], &[]);
+            g.op("Div", &[v, &r], &[])
+        };
+        let hs = self.shape(&format!("shape.heads.{nk}.{dk}"), &[-1, nk as i64, dk as i64]);
+        let heads: Vec<i64> = (0..nv).map(|h| (h / (nv / nk)) as i64).collect();
+        let heads = self.const_i64(&format!("{pre}.key_heads"), &[nv], &heads);
+        let mut qk = Vec::new();
+        for (lo, hi) in [(0, kd), (kd, 2 * kd)] {
+            let v = self.slice(&conv, lo, hi, 1);
+            let v = self.op("Reshape", &[&v, &hs], &[]);
+            let v = l2(self, &v);
+            qk.push(self.op("Gather", &[&v, &heads], &[int("axis", 1)])); // [T, nv, dk]
+        }
+        let scale = self.const_f32(&format!("{pre}.scale"), &[], &[1.0 / (dk as f32).sqrt()]);
+        let q = self.op("Mul", &[&qk[0], &scale], &[]);
+        let vs = self.shape(&format!("shape.heads.{nv}.{dv}"), &[-1, nv as i64, dv as i64]);
+        let v = self.slice(&conv, 2 * kd, cd, 1);
+        let v = self.op("Reshape", &[&v, &vs], &[]);
+        // β = sigmoid(b·x); decay = exp(−exp(a_log) · softplus(a·x + dt_bias)), softplus linear
+        // above 20 as torch's.
+        let beta = self.op("Sigmoid", &[&proj[4]], &[]);
+        let dtb = self.vector(&format!("{pre}.dt_bias"), &p.dt_bias);
+        let u = self.op("Add", &[&proj[5], &dtb], &[]);
+        let twenty = self.const_f32("softplus.threshold", &[], &[20.0]);
+        let big = self.op("Greater", &[&u, &twenty], &[]);
+        let sp = self.op("Softplus", &[&u], &[]);
+        let sp = self.op("Where", &[&big, &u, &sp], &[]);
+        let mut a_log = vec![0.0f32; p.a_log.len];
+        meo::kernels::read_f32s(&self.bytes[p.a_log.range.clone()], &mut a_log);
+        let neg_a: Vec<f32> = a_log.iter().map(|&v| -v.exp()).collect();
+        let neg_a = self.const_f32(&format!("{pre}.neg_a"), &[nv], &neg_a);
+        let gdec = self.op("Mul", &[&sp, &neg_a], &[]);
+        let decay = self.op("Exp", &[&gdec], &[]); // [T, nv]
+        // The delta rule, token by token: a Scan over (q, k, v, β, decay) carrying S.
+        let body_in: Vec<String> =
+            ["s", "q", "k", "v", "beta", "decay"].iter().map(|n| format!("{pre}.scan.{n}")).collect();
+        let outer = std::mem::take(&mut self.nodes);
+        let (s_in, qt, kt, vt, bt, dt) = (&body_in[0], &body_in[1], &body_in[2], &body_in[3], &body_in[4], &body_in[5]);
+        let col = self.shape(&format!("shape.{nv}.1.1"), &[nv as i64, 1, 1]);
+        let ax1 = self.const_i64("axes1", &[1], &[1]);
+        let ax2 = self.const_i64("axes.2", &[1], &[2]);
+        let dr = self.op("Reshape", &[dt, &col], &[]);
+        let s1 = self.op("Mul", &[s_in, &dr], &[]);
+        let krow = self.op("Unsqueeze", &[kt, &ax1], &[]); // [nv, 1, dk]
+        let ks = self.op("MatMul", &[&krow, &s1], &[]); // [nv, 1, dv]: Sᵀk
+        let vrow = self.op("Unsqueeze", &[vt, &ax1], &[]);
+        let br = self.op("Reshape", &[bt, &col], &[]);
+        let delta = self.op("Sub", &[&vrow, &ks], &[]);
+        let delta = self.op("Mul", &[&delta, &br], &[]);
+        let kcol = self.op("Unsqueeze", &[kt, &ax2], &[]); // [nv, dk, 1]
+        let upd = self.op("MatMul", &[&kcol, &delta], &[]);
+        let s2 = self.op("Add", &[&s1, &upd], &[]);
+        let qrow = self.op("Unsqueeze", &[qt, &ax1], &[]);
+        let o = self.op("MatMul", &[&qrow, &s2], &[]);
+        let o = self.op("Squeeze", &[&o, &ax1], &[]); // [nv, dv]
+        let body_nodes = std::mem::replace(&mut self.nodes, outer);
+        let f = DataType::FLOAT;
+        let body = GraphProto {
+            name: format!("{pre}.delta_rule"),
+            node: body_nodes,
+            input: vec![
+                value_info(s_in, f, &[Dim::Fixed(nv), Dim::Fixed(dk), Dim::Fixed(dv)]),
+                value_info(qt, f, &[Dim::Fixed(nv), Dim::Fixed(dk)]),
+                value_info(kt, f, &[Dim::Fixed(nv), Dim::Fixed(dk)]),
+                value_info(vt, f, &[Dim::Fixed(nv), Dim::Fixed(dv)]),
+                value_info(bt, f, &[Dim::Fixed(nv)]),
+                value_info(dt, f, &[Dim::Fixed(nv)]),
+            ],
+            output: vec![
+                value_info(&s2, f, &[Dim::Fixed(nv), Dim::Fixed(dk), Dim::Fixed(dv)]),
+                value_info(&o, f, &[Dim::Fixed(nv), Dim::Fixed(dv)]),
+            ],
+            ..Default::default()
+        };
+        let body = AttributeProto { g: protobuf::MessageField::some(body), ..attr("body", AttributeType::GRAPH) };
+        let past_state = GraphInfo::past_state(l);
+        let out =
+            self.op_n("Scan", &[&past_state, &q, &qk[1], &v, &beta, &decay], &[body, int("num_scan_inputs", 5)], 2);
+        self.rename(&out[0], &GraphInfo::present_state(l));
+        // Gated RMSNorm per head: w · rmsnorm(o) · silu(z); then the output projection.
+        let nw = self.vector(&format!("{pre}.norm.weight"), &p.out_norm);
+        let on = self.rms(&out[1], &nw, p.eps); // [T, nv, dv]
+        let z = self.op("Reshape", &[&proj[3], &vs], &[]);
+        let zs = self.op("Sigmoid", &[&z], &[]);
+        let z = self.op("Mul", &[&z, &zs], &[]);
+        let o = self.op("Mul", &[&on, &z], &[]);
+        let os = self.shape(&format!("shape.o.{vd}"), &[-1, vd as i64]);
+        let o = self.op("Reshape", &[&o, &os], &[]);
+        self.linear(&o, &format!("{pre}.out.weight"), &p.out, bytes, None)
     }
 
     /// `x[.., start..end, ..]` on `axis`.

@@ -204,7 +204,7 @@ pub struct OrtTarget<'m> {
     registered: Vec<Ep>,
     skipped: Vec<Ep>,
     /// Per layer (key, value) `[kv_heads, pos, width]` flattened (`[kv_heads, context, width]`
-    /// in the fixed-shape form).
+    /// in the fixed-shape form), or a recurrent layer's (convolution, delta-rule) state.
     kv: Vec<(Vec<f32>, Vec<f32>)>,
     pos: usize,
     logits: Vec<f32>,
@@ -269,7 +269,6 @@ impl<'m> OrtTarget<'m> {
 
     /// One graph call on `tokens` (in the fixed-shape form: at most `seq`, padded here).
     fn run(&mut self, tokens: &[u32]) -> Result<Outputs, OrtError> {
-        let (nkv, kd, vd) = (self.info.kv_heads, self.info.head_dim, self.info.value_dim);
         let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
         let mut ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let slots = match self.info.static_shape {
@@ -283,8 +282,8 @@ impl<'m> OrtTarget<'m> {
         };
         inputs.push(("input_ids".into(), Tensor::from_array(([ids.len()], ids)).map_err(ort_err)?.into()));
         for (l, (k, v)) in self.kv.iter().enumerate() {
-            for (name, data, w) in [(GraphInfo::past_key(l), k, kd), (GraphInfo::past_value(l), v, vd)] {
-                let t = Tensor::from_array(([nkv, slots, w], data.clone())).map_err(ort_err)?;
+            for ((name, shape), data) in self.info.past(l, slots).into_iter().zip([k, v]) {
+                let t = Tensor::from_array((shape, data.clone())).map_err(ort_err)?;
                 inputs.push((name, t.into()));
             }
         }
@@ -316,9 +315,9 @@ impl OrtTarget<'_> {
             out.remove(n).ok_or_else(|| TargetError::Device { target: "ort".into(), reason: format!("no output {n}") })
         };
         for l in 0..self.info.num_layers {
-            let k = take(&mut out, &GraphInfo::present_key(l))?.1;
-            let v = take(&mut out, &GraphInfo::present_value(l))?.1;
-            self.kv[l] = (k, v);
+            // A KV cache, or a recurrent layer's state (see `export::LayerState`).
+            let [k, v] = self.info.present(l);
+            self.kv[l] = (take(&mut out, &k)?.1, take(&mut out, &v)?.1);
         }
         let k = self.info.top_k;
         for &l in &self.info.routed.clone() {

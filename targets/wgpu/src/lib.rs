@@ -5,7 +5,9 @@
 //! multi-head latent attention, RoPE on halves or interleaved pairs, sliding windows, sinks,
 //! relative position bias and bidirectional attention ([`Target::encode`] for encoders),
 //! embedding/residual/logit multipliers, gated (SiLU, clamped SwiGLU) and ungated
-//! (ReLU, GELU) MLPs with optional biases, and MEO-native banks merged or not (`docs/GPU.md`).
+//! (ReLU, GELU) MLPs with optional biases, a gated attention output, MEO-native banks merged
+//! or not, and gated DeltaNet layers (hybrid models: the recurrent state stays on the GPU
+//! beside the KV cache) (`docs/GPU.md`).
 //!
 //! - Weights: dense tensors (attention, norms, routers, shared experts, dense MLPs, the LM
 //!   head) are uploaded once when the target opens, each straight from the mapped `.meo` file.
@@ -34,7 +36,7 @@ use meo::config::{FfnKind, NormKind, SharedGate};
 use meo::kernels::Serial;
 use meo::model::exec::{bank_slots, prompt_merge_weights};
 use meo::model::plan::{
-    Attention, AttnPlan, Bank, BankExpert, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
+    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
     relative_bucket,
 };
 use meo::model::{MergedBank, merge_bank, sequence_gate};
@@ -124,7 +126,27 @@ struct GAttn {
     k_norm: Option<wgpu::Buffer>,
     o_bias: Option<wgpu::Buffer>,
     sinks: Option<wgpu::Buffer>,
+    /// The output gate (`model.attention_output_gate`).
+    gate: Option<GMat>,
 }
+
+/// Gated DeltaNet weights (see `DeltaPlan`).
+struct GDelta {
+    q: GMat,
+    k: GMat,
+    v: GMat,
+    z: GMat,
+    b: GMat,
+    a: GMat,
+    /// `[conv_dim, conv_kernel]` f32.
+    conv: wgpu::Buffer,
+    /// dt_bias `[v_heads]`, a_log `[v_heads]`, the gated RMSNorm's weight `[v_dim]`, side by side.
+    consts: wgpu::Buffer,
+    out: GMat,
+}
+
+/// Largest key head of a gated DeltaNet layer the step kernel holds (workgroup memory).
+const MAX_DELTA_KEY_DIM: usize = 256;
 
 /// Multi-head latent attention weights (see `MlaPlan`).
 struct GMla {
@@ -139,6 +161,7 @@ struct GMla {
 enum GAttnKind {
     Gqa(GAttn),
     Mla(GMla),
+    Delta(GDelta),
 }
 
 struct GToken {
@@ -350,6 +373,10 @@ pub struct WgpuTarget<'m> {
     /// Per layer: keys and values of every position, `[kv_cap, width]` each.
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     kv_cap: usize,
+    /// Per recurrent layer: its fixed-size state (gated DeltaNet: the convolution's last inputs
+    /// `[kernel − 1, conv_dim]` and the delta-rule state `[v_heads, k_dim, v_dim]`), zeroed when
+    /// a sequence starts (position 0), as the KV cache is emptied.
+    rec: Vec<Option<(wgpu::Buffer, wgpu::Buffer)>>,
     experts: ExpertCache,
     /// The execution plan (the runtime's; this target resolves no mode itself).
     plan: ExecPlan,
@@ -400,6 +427,19 @@ impl<'m> WgpuTarget<'m> {
             (o, m) => o.min(m),
         };
         let budget = if opts.expert_budget == 0 { DEFAULT_EXPERT_BUDGET } else { opts.expert_budget } as u64;
+        let rec = model
+            .layer_plans()
+            .iter()
+            .map(|lp| match &lp.attn {
+                Attention::GatedDeltaNet(p) => {
+                    let d = &p.dims;
+                    let conv = (d.conv_kernel - 1) * d.conv_dim();
+                    let s = d.num_v_heads * d.k_head_dim * d.v_head_dim;
+                    Some((gpu.buffer("delta.conv_state", conv as u64 * 4), gpu.buffer("delta.state", s as u64 * 4)))
+                }
+                _ => None,
+            })
+            .collect();
         let t = Self {
             model,
             layers,
@@ -408,6 +448,7 @@ impl<'m> WgpuTarget<'m> {
             head,
             kv: Vec::new(),
             kv_cap: 0,
+            rec,
             experts: ExpertCache {
                 budget,
                 clock: 0,
@@ -443,6 +484,46 @@ impl<'m> WgpuTarget<'m> {
             k_norm: a.k_norm.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("k_norm"))).transpose()?,
             o_bias: a.o_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("o.bias"))).transpose()?,
             sinks: a.sinks.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("sinks"))).transpose()?,
+            gate: a.gate.as_ref().map(|m| upload_mat(gpu, b, m, &lbl("gate"))).transpose()?,
+        })
+    }
+
+    fn upload_delta(
+        gpu: &Gpu,
+        b: &[u8],
+        p: &DeltaPlan,
+        l: usize,
+        lbl: &dyn Fn(&str) -> String,
+    ) -> Result<GDelta, TargetError> {
+        let d = &p.dims;
+        if d.num_k_heads == 0 || !d.num_v_heads.is_multiple_of(d.num_k_heads) || d.conv_kernel == 0 {
+            return Err(unsupported(format!(
+                "layer {l}: gated DeltaNet with {} value heads over {} key heads, convolution width {}",
+                d.num_v_heads, d.num_k_heads, d.conv_kernel
+            )));
+        }
+        if d.k_head_dim > MAX_DELTA_KEY_DIM {
+            return Err(unsupported(format!(
+                "layer {l}: gated DeltaNet key heads of {} (at most {MAX_DELTA_KEY_DIM})",
+                d.k_head_dim
+            )));
+        }
+        let mut consts = read_vec(b, &p.dt_bias);
+        consts.extend(read_vec(b, &p.a_log));
+        consts.extend(read_vec(b, &p.out_norm));
+        if consts.len() != 2 * d.num_v_heads + d.v_head_dim {
+            return Err(unsupported(format!("layer {l}: gated DeltaNet vectors outside the file")));
+        }
+        Ok(GDelta {
+            q: upload_mat(gpu, b, &p.q, &lbl("mixer.q"))?,
+            k: upload_mat(gpu, b, &p.k, &lbl("mixer.k"))?,
+            v: upload_mat(gpu, b, &p.v, &lbl("mixer.v"))?,
+            z: upload_mat(gpu, b, &p.z, &lbl("mixer.z"))?,
+            b: upload_mat(gpu, b, &p.b, &lbl("mixer.b"))?,
+            a: upload_mat(gpu, b, &p.a, &lbl("mixer.a"))?,
+            conv: upload_mat(gpu, b, &p.conv, &lbl("mixer.conv"))?.buf,
+            consts: gpu.upload_f32(&lbl("mixer.consts"), &consts).map_err(dev)?,
+            out: upload_mat(gpu, b, &p.out, &lbl("mixer.out"))?,
         })
     }
 
@@ -450,9 +531,7 @@ impl<'m> WgpuTarget<'m> {
         let lbl = |s: &str| format!("layers.{l}.{s}");
         let attn = match &lp.attn {
             Attention::Gqa(a) => GAttnKind::Gqa(Self::upload_gqa(gpu, b, a, &lbl)?),
-            Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
-                return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer: lp.attn.mixer() });
-            }
+            Attention::GatedDeltaNet(p) => GAttnKind::Delta(Self::upload_delta(gpu, b, p, l, &lbl)?),
             Attention::Mla(a) => GAttnKind::Mla(GMla {
                 q_a: match &a.q_a {
                     Some((m, n)) => {
@@ -466,6 +545,9 @@ impl<'m> WgpuTarget<'m> {
                 kv_b: upload_mat(gpu, b, &a.kv_b, &lbl("kv_b"))?,
                 o: upload_mat(gpu, b, &a.o, &lbl("o"))?,
             }),
+            // A mixer kind without kernels here (`supports` refuses it first).
+            #[allow(unreachable_patterns)]
+            _ => return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer: lp.attn.mixer() }),
         };
         let ffn = match &lp.ffn {
             FfnPlan::Dense(m) => GFfn::Dense(upload_mlp(gpu, b, m, &lbl("ffn"))?),
@@ -511,6 +593,23 @@ impl<'m> WgpuTarget<'m> {
     /// Whether the int8 kernels use the adapter's packed dot product (`dot4I8Packed`).
     pub fn packed_dot(&self) -> bool {
         self.gpu.packed_dot
+    }
+
+    /// Bytes of recurrent state this target holds for the sequence, whatever its length (the
+    /// recurrent layers' GPU buffers, f32): what `meo::Session::recurrent_state_bytes` reports
+    /// on the CPU.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let floats: usize = self
+            .model
+            .layer_plans()
+            .iter()
+            .zip(&self.rec)
+            .filter_map(|(lp, r)| match (&lp.attn, r) {
+                (Attention::GatedDeltaNet(p), Some(_)) => Some(p.dims.state_floats()),
+                _ => None,
+            })
+            .sum();
+        floats as u64 * 4
     }
 
     /// Expert residency counters.
@@ -643,9 +742,7 @@ impl<'m> WgpuTarget<'m> {
             let nf = match &lp.attn {
                 Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
-                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
-                    continue;
-                }
+                _ => continue,
             };
             if nf == 0 || rope_tables.contains_key(&nf) {
                 continue;
@@ -674,6 +771,13 @@ impl<'m> WgpuTarget<'m> {
             self.kv = kv;
             self.kv_cap = cap;
         }
+        if self.pos == 0 {
+            // A new sequence: recurrent states start from zero.
+            for (conv, s) in self.rec.iter().flatten() {
+                enc.clear(conv, conv.size());
+                enc.clear(s, s.size());
+            }
+        }
         let x = enc.data("x", bytemuck::cast_slice(&x0));
         let f4 = |n: usize| n as u64 * 4;
         let hbuf = gpu.scratch("h", f4(t * h)).map_err(dev)?;
@@ -696,6 +800,11 @@ impl<'m> WgpuTarget<'m> {
                     ops.attention(&mut enc, bytes, ga, a, &self.kv[l], &hbuf, eps, &ybuf)?
                 }
                 (GAttnKind::Mla(ga), Attention::Mla(a)) => ops.mla(&mut enc, ga, a, &self.kv[l], &hbuf, &ybuf)?,
+                (GAttnKind::Delta(gd), Attention::GatedDeltaNet(p)) => {
+                    let state =
+                        self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
+                    ops.delta(&mut enc, gd, p, state, &hbuf, &ybuf)?
+                }
                 _ => return Err(unsupported(format!("layer {l}: attention kind does not match its plan"))),
             }
             add_residual(&mut enc);
@@ -1249,12 +1358,62 @@ impl Ops<'_> {
         let ctx = self.scratch("ctx", t * qd)?;
         let dims = (nh, nkv, hd, hd);
         self.attn_core(enc, &q, kv, dims, a.window, a.scale, a.causal, ga.sinks.as_ref(), rel.as_ref(), &ctx)?;
+        if let Some(g) = &ga.gate {
+            // Gated attention output: ctx ⊙ sigmoid(gate · x).
+            let gv = self.scratch("attn_gate", t * qd)?;
+            self.mm(enc, x, t, g, &gv)?;
+            self.ew(enc, 5, &gv, &ctx, t * qd, 1, 0.0);
+        }
         self.mm(enc, &ctx, t, &ga.o, out)?;
         if let Some(b) = &ga.o_bias {
             let hsz = ga.o.rows;
             self.ew(enc, 1, b, out, t * hsz, hsz as u32, 0.0);
         }
         Ok(())
+    }
+
+    /// A gated DeltaNet layer on normalised `x`, continuing from `state` (updated) into `out`
+    /// (the CPU's `delta::delta_net`): projections, the causal convolution (`delta_conv`), the
+    /// delta rule over the tokens in order with the gated RMSNorm (`delta_step`), the output
+    /// projection. A prompt runs the same per-token recurrence as decoding, in one dispatch.
+    fn delta(
+        &self,
+        enc: &mut Enc<'_>,
+        gd: &GDelta,
+        p: &DeltaPlan,
+        state: &(wgpu::Buffer, wgpu::Buffer),
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let t = self.t;
+        let d = &p.dims;
+        let (nk, nv, dk, dv, kw) = (d.num_k_heads, d.num_v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel);
+        let (kd, vd, cd) = (nk * dk, nv * dv, d.conv_dim());
+        // q, k, v side by side in one row per token: the convolution's channels.
+        let qkv = self.scratch("delta_qkv", t * cd)?;
+        for (m, off, width, name) in
+            [(&gd.q, 0, kd, "delta_q"), (&gd.k, kd, kd, "delta_k"), (&gd.v, 2 * kd, vd, "delta_v")]
+        {
+            let y = self.scratch(name, t * width)?;
+            self.mm(enc, x, t, m, &y)?;
+            let cp = [width, 1, t, width, 0, 0, cd, 0, off].map(|v| v as u32);
+            enc.dispatch_1d("copy2d", &cp, &[&y, &qkv], width * t);
+        }
+        let z = self.scratch("delta_z", t * vd)?;
+        let b = self.scratch("delta_b", t * nv)?;
+        let a = self.scratch("delta_a", t * nv)?;
+        self.mm(enc, x, t, &gd.z, &z)?;
+        self.mm(enc, x, t, &gd.b, &b)?;
+        self.mm(enc, x, t, &gd.a, &a)?;
+        let conv = self.scratch("delta_conv", t * cd)?;
+        let (cdu, kwu, tu) = (cd as u32, kw as u32, t as u32);
+        enc.dispatch_1d("delta_conv", &[cdu, kwu, tu, 0], &[&qkv, &gd.conv, &state.0, &conv], t * cd);
+        enc.dispatch_1d("delta_conv", &[cdu, kwu, tu, 1], &[&qkv, &gd.conv, &state.0, &conv], cd);
+        let o = self.scratch("delta_o", t * vd)?;
+        let scale = 1.0 / (dk as f32).sqrt();
+        let params = [nk as u32, nv as u32, dk as u32, dv as u32, tu, cdu, p.eps.to_bits(), scale.to_bits()];
+        enc.dispatch("delta_step", &params, &[&conv, &z, &b, &a, &gd.consts, &state.1, &o], [nv as u32, 1, 1]);
+        self.mm(enc, &o, t, &gd.out, out)
     }
 
     /// Multi-head latent attention of one layer on normalised `x` (the CPU's `mla::attention`):
@@ -1448,19 +1607,19 @@ impl Target for WgpuTarget<'_> {
     }
 }
 
-/// Whether `model` has only layer kinds this target runs (every kind the CPU runs, today).
+/// Whether this target has kernels for token mixer `m` (one pattern per kind; any other kind is
+/// refused by name, never run wrongly).
+pub fn runs_mixer(m: meo::Mixer) -> bool {
+    matches!(m, meo::Mixer::Attention | meo::Mixer::GatedDeltaNet)
+}
+
+/// Whether `model` has only layer kinds this target runs.
 pub fn supports(model: &Model) -> Result<(), TargetError> {
-    // Recurrent mixers have no kernels here yet: refused by name, never run wrongly.
     for (l, lp) in model.layer_plans().iter().enumerate() {
         let mixer = lp.attn.mixer();
-        if mixer != meo::Mixer::Attention {
+        if !runs_mixer(mixer) {
             return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer });
         }
-    }
-    let r = &model.config().recipe;
-    // Partial rotary (`model.rope_dim`) runs (the RoPE shader takes the rotated width).
-    if r.attention_output_gate {
-        return Err(unsupported("a gated attention output (model.attention_output_gate)"));
     }
     // Attention and routing variants without shaders yet (Llama-4, Hunyuan-MoE).
     if let Some(key) = model.config().cpu_only_variant() {

@@ -438,8 +438,124 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 ";
 
+/// Gated DeltaNet, the causal depthwise convolution over the q, k, v channels (`qkv`
+/// `[t, cd]`) with its state `st` (the last `kw − 1` inputs `[kw − 1, cd]`, oldest first), as
+/// the CPU's `delta::delta_net`. Phase 0: `out[tok, c] = silu(Σ_j w[c, j] · in[tok − (kw − 1) + j, c])`,
+/// inputs before this call from `st` (one invocation per (token, channel)). Phase 1: `st` ←
+/// the last `kw − 1` inputs (one invocation per channel; run after phase 0).
+/// Params: cd, kw, t, phase.
+const DELTA_CONV: &str = r"
+@group(0) @binding(1) var<storage, read> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> st: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let cd = pu(0u); let kw = pu(1u); let t = pu(2u); let phase = pu(3u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    let past = kw - 1u;
+    if (phase == 0u) {
+        if (i >= t * cd) { return; }
+        let tok = i / cd; let c = i % cd;
+        var acc = 0.0;
+        for (var j = 0u; j < kw; j++) {
+            let src = tok + j;
+            var v = 0.0;
+            if (src >= past) { v = qkv[(src - past) * cd + c]; } else { v = st[src * cd + c]; }
+            acc += w[c * kw + j] * v;
+        }
+        out[i] = acc / (1.0 + exp(-acc));
+        return;
+    }
+    if (i >= cd) { return; }
+    // Row r takes the input at time t + r − past: from this call, or a later state row (not
+    // yet overwritten: t ≥ 1, rows are written in ascending order).
+    for (var r = 0u; r < past; r++) {
+        let src = t + r;
+        if (src >= past) { st[r * cd + i] = qkv[(src - past) * cd + i]; } else { st[r * cd + i] = st[src * cd + i]; }
+    }
+}
+";
+
+/// Gated DeltaNet, the delta rule and the gated RMSNorm over `t` tokens in order, one workgroup
+/// per value head `h` (its state `S_h` `[dk, dv]` in `st`, each lane owning columns of it), as
+/// the CPU's `delta::delta_net`: q and k of key head `h / (nv / nk)` L2-normalised (q scaled),
+/// `β = sigmoid(b)`, decay `exp(−exp(a_log) · softplus(a + dt_bias))`; `S ← decay · S`,
+/// `S += k ⊗ β(v − Sᵀk)`, `o = Sᵀq`; then `o = w · rmsnorm(o) · silu(z)`.
+/// Buffers: the convolution's output `cv` `[t, cd]` (q, k, v), `z` `[t, nv·dv]`, `b`, `a`
+/// `[t, nv]`, `cs` = dt_bias `[nv]`, a_log `[nv]`, norm weight `[dv]`; the state `st`
+/// `[nv, dk, dv]`; the output `o` `[t, nv·dv]`. Params: nk, nv, dk (≤ 256), dv, t, cd, eps,
+/// scale.
+const DELTA_STEP: &str = r"
+@group(0) @binding(1) var<storage, read> cv: array<f32>;
+@group(0) @binding(2) var<storage, read> z: array<f32>;
+@group(0) @binding(3) var<storage, read> bb: array<f32>;
+@group(0) @binding(4) var<storage, read> aa: array<f32>;
+@group(0) @binding(5) var<storage, read> cs: array<f32>;
+@group(0) @binding(6) var<storage, read_write> st: array<f32>;
+@group(0) @binding(7) var<storage, read_write> o: array<f32>;
+var<workgroup> qn: array<f32, 256>;
+var<workgroup> kn: array<f32, 256>;
+// torch's softplus (threshold 20), log1p through the exact-rounding correction.
+fn softplus(x: f32) -> f32 {
+    if (x > 20.0) { return x; }
+    let e = exp(x);
+    let u = 1.0 + e;
+    if (u == 1.0) { return e; }
+    return log(u) * (e / (u - 1.0));
+}
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let nk = pu(0u); let nv = pu(1u); let dk = pu(2u); let dv = pu(3u); let t = pu(4u);
+    let cd = pu(5u); let eps = pf(6u); let scale = pf(7u);
+    let h = wid.x; let lid = lid3.x;
+    let kh = h / (nv / nk);
+    let kd = nk * dk; let vd = nv * dv;
+    let sb = h * dk * dv;
+    let dtb = cs[h]; let al = exp(cs[nv + h]);
+    for (var tok = 0u; tok < t; tok++) {
+        let qo = tok * cd + kh * dk;
+        let ko = qo + kd;
+        let vo = tok * cd + 2u * kd + h * dv;
+        let oo = tok * vd + h * dv;
+        var sq = 0.0;
+        var sk = 0.0;
+        for (var i = lid; i < dk; i += WG) { sq += cv[qo + i] * cv[qo + i]; sk += cv[ko + i] * cv[ko + i]; }
+        let iq = 1.0 / sqrt(reduce_sum(lid, sq) + 1e-6);
+        let ik = 1.0 / sqrt(reduce_sum(lid, sk) + 1e-6);
+        for (var i = lid; i < dk; i += WG) { qn[i] = (cv[qo + i] * iq) * scale; kn[i] = cv[ko + i] * ik; }
+        workgroupBarrier();
+        let beta = 1.0 / (1.0 + exp(-bb[tok * nv + h]));
+        let decay = exp(-al * softplus(aa[tok * nv + h] + dtb));
+        var ss = 0.0;
+        for (var j = lid; j < dv; j += WG) {
+            var ks = 0.0;
+            for (var i = 0u; i < dk; i++) {
+                let s = st[sb + i * dv + j] * decay;
+                st[sb + i * dv + j] = s;
+                ks += s * kn[i];
+            }
+            let d = (cv[vo + j] - ks) * beta;
+            var acc = 0.0;
+            for (var i = 0u; i < dk; i++) {
+                let s = st[sb + i * dv + j] + kn[i] * d;
+                st[sb + i * dv + j] = s;
+                acc += s * qn[i];
+            }
+            o[oo + j] = acc;
+            ss += acc * acc;
+        }
+        let inv = 1.0 / sqrt(reduce_sum(lid, ss) / f32(dv) + eps);
+        for (var j = lid; j < dv; j += WG) {
+            let zj = z[oo + j];
+            o[oo + j] = (cs[2u * nv + j] * (o[oo + j] * inv)) * (zj / (1.0 + exp(-zj)));
+        }
+    }
+}
+";
+
 /// Every kernel: (name, source without the prelude, read-only buffers, read-write buffers).
-pub const KERNELS: [(&str, &str, u32, u32); 11] = [
+pub const KERNELS: [(&str, &str, u32, u32); 13] = [
     ("matmul", MATMUL, 2, 1),
     ("matmul_q8", MATMUL_Q8, 3, 1),
     ("matmul_q4", MATMUL_Q4, 3, 1),
@@ -451,6 +567,8 @@ pub const KERNELS: [(&str, &str, u32, u32); 11] = [
     ("copy2d", COPY2D, 1, 1),
     ("gather", GATHER, 2, 1),
     ("scatter", SCATTER, 2, 1),
+    ("delta_conv", DELTA_CONV, 2, 2),
+    ("delta_step", DELTA_STEP, 5, 2),
 ];
 
 /// The full source of a kernel, with the int8 dot product chosen for the adapter.

@@ -34,16 +34,27 @@ fn encoder_refuses_forward_with_a_typed_error() {
     assert_eq!(t.position(), 0);
 }
 
-/// A hybrid model's recurrent layers have no kernels here yet: the target refuses them with a
-/// typed error naming the first such layer and its mixer (before any adapter is opened).
+// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet layers beside attention with a gated
+// output): the same suite, plus a prompt fed whole, token by token and in two pieces giving
+// identical logits and routing.
+meo_tests::recurrent_suite!(&open_wgpu);
+
+/// The recurrent state the target holds is what the CPU session holds (and what the config
+/// says), whatever the context.
 #[test]
-fn recurrent_mixers_are_refused_by_name() {
+fn recurrent_state_bytes_match_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let path = meo_tests::conformance::convert_fixture("qwen3_next", meo::DType::F32, meo::DType::F32, tmp.path());
     let model = Model::open(&path).unwrap();
-    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a hybrid model must be refused") };
-    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::GatedDeltaNet, .. }), "{e}");
-    assert!(e.to_string().contains("gated_deltanet"), "{e}");
+    let cpu = meo::Session::new(&model, meo::SessionOptions::default()).unwrap();
+    let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
+    let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+    let want = cpu.recurrent_state_bytes();
+    assert!(want > 0);
+    assert_eq!(t.recurrent_state_bytes(), want);
+    assert_eq!(model.config().recurrent_state_bytes(), want);
+    t.forward(&[1, 2, 3], meo::Logits::Last, &mut meo::NoTrace).unwrap();
+    assert_eq!(t.recurrent_state_bytes(), want);
 }
 
 /// Mamba2 layers (Granite-4 hybrid) have no kernels here: refused by name, like any recurrent

@@ -1,5 +1,5 @@
-//! The GPU target against the CPU target on the same files: every fixture family (the Switch
-//! encoder through `encode`), vanilla and MEO modes (prompt merges with both poolings, stored
+//! The GPU target against the CPU target on the same files: every fixture family (hybrids with
+//! gated DeltaNet layers included; the Switch encoder through `encode`), vanilla and MEO modes (prompt merges with both poolings, stored
 //! task merges, MEO-native banks merged and unmerged), in f32 and int8, and with 4-bit (Q4_0,
 //! MXFP4) experts. Checked per layer (the input of every MoE layer, as `Trace::on_moe_input`
 //! reports it) and on the logits, each within its error budget; routing must be identical (same experts at every layer and position,
@@ -12,7 +12,7 @@ use meo::{
 };
 use meo_converter::convert::{self, Options};
 use meo_converter::merges::{MergeSpec, TaskSpec, Weighting};
-use meo_tests::conformance::{FIXTURES, fixture_dir};
+use meo_tests::conformance::{FIXTURES, RECURRENT_FIXTURES, fixture_dir};
 use meo_wgpu::{WgpuOptions, WgpuTarget};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -159,7 +159,7 @@ fn vanilla() -> MergeOptions {
 #[test]
 fn every_fixture_vanilla_matches_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
+    for name in FIXTURES.into_iter().chain(RECURRENT_FIXTURES) {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, false, tmp.path());
             compare(&p, &format!("{name} {}/{} vanilla", experts.name(), dense.name()), &vanilla(), experts);
@@ -231,9 +231,18 @@ fn portable_int8_dot_gives_the_packed_results_on_4bit() {
 #[test]
 fn meo_modes_match_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in
-        ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "granitemoe", "glm4_moe", "phimoe"]
-    {
+    for name in [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v3",
+        "deepseek_v2",
+        "granitemoe",
+        "glm4_moe",
+        "phimoe",
+        "qwen3_next",
+    ] {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, true, tmp.path());
             for (label, mode) in [
