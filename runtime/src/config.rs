@@ -1014,23 +1014,30 @@ impl ModelConfig {
         }
     }
 
-    /// Bytes of KV cache one position costs a session: every attention layer's keys and
-    /// values, f32 (MLA caches each head's decompressed keys and values); recurrent layers
-    /// cost nothing per position. Saturates instead of overflowing.
-    pub fn kv_bytes_per_position(&self) -> u64 {
-        let per_layer = match &self.recipe.mla {
-            Some(m) => (self.num_heads as u64)
-                .saturating_mul((m.qk_nope_head_dim as u64).saturating_add(self.head_dim as u64))
-                .saturating_add((self.num_heads as u64).saturating_mul(m.v_head_dim as u64)),
-            None => 2u64.saturating_mul(self.num_kv_heads as u64).saturating_mul(self.head_dim as u64),
+    /// Bytes of KV cache one position costs a session storing its cache as `kv` says: every
+    /// attention layer's keys and values (an MLA layer: its latent, or each head's
+    /// decompressed keys and values); recurrent layers cost nothing per position. Saturates
+    /// instead of overflowing.
+    pub fn kv_bytes_per_position(&self, kv: crate::KvOptions) -> u64 {
+        use crate::model::kv::CacheShape;
+        let shape = match &self.recipe.mla {
+            Some(m) => CacheShape::Mla {
+                heads: self.num_heads,
+                nope: m.qk_nope_head_dim,
+                rope: self.head_dim,
+                v: m.v_head_dim,
+                kv_lora: m.kv_lora_rank,
+            },
+            None => CacheShape::Gqa { kv_heads: self.num_kv_heads, head_dim: self.head_dim },
         };
-        per_layer.saturating_mul(4).saturating_mul(self.attention_layers() as u64)
+        kv.position_bytes(shape).saturating_mul(self.attention_layers() as u64)
     }
 
-    /// Bytes of KV cache a session holding `positions` positions uses (scratch buffers, which
-    /// do not grow with the context, not included). Saturates instead of overflowing.
-    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
-        self.kv_bytes_per_position().saturating_mul(positions as u64)
+    /// Bytes of KV cache a session holding `positions` positions uses when it stores its
+    /// cache as `kv` says (scratch buffers, which do not grow with the context, not
+    /// included). Saturates instead of overflowing.
+    pub fn kv_cache_bytes(&self, positions: usize, kv: crate::KvOptions) -> u64 {
+        self.kv_bytes_per_position(kv).saturating_mul(positions as u64)
     }
 }
 

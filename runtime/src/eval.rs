@@ -21,7 +21,7 @@
 use crate::route::Choice;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::{
-    FormatError, ForwardError, Logits, MergeOptions, MergedUse, ModeError, Model, Session, SessionError,
+    FormatError, ForwardError, KvOptions, Logits, MergeOptions, MergedUse, ModeError, Model, Session, SessionError,
     SessionOptions, Trace,
 };
 use std::collections::BTreeMap;
@@ -39,11 +39,13 @@ pub struct EvalOptions {
     pub max_windows: usize,
     /// Worker threads (0 = one per physical core).
     pub threads: usize,
+    /// How the evaluated session stores its KV cache (the reference session's is f32).
+    pub kv: KvOptions,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { window: 128, prompt_len: 32, max_windows: 0, threads: 0 }
+        Self { window: 128, prompt_len: 32, max_windows: 0, threads: 0, kv: KvOptions::default() }
     }
 }
 
@@ -212,11 +214,11 @@ pub fn evaluate_against(
     }
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let ids = tok.encode(text)?;
-    let opts = SessionOptions { threads: o.threads, max_context: 0 };
+    let opts = SessionOptions { threads: o.threads, ..SessionOptions::default() };
     let mut van = Session::new(ref_model, opts)?;
     // Explicitly vanilla: for an MEO-native model that is its gates run unmerged.
     van.set_mode(MergeOptions::default())?;
-    let mut ses = Session::new(model, opts)?;
+    let mut ses = Session::new(model, SessionOptions { kv: o.kv, ..opts })?;
     let merged_layers = ses.set_mode(mode.clone())?;
     let win = o.window.min(van.max_context());
     let p = o.prompt_len;

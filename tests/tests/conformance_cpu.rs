@@ -35,10 +35,10 @@ mod recurrent_state {
         assert_eq!(c.recurrent_state_bytes(), 3 * (3 * 128 + 4 * 16 * 16) * 4);
         assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes());
         // One attention layer of 2 kv heads × 16 keys and values per position.
-        assert_eq!(c.kv_bytes_per_position(), 2 * 2 * 16 * 4);
+        assert_eq!(c.kv_bytes_per_position(s.kv_options()), 2 * 2 * 16 * 4);
         let first = s.forward(&rf.input_ids).unwrap().to_vec();
         let t = rf.input_ids.len();
-        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t));
+        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t, s.kv_options()));
         assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes(), "the state does not grow");
         // A recurrent state has no per-position history: a partial rewind is refused, unchanged.
         assert!(!s.truncate(5));
@@ -93,10 +93,10 @@ mod hybrid_state {
         assert!(s.has_recurrent_state());
         assert_eq!(c.recurrent_state_bytes(), recurrent_bytes);
         assert_eq!(s.recurrent_state_bytes(), recurrent_bytes);
-        assert_eq!(c.kv_bytes_per_position(), kv_per_position);
+        assert_eq!(c.kv_bytes_per_position(s.kv_options()), kv_per_position);
         let first = s.forward(&rf.input_ids).unwrap().to_vec();
         let t = rf.input_ids.len();
-        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t));
+        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t, s.kv_options()));
         assert_eq!(s.recurrent_state_bytes(), recurrent_bytes, "the state does not grow");
         assert!(!s.truncate(5), "a partial rewind of a recurrent state is refused");
         assert_eq!(s.position(), t);
@@ -331,7 +331,7 @@ mod model {
     fn bad_tokens_and_context_overflow_are_typed_errors_and_change_nothing() {
         let c = synthetic_config();
         let m = model(synthetic_model(&c, DType::F32, DType::F32, 5, &|_| false, &[]));
-        let mut s = Session::new(&m, SessionOptions { threads: 1, max_context: 8 }).unwrap();
+        let mut s = Session::new(&m, SessionOptions { threads: 1, max_context: 8, ..Default::default() }).unwrap();
         assert_eq!(s.max_context(), 8);
         let err = s.forward(&[1, 2, c.vocab_size as u32]).unwrap_err();
         assert_eq!(err, ForwardError::TokenOutOfRange { index: 2, token: c.vocab_size as u32, vocab: c.vocab_size });

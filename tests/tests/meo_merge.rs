@@ -433,6 +433,7 @@ fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
         file: path.clone(),
         data: data.clone(),
         mode: ModeArgs { mode: Some(mode.into()), ..ModeArgs::default() },
+        kv: Default::default(),
         window: 64,
         prompt_len: 16,
         max_windows: 0,

@@ -54,6 +54,12 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
     pub target: super::target::TargetArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
+    /// Bytes of session state (KV cache and recurrent state) to report the context that fits
+    /// in, for the chosen `--kv` (e.g. 512M, 2G).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = super::parse_bytes)]
+    pub kv_budget: u64,
 }
 
 /// What `meo bench` observes of a generation: expert slabs read per forward call (the tracker
@@ -68,6 +74,7 @@ struct BenchHooks<'a, 'm> {
     prompt_expert_bytes: u64,
     step_bytes: Vec<u64>,
     kv_bytes: u64,
+    kv: meo::KvOptions,
 }
 
 impl meo::Trace for BenchHooks<'_, '_> {
@@ -92,7 +99,7 @@ impl meo::Trace for BenchHooks<'_, '_> {
 impl Hooks for BenchHooks<'_, '_> {
     fn trace(&mut self, prompt: bool) -> Option<&mut dyn meo::Trace> {
         if !prompt {
-            self.kv_bytes += self.model.kv_bytes_read(self.prompt_len + self.step_bytes.len());
+            self.kv_bytes += self.model.kv_bytes_read(self.prompt_len + self.step_bytes.len(), self.kv);
         }
         Some(self)
     }
@@ -134,7 +141,12 @@ pub fn run(a: &Args) -> Result<()> {
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
+    let run = RunOptions {
+        threads: a.threads,
+        memory_budget: a.memory.explicit(),
+        mode: a.mode.options(&model)?,
+        kv: a.kv.options(),
+    };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
@@ -165,6 +177,7 @@ pub fn run(a: &Args) -> Result<()> {
         prompt_expert_bytes: 0,
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
+        kv: run.kv,
     };
     let random = (a.decode_tokens == "random").then_some(a.seed);
     let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
@@ -194,8 +207,12 @@ pub fn run(a: &Args) -> Result<()> {
     let mode = run.mode.mode.spelling();
     // Session state at the end of the run: the KV cache grows with the context, the recurrent
     // layers' state does not (and is read and written once per decoded token).
-    let kv_cache_bytes = cfg.kv_cache_bytes(a.prompt_len + g.decode_steps);
+    let kv_cache_bytes = cfg.kv_cache_bytes(a.prompt_len + g.decode_steps, run.kv);
     let recurrent_bytes = cfg.recurrent_state_bytes();
+    // What one more position of context costs, and how many fit in --kv-budget (with the
+    // fixed recurrent state taken out first; the model's own maximum not applied).
+    let kv_per_position = cfg.kv_bytes_per_position(run.kv);
+    let budget_context = a.kv_budget.saturating_sub(recurrent_bytes).checked_div(kv_per_position);
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = json!({
@@ -249,8 +266,17 @@ pub fn run(a: &Args) -> Result<()> {
             "dense_pinned_bytes": stats.dense_pinned_bytes,
             "dense_locked": stats.dense_locked,
         });
-        if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), residency) {
-            o.extend(r);
+        let kv = json!({
+            "kv_dtype": run.kv.dtype.name(),
+            "mla_cache": run.kv.mla.name(),
+            "kv_cache_bytes_per_position": kv_per_position,
+            "kv_budget": a.kv_budget,
+            "context_in_kv_budget": budget_context,
+        });
+        for more in [residency, kv] {
+            if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), more) {
+                o.extend(r);
+            }
         }
         if let Some((c, threads, agree)) = &cpu {
             v["cpu"] = json!({
@@ -296,6 +322,14 @@ pub fn run(a: &Args) -> Result<()> {
             out,
             "KV cache bytes per decoded token: {} (mean over decode steps)",
             human_bytes(kv_per_token as u64)
+        )?;
+        let fits = budget_context.map_or_else(|| "any (no KV cache)".into(), |n| format!("{n} positions"));
+        writeln!(
+            out,
+            "KV cache ({} storage): {} per position; context in {} of session state: {fits}",
+            run.kv.dtype,
+            human_bytes(kv_per_position),
+            human_bytes(a.kv_budget)
         )?;
         writeln!(
             out,

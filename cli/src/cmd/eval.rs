@@ -20,6 +20,8 @@ pub struct Args {
     pub data: PathBuf,
     #[command(flatten)]
     pub mode: ModeArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Tokens per window (at most the model's context).
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub window: usize,
@@ -51,8 +53,13 @@ pub fn evaluate(a: &Args) -> Result<Report> {
     let reference = a.reference.as_deref().map(open_model).transpose()?;
     let text = std::fs::read_to_string(&a.data).with_context(|| format!("cannot read {}", a.data.display()))?;
     let mode = a.mode.options(&model)?;
-    let opts =
-        EvalOptions { window: a.window, prompt_len: a.prompt_len, max_windows: a.max_windows, threads: a.threads };
+    let opts = EvalOptions {
+        window: a.window,
+        prompt_len: a.prompt_len,
+        max_windows: a.max_windows,
+        threads: a.threads,
+        kv: a.kv.options(),
+    };
     // The library's messages, in the flags' and the file's names.
     meo::eval::evaluate_against(&model, reference.as_ref(), &text, &mode, &opts).map_err(|e| match e {
         EvalError::BadWindow { window, prompt_len } => anyhow::anyhow!(
@@ -86,6 +93,8 @@ pub fn run(a: &Args) -> Result<()> {
             "merge_layers_arg": a.mode.merge_layers,
             "merge_budget": a.mode.merge_budget,
             "merged_layers": r.merged_layers,
+            "kv_dtype": a.kv.kv.name(),
+            "mla_cache": a.kv.mla_cache.name(),
             "window": a.window,
             "prompt_len": a.prompt_len,
             "windows": r.windows,
@@ -102,7 +111,7 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         let errs: Vec<String> = r.merge_error.iter().map(|(l, e)| format!("L{l} {e:.4}")).collect();
         super::print_stdout(&format!(
-            "mode: {} (merged layers: {:?})\n\
+            "mode: {} (merged layers: {:?}), KV cache {}\n\
              windows: {} ({} scored tokens)\n\
              perplexity: {:.4} (vanilla {:.4})\n\
              next-token agreement with vanilla: {:.4}\n\
@@ -111,6 +120,7 @@ pub fn run(a: &Args) -> Result<()> {
              expert bytes per token: {} (vanilla {})\n",
             r.mode,
             r.merged_layers,
+            a.kv.kv,
             r.windows,
             r.scored_tokens,
             r.perplexity,

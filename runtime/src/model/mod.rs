@@ -16,6 +16,7 @@ pub mod bank;
 mod delta;
 pub mod exec;
 mod ffn;
+pub mod kv;
 mod mamba;
 mod meo;
 mod mla;
@@ -27,8 +28,12 @@ mod trace;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use exec::{ExecPlan, LayerExec};
+pub use kv::{KvDtype, KvOptions, KvParseError, MlaCache};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
-pub use session::{DEFAULT_MAX_CONTEXT, ForwardError, Logits, Session, SessionError, SessionOptions};
+pub use session::{
+    DEFAULT_MAX_CONTEXT, ForwardError, Logits, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions,
+    StateError,
+};
 pub use trace::{NoTrace, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -500,11 +505,11 @@ impl Model {
         &self.rope
     }
 
-    /// Bytes of cached keys and values the attention reads for the query at position `pos`:
-    /// f32, as the CPU target caches them, and only the window of a sliding-window layer.
-    pub fn kv_bytes_read(&self, pos: usize) -> u64 {
+    /// Bytes of cached keys and values the attention reads for the query at position `pos`
+    /// from a cache stored as `kv` says (only the window of a sliding-window layer).
+    pub fn kv_bytes_read(&self, pos: usize, kv: KvOptions) -> u64 {
         let per_layer = |attn: &plan::Attention| {
-            let (kw, vw) = attn.cache_widths();
+            let Some(shape) = attn.cache_shape() else { return 0 };
             let window = match attn {
                 plan::Attention::Gqa(a) => a.window,
                 plan::Attention::Mla(a) => a.window,
@@ -513,7 +518,7 @@ impl Model {
                 }
             };
             let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
-            (n * (kw + vw) * core::mem::size_of::<f32>()) as u64
+            kv.position_bytes(shape).saturating_mul(n as u64)
         };
         self.layers.iter().map(|l| per_layer(&l.attn)).sum()
     }

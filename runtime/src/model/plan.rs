@@ -298,13 +298,27 @@ impl Attention {
         }
     }
 
-    /// Floats per position of the cached keys and of the cached values (0 for a recurrent
-    /// mixer: its state does not grow with the context).
+    /// Values per position of the cached keys and of the cached values when every head's
+    /// keys and values are cached (MLA decompressed, as the GPU target caches them); 0 for a
+    /// recurrent mixer: its state does not grow with the context.
     pub fn cache_widths(&self) -> (usize, usize) {
         match self {
             Self::Gqa(a) => (a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim),
             Self::Mla(a) => (a.num_heads * (a.nope + a.rope), a.num_heads * a.v_dim),
             Self::GatedDeltaNet(_) | Self::Mamba2(_) | Self::ShortConv(_) => (0, 0),
+        }
+    }
+
+    /// The sizes of this layer's KV cache (`None` for a recurrent mixer: its state does not
+    /// grow with the context).
+    pub(crate) fn cache_shape(&self) -> Option<super::kv::CacheShape> {
+        use super::kv::CacheShape;
+        match self {
+            Self::Gqa(a) => Some(CacheShape::Gqa { kv_heads: a.num_kv_heads, head_dim: a.head_dim }),
+            Self::Mla(a) => {
+                Some(CacheShape::Mla { heads: a.num_heads, nope: a.nope, rope: a.rope, v: a.v_dim, kv_lora: a.kv_lora })
+            }
+            Self::GatedDeltaNet(_) | Self::Mamba2(_) | Self::ShortConv(_) => None,
         }
     }
 }

@@ -7,6 +7,7 @@ use super::bank::{MergeOptions, MergedUse, ModeError};
 use super::delta::{self, DeltaScratch};
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
 use super::ffn::{FfnScratch, dense, last_choices, merged, moe, predict};
+use super::kv::KvOptions;
 use super::mamba::{self, MambaScratch};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
@@ -19,6 +20,9 @@ use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
 use alloc::string::String;
 use alloc::vec::Vec;
+
+mod state;
+pub use state::{STATE_MAGIC, STATE_VERSION, StateError};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,6 +47,8 @@ pub struct SessionOptions {
     /// Most positions the session holds, at most the model's `max_position_embeddings`:
     /// 0 = [`DEFAULT_MAX_CONTEXT`], `usize::MAX` = the model's maximum.
     pub max_context: usize,
+    /// How the KV cache is stored (f32 and MLA latent by default).
+    pub kv: KvOptions,
 }
 
 impl SessionOptions {
@@ -129,9 +135,9 @@ enum LayerState {
 }
 
 impl LayerState {
-    fn new(attn: &Attention) -> Self {
+    fn new(attn: &Attention, kv: KvOptions) -> Self {
         match attn {
-            Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::default()),
+            Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::new(kv.dtype)),
             Attention::GatedDeltaNet(p) => Self::Recurrent(delta::zero_state(p)),
             Attention::Mamba2(p) => Self::Recurrent(mamba::zero_state(p)),
             Attention::ShortConv(p) => Self::Recurrent(short_conv::zero_state(p)),
@@ -145,6 +151,7 @@ pub struct Session<'m> {
     model: &'m Model,
     pool: Pool,
     max_context: usize,
+    kv: KvOptions,
     pos: usize,
     /// Per layer, in layer order.
     state: Vec<LayerState>,
@@ -203,8 +210,9 @@ impl<'m> Session<'m> {
             model,
             pool,
             max_context,
+            kv: opts.kv,
             pos: 0,
-            state: model.layers.iter().map(|l| LayerState::new(&l.attn)).collect(),
+            state: model.layers.iter().map(|l| LayerState::new(&l.attn, opts.kv)).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
             hidden: Vec::new(),
@@ -300,17 +308,20 @@ impl<'m> Session<'m> {
     /// Bytes the KV cache holds now (see [`ModelConfig::kv_cache_bytes`](crate::ModelConfig::kv_cache_bytes)
     /// for what a context will cost).
     pub fn kv_cache_bytes(&self) -> u64 {
-        let floats: usize = self
+        let bytes: usize = self
             .state
             .iter()
-            .filter_map(|s| match s {
-                LayerState::Kv(c) => Some(c),
-                LayerState::Recurrent(_) => None,
+            .map(|s| match s {
+                LayerState::Kv(c) => c.bytes(),
+                LayerState::Recurrent(_) => 0,
             })
-            .flat_map(|c| c.k.iter().chain(&c.v))
-            .map(Vec::len)
             .sum();
-        floats as u64 * 4
+        bytes as u64
+    }
+
+    /// How this session stores its KV cache.
+    pub fn kv_options(&self) -> KvOptions {
+        self.kv
     }
 
     /// Bytes of the recurrent layers' state (fixed: it does not grow with the context; see
@@ -356,12 +367,9 @@ impl<'m> Session<'m> {
         if len > 0 && self.has_recurrent_state() {
             return false;
         }
-        for (c, layer) in self.state.iter_mut().zip(&self.model.layers) {
+        for c in &mut self.state {
             match c {
-                LayerState::Kv(c) => {
-                    let (kw, vw) = layer.attn.cache_widths();
-                    c.truncate(len, kw, vw);
-                }
+                LayerState::Kv(c) => c.truncate(len),
                 LayerState::Recurrent(d) => d.clear(),
             }
         }
@@ -549,7 +557,7 @@ impl<'m> Session<'m> {
                     attention(par, bytes, a, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y)
                 }
                 (Attention::Mla(a), LayerState::Kv(cache)) => {
-                    mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
+                    mla::attention(par, bytes, a, &m.rope, self.kv.mla, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
                 }
                 (Attention::GatedDeltaNet(p), LayerState::Recurrent(st)) => {
                     delta::delta_net(par, bytes, p, st, &b.h, t, &mut b.delta, &mut b.y)
