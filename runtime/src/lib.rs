@@ -43,7 +43,8 @@ pub use config::{
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
     DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MergeOptions,
-    MergedUse, Mode, ModeError, Model, ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
+    MISS_TASK, MergedUse, Mode, ModeError, Model, ModelError, NoTrace, OnMiss, PromptPool, Session, SessionError,
+    SessionOptions, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

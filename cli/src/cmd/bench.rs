@@ -68,6 +68,10 @@ struct BenchHooks<'a, 'm> {
     prompt_expert_bytes: u64,
     step_bytes: Vec<u64>,
     kv_bytes: u64,
+    /// On-miss fallbacks (token choices) of the decode steps, and the tracker's count at the
+    /// end of the previous call.
+    decode_fallbacks: u64,
+    fallbacks_seen: u64,
 }
 
 impl meo::Trace for BenchHooks<'_, '_> {
@@ -87,6 +91,12 @@ impl meo::Trace for BenchHooks<'_, '_> {
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.tracker.on_experts_predicted(from, layer, experts);
     }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.tracker.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.tracker.on_fallback(layer, missed, choices);
+    }
 }
 
 impl Hooks for BenchHooks<'_, '_> {
@@ -99,6 +109,11 @@ impl Hooks for BenchHooks<'_, '_> {
 
     fn after_forward(&mut self, prompt: bool) {
         let bytes = self.tracker.take_step_bytes() + std::mem::take(&mut self.merged);
+        let f = self.tracker.fallback_choices();
+        if !prompt {
+            self.decode_fallbacks += f - self.fallbacks_seen;
+        }
+        self.fallbacks_seen = f;
         if prompt {
             self.prompt_expert_bytes += bytes;
         } else {
@@ -136,6 +151,7 @@ pub fn run(a: &Args) -> Result<()> {
     let file_bytes = model.bytes().len() as u64;
     let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
@@ -165,10 +181,12 @@ pub fn run(a: &Args) -> Result<()> {
         prompt_expert_bytes: 0,
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
+        decode_fallbacks: 0,
+        fallbacks_seen: 0,
     };
     let random = (a.decode_tokens == "random").then_some(a.seed);
     let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
-    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
+    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, decode_fallbacks, .. } = hooks;
     let threads = threads_of(&opened);
     let describe = opened.target().describe();
     // `--compare-cpu` (ONNX Runtime only): the same generation on meo's CPU target.
@@ -246,6 +264,17 @@ pub fn run(a: &Args) -> Result<()> {
             "expert_hit_rate": stats.hit_rate(),
             "prediction_accuracy_per_layer": stats.prediction.iter().map(|p| p.accuracy()).collect::<Vec<_>>(),
             "predicted_prefetches": stats.predicted_prefetches,
+            "miss_read": stats.miss_read.name(),
+            "miss_reads": stats.miss_reads,
+            "miss_read_bytes": stats.miss_read_bytes,
+            "populate_fallbacks": stats.populate_fallbacks,
+            "on_miss": a.memory.on_miss.spelling(),
+            "approximate": a.memory.on_miss.approximate(),
+            "fallback_choices": stats.fallback_choices,
+            "fallbacks_per_layer": stats.fallbacks_per_layer,
+            "fallback_fetches": stats.fallback_fetches,
+            "decode_fallbacks_per_token":
+                if g.decode_steps == 0 { 0.0 } else { decode_fallbacks as f64 / g.decode_steps as f64 },
             "dense_pinned_bytes": stats.dense_pinned_bytes,
             "dense_locked": stats.dense_locked,
         });

@@ -22,7 +22,9 @@ pub mod plan;
 mod session;
 mod trace;
 
-pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+pub use bank::{
+    Execution, Granularity, LayerSelect, MISS_TASK, MergeOptions, MergedUse, Mode, ModeError, OnMiss, PromptPool,
+};
 pub use exec::{ExecPlan, LayerExec};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
 pub use session::{DEFAULT_MAX_CONTEXT, ForwardError, Logits, Session, SessionError, SessionOptions};
