@@ -43,8 +43,8 @@ pub use config::{
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
     DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, KvDtype, KvOptions, KvParseError, LayerExec,
-    LayerSelect, Logits, MergeOptions, MergedUse, MlaCache, Mode, ModeError, Model, ModelError, NoTrace, PromptPool,
-    STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError, Trace,
+    LayerSelect, Logits, MISS_TASK, MergeOptions, MergedUse, MlaCache, Mode, ModeError, Model, ModelError, NoTrace,
+    OnMiss, PromptPool, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

@@ -440,6 +440,7 @@ fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
         threads: 1,
         json: false,
         reference: None,
+        memory: meo_cli::cmd::memory::MemoryArgs::default(),
     };
     let v = evaluate(&args("vanilla")).unwrap();
     assert_eq!((v.agreement, v.kl, v.perplexity), (1.0, 0.0, v.vanilla_perplexity));

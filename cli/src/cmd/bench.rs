@@ -75,6 +75,10 @@ struct BenchHooks<'a, 'm> {
     step_bytes: Vec<u64>,
     kv_bytes: u64,
     kv: meo::KvOptions,
+    /// On-miss fallbacks (token choices) of the decode steps, and the tracker's count at the
+    /// end of the previous call.
+    decode_fallbacks: u64,
+    fallbacks_seen: u64,
 }
 
 impl meo::Trace for BenchHooks<'_, '_> {
@@ -94,6 +98,12 @@ impl meo::Trace for BenchHooks<'_, '_> {
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.tracker.on_experts_predicted(from, layer, experts);
     }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.tracker.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.tracker.on_fallback(layer, missed, choices);
+    }
 }
 
 impl Hooks for BenchHooks<'_, '_> {
@@ -106,6 +116,11 @@ impl Hooks for BenchHooks<'_, '_> {
 
     fn after_forward(&mut self, prompt: bool) {
         let bytes = self.tracker.take_step_bytes() + std::mem::take(&mut self.merged);
+        let f = self.tracker.fallback_choices();
+        if !prompt {
+            self.decode_fallbacks += f - self.fallbacks_seen;
+        }
+        self.fallbacks_seen = f;
         if prompt {
             self.prompt_expert_bytes += bytes;
         } else {
@@ -148,6 +163,7 @@ pub fn run(a: &Args) -> Result<()> {
         kv: a.kv.options(),
     };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
@@ -178,10 +194,12 @@ pub fn run(a: &Args) -> Result<()> {
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
         kv: run.kv,
+        decode_fallbacks: 0,
+        fallbacks_seen: 0,
     };
     let random = (a.decode_tokens == "random").then_some(a.seed);
     let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
-    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
+    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, decode_fallbacks, .. } = hooks;
     let threads = threads_of(&opened);
     let describe = opened.target().describe();
     // `--compare-cpu` (ONNX Runtime only): the same generation on meo's CPU target.
@@ -263,6 +281,17 @@ pub fn run(a: &Args) -> Result<()> {
             "expert_hit_rate": stats.hit_rate(),
             "prediction_accuracy_per_layer": stats.prediction.iter().map(|p| p.accuracy()).collect::<Vec<_>>(),
             "predicted_prefetches": stats.predicted_prefetches,
+            "miss_read": stats.miss_read.name(),
+            "miss_reads": stats.miss_reads,
+            "miss_read_bytes": stats.miss_read_bytes,
+            "populate_fallbacks": stats.populate_fallbacks,
+            "on_miss": a.memory.on_miss.spelling(),
+            "approximate": a.memory.on_miss.approximate(),
+            "fallback_choices": stats.fallback_choices,
+            "fallbacks_per_layer": stats.fallbacks_per_layer,
+            "fallback_fetches": stats.fallback_fetches,
+            "decode_fallbacks_per_token":
+                if g.decode_steps == 0 { 0.0 } else { decode_fallbacks as f64 / g.decode_steps as f64 },
             "dense_pinned_bytes": stats.dense_pinned_bytes,
             "dense_locked": stats.dense_locked,
         });

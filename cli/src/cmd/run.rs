@@ -268,6 +268,7 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
         kv: a.kv.options(),
     };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let opts = a.memory.tracker_options();
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     if a.stats {
@@ -388,6 +389,12 @@ impl Trace for RunHooks<'_, '_> {
     }
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.tracker.on_experts_predicted(from, layer, experts);
+    }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.tracker.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.tracker.on_fallback(layer, missed, choices);
     }
 }
 

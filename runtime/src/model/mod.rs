@@ -26,7 +26,9 @@ mod session;
 mod short_conv;
 mod trace;
 
-pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+pub use bank::{
+    Execution, Granularity, LayerSelect, MISS_TASK, MergeOptions, MergedUse, Mode, ModeError, OnMiss, PromptPool,
+};
 pub use exec::{ExecPlan, LayerExec};
 pub use kv::{KvDtype, KvOptions, KvParseError, MlaCache};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};

@@ -3,10 +3,10 @@
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
-use super::bank::{MergeOptions, MergedUse, ModeError};
+use super::bank::{MergeOptions, MergedUse, ModeError, OnMiss};
 use super::delta::{self, DeltaScratch};
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
-use super::ffn::{FfnScratch, dense, last_choices, merged, moe, predict};
+use super::ffn::{Fallback, FfnScratch, dense, last_choices, merged, moe, predict};
 use super::kv::KvOptions;
 use super::mamba::{self, MambaScratch};
 use super::meo::{self, BankSrc, MergedBank};
@@ -160,6 +160,15 @@ pub struct Session<'m> {
     /// Output of the last [`Session::encode`], `[T, hidden]`.
     hidden: Vec<f32>,
     bank: BankState,
+    on_miss: OnMissState,
+}
+
+/// The session's on-miss fallback ([`OnMiss`]) and, for `Merged`, per layer the stored merged
+/// expert it runs: (task index, layer index in the task, 1 / the merge's mass).
+#[derive(Debug, Default)]
+struct OnMissState {
+    mode: OnMiss,
+    merged: Vec<Option<(usize, usize, f32)>>,
 }
 
 /// What a session built from the prompt for a layer whose execution comes from it
@@ -217,7 +226,45 @@ impl<'m> Session<'m> {
             logits: Vec::new(),
             hidden: Vec::new(),
             bank: BankState::new(ExecPlan::vanilla(model)),
+            on_miss: OnMissState::default(),
         })
+    }
+
+    /// Sets what a routed layer does with a selected expert that is not resident
+    /// ([`OnMiss`]; residency is what the forward call's [`Trace`] reports through
+    /// [`Trace::resident_experts`]). `Exact`, the default, never changes results. Applies to
+    /// the next forward call; the sequence is kept.
+    ///
+    /// # Errors
+    /// [`ModeError::NoMissMerge`]: `Merged` names a task the file does not store merged experts
+    /// for (the session is unchanged).
+    pub fn set_on_miss(&mut self, on_miss: OnMiss) -> Result<(), ModeError> {
+        let m = self.model;
+        let mut merged = alloc::vec![None; m.layers.len()];
+        if let OnMiss::Merged(task) = &on_miss {
+            let Some(ti) = m.tasks.iter().position(|t| t.name == *task) else {
+                return Err(ModeError::NoMissMerge {
+                    task: task.clone(),
+                    available: m.tasks.iter().map(|t| t.name.clone()).collect(),
+                });
+            };
+            for (i, tl) in m.tasks[ti].layers.iter().enumerate() {
+                let mass: f64 = tl.weights.iter().sum();
+                if let Some(slot) = merged.get_mut(tl.layer)
+                    && mass.is_finite()
+                    && mass > 0.0
+                {
+                    *slot = Some((ti, i, (1.0 / mass) as f32));
+                }
+            }
+        }
+        self.on_miss = OnMissState { mode: on_miss, merged };
+        Ok(())
+    }
+
+    /// The on-miss fallback ([`set_on_miss`](Self::set_on_miss)).
+    pub fn on_miss(&self) -> &OnMiss {
+        &self.on_miss.mode
     }
 
     /// Sets the routing mode and merge policy, and resets the sequence. Returns the layers
@@ -630,6 +677,15 @@ impl<'m> Session<'m> {
                 FfnPlan::Moe(p) => {
                     trace.on_moe_input(l, self.pos, &b.h);
                     let spec = &c.router;
+                    let fallback = match &self.on_miss.mode {
+                        OnMiss::Exact => None,
+                        OnMiss::Resident => Some(Fallback::Resident),
+                        // A layer the task stores no merge for runs exact.
+                        OnMiss::Merged(_) => self.on_miss.merged.get(l).copied().flatten().map(|(ti, i, inv_mass)| {
+                            let ex = &m.tasks[ti].layers[i].expert;
+                            Fallback::Merged { bytes: &bytes[ex.slab.clone()], mlp: &ex.mlp, inv_mass }
+                        }),
+                    };
                     match (exec, &*built) {
                         (LayerExec::TaskMerge { task, index }, _) => {
                             let ex = &m.tasks[*task].layers[*index].expert;
@@ -643,7 +699,7 @@ impl<'m> Session<'m> {
                         }
                         (LayerExec::PromptMerge(pool), None) => {
                             // The prompt: vanilla, then merge this layer once from its routing.
-                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y);
+                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, fallback, &mut b.y);
                             let w = prompt_merge_weights(*pool, par, bytes, p, spec, &b.h, t, last_choices(&b.ffn));
                             // Shapes were validated at open and the weights are finite: the
                             // merge cannot fail; if it did, the layer would stay vanilla.
@@ -651,7 +707,7 @@ impl<'m> Session<'m> {
                                 *built = Some(Built::Merged(me));
                             }
                         }
-                        _ => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
+                        _ => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, fallback, &mut b.y),
                     }
                 }
             }
