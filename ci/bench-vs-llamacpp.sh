@@ -19,13 +19,15 @@
 # 4. GGUF Q8_0 with llama.cpp's convert_hf_to_gguf.py; .meo with `meo convert --dense int8` (int8
 #    everywhere but norms and routers, as Q8_0). 4-bit (MEO_BENCH_4BIT=1, the default): GGUF f16,
 #    then `llama-quantize` Q4_K_M and Q4_0 (the f16 file is deleted afterwards); .meo with
-#    `--experts int4 --dense int8` and `--experts mxfp4 --dense int8` (meo has no 4-bit dense
-#    format: its attention, embeddings and head stay Q8_0-like int8, llama.cpp's are 4/6-bit).
+#    `--experts int4 --dense int8` and `--experts mxfp4 --dense int8` (attention, embeddings and
+#    head Q8_0-like int8, where llama.cpp's are 4/6-bit), and `--experts int4 --dense int4` (4-bit
+#    everywhere, as Q4_0).
 # 5. Every benchmarked file dropped from the page cache and read back (fresh pages for all, see
 #    below). REPS rounds, each: the streaming-read bandwidth probe with the same thread count
 #    (converter/examples/bandwidth.rs, best of 5 passes), `llama-bench -t T -p 128 -n 64 -r 1` on
 #    each GGUF and `meo bench --threads T --prompt-len 128 --gen 64` on each .meo, in turn:
-#    Q8_0, meo int8, Q4_K_M, Q4_0, meo int4, meo mxfp4; medians over the rounds.
+#    Q8_0, meo int8, Q4_K_M, Q4_0, meo int4, meo mxfp4, meo int4 with dense int4; medians over
+#    the rounds.
 # 6. With MEO_BENCH_DEPTH=D, as many rounds of decoding after D tokens of context (llama-bench
 #    -p 0 -n 64 -d D, meo bench --prompt-len D), Q8_0 against int8: attention over a long KV cache.
 # 7. Perplexity (MEO_BENCH_PPL=1, the default) of both tools on the same held-out text, with a
@@ -266,6 +268,7 @@ GGUF_Q4KM=$HF/model-q4_k_m.gguf
 GGUF_Q40=$HF/model-q4_0.gguf
 MEO_INT4=$HF/model-int4.meo
 MEO_MXFP4=$HF/model-mxfp4.meo
+MEO_INT4D4=$HF/model-int4-dense-int4.meo
 if ((FOURBIT)); then
   if [[ ! -f $GGUF_Q4KM || ! -f $GGUF_Q40 ]]; then
     convert_gguf "$HF" f16 "$HF/model-f16.gguf"
@@ -275,7 +278,8 @@ if ((FOURBIT)); then
   fi
   [[ -f $MEO_INT4 ]] || "$MEO" convert "$HF" -o "$MEO_INT4" --experts int4 --dense int8 --align-experts off >&2
   [[ -f $MEO_MXFP4 ]] || "$MEO" convert "$HF" -o "$MEO_MXFP4" --experts mxfp4 --dense int8 --align-experts off >&2
-  FILES+=("$GGUF_Q4KM" "$GGUF_Q40" "$MEO_INT4" "$MEO_MXFP4")
+  [[ -f $MEO_INT4D4 ]] || "$MEO" convert "$HF" -o "$MEO_INT4D4" --experts int4 --dense int4 --align-experts off >&2
+  FILES+=("$GGUF_Q4KM" "$GGUF_Q40" "$MEO_INT4" "$MEO_MXFP4" "$MEO_INT4D4")
 fi
 ls -l "${FILES[@]}" >&2
 # MEO_BENCH_SETUP_ONLY=1 (ci/bench-memory.sh): stop here and print what was built, as shell
@@ -334,6 +338,7 @@ for r in $(seq "$REPS"); do
     llama_row llama.cpp-q4_0 "$r" "$GGUF_Q40" -p "$PROMPT" -n "$GEN"
     meo_row meo-int4 "$r" "$MEO_INT4" --prompt-len "$PROMPT" --gen "$GEN"
     meo_row meo-mxfp4 "$r" "$MEO_MXFP4" --prompt-len "$PROMPT" --gen "$GEN"
+    meo_row meo-int4d4 "$r" "$MEO_INT4D4" --prompt-len "$PROMPT" --gen "$GEN"
   fi
   printf '.' >&2
 done
@@ -405,7 +410,7 @@ PY
   for q in Q8_0 Q4_K_M Q4_0; do
     quantize_gguf "$G16" "$q" "$PH/model-${q,,}.gguf"
   done
-  for spec in f32:f32 int8:f32 int4:f32 mxfp4:f32 int8:int8 int4:int8; do
+  for spec in f32:f32 int8:f32 int4:f32 mxfp4:f32 int8:int8 int4:int8 int4:int4; do
     e=${spec%:*} d=${spec#*:}
     f=$PH/model-$e-dense-$d.meo
     [[ -f $f ]] || "$MEO" convert "$PH" -o "$f" --experts "$e" --dense "$d" --align-experts off >&2
@@ -432,7 +437,7 @@ print(json.dumps({"tool": "llama.cpp", "fmt": os.path.basename(path)[6:-5], "ppl
                   "scored": chunks * 63, "bytes": os.path.getsize(path)}))
 PY
   done
-  for spec in f32:f32 int8:f32 int4:f32 mxfp4:f32 int8:int8 int4:int8; do
+  for spec in f32:f32 int8:f32 int4:f32 mxfp4:f32 int8:int8 int4:int8 int4:int4; do
     e=${spec%:*} d=${spec#*:}
     f=$PH/model-$e-dense-$d.meo
     "$MEO" eval "$f" --data "$TEXT" --window 128 --prompt-len 64 --max-windows "$CHUNKS" \
@@ -514,12 +519,13 @@ if meo("meo-int4"):
         eb_s = f"{eb / 1e6:12.2f} MB" if eb else f"{'':>15}"
         b_s = f"{b / 1e6:10.2f} MB" if b else f"{'':>13}"
         print(f"{name:>22} {pp:13.1f} {tg:13.1f} {os.path.getsize(path):14,d} {eb_s} {b_s}")
-    paths = dict(zip(["q8_0", "int8", "q4_k_m", "q4_0", "int4", "mxfp4"], files))
+    paths = dict(zip(["q8_0", "int8", "q4_k_m", "q4_0", "int4", "mxfp4", "int4d4"], files))
     for tool, name, key in [("llama.cpp", "llama.cpp Q8_0", "q8_0"), ("llama.cpp-q4_k_m", "llama.cpp Q4_K_M", "q4_k_m"),
                             ("llama.cpp-q4_0", "llama.cpp Q4_0", "q4_0")]:
         add(name, llama(tool, "n_prompt"), llama(tool, "n_gen"), paths[key], *gguf_bytes_per_token(paths[key]))
     eb = {}
-    for tool, name, key in [("meo", "meo int8", "int8"), ("meo-int4", "meo int4", "int4"), ("meo-mxfp4", "meo mxfp4", "mxfp4")]:
+    for tool, name, key in [("meo", "meo int8", "int8"), ("meo-int4", "meo int4", "int4"), ("meo-mxfp4", "meo mxfp4", "mxfp4"),
+                            ("meo-int4d4", "meo int4 dense int4", "int4d4")]:
         m = meo(tool)
         eb[key] = st.median(x["expert_bytes_per_token"] for x in m)
         add(name, st.median(x["prompt_tokens_per_s"] for x in m), st.median(x["decode_tokens_per_s"] for x in m),
@@ -529,6 +535,8 @@ if meo("meo-int4"):
     (mpp, mtg), (kpp, ktg), (opp, otg) = table["meo int4"], table["llama.cpp Q4_K_M"], table["llama.cpp Q4_0"]
     print(f"meo int4 / llama.cpp Q4_K_M: decode {mtg / ktg:.3f} (target >= 1.5), prompt {mpp / kpp:.3f} (target >= 2)")
     print(f"meo int4 / llama.cpp Q4_0:   decode {mtg / otg:.3f}, prompt {mpp / opp:.3f}")
+    dpp, dtg = table["meo int4 dense int4"]
+    print(f"meo int4 dense int4 / llama.cpp Q4_K_M: decode {dtg / ktg:.3f}, prompt {dpp / kpp:.3f}")
     q4 = (mtg / ktg, mpp / kpp)
 
 ppl_ratio = None
