@@ -931,9 +931,8 @@ impl ModelConfig {
     /// Bytes of recurrent state a session holds whatever the context length: every recurrent
     /// layer's fixed-size state, f32. 0 for attention-only models. Saturates.
     pub fn recurrent_state_bytes(&self) -> u64 {
-        let floats = (0..self.num_layers)
-            .map(|l| self.recurrent_state_floats(l) as u64)
-            .fold(0u64, |a, b| a.saturating_add(b));
+        let floats =
+            (0..self.num_layers).map(|l| self.recurrent_state_floats(l) as u64).fold(0u64, |a, b| a.saturating_add(b));
         floats.saturating_mul(4)
     }
 
@@ -1500,6 +1499,34 @@ mod tests {
             bad.recipe.rope_dim = d;
             assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_dim", .. })), "{d}");
         }
+    }
+
+    #[test]
+    fn mamba2_short_conv_and_no_positions_round_trip_and_are_checked() {
+        let mut c = sample();
+        c.recipe.layer_mixer = alloc::vec![Mixer::Mamba2, Mixer::ShortConv];
+        c.recipe.positions = Positions::None;
+        c.recipe.short_conv_kernel = 3;
+        c.recipe.mamba2 =
+            Some(Mamba2 { num_heads: 8, head_dim: 16, state_size: 16, n_groups: 2, conv_kernel: 4, conv_bias: true });
+        c.validate().unwrap();
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // Mamba2: 3 × (128 + 2 × 2 × 16) conv floats + 128 × 16 state; short conv: 2 × 64.
+        assert_eq!(c.recurrent_state_bytes(), ((3 * 192 + 128 * 16) + 2 * 64) * 4);
+        assert_eq!(c.kv_bytes_per_position(), 0, "no attention layer");
+        let bad = |f: &dyn Fn(&mut ModelConfig), key: &str| {
+            let mut b = c.clone();
+            f(&mut b);
+            assert!(matches!(b.validate(), Err(ConfigError::Invalid { key: k, .. }) if k == key), "{key}");
+        };
+        bad(&|b| b.recipe.short_conv_kernel = 0, "model.short_conv.kernel");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().n_groups = 3, "model.mamba2.num_heads");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().conv_kernel = 65, "model.mamba2.conv_kernel");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().head_dim = MAX_WIDTH, "model.mamba2.head_dim");
+        let mut missing = c.clone();
+        missing.recipe.mamba2 = None;
+        assert!(matches!(missing.validate(), Err(ConfigError::Missing { key: "model.mamba2.num_heads" })));
     }
 
     #[test]

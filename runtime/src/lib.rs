@@ -37,8 +37,8 @@ pub mod residency;
 pub mod tokenizer;
 
 pub use config::{
-    Activation, ConfigError, DeltaNet, FfnKind, Mamba2, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe, RouterSpec,
-    Scoring,
+    Activation, ConfigError, DeltaNet, FfnKind, Mamba2, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe,
+    RouterSpec, Scoring,
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{

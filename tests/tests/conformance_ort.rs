@@ -135,6 +135,9 @@ fn short_conv_is_refused_by_name() {
     let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
         panic!("a short-conv model must be refused")
     };
-    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv }), "{e}");
+    assert!(
+        matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv }),
+        "{e}"
+    );
     assert!(e.to_string().contains("short_conv"), "{e}");
 }

@@ -65,6 +65,16 @@ pub(crate) fn model_config(
     eos: Vec<u64>,
 ) -> Result<(ModelConfig, std::ops::Range<usize>)> {
     ensure!(!j.bool_or("conv_bias", false)?, "conv_bias = true is not supported");
+    // `rope_theta` takes the theta and refuses unknown types; YaRN is read by the standard
+    // reader only, so here only the default RoPE is.
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(v) = j.raw(key) else { continue };
+        let p = Json(v.as_object().with_context(|| format!("key {key:?} must be an object or null"))?);
+        let kind = p.opt_str("rope_type")?.or(p.opt_str("type")?);
+        if let Some(k) = kind.filter(|k| *k != "default") {
+            bail!("{key}: RoPE scaling type {k:?} is not supported for lfm2_moe (only \"default\")");
+        }
+    }
     let hidden = j.opt_usize("hidden_size")?.unwrap_or(2048);
     let layers = j.layers("num_hidden_layers")?;
     let heads = j.opt_usize("num_attention_heads")?.unwrap_or(32);
@@ -77,8 +87,7 @@ pub(crate) fn model_config(
     let top_k = j.opt_usize("num_experts_per_tok")?.unwrap_or(4);
     ensure!(top_k > 0 && top_k <= experts, "num_experts_per_tok {top_k} must be in 1..={experts}");
     let dense = j.opt_usize("num_dense_layers")?.unwrap_or(2);
-    let layer_ffn: Vec<FfnKind> =
-        (0..layers).map(|l| if l < dense { FfnKind::Dense } else { FfnKind::Moe }).collect();
+    let layer_ffn: Vec<FfnKind> = (0..layers).map(|l| if l < dense { FfnKind::Dense } else { FfnKind::Moe }).collect();
     let types: Vec<String> = match j.raw("layer_types") {
         Some(v) => serde_json::from_value(v.clone()).context("layer_types must be a list of strings")?,
         None => bail!("key \"layer_types\" is missing (which layers are convolutions)"),
@@ -120,7 +129,11 @@ pub(crate) fn model_config(
         clip_qkv: None,
         tie_word_embeddings: tie,
         intermediate_size: if dense > 0 { j.opt_usize("intermediate_size")?.unwrap_or(7168) } else { 0 },
-        expert_intermediate_size: if dense < layers { j.opt_usize("moe_intermediate_size")?.unwrap_or(1792) } else { 0 },
+        expert_intermediate_size: if dense < layers {
+            j.opt_usize("moe_intermediate_size")?.unwrap_or(1792)
+        } else {
+            0
+        },
         shared_expert_intermediate_size: 0,
         layer_window: vec![0; layers],
         layer_ffn,

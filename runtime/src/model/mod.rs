@@ -14,15 +14,15 @@
 mod attention;
 pub mod bank;
 mod delta;
-mod mamba;
-mod recurrent;
-mod short_conv;
 pub mod exec;
 mod ffn;
+mod mamba;
 mod meo;
 mod mla;
 pub mod plan;
+mod recurrent;
 mod session;
+mod short_conv;
 mod trace;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
@@ -508,7 +508,9 @@ impl Model {
             let window = match attn {
                 plan::Attention::Gqa(a) => a.window,
                 plan::Attention::Mla(a) => a.window,
-                plan::Attention::GatedDeltaNet(_) | plan::Attention::Mamba2(_) | plan::Attention::ShortConv(_) => return 0,
+                plan::Attention::GatedDeltaNet(_) | plan::Attention::Mamba2(_) | plan::Attention::ShortConv(_) => {
+                    return 0;
+                }
             };
             let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
             (n * (kw + vw) * core::mem::size_of::<f32>()) as u64

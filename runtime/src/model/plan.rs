@@ -721,9 +721,7 @@ impl<'f, 'a> Builder<'f, 'a> {
                 Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?))
             }
             (crate::config::Mixer::Mamba2, _) => Attention::Mamba2(alloc::boxed::Box::new(self.mamba2(l)?)),
-            (crate::config::Mixer::ShortConv, _) => {
-                Attention::ShortConv(alloc::boxed::Box::new(self.short_conv(l)?))
-            }
+            (crate::config::Mixer::ShortConv, _) => Attention::ShortConv(alloc::boxed::Box::new(self.short_conv(l)?)),
             (crate::config::Mixer::Attention, Some(a)) => Attention::Mla(self.mla(l, a)?),
             (crate::config::Mixer::Attention, None) => Attention::Gqa(self.gqa(l)?),
         };

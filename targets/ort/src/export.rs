@@ -382,7 +382,9 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
     for plan in model.layer_plans() {
         let dim = match &plan.attn {
             Attention::Gqa(a) if a.rope => a.rope_dim,
-            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
+            Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
+                continue;
+            }
             Attention::Mla(a) => a.rope,
         };
         if tables.contains_key(&dim) {

@@ -643,7 +643,9 @@ impl<'m> WgpuTarget<'m> {
             let nf = match &lp.attn {
                 Attention::Gqa(a) if a.rope => a.rope_dim / 2,
                 Attention::Mla(a) => a.rope / 2,
-                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => continue,
+                Attention::Gqa(_) | Attention::GatedDeltaNet(_) | Attention::Mamba2(_) | Attention::ShortConv(_) => {
+                    continue;
+                }
             };
             if nf == 0 || rope_tables.contains_key(&nf) {
                 continue;
