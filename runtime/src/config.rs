@@ -942,7 +942,7 @@ impl ModelConfig {
             Mixer::Attention => 0,
             Mixer::GatedDeltaNet => self.recipe.delta_net.map_or(0, |d| d.state_floats()),
             Mixer::Mamba2 => self.recipe.mamba2.map_or(0, |d| d.state_floats()),
-            Mixer::ShortConv => self.hidden_size * self.recipe.short_conv_kernel.saturating_sub(1),
+            Mixer::ShortConv => self.hidden_size.saturating_mul(self.recipe.short_conv_kernel.saturating_sub(1)),
         }
     }
 

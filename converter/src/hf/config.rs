@@ -295,7 +295,7 @@ fn mamba2(j: &Json<'_>, hidden: usize) -> Result<Mamba2> {
         _ => j.opt_usize("mamba_d_head")?.unwrap_or(inner / heads),
     };
     ensure!(
-        head_dim * heads == inner,
+        head_dim.checked_mul(heads) == Some(inner),
         "mamba_d_head {head_dim} × mamba_n_heads {heads} is not mamba_expand × hidden_size {inner}"
     );
     Ok(Mamba2 {
