@@ -1010,7 +1010,7 @@ impl ModelConfig {
             Mixer::Attention => 0,
             Mixer::GatedDeltaNet => self.recipe.delta_net.map_or(0, |d| d.state_floats()),
             Mixer::Mamba2 => self.recipe.mamba2.map_or(0, |d| d.state_floats()),
-            Mixer::ShortConv => self.hidden_size * self.recipe.short_conv_kernel.saturating_sub(1),
+            Mixer::ShortConv => self.hidden_size.saturating_mul(self.recipe.short_conv_kernel.saturating_sub(1)),
         }
     }
 
@@ -1659,6 +1659,34 @@ mod tests {
         let mut bad = c.clone();
         bad.recipe.nope_temperature = Some((0.0, 0.1));
         assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.nope_temperature_floor_scale", .. })));
+    }
+
+    #[test]
+    fn mamba2_short_conv_and_no_positions_round_trip_and_are_checked() {
+        let mut c = sample();
+        c.recipe.layer_mixer = alloc::vec![Mixer::Mamba2, Mixer::ShortConv];
+        c.recipe.positions = Positions::None;
+        c.recipe.short_conv_kernel = 3;
+        c.recipe.mamba2 =
+            Some(Mamba2 { num_heads: 8, head_dim: 16, state_size: 16, n_groups: 2, conv_kernel: 4, conv_bias: true });
+        c.validate().unwrap();
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        // Mamba2: 3 × (128 + 2 × 2 × 16) conv floats + 128 × 16 state; short conv: 2 × 64.
+        assert_eq!(c.recurrent_state_bytes(), ((3 * 192 + 128 * 16) + 2 * 64) * 4);
+        assert_eq!(c.kv_bytes_per_position(crate::KvOptions::default()), 0, "no attention layer");
+        let bad = |f: &dyn Fn(&mut ModelConfig), key: &str| {
+            let mut b = c.clone();
+            f(&mut b);
+            assert!(matches!(b.validate(), Err(ConfigError::Invalid { key: k, .. }) if k == key), "{key}");
+        };
+        bad(&|b| b.recipe.short_conv_kernel = 0, "model.short_conv.kernel");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().n_groups = 3, "model.mamba2.num_heads");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().conv_kernel = 65, "model.mamba2.conv_kernel");
+        bad(&|b| b.recipe.mamba2.as_mut().unwrap().head_dim = MAX_WIDTH, "model.mamba2.head_dim");
+        let mut missing = c.clone();
+        missing.recipe.mamba2 = None;
+        assert!(matches!(missing.validate(), Err(ConfigError::Missing { key: "model.mamba2.num_heads" })));
     }
 
     #[test]

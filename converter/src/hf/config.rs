@@ -295,7 +295,7 @@ fn mamba2(j: &Json<'_>, hidden: usize) -> Result<Mamba2> {
         _ => j.opt_usize("mamba_d_head")?.unwrap_or(inner / heads),
     };
     ensure!(
-        head_dim * heads == inner,
+        head_dim.checked_mul(heads) == Some(inner),
         "mamba_d_head {head_dim} × mamba_n_heads {heads} is not mamba_expand × hidden_size {inner}"
     );
     Ok(Mamba2 {
@@ -697,6 +697,55 @@ mod tests {
         o.remove("layer_types");
         o.insert("swiglu_alpha".into(), json!(1.702));
         assert_eq!(cfg(v5).unwrap(), hub);
+    }
+
+    /// granite-4.0-h-tiny's config shrunk: legacy `mamba` / `attention` layer types, no RoPE
+    /// unless `position_embedding_type` says so, the ungated shared MLP, `mamba_d_head` "auto".
+    fn granite_hybrid() -> Value {
+        json!({
+            "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid", "hidden_size": 64,
+            "intermediate_size": 16, "shared_intermediate_size": 32, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+            "vocab_size": 256, "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000,
+            "layer_types": ["mamba", "attention", "mamba"], "position_embedding_type": "nope",
+            "mamba_n_heads": 8, "mamba_d_head": "auto", "mamba_d_state": 16, "mamba_n_groups": 2,
+            "mamba_expand": 2, "mamba_d_conv": 4, "mamba_conv_bias": true, "mamba_proj_bias": false
+        })
+    }
+
+    #[test]
+    fn granite_hybrid_mixers_positions_and_shared_mlp() {
+        let c = cfg(granite_hybrid()).unwrap();
+        assert_eq!(c.recipe.layer_mixer, [Mixer::Mamba2, Mixer::Attention, Mixer::Mamba2]);
+        let m = c.recipe.mamba2.unwrap();
+        assert_eq!((m.num_heads, m.head_dim, m.state_size, m.n_groups, m.conv_kernel), (8, 16, 16, 2, 4));
+        assert!(m.conv_bias);
+        assert_eq!(c.recipe.positions, Positions::None);
+        assert_eq!((c.router.num_shared_experts, c.router.shared_gate), (1, SharedGate::None));
+        assert_eq!(c.shared_expert_intermediate_size, 32);
+        let mut v = granite_hybrid();
+        v["position_embedding_type"] = json!("rope");
+        v["layer_types"] = json!(["linear_attention", "full_attention", "linear_attention"]);
+        let c2 = cfg(v).unwrap();
+        assert_eq!(c2.recipe.positions, Positions::Rope);
+        assert_eq!(c2.recipe.layer_mixer, c.recipe.layer_mixer, "transformers-5 names read alike");
+        // Without layer_types every layer is Mamba2 (transformers' default).
+        let mut v = granite_hybrid();
+        v.as_object_mut().unwrap().remove("layer_types");
+        assert_eq!(cfg(v).unwrap().recipe.layer_mixer, [Mixer::Mamba2; 3]);
+        for (key, val, says) in [
+            ("mamba_proj_bias", json!(true), "mamba_proj_bias"),
+            ("time_step_limit", json!([0.0, 1.0]), "time_step_limit"),
+            ("num_local_experts", json!(0), "num_local_experts"),
+            ("mamba_n_heads", json!(5), "mamba_n_heads"),
+            ("mamba_d_head", json!(8), "mamba_d_head"),
+            ("layer_types", json!(["mamba", "conv", "mamba"]), "conv"),
+        ] {
+            let mut v = granite_hybrid();
+            v[key] = val;
+            let e = format!("{:#}", cfg(v).unwrap_err());
+            assert!(e.contains(says), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -65,6 +65,16 @@ pub(crate) fn model_config(
     eos: Vec<u64>,
 ) -> Result<(ModelConfig, std::ops::Range<usize>)> {
     ensure!(!j.bool_or("conv_bias", false)?, "conv_bias = true is not supported");
+    // `rope_theta` takes the theta and refuses unknown types; YaRN is read by the standard
+    // reader only, so here only the default RoPE is.
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(v) = j.raw(key) else { continue };
+        let p = Json(v.as_object().with_context(|| format!("key {key:?} must be an object or null"))?);
+        let kind = p.opt_str("rope_type")?.or(p.opt_str("type")?);
+        if let Some(k) = kind.filter(|k| *k != "default") {
+            bail!("{key}: RoPE scaling type {k:?} is not supported for lfm2_moe (only \"default\")");
+        }
+    }
     let hidden = j.opt_usize("hidden_size")?.unwrap_or(2048);
     let layers = j.layers("num_hidden_layers")?;
     let heads = j.opt_usize("num_attention_heads")?.unwrap_or(32);
