@@ -412,8 +412,12 @@ pub fn check_int8(name: &str, open: Open<'_>) -> Agreement {
          top-1 agreement {:.4} / {:.4}; max |Δlogit| {:.3e}",
         a.routing_vs_reference, a.routing_vs_f32, a.top1_vs_reference, a.top1_vs_f32, a.max_dlogit
     );
-    let &(_, routing, top1, dlogit) =
-        INT8_BOUNDS.iter().chain(&RECURRENT_INT8_BOUNDS).chain(&CPU_ONLY_INT8_BOUNDS).find(|f| f.0 == name).expect("bounds for every fixture");
+    let &(_, routing, top1, dlogit) = INT8_BOUNDS
+        .iter()
+        .chain(&RECURRENT_INT8_BOUNDS)
+        .chain(&CPU_ONLY_INT8_BOUNDS)
+        .find(|f| f.0 == name)
+        .expect("bounds for every fixture");
     for (what, got, floor) in [
         ("routing agreement vs transformers", a.routing_vs_reference, routing),
         ("routing agreement vs f32", a.routing_vs_f32, routing),

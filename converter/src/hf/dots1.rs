@@ -67,7 +67,8 @@ fn model_config(j: &Json<'_>, f: &'static Family, eos: Vec<u64>) -> Result<(Mode
     let top_k = j.opt_usize("num_experts_per_tok")?.context("key \"num_experts_per_tok\" is missing")?;
     ensure!(top_k > 0 && top_k <= experts, "num_experts_per_tok {top_k} must be in 1..={experts}");
     let first_dense = j.opt_usize("first_k_dense_replace")?.unwrap_or(0);
-    let layer_ffn: Vec<FfnKind> = (0..layers).map(|l| if l >= first_dense { FfnKind::Moe } else { FfnKind::Dense }).collect();
+    let layer_ffn: Vec<FfnKind> =
+        (0..layers).map(|l| if l >= first_dense { FfnKind::Moe } else { FfnKind::Dense }).collect();
     let has = |k| layer_ffn.contains(&k);
     let moe_i = if has(FfnKind::Moe) { j.opt_usize("moe_intermediate_size")?.unwrap_or(1408) } else { 0 };
     let dense_i = if has(FfnKind::Dense) { j.opt_usize("intermediate_size")?.unwrap_or(10944) } else { 0 };

@@ -22,9 +22,9 @@ mod olmoe;
 mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
+mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
-mod qwen3_5_moe;
 pub mod switch_transformers;
 
 use crate::canonical::{Canon, Place};
