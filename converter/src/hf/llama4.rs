@@ -268,8 +268,8 @@ mod tests {
             "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "attention_chunk_size": 4, "floor_scale": 4,
             "attn_scale": 0.1, "eos_token_id": 0,
             "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
-                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 16}
+                                "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+                                "original_max_position_embeddings": 64}
         })
     }
 
@@ -295,11 +295,15 @@ mod tests {
         assert_eq!(c.recipe.layer_chunk, [4, 4, 4, 0]);
         assert!(c.recipe.qk_rms_after_rope && c.recipe.rope_interleave);
         assert_eq!(c.recipe.nope_temperature, Some((4.0, 0.1)));
-        // llama3 scaling: the highest frequencies kept, the lowest divided by the factor.
+        // llama3 scaling (wavelengths below 64 / 8 kept, above 64 / 1 divided by 16, blended
+        // between): frequency 0 (wavelength 6.3) kept, 1 (32.7) blended, 2.. (≥ 140) divided.
         let freq = c.recipe.rope_inv_freq.as_ref().unwrap();
         let plain = |i: usize| 1.0 / 500000f32.powf((2 * i) as f32 / 16.0);
         assert_eq!(freq[0], plain(0));
-        assert!((freq[7] - plain(7) / 16.0).abs() <= 1e-6 * plain(7));
+        assert!(freq[1] < plain(1) && freq[1] > plain(1) / 16.0, "{freq:?}");
+        for i in 2..8 {
+            assert!((freq[i] - plain(i) / 16.0).abs() <= 1e-6 * plain(i), "{i}: {freq:?}");
+        }
         // The multimodal config: the same text model.
         let mm = json!({"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
                         "text_config": text(), "vision_config": {"hidden_size": 32}});
