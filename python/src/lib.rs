@@ -355,8 +355,9 @@ struct Job {
 
 impl Job {
     fn run(&self, hooks: &mut dyn Hooks) -> PyResult<Generation> {
-        let mut s = Session::new(&self.model, SessionOptions { threads: self.threads, kv: self.kv, ..Default::default() })
-            .map_err(|e| GenerateError::new_err(describe(&e)))?;
+        let mut s =
+            Session::new(&self.model, SessionOptions { threads: self.threads, kv: self.kv, ..Default::default() })
+                .map_err(|e| GenerateError::new_err(describe(&e)))?;
         s.set_mode(self.mode.clone()).map_err(mode_error)?;
         meo::generate::generate(&mut s, &self.prompt, &self.opts, self.tokenizer.as_deref(), hooks).map_err(|e| match e
         {
@@ -662,7 +663,10 @@ impl Model {
         prompt_pool: &str,
         kv: &str,
     ) -> PyResult<Self> {
-        let kv = meo::KvOptions { dtype: kv.parse().map_err(|e| PyValueError::new_err(describe(&e)))?, ..Default::default() };
+        let kv = meo::KvOptions {
+            dtype: kv.parse().map_err(|e| PyValueError::new_err(describe(&e)))?,
+            ..Default::default()
+        };
         must_exist(&path, "model file")?;
         let pool = match prompt_pool {
             "mean-gate" => PromptPool::MeanGate,

@@ -42,8 +42,9 @@ pub use config::{
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
-    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, KvDtype, KvParseError, KvOptions, LayerExec, LayerSelect, Logits, MergeOptions,
-    MergedUse, MlaCache, Mode, ModeError, Model, ModelError, NoTrace, PromptPool, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError, Trace,
+    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, KvDtype, KvOptions, KvParseError, LayerExec,
+    LayerSelect, Logits, MergeOptions, MergedUse, MlaCache, Mode, ModeError, Model, ModelError, NoTrace, PromptPool,
+    STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

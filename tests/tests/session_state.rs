@@ -2,7 +2,7 @@
 //! (issue 20 point 5, issue 21 point 3).
 
 use meo::sample::argmax;
-use meo::{DType, KvDtype, KvOptions, MlaCache, Model, MergeOptions, Session, SessionOptions, StateError};
+use meo::{DType, KvDtype, KvOptions, MergeOptions, MlaCache, Model, Session, SessionOptions, StateError};
 use meo_tests::conformance::{convert_fixture, reference};
 use std::path::Path;
 

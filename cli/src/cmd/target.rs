@@ -198,9 +198,10 @@ impl<'m> Opened<'m> {
 /// ONNX Runtime library missing, or a model or mode the target cannot run.
 pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, run: &RunOptions) -> Result<(Opened<'m>, Vec<usize>)> {
     let mut opened = match t.check(run)? {
-        Kind::Cpu => {
-            Opened::Cpu(Box::new(Session::new(model, SessionOptions { threads: run.threads, kv: run.kv, ..Default::default() })?))
-        }
+        Kind::Cpu => Opened::Cpu(Box::new(Session::new(
+            model,
+            SessionOptions { threads: run.threads, kv: run.kv, ..Default::default() },
+        )?)),
         Kind::Wgpu => open_wgpu(model, t)?,
         Kind::Ort => open_ort(model, t, run)?,
     };

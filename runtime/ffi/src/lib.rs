@@ -1095,7 +1095,10 @@ pub unsafe extern "C" fn meo_session_set_kv_dtype(session: *mut MeoSession, kv_d
             (MeoStatus::InvalidArgument, format!("kv_dtype {kv_dtype} is not MEO_KV_F32, MEO_KV_F16 or MEO_KV_INT8"))
         })?;
         if s.session.position() != 0 {
-            return err(MeoStatus::BadState, "the KV dtype can only change before feeding (call meo_session_reset first)");
+            return err(
+                MeoStatus::BadState,
+                "the KV dtype can only change before feeding (call meo_session_reset first)",
+            );
         }
         let kv = meo::KvOptions { dtype, ..s.kv };
         let mut new = make_session(&s.model, s.options, kv)?;

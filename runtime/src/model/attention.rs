@@ -2,13 +2,13 @@
 //! or full width), clipping, RoPE, causal (optionally sliding-window) or bidirectional
 //! softmax attention, optionally with a T5-style relative position bias.
 
+use super::kv::{KvBuf, KvDtype};
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
 use crate::kernels::{
     Acts, Gemv, HeadJob, HeadLoops, Parallel, gemv_many, matmul, matmul_acts, rmsnorm_in_place, run_heads,
     softmax_in_place,
 };
-use super::kv::{KvBuf, KvDtype};
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far: one buffer per kv head, `[positions, hk]`
@@ -462,8 +462,9 @@ mod tests {
                 scale: 0.3,
                 causal,
             };
-            let what =
-                format!("{dtype}: kv heads {nkv}, widths {hk}/{hv}, latent {latent}, causal {causal} window {window} rel {rel} sink {sink}");
+            let what = format!(
+                "{dtype}: kv heads {nkv}, widths {hk}/{hv}, latent {latent}, causal {causal} window {window} rel {rel} sink {sink}"
+            );
             let mut want = vec![0.0; nh * t * hv];
             for (head, o) in want.chunks_mut(t * hv).enumerate() {
                 one_head(&h, head, o);

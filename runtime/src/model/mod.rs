@@ -25,10 +25,11 @@ mod trace;
 
 pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
 pub use exec::{ExecPlan, LayerExec};
-pub use kv::{KvDtype, KvParseError, KvOptions, MlaCache};
+pub use kv::{KvDtype, KvOptions, KvParseError, MlaCache};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
 pub use session::{
-    DEFAULT_MAX_CONTEXT, ForwardError, Logits, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError,
+    DEFAULT_MAX_CONTEXT, ForwardError, Logits, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions,
+    StateError,
 };
 pub use trace::{NoTrace, Trace};
 

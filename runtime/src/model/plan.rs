@@ -256,13 +256,9 @@ impl Attention {
         use super::kv::CacheShape;
         match self {
             Self::Gqa(a) => Some(CacheShape::Gqa { kv_heads: a.num_kv_heads, head_dim: a.head_dim }),
-            Self::Mla(a) => Some(CacheShape::Mla {
-                heads: a.num_heads,
-                nope: a.nope,
-                rope: a.rope,
-                v: a.v_dim,
-                kv_lora: a.kv_lora,
-            }),
+            Self::Mla(a) => {
+                Some(CacheShape::Mla { heads: a.num_heads, nope: a.nope, rope: a.rope, v: a.v_dim, kv_lora: a.kv_lora })
+            }
             Self::GatedDeltaNet(_) => None,
         }
     }

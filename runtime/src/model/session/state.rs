@@ -321,7 +321,8 @@ impl Session<'_> {
             .filter(|&p| p <= self.max_context)
             .ok_or(StateError::Context { positions, max: self.max_context })?;
         let n_tokens = r.u64()?;
-        let tokens = r.array(n_tokens, 4)?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let tokens =
+            r.array(n_tokens, 4)?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let vocab = self.model.config().vocab_size;
         let n_logits = r.u64()?;
         if n_logits != 0 && n_logits != vocab as u64 {
