@@ -353,9 +353,10 @@ pub fn run(a: &Args) -> Result<()> {
             human_bytes(kv_per_token as u64)
         )?;
         let fits = budget_context.map_or_else(|| "any (no KV cache)".into(), |n| format!("{n} positions"));
+        let mla = if cfg.recipe.mla.is_some() { format!(", MLA {}", run.kv.mla.name()) } else { String::new() };
         writeln!(
             out,
-            "KV cache ({} storage): {} per position; context in {} of session state: {fits}",
+            "KV cache ({}{mla}): {} per position; context in {} of session state: {fits}",
             run.kv.dtype,
             human_bytes(kv_per_position),
             human_bytes(a.kv_budget)

@@ -33,6 +33,22 @@
 #define MEO_TOKEN_NONE UINT32_MAX
 
 /**
+ * `meo_session_set_kv_dtype`: the KV cache in f32 (the default; exact).
+ */
+#define MEO_KV_F32 0
+
+/**
+ * `meo_session_set_kv_dtype`: the KV cache in f16 (half the memory of f32).
+ */
+#define MEO_KV_F16 1
+
+/**
+ * `meo_session_set_kv_dtype`: the KV cache in int8 with one f32 scale per position and kv
+ * head (about a quarter of f32).
+ */
+#define MEO_KV_INT8 2
+
+/**
  * The budget value `meo_model_set_memory_budget` takes for the process's memory limit.
  */
 #define MEO_MEMORY_BUDGET_AUTO UINT64_MAX
@@ -111,6 +127,11 @@ typedef enum {
    * The model file has no chat template (`meo_chat_apply_template`).
    */
   MEO_STATUS_NO_CHAT_TEMPLATE = 16,
+  /**
+   * A saved session state cannot be loaded: damaged, truncated, another version, another
+   * model, or another KV cache layout (the message says which). The session is unchanged.
+   */
+  MEO_STATUS_INVALID_STATE = 17,
 } MeoStatus;
 
 /**
@@ -422,7 +443,7 @@ MeoStatus meo_file_guard_install(void);
 /**
  * Writes to `*bytes` the KV-cache bytes a session over `model` uses when it holds
  * `positions` positions (4096 = the default context; scratch buffers, which do not grow
- * with the context, not included). Memory grows with the positions fed, up to this figure
+ * with the context, not included), with the default f32 cache (`MEO_KV_F16` halves it). Memory grows with the positions fed, up to this figure
  * for a full context.
  */
 MeoStatus meo_model_context_bytes(const MeoModel *model,
@@ -546,6 +567,46 @@ MeoStatus meo_session_free(MeoSession *session);
  */
 MeoStatus meo_session_set_threads(MeoSession *session,
                                   uint32_t threads);
+
+/**
+ * Sets how the session stores its KV cache: `MEO_KV_F32` (the default), `MEO_KV_F16` or
+ * `MEO_KV_INT8` (`MEO_STATUS_INVALID_ARGUMENT` otherwise). f16 and int8 approximate the
+ * f32 results (docs/PERFORMANCE.md measures how closely). Only before anything is fed or
+ * right after `meo_session_reset` (`MEO_STATUS_BAD_STATE` otherwise); keeps the mode.
+ */
+MeoStatus meo_session_set_kv_dtype(MeoSession *session,
+                                   uint32_t kv_dtype);
+
+/**
+ * Writes to `*size` the bytes `meo_session_state_save` needs now.
+ */
+MeoStatus meo_session_state_size(MeoSession *session,
+                                 size_t *size);
+
+/**
+ * Saves the session's sequence state to `buf[0..capacity]`: its position, the last logits,
+ * every layer's KV cache (in its dtype) and recurrent state, and the tokens the sampler's
+ * penalties count. `*written` receives the size; if `capacity` is smaller, returns
+ * `MEO_STATUS_BUFFER_TOO_SMALL` with the size needed in `*written` (`buf` may be NULL then).
+ * The format is versioned, checksummed and names the model (docs/EMBEDDING.md). A mode
+ * that merges experts from the prompt (`"prompt"`) is not saved: `MEO_STATUS_BAD_STATE`.
+ */
+MeoStatus meo_session_state_save(MeoSession *session,
+                                 uint8_t *buf,
+                                 size_t capacity,
+                                 size_t *written);
+
+/**
+ * Replaces the session's sequence state with `buf[0..len]`, written by
+ * `meo_session_state_save` from a session over the same model with the same KV dtype;
+ * generation then continues as it would have in the saved session (the sampler's random
+ * state is this session's). A damaged, truncated or foreign buffer gives
+ * `MEO_STATUS_INVALID_STATE` and changes nothing; a prompt-merging mode `MEO_STATUS_BAD_STATE`.
+ * The routing mode is this session's: load in the mode the state was saved in.
+ */
+MeoStatus meo_session_state_load(MeoSession *session,
+                                 const uint8_t *buf,
+                                 size_t len);
 
 /**
  * Sets the routing mode, and resets the sequence. `mode`: `"vanilla"` (the model as
