@@ -42,8 +42,8 @@ pub use config::{
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
-    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MergeOptions,
-    MISS_TASK, MergedUse, Mode, ModeError, Model, ModelError, NoTrace, OnMiss, PromptPool, Session, SessionError,
+    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MISS_TASK,
+    MergeOptions, MergedUse, Mode, ModeError, Model, ModelError, NoTrace, OnMiss, PromptPool, Session, SessionError,
     SessionOptions, Trace,
 };
 pub use route::Choice;

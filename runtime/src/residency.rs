@@ -975,6 +975,8 @@ pub struct ExpertTracker<'m> {
     /// [`take_predicted_prefetches`](ExpertTracker::take_predicted_prefetches), when recording.
     prefetch_log: Option<Vec<(usize, usize)>>,
     dense: DensePin,
+    /// Missed slabs of the current selection, read once the budget has made room.
+    to_read: Vec<Range<usize>>,
     /// [`MissRead::Pread`]'s file and scratch buffer (opened and allocated on first use).
     pread: Option<(std::fs::File, Vec<u8>)>,
     miss_reads: u64,
@@ -1091,6 +1093,7 @@ impl<'m> ExpertTracker<'m> {
             predicted_prefetches: 0,
             prefetch_log: None,
             dense,
+            to_read: Vec::new(),
             pread: None,
             miss_reads: 0,
             miss_read_bytes: 0,
@@ -1207,7 +1210,16 @@ impl<'m> ExpertTracker<'m> {
             }
             self.hold(layer, e, range, Hold::Selected);
         }
+        // Room first, then the reads: read before evicting, this layer's missed slabs and the
+        // slabs they replace would be in memory together, over the limit the budget keeps to.
         self.enforce_budget(call_start);
+        let mut reads = std::mem::take(&mut self.to_read);
+        for range in reads.drain(..) {
+            if let Err(err) = self.read_missed(range) {
+                self.last_error = Some(err);
+            }
+        }
+        self.to_read = reads;
     }
 
     /// Marks slab (`l`, `e`) held by the newest tick; a slab not held before is read: as
@@ -1248,10 +1260,9 @@ impl<'m> ExpertTracker<'m> {
                 if let Err(err) = prefetch(self.map, range) {
                     self.last_error = Some(err);
                 }
-            } else if self.opts.prefetch
-                && let Err(err) = self.read_missed(range)
-            {
-                self.last_error = Some(err);
+            } else if self.opts.prefetch {
+                // Read by `on_selected` once the budget has made room.
+                self.to_read.push(range);
             }
         }
     }
@@ -1340,6 +1351,12 @@ impl<'m> ExpertTracker<'m> {
         for &e in missed {
             let e = e as usize;
             let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
+            // Routing chose it: it scores as a selection, or a fetched slab would be the first
+            // evicted (score 0) and never be resident when its layer routes again.
+            let st = &mut self.state[i];
+            st.count += 1;
+            st.score = st.decayed(self.step) + 1.0;
+            st.score_step = self.step;
             if self.state[i].held_tick.is_none() {
                 self.fallback_fetches += 1;
                 self.hold(layer, e, range, Hold::Fetched);
