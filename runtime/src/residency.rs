@@ -4,7 +4,9 @@
 //! Expert slabs are page-aligned and alone on their pages (see `docs/FORMAT.md`), so the OS
 //! calls here act on exactly one expert:
 //!
-//! - [`prefetch`]: `madvise(MADV_WILLNEED)` — start reading the slab in the background.
+//! - [`prefetch`]: `madvise(MADV_WILLNEED)` in [`WILLNEED_CHUNK`] pieces — start reading the
+//!   slab in the background; [`populate`]: that, then `MADV_POPULATE_READ` — read and map it
+//!   before returning (how a missed expert is read: [`MissRead`]).
 //! - [`release`]: `madvise(MADV_DONTNEED)` — drop the slab's pages from this process. The
 //!   mapping is a read-only file mapping that is never written, so the pages hold exactly the
 //!   file's bytes and fault back in from the file (or page cache) on the next read.
@@ -601,7 +603,8 @@ impl SlabIndex {
 /// [`ExpertTracker`] settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackerOptions {
-    /// `madvise(WILLNEED)` each selected slab as soon as routing reports it.
+    /// Read each selected slab that is not held as soon as routing reports it, as
+    /// [`miss_read`](Self::miss_read) says (off: it is faulted in when used).
     pub prefetch: bool,
     /// At creation, [`advise_lazy`]: read-ahead off, the tensors every token uses prefetched,
     /// so page faults never pull in bytes of unselected experts: an expert is read only when
