@@ -5,6 +5,7 @@
 # before every run.
 #
 #   ci/bench-memory.sh            (as root: it creates and removes the cgroups)
+#   MEO_BENCH_MEO=target/release/meo ci/bench-memory.sh   (a meo built already: no second build)
 #
 # 1. ci/bench-vs-llamacpp.sh's steps 1-4 (MEO_BENCH_SETUP_ONLY=1, 4-bit and perplexity off):
 #    llama.cpp's llama-bench built from the llama-cpp-python sdist, the synthetic Mixtral-shaped

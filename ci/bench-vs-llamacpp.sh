@@ -68,7 +68,8 @@
 #      measurements, e.g. "chrt -f 10" on a machine shared with other jobs: both tools and the
 #      bandwidth probe get the same priority), MEO_BENCH_DEPTH (0; see 6), MEO_BENCH_4BIT (1),
 #      MEO_BENCH_PPL (1), MEO_BENCH_PPL_MODEL (see 7), MEO_BENCH_SETUP_ONLY (0; 1 = steps 1-4
-#      only, then the paths as shell assignments on stdout: ci/bench-memory.sh uses it).
+#      only, then the paths as shell assignments on stdout: ci/bench-memory.sh uses it),
+#      MEO_BENCH_MEO (with MEO_BENCH_SETUP_ONLY=1: use this meo binary instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -235,10 +236,17 @@ quantize_gguf() { # F16 TYPE OUT (prints llama-quantize's fallback warning, if a
 }
 
 say "meo"
-cargo build --release -p meo-cli --bin meo >&2
-cargo build --release -p meo-converter --example synth_hf --example bandwidth >&2
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-MEO=$TARGET_DIR/release/meo
+if [[ -n ${MEO_BENCH_MEO:-} && ${MEO_BENCH_SETUP_ONLY:-0} == 1 ]]; then
+  # A meo built already (e.g. by ci/test's feature selection, which this build's differs from:
+  # a second build of every dependency). Setup then needs no example unless the checkpoint is
+  # missing.
+  MEO=$MEO_BENCH_MEO
+else
+  cargo build --release -p meo-cli --bin meo >&2
+  cargo build --release -p meo-converter --example synth_hf --example bandwidth >&2
+  MEO=$TARGET_DIR/release/meo
+fi
 
 HF=$WORK/hf-$LAYERS-$HIDDEN-$INTER-$EXPERTS-$TOPK-$VOCAB
 if [[ ! -f $HF/config.json ]]; then

@@ -235,7 +235,9 @@ pub fn evaluate_against(
 }
 
 /// [`evaluate_against`], the mode's session running with on-miss fallback `on_miss`
-/// ([`Session::set_on_miss`]) and every one of its forward calls observed by `residency`
+/// ([`Session::set_on_miss`]; with a fallback the continuation is fed one token per call, as
+/// decoding runs it, since residency changes between calls) and every one of its forward calls
+/// observed by `residency`
 /// (e.g. an [`ExpertTracker`](crate::residency::ExpertTracker) with a budget: what is resident
 /// follows from its bookkeeping, so the figures are the same on every run).
 ///
@@ -292,7 +294,17 @@ pub fn evaluate_with(
         ses.reset();
         ses.forward_with(&w[..p], Logits::Last, &mut *residency)?;
         let mut bm = Bytes::new(model, t - p);
-        let lm = ses.forward_with(&w[p..], Logits::All, &mut Both(&mut *residency, &mut bm))?.to_vec();
+        let lm = if on_miss.approximate() {
+            // One token per call, as decoding runs: what is resident changes between calls.
+            let mut all = Vec::with_capacity((t - p) * v);
+            for tok in &w[p..] {
+                bm.tokens = 1;
+                all.extend_from_slice(ses.forward_with(&[*tok], Logits::All, &mut Both(&mut *residency, &mut bm))?);
+            }
+            all
+        } else {
+            ses.forward_with(&w[p..], Logits::All, &mut Both(&mut *residency, &mut bm))?.to_vec()
+        };
         bytes += bm.total;
         fallbacks += bm.fallbacks;
         bytes_v += bv.total;

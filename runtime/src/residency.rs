@@ -4,7 +4,9 @@
 //! Expert slabs are page-aligned and alone on their pages (see `docs/FORMAT.md`), so the OS
 //! calls here act on exactly one expert:
 //!
-//! - [`prefetch`]: `madvise(MADV_WILLNEED)` — start reading the slab in the background.
+//! - [`prefetch`]: `madvise(MADV_WILLNEED)` in [`WILLNEED_CHUNK`] pieces — start reading the
+//!   slab in the background; [`populate`]: that, then `MADV_POPULATE_READ` — read and map it
+//!   before returning (how a missed expert is read: [`MissRead`]).
 //! - [`release`]: `madvise(MADV_DONTNEED)` — drop the slab's pages from this process. The
 //!   mapping is a read-only file mapping that is never written, so the pages hold exactly the
 //!   file's bytes and fault back in from the file (or page cache) on the next read.
@@ -601,7 +603,8 @@ impl SlabIndex {
 /// [`ExpertTracker`] settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackerOptions {
-    /// `madvise(WILLNEED)` each selected slab as soon as routing reports it.
+    /// Read each selected slab that is not held as soon as routing reports it, as
+    /// [`miss_read`](Self::miss_read) says (off: it is faulted in when used).
     pub prefetch: bool,
     /// At creation, [`advise_lazy`]: read-ahead off, the tensors every token uses prefetched,
     /// so page faults never pull in bytes of unselected experts: an expert is read only when
@@ -975,6 +978,8 @@ pub struct ExpertTracker<'m> {
     /// [`take_predicted_prefetches`](ExpertTracker::take_predicted_prefetches), when recording.
     prefetch_log: Option<Vec<(usize, usize)>>,
     dense: DensePin,
+    /// Missed slabs of the current selection, read once the budget has made room.
+    to_read: Vec<Range<usize>>,
     /// [`MissRead::Pread`]'s file and scratch buffer (opened and allocated on first use).
     pread: Option<(std::fs::File, Vec<u8>)>,
     miss_reads: u64,
@@ -1091,6 +1096,7 @@ impl<'m> ExpertTracker<'m> {
             predicted_prefetches: 0,
             prefetch_log: None,
             dense,
+            to_read: Vec::new(),
             pread: None,
             miss_reads: 0,
             miss_read_bytes: 0,
@@ -1207,7 +1213,16 @@ impl<'m> ExpertTracker<'m> {
             }
             self.hold(layer, e, range, Hold::Selected);
         }
+        // Room first, then the reads: read before evicting, this layer's missed slabs and the
+        // slabs they replace would be in memory together, over the limit the budget keeps to.
         self.enforce_budget(call_start);
+        let mut reads = std::mem::take(&mut self.to_read);
+        for range in reads.drain(..) {
+            if let Err(err) = self.read_missed(range) {
+                self.last_error = Some(err);
+            }
+        }
+        self.to_read = reads;
     }
 
     /// Marks slab (`l`, `e`) held by the newest tick; a slab not held before is read: as
@@ -1248,10 +1263,9 @@ impl<'m> ExpertTracker<'m> {
                 if let Err(err) = prefetch(self.map, range) {
                     self.last_error = Some(err);
                 }
-            } else if self.opts.prefetch
-                && let Err(err) = self.read_missed(range)
-            {
-                self.last_error = Some(err);
+            } else if self.opts.prefetch {
+                // Read by `on_selected` once the budget has made room.
+                self.to_read.push(range);
             }
         }
     }
@@ -1340,6 +1354,12 @@ impl<'m> ExpertTracker<'m> {
         for &e in missed {
             let e = e as usize;
             let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
+            // Routing chose it: it scores as a selection, or a fetched slab would be the first
+            // evicted (score 0) and never be resident when its layer routes again.
+            let st = &mut self.state[i];
+            st.count += 1;
+            st.score = st.decayed(self.step) + 1.0;
+            st.score_step = self.step;
             if self.state[i].held_tick.is_none() {
                 self.fallback_fetches += 1;
                 self.hold(layer, e, range, Hold::Fetched);

@@ -130,7 +130,13 @@ impl Args {
         meo_converter::merges::MergeSpec {
             tasks,
             weighting: self.merge_weighting,
-            calib: self.calib.clone(),
+            // With --miss-merge alone, --calib is the merge's text, not a rounding calibration
+            // (which only 4-bit experts and --compress take).
+            calib: self.calib.clone().filter(|_| {
+                !self.miss_merge
+                    || matches!(self.experts, ExpertType::Int4 | ExpertType::Mxfp4)
+                    || self.compress.is_some()
+            }),
             hot_experts: self.hot_experts,
             compress: self.compress,
         }
