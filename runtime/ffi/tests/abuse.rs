@@ -187,11 +187,11 @@ fn status_string_takes_any_int() {
         unsafe { CStr::from_ptr(meo_status_string(code)) }.to_str().unwrap()
     };
     assert_eq!(text(MeoStatus::Ok as i32), "ok");
-    for code in 0..=MeoStatus::NoChatTemplate as i32 {
+    for code in 0..=MeoStatus::InvalidState as i32 {
         assert_ne!(text(code), "unknown status", "code {code}");
     }
     assert!(text(MeoStatus::Busy as i32).contains("in use"));
-    for code in [-1, MeoStatus::NoChatTemplate as i32 + 1, 99, i32::MAX, i32::MIN] {
+    for code in [-1, MeoStatus::InvalidState as i32 + 1, 99, i32::MAX, i32::MIN] {
         assert_eq!(text(code), "unknown status", "code {code}");
     }
 }

@@ -74,7 +74,7 @@ static void status_string(void) {
   CHECK(strcmp(meo_status_string(MEO_STATUS_OK), "ok") == 0, "MEO_STATUS_OK: %s", meo_status_string(0));
   CHECK(strstr(meo_status_string(MEO_STATUS_BUSY), "in use") != NULL, "BUSY: %s",
         meo_status_string(MEO_STATUS_BUSY));
-  const int bad[] = {-1, MEO_STATUS_NO_CHAT_TEMPLATE + 1, 99, 1000, INT_MAX, INT_MIN};
+  const int bad[] = {-1, MEO_STATUS_INVALID_STATE + 1, 99, 1000, INT_MAX, INT_MIN};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     const char *s = meo_status_string(bad[i]);
     CHECK(s != NULL && strcmp(s, "unknown status") == 0, "meo_status_string(%d) = %s", bad[i], s ? s : "NULL");
