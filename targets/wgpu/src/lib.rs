@@ -433,7 +433,7 @@ impl<'m> WgpuTarget<'m> {
             .map(|lp| match &lp.attn {
                 Attention::GatedDeltaNet(p) => {
                     let d = &p.dims;
-                    let conv = (d.conv_kernel - 1) * d.conv_dim();
+                    let conv = d.conv_kernel.saturating_sub(1) * d.conv_dim();
                     let s = d.num_v_heads * d.k_head_dim * d.v_head_dim;
                     Some((gpu.buffer("delta.conv_state", conv as u64 * 4), gpu.buffer("delta.state", s as u64 * 4)))
                 }
