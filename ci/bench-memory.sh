@@ -42,12 +42,16 @@
 #
 # Env: MEO_BENCH_DIR, MEO_BENCH_PYTHON, MEO_BENCH_THREADS (2) as for bench-vs-llamacpp.sh;
 #      MEO_MEM_REPS (3), MEO_MEM_PROMPT (128), MEO_MEM_GEN (32), MEO_MEM_FRACTIONS
-#      ("0.75 0.5 0.25"), MEO_MEM_TRAINED (1), MEO_MEM_MEO_ARGS (extra flags for every
-#      `meo bench`), MEO_MEM_VARIANTS (more meo configurations measured in the same rounds,
-#      `NAME:FLAGS;NAME:FLAGS`, default "meo-before:--memory-budget none;meo-predict:--predict;
-#      meo-lru:--cache-policy lru":
-#      `meo-before` is meo as it ran before issue 20 — no budget, nothing pinned, no prediction;
-#      each gets a column in the table and `NAME_decode_ratio=` after the four fields).
+#      ("0.75 0.5 0.25"), MEO_MEM_TRAINED (1), MEO_MEM_SYNTHETIC (1; 0 = the trained
+#      checkpoint only, and the lines it ends with are the trained ones), MEO_MEM_MEO_ARGS
+#      (extra flags for every `meo bench`), MEO_MEM_VARIANTS (more meo configurations measured
+#      in the same rounds, `NAME:FLAGS;NAME:FLAGS`, default "meo-before:--memory-budget none
+#      --miss-read willneed-once;meo-once:--miss-read willneed-once;meo-resident:--on-miss
+#      resident": `meo-before` is meo as it ran before issue 20 — no budget, nothing pinned, no
+#      prediction, a missed slab advised in one WILLNEED call, which the kernel truncates;
+#      `meo-once` today's default but that; `meo-resident` the approximate on-miss fallback
+#      that routes among resident experts; each gets a row in the table and
+#      `NAME_decode_ratio=` after the four fields).
 # meo bench decodes with `--decode-tokens random` (near-uniform random ids, as llama-bench feeds):
 # greedy decoding on random weights repeats one token, and so one routing, which would flatter
 # any cache.
@@ -63,6 +67,7 @@ PROMPT=${MEO_MEM_PROMPT:-128}
 GEN=${MEO_MEM_GEN:-32}
 FRACTIONS=${MEO_MEM_FRACTIONS:-0.75 0.5 0.25}
 TRAINED=${MEO_MEM_TRAINED:-1}
+SYNTHETIC=${MEO_MEM_SYNTHETIC:-1}
 THREADS=${MEO_BENCH_THREADS:-2}
 say() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -71,7 +76,8 @@ SETUP=$(MEO_BENCH_SETUP_ONLY=1 MEO_BENCH_4BIT=0 MEO_BENCH_PPL=0 ci/bench-vs-llam
 eval "$SETUP"
 WORK=$(dirname "$(dirname "$GGUF")")
 
-MODELS=("synthetic $GGUF $MEOFILE $PROMPT")
+MODELS=()
+((SYNTHETIC)) && MODELS+=("synthetic $GGUF $MEOFILE $PROMPT")
 if ((TRAINED)); then
   say "trained checkpoint scaled up (tests/fixtures/trained/mixtral-scratch)"
   TH=$WORK/trained-scaled
@@ -194,7 +200,7 @@ meo_run() { # MODEL FRAC MEOFILE PHASE ROUND P [NAME FLAGS]
   run "$1" "$2" "$3" "$tool" "$4" "$5" "$MEO" bench "$3" --threads "$THREADS" --prompt-len "$p" --gen "$n" \
     --seed "$5" --json --decode-tokens random ${MEO_MEM_MEO_ARGS:-} ${8:-}
 }
-IFS=';' read -r -a VARIANTS <<<"${MEO_MEM_VARIANTS-meo-before:--memory-budget none;meo-predict:--predict;meo-lru:--cache-policy lru}"
+IFS=';' read -r -a VARIANTS <<<"${MEO_MEM_VARIANTS-meo-before:--memory-budget none --miss-read willneed-once;meo-once:--miss-read willneed-once;meo-resident:--on-miss resident}"
 for r in $(seq "$REPS"); do
   for m in "${MODELS[@]}"; do
     read -r name gguf meofile p <<<"$m"
@@ -241,6 +247,7 @@ for r in rows:
         extra["hit"] = lines[0].get("expert_hit_rate")
         acc = [a for a in lines[0].get("prediction_accuracy_per_layer", []) if a is not None]
         extra["acc"] = sum(acc) / len(acc) if acc else None
+        extra["fb"] = lines[0].get("decode_fallbacks_per_token") if lines[0].get("approximate") else None
     by[model, frac, tool, phase].append(dict(r, tps=tps[0], **extra))
 tools = sorted({k[2] for k in by}, key=lambda t: (t != "llama.cpp", t != "meo", t))
 models = list(dict.fromkeys(k[0] for k in by))
@@ -248,7 +255,8 @@ lines = []
 for model in models:
     print(f"\n{model} checkpoint (medians of {len(by[next(k for k in by if k[0] == model)])} rounds)")
     print(f"{'limit':>6} {'tool':<14} {'prompt t/s':>10} {'decode t/s':>10} {'MB read/token':>13}"
-          f" {'major faults/token':>18} {'cgroup peak MB':>14} {'hit rate':>8} {'pred. acc.':>10}")
+          f" {'major faults/token':>18} {'cgroup peak MB':>14} {'hit rate':>8} {'pred. acc.':>10}"
+          f" {'fallbacks/token':>15}")
     for frac in dict.fromkeys(k[1] for k in by if k[0] == model):
         fig = {}
         for tool in tools:
@@ -266,7 +274,7 @@ for model in models:
             pt, dt, rb, mf, peak = fig[tool]
             opt = lambda k: (lambda v: "-" if not v else f"{med(v):.3f}")([x[k] for x in d if x.get(k) is not None])
             print(f"{frac:>6} {tool:<14} {pt:10.1f} {dt:10.2f} {rb / 1e6:13.1f} {mf:18.0f} {peak / 1e6:14.0f}"
-                  f" {opt('hit'):>8} {opt('acc'):>10}")
+                  f" {opt('hit'):>8} {opt('acc'):>10} {opt('fb'):>15}")
         ll, me = fig.get("llama.cpp"), fig.get("meo")
         ratio = lambda a, b, i: f"{a[i] / b[i]:.2f}" if a and b else "na"
         rb = f"{me[2]:.0f}" if me else "na"
@@ -276,7 +284,8 @@ for model in models:
             line += f" {tool}_decode_ratio={ratio(fig.get(tool), ll, 1)}"
         lines.append((model == "synthetic", line if model == "synthetic" else f"{model} {line}"))
 print()
-# The synthetic checkpoint's lines come last: the script ends with them.
+# The synthetic checkpoint's lines come last: the script ends with them (the trained
+# checkpoint's, with MEO_MEM_SYNTHETIC=0).
 for _, l in sorted(lines, key=lambda x: x[0]):
     print(l)
 PY

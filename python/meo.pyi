@@ -179,11 +179,13 @@ class Model:
         merge_layers: str = "all",
         merge_budget: float = 0.25,
         prompt_pool: Literal["mean-gate", "pooled-input"] = "mean-gate",
+        kv: Literal["f32", "f16", "int8"] = "f32",
     ) -> None:
         """Opens ``path``. ``threads``: worker threads (0 = one per physical core). ``mode``:
         ``vanilla``, ``prompt`` or ``task:NAME`` (default: vanilla, prompt for an MEO-native
         model), with ``merge_layers`` (``all``, ``"0,2"``, ``auto``), ``merge_budget`` and
-        ``prompt_pool`` as ``meo run``'s flags of those names.
+        ``prompt_pool`` as ``meo run``'s flags of those names. ``kv``: how sessions store the
+        KV cache, as ``meo run --kv`` (``f32`` exact; ``f16``, ``int8`` smaller).
 
         Raises:
             FileNotFoundError: no such file.
@@ -200,6 +202,8 @@ class Model:
     def context_length(self) -> int: ...
     @property
     def mode(self) -> str: ...
+    @property
+    def kv(self) -> str: ...
     @property
     def has_tokenizer(self) -> bool: ...
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

@@ -1,4 +1,4 @@
-//! Where decoding's memory bandwidth goes: one-token Q8_0 products over matrices far larger
+//! Where decoding's memory bandwidth goes: one-token block-quantized (`--dtype`) products over matrices far larger
 //! than the caches, against two reads of the same number of bytes, pass by pass in turn so
 //! that all three see the same machine (on a shared VM the bandwidth moves minute by minute):
 //!
@@ -13,7 +13,7 @@
 //! and the pass structure cost.
 //!
 //! ```text
-//! cargo run --release -p meo-converter --example decode_stream -- --threads 2
+//! cargo run --release -p meo-converter --example decode_stream -- --threads 2 [--dtype q4_0]
 //! ```
 
 use clap::Parser;
@@ -39,6 +39,9 @@ struct Args {
     /// MiB of matrices, walked in turn (well above the last-level cache).
     #[arg(long, default_value_t = 768)]
     mib: usize,
+    /// Weight format: q8_0, q4_0 or mxfp4 (the file's layouts: quant plane, then scale plane).
+    #[arg(long, default_value = "q8_0", value_parser = parse_dtype)]
+    dtype: DType,
     /// Rounds; each runs every variant over the whole set of matrices.
     #[arg(long, default_value_t = 6)]
     rounds: usize,
@@ -60,6 +63,15 @@ fn sum_bytes(b: &[u8]) -> u64 {
     acc.iter().fold(rest.wrapping_add(bytes), |a, &w| a.wrapping_add(w))
 }
 
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "q8_0" => Ok(DType::Q8_0),
+        "q4_0" => Ok(DType::Q4_0),
+        "mxfp4" => Ok(DType::MXFP4),
+        _ => Err(format!("{s}: not one of q8_0, q4_0, mxfp4")),
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -68,26 +80,26 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     let a = Args::parse();
     assert!(a.cols % 32 == 0 && a.rows > 0 && a.experts > 0, "--cols a multiple of 32, --rows and --experts > 0");
-    let (rows, cols, nb) = (a.rows, a.cols, a.cols / 32);
-    // The file's Q8_0 layout: the quant plane, then (64-byte aligned) the f16 scale plane.
-    let soff = (rows * cols).div_ceil(64) * 64;
-    let len = soff + rows * nb * 2;
+    let (rows, cols) = (a.rows, a.cols);
+    // One matrix quantized as the converter does (quant plane, then the 64-byte aligned scale
+    // plane), copied into every slot of the pool.
+    let vals: Vec<f32> =
+        (0..rows * cols).map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let one = meo::quant::quantize_as(a.dtype, &vals, rows, cols, None);
+    let len = one.len();
+    // Quant bytes per row and scale bytes per row: the two planes' row strides.
+    let qrow = if a.dtype == DType::Q8_0 { cols } else { cols / 2 };
+    let soff = (rows * qrow).div_ceil(64) * 64;
+    let srow = (len - soff) / rows;
     let stride = len.div_ceil(4096) * 4096;
     let nmat = (a.mib << 20) / stride;
     assert!(nmat >= 2 * a.experts, "--mib too small for two passes");
     let mut pool = vec![0u8; nmat * stride];
     for m in pool.chunks_exact_mut(stride) {
-        for (i, v) in m[..rows * cols].iter_mut().enumerate() {
-            *v = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
-        }
-        for s in m[soff..len].chunks_exact_mut(2) {
-            s.copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
-        }
+        m[..len].copy_from_slice(&one);
     }
-    let mats: Vec<MatRef<'_>> = pool
-        .chunks_exact(stride)
-        .map(|m| MatRef::new(DType::Q8_0, rows, cols, &m[..len]).expect("Q8_0 shape"))
-        .collect();
+    let mats: Vec<MatRef<'_>> =
+        pool.chunks_exact(stride).map(|m| MatRef::new(a.dtype, rows, cols, &m[..len]).expect("matrix shape")).collect();
     let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let acts = Acts::new(&x, 1);
     let par = ThreadPool::new(a.threads.max(1)).expect("thread pool");
@@ -106,8 +118,8 @@ fn main() {
     let (mut at_kernel, mut at_read, mut at_probe) = (0usize, nmat / 2, 0usize);
     let mut rates: [Vec<f64>; 3] = Default::default();
     println!(
-        "{threads} threads, {} matrices of {rows}×{cols} Q8_0 per pass ({pass_bytes} bytes), {nmat} in turn",
-        a.experts
+        "{threads} threads, {} matrices of {rows}×{cols} {:?} per pass ({pass_bytes} bytes), {nmat} in turn",
+        a.experts, a.dtype
     );
     for round in 0..a.rounds {
         let mut secs = [0.0f64; 3];
@@ -142,8 +154,8 @@ fn main() {
                             let (m, r0) = (first + i / tasks_per_mat, (i % tasks_per_mat) * task_rows);
                             let n = task_rows.min(rows - r0);
                             let b = mats[m].bytes();
-                            let q = sum_bytes(&b[r0 * cols..(r0 + n) * cols]);
-                            let s = sum_bytes(&b[soff + r0 * nb * 2..soff + (r0 + n) * nb * 2]);
+                            let q = sum_bytes(&b[r0 * qrow..(r0 + n) * qrow]);
+                            let s = sum_bytes(&b[soff + r0 * srow..soff + (r0 + n) * srow]);
                             o[0] = q.wrapping_add(s) as f32;
                         });
                         sink = sink.wrapping_add(sums[0] as u64);

@@ -195,7 +195,32 @@ pub fn tensors_within(c: &ModelConfig, budget: u64, source_name: &'static str) -
             push("attn_norm.bias", vec![h], Role::Bias);
         }
         let delta = c.recipe.delta_net.filter(|_| c.mixer(l) == meo::Mixer::GatedDeltaNet);
-        if let Some(d) = delta {
+        let mamba2 = c.recipe.mamba2.filter(|_| c.mixer(l) == meo::Mixer::Mamba2);
+        if c.mixer(l) == meo::Mixer::ShortConv {
+            // Gated short convolution: b, c, x projections, the convolution (f32), out.
+            push("mixer.b.weight", vec![h, h], Role::Dense);
+            push("mixer.c.weight", vec![h, h], Role::Dense);
+            push("mixer.x.weight", vec![h, h], Role::Dense);
+            push("mixer.conv.weight", vec![h, c.recipe.short_conv_kernel as u64], Role::Bias);
+            push("mixer.out.weight", vec![h, h], Role::Dense);
+        } else if let Some(d) = mamba2 {
+            // Mamba2: the gate z, x/B/C and the step-size input dt (f32 like a router: it sets
+            // how much is written and forgotten), the convolution and its bias (f32), the
+            // per-head decay, step bias and skip, the gated norm, out.
+            let (inner, cd, nh) = (d.inner() as u64, d.conv_dim() as u64, d.num_heads as u64);
+            push("mixer.z.weight", vec![inner, h], Role::Dense);
+            push("mixer.xbc.weight", vec![cd, h], Role::Dense);
+            push("mixer.dt.weight", vec![nh, h], Role::Router);
+            push("mixer.conv.weight", vec![cd, d.conv_kernel as u64], Role::Bias);
+            if d.conv_bias {
+                push("mixer.conv.bias", vec![cd], Role::Bias);
+            }
+            push("mixer.dt_bias", vec![nh], Role::Bias);
+            push("mixer.a_log", vec![nh], Role::Bias);
+            push("mixer.d", vec![nh], Role::Bias);
+            push("mixer.norm.weight", vec![inner], Role::Norm);
+            push("mixer.out.weight", vec![h, inner], Role::Dense);
+        } else if let Some(d) = delta {
             // Gated DeltaNet: q, k, v, z projections, the b and a gate inputs (f32 like a
             // router: they set how much is written and forgotten), the convolution (f32, a few
             // values per channel), decay parameters, the gated norm, out.

@@ -25,7 +25,7 @@ use crate::convert::{Event, Options, Orders, Owned, Summary, TOKENIZER_KEY, chec
 use crate::writer::{AtomicFile, MeoWriter, TensorSpec, WriteError};
 use anyhow::{Context, Result, bail, ensure};
 use meo::format::{DEFAULT_ALIGNMENT, MetaValue, Metadata};
-use meo::merge::{ExpertRef, MergedExpert, error_sums, merge_f32, pack};
+use meo::merge::{ExpertRef, Mass, MergedExpert, error_sums, merge_f32, pack};
 use meo::names::{self, merge_keys};
 use meo::route::Choice;
 use meo::{DType, Logits, Model, Session, SessionOptions, Trace};
@@ -271,7 +271,7 @@ fn fit_weights(
         mixes.push(m);
     }
     let err = |w: &[f32]| -> f64 {
-        let (g, u, d) = merge_f32(experts, w);
+        let (g, u, d) = merge_f32(experts, w, Mass::of(&c.router));
         let (b, m) = pack(&g, &u, &d, i, h, DType::F32);
         let mut sums = (0.0, 0.0);
         for (win, mix) in windows.iter().zip(&mixes) {
@@ -401,14 +401,14 @@ fn task_merges(
             Weighting::Calibrated => fit_weights(model, l, &experts, weights(r, weighting), &r.windows, cancel)?,
             _ => weights(r, weighting),
         };
-        let (g, u, d) = merge_f32(&experts, &w);
+        let (g, u, d) = merge_f32(&experts, &w, Mass::of(&c.router));
         let (fb, fm) = pack(&g, &u, &d, i, h, DType::F32);
         let error = rel(error_of(model, l, ExpertRef { bytes: &fb, mlp: &fm }, &r.windows, 0)?);
         let error_unaligned = match orders.and_then(|o| o.get(&l)) {
             Some(o) => {
                 let un = unaligned_experts(model, l, o);
                 let refs: Vec<ExpertRef<'_>> = un.iter().map(|(b, m)| ExpertRef { bytes: b, mlp: m }).collect();
-                let (g2, u2, d2) = merge_f32(&refs, &w);
+                let (g2, u2, d2) = merge_f32(&refs, &w, Mass::of(&c.router));
                 let (ub, um) = pack(&g2, &u2, &d2, i, h, DType::F32);
                 Some(rel(error_of(model, l, ExpertRef { bytes: &ub, mlp: &um }, &r.windows, 0)?))
             }
@@ -444,7 +444,7 @@ fn prompt_errors(model: &Model, all: &[BTreeMap<usize, LayerRec>], cancel: &Atom
             for ch in &w.choices[..PROMPT_LEN * k] {
                 wt[ch.expert as usize] += ch.weight / PROMPT_LEN as f32;
             }
-            let (g, u, d) = merge_f32(&experts, &wt);
+            let (g, u, d) = merge_f32(&experts, &wt, Mass::of(&c.router));
             let (b, m) = pack(&g, &u, &d, i, h, DType::F32);
             let s = error_of(model, l, ExpertRef { bytes: &b, mlp: &m }, std::slice::from_ref(w), PROMPT_LEN)?;
             sums.0 += s.0;

@@ -348,14 +348,16 @@ struct Job {
     tokenizer: Option<Arc<Tokenizer>>,
     threads: usize,
     mode: MergeOptions,
+    kv: meo::KvOptions,
     prompt: Vec<u32>,
     opts: GenerateOptions,
 }
 
 impl Job {
     fn run(&self, hooks: &mut dyn Hooks) -> PyResult<Generation> {
-        let mut s = Session::new(&self.model, SessionOptions { threads: self.threads, max_context: 0 })
-            .map_err(|e| GenerateError::new_err(describe(&e)))?;
+        let mut s =
+            Session::new(&self.model, SessionOptions { threads: self.threads, kv: self.kv, ..Default::default() })
+                .map_err(|e| GenerateError::new_err(describe(&e)))?;
         s.set_mode(self.mode.clone()).map_err(mode_error)?;
         meo::generate::generate(&mut s, &self.prompt, &self.opts, self.tokenizer.as_deref(), hooks).map_err(|e| match e
         {
@@ -579,6 +581,7 @@ struct Model {
     tokenizer: Option<Arc<Tokenizer>>,
     threads: usize,
     mode: MergeOptions,
+    kv: meo::KvOptions,
 }
 
 impl Model {
@@ -627,6 +630,7 @@ impl Model {
             tokenizer: self.tokenizer.clone(),
             threads: self.threads,
             mode: self.mode.clone(),
+            kv: self.kv,
             prompt,
             opts,
         }
@@ -647,7 +651,8 @@ fn tokenizer_error(e: TokenizerError) -> PyErr {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, *, threads = 0, mode = None, merge_layers = "all", merge_budget = 0.25, prompt_pool = "mean-gate"))]
+    #[pyo3(signature = (path, *, threads = 0, mode = None, merge_layers = "all", merge_budget = 0.25, prompt_pool = "mean-gate", kv = "f32"))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -656,7 +661,12 @@ impl Model {
         merge_layers: &str,
         merge_budget: f64,
         prompt_pool: &str,
+        kv: &str,
     ) -> PyResult<Self> {
+        let kv = meo::KvOptions {
+            dtype: kv.parse().map_err(|e| PyValueError::new_err(describe(&e)))?,
+            ..Default::default()
+        };
         must_exist(&path, "model file")?;
         let pool = match prompt_pool {
             "mean-gate" => PromptPool::MeanGate,
@@ -678,11 +688,11 @@ impl Model {
         };
         let mode = MergeOptions::from_spellings(&model, mode, pool, merge_layers, merge_budget).map_err(mode_error)?;
         // Refuse a mode the file cannot run (an unknown task) now rather than at the first call.
-        Session::new(&model, SessionOptions { threads: 1, max_context: 0 })
+        Session::new(&model, SessionOptions { threads: 1, ..Default::default() })
             .map_err(|e| ModelError::new_err(describe(&e)))?
             .set_mode(mode.clone())
             .map_err(mode_error)?;
-        Ok(Self { inner: Arc::new(model), path, tokenizer, threads, mode })
+        Ok(Self { inner: Arc::new(model), path, tokenizer, threads, mode, kv })
     }
 
     /// The file's path.
@@ -712,6 +722,12 @@ impl Model {
     #[getter]
     fn mode(&self) -> String {
         self.mode.mode.spelling()
+    }
+
+    /// How sessions store the KV cache (`f32`, `f16`, `int8`).
+    #[getter]
+    fn kv(&self) -> &'static str {
+        self.kv.dtype.name()
     }
 
     /// Whether the file embeds a tokenizer (text prompts need one).
@@ -863,7 +879,7 @@ impl Model {
         prompt_len: usize,
         max_windows: usize,
     ) -> PyResult<EvalReport> {
-        let opts = meo::eval::EvalOptions { window, prompt_len, max_windows, threads: self.threads };
+        let opts = meo::eval::EvalOptions { window, prompt_len, max_windows, threads: self.threads, kv: self.kv };
         let r = py.detach(|| meo::eval::evaluate(&self.inner, text, &self.mode, &opts)).map_err(|e| match e {
             meo::eval::EvalError::BadWindow { .. } | meo::eval::EvalError::TooShort { .. } => {
                 PyValueError::new_err(describe(&e))

@@ -226,6 +226,21 @@ def test_eval_equals_meo_eval(model, model_path, text_file, meo_bin):
     assert r.mode == "prompt" and r.merged_layers == [0, 1] and r.kl_vs_vanilla > 0
 
 
+def test_kv_dtype_equals_meo_eval_kv(model_path, text_file, meo_bin):
+    out = run_cli(
+        meo_bin, "eval", model_path, "--data", text_file, "--json", "--window", "64", "--prompt-len", "16",
+        "--threads", "1", "--kv", "int8",
+    )
+    want = json.loads(out)
+    m = meo.Model(model_path, threads=1, kv="int8")
+    assert m.kv == "int8" and want["kv_dtype"] == "int8"
+    r = m.eval(TEXT, window=64, prompt_len=16)
+    assert r.perplexity == pytest.approx(want["perplexity"], rel=1e-12)
+    assert r.kl_vs_vanilla == pytest.approx(want["kl_vs_vanilla"], rel=1e-12) and r.kl_vs_vanilla > 0
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        meo.Model(model_path, kv="q4")
+
+
 def test_bad_inputs_raise_the_right_exception(model, model_path, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.meo"):
         meo.Model(tmp_path / "nothing.meo")

@@ -138,6 +138,9 @@ pub enum Positions {
     /// `[buckets, heads]` table (`rel_bias.weight`) indexed by the bucket of `key − query`
     /// (see `meo::model::relative_bucket`), shared by all layers. No RoPE.
     Relative,
+    /// No positional encoding at all (Granite-4 hybrid's `position_embedding_type` other than
+    /// `rope`: its recurrent layers carry the order).
+    None,
 }
 
 /// The activation between an FFN's input and output projections.
@@ -175,6 +178,14 @@ pub enum Mixer {
     /// then the gated delta rule over a `[v_heads, k_dim, v_dim]` state, a gated RMSNorm and an
     /// output projection (`docs/FORMAT.md`, gated DeltaNet).
     GatedDeltaNet,
+    /// Mamba2 (Granite-4 hybrid): a causal depthwise convolution over x, B, C, then the
+    /// selective state space recurrence over a `[heads, head_dim, state]` state, the D skip,
+    /// a gated RMSNorm and an output projection (`docs/FORMAT.md`, Mamba2).
+    Mamba2,
+    /// LFM2's gated short convolution: `out · (c ⊙ conv(b ⊙ x))` with b, c, x projections of
+    /// the input and a causal depthwise convolution over the hidden channels
+    /// (`docs/FORMAT.md`, short convolution).
+    ShortConv,
 }
 
 impl Mixer {
@@ -183,6 +194,8 @@ impl Mixer {
         match self {
             Self::Attention => "attention",
             Self::GatedDeltaNet => "gated_deltanet",
+            Self::Mamba2 => "mamba2",
+            Self::ShortConv => "short_conv",
         }
     }
 }
@@ -209,6 +222,40 @@ impl DeltaNet {
     /// the `[v_heads, k_dim, v_dim]` delta-rule state.
     pub fn state_floats(&self) -> usize {
         self.conv_dim() * (self.conv_kernel - 1) + self.num_v_heads * self.k_head_dim * self.v_head_dim
+    }
+}
+
+/// Sizes of the Mamba2 layers (`model.mamba2.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mamba2 {
+    pub num_heads: usize,
+    pub head_dim: usize,
+    /// Size `N` of each head channel's state (`d_state`).
+    pub state_size: usize,
+    /// B and C groups: head `h` reads group `h / (num_heads / n_groups)`; the gated norm is
+    /// taken per group of `num_heads · head_dim / n_groups` channels.
+    pub n_groups: usize,
+    /// Width of the causal depthwise convolution over x, B and C.
+    pub conv_kernel: usize,
+    /// The convolution has a bias (`mixer.conv.bias`).
+    pub conv_bias: bool,
+}
+
+impl Mamba2 {
+    /// Channels of x (and of the gate z, the norm and the output projection's input).
+    pub fn inner(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Channels of the convolution: x, B and C side by side.
+    pub fn conv_dim(&self) -> usize {
+        self.inner() + 2 * self.n_groups * self.state_size
+    }
+
+    /// Floats of one layer's recurrent state: the last `conv_kernel − 1` convolution inputs and
+    /// the `[heads, head_dim, state]` SSM state.
+    pub fn state_floats(&self) -> usize {
+        self.conv_dim() * (self.conv_kernel - 1) + self.inner() * self.state_size
     }
 }
 
@@ -284,9 +331,31 @@ pub struct Recipe {
     /// `model.delta_net.*`: the sizes of the gated DeltaNet layers (with any
     /// [`Mixer::GatedDeltaNet`] layer).
     pub delta_net: Option<DeltaNet>,
+    /// `model.mamba2.*`: the sizes of the Mamba2 layers (with any [`Mixer::Mamba2`] layer).
+    pub mamba2: Option<Mamba2>,
+    /// `model.short_conv.kernel`: the width of the [`Mixer::ShortConv`] layers' convolution
+    /// (0 = no such layer).
+    pub short_conv_kernel: usize,
     /// `model.attention_output_gate`: the attention output is multiplied by
     /// `sigmoid(attn.gate · x)` (per head dimension) before the output projection (Qwen3-Next).
     pub attention_output_gate: bool,
+    /// `model.layer_nope`: per layer, true where attention applies no RoPE (Llama-4's NoPE
+    /// layers); empty = RoPE in every layer.
+    pub layer_nope: Vec<bool>,
+    /// `model.layer_chunk`: per layer, attention within aligned chunks of this many positions
+    /// (position `i` attends to `j ≤ i` with `j / chunk = i / chunk`; Llama-4's
+    /// `chunked_attention`); 0 or empty = unchunked.
+    pub layer_chunk: Vec<usize>,
+    /// `model.qk_rms_after_rope`: each q and k head of every layer with RoPE is RMS-normalised
+    /// without a weight (eps `model.rms_norm_eps`) after RoPE (Llama-4's `use_qk_norm`).
+    pub qk_rms_after_rope: bool,
+    /// `model.qk_norm_after_rope`: the q/k norm (`model.qk_norm`) is applied after RoPE
+    /// instead of before (Hunyuan-MoE's `query_layernorm` / `key_layernorm`).
+    pub qk_norm_after_rope: bool,
+    /// `model.nope_temperature_floor_scale`, `model.nope_temperature_scale`: `(f, s)`; in NoPE
+    /// layers the query at position `p` is multiplied by `1 + s · ln(1 + floor((p + 1) / f))`
+    /// (Llama-4's `attn_temperature_tuning`).
+    pub nope_temperature: Option<(f32, f32)>,
 }
 
 impl Default for Recipe {
@@ -316,7 +385,14 @@ impl Default for Recipe {
             rope_dim: 0,
             layer_mixer: Vec::new(),
             delta_net: None,
+            mamba2: None,
+            short_conv_kernel: 0,
             attention_output_gate: false,
+            layer_nope: Vec::new(),
+            layer_chunk: Vec::new(),
+            qk_rms_after_rope: false,
+            qk_norm_after_rope: false,
+            nope_temperature: None,
         }
     }
 }
@@ -349,6 +425,9 @@ pub struct RouterSpec {
     pub expert_capacity: usize,
     /// [`Scoring::SparseMixer`]'s `ε` (Phi-3.5-MoE's `router_jitter_noise`); 0 otherwise.
     pub sparsemixer_eps: f32,
+    /// Each selected expert gets its weight on its input, `E_i(w_i · x)`, instead of on its
+    /// output (Llama-4).
+    pub weight_on_input: bool,
 }
 
 /// The canonical model description.
@@ -466,6 +545,7 @@ impl Recipe {
             "rope" => Positions::Rope,
             "learned" => Positions::Learned,
             "relative" => Positions::Relative,
+            "none" => Positions::None,
             s => return Err(invalid("model.positions", s)),
         };
         let ffn_activation = match opt_str(m, "model.ffn_activation", "silu")? {
@@ -521,6 +601,8 @@ impl Recipe {
                 .map(|s| match *s {
                     "attention" => Ok(Mixer::Attention),
                     "gated_deltanet" => Ok(Mixer::GatedDeltaNet),
+                    "mamba2" => Ok(Mixer::Mamba2),
+                    "short_conv" => Ok(Mixer::ShortConv),
                     other => Err(invalid("model.layer_mixer", other)),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -536,9 +618,48 @@ impl Recipe {
         } else {
             None
         };
+        let mamba2 = if m.get("model.mamba2.num_heads").is_some() {
+            Some(Mamba2 {
+                num_heads: usize_of(m, "model.mamba2.num_heads")?,
+                head_dim: usize_of(m, "model.mamba2.head_dim")?,
+                state_size: usize_of(m, "model.mamba2.state_size")?,
+                n_groups: usize_of(m, "model.mamba2.n_groups")?,
+                conv_kernel: usize_of(m, "model.mamba2.conv_kernel")?,
+                conv_bias: opt_bool(m, "model.mamba2.conv_bias")?,
+            })
+        } else {
+            None
+        };
+        let layer_nope = match m.get("model.layer_nope") {
+            None => Vec::new(),
+            Some(MetaValue::Array(MetaArray::Bool(v))) => v.clone(),
+            Some(v) => return Err(wrong("model.layer_nope", "array of bool", v)),
+        };
+        let layer_chunk = match m.get("model.layer_chunk") {
+            None => Vec::new(),
+            Some(_) => u64s_of(m, "model.layer_chunk")?
+                .into_iter()
+                .map(|w| usize::try_from(w).map_err(|_| invalid("model.layer_chunk", w)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let nope_temperature = match opt_f32_some("model.nope_temperature_floor_scale")? {
+            None => None,
+            Some(f) => Some((f, f32_of(m, "model.nope_temperature_scale")?)),
+        };
         Ok(Self {
+            layer_nope,
+            layer_chunk,
+            qk_rms_after_rope: opt_bool(m, "model.qk_rms_after_rope")?,
+            qk_norm_after_rope: opt_bool(m, "model.qk_norm_after_rope")?,
+            nope_temperature,
             layer_mixer,
             delta_net,
+            mamba2,
+            short_conv_kernel: if m.get("model.short_conv.kernel").is_some() {
+                usize_of(m, "model.short_conv.kernel")?
+            } else {
+                0
+            },
             attention_output_gate: opt_bool(m, "model.attention_output_gate")?,
             norm,
             positions,
@@ -577,6 +698,9 @@ impl Recipe {
         }
         if self.positions == Positions::Learned {
             v.push(("model.positions", MetaValue::Str("learned")));
+        }
+        if self.positions == Positions::None {
+            v.push(("model.positions", MetaValue::Str("none")));
         }
         if self.positions == Positions::Relative {
             v.push(("model.positions", MetaValue::Str("relative")));
@@ -658,11 +782,42 @@ impl Recipe {
             v.push(("model.delta_net.v_head_dim", u(d.v_head_dim)));
             v.push(("model.delta_net.conv_kernel", u(d.conv_kernel)));
         }
+        if self.short_conv_kernel > 0 {
+            v.push(("model.short_conv.kernel", MetaValue::U64(self.short_conv_kernel as u64)));
+        }
+        if let Some(d) = &self.mamba2 {
+            let u = |x: usize| MetaValue::U64(x as u64);
+            v.push(("model.mamba2.num_heads", u(d.num_heads)));
+            v.push(("model.mamba2.head_dim", u(d.head_dim)));
+            v.push(("model.mamba2.state_size", u(d.state_size)));
+            v.push(("model.mamba2.n_groups", u(d.n_groups)));
+            v.push(("model.mamba2.conv_kernel", u(d.conv_kernel)));
+            if d.conv_bias {
+                v.push(("model.mamba2.conv_bias", MetaValue::Bool(true)));
+            }
+        }
         if self.rope_dim > 0 {
             v.push(("model.rope_dim", MetaValue::U64(self.rope_dim as u64)));
         }
         if self.attention_output_gate {
             v.push(("model.attention_output_gate", MetaValue::Bool(true)));
+        }
+        if self.layer_nope.contains(&true) {
+            v.push(("model.layer_nope", MetaValue::Array(MetaArray::Bool(self.layer_nope.clone()))));
+        }
+        if self.layer_chunk.iter().any(|&c| c > 0) {
+            let c = self.layer_chunk.iter().map(|&c| c as u64).collect();
+            v.push(("model.layer_chunk", MetaValue::Array(MetaArray::U64(c))));
+        }
+        if self.qk_rms_after_rope {
+            v.push(("model.qk_rms_after_rope", MetaValue::Bool(true)));
+        }
+        if self.qk_norm_after_rope {
+            v.push(("model.qk_norm_after_rope", MetaValue::Bool(true)));
+        }
+        if let Some((floor, scale)) = self.nope_temperature {
+            v.push(("model.nope_temperature_floor_scale", f(floor)));
+            v.push(("model.nope_temperature_scale", f(scale)));
         }
         v
     }
@@ -715,6 +870,7 @@ impl RouterSpec {
             shared_gate: SharedGate::None,
             expert_capacity: 0,
             sparsemixer_eps: 0.0,
+            weight_on_input: false,
         }
     }
 
@@ -757,6 +913,7 @@ impl RouterSpec {
             shared_gate,
             expert_capacity: usize_of(m, "routing.expert_capacity")?,
             sparsemixer_eps: if scoring == Scoring::SparseMixer { f32_of(m, "routing.sparsemixer_eps")? } else { 0.0 },
+            weight_on_input: opt_bool(m, "routing.weight_on_input")?,
         };
         if !(r.sparsemixer_eps.is_finite() && r.sparsemixer_eps >= 0.0) {
             return Err(invalid("routing.sparsemixer_eps", r.sparsemixer_eps));
@@ -805,6 +962,9 @@ impl RouterSpec {
         if self.scoring == Scoring::SparseMixer {
             v.push(("routing.sparsemixer_eps", f(self.sparsemixer_eps)));
         }
+        if self.weight_on_input {
+            v.push(("routing.weight_on_input", MetaValue::Bool(true)));
+        }
         v
     }
 }
@@ -839,28 +999,45 @@ impl ModelConfig {
     /// Bytes of recurrent state a session holds whatever the context length: every recurrent
     /// layer's fixed-size state, f32. 0 for attention-only models. Saturates.
     pub fn recurrent_state_bytes(&self) -> u64 {
-        let delta = (0..self.num_layers).filter(|&l| self.mixer(l) == Mixer::GatedDeltaNet).count() as u64;
-        let per = self.recipe.delta_net.map_or(0, |d| d.state_floats() as u64);
-        delta.saturating_mul(per).saturating_mul(4)
+        let floats =
+            (0..self.num_layers).map(|l| self.recurrent_state_floats(l) as u64).fold(0u64, |a, b| a.saturating_add(b));
+        floats.saturating_mul(4)
     }
 
-    /// Bytes of KV cache one position costs a session: every attention layer's keys and
-    /// values, f32 (MLA caches each head's decompressed keys and values); recurrent layers
-    /// cost nothing per position. Saturates instead of overflowing.
-    pub fn kv_bytes_per_position(&self) -> u64 {
-        let per_layer = match &self.recipe.mla {
-            Some(m) => (self.num_heads as u64)
-                .saturating_mul((m.qk_nope_head_dim as u64).saturating_add(self.head_dim as u64))
-                .saturating_add((self.num_heads as u64).saturating_mul(m.v_head_dim as u64)),
-            None => 2u64.saturating_mul(self.num_kv_heads as u64).saturating_mul(self.head_dim as u64),
+    /// Floats of layer `l`'s recurrent state (0 for attention, or sizes not given).
+    pub fn recurrent_state_floats(&self, l: usize) -> usize {
+        match self.mixer(l) {
+            Mixer::Attention => 0,
+            Mixer::GatedDeltaNet => self.recipe.delta_net.map_or(0, |d| d.state_floats()),
+            Mixer::Mamba2 => self.recipe.mamba2.map_or(0, |d| d.state_floats()),
+            Mixer::ShortConv => self.hidden_size * self.recipe.short_conv_kernel.saturating_sub(1),
+        }
+    }
+
+    /// Bytes of KV cache one position costs a session storing its cache as `kv` says: every
+    /// attention layer's keys and values (an MLA layer: its latent, or each head's
+    /// decompressed keys and values); recurrent layers cost nothing per position. Saturates
+    /// instead of overflowing.
+    pub fn kv_bytes_per_position(&self, kv: crate::KvOptions) -> u64 {
+        use crate::model::kv::CacheShape;
+        let shape = match &self.recipe.mla {
+            Some(m) => CacheShape::Mla {
+                heads: self.num_heads,
+                nope: m.qk_nope_head_dim,
+                rope: self.head_dim,
+                v: m.v_head_dim,
+                kv_lora: m.kv_lora_rank,
+            },
+            None => CacheShape::Gqa { kv_heads: self.num_kv_heads, head_dim: self.head_dim },
         };
-        per_layer.saturating_mul(4).saturating_mul(self.attention_layers() as u64)
+        kv.position_bytes(shape).saturating_mul(self.attention_layers() as u64)
     }
 
-    /// Bytes of KV cache a session holding `positions` positions uses (scratch buffers, which
-    /// do not grow with the context, not included). Saturates instead of overflowing.
-    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
-        self.kv_bytes_per_position().saturating_mul(positions as u64)
+    /// Bytes of KV cache a session holding `positions` positions uses when it stores its
+    /// cache as `kv` says (scratch buffers, which do not grow with the context, not
+    /// included). Saturates instead of overflowing.
+    pub fn kv_cache_bytes(&self, positions: usize, kv: crate::KvOptions) -> u64 {
+        self.kv_bytes_per_position(kv).saturating_mul(positions as u64)
     }
 }
 
@@ -1018,6 +1195,38 @@ impl ModelConfig {
                 return Err(invalid("model.delta_net.v_head_dim", "heads × head sizes are too large"));
             }
         }
+        if r.layer_mixer.contains(&Mixer::ShortConv) {
+            let k = r.short_conv_kernel;
+            if k == 0 || k > MAX_CONV_KERNEL {
+                return Err(invalid("model.short_conv.kernel", k));
+            }
+        }
+        if r.layer_mixer.contains(&Mixer::Mamba2) {
+            let d = r.mamba2.ok_or(ConfigError::Missing { key: "model.mamba2.num_heads" })?;
+            for (k, v) in [
+                ("model.mamba2.num_heads", d.num_heads),
+                ("model.mamba2.head_dim", d.head_dim),
+                ("model.mamba2.state_size", d.state_size),
+                ("model.mamba2.n_groups", d.n_groups),
+            ] {
+                if v == 0 || v > MAX_WIDTH {
+                    return Err(invalid(k, v));
+                }
+            }
+            if !d.num_heads.is_multiple_of(d.n_groups) {
+                return Err(invalid("model.mamba2.num_heads", "not a multiple of n_groups"));
+            }
+            if d.conv_kernel == 0 || d.conv_kernel > MAX_CONV_KERNEL {
+                return Err(invalid("model.mamba2.conv_kernel", d.conv_kernel));
+            }
+            let inner = d.num_heads.checked_mul(d.head_dim);
+            let bc = d.n_groups.checked_mul(d.state_size).and_then(|x| x.checked_mul(2));
+            let state = inner.and_then(|i| i.checked_mul(d.state_size));
+            let conv = inner.zip(bc).and_then(|(i, b)| i.checked_add(b));
+            if !matches!((conv, state), (Some(c), Some(s)) if c <= MAX_WIDTH && s <= MAX_WIDTH) {
+                return Err(invalid("model.mamba2.head_dim", "heads × head sizes are too large"));
+            }
+        }
         Ok(())
     }
 
@@ -1135,7 +1344,60 @@ impl ModelConfig {
                 return Err(invalid(key, x));
             }
         }
+        for (key, len) in [("model.layer_nope", r.layer_nope.len()), ("model.layer_chunk", r.layer_chunk.len())] {
+            if len != 0 && len != self.num_layers {
+                return Err(invalid(key, alloc::format!("{len} entries for {} layers", self.num_layers)));
+            }
+        }
+        if r.layer_chunk.iter().any(|&c| c > MAX_POSITIONS) {
+            return Err(invalid("model.layer_chunk", "a chunk beyond the largest context"));
+        }
+        if let Some((floor, scale)) = r.nope_temperature
+            && !(floor.is_finite() && floor > 0.0 && scale.is_finite())
+        {
+            return Err(invalid("model.nope_temperature_floor_scale", alloc::format!("{floor}, scale {scale}")));
+        }
+        // NoPE layers, chunks and the post-RoPE norm belong to the q/k/v path.
+        let gqa_only = [
+            ("model.layer_nope", r.layer_nope.contains(&true)),
+            ("model.layer_chunk", r.layer_chunk.iter().any(|&c| c > 0)),
+            ("model.qk_rms_after_rope", r.qk_rms_after_rope),
+            ("model.qk_norm_after_rope", r.qk_norm_after_rope),
+        ];
+        if r.mla.is_some()
+            && let Some((key, _)) = gqa_only.iter().find(|u| u.1)
+        {
+            return Err(invalid(key, "not supported with MLA"));
+        }
         Ok(())
+    }
+
+    /// Whether layer `l` applies RoPE (RoPE positions and not a NoPE layer).
+    pub fn layer_rope(&self, l: usize) -> bool {
+        self.recipe.positions == Positions::Rope && !self.recipe.layer_nope.get(l).copied().unwrap_or(false)
+    }
+
+    /// The attention chunk of layer `l` (0 = unchunked).
+    pub fn layer_chunk(&self, l: usize) -> usize {
+        self.recipe.layer_chunk.get(l).copied().unwrap_or(0)
+    }
+
+    /// The metadata key of the first attention or routing variant this config uses that only
+    /// the CPU target runs so far (Llama-4's NoPE layers, chunked attention, post-RoPE q/k norm,
+    /// NoPE query temperature and expert-input routing weights; Hunyuan-MoE's q/k norm after
+    /// RoPE), if any: what the wgpu and ONNX targets refuse a model by.
+    pub fn cpu_only_variant(&self) -> Option<&'static str> {
+        let r = &self.recipe;
+        [
+            ("model.layer_nope", r.layer_nope.contains(&true)),
+            ("model.layer_chunk", r.layer_chunk.iter().any(|&c| c > 0)),
+            ("model.qk_rms_after_rope", r.qk_rms_after_rope),
+            ("model.nope_temperature_floor_scale", r.nope_temperature.is_some()),
+            ("model.qk_norm_after_rope", r.qk_norm_after_rope),
+            ("routing.weight_on_input", self.router.weight_on_input),
+        ]
+        .into_iter()
+        .find_map(|(key, on)| on.then_some(key))
     }
 
     /// The `general.architecture`, `model.*` and `routing.*` entries.
@@ -1365,6 +1627,38 @@ mod tests {
             bad.recipe.rope_dim = d;
             assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.rope_dim", .. })), "{d}");
         }
+    }
+
+    #[test]
+    fn llama4_and_hunyuan_variants_round_trip_and_are_checked() {
+        // Absent by default: files of the other families are unchanged.
+        let keys = ["model.layer_nope", "model.layer_chunk", "model.qk_rms_after_rope", "model.qk_norm_after_rope"];
+        let base = sample();
+        let plain = base.to_metadata();
+        assert!(plain.iter().all(|(k, _)| !keys.contains(k) && !k.starts_with("model.nope_temperature")));
+        assert!(plain.iter().all(|(k, _)| *k != "routing.weight_on_input"));
+        assert_eq!(sample().cpu_only_variant(), None);
+        let mut c = sample();
+        c.recipe.layer_nope = alloc::vec![false, true];
+        c.recipe.layer_chunk = alloc::vec![8, 0];
+        c.recipe.qk_rms_after_rope = true;
+        c.recipe.qk_norm_after_rope = true;
+        c.recipe.nope_temperature = Some((8192.0, 0.1));
+        c.router.weight_on_input = true;
+        let bytes = Metadata::from_entries(c.to_metadata()).to_bytes();
+        assert_eq!(ModelConfig::from_metadata(&Metadata::parse(&bytes).unwrap()).unwrap(), c);
+        assert_eq!((c.layer_rope(0), c.layer_rope(1), c.layer_chunk(0), c.layer_chunk(1)), (true, false, 8, 0));
+        assert_eq!(c.cpu_only_variant(), Some("model.layer_nope"));
+        let mut w = sample();
+        w.router.weight_on_input = true;
+        assert_eq!(w.cpu_only_variant(), Some("routing.weight_on_input"));
+        // Per-layer lists must have one entry per layer; the temperature a positive floor scale.
+        let mut bad = c.clone();
+        bad.recipe.layer_chunk.push(0);
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.layer_chunk", .. })));
+        let mut bad = c.clone();
+        bad.recipe.nope_temperature = Some((0.0, 0.1));
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "model.nope_temperature_floor_scale", .. })));
     }
 
     #[test]

@@ -21,8 +21,8 @@
 use crate::route::Choice;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::{
-    FormatError, ForwardError, Logits, MergeOptions, MergedUse, ModeError, Model, Session, SessionError,
-    SessionOptions, Trace,
+    FormatError, ForwardError, KvOptions, Logits, MergeOptions, MergedUse, ModeError, Model, OnMiss, Session,
+    SessionError, SessionOptions, Trace,
 };
 use std::collections::BTreeMap;
 use std::string::String;
@@ -39,11 +39,13 @@ pub struct EvalOptions {
     pub max_windows: usize,
     /// Worker threads (0 = one per physical core).
     pub threads: usize,
+    /// How the evaluated session stores its KV cache (the reference session's is f32).
+    pub kv: KvOptions,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { window: 128, prompt_len: 32, max_windows: 0, threads: 0 }
+        Self { window: 128, prompt_len: 32, max_windows: 0, threads: 0, kv: KvOptions::default() }
     }
 }
 
@@ -63,6 +65,10 @@ pub struct Report {
     pub merge_error: BTreeMap<usize, f64>,
     pub expert_bytes_per_token: f64,
     pub vanilla_expert_bytes_per_token: f64,
+    /// The on-miss fallback's spelling (`exact` unless [`evaluate_with`] set one), and the
+    /// token choices per scored token it served instead of a missed expert.
+    pub on_miss: String,
+    pub fallbacks_per_token: f64,
 }
 
 /// Why an evaluation failed.
@@ -118,11 +124,13 @@ struct Bytes<'m> {
     meo: Vec<usize>,
     /// Tokens of the current call.
     tokens: usize,
+    /// Token choices served by an on-miss fallback (their expert is not read).
+    fallbacks: u64,
 }
 
 impl<'m> Bytes<'m> {
     fn new(model: &'m Model, tokens: usize) -> Self {
-        Self { model, total: 0, meo: model.meo_layers().collect(), tokens }
+        Self { model, total: 0, meo: model.meo_layers().collect(), tokens, fallbacks: 0 }
     }
 }
 
@@ -151,6 +159,9 @@ impl Trace for Bytes<'_> {
     fn on_merged(&mut self, _layer: usize, tokens: usize, expert: &MergedUse) {
         self.total += (expert.bytes() * tokens) as u64;
     }
+    fn on_fallback(&mut self, _layer: usize, _missed: &[u32], choices: usize) {
+        self.fallbacks += choices as u64;
+    }
 }
 
 /// Sends the routing to two observers.
@@ -172,6 +183,21 @@ impl Trace for Both<'_> {
     fn on_merged(&mut self, layer: usize, tokens: usize, expert: &MergedUse) {
         self.0.on_merged(layer, tokens, expert);
         self.1.on_merged(layer, tokens, expert);
+    }
+    fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
+        self.0.on_experts_predicted(from, layer, experts);
+        self.1.on_experts_predicted(from, layer, experts);
+    }
+    fn wants_prediction(&self) -> bool {
+        self.0.wants_prediction() || self.1.wants_prediction()
+    }
+    // Residency comes from the first observer (the one that tracks it).
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.0.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.0.on_fallback(layer, missed, choices);
+        self.1.on_fallback(layer, missed, choices);
     }
 }
 
@@ -205,6 +231,25 @@ pub fn evaluate_against(
     mode: &MergeOptions,
     o: &EvalOptions,
 ) -> Result<Report, EvalError> {
+    evaluate_with(model, reference, text, mode, &OnMiss::Exact, &mut crate::NoTrace, o)
+}
+
+/// [`evaluate_against`], the mode's session running with on-miss fallback `on_miss`
+/// ([`Session::set_on_miss`]) and every one of its forward calls observed by `residency`
+/// (e.g. an [`ExpertTracker`](crate::residency::ExpertTracker) with a budget: what is resident
+/// follows from its bookkeeping, so the figures are the same on every run).
+///
+/// # Errors
+/// As [`evaluate_against`]; a `Merged` fallback the file has no merged experts for.
+pub fn evaluate_with(
+    model: &Model,
+    reference: Option<&Model>,
+    text: &str,
+    mode: &MergeOptions,
+    on_miss: &OnMiss,
+    residency: &mut dyn Trace,
+    o: &EvalOptions,
+) -> Result<Report, EvalError> {
     let cfg = model.config();
     let ref_model = reference.unwrap_or(model);
     if ref_model.config().vocab_size != cfg.vocab_size {
@@ -212,12 +257,13 @@ pub fn evaluate_against(
     }
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let ids = tok.encode(text)?;
-    let opts = SessionOptions { threads: o.threads, max_context: 0 };
+    let opts = SessionOptions { threads: o.threads, ..SessionOptions::default() };
     let mut van = Session::new(ref_model, opts)?;
     // Explicitly vanilla: for an MEO-native model that is its gates run unmerged.
     van.set_mode(MergeOptions::default())?;
-    let mut ses = Session::new(model, opts)?;
+    let mut ses = Session::new(model, SessionOptions { kv: o.kv, ..opts })?;
     let merged_layers = ses.set_mode(mode.clone())?;
+    ses.set_on_miss(on_miss.clone())?;
     let win = o.window.min(van.max_context());
     let p = o.prompt_len;
     if p == 0 || win < p + 2 {
@@ -233,7 +279,7 @@ pub fn evaluate_against(
     let (h, k, v) = (cfg.hidden_size, cfg.router.top_k, cfg.vocab_size);
     let (mut nll, mut nll_v, mut kl, mut agree, mut n) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
     let mut err: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
-    let (mut bytes, mut bytes_v, mut bytes_tokens) = (0u64, 0u64, 0usize);
+    let (mut bytes, mut bytes_v, mut bytes_tokens, mut fallbacks) = (0u64, 0u64, 0usize, 0u64);
     for w in &windows {
         let t = w.len();
         // Vanilla, capturing each MoE layer's input and routing on the continuation.
@@ -244,10 +290,11 @@ pub fn evaluate_against(
         let lv = van.forward_with(&w[p..], Logits::All, &mut Both(&mut cap, &mut bv))?.to_vec();
         // The mode.
         ses.reset();
-        ses.forward_with(&w[..p], Logits::Last, &mut crate::NoTrace)?;
+        ses.forward_with(&w[..p], Logits::Last, &mut *residency)?;
         let mut bm = Bytes::new(model, t - p);
-        let lm = ses.forward_with(&w[p..], Logits::All, &mut bm)?.to_vec();
+        let lm = ses.forward_with(&w[p..], Logits::All, &mut Both(&mut *residency, &mut bm))?.to_vec();
         bytes += bm.total;
+        fallbacks += bm.fallbacks;
         bytes_v += bv.total;
         bytes_tokens += t - p;
         // Row r predicts token p + r + 1.
@@ -295,5 +342,7 @@ pub fn evaluate_against(
         merge_error: err.into_iter().map(|(l, (a, b))| (l, if b > 0.0 { (a / b).sqrt() } else { 0.0 })).collect(),
         expert_bytes_per_token: bytes as f64 / bt,
         vanilla_expert_bytes_per_token: bytes_v as f64 / bt,
+        on_miss: on_miss.spelling(),
+        fallbacks_per_token: fallbacks as f64 / bt,
     })
 }

@@ -37,13 +37,14 @@ pub mod residency;
 pub mod tokenizer;
 
 pub use config::{
-    Activation, ConfigError, DeltaNet, FfnKind, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe, RouterSpec,
-    Scoring,
+    Activation, ConfigError, DeltaNet, FfnKind, Mamba2, Mixer, ModelConfig, NormKind, Positions, QkNorm, Recipe,
+    RouterSpec, Scoring,
 };
 pub use format::{DType, FormatError, MeoFile, MetaValue, Metadata, Slab, TensorInfo};
 pub use model::{
-    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, LayerExec, LayerSelect, Logits, MergeOptions,
-    MergedUse, Mode, ModeError, Model, ModelError, NoTrace, PromptPool, Session, SessionError, SessionOptions, Trace,
+    DEFAULT_MAX_CONTEXT, ExecPlan, Execution, ForwardError, Granularity, KvDtype, KvOptions, KvParseError, LayerExec,
+    LayerSelect, Logits, MISS_TASK, MergeOptions, MergedUse, MlaCache, Mode, ModeError, Model, ModelError, NoTrace,
+    OnMiss, PromptPool, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions, StateError, Trace,
 };
 pub use route::Choice;
 pub use target::{Target, TargetError};

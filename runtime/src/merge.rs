@@ -20,6 +20,19 @@
 //! The scale is folded into the down projection, so a merged expert is one ordinary SwiGLU
 //! expert and needs no extra runtime parameter. For a single linear map (`D̂` alone) the
 //! merge is exact: `D̂ x = Σ w_i D_i x`.
+//!
+//! # Weights on the inputs
+//!
+//! Llama-4 weights each selected expert's *input*: `y = Σ_i E_i(w_i x)`
+//! (`routing.weight_on_input`). Then the mass goes into the nonlinearity, through the gate and
+//! up projections, and the down projection is a convex combination ([`Mass::Input`]):
+//!
+//! ```text
+//! Ĝ = Σ w_i G_i     Û = Σ w_i U_i     D̂ = Σ ḡ_i D_i
+//! y ≈ D̂(silu(Ĝ x) ⊙ Û x) = E_{θ̄}(s x)
+//! ```
+//!
+//! so a merge of one expert (`w = p·e_i`) is again exactly the vanilla output `E_i(p x)`.
 
 use crate::format::DType;
 use crate::kernels::{MatRef, decode};
@@ -72,6 +85,23 @@ pub fn normalise(w: &[f32]) -> (Vec<f32>, f32) {
     if s > 0.0 && s.is_finite() { (w.iter().map(|&x| x / s).collect(), s) } else { (vec![0.0; w.len()], 0.0) }
 }
 
+/// Where a routed layer applies its routing weights, and so where a merge keeps their mass
+/// (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mass {
+    /// `Σ w_i E_i(x)`: the mass in the down projection.
+    Output,
+    /// `Σ E_i(w_i x)` (`routing.weight_on_input`): the mass in the gate and up projections.
+    Input,
+}
+
+impl Mass {
+    /// The rule of layers routed by `spec`.
+    pub fn of(spec: &crate::config::RouterSpec) -> Self {
+        if spec.weight_on_input { Self::Input } else { Self::Output }
+    }
+}
+
 /// One expert's matrices: the bytes they live in (a slab, or a merged buffer) and where.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
@@ -98,14 +128,19 @@ impl MergedExpert {
 }
 
 /// The three merged matrices in f32, `(gate [i·h], up [i·h], down [h·i])`, following the
-/// module's rule (gate/up with `ḡ`, down with `w`). `experts[i]` pairs with `w[i]`. Ungated
-/// experts (no `gate`) give an empty `gate`.
+/// module's rule for `mass` (output: gate/up with `ḡ`, down with `w`; input: gate/up with
+/// `w`, down with `ḡ`). `experts[i]` pairs with `w[i]`. Ungated experts (no `gate`) give an
+/// empty `gate`.
 ///
 /// # Panics
 /// If `experts.len() != w.len()`, or the experts' shapes differ (caller bug).
-pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32], mass: Mass) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(experts.len(), w.len(), "merge_f32: one weight per expert");
-    let (gbar, _) = normalise(w);
+    let (normalised, _) = normalise(w);
+    let (gbar, w) = match mass {
+        Mass::Output => (&normalised[..], w),
+        Mass::Input => (w, &normalised[..]),
+    };
     let m0 = experts.first().expect("at least one expert").mlp;
     let (i, h) = (m0.up.rows, m0.up.cols);
     let gated = experts.iter().all(|e| e.mlp.gate.is_some());
@@ -114,10 +149,10 @@ pub fn merge_f32(experts: &[ExpertRef<'_>], w: &[f32]) -> (Vec<f32>, Vec<f32>, V
     let mut down = vec![0.0; h * i];
     if gated {
         let gp: Vec<(MatRef<'_>, f32)> =
-            experts.iter().zip(&gbar).filter_map(|(e, &x)| Some((e.mlp.gate.as_ref()?.view(e.bytes), x))).collect();
+            experts.iter().zip(gbar).filter_map(|(e, &x)| Some((e.mlp.gate.as_ref()?.view(e.bytes), x))).collect();
         merge_matrices(&gp, &mut gate);
     }
-    let up_p: Vec<(MatRef<'_>, f32)> = experts.iter().zip(&gbar).map(|(e, &x)| (e.mlp.up.view(e.bytes), x)).collect();
+    let up_p: Vec<(MatRef<'_>, f32)> = experts.iter().zip(gbar).map(|(e, &x)| (e.mlp.up.view(e.bytes), x)).collect();
     merge_matrices(&up_p, &mut up);
     let dp: Vec<(MatRef<'_>, f32)> = experts.iter().zip(w).map(|(e, &x)| (e.mlp.down.view(e.bytes), x)).collect();
     merge_matrices(&dp, &mut down);
@@ -159,14 +194,15 @@ pub fn pack_act(
     (bytes, Mlp { gate, up, down, bias: None, act })
 }
 
-/// Merges `experts` with weights `w` and stores the result in `dtype`.
+/// Merges `experts` with weights `w` (their mass kept as `mass` says) and stores the result
+/// in `dtype`.
 ///
 /// # Panics
 /// As [`merge_f32`].
-pub fn merge_expert(experts: &[ExpertRef<'_>], w: &[f32], dtype: DType) -> MergedExpert {
+pub fn merge_expert(experts: &[ExpertRef<'_>], w: &[f32], dtype: DType, mass: Mass) -> MergedExpert {
     let m0 = experts[0].mlp;
     let (i, h) = (m0.up.rows, m0.up.cols);
-    let (g, u, d) = merge_f32(experts, w);
+    let (g, u, d) = merge_f32(experts, w, mass);
     let (bytes, mlp) = pack_act(&g, &u, &d, i, h, dtype, m0.act);
     MergedExpert { bytes, mlp, weights: w.to_vec() }
 }
@@ -215,6 +251,25 @@ mod tests {
         for k in 0..15 {
             assert!((out[k] - (0.3 * a[k] + 0.7 * b[k])).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn one_expert_keeps_its_mass_where_the_router_applies_it() {
+        let (i, h) = (2, 3);
+        let part = |k: f32, n: usize| (0..n).map(|x| k + x as f32).collect::<Vec<f32>>();
+        let packed: Vec<_> = [1.0f32, 10.0]
+            .iter()
+            .map(|&k| pack(&part(k, i * h), &part(k + 0.5, i * h), &part(k - 0.5, h * i), i, h, DType::F32))
+            .collect();
+        let refs: Vec<ExpertRef<'_>> = packed.iter().map(|(b, m)| ExpertRef { bytes: b, mlp: m }).collect();
+        let w = [0.0, 0.5];
+        let half = |v: Vec<f32>| v.into_iter().map(|x| 0.5 * x).collect::<Vec<_>>();
+        // Output side: `0.5 · E(x)`, the mass in the down projection.
+        let (g, u, d) = merge_f32(&refs, &w, Mass::Output);
+        assert_eq!((g, u, d), (part(10.0, i * h), part(10.5, i * h), half(part(9.5, h * i))));
+        // Input side: `E(0.5 · x)`, the mass in the gate and up projections.
+        let (g, u, d) = merge_f32(&refs, &w, Mass::Input);
+        assert_eq!((g, u, d), (half(part(10.0, i * h)), half(part(10.5, i * h)), part(9.5, h * i)));
     }
 
     #[test]

@@ -96,11 +96,43 @@ fn madvise(map: &Mapped, range: &Range<usize>, advice: libc::c_int, call: &'stat
     if r != 0 { Err(os_err(call)) } else { Ok(()) }
 }
 
-/// Asks the OS to start reading `range` of the mapping (`madvise(MADV_WILLNEED)`).
+/// Longest range one `madvise(MADV_WILLNEED)` is given. Linux reads at most
+/// max(read-ahead window, device's largest request) pages per call (`force_page_cache_ra`) and
+/// silently drops the rest: one call over a 35 MB slab read its first 8 MiB here, and the rest
+/// was faulted in 4 KiB at a time. 128 KiB is the default read-ahead window, at or below both
+/// figures on any device, and longer pieces measured no faster (`docs/PERFORMANCE.md`).
+pub const WILLNEED_CHUNK: usize = 128 << 10;
+
+/// Asks the OS to start reading `range` of the mapping (`madvise(MADV_WILLNEED)` on each
+/// [`WILLNEED_CHUNK`] of it, so the whole range is queued, not only its start).
 ///
 /// # Errors
 /// `range` is outside the mapping, or the OS refuses.
 pub fn prefetch(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError> {
+    #[cfg(unix)]
+    {
+        page_span(map, &range)?;
+        let mut at = range.start;
+        while at < range.end {
+            let end = range.end.min((at & !(WILLNEED_CHUNK - 1)) + WILLNEED_CHUNK);
+            madvise(map, &(at..end), libc::MADV_WILLNEED, "madvise(MADV_WILLNEED)")?;
+            at = end;
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (map, range);
+        Err(ResidencyError::Unsupported { what: "madvise" })
+    }
+}
+
+/// `madvise(MADV_WILLNEED)` over all of `range` in one call: what [`prefetch`] did before it
+/// was split into [`WILLNEED_CHUNK`]s, kept to measure against ([`MissRead::WillneedOnce`]).
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn prefetch_once(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError> {
     #[cfg(unix)]
     return madvise(map, &range, libc::MADV_WILLNEED, "madvise(MADV_WILLNEED)");
     #[cfg(not(unix))]
@@ -108,6 +140,26 @@ pub fn prefetch(map: &Mapped, range: Range<usize>) -> Result<(), ResidencyError>
         let _ = (map, range);
         Err(ResidencyError::Unsupported { what: "madvise" })
     }
+}
+
+/// Reads `range` of the mapping in and maps it into this process before returning
+/// ([`prefetch`], then `madvise(MADV_POPULATE_READ)`, Linux ≥ 5.14): the later accesses take
+/// no page fault at all. Returns `Ok(false)` where the kernel does not know
+/// `MADV_POPULATE_READ` (`EINVAL`): the range is then touched page by page instead, after the
+/// prefetch, so it is read in large requests all the same.
+///
+/// # Errors
+/// `range` is outside the mapping, or the OS refuses.
+pub fn populate(map: &Mapped, range: Range<usize>) -> Result<bool, ResidencyError> {
+    prefetch(map, range.clone())?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    match madvise(map, &range, libc::MADV_POPULATE_READ, "madvise(MADV_POPULATE_READ)") {
+        Ok(()) => return Ok(true),
+        Err(ResidencyError::Os { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(e),
+    }
+    touch(map, std::slice::from_ref(&range));
+    Ok(false)
 }
 
 /// Drops the pages of `range` (widened to whole pages) from this process
@@ -579,6 +631,9 @@ pub struct TrackerOptions {
     /// [`RETOUCH_STEPS`] forward calls — and count them against the budget (slabs get the
     /// rest).
     pub pin_dense: bool,
+    /// How the slab of a selected expert that is not held (a miss) is read, before the layer
+    /// runs it (with `prefetch` on).
+    pub miss_read: MissRead,
 }
 
 impl Default for TrackerOptions {
@@ -592,9 +647,57 @@ impl Default for TrackerOptions {
             policy: Policy::default(),
             predict_io: PredictIo::default(),
             pin_dense: true,
+            miss_read: MissRead::default(),
         }
     }
 }
+
+/// How a missed expert's slab is read: in large requests before the layer touches it, so the
+/// kernel's page faults find its pages in memory instead of reading them 4 KiB at a time
+/// (read-ahead is off, see [`advise_lazy`]). Measured in `docs/PERFORMANCE.md` ("Reading a
+/// missed expert"); results are the same whichever is used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissRead {
+    /// [`prefetch`]: `madvise(MADV_WILLNEED)` per [`WILLNEED_CHUNK`]; returns at once, the
+    /// reads complete while earlier experts compute.
+    Willneed,
+    /// [`prefetch_once`]: one `madvise(MADV_WILLNEED)` over the slab, as before issue 20; the
+    /// kernel reads only its first max(read-ahead, largest request) bytes, the rest is faulted
+    /// in page by page. For measurements.
+    WillneedOnce,
+    /// [`populate`]: [`prefetch`], then `madvise(MADV_POPULATE_READ)` (Linux ≥ 5.14; a touch of
+    /// every page where the kernel refuses it by `EINVAL`): waits until the slab is read and
+    /// mapped, so the layer takes no page fault on it.
+    #[default]
+    Populate,
+    /// Positioned reads (`pread`, 4 MiB at a time) of the slab's file range into a scratch
+    /// buffer the tracker owns: the page cache is filled before the layer runs and its page
+    /// faults only map pages.
+    Pread,
+}
+
+impl MissRead {
+    /// Every variant, for measurements.
+    pub const ALL: [MissRead; 4] = [MissRead::Willneed, MissRead::WillneedOnce, MissRead::Populate, MissRead::Pread];
+
+    /// The name the CLI takes (`willneed`, `willneed-once`, `populate`, `pread`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MissRead::Willneed => "willneed",
+            MissRead::WillneedOnce => "willneed-once",
+            MissRead::Populate => "populate",
+            MissRead::Pread => "pread",
+        }
+    }
+
+    /// The variant named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Bytes a [`MissRead::Pread`] read asks for at once (the scratch buffer's size).
+const PREAD_CHUNK: usize = 4 << 20;
 
 /// How the slabs of a next-layer prediction are read (measured in `docs/PERFORMANCE.md`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -673,12 +776,20 @@ impl IoThread {
                             }
                         }
                         #[cfg(unix)]
-                        // SAFETY: [a, a + len) is whole pages of the tracker's mapping, which
-                        // outlives this thread: the tracker joins it on drop, and the tracker
-                        // borrows the mapping. WILLNEED only starts reads.
-                        None => unsafe {
-                            libc::madvise(a as *mut libc::c_void, len, libc::MADV_WILLNEED);
-                        },
+                        None => {
+                            // In pieces: see WILLNEED_CHUNK.
+                            for at in (a..a + len).step_by(WILLNEED_CHUNK) {
+                                // SAFETY: [a, a + len) is whole pages of the tracker's mapping,
+                                // which outlives this thread: the tracker joins it on drop, and
+                                // the tracker borrows the mapping. `at` and the piece's end are
+                                // page-aligned (a is, WILLNEED_CHUNK is a multiple of a page).
+                                // WILLNEED only starts reads.
+                                unsafe {
+                                    let n = WILLNEED_CHUNK.min(a + len - at);
+                                    libc::madvise(at as *mut libc::c_void, n, libc::MADV_WILLNEED);
+                                }
+                            }
+                        }
                         #[cfg(not(unix))]
                         _ => {
                             let _ = (a, len, &mut buf);
@@ -811,6 +922,17 @@ pub struct ResidencyStats {
     /// `mlock` held them (false: touched and re-touched instead).
     pub dense_pinned_bytes: u64,
     pub dense_locked: bool,
+    /// How missed slabs were read, how many were, and how many of those
+    /// [`MissRead::Populate`] had to touch page by page (`MADV_POPULATE_READ` refused).
+    pub miss_read: MissRead,
+    pub miss_reads: u64,
+    pub miss_read_bytes: u64,
+    pub populate_fallbacks: u64,
+    /// Token choices an on-miss fallback served instead of a missed expert (all layers, and
+    /// per layer), and the missed slabs it then started reading.
+    pub fallback_choices: u64,
+    pub fallbacks_per_layer: Vec<u64>,
+    pub fallback_fetches: u64,
 }
 
 impl ResidencyStats {
@@ -853,7 +975,24 @@ pub struct ExpertTracker<'m> {
     /// [`take_predicted_prefetches`](ExpertTracker::take_predicted_prefetches), when recording.
     prefetch_log: Option<Vec<(usize, usize)>>,
     dense: DensePin,
+    /// [`MissRead::Pread`]'s file and scratch buffer (opened and allocated on first use).
+    pread: Option<(std::fs::File, Vec<u8>)>,
+    miss_reads: u64,
+    miss_read_bytes: u64,
+    populate_fallbacks: u64,
+    fallback_choices: u64,
+    fallbacks_per_layer: Vec<u64>,
+    fallback_fetches: u64,
     last_error: Option<ResidencyError>,
+}
+
+/// Why [`ExpertTracker::hold`] holds a slab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Selected,
+    Predicted,
+    /// Missed and served by an on-miss fallback: read for later tokens.
+    Fetched,
 }
 
 /// The dense tensors kept resident under a budget.
@@ -952,6 +1091,13 @@ impl<'m> ExpertTracker<'m> {
             predicted_prefetches: 0,
             prefetch_log: None,
             dense,
+            pread: None,
+            miss_reads: 0,
+            miss_read_bytes: 0,
+            populate_fallbacks: 0,
+            fallback_choices: 0,
+            fallbacks_per_layer: vec![0; layers],
+            fallback_fetches: 0,
             last_error: None,
         })
     }
@@ -1059,14 +1205,16 @@ impl<'m> ExpertTracker<'m> {
             } else {
                 self.misses += 1;
             }
-            self.hold(layer, e, range, false);
+            self.hold(layer, e, range, Hold::Selected);
         }
         self.enforce_budget(call_start);
     }
 
-    /// Marks slab (`l`, `e`) held by the newest tick; a slab not held before is prefetched
-    /// (when `prefetch` is on, or always for a prediction).
-    fn hold(&mut self, l: usize, e: usize, range: Range<usize>, predicted: bool) {
+    /// Marks slab (`l`, `e`) held by the newest tick; a slab not held before is read: as
+    /// [`TrackerOptions::miss_read`] says when selected (and `prefetch` is on), in the
+    /// background when predicted or fetched after an on-miss fallback.
+    fn hold(&mut self, l: usize, e: usize, range: Range<usize>, why: Hold) {
+        let predicted = why == Hold::Predicted;
         let i = self.layer_base[l] + e;
         let was_held = match self.state[i].held_tick.take() {
             Some(t) => {
@@ -1096,10 +1244,53 @@ impl<'m> ExpertTracker<'m> {
                     Ok(r) => drop(io.tx.as_ref().map(|tx| tx.try_send(r))),
                     Err(err) => self.last_error = Some(err),
                 }
-            } else if (self.opts.prefetch || predicted)
-                && let Err(err) = prefetch(self.map, range)
+            } else if why != Hold::Selected {
+                if let Err(err) = prefetch(self.map, range) {
+                    self.last_error = Some(err);
+                }
+            } else if self.opts.prefetch
+                && let Err(err) = self.read_missed(range)
             {
                 self.last_error = Some(err);
+            }
+        }
+    }
+
+    /// Reads a missed slab as [`TrackerOptions::miss_read`] says.
+    fn read_missed(&mut self, range: Range<usize>) -> Result<(), ResidencyError> {
+        self.miss_reads += 1;
+        self.miss_read_bytes += range.len() as u64;
+        match self.opts.miss_read {
+            MissRead::Willneed => prefetch(self.map, range),
+            MissRead::WillneedOnce => prefetch_once(self.map, range),
+            MissRead::Populate => {
+                if !populate(self.map, range)? {
+                    self.populate_fallbacks += 1;
+                }
+                Ok(())
+            }
+            MissRead::Pread => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::FileExt;
+                    if self.pread.is_none() {
+                        let path = self.map.path();
+                        let f = std::fs::File::open(path)
+                            .map_err(|source| ResidencyError::Open { path: path.to_path_buf(), source })?;
+                        self.pread = Some((f, vec![0u8; PREAD_CHUNK]));
+                    }
+                    let (f, buf) = self.pread.as_mut().expect("opened above");
+                    let mut at = range.start;
+                    while at < range.end {
+                        let n = (range.end - at).min(buf.len());
+                        f.read_exact_at(&mut buf[..n], at as u64)
+                            .map_err(|source| ResidencyError::Os { call: "pread", source })?;
+                        at += n;
+                    }
+                    Ok(())
+                }
+                #[cfg(not(unix))]
+                Err(ResidencyError::Unsupported { what: "pread" })
             }
         }
     }
@@ -1121,10 +1312,45 @@ impl<'m> ExpertTracker<'m> {
             let e = e as usize;
             let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
             if self.state[i].held_tick.is_none() {
-                self.hold(layer, e, range, true);
+                self.hold(layer, e, range, Hold::Predicted);
             }
         }
         self.enforce_budget(call_start);
+    }
+
+    /// Which experts of layer `layer` are held now, into `resident` (see
+    /// [`Trace::resident_experts`](crate::model::Trace::resident_experts)); false for a layer
+    /// without routed experts.
+    pub fn resident_experts(&self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        let n = self.index.num_experts(layer);
+        resident.clear();
+        resident.extend((0..n).map(|e| self.is_held(layer, e)));
+        n > 0
+    }
+
+    /// An on-miss fallback served `choices` token choices of layer `layer` instead of the
+    /// experts `missed`: counts them, and starts reading the missed slabs (held, so they count
+    /// toward the budget) for later tokens.
+    pub fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        let call_start = self.tick + 1;
+        self.fallback_choices += choices as u64;
+        if let Some(f) = self.fallbacks_per_layer.get_mut(layer) {
+            *f += choices as u64;
+        }
+        for &e in missed {
+            let e = e as usize;
+            let (Some(i), Some(range)) = (self.slot(layer, e), self.index.get(layer, e)) else { continue };
+            if self.state[i].held_tick.is_none() {
+                self.fallback_fetches += 1;
+                self.hold(layer, e, range, Hold::Fetched);
+            }
+        }
+        self.enforce_budget(call_start);
+    }
+
+    /// Token choices served by an on-miss fallback so far.
+    pub fn fallback_choices(&self) -> u64 {
+        self.fallback_choices
     }
 
     /// The held slab to evict first under the policy, among those held before `call_start`.
@@ -1219,6 +1445,13 @@ impl<'m> ExpertTracker<'m> {
             predicted_prefetches: self.predicted_prefetches,
             dense_pinned_bytes: self.dense.bytes,
             dense_locked: self.dense.locked,
+            miss_read: self.opts.miss_read,
+            miss_reads: self.miss_reads,
+            miss_read_bytes: self.miss_read_bytes,
+            populate_fallbacks: self.populate_fallbacks,
+            fallback_choices: self.fallback_choices,
+            fallbacks_per_layer: self.fallbacks_per_layer.clone(),
+            fallback_fetches: self.fallback_fetches,
             ..ResidencyStats::default()
         };
         let mut mapped = Some(0u64);
@@ -1259,6 +1492,12 @@ impl crate::model::Trace for ExpertTracker<'_> {
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.on_predicted(from, layer, experts);
     }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        ExpertTracker::resident_experts(self, layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        ExpertTracker::on_fallback(self, layer, missed, choices);
+    }
 }
 
 /// One [`ExpertTracker`] shared by every session of a model: one budget for the model. Give
@@ -1291,6 +1530,12 @@ impl crate::model::Trace for &SharedTracker<'_> {
     }
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.lock().on_predicted(from, layer, experts);
+    }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.lock().resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.lock().on_fallback(layer, missed, choices);
     }
 }
 

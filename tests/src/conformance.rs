@@ -29,7 +29,7 @@ pub const LOGIT_TOL: f32 = 1e-4;
 pub const WEIGHT_TOL: f32 = 1e-5;
 
 /// Every fixture directory under `tests/fixtures/`.
-pub const FIXTURES: [&str; 24] = [
+pub const FIXTURES: [&str; 26] = [
     "mixtral",
     "mixtral-fused",
     "mixtral-bf16-sharded",
@@ -54,6 +54,8 @@ pub const FIXTURES: [&str; 24] = [
     "phimoe-fused",
     "ernie4_5_moe",
     "ernie4_5_moe-fused",
+    "dots1",
+    "dots1-fused",
 ];
 
 /// One token's routing in one MoE layer, as a target reports it.
@@ -366,7 +368,7 @@ pub fn measure_experts(name: &str, experts: DType, dense: DType, open: Open<'_>)
 /// summation order (SIMD kernels) passes and a real regression fails. The quantized releases
 /// (`*-fp8`, `*-mxfp4`, `*-gptq`, `*-awq`) are re-quantized to int8 from their dequantized weights:
 /// max |Δlogit| 2.0e-2 (AWQ) to 4.9e-2 (FP8), agreement 1.0 except gpt-oss top-1 vs f32 27/28.
-pub const INT8_BOUNDS: [(&str, f64, f64, f32); 24] = [
+pub const INT8_BOUNDS: [(&str, f64, f64, f32); 26] = [
     ("mixtral", 0.95, 0.95, 2.5e-2),
     ("mixtral-fused", 0.95, 0.95, 2.5e-2),
     ("mixtral-bf16-sharded", 0.95, 0.95, 1.5e-2),
@@ -397,6 +399,9 @@ pub const INT8_BOUNDS: [(&str, f64, f64, f32); 24] = [
     ("phimoe-fused", 0.95, 0.95, 0.3),
     ("ernie4_5_moe", 0.95, 0.95, 5.0e-2),
     ("ernie4_5_moe-fused", 0.95, 0.95, 5.0e-2),
+    // Measured on the CPU target: routing and top-1 agreement 1.0, max |Δlogit| 3.1e-2.
+    ("dots1", 0.95, 0.95, 5.0e-2),
+    ("dots1-fused", 0.95, 0.95, 5.0e-2),
 ];
 
 /// [`measure_int8`], printed, and checked against [`INT8_BOUNDS`].
@@ -407,8 +412,12 @@ pub fn check_int8(name: &str, open: Open<'_>) -> Agreement {
          top-1 agreement {:.4} / {:.4}; max |Δlogit| {:.3e}",
         a.routing_vs_reference, a.routing_vs_f32, a.top1_vs_reference, a.top1_vs_f32, a.max_dlogit
     );
-    let &(_, routing, top1, dlogit) =
-        INT8_BOUNDS.iter().chain(&RECURRENT_INT8_BOUNDS).find(|f| f.0 == name).expect("bounds for every fixture");
+    let &(_, routing, top1, dlogit) = INT8_BOUNDS
+        .iter()
+        .chain(&RECURRENT_INT8_BOUNDS)
+        .chain(&CPU_ONLY_INT8_BOUNDS)
+        .find(|f| f.0 == name)
+        .expect("bounds for every fixture");
     for (what, got, floor) in [
         ("routing agreement vs transformers", a.routing_vs_reference, routing),
         ("routing agreement vs f32", a.routing_vs_f32, routing),
@@ -451,6 +460,8 @@ macro_rules! conformance_suite {
             phimoe_fused => "phimoe-fused",
             ernie4_5_moe => "ernie4_5_moe",
             ernie4_5_moe_fused => "ernie4_5_moe-fused",
+            dots1 => "dots1",
+            dots1_fused => "dots1-fused",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {
@@ -902,18 +913,54 @@ pub fn compare_with_cpu(name: &str, model: &meo::Model, r: &mut dyn Runner, prom
     dmax
 }
 
-/// Fixtures of hybrid models (recurrent token mixers beside attention), run by every target
-/// through [`recurrent_suite!`](crate::recurrent_suite) (the CPU, wgpu and ONNX Runtime; not
-/// the fixed-shape ONNX form, which refuses recurrent layers by name), so they are not in
-/// [`FIXTURES`].
-pub const RECURRENT_FIXTURES: [&str; 1] = ["qwen3_next"];
+/// Fixtures of hybrid models (recurrent token mixers beside attention), so not in [`FIXTURES`].
+/// The CPU target runs them all ([`recurrent_suite!`](crate::recurrent_suite)); wgpu and ONNX
+/// Runtime run the gated DeltaNet ones their suites list (not the fixed-shape ONNX form, which
+/// refuses recurrent layers by name) and refuse Mamba2 and short convolutions by name.
+pub const RECURRENT_FIXTURES: [&str; 5] =
+    ["qwen3_next", "granitemoehybrid", "lfm2_moe", "qwen3_5_moe", "qwen3_5_moe-multimodal"];
 
 /// [`INT8_BOUNDS`] for [`RECURRENT_FIXTURES`]. Measured on the CPU target: Qwen3-Next's
 /// routing agreement 0.9375 (vs transformers, prompt) and 0.9464 (vs f32, prompt + greedy),
 /// top-1 agreement 11/12 and 24/28, max |Δlogit| 0.45 — 4 layers (the real attention interval)
 /// against the others' 2 or 3, so one int8 routing flip carries into every later layer; dense f16
 /// alone gives 7.0e-3 and f32 is exact (3.8e-6). Floors sit one disagreement below those.
-pub const RECURRENT_INT8_BOUNDS: [(&str, f64, f64, f32); 1] = [("qwen3_next", 0.9, 0.8, 0.6)];
+pub const RECURRENT_INT8_BOUNDS: [(&str, f64, f64, f32); 5] = [
+    ("qwen3_next", 0.9, 0.8, 0.6),
+    ("granitemoehybrid", GRANITE_HYBRID_INT8.0, GRANITE_HYBRID_INT8.1, GRANITE_HYBRID_INT8.2),
+    ("lfm2_moe", LFM2_INT8.0, LFM2_INT8.1, LFM2_INT8.2),
+    // Qwen3.5-MoE, measured on the CPU target: routing 0.9375 (vs transformers, prompt) and
+    // 0.9732 (vs f32), top-1 10/12 and 0.9286, max |Δlogit| 0.30 (4 layers, as Qwen3-Next's);
+    // f32 is exact (1.5e-5). Floors one disagreement below.
+    ("qwen3_5_moe", 0.9, 0.75, 0.4),
+    ("qwen3_5_moe-multimodal", 0.9, 0.75, 0.4),
+];
+
+/// Granite-4 hybrid's int8 bounds (routing floor, top-1 floor, max |Δlogit| ceiling). Measured
+/// on the CPU target: routing agreement 1.0 (vs transformers, prompt) and 0.991 (vs f32, prompt +
+/// greedy), top-1 agreement 11/12 and 27/28, max |Δlogit| 2.5e-3 (logits ÷ 6); f32 exact
+/// (2.9e-7). Floors sit one disagreement below those.
+const GRANITE_HYBRID_INT8: (f64, f64, f32) = (0.95, 0.8, 1.0e-2);
+
+/// LFM2-MoE's int8 bounds. Measured on the CPU target: routing and top-1 agreement 1.0 (vs
+/// transformers and vs f32), max |Δlogit| 2.2e-2; f32 exact (2.0e-6).
+const LFM2_INT8: (f64, f64, f32) = (0.95, 0.9, 5.0e-2);
+
+/// Fixtures the CPU target runs and wgpu and ONNX refuse by name (`TargetError::Unsupported`,
+/// `ExportError::Unsupported`, naming the first metadata key they lack): Llama-4's attention and
+/// routing variants and Hunyuan-MoE's q/k norm after RoPE ([`meo::ModelConfig::cpu_only_variant`]).
+/// Run by [`cpu_only_suite!`](crate::cpu_only_suite).
+pub const CPU_ONLY_FIXTURES: [&str; 4] = ["llama4", "llama4-multimodal", "hunyuan_v1_moe", "hunyuan_v1_moe-fused"];
+
+/// [`INT8_BOUNDS`] for [`CPU_ONLY_FIXTURES`]. Measured on the CPU target: Llama-4 routing and
+/// top-1 agreement 1.0 everywhere, max |Δlogit| 1.1e-2; Hunyuan-MoE routing 1.0, top-1 11/12
+/// (vs transformers) and 0.9643 (vs f32), max |Δlogit| 1.7e-2.
+pub const CPU_ONLY_INT8_BOUNDS: [(&str, f64, f64, f32); 4] = [
+    ("llama4", 0.95, 0.9, 2.5e-2),
+    ("llama4-multimodal", 0.95, 0.9, 2.5e-2),
+    ("hunyuan_v1_moe", 0.95, 0.85, 2.5e-2),
+    ("hunyuan_v1_moe-fused", 0.95, 0.85, 2.5e-2),
+];
 
 /// A prompt fed whole, fed token by token, and fed in two pieces give identical logits and
 /// routing (the recurrent state carries across calls exactly as the KV cache does), and a reset
@@ -958,6 +1005,10 @@ macro_rules! recurrent_suite {
     ($open:expr) => {
         $crate::recurrent_suite!(@tests $open;
             qwen3_next => "qwen3_next",
+            granitemoehybrid => "granitemoehybrid",
+            lfm2_moe => "lfm2_moe",
+            qwen3_5_moe => "qwen3_5_moe",
+            qwen3_5_moe_multimodal => "qwen3_5_moe-multimodal",
         );
     };
     (@tests $open:expr; $($id:ident => $name:literal,)*) => {
@@ -974,6 +1025,33 @@ macro_rules! recurrent_suite {
                         $crate::conformance::check_prompt_vs_decode($name, $open);
                     }
                 )*
+            }
+        }
+    };
+}
+
+/// [`conformance_suite!`](crate::conformance_suite) for [`CPU_ONLY_FIXTURES`], plus
+/// [`check_prompt_vs_decode`] for each (chunked attention and the NoPE temperature depend on
+/// absolute positions, which must carry across calls).
+#[macro_export]
+macro_rules! cpu_only_suite {
+    ($open:expr) => {
+        mod cpu_only {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_suite!(@tests $open;
+                llama4 => "llama4",
+                llama4_multimodal => "llama4-multimodal",
+                hunyuan_v1_moe => "hunyuan_v1_moe",
+                hunyuan_v1_moe_fused => "hunyuan_v1_moe-fused",
+            );
+            mod prompt_vs_decode {
+                #[allow(unused_imports)]
+                use super::*;
+                #[test]
+                fn llama4() {
+                    $crate::conformance::check_prompt_vs_decode("llama4", $open);
+                }
             }
         }
     };

@@ -14,6 +14,7 @@ fn open_cpu(path: &Path) -> Box<dyn Runner> {
 
 meo_tests::conformance_suite!(&open_cpu);
 meo_tests::recurrent_suite!(&open_cpu);
+meo_tests::cpu_only_suite!(&open_cpu);
 
 /// A hybrid model's session state: a KV cache for the attention layers only, a fixed-size
 /// recurrent state for the others; truncation and reset semantics.
@@ -34,10 +35,10 @@ mod recurrent_state {
         assert_eq!(c.recurrent_state_bytes(), 3 * (3 * 128 + 4 * 16 * 16) * 4);
         assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes());
         // One attention layer of 2 kv heads × 16 keys and values per position.
-        assert_eq!(c.kv_bytes_per_position(), 2 * 2 * 16 * 4);
+        assert_eq!(c.kv_bytes_per_position(s.kv_options()), 2 * 2 * 16 * 4);
         let first = s.forward(&rf.input_ids).unwrap().to_vec();
         let t = rf.input_ids.len();
-        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t));
+        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t, s.kv_options()));
         assert_eq!(s.recurrent_state_bytes(), c.recurrent_state_bytes(), "the state does not grow");
         // A recurrent state has no per-position history: a partial rewind is refused, unchanged.
         assert!(!s.truncate(5));
@@ -55,20 +56,98 @@ mod recurrent_state {
     /// experts. The prompt runs vanilla (same logits), later tokens run merged experts.
     #[test]
     fn prompt_mode_merges_only_the_moe_layers() {
+        for name in ["qwen3_next", "qwen3_5_moe"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+            let m = Model::open(&path).unwrap();
+            let rf = reference(name);
+            let mut vanilla = Session::new(&m, SessionOptions::default()).unwrap();
+            let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+            let opts = meo::MergeOptions { mode: meo::Mode::Prompt(Default::default()), ..Default::default() };
+            assert_eq!(s.set_mode(opts).unwrap(), vec![0, 1, 2, 3], "{name}");
+            assert_eq!(s.forward(&rf.input_ids).unwrap(), vanilla.forward(&rf.input_ids).unwrap(), "{name}");
+            assert_eq!(s.merged_layers(), vec![0, 1, 2, 3], "{name}");
+            let merged = s.forward(&rf.greedy[..1]).unwrap().to_vec();
+            let exact = vanilla.forward(&rf.greedy[..1]).unwrap();
+            assert!(merged.iter().all(|v| v.is_finite()), "{name}");
+            assert_ne!(&merged[..], exact, "{name}: merged experts are an approximation");
+        }
+    }
+}
+
+/// Granite-4 hybrid (Mamba2) and LFM2-MoE (short convolutions): the same state semantics as
+/// the other recurrent mixers, and MEO modes on their MoE layers.
+mod hybrid_state {
+    use meo::{DType, Model, Session, SessionOptions};
+    use meo_tests::conformance::{convert_fixture, reference};
+
+    /// The session state's size (recurrent bytes fixed, KV bytes per position) and its
+    /// truncation semantics.
+    fn check_state(name: &str, recurrent_bytes: u64, kv_per_position: u64) {
         let tmp = tempfile::tempdir().unwrap();
-        let path = convert_fixture("qwen3_next", DType::F32, DType::F32, tmp.path());
+        let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
         let m = Model::open(&path).unwrap();
-        let rf = reference("qwen3_next");
+        let c = m.config().clone();
+        let rf = reference(name);
+        let mut s = Session::new(&m, SessionOptions::default()).unwrap();
+        assert!(s.has_recurrent_state());
+        assert_eq!(c.recurrent_state_bytes(), recurrent_bytes);
+        assert_eq!(s.recurrent_state_bytes(), recurrent_bytes);
+        assert_eq!(c.kv_bytes_per_position(s.kv_options()), kv_per_position);
+        let first = s.forward(&rf.input_ids).unwrap().to_vec();
+        let t = rf.input_ids.len();
+        assert_eq!(s.kv_cache_bytes(), c.kv_cache_bytes(t, s.kv_options()));
+        assert_eq!(s.recurrent_state_bytes(), recurrent_bytes, "the state does not grow");
+        assert!(!s.truncate(5), "a partial rewind of a recurrent state is refused");
+        assert_eq!(s.position(), t);
+        let next = s.forward(&rf.greedy[..1]).unwrap().to_vec();
+        assert!(s.truncate(0));
+        assert_eq!(s.forward(&rf.input_ids).unwrap(), &first[..]);
+        assert_eq!(s.forward(&rf.greedy[..1]).unwrap(), &next[..]);
+    }
+
+    /// MEO prompt mode merges exactly the MoE layers `moe` (never a mixer): the prompt runs
+    /// vanilla, later tokens run merged experts.
+    fn check_prompt_mode(name: &str, moe: &[usize]) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = convert_fixture(name, DType::F32, DType::F32, tmp.path());
+        let m = Model::open(&path).unwrap();
+        let rf = reference(name);
         let mut vanilla = Session::new(&m, SessionOptions::default()).unwrap();
         let mut s = Session::new(&m, SessionOptions::default()).unwrap();
         let opts = meo::MergeOptions { mode: meo::Mode::Prompt(Default::default()), ..Default::default() };
-        assert_eq!(s.set_mode(opts).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(s.set_mode(opts).unwrap(), moe);
         assert_eq!(s.forward(&rf.input_ids).unwrap(), vanilla.forward(&rf.input_ids).unwrap());
-        assert_eq!(s.merged_layers(), vec![0, 1, 2, 3]);
+        assert_eq!(s.merged_layers(), moe);
         let merged = s.forward(&rf.greedy[..1]).unwrap().to_vec();
         let exact = vanilla.forward(&rf.greedy[..1]).unwrap();
         assert!(merged.iter().all(|v| v.is_finite()));
         assert_ne!(&merged[..], exact, "merged experts are an approximation");
+    }
+
+    #[test]
+    fn mamba2_state_is_fixed_size_and_cannot_be_rewound() {
+        // 3 Mamba2 layers: conv history 3 × (128 + 2 groups × 2 × 16) channels + state
+        // 8 heads × 16 × 16; one attention layer of 2 kv heads × 16 keys and values.
+        check_state("granitemoehybrid", 3 * (3 * 192 + 8 * 16 * 16) * 4, 2 * 2 * 16 * 4);
+    }
+
+    #[test]
+    fn short_conv_state_is_fixed_size_and_cannot_be_rewound() {
+        // 3 short convolution layers: 2 past inputs × 64 channels; one attention layer.
+        check_state("lfm2_moe", 3 * 2 * 64 * 4, 2 * 2 * 16 * 4);
+    }
+
+    #[test]
+    fn prompt_mode_merges_only_the_moe_layers_of_a_mamba2_hybrid() {
+        // Every layer is MoE; three of them follow a Mamba2 mixer.
+        check_prompt_mode("granitemoehybrid", &[0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn prompt_mode_merges_only_the_moe_layers_of_a_short_conv_hybrid() {
+        // Layer 0 is dense (not merged); 1 and 3 follow a short convolution, 2 attention.
+        check_prompt_mode("lfm2_moe", &[1, 2, 3]);
     }
 }
 
@@ -252,7 +331,7 @@ mod model {
     fn bad_tokens_and_context_overflow_are_typed_errors_and_change_nothing() {
         let c = synthetic_config();
         let m = model(synthetic_model(&c, DType::F32, DType::F32, 5, &|_| false, &[]));
-        let mut s = Session::new(&m, SessionOptions { threads: 1, max_context: 8 }).unwrap();
+        let mut s = Session::new(&m, SessionOptions { threads: 1, max_context: 8, ..Default::default() }).unwrap();
         assert_eq!(s.max_context(), 8);
         let err = s.forward(&[1, 2, c.vocab_size as u32]).unwrap_err();
         assert_eq!(err, ForwardError::TokenOutOfRange { index: 2, token: c.vocab_size as u32, vocab: c.vocab_size });

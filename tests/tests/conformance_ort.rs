@@ -136,3 +136,47 @@ fn fixed_shape_recurrent_export_is_refused_by_name() {
     let Err(e) = meo_ort::export::export(&model, &opts) else { panic!("a fixed-shape hybrid must be refused") };
     assert!(e.to_string().contains("recurrent mixer"), "{e}");
 }
+
+/// Mamba2 layers (Granite-4 hybrid) have no ONNX graph: the export refuses them by name.
+#[test]
+fn mamba2_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path =
+        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("a Mamba2 model must be refused")
+    };
+    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2 }), "{e}");
+    assert!(e.to_string().contains("mamba2"), "{e}");
+}
+
+/// LFM2's short convolutions have no ONNX graph: the export refuses them by name.
+#[test]
+fn short_conv_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("lfm2_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("a short-conv model must be refused")
+    };
+    assert!(
+        matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("short_conv"), "{e}");
+}
+
+/// Llama-4's attention and routing variants have no ONNX graph yet: the export refuses the
+/// model with a typed error naming the first metadata key it lacks.
+#[test]
+fn cpu_only_variants_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("llama4", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
+        panic!("Llama-4 must be refused")
+    };
+    assert!(matches!(e, meo_ort::export::ExportError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("model.layer_nope"), "{e}");
+}

@@ -157,7 +157,7 @@ fn poison_expert_slabs(bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn task_mode_reads_no_per_expert_slab() {
     let tmp = tempfile::tempdir().unwrap();
-    for fixture in ["mixtral", "qwen2_moe", "glm4_moe", "phimoe"] {
+    for fixture in ["mixtral", "qwen2_moe", "glm4_moe", "phimoe", "llama4", "hunyuan_v1_moe"] {
         let path = convert_tasks(fixture, Options::default(), tmp.path());
         let bytes = std::fs::read(&path).unwrap();
         let good = Model::from_vec(bytes.clone()).unwrap();
@@ -216,7 +216,7 @@ fn task_mode_residency_shows_no_expert_slab() {
 #[test]
 fn prompt_mode_decode_uses_the_cached_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    for fixture in ["mixtral", "olmoe", "glm4_moe", "phimoe"] {
+    for fixture in ["mixtral", "olmoe", "glm4_moe", "phimoe", "llama4", "hunyuan_v1_moe"] {
         let path = plain(fixture, Options::default(), tmp.path());
         let model = Model::open(&path).unwrap();
         for pool in [PromptPool::MeanGate, PromptPool::PooledInput] {
@@ -433,12 +433,14 @@ fn eval_vanilla_is_identical_and_task_mode_reads_one_expert_per_layer() {
         file: path.clone(),
         data: data.clone(),
         mode: ModeArgs { mode: Some(mode.into()), ..ModeArgs::default() },
+        kv: Default::default(),
         window: 64,
         prompt_len: 16,
         max_windows: 0,
         threads: 1,
         json: false,
         reference: None,
+        memory: meo_cli::cmd::memory::MemoryArgs::default(),
     };
     let v = evaluate(&args("vanilla")).unwrap();
     assert_eq!((v.agreement, v.kl, v.perplexity), (1.0, 0.0, v.vanilla_perplexity));

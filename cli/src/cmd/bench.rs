@@ -54,6 +54,12 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
     pub target: super::target::TargetArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
+    /// Bytes of session state (KV cache and recurrent state) to report the context that fits
+    /// in, for the chosen `--kv` (e.g. 512M, 2G).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = super::parse_bytes)]
+    pub kv_budget: u64,
 }
 
 /// What `meo bench` observes of a generation: expert slabs read per forward call (the tracker
@@ -68,6 +74,11 @@ struct BenchHooks<'a, 'm> {
     prompt_expert_bytes: u64,
     step_bytes: Vec<u64>,
     kv_bytes: u64,
+    kv: meo::KvOptions,
+    /// On-miss fallbacks (token choices) of the decode steps, and the tracker's count at the
+    /// end of the previous call.
+    decode_fallbacks: u64,
+    fallbacks_seen: u64,
 }
 
 impl meo::Trace for BenchHooks<'_, '_> {
@@ -87,18 +98,29 @@ impl meo::Trace for BenchHooks<'_, '_> {
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.tracker.on_experts_predicted(from, layer, experts);
     }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.tracker.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.tracker.on_fallback(layer, missed, choices);
+    }
 }
 
 impl Hooks for BenchHooks<'_, '_> {
     fn trace(&mut self, prompt: bool) -> Option<&mut dyn meo::Trace> {
         if !prompt {
-            self.kv_bytes += self.model.kv_bytes_read(self.prompt_len + self.step_bytes.len());
+            self.kv_bytes += self.model.kv_bytes_read(self.prompt_len + self.step_bytes.len(), self.kv);
         }
         Some(self)
     }
 
     fn after_forward(&mut self, prompt: bool) {
         let bytes = self.tracker.take_step_bytes() + std::mem::take(&mut self.merged);
+        let f = self.tracker.fallback_choices();
+        if !prompt {
+            self.decode_fallbacks += f - self.fallbacks_seen;
+        }
+        self.fallbacks_seen = f;
         if prompt {
             self.prompt_expert_bytes += bytes;
         } else {
@@ -134,8 +156,14 @@ pub fn run(a: &Args) -> Result<()> {
     let model = open_model(&a.file)?;
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
-    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
+    let run = RunOptions {
+        threads: a.threads,
+        memory_budget: a.memory.explicit(),
+        mode: a.mode.options(&model)?,
+        kv: a.kv.options(),
+    };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let open_time = t_open.elapsed();
     if a.prompt_len + a.gen_tokens > cfg.max_position_embeddings {
         bail!(
@@ -165,10 +193,13 @@ pub fn run(a: &Args) -> Result<()> {
         prompt_expert_bytes: 0,
         step_bytes: Vec::with_capacity(a.gen_tokens),
         kv_bytes: 0,
+        kv: run.kv,
+        decode_fallbacks: 0,
+        fallbacks_seen: 0,
     };
     let random = (a.decode_tokens == "random").then_some(a.seed);
     let g = generate(target, &prompt, &bench_options(a.gen_tokens, random), None, &mut hooks)?;
-    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, .. } = hooks;
+    let BenchHooks { prompt_expert_bytes, step_bytes, kv_bytes, decode_fallbacks, .. } = hooks;
     let threads = threads_of(&opened);
     let describe = opened.target().describe();
     // `--compare-cpu` (ONNX Runtime only): the same generation on meo's CPU target.
@@ -194,8 +225,12 @@ pub fn run(a: &Args) -> Result<()> {
     let mode = run.mode.mode.spelling();
     // Session state at the end of the run: the KV cache grows with the context, the recurrent
     // layers' state does not (and is read and written once per decoded token).
-    let kv_cache_bytes = cfg.kv_cache_bytes(a.prompt_len + g.decode_steps);
+    let kv_cache_bytes = cfg.kv_cache_bytes(a.prompt_len + g.decode_steps, run.kv);
     let recurrent_bytes = cfg.recurrent_state_bytes();
+    // What one more position of context costs, and how many fit in --kv-budget (with the
+    // fixed recurrent state taken out first; the model's own maximum not applied).
+    let kv_per_position = cfg.kv_bytes_per_position(run.kv);
+    let budget_context = a.kv_budget.saturating_sub(recurrent_bytes).checked_div(kv_per_position);
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = json!({
@@ -246,11 +281,31 @@ pub fn run(a: &Args) -> Result<()> {
             "expert_hit_rate": stats.hit_rate(),
             "prediction_accuracy_per_layer": stats.prediction.iter().map(|p| p.accuracy()).collect::<Vec<_>>(),
             "predicted_prefetches": stats.predicted_prefetches,
+            "miss_read": stats.miss_read.name(),
+            "miss_reads": stats.miss_reads,
+            "miss_read_bytes": stats.miss_read_bytes,
+            "populate_fallbacks": stats.populate_fallbacks,
+            "on_miss": a.memory.on_miss.spelling(),
+            "approximate": a.memory.on_miss.approximate(),
+            "fallback_choices": stats.fallback_choices,
+            "fallbacks_per_layer": stats.fallbacks_per_layer,
+            "fallback_fetches": stats.fallback_fetches,
+            "decode_fallbacks_per_token":
+                if g.decode_steps == 0 { 0.0 } else { decode_fallbacks as f64 / g.decode_steps as f64 },
             "dense_pinned_bytes": stats.dense_pinned_bytes,
             "dense_locked": stats.dense_locked,
         });
-        if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), residency) {
-            o.extend(r);
+        let kv = json!({
+            "kv_dtype": run.kv.dtype.name(),
+            "mla_cache": run.kv.mla.name(),
+            "kv_cache_bytes_per_position": kv_per_position,
+            "kv_budget": a.kv_budget,
+            "context_in_kv_budget": budget_context,
+        });
+        for more in [residency, kv] {
+            if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), more) {
+                o.extend(r);
+            }
         }
         if let Some((c, threads, agree)) = &cpu {
             v["cpu"] = json!({
@@ -296,6 +351,14 @@ pub fn run(a: &Args) -> Result<()> {
             out,
             "KV cache bytes per decoded token: {} (mean over decode steps)",
             human_bytes(kv_per_token as u64)
+        )?;
+        let fits = budget_context.map_or_else(|| "any (no KV cache)".into(), |n| format!("{n} positions"));
+        writeln!(
+            out,
+            "KV cache ({} storage): {} per position; context in {} of session state: {fits}",
+            run.kv.dtype,
+            human_bytes(kv_per_position),
+            human_bytes(a.kv_budget)
         )?;
         writeln!(
             out,

@@ -55,6 +55,8 @@ pub struct Args {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub target: TargetArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
 }
 
 /// Runs `meo chat` on the process's stdin, stdout and stderr.
@@ -138,7 +140,12 @@ pub fn chat_with(
     let model = open_model(&a.file)?;
     let tok = Tokenizer::from_metadata(&model.file()?.metadata)?;
     let template = template(&model, a.template.as_deref())?;
-    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), ..RunOptions::default() };
+    let run = RunOptions {
+        threads: a.threads,
+        memory_budget: a.memory.explicit(),
+        kv: a.kv.options(),
+        ..RunOptions::default()
+    };
     // The model's budget and prediction (before this, `--memory-budget` was accepted and unused).
     let mut tracker = meo::residency::ExpertTracker::for_model(&model, a.memory.tracker_options())?;
     let (mut opened, _) = open_target(&model, &a.target, &run)?;

@@ -80,6 +80,11 @@ pub struct Args {
     /// The router's rows of removed experts are dropped (docs/ROUTING.md).
     #[arg(long, value_name = "METHOD:FRACTION")]
     pub compress: Option<meo_converter::compress::CompressSpec>,
+    /// Store the merged experts `meo run --on-miss merged` runs in place of an expert that is
+    /// not in memory: the task merge `miss` of --calib (needed), every expert weighted as
+    /// --merge-weighting says (`frequency`: by how often the calibration text routes to it).
+    #[arg(long)]
+    pub miss_merge: bool,
 }
 
 /// Whether experts are aligned.
@@ -111,15 +116,19 @@ impl Args {
             align: match self.align_experts {
                 AlignExperts::On => true,
                 AlignExperts::Off => false,
-                AlignExperts::Auto => !self.tasks.is_empty(),
+                AlignExperts::Auto => !self.tasks.is_empty() || self.miss_merge,
             },
         }
     }
 
     /// The task merges these flags ask for.
     pub fn merges(&self) -> meo_converter::merges::MergeSpec {
+        let mut tasks = self.tasks.clone();
+        if let (true, Some(calib)) = (self.miss_merge, &self.calib) {
+            tasks.push(meo_converter::merges::TaskSpec { name: meo::MISS_TASK.into(), text: calib.clone() });
+        }
         meo_converter::merges::MergeSpec {
-            tasks: self.tasks.clone(),
+            tasks,
             weighting: self.merge_weighting,
             calib: self.calib.clone(),
             hot_experts: self.hot_experts,
@@ -142,6 +151,9 @@ fn install_ctrlc() {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.miss_merge && args.calib.is_none() {
+        anyhow::bail!("--miss-merge needs --calib TEXT (the calibration text the merge is weighted on)");
+    }
     install_ctrlc();
     let bar = super::byte_bar(0);
     let align_bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);

@@ -20,6 +20,8 @@ pub struct Args {
     pub data: PathBuf,
     #[command(flatten)]
     pub mode: ModeArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Tokens per window (at most the model's context).
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub window: usize,
@@ -39,6 +41,11 @@ pub struct Args {
     /// uncompressed conversion of a `--compress`ed FILE); same tokenizer and vocabulary.
     #[arg(long, value_name = "REFERENCE.meo")]
     pub reference: Option<PathBuf>,
+    /// Residency flags: with `--on-miss merged|resident` and a `--memory-budget` in bytes, the
+    /// mode runs with that fallback under that budget (what is resident follows from the
+    /// budget's bookkeeping, so the figures repeat).
+    #[command(flatten)]
+    pub memory: super::memory::MemoryArgs,
 }
 
 /// Runs the evaluation ([`meo::eval::evaluate_against`] with these flags).
@@ -51,10 +58,28 @@ pub fn evaluate(a: &Args) -> Result<Report> {
     let reference = a.reference.as_deref().map(open_model).transpose()?;
     let text = std::fs::read_to_string(&a.data).with_context(|| format!("cannot read {}", a.data.display()))?;
     let mode = a.mode.options(&model)?;
-    let opts =
-        EvalOptions { window: a.window, prompt_len: a.prompt_len, max_windows: a.max_windows, threads: a.threads };
+    let opts = EvalOptions {
+        window: a.window,
+        prompt_len: a.prompt_len,
+        max_windows: a.max_windows,
+        threads: a.threads,
+        kv: a.kv.options(),
+    };
+    let on_miss = &a.memory.on_miss;
+    let mut tracker = if on_miss.approximate() {
+        if !a.memory.explicit() {
+            anyhow::bail!("--on-miss {} needs --memory-budget BYTES (what is resident)", on_miss.spelling());
+        }
+        Some(meo::residency::ExpertTracker::for_model(&model, a.memory.tracker_options())?)
+    } else {
+        None
+    };
+    let residency: &mut dyn meo::Trace = match &mut tracker {
+        Some(t) => t,
+        None => &mut meo::NoTrace,
+    };
     // The library's messages, in the flags' and the file's names.
-    meo::eval::evaluate_against(&model, reference.as_ref(), &text, &mode, &opts).map_err(|e| match e {
+    meo::eval::evaluate_with(&model, reference.as_ref(), &text, &mode, on_miss, residency, &opts).map_err(|e| match e {
         EvalError::BadWindow { window, prompt_len } => anyhow::anyhow!(
             "--window ({window}, at most the context) must exceed --prompt-len ({prompt_len}) by 2 or more, and \
              --prompt-len be >= 1"
@@ -86,6 +111,8 @@ pub fn run(a: &Args) -> Result<()> {
             "merge_layers_arg": a.mode.merge_layers,
             "merge_budget": a.mode.merge_budget,
             "merged_layers": r.merged_layers,
+            "kv_dtype": a.kv.kv.name(),
+            "mla_cache": a.kv.mla_cache.name(),
             "window": a.window,
             "prompt_len": a.prompt_len,
             "windows": r.windows,
@@ -97,20 +124,26 @@ pub fn run(a: &Args) -> Result<()> {
             "merge_error_per_layer": r.merge_error.iter().map(|(l, e)| (l.to_string(), json!(e))).collect::<serde_json::Map<_, _>>(),
             "expert_bytes_per_token": r.expert_bytes_per_token,
             "vanilla_expert_bytes_per_token": r.vanilla_expert_bytes_per_token,
+            "on_miss": r.on_miss,
+            "approximate": r.on_miss != "exact",
+            "memory_budget": a.memory.budget().filter(|_| r.on_miss != "exact"),
+            "fallbacks_per_token": r.fallbacks_per_token,
         });
         super::print_stdout(&format!("{v}\n"))
     } else {
         let errs: Vec<String> = r.merge_error.iter().map(|(l, e)| format!("L{l} {e:.4}")).collect();
         super::print_stdout(&format!(
-            "mode: {} (merged layers: {:?})\n\
+            "mode: {} (merged layers: {:?}), KV cache {}\n\
              windows: {} ({} scored tokens)\n\
              perplexity: {:.4} (vanilla {:.4})\n\
              next-token agreement with vanilla: {:.4}\n\
              KL(vanilla || mode): {:.5} nats/token\n\
              merge error per layer: {}\n\
-             expert bytes per token: {} (vanilla {})\n",
+             expert bytes per token: {} (vanilla {})\n\
+             on miss: {} ({:.3} fallbacks per token)\n",
             r.mode,
             r.merged_layers,
+            a.kv.kv,
             r.windows,
             r.scored_tokens,
             r.perplexity,
@@ -120,6 +153,8 @@ pub fn run(a: &Args) -> Result<()> {
             if errs.is_empty() { "-".into() } else { errs.join(", ") },
             human_bytes(r.expert_bytes_per_token as u64),
             human_bytes(r.vanilla_expert_bytes_per_token as u64),
+            r.on_miss,
+            r.fallbacks_per_token,
         ))
     }
 }

@@ -1,7 +1,8 @@
 //! The residency flags `meo run` and `meo bench` share: the model's memory budget, the
 //! eviction policy, and next-layer prediction.
 
-use meo::residency::{self, Policy, PredictIo, TrackerOptions};
+use meo::OnMiss;
+use meo::residency::{self, MissRead, Policy, PredictIo, TrackerOptions};
 
 /// `--memory-budget`'s value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,46 @@ pub struct MemoryArgs {
     /// computing thread).
     #[arg(long, value_name = "HOW", default_value = "thread", value_parser = parse_predict_io)]
     pub predict_io: PredictIo,
+    /// How the slab of a selected expert that is not in memory is read before the layer runs
+    /// it: `populate` (large read requests, then the pages mapped: no page faults),
+    /// `willneed` (large read requests, not waited for), `pread` (positioned reads into a
+    /// scratch buffer), `willneed-once` (one WILLNEED call, which the kernel truncates: how meo
+    /// read before; for measurements).
+    #[arg(long, value_name = "HOW", default_value = "populate", value_parser = parse_miss_read)]
+    pub miss_read: MissRead,
+    /// What a layer does with a selected expert that is not in memory (under the budget):
+    /// `exact` (read it and run it: the model's output), or, approximate and opt-in,
+    /// `merged` (run the layer's stored merged expert instead — `meo convert --task
+    /// miss=CALIB.txt --merge-weighting frequency` stores it; `merged:TASK` names another
+    /// task — and fetch the missed expert for later tokens) or `resident` (route among the
+    /// resident experts only). CPU target only.
+    #[arg(long, value_name = "exact|merged|merged:TASK|resident", default_value = "exact", value_parser = parse_on_miss)]
+    pub on_miss: OnMiss,
+}
+
+fn parse_on_miss(s: &str) -> Result<OnMiss, String> {
+    OnMiss::parse(s).map_err(|e| e.to_string())
+}
+
+impl Default for MemoryArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        Self {
+            memory_budget: Budget::Auto,
+            cache_policy: Policy::default(),
+            predict: false,
+            predict_io: PredictIo::default(),
+            miss_read: MissRead::default(),
+            on_miss: OnMiss::Exact,
+        }
+    }
+}
+
+fn parse_miss_read(s: &str) -> Result<MissRead, String> {
+    MissRead::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = MissRead::ALL.iter().map(|m| m.name()).collect();
+        format!("unknown --miss-read {s:?} (one of: {})", names.join(", "))
+    })
 }
 
 fn parse_predict_io(s: &str) -> Result<PredictIo, String> {
@@ -76,6 +117,23 @@ impl MemoryArgs {
         }
     }
 
+    /// Sets `--on-miss` on the session `opened` runs (only `exact` on other targets).
+    ///
+    /// # Errors
+    /// An approximate fallback on a target other than the CPU, or `merged` on a file without
+    /// the merged experts it names.
+    pub fn apply_on_miss(&self, opened: &mut super::target::Opened<'_>) -> anyhow::Result<()> {
+        match opened {
+            super::target::Opened::Cpu(s) => Ok(s.set_on_miss(self.on_miss.clone())?),
+            #[allow(unreachable_patterns)] // only the CPU target without the GPU or ONNX features
+            _ if self.on_miss.approximate() => {
+                anyhow::bail!("--on-miss {} runs on the CPU target only", self.on_miss.spelling())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Ok(()),
+        }
+    }
+
     /// The tracker settings these flags ask for.
     pub fn tracker_options(&self) -> TrackerOptions {
         TrackerOptions {
@@ -83,6 +141,7 @@ impl MemoryArgs {
             policy: self.cache_policy,
             predict: self.predict,
             predict_io: self.predict_io,
+            miss_read: self.miss_read,
             ..TrackerOptions::default()
         }
     }

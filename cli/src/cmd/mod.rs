@@ -10,6 +10,7 @@ pub mod eval;
 #[cfg(feature = "onnx")]
 pub mod export_onnx;
 pub mod inspect;
+pub mod kv;
 pub mod memory;
 pub mod mode;
 pub mod run;

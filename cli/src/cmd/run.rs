@@ -67,6 +67,8 @@ pub struct Args {
     pub mode: super::mode::ModeArgs,
     #[command(flatten)]
     pub target: super::target::TargetArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
 }
 
 /// Sampling and stop flags, shared by `meo run` and `meo chat`.
@@ -259,8 +261,14 @@ pub fn run_to(a: &Args, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Resul
     let cfg = model.config().clone();
     let file_bytes = model.bytes().len() as u64;
     let (tokenizer, prompt) = prompt_tokens(a, &model)?;
-    let run = RunOptions { threads: a.threads, memory_budget: a.memory.explicit(), mode: a.mode.options(&model)? };
+    let run = RunOptions {
+        threads: a.threads,
+        memory_budget: a.memory.explicit(),
+        mode: a.mode.options(&model)?,
+        kv: a.kv.options(),
+    };
     let (mut opened, merged_layers) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let opts = a.memory.tracker_options();
     let mut tracker = ExpertTracker::for_model(&model, opts)?;
     if a.stats {
@@ -381,6 +389,12 @@ impl Trace for RunHooks<'_, '_> {
     }
     fn on_experts_predicted(&mut self, from: usize, layer: usize, experts: &[u32]) {
         self.tracker.on_experts_predicted(from, layer, experts);
+    }
+    fn resident_experts(&mut self, layer: usize, resident: &mut Vec<bool>) -> bool {
+        self.tracker.resident_experts(layer, resident)
+    }
+    fn on_fallback(&mut self, layer: usize, missed: &[u32], choices: usize) {
+        self.tracker.on_fallback(layer, missed, choices);
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Args {
     /// Positions per session (0 = 4096, or the model's maximum if smaller).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub ctx_size: usize,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Largest `max_tokens` a request may ask for; also the default when it asks for none.
     #[arg(long, value_name = "N", default_value_t = 2048)]
     pub max_tokens_limit: usize,
@@ -126,9 +128,9 @@ pub fn run(a: &Args) -> Result<()> {
     };
     let parallel = a.parallel.max(1);
     let mut sessions = Vec::with_capacity(parallel);
+    let opts = SessionOptions { threads: a.threads, max_context: a.ctx_size, kv: a.kv.options() };
     for _ in 0..parallel {
-        sessions
-            .push((Session::new(model, SessionOptions { threads: a.threads, max_context: a.ctx_size })?, Vec::new()));
+        sessions.push((Session::new(model, opts)?, Vec::new()));
     }
     let base = GenerateOptions::for_model(model.config());
     let stop_tokens = match &template {
@@ -147,7 +149,7 @@ pub fn run(a: &Args) -> Result<()> {
         active: AtomicUsize::new(0),
         parallel,
         queue: a.queue,
-        context: SessionOptions { threads: 0, max_context: a.ctx_size }.context_for(model.config()),
+        context: opts.context_for(model.config()),
         name,
         max_tokens_limit: a.max_tokens_limit,
         stop_tokens,

@@ -5,7 +5,7 @@
 //! get it.
 
 use anyhow::{Result, bail};
-use meo::{MergeOptions, Model, Session, SessionOptions, Target};
+use meo::{KvOptions, MergeOptions, Model, Session, SessionOptions, Target};
 
 /// Target selection flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub memory_budget: bool,
     /// The routing mode and merge policy.
     pub mode: MergeOptions,
+    /// `--kv`, `--mla-cache`.
+    pub kv: KvOptions,
 }
 
 impl TargetArgs {
@@ -101,6 +103,9 @@ impl TargetArgs {
         only(self.ep_report, "--ep-report", Kind::Ort)?;
         only(self.compare_cpu, "--compare-cpu", Kind::Ort)?;
         only(self.onnx_static_shape.is_some(), "--onnx-static-shape", Kind::Ort)?;
+        if kind != Kind::Cpu && run.kv != KvOptions::default() {
+            bail!("--kv and --mla-cache need --target cpu (this run uses --target {t})");
+        }
         if kind == Kind::Wgpu && run.threads != 0 {
             bail!("--threads has no effect on --target wgpu (the GPU runs the kernels); leave it out");
         }
@@ -193,9 +198,10 @@ impl<'m> Opened<'m> {
 /// ONNX Runtime library missing, or a model or mode the target cannot run.
 pub fn open_target<'m>(model: &'m Model, t: &TargetArgs, run: &RunOptions) -> Result<(Opened<'m>, Vec<usize>)> {
     let mut opened = match t.check(run)? {
-        Kind::Cpu => {
-            Opened::Cpu(Box::new(Session::new(model, SessionOptions { threads: run.threads, ..Default::default() })?))
-        }
+        Kind::Cpu => Opened::Cpu(Box::new(Session::new(
+            model,
+            SessionOptions { threads: run.threads, kv: run.kv, ..Default::default() },
+        )?)),
         Kind::Wgpu => open_wgpu(model, t)?,
         Kind::Ort => open_ort(model, t, run)?,
     };

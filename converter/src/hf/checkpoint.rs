@@ -374,6 +374,25 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Names every tensor `from…` as `to…` from now on (before [`Self::dequantize`], which
+    /// pairs quantized parts by name).
+    ///
+    /// # Errors
+    /// A renamed tensor would take the name of one the checkpoint already holds.
+    pub fn rename_prefix(&mut self, from: &str, to: &str) -> Result<()> {
+        let moved: Vec<String> = self.tensors.keys().filter(|n| n.starts_with(from)).cloned().collect();
+        for old in moved {
+            let new = format!("{to}{}", &old[from.len()..]);
+            ensure!(
+                !self.tensors.contains_key(&new),
+                "tensor {old:?} is read as {new:?}, but the checkpoint also holds a tensor of that name"
+            );
+            let e = self.tensors.remove(&old).expect("listed above");
+            self.tensors.insert(new, e);
+        }
+        Ok(())
+    }
+
     /// Reads the quantized weights of a release quantized as `method` (`None`: declared
     /// unquantized) as virtual tensors: from then on [`Self::get`], [`Self::names`] and
     /// [`Self::read_f32`] see each as the unquantized tensor it stands for.
@@ -567,6 +586,20 @@ mod tests {
 
     fn err(bytes: &[u8]) -> String {
         format!("{:#}", open_one(bytes).unwrap_err())
+    }
+
+    #[test]
+    fn renamed_prefix_reads_under_the_new_name_and_refuses_a_collision() {
+        let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let header = r#"{"model.language_model.norm.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"model.visual.w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let mut ck = open_one(&st(header, &data)).unwrap();
+        ck.rename_prefix("model.language_model.", "model.").unwrap();
+        assert_eq!(ck.names().collect::<Vec<_>>(), ["model.norm.weight", "model.visual.w"]);
+        assert_eq!(ck.read_all("model.norm.weight").unwrap(), [1.0]);
+        let header = r#"{"a.x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b.x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let mut ck = open_one(&st(header, &data)).unwrap();
+        let e = format!("{:#}", ck.rename_prefix("a.", "b.").unwrap_err());
+        assert!(e.contains("\"a.x\"") && e.contains("\"b.x\""), "{e}");
     }
 
     #[test]

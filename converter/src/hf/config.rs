@@ -5,7 +5,7 @@
 
 use super::{FAMILIES, Family, Flag, FusedLayout, Window};
 use anyhow::{Context, Result, bail, ensure};
-use meo::config::{Activation, DeltaNet, Mixer, SharedGate};
+use meo::config::{Activation, DeltaNet, Mamba2, Mixer, Positions, SharedGate};
 use meo::{FfnKind, ModelConfig, RouterSpec};
 use serde_json::{Map, Value};
 
@@ -130,7 +130,7 @@ pub fn detect(j: &Json<'_>) -> Result<&'static Family> {
 
 /// `rope_theta` from `rope_parameters` (v5) or the top level (Hub), else the family's
 /// default; any RoPE scaling other than the default one is rejected.
-fn rope_theta(j: &Json<'_>, f: &Family) -> Result<f32> {
+pub(crate) fn rope_theta(j: &Json<'_>, f: &Family) -> Result<f32> {
     let mut theta = j.opt_f64("rope_theta")?;
     for key in ["rope_parameters", "rope_scaling"] {
         let Some(v) = j.raw(key) else { continue };
@@ -229,14 +229,20 @@ fn partial_rotary(j: &Json<'_>) -> Result<f64> {
     Ok(p)
 }
 
-/// Per layer: the token mixer (`layer_types`: `linear_attention` is the family's recurrent
-/// mixer; without `layer_types`, every `full_attention_interval`-th layer (4) is attention).
+/// Per layer: the token mixer (`layer_types`: `linear_attention`, or its legacy name `mamba`,
+/// is the family's recurrent mixer, `full_attention` or `attention` is attention; without
+/// `layer_types`, gated DeltaNet families have attention every `full_attention_interval`-th
+/// layer (4), Mamba2 families none: transformers' defaults).
 fn layer_mixer(j: &Json<'_>, f: &Family, layers: usize) -> Result<Vec<Mixer>> {
-    if f.kind.features().delta_net.is_none() {
-        return Ok(Vec::new());
-    }
+    let x = f.kind.features();
+    let recurrent = match (x.delta_net, x.mamba2) {
+        (Some(_), _) => Mixer::GatedDeltaNet,
+        (None, true) => Mixer::Mamba2,
+        (None, false) => return Ok(Vec::new()),
+    };
     let types: Vec<String> = match j.raw("layer_types") {
         Some(v) => serde_json::from_value(v.clone()).context("layer_types must be a list of strings")?,
+        None if recurrent == Mixer::Mamba2 => vec!["linear_attention".to_string(); layers],
         None => {
             let every = j.opt_usize("full_attention_interval")?.unwrap_or(4);
             ensure!(every > 0, "full_attention_interval must be at least 1");
@@ -250,8 +256,8 @@ fn layer_mixer(j: &Json<'_>, f: &Family, layers: usize) -> Result<Vec<Mixer>> {
         .iter()
         .enumerate()
         .map(|(i, t)| match t.as_str() {
-            "full_attention" => Ok(Mixer::Attention),
-            "linear_attention" => Ok(Mixer::GatedDeltaNet),
+            "full_attention" | "attention" => Ok(Mixer::Attention),
+            "linear_attention" | "mamba" => Ok(recurrent),
             other => bail!("layer {i}: layer type {other:?} is not supported"),
         })
         .collect()
@@ -273,6 +279,33 @@ fn delta_net(j: &Json<'_>) -> Result<DeltaNet> {
         d.num_k_heads
     );
     Ok(d)
+}
+
+/// The Mamba2 sizes (`mamba_*` keys; transformers' defaults when absent).
+fn mamba2(j: &Json<'_>, hidden: usize) -> Result<Mamba2> {
+    ensure!(!j.bool_or("mamba_proj_bias", false)?, "mamba_proj_bias true is not supported (no projection biases)");
+    // transformers clamps Δ to it in the prompt path only; its default (0, inf) is no clamp.
+    ensure!(j.raw("time_step_limit").is_none(), "time_step_limit is not supported (only the default, no clamp)");
+    let expand = j.opt_usize("mamba_expand")?.unwrap_or(2);
+    let inner = expand.checked_mul(hidden).context("mamba_expand × hidden_size overflows")?;
+    let heads = j.opt_usize("mamba_n_heads")?.unwrap_or(128);
+    ensure!(heads > 0 && inner.is_multiple_of(heads), "mamba_n_heads {heads} does not divide {inner} channels");
+    let head_dim = match j.raw("mamba_d_head") {
+        Some(serde_json::Value::String(s)) if s == "auto" => inner / heads,
+        _ => j.opt_usize("mamba_d_head")?.unwrap_or(inner / heads),
+    };
+    ensure!(
+        head_dim * heads == inner,
+        "mamba_d_head {head_dim} × mamba_n_heads {heads} is not mamba_expand × hidden_size {inner}"
+    );
+    Ok(Mamba2 {
+        num_heads: heads,
+        head_dim,
+        state_size: j.opt_usize("mamba_d_state")?.unwrap_or(256),
+        n_groups: j.opt_usize("mamba_n_groups")?.unwrap_or(1),
+        conv_kernel: j.opt_usize("mamba_d_conv")?.unwrap_or(4),
+        conv_bias: j.bool_or("mamba_conv_bias", true)?,
+    })
 }
 
 /// Per layer: dense FFN or MoE.
@@ -380,14 +413,23 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
     let top_k = j.usize("num_experts_per_tok")?;
     let layer_ffn = layer_ffn(j, f, layers, experts)?;
     let has_moe = layer_ffn.contains(&FfnKind::Moe);
-    let shared = if f.shared_expert { j.opt_usize("shared_expert_intermediate_size")?.unwrap_or(0) } else { 0 };
+    let x = f.kind.features();
+    if x.shared_mlp {
+        ensure!(experts > 0, "num_local_experts 0 (a dense model) is not supported: meo runs MoE models");
+    }
+    let shared = if f.shared_expert {
+        j.opt_usize("shared_expert_intermediate_size")?.unwrap_or(0)
+    } else if x.shared_mlp {
+        j.opt_usize("shared_intermediate_size")?.unwrap_or(1024)
+    } else {
+        0
+    };
     let clip_qkv = if f.clip_qkv { j.opt_f64("clip_qkv")?.map(|c| c as f32) } else { None };
     if let Some(c) = clip_qkv {
         ensure!(c > 0.0, "clip_qkv {c} must be positive");
     }
     let mut eos: Vec<u64> = j.usizes("eos_token_id")?.into_iter().map(|x| x as u64).collect();
     union_into(&mut eos, generation_eos);
-    let x = f.kind.features();
     let attention_bias = j.flag(f.attention_bias)?;
     let max_positions = j.usize("max_position_embeddings")?;
     let multiplier = |key: &str| -> Result<f32> {
@@ -428,6 +470,12 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         expert_bias: x.fused_layout == FusedLayout::TransposedInterleaved,
         layer_mixer: layer_mixer(j, f, layers)?,
         delta_net: if x.delta_net.is_some() { Some(delta_net(j)?) } else { None },
+        mamba2: if x.mamba2 { Some(mamba2(j, hidden)?) } else { None },
+        positions: if x.position_embedding_type && j.opt_str("position_embedding_type")? != Some("rope") {
+            Positions::None
+        } else {
+            Positions::Rope
+        },
         rope_dim: if x.partial_rotary {
             // transformers: int(head_dim · factor); 0 (all) when that is the whole head.
             let d = (head_dim as f64 * partial_rotary(j)?) as usize;
@@ -470,7 +518,7 @@ pub fn model_config(j: &Json<'_>, f: &'static Family, generation_eos: Vec<u64>) 
         router: RouterSpec {
             norm_topk_prob: j.flag(f.norm_topk_prob)?,
             num_shared_experts: usize::from(shared > 0),
-            shared_gate: if shared > 0 { SharedGate::Sigmoid } else { SharedGate::None },
+            shared_gate: if shared > 0 && f.shared_expert { SharedGate::Sigmoid } else { SharedGate::None },
             router_bias: x.router_bias,
             ..RouterSpec::plain(experts, top_k, x.scoring)
         },

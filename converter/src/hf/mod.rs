@@ -9,16 +9,22 @@ pub mod checkpoint;
 pub mod config;
 mod deepseek_v2;
 mod deepseek_v3;
+mod dots1;
 mod ernie4_5_moe;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
+mod granitemoehybrid;
+mod hunyuan_v1_moe;
+mod lfm2_moe;
+mod llama4;
 pub mod meo_gpt2;
 mod mixtral;
 mod olmoe;
 mod phimoe;
 pub mod quantized;
 mod qwen2_moe;
+mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
 pub mod switch_transformers;
@@ -156,6 +162,9 @@ pub enum FusedLayout {
     /// GPT-OSS: transposed, `gate_up [E, H, 2I]` with gate at even and up at odd columns,
     /// `down [E, I, H]`, plus `<gate_up>_bias [E, 2I]` (interleaved alike) and `<down>_bias [E, H]`.
     TransposedInterleaved,
+    /// Llama-4: transposed, `gate_up [E, H, 2I]` with gate the first I columns and up the
+    /// last I, `down [E, I, H]`; no biases.
+    TransposedHalves,
 }
 
 /// Recipe features beyond the Llama-style decoder, as data (`Kind::Extended`).
@@ -190,6 +199,24 @@ pub struct Features {
     pub delta_net: Option<DeltaLayout>,
     /// Checkpoint tensor name prefixes the model does not run (multi-token-prediction heads).
     pub ignored_prefixes: &'static [&'static str],
+    /// Mamba2 layers where `layer_types` says `mamba` / `linear_attention` (`mamba.*`: a fused
+    /// `in_proj` `[inner + conv_dim + heads, h]` = z, then x, B, C, then dt; Granite-4 hybrid).
+    pub mamba2: bool,
+    /// Every MoE layer adds an ungated shared MLP `shared_intermediate_size` wide
+    /// (`shared_mlp.input_linear` `[2S, h]`: gate rows, then up rows; `shared_mlp.output_linear`).
+    pub shared_mlp: bool,
+    /// RoPE only when `position_embedding_type` is `"rope"`; otherwise no positional encoding
+    /// (Granite-4 hybrid).
+    pub position_embedding_type: bool,
+    /// Gated short convolution layers where `layer_types` says `conv` (`conv.*`: a fused
+    /// `in_proj` `[3h, h]` = b, c, x; LFM2).
+    pub short_conv: bool,
+    /// The final norm's checkpoint name when not `model.norm.weight` (LFM2's
+    /// `model.embedding_norm.weight`).
+    pub output_norm: Option<&'static str>,
+    /// `(from, to)` pairs: checkpoint tensors named `from…` are read as `to…` (a multimodal
+    /// checkpoint's text model, e.g. under `model.language_model.`, is the causal LM's `model.`).
+    pub renamed_prefixes: &'static [(&'static str, &'static str)],
 }
 
 /// How a checkpoint stores a gated DeltaNet layer's input projections (under
@@ -200,6 +227,10 @@ pub enum DeltaLayout {
     /// q, k, then the `r = v_heads / k_heads` value heads' v, then their z; `in_proj_ba`
     /// `[k_heads · 2r, h]` with per key head its r b rows, then its r a rows.
     FusedPerKeyHead,
+    /// Qwen3.5: `in_proj_qkv` `[2 k_heads · k_dim + v_heads · v_dim, h]` (all q rows, all k
+    /// rows, all v rows), `in_proj_z` `[v_heads · v_dim, h]`, `in_proj_b` and `in_proj_a`
+    /// `[v_heads, h]`; value head `j` reads key head `j / r`.
+    Separate,
 }
 
 impl Features {
@@ -218,6 +249,12 @@ impl Features {
         partial_rotary: false,
         delta_net: None,
         ignored_prefixes: &[],
+        mamba2: false,
+        shared_mlp: false,
+        position_embedding_type: false,
+        short_conv: false,
+        output_norm: None,
+        renamed_prefixes: &[],
     };
 }
 
@@ -239,7 +276,15 @@ pub const FAMILIES: &[&Family] = &[
     &phimoe::FAMILY,
     &phimoe::FAMILY_HUB,
     &qwen3_next::FAMILY,
+    &granitemoehybrid::FAMILY,
+    &lfm2_moe::FAMILY,
     &ernie4_5_moe::FAMILY,
+    &qwen3_5_moe::FAMILY,
+    &qwen3_5_moe::FAMILY_MULTIMODAL,
+    &llama4::FAMILY,
+    &llama4::FAMILY_MULTIMODAL,
+    &hunyuan_v1_moe::FAMILY,
+    &dots1::FAMILY,
 ];
 
 /// Tensors outside the layers: canonical name → HF name.
@@ -289,6 +334,9 @@ pub enum Pick {
     /// the canonical tensor is rows `start..start + len` of every block, in block order
     /// (a projection fused per head group, e.g. Qwen3-Next's `in_proj_qkvz`).
     RowBlocks { cols: u64, block: u64, start: u64, len: u64 },
+    /// The elements are a row-major `[rows, cols]` matrix; the canonical tensor is its columns
+    /// `start..start + len` as rows: `[len, rows]` (a transpose of a column block).
+    ColumnRange { rows: u64, cols: u64, start: u64, len: u64 },
     /// As stored, plus one: a zero-centred norm weight (`x̂ · (1 + w)`) stored as the plain
     /// weight `1 + w` (computed in f32, as transformers does).
     PlusOne,
@@ -318,6 +366,21 @@ impl Source {
                     self.tensor
                 );
                 Ok(v.chunks_exact(block * cols).flat_map(|b| &b[start * cols..(start + len) * cols]).copied().collect())
+            }
+            Pick::ColumnRange { rows, cols, start, len } => {
+                let (rows, cols, start, len) = (rows as usize, cols as usize, start as usize, len as usize);
+                ensure!(
+                    start.checked_add(len).is_some_and(|e| e <= cols) && rows.checked_mul(cols) == Some(v.len()),
+                    "{}: cannot take columns {start}..{start}+{len} of a [{rows}, {cols}] block",
+                    self.tensor
+                );
+                let mut out = vec![0.0f32; len * rows];
+                for (r, row) in v.chunks_exact(cols).enumerate() {
+                    for (j, &x) in row[start..start + len].iter().enumerate() {
+                        out[j * rows + r] = x;
+                    }
+                }
+                Ok(out)
             }
             Pick::Columns { rows, cols, start, step } => {
                 let (rows, cols, start, step) = (rows as usize, cols as usize, start as usize, step as usize);
@@ -548,6 +611,9 @@ impl HfModel {
             parse_config(&raw, gen_eos).with_context(|| cfg_path.display().to_string())?;
         let quantization = quantized::Method::from_config(&raw).with_context(|| cfg_path.display().to_string())?;
         let mut checkpoint = Checkpoint::open(dir)?;
+        for (from, to) in family.kind.features().renamed_prefixes {
+            checkpoint.rename_prefix(from, to).with_context(|| dir.display().to_string())?;
+        }
         checkpoint.dequantize(quantization.as_ref()).with_context(|| dir.display().to_string())?;
         // Everything sized from the config below (expert layouts, the tensor list) comes after
         // this: the sizes must describe no more weights than the checkpoint holds.
@@ -637,7 +703,7 @@ impl HfModel {
                 let d = ck.get(&down).with_context(|| format!("checkpoint has {gate_up} but no {down}"))?;
                 let (gu_shape, d_shape) = match features.fused_layout {
                     FusedLayout::GateUpRows => ([e, 2 * i, h], [e, h, i]),
-                    FusedLayout::TransposedInterleaved => ([e, h, 2 * i], [e, i, h]),
+                    FusedLayout::TransposedInterleaved | FusedLayout::TransposedHalves => ([e, h, 2 * i], [e, i, h]),
                 };
                 ensure!(t.shape == gu_shape, "{gate_up}: shape {:?}, expected {gu_shape:?}", t.shape);
                 ensure!(d.shape == d_shape, "{down}: shape {:?}, expected {d_shape:?}", d.shape);
@@ -699,6 +765,55 @@ impl HfModel {
         };
         let cfg = &self.config;
         let h = cfg.hidden_size as u64;
+        if x.shared_mlp && matches!(suffix, "shared.gate.weight" | "shared.up.weight") {
+            // `input_linear` `[2S, h]`: the gate's rows, then the up projection's.
+            let name = format!("model.layers.{l}.shared_mlp.input_linear.weight");
+            let s = cfg.shared_expert_intermediate_size as u64;
+            expect(&name, &[2 * s, h])?;
+            let first = if suffix == "shared.gate.weight" { 0 } else { s * h };
+            return Ok(Some(Source::whole(name, first, numel)));
+        }
+        if let (true, Some(d)) = (x.mamba2, cfg.recipe.mamba2)
+            && cfg.mixer(l) == meo::Mixer::Mamba2
+            && matches!(suffix, "mixer.z.weight" | "mixer.xbc.weight" | "mixer.dt.weight" | "mixer.conv.weight")
+        {
+            let (inner, cd, nh) = (d.inner() as u64, d.conv_dim() as u64, d.num_heads as u64);
+            if suffix == "mixer.conv.weight" {
+                // nn.Conv1d's `[channels, 1, kernel]`: the same values as `[channels, kernel]`.
+                let name = format!("model.layers.{l}.mamba.conv1d.weight");
+                expect(&name, &[c.shape[0], 1, c.shape[1]])?;
+                return Ok(Some(Source::whole(name, 0, numel)));
+            }
+            // `in_proj` rows: z, then x, B, C, then dt.
+            let name = format!("model.layers.{l}.mamba.in_proj.weight");
+            expect(&name, &[inner + cd + nh, h])?;
+            let row = match suffix {
+                "mixer.z.weight" => 0,
+                "mixer.xbc.weight" => inner,
+                _ => inner + cd,
+            };
+            return Ok(Some(Source::whole(name, row * h, numel)));
+        }
+        if x.short_conv
+            && cfg.mixer(l) == meo::Mixer::ShortConv
+            && matches!(suffix, "mixer.b.weight" | "mixer.c.weight" | "mixer.x.weight" | "mixer.conv.weight")
+        {
+            if suffix == "mixer.conv.weight" {
+                // nn.Conv1d's `[channels, 1, kernel]`: the same values as `[channels, kernel]`.
+                let name = format!("model.layers.{l}.conv.conv.weight");
+                expect(&name, &[c.shape[0], 1, c.shape[1]])?;
+                return Ok(Some(Source::whole(name, 0, numel)));
+            }
+            // `in_proj` rows: b, then c, then x (`chunk(3)`).
+            let name = format!("model.layers.{l}.conv.in_proj.weight");
+            expect(&name, &[3 * h, h])?;
+            let part = match suffix {
+                "mixer.b.weight" => 0,
+                "mixer.c.weight" => 1,
+                _ => 2,
+            };
+            return Ok(Some(Source::whole(name, part * h * h, numel)));
+        }
         if x.zero_centred_norms
             && matches!(suffix, "attn_norm.weight" | "ffn_norm.weight" | "attn.q_norm.weight" | "attn.k_norm.weight")
         {
@@ -743,6 +858,22 @@ impl HfModel {
             (DeltaLayout::FusedPerKeyHead, "mixer.b.weight" | "mixer.a.weight") => {
                 let start = if suffix == "mixer.b.weight" { 0 } else { r };
                 blocks(p("in_proj_ba"), &[nk * 2 * r, h], 2 * r, start, r)
+            }
+            (DeltaLayout::Separate, "mixer.q.weight" | "mixer.k.weight" | "mixer.v.weight") => {
+                // Rows: every q head, every k head, then every v head.
+                let name = p("in_proj_qkv");
+                expect(&name, &[2 * nk * dk + nv * dv, h])?;
+                let first = match suffix {
+                    "mixer.q.weight" => 0,
+                    "mixer.k.weight" => nk * dk * h,
+                    _ => 2 * nk * dk * h,
+                };
+                Ok(Some(Source::whole(name, first, numel)))
+            }
+            (DeltaLayout::Separate, "mixer.z.weight" | "mixer.b.weight" | "mixer.a.weight") => {
+                let name = p(&format!("in_proj_{}", &suffix["mixer.".len()..suffix.len() - ".weight".len()]));
+                expect(&name, &c.shape)?;
+                Ok(Some(Source::whole(name, 0, numel)))
             }
             _ => Ok(None),
         }
@@ -800,7 +931,8 @@ impl HfModel {
         }
         match c.place {
             Place::Global => {
-                let hf = GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf);
+                let own_norm = self.family.kind.features().output_norm.filter(|_| c.name == meo::names::OUTPUT_NORM);
+                let hf = own_norm.or_else(|| GLOBAL.iter().find(|(n, _)| *n == c.name).map(|&(_, hf)| hf));
                 let src = whole(hf.with_context(|| format!("no source for {}", c.name))?.to_string())?;
                 let zero_centred = self.family.kind.features().zero_centred_norms && c.name == meo::names::OUTPUT_NORM;
                 Ok(if zero_centred { Source { pick: Pick::PlusOne, ..src } } else { src })
@@ -834,6 +966,26 @@ impl HfModel {
                             first: x * h * 2 * i,
                             count: h * 2 * i,
                             pick: Pick::Columns { rows: h, cols: 2 * i, start: part as u64, step: 2 },
+                        },
+                        _ => Source {
+                            tensor: down.clone(),
+                            first: x * i * h,
+                            count: i * h,
+                            pick: Pick::Columns { rows: i, cols: h, start: 0, step: 1 },
+                        },
+                    })
+                }
+                Some(Experts::Fused { gate_up, down, layout: FusedLayout::TransposedHalves, .. }) => {
+                    // gate_up_proj[e] is [H, 2I]: gate = columns [0, I), up = [I, 2I);
+                    // down_proj[e] is [I, H]. Both transposed into the canonical [out, in].
+                    let (h, i) = (self.config.hidden_size as u64, self.config.expert_intermediate_size as u64);
+                    let x = expert as u64;
+                    Ok(match part {
+                        0 | 1 => Source {
+                            tensor: gate_up.clone(),
+                            first: x * h * 2 * i,
+                            count: h * 2 * i,
+                            pick: Pick::ColumnRange { rows: h, cols: 2 * i, start: part as u64 * i, len: i },
                         },
                         _ => Source {
                             tensor: down.clone(),

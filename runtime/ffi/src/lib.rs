@@ -72,12 +72,15 @@ pub enum MeoStatus {
     Busy = 15,
     /// The model file has no chat template (`meo_chat_apply_template`).
     NoChatTemplate = 16,
+    /// A saved session state cannot be loaded: damaged, truncated, another version, another
+    /// model, or another KV cache layout (the message says which). The session is unchanged.
+    InvalidState = 17,
 }
 
 impl MeoStatus {
     /// Every status, for turning an integer from C into one without transmuting (a new
     /// variant goes here too; a unit test checks that the codes run 0, 1, 2, … in order).
-    const ALL: [MeoStatus; 17] = [
+    const ALL: [MeoStatus; 18] = [
         MeoStatus::Ok,
         MeoStatus::NullPointer,
         MeoStatus::InvalidHandle,
@@ -95,6 +98,7 @@ impl MeoStatus {
         MeoStatus::Panic,
         MeoStatus::Busy,
         MeoStatus::NoChatTemplate,
+        MeoStatus::InvalidState,
     ];
 
     /// The status whose code is `code`, if any.
@@ -105,6 +109,14 @@ impl MeoStatus {
 
 /// Token id passed to a [`MeoTokenCallback`] for the final flush of held-back text.
 pub const MEO_TOKEN_NONE: u32 = u32::MAX;
+
+/// `meo_session_set_kv_dtype`: the KV cache in f32 (the default; exact).
+pub const MEO_KV_F32: u32 = 0;
+/// `meo_session_set_kv_dtype`: the KV cache in f16 (half the memory of f32).
+pub const MEO_KV_F16: u32 = 1;
+/// `meo_session_set_kv_dtype`: the KV cache in int8 with one f32 scale per position and kv
+/// head (about a quarter of f32).
+pub const MEO_KV_INT8: u32 = 2;
 
 type Res<T> = Result<T, (MeoStatus, String)>;
 
@@ -411,6 +423,7 @@ pub struct MeoSession {
     session: Session<'static>,
     sampler: Sampler,
     options: MeoSessionOptions,
+    kv: meo::KvOptions,
     has_logits: bool,
     stats: MeoStats,
     trimmed_slabs: u64,
@@ -578,6 +591,7 @@ pub extern "C" fn meo_status_string(status: i32) -> *const c_char {
         MeoStatus::Panic => c"internal error (panic)",
         MeoStatus::Busy => c"session in use (another thread, or its own generate callback)",
         MeoStatus::NoChatTemplate => c"no chat template in the model file",
+        MeoStatus::InvalidState => c"invalid saved session state",
     };
     s.as_ptr()
 }
@@ -678,14 +692,14 @@ pub extern "C" fn meo_file_guard_install() -> MeoStatus {
 
 /// Writes to `*bytes` the KV-cache bytes a session over `model` uses when it holds
 /// `positions` positions (4096 = the default context; scratch buffers, which do not grow
-/// with the context, not included). Memory grows with the positions fed, up to this figure
+/// with the context, not included), with the default f32 cache (`MEO_KV_F16` halves it). Memory grows with the positions fed, up to this figure
 /// for a full context.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn meo_model_context_bytes(model: *const MeoModel, positions: u32, bytes: *mut u64) -> MeoStatus {
     guard(|| {
         check_ptr(bytes, "bytes")?;
         let m = model_ref(model)?;
-        let b = m.model().config().kv_cache_bytes(positions as usize);
+        let b = m.model().config().kv_cache_bytes(positions as usize, meo::KvOptions::default());
         // SAFETY: checked above.
         unsafe { put(bytes, b) };
         Ok(())
@@ -975,13 +989,13 @@ pub unsafe extern "C" fn meo_chat_apply_template(
 // ---------------------------------------------------------------------------------------
 // Sessions
 
-fn make_session(model: &Arc<MeoModel>, opts: MeoSessionOptions) -> Res<Session<'static>> {
+fn make_session(model: &Arc<MeoModel>, opts: MeoSessionOptions, kv: meo::KvOptions) -> Res<Session<'static>> {
     // SAFETY (lifetime): the session borrows the model inside an `Arc` that the `MeoSession`
     // owns and drops after the session (field order); the `Arc`'s contents never move.
     let m: &'static Model = unsafe { &*std::ptr::from_ref(model.model()) };
     // UINT32_MAX asks for the model's maximum, whatever the width of usize.
     let max_context = if opts.max_context == u32::MAX { usize::MAX } else { opts.max_context as usize };
-    Session::new(m, SessionOptions { threads: opts.threads as usize, max_context })
+    Session::new(m, SessionOptions { threads: opts.threads as usize, max_context, kv })
         .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))
 }
 
@@ -1000,7 +1014,7 @@ pub unsafe extern "C" fn meo_session_new(
         let model = model_ref(model)?;
         // SAFETY: NULL or a readable `MeoSessionOptions` (C contract).
         let options = if options.is_null() { MeoSessionOptions::default() } else { unsafe { *options } };
-        let session = make_session(&model, options)?;
+        let session = make_session(&model, options, meo::KvOptions::default())?;
         // The model's residency tracker is made now, so a failure shows here.
         model.residency()?;
         let s = MeoSession {
@@ -1012,6 +1026,7 @@ pub unsafe extern "C" fn meo_session_new(
             )
             .map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?,
             options,
+            kv: meo::KvOptions::default(),
             has_logits: false,
             stats: MeoStats::default(),
             trimmed_slabs: 0,
@@ -1060,10 +1075,110 @@ pub unsafe extern "C" fn meo_session_set_threads(session: *mut MeoSession, threa
             return err(MeoStatus::BadState, "threads can only change before feeding (call meo_session_reset first)");
         }
         let opts = MeoSessionOptions { threads, ..s.options };
-        let mut new = make_session(&s.model, opts)?;
+        let mut new = make_session(&s.model, opts, s.kv)?;
         new.set_mode(s.session.mode().clone()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
         s.session = new;
         s.options = opts;
+        Ok(())
+    })
+}
+
+/// Sets how the session stores its KV cache: `MEO_KV_F32` (the default), `MEO_KV_F16` or
+/// `MEO_KV_INT8` (`MEO_STATUS_INVALID_ARGUMENT` otherwise). f16 and int8 approximate the
+/// f32 results (docs/PERFORMANCE.md measures how closely). Only before anything is fed or
+/// right after `meo_session_reset` (`MEO_STATUS_BAD_STATE` otherwise); keeps the mode.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_set_kv_dtype(session: *mut MeoSession, kv_dtype: u32) -> MeoStatus {
+    guard(|| {
+        let mut s = session_mut(session)?;
+        let dtype = u8::try_from(kv_dtype).ok().and_then(meo::KvDtype::from_code).ok_or_else(|| {
+            (MeoStatus::InvalidArgument, format!("kv_dtype {kv_dtype} is not MEO_KV_F32, MEO_KV_F16 or MEO_KV_INT8"))
+        })?;
+        if s.session.position() != 0 {
+            return err(
+                MeoStatus::BadState,
+                "the KV dtype can only change before feeding (call meo_session_reset first)",
+            );
+        }
+        let kv = meo::KvOptions { dtype, ..s.kv };
+        let mut new = make_session(&s.model, s.options, kv)?;
+        new.set_mode(s.session.mode().clone()).map_err(|e| (MeoStatus::InvalidArgument, e.to_string()))?;
+        s.session = new;
+        s.kv = kv;
+        Ok(())
+    })
+}
+
+fn state_status(e: &meo::StateError) -> (MeoStatus, String) {
+    let status = match e {
+        meo::StateError::PromptMode => MeoStatus::BadState,
+        _ => MeoStatus::InvalidState,
+    };
+    (status, e.to_string())
+}
+
+/// Writes to `*size` the bytes `meo_session_state_save` needs now.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_state_size(session: *mut MeoSession, size: *mut usize) -> MeoStatus {
+    guard(|| {
+        check_ptr(size, "size")?;
+        let s = session_mut(session)?;
+        let n = s.session.state_size(s.sampler.history().len());
+        // SAFETY: checked above.
+        unsafe { put(size, n) };
+        Ok(())
+    })
+}
+
+/// Saves the session's sequence state to `buf[0..capacity]`: its position, the last logits,
+/// every layer's KV cache (in its dtype) and recurrent state, and the tokens the sampler's
+/// penalties count. `*written` receives the size; if `capacity` is smaller, returns
+/// `MEO_STATUS_BUFFER_TOO_SMALL` with the size needed in `*written` (`buf` may be NULL then).
+/// The format is versioned, checksummed and names the model (docs/EMBEDDING.md). A mode
+/// that merges experts from the prompt (`"prompt"`) is not saved: `MEO_STATUS_BAD_STATE`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_state_save(
+    session: *mut MeoSession,
+    buf: *mut u8,
+    capacity: usize,
+    written: *mut usize,
+) -> MeoStatus {
+    guard(|| {
+        check_ptr(written, "written")?;
+        let s = session_mut(session)?;
+        let bytes = s.session.save_state(s.sampler.history()).map_err(|e| state_status(&e))?;
+        // SAFETY: checked above.
+        unsafe { put(written, bytes.len()) };
+        if bytes.len() > capacity {
+            return err(
+                MeoStatus::BufferTooSmall,
+                format!("the state has {} bytes, the buffer holds {capacity}", bytes.len()),
+            );
+        }
+        check_ptr(buf, "buf")?;
+        // SAFETY: non-NULL, `capacity >= bytes.len()` writable bytes (C contract).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len()) };
+        Ok(())
+    })
+}
+
+/// Replaces the session's sequence state with `buf[0..len]`, written by
+/// `meo_session_state_save` from a session over the same model with the same KV dtype;
+/// generation then continues as it would have in the saved session (the sampler's random
+/// state is this session's). A damaged, truncated or foreign buffer gives
+/// `MEO_STATUS_INVALID_STATE` and changes nothing; a prompt-merging mode `MEO_STATUS_BAD_STATE`.
+/// The routing mode is this session's: load in the mode the state was saved in.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn meo_session_state_load(session: *mut MeoSession, buf: *const u8, len: usize) -> MeoStatus {
+    guard(|| {
+        check_ptr(buf, "buf")?;
+        // SAFETY: C contract.
+        let bytes = unsafe { slice(buf, len, "buf") }?;
+        let mut s = session_mut(session)?;
+        let tokens = s.session.load_state(bytes).map_err(|e| state_status(&e))?;
+        s.sampler.clear_history();
+        s.sampler.observe(&tokens);
+        s.has_logits = !s.session.logits().is_empty();
         Ok(())
     })
 }

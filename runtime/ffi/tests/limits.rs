@@ -153,14 +153,14 @@ fn context_bytes_match_the_kv_cache_and_sessions_are_capped() {
         assert_eq!(s.max_context(), meo::DEFAULT_MAX_CONTEXT.min(max), "{name}");
         let n = 5.min(s.max_context());
         s.forward(&(1..=n as u32).collect::<Vec<_>>()).unwrap();
-        assert_eq!(s.kv_cache_bytes(), cfg.kv_cache_bytes(n), "{name}: KV bytes after {n} positions");
+        assert_eq!(s.kv_cache_bytes(), cfg.kv_cache_bytes(n, s.kv_options()), "{name}: KV bytes after {n} positions");
         assert!(s.kv_cache_bytes() > 0, "{name}");
         unsafe {
             let mut m: *mut MeoModel = null_mut();
             assert_eq!(meo_model_open(c(&path).as_ptr(), &mut m), MeoStatus::Ok);
             let mut bytes = 0u64;
             assert_eq!(meo_model_context_bytes(m, 4096, &mut bytes), MeoStatus::Ok);
-            assert_eq!(bytes, cfg.kv_cache_bytes(4096), "{name}");
+            assert_eq!(bytes, cfg.kv_cache_bytes(4096, meo::KvOptions::default()), "{name}");
             assert_eq!(meo_model_context_bytes(m, 1, null_mut()), MeoStatus::NullPointer);
             assert_eq!(meo_model_free(m), MeoStatus::Ok);
         }

@@ -217,7 +217,7 @@ fn as_f16s(data: &[u8]) -> Option<&[f16]> {
 /// `out[i] = h[i]` as f32 (exact), vectorised by the architecture's code where it has some
 /// (detected once per call; `half`'s slice conversion pays a call and a detection per 8
 /// values).
-fn f16_to_f32(h: &[f16], out: &mut [f32]) {
+pub(crate) fn f16_to_f32(h: &[f16], out: &mut [f32]) {
     if !arch::f16_to_f32(h, out) {
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, out);
     }

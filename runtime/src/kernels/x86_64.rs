@@ -74,13 +74,14 @@ pub(super) fn q4_kernels<F: Nib>(v: &mut Vec<Kernel>) {
         v.push(unsafe { Kernel::new("AvxVnni", run::<VnniQ4<F>, 1, 4, 1>) });
     }
     if avx512 && avx512vl() {
-        // SAFETY: as above, and AVX-512 VL (256-bit `vpdpbusd`) just above.
+        // SAFETY: as above, and AVX-512 VL just above.
         v.push(unsafe { Kernel::new("Avx512Vnni", gemm4_avx512vnni::<F>) });
     }
 }
 
-/// The 4-bit AVX-512 VNNI kernel: decoding in the file's layout one row at a time, prompts
-/// over packed groups of 16 rows ([`gemm_packed`]), in `q4.rs`'s f32 order both.
+/// The 4-bit AVX-512 VNNI kernel: decoding in the file's layout one row at a time, 16 blocks
+/// a step ([`tile4_zmm`]), prompts over packed groups of 16 rows ([`gemm_packed`]), in
+/// `q4.rs`'s f32 order both.
 ///
 /// # Safety
 /// As [`run`], with avx512f, avx512bw, avx512vl, avx512vnni, avx2, fma, f16c.
@@ -88,14 +89,14 @@ unsafe fn gemm4_avx512vnni<F: Nib>(w: &QWeights<'_>, r0: usize, nr: usize, x: &Q
     // SAFETY: forwarded contract (CPU features and bounds).
     unsafe {
         if t == 1 {
-            run::<Vnni512Q4<F>, 1, 1, 1>(w, r0, nr, x, t, out)
+            run::<Zmm4<F>, 1, 1, 1>(w, r0, nr, x, t, out)
         } else {
             gemm_packed::<Four<F>>(w, r0, nr, x, t, out)
         }
     }
 }
 
-/// AVX-512 VL: the EVEX forms of 256-bit instructions (`vpdpbusd` on `ymm` without AVX-VNNI).
+/// AVX-512 VL: the EVEX forms of 128- and 256-bit instructions.
 fn avx512vl() -> bool {
     #[cfg(feature = "std")]
     return std::is_x86_feature_detected!("avx512vl");
@@ -120,13 +121,6 @@ fn pair_avx2(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
 #[target_feature(enable = "avx2,avxvnni")]
 fn pair_vnni(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
     _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u.0, x.0), u.1, x.1)
-}
-
-/// The same with AVX-512 VNNI on 256 bits (same i32 lanes).
-#[inline]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn pair_vnni512(u: (__m256i, __m256i), x: (__m256i, __m256i)) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u.0, x.0), u.1, x.1)
 }
 
 /// `g ≤ 8` E8M0 scale bytes at `p` as the format's scales (`F::scale`: `2^(e − 128)`), zero
@@ -295,7 +289,6 @@ macro_rules! tile4 {
 }
 tile4!(tile4_avx2, "avx2,fma,f16c", pair_avx2);
 tile4!(tile4_vnni, "avx2,fma,f16c,avxvnni", pair_vnni);
-tile4!(tile4_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", pair_vnni512);
 
 micro4!(
     /// AVX2 4-bit kernel of format `F`.
@@ -305,11 +298,164 @@ micro4!(
     /// AVX-VNNI 4-bit kernel of format `F`.
     VnniQ4 => tile4_vnni
 );
+
 micro4!(
-    /// The same on AVX-512 VNNI + VL (256-bit EVEX `vpdpbusd`: Zen 4 and Intel server parts
-    /// have it without AVX-VNNI).
-    Vnni512Q4 => tile4_vnni512
+    /// The 512-bit AVX-512 VNNI 4-bit kernel of format `F` (decoding).
+    Zmm4 => tile4_zmm
 );
+
+/// `g ≤ 16` scales of format `F` at `p` (a row's scale bytes from block `b`), zero beyond `g`.
+///
+/// # Safety
+/// avx512f, avx2, f16c; `p` valid for `g · F::SB` bytes.
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+unsafe fn scales16<F: Nib>(p: *const u8, g: usize) -> __m512 {
+    // SAFETY: each half reads at most its own g ≤ 8 scales (caller's bound).
+    unsafe {
+        if F::SB == 2 && g == 16 {
+            return _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+        }
+        let half = |at: usize, n: usize| {
+            if n == 0 {
+                _mm256_setzero_ps()
+            } else if F::SB == 2 {
+                scales8(p.add(2 * at), n)
+            } else {
+                e8m0x8::<F>(p.add(at), n)
+            }
+        };
+        let (lo, hi) = (half(0, g.min(8)), half(8, g.saturating_sub(8)));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi)))
+    }
+}
+
+/// The 4-bit micro-kernel on 512-bit registers, 16 blocks a step (the same numerics as
+/// [`tile4!`] and `q4.rs`, bit for bit). A 64-byte load holds 4 blocks, one per 128-bit lane;
+/// its low and high nibbles, through the table, are those blocks' evens and odds. The
+/// activations' pairs `[evens 2p | evens 2p+1 | odds 2p | odds 2p+1]` are regrouped to
+/// `[evens of the 4 | odds of the 4]` once per step for all `MR` rows, so two `vpdpbusd`
+/// leave each block's sum spread over its lane's 4 i32s. A 4 × 4 transpose-add of the 4
+/// loads' results gives the 16 block sums (lane `4l + i` = block `4i + l`), put back in block
+/// order by one permute; the f32 terms of blocks `b..b+8` then `b+8..b+16` are added to the 8
+/// accumulators (lane `k` = blocks `≡ k mod 8`), as the reference orders them. Masked loads
+/// cover a row's last blocks.
+///
+/// # Safety
+/// As [`Micro::tile`](super::q8::Micro::tile), with the CPU features enabled here.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // [row][token] indices read best as such
+unsafe fn tile4_zmm<F: Nib, const MR: usize, const NR: usize>(
+    w: &QWeights<'_>,
+    r: usize,
+    x: &QActs,
+    tok: usize,
+    out: &mut [f32],
+    os: usize,
+) {
+    let nb = w.nb;
+    let (row, srow) = (nb * 16, nb * F::SB);
+    let ne = nb.next_multiple_of(2);
+    let lut = const { unsigned_lut::<F>() };
+    // SAFETY: the table is 16 bytes; unaligned load.
+    let lut = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(lut.as_ptr().cast()) });
+    let m4 = _mm512_set1_epi8(0x0F);
+    // Lane 4l + i of the transposed sums holds block 4i + l: this gathers block k from there.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let off = _mm512_set1_epi32(-i32::from(F::MIN));
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    // SAFETY: rows r..r + MR and tokens tok..tok + NR exist (caller). Weight loads are masked
+    // to the row's nb blocks, activation loads to a token's ne blocks (its padded length), and
+    // scale loads to g values: nothing outside them is read.
+    unsafe {
+        let wq = w.q.as_ptr().add(r * row);
+        let ws = w.s.as_ptr().add(r * srow);
+        if NR == 1 {
+            prefetch_scales_of(ws, MR, nb, 16, F::SB);
+        }
+        let mut b = 0;
+        while b < nb {
+            let g = (nb - b).min(16);
+            let lanes: __mmask16 = if g == 16 { 0xFFFF } else { (1u16 << g) - 1 };
+            // Per token: the 4 loads' regrouped activations (evens, odds), −MIN·Σx and dx.
+            let mut xe = [[_mm512_setzero_si512(); 4]; NR];
+            let mut xo = [[_mm512_setzero_si512(); 4]; NR];
+            let mut corr = [_mm512_setzero_si512(); NR];
+            let mut dx = [_mm512_setzero_ps(); NR];
+            for j in 0..NR {
+                let t = (tok + j) * ne + b;
+                let xr = x.q.as_ptr().add((tok + j) * ne * 32 + b * 32);
+                let xbytes = ((ne - b) * 32).min(512);
+                for i in 0..4 {
+                    // Pairs (4i, 4i+1) and (4i+2, 4i+3) of this step: 64 bytes each.
+                    let at = i * 128;
+                    let m = |o: usize| -> __mmask64 {
+                        let n = xbytes.saturating_sub(at + o).min(64);
+                        if n == 64 { !0 } else { (1u64 << n) - 1 }
+                    };
+                    let p0 = _mm512_maskz_loadu_epi8(m(0), xr.add(at).cast());
+                    let p1 = _mm512_maskz_loadu_epi8(m(64), xr.add(at + 64).cast());
+                    xe[j][i] = _mm512_shuffle_i64x2::<0x44>(p0, p1);
+                    xo[j][i] = _mm512_shuffle_i64x2::<0xEE>(p0, p1);
+                }
+                dx[j] = _mm512_maskz_loadu_ps(lanes, x.d.as_ptr().add(t));
+                let sx = _mm512_maskz_loadu_epi32(lanes, x.s.as_ptr().add(t).cast());
+                corr[j] = if F::MIN == -8 {
+                    _mm512_slli_epi32::<3>(sx)
+                } else if F::MIN == -12 {
+                    _mm512_add_epi32(_mm512_slli_epi32::<3>(sx), _mm512_slli_epi32::<2>(sx))
+                } else {
+                    _mm512_mullo_epi32(sx, off)
+                };
+            }
+            for i in 0..MR {
+                let dw = scales16::<F>(ws.add(i * srow + b * F::SB), g);
+                // Unpacked loads: (evens, odds) of blocks b + 4k .. b + 4k + 4.
+                let mut u = [(_mm512_setzero_si512(), _mm512_setzero_si512()); 4];
+                for k in 0..4 {
+                    let blk = b + 4 * k;
+                    if blk >= nb {
+                        break;
+                    }
+                    let p = wq.add(i * row + blk * 16);
+                    if NR == 1 {
+                        prefetch(p.wrapping_add(ahead(MR, row)));
+                    }
+                    let n = ((nb - blk) * 16).min(64);
+                    let raw = _mm512_maskz_loadu_epi8(if n == 64 { !0 } else { (1u64 << n) - 1 }, p.cast());
+                    let lo = _mm512_and_si512(raw, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+                    u[k] = (_mm512_shuffle_epi8(lut, lo), _mm512_shuffle_epi8(lut, hi));
+                }
+                for j in 0..NR {
+                    let v: [__m512i; 4] = core::array::from_fn(|k| {
+                        if b + 4 * k >= nb {
+                            return _mm512_setzero_si512();
+                        }
+                        let e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[k].0, xe[j][k]);
+                        _mm512_dpbusd_epi32(e, u[k].1, xo[j][k])
+                    });
+                    let t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+                    let t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+                    let s = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+                    let s = _mm512_sub_epi32(_mm512_permutexvar_epi32(order, s), corr[j]);
+                    let prod = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx[j]));
+                    let a = _mm256_add_ps(acc[i][j], _mm512_castps512_ps256(prod));
+                    let hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(prod)));
+                    acc[i][j] = _mm256_add_ps(a, hi8);
+                }
+            }
+            b += g;
+        }
+    }
+    // hsum8 reduces lanes in [0, 2, 4, 6, 1, 3, 5, 7] order (the 256-bit kernels' layout).
+    let perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for i in 0..MR {
+        for j in 0..NR {
+            out[i + j * os] = hsum8(_mm256_permutevar8x32_ps(acc[i][j], perm));
+        }
+    }
+}
 
 /// AVX-512 VNNI's two paths: decoding one row at a time in the file's layout, prompts over
 /// packed groups of rows ([`gemm_packed`]).

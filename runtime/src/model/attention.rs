@@ -2,6 +2,7 @@
 //! or full width), clipping, RoPE, causal (optionally sliding-window) or bidirectional
 //! softmax attention, optionally with a T5-style relative position bias.
 
+use super::kv::{KvBuf, KvDtype};
 use super::plan::{AttnPlan, Rope, relative_bucket};
 use crate::config::QkNorm;
 use crate::kernels::{
@@ -11,35 +12,54 @@ use crate::kernels::{
 use alloc::vec::Vec;
 
 /// Keys and values of every position seen so far: one buffer per kv head, `[positions, hk]`
-/// and `[positions, hv]`. A head's task then reads its keys and values in address order;
-/// interleaved `[positions, kv_heads · hk]` rows made each task read every other slice of
-/// a row, a pattern the hardware prefetcher follows less well (see `kernels::q8::run`).
-#[derive(Debug, Default, Clone)]
+/// and `[positions, hv]`, in the session's [`KvDtype`]. A head's task then reads its keys and
+/// values in address order; interleaved `[positions, kv_heads · hk]` rows made each task read
+/// every other slice of a row, a pattern the hardware prefetcher follows less well (see
+/// `kernels::q8::run`). An MLA layer caching its latent has one key buffer (the latent and
+/// rotary key) and no value buffer: its values are the first values of each key row.
+#[derive(Debug, Clone)]
 pub(crate) struct LayerCache {
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub dtype: KvDtype,
+    /// Values per row of each kv head's keys and of its values (0 until the first append).
+    pub hk: usize,
+    pub hv: usize,
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
 }
 
 impl LayerCache {
+    /// An empty cache storing `dtype`.
+    pub(crate) fn new(dtype: KvDtype) -> Self {
+        Self { dtype, hk: 0, hv: 0, k: Vec::new(), v: Vec::new() }
+    }
+
     /// Appends tokens whose keys `k` are rows of `heads · hk` values and values `v` rows of
-    /// `heads · hv` values.
+    /// `heads · hv` values (`hv` 0: no value buffers).
     pub(crate) fn append(&mut self, k: &[f32], v: &[f32], heads: usize, hk: usize, hv: usize) {
+        (self.hk, self.hv) = (hk, hv);
         for (cache, rows, width) in [(&mut self.k, k, hk), (&mut self.v, v, hv)] {
-            cache.resize_with(heads, Vec::new);
+            if width == 0 {
+                continue;
+            }
+            let dtype = self.dtype;
+            cache.resize_with(heads, || KvBuf::new(dtype));
             for row in rows.chunks_exact(heads * width) {
                 for (dst, src) in cache.iter_mut().zip(row.chunks_exact(width)) {
-                    dst.extend_from_slice(src);
+                    dst.push(src);
                 }
             }
         }
     }
 
-    /// Keeps the first `len` positions, given the widths `heads · hk` and `heads · hv` of a
-    /// position's keys and values.
-    pub(crate) fn truncate(&mut self, len: usize, kw: usize, vw: usize) {
-        let heads = self.k.len().max(1);
-        self.k.iter_mut().for_each(|k| k.truncate(len * (kw / heads)));
-        self.v.iter_mut().for_each(|v| v.truncate(len * (vw / heads)));
+    /// Keeps the first `len` positions.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.k.iter_mut().for_each(|k| k.truncate(len, self.hk));
+        self.v.iter_mut().for_each(|v| v.truncate(len, self.hv));
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
     }
 }
 
@@ -132,21 +152,8 @@ pub(crate) fn attention(
             }
         }
     }
-    // q/k norm: over each head's values, or over the whole projection.
-    let norm_width = match a.qk_norm {
-        QkNorm::None => 0,
-        QkNorm::PerHead => hd,
-        QkNorm::Full => usize::MAX,
-    };
-    if norm_width != 0 {
-        for (buf, w, width) in [(&mut s.q, &a.q_norm, qd), (&mut s.k, &a.k_norm, kvd)] {
-            if let Some(w) = w {
-                w.read(bytes, &mut s.w);
-                for piece in buf.chunks_mut(norm_width.min(width)) {
-                    rmsnorm_in_place(piece, &s.w, eps);
-                }
-            }
-        }
+    if !a.qk_norm_after_rope {
+        qk_norm(bytes, a, eps, s);
     }
     if let Some(c) = a.clip {
         for v in s.q.iter_mut().chain(s.k.iter_mut()).chain(s.v.iter_mut()) {
@@ -159,6 +166,25 @@ pub(crate) fn attention(
         rope.angles(pos0 + tok, &mut s.cos, &mut s.sin);
         for head in s.q[tok * qd..][..qd].chunks_mut(hd).chain(s.k[tok * kvd..][..kvd].chunks_mut(hd)) {
             rope.rotate(head, &s.cos, &s.sin);
+        }
+    }
+    if a.qk_norm_after_rope {
+        qk_norm(bytes, a, eps, s);
+    }
+    if a.qk_rms_after_rope {
+        // Llama-4's L2Norm: x · rsqrt(mean(x²) + eps), no weight (times 1, exact).
+        resize(&mut s.w, hd);
+        s.w.fill(1.0);
+        for head in s.q.chunks_mut(hd).chain(s.k.chunks_mut(hd)) {
+            rmsnorm_in_place(head, &s.w, eps);
+        }
+    }
+    if let Some((floor_scale, scale)) = a.temperature {
+        // Llama-4's temperature tuning, in f32 as transformers computes it.
+        for (tok, row) in s.q.chunks_mut(qd).enumerate() {
+            let p = (pos0 + tok) as f32;
+            let f = libm::log1pf(libm::floorf((p + 1.0) / floor_scale)) * scale + 1.0;
+            row.iter_mut().for_each(|v| *v *= f);
         }
     }
     cache.append(&s.k, &s.v, nkv, hd, hd);
@@ -185,6 +211,7 @@ pub(crate) fn attention(
         q: &s.q,
         k: &cache.k,
         v: &cache.v,
+        vstride: hd,
         rel: a.rel_bias.as_ref().map(|_| (&s.rel_table[..], &s.rel_bucket[..])),
         sinks: a.sinks.as_ref().map(|_| &s.w[..]),
         nh,
@@ -194,6 +221,7 @@ pub(crate) fn attention(
         t,
         pos0,
         window: a.window,
+        chunk: a.chunk,
         scale: a.scale,
         causal: a.causal,
     }
@@ -221,13 +249,35 @@ pub(crate) fn attention(
     }
 }
 
+/// The q/k norm (`model.qk_norm`) on `s.q` and `s.k`: over each head's values, or over the
+/// whole projection.
+fn qk_norm(bytes: &[u8], a: &AttnPlan, eps: f32, s: &mut AttnScratch) {
+    let (qd, kvd) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+    let norm_width = match a.qk_norm {
+        QkNorm::None => return,
+        QkNorm::PerHead => a.head_dim,
+        QkNorm::Full => usize::MAX,
+    };
+    for (buf, w, width) in [(&mut s.q, &a.q_norm, qd), (&mut s.k, &a.k_norm, kvd)] {
+        if let Some(w) = w {
+            w.read(bytes, &mut s.w);
+            for piece in buf.chunks_mut(norm_width.min(width)) {
+                rmsnorm_in_place(piece, &s.w, eps);
+            }
+        }
+    }
+}
+
 /// Everything the per-head part of [`attention`] (and of MLA's) reads: queries
-/// `[T, heads · hk]`, the cached keys `[positions, hk]` and values `[positions, hv]` of each
-/// kv head, and the options of the layer.
+/// `[T, heads · hk]`, the cached keys `[positions, hk]` and values (`hv` values `vstride`
+/// apart) of each kv head, and the options of the layer.
 pub(crate) struct Heads<'a> {
     pub(crate) q: &'a [f32],
-    pub(crate) k: &'a [Vec<f32>],
-    pub(crate) v: &'a [Vec<f32>],
+    pub(crate) k: &'a [KvBuf],
+    pub(crate) v: &'a [KvBuf],
+    /// Values from one cached value row to the next (`hv`, or the key width when the values
+    /// are the start of the key rows: MLA's latent).
+    pub(crate) vstride: usize,
     /// The relative bias table `[buckets, heads]` and the bucket of every relative position.
     pub(crate) rel: Option<(&'a [f32], &'a [usize])>,
     pub(crate) sinks: Option<&'a [f32]>,
@@ -239,6 +289,8 @@ pub(crate) struct Heads<'a> {
     pub(crate) t: usize,
     pub(crate) pos0: usize,
     pub(crate) window: usize,
+    /// Attend within aligned chunks of this many positions; 0 = all.
+    pub(crate) chunk: usize,
     pub(crate) scale: f32,
     pub(crate) causal: bool,
 }
@@ -282,6 +334,13 @@ impl Heads<'_> {
         let total = self.pos0 + t;
         let span_max = if self.window > 0 { self.window.min(total) } else { total };
         let mut scores = Vec::with_capacity(g * span_max);
+        let vs = self.vstride;
+        // The rows any of the tokens reads, from the first token's lowest (f16 and int8
+        // decoded once per task).
+        let lo0 = if self.causal && self.window > 0 { (self.pos0 + 1).saturating_sub(self.window) } else { 0 };
+        let (mut kt, mut vt) = (Vec::new(), Vec::new());
+        let keys = self.k[kvh].rows_f32(lo0, total, hk, &mut kt);
+        let vals = self.v[kvh].rows_f32(lo0, total, vs, &mut vt);
         for tok in 0..t {
             let i = self.pos0 + tok;
             // Bidirectional (encoder): every key; causal: keys up to the query, in the window.
@@ -292,12 +351,13 @@ impl Heads<'_> {
             } else {
                 (0, i)
             };
+            let lo = if self.chunk > 0 { lo.max(i - i % self.chunk) } else { lo };
             let span = hi + 1 - lo;
             scores.clear();
             scores.resize(g * span, 0.0);
             let q = &self.q[tok * nh * hk + h0 * hk..][..g * hk];
             // SAFETY: the CPU supports `L` (caller).
-            unsafe { L::scores(q, hk, &self.k[kvh][lo * hk..], hk, span, self.scale, &mut scores) };
+            unsafe { L::scores(q, hk, &keys[(lo - lo0) * hk..], hk, span, self.scale, &mut scores) };
             for (hh, sc) in scores.chunks_exact_mut(span).enumerate() {
                 let head = h0 + hh;
                 if let Some((table, bucket)) = self.rel {
@@ -315,7 +375,7 @@ impl Heads<'_> {
                 o[(hh * t + tok) * hv..][..hv].fill(0.0);
             }
             // SAFETY: as above.
-            unsafe { L::weighted(&scores, span, &self.v[kvh][lo * hv..], hv, hv, &mut o[tok * hv..], t * hv) };
+            unsafe { L::weighted(&scores, span, &vals[(lo - lo0) * vs..], vs, hv, &mut o[tok * hv..], t * hv) };
         }
     }
 }
@@ -338,6 +398,9 @@ mod tests {
         let (hk, hv, t, nh) = (h.hk, h.hv, h.t, h.nh);
         let kvh = head / h.group;
         let total = h.pos0 + t;
+        let (mut kt, mut vt) = (Vec::new(), Vec::new());
+        let keys = h.k[kvh].rows_f32(0, total, hk, &mut kt);
+        let vals = h.v[kvh].rows_f32(0, total, h.vstride, &mut vt);
         for tok in 0..t {
             let i = h.pos0 + tok;
             let (lo, hi) = match (h.causal, h.window) {
@@ -345,8 +408,9 @@ mod tests {
                 (true, 0) => (0, i),
                 (true, w) => ((i + 1).saturating_sub(w), i),
             };
+            let lo = if h.chunk > 0 { lo.max((i / h.chunk) * h.chunk) } else { lo };
             let qv = &h.q[tok * nh * hk + head * hk..][..hk];
-            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &h.k[kvh][j * hk..][..hk]) * h.scale).collect();
+            let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &keys[j * hk..][..hk]) * h.scale).collect();
             if let Some((table, bucket)) = h.rel {
                 for (s, j) in sc.iter_mut().zip(lo..=hi) {
                     *s += table[bucket[j + total - 1 - i] * nh + head];
@@ -359,7 +423,7 @@ mod tests {
             let ov = &mut o[tok * hv..][..hv];
             ov.fill(0.0);
             for (j, &p) in (lo..=hi).zip(&sc) {
-                for (acc, &v) in ov.iter_mut().zip(&h.v[kvh][j * hv..][..hv]) {
+                for (acc, &v) in ov.iter_mut().zip(&vals[j * h.vstride..][..hv]) {
                     *acc += p * v;
                 }
             }
@@ -376,34 +440,51 @@ mod tests {
         // Head sizes with and without tails of 8 and 16 columns; more keys than one block of
         // value rows; GQA groups of 6, and MLA's shape (one query head per key head, keys wider
         // than values).
-        for (nkv, hk, hv) in [(2, 20, 20), (2, 40, 40), (2, 64, 64), (12, 24, 16), (12, 40, 20)] {
-            check_heads(&mut rnd, nkv, hk, hv);
+        // Every KV dtype (f16 and int8 rows are decoded per task: the same values as one head
+        // at a time over the decoded rows), and MLA's latent (values read from the key rows).
+        for dtype in KvDtype::ALL {
+            for (nkv, hk, hv) in [(2, 20, 20), (2, 40, 40), (2, 64, 64), (12, 24, 16), (12, 40, 20)] {
+                check_heads(&mut rnd, dtype, nkv, hk, hv, false);
+            }
+            check_heads(&mut rnd, dtype, 1, 40, 32, true);
         }
     }
 
-    fn check_heads(rnd: &mut impl FnMut() -> f32, nkv: usize, hk: usize, hv: usize) {
+    fn check_heads(rnd: &mut impl FnMut() -> f32, dtype: KvDtype, nkv: usize, hk: usize, hv: usize, latent: bool) {
         let (nh, pos0, t) = (12, 70, 5);
         let total = pos0 + t;
         let q: Vec<f32> = (0..t * nh * hk).map(|_| rnd()).collect();
-        let mut cache = LayerCache::default();
+        let mut cache = LayerCache::new(dtype);
         let k: Vec<f32> = (0..total * nkv * hk).map(|_| rnd()).collect();
-        let v: Vec<f32> = (0..total * nkv * hv).map(|_| rnd()).collect();
-        cache.append(&k, &v, nkv, hk, hv);
+        let v: Vec<f32> = if latent { Vec::new() } else { (0..total * nkv * hv).map(|_| rnd()).collect() };
+        cache.append(&k, &v, nkv, hk, if latent { 0 } else { hv });
+        let mut tmp = Vec::new();
         // Per head, the cache holds each position's slice of the interleaved rows.
-        for (j, (kr, vr)) in k.chunks(nkv * hk).zip(v.chunks(nkv * hv)).enumerate() {
+        for (j, kr) in k.chunks(nkv * hk).enumerate().filter(|_| dtype == KvDtype::F32) {
             for h in 0..nkv {
-                assert_eq!(cache.k[h][j * hk..][..hk], kr[h * hk..][..hk]);
-                assert_eq!(cache.v[h][j * hv..][..hv], vr[h * hv..][..hv]);
+                assert_eq!(cache.k[h].rows_f32(j, j + 1, hk, &mut tmp), &kr[h * hk..][..hk]);
             }
         }
+        for (j, vr) in v.chunks(nkv * hv).enumerate().filter(|_| dtype == KvDtype::F32) {
+            for h in 0..nkv {
+                assert_eq!(cache.v[h].rows_f32(j, j + 1, hv, &mut tmp), &vr[h * hv..][..hv]);
+            }
+        }
+        let (vals, vstride) = if latent { (&cache.k, hk) } else { (&cache.v, hv) };
         let table: Vec<f32> = (0..6 * nh).map(|_| rnd()).collect();
         let bucket: Vec<usize> = (0..2 * total - 1).map(|r| r % 6).collect();
         let sinks: Vec<f32> = (0..nh).map(|_| rnd()).collect();
-        for (causal, window, rel, sink) in [(true, 0, false, false), (true, 4, false, true), (false, 0, true, false)] {
+        for (causal, window, chunk, rel, sink) in [
+            (true, 0, 0, false, false),
+            (true, 4, 0, false, true),
+            (false, 0, 0, true, false),
+            (true, 0, 8, false, false),
+        ] {
             let h = Heads {
                 q: &q,
                 k: &cache.k,
-                v: &cache.v,
+                v: vals,
+                vstride,
                 rel: rel.then_some((&table[..], &bucket[..])),
                 sinks: sink.then_some(&sinks[..]),
                 nh,
@@ -413,11 +494,13 @@ mod tests {
                 t,
                 pos0,
                 window,
+                chunk,
                 scale: 0.3,
                 causal,
             };
-            let what =
-                format!("kv heads {nkv}, widths {hk}/{hv}, causal {causal} window {window} rel {rel} sink {sink}");
+            let what = format!(
+                "{dtype}: kv heads {nkv}, widths {hk}/{hv}, latent {latent}, causal {causal} window {window} chunk {chunk} rel {rel} sink {sink}"
+            );
             let mut want = vec![0.0; nh * t * hv];
             for (head, o) in want.chunks_mut(t * hv).enumerate() {
                 one_head(&h, head, o);

@@ -124,6 +124,68 @@ impl Mode {
     }
 }
 
+/// What a routed MoE layer does with a selected expert whose slab is not resident (a miss),
+/// as the session's [`Trace`](crate::Trace) reports residency
+/// ([`Trace::resident_experts`](crate::Trace::resident_experts)). Everything but `Exact` is
+/// an approximation, opt-in: the output then depends on what was resident, and is the same
+/// for the same residency sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnMiss {
+    /// Read the missed expert and run it: the model's own output.
+    #[default]
+    Exact,
+    /// Run the layer's merged expert (a stored task merge, [`MISS_TASK`] unless named
+    /// otherwise) in its place, weighted by the missed expert's gate over the merge's mass;
+    /// the missed expert is fetched for later tokens.
+    Merged(String),
+    /// Route among the resident experts only (top-k over their router logits); a token whose
+    /// layer has fewer than top-k resident experts routes exactly. The missed experts are
+    /// fetched for later tokens.
+    Resident,
+}
+
+/// The task whose stored merged experts `OnMiss::Merged` uses unless told another:
+/// `meo convert --task miss=CALIB.txt --merge-weighting frequency` stores it (every expert
+/// weighted by how often the calibration text routes to it).
+pub const MISS_TASK: &str = "miss";
+
+impl OnMiss {
+    /// Parses `exact`, `resident`, `merged` (task [`MISS_TASK`]) or `merged:TASK`.
+    ///
+    /// # Errors
+    /// Any other spelling.
+    pub fn parse(s: &str) -> Result<Self, ModeError> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "resident" => Ok(Self::Resident),
+            "merged" => Ok(Self::Merged(MISS_TASK.into())),
+            _ => match s.strip_prefix("merged:") {
+                Some(task) if !task.is_empty() => Ok(Self::Merged(task.into())),
+                _ => Err(ModeError::BadSpelling {
+                    what: "on-miss fallback",
+                    value: s.into(),
+                    expected: "exact, resident, merged or merged:TASK",
+                }),
+            },
+        }
+    }
+
+    /// `exact`, `resident`, `merged` or `merged:TASK`.
+    pub fn spelling(&self) -> String {
+        match self {
+            Self::Exact => "exact".into(),
+            Self::Resident => "resident".into(),
+            Self::Merged(t) if t == MISS_TASK => "merged".into(),
+            Self::Merged(t) => alloc::format!("merged:{t}"),
+        }
+    }
+
+    /// Whether results may differ from the model's (anything but `Exact`).
+    pub fn approximate(&self) -> bool {
+        *self != Self::Exact
+    }
+}
+
 /// Which MoE layers run merged (the others stay vanilla).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum LayerSelect {
@@ -279,6 +341,11 @@ pub enum ModeError {
          (convert with --task NAME=calibration.txt, or list the layers)"
     )]
     NoErrors { mode: &'static str },
+    #[error(
+        "--on-miss merged:{task} needs the merged experts of task {task:?} in the file, and it has {}",
+        if available.is_empty() { "no task merges".into() } else { alloc::format!("only tasks {available:?}") }
+    )]
+    NoMissMerge { task: String, available: Vec<String> },
     #[error("layer {layer}: {what} cannot be merged (MEO merges need bias-free experts)")]
     NotMergeable { layer: usize, what: &'static str },
 }

@@ -12,38 +12,15 @@
 //! chunked form of the same rule, differs from it by rounding only; see `docs/FORMAT.md`.)
 
 use super::plan::DeltaPlan;
+use super::recurrent::{RecurrentState, causal_conv};
 use crate::kernels::{Acts, Parallel, exp, matmul, matmul_acts, silu};
 use alloc::vec::Vec;
 
-/// One gated DeltaNet layer's recurrent state: the last `conv_kernel − 1` convolution inputs
-/// (`[kernel − 1, conv_dim]`, oldest first) and the delta-rule state `[v_heads, k_dim, v_dim]`.
-/// Its size does not depend on the context length.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub(crate) struct DeltaState {
-    pub conv: Vec<f32>,
-    pub s: Vec<f32>,
-}
-
-impl DeltaState {
-    /// A zero state for `p`'s sizes.
-    pub(crate) fn new(p: &DeltaPlan) -> Self {
-        let d = &p.dims;
-        Self {
-            conv: alloc::vec![0.0; d.conv_dim() * (d.conv_kernel - 1)],
-            s: alloc::vec![0.0; d.num_v_heads * d.k_head_dim * d.v_head_dim],
-        }
-    }
-
-    /// Back to the state before any token (keeps the memory).
-    pub(crate) fn clear(&mut self) {
-        self.conv.fill(0.0);
-        self.s.fill(0.0);
-    }
-
-    /// Floats held.
-    pub(crate) fn floats(&self) -> usize {
-        self.conv.len() + self.s.len()
-    }
+/// A zero state for `p`'s sizes: the last `conv_kernel − 1` convolution inputs
+/// (`[kernel − 1, conv_dim]`) and the delta-rule state `[v_heads, k_dim, v_dim]`.
+pub(crate) fn zero_state(p: &DeltaPlan) -> RecurrentState {
+    let d = &p.dims;
+    RecurrentState::zeros(d.conv_dim() * (d.conv_kernel - 1), d.num_v_heads * d.k_head_dim * d.v_head_dim)
 }
 
 /// Reusable buffers of the DeltaNet block.
@@ -88,7 +65,7 @@ pub(crate) fn delta_net(
     par: &dyn Parallel,
     bytes: &[u8],
     p: &DeltaPlan,
-    state: &mut DeltaState,
+    state: &mut RecurrentState,
     x: &[f32],
     t: usize,
     s: &mut DeltaScratch,
@@ -115,38 +92,13 @@ pub(crate) fn delta_net(
     resize(&mut s.a, t * nv);
     matmul_acts(par, &xa, &p.a.view(bytes), &mut s.a);
 
-    // Causal depthwise convolution, SiLU: out[t][c] = Σ_j w[c][j] · in[t − (K−1) + j][c], the
-    // inputs before this call coming from the state.
+    // Causal depthwise convolution, SiLU, continuing from the state's last inputs.
     resize(&mut s.conv_w, cd * kw);
     let cv = p.conv.view(bytes);
     for (c, row) in s.conv_w.chunks_mut(kw).enumerate() {
         cv.row(c, row);
     }
-    resize(&mut s.conv_out, t * cd);
-    let past = kw - 1;
-    for tok in 0..t {
-        let o = &mut s.conv_out[tok * cd..][..cd];
-        for j in 0..kw {
-            // Input at time tok − past + j: from the state when before this call.
-            let src = if tok + j >= past {
-                &s.qkv[(tok + j - past) * cd..][..cd]
-            } else {
-                &state.conv[(tok + j) * cd..][..cd]
-            };
-            for ((acc, &v), w) in o.iter_mut().zip(src).zip(s.conv_w.chunks_exact(kw)) {
-                *acc += w[j] * v;
-            }
-        }
-        o.iter_mut().for_each(|v| *v = silu(*v));
-    }
-    // The state keeps the last K − 1 inputs.
-    if past > 0 {
-        let mut hist = core::mem::take(&mut state.conv);
-        hist.extend_from_slice(&s.qkv);
-        let keep = hist.len() - past * cd;
-        hist.drain(..keep);
-        state.conv = hist;
-    }
+    causal_conv(&s.qkv, t, cd, kw, &s.conv_w, None, true, &mut state.conv, &mut s.conv_out);
 
     p.dt_bias.read(bytes, &mut s.dt_bias);
     p.a_log.read(bytes, &mut s.a_log);

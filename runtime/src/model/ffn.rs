@@ -30,6 +30,23 @@ pub(crate) struct FfnScratch {
     ys: Vec<f32>,
     shared: Vec<f32>,
     shared_gate: Vec<f32>,
+    /// On-miss fallback: which experts are resident, masked router logits, re-routed
+    /// choices, which choices go to the merged expert, and the missed experts.
+    resident: Vec<bool>,
+    masked: Vec<f32>,
+    rerouted: Vec<Choice>,
+    to_merged: Vec<bool>,
+    missed: Vec<u32>,
+}
+
+/// The on-miss fallback a routed layer runs with ([`super::OnMiss`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fallback<'a> {
+    /// Route among the resident experts only.
+    Resident,
+    /// Run this merged expert (slab bytes, matrices) for missed choices, their gate times
+    /// `inv_mass` (1 / the merge's mass: the stored merge's output carries it).
+    Merged { bytes: &'a [u8], mlp: &'a Mlp, inv_mass: f32 },
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) {
@@ -169,12 +186,27 @@ pub(crate) fn moe(
     t: usize,
     s: &mut FfnScratch,
     trace: &mut dyn Trace,
+    fallback: Option<Fallback<'_>>,
     out: &mut [f32],
 ) {
     let (e, k) = (spec.num_experts, spec.top_k);
     let h = x.len() / t.max(1);
 
     route_tokens(par, bytes, p, spec, x, t, s);
+    s.to_merged.clear();
+    s.to_merged.resize(t * k, false);
+    if let Some(fb) = fallback
+        && trace.resident_experts(layer, &mut s.resident)
+        && s.resident.len() == e
+    {
+        apply_fallback(fb, p, spec, t, s);
+        if !s.missed.is_empty() {
+            let n = s.missed.len();
+            s.missed.sort_unstable();
+            s.missed.dedup();
+            trace.on_fallback(layer, &s.missed, n);
+        }
+    }
     s.dropped.clear();
     s.dropped.resize(t * k, false);
     apply_capacity(spec, &mut s.choices, &mut s.dropped, &mut s.counts);
@@ -182,24 +214,30 @@ pub(crate) fn moe(
         trace.on_route(layer, pos0 + i, ch);
     }
 
-    // Group (token, weight) by expert: counting sort, tokens stay in order.
+    // Group (token, weight) by expert: counting sort, tokens stay in order. Choices the
+    // fallback sends to the merged expert form group `e`.
+    let inv_mass = match fallback {
+        Some(Fallback::Merged { inv_mass, .. }) => inv_mass,
+        _ => 1.0,
+    };
+    let bucket = |c: &Choice, m: bool| if m { e } else { c.expert as usize };
     s.starts.clear();
-    s.starts.resize(e + 1, 0);
-    for (c, &d) in s.choices.iter().zip(&s.dropped) {
+    s.starts.resize(e + 2, 0);
+    for ((c, &d), &m) in s.choices.iter().zip(&s.dropped).zip(&s.to_merged) {
         if !d {
-            s.starts[c.expert as usize + 1] += 1;
+            s.starts[bucket(c, m) + 1] += 1;
         }
     }
-    for i in 0..e {
+    for i in 0..=e {
         s.starts[i + 1] += s.starts[i];
     }
     s.assign.clear();
-    s.assign.resize(s.starts[e], (0, 0.0));
+    s.assign.resize(s.starts[e + 1], (0, 0.0));
     let mut fill = s.starts.clone();
-    for (i, (c, &d)) in s.choices.iter().zip(&s.dropped).enumerate() {
+    for (i, ((c, &d), &m)) in s.choices.iter().zip(&s.dropped).zip(&s.to_merged).enumerate() {
         if !d {
-            let slot = &mut fill[c.expert as usize];
-            s.assign[*slot] = (i / k, c.weight);
+            let slot = &mut fill[bucket(c, m)];
+            s.assign[*slot] = (i / k, if m { c.weight * inv_mass } else { c.weight });
             *slot += 1;
         }
     }
@@ -208,39 +246,97 @@ pub(crate) fn moe(
     trace.on_experts_selected(layer, &s.selected);
 
     out.fill(0.0);
-    if t == 1 && decode_experts(par, bytes, p, x, s, out) {
-        shared(par, bytes, p, spec, x, t, s, out);
-        return;
+    // Weights on the inputs: each expert reads its own scaled copy of x.
+    let on_input = spec.weight_on_input;
+    let ran = (t == 1 && !on_input && decode_experts(par, bytes, p, x, s, out))
+        || (t > 1
+            && par.threads() > 1
+            && s.selected.len() >= 2 * par.threads()
+            && prompt_experts(par, bytes, p, x, t, on_input, s, out));
+    if !ran {
+        let selected = core::mem::take(&mut s.selected);
+        for &ei in &selected {
+            let ei = ei as usize;
+            let ex = &p.experts[ei];
+            // The expert's matrices are read only through its slab.
+            run_group(par, &bytes[ex.slab.clone()], &ex.mlp, ei, x, h, on_input, s, out);
+        }
+        s.selected = selected;
     }
-    if t > 1
-        && par.threads() > 1
-        && s.selected.len() >= 2 * par.threads()
-        && prompt_experts(par, bytes, p, x, t, s, out)
+    if let Some(Fallback::Merged { bytes: mb, mlp: mm, .. }) = fallback
+        && s.starts[e + 1] > s.starts[e]
     {
-        shared(par, bytes, p, spec, x, t, s, out);
-        return;
-    }
-    for &ei in &s.selected {
-        let ei = ei as usize;
-        let group = &s.assign[s.starts[ei]..s.starts[ei + 1]];
-        let n = group.len();
-        resize(&mut s.xs, n * h);
-        for (row, &(tok, _)) in s.xs.chunks_mut(h).zip(group) {
-            row.copy_from_slice(&x[tok * h..][..h]);
-        }
-        resize(&mut s.ys, n * h);
-        let ex = &p.experts[ei];
-        // The expert's matrices are read only through its slab.
-        let slab = &bytes[ex.slab.clone()];
-        mlp(par, slab, &ex.mlp, &s.xs, n, &mut s.mlp, &mut s.ys);
-        for (row, &(tok, w)) in s.ys.chunks(h).zip(group) {
-            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
-                *o += v * w;
-            }
-        }
+        run_group(par, mb, mm, e, x, h, on_input, s, out);
     }
 
     shared(par, bytes, p, spec, x, t, s, out);
+}
+
+/// Runs expert `slab`/`m` on the tokens of group `g` of `s.assign` and adds their weighted
+/// outputs to `out` (the weights on the inputs instead when `on_input`).
+#[allow(clippy::too_many_arguments)]
+fn run_group(
+    par: &dyn Parallel,
+    slab: &[u8],
+    m: &Mlp,
+    g: usize,
+    x: &[f32],
+    h: usize,
+    on_input: bool,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) {
+    let group = &s.assign[s.starts[g]..s.starts[g + 1]];
+    let n = group.len();
+    resize(&mut s.xs, n * h);
+    for (row, &(tok, w)) in s.xs.chunks_mut(h).zip(group) {
+        gather_row(row, &x[tok * h..][..h], on_input.then_some(w));
+    }
+    resize(&mut s.ys, n * h);
+    mlp(par, slab, m, &s.xs, n, &mut s.mlp, &mut s.ys);
+    for (row, &(tok, w)) in s.ys.chunks(h).zip(group) {
+        scatter_row(&mut out[tok * h..][..h], row, (!on_input).then_some(w));
+    }
+}
+
+/// The on-miss fallback on `s.choices` (routed, before capacity) given `s.resident`: re-routes
+/// tokens among resident experts, or marks missed choices for the merged expert
+/// (`s.to_merged`); `s.missed` gets the missed expert of every choice served otherwise.
+fn apply_fallback(fb: Fallback<'_>, p: &MoePlan, spec: &RouterSpec, t: usize, s: &mut FfnScratch) {
+    let (e, k) = (spec.num_experts, spec.top_k);
+    s.missed.clear();
+    match fb {
+        Fallback::Merged { .. } => {
+            for (c, m) in s.choices.iter().zip(s.to_merged.iter_mut()) {
+                if !s.resident[c.expert as usize] {
+                    *m = true;
+                    s.missed.push(c.expert);
+                }
+            }
+        }
+        Fallback::Resident => {
+            if s.resident.iter().filter(|&&r| r).count() < k {
+                return;
+            }
+            let sel = p.selection_bias.as_ref().map(|_| &s.sel_bias[..]);
+            s.rerouted.clear();
+            s.rerouted.resize(k, Choice { expert: 0, weight: 0.0 });
+            for (row, ch) in s.logits.chunks(e).zip(s.choices.chunks_mut(k)).take(t) {
+                if ch.iter().all(|c| s.resident[c.expert as usize]) {
+                    continue;
+                }
+                s.masked.clear();
+                s.masked.extend(row.iter().zip(&s.resident).map(|(&v, &r)| if r { v } else { f32::NEG_INFINITY }));
+                route_token(spec, &s.masked, sel, &mut s.route, &mut s.rerouted);
+                // A scoring that lets a masked expert through (a selection bias added after
+                // scoring) leaves the token exact.
+                if s.rerouted.iter().all(|c| s.resident[c.expert as usize]) {
+                    s.missed.extend(ch.iter().filter(|c| !s.resident[c.expert as usize]).map(|c| c.expert));
+                    ch.copy_from_slice(&s.rerouted);
+                }
+            }
+        }
+    }
 }
 
 /// The router on `t` tokens, then [`route_token`] per token: `s.choices` (`[t, top_k]`, before
@@ -299,12 +395,14 @@ pub(crate) fn predict(
 /// general path. Each value is computed by the same kernels as there, so the results are equal.
 /// False (nothing done) when the padded output buffer would exceed [`PROMPT_EXPERTS_MAX_BYTES`]
 /// (very long prompts): the caller then runs the experts one by one.
+#[allow(clippy::too_many_arguments)]
 fn prompt_experts(
     par: &dyn Parallel,
     bytes: &[u8],
     p: &MoePlan,
     x: &[f32],
     t: usize,
+    on_input: bool,
     s: &mut FfnScratch,
     out: &mut [f32],
 ) -> bool {
@@ -324,8 +422,8 @@ fn prompt_experts(
         let ei = order[i];
         let g = group(ei);
         let mut xs = alloc::vec![0.0f32; g.len() * h];
-        for (row, &(tok, _)) in xs.chunks_mut(h).zip(g) {
-            row.copy_from_slice(&x[tok * h..][..h]);
+        for (row, &(tok, w)) in xs.chunks_mut(h).zip(g) {
+            gather_row(row, &x[tok * h..][..h], on_input.then_some(w));
         }
         let ex = &p.experts[ei as usize];
         // The expert's matrices are read only through its slab.
@@ -337,12 +435,26 @@ fn prompt_experts(
     rank.sort_unstable();
     for (ei, i) in rank {
         for (row, &(tok, w)) in s.ys[i * most * h..].chunks(h).zip(group(ei)) {
-            for (o, &v) in out[tok * h..][..h].iter_mut().zip(row) {
-                *o += v * w;
-            }
+            scatter_row(&mut out[tok * h..][..h], row, (!on_input).then_some(w));
         }
     }
     true
+}
+
+/// An expert's input row: `x`, times the routing weight when it applies to the input.
+fn gather_row(row: &mut [f32], x: &[f32], w: Option<f32>) {
+    match w {
+        Some(w) => row.iter_mut().zip(x).for_each(|(r, &v)| *r = v * w),
+        None => row.copy_from_slice(x),
+    }
+}
+
+/// Adds an expert's output row to `out`, times the routing weight when it applies to the output.
+fn scatter_row(out: &mut [f32], row: &[f32], w: Option<f32>) {
+    match w {
+        Some(w) => out.iter_mut().zip(row).for_each(|(o, &v)| *o += v * w),
+        None => out.iter_mut().zip(row).for_each(|(o, &v)| *o += v),
+    }
 }
 
 /// Largest output buffer [`prompt_experts`] allocates (longer prompts take the general path).

@@ -16,16 +16,26 @@ pub mod bank;
 mod delta;
 pub mod exec;
 mod ffn;
+pub mod kv;
+mod mamba;
 mod meo;
 mod mla;
 pub mod plan;
+mod recurrent;
 mod session;
+mod short_conv;
 mod trace;
 
-pub use bank::{Execution, Granularity, LayerSelect, MergeOptions, MergedUse, Mode, ModeError, PromptPool};
+pub use bank::{
+    Execution, Granularity, LayerSelect, MISS_TASK, MergeOptions, MergedUse, Mode, ModeError, OnMiss, PromptPool,
+};
 pub use exec::{ExecPlan, LayerExec};
+pub use kv::{KvDtype, KvOptions, KvParseError, MlaCache};
 pub use meo::{MergedBank, merge_bank, sequence_gate, topk_softmax};
-pub use session::{DEFAULT_MAX_CONTEXT, ForwardError, Logits, Session, SessionError, SessionOptions};
+pub use session::{
+    DEFAULT_MAX_CONTEXT, ForwardError, Logits, STATE_MAGIC, STATE_VERSION, Session, SessionError, SessionOptions,
+    StateError,
+};
 pub use trace::{NoTrace, Trace};
 
 use crate::config::{ConfigError, ModelConfig};
@@ -371,7 +381,7 @@ impl Model {
             return Err(ModeError::NotMergeable { layer, what: "experts with biases" });
         }
         let dtype = dtype.unwrap_or(experts[0].mlp.up.dtype);
-        Ok(crate::merge::merge_expert(&experts, w, dtype))
+        Ok(crate::merge::merge_expert(&experts, w, dtype, crate::merge::Mass::of(&self.config.router)))
     }
 
     /// Runs one expert on `x` (`[t, hidden]`) into `out` (`[t, hidden]`), on this thread.
@@ -497,18 +507,20 @@ impl Model {
         &self.rope
     }
 
-    /// Bytes of cached keys and values the attention reads for the query at position `pos`:
-    /// f32, as the CPU target caches them, and only the window of a sliding-window layer.
-    pub fn kv_bytes_read(&self, pos: usize) -> u64 {
+    /// Bytes of cached keys and values the attention reads for the query at position `pos`
+    /// from a cache stored as `kv` says (only the window of a sliding-window layer).
+    pub fn kv_bytes_read(&self, pos: usize, kv: KvOptions) -> u64 {
         let per_layer = |attn: &plan::Attention| {
-            let (kw, vw) = attn.cache_widths();
+            let Some(shape) = attn.cache_shape() else { return 0 };
             let window = match attn {
                 plan::Attention::Gqa(a) => a.window,
                 plan::Attention::Mla(a) => a.window,
-                plan::Attention::GatedDeltaNet(_) => return 0,
+                plan::Attention::GatedDeltaNet(_) | plan::Attention::Mamba2(_) | plan::Attention::ShortConv(_) => {
+                    return 0;
+                }
             };
             let n = if window > 0 { window.min(pos + 1) } else { pos + 1 };
-            (n * (kw + vw) * core::mem::size_of::<f32>()) as u64
+            kv.position_bytes(shape).saturating_mul(n as u64)
         };
         self.layers.iter().map(|l| per_layer(&l.attn)).sum()
     }

@@ -144,6 +144,16 @@ pub struct AttnPlan {
     /// `[heads · head_dim, h]`: the output is multiplied by `sigmoid(gate · x)` before `o`
     /// (`model.attention_output_gate`).
     pub gate: Option<Mat>,
+    /// Attend within aligned chunks of this many positions (`model.layer_chunk`); 0 = all.
+    pub chunk: usize,
+    /// RMS-normalise each q and k head without a weight after RoPE (`model.qk_rms_after_rope`,
+    /// on layers with RoPE).
+    pub qk_rms_after_rope: bool,
+    /// Apply `qk_norm` after RoPE instead of before (`model.qk_norm_after_rope`).
+    pub qk_norm_after_rope: bool,
+    /// `(floor_scale, scale)` of the query temperature (`model.nope_temperature_*`, on NoPE
+    /// layers).
+    pub temperature: Option<(f32, f32)>,
 }
 
 /// A gated DeltaNet layer (`Mixer::GatedDeltaNet`; `docs/FORMAT.md`, gated DeltaNet).
@@ -171,6 +181,47 @@ pub struct DeltaPlan {
     pub dims: crate::config::DeltaNet,
     /// Epsilon of the gated RMSNorm.
     pub eps: f32,
+}
+
+/// A Mamba2 layer (`Mixer::Mamba2`; `docs/FORMAT.md`, Mamba2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mamba2Plan {
+    pub norm: Vector,
+    /// `[inner, h]`: the gate of the gated RMSNorm.
+    pub z: Mat,
+    /// `[conv_dim, h]`: x, B and C (the convolution's channels).
+    pub xbc: Mat,
+    /// `[heads, h]`: the step size input.
+    pub dt: Mat,
+    /// `[conv_dim, conv_kernel]` f32 and its bias `[conv_dim]` (`model.mamba2.conv_bias`).
+    pub conv: Mat,
+    pub conv_bias: Option<Vector>,
+    /// `[heads]`: `Δ = softplus(dt · x + dt_bias)`, `A = −exp(a_log)`, the skip `D`.
+    pub dt_bias: Vector,
+    pub a_log: Vector,
+    pub d: Vector,
+    /// `[inner]`: the gated RMSNorm's weight.
+    pub out_norm: Vector,
+    /// `[h, inner]`.
+    pub out: Mat,
+    pub dims: crate::config::Mamba2,
+    /// Epsilon of the gated RMSNorm.
+    pub eps: f32,
+}
+
+/// A gated short convolution layer (`Mixer::ShortConv`, LFM2; `docs/FORMAT.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShortConvPlan {
+    pub norm: Vector,
+    /// `[h, h]` each: the input gate b, the output gate c, the values x.
+    pub b: Mat,
+    pub c: Mat,
+    pub x: Mat,
+    /// `[h, kernel]` f32: the depthwise causal convolution over `b ⊙ x`.
+    pub conv: Mat,
+    /// `[h, h]`.
+    pub out: Mat,
+    pub kernel: usize,
 }
 
 /// Multi-head latent attention of one layer (DeepSeek-V2/V3; `docs/FORMAT.md`, MLA).
@@ -211,6 +262,10 @@ pub enum Attention {
     Mla(MlaPlan),
     /// Gated DeltaNet (a recurrent mixer: fixed-size state, no KV cache).
     GatedDeltaNet(alloc::boxed::Box<DeltaPlan>),
+    /// Mamba2 (a recurrent mixer: fixed-size state, no KV cache).
+    Mamba2(alloc::boxed::Box<Mamba2Plan>),
+    /// A gated short convolution (a recurrent mixer: fixed-size state, no KV cache).
+    ShortConv(alloc::boxed::Box<ShortConvPlan>),
 }
 
 impl Attention {
@@ -220,6 +275,8 @@ impl Attention {
             Self::Gqa(a) => &a.norm,
             Self::Mla(a) => &a.norm,
             Self::GatedDeltaNet(a) => &a.norm,
+            Self::Mamba2(a) => &a.norm,
+            Self::ShortConv(a) => &a.norm,
         }
     }
 
@@ -228,6 +285,8 @@ impl Attention {
         match self {
             Self::Gqa(_) | Self::Mla(_) => crate::config::Mixer::Attention,
             Self::GatedDeltaNet(_) => crate::config::Mixer::GatedDeltaNet,
+            Self::Mamba2(_) => crate::config::Mixer::Mamba2,
+            Self::ShortConv(_) => crate::config::Mixer::ShortConv,
         }
     }
 
@@ -235,17 +294,31 @@ impl Attention {
     pub fn norm_bias(&self) -> Option<&Vector> {
         match self {
             Self::Gqa(a) => a.norm_bias.as_ref(),
-            Self::Mla(_) | Self::GatedDeltaNet(_) => None,
+            Self::Mla(_) | Self::GatedDeltaNet(_) | Self::Mamba2(_) | Self::ShortConv(_) => None,
         }
     }
 
-    /// Floats per position of the cached keys and of the cached values (0 for a recurrent
-    /// mixer: its state does not grow with the context).
+    /// Values per position of the cached keys and of the cached values when every head's
+    /// keys and values are cached (MLA decompressed, as the GPU target caches them); 0 for a
+    /// recurrent mixer: its state does not grow with the context.
     pub fn cache_widths(&self) -> (usize, usize) {
         match self {
             Self::Gqa(a) => (a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim),
             Self::Mla(a) => (a.num_heads * (a.nope + a.rope), a.num_heads * a.v_dim),
-            Self::GatedDeltaNet(_) => (0, 0),
+            Self::GatedDeltaNet(_) | Self::Mamba2(_) | Self::ShortConv(_) => (0, 0),
+        }
+    }
+
+    /// The sizes of this layer's KV cache (`None` for a recurrent mixer: its state does not
+    /// grow with the context).
+    pub(crate) fn cache_shape(&self) -> Option<super::kv::CacheShape> {
+        use super::kv::CacheShape;
+        match self {
+            Self::Gqa(a) => Some(CacheShape::Gqa { kv_heads: a.num_kv_heads, head_dim: a.head_dim }),
+            Self::Mla(a) => {
+                Some(CacheShape::Mla { heads: a.num_heads, nope: a.nope, rope: a.rope, v: a.v_dim, kv_lora: a.kv_lora })
+            }
+            Self::GatedDeltaNet(_) | Self::Mamba2(_) | Self::ShortConv(_) => None,
         }
     }
 }
@@ -530,7 +603,7 @@ impl<'f, 'a> Builder<'f, 'a> {
         let c = self.c;
         let pos = match c.recipe.positions {
             Positions::Learned => Some(self.mat(names::POS_EMBED, c.max_position_embeddings, self.h)?),
-            Positions::Rope | Positions::Relative => None,
+            Positions::Rope | Positions::Relative | Positions::None => None,
         };
         let bias = match c.recipe.norm {
             NormKind::Layer => Some(self.vector(names::OUTPUT_NORM_BIAS, self.h)?),
@@ -671,6 +744,8 @@ impl<'f, 'a> Builder<'f, 'a> {
             (crate::config::Mixer::GatedDeltaNet, _) => {
                 Attention::GatedDeltaNet(alloc::boxed::Box::new(self.delta(l)?))
             }
+            (crate::config::Mixer::Mamba2, _) => Attention::Mamba2(alloc::boxed::Box::new(self.mamba2(l)?)),
+            (crate::config::Mixer::ShortConv, _) => Attention::ShortConv(alloc::boxed::Box::new(self.short_conv(l)?)),
             (crate::config::Mixer::Attention, Some(a)) => Attention::Mla(self.mla(l, a)?),
             (crate::config::Mixer::Attention, None) => Attention::Gqa(self.gqa(l)?),
         };
@@ -710,6 +785,53 @@ impl<'f, 'a> Builder<'f, 'a> {
             a_log: self.layer_vec(l, "mixer.a_log", nv)?,
             out_norm: self.layer_vec(l, "mixer.norm.weight", d.v_head_dim)?,
             out: self.layer_mat(l, "mixer.out.weight", h, vd)?,
+            dims: d,
+            eps: c.rms_norm_eps,
+        })
+    }
+
+    /// The gated short convolution of layer `l` (kernel validated with the config).
+    fn short_conv(&self, l: usize) -> Result<ShortConvPlan, ModelError> {
+        let h = self.h;
+        let kernel = self.c.recipe.short_conv_kernel;
+        let conv = self.layer_mat(l, "mixer.conv.weight", h, kernel)?;
+        if conv.dtype != DType::F32 {
+            let name = names::layer(l, "mixer.conv.weight");
+            return Err(ModelError::WrongDType { name, found: conv.dtype.name(), expected: "f32" });
+        }
+        Ok(ShortConvPlan {
+            norm: self.layer_vec(l, "attn_norm.weight", h)?,
+            b: self.layer_mat(l, "mixer.b.weight", h, h)?,
+            c: self.layer_mat(l, "mixer.c.weight", h, h)?,
+            x: self.layer_mat(l, "mixer.x.weight", h, h)?,
+            conv,
+            out: self.layer_mat(l, "mixer.out.weight", h, h)?,
+            kernel,
+        })
+    }
+
+    /// The Mamba2 block of layer `l` (sizes validated with the config).
+    fn mamba2(&self, l: usize) -> Result<Mamba2Plan, ModelError> {
+        let (c, h) = (self.c, self.h);
+        let d = c.recipe.mamba2.ok_or(crate::config::ConfigError::Missing { key: "model.mamba2.num_heads" })?;
+        let (inner, cd, nh) = (d.inner(), d.conv_dim(), d.num_heads);
+        let conv = self.layer_mat(l, "mixer.conv.weight", cd, d.conv_kernel)?;
+        if conv.dtype != DType::F32 {
+            let name = names::layer(l, "mixer.conv.weight");
+            return Err(ModelError::WrongDType { name, found: conv.dtype.name(), expected: "f32" });
+        }
+        Ok(Mamba2Plan {
+            norm: self.layer_vec(l, "attn_norm.weight", h)?,
+            z: self.layer_mat(l, "mixer.z.weight", inner, h)?,
+            xbc: self.layer_mat(l, "mixer.xbc.weight", cd, h)?,
+            dt: self.layer_mat(l, "mixer.dt.weight", nh, h)?,
+            conv,
+            conv_bias: if d.conv_bias { Some(self.layer_vec(l, "mixer.conv.bias", cd)?) } else { None },
+            dt_bias: self.layer_vec(l, "mixer.dt_bias", nh)?,
+            a_log: self.layer_vec(l, "mixer.a_log", nh)?,
+            d: self.layer_vec(l, "mixer.d", nh)?,
+            out_norm: self.layer_vec(l, "mixer.norm.weight", inner)?,
+            out: self.layer_mat(l, "mixer.out.weight", h, inner)?,
             dims: d,
             eps: c.rms_norm_eps,
         })
@@ -778,7 +900,7 @@ impl<'f, 'a> Builder<'f, 'a> {
             norm: self.layer_vec(l, "attn_norm.weight", h)?,
             norm_bias: self.norm_bias(l, "attn_norm")?,
             o_bias: if c.recipe.attention_out_bias { Some(self.layer_vec(l, "attn.o.bias", h)?) } else { None },
-            rope: c.recipe.positions == Positions::Rope,
+            rope: c.layer_rope(l),
             rope_dim: c.rotary_dim(),
             q: self.layer_mat(l, "attn.q.weight", qd, h)?,
             k: self.layer_mat(l, "attn.k.weight", kvd, h)?,
@@ -806,6 +928,10 @@ impl<'f, 'a> Builder<'f, 'a> {
             } else {
                 None
             },
+            chunk: c.layer_chunk(l),
+            qk_rms_after_rope: c.recipe.qk_rms_after_rope && c.layer_rope(l),
+            qk_norm_after_rope: c.recipe.qk_norm_after_rope,
+            temperature: c.recipe.nope_temperature.filter(|_| c.recipe.layer_nope.get(l) == Some(&true)),
         };
         Ok(attn)
     }

@@ -3,19 +3,26 @@
 
 use super::Model;
 use super::attention::{AttnScratch, LayerCache, attention};
-use super::bank::{MergeOptions, MergedUse, ModeError};
-use super::delta::{self, DeltaScratch, DeltaState};
+use super::bank::{MergeOptions, MergedUse, ModeError, OnMiss};
+use super::delta::{self, DeltaScratch};
 use super::exec::{ExecPlan, LayerExec, bank_slots, prompt_merge_weights};
-use super::ffn::{FfnScratch, dense, last_choices, merged, moe, predict};
+use super::ffn::{Fallback, FfnScratch, dense, last_choices, merged, moe, predict};
+use super::kv::KvOptions;
+use super::mamba::{self, MambaScratch};
 use super::meo::{self, BankSrc, MergedBank};
 use super::mla::{self, MlaScratch};
 use super::plan::{Attention, FfnPlan};
+use super::recurrent::RecurrentState;
+use super::short_conv::{self, ShortConvScratch};
 use super::trace::{NoTrace, Trace};
 use crate::kernels::{Parallel, Serial, add_into, matmul};
 use crate::merge::{ExpertRef, MergedExpert};
 use crate::route::Choice;
 use alloc::string::String;
 use alloc::vec::Vec;
+
+mod state;
+pub use state::{STATE_MAGIC, STATE_VERSION, StateError};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,6 +47,8 @@ pub struct SessionOptions {
     /// Most positions the session holds, at most the model's `max_position_embeddings`:
     /// 0 = [`DEFAULT_MAX_CONTEXT`], `usize::MAX` = the model's maximum.
     pub max_context: usize,
+    /// How the KV cache is stored (f32 and MLA latent by default).
+    pub kv: KvOptions,
 }
 
 impl SessionOptions {
@@ -110,6 +119,8 @@ struct Buffers {
     attn: AttnScratch,
     mla: MlaScratch,
     delta: DeltaScratch,
+    mamba: MambaScratch,
+    short_conv: ShortConvScratch,
     ffn: FfnScratch,
     /// Next-layer prediction ([`Trace::on_experts_predicted`]).
     predicted: Vec<u32>,
@@ -120,14 +131,16 @@ struct Buffers {
 #[derive(Debug)]
 enum LayerState {
     Kv(LayerCache),
-    Delta(DeltaState),
+    Recurrent(RecurrentState),
 }
 
 impl LayerState {
-    fn new(attn: &Attention) -> Self {
+    fn new(attn: &Attention, kv: KvOptions) -> Self {
         match attn {
-            Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::default()),
-            Attention::GatedDeltaNet(p) => Self::Delta(DeltaState::new(p)),
+            Attention::Gqa(_) | Attention::Mla(_) => Self::Kv(LayerCache::new(kv.dtype)),
+            Attention::GatedDeltaNet(p) => Self::Recurrent(delta::zero_state(p)),
+            Attention::Mamba2(p) => Self::Recurrent(mamba::zero_state(p)),
+            Attention::ShortConv(p) => Self::Recurrent(short_conv::zero_state(p)),
         }
     }
 }
@@ -138,6 +151,7 @@ pub struct Session<'m> {
     model: &'m Model,
     pool: Pool,
     max_context: usize,
+    kv: KvOptions,
     pos: usize,
     /// Per layer, in layer order.
     state: Vec<LayerState>,
@@ -146,6 +160,15 @@ pub struct Session<'m> {
     /// Output of the last [`Session::encode`], `[T, hidden]`.
     hidden: Vec<f32>,
     bank: BankState,
+    on_miss: OnMissState,
+}
+
+/// The session's on-miss fallback ([`OnMiss`]) and, for `Merged`, per layer the stored merged
+/// expert it runs: (task index, layer index in the task, 1 / the merge's mass).
+#[derive(Debug, Default)]
+struct OnMissState {
+    mode: OnMiss,
+    merged: Vec<Option<(usize, usize, f32)>>,
 }
 
 /// What a session built from the prompt for a layer whose execution comes from it
@@ -196,13 +219,52 @@ impl<'m> Session<'m> {
             model,
             pool,
             max_context,
+            kv: opts.kv,
             pos: 0,
-            state: model.layers.iter().map(|l| LayerState::new(&l.attn)).collect(),
+            state: model.layers.iter().map(|l| LayerState::new(&l.attn, opts.kv)).collect(),
             buf: Buffers::default(),
             logits: Vec::new(),
             hidden: Vec::new(),
             bank: BankState::new(ExecPlan::vanilla(model)),
+            on_miss: OnMissState::default(),
         })
+    }
+
+    /// Sets what a routed layer does with a selected expert that is not resident
+    /// ([`OnMiss`]; residency is what the forward call's [`Trace`] reports through
+    /// [`Trace::resident_experts`]). `Exact`, the default, never changes results. Applies to
+    /// the next forward call; the sequence is kept.
+    ///
+    /// # Errors
+    /// [`ModeError::NoMissMerge`]: `Merged` names a task the file does not store merged experts
+    /// for (the session is unchanged).
+    pub fn set_on_miss(&mut self, on_miss: OnMiss) -> Result<(), ModeError> {
+        let m = self.model;
+        let mut merged = alloc::vec![None; m.layers.len()];
+        if let OnMiss::Merged(task) = &on_miss {
+            let Some(ti) = m.tasks.iter().position(|t| t.name == *task) else {
+                return Err(ModeError::NoMissMerge {
+                    task: task.clone(),
+                    available: m.tasks.iter().map(|t| t.name.clone()).collect(),
+                });
+            };
+            for (i, tl) in m.tasks[ti].layers.iter().enumerate() {
+                let mass: f64 = tl.weights.iter().sum();
+                if let Some(slot) = merged.get_mut(tl.layer)
+                    && mass.is_finite()
+                    && mass > 0.0
+                {
+                    *slot = Some((ti, i, (1.0 / mass) as f32));
+                }
+            }
+        }
+        self.on_miss = OnMissState { mode: on_miss, merged };
+        Ok(())
+    }
+
+    /// The on-miss fallback ([`set_on_miss`](Self::set_on_miss)).
+    pub fn on_miss(&self) -> &OnMiss {
+        &self.on_miss.mode
     }
 
     /// Sets the routing mode and merge policy, and resets the sequence. Returns the layers
@@ -293,17 +355,20 @@ impl<'m> Session<'m> {
     /// Bytes the KV cache holds now (see [`ModelConfig::kv_cache_bytes`](crate::ModelConfig::kv_cache_bytes)
     /// for what a context will cost).
     pub fn kv_cache_bytes(&self) -> u64 {
-        let floats: usize = self
+        let bytes: usize = self
             .state
             .iter()
-            .filter_map(|s| match s {
-                LayerState::Kv(c) => Some(c),
-                LayerState::Delta(_) => None,
+            .map(|s| match s {
+                LayerState::Kv(c) => c.bytes(),
+                LayerState::Recurrent(_) => 0,
             })
-            .flat_map(|c| c.k.iter().chain(&c.v))
-            .map(Vec::len)
             .sum();
-        floats as u64 * 4
+        bytes as u64
+    }
+
+    /// How this session stores its KV cache.
+    pub fn kv_options(&self) -> KvOptions {
+        self.kv
     }
 
     /// Bytes of the recurrent layers' state (fixed: it does not grow with the context; see
@@ -314,7 +379,7 @@ impl<'m> Session<'m> {
             .iter()
             .map(|s| match s {
                 LayerState::Kv(_) => 0,
-                LayerState::Delta(d) => d.floats(),
+                LayerState::Recurrent(d) => d.floats(),
             })
             .sum();
         floats as u64 * 4
@@ -323,7 +388,7 @@ impl<'m> Session<'m> {
     /// Whether some layer keeps a recurrent state (which cannot be rewound: see
     /// [`truncate`](Self::truncate)).
     pub fn has_recurrent_state(&self) -> bool {
-        self.state.iter().any(|s| matches!(s, LayerState::Delta(_)))
+        self.state.iter().any(|s| matches!(s, LayerState::Recurrent(_)))
     }
 
     /// Worker threads in use.
@@ -349,13 +414,10 @@ impl<'m> Session<'m> {
         if len > 0 && self.has_recurrent_state() {
             return false;
         }
-        for (c, layer) in self.state.iter_mut().zip(&self.model.layers) {
+        for c in &mut self.state {
             match c {
-                LayerState::Kv(c) => {
-                    let (kw, vw) = layer.attn.cache_widths();
-                    c.truncate(len, kw, vw);
-                }
-                LayerState::Delta(d) => d.clear(),
+                LayerState::Kv(c) => c.truncate(len),
+                LayerState::Recurrent(d) => d.clear(),
             }
         }
         self.pos = len;
@@ -542,10 +604,16 @@ impl<'m> Session<'m> {
                     attention(par, bytes, a, &m.rope, eps, cache, self.pos, &b.h, t, &mut b.attn, &mut b.y)
                 }
                 (Attention::Mla(a), LayerState::Kv(cache)) => {
-                    mla::attention(par, bytes, a, &m.rope, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
+                    mla::attention(par, bytes, a, &m.rope, self.kv.mla, cache, self.pos, &b.h, t, &mut b.mla, &mut b.y)
                 }
-                (Attention::GatedDeltaNet(p), LayerState::Delta(st)) => {
+                (Attention::GatedDeltaNet(p), LayerState::Recurrent(st)) => {
                     delta::delta_net(par, bytes, p, st, &b.h, t, &mut b.delta, &mut b.y)
+                }
+                (Attention::Mamba2(p), LayerState::Recurrent(st)) => {
+                    mamba::mamba2(par, bytes, p, st, &b.h, t, &mut b.mamba, &mut b.y)
+                }
+                (Attention::ShortConv(p), LayerState::Recurrent(st)) => {
+                    short_conv::short_conv(par, bytes, p, st, &b.h, t, &mut b.short_conv, &mut b.y)
                 }
                 // `state` is built from these same layers in `Session::new`.
                 _ => unreachable!("layer {l}: session state does not match the layer's mixer"),
@@ -609,6 +677,15 @@ impl<'m> Session<'m> {
                 FfnPlan::Moe(p) => {
                     trace.on_moe_input(l, self.pos, &b.h);
                     let spec = &c.router;
+                    let fallback = match &self.on_miss.mode {
+                        OnMiss::Exact => None,
+                        OnMiss::Resident => Some(Fallback::Resident),
+                        // A layer the task stores no merge for runs exact.
+                        OnMiss::Merged(_) => self.on_miss.merged.get(l).copied().flatten().map(|(ti, i, inv_mass)| {
+                            let ex = &m.tasks[ti].layers[i].expert;
+                            Fallback::Merged { bytes: &bytes[ex.slab.clone()], mlp: &ex.mlp, inv_mass }
+                        }),
+                    };
                     match (exec, &*built) {
                         (LayerExec::TaskMerge { task, index }, _) => {
                             let ex = &m.tasks[*task].layers[*index].expert;
@@ -622,7 +699,7 @@ impl<'m> Session<'m> {
                         }
                         (LayerExec::PromptMerge(pool), None) => {
                             // The prompt: vanilla, then merge this layer once from its routing.
-                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y);
+                            moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, fallback, &mut b.y);
                             let w = prompt_merge_weights(*pool, par, bytes, p, spec, &b.h, t, last_choices(&b.ffn));
                             // Shapes were validated at open and the weights are finite: the
                             // merge cannot fail; if it did, the layer would stay vanilla.
@@ -630,7 +707,7 @@ impl<'m> Session<'m> {
                                 *built = Some(Built::Merged(me));
                             }
                         }
-                        _ => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, &mut b.y),
+                        _ => moe(par, bytes, p, spec, l, self.pos, &b.h, t, &mut b.ffn, trace, fallback, &mut b.y),
                     }
                 }
             }

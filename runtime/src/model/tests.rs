@@ -87,16 +87,21 @@ fn attention_sink_takes_probability_mass() {
 #[test]
 fn sessions_default_to_a_capped_context() {
     use super::{DEFAULT_MAX_CONTEXT, SessionOptions};
+    use crate::KvDtype;
     let mut c = config(8, 1e4);
     c.max_position_embeddings = 1 << 17;
-    let opts = |max_context| SessionOptions { threads: 1, max_context };
+    let opts = |max_context| SessionOptions { threads: 1, max_context, ..Default::default() };
     assert_eq!(SessionOptions::default().context_for(&c), DEFAULT_MAX_CONTEXT);
     assert_eq!(opts(usize::MAX).context_for(&c), 1 << 17);
     assert_eq!(opts(100).context_for(&c), 100);
     c.max_position_embeddings = 16;
     assert_eq!(SessionOptions::default().context_for(&c), 16);
-    // 1 layer, 1 KV head of 8: keys and values, f32.
-    assert_eq!(c.kv_bytes_per_position(), 2 * 8 * 4);
-    assert_eq!(c.kv_cache_bytes(DEFAULT_MAX_CONTEXT), 2 * 8 * 4 * DEFAULT_MAX_CONTEXT as u64);
-    assert_eq!(c.kv_cache_bytes(usize::MAX), u64::MAX);
+    // 1 layer, 1 KV head of 8: keys and values, f32; f16 halves it; int8 is a byte per value
+    // and a 4-byte scale per row.
+    let kv = |dtype| crate::KvOptions { dtype, ..Default::default() };
+    assert_eq!(c.kv_bytes_per_position(kv(KvDtype::F32)), 2 * 8 * 4);
+    assert_eq!(c.kv_bytes_per_position(kv(KvDtype::F16)), 2 * 8 * 2);
+    assert_eq!(c.kv_bytes_per_position(kv(KvDtype::Int8)), 2 * (8 + 4));
+    assert_eq!(c.kv_cache_bytes(DEFAULT_MAX_CONTEXT, kv(KvDtype::F32)), 2 * 8 * 4 * DEFAULT_MAX_CONTEXT as u64);
+    assert_eq!(c.kv_cache_bytes(usize::MAX, kv(KvDtype::F32)), u64::MAX);
 }

@@ -38,6 +38,19 @@ pub trait Trace {
     /// [`on_experts_selected`](Self::on_experts_selected). Advice only: what `layer` then
     /// selects is reported as usual and is never changed by it.
     fn on_experts_predicted(&mut self, _from: usize, _layer: usize, _experts: &[u32]) {}
+    /// Which experts of MoE layer `layer` are resident now: sets `resident[e]` for each of its
+    /// experts (the vector is resized to their number) and returns true, or returns false when
+    /// this observer does not know (the layer then runs exact). Asked only by a session with an
+    /// on-miss fallback ([`OnMiss`](super::OnMiss)), before the layer's experts run and before
+    /// [`on_experts_selected`](Self::on_experts_selected).
+    fn resident_experts(&mut self, _layer: usize, _resident: &mut alloc::vec::Vec<bool>) -> bool {
+        false
+    }
+    /// Under an on-miss fallback, MoE layer `layer` served `choices` token choices of the
+    /// experts `missed` (distinct, ascending; not resident) by the fallback instead: fetch them
+    /// for later tokens. [`on_experts_selected`](Self::on_experts_selected) then reports only
+    /// the experts that run.
+    fn on_fallback(&mut self, _layer: usize, _missed: &[u32], _choices: usize) {}
     /// MoE layer `layer` ran merged for `tokens` tokens, reading `expert` (no routing, no
     /// per-expert slab).
     fn on_merged(&mut self, _layer: usize, _tokens: usize, _expert: &MergedUse) {}

@@ -347,6 +347,10 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             ));
         }
     }
+    // Attention and routing variants without a graph yet (Llama-4, Hunyuan-MoE).
+    if let Some(key) = c.cpu_only_variant() {
+        return Err(ExportError::Unsupported(format!("{key} (the cpu target runs it)")));
+    }
     let merged = merged_layers(model, &opts.merge)?;
     let mut g = Builder { model: Some(model), bytes: model.bytes(), weights: opts.weights, ..Default::default() };
     let vocab = c.vocab_size;

@@ -1621,6 +1621,10 @@ pub fn supports(model: &Model) -> Result<(), TargetError> {
             return Err(TargetError::UnsupportedMixer { target: NAME.into(), layer: l, mixer });
         }
     }
+    // Attention and routing variants without shaders yet (Llama-4, Hunyuan-MoE).
+    if let Some(key) = model.config().cpu_only_variant() {
+        return Err(unsupported(format!("{key} (the cpu target runs it)")));
+    }
     for (l, k) in model.config().layer_ffn.iter().enumerate() {
         match k {
             FfnKind::Dense | FfnKind::Moe | FfnKind::MeoBank => {}

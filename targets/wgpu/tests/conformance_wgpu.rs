@@ -56,3 +56,39 @@ fn recurrent_state_bytes_match_the_cpu() {
     t.forward(&[1, 2, 3], meo::Logits::Last, &mut meo::NoTrace).unwrap();
     assert_eq!(t.recurrent_state_bytes(), want);
 }
+
+/// Mamba2 layers (Granite-4 hybrid) have no kernels here: refused by name, like any recurrent
+/// mixer this target does not run.
+#[test]
+fn mamba2_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path =
+        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a Mamba2 model must be refused") };
+    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2, .. }), "{e}");
+    assert!(e.to_string().contains("mamba2"), "{e}");
+}
+
+/// LFM2's short convolutions have no kernels here: refused by name.
+#[test]
+fn short_conv_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("lfm2_moe", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a short-conv model must be refused") };
+    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv, .. }), "{e}");
+    assert!(e.to_string().contains("short_conv"), "{e}");
+}
+
+/// Llama-4's attention and routing variants have no shaders here yet: the target refuses the
+/// model with a typed error naming the first metadata key it lacks.
+#[test]
+fn cpu_only_variants_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = meo_tests::conformance::convert_fixture("llama4", meo::DType::F32, meo::DType::F32, tmp.path());
+    let model = Model::open(&path).unwrap();
+    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("Llama-4 must be refused") };
+    assert!(matches!(&e, meo::TargetError::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("model.layer_nope"), "{e}");
+}
