@@ -23,7 +23,9 @@
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
-use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
+use meo::model::plan::{
+    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, ShortConvPlan, Vector,
+};
 use meo::{DType, ExecPlan, LayerExec, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -144,10 +146,11 @@ pub enum ExportError {
 pub enum LayerState {
     /// A KV cache: `past_key.L`, `past_value.L` `[kv_heads, past, width]` (see [`GraphInfo`]).
     Kv,
-    /// A gated DeltaNet layer's fixed-size state: `past_conv.L` `[conv_kernel − 1, conv_dim]`
-    /// (the convolution's last inputs, oldest first) and `past_state.L`
-    /// `[v_heads, k_dim, v_dim]` (the delta rule's state); zeros before the first token.
-    Delta { conv: [usize; 2], state: [usize; 3] },
+    /// A recurrent layer's fixed-size state, zeros before the first token: `past_conv.L`
+    /// `[conv_kernel − 1, channels]` (its causal convolution's last inputs, oldest first) and,
+    /// for a mixer with a recurrence of its own, `past_state.L` (gated DeltaNet: the delta
+    /// rule's `[v_heads, k_dim, v_dim]`). A short convolution has no `past_state`.
+    Recurrent { conv: [usize; 2], state: Option<[usize; 3]> },
 }
 
 /// The graph's interface, as a runtime needs it.
@@ -181,7 +184,8 @@ pub struct GraphInfo {
 impl GraphInfo {
     /// An empty KV cache for this graph, `(keys, values)` per layer: zeros over every slot in
     /// the fixed-shape form, empty otherwise (and no layers for an encoder).
-    /// A recurrent layer's pair is its zero state (`past_conv.L`, `past_state.L`).
+    /// A recurrent layer's pair is its zero state (`past_conv.L`, `past_state.L`; the second
+    /// empty for a layer without `past_state`).
     pub fn empty_cache(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
         if self.encoder.is_some() {
             return Vec::new();
@@ -191,31 +195,39 @@ impl GraphInfo {
             .iter()
             .map(|s| match s {
                 LayerState::Kv => (vec![0.0; slots * self.head_dim], vec![0.0; slots * self.value_dim]),
-                LayerState::Delta { conv, state } => {
-                    (vec![0.0; conv.iter().product()], vec![0.0; state.iter().product()])
+                LayerState::Recurrent { conv, state } => {
+                    (vec![0.0; conv.iter().product()], vec![0.0; state.map_or(0, |s| s.iter().product())])
                 }
             })
             .collect()
     }
 
-    /// Layer `l`'s two `past_*` inputs and their shapes, the cache holding `slots` positions.
-    pub fn past(&self, l: usize, slots: usize) -> [(String, Vec<usize>); 2] {
+    /// Layer `l`'s `past_*` inputs (two, or one for a recurrent layer without `past_state`) and
+    /// their shapes, the cache holding `slots` positions; the same order as
+    /// [`empty_cache`](Self::empty_cache)'s pair.
+    pub fn past(&self, l: usize, slots: usize) -> Vec<(String, Vec<usize>)> {
         match self.layers.get(l) {
-            Some(LayerState::Delta { conv, state }) => {
-                [(Self::past_conv(l), conv.to_vec()), (Self::past_state(l), state.to_vec())]
+            Some(LayerState::Recurrent { conv, state }) => {
+                let mut v = vec![(Self::past_conv(l), conv.to_vec())];
+                v.extend(state.map(|s| (Self::past_state(l), s.to_vec())));
+                v
             }
-            _ => [
+            _ => vec![
                 (Self::past_key(l), vec![self.kv_heads, slots, self.head_dim]),
                 (Self::past_value(l), vec![self.kv_heads, slots, self.value_dim]),
             ],
         }
     }
 
-    /// Layer `l`'s two `present_*` outputs (the same order as [`past`](Self::past)).
-    pub fn present(&self, l: usize) -> [String; 2] {
+    /// Layer `l`'s `present_*` outputs (the same names and order as [`past`](Self::past)'s).
+    pub fn present(&self, l: usize) -> Vec<String> {
         match self.layers.get(l) {
-            Some(LayerState::Delta { .. }) => [Self::present_conv(l), Self::present_state(l)],
-            _ => [Self::present_key(l), Self::present_value(l)],
+            Some(LayerState::Recurrent { state, .. }) => {
+                let mut v = vec![Self::present_conv(l)];
+                v.extend(state.map(|_| Self::present_state(l)));
+                v
+            }
+            _ => vec![Self::present_key(l), Self::present_value(l)],
         }
     }
 
@@ -328,7 +340,10 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             Attention::GatedDeltaNet(p) => {
                 let d = &p.dims;
                 let conv = [d.conv_kernel.saturating_sub(1), d.conv_dim()];
-                LayerState::Delta { conv, state: [d.num_v_heads, d.k_head_dim, d.v_head_dim] }
+                LayerState::Recurrent { conv, state: Some([d.num_v_heads, d.k_head_dim, d.v_head_dim]) }
+            }
+            Attention::ShortConv(p) => {
+                LayerState::Recurrent { conv: [p.kernel.saturating_sub(1), p.conv.rows], state: None }
             }
             #[allow(unreachable_patterns)]
             _ => return Err(ExportError::UnsupportedMixer { layer, mixer: lp.attn.mixer() }),
@@ -389,9 +404,11 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
                 g.input(&k, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
                 g.input(&v, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
             }
-            LayerState::Delta { conv, state } => {
+            LayerState::Recurrent { conv, state } => {
                 g.input(&GraphInfo::past_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
-                g.input(&GraphInfo::past_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                if let Some(state) = state {
+                    g.input(&GraphInfo::past_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                }
             }
         }
     }
@@ -567,6 +584,7 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
             Attention::GatedDeltaNet(d) => g.delta_net(l, d, &hn)?,
+            Attention::ShortConv(sc) => g.short_conv(l, sc, &hn)?,
             #[allow(unreachable_patterns)]
             _ => return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() }),
         };
@@ -641,9 +659,11 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
                 g.output(&k, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
                 g.output(&v, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
             }
-            LayerState::Delta { conv, state } => {
+            LayerState::Recurrent { conv, state } => {
                 g.output(&GraphInfo::present_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
-                g.output(&GraphInfo::present_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                if let Some(state) = state {
+                    g.output(&GraphInfo::present_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                }
             }
         }
     }
@@ -1299,6 +1319,66 @@ impl<'m> Builder<'m> {
         Ok(self.gemm(&o, &ow, None))
     }
 
+    /// The causal depthwise convolution of layer `l`'s recurrent mixer (the CPU's
+    /// `recurrent::causal_conv`) on `x` `[T, cd]`, continuing from `past_conv.L` and writing
+    /// `present_conv.L` (the last `kw − 1` inputs): a grouped `Conv` over the state's rows and
+    /// this call's, SiLU after it when `silu`. Returns `[T, cd]`.
+    fn causal_conv(
+        &mut self,
+        l: usize,
+        x: &str,
+        cd: usize,
+        kw: usize,
+        w: &Mat,
+        silu: bool,
+    ) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
+        let past_conv = GraphInfo::past_conv(l);
+        let full = self.op("Concat", &[&past_conv, x], &[int("axis", 0)]); // [kw − 1 + T, cd]
+        let present = if kw > 1 {
+            let start = self.const_i64(&format!("slice.-{}", kw - 1), &[1], &[-((kw - 1) as i64)]);
+            let end = self.const_i64("slice.end", &[1], &[i64::MAX]);
+            let ax0 = self.const_i64("axes0", &[1], &[0]);
+            self.op("Slice", &[&full, &start, &end, &ax0], &[])
+        } else {
+            self.op("Identity", &[&past_conv], &[])
+        };
+        self.rename(&present, &GraphInfo::present_conv(l));
+        let ax0 = self.const_i64("axes0", &[1], &[0]);
+        let xt = self.op("Transpose", &[&full], &[ints("perm", &[1, 0])]);
+        let xt = self.op("Unsqueeze", &[&xt, &ax0], &[]); // [1, cd, kw − 1 + T]
+        let w = self.matrix(&format!("{pre}.conv.weight"), w)?;
+        let ws = self.shape(&format!("shape.conv.{cd}.{kw}"), &[cd as i64, 1, kw as i64]);
+        let w = self.op("Reshape", &[&w, &ws], &[]);
+        let conv = self.op("Conv", &[&xt, &w], &[int("group", cd as i64), ints("kernel_shape", &[kw as i64])]);
+        let conv = self.op("Squeeze", &[&conv, &ax0], &[]);
+        let conv = self.op("Transpose", &[&conv], &[ints("perm", &[1, 0])]); // [T, cd]
+        if !silu {
+            return Ok(conv);
+        }
+        let sg = self.op("Sigmoid", &[&conv], &[]);
+        Ok(self.op("Mul", &[&conv, &sg], &[]))
+    }
+
+    /// LFM2's gated short convolution of layer `l` on normalised `x` `[T, h]` (the CPU's
+    /// `short_conv::short_conv`), continuing from `past_conv.L` and writing `present_conv.L`:
+    /// `b ⊙ x` through the causal convolution (no activation), times `c`, the output projection.
+    fn short_conv(&mut self, l: usize, p: &ShortConvPlan, x: &str) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        if p.kernel == 0 {
+            return Err(ExportError::Unsupported(format!("{pre}: a short convolution of width 0")));
+        }
+        let bytes = self.bytes;
+        let b = self.linear(x, &format!("{pre}.b.weight"), &p.b, bytes, None)?;
+        let c = self.linear(x, &format!("{pre}.c.weight"), &p.c, bytes, None)?;
+        let v = self.linear(x, &format!("{pre}.x.weight"), &p.x, bytes, None)?;
+        let bx = self.op("Mul", &[&b, &v], &[]);
+        let conv = self.causal_conv(l, &bx, p.conv.rows, p.kernel, &p.conv, false)?;
+        let y = self.op("Mul", &[&c, &conv], &[]);
+        self.linear(&y, &format!("{pre}.out.weight"), &p.out, bytes, None)
+    }
+
     /// The gated DeltaNet layer `l` on normalised `x` `[T, h]` (the CPU's `delta::delta_net`),
     /// continuing from `past_conv.L` and `past_state.L`, writing `present_conv.L` and
     /// `present_state.L`: the projections; the causal depthwise convolution as a grouped `Conv`
@@ -1321,29 +1401,7 @@ impl<'m> Builder<'m> {
             proj.push(self.linear(x, &format!("{pre}.{part}.weight"), m, bytes, None)?);
         }
         let qkv = self.op("Concat", &[&proj[0], &proj[1], &proj[2]], &[int("axis", 1)]); // [T, cd]
-        // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
-        let past_conv = GraphInfo::past_conv(l);
-        let full = self.op("Concat", &[&past_conv, &qkv], &[int("axis", 0)]); // [kw − 1 + T, cd]
-        let present = if kw > 1 {
-            let start = self.const_i64(&format!("slice.-{}", kw - 1), &[1], &[-((kw - 1) as i64)]);
-            let end = self.const_i64("slice.end", &[1], &[i64::MAX]);
-            let ax0 = self.const_i64("axes0", &[1], &[0]);
-            self.op("Slice", &[&full, &start, &end, &ax0], &[])
-        } else {
-            self.op("Identity", &[&past_conv], &[])
-        };
-        self.rename(&present, &GraphInfo::present_conv(l));
-        let ax0 = self.const_i64("axes0", &[1], &[0]);
-        let xt = self.op("Transpose", &[&full], &[ints("perm", &[1, 0])]);
-        let xt = self.op("Unsqueeze", &[&xt, &ax0], &[]); // [1, cd, kw − 1 + T]
-        let w = self.matrix(&format!("{pre}.conv.weight"), &p.conv)?;
-        let ws = self.shape(&format!("shape.conv.{cd}.{kw}"), &[cd as i64, 1, kw as i64]);
-        let w = self.op("Reshape", &[&w, &ws], &[]);
-        let conv = self.op("Conv", &[&xt, &w], &[int("group", cd as i64), ints("kernel_shape", &[kw as i64])]);
-        let conv = self.op("Squeeze", &[&conv, &ax0], &[]);
-        let conv = self.op("Transpose", &[&conv], &[ints("perm", &[1, 0])]); // [T, cd]
-        let sg = self.op("Sigmoid", &[&conv], &[]);
-        let conv = self.op("Mul", &[&conv, &sg], &[]);
+        let conv = self.causal_conv(l, &qkv, cd, kw, &p.conv, true)?; // [T, cd]
         // q, k `[T, heads, dk]`, L2-normalised; key head h / (nv / nk) serves value head h.
         let axes = self.axes_last();
         let l2 = |g: &mut Self, v: &str| {
