@@ -95,15 +95,15 @@ fn synthetic_recipe_variants_match_the_cpu() {
     });
 }
 
-/// Hybrid models (`RECURRENT_FIXTURES` but Granite-4 hybrid's Mamba2: gated DeltaNet layers,
-/// their state carried between calls as `past_conv.L`/`past_state.L` → `present_*`, beside
-/// attention with a gated output; LFM2's short convolutions, `past_conv.L` → `present_conv.L`):
+/// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet and Mamba2 layers, their state carried
+/// between calls as `past_conv.L`/`past_state.L` → `present_*`, beside attention (with a gated
+/// output; without positions); LFM2's short convolutions, `past_conv.L` → `present_conv.L`):
 /// the suite's f32 and int8 checks. Not its bitwise prompt-vs-decode check: ONNX Runtime's
 /// GEMMs round a one-row call differently from a many-row one (as for every family here), so
 /// prompts against decoding are compared within the suite's tolerance instead (below).
 mod recurrent {
     use super::*;
-    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next", lfm2_moe => "lfm2_moe",);
+    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next", granitemoehybrid => "granitemoehybrid", lfm2_moe => "lfm2_moe",);
 }
 
 /// The hybrid graphs against the CPU target call by call: the prompt in two calls, then decode
@@ -114,7 +114,7 @@ fn recurrent_state_carries_between_calls_as_on_the_cpu() {
     use meo_ort::export::LayerState;
     let tmp = tempfile::tempdir().unwrap();
     // (fixture, whether its recurrent layers have a `past_state`)
-    for (name, with_state) in [("qwen3_next", true), ("lfm2_moe", false)] {
+    for (name, with_state) in [("qwen3_next", true), ("granitemoehybrid", true), ("lfm2_moe", false)] {
         let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
         let model: &'static Model = Box::leak(Box::new(Model::open(&path).unwrap()));
         let rf = meo_tests::conformance::reference(name);
@@ -147,20 +147,6 @@ fn fixed_shape_recurrent_export_is_refused_by_name() {
     let opts = meo_ort::export::ExportOptions { static_shape: Some(static_shape::SHAPE), ..Default::default() };
     let Err(e) = meo_ort::export::export(&model, &opts) else { panic!("a fixed-shape hybrid must be refused") };
     assert!(e.to_string().contains("recurrent mixer"), "{e}");
-}
-
-/// Mamba2 layers (Granite-4 hybrid) have no ONNX graph: the export refuses them by name.
-#[test]
-fn mamba2_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path =
-        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
-        panic!("a Mamba2 model must be refused")
-    };
-    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2 }), "{e}");
-    assert!(e.to_string().contains("mamba2"), "{e}");
 }
 
 /// Llama-4's attention and routing variants have no ONNX graph yet: the export refuses the
