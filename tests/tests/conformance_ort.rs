@@ -95,33 +95,45 @@ fn synthetic_recipe_variants_match_the_cpu() {
     });
 }
 
-/// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet layers, their state carried between
-/// calls as `past_conv.L`/`past_state.L` → `present_*`, beside attention with a gated output):
+/// Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet and Mamba2 layers, their state carried
+/// between calls as `past_conv.L`/`past_state.L` → `present_*`, beside attention (with a gated
+/// output; without positions); LFM2's short convolutions, `past_conv.L` → `present_conv.L`):
 /// the suite's f32 and int8 checks. Not its bitwise prompt-vs-decode check: ONNX Runtime's
 /// GEMMs round a one-row call differently from a many-row one (as for every family here), so
 /// prompts against decoding are compared within the suite's tolerance instead (below).
 mod recurrent {
     use super::*;
-    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next",);
+    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next", granitemoehybrid => "granitemoehybrid", lfm2_moe => "lfm2_moe",);
 }
 
-/// The hybrid graph against the CPU target call by call: the prompt in two calls, then decode
+/// The hybrid graphs against the CPU target call by call: the prompt in two calls, then decode
 /// steps one token each (the state carried by the runtime wrapper), within the suite's
 /// tolerance with identical routing; a reset starts over.
 #[test]
 fn recurrent_state_carries_between_calls_as_on_the_cpu() {
+    use meo_ort::export::LayerState;
     let tmp = tempfile::tempdir().unwrap();
-    let path = meo_tests::conformance::convert_fixture("qwen3_next", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model: &'static Model = Box::leak(Box::new(Model::open(&path).unwrap()));
-    let rf = meo_tests::conformance::reference("qwen3_next");
-    let t = OrtTarget::new(model, OrtOptions { threads: 2, ..Default::default() }).unwrap();
-    let info = t.info().clone();
-    let kinds: Vec<bool> = info.layers.iter().map(|s| matches!(s, meo_ort::export::LayerState::Delta { .. })).collect();
-    assert!(kinds.contains(&true) && kinds.contains(&false), "a hybrid: {kinds:?}");
-    let mut r = TargetRunner(t);
-    for _ in 0..2 {
-        let d = meo_tests::conformance::compare_with_cpu("qwen3_next", model, &mut r, &rf.input_ids, &rf.greedy);
-        assert!(d <= meo_tests::conformance::LOGIT_TOL, "max |Δlogit| {d:e} vs the cpu");
+    // (fixture, whether its recurrent layers have a `past_state`)
+    for (name, with_state) in [("qwen3_next", true), ("granitemoehybrid", true), ("lfm2_moe", false)] {
+        let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
+        let model: &'static Model = Box::leak(Box::new(Model::open(&path).unwrap()));
+        let rf = meo_tests::conformance::reference(name);
+        let t = OrtTarget::new(model, OrtOptions { threads: 2, ..Default::default() }).unwrap();
+        let info = t.info().clone();
+        let kinds: Vec<bool> = info.layers.iter().map(|s| matches!(s, LayerState::Recurrent { .. })).collect();
+        assert!(kinds.contains(&true) && kinds.contains(&false), "{name}: a hybrid: {kinds:?}");
+        for (l, s) in info.layers.iter().enumerate() {
+            if let LayerState::Recurrent { state, .. } = s {
+                assert_eq!(state.is_some(), with_state, "{name}: layer {l}");
+                assert_eq!(info.past(l, 0).len(), info.present(l).len(), "{name}: layer {l}");
+                assert_eq!(info.past(l, 0).len(), 1 + usize::from(with_state), "{name}: layer {l}");
+            }
+        }
+        let mut r = TargetRunner(t);
+        for _ in 0..2 {
+            let d = meo_tests::conformance::compare_with_cpu(name, model, &mut r, &rf.input_ids, &rf.greedy);
+            assert!(d <= meo_tests::conformance::LOGIT_TOL, "{name}: max |Δlogit| {d:e} vs the cpu");
+        }
     }
 }
 
@@ -135,36 +147,6 @@ fn fixed_shape_recurrent_export_is_refused_by_name() {
     let opts = meo_ort::export::ExportOptions { static_shape: Some(static_shape::SHAPE), ..Default::default() };
     let Err(e) = meo_ort::export::export(&model, &opts) else { panic!("a fixed-shape hybrid must be refused") };
     assert!(e.to_string().contains("recurrent mixer"), "{e}");
-}
-
-/// Mamba2 layers (Granite-4 hybrid) have no ONNX graph: the export refuses them by name.
-#[test]
-fn mamba2_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path =
-        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
-        panic!("a Mamba2 model must be refused")
-    };
-    assert!(matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2 }), "{e}");
-    assert!(e.to_string().contains("mamba2"), "{e}");
-}
-
-/// LFM2's short convolutions have no ONNX graph: the export refuses them by name.
-#[test]
-fn short_conv_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = meo_tests::conformance::convert_fixture("lfm2_moe", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let Err(e) = meo_ort::export::export(&model, &meo_ort::export::ExportOptions::default()) else {
-        panic!("a short-conv model must be refused")
-    };
-    assert!(
-        matches!(e, meo_ort::export::ExportError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv }),
-        "{e}"
-    );
-    assert!(e.to_string().contains("short_conv"), "{e}");
 }
 
 /// Llama-4's attention and routing variants have no ONNX graph yet: the export refuses the

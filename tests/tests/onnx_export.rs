@@ -446,6 +446,28 @@ fn every_family_and_the_static_form_pass_the_checker_and_static_graphs_are_fully
     let p = tmp.path().join("qwen3_next.onnx");
     export::write(&e, &p, false).unwrap();
     checked.push(p);
+    // A hybrid of short convolutions (a grouped `Conv`, `past_conv` without `past_state`) and
+    // attention with q/k norms.
+    let path = meo_tests::conformance::convert_fixture("lfm2_moe", DType::Q8_0, DType::F16, tmp.path());
+    let lf = Model::open(&path).unwrap();
+    let e = export::export(&lf, &ExportOptions::default()).unwrap();
+    let ops: std::collections::BTreeSet<&str> = e.model.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(ops.contains("Conv") && !ops.contains("Scan"), "{ops:?}");
+    let inputs: Vec<&str> = e.model.graph.input.iter().map(|i| i.name.as_str()).collect();
+    assert!(inputs.contains(&"past_conv.0") && !inputs.iter().any(|n| n.starts_with("past_state")), "{inputs:?}");
+    let p = tmp.path().join("lfm2_moe.onnx");
+    export::write(&e, &p, false).unwrap();
+    checked.push(p);
+    // Mamba2 layers (the selective scan as a `Scan`, a convolution with a bias) beside attention
+    // without positions.
+    let path = meo_tests::conformance::convert_fixture("granitemoehybrid", DType::Q8_0, DType::F16, tmp.path());
+    let gr = Model::open(&path).unwrap();
+    let e = export::export(&gr, &ExportOptions::default()).unwrap();
+    let ops: std::collections::BTreeSet<&str> = e.model.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(ops.contains("Scan") && ops.contains("Conv"), "{ops:?}");
+    let p = tmp.path().join("granitemoehybrid.onnx");
+    export::write(&e, &p, false).unwrap();
+    checked.push(p);
     // The NPU deployment form: task-merged, per-channel int8 weights, fixed shapes.
     let up = Model::open(upcycled(tmp.path(), DType::Q8_0)).unwrap();
     let npu =

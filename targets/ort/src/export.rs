@@ -23,7 +23,10 @@
 
 use meo::config::{Activation, GroupScore, NormKind, QkNorm, Scoring, SharedGate};
 use meo::kernels::MatRef;
-use meo::model::plan::{Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mat, MlaPlan, Mlp, MoePlan, Vector};
+use meo::model::plan::{
+    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, Mamba2Plan, Mat, MlaPlan, Mlp, MoePlan, ShortConvPlan,
+    Vector,
+};
 use meo::{DType, ExecPlan, LayerExec, MergeOptions, Mode, Model};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -144,10 +147,12 @@ pub enum ExportError {
 pub enum LayerState {
     /// A KV cache: `past_key.L`, `past_value.L` `[kv_heads, past, width]` (see [`GraphInfo`]).
     Kv,
-    /// A gated DeltaNet layer's fixed-size state: `past_conv.L` `[conv_kernel − 1, conv_dim]`
-    /// (the convolution's last inputs, oldest first) and `past_state.L`
-    /// `[v_heads, k_dim, v_dim]` (the delta rule's state); zeros before the first token.
-    Delta { conv: [usize; 2], state: [usize; 3] },
+    /// A recurrent layer's fixed-size state, zeros before the first token: `past_conv.L`
+    /// `[conv_kernel − 1, channels]` (its causal convolution's last inputs, oldest first) and,
+    /// for a mixer with a recurrence of its own, `past_state.L` (gated DeltaNet: the delta
+    /// rule's `[v_heads, k_dim, v_dim]`; Mamba2: the SSM state `[heads, head_dim, N]`). A short
+    /// convolution has no `past_state`.
+    Recurrent { conv: [usize; 2], state: Option<[usize; 3]> },
 }
 
 /// The graph's interface, as a runtime needs it.
@@ -181,7 +186,8 @@ pub struct GraphInfo {
 impl GraphInfo {
     /// An empty KV cache for this graph, `(keys, values)` per layer: zeros over every slot in
     /// the fixed-shape form, empty otherwise (and no layers for an encoder).
-    /// A recurrent layer's pair is its zero state (`past_conv.L`, `past_state.L`).
+    /// A recurrent layer's pair is its zero state (`past_conv.L`, `past_state.L`; the second
+    /// empty for a layer without `past_state`).
     pub fn empty_cache(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
         if self.encoder.is_some() {
             return Vec::new();
@@ -191,31 +197,39 @@ impl GraphInfo {
             .iter()
             .map(|s| match s {
                 LayerState::Kv => (vec![0.0; slots * self.head_dim], vec![0.0; slots * self.value_dim]),
-                LayerState::Delta { conv, state } => {
-                    (vec![0.0; conv.iter().product()], vec![0.0; state.iter().product()])
+                LayerState::Recurrent { conv, state } => {
+                    (vec![0.0; conv.iter().product()], vec![0.0; state.map_or(0, |s| s.iter().product())])
                 }
             })
             .collect()
     }
 
-    /// Layer `l`'s two `past_*` inputs and their shapes, the cache holding `slots` positions.
-    pub fn past(&self, l: usize, slots: usize) -> [(String, Vec<usize>); 2] {
+    /// Layer `l`'s `past_*` inputs (two, or one for a recurrent layer without `past_state`) and
+    /// their shapes, the cache holding `slots` positions; the same order as
+    /// [`empty_cache`](Self::empty_cache)'s pair.
+    pub fn past(&self, l: usize, slots: usize) -> Vec<(String, Vec<usize>)> {
         match self.layers.get(l) {
-            Some(LayerState::Delta { conv, state }) => {
-                [(Self::past_conv(l), conv.to_vec()), (Self::past_state(l), state.to_vec())]
+            Some(LayerState::Recurrent { conv, state }) => {
+                let mut v = vec![(Self::past_conv(l), conv.to_vec())];
+                v.extend(state.map(|s| (Self::past_state(l), s.to_vec())));
+                v
             }
-            _ => [
+            _ => vec![
                 (Self::past_key(l), vec![self.kv_heads, slots, self.head_dim]),
                 (Self::past_value(l), vec![self.kv_heads, slots, self.value_dim]),
             ],
         }
     }
 
-    /// Layer `l`'s two `present_*` outputs (the same order as [`past`](Self::past)).
-    pub fn present(&self, l: usize) -> [String; 2] {
+    /// Layer `l`'s `present_*` outputs (the same names and order as [`past`](Self::past)'s).
+    pub fn present(&self, l: usize) -> Vec<String> {
         match self.layers.get(l) {
-            Some(LayerState::Delta { .. }) => [Self::present_conv(l), Self::present_state(l)],
-            _ => [Self::present_key(l), Self::present_value(l)],
+            Some(LayerState::Recurrent { state, .. }) => {
+                let mut v = vec![Self::present_conv(l)];
+                v.extend(state.map(|_| Self::present_state(l)));
+                v
+            }
+            _ => vec![Self::present_key(l), Self::present_value(l)],
         }
     }
 
@@ -328,7 +342,15 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             Attention::GatedDeltaNet(p) => {
                 let d = &p.dims;
                 let conv = [d.conv_kernel.saturating_sub(1), d.conv_dim()];
-                LayerState::Delta { conv, state: [d.num_v_heads, d.k_head_dim, d.v_head_dim] }
+                LayerState::Recurrent { conv, state: Some([d.num_v_heads, d.k_head_dim, d.v_head_dim]) }
+            }
+            Attention::Mamba2(p) => {
+                let d = &p.dims;
+                let conv = [d.conv_kernel.saturating_sub(1), d.conv_dim()];
+                LayerState::Recurrent { conv, state: Some([d.num_heads, d.head_dim, d.state_size]) }
+            }
+            Attention::ShortConv(p) => {
+                LayerState::Recurrent { conv: [p.kernel.saturating_sub(1), p.conv.rows], state: None }
             }
             #[allow(unreachable_patterns)]
             _ => return Err(ExportError::UnsupportedMixer { layer, mixer: lp.attn.mixer() }),
@@ -389,9 +411,11 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
                 g.input(&k, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(kd)]);
                 g.input(&v, DataType::FLOAT, &[Dim::Fixed(nkv), past_dim.clone(), Dim::Fixed(vd)]);
             }
-            LayerState::Delta { conv, state } => {
+            LayerState::Recurrent { conv, state } => {
                 g.input(&GraphInfo::past_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
-                g.input(&GraphInfo::past_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                if let Some(state) = state {
+                    g.input(&GraphInfo::past_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                }
             }
         }
     }
@@ -567,6 +591,8 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
             Attention::Gqa(a) => g.attention(l, a, &hn, &ctx, eps)?,
             Attention::Mla(a) => g.mla(l, a, &hn, &ctx)?,
             Attention::GatedDeltaNet(d) => g.delta_net(l, d, &hn)?,
+            Attention::ShortConv(sc) => g.short_conv(l, sc, &hn)?,
+            Attention::Mamba2(m) => g.mamba2(l, m, &hn)?,
             #[allow(unreachable_patterns)]
             _ => return Err(ExportError::UnsupportedMixer { layer: l, mixer: plan.attn.mixer() }),
         };
@@ -641,9 +667,11 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Exported, ExportErr
                 g.output(&k, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(kd)]);
                 g.output(&v, DataType::FLOAT, &[Dim::Fixed(nkv), total_dim.clone(), Dim::Fixed(vd)]);
             }
-            LayerState::Delta { conv, state } => {
+            LayerState::Recurrent { conv, state } => {
                 g.output(&GraphInfo::present_conv(l), DataType::FLOAT, &conv.map(Dim::Fixed));
-                g.output(&GraphInfo::present_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                if let Some(state) = state {
+                    g.output(&GraphInfo::present_state(l), DataType::FLOAT, &state.map(Dim::Fixed));
+                }
             }
         }
     }
@@ -1299,6 +1327,180 @@ impl<'m> Builder<'m> {
         Ok(self.gemm(&o, &ow, None))
     }
 
+    /// The causal depthwise convolution of layer `l`'s recurrent mixer (the CPU's
+    /// `recurrent::causal_conv`) on `x` `[T, cd]`, continuing from `past_conv.L` and writing
+    /// `present_conv.L` (the last `kw − 1` inputs): a grouped `Conv` (with `bias`) over the
+    /// state's rows and this call's, SiLU after it when `silu`. Returns `[T, cd]`.
+    fn causal_conv(
+        &mut self,
+        l: usize,
+        x: &str,
+        cd: usize,
+        kw: usize,
+        w: &Mat,
+        bias: Option<&Vector>,
+        silu: bool,
+    ) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
+        let past_conv = GraphInfo::past_conv(l);
+        let full = self.op("Concat", &[&past_conv, x], &[int("axis", 0)]); // [kw − 1 + T, cd]
+        let present = if kw > 1 {
+            let start = self.const_i64(&format!("slice.-{}", kw - 1), &[1], &[-((kw - 1) as i64)]);
+            let end = self.const_i64("slice.end", &[1], &[i64::MAX]);
+            let ax0 = self.const_i64("axes0", &[1], &[0]);
+            self.op("Slice", &[&full, &start, &end, &ax0], &[])
+        } else {
+            self.op("Identity", &[&past_conv], &[])
+        };
+        self.rename(&present, &GraphInfo::present_conv(l));
+        let ax0 = self.const_i64("axes0", &[1], &[0]);
+        let xt = self.op("Transpose", &[&full], &[ints("perm", &[1, 0])]);
+        let xt = self.op("Unsqueeze", &[&xt, &ax0], &[]); // [1, cd, kw − 1 + T]
+        let w = self.matrix(&format!("{pre}.conv.weight"), w)?;
+        let ws = self.shape(&format!("shape.conv.{cd}.{kw}"), &[cd as i64, 1, kw as i64]);
+        let w = self.op("Reshape", &[&w, &ws], &[]);
+        let mut inputs = vec![xt, w];
+        inputs.extend(bias.map(|b| self.vector(&format!("{pre}.conv.bias"), b)));
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let conv = self.op("Conv", &inputs, &[int("group", cd as i64), ints("kernel_shape", &[kw as i64])]);
+        let conv = self.op("Squeeze", &[&conv, &ax0], &[]);
+        let conv = self.op("Transpose", &[&conv], &[ints("perm", &[1, 0])]); // [T, cd]
+        if !silu {
+            return Ok(conv);
+        }
+        let sg = self.op("Sigmoid", &[&conv], &[]);
+        Ok(self.op("Mul", &[&conv, &sg], &[]))
+    }
+
+    /// LFM2's gated short convolution of layer `l` on normalised `x` `[T, h]` (the CPU's
+    /// `short_conv::short_conv`), continuing from `past_conv.L` and writing `present_conv.L`:
+    /// `b ⊙ x` through the causal convolution (no activation), times `c`, the output projection.
+    fn short_conv(&mut self, l: usize, p: &ShortConvPlan, x: &str) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        if p.kernel == 0 {
+            return Err(ExportError::Unsupported(format!("{pre}: a short convolution of width 0")));
+        }
+        let bytes = self.bytes;
+        let b = self.linear(x, &format!("{pre}.b.weight"), &p.b, bytes, None)?;
+        let c = self.linear(x, &format!("{pre}.c.weight"), &p.c, bytes, None)?;
+        let v = self.linear(x, &format!("{pre}.x.weight"), &p.x, bytes, None)?;
+        let bx = self.op("Mul", &[&b, &v], &[]);
+        let conv = self.causal_conv(l, &bx, p.conv.rows, p.kernel, &p.conv, None, false)?;
+        let y = self.op("Mul", &[&c, &conv], &[]);
+        self.linear(&y, &format!("{pre}.out.weight"), &p.out, bytes, None)
+    }
+
+    /// The Mamba2 layer `l` on normalised `x` `[T, h]` (the CPU's `mamba::mamba2`), continuing
+    /// from `past_conv.L` and `past_state.L`, writing `present_conv.L` and `present_state.L`:
+    /// the z, xBC and dt projections; the causal convolution (bias, SiLU) as a grouped `Conv`;
+    /// `Δ = softplus(dt + dt_bias)` and the decay `exp(Δ·A)`; the selective scan over the tokens
+    /// in order as a `Scan` carrying `S` `[heads, head_dim, N]` (`S ← decay·S + (Δ·B)·x`,
+    /// `y = S·C`); `y + D·x`; `y ⊙ silu(z)` RMS-normalised per group; the output projection.
+    fn mamba2(&mut self, l: usize, p: &Mamba2Plan, x: &str) -> Result<String, ExportError> {
+        let pre = format!("layers.{l}.mixer");
+        let d = &p.dims;
+        let (nh, hd, n, ng, kw) = (d.num_heads, d.head_dim, d.state_size, d.n_groups, d.conv_kernel);
+        if ng == 0 || !nh.is_multiple_of(ng) || kw == 0 {
+            return Err(ExportError::Unsupported(format!(
+                "{pre}: Mamba2 with {nh} heads over {ng} groups, convolution width {kw}"
+            )));
+        }
+        let (inner, cd, gn) = (d.inner(), d.conv_dim(), ng * n);
+        let bytes = self.bytes;
+        let z = self.linear(x, &format!("{pre}.z.weight"), &p.z, bytes, None)?;
+        let xbc = self.linear(x, &format!("{pre}.xbc.weight"), &p.xbc, bytes, None)?;
+        let dt = self.linear(x, &format!("{pre}.dt.weight"), &p.dt, bytes, None)?;
+        let conv = self.causal_conv(l, &xbc, cd, kw, &p.conv, p.conv_bias.as_ref(), true)?; // [T, cd]
+        // x `[T, heads, head_dim]`; B and C `[T, heads, N]` (group h / (heads / groups) per head).
+        let xs = self.slice(&conv, 0, inner, 1);
+        let hs = self.shape(&format!("shape.heads.{nh}.{hd}"), &[-1, nh as i64, hd as i64]);
+        let xs = self.op("Reshape", &[&xs, &hs], &[]);
+        let gs = self.shape(&format!("shape.heads.{ng}.{n}"), &[-1, ng as i64, n as i64]);
+        let groups: Vec<i64> = (0..nh).map(|h| (h / (nh / ng)) as i64).collect();
+        let groups = self.const_i64(&format!("{pre}.groups"), &[nh], &groups);
+        let mut bc = Vec::new();
+        for lo in [inner, inner + gn] {
+            let v = self.slice(&conv, lo, lo + gn, 1);
+            let v = self.op("Reshape", &[&v, &gs], &[]);
+            bc.push(self.op("Gather", &[&v, &groups], &[int("axis", 1)]));
+        }
+        let dtb = self.vector(&format!("{pre}.dt_bias"), &p.dt_bias);
+        let u = self.op("Add", &[&dt, &dtb], &[]);
+        let delta = self.softplus(&u); // [T, heads]
+        let neg_a = self.neg_exp(&format!("{pre}.neg_a"), &p.a_log);
+        let da = self.op("Mul", &[&delta, &neg_a], &[]);
+        let decay = self.op("Exp", &[&da], &[]);
+        // The scan, token by token: S ← decay·S + (Δ·B) ⊗ x; y = S·C.
+        let body_in: Vec<String> =
+            ["s", "x", "b", "c", "delta", "decay"].iter().map(|v| format!("{pre}.scan.{v}")).collect();
+        let outer = std::mem::take(&mut self.nodes);
+        let (s_in, xt, bt, ct, dlt, dct) =
+            (&body_in[0], &body_in[1], &body_in[2], &body_in[3], &body_in[4], &body_in[5]);
+        let col = self.shape(&format!("shape.{nh}.1.1"), &[nh as i64, 1, 1]);
+        let ax1 = self.const_i64("axes1", &[1], &[1]);
+        let ax2 = self.const_i64("axes.2", &[1], &[2]);
+        let dr = self.op("Reshape", &[dct, &col], &[]);
+        let s1 = self.op("Mul", &[s_in, &dr], &[]);
+        let dl = self.op("Reshape", &[dlt, &col], &[]);
+        let brow = self.op("Unsqueeze", &[bt, &ax1], &[]); // [heads, 1, N]
+        let db = self.op("Mul", &[&dl, &brow], &[]);
+        let xcol = self.op("Unsqueeze", &[xt, &ax2], &[]); // [heads, head_dim, 1]
+        let upd = self.op("Mul", &[&db, &xcol], &[]);
+        let s2 = self.op("Add", &[&s1, &upd], &[]);
+        let ccol = self.op("Unsqueeze", &[ct, &ax2], &[]); // [heads, N, 1]
+        let y = self.op("MatMul", &[&s2, &ccol], &[]);
+        let y = self.op("Squeeze", &[&y, &ax2], &[]); // [heads, head_dim]
+        let body_nodes = std::mem::replace(&mut self.nodes, outer);
+        let f = DataType::FLOAT;
+        let body = GraphProto {
+            name: format!("{pre}.ssm"),
+            node: body_nodes,
+            input: vec![
+                value_info(s_in, f, &[Dim::Fixed(nh), Dim::Fixed(hd), Dim::Fixed(n)]),
+                value_info(xt, f, &[Dim::Fixed(nh), Dim::Fixed(hd)]),
+                value_info(bt, f, &[Dim::Fixed(nh), Dim::Fixed(n)]),
+                value_info(ct, f, &[Dim::Fixed(nh), Dim::Fixed(n)]),
+                value_info(dlt, f, &[Dim::Fixed(nh)]),
+                value_info(dct, f, &[Dim::Fixed(nh)]),
+            ],
+            output: vec![
+                value_info(&s2, f, &[Dim::Fixed(nh), Dim::Fixed(hd), Dim::Fixed(n)]),
+                value_info(&y, f, &[Dim::Fixed(nh), Dim::Fixed(hd)]),
+            ],
+            ..Default::default()
+        };
+        let body = AttributeProto { g: protobuf::MessageField::some(body), ..attr("body", AttributeType::GRAPH) };
+        let past_state = GraphInfo::past_state(l);
+        let out = self.op_n(
+            "Scan",
+            &[&past_state, &xs, &bc[0], &bc[1], &delta, &decay],
+            &[body, int("num_scan_inputs", 5)],
+            2,
+        );
+        self.rename(&out[0], &GraphInfo::present_state(l));
+        // y + D·x, then the gate and the norm per group of inner / groups channels.
+        let dv = self.vector(&format!("{pre}.d"), &p.d);
+        let dcol = self.shape(&format!("shape.{nh}.1"), &[nh as i64, 1]);
+        let dv = self.op("Reshape", &[&dv, &dcol], &[]);
+        let dx = self.op("Mul", &[&xs, &dv], &[]);
+        let y = self.op("Add", &[&out[1], &dx], &[]); // [T, heads, head_dim]
+        let is = self.shape(&format!("shape.o.{inner}"), &[-1, inner as i64]);
+        let y = self.op("Reshape", &[&y, &is], &[]);
+        let zs = self.op("Sigmoid", &[&z], &[]);
+        let zg = self.op("Mul", &[&z, &zs], &[]);
+        let y = self.op("Mul", &[&y, &zg], &[]);
+        let gw = inner / ng;
+        let ys = self.shape(&format!("shape.heads.{ng}.{gw}"), &[-1, ng as i64, gw as i64]);
+        let y = self.op("Reshape", &[&y, &ys], &[]);
+        let nw = self.vector(&format!("{pre}.norm.weight"), &p.out_norm);
+        let ws = self.shape(&format!("shape.{ng}.{gw}"), &[ng as i64, gw as i64]);
+        let nw = self.op("Reshape", &[&nw, &ws], &[]);
+        let y = self.rms(&y, &nw, p.eps);
+        let y = self.op("Reshape", &[&y, &is], &[]);
+        self.linear(&y, &format!("{pre}.out.weight"), &p.out, bytes, None)
+    }
+
     /// The gated DeltaNet layer `l` on normalised `x` `[T, h]` (the CPU's `delta::delta_net`),
     /// continuing from `past_conv.L` and `past_state.L`, writing `present_conv.L` and
     /// `present_state.L`: the projections; the causal depthwise convolution as a grouped `Conv`
@@ -1321,29 +1523,7 @@ impl<'m> Builder<'m> {
             proj.push(self.linear(x, &format!("{pre}.{part}.weight"), m, bytes, None)?);
         }
         let qkv = self.op("Concat", &[&proj[0], &proj[1], &proj[2]], &[int("axis", 1)]); // [T, cd]
-        // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
-        let past_conv = GraphInfo::past_conv(l);
-        let full = self.op("Concat", &[&past_conv, &qkv], &[int("axis", 0)]); // [kw − 1 + T, cd]
-        let present = if kw > 1 {
-            let start = self.const_i64(&format!("slice.-{}", kw - 1), &[1], &[-((kw - 1) as i64)]);
-            let end = self.const_i64("slice.end", &[1], &[i64::MAX]);
-            let ax0 = self.const_i64("axes0", &[1], &[0]);
-            self.op("Slice", &[&full, &start, &end, &ax0], &[])
-        } else {
-            self.op("Identity", &[&past_conv], &[])
-        };
-        self.rename(&present, &GraphInfo::present_conv(l));
-        let ax0 = self.const_i64("axes0", &[1], &[0]);
-        let xt = self.op("Transpose", &[&full], &[ints("perm", &[1, 0])]);
-        let xt = self.op("Unsqueeze", &[&xt, &ax0], &[]); // [1, cd, kw − 1 + T]
-        let w = self.matrix(&format!("{pre}.conv.weight"), &p.conv)?;
-        let ws = self.shape(&format!("shape.conv.{cd}.{kw}"), &[cd as i64, 1, kw as i64]);
-        let w = self.op("Reshape", &[&w, &ws], &[]);
-        let conv = self.op("Conv", &[&xt, &w], &[int("group", cd as i64), ints("kernel_shape", &[kw as i64])]);
-        let conv = self.op("Squeeze", &[&conv, &ax0], &[]);
-        let conv = self.op("Transpose", &[&conv], &[ints("perm", &[1, 0])]); // [T, cd]
-        let sg = self.op("Sigmoid", &[&conv], &[]);
-        let conv = self.op("Mul", &[&conv, &sg], &[]);
+        let conv = self.causal_conv(l, &qkv, cd, kw, &p.conv, None, true)?; // [T, cd]
         // q, k `[T, heads, dk]`, L2-normalised; key head h / (nv / nk) serves value head h.
         let axes = self.axes_last();
         let l2 = |g: &mut Self, v: &str| {
@@ -1374,14 +1554,8 @@ impl<'m> Builder<'m> {
         let beta = self.op("Sigmoid", &[&proj[4]], &[]);
         let dtb = self.vector(&format!("{pre}.dt_bias"), &p.dt_bias);
         let u = self.op("Add", &[&proj[5], &dtb], &[]);
-        let twenty = self.const_f32("softplus.threshold", &[], &[20.0]);
-        let big = self.op("Greater", &[&u, &twenty], &[]);
-        let sp = self.op("Softplus", &[&u], &[]);
-        let sp = self.op("Where", &[&big, &u, &sp], &[]);
-        let mut a_log = vec![0.0f32; p.a_log.len];
-        meo::kernels::read_f32s(&self.bytes[p.a_log.range.clone()], &mut a_log);
-        let neg_a: Vec<f32> = a_log.iter().map(|&v| -v.exp()).collect();
-        let neg_a = self.const_f32(&format!("{pre}.neg_a"), &[nv], &neg_a);
+        let sp = self.softplus(&u);
+        let neg_a = self.neg_exp(&format!("{pre}.neg_a"), &p.a_log);
         let gdec = self.op("Mul", &[&sp, &neg_a], &[]);
         let decay = self.op("Exp", &[&gdec], &[]); // [T, nv]
         // The delta rule, token by token: a Scan over (q, k, v, β, decay) carrying S.
@@ -1440,6 +1614,22 @@ impl<'m> Builder<'m> {
         let os = self.shape(&format!("shape.o.{vd}"), &[-1, vd as i64]);
         let o = self.op("Reshape", &[&o, &os], &[]);
         self.linear(&o, &format!("{pre}.out.weight"), &p.out, bytes, None)
+    }
+
+    /// torch's `softplus` of `u` (linear above 20).
+    fn softplus(&mut self, u: &str) -> String {
+        let twenty = self.const_f32("softplus.threshold", &[], &[20.0]);
+        let big = self.op("Greater", &[u, &twenty], &[]);
+        let sp = self.op("Softplus", &[u], &[]);
+        self.op("Where", &[&big, u, &sp], &[])
+    }
+
+    /// The constant `−exp(v)` (a recurrent mixer's `A` from its stored `a_log`).
+    fn neg_exp(&mut self, name: &str, v: &Vector) -> String {
+        let mut a_log = vec![0.0f32; v.len];
+        meo::kernels::read_f32s(&self.bytes[v.range.clone()], &mut a_log);
+        let neg_a: Vec<f32> = a_log.iter().map(|&v| -v.exp()).collect();
+        self.const_f32(name, &[v.len], &neg_a)
     }
 
     /// `x[.., start..end, ..]` on `axis`.

@@ -316,8 +316,10 @@ impl OrtTarget<'_> {
         };
         for l in 0..self.info.num_layers {
             // A KV cache, or a recurrent layer's state (see `export::LayerState`).
-            let [k, v] = self.info.present(l);
-            self.kv[l] = (take(&mut out, &k)?.1, take(&mut out, &v)?.1);
+            // (A layer with one `present_*` output keeps an empty second.)
+            let mut names = self.info.present(l).into_iter();
+            let mut next = |out: &mut Outputs| names.next().map_or(Ok(Vec::new()), |n| take(out, &n).map(|o| o.1));
+            self.kv[l] = (next(&mut out)?, next(&mut out)?);
         }
         let k = self.info.top_k;
         for &l in &self.info.routed.clone() {

@@ -36,8 +36,8 @@ use meo::config::{FfnKind, NormKind, SharedGate};
 use meo::kernels::Serial;
 use meo::model::exec::{bank_slots, prompt_merge_weights};
 use meo::model::plan::{
-    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, LayerPlan, Mat, MeoFfn, MlaPlan, Mlp, MoePlan, Vector,
-    relative_bucket,
+    Attention, AttnPlan, Bank, BankExpert, DeltaPlan, FfnPlan, LayerPlan, Mamba2Plan, Mat, MeoFfn, MlaPlan, Mlp,
+    MoePlan, Vector, relative_bucket,
 };
 use meo::model::{MergedBank, merge_bank, sequence_gate};
 use meo::route::{Choice, RouteScratch, apply_capacity, route_token};
@@ -145,6 +145,31 @@ struct GDelta {
     out: GMat,
 }
 
+/// LFM2's gated short convolution weights (see `ShortConvPlan`).
+struct GShortConv {
+    b: GMat,
+    c: GMat,
+    x: GMat,
+    /// `[h, kernel]` f32.
+    conv: wgpu::Buffer,
+    out: GMat,
+}
+
+/// Mamba2 weights (see `Mamba2Plan`).
+struct GMamba {
+    z: GMat,
+    xbc: GMat,
+    dt: GMat,
+    /// `[conv_dim, conv_kernel]` f32, and its bias `[conv_dim]`.
+    conv: wgpu::Buffer,
+    conv_bias: Option<wgpu::Buffer>,
+    /// dt_bias, a_log, D `[heads]` each, side by side.
+    consts: wgpu::Buffer,
+    /// The gated RMSNorm's weight `[inner]`.
+    norm: wgpu::Buffer,
+    out: GMat,
+}
+
 /// Largest key head of a gated DeltaNet layer the step kernel holds (workgroup memory).
 const MAX_DELTA_KEY_DIM: usize = 256;
 
@@ -162,6 +187,8 @@ enum GAttnKind {
     Gqa(GAttn),
     Mla(GMla),
     Delta(GDelta),
+    ShortConv(GShortConv),
+    Mamba(GMamba),
 }
 
 struct GToken {
@@ -430,14 +457,10 @@ impl<'m> WgpuTarget<'m> {
         let rec = model
             .layer_plans()
             .iter()
-            .map(|lp| match &lp.attn {
-                Attention::GatedDeltaNet(p) => {
-                    let d = &p.dims;
-                    let conv = (d.conv_kernel - 1) * d.conv_dim();
-                    let s = d.num_v_heads * d.k_head_dim * d.v_head_dim;
-                    Some((gpu.buffer("delta.conv_state", conv as u64 * 4), gpu.buffer("delta.state", s as u64 * 4)))
-                }
-                _ => None,
+            .map(|lp| {
+                state_floats(&lp.attn).map(|(conv, s)| {
+                    (gpu.buffer("rec.conv_state", conv as u64 * 4), gpu.buffer("rec.state", s as u64 * 4))
+                })
             })
             .collect();
         let t = Self {
@@ -527,11 +550,56 @@ impl<'m> WgpuTarget<'m> {
         })
     }
 
+    fn upload_mamba(
+        gpu: &Gpu,
+        b: &[u8],
+        p: &Mamba2Plan,
+        l: usize,
+        lbl: &dyn Fn(&str) -> String,
+    ) -> Result<GMamba, TargetError> {
+        let d = &p.dims;
+        if d.n_groups == 0 || !d.num_heads.is_multiple_of(d.n_groups) || d.conv_kernel == 0 {
+            return Err(unsupported(format!(
+                "layer {l}: Mamba2 with {} heads over {} groups, convolution width {}",
+                d.num_heads, d.n_groups, d.conv_kernel
+            )));
+        }
+        let mut consts = read_vec(b, &p.dt_bias);
+        consts.extend(read_vec(b, &p.a_log));
+        consts.extend(read_vec(b, &p.d));
+        if consts.len() != 3 * d.num_heads {
+            return Err(unsupported(format!("layer {l}: Mamba2 vectors outside the file")));
+        }
+        Ok(GMamba {
+            z: upload_mat(gpu, b, &p.z, &lbl("mixer.z"))?,
+            xbc: upload_mat(gpu, b, &p.xbc, &lbl("mixer.xbc"))?,
+            dt: upload_mat(gpu, b, &p.dt, &lbl("mixer.dt"))?,
+            conv: upload_mat(gpu, b, &p.conv, &lbl("mixer.conv"))?.buf,
+            conv_bias: p.conv_bias.as_ref().map(|v| upload_vec(gpu, b, v, &lbl("mixer.conv.bias"))).transpose()?,
+            consts: gpu.upload_f32(&lbl("mixer.consts"), &consts).map_err(dev)?,
+            norm: upload_vec(gpu, b, &p.out_norm, &lbl("mixer.norm"))?,
+            out: upload_mat(gpu, b, &p.out, &lbl("mixer.out"))?,
+        })
+    }
+
     fn upload_layer(gpu: &Gpu, b: &[u8], lp: &LayerPlan, l: usize) -> Result<GLayer, TargetError> {
         let lbl = |s: &str| format!("layers.{l}.{s}");
         let attn = match &lp.attn {
             Attention::Gqa(a) => GAttnKind::Gqa(Self::upload_gqa(gpu, b, a, &lbl)?),
             Attention::GatedDeltaNet(p) => GAttnKind::Delta(Self::upload_delta(gpu, b, p, l, &lbl)?),
+            Attention::Mamba2(p) => GAttnKind::Mamba(Self::upload_mamba(gpu, b, p, l, &lbl)?),
+            Attention::ShortConv(p) => {
+                if p.kernel == 0 {
+                    return Err(unsupported(format!("layer {l}: short convolution of width 0")));
+                }
+                GAttnKind::ShortConv(GShortConv {
+                    b: upload_mat(gpu, b, &p.b, &lbl("mixer.b"))?,
+                    c: upload_mat(gpu, b, &p.c, &lbl("mixer.c"))?,
+                    x: upload_mat(gpu, b, &p.x, &lbl("mixer.x"))?,
+                    conv: upload_mat(gpu, b, &p.conv, &lbl("mixer.conv"))?.buf,
+                    out: upload_mat(gpu, b, &p.out, &lbl("mixer.out"))?,
+                })
+            }
             Attention::Mla(a) => GAttnKind::Mla(GMla {
                 q_a: match &a.q_a {
                     Some((m, n)) => {
@@ -604,10 +672,9 @@ impl<'m> WgpuTarget<'m> {
             .layer_plans()
             .iter()
             .zip(&self.rec)
-            .filter_map(|(lp, r)| match (&lp.attn, r) {
-                (Attention::GatedDeltaNet(p), Some(_)) => Some(p.dims.state_floats()),
-                _ => None,
-            })
+            .filter(|(_, r)| r.is_some())
+            .filter_map(|(lp, _)| state_floats(&lp.attn))
+            .map(|(c, s)| c + s)
             .sum();
         floats as u64 * 4
     }
@@ -804,6 +871,16 @@ impl<'m> WgpuTarget<'m> {
                     let state =
                         self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
                     ops.delta(&mut enc, gd, p, state, &hbuf, &ybuf)?
+                }
+                (GAttnKind::Mamba(gm), Attention::Mamba2(p)) => {
+                    let state =
+                        self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
+                    ops.mamba(&mut enc, gm, p, state, &hbuf, &ybuf)?
+                }
+                (GAttnKind::ShortConv(gs), Attention::ShortConv(p)) => {
+                    let state =
+                        self.rec[l].as_ref().ok_or_else(|| unsupported(format!("layer {l}: no recurrent state")))?;
+                    ops.short_conv(&mut enc, gs, p.kernel, &state.0, &hbuf, &ybuf)?
                 }
                 _ => return Err(unsupported(format!("layer {l}: attention kind does not match its plan"))),
             }
@@ -1372,6 +1449,91 @@ impl Ops<'_> {
         Ok(())
     }
 
+    /// The causal depthwise convolution of `self.t` rows of `x` `[t, cd]` continuing from
+    /// `hist` (the last `kw − 1` inputs, updated) into `out` (the CPU's
+    /// `recurrent::causal_conv`): `w` `[cd, kw]`, an optional bias, SiLU when `silu`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        enc: &mut Enc<'_>,
+        x: &wgpu::Buffer,
+        cd: usize,
+        kw: usize,
+        w: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        silu: bool,
+        hist: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        let t = self.t;
+        let p = |phase: u32| [cd as u32, kw as u32, t as u32, phase, silu.into(), bias.is_some().into()];
+        let b = bias.unwrap_or(w);
+        enc.dispatch_1d("conv", &p(0), &[x, w, b, hist, out], t * cd);
+        enc.dispatch_1d("conv", &p(1), &[x, w, b, hist, out], cd);
+    }
+
+    /// LFM2's gated short convolution on normalised `x`, continuing from `hist` (the last
+    /// `kernel − 1` inputs of the convolution, updated) into `out` (the CPU's
+    /// `short_conv::short_conv`): `b ⊙ x` through the convolution (no activation), times `c`,
+    /// then the output projection.
+    fn short_conv(
+        &self,
+        enc: &mut Enc<'_>,
+        gs: &GShortConv,
+        kernel: usize,
+        hist: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let t = self.t;
+        let h = gs.out.rows;
+        let (b, c, v) =
+            (self.scratch("sconv_b", t * h)?, self.scratch("sconv_c", t * h)?, self.scratch("sconv_x", t * h)?);
+        self.mm(enc, x, t, &gs.b, &b)?;
+        self.mm(enc, x, t, &gs.c, &c)?;
+        self.mm(enc, x, t, &gs.x, &v)?;
+        self.ew(enc, 9, &v, &b, t * h, 0, 0.0);
+        let conv = self.scratch("sconv_conv", t * h)?;
+        self.conv(enc, &b, h, kernel, &gs.conv, None, false, hist, &conv);
+        self.ew(enc, 9, &conv, &c, t * h, 0, 0.0);
+        self.mm(enc, &c, t, &gs.out, out)
+    }
+
+    /// A Mamba2 layer on normalised `x`, continuing from `state` (updated) into `out` (the
+    /// CPU's `mamba::mamba2`): the z, xBC and dt projections; the causal convolution with its
+    /// bias and SiLU (`conv`); the selective scan over the tokens in order (`mamba_step`, one
+    /// dispatch); `y ⊙ silu(z)`, RMS-normalised per group; the output projection.
+    fn mamba(
+        &self,
+        enc: &mut Enc<'_>,
+        gm: &GMamba,
+        p: &Mamba2Plan,
+        state: &(wgpu::Buffer, wgpu::Buffer),
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<(), TargetError> {
+        let t = self.t;
+        let d = &p.dims;
+        let (nh, inner, cd) = (d.num_heads, d.inner(), d.conv_dim());
+        let z = self.scratch("mamba_z", t * inner)?;
+        let xbc = self.scratch("mamba_xbc", t * cd)?;
+        let dt = self.scratch("mamba_dt", t * nh)?;
+        self.mm(enc, x, t, &gm.z, &z)?;
+        self.mm(enc, x, t, &gm.xbc, &xbc)?;
+        self.mm(enc, x, t, &gm.dt, &dt)?;
+        let conv = self.scratch("mamba_conv", t * cd)?;
+        self.conv(enc, &xbc, cd, d.conv_kernel, &gm.conv, gm.conv_bias.as_ref(), true, &state.0, &conv);
+        let y = self.scratch("mamba_y", t * inner)?;
+        let params = [nh, d.head_dim, d.state_size, d.n_groups, t, cd].map(|v| v as u32);
+        enc.dispatch_1d("mamba_step", &params, &[&conv, &dt, &gm.consts, &state.1, &y], inner);
+        // z ← silu(z) · y (the gate before the norm), then the norm per group into y.
+        self.ew(enc, 4, &y, &z, t * inner, 0, 0.0);
+        let (g, gs) = (d.n_groups, inner / d.n_groups);
+        let p5 = [gs as u32, p.eps.to_bits(), 0, 0, 0, g as u32];
+        enc.dispatch_rows("norm", &p5, &[&z, &gm.norm, &gm.norm, &y], t * g, 1);
+        self.mm(enc, &y, t, &gm.out, out)
+    }
+
     /// A gated DeltaNet layer on normalised `x`, continuing from `state` (updated) into `out`
     /// (the CPU's `delta::delta_net`): projections, the causal convolution (`delta_conv`), the
     /// delta rule over the tokens in order with the gated RMSNorm (`delta_step`), the output
@@ -1406,9 +1568,8 @@ impl Ops<'_> {
         self.mm(enc, x, t, &gd.b, &b)?;
         self.mm(enc, x, t, &gd.a, &a)?;
         let conv = self.scratch("delta_conv", t * cd)?;
-        let (cdu, kwu, tu) = (cd as u32, kw as u32, t as u32);
-        enc.dispatch_1d("delta_conv", &[cdu, kwu, tu, 0], &[&qkv, &gd.conv, &state.0, &conv], t * cd);
-        enc.dispatch_1d("delta_conv", &[cdu, kwu, tu, 1], &[&qkv, &gd.conv, &state.0, &conv], cd);
+        self.conv(enc, &qkv, cd, kw, &gd.conv, None, true, &state.0, &conv);
+        let (cdu, tu) = (cd as u32, t as u32);
         let o = self.scratch("delta_o", t * vd)?;
         let scale = 1.0 / (dk as f32).sqrt();
         let params = [nk as u32, nv as u32, dk as u32, dv as u32, tu, cdu, p.eps.to_bits(), scale.to_bits()];
@@ -1610,7 +1771,24 @@ impl Target for WgpuTarget<'_> {
 /// Whether this target has kernels for token mixer `m` (one pattern per kind; any other kind is
 /// refused by name, never run wrongly).
 pub fn runs_mixer(m: meo::Mixer) -> bool {
-    matches!(m, meo::Mixer::Attention | meo::Mixer::GatedDeltaNet)
+    matches!(m, meo::Mixer::Attention | meo::Mixer::GatedDeltaNet | meo::Mixer::Mamba2 | meo::Mixer::ShortConv)
+}
+
+/// Floats of a recurrent layer's GPU state: the convolution's last `kernel − 1` inputs and
+/// the recurrence's own state (none for a short convolution); `None` for attention.
+fn state_floats(a: &Attention) -> Option<(usize, usize)> {
+    match a {
+        Attention::GatedDeltaNet(p) => {
+            let d = &p.dims;
+            Some((d.conv_kernel.saturating_sub(1) * d.conv_dim(), d.num_v_heads * d.k_head_dim * d.v_head_dim))
+        }
+        Attention::Mamba2(p) => {
+            let d = &p.dims;
+            Some((d.conv_kernel.saturating_sub(1) * d.conv_dim(), d.inner() * d.state_size))
+        }
+        Attention::ShortConv(p) => Some((p.kernel.saturating_sub(1) * p.conv.rows, 0)),
+        Attention::Gqa(_) | Attention::Mla(_) => None,
+    }
 }
 
 /// Whether `model` has only layer kinds this target runs.

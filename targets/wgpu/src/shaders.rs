@@ -24,6 +24,14 @@ fn reduce_sum(lid: u32, v: f32) -> f32 {
     workgroupBarrier();
     return r;
 }
+// torch's softplus (threshold 20), log1p through the exact-rounding correction.
+fn softplus(x: f32) -> f32 {
+    if (x > 20.0) { return x; }
+    let e = exp(x);
+    let u = 1.0 + e;
+    if (u == 1.0) { return e; }
+    return log(u) * (e / (u - 1.0));
+}
 fn reduce_max(lid: u32, v: f32) -> f32 {
     red[lid] = v;
     workgroupBarrier();
@@ -223,8 +231,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 ";
 
 /// RMSNorm or LayerNorm of each row of `width` values: `out = norm(x) · w (+ b)`.
-/// Params: width, eps, kind (0 rms, 1 layer), x row stride, y row stride (0: `width`).
-/// Workgroup per row.
+/// Params: width, eps, kind (0 rms, 1 layer), x row stride, y row stride (0: `width`), groups
+/// (0 or 1: one weight row for every row; `g` > 1: row `r` takes the weights (and bias)
+/// `[(r % g) · width ..][..width]`, a norm per group of a wider row). Workgroup per row.
 const NORM: &str = r"
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
@@ -240,11 +249,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let lid = lid3.x;
     let base = row * xs;
     let ob = row * ys;
+    let wo = select(0u, (row % pu(5u)) * width, pu(5u) > 1u);
     if (kind == 0u) {
         var ss = 0.0;
         for (var c = lid; c < width; c += WG) { let v = x[base + c]; ss += v * v; }
         let inv = 1.0 / sqrt(reduce_sum(lid, ss) / f32(width) + eps);
-        for (var c = lid; c < width; c += WG) { y[ob + c] = wt[c] * (x[base + c] * inv); }
+        for (var c = lid; c < width; c += WG) { y[ob + c] = wt[wo + c] * (x[base + c] * inv); }
     } else {
         var s = 0.0;
         for (var c = lid; c < width; c += WG) { s += x[base + c]; }
@@ -252,7 +262,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var v2 = 0.0;
         for (var c = lid; c < width; c += WG) { let d = x[base + c] - mean; v2 += d * d; }
         let inv = 1.0 / sqrt(reduce_sum(lid, v2) / f32(width) + eps);
-        for (var c = lid; c < width; c += WG) { y[ob + c] = (x[base + c] - mean) * inv * wt[c] + bs[c]; }
+        for (var c = lid; c < width; c += WG) { y[ob + c] = (x[base + c] - mean) * inv * wt[wo + c] + bs[wo + c]; }
     }
 }
 ";
@@ -261,7 +271,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 /// b (f32). Ops: 0 `y += x`; 1 `y += x[i % a]` (bias); 2 `y = clamp(y, ±b)`; 3 `y = act_a(y)`;
 /// 4 `y = act_a(y) · x` (gated); 5 `y *= sigmoid(x[i / a])` (row gate); 6 `y = x`;
 /// 7 GPT-OSS's clamped SwiGLU of gate `y` and up `x` (alpha = bits of `a`, limit `b`, in the
-/// CPU's order of operations); 8 `y += x · b` (scaled residual, weighted sum).
+/// CPU's order of operations); 8 `y += x · b` (scaled residual, weighted sum); 9 `y *= x`.
 /// Activations: 0 SiLU, 1 GELU (tanh), 2 ReLU.
 const EW: &str = r"
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -291,6 +301,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             y[i] = (u + 1.0) * glu;
         }
         case 8u: { y[i] = y[i] + x[i] * b; }
+        case 9u: { y[i] = y[i] * x[i]; }
         default: { y[i] = x[i]; }
     }
 }
@@ -438,17 +449,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 ";
 
-/// Gated DeltaNet, the causal depthwise convolution over the q, k, v channels (`qkv`
-/// `[t, cd]`) with its state `st` (the last `kw − 1` inputs `[kw − 1, cd]`, oldest first), as
-/// the CPU's `delta::delta_net`. Phase 0: `out[tok, c] = silu(Σ_j w[c, j] · in[tok − (kw − 1) + j, c])`,
-/// inputs before this call from `st` (one invocation per (token, channel)). Phase 1: `st` ←
-/// the last `kw − 1` inputs (one invocation per channel; run after phase 0).
-/// Params: cd, kw, t, phase.
-const DELTA_CONV: &str = r"
-@group(0) @binding(1) var<storage, read> qkv: array<f32>;
+/// The causal depthwise convolution of the recurrent mixers (the CPU's
+/// `recurrent::causal_conv`) over `inp` `[t, cd]`, with its state `st` (the last `kw − 1`
+/// inputs `[kw − 1, cd]`, oldest first). Phase 0: `out[tok, c] = act(bias[c] + Σ_j w[c, j] ·
+/// in[tok − (kw − 1) + j, c])`, inputs before this call from `st` (one invocation per (token,
+/// channel)); `act` is SiLU when `silu` is 1, none when 0; `bias` is read only when `has_bias`
+/// is 1. Phase 1: `st` ← the last `kw − 1` inputs (one invocation per channel; run after
+/// phase 0). Params: cd, kw, t, phase, silu, has_bias.
+const CONV: &str = r"
+@group(0) @binding(1) var<storage, read> inp: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> st: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> st: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let cd = pu(0u); let kw = pu(1u); let t = pu(2u); let phase = pu(3u);
@@ -461,10 +474,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         for (var j = 0u; j < kw; j++) {
             let src = tok + j;
             var v = 0.0;
-            if (src >= past) { v = qkv[(src - past) * cd + c]; } else { v = st[src * cd + c]; }
+            if (src >= past) { v = inp[(src - past) * cd + c]; } else { v = st[src * cd + c]; }
             acc += w[c * kw + j] * v;
         }
-        out[i] = acc / (1.0 + exp(-acc));
+        if (pu(5u) == 1u) { acc += bias[c]; }
+        if (pu(4u) == 1u) { acc = acc / (1.0 + exp(-acc)); }
+        out[i] = acc;
         return;
     }
     if (i >= cd) { return; }
@@ -472,7 +487,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     // yet overwritten: t ≥ 1, rows are written in ascending order).
     for (var r = 0u; r < past; r++) {
         let src = t + r;
-        if (src >= past) { st[r * cd + i] = qkv[(src - past) * cd + i]; } else { st[r * cd + i] = st[src * cd + i]; }
+        if (src >= past) { st[r * cd + i] = inp[(src - past) * cd + i]; } else { st[r * cd + i] = st[src * cd + i]; }
     }
 }
 ";
@@ -496,14 +511,6 @@ const DELTA_STEP: &str = r"
 @group(0) @binding(7) var<storage, read_write> o: array<f32>;
 var<workgroup> qn: array<f32, 256>;
 var<workgroup> kn: array<f32, 256>;
-// torch's softplus (threshold 20), log1p through the exact-rounding correction.
-fn softplus(x: f32) -> f32 {
-    if (x > 20.0) { return x; }
-    let e = exp(x);
-    let u = 1.0 + e;
-    if (u == 1.0) { return e; }
-    return log(u) * (e / (u - 1.0));
-}
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let nk = pu(0u); let nv = pu(1u); let dk = pu(2u); let dv = pu(3u); let t = pu(4u);
@@ -554,8 +561,50 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 }
 ";
 
+/// Mamba2's selective state space rule over `t` tokens in order, one invocation per channel `i`
+/// of x (head `h = i / hd`, its row `p` of `S_h`, group `g = h / (nh / groups)`), as the CPU's
+/// `mamba::mamba2`: `Δ = softplus(dt + dt_bias)`; `S_h[p] ← exp(Δ·A_h)·S_h[p] + Δ·B_g·x_p`;
+/// `y_p = S_h[p]·C_g + D_h·x_p`, with `A_h = −exp(a_log_h)`. Buffers: the convolution's output
+/// `cv` `[t, cd]` (x `[inner]`, B, C `[groups, N]` each), `dt` `[t, nh]`, `cs` = dt_bias, a_log,
+/// D `[nh]` each; the state `st` `[nh, hd, N]`; the output `y` `[t, nh·hd]`.
+/// Params: nh, hd, N, groups, t, cd.
+const MAMBA_STEP: &str = r"
+@group(0) @binding(1) var<storage, read> cv: array<f32>;
+@group(0) @binding(2) var<storage, read> dt: array<f32>;
+@group(0) @binding(3) var<storage, read> cs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> st: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let nh = pu(0u); let hd = pu(1u); let n = pu(2u); let groups = pu(3u); let t = pu(4u);
+    let cd = pu(5u);
+    let i = gid.x + gid.y * nwg.x * WG;
+    let inner = nh * hd;
+    if (i >= inner) { return; }
+    let h = i / hd;
+    let g = h / (nh / groups);
+    let dtb = cs[h]; let a = -exp(cs[nh + h]); let dh = cs[2u * nh + h];
+    let sb = i * n;
+    for (var tok = 0u; tok < t; tok++) {
+        let row = tok * cd;
+        let xp = cv[row + i];
+        let bo = row + inner + g * n;
+        let co = row + inner + groups * n + g * n;
+        let delta = softplus(dt[tok * nh + h] + dtb);
+        let decay = exp(delta * a);
+        var acc = 0.0;
+        for (var k = 0u; k < n; k++) {
+            let s = st[sb + k] * decay + delta * cv[bo + k] * xp;
+            st[sb + k] = s;
+            acc += s * cv[co + k];
+        }
+        y[tok * inner + i] = acc + xp * dh;
+    }
+}
+";
+
 /// Every kernel: (name, source without the prelude, read-only buffers, read-write buffers).
-pub const KERNELS: [(&str, &str, u32, u32); 13] = [
+pub const KERNELS: [(&str, &str, u32, u32); 14] = [
     ("matmul", MATMUL, 2, 1),
     ("matmul_q8", MATMUL_Q8, 3, 1),
     ("matmul_q4", MATMUL_Q4, 3, 1),
@@ -567,8 +616,9 @@ pub const KERNELS: [(&str, &str, u32, u32); 13] = [
     ("copy2d", COPY2D, 1, 1),
     ("gather", GATHER, 2, 1),
     ("scatter", SCATTER, 2, 1),
-    ("delta_conv", DELTA_CONV, 2, 2),
+    ("conv", CONV, 3, 2),
     ("delta_step", DELTA_STEP, 5, 2),
+    ("mamba_step", MAMBA_STEP, 3, 2),
 ];
 
 /// The full source of a kernel, with the int8 dot product chosen for the adapter.

@@ -35,50 +35,29 @@ fn encoder_refuses_forward_with_a_typed_error() {
 }
 
 // Hybrid models (`RECURRENT_FIXTURES`: gated DeltaNet layers beside attention with a gated
-// output): the same suite, plus a prompt fed whole, token by token and in two pieces giving
-// identical logits and routing.
+// output, Granite-4's Mamba2 layers beside attention without positions, LFM2's short
+// convolutions beside attention with q/k norms): the same suite, plus a prompt fed whole, token
+// by token and in two pieces giving identical logits and routing.
 meo_tests::recurrent_suite!(&open_wgpu);
 
 /// The recurrent state the target holds is what the CPU session holds (and what the config
-/// says), whatever the context.
+/// says), whatever the context: gated DeltaNet, Mamba2 and short-convolution layers.
 #[test]
 fn recurrent_state_bytes_match_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = meo_tests::conformance::convert_fixture("qwen3_next", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let cpu = meo::Session::new(&model, meo::SessionOptions::default()).unwrap();
-    let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
-    let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
-    let want = cpu.recurrent_state_bytes();
-    assert!(want > 0);
-    assert_eq!(t.recurrent_state_bytes(), want);
-    assert_eq!(model.config().recurrent_state_bytes(), want);
-    t.forward(&[1, 2, 3], meo::Logits::Last, &mut meo::NoTrace).unwrap();
-    assert_eq!(t.recurrent_state_bytes(), want);
-}
-
-/// Mamba2 layers (Granite-4 hybrid) have no kernels here: refused by name, like any recurrent
-/// mixer this target does not run.
-#[test]
-fn mamba2_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path =
-        meo_tests::conformance::convert_fixture("granitemoehybrid", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a Mamba2 model must be refused") };
-    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::Mamba2, .. }), "{e}");
-    assert!(e.to_string().contains("mamba2"), "{e}");
-}
-
-/// LFM2's short convolutions have no kernels here: refused by name.
-#[test]
-fn short_conv_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = meo_tests::conformance::convert_fixture("lfm2_moe", meo::DType::F32, meo::DType::F32, tmp.path());
-    let model = Model::open(&path).unwrap();
-    let Err(e) = WgpuTarget::new(&model, WgpuOptions::default()) else { panic!("a short-conv model must be refused") };
-    assert!(matches!(&e, meo::TargetError::UnsupportedMixer { layer: 0, mixer: meo::Mixer::ShortConv, .. }), "{e}");
-    assert!(e.to_string().contains("short_conv"), "{e}");
+    for name in ["qwen3_next", "granitemoehybrid", "lfm2_moe"] {
+        let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
+        let model = Model::open(&path).unwrap();
+        let cpu = meo::Session::new(&model, meo::SessionOptions::default()).unwrap();
+        let opts = WgpuOptions { adapter: std::env::var("MEO_WGPU_ADAPTER").ok(), ..Default::default() };
+        let mut t = WgpuTarget::new(&model, opts).unwrap_or_else(|e| panic!("wgpu target: {e}"));
+        let want = cpu.recurrent_state_bytes();
+        assert!(want > 0, "{name}");
+        assert_eq!(t.recurrent_state_bytes(), want, "{name}");
+        assert_eq!(model.config().recurrent_state_bytes(), want, "{name}");
+        t.forward(&[1, 2, 3], meo::Logits::Last, &mut meo::NoTrace).unwrap();
+        assert_eq!(t.recurrent_state_bytes(), want, "{name}");
+    }
 }
 
 /// Llama-4's attention and routing variants have no shaders here yet: the target refuses the

@@ -242,6 +242,7 @@ fn meo_modes_match_cpu() {
         "glm4_moe",
         "phimoe",
         "qwen3_next",
+        "lfm2_moe",
     ] {
         for (experts, dense) in [(DType::F32, DType::F32), (DType::Q8_0, DType::F16)] {
             let p = convert_fixture(name, experts, dense, true, tmp.path());
