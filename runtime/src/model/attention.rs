@@ -408,6 +408,7 @@ mod tests {
                 (true, 0) => (0, i),
                 (true, w) => ((i + 1).saturating_sub(w), i),
             };
+            // Chunked attention (chunk > 0): not before the start of the query's chunk.
             let lo = i.checked_div(h.chunk).map_or(lo, |c| lo.max(c * h.chunk));
             let qv = &h.q[tok * nh * hk + head * hk..][..hk];
             let mut sc: Vec<f32> = (lo..=hi).map(|j| dot(qv, &keys[j * hk..][..hk]) * h.scale).collect();

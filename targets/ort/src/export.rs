@@ -1328,20 +1328,19 @@ impl<'m> Builder<'m> {
     }
 
     /// The causal depthwise convolution of layer `l`'s recurrent mixer (the CPU's
-    /// `recurrent::causal_conv`) on `x` `[T, cd]`, continuing from `past_conv.L` and writing
+    /// `recurrent::causal_conv`) on `x` `[T, cd]` with `w` `[cd, kw]`, continuing from `past_conv.L` and writing
     /// `present_conv.L` (the last `kw − 1` inputs): a grouped `Conv` (with `bias`) over the
     /// state's rows and this call's, SiLU after it when `silu`. Returns `[T, cd]`.
     fn causal_conv(
         &mut self,
         l: usize,
         x: &str,
-        cd: usize,
-        kw: usize,
         w: &Mat,
         bias: Option<&Vector>,
         silu: bool,
     ) -> Result<String, ExportError> {
         let pre = format!("layers.{l}.mixer");
+        let (cd, kw) = (w.rows, w.cols);
         // The convolution's inputs: the state's rows, then this call's; the state keeps the last.
         let past_conv = GraphInfo::past_conv(l);
         let full = self.op("Concat", &[&past_conv, x], &[int("axis", 0)]); // [kw − 1 + T, cd]
@@ -1386,7 +1385,7 @@ impl<'m> Builder<'m> {
         let c = self.linear(x, &format!("{pre}.c.weight"), &p.c, bytes, None)?;
         let v = self.linear(x, &format!("{pre}.x.weight"), &p.x, bytes, None)?;
         let bx = self.op("Mul", &[&b, &v], &[]);
-        let conv = self.causal_conv(l, &bx, p.conv.rows, p.kernel, &p.conv, None, false)?;
+        let conv = self.causal_conv(l, &bx, &p.conv, None, false)?;
         let y = self.op("Mul", &[&c, &conv], &[]);
         self.linear(&y, &format!("{pre}.out.weight"), &p.out, bytes, None)
     }
@@ -1406,12 +1405,12 @@ impl<'m> Builder<'m> {
                 "{pre}: Mamba2 with {nh} heads over {ng} groups, convolution width {kw}"
             )));
         }
-        let (inner, cd, gn) = (d.inner(), d.conv_dim(), ng * n);
+        let (inner, gn) = (d.inner(), ng * n);
         let bytes = self.bytes;
         let z = self.linear(x, &format!("{pre}.z.weight"), &p.z, bytes, None)?;
         let xbc = self.linear(x, &format!("{pre}.xbc.weight"), &p.xbc, bytes, None)?;
         let dt = self.linear(x, &format!("{pre}.dt.weight"), &p.dt, bytes, None)?;
-        let conv = self.causal_conv(l, &xbc, cd, kw, &p.conv, p.conv_bias.as_ref(), true)?; // [T, cd]
+        let conv = self.causal_conv(l, &xbc, &p.conv, p.conv_bias.as_ref(), true)?; // [T, cd]
         // x `[T, heads, head_dim]`; B and C `[T, heads, N]` (group h / (heads / groups) per head).
         let xs = self.slice(&conv, 0, inner, 1);
         let hs = self.shape(&format!("shape.heads.{nh}.{hd}"), &[-1, nh as i64, hd as i64]);
@@ -1523,7 +1522,7 @@ impl<'m> Builder<'m> {
             proj.push(self.linear(x, &format!("{pre}.{part}.weight"), m, bytes, None)?);
         }
         let qkv = self.op("Concat", &[&proj[0], &proj[1], &proj[2]], &[int("axis", 1)]); // [T, cd]
-        let conv = self.causal_conv(l, &qkv, cd, kw, &p.conv, None, true)?; // [T, cd]
+        let conv = self.causal_conv(l, &qkv, &p.conv, None, true)?; // [T, cd]
         // q, k `[T, heads, dk]`, L2-normalised; key head h / (nv / nk) serves value head h.
         let axes = self.axes_last();
         let l2 = |g: &mut Self, v: &str| {
