@@ -149,6 +149,7 @@ pub fn chat_with(
     // The model's budget and prediction (before this, `--memory-budget` was accepted and unused).
     let mut tracker = meo::residency::ExpertTracker::for_model(&model, a.memory.tracker_options())?;
     let (mut opened, _) = open_target(&model, &a.target, &run)?;
+    a.memory.apply_on_miss(&mut opened)?;
     let mut sampler = Sampler::new(a.sampling.config(&model))?;
     let base = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
