@@ -915,9 +915,8 @@ pub fn compare_with_cpu(name: &str, model: &meo::Model, r: &mut dyn Runner, prom
 
 /// Fixtures of hybrid models (recurrent token mixers beside attention), so not in [`FIXTURES`].
 /// The CPU and wgpu targets run them all ([`recurrent_suite!`](crate::recurrent_suite)); ONNX
-/// Runtime runs the dynamic export of the ones its suite lists (Qwen3-Next's gated DeltaNet,
-/// Granite-4 hybrid's Mamba2, LFM2's short convolutions), not the fixed-shape form, which
-/// refuses recurrent layers by name.
+/// Runtime runs their dynamic export (its suite lists them all: gated DeltaNet, Mamba2, short
+/// convolutions), not the fixed-shape form, which refuses recurrent layers by name.
 pub const RECURRENT_FIXTURES: [&str; 5] =
     ["qwen3_next", "granitemoehybrid", "lfm2_moe", "qwen3_5_moe", "qwen3_5_moe-multimodal"];
 

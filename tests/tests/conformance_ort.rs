@@ -103,7 +103,13 @@ fn synthetic_recipe_variants_match_the_cpu() {
 /// prompts against decoding are compared within the suite's tolerance instead (below).
 mod recurrent {
     use super::*;
-    meo_tests::conformance_suite!(@tests &open_ort; qwen3_next => "qwen3_next", granitemoehybrid => "granitemoehybrid", lfm2_moe => "lfm2_moe",);
+    meo_tests::conformance_suite!(@tests &open_ort;
+        qwen3_next => "qwen3_next",
+        qwen3_5_moe => "qwen3_5_moe",
+        qwen3_5_moe_multimodal => "qwen3_5_moe-multimodal",
+        granitemoehybrid => "granitemoehybrid",
+        lfm2_moe => "lfm2_moe",
+    );
 }
 
 /// The hybrid graphs against the CPU target call by call: the prompt in two calls, then decode
@@ -114,7 +120,9 @@ fn recurrent_state_carries_between_calls_as_on_the_cpu() {
     use meo_ort::export::LayerState;
     let tmp = tempfile::tempdir().unwrap();
     // (fixture, whether its recurrent layers have a `past_state`)
-    for (name, with_state) in [("qwen3_next", true), ("granitemoehybrid", true), ("lfm2_moe", false)] {
+    for (name, with_state) in
+        [("qwen3_next", true), ("qwen3_5_moe", true), ("granitemoehybrid", true), ("lfm2_moe", false)]
+    {
         let path = meo_tests::conformance::convert_fixture(name, meo::DType::F32, meo::DType::F32, tmp.path());
         let model: &'static Model = Box::leak(Box::new(Model::open(&path).unwrap()));
         let rf = meo_tests::conformance::reference(name);
